@@ -1,0 +1,82 @@
+"""Gating: confidence/margin thresholds decide which calls are kept, sent to KNN, or abstained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .exceptions import ParameterError
+
+KNN_MODES = ("off", "low_conf_only", "all")
+
+
+@dataclass(frozen=True)
+class GatingConfig:
+    """Thresholds of the gate.
+
+    A call is *low-confidence* when ``confidence < confidence_high`` or
+    ``margin < margin_threshold``; it is *Unknown* when
+    ``confidence < confidence_low``. With KNN on, a covered cell takes the
+    neighbours' label when their vote fraction is at least ``knn_conf_low``;
+    a low-confidence cell whose vote falls short becomes Unknown.
+    """
+
+    confidence_high: float = 0.7
+    confidence_low: float = 0.4
+    margin_threshold: float = 0.2
+    knn_correction: str = "low_conf_only"
+    knn_k: int = 15
+    knn_conf_low: float = 0.6
+
+    def validate(self) -> None:
+        for name in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ParameterError(f"{name}={value!r} must be a number in [0, 1].")
+        if self.confidence_low > self.confidence_high:
+            raise ParameterError(
+                f"confidence_low={self.confidence_low} is above confidence_high={self.confidence_high}; "
+                "cells below confidence_low are abstained, so it must not exceed confidence_high."
+            )
+        if self.knn_correction not in KNN_MODES:
+            raise ParameterError(f"knn_correction={self.knn_correction!r} must be one of {KNN_MODES}.")
+        if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, (int, np.integer)) or self.knn_k <= 0:
+            raise ParameterError(f"knn_k={self.knn_k!r} must be a positive integer.")
+
+
+def top_two(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top class, its probability, and the top1 − top2 margin per row."""
+    if probs.shape[1] == 1:
+        return np.zeros(len(probs), dtype=np.int64), probs[:, 0], probs[:, 0]
+    part = np.partition(probs, -2, axis=1)
+    top1, top2 = part[:, -1], part[:, -2]
+    return probs.argmax(axis=1), top1, top1 - top2
+
+
+def low_confidence(conf: np.ndarray, margin: np.ndarray, cfg: GatingConfig) -> np.ndarray:
+    return (conf < cfg.confidence_high) | (margin < cfg.margin_threshold)
+
+
+def apply_gate(
+    raw_code: np.ndarray,
+    conf: np.ndarray,
+    margin: np.ndarray,
+    knn_code: np.ndarray,
+    knn_frac: np.ndarray,
+    knn_covered: np.ndarray,
+    cfg: GatingConfig,
+) -> dict[str, np.ndarray]:
+    """Combine the network's call and the KNN vote for one level.
+
+    Returns the final class code (-1 = Unknown) and the per-cell flags.
+    """
+    low = low_confidence(conf, margin, cfg)
+    unknown = conf < cfg.confidence_low
+    final = raw_code.copy()
+    accepted = knn_covered & (knn_code >= 0) & (knn_frac >= cfg.knn_conf_low)
+    final[accepted] = knn_code[accepted]
+    rejected_low = knn_covered & low & ~accepted
+    is_unknown = (unknown & ~accepted) | rejected_low
+    final[is_unknown] = -1
+    return {"code": final, "is_unknown": is_unknown, "is_low_conf": low, "used_knn": accepted}

@@ -1,0 +1,243 @@
+"""Reading expression matrices: where the values live, what they mean, and streaming them.
+
+This is the first stage of the pipeline. It never densifies a whole
+cells × genes matrix: rows are read in minibatches from in-memory sparse or
+dense matrices, or from backed (on-disk) AnnData.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .exceptions import EmptyDataError, InputError, InvalidValuesError, MatrixSemanticsError, ParameterError
+
+#: What an expression matrix may hold, as detected by :func:`detect_semantics`.
+SEMANTICS = ("counts", "lognorm", "scaled", "other")
+INPUT_TRANSFORMS = ("binary", "float")
+_TARGET_SUM = 1e4
+
+
+def open_anndata(adata: ad.AnnData | str | os.PathLike) -> ad.AnnData:
+    """Accept an AnnData or a path to an ``.h5ad`` file (opened backed, read-only)."""
+    if isinstance(adata, ad.AnnData):
+        return adata
+    if isinstance(adata, (str, os.PathLike)):
+        path = os.fspath(adata)
+        if not os.path.exists(path):
+            raise InputError(f"No such file: {path!r}. Pass an AnnData or the path of an existing .h5ad file.")
+        try:
+            return ad.read_h5ad(path, backed="r")
+        except Exception as exc:  # h5py raises many types for damaged files
+            raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+    raise InputError(f"Expected an AnnData or a path to an .h5ad file, got {type(adata).__name__}.")
+
+
+@dataclass
+class MatrixSource:
+    """Row access to the expression matrix chosen from an AnnData.
+
+    Attributes
+    ----------
+    matrix
+        scipy CSR matrix, numpy array, or a backed (on-disk) dataset.
+    var
+        The gene table that goes with ``matrix`` (``adata.var`` or ``adata.raw.var``).
+    where
+        Human-readable location, e.g. ``"X"``, ``"layers['counts']"``, ``"raw.X"``.
+    """
+
+    matrix: Any
+    var: pd.DataFrame
+    where: str
+    backed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def n_vars(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self.var.index
+
+    def rows(self, index: slice | np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """Rows as a CSR matrix (sparse input) or float array (dense input)."""
+        block = self.matrix[index]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            if block.dtype != np.float32:
+                block = block.astype(np.float32)
+            return block
+        return np.asarray(block, dtype=np.float32)
+
+    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, int, Any]]:
+        """Yield ``(start, stop, rows)`` over contiguous row chunks."""
+        for start in range(0, self.n_obs, chunk_size):
+            stop = min(start + chunk_size, self.n_obs)
+            yield start, stop, self.rows(slice(start, stop))
+
+
+def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False) -> MatrixSource:
+    """Pick ``X``, a layer, or ``raw.X`` from ``adata`` and check it is not empty."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise EmptyDataError(
+            f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
+            "pass an AnnData with at least one cell and one gene."
+        )
+    if use_raw and layer is not None:
+        raise ParameterError("Pass either layer= or use_raw=True, not both.")
+    backed = bool(getattr(adata, "isbacked", False))
+    if use_raw:
+        if adata.raw is None:
+            raise InputError("use_raw=True but the AnnData has no .raw; pass use_raw=False or set adata.raw.")
+        matrix, var, where = adata.raw.X, adata.raw.var, "raw.X"
+    elif layer is not None:
+        if layer not in adata.layers:
+            raise InputError(
+                f"layer={layer!r} is not in the AnnData; available layers: {list(adata.layers.keys())}."
+            )
+        matrix, var, where = adata.layers[layer], adata.var, f"layers[{layer!r}]"
+    else:
+        matrix, var, where = adata.X, adata.var, "X"
+    if matrix is None:
+        raise InputError(f"adata.{where} is None; pass layer= or use_raw=True to point at the expression values.")
+    notes: list[str] = []
+    if sp.issparse(matrix) and not isinstance(matrix, (sp.csr_matrix, sp.csr_array)):
+        notes.append(f"{where} was {type(matrix).__name__}; converted to CSR for row access (store CSR to save memory).")
+        warnings.warn(notes[-1], stacklevel=3)
+        matrix = sp.csr_matrix(matrix)
+    if matrix.shape[1] == 0 or matrix.shape[0] == 0:
+        raise EmptyDataError(f"adata.{where} is empty ({matrix.shape[0]} × {matrix.shape[1]}).")
+    return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes)
+
+
+def _values_of(block: Any) -> np.ndarray:
+    return block.data if sp.issparse(block) else np.asarray(block).ravel()
+
+
+def check_finite(block: Any, where: str) -> None:
+    """Raise :class:`InvalidValuesError` when ``block`` holds NaN or infinite values."""
+    values = _values_of(block)
+    if values.size and not np.isfinite(values).all():
+        n_bad = int((~np.isfinite(values)).sum())
+        raise InvalidValuesError(
+            f"adata.{where} holds {n_bad} NaN or infinite value(s); remove or impute them "
+            "(e.g. np.nan_to_num) before mapping."
+        )
+
+
+def validate_values(source: MatrixSource, chunk_size: int = 4096) -> None:
+    """Check the whole matrix for NaN/inf (a cheap pass; skipped for backed data, checked per batch)."""
+    if source.backed:
+        return
+    m = source.matrix
+    if sp.issparse(m):
+        check_finite(m, source.where)
+        return
+    for _, _, block in source.iter_chunks(chunk_size):
+        check_finite(block, source.where)
+
+
+def _sample_rows(source: MatrixSource, max_rows: int = 2048, n_chunks: int = 8) -> Any:
+    """A few contiguous chunks spread over the matrix (cheap even when backed)."""
+    n = source.n_obs
+    if n <= max_rows:
+        return source.rows(slice(0, n))
+    per = max_rows // n_chunks
+    starts = np.linspace(0, n - per, n_chunks).astype(int)
+    blocks = [source.rows(slice(int(s), int(s) + per)) for s in starts]
+    return sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.vstack(blocks)
+
+
+def detect_semantics(source: MatrixSource) -> dict[str, Any]:
+    """Guess what the matrix holds: ``counts``, ``lognorm``, ``scaled`` or ``other``.
+
+    Returns a dict with the verdict and the evidence (min, max, integer fraction).
+    Negative values anywhere mean scaled/centred data; all-integer values mean
+    counts; non-negative non-integer values up to ~30 mean log-normalised data.
+    """
+    sample = _sample_rows(source)
+    values = _values_of(sample)
+    check_finite(sample, source.where)
+    if sp.issparse(source.matrix) and not source.backed:
+        data = source.matrix.data
+        vmin = float(min(data.min(), 0.0)) if data.size else 0.0
+        vmax = float(data.max()) if data.size else 0.0
+    else:
+        vmin = float(values.min()) if values.size else 0.0
+        vmax = float(values.max()) if values.size else 0.0
+    nonzero = values[values != 0]
+    integer_fraction = float(np.mean(np.equal(np.round(nonzero), nonzero))) if nonzero.size else 1.0
+    if vmin < 0:
+        kind = "scaled"
+    elif integer_fraction > 0.999:
+        kind = "counts"
+    elif vmax <= 30:
+        kind = "lognorm"
+    else:
+        kind = "other"
+    return {
+        "semantics": kind,
+        "min": round(vmin, 4),
+        "max": round(vmax, 4),
+        "integer_fraction": round(integer_fraction, 4),
+        "source": source.where,
+    }
+
+
+def check_semantics_usable(semantics: str, input_transform: str, where: str) -> None:
+    """Refuse matrices the network cannot use (scaled/centred values)."""
+    if semantics == "scaled":
+        raise MatrixSemanticsError(
+            f"adata.{where} holds negative values: it looks scaled or centred (e.g. sc.pp.scale), which "
+            f"cannot be {'binarised' if input_transform == 'binary' else 'normalised'} meaningfully. "
+            "Pass raw counts or log-normalised values instead: use_raw=True if adata.raw holds them, "
+            "or layer='counts'."
+        )
+
+
+def to_linear_values(block: Any, semantics: str, input_transform: str) -> Any:
+    """Bring a row block to the linear scale the gene aggregation sums over.
+
+    For ``binary`` input nothing changes (only x > 0 matters). For ``float``
+    input, counts (and other non-negative values) are scaled to 10,000 per cell
+    using the cell's full library (row-local, so minibatches give the same
+    answer), and log-normalised values are mapped back with ``expm1``.
+    """
+    if input_transform == "binary":
+        return block
+    if semantics == "lognorm":
+        if sp.issparse(block):
+            block = block.copy()
+            np.expm1(block.data, out=block.data)
+            return block
+        return np.expm1(block)
+    totals = np.asarray(block.sum(axis=1)).ravel().astype(np.float32)
+    scale = np.divide(_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sp.issparse(block):
+        return sp.diags(scale) @ block
+    return block * scale[:, None]
+
+
+def finalize_values(dense: np.ndarray, input_transform: str) -> np.ndarray:
+    """Network input from aggregated linear values: x > 0, or log1p."""
+    if input_transform == "binary":
+        return (dense > 0).astype(np.float32)
+    return np.log1p(dense, out=dense).astype(np.float32, copy=False)
+
+
+def check_input_transform(input_transform: str) -> None:
+    if input_transform not in INPUT_TRANSFORMS:
+        raise ParameterError(f"input_transform={input_transform!r} must be one of {INPUT_TRANSFORMS}.")

@@ -1,0 +1,96 @@
+"""KNN stage: a neighbour index over the reference embedding and label votes.
+
+The space is the encoder's output (L2-normalised, so Euclidean distance ranks
+like cosine similarity). Because the encoder is trained to separate the labels,
+this space keeps label neighbourhoods; how well is measured at training time
+(``train_config["knn_space"]["neighbour_label_agreement"]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: References up to this size use exact (brute-force) search; larger ones pynndescent.
+EXACT_SEARCH_MAX_CELLS = 100_000
+
+
+def normalise_rows(z: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (zero rows stay zero)."""
+    z = np.asarray(z, dtype=np.float32)
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    return np.divide(z, norms, out=np.zeros_like(z), where=norms > 0)
+
+
+class NeighbourIndex:
+    """Nearest-neighbour search over reference cells, built once and reused.
+
+    Exact search (scikit-learn) for references up to
+    :data:`EXACT_SEARCH_MAX_CELLS` cells, approximate search (pynndescent)
+    above that.
+    """
+
+    def __init__(self, embedding: np.ndarray, random_state: int = 0, n_jobs: int = 1) -> None:
+        self.n_cells = int(embedding.shape[0])
+        self.exact = self.n_cells <= EXACT_SEARCH_MAX_CELLS
+        data = np.ascontiguousarray(embedding, dtype=np.float32)
+        if self.exact:
+            from sklearn.neighbors import NearestNeighbors
+
+            self._index = NearestNeighbors(algorithm="brute", metric="euclidean", n_jobs=n_jobs).fit(data)
+        else:
+            from pynndescent import NNDescent
+
+            self._index = NNDescent(data, metric="euclidean", n_neighbors=30, random_state=random_state, n_jobs=n_jobs)
+            self._index.prepare()
+
+    def query(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(indices, distances)`` of the ``k`` nearest reference cells."""
+        k = min(k, self.n_cells)
+        points = np.ascontiguousarray(points, dtype=np.float32)
+        if len(points) == 0:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        if self.exact:
+            dist, idx = self._index.kneighbors(points, n_neighbors=k)
+        else:
+            idx, dist = self._index.query(points, k=k)
+        return idx, dist
+
+
+def vote(neighbour_idx: np.ndarray, ref_codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Majority vote of the neighbours' labels.
+
+    Returns the winning class code per row and its vote fraction (votes / k;
+    reference cells unlabelled at this level cast no vote). Ties go to the
+    lower class code. Rows with no votes get code -1 and fraction 0.
+    """
+    if neighbour_idx.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    k = neighbour_idx.shape[1]
+    codes = ref_codes[neighbour_idx]
+    counts = np.zeros((codes.shape[0], n_classes), dtype=np.int32)
+    rows = np.repeat(np.arange(codes.shape[0]), k)
+    flat = codes.ravel()
+    keep = flat >= 0
+    np.add.at(counts, (rows[keep], flat[keep]), 1)
+    winner = counts.argmax(axis=1)
+    best = counts[np.arange(len(winner)), winner]
+    winner = np.where(best > 0, winner, -1)
+    return winner, (best / k).astype(np.float32)
+
+
+def neighbour_label_agreement(
+    embedding: np.ndarray, codes: np.ndarray, k: int = 15, max_cells: int = 5000, random_state: int = 0
+) -> float | None:
+    """Mean fraction of a reference cell's ``k`` neighbours (itself excluded) sharing its label."""
+    labelled = np.flatnonzero(codes >= 0)
+    if len(labelled) <= k + 1:
+        return None
+    rng = np.random.default_rng(random_state)
+    pool = np.sort(rng.choice(labelled, size=min(EXACT_SEARCH_MAX_CELLS // 2, len(labelled)), replace=False))
+    sample = rng.choice(len(pool), size=min(max_cells, len(pool)), replace=False)
+    index: Any = NeighbourIndex(embedding[pool], random_state=random_state)
+    idx, _ = index.query(embedding[pool[sample]], k + 1)
+    neighbour_codes = codes[pool][idx[:, 1:]]
+    return float(np.mean(neighbour_codes == codes[pool[sample]][:, None]))

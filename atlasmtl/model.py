@@ -1,0 +1,138 @@
+"""``TrainedModel``: the trained network plus everything prediction needs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .network import MultiTaskNetwork
+from .runtime import format_sections
+
+
+class TrainedModel:
+    """A trained atlasmtl model.
+
+    Create one with :func:`atlasmtl.build_model` or :meth:`TrainedModel.load`.
+
+    Attributes
+    ----------
+    network
+        The :class:`~atlasmtl.network.MultiTaskNetwork` (on CPU, eval mode).
+    metadata
+        Genes, label encoders, input transform, coordinate statistics, hierarchy
+        and the training configuration (plain Python values and numpy arrays).
+    reference
+        KNN reference data: the reference cells' embedding (``"embedding"``)
+        and integer label codes per level (``"labels"``).
+    """
+
+    def __init__(self, network: MultiTaskNetwork, metadata: dict[str, Any], reference: dict[str, Any]) -> None:
+        self.network = network.cpu().eval()
+        self.metadata = metadata
+        self.reference = reference
+        self._knn_indexes: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def label_columns(self) -> list[str]:
+        """Annotation levels, coarse to fine."""
+        return list(self.metadata["label_columns"])
+
+    @property
+    def classes(self) -> dict[str, list[str]]:
+        """Class names per level (the label encoders)."""
+        return self.metadata["classes"]
+
+    @property
+    def genes(self) -> list[str]:
+        """Training genes, in network input order."""
+        return list(self.metadata["genes"])
+
+    @property
+    def coord_targets(self) -> dict[str, str]:
+        """Coordinate heads: name → reference ``obsm`` key."""
+        return dict(self.metadata["coord_targets"])
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        """Training parameters, timings and resource figures."""
+        return self.metadata["train_config"]
+
+    @property
+    def hierarchy(self) -> dict[str, dict[str, str]]:
+        """For each level that nests in the previous one: child label → parent label."""
+        return self.metadata.get("hierarchy", {})
+
+    # ------------------------------------------------------------------ artifacts
+    def save(self, path: str | os.PathLike, reference_storage: str | None = None) -> dict[str, str]:
+        """Write the model's artifacts next to ``path`` (``foo.pth`` → ``foo_metadata.pkl`` ...).
+
+        Parameters
+        ----------
+        path
+            The weights file, e.g. ``"model_dir/model.pth"``.
+        reference_storage
+            ``"external"`` (separate ``*_reference.pkl``) or ``"full"`` (embedded in the metadata);
+            defaults to the value chosen at training.
+
+        Returns
+        -------
+        Paths of the written files by role (``weights``, ``metadata``, ``reference``, ``manifest``).
+        """
+        from .artifacts import save_model
+
+        return save_model(self, path, reference_storage=reference_storage)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainedModel":
+        """Load a model from its manifest (``*_manifest.json``) or weights file (``*.pth``).
+
+        Checksums are verified and nothing in the files is executed.
+        """
+        from .artifacts import load_model
+
+        return load_model(path)
+
+    # ------------------------------------------------------------------ reporting
+    def resource_summary(self) -> dict[str, dict[str, Any]]:
+        cfg = self.train_config
+        arch = self.metadata["architecture"]
+        return {
+            "model": {
+                "levels": ", ".join(f"{c} ({len(self.classes[c])})" for c in self.label_columns),
+                "coordinate heads": ", ".join(self.coord_targets) or "none",
+                "genes": len(self.metadata["genes"]),
+                "hidden sizes": arch["hidden_sizes"],
+                "input transform": self.metadata["input_transform"],
+                "trained on": self.metadata.get("train_semantics", {}).get("semantics", "?"),
+            },
+            "training": {"train seconds": cfg.get("train_seconds"), **cfg.get("resource_summary", {})},
+            "runtime": dict(cfg.get("runtime_summary", {})),
+            "knn reference": {
+                "cells": int(self.reference["embedding"].shape[0]),
+                "space": cfg.get("knn_space", {}).get("space"),
+                "label agreement of 15 neighbours": cfg.get("knn_space", {}).get("neighbour_label_agreement"),
+            },
+        }
+
+    def show_resource_usage(self) -> None:
+        """Print a compact, sectioned summary of the model and its training run."""
+        print(format_sections("atlasmtl model", self.resource_summary()))
+
+    def __repr__(self) -> str:
+        levels = ", ".join(f"{c}: {len(self.classes[c])}" for c in self.label_columns)
+        return (
+            f"TrainedModel({len(self.metadata['genes'])} genes; levels {levels}; "
+            f"coords {list(self.coord_targets) or 'none'}; "
+            f"{self.reference['embedding'].shape[0]} reference cells)"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def encode(self, x: np.ndarray | torch.Tensor, device: torch.device | None = None):
+        """Run the network on a dense batch; returns torch tensors."""
+        with torch.no_grad():
+            t = torch.as_tensor(x, dtype=torch.float32, device=device)
+            return self.network(t)

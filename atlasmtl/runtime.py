@@ -1,0 +1,180 @@
+"""Runtime plumbing: devices, threads, progress bars and resource monitoring."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import psutil
+import torch
+
+from .exceptions import DeviceError, ParameterError
+
+_VALID_DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda"`` into a :class:`torch.device`.
+
+    Raises
+    ------
+    ParameterError
+        For an unknown device string.
+    DeviceError
+        For ``"cuda"`` on a machine without a usable CUDA device.
+    """
+    if not isinstance(device, str) or device.split(":")[0] not in _VALID_DEVICES:
+        raise ParameterError(
+            f"device={device!r} is not recognised; use one of 'auto', 'cpu', 'cuda' (or 'cuda:N')."
+        )
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            "device='cuda' was requested but no CUDA device is available to PyTorch "
+            f"(torch {torch.__version__}); use device='auto' or device='cpu'."
+        )
+    return torch.device(device)
+
+
+def available_cpus() -> int:
+    """Number of CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_threads(num_threads: int | str) -> int:
+    """Cap ``num_threads`` at the CPUs available; ``"max"`` means 80% of them."""
+    cpus = available_cpus()
+    if num_threads == "max":
+        return max(1, int(cpus * 0.8))
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ParameterError(f"num_threads={num_threads!r} must be a positive integer or 'max'.")
+    return min(num_threads, cpus)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(n)`` and restore the old value."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def interactive() -> bool:
+    """True when stderr is an interactive terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def resolve_flag(flag: bool | None) -> bool:
+    """``None`` means "on only in an interactive terminal"."""
+    return interactive() if flag is None else bool(flag)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, unit: str = "it"):
+    """A tqdm progress bar on stderr (with ETA), or a silent pass-through."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr, leave=False)
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident set size of this process since it started, in MiB."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak_kb / 1024.0
+
+
+class ResourceMonitor:
+    """Measure wall time, peak RSS and GPU peak memory of a block of work.
+
+    The process peak RSS (``ru_maxrss``) is a lifetime figure; the monitor also
+    samples the RSS in a background thread so the peak *during* the block is
+    known (``phase_peak_rss_mb``).
+    """
+
+    def __init__(self, device: torch.device | None = None, interval: float = 0.05) -> None:
+        self.device = device
+        self.interval = interval
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start_rss_mb = 0.0
+        self.phase_peak_rss_mb = 0.0
+        self.elapsed_seconds = 0.0
+        self._t0 = 0.0
+
+    def _rss_mb(self) -> float:
+        return self._proc.memory_info().rss / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.phase_peak_rss_mb = max(self.phase_peak_rss_mb, self._rss_mb())
+
+    def __enter__(self) -> "ResourceMonitor":
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start_rss_mb = self._rss_mb()
+        self.phase_peak_rss_mb = self.start_rss_mb
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.elapsed_seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.phase_peak_rss_mb = max(self.phase_peak_rss_mb, self._rss_mb())
+
+    def gpu_peak_mb(self) -> float | None:
+        if self.device is not None and self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return None
+
+    def summary(self, n_cells: int) -> dict[str, Any]:
+        """Runtime figures for ``n_cells`` processed during the block."""
+        elapsed = self.elapsed_seconds
+        return {
+            "elapsed_seconds": round(elapsed, 4),
+            "n_cells": int(n_cells),
+            "throughput_cells_per_second": round(n_cells / elapsed, 1) if elapsed > 0 else None,
+            "process_peak_rss_mb": round(process_peak_rss_mb(), 1),
+            "phase_peak_rss_mb": round(self.phase_peak_rss_mb, 1),
+            "phase_rss_increase_mb": round(self.phase_peak_rss_mb - self.start_rss_mb, 1),
+            "gpu_peak_memory_mb": None if self.gpu_peak_mb() is None else round(self.gpu_peak_mb(), 1),
+        }
+
+
+def gpu_name(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return None
+
+
+def format_sections(title: str, sections: dict[str, dict[str, Any]]) -> str:
+    """Render nested dicts as a compact sectioned text block."""
+    lines = [title, "=" * len(title)]
+    for name, values in sections.items():
+        if not values:
+            continue
+        lines.append(f"[{name}]")
+        width = max(len(str(k)) for k in values)
+        for key, value in values.items():
+            if isinstance(value, float):
+                value = f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.1f}"
+            lines.append(f"  {str(key).ljust(width)} : {value}")
+    return "\n".join(lines)

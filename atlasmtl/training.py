@@ -1,0 +1,433 @@
+"""Training: ``build_model`` fits the shared encoder, label heads and coordinate heads."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import platform
+import time
+import warnings
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import __version__
+from .exceptions import CoordinateError, LabelError, ParameterError
+from .genes import alternative_ids, detect_namespace, identity_aligner
+from .inputs import (
+    check_input_transform,
+    check_semantics_usable,
+    detect_semantics,
+    get_matrix_source,
+    validate_values,
+)
+from .knn import neighbour_label_agreement, normalise_rows
+from .model import TrainedModel
+from .network import MultiTaskNetwork
+from .runtime import (
+    ResourceMonitor,
+    available_cpus,
+    format_sections,
+    gpu_name,
+    progress,
+    resolve_device,
+    resolve_flag,
+    resolve_num_threads,
+    torch_threads,
+)
+
+REFERENCE_STORAGE = ("external", "full")
+
+
+def _check_params(**p: Any) -> None:
+    def positive_int(name: str) -> None:
+        v = p[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ParameterError(f"{name}={v!r} must be a positive integer.")
+
+    positive_int("batch_size")
+    positive_int("num_epochs")
+    if not 0.0 <= float(p["dropout_rate"]) < 1.0:
+        raise ParameterError(f"dropout_rate={p['dropout_rate']!r} must lie in [0, 1).")
+    if not float(p["learning_rate"]) > 0:
+        raise ParameterError(f"learning_rate={p['learning_rate']!r} must be > 0.")
+    if not 0.0 <= float(p["val_fraction"]) < 1.0:
+        raise ParameterError(f"val_fraction={p['val_fraction']!r} must lie in [0, 1).")
+    esp = p["early_stopping_patience"]
+    if esp is not None and (isinstance(esp, bool) or not isinstance(esp, int) or esp < 1):
+        raise ParameterError(f"early_stopping_patience={esp!r} must be None or a positive integer.")
+    hs = p["hidden_sizes"]
+    if not hs or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in hs):
+        raise ParameterError(f"hidden_sizes={hs!r} must be a non-empty list of positive integers.")
+    if p["reference_storage"] not in REFERENCE_STORAGE:
+        raise ParameterError(f"reference_storage={p['reference_storage']!r} must be one of {REFERENCE_STORAGE}.")
+    check_input_transform(p["input_transform"])
+
+
+def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
+    """Integer codes (n_cells × n_levels, -1 = unlabelled) and class names per level."""
+    if isinstance(label_columns, str):
+        label_columns = [label_columns]
+    if not label_columns:
+        raise LabelError("label_columns is empty; name at least one obs column holding reference labels.")
+    if len(set(label_columns)) != len(label_columns):
+        raise LabelError(f"label_columns={list(label_columns)} names a column twice.")
+    classes: dict[str, list[str]] = {}
+    codes = np.full((adata.n_obs, len(label_columns)), -1, dtype=np.int64)
+    unlabelled: dict[str, int] = {}
+    for j, col in enumerate(label_columns):
+        if col not in adata.obs.columns:
+            raise LabelError(
+                f"Label column {col!r} is not in adata.obs; available columns: {list(adata.obs.columns)[:20]}."
+            )
+        values = adata.obs[col]
+        missing = values.isna().to_numpy()
+        if missing.all():
+            raise LabelError(f"Label column {col!r} holds no labels (all values are NaN); fill it or drop the level.")
+        cat = pd.Categorical(values.astype(str).where(~missing))
+        names = [str(c) for c in cat.categories]
+        if len(names) < 2:
+            raise LabelError(
+                f"Label column {col!r} has a single class ({names[0]!r}); a classifier needs at least two. "
+                "Drop this level or use a finer annotation."
+            )
+        classes[col] = names
+        codes[:, j] = cat.codes
+        unlabelled[col] = int(missing.sum())
+    return classes, codes, unlabelled
+
+
+def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarray) -> dict[str, dict[str, str]]:
+    """For each level whose labels nest in the previous level's, map child → parent label."""
+    hierarchy: dict[str, dict[str, str]] = {}
+    for j in range(1, len(label_columns)):
+        both = (codes[:, j] >= 0) & (codes[:, j - 1] >= 0)
+        pairs = pd.DataFrame({"child": codes[both, j], "parent": codes[both, j - 1]}).drop_duplicates()
+        if len(pairs) and pairs["child"].is_unique:
+            parent_names, child_names = classes[label_columns[j - 1]], classes[label_columns[j]]
+            hierarchy[label_columns[j]] = {
+                child_names[c]: parent_names[p] for c, p in zip(pairs["child"], pairs["parent"])
+            }
+    return hierarchy
+
+
+def _coordinate_targets(adata: ad.AnnData, coord_targets: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    if coord_targets is None:
+        return {}
+    if not isinstance(coord_targets, Mapping):
+        raise ParameterError("coord_targets must be a dict of name → obsm key, e.g. {'umap': 'X_umap'}.")
+    out = {}
+    for name, key in coord_targets.items():
+        if isinstance(key, str):
+            if key not in adata.obsm:
+                raise CoordinateError(
+                    f"coord_targets[{name!r}] = {key!r} is not in adata.obsm; available keys: {list(adata.obsm.keys())}."
+                )
+            values = np.asarray(adata.obsm[key], dtype=np.float64)
+        else:
+            values = np.asarray(key, dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] != adata.n_obs:
+            raise CoordinateError(
+                f"coord_targets[{name!r}] has shape {values.shape}; it needs one row per cell ({adata.n_obs} rows)."
+            )
+        if not np.isfinite(values).all():
+            raise CoordinateError(
+                f"coord_targets[{name!r}] holds NaN or infinite values; compute the embedding for every cell first."
+            )
+        out[str(name)] = values
+    return out
+
+
+def build_model(
+    adata: ad.AnnData,
+    label_columns: Sequence[str],
+    coord_targets: Mapping[str, str] | None = None,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    hidden_sizes: Sequence[int] = (256, 128),
+    dropout_rate: float = 0.3,
+    batch_size: int = 256,
+    num_epochs: int = 40,
+    learning_rate: float = 1e-3,
+    input_transform: str = "binary",
+    val_fraction: float = 0.0,
+    early_stopping_patience: int | None = None,
+    reference_storage: str = "external",
+    num_threads: int | str = 10,
+    device: str = "auto",
+    show_progress: bool | None = None,
+    show_summary: bool | None = None,
+    random_state: int = 0,
+) -> TrainedModel:
+    """Train an atlasmtl model on a labelled reference.
+
+    Parameters
+    ----------
+    adata
+        Reference AnnData (in memory or backed); cells × genes, raw counts or log-normalised values.
+    label_columns
+        ``obs`` columns with the annotation levels, coarse to fine (one or more).
+        Cells with NaN at a level do not contribute to that level's loss.
+    coord_targets
+        Name → ``obsm`` key of reference coordinates to regress (e.g.
+        ``{"latent": "X_ref_latent", "umap": "X_umap"}``); ``None`` for none.
+    layer, use_raw
+        Read expression values from ``adata.layers[layer]`` or ``adata.raw`` instead of ``X``.
+    hidden_sizes, dropout_rate
+        Encoder widths and dropout.
+    batch_size, num_epochs, learning_rate
+        Adam minibatch training settings.
+    input_transform
+        ``"binary"`` (x > 0) or ``"float"`` (log1p of counts per 10k).
+    val_fraction
+        Fraction of cells held out to monitor validation loss.
+    early_stopping_patience
+        Stop after this many epochs without validation improvement (``None`` disables).
+    reference_storage
+        ``"external"`` (separate reference file) or ``"full"`` (inside the metadata file) when saving.
+    num_threads
+        CPU threads (capped at the CPUs available; ``"max"`` = 80% of them).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    show_progress, show_summary
+        Progress bar with ETA / final summary; ``None`` = only in an interactive terminal.
+    random_state
+        Seed for initialisation, shuffling and dropout.
+
+    Returns
+    -------
+    TrainedModel
+    """
+    from .inputs import open_anndata
+
+    adata = open_anndata(adata)
+    hidden_sizes = list(hidden_sizes)
+    _check_params(
+        batch_size=batch_size,
+        num_epochs=num_epochs,
+        dropout_rate=dropout_rate,
+        learning_rate=learning_rate,
+        val_fraction=val_fraction,
+        early_stopping_patience=early_stopping_patience,
+        hidden_sizes=hidden_sizes,
+        reference_storage=reference_storage,
+        input_transform=input_transform,
+    )
+    dev = resolve_device(device)
+    n_threads = resolve_num_threads(num_threads)
+    show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
+
+    source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
+    if not adata.obs_names.is_unique:
+        from .exceptions import InputError
+
+        raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
+    if not source.var_names.is_unique:
+        from .exceptions import InputError
+
+        raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
+    label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    classes, codes, unlabelled = encode_labels(adata, label_columns)
+    coords = _coordinate_targets(adata, coord_targets)
+    validate_values(source)
+    semantics = detect_semantics(source)
+    check_semantics_usable(semantics["semantics"], input_transform, source.where)
+    if input_transform == "float" and semantics["semantics"] == "counts":
+        semantics["normalisation"] = "total counts scaled to 1e4 per cell, then log1p"
+
+    has_label = (codes >= 0).any(axis=1)
+    cells = np.flatnonzero(has_label)
+    dropped = int((~has_label).sum())
+    if dropped:
+        warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=2)
+    for col, n in unlabelled.items():
+        if n and n > dropped:
+            warnings.warn(
+                f"{n} reference cell(s) have no label in {col!r}; they are not used for that level's loss.",
+                stacklevel=2,
+            )
+
+    coord_stats = {}
+    for name, values in coords.items():
+        mean = values[cells].mean(axis=0)
+        std = values[cells].std(axis=0)
+        std[std == 0] = 1.0
+        coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
+
+    rng = np.random.default_rng(random_state)
+    n_val = int(round(len(cells) * val_fraction))
+    perm = rng.permutation(cells)
+    val_cells, train_cells = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if early_stopping_patience is not None and n_val == 0:
+        warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=2)
+
+    aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
+    coord_names = list(coords)
+    coord_std = {n: ((coords[n] - coord_stats[n]["mean"]) / coord_stats[n]["std"]).astype(np.float32) for n in coord_names}
+
+    def batch_tensors(rows: np.ndarray):
+        x = torch.from_numpy(aligner.transform(source.rows(rows))).to(dev)
+        y = torch.from_numpy(codes[rows]).to(dev)
+        c = {n: torch.from_numpy(coord_std[n][rows]).to(dev) for n in coord_names}
+        return x, y, c
+
+    ce = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
+
+    def loss_of(net, rows):
+        x, y, c = batch_tensors(rows)
+        _, logits, pred = net(x)
+        loss = torch.zeros((), device=dev)
+        for j, lg in enumerate(logits):
+            n_valid = int((y[:, j] >= 0).sum())
+            if n_valid:
+                loss = loss + ce(lg, y[:, j]) / n_valid
+        for n in coord_names:
+            loss = loss + torch.mean((pred[n] - c[n]) ** 2)
+        return loss
+
+    history: list[dict[str, float]] = []
+    monitor = ResourceMonitor(dev)
+    t_start = time.perf_counter()
+    with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
+        torch.manual_seed(random_state)
+        net = MultiTaskNetwork(
+            source.n_vars,
+            [len(classes[c]) for c in label_columns],
+            {n: coords[n].shape[1] for n in coord_names},
+            hidden_sizes,
+            dropout_rate,
+        ).to(dev)
+        optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
+        best_val, best_state, stale = np.inf, None, 0
+        bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
+        epochs_done = 0
+        for epoch in bar:
+            net.train()
+            order = rng.permutation(train_cells)
+            total, n_seen = 0.0, 0
+            for start in range(0, len(order), batch_size):
+                rows = np.sort(order[start : start + batch_size])
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_of(net, rows)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(rows)
+                n_seen += len(rows)
+            record = {"epoch": epoch + 1, "train_loss": total / max(n_seen, 1)}
+            epochs_done = epoch + 1
+            if n_val:
+                net.eval()
+                with torch.no_grad():
+                    vt, vn = 0.0, 0
+                    for start in range(0, n_val, 4096):
+                        rows = val_cells[start : start + 4096]
+                        vt += float(loss_of(net, rows)) * len(rows)
+                        vn += len(rows)
+                record["val_loss"] = vt / vn
+                if record["val_loss"] < best_val - 1e-6:
+                    best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
+                else:
+                    stale += 1
+            history.append(record)
+            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+            if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
+                break
+        bar.close()
+        if best_state is not None and early_stopping_patience is not None:
+            net.load_state_dict(best_state)
+        net.eval()
+        embedding = np.zeros((len(cells), hidden_sizes[-1]), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(cells), 4096):
+                rows = cells[start : start + 4096]
+                z, _, _ = net(torch.from_numpy(aligner.transform(source.rows(rows))).to(dev))
+                embedding[start : start + len(rows)] = z.cpu().numpy()
+        embedding = normalise_rows(embedding)
+    train_seconds = time.perf_counter() - t_start
+    agreement = neighbour_label_agreement(embedding, codes[cells, -1], k=15, random_state=random_state)
+
+    train_config = {
+        "label_columns": label_columns,
+        "coord_targets": {k: (v if isinstance(v, str) else "<array>") for k, v in (coord_targets or {}).items()},
+        "layer": layer,
+        "use_raw": use_raw,
+        "hidden_sizes": hidden_sizes,
+        "dropout_rate": dropout_rate,
+        "batch_size": batch_size,
+        "num_epochs": num_epochs,
+        "learning_rate": learning_rate,
+        "input_transform": input_transform,
+        "val_fraction": val_fraction,
+        "early_stopping_patience": early_stopping_patience,
+        "reference_storage": reference_storage,
+        "num_threads": n_threads,
+        "device": str(dev),
+        "random_state": random_state,
+        "train_seconds": round(train_seconds, 3),
+        "history": history,
+        "resource_summary": {
+            "training cells": int(len(train_cells)),
+            "validation cells": int(n_val),
+            "dropped unlabelled cells": dropped,
+            "genes": int(source.n_vars),
+            "device": dev.type,
+            "cpu count": available_cpus(),
+            "threads": n_threads,
+            "gpu": gpu_name(dev),
+            "epochs completed": epochs_done,
+        },
+        "runtime_summary": monitor.summary(len(train_cells) * epochs_done),
+        "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement},
+        "unlabelled_cells_per_level": unlabelled,
+        "versions": _versions(),
+    }
+    train_config["runtime_summary"]["throughput_unit"] = "cell-epochs per second"
+    genes = [str(g) for g in source.var_names]
+    metadata = {
+        "atlasmtl_version": __version__,
+        "genes": genes,
+        "gene_namespace": detect_namespace(genes),
+        "gene_alt_ids": alternative_ids(source.var),
+        "input_transform": input_transform,
+        "train_semantics": semantics,
+        "label_columns": label_columns,
+        "classes": classes,
+        "hierarchy": infer_hierarchy(label_columns, classes, codes),
+        "coord_targets": {k: (v if isinstance(v, str) else k) for k, v in (coord_targets or {}).items()},
+        "coord_stats": coord_stats,
+        "architecture": {
+            "n_genes": int(source.n_vars),
+            "n_classes": [len(classes[c]) for c in label_columns],
+            "coord_dims": {n: int(coords[n].shape[1]) for n in coord_names},
+            "hidden_sizes": hidden_sizes,
+            "dropout_rate": float(dropout_rate),
+        },
+        "train_config": train_config,
+    }
+    reference = {"embedding": embedding, "labels": {c: codes[cells, j].astype(np.int32) for j, c in enumerate(label_columns)}}
+    model = TrainedModel(net, metadata, reference)
+    if show_summary:
+        print(format_sections("atlasmtl training finished", model.resource_summary()))
+    return model
+
+
+def _versions() -> dict[str, str]:
+    import scipy
+    import sklearn
+
+    return {
+        "atlasmtl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "anndata": importlib.metadata.version("anndata"),
+        "scikit-learn": sklearn.__version__,
+        "pandas": pd.__version__,
+        "platform": platform.platform(),
+    }
