@@ -56,8 +56,11 @@ def to_plain(obj: Any) -> Any:
         return {str(k) if not isinstance(k, (int, str)) else k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
-    if obj is None or isinstance(obj, (str, int, float, bool, bytes)):
-        return obj
+    if obj is None:
+        return None
+    for plain in (bool, int, float, str, bytes):  # exact types: subclasses (e.g. TorchVersion) pickle as globals
+        if isinstance(obj, plain):
+            return plain(obj)
     return str(obj)
 
 
