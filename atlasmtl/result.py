@@ -57,8 +57,11 @@ def h5ad_safe(obj: Any) -> Any:
         if all(isinstance(v, dict) for v in items):
             return {str(i): v for i, v in enumerate(items)}
         return np.asarray([str(v) for v in items], dtype=object)
-    if isinstance(obj, (np.generic,)):
+    if isinstance(obj, np.generic):
         return obj.item()
+    for plain in (bool, int, float, str):  # exact types: h5py cannot write subclasses such as TorchVersion
+        if isinstance(obj, plain):
+            return plain(obj)
     return obj
 
 

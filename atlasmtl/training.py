@@ -423,7 +423,7 @@ def _versions() -> dict[str, str]:
     return {
         "atlasmtl": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "anndata": importlib.metadata.version("anndata"),

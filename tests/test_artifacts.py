@@ -1,0 +1,220 @@
+"""Saving and loading models: both entry points, moved directories, tampering, malicious pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import atlasmtl
+from atlasmtl.artifacts import SCHEMA_VERSION, artifact_paths
+from atlasmtl.exceptions import (
+    ArtifactError,
+    ChecksumMismatchError,
+    SchemaVersionError,
+    UnsafeArtifactError,
+)
+
+
+def _same_predictions(a, b):
+    for level in a.levels:
+        for key in ("code", "raw_code", "conf", "margin", "knn_code", "used_knn"):
+            np.testing.assert_array_equal(a.levels[level][key], b.levels[level][key])
+    for name in a.coords:
+        np.testing.assert_array_equal(a.coords[name], b.coords[name])
+
+
+def _rewrite_manifest_checksum(manifest_path, role):
+    manifest = json.loads(manifest_path.read_text())
+    target = manifest_path.parent / manifest["files"][role]["file"]
+    manifest["files"][role]["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def saved(pbmc_model, tmp_path):
+    paths = pbmc_model.save(tmp_path / "model.pth")
+    return pbmc_model, tmp_path, paths
+
+
+def test_save_writes_the_four_files_with_checksums(saved):
+    model, directory, paths = saved
+    assert sorted(os.listdir(directory)) == [
+        "model.pth",
+        "model_manifest.json",
+        "model_metadata.pkl",
+        "model_reference.pkl",
+    ]
+    manifest = json.loads((directory / "model_manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["atlasmtl_version"] == atlasmtl.__version__
+    for role, entry in manifest["files"].items():
+        data = (directory / entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], role
+    assert "created" in manifest
+
+
+def test_stem_follows_the_given_name(pbmc_model, tmp_path):
+    pbmc_model.save(tmp_path / "foo.pth")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "foo.pth", "foo_metadata.pkl", "foo_reference.pkl", "foo_manifest.json"
+    }
+
+
+@pytest.mark.parametrize("entry", ["model_manifest.json", "model.pth"])
+def test_roundtrip_predicts_identically(saved, query_copy, entry):
+    model, directory, _ = saved
+    loaded = atlasmtl.TrainedModel.load(directory / entry)
+    before = atlasmtl.predict(model, query_copy, show_progress=False, knn_correction="all")
+    after = atlasmtl.predict(loaded, query_copy, show_progress=False, knn_correction="all")
+    _same_predictions(before, after)
+    assert loaded.classes == model.classes
+    assert loaded.train_config["train_seconds"] == model.train_config["train_seconds"]
+
+
+def test_moved_and_renamed_directory_still_loads(saved, query_copy, tmp_path_factory):
+    model, directory, _ = saved
+    moved = tmp_path_factory.mktemp("elsewhere") / "renamed_model_dir"
+    shutil.move(str(directory), moved)
+    loaded = atlasmtl.TrainedModel.load(moved / "model_manifest.json")
+    _same_predictions(
+        atlasmtl.predict(model, query_copy, show_progress=False),
+        atlasmtl.predict(loaded, query_copy, show_progress=False),
+    )
+
+
+def test_full_reference_storage_embeds_reference(pbmc_model, query_copy, tmp_path):
+    pbmc_model.save(tmp_path / "model.pth", reference_storage="full")
+    assert not (tmp_path / "model_reference.pkl").exists()
+    loaded = atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json")
+    np.testing.assert_array_equal(loaded.reference["embedding"], pbmc_model.reference["embedding"])
+    _same_predictions(
+        atlasmtl.predict(pbmc_model, query_copy, show_progress=False),
+        atlasmtl.predict(loaded, query_copy, show_progress=False),
+    )
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model_metadata.pkl", "model_reference.pkl"])
+def test_tampered_file_is_refused(saved, name):
+    _, directory, _ = saved
+    path = directory / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=name):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+
+
+def test_truncated_file_is_refused(saved):
+    _, directory, _ = saved
+    path = directory / "model_metadata.pkl"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ChecksumMismatchError):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+    # even with a matching checksum, a truncated pickle is a clear ArtifactError, not a deep traceback
+    _rewrite_manifest_checksum(directory / "model_manifest.json", "metadata")
+    with pytest.raises(ArtifactError, match="truncated or corrupted"):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+
+
+class _Exploit:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+@pytest.mark.parametrize("role", ["metadata", "reference"])
+def test_malicious_pickle_is_refused_and_never_runs(saved, tmp_path_factory, role):
+    _, directory, _ = saved
+    sentinel = tmp_path_factory.mktemp("sentinel") / "pwned"
+    target = directory / f"model_{role}.pkl"
+    target.write_bytes(pickle.dumps({"genes": ["A"], "payload": _Exploit(sentinel)}))
+    # the attacker also fixes the checksum, so only the code-free unpickler stands in the way
+    _rewrite_manifest_checksum(directory / "model_manifest.json", role)
+    with pytest.raises(UnsafeArtifactError, match="posix.system|os.system|refused"):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+    assert not sentinel.exists()
+
+
+def test_malicious_weights_are_refused(saved, tmp_path_factory):
+    _, directory, _ = saved
+    sentinel = tmp_path_factory.mktemp("sentinel") / "pwned"
+    torch.save({"x": _Exploit(sentinel)}, directory / "model.pth")
+    _rewrite_manifest_checksum(directory / "model_manifest.json", "weights")
+    with pytest.raises(ArtifactError):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+    assert not sentinel.exists()
+
+
+def test_newer_schema_is_refused(saved):
+    _, directory, _ = saved
+    manifest_path = directory / "model_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SchemaVersionError, match="Upgrade atlasmtl"):
+        atlasmtl.TrainedModel.load(manifest_path)
+
+
+@pytest.mark.parametrize("bad_name", ["../outside.pkl", "/etc/passwd", "sub/model_metadata.pkl"])
+def test_manifest_pointing_outside_is_refused(saved, bad_name):
+    _, directory, _ = saved
+    manifest_path = directory / "model_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["metadata"]["file"] = bad_name
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeArtifactError, match="directory"):
+        atlasmtl.TrainedModel.load(manifest_path)
+
+
+def test_missing_manifest_or_garbage_is_a_clear_error(saved, tmp_path):
+    _, directory, _ = saved
+    (directory / "model_manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest"):
+        atlasmtl.TrainedModel.load(directory / "model.pth")
+    garbage = tmp_path / "garbage_manifest.json"
+    garbage.write_text("{not json")
+    with pytest.raises(ArtifactError, match="not a valid manifest"):
+        atlasmtl.TrainedModel.load(garbage)
+    with pytest.raises(ArtifactError, match="No such model file"):
+        atlasmtl.TrainedModel.load(tmp_path / "nope_manifest.json")
+
+
+def test_interrupted_save_never_leaves_a_loadable_mix(pbmc_model, pbmc_split, tmp_path, monkeypatch):
+    pbmc_model.save(tmp_path / "model.pth")
+    other = atlasmtl.build_model(pbmc_split[0], ["lineage"], num_epochs=2, random_state=1, show_progress=False)
+    import atlasmtl.artifacts as artifacts
+
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def crash_on_second_file(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash mid-save")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", crash_on_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(tmp_path / "model.pth")
+    monkeypatch.setattr(artifacts.os, "replace", real_replace)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # new weights, old metadata and manifest: the old manifest's checksums refuse the mix
+    with pytest.raises(ChecksumMismatchError):
+        atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json")
+    other.save(tmp_path / "model.pth")  # a completed save loads again
+    assert atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json").label_columns == ["lineage"]
+
+
+def test_artifact_paths_naming(tmp_path):
+    paths = artifact_paths(tmp_path / "atlas_v2.pth")
+    assert paths["manifest"].name == "atlas_v2_manifest.json"
+    assert paths["reference"].name == "atlas_v2_reference.pkl"

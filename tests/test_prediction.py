@@ -1,0 +1,248 @@
+"""Prediction: gating, KNN modes, coordinates, gene alignment, writeback and determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import atlasmtl
+from atlasmtl.exceptions import GeneAlignmentError, InputError
+from atlasmtl.gating import GatingConfig, apply_gate, top_two
+from atlasmtl.knn import vote
+from atlasmtl.result import column_names
+
+LEVELS = ["lineage", "bulk_labels"]
+
+
+def _predict(model, query, **kw):
+    return atlasmtl.predict(model, query, show_progress=False, **kw)
+
+
+# ---------------------------------------------------------------- gating and voting units
+def test_top_two_confidence_and_margin():
+    probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])
+    code, conf, margin = top_two(probs)
+    np.testing.assert_array_equal(code, [0, 0])
+    np.testing.assert_allclose(conf, [0.7, 0.4])
+    np.testing.assert_allclose(margin, [0.5, 0.05])
+
+
+def test_gate_rules():
+    cfg = GatingConfig(confidence_high=0.7, confidence_low=0.4, margin_threshold=0.2, knn_conf_low=0.6)
+    raw = np.array([0, 1, 2, 0, 1])
+    conf = np.array([0.9, 0.65, 0.3, 0.5, 0.3])
+    margin = np.array([0.8, 0.5, 0.05, 0.1, 0.01])
+    knn = np.array([-1, 2, 1, 1, 0])
+    frac = np.array([0.0, 0.8, 0.9, 0.4, 0.5])
+    covered = np.array([False, True, True, True, True])
+    g = apply_gate(raw, conf, margin, knn, frac, covered, cfg)
+    # cell 0 confident; 1 low → KNN accepted; 2 below confidence_low but rescued by a strong vote;
+    # 3 low with a weak vote → Unknown; 4 below confidence_low with a weak vote → Unknown
+    np.testing.assert_array_equal(g["code"], [0, 2, 1, -1, -1])
+    np.testing.assert_array_equal(g["is_low_conf"], [False, True, True, True, True])
+    np.testing.assert_array_equal(g["used_knn"], [False, True, True, False, False])
+    off = apply_gate(raw, conf, margin, knn, frac, np.zeros(5, bool), cfg)
+    np.testing.assert_array_equal(off["code"], [0, 1, -1, 0, -1])
+
+
+def test_vote_fractions_and_unlabelled_neighbours():
+    ref_codes = np.array([0, 0, 1, 1, 1, -1])
+    idx = np.array([[0, 1, 2], [2, 3, 5], [5, 5, 5]])
+    code, frac = vote(idx, ref_codes, 2)
+    np.testing.assert_array_equal(code, [0, 1, -1])
+    np.testing.assert_allclose(frac, [2 / 3, 2 / 3, 0.0])
+
+
+# ---------------------------------------------------------------- KNN modes on real data
+def test_knn_modes(pbmc_model, query_copy):
+    off = _predict(pbmc_model, query_copy, knn_correction="off")
+    low = _predict(pbmc_model, query_copy, knn_correction="low_conf_only")
+    full = _predict(pbmc_model, query_copy, knn_correction="all")
+    n = query_copy.n_obs
+    assert off.metadata["prediction_runtime"]["knn_cells_searched"] == 0
+    any_low = np.zeros(n, bool)
+    for lv in LEVELS:
+        r_off, r_low, r_all = off.levels[lv], low.levels[lv], full.levels[lv]
+        assert not r_off["used_knn"].any()
+        # network outputs do not depend on the KNN mode
+        np.testing.assert_array_equal(r_off["raw_code"], r_low["raw_code"])
+        np.testing.assert_array_equal(r_off["is_low_conf"], r_low["is_low_conf"])
+        # low_conf_only: KNN touches only low-confidence cells; confident cells keep the network label
+        assert not r_low["used_knn"][~r_low["is_low_conf"]].any()
+        confident = ~r_low["is_low_conf"]
+        np.testing.assert_array_equal(r_low["code"][confident], r_low["raw_code"][confident])
+        assert np.isnan(r_low["knn_vote_frac"][confident]).all()
+        assert not np.isnan(r_low["knn_vote_frac"][r_low["is_low_conf"]]).any()
+        # all: every cell has a vote
+        assert not np.isnan(r_all["knn_vote_frac"]).any()
+        any_low |= r_low["is_low_conf"]
+        # accepted votes replace the label; rejected votes of low-confidence cells abstain
+        acc = r_low["used_knn"]
+        np.testing.assert_array_equal(r_low["code"][acc], r_low["knn_code"][acc])
+        rejected = r_low["is_low_conf"] & ~acc
+        assert (r_low["code"][rejected] == -1).all()
+    assert low.metadata["prediction_runtime"]["knn_cells_searched"] == int(any_low.sum())
+    assert 0 < any_low.sum() < n
+    assert full.metadata["prediction_runtime"]["knn_cells_searched"] == n
+
+
+def test_knn_space_keeps_label_neighbourhoods(pbmc_model):
+    agreement = pbmc_model.train_config["knn_space"]["neighbour_label_agreement"]
+    assert agreement is not None and agreement > 0.8
+
+
+# ---------------------------------------------------------------- coordinates
+def test_coordinate_heads_place_query_on_reference_umap(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    result = _predict(pbmc_model, query)
+    pred, true = result.coords["umap"], np.asarray(query.obsm["X_umap"])
+    assert pred.shape == true.shape
+    rmse = np.sqrt(np.mean((pred - true) ** 2))
+    spread = np.sqrt(np.mean((true - true.mean(0)) ** 2))
+    assert rmse < 0.5 * spread, (rmse, spread)
+    for d in range(2):
+        assert np.corrcoef(pred[:, d], true[:, d])[0, 1] > 0.8
+    assert result.coords["latent"].shape == (query.n_obs, query.obsm["X_ref_latent"].shape[1])
+
+
+# ---------------------------------------------------------------- gene alignment
+def test_missing_and_reordered_genes(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    base = _predict(pbmc_model, query, knn_correction="off")
+    rng = np.random.default_rng(0)
+    shuffled = query[:, rng.permutation(query.n_vars)].copy()
+    same = _predict(pbmc_model, shuffled, knn_correction="off")
+    np.testing.assert_allclose(same.levels["bulk_labels"]["conf"], base.levels["bulk_labels"]["conf"], rtol=1e-5)
+    keep = np.sort(rng.choice(query.n_vars, size=int(query.n_vars * 0.7), replace=False))
+    with pytest.warns(UserWarning, match="model genes"):
+        partial = _predict(pbmc_model, query[:, keep].copy(), knn_correction="off")
+    genes = partial.metadata["genes"]
+    assert genes["n_matched"] == len(keep) and genes["n_missing"] == query.n_vars - len(keep)
+    agree = np.mean(partial.levels["lineage"]["raw_code"] == base.levels["lineage"]["raw_code"])
+    assert agree > 0.8
+    with pytest.raises(GeneAlignmentError, match=r"Only \d+ of the model's 765 genes"):
+        _predict(pbmc_model, query[:, : query.n_vars // 3].copy())
+
+
+def test_extra_query_genes_are_dropped(pbmc_model, pbmc_split):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    _, query = pbmc_split
+    extra = ad.AnnData(
+        X=sp.random(query.n_obs, 5, density=0.5, format="csr", random_state=0, dtype=np.float32),
+        obs=query.obs[[]],
+        var=pd.DataFrame(index=[f"EXTRA{i}" for i in range(5)]),
+    )
+    wide = ad.concat([query, extra], axis=1, merge="first")
+    res = _predict(pbmc_model, wide, knn_correction="off")
+    base = _predict(pbmc_model, query, knn_correction="off")
+    assert res.metadata["genes"]["n_query_genes_unused"] == 5
+    np.testing.assert_allclose(res.levels["lineage"]["conf"], base.levels["lineage"]["conf"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- writeback
+def test_writeback_columns_per_mode(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    result = _predict(pbmc_model, query)
+    expected = {
+        "minimal": ["pred"],
+        "standard": ["pred", "conf", "margin", "is_unknown"],
+        "full": ["pred", "conf", "margin", "is_unknown", "raw", "knn", "knn_vote_frac", "is_low_conf", "used_knn"],
+    }
+    for mode, fields in expected.items():
+        frame = result.to_dataframe(mode)
+        assert list(frame.columns) == [column_names(lv)[f] for lv in LEVELS for f in fields]
+        adata = query.copy()
+        adata.obs["my_col"] = 1
+        out = result.to_adata(adata, mode=mode)
+        assert out is adata
+        assert [c for c in out.obs.columns if c != "my_col"] == list(frame.columns) or set(frame.columns) <= set(out.obs)
+        assert "my_col" in out.obs and "atlasmtl" in out.uns
+        assert not any(k.startswith("X_pred_") for k in out.obsm)
+    # a full write followed by a minimal one replaces atlasmtl's columns but keeps the user's
+    adata = query.copy()
+    adata.obs["my_col"] = 1
+    result.to_adata(adata, mode="full", include_coords=True)
+    assert {"X_pred_umap", "X_pred_latent"} <= set(adata.obsm)
+    result.to_adata(adata, mode="minimal")
+    assert set(adata.obs.columns) == {"lineage", "bulk_labels", "my_col", "pred_lineage", "pred_bulk_labels"}
+    uns = adata.uns["atlasmtl"]
+    assert uns["genes"]["n_matched"] == 765 and "prediction_runtime" in uns and "settings" in uns
+
+
+def test_writeback_refuses_a_different_anndata(pbmc_model, pbmc_split):
+    ref, query = pbmc_split
+    result = _predict(pbmc_model, query)
+    with pytest.raises(InputError, match="not the one"):
+        result.to_adata(ref)
+
+
+def test_unknown_is_a_category(pbmc_model, query_copy):
+    result = _predict(pbmc_model, query_copy, confidence_low=0.95, confidence_high=0.95)
+    labels = result.labels("bulk_labels")
+    assert "Unknown" in labels.categories
+    assert (np.asarray(labels) == "Unknown").sum() == result.levels["bulk_labels"]["is_unknown"].sum() > 0
+
+
+def test_result_written_uns_survives_h5ad_roundtrip(pbmc_model, query_copy, tmp_path):
+    import anndata as ad
+
+    result = _predict(pbmc_model, query_copy)
+    result.to_adata(query_copy, mode="full", include_coords=True)
+    query_copy.write_h5ad(tmp_path / "annotated.h5ad")
+    back = ad.read_h5ad(tmp_path / "annotated.h5ad")
+    assert back.obs["pred_bulk_labels"].equals(query_copy.obs["pred_bulk_labels"])
+    assert back.uns["atlasmtl"]["settings"]["knn_correction"] == "low_conf_only"
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_random_state_gives_identical_model_and_predictions(pbmc_split):
+    ref, query = pbmc_split
+    kw = dict(num_epochs=5, show_progress=False, random_state=7, val_fraction=0.2)
+    a = atlasmtl.build_model(ref, LEVELS, coord_targets={"umap": "X_umap"}, **kw)
+    b = atlasmtl.build_model(ref, LEVELS, coord_targets={"umap": "X_umap"}, **kw)
+    for (name, pa), (_, pb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    ra, rb = _predict(a, query, knn_correction="all"), _predict(b, query, knn_correction="all")
+    for lv in LEVELS:
+        np.testing.assert_array_equal(ra.levels[lv]["conf"], rb.levels[lv]["conf"])
+        np.testing.assert_array_equal(ra.levels[lv]["code"], rb.levels[lv]["code"])
+    np.testing.assert_array_equal(ra.coords["umap"], rb.coords["umap"])
+    c = atlasmtl.build_model(ref, LEVELS, num_epochs=5, show_progress=False, random_state=8)
+    assert not torch.equal(a.network.encoder.layers[0].weight, c.network.encoder.layers[0].weight)
+
+
+def test_global_torch_rng_is_left_alone(pbmc_split):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    atlasmtl.build_model(pbmc_split[0], LEVELS, num_epochs=1, show_progress=False)
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
+
+
+# ---------------------------------------------------------------- training behaviour
+def test_train_config_and_early_stopping(pbmc_split):
+    ref, _ = pbmc_split
+    model = atlasmtl.build_model(
+        ref, LEVELS, num_epochs=60, val_fraction=0.25, early_stopping_patience=2, show_progress=False
+    )
+    cfg = model.train_config
+    assert cfg["train_seconds"] > 0
+    rs, rt = cfg["resource_summary"], cfg["runtime_summary"]
+    assert rs["training cells"] + rs["validation cells"] == ref.n_obs
+    assert rs["genes"] == ref.n_vars and rs["device"] == "cpu" and rs["cpu count"] >= 1
+    assert 1 <= rs["epochs completed"] < 60  # early stopping kicked in
+    assert all("val_loss" in h for h in cfg["history"])
+    assert rt["elapsed_seconds"] > 0 and rt["throughput_cells_per_second"] > 0 and rt["process_peak_rss_mb"] > 0
+    assert model.hierarchy["bulk_labels"]["CD19+ B"] == "B"
+
+
+def test_float_input_transform(pbmc_split):
+    ref, query = pbmc_split
+    model = atlasmtl.build_model(ref, LEVELS, input_transform="float", num_epochs=15, show_progress=False)
+    res = _predict(model, query)
+    acc = np.mean(np.asarray(res.labels("lineage")) == query.obs["lineage"].to_numpy())
+    assert acc > 0.85
