@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 from . import exceptions  # noqa: E402
 from .exceptions import AtlasMTLError  # noqa: E402
+from .evaluate import evaluate, evaluation_table  # noqa: E402
 from .model import TrainedModel  # noqa: E402
 from .prediction import predict  # noqa: E402
 from .result import PredictionResult  # noqa: E402

@@ -1,0 +1,702 @@
+"""Evaluation of predictions against known labels and coordinates: :func:`evaluate`.
+
+``atlasmtl.evaluate(result, truth)`` scores a :class:`~atlasmtl.result.PredictionResult`
+(or its prediction table) against the true labels of the same cells and returns a
+JSON-serialisable nested dict::
+
+    {"n_cells": ...,
+     "levels":    {level: {accuracy, macro_f1, balanced_accuracy, coverage,
+                           accuracy_covered, ece, brier, aurc, ...}},
+     "hierarchy": {path_consistency, full_path_accuracy, pairs, ...},
+     "novel":     {n_novel, n_known, levels: {level: {auroc, novel_unknown_rate,
+                                                      known_unknown_rate}}} or None,
+     "coords":    {name: {rmse, trustworthiness, neighbour_overlap, ...}}}
+
+Undefined values (no confidence column, a single class, too few cells) are
+``None``. :func:`evaluation_table` turns a section into a tidy DataFrame. The
+metric definitions are in :func:`evaluate`'s docstring and in
+``documents/design/api_contract.md``; each metric is also a public function here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .exceptions import CoordinateError, InputError, LabelError, ParameterError
+from .result import UNKNOWN, PredictionResult
+
+__all__ = [
+    "evaluate",
+    "evaluation_table",
+    "accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "coverage",
+    "accuracy_covered",
+    "expected_calibration_error",
+    "brier_score",
+    "aurc",
+    "pair_consistency",
+    "path_consistency",
+    "full_path_accuracy",
+    "novel_auroc",
+    "rmse",
+    "trustworthiness_score",
+    "neighbour_overlap",
+]
+
+#: Confidence bins of the expected calibration error.
+ECE_BINS = 15
+#: Reference neighbours compared by ``neighbour_overlap``.
+NEIGHBOURS = 15
+#: Keys of each level's entry in ``evaluate(...)["levels"]`` (besides ``n``, ``n_excluded``, ...).
+LEVEL_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered", "ece", "brier", "aurc")
+
+
+# ---------------------------------------------------------------------------- label metrics
+def _correct(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Per-cell correctness; ``Unknown`` is never correct."""
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    return (y_pred == y_true) & (y_pred != UNKNOWN)
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fraction of cells whose prediction equals the truth (Unknown is wrong)."""
+    return float(_correct(y_true, y_pred).mean())
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged F1 over the classes present in ``y_true``."""
+    from sklearn.metrics import f1_score
+
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    labels = np.unique(y_true)
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true`` (Unknown is a miss)."""
+    y_true = np.asarray(y_true, dtype=object)
+    correct = _correct(y_true, y_pred)
+    return float(np.mean([correct[y_true == c].mean() for c in np.unique(y_true)]))
+
+
+def coverage(y_pred: np.ndarray) -> float:
+    """Fraction of cells not called Unknown."""
+    return float(np.mean(np.asarray(y_pred, dtype=object) != UNKNOWN))
+
+
+def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
+    """Accuracy among the cells not called Unknown (``None`` when all are Unknown)."""
+    covered = np.asarray(y_pred, dtype=object) != UNKNOWN
+    return float(_correct(y_true, y_pred)[covered].mean()) if covered.any() else None
+
+
+# ---------------------------------------------------------------------------- confidence metrics
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence."""
+    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    bins = np.digitize(conf, inner_edges, right=True)
+    total = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        total += in_bin.sum() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(total / len(conf))
+
+
+def brier_score(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Binary Brier score ``mean((conf - correct)**2)`` of confidence vs correctness."""
+    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    return float(np.mean((conf - correct) ** 2))
+
+
+def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk–coverage curve (mean error rate of the top-``n`` most confident cells)."""
+    order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
+    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
+    return float(np.mean(errors / np.arange(1, len(order) + 1)))
+
+
+# ---------------------------------------------------------------------------- hierarchy metrics
+def pair_consistency(parent_pred: np.ndarray, child_pred: np.ndarray, mapping: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell consistency of one parent → child level pair.
+
+    Returns ``(consistent, checkable)``: a cell is checkable unless its child
+    prediction is a label ``mapping`` does not know; it is consistent when the
+    child is Unknown or the parent prediction is the child's mapped parent.
+    """
+    parent_pred, child_pred = np.asarray(parent_pred, dtype=object), np.asarray(child_pred, dtype=object)
+    child_unknown = child_pred == UNKNOWN
+    expected = np.array([mapping.get(c) for c in child_pred], dtype=object)
+    checkable = child_unknown | (expected != None)  # noqa: E711 (element-wise)
+    consistent = child_unknown | ((expected == parent_pred) & (parent_pred != UNKNOWN))
+    return consistent & checkable, checkable
+
+
+def path_consistency(
+    preds: Sequence[np.ndarray], mappings: Sequence[Mapping[str, str] | None]
+) -> tuple[float | None, int, list[dict[str, Any]]]:
+    """Fraction of cells consistent at every mapped pair of consecutive levels.
+
+    ``preds`` are the predictions per level, coarse to fine; ``mappings[j]`` maps
+    level ``j`` labels to level ``j - 1`` labels (``None`` for ``j = 0`` and for
+    pairs without a mapping). Returns the fraction (``None`` when nothing can be
+    checked), the number of cells checked, and per-pair details.
+    """
+    n = len(preds[0]) if preds else 0
+    all_ok, all_checkable = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+    pairs, any_mapped = [], False
+    for j in range(1, len(preds)):
+        if mappings[j] is None:
+            pairs.append({"consistency": None, "n": 0, "n_unmapped": None})
+            continue
+        any_mapped = True
+        ok, checkable = pair_consistency(preds[j - 1], preds[j], mappings[j])
+        all_ok &= ok
+        all_checkable &= checkable
+        pairs.append({
+            "consistency": float(ok[checkable].mean()) if checkable.any() else None,
+            "n": int(checkable.sum()),
+            "n_unmapped": int((~checkable).sum()),
+        })
+    if not any_mapped or not all_checkable.any():
+        return None, int(all_checkable.sum()) if any_mapped else 0, pairs
+    return float(all_ok[all_checkable].mean()), int(all_checkable.sum()), pairs
+
+
+def full_path_accuracy(truths: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> float:
+    """Fraction of cells correct at every level (pass only cells with a true label at every level)."""
+    correct = np.ones(len(preds[0]), dtype=bool)
+    for y_true, y_pred in zip(truths, preds):
+        correct &= _correct(y_true, y_pred)
+    return float(correct.mean())
+
+
+# ---------------------------------------------------------------------------- novel-type metric
+def novel_auroc(conf: np.ndarray, is_novel: np.ndarray) -> float | None:
+    """AUROC of ``1 - conf`` as a score of novel (positive) vs known cells; ``None`` if a group is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    is_novel = np.asarray(is_novel, dtype=bool)
+    if is_novel.all() or not is_novel.any():
+        return None
+    return float(roc_auc_score(is_novel, 1.0 - np.asarray(conf, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------------------- coordinate metrics
+def rmse(pred: np.ndarray, true: np.ndarray) -> float:
+    """Root mean squared error over cells and dimensions."""
+    diff = np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)
+    return float(np.sqrt(np.mean(diff**2)))
+
+
+def trustworthiness_score(
+    true: np.ndarray, pred: np.ndarray, max_cells: int = 5000, random_state: int = 0
+) -> tuple[float | None, int, int]:
+    """``sklearn.manifold.trustworthiness(true, pred, n_neighbors=min(15, n // 2 - 1))``.
+
+    At most ``max_cells`` randomly chosen cells are used (the score needs all
+    pairwise distances). Returns ``(score, n_cells, n_neighbors)``; the score is
+    ``None`` with fewer than 4 cells.
+    """
+    from sklearn.manifold import trustworthiness
+
+    n = len(true)
+    if n > max_cells:
+        keep = np.sort(np.random.default_rng(random_state).choice(n, size=max_cells, replace=False))
+        true, pred, n = true[keep], pred[keep], max_cells
+    k = min(NEIGHBOURS, n // 2 - 1)
+    if k < 1:
+        return None, n, 0
+    return float(trustworthiness(np.asarray(true), np.asarray(pred), n_neighbors=k)), n, k
+
+
+def neighbour_overlap(pred: np.ndarray, true: np.ndarray, reference: np.ndarray, k: int = NEIGHBOURS) -> tuple[float, int]:
+    """Mean fraction of a query cell's ``k`` nearest reference cells shared by its predicted and true positions.
+
+    Returns ``(overlap, k)``, ``k`` capped at the number of reference cells.
+    """
+    from .knn import NeighbourIndex
+
+    index = NeighbourIndex(np.asarray(reference), random_state=0)
+    k = min(k, index.n_cells)
+    near_pred, _ = index.query(pred, k)
+    near_true, _ = index.query(true, k)
+    shared = 0
+    for start in range(0, len(near_pred), 10_000):  # bounded memory: chunk × k × k booleans
+        a, b = near_pred[start : start + 10_000], near_true[start : start + 10_000]
+        shared += int((a[:, :, None] == b[:, None, :]).any(axis=2).sum())
+    return float(shared / (len(near_pred) * k)), k
+
+
+# ---------------------------------------------------------------------------- inputs
+def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarray], list[str], dict | None]:
+    """(table with pred_/conf_/pred_*_raw columns, predicted coords, levels, hierarchy) of the first argument."""
+    if isinstance(prediction, PredictionResult):
+        return prediction.to_dataframe("full"), dict(prediction.coords), prediction.label_columns, prediction.hierarchy
+    if isinstance(prediction, pd.DataFrame):
+        if not prediction.index.is_unique:
+            raise InputError("The prediction table's index (cell names) has duplicates; make the cell names unique.")
+        stems = [str(c)[5:] for c in prediction.columns if str(c).startswith("pred_")]
+        derived = {s for s in stems if s.endswith(("_raw", "_knn")) and s[:-4] in stems}
+        return prediction, {}, [s for s in stems if s not in derived], None
+    raise ParameterError(
+        f"The first argument must be a PredictionResult or a DataFrame of pred_<level> columns, "
+        f"not {type(prediction).__name__}."
+    )
+
+
+def _truth_table(truth: Any, levels: Sequence[str]) -> pd.DataFrame:
+    """The true labels as a DataFrame indexed by cell name."""
+    if isinstance(truth, ad.AnnData):
+        frame = truth.obs
+    elif isinstance(truth, pd.DataFrame):
+        frame = truth
+    elif isinstance(truth, pd.Series):
+        name = truth.name if truth.name is not None else (levels[0] if len(levels) == 1 else None)
+        if name is None:
+            raise InputError("The truth is an unnamed Series but several levels are evaluated; name it after its level.")
+        frame = truth.to_frame(name)
+    elif isinstance(truth, Mapping):
+        for level, values in truth.items():
+            if not isinstance(values, pd.Series):
+                raise InputError(
+                    f"truth[{level!r}] is a {type(values).__name__}; give a pandas Series indexed by cell name "
+                    "so the labels can be matched to the predicted cells."
+                )
+        frame = pd.DataFrame(dict(truth))
+    else:
+        raise InputError(
+            f"The truth must be an AnnData (labels in .obs), a DataFrame, a Series or a dict of Series, "
+            f"not {type(truth).__name__}."
+        )
+    if not frame.index.is_unique:
+        raise InputError("The truth's cell names (index / obs_names) have duplicates; make them unique.")
+    return frame
+
+
+def _cell_positions(cells: pd.Index, truth_index: pd.Index) -> np.ndarray:
+    """Row of each predicted cell in the truth; raise when some are missing."""
+    pos = truth_index.get_indexer(cells)
+    missing = pos < 0
+    if missing.any():
+        examples = ", ".join(map(str, cells[missing][:3]))
+        raise InputError(
+            f"{int(missing.sum())} of {len(cells)} predicted cells are not in the truth (e.g. {examples}); "
+            "pass the labels of the query the predictions were made for (matched by cell name)."
+        )
+    return pos
+
+
+def _labels(values: pd.Series | np.ndarray) -> np.ndarray:
+    """String labels; missing predictions become Unknown."""
+    series = pd.Series(np.asarray(values, dtype=object))
+    return series.where(series.notna(), UNKNOWN).astype(str).to_numpy(dtype=object)
+
+
+def _true_labels(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(string labels, has-label mask) of a truth column."""
+    values = series.astype(object)
+    has = values.notna().to_numpy()
+    return values.where(has, "").astype(str).to_numpy(dtype=object), has
+
+
+def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """(final labels, confidence or None, which label the confidence is judged against)."""
+    pred = _labels(table[f"pred_{level}"])
+    conf_col, raw_col = f"conf_{level}", f"pred_{level}_raw"
+    if conf_col not in table.columns:
+        return pred, None, None
+    conf = pd.to_numeric(table[conf_col], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(conf).all() or (conf < 0).any() or (conf > 1).any():
+        raise InputError(f"Column {conf_col!r} must hold a confidence in [0, 1] for every cell (found NaN or out-of-range values).")
+    return pred, conf, ("raw" if raw_col in table.columns else "final")
+
+
+# ---------------------------------------------------------------------------- sections
+def _level_metrics(y_true: np.ndarray, pred: np.ndarray, conf: np.ndarray | None, target: np.ndarray, n_bins: int) -> dict[str, Any]:
+    """All per-level metrics on the cells with a true label."""
+    out: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "n_classes_true": int(len(np.unique(y_true))),
+        "accuracy": accuracy(y_true, pred),
+        "macro_f1": macro_f1(y_true, pred),
+        "balanced_accuracy": balanced_accuracy(y_true, pred),
+        "coverage": coverage(pred),
+        "accuracy_covered": accuracy_covered(y_true, pred),
+        "ece": None,
+        "brier": None,
+        "aurc": None,
+    }
+    if conf is not None:
+        correct = _correct(y_true, target)
+        out.update(
+            ece=expected_calibration_error(conf, correct, n_bins),
+            brier=brier_score(conf, correct),
+            aurc=aurc(conf, correct),
+        )
+    return out
+
+
+def _infer_hierarchy(truth: pd.DataFrame, levels: Sequence[str]) -> dict[str, dict[str, str]]:
+    """child level → {child label: parent label} for consecutive truth levels that nest."""
+    hierarchy = {}
+    for parent, child in zip(levels[:-1], levels[1:]):
+        pairs = truth[[parent, child]].dropna().astype(str).drop_duplicates()
+        if len(pairs) and pairs[child].is_unique:
+            hierarchy[child] = dict(zip(pairs[child], pairs[parent]))
+    return hierarchy
+
+
+def _pair_mappings(levels: Sequence[str], source_levels: Sequence[str], hierarchy: Mapping) -> list[dict | None]:
+    """Mapping for each evaluated level to the one before it, composed over skipped ``source_levels``."""
+    mappings: list[dict | None] = [None]
+    for parent, child in zip(levels[:-1], levels[1:]):
+        mapping = None
+        if parent in source_levels and child in source_levels:
+            i, j = source_levels.index(parent), source_levels.index(child)
+            chain = [hierarchy.get(source_levels[k]) for k in range(j, i, -1)]
+            if i < j and all(m is not None for m in chain):
+                mapping = {str(c): str(p) for c, p in dict(chain[0]).items()}
+                for step in chain[1:]:
+                    mapping = {c: str(step[p]) for c, p in mapping.items() if p in step}
+        mappings.append(mapping)
+    return mappings
+
+
+def _hierarchy_section(
+    levels: list[str],
+    preds: dict[str, np.ndarray],
+    truths: dict[str, tuple[np.ndarray, np.ndarray]],
+    hierarchy: Mapping | None,
+    result_hierarchy: dict | None,
+    result_levels: list[str],
+    truth: pd.DataFrame,
+) -> dict[str, Any]:
+    if hierarchy is not None:
+        if not isinstance(hierarchy, Mapping) or not all(isinstance(m, Mapping) for m in hierarchy.values()):
+            raise ParameterError("hierarchy must be a dict {child_level: {child_label: parent_label}}.")
+        source, mappings = "argument", _pair_mappings(levels, levels, hierarchy)
+    elif result_hierarchy is not None:
+        source, mappings = "result", _pair_mappings(levels, result_levels, result_hierarchy)
+    else:
+        source, mappings = "truth", _pair_mappings(levels, levels, _infer_hierarchy(truth, levels))
+    consistency, n_checked, pairs = path_consistency([preds[lv] for lv in levels], mappings)
+    all_true = np.logical_and.reduce([truths[lv][1] for lv in levels])
+    return {
+        "source": source,
+        "path_consistency": consistency,
+        "n_checked": n_checked,
+        "pairs": {f"{p} -> {c}": info for p, c, info in zip(levels[:-1], levels[1:], pairs)},
+        "full_path_accuracy": (
+            full_path_accuracy([truths[lv][0][all_true] for lv in levels], [preds[lv][all_true] for lv in levels])
+            if all_true.any() else None
+        ),
+        "n_full_path": int(all_true.sum()),
+    }
+
+
+def _novel_mask(
+    cells: pd.Index, truth: pd.DataFrame, pos: np.ndarray, novel_labels: Mapping | None, novel_mask: Any
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(is_novel, usable) per predicted cell, and how novelty was given."""
+    if novel_mask is not None:
+        if isinstance(novel_mask, pd.Series):
+            aligned = novel_mask.reindex(cells)
+            if aligned.isna().any():
+                raise InputError("novel_mask (a Series) lacks some predicted cells; index it by every predicted cell name.")
+            mask = aligned.to_numpy(dtype=bool)
+        else:
+            mask = np.asarray(novel_mask, dtype=bool)
+            if mask.shape != (len(cells),):
+                raise InputError(f"novel_mask has shape {mask.shape}; it needs one boolean per predicted cell ({len(cells)}).")
+        return mask, np.ones(len(cells), dtype=bool), "mask"
+    is_novel, usable = np.zeros(len(cells), dtype=bool), np.ones(len(cells), dtype=bool)
+    for level, labels in novel_labels.items():
+        if level not in truth.columns:
+            raise LabelError(f"novel_labels names level {level!r}, which is not a truth column; available: {list(truth.columns)[:20]}.")
+        values, has = _true_labels(truth[level].iloc[pos])
+        listed = {str(x) for x in labels}
+        absent = listed - set(values[has])
+        if absent:
+            warnings.warn(f"novel_labels[{level!r}] lists labels no evaluated cell has: {sorted(absent)}.", stacklevel=3)
+        usable &= has
+        is_novel |= has & np.isin(values, list(listed))
+    return is_novel, usable, "labels"
+
+
+def _novel_section(
+    levels: list[str], preds: dict, confs: dict, is_novel: np.ndarray, usable: np.ndarray, source: str
+) -> dict[str, Any]:
+    novel, known = is_novel & usable, ~is_novel & usable
+    per_level = {}
+    for lv in levels:
+        unknown = preds[lv] == UNKNOWN
+        per_level[lv] = {
+            "auroc": novel_auroc(confs[lv][usable], is_novel[usable]) if confs[lv] is not None else None,
+            "novel_unknown_rate": float(unknown[novel].mean()) if novel.any() else None,
+            "known_unknown_rate": float(unknown[known].mean()) if known.any() else None,
+        }
+    return {"source": source, "n_novel": int(novel.sum()), "n_known": int(known.sum()), "levels": per_level}
+
+
+def _coordinate_array(name: str, value: Any, cells: pd.Index, truth: Any, pos: np.ndarray, what: str) -> np.ndarray:
+    """Rows of ``value`` for the predicted cells: an obsm key, a DataFrame indexed by cell, or an array in cell order."""
+    if isinstance(value, str):
+        if not isinstance(truth, ad.AnnData):
+            raise CoordinateError(f"{what}[{name!r}] = {value!r} is an obsm key, but the truth is not an AnnData; pass the array.")
+        if value not in truth.obsm:
+            raise CoordinateError(f"{what}[{name!r}] = {value!r} is not in the truth's obsm; available: {list(truth.obsm.keys())}.")
+        array = np.asarray(truth.obsm[value], dtype=np.float64)[pos]
+    elif isinstance(value, pd.DataFrame):
+        aligned = value.reindex(cells)
+        if aligned.isna().all(axis=1).any():
+            raise CoordinateError(f"{what}[{name!r}] (a DataFrame) lacks some predicted cells; index it by cell name.")
+        array = aligned.to_numpy(dtype=np.float64)
+    else:
+        array = np.asarray(value, dtype=np.float64)
+        if array.ndim != 2 or array.shape[0] != len(cells):
+            raise CoordinateError(
+                f"{what}[{name!r}] has shape {array.shape}; it needs one row per predicted cell ({len(cells)}), in their order."
+            )
+    if not np.isfinite(array).all():
+        raise CoordinateError(f"{what}[{name!r}] holds NaN or infinite values.")
+    return array
+
+
+def _coords_section(
+    coord_truth: Mapping, predicted: dict, reference_coords: Mapping, cells: pd.Index, truth: Any, pos: np.ndarray,
+    n_neighbors: int, max_trust: int, random_state: int,
+) -> dict[str, Any]:
+    out = {}
+    for name, value in coord_truth.items():
+        if name not in predicted:
+            raise CoordinateError(
+                f"No predicted coordinates named {name!r} (have: {sorted(predicted)}); "
+                "pass them as coord_pred={name: array} or use a model with that coordinate head."
+            )
+        true = _coordinate_array(name, value, cells, truth, pos, "coord_truth")
+        pred = _coordinate_array(name, predicted[name], cells, None, pos, "predicted coordinates")
+        if pred.shape != true.shape:
+            raise CoordinateError(f"Predicted {name!r} coordinates have shape {pred.shape}, the true ones {true.shape}.")
+        trust, n_trust, k_trust = trustworthiness_score(true, pred, max_trust, random_state)
+        entry = {"n": int(len(true)), "dims": int(true.shape[1]), "rmse": rmse(pred, true),
+                 "trustworthiness": trust, "trustworthiness_cells": n_trust, "trustworthiness_neighbors": k_trust,
+                 "neighbour_overlap": None, "neighbour_k": None}
+        if name in reference_coords:
+            ref = np.asarray(reference_coords[name], dtype=np.float64)
+            if ref.ndim != 2 or ref.shape[1] != true.shape[1] or not np.isfinite(ref).all():
+                raise CoordinateError(
+                    f"reference_coords[{name!r}] must be a finite cells × {true.shape[1]} array, got shape {ref.shape}."
+                )
+            entry["neighbour_overlap"], entry["neighbour_k"] = neighbour_overlap(pred, true, ref, n_neighbors)
+        out[name] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------- public API
+def evaluate(
+    prediction: PredictionResult | pd.DataFrame,
+    truth: ad.AnnData | pd.DataFrame | pd.Series | Mapping[str, pd.Series],
+    label_columns: str | Sequence[str] | None = None,
+    *,
+    hierarchy: Mapping[str, Mapping[str, str]] | None = None,
+    novel_labels: Mapping[str, Sequence[str]] | None = None,
+    novel_mask: np.ndarray | pd.Series | None = None,
+    coord_truth: Mapping[str, str | np.ndarray | pd.DataFrame] | None = None,
+    coord_pred: Mapping[str, np.ndarray | pd.DataFrame] | None = None,
+    reference_coords: Mapping[str, np.ndarray] | None = None,
+    n_bins: int = ECE_BINS,
+    n_neighbors: int = NEIGHBOURS,
+    max_trustworthiness_cells: int = 5000,
+    random_state: int = 0,
+) -> dict[str, Any]:
+    """Score predictions against the true labels (and coordinates) of the same cells.
+
+    Parameters
+    ----------
+    prediction
+        A :class:`PredictionResult`, or a DataFrame indexed by cell name with
+        ``pred_<level>`` columns and optional ``conf_<level>`` and
+        ``pred_<level>_raw`` columns (e.g. ``result.to_dataframe("full")`` or a
+        CSV written by ``result.to_csv``). Missing predictions count as Unknown.
+    truth
+        An AnnData (labels in ``.obs[level]``), a DataFrame, a Series (one level)
+        or a dict ``{level: Series}``, indexed by cell name. Every predicted cell
+        must be found by name (order and extra truth cells do not matter); cells
+        with a missing (NaN) true label are left out of that level.
+    label_columns
+        Levels to evaluate, coarse to fine; default: every predicted level.
+    hierarchy
+        ``{child_level: {child_label: parent_label}}``, the parent level being the
+        one before ``child_level`` in ``label_columns``. Default: the result's
+        hierarchy, else inferred from the truth where its levels nest.
+    novel_labels, novel_mask
+        Novel-type cells, given either as ``{level: [true labels absent from the
+        reference]}`` or as a boolean per predicted cell (array in cell order, or a
+        Series indexed by cell name). Adds the ``"novel"`` section.
+    coord_truth
+        ``{name: obsm key of the truth AnnData, DataFrame indexed by cell, or an
+        array in the predicted cells' order}``: true query coordinates.
+    coord_pred
+        Predicted coordinates by name (same forms as arrays/DataFrames in
+        ``coord_truth``); needed for a DataFrame prediction, overrides a result's.
+    reference_coords
+        ``{name: reference cells × dims array}`` for the neighbour overlap.
+    n_bins
+        Confidence bins of the expected calibration error.
+    n_neighbors
+        Reference neighbours compared by the neighbour overlap.
+    max_trustworthiness_cells, random_state
+        Trustworthiness is computed on at most this many randomly chosen cells.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``{"n_cells", "levels", "hierarchy", "novel", "coords"}``;
+        undefined values are ``None``. See :func:`evaluation_table`.
+
+    Notes
+    -----
+    *Correct* means the predicted label equals the true label; ``Unknown`` is never
+    correct. Per level, cells whose true label is missing (NaN) are left out.
+
+    - accuracy: fraction correct (Unknown counts as wrong).
+    - macro_f1: ``sklearn.metrics.f1_score(average="macro")`` over the classes present
+      in the truth (Unknown and classes found only in the predictions are not averaged;
+      Unknown calls count as misses of their true class).
+    - balanced_accuracy: mean recall over the classes present in the truth.
+    - coverage: ``1 -`` fraction of Unknown calls; accuracy_covered: accuracy among
+      the cells that are not Unknown.
+    - Confidence metrics use ``conf_<level>`` (the network's top softmax probability)
+      as the probability that the **network's own top call** is right, so they judge
+      it against the correctness of the raw network label ``pred_<level>_raw``; when
+      the table has no raw column, the final label ``pred_<level>`` is used. Each level
+      reports which in ``confidence_target`` (``"raw"`` / ``"final"``).
+
+      - ece: expected calibration error, 15 equal-width confidence bins ``(lo, hi]``
+        (confidence 0 goes to the first bin): ``sum_b n_b / n * |accuracy_b - mean conf_b|``.
+      - brier: binary Brier score of confidence vs correctness, ``mean((conf - correct)**2)``
+        (the multi-class score would need every class probability, which results do not keep).
+      - aurc: area under the risk–coverage curve: cells sorted by confidence, highest
+        first (ties keep cell order); the risk at ``n`` is the error rate among the top
+        ``n`` cells; AURC is the mean risk over ``n = 1 .. N``. Lower is better.
+
+    - Hierarchy: ``hierarchy[child_level][child_label] = parent_label``, the parent
+      level being the level just before ``child_level``. It is taken from the
+      ``hierarchy=`` argument, else from ``PredictionResult.hierarchy`` (composed
+      across skipped levels), else inferred from the truth when every child label has
+      one parent there. For a pair of consecutive levels a cell is consistent when its
+      child prediction is Unknown (abstaining at the finer level is allowed; the coarser
+      levels are checked by their own pairs) or when its parent prediction is the
+      child's mapped parent. A known child under an Unknown parent is inconsistent.
+      Cells with a predicted child label the mapping does not know cannot be checked:
+      they are left out and counted in ``n_unmapped``. path_consistency is the fraction
+      of checkable cells consistent at every mapped pair; full_path_accuracy the
+      fraction of cells (with a true label at every level) correct at every level.
+    - Novel types: a cell is novel when its true label at a level named in
+      ``novel_labels`` is listed there (or where ``novel_mask`` is true). Per level:
+      auroc of ``1 - conf`` for novel (positive) vs known cells, and the fractions of
+      novel and of known cells called Unknown. Cells whose true label is missing at a
+      level named in ``novel_labels`` are left out of this section; novel cells stay in
+      the per-level metrics (where no label but Unknown could be right for them).
+    - Coordinates: rmse over cells and dimensions; trustworthiness
+      (``sklearn.manifold.trustworthiness`` of the predicted query coordinates with
+      respect to the true ones, ``n_neighbors = min(15, n // 2 - 1)``, on at most
+      ``max_trustworthiness_cells`` randomly chosen cells); neighbour_overlap: the mean
+      over query cells of ``|P ∩ T| / k``, where ``P`` and ``T`` are the cell's ``k``
+      (15) nearest reference cells around its predicted and its true position.
+
+    Raises
+    ------
+    InputError
+        Predicted cells missing from the truth, duplicated cell names, bad confidence
+        values. :class:`~atlasmtl.exceptions.LabelError` for a level missing from the
+        predictions or the truth; :class:`~atlasmtl.exceptions.CoordinateError` for
+        unusable coordinates.
+    """
+    if novel_labels is not None and novel_mask is not None:
+        raise ParameterError("Give novel_labels or novel_mask, not both.")
+    for name, value in (("n_bins", n_bins), ("n_neighbors", n_neighbors), ("max_trustworthiness_cells", max_trustworthiness_cells)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ParameterError(f"{name}={value!r} must be a positive integer.")
+    table, predicted_coords, result_levels, result_hierarchy = _prediction_table(prediction)
+    levels = list(result_levels) if label_columns is None else ([label_columns] if isinstance(label_columns, str) else list(label_columns))
+    if not levels:
+        raise LabelError("No levels to evaluate: the predictions have no pred_<level> column and label_columns is empty.")
+    for lv in levels:
+        if f"pred_{lv}" not in table.columns:
+            raise LabelError(f"Level {lv!r} has no predictions (no column 'pred_{lv}'); predicted levels: {result_levels}.")
+    truth_frame = _truth_table(truth, levels)
+    for lv in levels:
+        if lv not in truth_frame.columns:
+            raise LabelError(f"Level {lv!r} is not a column of the truth; available: {list(truth_frame.columns)[:20]}.")
+    cells = pd.Index(table.index)
+    pos = _cell_positions(cells, truth_frame.index)
+
+    preds, confs, truths, level_out = {}, {}, {}, {}
+    for lv in levels:
+        pred, conf, target_kind = _level_columns(table, lv)
+        y_true, has = _true_labels(truth_frame[lv].iloc[pos])
+        preds[lv], confs[lv], truths[lv] = pred, conf, (y_true, has)
+        target = _labels(table[f"pred_{lv}_raw"]) if target_kind == "raw" else pred
+        if has.any():
+            metrics = _level_metrics(y_true[has], pred[has], None if conf is None else conf[has], target[has], n_bins)
+        else:
+            metrics = dict.fromkeys(LEVEL_METRICS, None) | {"n": 0, "n_classes_true": 0}
+        level_out[lv] = {**metrics, "n_excluded": int((~has).sum()), "confidence_target": target_kind}
+
+    novel = None
+    if novel_labels is not None or novel_mask is not None:
+        is_novel, usable, source = _novel_mask(cells, truth_frame, pos, novel_labels, novel_mask)
+        novel = _novel_section(levels, preds, confs, is_novel, usable, source)
+
+    coords = {}
+    if coord_truth:
+        predicted = {**predicted_coords, **dict(coord_pred or {})}
+        unknown_refs = set(reference_coords or {}) - set(coord_truth)
+        if unknown_refs:
+            raise ParameterError(f"reference_coords names {sorted(unknown_refs)} have no entry in coord_truth.")
+        coords = _coords_section(coord_truth, predicted, reference_coords or {}, cells, truth, pos,
+                                 n_neighbors, max_trustworthiness_cells, random_state)
+    elif reference_coords:
+        raise ParameterError("reference_coords needs coord_truth (the true query coordinates) as well.")
+
+    return {
+        "n_cells": int(len(cells)),
+        "levels": level_out,
+        "hierarchy": _hierarchy_section(levels, preds, truths, hierarchy, result_hierarchy, result_levels, truth_frame),
+        "novel": novel,
+        "coords": coords,
+    }
+
+
+def evaluation_table(evaluation: Mapping[str, Any], section: str = "levels") -> pd.DataFrame:
+    """One section of an :func:`evaluate` result as a tidy DataFrame.
+
+    Parameters
+    ----------
+    evaluation
+        The dict returned by :func:`evaluate`.
+    section
+        ``"levels"`` (one row per level), ``"novel"`` (one row per level) or
+        ``"coords"`` (one row per coordinate set). ``None`` becomes NaN.
+    """
+    if section not in ("levels", "novel", "coords"):
+        raise ParameterError(f"section={section!r} must be 'levels', 'novel' or 'coords'.")
+    rows = evaluation.get(section) or {}
+    if section == "novel":
+        rows = rows.get("levels", {}) if rows else {}
+    frame = pd.DataFrame.from_dict(dict(rows), orient="index")
+    for col in frame.columns:
+        numeric = pd.to_numeric(frame[col], errors="coerce")
+        if numeric.notna().sum() == frame[col].notna().sum():
+            frame[col] = numeric
+    frame.index.name = "level" if section != "coords" else "coords"
+    return frame
