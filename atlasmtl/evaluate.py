@@ -133,9 +133,9 @@ def pair_consistency(parent_pred: np.ndarray, child_pred: np.ndarray, mapping: M
     """
     parent_pred, child_pred = np.asarray(parent_pred, dtype=object), np.asarray(child_pred, dtype=object)
     child_unknown = child_pred == UNKNOWN
-    expected = np.array([mapping.get(c) for c in child_pred], dtype=object)
-    checkable = child_unknown | (expected != None)  # noqa: E711 (element-wise)
-    consistent = child_unknown | ((expected == parent_pred) & (parent_pred != UNKNOWN))
+    expected = pd.Series(child_pred).map(dict(mapping))
+    checkable = child_unknown | expected.notna().to_numpy()
+    consistent = child_unknown | ((expected.to_numpy(dtype=object) == parent_pred) & (parent_pred != UNKNOWN))
     return consistent & checkable, checkable
 
 
@@ -482,7 +482,7 @@ def _coords_section(
                 "pass them as coord_pred={name: array} or use a model with that coordinate head."
             )
         true = _coordinate_array(name, value, cells, truth, pos, "coord_truth")
-        pred = _coordinate_array(name, predicted[name], cells, None, pos, "predicted coordinates")
+        pred = _coordinate_array(name, predicted[name], cells, truth, pos, "coord_pred")
         if pred.shape != true.shape:
             raise CoordinateError(f"Predicted {name!r} coordinates have shape {pred.shape}, the true ones {true.shape}.")
         trust, n_trust, k_trust = trustworthiness_score(true, pred, max_trust, random_state)
@@ -545,8 +545,9 @@ def evaluate(
         ``{name: obsm key of the truth AnnData, DataFrame indexed by cell, or an
         array in the predicted cells' order}``: true query coordinates.
     coord_pred
-        Predicted coordinates by name (same forms as arrays/DataFrames in
-        ``coord_truth``); needed for a DataFrame prediction, overrides a result's.
+        Predicted coordinates by name, in the same forms as ``coord_truth`` (e.g.
+        ``"X_pred_umap"`` written by ``result.to_adata(include_coords=True)``);
+        needed for a DataFrame prediction, overrides a result's own.
     reference_coords
         ``{name: reference cells × dims array}`` for the neighbour overlap.
     n_bins

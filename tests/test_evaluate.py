@@ -240,6 +240,10 @@ def test_coords_section_through_evaluate():
     assert (umap["neighbour_overlap"], umap["neighbour_k"]) == (pytest.approx(0.75), 2)
     assert umap["trustworthiness"] == pytest.approx(trustworthiness(TRUE_XY, PRED_XY, n_neighbors=2))
     assert (umap["n"], umap["dims"], umap["trustworthiness_neighbors"]) == (6, 2, 2)
+    # predicted coordinates written back into obsm can be named by key
+    adata.obsm["X_pred_umap"] = PRED_XY
+    by_key = evaluate(_table(), adata, coord_truth={"umap": "X_umap"}, coord_pred={"umap": "X_pred_umap"})
+    assert by_key["coords"]["umap"]["rmse"] == pytest.approx(umap["rmse"])
     # the truth given as a DataFrame indexed by cell, in another order, gives the same numbers
     frame = pd.DataFrame(TRUE_XY, index=CELLS).iloc[::-1]
     same = evaluate(_table(), _truth(), coord_truth={"umap": frame}, coord_pred={"umap": PRED_XY})
@@ -268,7 +272,7 @@ def _hand_result() -> PredictionResult:
                             hierarchy={"fine": {"A": "X", "B": "X", "C": "Y"}})
 
 
-def test_prediction_result_matches_its_table_and_aligns_by_name():
+def test_prediction_result_matches_its_table_and_aligns_by_name(tmp_path):
     result = _hand_result()
     truth = _truth().iloc[[5, 3, 1, 0, 2, 4]]  # another order
     truth = pd.concat([truth, pd.DataFrame({"lin": ["X"], "fine": ["A"]}, index=["extra"])])  # and an extra cell
@@ -279,6 +283,10 @@ def test_prediction_result_matches_its_table_and_aligns_by_name():
     assert ev["hierarchy"]["path_consistency"] == pytest.approx(0.5)
     from_table = evaluate(result.to_dataframe("full"), truth)
     assert from_table["levels"] == ev["levels"]
+    # so does the table written to CSV and read back
+    result.to_csv(tmp_path / "pred.csv", mode="full")
+    from_csv = evaluate(pd.read_csv(tmp_path / "pred.csv", index_col=0), truth)
+    assert from_csv["levels"]["fine"] == pytest.approx(ev["levels"]["fine"])
     # a dict of Series works too
     as_dict = evaluate(result, {"lin": truth["lin"], "fine": truth["fine"]})
     assert as_dict["levels"] == ev["levels"]
