@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -144,7 +145,7 @@ class PredictionResult:
         from .artifacts import atomic_write
 
         frame = self.to_dataframe(mode)
-        atomic_write(__import__("pathlib").Path(path), frame.to_csv(index_label="cell").encode())
+        atomic_write(Path(path), frame.to_csv(index_label="cell").encode())
 
     def own_columns(self) -> set[str]:
         return {c for level in self.levels for c in column_names(level).values()}
@@ -188,6 +189,85 @@ class PredictionResult:
         target.uns["atlasmtl"] = self.uns_entry()
         return target
 
+    def write_h5ad(
+        self,
+        path: str | os.PathLike,
+        source: ad.AnnData | str | os.PathLike,
+        mode: str = "standard",
+        include_coords: bool = False,
+    ) -> Path:
+        """Write an annotated copy of the query to a new ``.h5ad`` without loading its matrix.
+
+        Parameters
+        ----------
+        path
+            The new file (written atomically; must differ from the source file).
+        source
+            The query the result was computed from: its ``.h5ad`` path, a backed
+            AnnData, or an in-memory AnnData (left unchanged).
+        mode, include_coords
+            As in :meth:`to_adata`.
+
+        Notes
+        -----
+        For a file or backed AnnData the source file is copied byte for byte and
+        only ``obs``, ``obsm`` and ``uns`` are rewritten, so memory does not
+        grow with the size of the expression matrix.
+        """
+        import shutil
+        import tempfile
+
+        import h5py
+
+        try:
+            from anndata.io import write_elem
+        except ImportError:  # anndata < 0.11
+            from anndata.experimental import write_elem
+
+        dest = Path(path)
+        if isinstance(source, ad.AnnData) and not getattr(source, "isbacked", False):
+            annotated = self.to_adata(source, mode=mode, include_coords=include_coords, copy=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            try:
+                annotated.write_h5ad(tmp)
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return dest
+        src_path = Path(source.filename if isinstance(source, ad.AnnData) else source)
+        if src_path.resolve() == dest.resolve():
+            raise InputError(f"write_h5ad would overwrite its source {str(src_path)!r}; choose a new file name.")
+        obs = ad.read_h5ad(src_path, backed="r").obs if not isinstance(source, ad.AnnData) else source.obs
+        if len(obs) != self.n_obs or not np.array_equal(np.asarray(obs.index), np.asarray(self.obs_names)):
+            raise InputError(f"{str(src_path)!r} does not hold the cells these predictions were made for.")
+        frame = self.to_dataframe(mode)
+        new_obs = obs[[c for c in obs.columns if c not in self.own_columns()]].copy()
+        for col in frame.columns:
+            new_obs[col] = frame[col].values
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(src_path, tmp)
+            with h5py.File(tmp, "r+") as f:
+                del f["obs"]
+                write_elem(f, "obs", new_obs)
+                if include_coords:
+                    for name, values in self.coords.items():
+                        key = f"X_pred_{name}"
+                        if key in f["obsm"]:
+                            del f["obsm"][key]
+                        write_elem(f["obsm"], key, values)
+                if "atlasmtl" in f["uns"]:
+                    del f["uns"]["atlasmtl"]
+                write_elem(f["uns"], "atlasmtl", self.uns_entry())
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
     def summary(self) -> dict[str, dict[str, Any]]:
         rt = self.metadata.get("prediction_runtime", {})
         genes = self.metadata.get("genes", {})
@@ -210,6 +290,15 @@ class PredictionResult:
     def show_resource_usage(self) -> None:
         """Print a compact, sectioned summary of the prediction run."""
         print(format_sections("atlasmtl prediction", self.summary()))
+
+    def report(self, path: str | os.PathLike, **kwargs: Any) -> "os.PathLike":
+        """Write a self-contained HTML mapping report; see :func:`atlasmtl.report.write_report`.
+
+        Keyword arguments (``model=``, ``adata=``, ``truth=``, ``reference=``, ...) are passed on.
+        """
+        from .report import write_report
+
+        return write_report(path, self, **kwargs)
 
     def __repr__(self) -> str:
         return f"PredictionResult({self.n_obs} cells; levels {self.label_columns}; coords {list(self.coords) or 'none'})"

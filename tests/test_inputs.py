@@ -1,0 +1,239 @@
+"""Inputs you can trust: gene namespaces, matrix semantics, layers/raw, and backed queries."""
+
+from __future__ import annotations
+
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+import atlasmtl
+from atlasmtl.exceptions import GeneAlignmentError, MatrixSemanticsError
+from atlasmtl.genes import detect_namespace
+from atlasmtl.inputs import detect_semantics, get_matrix_source
+
+from .conftest import SYMPHONY_LEVELS, shared_file
+
+
+def _predict(model, query, **kw):
+    return atlasmtl.predict(model, query, show_progress=False, **kw)
+
+
+def _accuracy(result, truth, level):
+    return float(np.mean(np.asarray(result.labels(level)) == np.asarray(truth)))
+
+
+# ---------------------------------------------------------------- namespaces
+def test_detect_namespace():
+    assert detect_namespace(["CD3E", "LYZ", "MS4A1"]) == "symbol"
+    assert detect_namespace(["ENSG00000124126", "ENSG00000272150", "CD3E"]) == "ensembl"
+    assert detect_namespace(["ENSG00000124126.12", "ENSMUSG00000000001.4"]) == "ensembl_versioned"
+
+
+@pytest.fixture(scope="module")
+def cellbench():
+    adata = ad.read_h5ad(shared_file("cellbench_celseq2_dropseq.h5ad"))
+    adata = adata[adata.obs["demuxlet_cls"] == "SNG"].copy()
+    ref = adata[adata.obs["protocol"].str.startswith("CEL-seq2 5cl")].copy()
+    query = adata[~adata.obs["protocol"].str.startswith("CEL-seq2 5cl")].copy()
+    return ref, query
+
+
+@pytest.fixture(scope="module")
+def cellbench_model(cellbench):
+    ref, _ = cellbench
+    return atlasmtl.build_model(ref, ["cell_line"], num_epochs=15, show_progress=False)
+
+
+def _symbol_named_copy(query):
+    """Same cells, var_names replaced by symbol-style names; the Ensembl IDs move to var['gene_ids'].
+
+    No Ensembl→symbol table ships offline, so the symbols are stand-ins derived from the IDs;
+    what matters here is that atlasmtl sees a symbol namespace and must map through gene_ids.
+    """
+    renamed = query.copy()
+    renamed.var["gene_ids"] = renamed.var_names.to_numpy()
+    renamed.var_names = [f"SYM{g[-6:]}-{i % 7}" for i, g in enumerate(query.var_names)]
+    return renamed
+
+
+def test_model_on_ensembl_maps_symbol_query_through_gene_ids(cellbench, cellbench_model):
+    _, query = cellbench
+    base = _predict(cellbench_model, query)
+    renamed = _symbol_named_copy(query)
+    assert detect_namespace(renamed.var_names) == "symbol"
+    mapped = _predict(cellbench_model, renamed)
+    genes = mapped.metadata["genes"]
+    assert genes["query_namespace"] == "symbol" and genes["model_namespace"] == "ensembl"
+    assert genes["mapped_by"] == "query var['gene_ids']"
+    assert genes["n_matched"] == base.metadata["genes"]["n_matched"] == query.n_vars
+    acc_base = _accuracy(base, query.obs["cell_line"], "cell_line")
+    acc_mapped = _accuracy(mapped, query.obs["cell_line"], "cell_line")
+    assert acc_base > 0.9
+    assert acc_mapped == acc_base
+    np.testing.assert_array_equal(mapped.levels["cell_line"]["conf"], base.levels["cell_line"]["conf"])
+
+
+def test_symbol_query_without_mapping_is_refused_with_the_fix(cellbench, cellbench_model):
+    _, query = cellbench
+    renamed = _symbol_named_copy(query)
+    del renamed.var["gene_ids"]
+    before = renamed.copy()
+    with pytest.raises(GeneAlignmentError, match=r"symbol names .* ensembl .* gene_map="):
+        _predict(cellbench_model, renamed)
+    assert renamed.var_names.equals(before.var_names) and list(renamed.obs.columns) == list(before.obs.columns)
+
+
+def test_gene_map_file_and_versioned_ids(cellbench, cellbench_model, tmp_path):
+    _, query = cellbench
+    base = _predict(cellbench_model, query)
+    renamed = _symbol_named_copy(query)
+    mapping = pd.DataFrame({"query": renamed.var_names, "model": renamed.var["gene_ids"]})
+    del renamed.var["gene_ids"]
+    mapping.to_csv(tmp_path / "map.tsv", sep="\t", index=False)
+    via_file = _predict(cellbench_model, renamed, gene_map=tmp_path / "map.tsv")
+    assert via_file.metadata["genes"]["mapped_by"] == "gene_map"
+    np.testing.assert_array_equal(via_file.levels["cell_line"]["code"], base.levels["cell_line"]["code"])
+    versioned = query.copy()
+    versioned.var_names = [f"{g}.{i % 5 + 1}" for i, g in enumerate(query.var_names)]
+    assert detect_namespace(versioned.var_names) == "ensembl_versioned"
+    res = _predict(cellbench_model, versioned)
+    assert res.metadata["genes"]["n_matched"] == query.n_vars
+    np.testing.assert_array_equal(res.levels["cell_line"]["code"], base.levels["cell_line"]["code"])
+
+
+def test_duplicated_genes_after_mapping_are_summed_and_reported(cellbench, cellbench_model):
+    _, query = cellbench
+    sub = query[:, :2000].copy()
+    # split one gene's counts over two columns that map to the same ID
+    dup = sub[:, :1].copy()
+    half = sp.csr_matrix(np.floor(dup.X.toarray() / 2))
+    dup.X = half
+    sub.X = sp.csr_matrix(sub.X.toarray() - np.hstack([half.toarray(), np.zeros((sub.n_obs, sub.n_vars - 1))]))
+    dup.var_names = ["dup_col"]
+    both = ad.concat([sub, dup], axis=1)
+    both.var["gene_ids"] = list(sub.var_names) + [sub.var_names[0]]
+    both.var_names = [f"SYM{i}" for i in range(both.n_vars)]
+    with pytest.warns(UserWarning, match="summed"):
+        res = _predict(cellbench_model, both, min_gene_overlap=0.1)
+    assert res.metadata["genes"]["n_duplicated"] == 1
+    assert res.metadata["genes"]["duplicates_handling"] == "summed"
+
+
+def test_poor_overlap_warns_and_override_allows_mapping(cellbench, cellbench_model):
+    _, query = cellbench
+    part = query[:, : int(query.n_vars * 0.3)].copy()
+    with pytest.raises(GeneAlignmentError, match="30.0%|lower min_gene_overlap"):
+        _predict(cellbench_model, part)
+    with pytest.warns(UserWarning, match="model genes"):
+        res = _predict(cellbench_model, part, min_gene_overlap=0.0)
+    assert res.metadata["genes"]["overlap_fraction"] < 0.5
+
+
+# ---------------------------------------------------------------- matrix semantics
+def test_detect_semantics_on_real_files(symphony, cellbench):
+    assert detect_semantics(get_matrix_source(cellbench[0]))["semantics"] == "counts"
+    assert detect_semantics(get_matrix_source(symphony))["semantics"] == "lognorm"
+    pbmc = sc.datasets.pbmc68k_reduced()
+    assert detect_semantics(get_matrix_source(pbmc))["semantics"] == "scaled"
+    assert detect_semantics(get_matrix_source(pbmc, use_raw=True))["semantics"] == "lognorm"
+
+
+def test_scaled_data_is_refused_with_use_raw_hint():
+    pbmc = sc.datasets.pbmc68k_reduced()
+    pbmc.obs["coarse"] = pbmc.obs["bulk_labels"].astype(str).str[:3]
+    before = pbmc.obs.copy()
+    with pytest.raises(MatrixSemanticsError, match="use_raw=True"):
+        atlasmtl.build_model(pbmc, ["coarse", "bulk_labels"], num_epochs=1, show_progress=False)
+    pd.testing.assert_frame_equal(pbmc.obs, before)
+    model = atlasmtl.build_model(pbmc, ["coarse", "bulk_labels"], use_raw=True, num_epochs=3, show_progress=False)
+    assert model.metadata["train_semantics"]["semantics"] == "lognorm"
+    assert model.metadata["train_semantics"]["source"] == "raw.X"
+    with pytest.raises(MatrixSemanticsError, match="scaled or centred"):
+        _predict(model, pbmc)
+    assert _predict(model, pbmc, use_raw=True).n_obs == pbmc.n_obs
+
+
+def _with_counts_layer(adata):
+    counts = adata.X.copy()
+    counts.data = np.round(np.expm1(counts.data) * np.repeat(adata.obs["nUMI"].to_numpy() / 1e4, np.diff(counts.indptr)))
+    adata.layers["counts"] = counts
+    return adata
+
+
+def test_float_model_normalises_a_counts_query(symphony_split):
+    ref, query = symphony_split
+    query = _with_counts_layer(query.copy())
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, input_transform="float", num_epochs=15, show_progress=False)
+    assert model.metadata["train_semantics"]["semantics"] == "lognorm"
+    on_log = _predict(model, query)
+    on_counts = _predict(model, query, layer="counts")
+    assert on_counts.metadata["input"]["semantics"] == "counts"
+    assert "normalised" in on_counts.metadata["input"]["normalisation"]
+    agree = np.mean(on_log.levels["cell_type"]["raw_code"] == on_counts.levels["cell_type"]["raw_code"])
+    assert agree > 0.97
+    # binary models use counts and log values alike
+    binary = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_epochs=15, show_progress=False)
+    np.testing.assert_array_equal(
+        _predict(binary, query).levels["cell_type"]["conf"],
+        _predict(binary, query, layer="counts").levels["cell_type"]["conf"],
+    )
+
+
+def test_training_on_counts_layer_records_it(symphony_split):
+    ref, query = symphony_split
+    ref = _with_counts_layer(ref.copy())
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, layer="counts", input_transform="float", num_epochs=15,
+                                 show_progress=False)
+    assert model.metadata["train_semantics"]["semantics"] == "counts"
+    assert model.train_config["layer"] == "counts"
+    res = _predict(model, query)  # log-normalised query against a counts-trained float model
+    assert _accuracy(res, query.obs["cell_type_broad"], "cell_type_broad") > 0.85
+
+
+# ---------------------------------------------------------------- backed and on-disk queries
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_backed_query_streams_and_writes_a_new_h5ad(symphony_model, symphony_split, tmp_path):
+    _, query = symphony_split
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    digest = _sha(path)
+    in_memory = _predict(symphony_model, query, batch_size=100)
+    from_path = _predict(symphony_model, path, batch_size=100)
+    backed = ad.read_h5ad(path, backed="r")
+    from_backed = _predict(symphony_model, backed, batch_size=64)
+    for res in (from_path, from_backed):
+        for lv in SYMPHONY_LEVELS:
+            np.testing.assert_allclose(res.levels[lv]["conf"], in_memory.levels[lv]["conf"], rtol=1e-6)
+            np.testing.assert_array_equal(res.levels[lv]["code"], in_memory.levels[lv]["code"])
+    out = tmp_path / "annotated.h5ad"
+    from_path.write_h5ad(out, path, mode="full")
+    backed.file.close()
+    assert _sha(path) == digest  # the source file is untouched
+    annotated = ad.read_h5ad(out)
+    assert annotated.obs["pred_cell_type"].astype(str).tolist() == list(np.asarray(in_memory.labels("cell_type")))
+    assert "cell_type" in annotated.obs and "knn_vote_frac_cell_type" in annotated.obs
+    assert (annotated.X != query.X).nnz == 0
+    assert annotated.uns["atlasmtl"]["genes"]["n_matched"] == query.n_vars
+    csv = tmp_path / "pred.csv"
+    from_path.to_csv(csv, mode="standard")
+    assert pd.read_csv(csv, index_col=0).shape == (query.n_obs, 8)
+    with pytest.raises(atlasmtl.exceptions.InputError, match="overwrite its source"):
+        from_path.write_h5ad(path, path)
+
+
+def test_in_memory_write_h5ad_leaves_the_anndata_alone(symphony_model, symphony_split, tmp_path):
+    _, query = symphony_split
+    query = query.copy()
+    cols = list(query.obs.columns)
+    res = _predict(symphony_model, query)
+    res.write_h5ad(tmp_path / "out.h5ad", query, include_coords=True)
+    assert list(query.obs.columns) == cols
+    assert "pred_cell_type" in ad.read_h5ad(tmp_path / "out.h5ad").obs
