@@ -22,6 +22,7 @@ from .model import TrainedModel  # noqa: E402
 from .prediction import predict  # noqa: E402
 from .result import PredictionResult  # noqa: E402
 from .training import build_model  # noqa: E402
+from . import pl  # noqa: E402  (plots: atlasmtl.pl.<plot>(result, ...))
 
 __all__ = [
     "__version__",

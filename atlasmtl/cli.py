@@ -1,0 +1,663 @@
+"""The ``atlasmtl`` command: train, predict, report and demo from a shell or a pipeline.
+
+::
+
+    atlasmtl train   --reference ref.h5ad --labels anno_lv1,anno_lv2 \\
+                     [--coords latent=X_ref_latent,umap=X_umap] --out model_dir/ [training options]
+    atlasmtl predict --model model_dir/model_manifest.json --query query.h5ad \\
+                     --out predictions.csv|predictions.tsv|annotated.h5ad \\
+                     [--mode minimal|standard|full] [--include-coords] [prediction options]
+    atlasmtl report  --model model_dir/model_manifest.json --query query.h5ad \\
+                     [--predictions predictions.csv] [--truth-columns lv1,lv2] [--reference ref.h5ad] \\
+                     --out report.html [prediction options]
+    atlasmtl demo    [--num-epochs 40]
+
+The training and prediction options are generated from the signatures of
+:func:`atlasmtl.build_model` and :func:`atlasmtl.predict` (same names with
+dashes, same defaults, help taken from their docstrings), so the command line
+and the Python API cannot drift apart.
+
+Exit codes (see :data:`EXIT_CODES`): 0 success; 2 bad usage or bad input
+(any :class:`~atlasmtl.exceptions.AtlasMTLError` other than a model-file error,
+a missing or unreadable file); 3 the model files are missing, corrupted or
+unsafe; 1 an unexpected internal error; 130 interrupted. Errors are one line
+on stderr (``atlasmtl <command>: error: ...``); ``--verbose`` adds the
+traceback. Warnings are one line each (``atlasmtl: warning: ...``). Progress
+bars go to stderr; results go to stdout, as one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
+#: Exit status by meaning.
+EXIT_CODES = {
+    "ok": EXIT_OK,
+    "internal error": EXIT_ERROR,
+    "usage or input error": EXIT_USAGE,
+    "model files missing, corrupted or unsafe": EXIT_MODEL,
+    "interrupted": EXIT_INTERRUPTED,
+}
+
+#: API parameters the command line supplies itself (positional data, or handled by the CLI).
+_TRAIN_SKIP = {"adata", "label_columns", "coord_targets", "show_summary"}
+_PREDICT_SKIP = {"model", "adata", "show_summary"}
+_DEMO_SKIP = {"quiet", "out_dir"}
+_OUTPUT_SUFFIXES = (".csv", ".tsv", ".h5ad")
+
+
+class UsageError(Exception):
+    """A command-line usage error (exit status 2)."""
+
+
+# ---------------------------------------------------------------- argparse plumbing
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and raise instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def _clean_rst(text: str) -> str:
+    text = re.sub(r":(?:func|class|meth|mod|data|attr):`~?([^`]+)`", lambda m: m.group(1).split(".")[-1], text)
+    text = text.replace("``", "")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def param_docs(func: Callable) -> dict[str, str]:
+    """Parameter descriptions from a numpydoc ``Parameters`` section (``name`` → text)."""
+    doc = inspect.getdoc(func) or ""
+    match = re.search(r"^Parameters\n-+\n(.*?)(?:^\S[^\n]*\n-+\n|\Z)", doc, flags=re.S | re.M)
+    if not match:
+        return {}
+    out: dict[str, str] = {}
+    names: list[str] = []
+    lines: list[str] = []
+    for line in match.group(1).splitlines() + [""]:
+        if line and not line.startswith(" "):
+            if names:
+                for n in names:
+                    out[n] = _clean_rst(" ".join(lines))
+            names = [n.strip() for n in line.split(":")[0].split(",") if n.strip()]
+            lines = []
+        else:
+            lines.append(line.strip())
+    if names:
+        for n in names:
+            out[n] = _clean_rst(" ".join(lines))
+    return out
+
+
+def _int_or_none(text: str) -> int | None:
+    if text.strip().lower() in ("none", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _int_or_str(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 256,128, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from .gating import KNN_MODES
+    from .inputs import INPUT_TRANSFORMS
+    from .training import REFERENCE_STORAGE
+
+    return {"input_transform": INPUT_TRANSFORMS, "reference_storage": REFERENCE_STORAGE, "knn_correction": KNN_MODES}
+
+
+def _fmt_default(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def add_signature_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    func: Callable,
+    skip: set[str],
+    extra_help: dict[str, str] | None = None,
+) -> list[str]:
+    """Add one ``--option`` per parameter of ``func`` (minus ``skip``); return the parameter names.
+
+    Names become ``--dashed-names``; defaults are the function's; the help text
+    comes from its numpydoc docstring (``"As in build_model"`` entries are
+    resolved against :func:`atlasmtl.build_model`).
+    """
+    from .training import build_model
+
+    docs = param_docs(func)
+    base_docs = param_docs(build_model)
+    choices = _choices()
+    added = []
+    for name, p in inspect.signature(func).parameters.items():
+        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        ann = ann.replace(" ", "")
+        default = None if p.default is inspect.Parameter.empty else p.default
+        text = (extra_help or {}).get(name) or docs.get(name, "")
+        if text.lower().startswith("as in") and name in base_docs:
+            text = base_docs[name]
+        text = text.replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": name, "default": default}
+        if ann in ("bool", "bool|None") or isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+            if default is None:
+                text += " (default: automatic — on when stderr is a terminal)"
+            else:
+                text += f" (default: {'on' if default else 'off'})"
+        else:
+            if ann.startswith("Sequence[int]") or ann.startswith("list[int]"):
+                kwargs["type"], metavar = _int_list, "INT,INT,..."
+            elif ann in ("int|None", "Optional[int]"):
+                kwargs["type"], metavar = _int_or_none, "INT|none"
+            elif ann == "int|str":
+                kwargs["type"], metavar = _int_or_str, "INT|max"
+            elif ann == "int" or (isinstance(default, int) and p.annotation is inspect.Parameter.empty):
+                kwargs["type"], metavar = int, "INT"
+            elif ann == "float" or isinstance(default, float):
+                kwargs["type"], metavar = float, "FLOAT"
+            else:
+                kwargs["type"], metavar = str, name.split("_")[-1].upper()
+            if name in choices:
+                kwargs["choices"] = list(choices[name])
+                metavar = "{" + ",".join(choices[name]) + "}"
+            kwargs["metavar"] = metavar
+            text += f" (default: {_fmt_default(default)})"
+        parser.add_argument(flag, help=text.strip(), **kwargs)
+        added.append(name)
+    return added
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output and errors")
+    g.add_argument("--json", action="store_true", help="print one JSON object with the outcome on stdout")
+    g.add_argument("--quiet", action="store_true", help="print nothing on stdout but --json output; no warnings")
+    g.add_argument("--verbose", action="store_true", help="show tracebacks on errors and where warnings come from")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``atlasmtl`` argument parser (all subcommands)."""
+    from . import __version__
+    from .demo import run_demo
+    from .prediction import predict
+    from .training import build_model
+
+    exit_help = "exit status: " + "; ".join(f"{code} {meaning}" for meaning, code in EXIT_CODES.items())
+    parser = _Parser(
+        prog="atlasmtl",
+        description="Multi-level single-cell reference mapping: train on a labelled reference, "
+        "predict every annotation level of a query, and report on the mapping.",
+        epilog=exit_help,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"atlasmtl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,report,demo}", parser_class=_Parser)
+    sub.required = True
+
+    # train
+    p = sub.add_parser("train", help="train a model on a labelled reference .h5ad", formatter_class=_Formatter,
+                       description="Train a model on a labelled reference and save it (model.pth, "
+                       "model_metadata.pkl, model_reference.pkl, model_manifest.json).", epilog=exit_help)
+    g = p.add_argument_group("data")
+    g.add_argument("--reference", required=True, metavar="H5AD", help="labelled reference .h5ad file")
+    g.add_argument("--labels", required=True, metavar="COL,COL,...",
+                   help="obs columns with the annotation levels, coarse to fine (comma-separated)")
+    g.add_argument("--coords", metavar="NAME=KEY,...",
+                   help="coordinate heads: name=obsm key pairs, e.g. latent=X_ref_latent,umap=X_umap "
+                   "(a bare key such as X_umap is named umap)")
+    g.add_argument("--out", required=True, metavar="DIR|FILE.pth",
+                   help="folder for the model files (written as DIR/model.pth ...), or the weights path FILE.pth")
+    g.add_argument("--backed", action="store_true",
+                   help="read the reference on disk (backed) instead of loading it into memory: "
+                   "for references larger than memory, slower")
+    add_signature_options(p.add_argument_group("training options (atlasmtl.build_model)"), build_model, _TRAIN_SKIP)
+    _common(p)
+
+    # predict
+    p = sub.add_parser("predict", help="annotate a query .h5ad with a trained model", formatter_class=_Formatter,
+                       description="Predict every level for each query cell, place it on the reference "
+                       "coordinates, and write the predictions. The query is read backed (in chunks).",
+                       epilog=exit_help)
+    g = p.add_argument_group("data")
+    g.add_argument("--model", required=True, metavar="MANIFEST",
+                   help="model_manifest.json (or the .pth weights, or the model folder)")
+    g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
+    g.add_argument("--out", required=True, metavar="FILE",
+                   help="predictions.csv / .tsv (a table, one row per cell) or annotated.h5ad "
+                   "(the query with prediction columns in obs)")
+    g.add_argument("--mode", choices=["minimal", "standard", "full"], default="minimal",
+                   help="columns to write: minimal (pred_<level>), standard (+ conf_, margin_, is_unknown_), "
+                   "full (+ raw and KNN labels, vote fraction, flags) (default: minimal)")
+    g.add_argument("--include-coords", action="store_true",
+                   help="also write the predicted coordinates (obsm X_pred_<name> in .h5ad; "
+                   "<name>_1, <name>_2, ... columns in tables)")
+    add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), predict, _PREDICT_SKIP)
+    _common(p)
+
+    # report
+    p = sub.add_parser("report", help="write a self-contained HTML report of a mapping", formatter_class=_Formatter,
+                       description="Write one self-contained HTML file with the mapping's plots, gene-overlap "
+                       "and input checks, settings, versions and resource summaries; with --truth-columns also "
+                       "the accuracy against known labels. Without --predictions the query is predicted "
+                       "with the prediction options below.", epilog=exit_help)
+    g = p.add_argument_group("data")
+    g.add_argument("--model", required=True, metavar="MANIFEST", help="model_manifest.json (or .pth, or folder)")
+    g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
+    g.add_argument("--predictions", metavar="FILE",
+                   help="reuse predictions written by 'atlasmtl predict --mode full' (.csv, .tsv or .h5ad) "
+                   "instead of predicting again")
+    g.add_argument("--truth-columns", metavar="COL,... | LEVEL=COL,...",
+                   help="query obs columns with the true labels: one per level (coarse to fine), "
+                   "names equal to the levels, or level=column pairs")
+    g.add_argument("--reference", metavar="H5AD",
+                   help="reference .h5ad whose coordinates are drawn in grey behind the query cells")
+    g.add_argument("--title", help="page title")
+    g.add_argument("--out", required=True, metavar="HTML", help="report file (.html)")
+    add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), predict, _PREDICT_SKIP)
+    _common(p)
+
+    # demo
+    p = sub.add_parser("demo", help="run the README's reference mapping on pbmc68k_reduced", formatter_class=_Formatter,
+                       description="Split pbmc68k_reduced (ships with scanpy) into reference and query, train, "
+                       "save, load, predict, and print per-level accuracy and resource summaries.", epilog=exit_help)
+    add_signature_options(p, run_demo, _DEMO_SKIP, {"num_epochs": "training epochs",
+                                                    "random_state": "seed of the split and the training"})
+    p.add_argument("--out-dir", default=None, metavar="DIR", help="keep the saved model here (default: a temporary folder)")
+    _common(p)
+    return parser
+
+
+# ---------------------------------------------------------------- helpers
+def _api_kwargs(args: argparse.Namespace, func: Callable, skip: set[str]) -> dict[str, Any]:
+    names = [n for n in inspect.signature(func).parameters if n not in skip]
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parse_coords(text: str | None) -> dict[str, str] | None:
+    """``"latent=X_ref_latent,umap=X_umap"`` → dict; a bare ``X_umap`` is named ``umap``."""
+    items = _split(text)
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, _, key = item.partition("=")
+        if not key:
+            key = name
+            name = key[2:] if key.startswith("X_") else key
+        if not name or not key:
+            raise UsageError(f"--coords entry {item!r} is not name=obsm_key")
+        out[name.strip()] = key.strip()
+    return out
+
+
+def parse_truth_columns(text: str | None) -> list[str] | dict[str, str] | None:
+    """``"a,b"`` → list, ``"lv1=a,lv2=b"`` → dict."""
+    items = _split(text)
+    if not items:
+        return None
+    if any("=" in i for i in items):
+        if not all("=" in i for i in items):
+            raise UsageError("--truth-columns: use either plain column names or level=column pairs, not both")
+        return {k.strip(): v.strip() for k, v in (i.split("=", 1) for i in items)}
+    return items
+
+
+def _model_path(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        manifests = sorted(path.glob("*_manifest.json"))
+        if len(manifests) == 1:
+            return manifests[0]
+        from .exceptions import ArtifactError
+
+        raise ArtifactError(
+            f"{text!r} is a folder holding {len(manifests)} model manifests (*_manifest.json); "
+            "name the manifest file."
+        )
+    return path
+
+
+def _read_h5ad(path: str, backed: bool = False):
+    import anndata as ad
+
+    from .exceptions import InputError
+
+    if not os.path.exists(path):
+        raise InputError(f"No such file: {path!r}.")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as exc:  # h5py raises many types for damaged files
+        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+
+
+def _check_writable(path: Path, what: str) -> None:
+    from .exceptions import InputError
+
+    existing = path.absolute().parent
+    while not existing.exists():  # the folders are created when the file is written
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"Cannot write the {what} to {str(path)!r}: {str(existing)!r} is not a folder.")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"Cannot write the {what} to {str(path)!r}: {str(existing)!r} is not writable.")
+    if path.is_dir():
+        raise InputError(f"The {what} {str(path)!r} is a folder; give a file name.")
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _level_stats(result: Any) -> dict[str, dict[str, Any]]:
+    import numpy as np
+
+    out = {}
+    for level, r in result.levels.items():
+        counts = result.labels(level).value_counts()
+        out[level] = {
+            "unknown_rate": round(float(np.mean(r["is_unknown"])), 6),
+            "low_confidence_rate": round(float(np.mean(r["is_low_conf"])), 6),
+            "knn_rescued_rate": round(float(np.mean(r["used_knn"])), 6),
+            "median_confidence": round(float(np.median(r["conf"])), 6),
+            "label_counts": {str(k): int(v) for k, v in counts.items() if v},
+        }
+    return out
+
+
+def _write_table(result: Any, path: Path, mode: str, include_coords: bool) -> None:
+    from .artifacts import atomic_write
+
+    if path.suffix == ".csv" and not include_coords:
+        result.to_csv(path, mode=mode)
+        return
+    frame = result.to_dataframe(mode)
+    if include_coords:
+        for name, values in result.coords.items():
+            for j in range(values.shape[1]):
+                frame[f"{name}_{j + 1}"] = values[:, j]
+    sep = "\t" if path.suffix == ".tsv" else ","
+    atomic_write(path, frame.to_csv(sep=sep, index_label="cell").encode())
+
+
+def _write_h5ad(result: Any, query_path: str, out: Path, mode: str, include_coords: bool) -> None:
+    writer = getattr(result, "write_h5ad", None)
+    if callable(writer):
+        params = inspect.signature(writer).parameters
+        kwargs = {k: v for k, v in (("mode", mode), ("include_coords", include_coords)) if k in params}
+        writer(out, query_path, **kwargs)
+        return
+    adata = _read_h5ad(query_path)
+    result.to_adata(adata, mode=mode, include_coords=include_coords)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".h5ad", dir=out.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _to_json(obj: Any) -> str:
+    def default(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if hasattr(o, "item"):
+            return o.item()
+        return str(o)
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and o != o:
+            return None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(json.loads(json.dumps(obj, default=default))), indent=2, allow_nan=False)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
+    from . import build_model
+    from .runtime import format_sections
+
+    labels = _split(args.labels)
+    if not labels:
+        raise UsageError("--labels needs at least one obs column name")
+    coords = parse_coords(args.coords)
+    target = Path(args.out)
+    weights = target if target.suffix == ".pth" else target / "model.pth"
+    _check_writable(weights, "model")
+    reference = args.reference if args.backed else _read_h5ad(args.reference)
+    kwargs = _api_kwargs(args, build_model, _TRAIN_SKIP)
+    model = build_model(reference, labels, coords, show_summary=False, **kwargs)
+    files = model.save(weights)
+    out.update(
+        model=str(files["manifest"]),
+        files={k: str(v) for k, v in files.items()},
+        levels={lv: len(model.classes[lv]) for lv in model.label_columns},
+        coord_targets=model.coord_targets,
+        n_genes=len(model.genes),
+        reference_cells=int(model.reference["embedding"].shape[0]),
+        train_seconds=model.train_config.get("train_seconds"),
+        resources=model.resource_summary(),
+    )
+    return f"wrote the model to {files['manifest']}\n\n" + format_sections("atlasmtl model", model.resource_summary())
+
+
+def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
+    from . import TrainedModel, predict
+    from .exceptions import InputError
+    from .runtime import format_sections
+
+    dest = Path(args.out)
+    if dest.suffix not in _OUTPUT_SUFFIXES:
+        raise UsageError(f"--out {args.out!r}: the file must end in .csv, .tsv or .h5ad")
+    if _same_file(dest, args.query):
+        raise InputError(f"--out {args.out!r} is the query file itself; write the predictions to a new file.")
+    _check_writable(dest, "predictions")
+    if not os.path.exists(args.query):
+        raise InputError(f"No such file: {args.query!r}.")
+    model = TrainedModel.load(_model_path(args.model))
+    result = predict(model, args.query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
+    if dest.suffix == ".h5ad":
+        _write_h5ad(result, args.query, dest, args.mode, args.include_coords)
+    else:
+        _write_table(result, dest, args.mode, args.include_coords)
+    out.update(
+        out=str(dest),
+        format=dest.suffix[1:],
+        mode=args.mode,
+        n_cells=result.n_obs,
+        levels=_level_stats(result),
+        genes={k: v for k, v in (result.metadata.get("genes") or {}).items()},
+        input=result.metadata.get("input"),
+        runtime=result.metadata.get("prediction_runtime"),
+    )
+    return f"wrote {result.n_obs:,} predictions to {dest}\n\n" + format_sections("atlasmtl prediction", result.summary())
+
+
+def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
+    from . import TrainedModel, predict
+    from .report import result_from_predictions, write_report
+
+    dest = Path(args.out)
+    if dest.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {args.out!r}: the report file must end in .html")
+    _check_writable(dest, "report")
+    truth = parse_truth_columns(args.truth_columns)
+    model = TrainedModel.load(_model_path(args.model))
+    query = _read_h5ad(args.query, backed=True)
+    reference = _read_h5ad(args.reference, backed=True) if args.reference else None
+    kwargs = _api_kwargs(args, predict, _PREDICT_SKIP)
+    if args.predictions:
+        settings = {k: kwargs[k] for k in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low",
+                                          "knn_correction", "knn_k")}
+        result = result_from_predictions(args.predictions, model, settings=settings)
+        if list(result.obs_names) != list(query.obs_names):
+            from .exceptions import InputError
+
+            raise InputError(
+                f"The predictions in {args.predictions!r} ({result.n_obs} cells) are not for the cells of "
+                f"{args.query!r} ({query.n_obs} cells; same names and order required)."
+            )
+    else:
+        result = predict(model, query, show_summary=False, **kwargs)
+    write_report(dest, result, model=model, adata=query, truth=truth, reference=reference, title=args.title)
+    out.update(out=str(dest), n_cells=result.n_obs, levels=_level_stats(result), bytes=dest.stat().st_size)
+    if truth is not None:
+        from .evaluate import evaluate
+        from .report import _truth_frame
+
+        truth_frame, used = _truth_frame(result, truth, None, query)
+        out["truth_columns"] = used
+        out["metrics"] = evaluate(result, truth_frame, list(truth_frame.columns))["levels"]
+    return f"wrote the report to {dest}"
+
+
+def cmd_demo(args: argparse.Namespace, out: dict[str, Any]) -> str:
+    from .demo import run_demo
+
+    kwargs = _api_kwargs(args, run_demo, _DEMO_SKIP)
+    scores = run_demo(out_dir=args.out_dir, quiet=args.json or args.quiet, **kwargs)
+    out.update(dataset="pbmc68k_reduced", scores=scores)
+    return ""
+
+
+_COMMANDS = {"train": cmd_train, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
+
+
+def _exit_code(exc: BaseException) -> int:
+    from .exceptions import ArtifactError, AtlasMTLError
+
+    if isinstance(exc, ArtifactError):
+        return EXIT_MODEL
+    if isinstance(exc, (AtlasMTLError, UsageError, OSError)):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, UsageError):
+        return text
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename!r}"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _emit(text: str | None) -> None:
+    """Print to stdout; a reader that closed the pipe early (``| head``) is not an error."""
+    if text is None:
+        return
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``atlasmtl`` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "atlasmtl"
+    json_out = "--json" in argv
+    verbose = "--verbose" in argv
+    quiet = "--quiet" in argv
+    report: dict[str, Any] = {}
+    caught: list[str] = []
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        text = " ".join(str(message).split())
+        caught.append(text)
+        if quiet:
+            return
+        where = f" ({filename}:{lineno})" if verbose else ""
+        print(f"atlasmtl: warning: {text}{where}", file=sys.stderr)
+
+    try:
+        parser = build_parser()
+        sub = next((a for a in argv if a in _COMMANDS), None)
+        prog = f"atlasmtl {sub}" if sub else "atlasmtl"
+        args = parser.parse_args(argv)
+        report.update(command=args.command)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = show_warning
+            text = _COMMANDS[args.command](args, report)
+        report.update(ok=True, seconds=round(time.perf_counter() - t0, 3), warnings=caught)
+        _emit(_to_json(report) if json_out else (text if text and not quiet else None))
+        return EXIT_OK
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit status
+        code = _exit_code(exc)
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if verbose or code != EXIT_ERROR else " (unexpected; rerun with --verbose for the traceback)"
+        print(f"{prog}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        if json_out:
+            report.update(ok=False, error=_one_line(exc), error_type=type(exc).__name__, exit_code=code,
+                          warnings=caught)
+            _emit(_to_json(report))
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

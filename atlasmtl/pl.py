@@ -1,0 +1,800 @@
+"""Plots of a reference mapping, scanpy style: ``atlasmtl.pl.<plot>(result, ...)``.
+
+Every function takes a :class:`~atlasmtl.result.PredictionResult` (and, where
+needed, the reference AnnData or the query's true labels) and returns a
+:class:`matplotlib.figure.Figure`. Figures are created without pyplot, so
+nothing is shown or kept open unless ``show=True``; in a notebook the returned
+figure is displayed once as the cell's output. ``save="file.png"`` also
+writes it to a file.
+
+What each plot shows:
+
+- :func:`composition`: predicted label fractions per level (Unknown in grey).
+- :func:`confidence`: confidence and margin distributions per level, with the
+  gate's thresholds (``confidence_high``, ``confidence_low``,
+  ``margin_threshold``, taken from ``result.metadata["settings"]``) drawn.
+- :func:`rates`: Unknown, low-confidence and KNN-rescue rates per level.
+- :func:`embedding` / :func:`umap`: query cells at their predicted
+  coordinates drawn over the reference's coordinates (grey), coloured by
+  predicted label, confidence or Unknown.
+- :func:`training_history`: a model's training (and validation) loss per epoch.
+- with true labels: :func:`confusion` (row-normalised), :func:`f1_scores`
+  (per class) and :func:`reliability` (calibration of the network's
+  confidence, with the expected calibration error).
+
+True labels (``truth``) can be given as an AnnData (its ``obs``), a
+DataFrame indexed by cell name, or a mapping ``level → array``;
+``columns`` maps levels to column names when they differ
+(``{"anno_lv2": "cell_type"}``) or lists one column per level in order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .exceptions import CoordinateError, LabelError, ParameterError
+from .result import UNKNOWN, PredictionResult
+
+__all__ = [
+    "composition",
+    "confidence",
+    "rates",
+    "embedding",
+    "umap",
+    "training_history",
+    "confusion",
+    "f1_scores",
+    "reliability",
+    "truth_by_level",
+    "calibration_bins",
+    "expected_calibration_error",
+    "label_colours",
+]
+
+#: Colour of reference cells drawn as background.
+REFERENCE_GREY = "#d4d4d4"
+#: Colour of Unknown (abstained) calls.
+UNKNOWN_COLOUR = "#6e6e6e"
+_EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn")
+
+
+# ---------------------------------------------------------------- helpers
+def _check_result(result: Any) -> PredictionResult:
+    if not isinstance(result, PredictionResult):
+        raise ParameterError(
+            f"Expected a PredictionResult (from atlasmtl.predict), got {type(result).__name__}."
+        )
+    return result
+
+
+def _levels(result: PredictionResult, levels: str | Sequence[str] | None) -> list[str]:
+    if levels is None:
+        return result.label_columns
+    levels = [levels] if isinstance(levels, str) else list(levels)
+    unknown = [lv for lv in levels if lv not in result.levels]
+    if unknown:
+        raise ParameterError(f"Level(s) {unknown} are not in the result; its levels are {result.label_columns}.")
+    return levels
+
+
+def _new_figure(figsize: tuple[float, float], show: bool) -> Figure:
+    if show:
+        import matplotlib.pyplot as plt
+
+        return plt.figure(figsize=figsize, layout="constrained")
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure | None:
+    if save is not None:
+        fig.savefig(save, dpi=150)
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
+        return None
+    return fig
+
+
+def _settings(result: PredictionResult) -> dict[str, Any]:
+    from .gating import GatingConfig
+
+    defaults = GatingConfig()
+    s = dict(result.metadata.get("settings", {}) or {})
+    for name in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low"):
+        s.setdefault(name, getattr(defaults, name))
+    return s
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    # the greys of tab10 / tab20 are left out: grey means Unknown and the reference
+    if n <= 9:
+        cmap = colormaps["tab10"]
+        return [cmap(i) for i in range(10) if i != 7][:n]
+    if n <= 18:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(20) if i not in (14, 15)][:n]
+    cmap = colormaps["turbo"]
+    return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
+
+
+def label_colours(result: PredictionResult, level: str) -> dict[str, Any]:
+    """A fixed colour per class of ``level`` (Unknown in grey), shared by all plots."""
+    classes = [c for c in result.classes[level] if c != UNKNOWN]
+    colours = dict(zip(classes, _palette(len(classes))))
+    colours[UNKNOWN] = UNKNOWN_COLOUR
+    return colours
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return int(np.ceil(n / cols)), cols
+
+
+def truth_by_level(
+    result: PredictionResult,
+    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
+    columns: Mapping[str, str] | Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """True labels per level, aligned to the result's cells (``None`` where unlabelled).
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    truth
+        An AnnData (its ``obs`` is used), a DataFrame indexed by cell name, or a
+        mapping ``level → array-like`` in the result's cell order.
+    columns
+        Which column holds each level's truth: a mapping ``level → column``, or a
+        sequence with one column per level (coarse to fine). By default every
+        level whose name is a column of ``truth`` is used.
+
+    Returns
+    -------
+    ``level → object array`` of true labels (strings; ``None`` for missing values).
+    Levels without truth are left out.
+
+    Raises
+    ------
+    LabelError
+        When a named column is missing, the cells do not match, or no level has truth.
+    """
+    _check_result(result)
+    levels = result.label_columns
+    if isinstance(truth, ad.AnnData):
+        truth = truth.obs
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    if columns is not None and not isinstance(columns, Mapping):
+        columns = list(columns)
+        if len(columns) != len(levels):
+            raise LabelError(
+                f"{len(columns)} truth column(s) {columns} given for {len(levels)} level(s) {levels}; "
+                "give one per level (coarse to fine) or map them as {level: column}."
+            )
+        columns = dict(zip(levels, columns))
+    if isinstance(truth, pd.DataFrame):
+        if columns is None:
+            columns = {lv: lv for lv in levels if lv in truth.columns}
+        bad = {lv: c for lv, c in columns.items() if c not in truth.columns}
+        if bad:
+            raise LabelError(
+                f"Truth column(s) {sorted(bad.values())} are not in the table; available: {list(truth.columns)[:20]}."
+            )
+        if not truth.index.equals(result.obs_names):
+            missing = result.obs_names.difference(truth.index)
+            if len(missing):
+                raise LabelError(
+                    f"{len(missing)} predicted cell(s) (e.g. {missing[0]!r}) are not in the truth table; "
+                    "pass the query the predictions were made for."
+                )
+            truth = truth.loc[result.obs_names]
+        series = {lv: truth[c] for lv, c in columns.items()}
+    elif isinstance(truth, Mapping):
+        keys = columns if columns is not None else {lv: lv for lv in levels if lv in truth}
+        series = {}
+        for lv, key in keys.items():
+            if key not in truth:
+                raise LabelError(f"No truth given for {key!r}; keys: {list(truth)}.")
+            values = pd.Series(np.asarray(truth[key], dtype=object))
+            if len(values) != result.n_obs:
+                raise LabelError(
+                    f"Truth for {lv!r} has {len(values)} values; the result has {result.n_obs} cells."
+                )
+            series[lv] = values
+    else:
+        raise LabelError(f"truth must be an AnnData, a DataFrame or a mapping, not {type(truth).__name__}.")
+    unknown = [lv for lv in series if lv not in result.levels]
+    if unknown:
+        raise LabelError(f"Level(s) {unknown} are not predicted by this result; its levels are {levels}.")
+    if not series:
+        raise LabelError(
+            f"None of the levels {levels} has a truth column; name them with columns=... "
+            "(one per level, or {level: column})."
+        )
+    out = {}
+    for lv in levels:
+        if lv in series:
+            s = pd.Series(series[lv]).reset_index(drop=True)
+            values = s.astype(object).where(s.notna(), None).to_numpy(dtype=object)
+            out[lv] = np.array([None if v is None else str(v) for v in values], dtype=object)
+    return out
+
+
+def _pred_strings(result: PredictionResult, level: str, raw: bool = False) -> np.ndarray:
+    codes = result.levels[level]["raw_code" if raw else "code"]
+    names = np.asarray(list(result.classes[level]) + [UNKNOWN], dtype=object)
+    return names[np.where(codes < 0, len(names) - 1, codes)]
+
+
+def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
+    """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
+
+    Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
+    the first), as in :func:`atlasmtl.evaluate.expected_calibration_error`; the
+    expected calibration error is ``sum(cells * |accuracy - confidence|) / total``.
+    """
+    conf = np.asarray(conf, dtype=float)
+    correct = np.asarray(correct, dtype=bool)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        rows.append(
+            {
+                "lower": edges[b],
+                "upper": edges[b + 1],
+                "cells": n,
+                "confidence": float(conf[sel].mean()) if n else np.nan,
+                "accuracy": float(correct[sel].mean()) if n else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE from a :func:`calibration_bins` table."""
+    t = table[table["cells"] > 0]
+    total = t["cells"].sum()
+    return float((t["cells"] * (t["accuracy"] - t["confidence"]).abs()).sum() / total) if total else float("nan")
+
+
+# ---------------------------------------------------------------- plots without truth
+def composition(
+    result: PredictionResult,
+    levels: str | Sequence[str] | None = None,
+    *,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Fraction of query cells given each label, one panel per level (Unknown in grey).
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    levels
+        Levels to draw (default: all, coarse to fine).
+    figsize
+        Figure size in inches (default: scaled to the number of levels and classes).
+    show
+        Show the figure with pyplot (and return ``None``) instead of returning it.
+    save
+        Also write the figure to this file.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    result = _check_result(result)
+    levels = _levels(result, levels)
+    n_rows, n_cols = _grid(len(levels))
+    height = max(2.5, 0.28 * max(len(result.classes[lv]) + 1 for lv in levels) + 1.0)
+    fig = _new_figure(figsize or (4.6 * n_cols, height * n_rows), show)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, level in zip(axes, levels):
+        labels = pd.Series(_pred_strings(result, level))
+        frac = labels.value_counts(normalize=True)
+        names = [c for c in result.classes[level] if c != UNKNOWN] + [UNKNOWN]
+        frac = frac.reindex(names, fill_value=0.0)
+        colours = label_colours(result, level)
+        y = np.arange(len(names))[::-1]
+        ax.barh(y, frac.to_numpy(), color=[colours[n] for n in names])
+        ax.set_yticks(y, names, fontsize=8)
+        for yy, v in zip(y, frac.to_numpy()):
+            ax.text(v, yy, f" {v:.1%}", va="center", fontsize=7)
+        ax.set_xlim(0, min(1.0, frac.max() * 1.3 + 0.05))
+        ax.set_xlabel("fraction of query cells")
+        ax.set_title(f"{level}: predicted labels", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[len(levels):]:
+        ax.set_visible(False)
+    return _finish(fig, show, save)
+
+
+def confidence(
+    result: PredictionResult,
+    levels: str | Sequence[str] | None = None,
+    *,
+    bins: int = 40,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Distributions of confidence (top probability) and margin (top1 − top2) per level.
+
+    The gate's thresholds are drawn as vertical lines: ``confidence_high`` and
+    ``margin_threshold`` (below either: low-confidence, sent to KNN) and
+    ``confidence_low`` (below: Unknown unless the KNN vote rescues the cell).
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    levels
+        Levels to draw (default: all); one row per level.
+    bins
+        Histogram bins over [0, 1].
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    result = _check_result(result)
+    levels = _levels(result, levels)
+    s = _settings(result)
+    fig = _new_figure(figsize or (9.0, 2.4 * len(levels) + 0.4), show)
+    axes = fig.subplots(len(levels), 2, squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    for row, level in zip(axes, levels):
+        r = result.levels[level]
+        for ax, field, colour in ((row[0], "conf", "#3b75af"), (row[1], "margin", "#519e3e")):
+            values = np.asarray(r[field], dtype=float)
+            ax.hist(values, bins=edges, color=colour, alpha=0.85)
+            ax.set_xlim(0, 1)
+            ax.set_title(f"{level}: {'confidence' if field == 'conf' else 'margin'} (median {np.median(values):.2f})",
+                         fontsize=10)
+            ax.spines[["top", "right"]].set_visible(False)
+            if field == "conf":
+                ax.axvline(s["confidence_high"], color="#e08a00", ls="--", lw=1.5,
+                           label=f"confidence_high {s['confidence_high']:g} (low-confidence below)")
+                ax.axvline(s["confidence_low"], color="#c0282d", ls="-", lw=1.5,
+                           label=f"confidence_low {s['confidence_low']:g} (Unknown below)")
+            else:
+                ax.axvline(s["margin_threshold"], color="#e08a00", ls="--", lw=1.5,
+                           label=f"margin_threshold {s['margin_threshold']:g} (low-confidence below)")
+            ax.legend(fontsize=7, loc="upper left", frameon=False)
+            ax.set_ylabel("cells")
+    axes[-1][0].set_xlabel("confidence (top class probability)")
+    axes[-1][1].set_xlabel("margin (top1 − top2 probability)")
+    return _finish(fig, show, save)
+
+
+def rates(
+    result: PredictionResult,
+    *,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Per level: the share of cells that are Unknown, low-confidence, and rescued by the KNN vote.
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    result = _check_result(result)
+    levels = result.label_columns
+    fields = (("is_low_conf", "low-confidence", "#e08a00"), ("used_knn", "KNN-rescued", "#3b75af"),
+              ("is_unknown", "Unknown", UNKNOWN_COLOUR))
+    fig = _new_figure(figsize or (max(4.5, 1.9 * len(levels) + 2.5), 3.4), show)
+    ax = fig.subplots()
+    x = np.arange(len(levels))
+    width = 0.26
+    top = 0.0
+    for i, (field, name, colour) in enumerate(fields):
+        values = np.array([np.mean(result.levels[lv][field]) for lv in levels])
+        top = max(top, values.max())
+        bars = ax.bar(x + (i - 1) * width, values, width, label=name, color=colour)
+        for b, v in zip(bars, values):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, levels)
+    ax.set_ylim(0, max(0.05, top * 1.25))
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.set_ylabel("fraction of query cells")
+    ax.set_title("Gate outcome per level", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, ncols=3, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _finish(fig, show, save)
+
+
+def _reference_coords(reference: Any, result: PredictionResult, basis: str) -> np.ndarray | None:
+    if reference is None:
+        return None
+    if isinstance(reference, ad.AnnData):
+        keys = []
+        target = (result.metadata.get("coord_targets") or {}).get(basis)
+        if isinstance(target, str):
+            keys.append(target)
+        keys += [f"X_{basis}", basis]
+        for key in keys:
+            if key in reference.obsm:
+                values = np.asarray(reference.obsm[key], dtype=float)
+                break
+        else:
+            raise CoordinateError(
+                f"The reference has none of the obsm keys {keys} for basis {basis!r}; "
+                f"available: {list(reference.obsm.keys())}."
+            )
+    else:
+        values = np.asarray(reference, dtype=float)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise CoordinateError(f"Reference coordinates must be cells × ≥2 dims, got shape {values.shape}.")
+    return values[:, :2]
+
+
+def embedding(
+    result: PredictionResult,
+    reference: ad.AnnData | np.ndarray | None = None,
+    *,
+    basis: str = "umap",
+    color: str | Sequence[str] = ("label", "confidence", "unknown"),
+    level: str | None = None,
+    point_size: float | None = None,
+    max_points: int = 200_000,
+    random_state: int = 0,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Query cells at their predicted coordinates, over the reference drawn in grey.
+
+    Parameters
+    ----------
+    result
+        The predictions; ``result.coords[basis]`` must exist (train with
+        ``coord_targets={basis: ...}``).
+    reference
+        The reference AnnData (its ``obsm`` entry for ``basis``: the key the model
+        was trained on, else ``X_<basis>``) or a cells × 2 array; ``None`` draws the
+        query alone.
+    basis
+        Coordinate head to draw (first two dimensions).
+    color
+        One panel per entry: ``"label"`` (predicted label), ``"confidence"``,
+        ``"margin"``, ``"unknown"`` (abstained cells highlighted) or ``"knn"``
+        (cells whose label the KNN vote set).
+    level
+        Level whose labels/scores colour the cells (default: the finest).
+    point_size
+        Marker size (default: scaled to the number of cells).
+    max_points
+        Draw at most this many query and reference cells (a random subset above it).
+    random_state
+        Seed of that subset.
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    result = _check_result(result)
+    if basis not in result.coords:
+        raise CoordinateError(
+            f"The result has no {basis!r} coordinates (it has {list(result.coords) or 'none'}); "
+            f"train with coord_targets={{{basis!r}: 'X_{basis}'}}."
+        )
+    colors = [color] if isinstance(color, str) else list(color)
+    bad = [c for c in colors if c not in _EMBEDDING_COLOURS]
+    if bad or not colors:
+        raise ParameterError(f"color={bad or colors!r}: use any of {_EMBEDDING_COLOURS}.")
+    level = level or result.label_columns[-1]
+    _levels(result, level)
+    query = np.asarray(result.coords[basis], dtype=float)[:, :2]
+    ref = _reference_coords(reference, result, basis)
+    rng = np.random.default_rng(random_state)
+    q_idx = np.arange(len(query)) if len(query) <= max_points else np.sort(rng.choice(len(query), max_points, replace=False))
+    if ref is not None and len(ref) > max_points:
+        ref = ref[np.sort(rng.choice(len(ref), max_points, replace=False))]
+    size = point_size or float(np.clip(12000 / max(len(q_idx), 1), 0.5, 18))
+    fig = _new_figure(figsize or (4.9 * len(colors) + (1.6 if "label" in colors else 0), 4.4), show)
+    axes = np.atleast_1d(fig.subplots(1, len(colors)))
+    r = result.levels[level]
+    labels = _pred_strings(result, level)
+    xy = query[q_idx]
+    for ax, what in zip(axes, colors):
+        if ref is not None:
+            ax.scatter(ref[:, 0], ref[:, 1], s=size, c=REFERENCE_GREY, lw=0, rasterized=True, label="reference")
+        order = q_idx
+        if what == "label":
+            colours = label_colours(result, level)
+            for name in [c for c in result.classes[level] if c != UNKNOWN] + [UNKNOWN]:
+                sel = labels[order] == name
+                if sel.any():
+                    ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=colours[name], lw=0, rasterized=True,
+                               label=f"{name} ({int(sel.sum())})")
+            ax.legend(fontsize=7, markerscale=max(1.0, 16 / size) ** 0.5, frameon=False,
+                      loc="center left", bbox_to_anchor=(1.0, 0.5))
+            title = f"{level}: predicted label"
+        elif what in ("confidence", "margin"):
+            values = r["conf" if what == "confidence" else "margin"][order]
+            sort = np.argsort(-values)  # least confident drawn last, on top
+            sc = ax.scatter(xy[sort, 0], xy[sort, 1], s=size, c=values[sort], cmap="viridis", vmin=0, vmax=1,
+                            lw=0, rasterized=True)
+            fig.colorbar(sc, ax=ax, shrink=0.75, label=what)
+            title = f"{level}: {what}"
+        else:
+            flag = r["is_unknown" if what == "unknown" else "used_knn"][order].astype(bool)
+            name = "Unknown" if what == "unknown" else "KNN-rescued"
+            colour = "#c0282d" if what == "unknown" else "#3b75af"
+            ax.scatter(xy[~flag, 0], xy[~flag, 1], s=size, c="#9ab8d6", lw=0, rasterized=True,
+                       label=f"labelled ({int((~flag).sum())})" if what == "unknown" else f"other ({int((~flag).sum())})")
+            ax.scatter(xy[flag, 0], xy[flag, 1], s=size * 1.6, c=colour, lw=0, rasterized=True,
+                       label=f"{name} ({int(flag.sum())})")
+            ax.legend(fontsize=7, frameon=False, loc="best", markerscale=max(1.0, 16 / size) ** 0.5)
+            title = f"{level}: {name} ({flag.mean():.1%})"
+        ax.set_title(title + ("" if ref is not None else " (no reference given)"), fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{basis} 1")
+        ax.set_ylabel(f"{basis} 2")
+        ax.set_aspect("equal", adjustable="datalim")
+    return _finish(fig, show, save)
+
+
+def umap(result: PredictionResult, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
+    """:func:`embedding` with ``basis="umap"``: query cells on the reference UMAP."""
+    return embedding(result, reference, basis="umap", **kwargs)
+
+
+def training_history(
+    model: Any,
+    *,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Training loss (and validation loss, when a validation split was held out) per epoch.
+
+    Parameters
+    ----------
+    model
+        A :class:`~atlasmtl.model.TrainedModel`.
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    from .model import TrainedModel
+
+    if not isinstance(model, TrainedModel):
+        raise ParameterError(f"Expected a TrainedModel, got {type(model).__name__}.")
+    history = pd.DataFrame(model.train_config.get("history") or [])
+    if history.empty:
+        raise ParameterError("This model has no training history to plot.")
+    fig = _new_figure(figsize or (5.0, 3.2), show)
+    ax = fig.subplots()
+    ax.plot(history["epoch"], history["train_loss"], marker="o", ms=3, label="training loss")
+    if "val_loss" in history:
+        ax.plot(history["epoch"], history["val_loss"], marker="o", ms=3, label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (sum over heads)")
+    ax.set_title(f"Training: {len(history)} epochs, {model.train_config.get('train_seconds', float('nan')):.1f} s",
+                 fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _finish(fig, show, save)
+
+
+# ---------------------------------------------------------------- plots with truth
+def confusion(
+    result: PredictionResult,
+    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
+    levels: str | Sequence[str] | None = None,
+    *,
+    columns: Mapping[str, str] | Sequence[str] | None = None,
+    annotate: bool | None = None,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Row-normalised confusion matrix (true label × predicted label, Unknown included), one per level.
+
+    Each row sums to 1: the fraction of cells of that true type given each label.
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    truth, columns
+        True labels; see :func:`truth_by_level`.
+    levels
+        Levels to draw (default: every level with truth).
+    annotate
+        Write the fractions into the cells (default: when there are at most 20 classes).
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    result = _check_result(result)
+    t = truth_by_level(result, truth, columns)
+    levels = [lv for lv in _levels(result, levels) if lv in t]
+    sizes = [len(result.classes[lv]) + 1 for lv in levels]
+    fig = _new_figure(figsize or (sum(max(4.0, 0.42 * s + 2.4) for s in sizes), max(3.8, 0.42 * max(sizes) + 2.2)), show)
+    axes = np.atleast_1d(fig.subplots(1, len(levels), width_ratios=[max(4.0, 0.42 * s + 2.4) for s in sizes]))
+    for ax, level in zip(axes, levels):
+        y_true, has = t[level], np.array([v is not None for v in t[level]])
+        y_pred = _pred_strings(result, level)[has]
+        y_true = y_true[has].astype(str)
+        cols = [c for c in result.classes[level] if c != UNKNOWN] + [UNKNOWN]
+        rows = [c for c in cols if c in set(y_true)] + sorted(set(y_true) - set(cols))
+        table = pd.crosstab(pd.Categorical(y_true, categories=rows), pd.Categorical(y_pred, categories=cols),
+                            dropna=False)
+        counts = table.to_numpy(dtype=float)
+        norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(np.arange(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(np.arange(len(rows)), [f"{r} ({int(n)})" for r, n in zip(rows, counts.sum(axis=1))], fontsize=7)
+        if annotate if annotate is not None else max(len(rows), len(cols)) <= 20:
+            for i in range(len(rows)):
+                for j in range(len(cols)):
+                    if counts[i, j]:
+                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if norm[i, j] > 0.6 else "black")
+        acc = float(np.mean(y_pred == y_true)) if len(y_true) else float("nan")
+        ax.set_title(f"{level}: accuracy {acc:.1%} ({len(y_true)} cells)", fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true (cells)")
+    fig.colorbar(im, ax=list(axes), shrink=0.7, label="fraction of the true type")
+    return _finish(fig, show, save)
+
+
+def f1_scores(
+    result: PredictionResult,
+    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
+    levels: str | Sequence[str] | None = None,
+    *,
+    columns: Mapping[str, str] | Sequence[str] | None = None,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Per-class F1 of the final labels, one panel per level (macro-F1 in the title).
+
+    Unknown counts as a wrong call (it lowers recall); true types the model
+    does not know are included (their F1 is 0 unless nothing else is called that).
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    truth, columns
+        True labels; see :func:`truth_by_level`.
+    levels
+        Levels to draw (default: every level with truth).
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    from sklearn.metrics import f1_score
+
+    result = _check_result(result)
+    t = truth_by_level(result, truth, columns)
+    levels = [lv for lv in _levels(result, levels) if lv in t]
+    n_rows, n_cols = _grid(len(levels))
+    height = max(2.5, 0.28 * max(len(result.classes[lv]) for lv in levels) + 1.2)
+    fig = _new_figure(figsize or (4.6 * n_cols, height * n_rows), show)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, level in zip(axes, levels):
+        has = np.array([v is not None for v in t[level]])
+        y_true = t[level][has].astype(str)
+        y_pred = _pred_strings(result, level)[has].astype(str)
+        names = [c for c in result.classes[level] if c in set(y_true)] + sorted(set(y_true) - set(result.classes[level]))
+        scores = f1_score(y_true, y_pred, labels=names, average=None, zero_division=0)
+        support = pd.Series(y_true).value_counts().reindex(names).to_numpy()
+        colours = label_colours(result, level)
+        y = np.arange(len(names))[::-1]
+        ax.barh(y, scores, color=[colours.get(n, "#999999") for n in names])
+        ax.set_yticks(y, [f"{n} ({s})" for n, s in zip(names, support)], fontsize=8)
+        for yy, v in zip(y, scores):
+            ax.text(v, yy, f" {v:.2f}", va="center", fontsize=7)
+        ax.set_xlim(0, 1.15)
+        ax.set_xlabel("F1")
+        ax.set_title(f"{level}: macro-F1 {np.mean(scores):.3f}", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[len(levels):]:
+        ax.set_visible(False)
+    return _finish(fig, show, save)
+
+
+def reliability(
+    result: PredictionResult,
+    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
+    levels: str | Sequence[str] | None = None,
+    *,
+    columns: Mapping[str, str] | Sequence[str] | None = None,
+    n_bins: int = 15,
+    figsize: tuple[float, float] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Figure | None:
+    """Reliability diagram: accuracy of the network's call against its confidence, per level.
+
+    Uses the network's own (pre-gate, pre-KNN) label and confidence. A
+    calibrated model lies on the diagonal; the title gives the expected
+    calibration error (ECE) over ``n_bins`` equal-width bins, and the bars at the
+    bottom show how many cells fall in each bin.
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    truth, columns
+        True labels; see :func:`truth_by_level`.
+    levels
+        Levels to draw (default: every level with truth).
+    n_bins
+        Equal-width confidence bins over [0, 1] (15, as in :func:`atlasmtl.evaluate`).
+    figsize, show, save
+        As in :func:`composition`.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+    """
+    result = _check_result(result)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 2:
+        raise ParameterError(f"n_bins={n_bins!r} must be an integer ≥ 2.")
+    t = truth_by_level(result, truth, columns)
+    levels = [lv for lv in _levels(result, levels) if lv in t]
+    fig = _new_figure(figsize or (3.6 * len(levels) + 0.4, 3.8), show)
+    axes = np.atleast_1d(fig.subplots(1, len(levels), sharey=True))
+    for ax, level in zip(axes, levels):
+        has = np.array([v is not None for v in t[level]])
+        correct = _pred_strings(result, level, raw=True)[has] == t[level][has]
+        table = calibration_bins(result.levels[level]["conf"][has], correct, n_bins)
+        ece = expected_calibration_error(table)
+        ok = table["cells"] > 0
+        ax.plot([0, 1], [0, 1], color="#999999", ls="--", lw=1, label="perfect calibration")
+        ax.bar(table["lower"], table["cells"] / max(table["cells"].max(), 1) * 0.25, width=1 / n_bins, align="edge",
+               color="#cfdced", edgecolor="white", label="cells per bin (scaled)")
+        ax.plot(table.loc[ok, "confidence"], table.loc[ok, "accuracy"], marker="o", color="#3b75af", lw=1.5,
+                label="accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence")
+        ax.set_title(f"{level}: ECE {ece:.3f}", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0].set_ylabel("accuracy of the network's call")
+    axes[0].legend(fontsize=7, frameon=False, loc="upper left")
+    return _finish(fig, show, save)
