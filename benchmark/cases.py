@@ -1,0 +1,313 @@
+"""Benchmark cases: reference/query splits of real data, novel-type variants, and semi-synthetic scale sets.
+
+Every case is written once to ``benchmark/work/cases/<name>/`` (see
+:mod:`common` for the layout) and then read by every method's subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from common import H5adWriter, WORK_DIR, chunks, lognorm_cp10k, read_json, shared_data_dir, write_json
+
+CASE_FORMAT = 3  # bump when the generated files change, so stale work files are rebuilt
+
+SYMPHONY_LEVELS = ["cell_type_broad", "cell_type"]
+PBMC68K_LEVELS = ["lineage", "bulk_labels"]
+SYNTH_LEVELS = ["cluster_coarse", "cluster_fine"]
+CELLBENCH_TRAIN = ["CEL-seq2 5cl plate1", "CEL-seq2 5cl plate2", "CEL-seq2 5cl plate3"]
+SYNTH_SIZES = {"20k": 20_000, "100k": 100_000, "1m": 1_000_000}
+
+
+# --------------------------------------------------------------------------- writing
+def _write_split(
+    out: Path,
+    spec: dict[str, Any],
+    ref: ad.AnnData,
+    query: ad.AnnData,
+    counts_ref: sp.csr_matrix | None,
+    counts_query: sp.csr_matrix | None,
+) -> None:
+    """Write ref.h5ad / query.h5ad / truth.csv.gz / case.json for an in-memory split."""
+    out.mkdir(parents=True, exist_ok=True)
+    levels, batch = spec["levels"], spec["batch_key"]
+    coords = spec.get("coords") or {}
+    for which, a, counts in (("ref", ref, counts_ref), ("query", query, counts_query)):
+        obs_cols = (levels if which == "ref" else []) + ([batch] if batch else [])
+        obs = pd.DataFrame({c: a.obs[c].astype(str).to_numpy() for c in obs_cols}, index=a.obs_names.astype(str))
+        obsm = {key: np.asarray(a.obsm[key], dtype=np.float32) for key in coords.values()} if which == "ref" else {}
+        layers = {"counts": sp.csr_matrix(counts, dtype=np.float32)} if counts is not None else {}
+        ad.AnnData(X=sp.csr_matrix(a.X, dtype=np.float32), obs=obs, var=pd.DataFrame(index=a.var_names.astype(str)),
+                   obsm=obsm, layers=layers).write_h5ad(out / f"{which}.h5ad")
+    truth = pd.DataFrame({lv: query.obs[lv].astype(str).to_numpy() for lv in levels}, index=query.obs_names.astype(str))
+    truth.index.name = "cell"
+    truth.to_csv(out / "truth.csv.gz", compression="gzip")
+    if coords:
+        np.savez(out / "truth_coords.npz", **{name: np.asarray(query.obsm[key], dtype=np.float32) for name, key in coords.items()})
+    spec = dict(spec, n_ref=int(ref.n_obs), n_query=int(query.n_obs), n_genes=int(ref.n_vars),
+                ref_label_counts={lv: ref.obs[lv].astype(str).value_counts().to_dict() for lv in levels},
+                query_label_counts={lv: query.obs[lv].astype(str).value_counts().to_dict() for lv in levels},
+                format=CASE_FORMAT)
+    write_json(out / "case.json", spec)
+
+
+def _remove_type(ref: ad.AnnData, counts: sp.csr_matrix | None, level: str, label: str):
+    keep = (ref.obs[level].astype(str) != label).to_numpy()
+    return ref[keep].copy(), (counts[keep] if counts is not None else None)
+
+
+def _novel_spec(ref: ad.AnnData, levels: list[str], fine_label: str) -> dict[str, list[str]]:
+    """Labels absent from the reduced reference at each level (the parent too when its only child goes)."""
+    fine = levels[-1]
+    novel = {fine: [fine_label]}
+    for lv in levels[:-1]:
+        gone = ref.obs.loc[ref.obs[fine].astype(str) == fine_label, lv].astype(str).unique()
+        left = set(ref.obs.loc[ref.obs[fine].astype(str) != fine_label, lv].astype(str))
+        absent = sorted(set(gone) - left)
+        if absent:
+            novel[lv] = absent
+    return novel
+
+
+# --------------------------------------------------------------------------- real cases
+def _symphony() -> tuple[ad.AnnData, sp.csr_matrix]:
+    adata = ad.read_h5ad(shared_data_dir() / "symphony_pbmc_small.h5ad")
+    adata.obs_names = adata.obs_names.astype(str)
+    X = sp.csr_matrix(adata.X, dtype=np.float64)
+    counts = sp.diags(adata.obs["nUMI"].to_numpy(dtype=np.float64) / 1e4) @ X.expm1()
+    counts = sp.csr_matrix(counts)
+    counts.data = np.round(counts.data)
+    counts.eliminate_zeros()
+    keep = np.asarray(counts.sum(axis=1)).ravel() > 0
+    adata, counts = adata[keep].copy(), counts[keep]
+    adata.X = lognorm_cp10k(counts)
+    return adata, sp.csr_matrix(counts, dtype=np.float32)
+
+
+def make_symphony(out: Path, query_chem: str, novel: str | None = None, n_cells: int | None = None) -> None:
+    adata, counts = _symphony()
+    if n_cells is not None:  # smoke subset: stratified by chemistry, fixed seed
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.choice(adata.n_obs, size=n_cells, replace=False))
+        adata, counts = adata[pick].copy(), counts[pick]
+    q = (adata.obs["dataset"] == query_chem).to_numpy()
+    ref, query = adata[~q].copy(), adata[q].copy()
+    c_ref, c_query = counts[~q], counts[q]
+    title = f"Symphony PBMC, train on the other two chemistries, predict {query_chem}"
+    spec = {"levels": SYMPHONY_LEVELS, "batch_key": "dataset", "has_counts": True, "coords": {},
+            "novel": {}, "semi_synthetic": False, "x_is_cp10k": True,
+            "source": "symphony_pbmc_small.h5ad (counts = round(expm1(X) * nUMI / 1e4); X recomputed as log1p CP10k)"}
+    if novel:
+        spec["novel"] = _novel_spec(ref, SYMPHONY_LEVELS, novel)
+        ref, c_ref = _remove_type(ref, c_ref, "cell_type", novel)
+        title += f"; {novel} removed from the reference (novel type)"
+    if n_cells is not None:
+        title += f" (smoke: {n_cells}-cell random subset)"
+    spec["title"] = title
+    _write_split(out, spec, ref, query, c_ref, c_query)
+
+
+def make_cellbench(out: Path, query_protocols: list[str], novel: str | None = None) -> None:
+    adata = ad.read_h5ad(shared_data_dir() / "cellbench_celseq2_dropseq.h5ad")
+    adata = adata[(adata.obs["demuxlet_cls"] == "SNG").to_numpy()].copy()
+    adata.obs_names = adata.obs_names.astype(str)
+    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    # genes detected in at least 3 singlets of the training plates (the reference decides the gene set)
+    train = adata.obs["protocol"].isin(CELLBENCH_TRAIN).to_numpy()
+    detected = np.asarray((counts[train] > 0).sum(axis=0)).ravel() >= 3
+    adata, counts = adata[:, detected].copy(), counts[:, detected]
+    adata.X = lognorm_cp10k(counts)
+    q = adata.obs["protocol"].isin(query_protocols).to_numpy()
+    ref, query = adata[train].copy(), adata[q].copy()
+    c_ref, c_query = counts[train], counts[q]
+    levels = ["cell_line"]
+    title = f"CellBench singlets, train on the CEL-seq2 5-line plates, predict {' + '.join(query_protocols)}"
+    spec = {"levels": levels, "batch_key": "protocol", "has_counts": True, "coords": {}, "novel": {},
+            "semi_synthetic": False, "x_is_cp10k": True,
+            "source": "cellbench_celseq2_dropseq.h5ad, demuxlet_cls == 'SNG'; genes seen in >= 3 training cells"}
+    if novel:
+        spec["novel"] = {"cell_line": [novel]}
+        ref, c_ref = _remove_type(ref, c_ref, "cell_line", novel)
+        title += f"; {novel} removed from the reference (novel type)"
+    spec["title"] = title
+    _write_split(out, spec, ref, query, c_ref, c_query)
+
+
+def make_pbmc68k(out: Path) -> None:
+    from atlasmtl.datasets import pbmc68k_reference_query
+
+    ref, query = pbmc68k_reference_query(test_size=0.3, random_state=0)
+    for a in (ref, query):
+        a.obs["batch"] = "pbmc68k"
+    spec = {"levels": PBMC68K_LEVELS, "batch_key": None, "has_counts": False, "coords": {"umap": "X_umap"},
+            "novel": {}, "semi_synthetic": False, "x_is_cp10k": False,
+            "title": "pbmc68k_reduced (scanpy), stratified 70/30 split, UMAP as coordinate target",
+            "source": "atlasmtl.datasets.pbmc68k_reference_query(test_size=0.3, random_state=0); X = scanpy's "
+                      "log-normalised .raw (not CP10k); no raw counts exist"}
+    _write_split(out, spec, ref, query, None, None)
+
+
+# --------------------------------------------------------------------------- semi-synthetic
+def kang_source(n_hvg: int = 3000, n_fine: int = 16, n_coarse: int = 5, min_cluster: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Real Kang PBMC count profiles, their genes, and two nested cluster levels.
+
+    Fine labels: k-means (k = ``n_fine``) on 50 PCs of the real cells' log1p CP10k
+    highly variable genes (centred, not scaled); clusters under ``min_cluster``
+    cells are folded into the nearest cluster. Coarse labels: Ward clustering of the fine clusters'
+    centroids into ``n_coarse`` groups, so the levels nest by construction.
+    Cells are split 70/30 (stratified by fine cluster) into the reference and
+    query source pools, so no query profile derives from a reference cell.
+    """
+    import scanpy as sc
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import train_test_split
+
+    adata = ad.read_h5ad(shared_data_dir() / "kang_ctrl_stim_counts.h5ad")
+    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    logn = ad.AnnData(X=lognorm_cp10k(counts), var=adata.var.copy())
+    sc.pp.highly_variable_genes(logn, n_top_genes=n_hvg, flavor="seurat")
+    hvg = logn.var["highly_variable"].to_numpy()
+    counts, genes = counts[:, hvg], adata.var_names[hvg].astype(str)
+    x = lognorm_cp10k(counts).toarray()  # 2,000 real cells × 3,000 genes: small
+    pcs = PCA(n_components=50, random_state=seed).fit_transform(x - x.mean(0))
+    assign = KMeans(n_clusters=n_fine, n_init=10, random_state=seed).fit_predict(pcs)
+    while True:  # fold clusters too small to split 70/30 into their nearest neighbour cluster
+        sizes = np.bincount(assign)
+        small = [k for k in np.flatnonzero(sizes) if sizes[k] < min_cluster]
+        if not small:
+            break
+        k = small[0]
+        centres = {j: pcs[assign == j].mean(0) for j in np.flatnonzero(sizes) if j != k}
+        nearest = min(centres, key=lambda j: np.linalg.norm(centres[j] - pcs[assign == k].mean(0)))
+        assign[assign == k] = nearest
+    _, assign = np.unique(assign, return_inverse=True)
+    centres = np.stack([pcs[assign == k].mean(0) for k in range(assign.max() + 1)])
+    coarse_of_fine = AgglomerativeClustering(n_clusters=n_coarse, linkage="ward").fit_predict(centres)
+    fine_names = np.array([f"C{coarse_of_fine[k]}.{k}" for k in range(len(centres))])
+    coarse_names = np.array([f"C{c}" for c in coarse_of_fine])
+    lab_fine, lab_coarse = fine_names[assign], coarse_names[assign]
+    ref_pool, query_pool = train_test_split(np.arange(adata.n_obs), test_size=0.3, random_state=seed, stratify=lab_fine)
+    return {
+        "counts": counts, "genes": genes, "fine": lab_fine, "coarse": lab_coarse,
+        "condition": adata.obs["condition"].astype(str).to_numpy(),
+        "ref_pool": np.sort(ref_pool), "query_pool": np.sort(query_pool),
+    }
+
+
+def thin_rows(counts: sp.csr_matrix, src: np.ndarray, rng: np.random.Generator, low: float = 0.5, high: float = 0.9) -> sp.csr_matrix:
+    """Binomially thin the count profiles of ``src`` rows (each row keeps a random fraction in [low, high]).
+
+    Any thinned row whose total equals its source total (an exact copy) is redrawn.
+    """
+    block = sp.csr_matrix(counts[src], dtype=np.float32)
+    p_row = rng.uniform(low, high, size=len(src))
+    data = block.data.astype(np.int64)
+    row_of = np.repeat(np.arange(len(src)), np.diff(block.indptr))
+    thinned = rng.binomial(data, p_row[row_of])
+    src_tot = np.bincount(row_of, weights=data, minlength=len(src))
+    for _ in range(100):
+        same = np.bincount(row_of, weights=thinned, minlength=len(src)) == src_tot
+        if not same.any():
+            break
+        redo = same[row_of]
+        thinned[redo] = rng.binomial(data[redo], p_row[row_of[redo]])
+    out = sp.csr_matrix((thinned.astype(np.float32), block.indices, block.indptr), shape=block.shape)
+    out.eliminate_zeros()
+    return out
+
+
+def _write_synth(path: Path, source: dict[str, Any], pool: np.ndarray, n: int, seed: int, prefix: str,
+                 with_labels: bool, chunk: int = 50_000) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    writer = H5adWriter(path, pd.DataFrame(index=pd.Index(source["genes"])), layers=("counts",))
+    truth = []
+    for start, stop in chunks(n, chunk):
+        src = rng.choice(pool, size=stop - start, replace=True)
+        c = thin_rows(source["counts"], src, rng)
+        names = [f"{prefix}{i:07d}" for i in range(start, stop)]
+        obs = pd.DataFrame({"condition": source["condition"][src]}, index=names)
+        lab = pd.DataFrame({SYNTH_LEVELS[0]: source["coarse"][src], SYNTH_LEVELS[1]: source["fine"][src]}, index=names)
+        if with_labels:
+            obs = pd.concat([lab, obs], axis=1)
+        else:
+            truth.append(lab)
+        writer.add(obs, {"X": lognorm_cp10k(c), "counts": c})
+    writer.close()
+    return pd.concat(truth) if truth else pd.DataFrame()
+
+
+def make_synthetic(out: Path, n_ref: int, n_query: int | None = None, seed: int = 0) -> None:
+    """Semi-synthetic scale case: ``n_ref`` reference and ``n_query`` query cells.
+
+    The default query is n_ref / 10 clipped to [2,000, 10,000]: 2k, 10k and 10k
+    cells for the 20k, 100k and 1M references, so prediction times at 100k and
+    1M compare like with like.
+    """
+    n_query = n_query or int(min(max(2000, n_ref // 10), 10_000))
+    source = kang_source(seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_synth(out / "ref.h5ad", source, source["ref_pool"], n_ref, seed + 1, "r", with_labels=True)
+    truth = _write_synth(out / "query.h5ad", source, source["query_pool"], n_query, seed + 2, "q", with_labels=False)
+    truth.index.name = "cell"
+    truth.to_csv(out / "truth.csv.gz", compression="gzip")
+    src_obs = pd.DataFrame({"coarse": source["coarse"], "fine": source["fine"]})
+    spec = {
+        "levels": SYNTH_LEVELS, "batch_key": "condition", "has_counts": True, "coords": {}, "novel": {},
+        "semi_synthetic": True, "x_is_cp10k": True, "n_ref": n_ref, "n_query": n_query,
+        "n_genes": int(len(source["genes"])), "format": CASE_FORMAT, "seed": seed,
+        "title": f"SEMI-SYNTHETIC: {n_ref:,} reference / {n_query:,} query cells resampled from Kang PBMC counts",
+        "source": ("kang_ctrl_stim_counts.h5ad (2,000 real cells): 3,000 HVGs; labels = k-means (16) on 50 PCs of centred log1p CP10k, "
+                   "coarse = Ward (5) on the fine centroids; 70/30 source split so query profiles never derive "
+                   "from reference cells; each synthetic cell = binomial thinning (keep fraction U(0.5, 0.9)) of a "
+                   "real profile, exact copies redrawn; written in 50k-cell chunks"),
+        "source_label_counts": {lv: src_obs[k].value_counts().to_dict() for lv, k in zip(SYNTH_LEVELS, ["coarse", "fine"])},
+    }
+    write_json(out / "case.json", spec)
+
+
+# --------------------------------------------------------------------------- registry
+def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
+    """Case name → function that writes the case into a directory."""
+    if smoke:
+        return {"smoke_symphony_5p": lambda o: make_symphony(o, "5p", n_cells=300)}
+    reg: dict[str, Callable[[Path], None]] = {}
+    for chem in ("3pv1", "3pv2", "5p"):
+        reg[f"symphony_{chem}"] = lambda o, c=chem: make_symphony(o, c)
+    reg["symphony_5p_novel_NK"] = lambda o: make_symphony(o, "5p", novel="NK")
+    reg["cellbench_celseq2_3line"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)"])
+    reg["cellbench_dropseq_3line"] = lambda o: make_cellbench(o, ["Drop-seq (3 lines)"])
+    reg["cellbench_novel_H1975"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)", "Drop-seq (3 lines)"], novel="H1975")
+    reg["pbmc68k_70_30"] = make_pbmc68k
+    for tag, n in SYNTH_SIZES.items():
+        reg[f"synthetic_{tag}"] = lambda o, n=n: make_synthetic(o, n)
+    return reg
+
+
+def prepare(name: str, smoke: bool = False, root: Path | None = None, force: bool = False) -> Path:
+    """Write case ``name`` unless an up-to-date copy exists; return its directory."""
+    out = Path(root or WORK_DIR / "cases") / name
+    spec_path = out / "case.json"
+    if not force and spec_path.exists():
+        try:
+            if read_json(spec_path).get("format") == CASE_FORMAT:
+                return out
+        except ValueError:
+            pass
+    registry(smoke)[name](out)
+    return out
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

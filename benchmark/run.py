@@ -1,0 +1,320 @@
+"""The atlasmtl benchmark: every (case, method) in its own process, scored with ``atlasmtl.evaluate``.
+
+One command regenerates ``benchmark/results/``::
+
+    bash benchmark/setup_peers.sh          # once: CellTypist, scANVI, symphonypy in benchmark/.envs/peers
+    python benchmark/run.py --all          # every case and method (~1 h on 2 cores)
+
+Other modes::
+
+    python benchmark/run.py --smoke --out /tmp/smoke    # 300-cell Symphony PBMC subset; atlasmtl, kNN, logreg
+    python benchmark/run.py --cases symphony_5p --methods atlasmtl,logreg --out /tmp/part
+    python benchmark/run.py --report-only               # rebuild tables/figure from results/results.json
+
+Each run writes its predictions under ``benchmark/work/runs/<case>/<method>/``;
+evaluation, tables and the figure happen here, in the main environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cases as case_mod  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_DIR,
+    PEERS_PYTHON,
+    WORK_DIR,
+    load_case,
+    read_cells,
+    read_json,
+    read_predictions,
+    read_truth,
+    write_json,
+)
+
+RESULTS_DIR = BENCH_DIR / "results"
+MAIN_METHODS = ("atlasmtl", "knn", "logreg")
+PEER_METHODS = ("celltypist", "scanvi", "symphonypy")
+#: Output names of each runner (atlasmtl trains once and predicts with three KNN settings).
+OUTPUTS = {"atlasmtl": ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all"]}
+METHOD_ORDER = ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all", "celltypist", "scanvi", "logreg", "knn", "symphonypy"]
+THREADS = 2
+SEED = 0
+
+REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK",
+              "cellbench_celseq2_3line", "cellbench_dropseq_3line", "cellbench_novel_H1975", "pbmc68k_70_30"]
+SCALE_CASES = ["synthetic_20k", "synthetic_100k", "synthetic_1m"]
+CT_SGD = {"use_SGD": True, "mini_batch": True, "batch_size": 1000, "batch_number": 100, "epochs": 10}
+
+
+def plan(smoke: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """case → method → {"settings": ..., "timeout": s} or {"skip": reason}."""
+    if smoke:
+        return {"smoke_symphony_5p": {m: {"settings": {}, "timeout": 120} for m in MAIN_METHODS}}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for c in REAL_CASES:
+        out[c] = {m: {"settings": {}, "timeout": 1200} for m in (*MAIN_METHODS, *PEER_METHODS)}
+    out["pbmc68k_70_30"]["scanvi"] = {"skip": (
+        "no raw counts: pbmc68k_reduced ships log-normalised values only, and scANVI's likelihoods model counts "
+        "(rounding expm1 of log values would invent counts; a Gaussian likelihood on log values is not scANVI as published)")}
+    for c in SCALE_CASES:
+        out[c] = {
+            "atlasmtl": {"settings": {}, "timeout": 1800},
+            "knn": {"settings": {}, "timeout": 1800},
+            "logreg": {"settings": {}, "timeout": 1800},
+            "celltypist": {"settings": {"train": dict(CT_SGD)}, "timeout": 1800},
+            "scanvi": {"settings": {}, "timeout": 1800},
+            "symphonypy": {"settings": {}, "timeout": 1800},
+        }
+    out["synthetic_100k"]["scanvi"] = {"skip": "capped to the small cases: scVI + scANVI + surgery at 100k cells exceeds "
+                                               "the ~1 h budget of a 2-core run"}
+    out["synthetic_1m"]["scanvi"] = dict(out["synthetic_100k"]["scanvi"])
+    out["synthetic_1m"]["symphonypy"] = {"skip": "capped: Harmony + Symphony mapping at 1M cells exceeds the 2-core budget "
+                                                 "(symphonypy scales the dense HVG matrix: 1M x 2000 floats)"}
+    # 1M: atlasmtl trains 4 epochs (4M cell-epochs, as 40 epochs at 100k); CellTypist keeps the input sparse
+    # (with_mean=False, its documented large-data setting: the default densifies 1M x 3000 floats = 12 GB).
+    out["synthetic_1m"]["atlasmtl"]["settings"] = {"train": {"num_epochs": 4}}
+    out["synthetic_1m"]["celltypist"] = {"settings": {"train": dict(CT_SGD, with_mean=False)}, "timeout": 900}
+    return out
+
+
+# =========================================================================== subprocess
+def run_one(method: str, case_dir: Path, out_dir: Path, settings: dict, timeout: float, log_path: Path) -> dict[str, Any]:
+    """Run runner.py in a fresh process; return its record plus wall time and the process's peak RSS."""
+    python = sys.executable if method in MAIN_METHODS else str(PEERS_PYTHON)
+    if method not in MAIN_METHODS and not Path(python).exists():
+        return {"status": "not_run", "reason": f"peers environment missing ({python}); run bash benchmark/setup_peers.sh"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*"):
+        old.unlink()
+    cmd = [python, str(BENCH_DIR / "runner.py"), "--method", method, "--case-dir", str(case_dir),
+           "--out-dir", str(out_dir), "--settings", json.dumps(settings), "--seed", str(SEED)]
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(THREADS)
+    env.pop("PYTHONPATH", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=str(BENCH_DIR.parent))
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout and not timed_out:
+                os.killpg(proc.pid, signal.SIGKILL)
+                timed_out = True
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    rec_path = out_dir / "run.json"
+    record = read_json(rec_path) if rec_path.exists() else {}
+    record.update(wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024.0, returncode=proc.returncode, log=str(log_path))
+    if timed_out:
+        record.update(status="timeout", reason=f"killed after {timeout:.0f} s")
+    elif proc.returncode != 0 and record.get("status") != "error":
+        tail = log_path.read_text()[-2000:] if log_path.exists() else ""
+        record.update(status="error", error=f"exit status {proc.returncode}", log_tail=tail)
+    return record
+
+
+# =========================================================================== evaluation
+def evaluate_output(case_dir: Path, spec: dict, out_dir: Path, name: str) -> dict[str, Any]:
+    """atlasmtl.evaluate on one predictions table (plus known-cell-only metrics for novel-type cases)."""
+    import atlasmtl
+
+    levels = spec["levels"]
+    pred = read_predictions(out_dir / f"pred_{name}.csv.gz")
+    truth = read_truth(case_dir)
+    kwargs: dict[str, Any] = {}
+    if spec.get("novel"):
+        kwargs["novel_labels"] = spec["novel"]
+    coords_file = out_dir / f"coords_{name}.npz"
+    if spec.get("coords") and coords_file.exists():
+        with np.load(case_dir / "truth_coords.npz") as t, np.load(coords_file) as p:
+            pos = truth.index.get_indexer(pred.index)
+            kwargs["coord_truth"] = {k: t[k][pos] for k in spec["coords"]}
+            kwargs["coord_pred"] = {k: p[k] for k in spec["coords"]}
+        ref = read_cells(case_dir / "ref.h5ad", obs=False)
+        kwargs["reference_coords"] = {k: np.asarray(ref.obsm[key]) for k, key in spec["coords"].items()}
+    metrics = atlasmtl.evaluate(pred, truth, label_columns=levels, **kwargs)
+    if spec.get("novel"):
+        novel = np.zeros(len(truth), dtype=bool)
+        for lv, labs in spec["novel"].items():
+            novel |= truth[lv].isin(labs).to_numpy()
+        known_cells = truth.index[~novel]
+        known = atlasmtl.evaluate(pred.loc[pred.index.isin(known_cells)], truth, label_columns=levels)
+        metrics["known_only"] = {"n_cells": known["n_cells"], "levels": known["levels"]}
+    return metrics
+
+
+# =========================================================================== orchestration
+def machine_info() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "threads_per_run": THREADS,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def run_benchmark(case_names: list[str], methods: list[str] | None, smoke: bool, reuse: bool,
+                  work: Path) -> dict[str, Any]:
+    full_plan = plan(smoke)
+    runs: list[dict[str, Any]] = []
+    case_info: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for case in case_names:
+        t0 = time.perf_counter()
+        case_dir = case_mod.prepare(case, smoke=smoke, root=work / "cases")
+        spec = load_case(case_dir)
+        case_info[case] = {k: spec.get(k) for k in ("title", "levels", "n_ref", "n_query", "n_genes", "batch_key",
+                                                     "has_counts", "novel", "coords", "semi_synthetic", "source")}
+        case_info[case]["prepare_seconds"] = round(time.perf_counter() - t0, 2)
+        print(f"\n== {case}: {spec['title']} ({spec['n_ref']} ref / {spec['n_query']} query cells, "
+              f"{spec['n_genes']} genes)", flush=True)
+        for method, entry in full_plan[case].items():
+            if methods and method not in methods:
+                continue
+            names = OUTPUTS.get(method, [method])
+            base = {"case": case, "runner": method, "seed": SEED}
+            if "skip" in entry:
+                for name in names:
+                    runs.append({**base, "method": name, "status": "not_run", "reason": entry["skip"]})
+                print(f"  {method:<12} not run: {entry['skip']}", flush=True)
+                continue
+            out_dir = work / "runs" / case / method
+            log = work / "logs" / f"{case}__{method}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            record = None
+            if reuse and (out_dir / "run.json").exists():
+                prev = read_json(out_dir / "run.json")
+                if prev.get("status") == "ok" and "peak_rss_mb" in prev:
+                    record = prev
+            if record is None:
+                record = run_one(method, case_dir, out_dir, entry["settings"], entry["timeout"], log)
+                write_json(out_dir / "run.json", record)
+            status = record.get("status", "error")
+            if status != "ok":
+                reason = record.get("reason") or record.get("error") or "unknown"
+                for name in names:
+                    runs.append({**base, "method": name, "status": status, "reason": reason,
+                                 "wall_seconds": record.get("wall_seconds"), "peak_rss_mb": record.get("peak_rss_mb"),
+                                 "settings": entry["settings"]})
+                print(f"  {method:<12} {status}: {reason}", flush=True)
+                continue
+            for name in names:
+                out = record["outputs"][name]
+                try:
+                    metrics = evaluate_output(case_dir, spec, out_dir, name)
+                    eval_error = None
+                except Exception as exc:  # a broken table is a result too, never a silent gap
+                    metrics, eval_error = None, f"{type(exc).__name__}: {exc}"
+                runs.append({
+                    **base, "method": name, "status": "ok" if eval_error is None else "eval_error",
+                    "reason": eval_error,
+                    "train_seconds": record["train_seconds"], "predict_seconds": out["predict_seconds"],
+                    "peak_rss_mb": record["peak_rss_mb"], "peak_rss_after_train_mb": record.get("peak_rss_after_train_mb"),
+                    "wall_seconds": record["wall_seconds"], "settings": {**record.get("settings", {}), **out.get("settings", {})},
+                    "run_settings": entry["settings"], "extra": out.get("extra", {}), "versions": record.get("versions", {}),
+                    "cpu_count": record.get("cpu_count"), "metrics": metrics,
+                    "shared_training": name != method,
+                })
+                fine = spec["levels"][-1]
+                f1 = metrics["levels"][fine]["macro_f1"] if metrics else float("nan")
+                print(f"  {name:<17} macro-F1 {f1:.3f}  train {record['train_seconds']:.1f} s  predict "
+                      f"{out['predict_seconds']:.2f} s  peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
+    add_ratios(runs)
+    return {
+        "generated": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmark/run.py", *sys.argv[1:]]),
+        "smoke": smoke,
+        "machine": machine_info(),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "cases": case_info,
+        "runs": runs,
+    }
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Each run's training / prediction time and peak RSS divided by CellTypist's on the same case."""
+    ct = {r["case"]: r for r in runs if r["method"] == "celltypist" and r["status"] == "ok"}
+    for r in runs:
+        ref = ct.get(r["case"])
+        if r["status"] != "ok" or ref is None:
+            continue
+        r["ratio_to_celltypist"] = {
+            key: (r[key] / ref[key]) if ref.get(key) else None
+            for key in ("train_seconds", "predict_seconds", "peak_rss_mb")
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--all", action="store_true", help="every case and method; writes benchmark/results/")
+    mode.add_argument("--smoke", action="store_true", help="tiny Symphony PBMC subset, main-environment methods only")
+    mode.add_argument("--cases", help="comma-separated case names (see --list)")
+    mode.add_argument("--report-only", action="store_true", help="rebuild tables and figure from results.json")
+    mode.add_argument("--list", action="store_true", help="list cases and methods")
+    parser.add_argument("--methods", help="comma-separated runner names (atlasmtl,knn,logreg,celltypist,scanvi,symphonypy)")
+    parser.add_argument("--out", type=Path, help="results directory (default: benchmark/results for --all, "
+                                                 "benchmark/work/results-<mode> otherwise)")
+    parser.add_argument("--work", type=Path, default=None, help="work directory (default: benchmark/work)")
+    parser.add_argument("--reuse", action="store_true", help="keep successful runs already in the work directory")
+    args = parser.parse_args(argv)
+
+    from report import write_report
+
+    if args.list:
+        for case, methods in plan().items():
+            print(case, ", ".join(f"{m}{' (skip)' if 'skip' in e else ''}" for m, e in methods.items()))
+        return 0
+    if args.report_only:
+        out = args.out or RESULTS_DIR
+        results = read_json(out / "results.json")
+        print(write_report(results, out))
+        return 0
+    if args.smoke:
+        case_names, default_out = ["smoke_symphony_5p"], WORK_DIR / "results-smoke"
+        work = args.work or (args.out / "work" if args.out else WORK_DIR / "smoke")
+    elif args.all:
+        case_names, default_out, work = REAL_CASES + SCALE_CASES, RESULTS_DIR, args.work or WORK_DIR
+    else:
+        case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = set(case_names) - set(plan())
+        if unknown:
+            parser.error(f"unknown cases {sorted(unknown)}; see --list")
+        default_out, work = WORK_DIR / "results-partial", args.work or WORK_DIR
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    out = args.out or default_out
+    results = run_benchmark(case_names, methods, args.smoke, args.reuse, work)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    print(write_report(results, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,417 @@
+"""Run ONE method on ONE case, in its own process; write predictions and a run record.
+
+Usage (the orchestrator ``run.py`` calls this; it is also runnable by hand)::
+
+    python benchmark/runner.py --method logreg --case-dir benchmark/work/cases/symphony_5p \
+        --out-dir benchmark/work/runs/symphony_5p/logreg [--settings '{"max_iter": 500}']
+
+atlasmtl, ``knn`` and ``logreg`` run in the main environment; ``celltypist``,
+``scanvi`` and ``symphonypy`` in the peers' environment (``setup_peers.sh``).
+This file imports only what its method needs, so it runs in either.
+
+Output in ``--out-dir``:
+
+- ``pred_<name>.csv.gz``: cells × ``pred_<level>``, ``conf_<level>`` per output
+  name (atlasmtl writes three: default knn, knn off, knn all, from one training);
+- ``coords_<name>.npz``: predicted coordinates, when the method predicts them;
+- ``run.json``: training / prediction seconds, peak RSS after training,
+  settings, versions, seed, thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    Timer,
+    derive_parent,
+    load_case,
+    peak_rss_mb,
+    read_cells,
+    reference_hierarchy,
+    write_json,
+    write_predictions,
+)
+
+
+def versions(*packages: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "scipy", "scikit-learn", "anndata", "pandas", *packages):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _labels(ref, levels):
+    return {lv: ref.obs[lv].astype(str).to_numpy() for lv in levels}
+
+
+# =========================================================================== atlasmtl
+def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """atlasmtl at its defaults; one training, three KNN settings at prediction."""
+    import atlasmtl
+
+    levels = case["levels"]
+    coords = case.get("coords") or {}
+    train_kwargs = dict(settings.get("train", {}))
+    variants = settings.get("variants", {"atlasmtl": "low_conf_only", "atlasmtl_knn_off": "off", "atlasmtl_knn_all": "all"})
+    ref = read_cells(ref_path)
+    query = read_cells(query_path, obsm=False)
+    with Timer() as t_train:
+        model = atlasmtl.build_model(
+            ref, label_columns=levels, coord_targets={k: v for k, v in coords.items()} or None,
+            random_state=seed, show_progress=False, show_summary=False, **train_kwargs,
+        )
+    rss_train = peak_rss_mb()
+    outputs = {}
+    for name, knn in variants.items():
+        with Timer() as t_pred:
+            result = atlasmtl.predict(model, query, knn_correction=knn, show_progress=False, show_summary=False)
+        pred = {lv: np.asarray(result.labels(lv)).astype(str) for lv in levels}
+        conf = {lv: result.levels[lv]["conf"] for lv in levels}
+        raw = {lv: np.asarray(result.classes[lv])[result.levels[lv]["raw_code"]] for lv in levels}
+        outputs[name] = {
+            "pred": pred, "conf": conf, "raw": raw, "predict_seconds": t_pred.seconds,
+            "coords": {k: np.asarray(v) for k, v in result.coords.items()},
+            "settings": {"knn_correction": knn},
+            "extra": {
+                "unknown_rate": {lv: float(result.levels[lv]["is_unknown"].mean()) for lv in levels},
+                "knn_used_rate": {lv: float(result.levels[lv]["used_knn"].mean()) for lv in levels},
+                "genes": {k: v for k, v in result.metadata["genes"].items() if isinstance(v, (int, float, str))},
+            },
+        }
+    cfg = model.train_config
+    return {
+        "train_seconds": t_train.seconds,
+        "peak_rss_after_train_mb": rss_train,
+        "outputs": outputs,
+        "settings": {
+            "build_model": {k: cfg[k] for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
+                                                "input_transform", "val_fraction", "num_threads", "device")},
+            "predict": "atlasmtl.predict defaults (confidence_high 0.7, confidence_low 0.4, margin 0.2, knn_k 15, "
+                       "knn_conf_low 0.6); knn_correction per output",
+            "coord_targets": coords,
+            "input": "X = log1p CP10k (binary transform x > 0 applied by atlasmtl)",
+            "knn_neighbour_label_agreement": cfg.get("knn_space", {}).get("neighbour_label_agreement"),
+        },
+        "versions": versions("torch", "atlasmtl"),
+    }
+
+
+# =========================================================================== PCA baselines
+def _pca(ref_x, n_components: int, seed: int):
+    """PCA fitted on the reference (sparse input, implicit centring); returns (model, ref scores)."""
+    from sklearn.decomposition import PCA
+
+    n_components = min(n_components, ref_x.shape[1] - 1, ref_x.shape[0] - 1)
+    pca = PCA(n_components=n_components, svd_solver="covariance_eigh", random_state=seed)
+    scores = pca.fit_transform(ref_x)
+    return pca, scores.astype(np.float32)
+
+
+def run_knn(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """kNN (15 neighbours, uniform vote) on 50 PCs of log1p CP10k; confidence = winning vote fraction."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k, n_pcs = settings.get("k", 15), settings.get("n_pcs", 50)
+    levels = case["levels"]
+    coords = case.get("coords") or {}
+    ref = read_cells(ref_path)
+    query = read_cells(query_path, obsm=False)
+    labels = _labels(ref, levels)
+    with Timer() as t_train:
+        pca, ref_pc = _pca(ref.X, n_pcs, seed)
+        nn = NearestNeighbors(n_neighbors=k).fit(ref_pc)
+        codes = {}
+        for lv in levels:
+            names, code = np.unique(labels[lv], return_inverse=True)
+            codes[lv] = (names, code)
+    rss_train = peak_rss_mb()
+    with Timer() as t_pred:
+        q_pc = pca.transform(query.X).astype(np.float32)
+        _, idx = nn.kneighbors(q_pc)
+        pred, conf = {}, {}
+        for lv in levels:
+            names, code = codes[lv]
+            votes = np.zeros((len(idx), len(names)))
+            for j in range(idx.shape[1]):
+                np.add.at(votes, (np.arange(len(idx)), code[idx[:, j]]), 1.0)
+            pred[lv], conf[lv] = names[votes.argmax(1)], votes.max(1) / idx.shape[1]
+        pred_coords = {name: np.asarray(ref.obsm[key])[idx].mean(axis=1) for name, key in coords.items()}
+    return {
+        "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
+        "outputs": {"knn": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": pred_coords}},
+        "settings": {"k": k, "n_pcs": int(pca.n_components_), "pca": "sklearn PCA covariance_eigh on log1p CP10k (no scaling)",
+                     "vote": "uniform", "coords": "mean of the neighbours' reference coordinates"},
+        "versions": versions(),
+    }
+
+
+def run_logreg(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """Logistic regression on 100 standardised PCs of log1p CP10k, one model per level."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    n_pcs, max_iter, C = settings.get("n_pcs", 100), settings.get("max_iter", 1000), settings.get("C", 1.0)
+    levels = case["levels"]
+    ref = read_cells(ref_path, obsm=False)
+    query = read_cells(query_path, obsm=False)
+    labels = _labels(ref, levels)
+    n_iter = {}
+    with Timer() as t_train:
+        pca, ref_pc = _pca(ref.X, n_pcs, seed)
+        scaler = StandardScaler().fit(ref_pc)
+        z = scaler.transform(ref_pc)
+        models = {}
+        for lv in levels:
+            models[lv] = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(z, labels[lv])
+            n_iter[lv] = int(np.max(models[lv].n_iter_))
+    rss_train = peak_rss_mb()
+    with Timer() as t_pred:
+        zq = scaler.transform(pca.transform(query.X))
+        pred, conf = {}, {}
+        for lv in levels:
+            p = models[lv].predict_proba(zq)
+            pred[lv], conf[lv] = models[lv].classes_[p.argmax(1)], p.max(1)
+    return {
+        "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
+        "outputs": {"logreg": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": {}}},
+        "settings": {"n_pcs": int(pca.n_components_), "C": C, "max_iter": max_iter, "solver": "lbfgs (multinomial)",
+                     "iterations_used": n_iter, "pca": "sklearn PCA covariance_eigh on log1p CP10k, PCs standardised"},
+        "versions": versions(),
+    }
+
+
+# =========================================================================== CellTypist
+def run_celltypist(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """CellTypist 1.7.1: ``celltypist.train`` + ``celltypist.annotate`` per level, log1p CP10k input."""
+    import celltypist
+
+    np.random.seed(seed)  # CellTypist's mini-batch sampling uses numpy's global RNG
+    levels = case["levels"]
+    train_kwargs = dict(settings.get("train", {}))
+    train_kwargs.setdefault("check_expression", bool(case.get("x_is_cp10k", True)))
+    ref = read_cells(ref_path, obsm=False)
+    query = read_cells(query_path, obsm=False)
+    labels = _labels(ref, levels)
+    models = {}
+    with Timer() as t_train:
+        for lv in levels:
+            models[lv] = celltypist.train(ref, labels=labels[lv], n_jobs=settings.get("n_jobs", 2), **train_kwargs)
+    rss_train = peak_rss_mb()
+    del ref
+    pred, conf = {}, {}
+    with Timer() as t_pred:
+        for lv in levels:
+            res = celltypist.annotate(query, model=models[lv], majority_voting=False)
+            probs = res.probability_matrix
+            pred[lv] = res.predicted_labels["predicted_labels"].astype(str).to_numpy()
+            conf[lv] = probs.to_numpy().max(axis=1)
+    return {
+        "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
+        "outputs": {"celltypist": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": {}}},
+        "settings": {"train": train_kwargs, "n_jobs": settings.get("n_jobs", 2), "annotate": "mode='best match', majority_voting=False",
+                     "confidence": "max of CellTypist's per-class probability (one-vs-rest sigmoid)",
+                     "one model per level": True},
+        "versions": versions("celltypist"),
+    }
+
+
+# =========================================================================== scANVI
+def run_scanvi(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """scVI → scANVI on reference counts, then scArches query surgery; finest level, parents by hierarchy."""
+    import tempfile
+
+    import scvi
+    import torch
+
+    if not case.get("has_counts"):
+        raise RuntimeError("case has no raw counts; scANVI models counts")
+    levels = case["levels"]
+    fine = levels[-1]
+    batch = case.get("batch_key")
+    threads = settings.get("threads", 2)
+    torch.set_num_threads(threads)
+    scvi.settings.seed = seed
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.progress_bar_style = "tqdm"
+    ref = read_cells(ref_path, matrix="counts", obsm=False)
+    query = read_cells(query_path, matrix="counts", obsm=False)
+    n_ref, n_query = ref.n_obs, query.n_obs
+    e_scvi = int(settings.get("scvi_epochs") or min(200, max(20, round(200_000 / n_ref))))
+    e_scanvi = int(settings.get("scanvi_epochs", 20))
+    e_query = int(settings.get("query_epochs") or min(100, max(10, round(100_000 / n_query))))
+    hierarchy = reference_hierarchy(ref.obs, levels) if len(levels) > 1 else {}
+    if hierarchy is None:
+        raise RuntimeError("reference levels do not nest; scANVI's parent labels cannot be derived")
+    ref.obs["_batch"] = ref.obs[batch].astype(str) if batch else "ref"
+    query.obs["_batch"] = ("query_" + query.obs[batch].astype(str)) if batch else "query"
+    query.obs[fine] = "Unknown"
+    arch = dict(n_layers=2, n_latent=30, encode_covariates=True, deeply_inject_covariates=False,
+                use_layer_norm="both", use_batch_norm="none", gene_likelihood="nb")
+    trainer = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        with Timer() as t_train:
+            scvi.model.SCVI.setup_anndata(ref, batch_key="_batch", labels_key=fine)
+            vae = scvi.model.SCVI(ref, **arch)
+            vae.train(max_epochs=e_scvi, **trainer)
+            lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown", labels_key=fine)
+            lvae.train(max_epochs=e_scanvi, n_samples_per_label=100, **trainer)
+            lvae.save(tmp, overwrite=True)
+        rss_train = peak_rss_mb()
+        with Timer() as t_pred:
+            scvi.model.SCANVI.prepare_query_anndata(query, tmp)
+            qmodel = scvi.model.SCANVI.load_query_data(query, tmp)
+            qmodel.train(max_epochs=e_query, plan_kwargs={"weight_decay": 0.0}, check_val_every_n_epoch=None, **trainer)
+            soft = qmodel.predict(soft=True)
+            classes = [str(c) for c in soft.columns]
+            probs = soft.to_numpy()
+            pred, conf = derive_parent(levels, hierarchy, classes, probs)
+    return {
+        "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
+        "outputs": {"scanvi": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": {}}},
+        "settings": {"architecture": arch, "scvi_epochs": e_scvi, "scanvi_epochs": e_scanvi, "scanvi_n_samples_per_label": 100,
+                     "query_epochs": e_query, "query_plan_kwargs": {"weight_decay": 0.0}, "batch_key": batch,
+                     "threads": threads, "input": "raw counts",
+                     "labels": f"trained on the finest level ({fine}); coarser levels = sum of child probabilities "
+                               "along the reference hierarchy",
+                     "epoch rule": "scVI min(200, max(20, 2e5/n_ref)); query min(100, max(10, 1e5/n_query))",
+                     "predict_seconds includes": "scArches query surgery (training on the query) + predict"},
+        "versions": versions("scvi-tools", "torch", "lightning"),
+    }
+
+
+# =========================================================================== symphonypy
+def run_symphonypy(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """symphonypy 0.2.4: HVGs, scale, PCA, Harmony on the reference; Symphony mapping; kNN label transfer."""
+    import scanpy as sc
+    import symphonypy as sp
+    from sklearn.neighbors import KNeighborsClassifier
+
+    levels = case["levels"]
+    batch = case.get("batch_key")
+    n_hvg, n_pcs, k = settings.get("n_hvg", 2000), settings.get("n_pcs", 30), settings.get("k", 10)
+    ref = read_cells(ref_path, obsm=False)
+    query = read_cells(query_path, obsm=False)
+    labels = _labels(ref, levels)
+    with Timer() as t_train:
+        ref.uns["log1p"] = {"base": None}
+        if ref.n_vars > n_hvg:
+            multi_batch = batch and ref.obs[batch].nunique() > 1
+            sc.pp.highly_variable_genes(ref, n_top_genes=n_hvg, batch_key=batch if multi_batch else None)
+        else:
+            ref.var["highly_variable"] = True
+        ref = ref[:, ref.var["highly_variable"].to_numpy()].copy()
+        sc.pp.scale(ref, max_value=10)
+        sc.pp.pca(ref, n_comps=n_pcs, random_state=seed)
+        use_harmony = bool(batch) and ref.obs[batch].nunique() > 1
+        if use_harmony:
+            sp.pp.harmony_integrate(ref, key=batch, random_seed=seed)
+        else:  # a single batch: Symphony's own soft k-means path inside map_embedding
+            ref.obsm["X_pca_harmony"] = ref.obsm["X_pca"]
+        knns = {lv: KNeighborsClassifier(n_neighbors=k).fit(ref.obsm["X_pca_harmony"], labels[lv]) for lv in levels}
+    rss_train = peak_rss_mb()
+    with Timer() as t_pred:
+        query.uns["log1p"] = {"base": None}
+        q = query[:, ref.var_names].copy() if set(ref.var_names) <= set(query.var_names) else query
+        if batch:
+            q.obs[batch] = "query_" + q.obs[batch].astype(str)
+        sp.tl.map_embedding(q, ref, key=batch if use_harmony else None)
+        sp.tl.transfer_labels_kNN(q, ref, levels, k)
+        pred, conf = {}, {}
+        for lv in levels:
+            p = knns[lv].predict_proba(q.obsm["X_pca_harmony"])
+            pred[lv] = q.obs[lv].astype(str).to_numpy()
+            conf[lv] = p.max(axis=1)
+    agree = {lv: float(np.mean(knns[lv].classes_[knns[lv].predict_proba(q.obsm["X_pca_harmony"]).argmax(1)] == pred[lv]))
+             for lv in levels}
+    return {
+        "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
+        "outputs": {"symphonypy": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": {}}},
+        "settings": {"n_hvg": n_hvg, "n_pcs": n_pcs, "k": k, "harmony": use_harmony, "batch_key": batch,
+                     "labels": "sp.tl.transfer_labels_kNN (sklearn KNeighborsClassifier)",
+                     "confidence": "predict_proba of the same kNN on the Symphony-corrected embedding "
+                                   "(transfer_labels_kNN returns labels only)",
+                     "label/proba agreement": agree},
+        "versions": versions("symphonypy", "scanpy", "harmonypy"),
+    }
+
+
+METHODS = {
+    "atlasmtl": run_atlasmtl,
+    "knn": run_knn,
+    "logreg": run_logreg,
+    "celltypist": run_celltypist,
+    "scanvi": run_scanvi,
+    "symphonypy": run_symphonypy,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    parser.add_argument("--case-dir", required=True, type=Path)
+    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--settings", default="{}", help="JSON dict of method settings")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    case = load_case(args.case_dir)
+    settings = json.loads(args.settings)
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"method": args.method, "case": args.case_dir.name, "seed": args.seed,
+                              "cpu_count": os.cpu_count(), "threads_env": os.environ.get("OMP_NUM_THREADS"),
+                              "python_executable": sys.executable}
+    try:
+        out = METHODS[args.method](case, args.case_dir / "ref.h5ad", args.case_dir / "query.h5ad", settings, args.seed)
+    except Exception as exc:  # recorded, and the exit status says it failed
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        write_json(args.out_dir / "run.json", record)
+        print(record["traceback"], file=sys.stderr)
+        return 1
+    outputs = {}
+    for name, o in out.pop("outputs").items():
+        write_predictions(args.out_dir / f"pred_{name}.csv.gz", _query_names(args.case_dir),
+                          case["levels"], o["pred"], o["conf"], o.get("raw"))
+        if o.get("coords"):
+            np.savez(args.out_dir / f"coords_{name}.npz", **o["coords"])
+        outputs[name] = {"predict_seconds": o["predict_seconds"], "settings": o.get("settings", {}),
+                         "extra": o.get("extra", {}), "has_coords": bool(o.get("coords"))}
+    record.update(status="ok", outputs=outputs, total_seconds=time.perf_counter() - t0,
+                  peak_rss_self_mb=peak_rss_mb(), **out)
+    write_json(args.out_dir / "run.json", record)
+    return 0
+
+
+_NAMES: dict[str, Any] = {}
+
+
+def _query_names(case_dir: Path):
+    """Query cell names (read once, from the obs index only)."""
+    key = str(case_dir)
+    if key not in _NAMES:
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(case_dir / "query.h5ad", "r") as f:
+            _NAMES[key] = np.asarray(read_elem(f["obs"]).index).astype(str)
+    return _NAMES[key]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark harness: ``python benchmark/run.py --smoke`` end to end on real data.
+
+A 300-cell random subset of Symphony PBMC (train on 3pv1 + 3pv2, predict 5p);
+atlasmtl, kNN and logistic regression, each in its own subprocess; evaluation
+with ``atlasmtl.evaluate``; tables and the figure written. No peer environment needed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "symphony_pbmc_small.h5ad"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    if not DATA.exists():
+        pytest.fail(f"shared dataset missing: {DATA}")
+    out = tmp_path_factory.mktemp("bench_smoke")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmark" / "run.py"), "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_files_written(smoke):
+    out, stdout, results = smoke
+    for name in ("results.json", "summary.md", "smoke_symphony_5p.md", "f1_vs_train_time.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "f1_vs_train_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Finest-level macro-F1 / accuracy" in stdout
+    assert "smoke_symphony_5p" in (out / "summary.md").read_text()
+
+
+def test_every_method_ran_and_metrics_in_range(smoke):
+    _, _, results = smoke
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all", "knn", "logreg"}
+    for name, r in runs.items():
+        assert r["status"] == "ok", (name, r.get("reason"))
+        assert r["train_seconds"] > 0 and r["predict_seconds"] >= 0
+        assert 50 < r["peak_rss_mb"] < 8000  # the subprocess's own peak RSS, in MB
+        assert r["cpu_count"] >= 1 and r["versions"]["numpy"]
+        for lv in ("cell_type_broad", "cell_type"):
+            m = r["metrics"]["levels"][lv]
+            for key in ("accuracy", "macro_f1", "balanced_accuracy", "coverage", "ece", "brier", "aurc"):
+                assert 0.0 <= m[key] <= 1.0, (name, lv, key, m[key])
+        # the two chemistries generalise to 5p: well above chance on 7+ classes
+        assert r["metrics"]["levels"]["cell_type_broad"]["accuracy"] > 0.6, name
+    # the three atlasmtl outputs come from one training (same process, same cost)
+    assert runs["atlasmtl"]["train_seconds"] == runs["atlasmtl_knn_off"]["train_seconds"]
+    assert runs["atlasmtl_knn_all"]["settings"]["knn_correction"] == "all"
+
+
+def test_reported_accuracy_matches_prediction_table(smoke):
+    out, _, results = smoke
+    work = out / "work"
+    truth = pd.read_csv(work / "cases" / "smoke_symphony_5p" / "truth.csv.gz", index_col=0).astype(str)
+    for method, runner in (("logreg", "logreg"), ("atlasmtl_knn_off", "atlasmtl")):
+        pred = pd.read_csv(work / "runs" / "smoke_symphony_5p" / runner / f"pred_{method}.csv.gz", index_col=0,
+                           keep_default_na=False)
+        assert len(pred) == len(truth) and set(pred.index) == set(truth.index)
+        acc = float(np.mean(pred.loc[truth.index, "pred_cell_type"].astype(str).to_numpy() == truth["cell_type"].to_numpy()))
+        reported = next(r for r in results["runs"] if r["method"] == method)["metrics"]["levels"]["cell_type"]["accuracy"]
+        assert abs(acc - reported) < 1e-12
+        conf = pred["conf_cell_type"].to_numpy()
+        assert np.all((conf >= 0) & (conf <= 1))
