@@ -7,6 +7,7 @@ dense matrices, or from backed (on-disk) AnnData.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -121,6 +122,66 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     if matrix.shape[1] == 0 or matrix.shape[0] == 0:
         raise EmptyDataError(f"adata.{where} is empty ({matrix.shape[0]} × {matrix.shape[1]}).")
     return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes)
+
+
+@contextlib.contextmanager
+def h5ad_query_source(
+    path: str | os.PathLike, layer: str | None = None, use_raw: bool = False
+) -> Iterator[tuple[pd.Index, MatrixSource]]:
+    """Open an ``.h5ad`` file for streaming: cell names, gene table and the chosen matrix only.
+
+    Unlike ``anndata.read_h5ad(path, backed="r")``, which loads every layer
+    into memory and keeps only ``X`` on disk, this reads just the cell names,
+    the gene table and row chunks of the one matrix prediction needs.
+    """
+    import h5py
+
+    try:
+        from anndata.io import read_elem, sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, sparse_dataset
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"No such file: {path!r}. Pass an AnnData or the path of an existing .h5ad file.")
+    if use_raw and layer is not None:
+        raise ParameterError("Pass either layer= or use_raw=True, not both.")
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+    try:
+        try:
+            obs_group = f["obs"]
+            obs_names = pd.Index(read_elem(obs_group[obs_group.attrs["_index"]]), dtype=str)
+            if use_raw:
+                if "raw" not in f:
+                    raise InputError(f"use_raw=True but {path!r} has no raw; pass use_raw=False.")
+                node, var, where = f["raw/X"], read_elem(f["raw/var"]), "raw.X"
+            elif layer is not None:
+                if "layers" not in f or layer not in f["layers"]:
+                    available = list(f["layers"].keys()) if "layers" in f else []
+                    raise InputError(f"layer={layer!r} is not in {path!r}; available layers: {available}.")
+                node, var, where = f["layers"][layer], read_elem(f["var"]), f"layers[{layer!r}]"
+            else:
+                if "X" not in f:
+                    raise InputError(f"{path!r} has no X; pass layer= or use_raw=True.")
+                node, var, where = f["X"], read_elem(f["var"]), "X"
+            matrix = sparse_dataset(node) if isinstance(node, h5py.Group) else node
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+        if len(obs_names) == 0 or matrix.shape[1] == 0:
+            raise EmptyDataError(
+                f"{path!r} is empty ({matrix.shape[0]} cells × {matrix.shape[1]} genes); "
+                "pass a file with at least one cell and one gene."
+            )
+        if node.attrs.get("encoding-type", "") == "csc_matrix":
+            raise InputError(f"{where} in {path!r} is stored as CSC; rows cannot be streamed. Store it as CSR.")
+        yield obs_names, MatrixSource(matrix=matrix, var=var, where=where, backed=True)
+    finally:
+        f.close()
 
 
 def _values_of(block: Any) -> np.ndarray:

@@ -8,13 +8,23 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 
 from . import __version__
 from .exceptions import InputError, ParameterError
 from .gating import GatingConfig, apply_gate, low_confidence, top_two
 from .genes import build_aligner
-from .inputs import check_finite, check_semantics_usable, detect_semantics, get_matrix_source, open_anndata, validate_values
+from .inputs import (
+    MatrixSource,
+    check_finite,
+    check_semantics_usable,
+    detect_semantics,
+    get_matrix_source,
+    h5ad_query_source,
+    open_anndata,
+    validate_values,
+)
 from .knn import NeighbourIndex, normalise_rows, vote
 from .model import TrainedModel
 from .result import PredictionResult
@@ -99,9 +109,36 @@ def predict(
     n_threads = resolve_num_threads(num_threads)
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
 
+    if isinstance(adata, (str, os.PathLike)):
+        with h5ad_query_source(adata, layer=layer, use_raw=use_raw) as (obs_names, source):
+            return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
+                                   layer=layer, use_raw=use_raw, gene_map=gene_map,
+                                   min_gene_overlap=min_gene_overlap, batch_size=batch_size)
     adata = open_anndata(adata)
     source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
-    if not adata.obs_names.is_unique:
+    return _predict_source(model, adata.obs_names, source, gate, dev, n_threads, show_progress, show_summary,
+                           layer=layer, use_raw=use_raw, gene_map=gene_map, min_gene_overlap=min_gene_overlap,
+                           batch_size=batch_size)
+
+
+def _predict_source(
+    model: TrainedModel,
+    obs_names: pd.Index,
+    source: MatrixSource,
+    gate: GatingConfig,
+    dev: torch.device,
+    n_threads: int,
+    show_progress: bool,
+    show_summary: bool,
+    *,
+    layer: str | None,
+    use_raw: bool,
+    gene_map: Any,
+    min_gene_overlap: float,
+    batch_size: int,
+) -> PredictionResult:
+    """The prediction pipeline on an opened matrix; see :func:`predict`."""
+    if not obs_names.is_unique:
         raise InputError("Query obs_names are not unique; call adata.obs_names_make_unique() first.")
     if not source.var_names.is_unique:
         raise InputError("Query var_names are not unique; call adata.var_names_make_unique() first.")
@@ -228,7 +265,7 @@ def predict(
         "coord_targets": model.coord_targets,
     }
     result = PredictionResult(
-        obs_names=np.asarray(adata.obs_names),
+        obs_names=np.asarray(obs_names),
         classes={lv: list(model.classes[lv]) for lv in levels},
         levels=results,
         coords=coords,

@@ -220,9 +220,9 @@ class PredictionResult:
         import h5py
 
         try:
-            from anndata.io import write_elem
+            from anndata.io import read_elem, write_elem
         except ImportError:  # anndata < 0.11
-            from anndata.experimental import write_elem
+            from anndata.experimental import read_elem, write_elem
 
         dest = Path(path)
         if isinstance(source, ad.AnnData) and not getattr(source, "isbacked", False):
@@ -239,7 +239,11 @@ class PredictionResult:
         src_path = Path(source.filename if isinstance(source, ad.AnnData) else source)
         if src_path.resolve() == dest.resolve():
             raise InputError(f"write_h5ad would overwrite its source {str(src_path)!r}; choose a new file name.")
-        obs = ad.read_h5ad(src_path, backed="r").obs if not isinstance(source, ad.AnnData) else source.obs
+        if isinstance(source, ad.AnnData):
+            obs = source.obs
+        else:
+            with h5py.File(src_path, "r") as f:
+                obs = read_elem(f["obs"])  # only obs: read_h5ad(backed="r") would load every layer
         if len(obs) != self.n_obs or not np.array_equal(np.asarray(obs.index), np.asarray(self.obs_names)):
             raise InputError(f"{str(src_path)!r} does not hold the cells these predictions were made for.")
         frame = self.to_dataframe(mode)

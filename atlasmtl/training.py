@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .exceptions import CoordinateError, LabelError, ParameterError
+from .exceptions import CoordinateError, InputError, LabelError, ParameterError
 from .genes import alternative_ids, detect_namespace, identity_aligner
 from .inputs import (
     check_input_transform,
     check_semantics_usable,
     detect_semantics,
     get_matrix_source,
+    open_anndata,
     validate_values,
 )
 from .knn import neighbour_label_agreement, normalise_rows
@@ -203,8 +204,6 @@ def build_model(
     -------
     TrainedModel
     """
-    from .inputs import open_anndata
-
     adata = open_anndata(adata)
     hidden_sizes = list(hidden_sizes)
     _check_params(
@@ -224,12 +223,8 @@ def build_model(
 
     source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
     if not adata.obs_names.is_unique:
-        from .exceptions import InputError
-
         raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
     if not source.var_names.is_unique:
-        from .exceptions import InputError
-
         raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
     classes, codes, unlabelled = encode_labels(adata, label_columns)

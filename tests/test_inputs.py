@@ -237,3 +237,18 @@ def test_in_memory_write_h5ad_leaves_the_anndata_alone(symphony_model, symphony_
     res.write_h5ad(tmp_path / "out.h5ad", query, include_coords=True)
     assert list(query.obs.columns) == cols
     assert "pred_cell_type" in ad.read_h5ad(tmp_path / "out.h5ad").obs
+
+
+def test_path_query_reads_only_the_chosen_matrix(symphony_model, symphony_split, tmp_path):
+    _, query = symphony_split
+    query = _with_counts_layer(query.copy())
+    path = tmp_path / "query_layers.h5ad"
+    query.write_h5ad(path)
+    from_layer = _predict(symphony_model, path, layer="counts")
+    in_memory = _predict(symphony_model, query, layer="counts")
+    assert from_layer.metadata["input"]["semantics"] == "counts"
+    np.testing.assert_array_equal(from_layer.levels["cell_type"]["conf"], in_memory.levels["cell_type"]["conf"])
+    with pytest.raises(atlasmtl.exceptions.InputError, match="layer='spliced' is not in"):
+        _predict(symphony_model, path, layer="spliced")
+    with pytest.raises(atlasmtl.exceptions.InputError, match="has no raw"):
+        _predict(symphony_model, path, use_raw=True)
