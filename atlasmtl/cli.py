@@ -34,7 +34,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -427,23 +426,8 @@ def _write_table(result: Any, path: Path, mode: str, include_coords: bool) -> No
 
 
 def _write_h5ad(result: Any, query_path: str, out: Path, mode: str, include_coords: bool) -> None:
-    writer = getattr(result, "write_h5ad", None)
-    if callable(writer):
-        params = inspect.signature(writer).parameters
-        kwargs = {k: v for k, v in (("mode", mode), ("include_coords", include_coords)) if k in params}
-        writer(out, query_path, **kwargs)
-        return
-    adata = _read_h5ad(query_path)
-    result.to_adata(adata, mode=mode, include_coords=include_coords)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".h5ad", dir=out.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """An annotated copy of the query file; its matrix is copied, never loaded."""
+    result.write_h5ad(out, query_path, mode=mode, include_coords=include_coords)
 
 
 def _to_json(obj: Any) -> str:
@@ -510,6 +494,7 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         raise InputError(f"No such file: {args.query!r}.")
     model = TrainedModel.load(_model_path(args.model))
     result = predict(model, args.query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.suffix == ".h5ad":
         _write_h5ad(result, args.query, dest, args.mode, args.include_coords)
     else:

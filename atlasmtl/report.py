@@ -147,7 +147,7 @@ def _frame_table(frame: pd.DataFrame, index_name: str | None = None) -> str:
 
 def _figure_html(fig: Any, alt: str, caption: str, dpi: int = 100) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 4})
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return (
         f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
@@ -196,6 +196,8 @@ def _truth_frame(result: PredictionResult, truth: Any, columns: Any, adata: ad.A
         if adata is None:
             raise ParameterError("truth names columns, so pass the query AnnData as adata= as well.")
         columns, source = list(truth), adata
+        if len(set(columns)) != len(columns):
+            raise ParameterError(f"truth={columns} names a column twice.")
         if len(columns) != len(result.label_columns):
             named = [c for c in columns if c in result.label_columns]
             if len(named) != len(columns):

@@ -1,0 +1,215 @@
+"""The ``atlasmtl`` command line, run as a real process on real data (pbmc68k_reduced split)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import atlasmtl
+from atlasmtl import cli
+
+LEVELS = ["lineage", "bulk_labels"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """Run ``python -m atlasmtl.cli ARGS`` in a fresh process."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning")
+    return subprocess.run([sys.executable, "-m", "atlasmtl.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, pattern: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("atlasmtl"), lines[0]
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(pbmc_split, tmp_path_factory):
+    ref, query = pbmc_split
+    d = tmp_path_factory.mktemp("cli")
+    ref.write_h5ad(d / "ref.h5ad")
+    query.write_h5ad(d / "query.h5ad")
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(files):
+    proc = run("train", "--reference", "ref.h5ad", "--labels", ",".join(LEVELS),
+               "--coords", "latent=X_ref_latent,umap=X_umap", "--out", "model", "--num-epochs", "4", "--hidden-sizes", "128,64",
+               "--random-state", "3", "--json", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_train_writes_the_model_and_a_json_summary(files, trained):
+    assert trained["ok"] is True and trained["command"] == "train"
+    assert trained["model"] == str(Path("model") / "model_manifest.json")
+    for path in trained["files"].values():
+        assert (files / path).is_file()
+    model = atlasmtl.TrainedModel.load(files / trained["model"])
+    assert model.label_columns == LEVELS
+    assert trained["levels"] == {"lineage": 5, "bulk_labels": 10}
+    assert model.coord_targets == {"latent": "X_ref_latent", "umap": "X_umap"}
+    assert model.train_config["num_epochs"] == 4 and model.train_config["random_state"] == 3
+    assert model.metadata["architecture"]["hidden_sizes"] == [128, 64]
+    assert trained["n_genes"] == 765 and trained["reference_cells"] == 490
+
+
+def test_predict_csv_and_h5ad_match_the_python_api(files, trained, monkeypatch, capsys):
+    monkeypatch.chdir(files)  # the CSV run in-process (same main()), the .h5ad run as a real process below
+    assert cli.main(["predict", "--model", trained["model"], "--query", "query.h5ad", "--out", "pred.csv",
+                     "--mode", "standard", "--confidence-high", "0.8", "--knn-k", "10"]) == 0
+    assert "wrote 210 predictions to pred.csv" in capsys.readouterr().out
+    table = pd.read_csv(files / "pred.csv", index_col=0)
+    model = atlasmtl.TrainedModel.load(files / trained["model"])
+    expected = atlasmtl.predict(model, str(files / "query.h5ad"), confidence_high=0.8, knn_k=10,
+                                show_progress=False).to_dataframe("standard")
+    assert list(table.columns) == list(expected.columns)
+    assert list(table.index) == list(expected.index)
+    for level in LEVELS:
+        np.testing.assert_array_equal(table[f"pred_{level}"].to_numpy(), expected[f"pred_{level}"].astype(str).to_numpy())
+        np.testing.assert_allclose(table[f"conf_{level}"], expected[f"conf_{level}"], rtol=1e-6)
+
+    proc = run("predict", "--model", "model", "--query", "query.h5ad", "--out", "out/annotated.h5ad",
+               "--mode", "full", "--include-coords", "--json", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    annotated = ad.read_h5ad(files / "out" / "annotated.h5ad")
+    assert annotated.n_obs == 210 and "pred_bulk_labels_knn" in annotated.obs
+    assert annotated.obsm["X_pred_umap"].shape == (210, 2)
+    assert list(annotated.obs.columns[:2]) == LEVELS  # the query's own columns are kept
+    for level in LEVELS:
+        counts = annotated.obs[f"pred_{level}"].astype(str).value_counts().to_dict()
+        assert summary["levels"][level]["label_counts"] == counts
+        assert summary["levels"][level]["unknown_rate"] == pytest.approx(
+            annotated.obs[f"is_unknown_{level}"].mean(), abs=1e-6)
+    assert summary["genes"]["n_matched"] == 765 and summary["warnings"] == []
+
+
+def test_report_from_saved_predictions_with_the_installed_script(files, trained):
+    assert (files / "out" / "annotated.h5ad").exists(), "runs after the predict test"
+    exe = shutil.which("atlasmtl")
+    assert exe, "the atlasmtl console script is not installed; run pip install -e ."
+    proc = subprocess.run([exe, "report", "--model", trained["model"], "--query", "query.h5ad", "--predictions",
+                           "out/annotated.h5ad", "--truth-columns", "lineage,bulk_labels", "--reference", "ref.h5ad",
+                           "--out", "report.html", "--json"], cwd=files, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    text = (files / "report.html").read_text()
+    assert summary["bytes"] == (files / "report.html").stat().st_size
+    assert text.count("<img ") == 8
+    assert summary["truth_columns"] == {"lineage": "lineage", "bulk_labels": "bulk_labels"}
+    truth = ad.read_h5ad(files / "query.h5ad").obs
+    pred = ad.read_h5ad(files / "out" / "annotated.h5ad").obs
+    accuracy = np.mean(pred["pred_bulk_labels"].astype(str) == truth["bulk_labels"].astype(str))
+    assert summary["metrics"]["bulk_labels"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_bad_model_is_one_line_with_a_stable_exit_code(files, trained):
+    broken = files / "broken"
+    shutil.copytree(files / "model", broken)
+    with open(broken / "model.pth", "ab") as fh:
+        fh.write(b"tampered")
+    proc = run("predict", "--model", "broken", "--query", "query.h5ad", "--out", "p.csv", "--json", cwd=files)
+    assert_one_line_error(proc, 3, "ChecksumMismatchError")
+    outcome = json.loads(proc.stdout)
+    assert outcome["ok"] is False and outcome["exit_code"] == 3
+    assert not (files / "p.csv").exists()
+
+
+@pytest.mark.parametrize("command,func,skip", [("train", atlasmtl.build_model, cli._TRAIN_SKIP),
+                                               ("predict", atlasmtl.predict, cli._PREDICT_SKIP)])
+def test_help_lists_every_api_option(command, func, skip, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    docs = cli.param_docs(func)
+    for name in inspect.signature(func).parameters:
+        if name not in skip:
+            assert "--" + name.replace("_", "-") in out, name
+            assert docs.get(name), f"{func.__name__}'s docstring does not describe {name}"
+    assert "exit status: 0 ok" in out
+    assert ("(default: 0.7)" if command == "predict" else "(default: 40)") in out
+
+
+# ---------------------------------------------------------------- in-process: same main(), no process start-up
+@pytest.mark.parametrize("command,func,skip", [
+    ("train", atlasmtl.build_model, cli._TRAIN_SKIP),
+    ("predict", atlasmtl.predict, cli._PREDICT_SKIP),
+    ("report", atlasmtl.predict, cli._PREDICT_SKIP),
+])
+def test_options_have_the_api_names_and_defaults(command, func, skip):
+    required = {"train": ["--reference", "r", "--labels", "a", "--out", "o"],
+                "predict": ["--model", "m", "--query", "q", "--out", "o.csv"],
+                "report": ["--model", "m", "--query", "q", "--out", "o.html"]}[command]
+    args = cli.build_parser().parse_args([command, *required])
+    params = {n: p for n, p in inspect.signature(func).parameters.items() if n not in skip}
+    assert params, "no options generated"
+    for name, p in params.items():
+        default = p.default
+        value = getattr(args, name)
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == \
+            (list(default) if isinstance(default, (list, tuple)) else default), name
+
+
+def test_option_values_are_parsed_to_api_types():
+    args = cli.build_parser().parse_args(
+        ["train", "--reference", "r", "--labels", "a", "--out", "o", "--hidden-sizes", "64,32",
+         "--early-stopping-patience", "none", "--num-threads", "max", "--use-raw", "--no-show-progress",
+         "--learning-rate", "0.01"])
+    assert args.hidden_sizes == [64, 32] and args.early_stopping_patience is None
+    assert args.num_threads == "max" and args.use_raw is True and args.show_progress is False
+    assert args.learning_rate == 0.01
+    assert cli.parse_coords("latent=X_ref_latent,X_umap") == {"latent": "X_ref_latent", "umap": "X_umap"}
+    assert cli.parse_truth_columns("a=x,b=y") == {"a": "x", "b": "y"}
+
+
+@pytest.mark.parametrize("argv,code,pattern", [
+    (["train", "--reference", "ref.h5ad", "--out", "m"], 2, "required: --labels"),
+    (["train", "--reference", "ref.h5ad", "--labels", "nope", "--out", "m"], 2, "LabelError: Label column 'nope'"),
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--num-epochs", "0"], 2,
+     "ParameterError: num_epochs=0"),
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--input-transform", "log"], 2,
+     "invalid choice: 'log'"),
+    (["predict", "--model", "model", "--query", "missing.h5ad", "--out", "p.csv"], 2, "No such file: 'missing.h5ad'"),
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.txt"], 2, "must end in .csv"),
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "query.h5ad"], 2, "the query file itself"),
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--confidence-low", "0.9"], 2,
+     "confidence_low=0.9 is above confidence_high"),
+    (["predict", "--model", "nowhere/model_manifest.json", "--query", "query.h5ad", "--out", "p.csv"], 3,
+     "No such model file"),
+    (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--truth-columns", "nope"], 2,
+     "'nope'"),
+    (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.pdf"], 2, "must end in .html"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_errors_in_process(files, trained, monkeypatch, capsys, argv, code, pattern):
+    monkeypatch.chdir(files)
+    assert cli.main([*argv, "--no-show-progress"] if argv[0] in ("predict", "report") else argv) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert pattern in lines[0], lines[0]
+    assert not (files / "m").exists()  # a failed training leaves no model folder behind
+
+
+def test_verbose_shows_the_traceback(files, trained, monkeypatch, capsys):
+    monkeypatch.chdir(files)
+    assert cli.main(["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--verbose",
+                     "--min-gene-overlap", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("atlasmtl predict: error: ParameterError")

@@ -1,0 +1,187 @@
+"""atlasmtl.pl: every plot draws what the result holds, on real data (pbmc68k_reduced split)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import f1_score  # noqa: E402
+
+import atlasmtl  # noqa: E402
+from atlasmtl import pl  # noqa: E402
+from atlasmtl.exceptions import CoordinateError, LabelError, ParameterError  # noqa: E402
+
+LEVELS = ["lineage", "bulk_labels"]
+GATE = {"confidence_high": 0.8, "confidence_low": 0.3, "margin_threshold": 0.25}
+
+
+@pytest.fixture(scope="module")
+def mapped(pbmc_model, pbmc_split):
+    ref, query = pbmc_split
+    result = atlasmtl.predict(pbmc_model, query, show_progress=False, **GATE)
+    return result, ref, query
+
+
+def _visible_axes(fig: Figure):
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+
+
+def test_composition_bars_are_label_fractions(mapped):
+    result, _, _ = mapped
+    fig = pl.composition(result)
+    assert isinstance(fig, Figure)
+    axes = _visible_axes(fig)
+    assert len(axes) == len(LEVELS)
+    for ax, level in zip(axes, LEVELS):
+        names = [t.get_text() for t in ax.get_yticklabels()]
+        widths = [p.get_width() for p in ax.patches]
+        assert names[-1] == "Unknown" or names[0] == "Unknown"
+        expected = pd.Series(np.asarray(result.labels(level))).value_counts(normalize=True)
+        # bars are drawn bottom-up from the reversed y positions
+        drawn = dict(zip(reversed(names), widths)) if ax.get_yticks()[0] < ax.get_yticks()[-1] else dict(zip(names, widths))
+        for name, frac in expected.items():
+            assert drawn[name] == pytest.approx(frac)
+        assert sum(widths) == pytest.approx(1.0)
+
+
+def test_confidence_draws_the_result_thresholds(mapped):
+    result, _, _ = mapped
+    fig = pl.confidence(result)
+    axes = _visible_axes(fig)
+    assert len(axes) == 2 * len(LEVELS)
+    conf_axes, margin_axes = axes[0::2], axes[1::2]
+    for ax, level in zip(conf_axes, LEVELS):
+        xs = sorted(line.get_xdata()[0] for line in ax.lines)
+        assert xs == pytest.approx(sorted([GATE["confidence_low"], GATE["confidence_high"]]))
+        assert sum(p.get_height() for p in ax.patches) == result.n_obs
+        assert f"{np.median(result.levels[level]['conf']):.2f}" in ax.get_title()
+    for ax in margin_axes:
+        assert [line.get_xdata()[0] for line in ax.lines] == pytest.approx([GATE["margin_threshold"]])
+
+
+def test_rates_are_the_flag_means(mapped):
+    result, _, _ = mapped
+    ax = _visible_axes(pl.rates(result))[0]
+    heights = [p.get_height() for p in ax.patches]
+    expected = [np.mean(result.levels[lv][f]) for f in ("is_low_conf", "used_knn", "is_unknown") for lv in LEVELS]
+    assert heights == pytest.approx(expected)
+    assert max(expected) > 0  # the gate did something on this split, so the plot is not trivially empty
+
+
+def test_umap_draws_query_over_reference(mapped):
+    result, ref, _ = mapped
+    fig = pl.umap(result, ref, color=["label", "confidence", "unknown"])
+    axes = _visible_axes(fig)
+    assert len(axes) == 3
+    for ax in axes:
+        counts = [len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)]
+        assert counts[0] == ref.n_obs  # the grey reference first, underneath
+        assert sum(counts[1:]) == result.n_obs
+    background = axes[0].collections[0]
+    np.testing.assert_allclose(background.get_offsets(), ref.obsm["X_umap"][:, :2])
+    label_points = np.concatenate([c.get_offsets() for c in axes[0].collections[1:]])
+    np.testing.assert_allclose(np.sort(label_points[:, 0]), np.sort(result.coords["umap"][:, 0]), rtol=1e-5)
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    n_unknown = int(result.levels["bulk_labels"]["is_unknown"].sum())
+    if n_unknown:
+        assert f"Unknown ({n_unknown})" in legend
+    assert f"{result.levels['bulk_labels']['is_unknown'].mean():.1%}" in axes[2].get_title()
+
+
+def test_umap_without_reference_and_bad_arguments(mapped):
+    result, _, _ = mapped
+    ax = _visible_axes(pl.umap(result, color="confidence"))[0]
+    assert "no reference" in ax.get_title()
+    with pytest.raises(ParameterError, match="color"):
+        pl.umap(result, color="sparkle")
+    with pytest.raises(CoordinateError, match="no 'tsne' coordinates"):
+        pl.embedding(result, basis="tsne")
+    with pytest.raises(ParameterError, match="not in the result"):
+        pl.composition(result, levels=["nope"])
+    with pytest.raises(ParameterError, match="PredictionResult"):
+        pl.rates(object())
+
+
+def test_confusion_rows_sum_to_one_and_match_the_counts(mapped):
+    result, _, query = mapped
+    fig = pl.confusion(result, query)
+    axes = _visible_axes(fig)
+    assert len(axes) == len(LEVELS)
+    for ax, level in zip(axes, LEVELS):
+        matrix = ax.get_images()[0].get_array()
+        np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
+        rows = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+        cols = [t.get_text() for t in ax.get_xticklabels()]
+        truth = query.obs[level].astype(str).to_numpy()
+        pred = np.asarray(result.labels(level)).astype(str)
+        i, j = rows.index(truth[0]), cols.index(pred[0])
+        expected = np.mean(pred[truth == truth[0]] == pred[0])
+        assert matrix[i, j] == pytest.approx(expected)
+        assert f"{np.mean(pred == truth):.1%}" in ax.get_title()
+
+
+def test_f1_bars_are_sklearn_per_class_f1(mapped):
+    result, _, query = mapped
+    axes = _visible_axes(pl.f1_scores(result, query))
+    for ax, level in zip(axes, LEVELS):
+        names = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+        scores = dict(zip(names[::-1] if ax.get_yticks()[0] < ax.get_yticks()[-1] else names,
+                          [p.get_width() for p in ax.patches]))
+        y = query.obs[level].astype(str).to_numpy()
+        p = np.asarray(result.labels(level)).astype(str)
+        for name in names:
+            assert scores[name] == pytest.approx(f1_score(y, p, labels=[name], average=None, zero_division=0)[0])
+
+
+def test_reliability_ece_matches_evaluate(mapped):
+    result, _, query = mapped
+    evaluation = atlasmtl.evaluate(result, query, LEVELS)
+    axes = _visible_axes(pl.reliability(result, query))
+    for ax, level in zip(axes, LEVELS):
+        assert ax.get_title() == f"{level}: ECE {evaluation['levels'][level]['ece']:.3f}"
+    table = pl.calibration_bins(np.array([0.05, 0.5, 0.55, 1.0]), np.array([False, True, False, True]), n_bins=2)
+    assert table["cells"].tolist() == [2, 2]  # bins are (0, 0.5] and (0.5, 1]
+    assert table["confidence"].tolist() == pytest.approx([0.275, 0.775])
+    assert table["accuracy"].tolist() == pytest.approx([0.5, 0.5])
+    assert pl.expected_calibration_error(table) == pytest.approx((2 * 0.225 + 2 * 0.275) / 4)
+
+
+def test_truth_forms_align_by_cell_name(mapped):
+    result, _, query = mapped
+    shuffled = query.obs.sample(frac=1.0, random_state=1)
+    by_frame = pl.truth_by_level(result, shuffled)
+    assert list(by_frame) == LEVELS
+    np.testing.assert_array_equal(by_frame["bulk_labels"], query.obs["bulk_labels"].astype(str).to_numpy())
+    renamed = query.obs.rename(columns={"lineage": "coarse", "bulk_labels": "fine"})
+    by_list = pl.truth_by_level(result, renamed, ["coarse", "fine"])
+    np.testing.assert_array_equal(by_list["lineage"], by_frame["lineage"])
+    by_map = pl.truth_by_level(result, {"bulk_labels": query.obs["bulk_labels"].to_numpy()})
+    assert list(by_map) == ["bulk_labels"]
+    with_nan = query.obs.copy()
+    with_nan["bulk_labels"] = with_nan["bulk_labels"].astype(object)
+    with_nan.iloc[0, with_nan.columns.get_loc("bulk_labels")] = np.nan
+    assert pl.truth_by_level(result, with_nan)["bulk_labels"][0] is None
+    with pytest.raises(LabelError, match="not in the table"):
+        pl.truth_by_level(result, query.obs, {"bulk_labels": "nope"})
+    with pytest.raises(LabelError, match="not in the truth table"):
+        pl.truth_by_level(result, query.obs.iloc[5:])
+    with pytest.raises(LabelError, match="one per level"):
+        pl.truth_by_level(result, query.obs, ["bulk_labels"])
+
+
+def test_training_history_show_and_save(pbmc_model, mapped, tmp_path):
+    result, _, _ = mapped
+    ax = _visible_axes(pl.training_history(pbmc_model))[0]
+    history = pbmc_model.train_config["history"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [h["train_loss"] for h in history])
+    assert pl.rates(result, show=True) is None  # shown (Agg: a no-op), nothing returned, as in scanpy
+    matplotlib.pyplot.close("all")
+    out = tmp_path / "composition.png"
+    pl.composition(result, save=out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

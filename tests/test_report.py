@@ -1,0 +1,124 @@
+"""The HTML mapping report: self-contained, complete, and rendered by a real browser (headless chromium)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+import shutil
+import subprocess
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib import image as mpimg  # noqa: E402
+
+import atlasmtl  # noqa: E402
+from atlasmtl.exceptions import InputError, ParameterError  # noqa: E402
+from atlasmtl.report import result_from_predictions  # noqa: E402
+
+LEVELS = ["lineage", "bulk_labels"]
+IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+@pytest.fixture(scope="module")
+def mapped(pbmc_model, pbmc_split):
+    ref, query = pbmc_split
+    return atlasmtl.predict(pbmc_model, query, show_progress=False), ref, query
+
+
+@pytest.fixture(scope="module")
+def full_report(mapped, pbmc_model, tmp_path_factory):
+    result, ref, query = mapped
+    path = tmp_path_factory.mktemp("report") / "sub" / "report.html"
+    written = result.report(path, model=pbmc_model, adata=query, truth=LEVELS, reference=ref)
+    assert written == path
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
+    path, text = full_report
+    result, _, query = mapped
+    images = IMG.findall(text)
+    text = html.unescape(text)
+    # composition, rates, confidence, umap, confusion, F1, reliability, training history
+    assert len(images) == 8 == text.count("<img ")
+    for alt, data in images:
+        pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100, alt
+        assert pixels[..., :3].std() > 0.05, f"{alt} is blank"
+    # nothing is fetched from anywhere: no external scripts, styles, images or fonts
+    assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", text)
+    assert "@import" not in text and "url(" not in text
+    for anchor in ("overview", "labels", "confidence", "coordinates", "accuracy", "inputs", "settings",
+                   "resources", "versions"):
+        assert f'id="{anchor}"' in text
+    genes = result.metadata["genes"]
+    assert f"{genes['n_matched']} of the model's {genes['n_model_genes']} genes" in text
+    assert f"{1 - result.levels['bulk_labels']['is_unknown'].mean():.1%}" in text
+    evaluation = atlasmtl.evaluate(result, query, LEVELS)
+    macro = evaluation["levels"]["bulk_labels"]["macro_f1"]
+    assert f"{macro:.3f}" in text  # the summary card
+    assert f"{macro:.4f}".rstrip("0") in text  # the metrics table
+    assert result.metadata["versions"]["torch"] in text
+    assert str(pbmc_model.train_config["num_epochs"]) in text
+    assert "confidence_high = 0.7" in text
+
+
+def test_report_in_headless_chromium(full_report, tmp_path):
+    """Render the report in a real browser: the screenshot is not blank and every image decoded."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is needed for this test: apt-get install chromium (.ci/run installs it)"
+    path, text = full_report
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,2000", path.as_uri()],
+                   check=True, capture_output=True, timeout=90)
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[:2] == (2000, 1280)
+    assert pixels[..., :3].std() > 0.1, "the screenshot is blank"
+    # the page's header band is drawn (dark blue), i.e. the styles applied
+    assert pixels[20:60, 20:400, 2].mean() < 0.5
+    dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", path.as_uri()],
+                         check=True, capture_output=True, timeout=90, text=True).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    n = text.count("<img ")
+    assert f'data-images="{n}/{n}"' in body, body
+    assert 'data-images-loaded="yes"' in body, body
+
+
+def test_minimal_report_and_bad_arguments(mapped, tmp_path):
+    result, _, query = mapped
+    path = atlasmtl.report.write_report(tmp_path / "plain.html", result)
+    text = path.read_text()
+    assert 'id="accuracy"' not in text  # no truth given
+    assert "no reference given" in text and "No model given" in text
+    assert len(IMG.findall(text)) == 4
+    with pytest.raises(ParameterError, match="adata="):
+        result.report(tmp_path / "x.html", truth=LEVELS)
+    with pytest.raises(InputError, match="not the query"):
+        result.report(tmp_path / "x.html", adata=query[:10].copy())
+    with pytest.raises(ParameterError, match="one per level"):
+        result.report(tmp_path / "x.html", adata=query, truth=["cell_type"])
+    with pytest.raises(InputError, match="Could not write"):
+        result.report(tmp_path / "plain.html" / "x.html")
+
+
+def test_result_rebuilt_from_full_predictions(mapped, pbmc_model, tmp_path):
+    result, _, _ = mapped
+    result.to_csv(tmp_path / "full.csv", mode="full")
+    rebuilt = result_from_predictions(tmp_path / "full.csv", pbmc_model, settings={"confidence_high": 0.7})
+    assert list(rebuilt.obs_names) == list(result.obs_names)
+    for level in LEVELS:
+        for field in ("code", "raw_code", "knn_code", "is_unknown", "is_low_conf", "used_knn"):
+            np.testing.assert_array_equal(rebuilt.levels[level][field], result.levels[level][field], err_msg=field)
+        np.testing.assert_allclose(rebuilt.levels[level]["conf"], result.levels[level]["conf"], rtol=1e-6)
+    result.to_csv(tmp_path / "minimal.csv", mode="minimal")
+    with pytest.raises(InputError, match="mode='full'"):
+        result_from_predictions(tmp_path / "minimal.csv", pbmc_model)
