@@ -408,7 +408,7 @@ def rates(
     levels = result.label_columns
     fields = (("is_low_conf", "low-confidence", "#e08a00"), ("used_knn", "KNN-rescued", "#3b75af"),
               ("is_unknown", "Unknown", UNKNOWN_COLOUR))
-    fig = _new_figure(figsize or (max(4.5, 1.9 * len(levels) + 2.5), 3.4), show)
+    fig = _new_figure(figsize or (max(4.0, 1.4 * len(levels) + 2.2), 3.0), show)
     ax = fig.subplots()
     x = np.arange(len(levels))
     width = 0.26
@@ -752,8 +752,8 @@ def reliability(
 
     Uses the network's own (pre-gate, pre-KNN) label and confidence. A
     calibrated model lies on the diagonal; the title gives the expected
-    calibration error (ECE) over ``n_bins`` equal-width bins, and the bars at the
-    bottom show how many cells fall in each bin.
+    calibration error (ECE) over ``n_bins`` equal-width bins; marker areas and the
+    bars at the bottom show how many cells fall in each bin (bins of a few cells are noisy).
 
     Parameters
     ----------
@@ -788,10 +788,12 @@ def reliability(
         ax.plot([0, 1], [0, 1], color="#999999", ls="--", lw=1, label="perfect calibration")
         ax.bar(table["lower"], table["cells"] / max(table["cells"].max(), 1) * 0.25, width=1 / n_bins, align="edge",
                color="#cfdced", edgecolor="white", label="cells per bin (scaled)")
-        ax.plot(table.loc[ok, "confidence"], table.loc[ok, "accuracy"], marker="o", color="#3b75af", lw=1.5,
-                label="accuracy")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
+        ax.plot(table.loc[ok, "confidence"], table.loc[ok, "accuracy"], color="#3b75af", lw=1, alpha=0.5)
+        sizes = 12 + 150 * np.sqrt(table.loc[ok, "cells"] / table["cells"].max())
+        ax.scatter(table.loc[ok, "confidence"], table.loc[ok, "accuracy"], s=sizes, color="#3b75af", zorder=3,
+                   label="accuracy (marker area ~ cells)")
+        ax.set_xlim(0, 1.03)
+        ax.set_ylim(0, 1.05)
         ax.set_xlabel("confidence")
         ax.set_title(f"{level}: ECE {ece:.3f}", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)

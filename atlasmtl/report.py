@@ -7,8 +7,8 @@ every plot of :mod:`atlasmtl.pl` is embedded as a base64 PNG, and there are no
 external scripts, styles or fonts.
 
 Sections: overview (cells, levels, per-level Unknown / low-confidence /
-KNN-rescue rates, and findings worth a look), predicted labels, confidence and
-margin with the gate's thresholds, query cells on the reference coordinates,
+KNN-rescue rates, and findings worth a look), query cells on the reference
+coordinates, predicted labels, confidence and margin with the gate's thresholds,
 accuracy against known labels (metrics table from :func:`atlasmtl.evaluate`,
 confusion matrices, per-class F1, reliability diagram) when ``truth`` is given,
 gene overlap and input checks, settings, resource summaries of training and
@@ -308,6 +308,20 @@ def render_report(
         section("overview", "Overview", f'<div class="cards">{cards_html}</div>{level_table}'
                 "<h3>Findings</h3>" + found_html)
 
+        # coordinates
+        bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
+        basis = basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
+        if basis is not None:
+            ref_note = ("over the reference cells (grey)" if reference is not None
+                        else "(no reference given, so the reference cells are not drawn)")
+            content = fig(pl.embedding(result, reference, basis=basis, color=("label", "confidence", "unknown")),
+                          f"query cells on the reference {basis}",
+                          f"Query cells at their predicted {_e(basis)} coordinates {ref_note}, coloured by the "
+                          f"finest level's label ({_e(levels[-1])}), its confidence, and Unknown calls.")
+        else:
+            content = '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
+        section("coordinates", "Reference coordinates", content)
+
         # labels and gate
         content = '<div class="grid">' + fig(
             pl.composition(result), "predicted label composition per level",
@@ -324,20 +338,6 @@ def render_report(
             f"{_e(_fmt(settings.get('margin_threshold')))}; Unknown below confidence_low = "
             f"{_e(_fmt(settings.get('confidence_low')))} unless the KNN vote (≥ knn_conf_low = "
             f"{_e(_fmt(settings.get('knn_conf_low')))}) rescues the cell."))
-
-        # coordinates
-        bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
-        basis = basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
-        if basis is not None:
-            ref_note = ("over the reference cells (grey)" if reference is not None
-                        else "(no reference given, so the reference cells are not drawn)")
-            content = fig(pl.embedding(result, reference, basis=basis, color=("label", "confidence", "unknown")),
-                          f"query cells on the reference {basis}",
-                          f"Query cells at their predicted {_e(basis)} coordinates {ref_note}, coloured by the "
-                          f"finest level's label ({_e(levels[-1])}), its confidence, and Unknown calls.")
-        else:
-            content = '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
-        section("coordinates", "Reference coordinates", content)
 
         # truth
         if truth_frame is not None:
