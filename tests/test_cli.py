@@ -213,3 +213,11 @@ def test_verbose_shows_the_traceback(files, trained, monkeypatch, capsys):
                      "--min-gene-overlap", "2"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("atlasmtl predict: error: ParameterError")
+
+
+def test_demo_json(capsys):
+    assert cli.main(["demo", "--num-epochs", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["dataset"] == "pbmc68k_reduced"
+    assert set(out["scores"]) == set(LEVELS)
+    assert out["scores"]["lineage"]["accuracy"] > 0.5  # 5 classes; even 3 epochs beat chance by far
