@@ -56,6 +56,10 @@ def _check_params(**p: Any) -> None:
         raise ParameterError(f"dropout_rate={p['dropout_rate']!r} must lie in [0, 1).")
     if not float(p["learning_rate"]) > 0:
         raise ParameterError(f"learning_rate={p['learning_rate']!r} must be > 0.")
+    if not 0.0 <= float(p["label_smoothing"]) < 1.0:
+        raise ParameterError(f"label_smoothing={p['label_smoothing']!r} must lie in [0, 1).")
+    if not 0.0 <= float(p["class_weight_power"]) <= 1.0:
+        raise ParameterError(f"class_weight_power={p['class_weight_power']!r} must lie in [0, 1].")
     if not 0.0 <= float(p["val_fraction"]) < 1.0:
         raise ParameterError(f"val_fraction={p['val_fraction']!r} must lie in [0, 1).")
     esp = p["early_stopping_patience"]
@@ -100,6 +104,16 @@ def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict
         codes[:, j] = cat.codes
         unlabelled[col] = int(missing.sum())
     return classes, codes, unlabelled
+
+
+def class_weights(codes: np.ndarray, n_classes: int, power: float, device: torch.device) -> torch.Tensor | None:
+    """Cross-entropy class weights ∝ frequency ** -power, scaled so the average weight per cell is 1."""
+    if power == 0:
+        return None
+    counts = np.bincount(codes[codes >= 0], minlength=n_classes).astype(np.float64)
+    weights = (counts.sum() / np.maximum(counts, 1)) ** power
+    weights *= counts.sum() / max((weights * counts).sum(), 1e-12)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarray) -> dict[str, dict[str, str]]:
@@ -155,6 +169,8 @@ def build_model(
     batch_size: int = 256,
     num_epochs: int = 40,
     learning_rate: float = 1e-3,
+    label_smoothing: float = 0.1,
+    class_weight_power: float = 0.5,
     input_transform: str = "binary",
     val_fraction: float = 0.0,
     early_stopping_patience: int | None = None,
@@ -177,12 +193,27 @@ def build_model(
     coord_targets
         Name → ``obsm`` key of reference coordinates to regress (e.g.
         ``{"latent": "X_ref_latent", "umap": "X_umap"}``); ``None`` for none.
-    layer, use_raw
-        Read expression values from ``adata.layers[layer]`` or ``adata.raw`` instead of ``X``.
-    hidden_sizes, dropout_rate
-        Encoder widths and dropout.
-    batch_size, num_epochs, learning_rate
-        Adam minibatch training settings.
+    layer
+        Read expression values from ``adata.layers[layer]`` instead of ``X``.
+    use_raw
+        Read expression values (and genes) from ``adata.raw`` instead of ``X``.
+    hidden_sizes
+        Encoder layer widths (each ``Linear → ReLU → Dropout``).
+    dropout_rate
+        Dropout after each encoder layer.
+    batch_size
+        Cells per training minibatch.
+    num_epochs
+        Passes over the reference.
+    learning_rate
+        Adam learning rate.
+    label_smoothing
+        Cross-entropy label smoothing; keeps confidences from saturating, which
+        makes them rank novel cells (unseen types) below known ones. 0 disables.
+    class_weight_power
+        Class weights ∝ (1 / class frequency) ** power, normalised to mean 1 over
+        the cells: 0 = unweighted, 1 = fully balanced, 0.5 (default) helps rare
+        types without distorting calibration much.
     input_transform
         ``"binary"`` (x > 0) or ``"float"`` (log1p of counts per 10k).
     val_fraction
@@ -195,8 +226,10 @@ def build_model(
         CPU threads (capped at the CPUs available; ``"max"`` = 80% of them).
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    show_progress, show_summary
-        Progress bar with ETA / final summary; ``None`` = only in an interactive terminal.
+    show_progress
+        Epoch progress bar with ETA on stderr; ``None`` = only in an interactive terminal.
+    show_summary
+        Print a compact summary at the end; ``None`` = only in an interactive terminal.
     random_state
         Seed for initialisation, shuffling and dropout.
 
@@ -211,6 +244,8 @@ def build_model(
         num_epochs=num_epochs,
         dropout_rate=dropout_rate,
         learning_rate=learning_rate,
+        label_smoothing=label_smoothing,
+        class_weight_power=class_weight_power,
         val_fraction=val_fraction,
         early_stopping_patience=early_stopping_patience,
         hidden_sizes=hidden_sizes,
@@ -271,7 +306,15 @@ def build_model(
         c = {n: torch.from_numpy(coord_std[n][rows]).to(dev) for n in coord_names}
         return x, y, c
 
-    ce = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
+    losses = [
+        nn.CrossEntropyLoss(
+            weight=class_weights(codes[train_cells, j], len(classes[col]), class_weight_power, dev),
+            ignore_index=-1,
+            reduction="sum",
+            label_smoothing=label_smoothing,
+        )
+        for j, col in enumerate(label_columns)
+    ]
 
     def loss_of(net, rows):
         x, y, c = batch_tensors(rows)
@@ -280,7 +323,7 @@ def build_model(
         for j, lg in enumerate(logits):
             n_valid = int((y[:, j] >= 0).sum())
             if n_valid:
-                loss = loss + ce(lg, y[:, j]) / n_valid
+                loss = loss + losses[j](lg, y[:, j]) / n_valid
         for n in coord_names:
             loss = loss + torch.mean((pred[n] - c[n]) ** 2)
         return loss
@@ -356,6 +399,8 @@ def build_model(
         "batch_size": batch_size,
         "num_epochs": num_epochs,
         "learning_rate": learning_rate,
+        "label_smoothing": label_smoothing,
+        "class_weight_power": class_weight_power,
         "input_transform": input_transform,
         "val_fraction": val_fraction,
         "early_stopping_patience": early_stopping_patience,
