@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from common import H5adWriter, WORK_DIR, chunks, lognorm_cp10k, read_json, shared_data_dir, write_json
 
-CASE_FORMAT = 3  # bump when the generated files change, so stale work files are rebuilt
+CASE_FORMAT = 5  # bump when the generated files change, so stale work files are rebuilt
 
 SYMPHONY_LEVELS = ["cell_type_broad", "cell_type"]
 PBMC68K_LEVELS = ["lineage", "bulk_labels"]
@@ -119,10 +119,17 @@ def make_cellbench(out: Path, query_protocols: list[str], novel: str | None = No
     adata = adata[(adata.obs["demuxlet_cls"] == "SNG").to_numpy()].copy()
     adata.obs_names = adata.obs_names.astype(str)
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
-    # genes detected in at least 3 singlets of the training plates (the reference decides the gene set)
+    # the reference decides the genes: detected in >= 3 training singlets, then the 3,000 most variable
+    # (scanpy "seurat" flavour on the training cells' log1p CP10k), as for the semi-synthetic cases
+    import scanpy as sc
+
     train = adata.obs["protocol"].isin(CELLBENCH_TRAIN).to_numpy()
     detected = np.asarray((counts[train] > 0).sum(axis=0)).ravel() >= 3
     adata, counts = adata[:, detected].copy(), counts[:, detected]
+    hv = ad.AnnData(X=lognorm_cp10k(counts[train]), var=pd.DataFrame(index=adata.var_names))
+    sc.pp.highly_variable_genes(hv, n_top_genes=3000, flavor="seurat")
+    keep = hv.var["highly_variable"].to_numpy()
+    adata, counts = adata[:, keep].copy(), counts[:, keep]
     adata.X = lognorm_cp10k(counts)
     q = adata.obs["protocol"].isin(query_protocols).to_numpy()
     ref, query = adata[train].copy(), adata[q].copy()
@@ -131,7 +138,8 @@ def make_cellbench(out: Path, query_protocols: list[str], novel: str | None = No
     title = f"CellBench singlets, train on the CEL-seq2 5-line plates, predict {' + '.join(query_protocols)}"
     spec = {"levels": levels, "batch_key": "protocol", "has_counts": True, "coords": {}, "novel": {},
             "semi_synthetic": False, "x_is_cp10k": True,
-            "source": "cellbench_celseq2_dropseq.h5ad, demuxlet_cls == 'SNG'; genes seen in >= 3 training cells"}
+            "source": "cellbench_celseq2_dropseq.h5ad, demuxlet_cls == 'SNG'; genes seen in >= 3 training cells, then "
+                      "3,000 HVGs of the training cells (scanpy 'seurat' flavour); X = log1p CP10k over those genes"}
     if novel:
         spec["novel"] = {"cell_line": [novel]}
         ref, c_ref = _remove_type(ref, c_ref, "cell_line", novel)
@@ -260,14 +268,16 @@ def make_synthetic(out: Path, n_ref: int, n_query: int | None = None, seed: int 
     truth.to_csv(out / "truth.csv.gz", compression="gzip")
     src_obs = pd.DataFrame({"coarse": source["coarse"], "fine": source["fine"]})
     spec = {
-        "levels": SYNTH_LEVELS, "batch_key": "condition", "has_counts": True, "coords": {}, "novel": {},
+        "levels": SYNTH_LEVELS, "batch_key": None, "has_counts": True, "coords": {}, "novel": {},
         "semi_synthetic": True, "x_is_cp10k": True, "n_ref": n_ref, "n_query": n_query,
         "n_genes": int(len(source["genes"])), "format": CASE_FORMAT, "seed": seed,
         "title": f"SEMI-SYNTHETIC: {n_ref:,} reference / {n_query:,} query cells resampled from Kang PBMC counts",
         "source": ("kang_ctrl_stim_counts.h5ad (2,000 real cells): 3,000 HVGs; labels = k-means (16) on 50 PCs of centred log1p CP10k, "
                    "coarse = Ward (5) on the fine centroids; 70/30 source split so query profiles never derive "
                    "from reference cells; each synthetic cell = binomial thinning (keep fraction U(0.5, 0.9)) of a "
-                   "real profile, exact copies redrawn; written in 50k-cell chunks"),
+                   "real profile, exact copies redrawn; written in 50k-cell chunks. No batch key: reference and "
+                   "query are draws from the same cells' distribution, and the clusters partly follow the "
+                   "ctrl/stim condition, so correcting for it would remove label signal"),
         "source_label_counts": {lv: src_obs[k].value_counts().to_dict() for lv, k in zip(SYNTH_LEVELS, ["coarse", "fine"])},
     }
     write_json(out / "case.json", spec)

@@ -246,8 +246,26 @@ def reference_hierarchy(obs: pd.DataFrame, levels: list[str]) -> dict[str, dict[
 
 # --------------------------------------------------------------------------- measurement
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MB)."""
+    """This process's peak resident memory so far (MB): ``VmHWM`` of ``/proc/self/status``.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: on Linux it keeps the high-water
+    mark of the process image replaced by ``exec``, i.e. the RSS of the (large)
+    parent at fork time, so every subprocess of a big parent would report at least
+    the parent's size. ``VmHWM`` belongs to the fresh address space made by ``exec``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def children_peak_rss_mb() -> float:
+    """Largest peak RSS among this process's finished child processes (e.g. joblib workers), MB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 class Timer:

@@ -108,24 +108,43 @@ def run_one(method: str, case_dir: Path, out_dir: Path, settings: dict, timeout:
         env[var] = str(THREADS)
     env.pop("PYTHONPATH", None)
     env["PYTHONWARNINGS"] = "ignore"
+    import psutil
+
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
+    sampled_peak = 0.0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd=str(BENCH_DIR.parent))
+        ps = psutil.Process(proc.pid)
         timed_out = False
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
+            try:  # RSS of the runner and all its descendants, summed, every 0.1 s
+                tree = [ps, *ps.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                sampled_peak = max(sampled_peak, total / 2**20)
+            except psutil.Error:
+                pass
+            if proc.poll() is not None:
                 break
             if time.perf_counter() - t0 > timeout and not timed_out:
                 os.killpg(proc.pid, signal.SIGKILL)
                 timed_out = True
             time.sleep(0.1)
-        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     rec_path = out_dir / "run.json"
     record = read_json(rec_path) if rec_path.exists() else {}
-    record.update(wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024.0, returncode=proc.returncode, log=str(log_path))
+    # Peak RSS: the runner's own high-water mark (VmHWM, exact), its finished children's, and the sampled
+    # sum over the process tree (catches concurrent workers); the largest of the three.
+    peak = max(sampled_peak, record.get("peak_rss_self_mb") or 0.0, record.get("peak_rss_children_mb") or 0.0)
+    record.update(wall_seconds=wall, peak_rss_mb=peak, peak_rss_sampled_mb=sampled_peak,
+                  returncode=proc.returncode, log=str(log_path),
+                  load_average_1min={"before": load_before, "after": os.getloadavg()[0]})
     if timed_out:
         record.update(status="timeout", reason=f"killed after {timeout:.0f} s")
     elif proc.returncode != 0 and record.get("status") != "error":
@@ -238,7 +257,8 @@ def run_benchmark(case_names: list[str], methods: list[str] | None, smoke: bool,
                     "peak_rss_mb": record["peak_rss_mb"], "peak_rss_after_train_mb": record.get("peak_rss_after_train_mb"),
                     "wall_seconds": record["wall_seconds"], "settings": {**record.get("settings", {}), **out.get("settings", {})},
                     "run_settings": entry["settings"], "extra": out.get("extra", {}), "versions": record.get("versions", {}),
-                    "cpu_count": record.get("cpu_count"), "metrics": metrics,
+                    "cpu_count": record.get("cpu_count"), "load_average_1min": record.get("load_average_1min"),
+                    "metrics": metrics,
                     "shared_training": name != method,
                 })
                 fine = spec["levels"][-1]

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Timer,
+    children_peak_rss_mb,
     derive_parent,
     load_case,
     peak_rss_mb,
@@ -119,7 +120,10 @@ def _pca(ref_x, n_components: int, seed: int):
     from sklearn.decomposition import PCA
 
     n_components = min(n_components, ref_x.shape[1] - 1, ref_x.shape[0] - 1)
-    pca = PCA(n_components=n_components, svd_solver="covariance_eigh", random_state=seed)
+    # covariance_eigh (genes × genes covariance, then eigh) is fastest for many cells and few genes;
+    # ARPACK (implicitly centred Lanczos) otherwise, where the covariance's eigh (cubic in genes) dominates.
+    solver = "covariance_eigh" if ref_x.shape[1] <= 4000 and ref_x.shape[0] >= 5 * ref_x.shape[1] else "arpack"
+    pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed)
     scores = pca.fit_transform(ref_x)
     return pca, scores.astype(np.float32)
 
@@ -156,7 +160,7 @@ def run_knn(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: 
     return {
         "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
         "outputs": {"knn": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": pred_coords}},
-        "settings": {"k": k, "n_pcs": int(pca.n_components_), "pca": "sklearn PCA covariance_eigh on log1p CP10k (no scaling)",
+        "settings": {"k": k, "n_pcs": int(pca.n_components_), "pca": f"sklearn PCA ({pca.svd_solver}) on log1p CP10k (no scaling)",
                      "vote": "uniform", "coords": "mean of the neighbours' reference coordinates"},
         "versions": versions(),
     }
@@ -192,7 +196,7 @@ def run_logreg(case: dict, ref_path: Path, query_path: Path, settings: dict, see
         "train_seconds": t_train.seconds, "peak_rss_after_train_mb": rss_train,
         "outputs": {"logreg": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": {}}},
         "settings": {"n_pcs": int(pca.n_components_), "C": C, "max_iter": max_iter, "solver": "lbfgs (multinomial)",
-                     "iterations_used": n_iter, "pca": "sklearn PCA covariance_eigh on log1p CP10k, PCs standardised"},
+                     "iterations_used": n_iter, "pca": f"sklearn PCA ({pca.svd_solver}) on log1p CP10k, PCs standardised"},
         "versions": versions(),
     }
 
@@ -253,9 +257,9 @@ def run_scanvi(case: dict, ref_path: Path, query_path: Path, settings: dict, see
     ref = read_cells(ref_path, matrix="counts", obsm=False)
     query = read_cells(query_path, matrix="counts", obsm=False)
     n_ref, n_query = ref.n_obs, query.n_obs
-    e_scvi = int(settings.get("scvi_epochs") or min(200, max(20, round(200_000 / n_ref))))
-    e_scanvi = int(settings.get("scanvi_epochs", 20))
-    e_query = int(settings.get("query_epochs") or min(100, max(10, round(100_000 / n_query))))
+    e_scvi = int(settings.get("scvi_epochs") or min(100, max(20, round(100_000 / n_ref))))
+    e_scanvi = int(settings.get("scanvi_epochs", 10))
+    e_query = int(settings.get("query_epochs") or min(50, max(10, round(100_000 / n_query))))
     hierarchy = reference_hierarchy(ref.obs, levels) if len(levels) > 1 else {}
     if hierarchy is None:
         raise RuntimeError("reference levels do not nest; scANVI's parent labels cannot be derived")
@@ -265,19 +269,26 @@ def run_scanvi(case: dict, ref_path: Path, query_path: Path, settings: dict, see
     arch = dict(n_layers=2, n_latent=30, encode_covariates=True, deeply_inject_covariates=False,
                 use_layer_norm="both", use_batch_norm="none", gene_likelihood="nb")
     trainer = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False)
+    phases: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         with Timer() as t_train:
             scvi.model.SCVI.setup_anndata(ref, batch_key="_batch", labels_key=fine)
             vae = scvi.model.SCVI(ref, **arch)
+            t0 = time.perf_counter()
             vae.train(max_epochs=e_scvi, **trainer)
+            phases["scvi_seconds"] = time.perf_counter() - t0
             lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown", labels_key=fine)
+            t0 = time.perf_counter()
             lvae.train(max_epochs=e_scanvi, n_samples_per_label=100, **trainer)
+            phases["scanvi_seconds"] = time.perf_counter() - t0
             lvae.save(tmp, overwrite=True)
         rss_train = peak_rss_mb()
         with Timer() as t_pred:
             scvi.model.SCANVI.prepare_query_anndata(query, tmp)
             qmodel = scvi.model.SCANVI.load_query_data(query, tmp)
+            t0 = time.perf_counter()
             qmodel.train(max_epochs=e_query, plan_kwargs={"weight_decay": 0.0}, check_val_every_n_epoch=None, **trainer)
+            phases["query_surgery_seconds"] = time.perf_counter() - t0
             soft = qmodel.predict(soft=True)
             classes = [str(c) for c in soft.columns]
             probs = soft.to_numpy()
@@ -287,10 +298,12 @@ def run_scanvi(case: dict, ref_path: Path, query_path: Path, settings: dict, see
         "outputs": {"scanvi": {"pred": pred, "conf": conf, "predict_seconds": t_pred.seconds, "coords": {}}},
         "settings": {"architecture": arch, "scvi_epochs": e_scvi, "scanvi_epochs": e_scanvi, "scanvi_n_samples_per_label": 100,
                      "query_epochs": e_query, "query_plan_kwargs": {"weight_decay": 0.0}, "batch_key": batch,
+                     "phase_seconds": phases,
                      "threads": threads, "input": "raw counts",
                      "labels": f"trained on the finest level ({fine}); coarser levels = sum of child probabilities "
                                "along the reference hierarchy",
-                     "epoch rule": "scVI min(200, max(20, 2e5/n_ref)); query min(100, max(10, 1e5/n_query))",
+                     "epoch rule": "scVI min(100, max(20, 1e5/n_ref)); scANVI 10; query min(50, max(10, 1e5/n_query)) "
+                                    "(modest, for 2 cores; scvi-tools' own default would be up to 400 scVI epochs)",
                      "predict_seconds includes": "scArches query surgery (training on the query) + predict"},
         "versions": versions("scvi-tools", "torch", "lightning"),
     }
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs[name] = {"predict_seconds": o["predict_seconds"], "settings": o.get("settings", {}),
                          "extra": o.get("extra", {}), "has_coords": bool(o.get("coords"))}
     record.update(status="ok", outputs=outputs, total_seconds=time.perf_counter() - t0,
-                  peak_rss_self_mb=peak_rss_mb(), **out)
+                  peak_rss_self_mb=peak_rss_mb(), peak_rss_children_mb=children_peak_rss_mb(), **out)
     write_json(args.out_dir / "run.json", record)
     return 0
 
