@@ -138,6 +138,20 @@ class GeneAligner:
         dense = linear.toarray() if sp.issparse(linear) else np.array(linear, dtype=np.float32)
         return finalize_values(dense.astype(np.float32, copy=False), self.input_transform)
 
+    def transform_sparse(self, block: sp.csr_matrix) -> sp.csr_matrix:
+        """Sparse query rows → sparse CSR network input (same values as :meth:`transform`)."""
+        linear = to_linear_values(block, self.semantics, self.input_transform)
+        if self.aggregation is not None:
+            linear = linear @ self.aggregation
+        out = sp.csr_matrix(linear, dtype=np.float32, copy=True)
+        out.eliminate_zeros()
+        if self.input_transform == "binary":
+            out.data = (out.data > 0).astype(np.float32)
+            out.eliminate_zeros()
+        else:
+            np.log1p(out.data, out=out.data)
+        return out
+
 
 def identity_aligner(n_genes: int, input_transform: str, semantics: str) -> GeneAligner:
     """Aligner for the reference itself (genes already in model order)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 #: References up to this size use exact (brute-force) search; larger ones pynndescent.
 EXACT_SEARCH_MAX_CELLS = 100_000
@@ -26,9 +27,9 @@ def normalise_rows(z: np.ndarray) -> np.ndarray:
 class NeighbourIndex:
     """Nearest-neighbour search over reference cells, built once and reused.
 
-    Exact search (scikit-learn) for references up to
-    :data:`EXACT_SEARCH_MAX_CELLS` cells, approximate search (pynndescent)
-    above that.
+    Exact Euclidean search (a matrix-product top-k, in chunks) for references
+    up to :data:`EXACT_SEARCH_MAX_CELLS` cells, approximate search
+    (pynndescent) above that.
     """
 
     def __init__(self, embedding: np.ndarray, random_state: int = 0, n_jobs: int = 1) -> None:
@@ -36,9 +37,8 @@ class NeighbourIndex:
         self.exact = self.n_cells <= EXACT_SEARCH_MAX_CELLS
         data = np.ascontiguousarray(embedding, dtype=np.float32)
         if self.exact:
-            from sklearn.neighbors import NearestNeighbors
-
-            self._index = NearestNeighbors(algorithm="brute", metric="euclidean", n_jobs=n_jobs).fit(data)
+            self._index = torch.from_numpy(data)
+            self._sq_norms = (self._index**2).sum(dim=1)
         else:
             from pynndescent import NNDescent
 
@@ -52,7 +52,16 @@ class NeighbourIndex:
         if len(points) == 0:
             return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
         if self.exact:
-            dist, idx = self._index.kneighbors(points, n_neighbors=k)
+            idx = np.empty((len(points), k), dtype=np.int64)
+            dist = np.empty((len(points), k), dtype=np.float32)
+            for start in range(0, len(points), 2048):
+                q = torch.from_numpy(points[start : start + 2048])
+                # ||q - r||² = ||q||² − (2 q·r − ||r||²): the largest score is the nearest
+                score = 2.0 * (q @ self._index.T) - self._sq_norms
+                top, where = torch.topk(score, k, dim=1)
+                sq = torch.clamp((q**2).sum(dim=1, keepdim=True) - top, min=0.0)
+                idx[start : start + len(top)] = where.numpy()
+                dist[start : start + len(top)] = torch.sqrt(sq).numpy()
         else:
             idx, dist = self._index.query(points, k=k)
         return idx, dist

@@ -59,9 +59,21 @@ class MultiTaskNetwork(nn.Module):
             }
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Return ``(embedding, logits per level, standardised coordinates per target)``."""
-        z = self.encoder(x)
+    def forward(
+        self, x: torch.Tensor, first_weight_t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Return ``(embedding, logits per level, standardised coordinates per target)``.
+
+        ``x`` may be a sparse CSR tensor (inference): the first layer is then a
+        sparse × dense product with ``first_weight_t`` (the first layer's
+        weight, transposed and contiguous, prepared once per prediction run).
+        """
+        if x.layout == torch.sparse_csr:
+            first = self.encoder.layers[0]
+            w_t = first.weight.t().contiguous() if first_weight_t is None else first_weight_t
+            z = self.encoder.layers[1:](torch.sparse.mm(x, w_t) + first.bias)
+        else:
+            z = self.encoder(x)
         logits = [head(z) for head in self.label_heads]
         coords = {name: head(z) for name, head in self.coord_heads.items()}
         return z, logits, coords

@@ -9,12 +9,13 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from . import __version__
 from .exceptions import InputError, ParameterError
 from .gating import GatingConfig, apply_gate, low_confidence, top_two
-from .genes import build_aligner
+from .genes import GeneAligner, build_aligner
 from .inputs import (
     MatrixSource,
     check_finite,
@@ -39,6 +40,19 @@ from .runtime import (
     resolve_num_threads,
     torch_threads,
 )
+
+
+def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> torch.Tensor:
+    """Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product), dense ones dense."""
+    if sp.issparse(block):
+        x = aligner.transform_sparse(block)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(x.indptr.astype(np.int64)),
+            torch.from_numpy(x.indices.astype(np.int64)),
+            torch.from_numpy(x.data),
+            size=x.shape,
+        ).to(dev)
+    return torch.from_numpy(aligner.transform(block)).to(dev)
 
 
 def _neighbour_index(model: TrainedModel, n_jobs: int) -> NeighbourIndex:
@@ -181,6 +195,7 @@ def _predict_source(
     coords = {name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()}
     n_searched = 0
     net = model.network.to(dev).eval()
+    first_weight_t = net.encoder.layers[0].weight.detach().t().contiguous()
     monitor = ResourceMonitor(dev)
     try:
         with torch_threads(n_threads), monitor, torch.no_grad():
@@ -189,8 +204,7 @@ def _predict_source(
             for start, stop, block in source.iter_chunks(batch_size):
                 if source.backed:
                     check_finite(block, source.where)
-                x = torch.from_numpy(aligner.transform(block)).to(dev)
-                z, logits, pred = net(x)
+                z, logits, pred = net(_network_input(aligner, block, dev), first_weight_t)
                 any_low = np.zeros(stop - start, dtype=bool)
                 for lv, lg in zip(levels, logits):
                     probs = torch.softmax(lg, dim=1).cpu().numpy()

@@ -246,3 +246,27 @@ def test_float_input_transform(pbmc_split):
     res = _predict(model, query)
     acc = np.mean(np.asarray(res.labels("lineage")) == query.obs["lineage"].to_numpy())
     assert acc > 0.85
+
+
+def test_exact_neighbour_search_matches_scikit_learn():
+    from sklearn.neighbors import NearestNeighbors
+
+    from atlasmtl.knn import NeighbourIndex
+
+    rng = np.random.default_rng(0)
+    ref, points = rng.normal(size=(3000, 8)) * 3, rng.normal(size=(2500, 8)) * 3  # > one 2048-row chunk
+    idx, dist = NeighbourIndex(ref).query(points, 10)
+    true_dist, true_idx = NearestNeighbors(n_neighbors=10).fit(ref).kneighbors(points)
+    np.testing.assert_array_equal(idx, true_idx)
+    np.testing.assert_allclose(dist, true_dist, atol=1e-3)
+
+
+def test_sparse_and_dense_queries_agree(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    dense = query.copy()
+    dense.X = dense.X.toarray()
+    a = _predict(pbmc_model, query, knn_correction="all")
+    b = _predict(pbmc_model, dense, knn_correction="all")
+    for lv in LEVELS:
+        np.testing.assert_allclose(a.levels[lv]["conf"], b.levels[lv]["conf"], rtol=1e-4, atol=1e-5)
+        assert np.mean(a.levels[lv]["code"] == b.levels[lv]["code"]) > 0.99
