@@ -104,6 +104,12 @@ def read_cells(path: Path, matrix: str = "X", obs: bool = True, obsm: bool = Tru
         obsm_d = {k: read_elem(f["obsm"][k]) for k in f["obsm"]} if obsm and "obsm" in f else {}
     if sp.issparse(X):
         X = sp.csr_matrix(X)
+        if X.nnz < 2**31 - 1 and (X.indptr.dtype != np.int32 or X.indices.dtype != np.int32):
+            # the chunked writer stores int64 indptr; scipy itself would use int32 here. Mixed index
+            # dtypes make scipy copy the whole index array on every row selection, and make CellTypist
+            # densify, so every method gets the canonical int32 form.
+            X.indptr = X.indptr.astype(np.int32)
+            X.indices = X.indices.astype(np.int32)
     return ad.AnnData(X=X, obs=obs_df, var=var, obsm=obsm_d)
 
 

@@ -139,7 +139,10 @@ def summary(results: dict) -> str:
         f"Generated {results['generated']} by `{results['command']}` in {results['total_seconds']:.0f} s on "
         f"{m['cpu_count']} CPUs ({m['memory_gb']} GB, {m['platform']}; load average at start "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}). Every (case, method) ran in its own process "
-        f"with {m['threads_per_run']} threads, seed 0. SEMI-SYNTHETIC cases are resampled real counts (see their titles).",
+        f"with {m['threads_per_run']} threads, seed 0. SEMI-SYNTHETIC cases are resampled real counts (see their titles). "
+        f"Code: commit {(results.get('code') or {}).get('commit', '?')}"
+        + (f" with uncommitted changes in {', '.join((results.get('code') or {}).get('uncommitted_changes'))}"
+           if (results.get('code') or {}).get('uncommitted_changes') else "") + ".",
         "",
         "## Finest-level macro-F1 / accuracy",
         "",

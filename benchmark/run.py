@@ -87,8 +87,9 @@ def plan(smoke: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
                                                  "(symphonypy scales the dense HVG matrix: 1M x 2000 floats)"}
     # 1M: atlasmtl trains 4 epochs (4M cell-epochs, as 40 epochs at 100k); CellTypist keeps the input sparse
     # (with_mean=False, its documented large-data setting: the default densifies 1M x 3000 floats = 12 GB).
-    out["synthetic_1m"]["atlasmtl"]["settings"] = {"train": {"num_epochs": 4}}
+    out["synthetic_1m"]["atlasmtl"] = {"settings": {"train": {"num_epochs": 4}}, "timeout": 1200}
     out["synthetic_1m"]["celltypist"] = {"settings": {"train": dict(CT_SGD, with_mean=False)}, "timeout": 900}
+    out["synthetic_1m"]["knn"]["timeout"] = out["synthetic_1m"]["logreg"]["timeout"] = 900
     return out
 
 
@@ -184,6 +185,19 @@ def evaluate_output(case_dir: Path, spec: dict, out_dir: Path, name: str) -> dic
 
 
 # =========================================================================== orchestration
+def code_version() -> dict[str, Any]:
+    """The repository commit the run used, and whether atlasmtl/ or benchmark/ had uncommitted changes."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=BENCH_DIR.parent, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "uncommitted_changes": sorted(line[3:] for line in git("status", "--porcelain", "--", "atlasmtl",
+                                                                    "benchmark").splitlines())}
+
+
 def machine_info() -> dict[str, Any]:
     import psutil
 
@@ -271,6 +285,7 @@ def run_benchmark(case_names: list[str], methods: list[str] | None, smoke: bool,
         "command": " ".join(["python", "benchmark/run.py", *sys.argv[1:]]),
         "smoke": smoke,
         "machine": machine_info(),
+        "code": code_version(),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "cases": case_info,
         "runs": runs,
