@@ -222,19 +222,26 @@ def figure(results: dict, path: Path) -> None:
     names = list(by_case)
     ncol = min(4, len(names))
     nrow = math.ceil(len(names) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False)
+    height = 3.0 * nrow + 0.9
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, height), squeeze=False)
     colours = dict(zip(METHOD_ORDER, plt.get_cmap("tab10").colors))
-    markers = {"atlasmtl": "*", "atlasmtl_knn_off": "*", "atlasmtl_knn_all": "*"}
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    markers = {"atlasmtl": ("*", 190), "atlasmtl_knn_off": ("v", 70), "atlasmtl_knn_all": ("^", 45)}
     for ax, case in zip(axes.ravel(), names):
         fine = cases[case]["levels"][-1]
         for r in _sorted(by_case[case]):
             if r["status"] != "ok" or not r.get("train_seconds"):
                 continue
             f1 = _level(r, fine, "macro_f1")
-            ax.scatter(r["train_seconds"], f1, color=colours.get(r["method"]), marker=markers.get(r["method"], "o"),
-                       s=110 if r["method"] in markers else 45, label=LABEL.get(r["method"], r["method"]),
-                       edgecolor="black", linewidth=0.4, alpha=0.9)
+            marker, size = markers.get(r["method"], ("o", 45))
+            ax.scatter(r["train_seconds"], f1, color=colours.get(r["method"]), marker=marker, s=size,
+                       label=LABEL.get(r["method"], r["method"]), edgecolor="black", linewidth=0.4, alpha=0.9,
+                       zorder=3 if r["method"] in markers else 2)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         title = case + (" (semi-synthetic)" if cases[case].get("semi_synthetic") else "")
         ax.set_title(title, fontsize=8.5)
         ax.set_xlabel("training seconds (log)", fontsize=8)
@@ -249,7 +256,7 @@ def figure(results: dict, path: Path) -> None:
             labels.setdefault(lab, h)
     fig.legend(list(labels.values()), list(labels.keys()), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("Finest-level macro-F1 against training time (one process per method; same machine, same run)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.85 / height, 1, 1 - 0.35 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
