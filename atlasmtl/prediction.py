@@ -91,23 +91,36 @@ def predict(
         A :class:`TrainedModel`.
     adata
         Query AnnData (in memory or backed) or the path of an ``.h5ad`` file (read backed, in chunks).
-    layer, use_raw
-        Read values from ``adata.layers[layer]`` or ``adata.raw`` instead of ``X``.
+    layer
+        Read values from ``adata.layers[layer]`` instead of ``X``.
+    use_raw
+        Read values (and genes) from ``adata.raw`` instead of ``X``.
     gene_map
         Query gene name → model gene name (dict, DataFrame or CSV/TSV path), for different namespaces.
     min_gene_overlap
         Refuse queries holding fewer than this fraction of the model's genes (0 disables).
     knn_correction
         ``"off"``, ``"low_conf_only"`` (only low-confidence cells are searched) or ``"all"``.
-    knn_k, knn_conf_low
-        Neighbours that vote, and the vote fraction needed to accept the vote.
-    confidence_high, confidence_low, margin_threshold
-        Gate: low-confidence when confidence < ``confidence_high`` or margin <
-        ``margin_threshold``; Unknown when confidence < ``confidence_low``.
+    knn_k
+        Reference neighbours that vote for a searched cell.
+    knn_conf_low
+        Vote fraction needed to accept the vote; a low-confidence cell below it becomes Unknown.
+    confidence_high
+        Calls with confidence (top probability) below this are low-confidence.
+    confidence_low
+        Calls with confidence below this are Unknown (unless a KNN vote rescues them).
+    margin_threshold
+        Calls with margin (top1 − top2 probability) below this are low-confidence.
     batch_size
         Cells per inference batch.
-    num_threads, device, show_progress, show_summary
-        As in :func:`build_model`.
+    num_threads
+        CPU threads (capped at the CPUs available; ``"max"`` = 80% of them).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    show_progress
+        Batch progress bar with ETA on stderr; ``None`` = only in an interactive terminal.
+    show_summary
+        Print a compact summary at the end; ``None`` = only in an interactive terminal.
 
     Returns
     -------
