@@ -46,12 +46,16 @@ def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> torch
     """Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product), dense ones dense."""
     if sp.issparse(block):
         x = aligner.transform_sparse(block)
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(x.indptr.astype(np.int64)),
-            torch.from_numpy(x.indices.astype(np.int64)),
-            torch.from_numpy(x.data),
-            size=x.shape,
-        ).to(dev)
+        x.sort_indices()  # canonical CSR from scipy: the invariants hold, so torch need not re-check them
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(x.indptr.astype(np.int64)),
+                torch.from_numpy(x.indices.astype(np.int64)),
+                torch.from_numpy(x.data),
+                size=x.shape,
+                check_invariants=False,
+            ).to(dev)
     return torch.from_numpy(aligner.transform(block)).to(dev)
 
 
