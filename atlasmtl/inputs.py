@@ -121,6 +121,11 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
         matrix = sp.csr_matrix(matrix)
     if matrix.shape[1] == 0 or matrix.shape[0] == 0:
         raise EmptyDataError(f"adata.{where} is empty ({matrix.shape[0]} × {matrix.shape[1]}).")
+    if sp.issparse(matrix) and matrix.indptr.dtype != matrix.indices.dtype:
+        # scipy would cast the whole index array on every row slice; align the small indptr once
+        # (a new matrix object sharing data and indices: the user's AnnData is not modified)
+        matrix = sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr.astype(matrix.indices.dtype)),
+                               shape=matrix.shape, copy=False)
     return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes)
 
 

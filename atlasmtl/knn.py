@@ -15,6 +15,8 @@ import torch
 
 #: References up to this size use exact (brute-force) search; larger ones pynndescent.
 EXACT_SEARCH_MAX_CELLS = 100_000
+#: Query × reference scores held at once by exact search (16M floats = 64 MB).
+_SCORE_BUDGET = 1 << 24
 
 
 def normalise_rows(z: np.ndarray) -> np.ndarray:
@@ -54,8 +56,9 @@ class NeighbourIndex:
         if self.exact:
             idx = np.empty((len(points), k), dtype=np.int64)
             dist = np.empty((len(points), k), dtype=np.float32)
-            for start in range(0, len(points), 2048):
-                q = torch.from_numpy(points[start : start + 2048])
+            chunk = max(1, min(2048, _SCORE_BUDGET // max(self.n_cells, 1)))  # bound the score matrix
+            for start in range(0, len(points), chunk):
+                q = torch.from_numpy(points[start : start + chunk])
                 # ||q - r||² = ||q||² − (2 q·r − ||r||²): the largest score is the nearest
                 score = 2.0 * (q @ self._index.T) - self._sq_norms
                 top, where = torch.topk(score, k, dim=1)

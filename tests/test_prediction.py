@@ -270,3 +270,29 @@ def test_sparse_and_dense_queries_agree(pbmc_model, pbmc_split):
     for lv in LEVELS:
         np.testing.assert_allclose(a.levels[lv]["conf"], b.levels[lv]["conf"], rtol=1e-4, atol=1e-5)
         assert np.mean(a.levels[lv]["code"] == b.levels[lv]["code"]) > 0.99
+
+
+def test_exact_search_in_small_chunks_gives_the_same_neighbours(monkeypatch):
+    import atlasmtl.knn as knn
+
+    rng = np.random.default_rng(1)
+    ref, points = rng.normal(size=(1000, 4)), rng.normal(size=(300, 4))
+    full_idx, _ = knn.NeighbourIndex(ref).query(points, 5)
+    monkeypatch.setattr(knn, "_SCORE_BUDGET", 7 * 1000)  # 7 query rows per chunk
+    small_idx, _ = knn.NeighbourIndex(ref).query(points, 5)
+    np.testing.assert_array_equal(full_idx, small_idx)
+
+
+def test_mixed_index_dtypes_are_aligned_without_touching_the_anndata():
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from atlasmtl.inputs import get_matrix_source
+
+    X = sp.random(50, 20, density=0.3, format="csr", dtype=np.float32, random_state=0)
+    X.indptr = X.indptr.astype(np.int64)
+    adata = ad.AnnData(X)
+    source = get_matrix_source(adata)
+    assert source.matrix.indptr.dtype == source.matrix.indices.dtype
+    assert adata.X.indptr.dtype == np.int64
+    np.testing.assert_array_equal(source.rows(np.arange(50)).toarray(), X.toarray())
