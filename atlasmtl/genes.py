@@ -132,11 +132,13 @@ class GeneAligner:
 
     def transform(self, block: Any) -> np.ndarray:
         """Query row block (sparse or dense) → dense float32 network input."""
+        if sp.issparse(block):
+            return self.transform_sparse(block).toarray()
         linear = to_linear_values(block, self.semantics, self.input_transform)
         if self.aggregation is not None:
             linear = linear @ self.aggregation
-        dense = linear.toarray() if sp.issparse(linear) else np.array(linear, dtype=np.float32)
-        return finalize_values(dense.astype(np.float32, copy=False), self.input_transform)
+        dense = np.array(linear.toarray() if sp.issparse(linear) else linear, dtype=np.float32)
+        return finalize_values(dense, self.input_transform)
 
     def transform_sparse(self, block: sp.csr_matrix) -> sp.csr_matrix:
         """Sparse query rows → sparse CSR network input (same values as :meth:`transform`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -141,15 +142,14 @@ def predict(
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
 
     if isinstance(adata, (str, os.PathLike)):
-        with h5ad_query_source(adata, layer=layer, use_raw=use_raw) as (obs_names, source):
-            return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
-                                   layer=layer, use_raw=use_raw, gene_map=gene_map,
-                                   min_gene_overlap=min_gene_overlap, batch_size=batch_size)
-    adata = open_anndata(adata)
-    source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
-    return _predict_source(model, adata.obs_names, source, gate, dev, n_threads, show_progress, show_summary,
-                           layer=layer, use_raw=use_raw, gene_map=gene_map, min_gene_overlap=min_gene_overlap,
-                           batch_size=batch_size)
+        opened = h5ad_query_source(adata, layer=layer, use_raw=use_raw)
+    else:
+        adata = open_anndata(adata)
+        opened = contextlib.nullcontext((adata.obs_names, get_matrix_source(adata, layer=layer, use_raw=use_raw)))
+    with opened as (obs_names, source):
+        return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
+                               layer=layer, use_raw=use_raw, gene_map=gene_map,
+                               min_gene_overlap=min_gene_overlap, batch_size=batch_size)
 
 
 def _predict_source(

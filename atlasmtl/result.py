@@ -181,7 +181,7 @@ class PredictionResult:
         keep = [c for c in target.obs.columns if c not in self.own_columns()]
         obs = target.obs[keep].copy()
         for col in frame.columns:
-            obs[col] = frame[col].to_numpy() if not isinstance(frame[col].dtype, pd.CategoricalDtype) else frame[col].values
+            obs[col] = frame[col].values
         target.obs = obs
         if include_coords:
             for name, values in self.coords.items():
