@@ -39,7 +39,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .exceptions import CoordinateError, LabelError, ParameterError
-from .result import UNKNOWN, PredictionResult
+from .calls import UNKNOWN, CallTable
 
 __all__ = [
     "composition",
@@ -65,15 +65,15 @@ _EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn")
 
 
 # ---------------------------------------------------------------- helpers
-def _check_result(result: Any) -> PredictionResult:
-    if not isinstance(result, PredictionResult):
+def _check_result(result: Any) -> CallTable:
+    if not isinstance(result, CallTable):
         raise ParameterError(
             f"Expected a PredictionResult (from atlasmtl.predict), got {type(result).__name__}."
         )
     return result
 
 
-def _levels(result: PredictionResult, levels: str | Sequence[str] | None) -> list[str]:
+def _levels(result: CallTable, levels: str | Sequence[str] | None) -> list[str]:
     if levels is None:
         return result.label_columns
     levels = [levels] if isinstance(levels, str) else list(levels)
@@ -102,7 +102,7 @@ def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure |
     return fig
 
 
-def _settings(result: PredictionResult) -> dict[str, Any]:
+def _settings(result: CallTable) -> dict[str, Any]:
     from .gating import GatingConfig
 
     defaults = GatingConfig()
@@ -126,7 +126,7 @@ def _palette(n: int) -> list:
     return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
 
 
-def label_colours(result: PredictionResult, level: str) -> dict[str, Any]:
+def label_colours(result: CallTable, level: str) -> dict[str, Any]:
     """A fixed colour per class of ``level`` (Unknown in grey), shared by all plots."""
     classes = [c for c in result.classes[level] if c != UNKNOWN]
     colours = dict(zip(classes, _palette(len(classes))))
@@ -140,7 +140,7 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
 
 
 def truth_by_level(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     columns: Mapping[str, str] | Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -230,7 +230,7 @@ def truth_by_level(
     return out
 
 
-def _pred_strings(result: PredictionResult, level: str, raw: bool = False) -> np.ndarray:
+def _pred_strings(result: CallTable, level: str, raw: bool = False) -> np.ndarray:
     codes = result.levels[level]["raw_code" if raw else "code"]
     names = np.asarray(list(result.classes[level]) + [UNKNOWN], dtype=object)
     return names[np.where(codes < 0, len(names) - 1, codes)]
@@ -272,7 +272,7 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
 
 # ---------------------------------------------------------------- plots without truth
 def composition(
-    result: PredictionResult,
+    result: CallTable,
     levels: str | Sequence[str] | None = None,
     *,
     figsize: tuple[float, float] | None = None,
@@ -325,7 +325,7 @@ def composition(
 
 
 def confidence(
-    result: PredictionResult,
+    result: CallTable,
     levels: str | Sequence[str] | None = None,
     *,
     bins: int = 40,
@@ -385,7 +385,7 @@ def confidence(
 
 
 def rates(
-    result: PredictionResult,
+    result: CallTable,
     *,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
@@ -429,7 +429,7 @@ def rates(
     return _finish(fig, show, save)
 
 
-def _reference_coords(reference: Any, result: PredictionResult, basis: str) -> np.ndarray | None:
+def _reference_coords(reference: Any, result: CallTable, basis: str) -> np.ndarray | None:
     if reference is None:
         return None
     if isinstance(reference, ad.AnnData):
@@ -455,7 +455,7 @@ def _reference_coords(reference: Any, result: PredictionResult, basis: str) -> n
 
 
 def embedding(
-    result: PredictionResult,
+    result: CallTable,
     reference: ad.AnnData | np.ndarray | None = None,
     *,
     basis: str = "umap",
@@ -564,7 +564,7 @@ def embedding(
     return _finish(fig, show, save)
 
 
-def umap(result: PredictionResult, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
+def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
     """:func:`embedding` with ``basis="umap"``: query cells on the reference UMAP."""
     return embedding(result, reference, basis="umap", **kwargs)
 
@@ -612,7 +612,7 @@ def training_history(
 
 # ---------------------------------------------------------------- plots with truth
 def confusion(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     levels: str | Sequence[str] | None = None,
     *,
@@ -677,7 +677,7 @@ def confusion(
 
 
 def f1_scores(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     levels: str | Sequence[str] | None = None,
     *,
@@ -738,7 +738,7 @@ def f1_scores(
 
 
 def reliability(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     levels: str | Sequence[str] | None = None,
     *,

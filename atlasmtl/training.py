@@ -15,15 +15,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
+from .artifacts import REFERENCE_STORAGE
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError
-from .genes import alternative_ids, detect_namespace, identity_aligner
+from .genes import alternative_ids, check_input_transform, detect_namespace, identity_aligner
+from .io import open_anndata
 from .inputs import (
-    check_input_transform,
     check_semantics_usable,
     detect_semantics,
     get_matrix_source,
-    open_anndata,
     validate_values,
 )
 from .knn import neighbour_label_agreement, normalise_rows
@@ -41,7 +41,6 @@ from .runtime import (
     torch_threads,
 )
 
-REFERENCE_STORAGE = ("external", "full")
 
 
 def _check_params(**p: Any) -> None:

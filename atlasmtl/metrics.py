@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError
-from .result import UNKNOWN, PredictionResult
+from .calls import UNKNOWN, CallTable
 
 __all__ = [
     "evaluate",
@@ -238,7 +238,7 @@ def neighbour_overlap(pred: np.ndarray, true: np.ndarray, reference: np.ndarray,
 # ---------------------------------------------------------------------------- inputs
 def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarray], list[str], dict | None]:
     """(table with pred_/conf_/pred_*_raw columns, predicted coords, levels, hierarchy) of the first argument."""
-    if isinstance(prediction, PredictionResult):
+    if isinstance(prediction, CallTable):
         return prediction.to_dataframe("full"), dict(prediction.coords), prediction.label_columns, prediction.hierarchy
     if isinstance(prediction, pd.DataFrame):
         if not prediction.index.is_unique:
@@ -502,7 +502,7 @@ def _coords_section(
 
 # ---------------------------------------------------------------------------- public API
 def evaluate(
-    prediction: PredictionResult | pd.DataFrame,
+    prediction: CallTable | pd.DataFrame,
     truth: ad.AnnData | pd.DataFrame | pd.Series | Mapping[str, pd.Series],
     label_columns: str | Sequence[str] | None = None,
     *,
