@@ -32,6 +32,7 @@ import html
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -177,8 +178,8 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     if q_sem and m_sem and q_sem != m_sem:
         out.append(("warn", f"The query holds {q_sem} values while the model was trained on {m_sem}; "
                             f"atlasmtl transformed both the same way, but check that this is the matrix you meant."))
-    for level, r in result.levels.items():
-        unknown = float(np.mean(r["is_unknown"]))
+    for level, calls in result.levels.items():
+        unknown = float(np.mean(calls.is_unknown))
         if unknown >= 0.3:
             out.append(("bad" if unknown >= 0.5 else "warn",
                         f"{level}: {unknown:.1%} of the cells are Unknown — the query may hold types the reference "
@@ -235,7 +236,6 @@ def render_report(
     dpi: int = 100,
 ) -> str:
     """The report as an HTML string; see :func:`write_report` for the parameters."""
-    from . import pl
     from .model import TrainedModel
 
     if not isinstance(result, CallTable):
@@ -257,149 +257,21 @@ def render_report(
     import matplotlib
 
     levels = result.label_columns
-    settings = dict(result.metadata.get("settings", {}) or {})
     title = title or f"atlasmtl mapping report: {result.n_obs:,} query cells"
     nav, body = [], []
-
-    def section(anchor: str, heading: str, content: str) -> None:
-        nav.append(f'<a href="#{anchor}">{_e(heading)}</a>')
-        body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content}</section>')
-
-    def fig(f: Any, alt: str, caption: str) -> str:
-        try:
-            return _figure_html(f, alt, caption, dpi)
-        finally:
-            f.clear()
-
     with matplotlib.rc_context({"font.size": 9}), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tight-layout notes on crowded legends
-        # overview
-        cards = [("query cells", f"{result.n_obs:,}"), ("levels", str(len(levels)))]
-        genes = result.metadata.get("genes", {}) or {}
-        if genes.get("overlap_fraction") is not None:
-            cards.append(("gene overlap", f"{genes['overlap_fraction']:.1%}"))
-        for lv in levels:
-            r = result.levels[lv]
-            cards.append((f"{lv}: labelled (not Unknown)", f"{1 - float(np.mean(r['is_unknown'])):.1%}"))
         evaluation = None
         if truth_frame is not None:
-            from .metrics import evaluate as _evaluate
+            from .metrics import evaluate
 
-            evaluation = _evaluate(result, truth_frame, [lv for lv in levels if lv in truth_frame.columns])
-            for lv, m in evaluation["levels"].items():
-                if m.get("macro_f1") is not None:
-                    cards.append((f"{lv}: macro-F1", f"{m['macro_f1']:.3f}"))
-        cards_html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
-                             for k, v in cards)
-        rows = []
-        for lv in levels:
-            r = result.levels[lv]
-            rows.append({
-                "level": lv,
-                "classes": len(result.classes[lv]),
-                "Unknown": float(np.mean(r["is_unknown"])),
-                "low-confidence": float(np.mean(r["is_low_conf"])),
-                "KNN-rescued": float(np.mean(r["used_knn"])),
-                "median confidence": float(np.median(r["conf"])),
-                "median margin": float(np.median(r["margin"])),
-            })
-        level_frame = pd.DataFrame(rows).set_index("level")
-        for col in ("Unknown", "low-confidence", "KNN-rescued"):
-            level_frame[col] = [f"{v:.1%}" for v in level_frame[col]]
-        level_table = _frame_table(level_frame)
-        found = findings(result, model)
-        found_html = "".join(f'<div class="finding {sev}">{_e(msg)}</div>' for sev, msg in found) or \
-            '<p class="muted">Nothing unusual found.</p>'
-        section("overview", "Overview", f'<div class="cards">{cards_html}</div>{level_table}'
-                "<h3>Findings</h3>" + found_html)
-
-        # coordinates
-        bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
-        basis = basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
-        if basis is not None:
-            ref_note = ("over the reference cells (grey)" if reference is not None
-                        else "(no reference given, so the reference cells are not drawn)")
-            content = fig(pl.embedding(result, reference, basis=basis, color=("label", "confidence", "unknown")),
-                          f"query cells on the reference {basis}",
-                          f"Query cells at their predicted {_e(basis)} coordinates {ref_note}, coloured by the "
-                          f"finest level's label ({_e(levels[-1])}), its confidence, and Unknown calls.")
-        else:
-            content = '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
-        section("coordinates", "Reference coordinates", content)
-
-        # labels and gate
-        content = '<div class="grid">' + fig(
-            pl.composition(result), "predicted label composition per level",
-            "Fraction of query cells given each label at each level; Unknown (grey) marks abstentions.")
-        content += fig(pl.rates(result), "Unknown, low-confidence and KNN-rescue rates per level",
-                       "Low-confidence cells (confidence below confidence_high or margin below margin_threshold) "
-                       "are searched among the reference cells; KNN-rescued cells took their neighbours' label; "
-                       "Unknown cells were abstained.") + "</div>"
-        section("labels", "Predicted labels", content)
-        section("confidence", "Confidence and margin", fig(
-            pl.confidence(result), "confidence and margin distributions with the gating thresholds",
-            f"Confidence is the network's top class probability, margin the gap to the runner-up. Gate: "
-            f"low-confidence below confidence_high = {_e(_fmt(settings.get('confidence_high')))} or margin_threshold = "
-            f"{_e(_fmt(settings.get('margin_threshold')))}; Unknown below confidence_low = "
-            f"{_e(_fmt(settings.get('confidence_low')))} unless the KNN vote (≥ knn_conf_low = "
-            f"{_e(_fmt(settings.get('knn_conf_low')))}) rescues the cell."))
-
-        # truth
-        if truth_frame is not None:
-            from .metrics import evaluation_table
-
-            used = ", ".join(f"{lv} ← {col}" for lv, col in truth_used.items())
-            content = f'<p>True labels: {_e(used)} ({result.n_obs:,} cells).</p>'
-            table = evaluation_table(evaluation, "levels")
-            keep = [c for c in ("n", "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered",
-                                "ece", "brier", "aurc", "n_excluded") if c in table.columns]
-            content += "<h3>Metrics (atlasmtl.evaluate)</h3>" + _frame_table(table[keep])
-            hier = evaluation.get("hierarchy") or {}
-            flat = {k: v for k, v in hier.items() if not isinstance(v, (Mapping, list, tuple, np.ndarray))}
-            if flat:
-                content += "<h3>Hierarchy</h3>" + _kv_table(flat)
-            content += fig(pl.confusion(result, truth_frame), "row-normalised confusion matrices",
-                           "Rows: true label (cells); columns: predicted label including Unknown. Each row sums to 1.")
-            content += fig(pl.f1_scores(result, truth_frame), "per-class F1 per level",
-                           "Per-class F1 of the final labels; Unknown counts as a miss.")
-            content += fig(pl.reliability(result, truth_frame), "reliability diagrams",
-                           "Accuracy of the network's own call against its confidence (15 bins); a calibrated "
-                           "model follows the diagonal. ECE: expected calibration error.")
-            section("accuracy", "Accuracy against known labels", content)
-
-        # inputs
-        content = "<h3>Gene overlap</h3>" + _kv_table({k: v for k, v in genes.items() if k != "warnings"})
-        if genes.get("warnings"):
-            content += "".join(f'<div class="finding">{_e(w)}</div>' for w in genes["warnings"])
-        content += '<div class="grid">'
-        content += "<div><h3>Query input</h3>" + _kv_table(result.metadata.get("input", {}) or {}) + "</div>"
-        content += ("<div><h3>Model's training input</h3>" + _kv_table(result.metadata.get("model_input", {}) or {})
-                    + "</div></div>")
-        section("inputs", "Gene overlap and input checks", content)
-
-        # settings
-        content = "<h3>Prediction settings</h3>" + _kv_table(settings)
-        if model is not None:
-            cfg = {k: v for k, v in model.train_config.items()
-                   if k not in ("history", "resource_summary", "runtime_summary", "versions", "knn_space",
-                                "unlabelled_cells_per_level")}
-            content += "<h3>Training settings</h3>" + _kv_table(cfg)
-        section("settings", "Settings", content)
-
-        # resources
-        content = ""
-        if model is not None:
-            content += "<h3>Training</h3>" + _sections_tables(model.resource_summary())
-            if model.train_config.get("history"):
-                content += fig(pl.training_history(model), "training loss per epoch", "Loss per epoch.")
-        else:
-            content += '<p class="muted">No model given: training resources are not shown.</p>'
-        content += "<h3>Prediction</h3>" + _sections_tables(result.summary())
-        section("resources", "Resources", content)
-
-        versions = dict(result.metadata.get("versions", {}) or {})
-        versions.setdefault("atlasmtl (report)", __version__)
-        section("versions", "Versions", _kv_table(versions))
+            evaluation = evaluate(result, truth_frame, [lv for lv in levels if lv in truth_frame.columns])
+        page = _Page(result, model, reference, basis, dpi, truth_frame, truth_used, evaluation)
+        for anchor, heading, render in _SECTIONS:
+            content = render(page)
+            if content is not None:
+                nav.append(f'<a href="#{anchor}">{_e(heading)}</a>')
+                body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content}</section>')
 
     stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     subtitle = f"levels: {', '.join(levels)} · generated {stamp} by atlasmtl {__version__}"
@@ -412,6 +284,194 @@ def render_report(
         "<footer>Self-contained report: every figure is embedded; no network access is needed.</footer>"
         "</main></body></html>\n"
     )
+
+
+# ---------------------------------------------------------------- sections
+@dataclass
+class _Page:
+    """What the sections read: the result, optional model / reference / truth, and figure settings."""
+
+    result: CallTable
+    model: Any
+    reference: Any
+    basis: str | None
+    dpi: int
+    truth_frame: pd.DataFrame | None
+    truth_used: dict
+    evaluation: dict | None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.result.metadata.get("settings", {}) or {})
+
+    @property
+    def genes(self) -> dict[str, Any]:
+        return self.result.metadata.get("genes", {}) or {}
+
+    def fig(self, f: Any, alt: str, caption: str) -> str:
+        try:
+            return _figure_html(f, alt, caption, self.dpi)
+        finally:
+            f.clear()
+
+
+def _overview(page: _Page) -> str:
+    result, levels, genes = page.result, page.result.label_columns, page.genes
+    cards = [("query cells", f"{result.n_obs:,}"), ("levels", str(len(levels)))]
+    if genes.get("overlap_fraction") is not None:
+        cards.append(("gene overlap", f"{genes['overlap_fraction']:.1%}"))
+    for lv in levels:
+        cards.append((f"{lv}: labelled (not Unknown)", f"{1 - float(np.mean(result.levels[lv].is_unknown)):.1%}"))
+    if page.evaluation is not None:
+        for lv, m in page.evaluation["levels"].items():
+            if m.get("macro_f1") is not None:
+                cards.append((f"{lv}: macro-F1", f"{m['macro_f1']:.3f}"))
+    cards_html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
+                         for k, v in cards)
+    rows = []
+    for lv in levels:
+        c = result.levels[lv]
+        rows.append({
+            "level": lv,
+            "classes": len(result.classes[lv]),
+            "Unknown": float(np.mean(c.is_unknown)),
+            "low-confidence": float(np.mean(c.is_low_conf)),
+            "KNN-rescued": float(np.mean(c.used_knn)),
+            "median confidence": float(np.median(c.conf)),
+            "median margin": float(np.median(c.margin)),
+        })
+    level_frame = pd.DataFrame(rows).set_index("level")
+    for col in ("Unknown", "low-confidence", "KNN-rescued"):
+        level_frame[col] = [f"{v:.1%}" for v in level_frame[col]]
+    found = findings(result, page.model)
+    found_html = "".join(f'<div class="finding {sev}">{_e(msg)}</div>' for sev, msg in found) or \
+        '<p class="muted">Nothing unusual found.</p>'
+    return f'<div class="cards">{cards_html}</div>{_frame_table(level_frame)}' + "<h3>Findings</h3>" + found_html
+
+
+def _coordinates(page: _Page) -> str:
+    from . import pl
+
+    result = page.result
+    bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
+    basis = page.basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
+    if basis is None:
+        return '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
+    ref_note = ("over the reference cells (grey)" if page.reference is not None
+                else "(no reference given, so the reference cells are not drawn)")
+    return page.fig(pl.embedding(result, page.reference, basis=basis, color=("label", "confidence", "unknown")),
+                    f"query cells on the reference {basis}",
+                    f"Query cells at their predicted {_e(basis)} coordinates {ref_note}, coloured by the "
+                    f"finest level's label ({_e(result.label_columns[-1])}), its confidence, and Unknown calls.")
+
+
+def _labels(page: _Page) -> str:
+    from . import pl
+
+    content = '<div class="grid">' + page.fig(
+        pl.composition(page.result), "predicted label composition per level",
+        "Fraction of query cells given each label at each level; Unknown (grey) marks abstentions.")
+    content += page.fig(pl.rates(page.result), "Unknown, low-confidence and KNN-rescue rates per level",
+                        "Low-confidence cells (confidence below confidence_high or margin below margin_threshold) "
+                        "are searched among the reference cells; KNN-rescued cells took their neighbours' label; "
+                        "Unknown cells were abstained.") + "</div>"
+    return content
+
+
+def _confidence(page: _Page) -> str:
+    from . import pl
+
+    settings = page.settings
+    return page.fig(
+        pl.confidence(page.result), "confidence and margin distributions with the gating thresholds",
+        f"Confidence is the network's top class probability, margin the gap to the runner-up. Gate: "
+        f"low-confidence below confidence_high = {_e(_fmt(settings.get('confidence_high')))} or margin_threshold = "
+        f"{_e(_fmt(settings.get('margin_threshold')))}; Unknown below confidence_low = "
+        f"{_e(_fmt(settings.get('confidence_low')))} unless the KNN vote (≥ knn_conf_low = "
+        f"{_e(_fmt(settings.get('knn_conf_low')))}) rescues the cell.")
+
+
+def _accuracy(page: _Page) -> str | None:
+    if page.truth_frame is None:
+        return None
+    from . import pl
+    from .metrics import evaluation_table
+
+    result, truth_frame, evaluation = page.result, page.truth_frame, page.evaluation
+    used = ", ".join(f"{lv} ← {col}" for lv, col in page.truth_used.items())
+    content = f'<p>True labels: {_e(used)} ({result.n_obs:,} cells).</p>'
+    table = evaluation_table(evaluation, "levels")
+    keep = [c for c in ("n", "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered",
+                        "ece", "brier", "aurc", "n_excluded") if c in table.columns]
+    content += "<h3>Metrics (atlasmtl.evaluate)</h3>" + _frame_table(table[keep])
+    hier = evaluation.get("hierarchy") or {}
+    flat = {k: v for k, v in hier.items() if not isinstance(v, (Mapping, list, tuple, np.ndarray))}
+    if flat:
+        content += "<h3>Hierarchy</h3>" + _kv_table(flat)
+    content += page.fig(pl.confusion(result, truth_frame), "row-normalised confusion matrices",
+                        "Rows: true label (cells); columns: predicted label including Unknown. Each row sums to 1.")
+    content += page.fig(pl.f1_scores(result, truth_frame), "per-class F1 per level",
+                        "Per-class F1 of the final labels; Unknown counts as a miss.")
+    content += page.fig(pl.reliability(result, truth_frame), "reliability diagrams",
+                        "Accuracy of the network's own call against its confidence (15 bins); a calibrated "
+                        "model follows the diagonal. ECE: expected calibration error.")
+    return content
+
+
+def _inputs(page: _Page) -> str:
+    genes, metadata = page.genes, page.result.metadata
+    content = "<h3>Gene overlap</h3>" + _kv_table({k: v for k, v in genes.items() if k != "warnings"})
+    if genes.get("warnings"):
+        content += "".join(f'<div class="finding">{_e(w)}</div>' for w in genes["warnings"])
+    content += '<div class="grid">'
+    content += "<div><h3>Query input</h3>" + _kv_table(metadata.get("input", {}) or {}) + "</div>"
+    content += ("<div><h3>Model's training input</h3>" + _kv_table(metadata.get("model_input", {}) or {})
+                + "</div></div>")
+    return content
+
+
+def _settings(page: _Page) -> str:
+    content = "<h3>Prediction settings</h3>" + _kv_table(page.settings)
+    if page.model is not None:
+        cfg = {k: v for k, v in page.model.train_config.items()
+               if k not in ("history", "resource_summary", "runtime_summary", "versions", "knn_space",
+                            "unlabelled_cells_per_level")}
+        content += "<h3>Training settings</h3>" + _kv_table(cfg)
+    return content
+
+
+def _resources(page: _Page) -> str:
+    from . import pl
+
+    model = page.model
+    content = ""
+    if model is not None:
+        content += "<h3>Training</h3>" + _sections_tables(model.resource_summary())
+        if model.train_config.get("history"):
+            content += page.fig(pl.training_history(model), "training loss per epoch", "Loss per epoch.")
+    else:
+        content += '<p class="muted">No model given: training resources are not shown.</p>'
+    return content + "<h3>Prediction</h3>" + _sections_tables(page.result.summary())
+
+
+def _versions(page: _Page) -> str:
+    versions = dict(page.result.metadata.get("versions", {}) or {})
+    versions.setdefault("atlasmtl (report)", __version__)
+    return _kv_table(versions)
+
+
+#: The report's sections in order: (anchor, heading, renderer returning HTML or None to leave it out).
+_SECTIONS = (
+    ("overview", "Overview", _overview),
+    ("coordinates", "Reference coordinates", _coordinates),
+    ("labels", "Predicted labels", _labels),
+    ("confidence", "Confidence and margin", _confidence),
+    ("accuracy", "Accuracy against known labels", _accuracy),
+    ("inputs", "Gene overlap and input checks", _inputs),
+    ("settings", "Settings", _settings),
+    ("resources", "Resources", _resources),
+    ("versions", "Versions", _versions),
+)
 
 
 def write_report(
