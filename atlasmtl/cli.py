@@ -489,8 +489,11 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     reference = read_h5ad(args.reference, backed=True) if args.reference else None
     kwargs = _api_kwargs(args, predict, _PREDICT_SKIP)
     if args.predictions:
-        settings = {k: kwargs[k] for k in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low",
-                                          "knn_correction", "knn_k")}
+        import dataclasses
+
+        from .gating import GatingConfig
+
+        settings = {f.name: kwargs[f.name] for f in dataclasses.fields(GatingConfig)}
         result = result_from_predictions(args.predictions, model, settings=settings)
         if list(result.obs_names) != list(query.obs_names):
             from .exceptions import InputError
@@ -505,9 +508,9 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     out.update(out=str(dest), n_cells=result.n_obs, levels=_level_stats(result), bytes=dest.stat().st_size)
     if truth is not None:
         from .metrics import evaluate
-        from .report_html import _truth_frame
+        from .truth import truth_frame as read_truth
 
-        truth_frame, used = _truth_frame(result, truth, None, query)
+        truth_frame, used = read_truth(result, truth, None, query)
         out["truth_columns"] = used
         out["metrics"] = evaluate(result, truth_frame, list(truth_frame.columns))["levels"]
     return f"wrote the report to {dest}"

@@ -38,8 +38,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .exceptions import CoordinateError, LabelError, ParameterError
-from .calls import UNKNOWN, CallTable
+from .exceptions import CoordinateError, ParameterError
+from .calls import UNKNOWN, CallTable, decode_labels
+from .truth import calibration_bins, truth_by_level
+from .truth import ece_of_bins as expected_calibration_error
 
 __all__ = [
     "composition",
@@ -103,13 +105,11 @@ def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure |
 
 
 def _settings(result: CallTable) -> dict[str, Any]:
+    import dataclasses
+
     from .gating import GatingConfig
 
-    defaults = GatingConfig()
-    s = dict(result.metadata.get("settings", {}) or {})
-    for name in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low"):
-        s.setdefault(name, getattr(defaults, name))
-    return s
+    return {**dataclasses.asdict(GatingConfig()), **(result.metadata.get("settings", {}) or {})}
 
 
 def _palette(n: int) -> list:
@@ -139,135 +139,9 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     return int(np.ceil(n / cols)), cols
 
 
-def truth_by_level(
-    result: CallTable,
-    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
-    columns: Mapping[str, str] | Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """True labels per level, aligned to the result's cells (``None`` where unlabelled).
-
-    Parameters
-    ----------
-    result
-        The predictions.
-    truth
-        An AnnData (its ``obs`` is used), a DataFrame indexed by cell name, or a
-        mapping ``level → array-like`` in the result's cell order.
-    columns
-        Which column holds each level's truth: a mapping ``level → column``, or a
-        sequence with one column per level (coarse to fine). By default every
-        level whose name is a column of ``truth`` is used.
-
-    Returns
-    -------
-    ``level → object array`` of true labels (strings; ``None`` for missing values).
-    Levels without truth are left out.
-
-    Raises
-    ------
-    LabelError
-        When a named column is missing, the cells do not match, or no level has truth.
-    """
-    _check_result(result)
-    levels = result.label_columns
-    if isinstance(truth, ad.AnnData):
-        truth = truth.obs
-    if isinstance(columns, str):
-        columns = [c.strip() for c in columns.split(",") if c.strip()]
-    if columns is not None and not isinstance(columns, Mapping):
-        columns = list(columns)
-        if len(columns) != len(levels):
-            raise LabelError(
-                f"{len(columns)} truth column(s) {columns} given for {len(levels)} level(s) {levels}; "
-                "give one per level (coarse to fine) or map them as {level: column}."
-            )
-        columns = dict(zip(levels, columns))
-    if isinstance(truth, pd.DataFrame):
-        if columns is None:
-            columns = {lv: lv for lv in levels if lv in truth.columns}
-        bad = {lv: c for lv, c in columns.items() if c not in truth.columns}
-        if bad:
-            raise LabelError(
-                f"Truth column(s) {sorted(bad.values())} are not in the table; available: {list(truth.columns)[:20]}."
-            )
-        if not truth.index.equals(result.obs_names):
-            missing = result.obs_names.difference(truth.index)
-            if len(missing):
-                raise LabelError(
-                    f"{len(missing)} predicted cell(s) (e.g. {missing[0]!r}) are not in the truth table; "
-                    "pass the query the predictions were made for."
-                )
-            truth = truth.loc[result.obs_names]
-        series = {lv: truth[c] for lv, c in columns.items()}
-    elif isinstance(truth, Mapping):
-        keys = columns if columns is not None else {lv: lv for lv in levels if lv in truth}
-        series = {}
-        for lv, key in keys.items():
-            if key not in truth:
-                raise LabelError(f"No truth given for {key!r}; keys: {list(truth)}.")
-            values = pd.Series(np.asarray(truth[key], dtype=object))
-            if len(values) != result.n_obs:
-                raise LabelError(
-                    f"Truth for {lv!r} has {len(values)} values; the result has {result.n_obs} cells."
-                )
-            series[lv] = values
-    else:
-        raise LabelError(f"truth must be an AnnData, a DataFrame or a mapping, not {type(truth).__name__}.")
-    unknown = [lv for lv in series if lv not in result.levels]
-    if unknown:
-        raise LabelError(f"Level(s) {unknown} are not predicted by this result; its levels are {levels}.")
-    if not series:
-        raise LabelError(
-            f"None of the levels {levels} has a truth column; name them with columns=... "
-            "(one per level, or {level: column})."
-        )
-    out = {}
-    for lv in levels:
-        if lv in series:
-            s = pd.Series(series[lv]).reset_index(drop=True)
-            values = s.astype(object).where(s.notna(), None).to_numpy(dtype=object)
-            out[lv] = np.array([None if v is None else str(v) for v in values], dtype=object)
-    return out
-
-
 def _pred_strings(result: CallTable, level: str, raw: bool = False) -> np.ndarray:
-    codes = result.levels[level]["raw_code" if raw else "code"]
-    names = np.asarray(list(result.classes[level]) + [UNKNOWN], dtype=object)
-    return names[np.where(codes < 0, len(names) - 1, codes)]
-
-
-def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
-    """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
-
-    Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
-    the first), as in :func:`atlasmtl.evaluate.expected_calibration_error`; the
-    expected calibration error is ``sum(cells * |accuracy - confidence|) / total``.
-    """
-    conf = np.asarray(conf, dtype=float)
-    correct = np.asarray(correct, dtype=bool)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        sel = which == b
-        n = int(sel.sum())
-        rows.append(
-            {
-                "lower": edges[b],
-                "upper": edges[b + 1],
-                "cells": n,
-                "confidence": float(conf[sel].mean()) if n else np.nan,
-                "accuracy": float(correct[sel].mean()) if n else np.nan,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """ECE from a :func:`calibration_bins` table."""
-    t = table[table["cells"] > 0]
-    total = t["cells"].sum()
-    return float((t["cells"] * (t["accuracy"] - t["confidence"]).abs()).sum() / total) if total else float("nan")
+    calls = result.levels[level]
+    return np.asarray(decode_labels(calls.raw if raw else calls.pred, result.classes[level]), dtype=object)
 
 
 # ---------------------------------------------------------------- plots without truth
@@ -782,7 +656,7 @@ def reliability(
     for ax, level in zip(axes, levels):
         has = np.array([v is not None for v in t[level]])
         correct = _pred_strings(result, level, raw=True)[has] == t[level][has]
-        table = calibration_bins(result.levels[level]["conf"][has], correct, n_bins)
+        table = calibration_bins(result.levels[level].conf[has], correct, n_bins)
         ece = expected_calibration_error(table)
         ok = table["cells"] > 0
         ax.plot([0, 1], [0, 1], color="#999999", ls="--", lw=1, label="perfect calibration")

@@ -43,6 +43,7 @@ import pandas as pd
 from ._version import __version__
 from .exceptions import InputError, ParameterError
 from .calls import CallTable
+from .truth import truth_frame as read_truth
 
 __all__ = ["write_report", "render_report", "findings"]
 
@@ -192,37 +193,6 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     return out
 
 
-def _truth_frame(result: CallTable, truth: Any, columns: Any, adata: ad.AnnData | None) -> tuple[pd.DataFrame, dict]:
-    from .pl import truth_by_level
-
-    source = truth
-    if isinstance(truth, str):
-        truth = [c.strip() for c in truth.split(",") if c.strip()]
-    if isinstance(truth, (list, tuple)) and all(isinstance(c, str) for c in truth):
-        if adata is None:
-            raise ParameterError("truth names columns, so pass the query AnnData as adata= as well.")
-        columns, source = list(truth), adata
-        if len(set(columns)) != len(columns):
-            raise ParameterError(f"truth={columns} names a column twice.")
-        if len(columns) != len(result.label_columns):
-            named = [c for c in columns if c in result.label_columns]
-            if len(named) != len(columns):
-                raise ParameterError(
-                    f"truth={columns} names {len(columns)} column(s) for {len(result.label_columns)} level(s) "
-                    f"{result.label_columns}; give one per level, or map them as {{level: column}}."
-                )
-            columns = {c: c for c in columns}
-    elif isinstance(truth, Mapping) and adata is not None and all(isinstance(v, str) for v in truth.values()) \
-            and all(k in result.levels for k in truth):
-        columns, source = dict(truth), adata
-    by_level = truth_by_level(result, source, columns)
-    frame = pd.DataFrame({lv: pd.Series(v, dtype=object) for lv, v in by_level.items()})
-    frame.index = result.obs_names.copy()
-    used = columns if isinstance(columns, Mapping) else (
-        dict(zip(result.label_columns, columns)) if columns is not None else {lv: lv for lv in by_level})
-    return frame, {lv: used.get(lv, lv) for lv in by_level}
-
-
 def render_report(
     result: CallTable,
     *,
@@ -252,7 +222,7 @@ def render_report(
             )
     truth_frame, truth_used = (None, {})
     if truth is not None:
-        truth_frame, truth_used = _truth_frame(result, truth, truth_columns, adata)
+        truth_frame, truth_used = read_truth(result, truth, truth_columns, adata)
 
     import matplotlib
 
