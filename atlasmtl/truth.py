@@ -213,7 +213,7 @@ def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BI
     """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
 
     Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
-    the first), as in :func:`atlasmtl.evaluate.expected_calibration_error`; the
+    the first), as in :func:`expected_calibration_error`; the
     expected calibration error is ``sum(cells * |accuracy - confidence|) / total``.
     """
     conf = np.asarray(conf, dtype=np.float64)
