@@ -66,6 +66,30 @@ UNKNOWN_COLOUR = "#6e6e6e"
 _EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn")
 
 
+# ---------------------------------------------------------------- shared parameter docs (as scanpy/plotting/_docs.py)
+doc_result = """result
+        The predictions: a :class:`~atlasmtl.result.PredictionResult` from :func:`atlasmtl.predict`."""
+doc_truth = """truth, columns
+        True labels: an AnnData (its ``obs``), a DataFrame indexed by cell name, or a
+        mapping ``level → array`` in the result's cell order; ``columns`` names the
+        column per level (see :func:`truth_by_level`)."""
+doc_figure = """figsize
+        Figure size in inches (default: scaled to the number of levels and classes).
+    show
+        Show the figure with pyplot (and return ``None``) instead of returning it.
+    save
+        Also write the figure to this file."""
+_DOCS = {"doc_result": doc_result, "doc_truth": doc_truth, "doc_figure": doc_figure}
+
+
+def _doc_params(func: Any) -> Any:
+    """Fill the shared parameter descriptions (``{doc_result}``, ``{doc_truth}``, ``{doc_figure}``) into a docstring."""
+    if func.__doc__:
+        for key, text in _DOCS.items():
+            func.__doc__ = func.__doc__.replace("{" + key + "}", text)
+    return func
+
+
 # ---------------------------------------------------------------- helpers
 def _check_result(result: Any) -> CallTable:
     if not isinstance(result, CallTable):
@@ -145,6 +169,7 @@ def _pred_strings(result: CallTable, level: str, raw: bool = False) -> np.ndarra
 
 
 # ---------------------------------------------------------------- plots without truth
+@_doc_params
 def composition(
     result: CallTable,
     levels: str | Sequence[str] | None = None,
@@ -157,16 +182,10 @@ def composition(
 
     Parameters
     ----------
-    result
-        The predictions.
+    {doc_result}
     levels
         Levels to draw (default: all, coarse to fine).
-    figsize
-        Figure size in inches (default: scaled to the number of levels and classes).
-    show
-        Show the figure with pyplot (and return ``None``) instead of returning it.
-    save
-        Also write the figure to this file.
+    {doc_figure}
 
     Returns
     -------
@@ -198,6 +217,7 @@ def composition(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def confidence(
     result: CallTable,
     levels: str | Sequence[str] | None = None,
@@ -215,14 +235,12 @@ def confidence(
 
     Parameters
     ----------
-    result
-        The predictions.
+    {doc_result}
     levels
         Levels to draw (default: all); one row per level.
     bins
         Histogram bins over [0, 1].
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -258,6 +276,7 @@ def confidence(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def rates(
     result: CallTable,
     *,
@@ -269,10 +288,8 @@ def rates(
 
     Parameters
     ----------
-    result
-        The predictions.
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_result}
+    {doc_figure}
 
     Returns
     -------
@@ -328,6 +345,7 @@ def _reference_coords(reference: Any, result: CallTable, basis: str) -> np.ndarr
     return values[:, :2]
 
 
+@_doc_params
 def embedding(
     result: CallTable,
     reference: ad.AnnData | np.ndarray | None = None,
@@ -367,8 +385,7 @@ def embedding(
         Draw at most this many query and reference cells (a random subset above it).
     random_state
         Seed of that subset.
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -443,6 +460,7 @@ def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **
     return embedding(result, reference, basis="umap", **kwargs)
 
 
+@_doc_params
 def training_history(
     model: Any,
     *,
@@ -456,8 +474,7 @@ def training_history(
     ----------
     model
         A :class:`~atlasmtl.model.TrainedModel`.
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -485,6 +502,7 @@ def training_history(
 
 
 # ---------------------------------------------------------------- plots with truth
+@_doc_params
 def confusion(
     result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
@@ -502,16 +520,13 @@ def confusion(
 
     Parameters
     ----------
-    result
-        The predictions.
-    truth, columns
-        True labels; see :func:`truth_by_level`.
+    {doc_result}
+    {doc_truth}
     levels
         Levels to draw (default: every level with truth).
     annotate
         Write the fractions into the cells (default: when there are at most 20 classes).
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -550,6 +565,7 @@ def confusion(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def f1_scores(
     result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
@@ -567,14 +583,11 @@ def f1_scores(
 
     Parameters
     ----------
-    result
-        The predictions.
-    truth, columns
-        True labels; see :func:`truth_by_level`.
+    {doc_result}
+    {doc_truth}
     levels
         Levels to draw (default: every level with truth).
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -611,6 +624,7 @@ def f1_scores(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def reliability(
     result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
@@ -631,16 +645,13 @@ def reliability(
 
     Parameters
     ----------
-    result
-        The predictions.
-    truth, columns
-        True labels; see :func:`truth_by_level`.
+    {doc_result}
+    {doc_truth}
     levels
         Levels to draw (default: every level with truth).
     n_bins
         Equal-width confidence bins over [0, 1] (15, as in :func:`atlasmtl.evaluate`).
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
