@@ -381,13 +381,13 @@ def _level_stats(result: Any) -> dict[str, dict[str, Any]]:
     import numpy as np
 
     out = {}
-    for level, r in result.levels.items():
+    for level, calls in result.levels.items():
         counts = result.labels(level).value_counts()
         out[level] = {
-            "unknown_rate": round(float(np.mean(r["is_unknown"])), 6),
-            "low_confidence_rate": round(float(np.mean(r["is_low_conf"])), 6),
-            "knn_rescued_rate": round(float(np.mean(r["used_knn"])), 6),
-            "median_confidence": round(float(np.median(r["conf"])), 6),
+            "unknown_rate": round(float(np.mean(calls.is_unknown)), 6),
+            "low_confidence_rate": round(float(np.mean(calls.is_low_conf)), 6),
+            "knn_rescued_rate": round(float(np.mean(calls.used_knn)), 6),
+            "median_confidence": round(float(np.median(calls.conf)), 6),
             "label_counts": {str(k): int(v) for k, v in counts.items() if v},
         }
     return out
