@@ -63,6 +63,18 @@ def column_names(level: str) -> dict[str, str]:
     return {name: col.template.format(level=level) for name, col in COLUMNS.items()}
 
 
+def levels_in_table(columns: Any) -> list[str]:
+    """The levels of a prediction table: every ``pred_<level>`` column that is not another level's
+    ``pred_<level>_raw`` / ``pred_<level>_knn`` column, in column order."""
+    prefix, _, suffix = COLUMNS["pred"].template.partition("{level}")
+    stems = [str(c)[len(prefix):] for c in columns if str(c).startswith(prefix) and str(c).endswith(suffix)]
+    derived = set()
+    for field in ("raw", "knn"):
+        tail = COLUMNS[field].template.partition("{level}")[2]
+        derived |= {s for s in stems if s.endswith(tail) and s[: -len(tail)] in stems}
+    return [s for s in stems if s not in derived]
+
+
 def mode_fields(mode: str) -> list[str]:
     """Fields written in ``mode`` (``"minimal"``, ``"standard"`` or ``"full"``)."""
     if mode not in MODES:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError
-from .calls import UNKNOWN, CallTable
+from .calls import UNKNOWN, CallTable, column_names, levels_in_table
 from .truth import ECE_BINS, cell_positions, expected_calibration_error, label_strings, true_labels, truth_table
 
 __all__ = [
@@ -230,9 +230,7 @@ def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarr
     if isinstance(prediction, pd.DataFrame):
         if not prediction.index.is_unique:
             raise InputError("The prediction table's index (cell names) has duplicates; make the cell names unique.")
-        stems = [str(c)[5:] for c in prediction.columns if str(c).startswith("pred_")]
-        derived = {s for s in stems if s.endswith(("_raw", "_knn")) and s[:-4] in stems}
-        return prediction, {}, [s for s in stems if s not in derived], None
+        return prediction, {}, levels_in_table(prediction.columns), None
     raise ParameterError(
         f"The first argument must be a PredictionResult or a DataFrame of pred_<level> columns, "
         f"not {type(prediction).__name__}."
@@ -241,8 +239,9 @@ def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarr
 
 def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     """(final labels, confidence or None, which label the confidence is judged against)."""
-    pred = label_strings(table[f"pred_{level}"])
-    conf_col, raw_col = f"conf_{level}", f"pred_{level}_raw"
+    names = column_names(level)
+    pred = label_strings(table[names["pred"]])
+    conf_col, raw_col = names["conf"], names["raw"]
     if conf_col not in table.columns:
         return pred, None, None
     conf = pd.to_numeric(table[conf_col], errors="coerce").to_numpy(dtype=np.float64)
@@ -564,8 +563,11 @@ def evaluate(
     if not levels:
         raise LabelError("No levels to evaluate: the predictions have no pred_<level> column and label_columns is empty.")
     for lv in levels:
-        if f"pred_{lv}" not in table.columns:
-            raise LabelError(f"Level {lv!r} has no predictions (no column 'pred_{lv}'); predicted levels: {result_levels}.")
+        if column_names(lv)["pred"] not in table.columns:
+            raise LabelError(
+                f"Level {lv!r} has no predictions (no column {column_names(lv)['pred']!r}); "
+                f"predicted levels: {result_levels}."
+            )
     truth_frame = truth_table(truth, levels)
     for lv in levels:
         if lv not in truth_frame.columns:
@@ -578,7 +580,7 @@ def evaluate(
         pred, conf, target_kind = _level_columns(table, lv)
         y_true, has = true_labels(truth_frame[lv].iloc[pos])
         preds[lv], confs[lv], truths[lv] = pred, conf, (y_true, has)
-        target = label_strings(table[f"pred_{lv}_raw"]) if target_kind == "raw" else pred
+        target = label_strings(table[column_names(lv)["raw"]]) if target_kind == "raw" else pred
         if has.any():
             metrics = _level_metrics(y_true[has], pred[has], None if conf is None else conf[has], target[has], n_bins)
         else:
