@@ -1,4 +1,10 @@
-"""Prediction: stream the query through gene alignment, the network, the gate and KNN."""
+"""Prediction: stream the query through gene alignment, the network, the gate and KNN.
+
+:func:`predict` = :func:`prepare_query` (values, semantics, gene aligner) → per
+batch :func:`_infer` (network calls and the low-confidence mask, computed once)
+and :func:`_correct` (KNN votes for the cells the gate sends) → :func:`_assemble`
+(the gate's final :class:`~atlasmtl.calls.LevelCalls` per level).
+"""
 
 from __future__ import annotations
 

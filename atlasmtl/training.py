@@ -1,4 +1,10 @@
-"""Training: ``build_model`` fits the shared encoder, label heads and coordinate heads."""
+"""Training: ``build_model`` fits the shared encoder, label heads and coordinate heads.
+
+:func:`build_model` = :func:`prepare_reference` (checks, labels, coordinates;
+the matrix checks are the ones :func:`atlasmtl.predict` runs) → :func:`fit`
+(the epoch loop) → :func:`embed_reference` (the KNN space) → :func:`describe`
+(the model's metadata).
+"""
 
 from __future__ import annotations
 
