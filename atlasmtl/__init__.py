@@ -5,24 +5,23 @@ Two calls::
     model = atlasmtl.build_model(adata_ref, label_columns=["anno_lv1", "anno_lv2"])
     result = atlasmtl.predict(model, adata_query)
 
-Pipeline stages, one module each: :mod:`~atlasmtl.inputs` (matrices) →
-:mod:`~atlasmtl.genes` (gene alignment) → :mod:`~atlasmtl.network` →
-:mod:`~atlasmtl.training` / :mod:`~atlasmtl.prediction` → :mod:`~atlasmtl.gating`
-and :mod:`~atlasmtl.knn` → :mod:`~atlasmtl.result` (writeback);
-:mod:`~atlasmtl.artifacts` saves and loads models, :mod:`~atlasmtl.runtime`
-measures time and memory.
+The modules follow the pipeline, and imports only point down it (see
+``documents/design/architecture.md``): :mod:`~atlasmtl.inputs` (matrices) →
+:mod:`~atlasmtl.genes` (gene alignment and the input transform) →
+:mod:`~atlasmtl.network` → :mod:`~atlasmtl.training` / :mod:`~atlasmtl.prediction`
+→ :mod:`~atlasmtl.gating` and :mod:`~atlasmtl.knn` → :mod:`~atlasmtl.calls` /
+:mod:`~atlasmtl.result` (writeback) → :mod:`~atlasmtl.report`;
+:mod:`~atlasmtl.metrics` (:func:`evaluate`) and :mod:`~atlasmtl.pl` (plots) read results.
 """
 
-__version__ = "0.1.0"
-
-from . import exceptions  # noqa: E402
-from .exceptions import AtlasMTLError  # noqa: E402
-from .evaluate import evaluate, evaluation_table  # noqa: E402
-from .model import TrainedModel  # noqa: E402
-from .prediction import predict  # noqa: E402
-from .result import PredictionResult  # noqa: E402
-from .training import build_model  # noqa: E402
-from . import pl  # noqa: E402  (plots: atlasmtl.pl.<plot>(result, ...))
+from . import exceptions, metrics, pl
+from ._version import __version__
+from .exceptions import AtlasMTLError
+from .metrics import evaluate, evaluation_table
+from .model import TrainedModel
+from .prediction import predict
+from .result import PredictionResult
+from .training import build_model
 
 __all__ = [
     "__version__",
@@ -30,6 +29,10 @@ __all__ = [
     "PredictionResult",
     "TrainedModel",
     "build_model",
+    "evaluate",
+    "evaluation_table",
     "exceptions",
+    "metrics",
+    "pl",
     "predict",
 ]

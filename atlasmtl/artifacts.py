@@ -25,59 +25,30 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from . import __version__
-from .exceptions import ArtifactError, ChecksumMismatchError, SchemaVersionError, UnsafeArtifactError
-from .model import TrainedModel
-from .network import MultiTaskNetwork
+from ._version import __version__
+from .exceptions import ArtifactError, ChecksumMismatchError, ParameterError, SchemaVersionError, UnsafeArtifactError
+from .io import atomic_write, from_plain, to_plain
 
 #: Version of the artifact layout; bump on incompatible changes.
 SCHEMA_VERSION = 1
-_ARRAY_TAG = "__atlasmtl_ndarray__"
+#: Where the KNN reference is stored: its own file, or inside the metadata file.
+REFERENCE_STORAGE = ("external", "full")
 
 
-# ---------------------------------------------------------------- plain-data encoding
-def to_plain(obj: Any) -> Any:
-    """Replace numpy arrays/scalars by plain values so the pickle needs no globals."""
-    if isinstance(obj, np.ndarray):
-        if obj.dtype == object:
-            return [to_plain(v) for v in obj.tolist()]
-        arr = np.ascontiguousarray(obj)
-        return {_ARRAY_TAG: True, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {str(k) if not isinstance(k, (int, str)) else k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if obj is None:
-        return None
-    for plain in (bool, int, float, str, bytes):  # exact types: subclasses (e.g. TorchVersion) pickle as globals
-        if isinstance(obj, plain):
-            return plain(obj)
-    return str(obj)
+class ModelParts(NamedTuple):
+    """What a model file holds, as plain parts; :meth:`TrainedModel.load` builds the model from them."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    reference: dict[str, Any]
 
 
-def from_plain(obj: Any) -> Any:
-    """Inverse of :func:`to_plain`."""
-    if isinstance(obj, dict):
-        if obj.get(_ARRAY_TAG) is True:
-            dtype = np.dtype(obj["dtype"])
-            if dtype.hasobject:
-                raise UnsafeArtifactError("An array in the model file declares an object dtype; refusing to load it.")
-            return np.frombuffer(obj["data"], dtype=dtype).reshape(obj["shape"]).copy()
-        return {k: from_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_plain(v) for v in obj]
-    return obj
-
-
+# ---------------------------------------------------------------- plain-data decoding
 class _NoGlobalsUnpickler(pickle.Unpickler):
     """An unpickler that refuses every class/function reference (so nothing can be executed)."""
 
@@ -97,31 +68,7 @@ def safe_loads(data: bytes, what: str) -> Any:
         raise ArtifactError(f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); save the model again.") from exc
 
 
-# ---------------------------------------------------------------- file helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
+# ---------------------------------------------------------------- file names
 def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
     """File names that go with a weights path: ``foo.pth`` → ``foo_metadata.pkl`` etc."""
     p = Path(path)
@@ -137,26 +84,28 @@ def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------- save
-def save_model(model: TrainedModel, path: str | os.PathLike, reference_storage: str | None = None) -> dict[str, str]:
+def save_model(
+    path: str | os.PathLike,
+    parts: ModelParts,
+    reference_storage: str | None = None,
+) -> dict[str, str]:
     """Write weights, metadata, reference and manifest atomically; see module docstring."""
-    storage = reference_storage or model.train_config.get("reference_storage", "external")
-    if storage not in ("external", "full"):
-        from .exceptions import ParameterError
-
+    storage = reference_storage or parts.metadata["train_config"].get("reference_storage", "external")
+    if storage not in REFERENCE_STORAGE:
         raise ParameterError(f"reference_storage={storage!r} must be 'external' or 'full'.")
     paths = artifact_paths(path)
     buf = io.BytesIO()
-    torch.save(model.network.state_dict(), buf)
-    metadata = dict(model.metadata)
+    torch.save(parts.state_dict, buf)
+    metadata = dict(parts.metadata)
     metadata["reference_storage"] = storage
     if storage == "full":
-        metadata["reference"] = model.reference
+        metadata["reference"] = parts.reference
     payloads = {
         "weights": buf.getvalue(),
         "metadata": pickle.dumps(to_plain(metadata), protocol=4),
     }
     if storage == "external":
-        payloads["reference"] = pickle.dumps(to_plain(model.reference), protocol=4)
+        payloads["reference"] = pickle.dumps(to_plain(parts.reference), protocol=4)
     files = {}
     for role, data in payloads.items():
         atomic_write(paths[role], data)
@@ -214,8 +163,8 @@ def _member(directory: Path, entry: dict, role: str) -> tuple[Path, bytes]:
     return target, data
 
 
-def load_model(path: str | os.PathLike) -> TrainedModel:
-    """Load a model from its manifest or weights file; see :meth:`TrainedModel.load`."""
+def read_model(path: str | os.PathLike) -> ModelParts:
+    """Read and check a model's files (manifest or weights path); see :meth:`TrainedModel.load`."""
     manifest_path = _resolve_manifest(Path(path))
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -248,13 +197,5 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
         state = torch.load(io.BytesIO(weights_bytes), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ArtifactError(f"{files['weights']['file']} could not be read as weights ({exc}).") from exc
-    arch = metadata["architecture"]
-    net = MultiTaskNetwork(
-        arch["n_genes"], arch["n_classes"], arch["coord_dims"], arch["hidden_sizes"], arch["dropout_rate"]
-    )
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"The weights do not fit the architecture in the metadata ({exc}).") from exc
     metadata.pop("reference_storage", None)
-    return TrainedModel(net, metadata, reference)
+    return ModelParts(state, metadata, reference)

@@ -40,6 +40,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .io import read_h5ad, to_json
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -136,7 +138,7 @@ def _int_list(text: str) -> list[int]:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     from .gating import KNN_MODES
-    from .inputs import INPUT_TRANSFORMS
+    from .genes import INPUT_TRANSFORMS
     from .training import REFERENCE_STORAGE
 
     return {"input_transform": INPUT_TRANSFORMS, "reference_storage": REFERENCE_STORAGE, "knn_correction": KNN_MODES}
@@ -157,13 +159,9 @@ def add_signature_options(
     """Add one ``--option`` per parameter of ``func`` (minus ``skip``); return the parameter names.
 
     Names become ``--dashed-names``; defaults are the function's; the help text
-    comes from its numpydoc docstring (``"As in build_model"`` entries are
-    resolved against :func:`atlasmtl.build_model`).
+    comes from its numpydoc docstring.
     """
-    from .training import build_model
-
     docs = param_docs(func)
-    base_docs = param_docs(build_model)
     choices = _choices()
     added = []
     for name, p in inspect.signature(func).parameters.items():
@@ -173,8 +171,6 @@ def add_signature_options(
         ann = ann.replace(" ", "")
         default = None if p.default is inspect.Parameter.empty else p.default
         text = (extra_help or {}).get(name) or docs.get(name, "")
-        if text.lower().startswith("as in") and name in base_docs:
-            text = base_docs[name]
         text = text.replace("%", "%%")
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": name, "default": default}
@@ -216,7 +212,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``atlasmtl`` argument parser (all subcommands)."""
-    from . import __version__
+    from ._version import __version__
     from .demo import run_demo
     from .prediction import predict
     from .training import build_model
@@ -360,19 +356,6 @@ def _model_path(text: str) -> Path:
     return path
 
 
-def _read_h5ad(path: str, backed: bool = False):
-    import anndata as ad
-
-    from .exceptions import InputError
-
-    if not os.path.exists(path):
-        raise InputError(f"No such file: {path!r}.")
-    try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
-    except Exception as exc:  # h5py raises many types for damaged files
-        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
-
-
 def _check_writable(path: Path, what: str) -> None:
     from .exceptions import InputError
 
@@ -398,20 +381,20 @@ def _level_stats(result: Any) -> dict[str, dict[str, Any]]:
     import numpy as np
 
     out = {}
-    for level, r in result.levels.items():
+    for level, calls in result.levels.items():
         counts = result.labels(level).value_counts()
         out[level] = {
-            "unknown_rate": round(float(np.mean(r["is_unknown"])), 6),
-            "low_confidence_rate": round(float(np.mean(r["is_low_conf"])), 6),
-            "knn_rescued_rate": round(float(np.mean(r["used_knn"])), 6),
-            "median_confidence": round(float(np.median(r["conf"])), 6),
+            "unknown_rate": round(float(np.mean(calls.is_unknown)), 6),
+            "low_confidence_rate": round(float(np.mean(calls.is_low_conf)), 6),
+            "knn_rescued_rate": round(float(np.mean(calls.used_knn)), 6),
+            "median_confidence": round(float(np.median(calls.conf)), 6),
             "label_counts": {str(k): int(v) for k, v in counts.items() if v},
         }
     return out
 
 
 def _write_table(result: Any, path: Path, mode: str, include_coords: bool) -> None:
-    from .artifacts import atomic_write
+    from .io import atomic_write
 
     if path.suffix == ".csv" and not include_coords:
         result.to_csv(path, mode=mode)
@@ -430,26 +413,6 @@ def _write_h5ad(result: Any, query_path: str, out: Path, mode: str, include_coor
     result.write_h5ad(out, query_path, mode=mode, include_coords=include_coords)
 
 
-def _to_json(obj: Any) -> str:
-    def default(o: Any) -> Any:
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        if hasattr(o, "item"):
-            return o.item()
-        return str(o)
-
-    def clean(o: Any) -> Any:
-        if isinstance(o, float) and o != o:
-            return None
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    return json.dumps(clean(json.loads(json.dumps(obj, default=default))), indent=2, allow_nan=False)
-
-
 # ---------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
     from . import build_model
@@ -462,7 +425,7 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
     target = Path(args.out)
     weights = target if target.suffix == ".pth" else target / "model.pth"
     _check_writable(weights, "model")
-    reference = args.reference if args.backed else _read_h5ad(args.reference)
+    reference = args.reference if args.backed else read_h5ad(args.reference)
     kwargs = _api_kwargs(args, build_model, _TRAIN_SKIP)
     model = build_model(reference, labels, coords, show_summary=False, **kwargs)
     files = model.save(weights)
@@ -522,12 +485,15 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     _check_writable(dest, "report")
     truth = parse_truth_columns(args.truth_columns)
     model = TrainedModel.load(_model_path(args.model))
-    query = _read_h5ad(args.query, backed=True)
-    reference = _read_h5ad(args.reference, backed=True) if args.reference else None
+    query = read_h5ad(args.query, backed=True)
+    reference = read_h5ad(args.reference, backed=True) if args.reference else None
     kwargs = _api_kwargs(args, predict, _PREDICT_SKIP)
     if args.predictions:
-        settings = {k: kwargs[k] for k in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low",
-                                          "knn_correction", "knn_k")}
+        import dataclasses
+
+        from .gating import GatingConfig
+
+        settings = {f.name: kwargs[f.name] for f in dataclasses.fields(GatingConfig)}
         result = result_from_predictions(args.predictions, model, settings=settings)
         if list(result.obs_names) != list(query.obs_names):
             from .exceptions import InputError
@@ -541,10 +507,10 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     write_report(dest, result, model=model, adata=query, truth=truth, reference=reference, title=args.title)
     out.update(out=str(dest), n_cells=result.n_obs, levels=_level_stats(result), bytes=dest.stat().st_size)
     if truth is not None:
-        from .evaluate import evaluate
-        from .report import _truth_frame
+        from .metrics import evaluate
+        from .truth import truth_frame as read_truth
 
-        truth_frame, used = _truth_frame(result, truth, None, query)
+        truth_frame, used = read_truth(result, truth, None, query)
         out["truth_columns"] = used
         out["metrics"] = evaluate(result, truth_frame, list(truth_frame.columns))["levels"]
     return f"wrote the report to {dest}"
@@ -624,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show_warning
             text = _COMMANDS[args.command](args, report)
         report.update(ok=True, seconds=round(time.perf_counter() - t0, 3), warnings=caught)
-        _emit(_to_json(report) if json_out else (text if text and not quiet else None))
+        _emit(to_json(report) if json_out else (text if text and not quiet else None))
         return EXIT_OK
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
@@ -640,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if json_out:
             report.update(ok=False, error=_one_line(exc), error_type=type(exc).__name__, exit_code=code,
                           warnings=caught)
-            _emit(_to_json(report))
+            _emit(to_json(report))
         return code
 
 

@@ -66,12 +66,16 @@ def apply_gate(
     knn_frac: np.ndarray,
     knn_covered: np.ndarray,
     cfg: GatingConfig,
+    low: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Combine the network's call and the KNN vote for one level.
 
-    Returns the final class code (-1 = Unknown) and the per-cell flags.
+    ``low`` is the low-confidence mask when the caller has it already
+    (:func:`low_confidence` of ``conf`` and ``margin``). Returns the final class
+    code (-1 = Unknown) and the per-cell flags.
     """
-    low = low_confidence(conf, margin, cfg)
+    if low is None:
+        low = low_confidence(conf, margin, cfg)
     unknown = conf < cfg.confidence_low
     final = raw_code.copy()
     accepted = knn_covered & (knn_code >= 0) & (knn_frac >= cfg.knn_conf_low)

@@ -1,9 +1,12 @@
-"""Gene alignment: namespaces (symbols vs Ensembl IDs), mapping, and the query → model gene matrix.
+"""Genes stage: namespaces (symbols vs Ensembl IDs), alignment, and the input transform.
 
 The aligner turns any query gene space into the model's training gene order:
 missing genes become zero, extra genes are dropped, genes that map to the same
 model gene are summed (counts) or the first is kept (other values). All of it
-is one sparse ``query genes × model genes`` matrix applied per minibatch.
+is one sparse ``query genes × model genes`` matrix applied per minibatch,
+between the two halves of the input transform (to the linear scale, then
+``x > 0`` or ``log1p``), so each batch takes one conversion path from the
+matrix rows to the network input.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import GeneAlignmentError, InputError, ParameterError
-from .inputs import MatrixSource, finalize_values, to_linear_values
+from .inputs import MatrixSource
 
+#: Network input: ``binary`` (x > 0) or ``float`` (log1p of values per 10,000).
+INPUT_TRANSFORMS = ("binary", "float")
+_TARGET_SUM = 1e4
 NAMESPACES = ("symbol", "ensembl", "ensembl_versioned")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}$")
 _ENSEMBL_VERSIONED = re.compile(r"^ENS[A-Z]*G\d{6,}\.\d+$")
@@ -111,6 +117,37 @@ def read_gene_map(gene_map: Mapping[str, str] | pd.DataFrame | pd.Series | str |
     raise ParameterError(f"gene_map must be a dict, DataFrame, Series or CSV/TSV path, not {type(gene_map).__name__}.")
 
 
+# ---------------------------------------------------------------- input transform
+def check_input_transform(input_transform: str) -> None:
+    if input_transform not in INPUT_TRANSFORMS:
+        raise ParameterError(f"input_transform={input_transform!r} must be one of {INPUT_TRANSFORMS}.")
+
+
+def to_linear_values(block: Any, semantics: str, input_transform: str) -> Any:
+    """Bring a row block to the linear scale the gene aggregation sums over.
+
+    For ``binary`` input nothing changes (only x > 0 matters; ``block`` itself
+    is returned). For ``float`` input, counts (and other non-negative values)
+    are scaled to 10,000 per cell using the cell's full library (row-local, so
+    minibatches give the same answer), and log-normalised values are mapped
+    back with ``expm1``; the result is then a new matrix.
+    """
+    if input_transform == "binary":
+        return block
+    if semantics == "lognorm":
+        if sp.issparse(block):
+            block = block.copy()
+            np.expm1(block.data, out=block.data)
+            return block
+        return np.expm1(block)
+    totals = np.asarray(block.sum(axis=1)).ravel().astype(np.float32)
+    scale = np.divide(_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sp.issparse(block):
+        return sp.diags(scale) @ block
+    return block * scale[:, None]
+
+
+# ---------------------------------------------------------------- alignment
 @dataclass
 class GeneAligner:
     """Maps query rows into the model's gene order and applies the input transform.
@@ -137,15 +174,23 @@ class GeneAligner:
         linear = to_linear_values(block, self.semantics, self.input_transform)
         if self.aggregation is not None:
             linear = linear @ self.aggregation
-        dense = np.array(linear.toarray() if sp.issparse(linear) else linear, dtype=np.float32)
-        return finalize_values(dense, self.input_transform)
+        dense = np.asarray(linear.toarray() if sp.issparse(linear) else linear, dtype=np.float32)
+        if self.input_transform == "binary":
+            return (dense > 0).astype(np.float32)
+        if dense is block:  # float input is always a new array; never write into the caller's
+            dense = dense.copy()
+        return np.log1p(dense, out=dense)
 
     def transform_sparse(self, block: sp.csr_matrix) -> sp.csr_matrix:
-        """Sparse query rows → sparse CSR network input (same values as :meth:`transform`)."""
+        """Sparse query rows → sparse CSR network input (same values as :meth:`transform`).
+
+        One conversion path: the block is copied only when no step before the
+        in-place transform has already made a new matrix.
+        """
         linear = to_linear_values(block, self.semantics, self.input_transform)
         if self.aggregation is not None:
             linear = linear @ self.aggregation
-        out = sp.csr_matrix(linear, dtype=np.float32, copy=True)
+        out = sp.csr_matrix(linear, dtype=np.float32, copy=linear is block)
         out.eliminate_zeros()
         if self.input_transform == "binary":
             out.data = (out.data > 0).astype(np.float32)

@@ -19,26 +19,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import EmptyDataError, InputError, InvalidValuesError, MatrixSemanticsError, ParameterError
+from .io import elem_io
 
 #: What an expression matrix may hold, as detected by :func:`detect_semantics`.
 SEMANTICS = ("counts", "lognorm", "scaled", "other")
-INPUT_TRANSFORMS = ("binary", "float")
-_TARGET_SUM = 1e4
-
-
-def open_anndata(adata: ad.AnnData | str | os.PathLike) -> ad.AnnData:
-    """Accept an AnnData or a path to an ``.h5ad`` file (opened backed, read-only)."""
-    if isinstance(adata, ad.AnnData):
-        return adata
-    if isinstance(adata, (str, os.PathLike)):
-        path = os.fspath(adata)
-        if not os.path.exists(path):
-            raise InputError(f"No such file: {path!r}. Pass an AnnData or the path of an existing .h5ad file.")
-        try:
-            return ad.read_h5ad(path, backed="r")
-        except Exception as exc:  # h5py raises many types for damaged files
-            raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
-    raise InputError(f"Expected an AnnData or a path to an .h5ad file, got {type(adata).__name__}.")
 
 
 @dataclass
@@ -141,10 +125,7 @@ def h5ad_query_source(
     """
     import h5py
 
-    try:
-        from anndata.io import read_elem, sparse_dataset
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem, sparse_dataset
+    read_elem, _, sparse_dataset = elem_io()
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -274,36 +255,12 @@ def check_semantics_usable(semantics: str, input_transform: str, where: str) -> 
         )
 
 
-def to_linear_values(block: Any, semantics: str, input_transform: str) -> Any:
-    """Bring a row block to the linear scale the gene aggregation sums over.
+def checked_semantics(source: MatrixSource, input_transform: str) -> dict[str, Any]:
+    """Check the values (NaN/inf), detect what they hold, and refuse what the network cannot use.
 
-    For ``binary`` input nothing changes (only x > 0 matters). For ``float``
-    input, counts (and other non-negative values) are scaled to 10,000 per cell
-    using the cell's full library (row-local, so minibatches give the same
-    answer), and log-normalised values are mapped back with ``expm1``.
+    The one entry point training and prediction share; returns :func:`detect_semantics`'s dict.
     """
-    if input_transform == "binary":
-        return block
-    if semantics == "lognorm":
-        if sp.issparse(block):
-            block = block.copy()
-            np.expm1(block.data, out=block.data)
-            return block
-        return np.expm1(block)
-    totals = np.asarray(block.sum(axis=1)).ravel().astype(np.float32)
-    scale = np.divide(_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sp.issparse(block):
-        return sp.diags(scale) @ block
-    return block * scale[:, None]
-
-
-def finalize_values(dense: np.ndarray, input_transform: str) -> np.ndarray:
-    """Network input from aggregated linear values: x > 0, or log1p."""
-    if input_transform == "binary":
-        return (dense > 0).astype(np.float32)
-    return np.log1p(dense, out=dense).astype(np.float32, copy=False)
-
-
-def check_input_transform(input_transform: str) -> None:
-    if input_transform not in INPUT_TRANSFORMS:
-        raise ParameterError(f"input_transform={input_transform!r} must be one of {INPUT_TRANSFORMS}.")
+    validate_values(source)
+    semantics = detect_semantics(source)
+    check_semantics_usable(semantics["semantics"], input_transform, source.where)
+    return semantics

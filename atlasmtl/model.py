@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .network import MultiTaskNetwork
+from .artifacts import ModelParts, read_model, save_model
+from .exceptions import ArtifactError
+from .network import MultiTaskNetwork, NetworkOutput
 from .runtime import format_sections
 
 
@@ -82,9 +84,8 @@ class TrainedModel:
         -------
         Paths of the written files by role (``weights``, ``metadata``, ``reference``, ``manifest``).
         """
-        from .artifacts import save_model
-
-        return save_model(self, path, reference_storage=reference_storage)
+        parts = ModelParts(self.network.state_dict(), self.metadata, self.reference)
+        return save_model(path, parts, reference_storage=reference_storage)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainedModel":
@@ -92,9 +93,20 @@ class TrainedModel:
 
         Checksums are verified and nothing in the files is executed.
         """
-        from .artifacts import load_model
+        return cls.from_parts(read_model(path))
 
-        return load_model(path)
+    @classmethod
+    def from_parts(cls, parts: ModelParts) -> "TrainedModel":
+        """Build the model from the plain parts a model file holds (weights, metadata, KNN reference)."""
+        arch = parts.metadata["architecture"]
+        network = MultiTaskNetwork(
+            arch["n_genes"], arch["n_classes"], arch["coord_dims"], arch["hidden_sizes"], arch["dropout_rate"]
+        )
+        try:
+            network.load_state_dict(parts.state_dict)
+        except RuntimeError as exc:
+            raise ArtifactError(f"The weights do not fit the architecture in the metadata ({exc}).") from exc
+        return cls(network, parts.metadata, parts.reference)
 
     # ------------------------------------------------------------------ reporting
     def resource_summary(self) -> dict[str, dict[str, Any]]:
@@ -131,8 +143,16 @@ class TrainedModel:
         )
 
     # ------------------------------------------------------------------ internals
-    def encode(self, x: np.ndarray | torch.Tensor, device: torch.device | None = None):
-        """Run the network on a dense batch; returns torch tensors."""
+    def encode(self, x: np.ndarray | torch.Tensor, device: torch.device | None = None) -> NetworkOutput:
+        """Run the network on a dense batch of network inputs.
+
+        Returns
+        -------
+        NetworkOutput
+            ``(embedding, logits, coords)`` as torch tensors: the encoder output,
+            logits per level, and standardised coordinates per coordinate head.
+            It unpacks like a tuple.
+        """
         with torch.no_grad():
             t = torch.as_tensor(x, dtype=torch.float32, device=device)
             return self.network(t)

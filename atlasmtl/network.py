@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
+
+
+class NetworkOutput(NamedTuple):
+    """What the network returns for a batch (unpacks like ``z, logits, coords = ...``)."""
+
+    #: Encoder output (cells × last hidden size), the space the KNN stage searches after L2 normalisation.
+    embedding: torch.Tensor
+    #: Logits per annotation level, coarse to fine.
+    logits: list[torch.Tensor]
+    #: Standardised coordinates per coordinate head.
+    coords: dict[str, torch.Tensor]
 
 
 class Encoder(nn.Module):
@@ -61,7 +72,7 @@ class MultiTaskNetwork(nn.Module):
 
     def forward(
         self, x: torch.Tensor, first_weight_t: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+    ) -> NetworkOutput:
         """Return ``(embedding, logits per level, standardised coordinates per target)``.
 
         ``x`` may be a sparse CSR tensor (inference): the first layer is then a
@@ -76,4 +87,4 @@ class MultiTaskNetwork(nn.Module):
             z = self.encoder(x)
         logits = [head(z) for head in self.label_heads]
         coords = {name: head(z) for name, head in self.coord_heads.items()}
-        return z, logits, coords
+        return NetworkOutput(z, logits, coords)

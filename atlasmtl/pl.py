@@ -38,8 +38,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .exceptions import CoordinateError, LabelError, ParameterError
-from .result import UNKNOWN, PredictionResult
+from .exceptions import CoordinateError, ParameterError
+from .calls import UNKNOWN, CallTable, decode_labels
+from .truth import calibration_bins, truth_by_level
+from .truth import ece_of_bins as expected_calibration_error
 
 __all__ = [
     "composition",
@@ -64,16 +66,40 @@ UNKNOWN_COLOUR = "#6e6e6e"
 _EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn")
 
 
+# ---------------------------------------------------------------- shared parameter docs (as scanpy/plotting/_docs.py)
+doc_result = """result
+        The predictions: a :class:`~atlasmtl.result.PredictionResult` from :func:`atlasmtl.predict`."""
+doc_truth = """truth, columns
+        True labels: an AnnData (its ``obs``), a DataFrame indexed by cell name, or a
+        mapping ``level → array`` in the result's cell order; ``columns`` names the
+        column per level (see :func:`truth_by_level`)."""
+doc_figure = """figsize
+        Figure size in inches (default: scaled to the number of levels and classes).
+    show
+        Show the figure with pyplot (and return ``None``) instead of returning it.
+    save
+        Also write the figure to this file."""
+_DOCS = {"doc_result": doc_result, "doc_truth": doc_truth, "doc_figure": doc_figure}
+
+
+def _doc_params(func: Any) -> Any:
+    """Fill the shared parameter descriptions (``{doc_result}``, ``{doc_truth}``, ``{doc_figure}``) into a docstring."""
+    if func.__doc__:
+        for key, text in _DOCS.items():
+            func.__doc__ = func.__doc__.replace("{" + key + "}", text)
+    return func
+
+
 # ---------------------------------------------------------------- helpers
-def _check_result(result: Any) -> PredictionResult:
-    if not isinstance(result, PredictionResult):
+def _check_result(result: Any) -> CallTable:
+    if not isinstance(result, CallTable):
         raise ParameterError(
             f"Expected a PredictionResult (from atlasmtl.predict), got {type(result).__name__}."
         )
     return result
 
 
-def _levels(result: PredictionResult, levels: str | Sequence[str] | None) -> list[str]:
+def _levels(result: CallTable, levels: str | Sequence[str] | None) -> list[str]:
     if levels is None:
         return result.label_columns
     levels = [levels] if isinstance(levels, str) else list(levels)
@@ -102,14 +128,12 @@ def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure |
     return fig
 
 
-def _settings(result: PredictionResult) -> dict[str, Any]:
+def _settings(result: CallTable) -> dict[str, Any]:
+    import dataclasses
+
     from .gating import GatingConfig
 
-    defaults = GatingConfig()
-    s = dict(result.metadata.get("settings", {}) or {})
-    for name in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low"):
-        s.setdefault(name, getattr(defaults, name))
-    return s
+    return {**dataclasses.asdict(GatingConfig()), **(result.metadata.get("settings", {}) or {})}
 
 
 def _palette(n: int) -> list:
@@ -126,7 +150,7 @@ def _palette(n: int) -> list:
     return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
 
 
-def label_colours(result: PredictionResult, level: str) -> dict[str, Any]:
+def label_colours(result: CallTable, level: str) -> dict[str, Any]:
     """A fixed colour per class of ``level`` (Unknown in grey), shared by all plots."""
     classes = [c for c in result.classes[level] if c != UNKNOWN]
     colours = dict(zip(classes, _palette(len(classes))))
@@ -139,140 +163,15 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     return int(np.ceil(n / cols)), cols
 
 
-def truth_by_level(
-    result: PredictionResult,
-    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
-    columns: Mapping[str, str] | Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """True labels per level, aligned to the result's cells (``None`` where unlabelled).
-
-    Parameters
-    ----------
-    result
-        The predictions.
-    truth
-        An AnnData (its ``obs`` is used), a DataFrame indexed by cell name, or a
-        mapping ``level → array-like`` in the result's cell order.
-    columns
-        Which column holds each level's truth: a mapping ``level → column``, or a
-        sequence with one column per level (coarse to fine). By default every
-        level whose name is a column of ``truth`` is used.
-
-    Returns
-    -------
-    ``level → object array`` of true labels (strings; ``None`` for missing values).
-    Levels without truth are left out.
-
-    Raises
-    ------
-    LabelError
-        When a named column is missing, the cells do not match, or no level has truth.
-    """
-    _check_result(result)
-    levels = result.label_columns
-    if isinstance(truth, ad.AnnData):
-        truth = truth.obs
-    if isinstance(columns, str):
-        columns = [c.strip() for c in columns.split(",") if c.strip()]
-    if columns is not None and not isinstance(columns, Mapping):
-        columns = list(columns)
-        if len(columns) != len(levels):
-            raise LabelError(
-                f"{len(columns)} truth column(s) {columns} given for {len(levels)} level(s) {levels}; "
-                "give one per level (coarse to fine) or map them as {level: column}."
-            )
-        columns = dict(zip(levels, columns))
-    if isinstance(truth, pd.DataFrame):
-        if columns is None:
-            columns = {lv: lv for lv in levels if lv in truth.columns}
-        bad = {lv: c for lv, c in columns.items() if c not in truth.columns}
-        if bad:
-            raise LabelError(
-                f"Truth column(s) {sorted(bad.values())} are not in the table; available: {list(truth.columns)[:20]}."
-            )
-        if not truth.index.equals(result.obs_names):
-            missing = result.obs_names.difference(truth.index)
-            if len(missing):
-                raise LabelError(
-                    f"{len(missing)} predicted cell(s) (e.g. {missing[0]!r}) are not in the truth table; "
-                    "pass the query the predictions were made for."
-                )
-            truth = truth.loc[result.obs_names]
-        series = {lv: truth[c] for lv, c in columns.items()}
-    elif isinstance(truth, Mapping):
-        keys = columns if columns is not None else {lv: lv for lv in levels if lv in truth}
-        series = {}
-        for lv, key in keys.items():
-            if key not in truth:
-                raise LabelError(f"No truth given for {key!r}; keys: {list(truth)}.")
-            values = pd.Series(np.asarray(truth[key], dtype=object))
-            if len(values) != result.n_obs:
-                raise LabelError(
-                    f"Truth for {lv!r} has {len(values)} values; the result has {result.n_obs} cells."
-                )
-            series[lv] = values
-    else:
-        raise LabelError(f"truth must be an AnnData, a DataFrame or a mapping, not {type(truth).__name__}.")
-    unknown = [lv for lv in series if lv not in result.levels]
-    if unknown:
-        raise LabelError(f"Level(s) {unknown} are not predicted by this result; its levels are {levels}.")
-    if not series:
-        raise LabelError(
-            f"None of the levels {levels} has a truth column; name them with columns=... "
-            "(one per level, or {level: column})."
-        )
-    out = {}
-    for lv in levels:
-        if lv in series:
-            s = pd.Series(series[lv]).reset_index(drop=True)
-            values = s.astype(object).where(s.notna(), None).to_numpy(dtype=object)
-            out[lv] = np.array([None if v is None else str(v) for v in values], dtype=object)
-    return out
-
-
-def _pred_strings(result: PredictionResult, level: str, raw: bool = False) -> np.ndarray:
-    codes = result.levels[level]["raw_code" if raw else "code"]
-    names = np.asarray(list(result.classes[level]) + [UNKNOWN], dtype=object)
-    return names[np.where(codes < 0, len(names) - 1, codes)]
-
-
-def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
-    """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
-
-    Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
-    the first), as in :func:`atlasmtl.evaluate.expected_calibration_error`; the
-    expected calibration error is ``sum(cells * |accuracy - confidence|) / total``.
-    """
-    conf = np.asarray(conf, dtype=float)
-    correct = np.asarray(correct, dtype=bool)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        sel = which == b
-        n = int(sel.sum())
-        rows.append(
-            {
-                "lower": edges[b],
-                "upper": edges[b + 1],
-                "cells": n,
-                "confidence": float(conf[sel].mean()) if n else np.nan,
-                "accuracy": float(correct[sel].mean()) if n else np.nan,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """ECE from a :func:`calibration_bins` table."""
-    t = table[table["cells"] > 0]
-    total = t["cells"].sum()
-    return float((t["cells"] * (t["accuracy"] - t["confidence"]).abs()).sum() / total) if total else float("nan")
+def _pred_strings(result: CallTable, level: str, raw: bool = False) -> np.ndarray:
+    calls = result.levels[level]
+    return np.asarray(decode_labels(calls.raw if raw else calls.pred, result.classes[level]), dtype=object)
 
 
 # ---------------------------------------------------------------- plots without truth
+@_doc_params
 def composition(
-    result: PredictionResult,
+    result: CallTable,
     levels: str | Sequence[str] | None = None,
     *,
     figsize: tuple[float, float] | None = None,
@@ -283,16 +182,10 @@ def composition(
 
     Parameters
     ----------
-    result
-        The predictions.
+    {doc_result}
     levels
         Levels to draw (default: all, coarse to fine).
-    figsize
-        Figure size in inches (default: scaled to the number of levels and classes).
-    show
-        Show the figure with pyplot (and return ``None``) instead of returning it.
-    save
-        Also write the figure to this file.
+    {doc_figure}
 
     Returns
     -------
@@ -324,8 +217,9 @@ def composition(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def confidence(
-    result: PredictionResult,
+    result: CallTable,
     levels: str | Sequence[str] | None = None,
     *,
     bins: int = 40,
@@ -341,14 +235,12 @@ def confidence(
 
     Parameters
     ----------
-    result
-        The predictions.
+    {doc_result}
     levels
         Levels to draw (default: all); one row per level.
     bins
         Histogram bins over [0, 1].
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -384,8 +276,9 @@ def confidence(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def rates(
-    result: PredictionResult,
+    result: CallTable,
     *,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
@@ -395,10 +288,8 @@ def rates(
 
     Parameters
     ----------
-    result
-        The predictions.
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_result}
+    {doc_figure}
 
     Returns
     -------
@@ -429,7 +320,7 @@ def rates(
     return _finish(fig, show, save)
 
 
-def _reference_coords(reference: Any, result: PredictionResult, basis: str) -> np.ndarray | None:
+def _reference_coords(reference: Any, result: CallTable, basis: str) -> np.ndarray | None:
     if reference is None:
         return None
     if isinstance(reference, ad.AnnData):
@@ -454,8 +345,9 @@ def _reference_coords(reference: Any, result: PredictionResult, basis: str) -> n
     return values[:, :2]
 
 
+@_doc_params
 def embedding(
-    result: PredictionResult,
+    result: CallTable,
     reference: ad.AnnData | np.ndarray | None = None,
     *,
     basis: str = "umap",
@@ -493,8 +385,7 @@ def embedding(
         Draw at most this many query and reference cells (a random subset above it).
     random_state
         Seed of that subset.
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -564,11 +455,12 @@ def embedding(
     return _finish(fig, show, save)
 
 
-def umap(result: PredictionResult, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
+def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
     """:func:`embedding` with ``basis="umap"``: query cells on the reference UMAP."""
     return embedding(result, reference, basis="umap", **kwargs)
 
 
+@_doc_params
 def training_history(
     model: Any,
     *,
@@ -582,8 +474,7 @@ def training_history(
     ----------
     model
         A :class:`~atlasmtl.model.TrainedModel`.
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -611,8 +502,9 @@ def training_history(
 
 
 # ---------------------------------------------------------------- plots with truth
+@_doc_params
 def confusion(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     levels: str | Sequence[str] | None = None,
     *,
@@ -628,16 +520,13 @@ def confusion(
 
     Parameters
     ----------
-    result
-        The predictions.
-    truth, columns
-        True labels; see :func:`truth_by_level`.
+    {doc_result}
+    {doc_truth}
     levels
         Levels to draw (default: every level with truth).
     annotate
         Write the fractions into the cells (default: when there are at most 20 classes).
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -676,8 +565,9 @@ def confusion(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def f1_scores(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     levels: str | Sequence[str] | None = None,
     *,
@@ -693,14 +583,11 @@ def f1_scores(
 
     Parameters
     ----------
-    result
-        The predictions.
-    truth, columns
-        True labels; see :func:`truth_by_level`.
+    {doc_result}
+    {doc_truth}
     levels
         Levels to draw (default: every level with truth).
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -737,8 +624,9 @@ def f1_scores(
     return _finish(fig, show, save)
 
 
+@_doc_params
 def reliability(
-    result: PredictionResult,
+    result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
     levels: str | Sequence[str] | None = None,
     *,
@@ -757,16 +645,13 @@ def reliability(
 
     Parameters
     ----------
-    result
-        The predictions.
-    truth, columns
-        True labels; see :func:`truth_by_level`.
+    {doc_result}
+    {doc_truth}
     levels
         Levels to draw (default: every level with truth).
     n_bins
         Equal-width confidence bins over [0, 1] (15, as in :func:`atlasmtl.evaluate`).
-    figsize, show, save
-        As in :func:`composition`.
+    {doc_figure}
 
     Returns
     -------
@@ -782,7 +667,7 @@ def reliability(
     for ax, level in zip(axes, levels):
         has = np.array([v is not None for v in t[level]])
         correct = _pred_strings(result, level, raw=True)[has] == t[level][has]
-        table = calibration_bins(result.levels[level]["conf"][has], correct, n_bins)
+        table = calibration_bins(result.levels[level].conf[has], correct, n_bins)
         ece = expected_calibration_error(table)
         ok = table["cells"] > 0
         ax.plot([0, 1], [0, 1], color="#999999", ls="--", lw=1, label="perfect calibration")

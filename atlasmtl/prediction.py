@@ -1,8 +1,15 @@
-"""Prediction: stream the query through gene alignment, the network, the gate and KNN."""
+"""Prediction: stream the query through gene alignment, the network, the gate and KNN.
+
+:func:`predict` = :func:`prepare_query` (values, semantics, gene aligner) → per
+batch :func:`_infer` (network calls and the low-confidence mask, computed once)
+and :func:`_correct` (KNN votes for the cells the gate sends) → :func:`_assemble`
+(the gate's final :class:`~atlasmtl.calls.LevelCalls` per level).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -13,27 +20,20 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from . import __version__
+from ._version import __version__
 from .exceptions import InputError, ParameterError
 from .gating import GatingConfig, apply_gate, low_confidence, top_two
 from .genes import GeneAligner, build_aligner
-from .inputs import (
-    MatrixSource,
-    check_finite,
-    check_semantics_usable,
-    detect_semantics,
-    get_matrix_source,
-    h5ad_query_source,
-    open_anndata,
-    validate_values,
-)
+from .io import open_anndata
+from .calls import LevelCalls
+from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import NeighbourIndex, normalise_rows, vote
 from .model import TrainedModel
+from .network import NetworkOutput
 from .result import PredictionResult
 from .runtime import (
     ResourceMonitor,
     available_cpus,
-    format_sections,
     gpu_name,
     progress,
     resolve_device,
@@ -152,6 +152,129 @@ def predict(
                                min_gene_overlap=min_gene_overlap, batch_size=batch_size)
 
 
+def prepare_query(
+    model: TrainedModel, source: MatrixSource, gene_map: Any, min_gene_overlap: float
+) -> tuple[GeneAligner, dict[str, Any], dict[str, Any]]:
+    """Check the query's values, detect what they hold and align its genes to the model's.
+
+    Returns ``(aligner, semantics, gene report)``; alignment warnings are re-issued
+    to the caller and recorded in the gene report.
+    """
+    if not source.var_names.is_unique:
+        raise InputError("Query var_names are not unique; call adata.var_names_make_unique() first.")
+    input_transform = model.metadata["input_transform"]
+    semantics = checked_semantics(source, input_transform)
+    if input_transform == "float" and semantics["semantics"] != "lognorm":
+        semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aligner = build_aligner(
+            model.genes,
+            model.metadata["gene_namespace"],
+            model.metadata.get("gene_alt_ids", {}),
+            source,
+            input_transform,
+            semantics["semantics"],
+            gene_map=gene_map,
+            min_gene_overlap=min_gene_overlap,
+        )
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=3)
+    gene_report = dict(aligner.report)
+    gene_report["warnings"] = [str(w.message) for w in caught]
+    return aligner, semantics, gene_report
+
+
+class _Buffers:
+    """Per-cell outputs of the streaming loop, filled batch by batch (field names as in :class:`LevelCalls`)."""
+
+    def __init__(self, model: TrainedModel, n: int) -> None:
+        self.levels = {
+            lv: {
+                "raw": np.empty(n, dtype=np.int32),
+                "conf": np.empty(n, dtype=np.float32),
+                "margin": np.empty(n, dtype=np.float32),
+                "is_low_conf": np.empty(n, dtype=bool),
+                "knn": np.full(n, -1, dtype=np.int32),
+                "knn_vote_frac": np.full(n, np.nan, dtype=np.float32),
+                "covered": np.zeros(n, dtype=bool),
+            }
+            for lv in model.label_columns
+        }
+        self.coords = {
+            name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
+        }
+        self.n_searched = 0
+
+
+def _infer(
+    model: TrainedModel, output: NetworkOutput, gate: GatingConfig, buffers: _Buffers, rows: slice
+) -> np.ndarray:
+    """Network calls of one batch: class, confidence, margin and the low-confidence mask per level,
+    and de-standardised coordinates. Returns the batch's any-level low-confidence mask."""
+    any_low = np.zeros(rows.stop - rows.start, dtype=bool)
+    for lv, logits in zip(model.label_columns, output.logits):
+        probs = torch.softmax(logits, dim=1).cpu().numpy()
+        code, conf, margin = top_two(probs)
+        low = low_confidence(conf, margin, gate)
+        o = buffers.levels[lv]
+        o["raw"][rows], o["conf"][rows], o["margin"][rows], o["is_low_conf"][rows] = code, conf, margin, low
+        any_low |= low
+    for name, values in output.coords.items():
+        stats = model.metadata["coord_stats"][name]
+        buffers.coords[name][rows] = values.cpu().numpy() * stats["std"] + stats["mean"]
+    return any_low
+
+
+def _correct(
+    model: TrainedModel,
+    index: NeighbourIndex,
+    embedding: torch.Tensor,
+    any_low: np.ndarray,
+    gate: GatingConfig,
+    buffers: _Buffers,
+    start: int,
+) -> None:
+    """KNN votes of one batch: search the cells the gate sends (all, or the low-confidence ones)
+    once, then let each level vote for its own low-confidence cells."""
+    search = np.flatnonzero(any_low) if gate.knn_correction == "low_conf_only" else np.arange(len(any_low))
+    if not len(search):
+        return
+    points = normalise_rows(embedding[torch.from_numpy(search).to(embedding.device)].cpu().numpy())
+    neighbours, _ = index.query(points, gate.knn_k)
+    buffers.n_searched += len(search)
+    for lv in model.label_columns:
+        o = buffers.levels[lv]
+        if gate.knn_correction == "low_conf_only":
+            voting = o["is_low_conf"][start + search]
+            rows, nbr = start + search[voting], neighbours[voting]
+        else:
+            rows, nbr = start + search, neighbours
+        code, frac = vote(nbr, model.reference["labels"][lv], len(model.classes[lv]))
+        o["knn"][rows], o["knn_vote_frac"][rows], o["covered"][rows] = code, frac, True
+
+
+def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig) -> dict[str, LevelCalls]:
+    """The gate's final calls per level, from the network's calls and the KNN votes."""
+    calls = {}
+    for lv in model.label_columns:
+        o = buffers.levels[lv]
+        gated = apply_gate(o["raw"], o["conf"], o["margin"], o["knn"], np.nan_to_num(o["knn_vote_frac"]),
+                           o["covered"], gate, low=o["is_low_conf"])
+        calls[lv] = LevelCalls(
+            pred=gated["code"],
+            conf=o["conf"],
+            margin=o["margin"],
+            is_unknown=gated["is_unknown"],
+            raw=o["raw"],
+            knn=o["knn"],
+            knn_vote_frac=o["knn_vote_frac"],
+            is_low_conf=gated["is_low_conf"],
+            used_knn=gated["used_knn"],
+        )
+    return calls
+
+
 def _predict_source(
     model: TrainedModel,
     obs_names: pd.Index,
@@ -171,46 +294,10 @@ def _predict_source(
     """The prediction pipeline on an opened matrix; see :func:`predict`."""
     if not obs_names.is_unique:
         raise InputError("Query obs_names are not unique; call adata.obs_names_make_unique() first.")
-    if not source.var_names.is_unique:
-        raise InputError("Query var_names are not unique; call adata.var_names_make_unique() first.")
-    validate_values(source)
-    semantics = detect_semantics(source)
-    input_transform = model.metadata["input_transform"]
-    check_semantics_usable(semantics["semantics"], input_transform, source.where)
-    if input_transform == "float" and semantics["semantics"] != "lognorm":
-        semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        aligner = build_aligner(
-            model.genes,
-            model.metadata["gene_namespace"],
-            model.metadata.get("gene_alt_ids", {}),
-            source,
-            input_transform,
-            semantics["semantics"],
-            gene_map=gene_map,
-            min_gene_overlap=min_gene_overlap,
-        )
-    for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=2)
-    gene_report = dict(aligner.report)
-    gene_report["warnings"] = [str(w.message) for w in caught]
+    aligner, semantics, gene_report = prepare_query(model, source, gene_map, min_gene_overlap)
 
-    levels = model.label_columns
     n = source.n_obs
-    out = {
-        lv: {
-            "raw": np.empty(n, dtype=np.int32),
-            "conf": np.empty(n, dtype=np.float32),
-            "margin": np.empty(n, dtype=np.float32),
-            "knn": np.full(n, -1, dtype=np.int32),
-            "knn_frac": np.full(n, np.nan, dtype=np.float32),
-            "covered": np.zeros(n, dtype=bool),
-        }
-        for lv in levels
-    }
-    coords = {name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()}
-    n_searched = 0
+    buffers = _Buffers(model, n)
     net = model.network.to(dev).eval()
     first_weight_t = net.encoder.layers[0].weight.detach().t().contiguous()
     monitor = ResourceMonitor(dev)
@@ -221,67 +308,24 @@ def _predict_source(
             for start, stop, block in source.iter_chunks(batch_size):
                 if source.backed:
                     check_finite(block, source.where)
-                z, logits, pred = net(_network_input(aligner, block, dev), first_weight_t)
-                any_low = np.zeros(stop - start, dtype=bool)
-                for lv, lg in zip(levels, logits):
-                    probs = torch.softmax(lg, dim=1).cpu().numpy()
-                    code, conf, margin = top_two(probs)
-                    o = out[lv]
-                    o["raw"][start:stop], o["conf"][start:stop], o["margin"][start:stop] = code, conf, margin
-                    any_low |= low_confidence(conf, margin, gate)
-                for name, values in pred.items():
-                    stats = model.metadata["coord_stats"][name]
-                    coords[name][start:stop] = values.cpu().numpy() * stats["std"] + stats["mean"]
+                output = net(_network_input(aligner, block, dev), first_weight_t)
+                any_low = _infer(model, output, gate, buffers, slice(start, stop))
                 if index is not None:
-                    search = np.flatnonzero(any_low) if gate.knn_correction == "low_conf_only" else np.arange(stop - start)
-                    if len(search):
-                        emb = normalise_rows(z[torch.from_numpy(search).to(dev)].cpu().numpy())
-                        nbr, _ = index.query(emb, gate.knn_k)
-                        n_searched += len(search)
-                        for lv in levels:
-                            o = out[lv]
-                            rows = start + search
-                            if gate.knn_correction == "low_conf_only":
-                                rows = rows[low_confidence(o["conf"][rows], o["margin"][rows], gate)]
-                                sel = rows - start
-                                nbr_lv = nbr[np.searchsorted(search, sel)]
-                            else:
-                                nbr_lv = nbr
-                            code, frac = vote(nbr_lv, model.reference["labels"][lv], len(model.classes[lv]))
-                            o["knn"][rows], o["knn_frac"][rows], o["covered"][rows] = code, frac, True
+                    _correct(model, index, output.embedding, any_low, gate, buffers, start)
                 bar.update(stop - start)
             bar.close()
     finally:
         model.network.cpu()
 
-    results = {}
-    for lv in levels:
-        o = out[lv]
-        gated = apply_gate(o["raw"], o["conf"], o["margin"], o["knn"], np.nan_to_num(o["knn_frac"]), o["covered"], gate)
-        results[lv] = {
-            "code": gated["code"],
-            "raw_code": o["raw"],
-            "conf": o["conf"],
-            "margin": o["margin"],
-            "knn_code": o["knn"],
-            "knn_vote_frac": o["knn_frac"],
-            "is_unknown": gated["is_unknown"],
-            "is_low_conf": gated["is_low_conf"],
-            "used_knn": gated["used_knn"],
-        }
     runtime = monitor.summary(n)
     runtime.update({"device": dev.type, "gpu": gpu_name(dev), "threads": n_threads, "cpu count": available_cpus(),
-                    "knn_cells_searched": int(n_searched)})
+                    "knn_cells_searched": int(buffers.n_searched)})
+    levels = model.label_columns
     metadata = {
         "atlasmtl_version": __version__,
         "settings": {
-            "knn_correction": gate.knn_correction,
-            "knn_k": gate.knn_k,
-            "knn_conf_low": gate.knn_conf_low,
-            "confidence_high": gate.confidence_high,
-            "confidence_low": gate.confidence_low,
-            "margin_threshold": gate.margin_threshold,
-            "input_transform": input_transform,
+            **dataclasses.asdict(gate),
+            "input_transform": model.metadata["input_transform"],
             "layer": layer,
             "use_raw": use_raw,
             "min_gene_overlap": min_gene_overlap,
@@ -298,8 +342,8 @@ def _predict_source(
     result = PredictionResult(
         obs_names=np.asarray(obs_names),
         classes={lv: list(model.classes[lv]) for lv in levels},
-        levels=results,
-        coords=coords,
+        levels=_assemble(model, buffers, gate),
+        coords=buffers.coords,
         metadata=metadata,
         hierarchy=model.hierarchy,
     )

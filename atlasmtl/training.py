@@ -1,4 +1,10 @@
-"""Training: ``build_model`` fits the shared encoder, label heads and coordinate heads."""
+"""Training: ``build_model`` fits the shared encoder, label heads and coordinate heads.
+
+:func:`build_model` = :func:`prepare_reference` (checks, labels, coordinates;
+the matrix checks are the ones :func:`atlasmtl.predict` runs) → :func:`fit`
+(the epoch loop) → :func:`embed_reference` (the KNN space) → :func:`describe`
+(the model's metadata).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import importlib.metadata
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import anndata as ad
@@ -15,17 +22,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
+from .artifacts import REFERENCE_STORAGE
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError
-from .genes import alternative_ids, detect_namespace, identity_aligner
-from .inputs import (
-    check_input_transform,
-    check_semantics_usable,
-    detect_semantics,
-    get_matrix_source,
-    open_anndata,
-    validate_values,
-)
+from .genes import GeneAligner, alternative_ids, check_input_transform, detect_namespace, identity_aligner
+from .io import open_anndata
+from .inputs import MatrixSource, checked_semantics, get_matrix_source
 from .knn import neighbour_label_agreement, normalise_rows
 from .model import TrainedModel
 from .network import MultiTaskNetwork
@@ -41,7 +43,6 @@ from .runtime import (
     torch_threads,
 )
 
-REFERENCE_STORAGE = ("external", "full")
 
 
 def _check_params(**p: Any) -> None:
@@ -256,141 +257,37 @@ def build_model(
     n_threads = resolve_num_threads(num_threads)
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
 
-    source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
-    if not adata.obs_names.is_unique:
-        raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
-    if not source.var_names.is_unique:
-        raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
-    label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
-    classes, codes, unlabelled = encode_labels(adata, label_columns)
-    coords = _coordinate_targets(adata, coord_targets)
-    validate_values(source)
-    semantics = detect_semantics(source)
-    check_semantics_usable(semantics["semantics"], input_transform, source.where)
-    if input_transform == "float" and semantics["semantics"] == "counts":
-        semantics["normalisation"] = "total counts scaled to 1e4 per cell, then log1p"
-
-    has_label = (codes >= 0).any(axis=1)
-    cells = np.flatnonzero(has_label)
-    dropped = int((~has_label).sum())
-    if dropped:
-        warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=2)
-    for col, n in unlabelled.items():
-        if n and n > dropped:
-            warnings.warn(
-                f"{n} reference cell(s) have no label in {col!r}; they are not used for that level's loss.",
-                stacklevel=2,
-            )
-
-    coord_stats = {}
-    for name, values in coords.items():
-        mean = values[cells].mean(axis=0)
-        std = values[cells].std(axis=0)
-        std[std == 0] = 1.0
-        coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
-
+    ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
+                            input_transform=input_transform)
     rng = np.random.default_rng(random_state)
-    n_val = int(round(len(cells) * val_fraction))
-    perm = rng.permutation(cells)
+    n_val = int(round(len(ref.cells) * val_fraction))
+    perm = rng.permutation(ref.cells)
     val_cells, train_cells = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if early_stopping_patience is not None and n_val == 0:
         warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=2)
+    objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev)
 
-    aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
-    coord_names = list(coords)
-    coord_std = {n: ((coords[n] - coord_stats[n]["mean"]) / coord_stats[n]["std"]).astype(np.float32) for n in coord_names}
-
-    def batch_tensors(rows: np.ndarray):
-        x = torch.from_numpy(aligner.transform(source.rows(rows))).to(dev)
-        y = torch.from_numpy(codes[rows]).to(dev)
-        c = {n: torch.from_numpy(coord_std[n][rows]).to(dev) for n in coord_names}
-        return x, y, c
-
-    losses = [
-        nn.CrossEntropyLoss(
-            weight=class_weights(codes[train_cells, j], len(classes[col]), class_weight_power, dev),
-            ignore_index=-1,
-            reduction="sum",
-            label_smoothing=label_smoothing,
-        )
-        for j, col in enumerate(label_columns)
-    ]
-
-    def loss_of(net, rows):
-        x, y, c = batch_tensors(rows)
-        _, logits, pred = net(x)
-        loss = torch.zeros((), device=dev)
-        for j, lg in enumerate(logits):
-            n_valid = int((y[:, j] >= 0).sum())
-            if n_valid:
-                loss = loss + losses[j](lg, y[:, j]) / n_valid
-        for n in coord_names:
-            loss = loss + torch.mean((pred[n] - c[n]) ** 2)
-        return loss
-
-    history: list[dict[str, float]] = []
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
     with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
         torch.manual_seed(random_state)
         net = MultiTaskNetwork(
-            source.n_vars,
-            [len(classes[c]) for c in label_columns],
-            {n: coords[n].shape[1] for n in coord_names},
+            ref.source.n_vars,
+            [len(ref.classes[c]) for c in ref.label_columns],
+            {n: values.shape[1] for n, values in ref.coords.items()},
             hidden_sizes,
             dropout_rate,
         ).to(dev)
-        optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
-        best_val, best_state, stale = np.inf, None, 0
-        bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
-        epochs_done = 0
-        for epoch in bar:
-            net.train()
-            order = rng.permutation(train_cells)
-            total, n_seen = 0.0, 0
-            for start in range(0, len(order), batch_size):
-                rows = np.sort(order[start : start + batch_size])
-                optimiser.zero_grad(set_to_none=True)
-                loss = loss_of(net, rows)
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(rows)
-                n_seen += len(rows)
-            record = {"epoch": epoch + 1, "train_loss": total / max(n_seen, 1)}
-            epochs_done = epoch + 1
-            if n_val:
-                net.eval()
-                with torch.no_grad():
-                    vt, vn = 0.0, 0
-                    for start in range(0, n_val, 4096):
-                        rows = val_cells[start : start + 4096]
-                        vt += float(loss_of(net, rows)) * len(rows)
-                        vn += len(rows)
-                record["val_loss"] = vt / vn
-                if record["val_loss"] < best_val - 1e-6:
-                    best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
-                else:
-                    stale += 1
-            history.append(record)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
-                break
-        bar.close()
-        if best_state is not None and early_stopping_patience is not None:
-            net.load_state_dict(best_state)
-        net.eval()
-        embedding = np.zeros((len(cells), hidden_sizes[-1]), dtype=np.float32)
-        with torch.no_grad():
-            for start in range(0, len(cells), 4096):
-                rows = cells[start : start + 4096]
-                z, _, _ = net(torch.from_numpy(aligner.transform(source.rows(rows))).to(dev))
-                embedding[start : start + len(rows)] = z.cpu().numpy()
-        embedding = normalise_rows(embedding)
+        history = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
+                      learning_rate=learning_rate, early_stopping_patience=early_stopping_patience,
+                      show_progress=show_progress)
+        embedding = embed_reference(net, ref, dev)
     train_seconds = time.perf_counter() - t_start
-    agreement = neighbour_label_agreement(embedding, codes[cells, -1], k=15, random_state=random_state)
+    epochs_done = len(history)
+    agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, random_state=random_state)
 
     train_config = {
-        "label_columns": label_columns,
+        "label_columns": ref.label_columns,
         "coord_targets": {k: (v if isinstance(v, str) else "<array>") for k, v in (coord_targets or {}).items()},
         "layer": layer,
         "use_raw": use_raw,
@@ -413,8 +310,8 @@ def build_model(
         "resource_summary": {
             "training cells": int(len(train_cells)),
             "validation cells": int(n_val),
-            "dropped unlabelled cells": dropped,
-            "genes": int(source.n_vars),
+            "dropped unlabelled cells": ref.dropped,
+            "genes": int(ref.source.n_vars),
             "device": dev.type,
             "cpu count": available_cpus(),
             "threads": n_threads,
@@ -423,37 +320,248 @@ def build_model(
         },
         "runtime_summary": monitor.summary(len(train_cells) * epochs_done),
         "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement},
-        "unlabelled_cells_per_level": unlabelled,
+        "unlabelled_cells_per_level": ref.unlabelled,
         "versions": _versions(),
     }
     train_config["runtime_summary"]["throughput_unit"] = "cell-epochs per second"
-    genes = [str(g) for g in source.var_names]
-    metadata = {
+    model = TrainedModel(net, describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config),
+                         {"embedding": embedding,
+                          "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)}})
+    if show_summary:
+        print(format_sections("atlasmtl training finished", model.resource_summary()))
+    return model
+
+
+# ---------------------------------------------------------------- prepare
+@dataclass
+class Reference:
+    """The reference, checked and encoded: everything the fit loop and :func:`describe` read.
+
+    Attributes
+    ----------
+    source
+        The expression matrix (rows streamed per minibatch).
+    semantics
+        What the matrix holds (:func:`~atlasmtl.inputs.detect_semantics`), plus how it is normalised.
+    aligner
+        The reference's own gene aligner (identity order) carrying the input transform.
+    label_columns, classes, codes
+        Levels, class names per level, integer codes (cells × levels, -1 = unlabelled).
+    unlabelled
+        Cells without a label, per level.
+    coords, coord_stats
+        Coordinate targets (cells × dims) and their mean / std over the used cells.
+    cells, dropped
+        Cells with a label at some level (the ones used), and how many were dropped.
+    """
+
+    source: MatrixSource
+    semantics: dict[str, Any]
+    aligner: GeneAligner
+    label_columns: list[str]
+    classes: dict[str, list[str]]
+    codes: np.ndarray
+    unlabelled: dict[str, int]
+    coords: dict[str, np.ndarray]
+    coord_stats: dict[str, dict[str, np.ndarray]]
+    cells: np.ndarray
+    dropped: int
+
+    def standardised_coords(self) -> dict[str, np.ndarray]:
+        """Coordinate targets standardised with :attr:`coord_stats` (what the coordinate heads learn)."""
+        return {n: ((v - self.coord_stats[n]["mean"]) / self.coord_stats[n]["std"]).astype(np.float32)
+                for n, v in self.coords.items()}
+
+
+def prepare_reference(
+    adata: ad.AnnData,
+    label_columns: Sequence[str] | str,
+    coord_targets: Mapping[str, Any] | None,
+    *,
+    layer: str | None,
+    use_raw: bool,
+    input_transform: str,
+) -> Reference:
+    """Check the reference, encode its labels and coordinates and pick the cells to train on.
+
+    The matrix checks (values, semantics) are the ones :func:`atlasmtl.predict` runs on a query.
+    """
+    source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
+    if not adata.obs_names.is_unique:
+        raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
+    if not source.var_names.is_unique:
+        raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
+    label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    classes, codes, unlabelled = encode_labels(adata, label_columns)
+    coords = _coordinate_targets(adata, coord_targets)
+    semantics = checked_semantics(source, input_transform)
+    if input_transform == "float" and semantics["semantics"] == "counts":
+        semantics["normalisation"] = "total counts scaled to 1e4 per cell, then log1p"
+
+    has_label = (codes >= 0).any(axis=1)
+    cells = np.flatnonzero(has_label)
+    dropped = int((~has_label).sum())
+    if dropped:
+        warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=3)
+    for col, n in unlabelled.items():
+        if n and n > dropped:
+            warnings.warn(
+                f"{n} reference cell(s) have no label in {col!r}; they are not used for that level's loss.",
+                stacklevel=3,
+            )
+
+    coord_stats = {}
+    for name, values in coords.items():
+        mean = values[cells].mean(axis=0)
+        std = values[cells].std(axis=0)
+        std[std == 0] = 1.0
+        coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
+    aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
+    return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
+                     cells, dropped)
+
+
+# ---------------------------------------------------------------- fit
+class _Objective:
+    """The training loss: label-smoothed, class-weighted cross-entropy per level plus MSE per coordinate head."""
+
+    def __init__(self, ref: Reference, train_cells: np.ndarray, class_weight_power: float,
+                 label_smoothing: float, dev: torch.device) -> None:
+        self.ref, self.dev = ref, dev
+        self.coord_std = ref.standardised_coords()
+        self.losses = [
+            nn.CrossEntropyLoss(
+                weight=class_weights(ref.codes[train_cells, j], len(ref.classes[col]), class_weight_power, dev),
+                ignore_index=-1,
+                reduction="sum",
+                label_smoothing=label_smoothing,
+            )
+            for j, col in enumerate(ref.label_columns)
+        ]
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Network input, label codes and standardised coordinates of the reference cells ``rows``."""
+        ref, dev = self.ref, self.dev
+        x = torch.from_numpy(ref.aligner.transform(ref.source.rows(rows))).to(dev)
+        y = torch.from_numpy(ref.codes[rows]).to(dev)
+        c = {n: torch.from_numpy(v[rows]).to(dev) for n, v in self.coord_std.items()}
+        return x, y, c
+
+    def __call__(self, net: MultiTaskNetwork, rows: np.ndarray) -> torch.Tensor:
+        x, y, c = self.batch(rows)
+        _, logits, pred = net(x)
+        loss = torch.zeros((), device=self.dev)
+        for j, lg in enumerate(logits):
+            n_valid = int((y[:, j] >= 0).sum())
+            if n_valid:
+                loss = loss + self.losses[j](lg, y[:, j]) / n_valid
+        for n in self.coord_std:
+            loss = loss + torch.mean((pred[n] - c[n]) ** 2)
+        return loss
+
+
+def fit(
+    net: MultiTaskNetwork,
+    objective: _Objective,
+    train_cells: np.ndarray,
+    val_cells: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    batch_size: int,
+    num_epochs: int,
+    learning_rate: float,
+    early_stopping_patience: int | None,
+    show_progress: bool,
+) -> list[dict[str, float]]:
+    """The epoch loop (Adam, shuffled minibatches, optional validation and early stopping).
+
+    Leaves ``net`` in eval mode with the best validation weights when early
+    stopping is on; returns the loss history, one record per completed epoch.
+    """
+    n_val = len(val_cells)
+    history: list[dict[str, float]] = []
+    optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    best_val, best_state, stale = np.inf, None, 0
+    bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
+    for epoch in bar:
+        net.train()
+        order = rng.permutation(train_cells)
+        total, n_seen = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            rows = np.sort(order[start : start + batch_size])
+            optimiser.zero_grad(set_to_none=True)
+            loss = objective(net, rows)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(rows)
+            n_seen += len(rows)
+        record = {"epoch": epoch + 1, "train_loss": total / max(n_seen, 1)}
+        if n_val:
+            net.eval()
+            with torch.no_grad():
+                vt, vn = 0.0, 0
+                for start in range(0, n_val, 4096):
+                    rows = val_cells[start : start + 4096]
+                    vt += float(objective(net, rows)) * len(rows)
+                    vn += len(rows)
+            record["val_loss"] = vt / vn
+            if record["val_loss"] < best_val - 1e-6:
+                best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
+            else:
+                stale += 1
+        history.append(record)
+        bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+        if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
+            break
+    bar.close()
+    if best_state is not None and early_stopping_patience is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return history
+
+
+# ---------------------------------------------------------------- embed and describe
+def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) -> np.ndarray:
+    """The used reference cells in the KNN space: encoder output, L2-normalised (cells × last hidden size)."""
+    embedding = np.zeros((len(ref.cells), net.encoder.out_features), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(ref.cells), 4096):
+            rows = ref.cells[start : start + 4096]
+            z = net(torch.from_numpy(ref.aligner.transform(ref.source.rows(rows))).to(dev)).embedding
+            embedding[start : start + len(rows)] = z.cpu().numpy()
+    return normalise_rows(embedding)
+
+
+def describe(
+    ref: Reference,
+    coord_targets: Mapping[str, Any] | None,
+    hidden_sizes: list[int],
+    dropout_rate: float,
+    train_config: dict[str, Any],
+) -> dict[str, Any]:
+    """The model's metadata: genes, label encoders, input transform, coordinates, hierarchy, architecture."""
+    genes = [str(g) for g in ref.source.var_names]
+    return {
         "atlasmtl_version": __version__,
         "genes": genes,
         "gene_namespace": detect_namespace(genes),
-        "gene_alt_ids": alternative_ids(source.var),
-        "input_transform": input_transform,
-        "train_semantics": semantics,
-        "label_columns": label_columns,
-        "classes": classes,
-        "hierarchy": infer_hierarchy(label_columns, classes, codes),
+        "gene_alt_ids": alternative_ids(ref.source.var),
+        "input_transform": ref.aligner.input_transform,
+        "train_semantics": ref.semantics,
+        "label_columns": ref.label_columns,
+        "classes": ref.classes,
+        "hierarchy": infer_hierarchy(ref.label_columns, ref.classes, ref.codes),
         "coord_targets": {k: (v if isinstance(v, str) else k) for k, v in (coord_targets or {}).items()},
-        "coord_stats": coord_stats,
+        "coord_stats": ref.coord_stats,
         "architecture": {
-            "n_genes": int(source.n_vars),
-            "n_classes": [len(classes[c]) for c in label_columns],
-            "coord_dims": {n: int(coords[n].shape[1]) for n in coord_names},
+            "n_genes": int(ref.source.n_vars),
+            "n_classes": [len(ref.classes[c]) for c in ref.label_columns],
+            "coord_dims": {n: int(v.shape[1]) for n, v in ref.coords.items()},
             "hidden_sizes": hidden_sizes,
             "dropout_rate": float(dropout_rate),
         },
         "train_config": train_config,
     }
-    reference = {"embedding": embedding, "labels": {c: codes[cells, j].astype(np.int32) for j, c in enumerate(label_columns)}}
-    model = TrainedModel(net, metadata, reference)
-    if show_summary:
-        print(format_sections("atlasmtl training finished", model.resource_summary()))
-    return model
 
 
 def _versions() -> dict[str, str]:

@@ -12,7 +12,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.metrics import roc_auc_score
 
 import atlasmtl
-from atlasmtl.evaluate import (
+from atlasmtl.metrics import (
     _pair_mappings,
     aurc,
     brier_score,

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError
-from .result import UNKNOWN, PredictionResult
+from .calls import UNKNOWN, CallTable, column_names, levels_in_table
+from .truth import ECE_BINS, cell_positions, expected_calibration_error, label_strings, true_labels, truth_table
 
 __all__ = [
     "evaluate",
@@ -50,8 +51,6 @@ __all__ = [
     "neighbour_overlap",
 ]
 
-#: Confidence bins of the expected calibration error.
-ECE_BINS = 15
 #: Reference neighbours compared by ``neighbour_overlap``.
 NEIGHBOURS = 15
 #: Keys of each level's entry in ``evaluate(...)["levels"]`` (besides ``n``, ``n_excluded``, ...).
@@ -98,18 +97,6 @@ def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
 
 
 # ---------------------------------------------------------------------------- confidence metrics
-def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence."""
-    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
-    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    bins = np.digitize(conf, inner_edges, right=True)
-    total = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        total += in_bin.sum() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(total / len(conf))
-
-
 def brier_score(conf: np.ndarray, correct: np.ndarray) -> float:
     """Binary Brier score ``mean((conf - correct)**2)`` of confidence vs correctness."""
     conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
@@ -238,79 +225,23 @@ def neighbour_overlap(pred: np.ndarray, true: np.ndarray, reference: np.ndarray,
 # ---------------------------------------------------------------------------- inputs
 def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarray], list[str], dict | None]:
     """(table with pred_/conf_/pred_*_raw columns, predicted coords, levels, hierarchy) of the first argument."""
-    if isinstance(prediction, PredictionResult):
+    if isinstance(prediction, CallTable):
         return prediction.to_dataframe("full"), dict(prediction.coords), prediction.label_columns, prediction.hierarchy
     if isinstance(prediction, pd.DataFrame):
         if not prediction.index.is_unique:
             raise InputError("The prediction table's index (cell names) has duplicates; make the cell names unique.")
-        stems = [str(c)[5:] for c in prediction.columns if str(c).startswith("pred_")]
-        derived = {s for s in stems if s.endswith(("_raw", "_knn")) and s[:-4] in stems}
-        return prediction, {}, [s for s in stems if s not in derived], None
+        return prediction, {}, levels_in_table(prediction.columns), None
     raise ParameterError(
         f"The first argument must be a PredictionResult or a DataFrame of pred_<level> columns, "
         f"not {type(prediction).__name__}."
     )
 
 
-def _truth_table(truth: Any, levels: Sequence[str]) -> pd.DataFrame:
-    """The true labels as a DataFrame indexed by cell name."""
-    if isinstance(truth, ad.AnnData):
-        frame = truth.obs
-    elif isinstance(truth, pd.DataFrame):
-        frame = truth
-    elif isinstance(truth, pd.Series):
-        name = truth.name if truth.name is not None else (levels[0] if len(levels) == 1 else None)
-        if name is None:
-            raise InputError("The truth is an unnamed Series but several levels are evaluated; name it after its level.")
-        frame = truth.to_frame(name)
-    elif isinstance(truth, Mapping):
-        for level, values in truth.items():
-            if not isinstance(values, pd.Series):
-                raise InputError(
-                    f"truth[{level!r}] is a {type(values).__name__}; give a pandas Series indexed by cell name "
-                    "so the labels can be matched to the predicted cells."
-                )
-        frame = pd.DataFrame(dict(truth))
-    else:
-        raise InputError(
-            f"The truth must be an AnnData (labels in .obs), a DataFrame, a Series or a dict of Series, "
-            f"not {type(truth).__name__}."
-        )
-    if not frame.index.is_unique:
-        raise InputError("The truth's cell names (index / obs_names) have duplicates; make them unique.")
-    return frame
-
-
-def _cell_positions(cells: pd.Index, truth_index: pd.Index) -> np.ndarray:
-    """Row of each predicted cell in the truth; raise when some are missing."""
-    pos = truth_index.get_indexer(cells)
-    missing = pos < 0
-    if missing.any():
-        examples = ", ".join(map(str, cells[missing][:3]))
-        raise InputError(
-            f"{int(missing.sum())} of {len(cells)} predicted cells are not in the truth (e.g. {examples}); "
-            "pass the labels of the query the predictions were made for (matched by cell name)."
-        )
-    return pos
-
-
-def _labels(values: pd.Series | np.ndarray) -> np.ndarray:
-    """String labels; missing predictions become Unknown."""
-    series = pd.Series(np.asarray(values, dtype=object))
-    return series.where(series.notna(), UNKNOWN).astype(str).to_numpy(dtype=object)
-
-
-def _true_labels(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(string labels, has-label mask) of a truth column."""
-    values = series.astype(object)
-    has = values.notna().to_numpy()
-    return values.where(has, "").astype(str).to_numpy(dtype=object), has
-
-
 def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     """(final labels, confidence or None, which label the confidence is judged against)."""
-    pred = _labels(table[f"pred_{level}"])
-    conf_col, raw_col = f"conf_{level}", f"pred_{level}_raw"
+    names = column_names(level)
+    pred = label_strings(table[names["pred"]])
+    conf_col, raw_col = names["conf"], names["raw"]
     if conf_col not in table.columns:
         return pred, None, None
     conf = pd.to_numeric(table[conf_col], errors="coerce").to_numpy(dtype=np.float64)
@@ -421,7 +352,7 @@ def _novel_mask(
     for level, labels in novel_labels.items():
         if level not in truth.columns:
             raise LabelError(f"novel_labels names level {level!r}, which is not a truth column; available: {list(truth.columns)[:20]}.")
-        values, has = _true_labels(truth[level].iloc[pos])
+        values, has = true_labels(truth[level].iloc[pos])
         listed = {str(x) for x in labels}
         absent = listed - set(values[has])
         if absent:
@@ -502,7 +433,7 @@ def _coords_section(
 
 # ---------------------------------------------------------------------------- public API
 def evaluate(
-    prediction: PredictionResult | pd.DataFrame,
+    prediction: CallTable | pd.DataFrame,
     truth: ad.AnnData | pd.DataFrame | pd.Series | Mapping[str, pd.Series],
     label_columns: str | Sequence[str] | None = None,
     *,
@@ -632,21 +563,24 @@ def evaluate(
     if not levels:
         raise LabelError("No levels to evaluate: the predictions have no pred_<level> column and label_columns is empty.")
     for lv in levels:
-        if f"pred_{lv}" not in table.columns:
-            raise LabelError(f"Level {lv!r} has no predictions (no column 'pred_{lv}'); predicted levels: {result_levels}.")
-    truth_frame = _truth_table(truth, levels)
+        if column_names(lv)["pred"] not in table.columns:
+            raise LabelError(
+                f"Level {lv!r} has no predictions (no column {column_names(lv)['pred']!r}); "
+                f"predicted levels: {result_levels}."
+            )
+    truth_frame = truth_table(truth, levels)
     for lv in levels:
         if lv not in truth_frame.columns:
             raise LabelError(f"Level {lv!r} is not a column of the truth; available: {list(truth_frame.columns)[:20]}.")
     cells = pd.Index(table.index)
-    pos = _cell_positions(cells, truth_frame.index)
+    pos = cell_positions(cells, truth_frame.index)
 
     preds, confs, truths, level_out = {}, {}, {}, {}
     for lv in levels:
         pred, conf, target_kind = _level_columns(table, lv)
-        y_true, has = _true_labels(truth_frame[lv].iloc[pos])
+        y_true, has = true_labels(truth_frame[lv].iloc[pos])
         preds[lv], confs[lv], truths[lv] = pred, conf, (y_true, has)
-        target = _labels(table[f"pred_{lv}_raw"]) if target_kind == "raw" else pred
+        target = label_strings(table[column_names(lv)["raw"]]) if target_kind == "raw" else pred
         if has.any():
             metrics = _level_metrics(y_true[has], pred[has], None if conf is None else conf[has], target[has], n_bins)
         else:

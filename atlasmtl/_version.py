@@ -1,0 +1,3 @@
+"""The atlasmtl version, in one place (read by ``pyproject.toml`` and every module that records it)."""
+
+__version__ = "0.1.0"

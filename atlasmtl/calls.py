@@ -1,0 +1,302 @@
+"""The calls: one typed record per annotation level, and the table of all levels.
+
+:class:`LevelCalls` is the single vocabulary for a level's per-cell fields. Its
+field names are the keys of :data:`COLUMNS`, which gives each field's writeback
+column, what kind of values it holds and the smallest writeback mode that
+includes it. Writing (``to_dataframe``, ``to_adata``, CSV), reading back
+(:meth:`CallTable.from_frame`), the report, :func:`atlasmtl.evaluate` and
+:mod:`atlasmtl.pl` all derive their columns from this one table.
+
+:class:`CallTable` holds every level's calls for the query cells plus their
+coordinates and metadata; :class:`~atlasmtl.result.PredictionResult` is its
+public face (writeback, report). Consumers that only read calls (metrics, plots,
+the report) depend on this module, not on :mod:`atlasmtl.result`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from .exceptions import InputError, ParameterError
+
+#: Label of abstained calls.
+UNKNOWN = "Unknown"
+#: Writeback modes, smallest first; each adds columns to the previous one.
+MODES = ("minimal", "standard", "full")
+
+
+class Column(NamedTuple):
+    """How one :class:`LevelCalls` field is written."""
+
+    #: Column name with ``{level}`` for the level's name.
+    template: str
+    #: ``"label"`` (class codes written as class names), ``"float"`` or ``"flag"``.
+    kind: str
+    #: Smallest writeback mode that writes it.
+    mode: str
+
+
+#: Field of :class:`LevelCalls` → how it is written, in column order.
+COLUMNS: dict[str, Column] = {
+    "pred": Column("pred_{level}", "label", "minimal"),
+    "conf": Column("conf_{level}", "float", "standard"),
+    "margin": Column("margin_{level}", "float", "standard"),
+    "is_unknown": Column("is_unknown_{level}", "flag", "standard"),
+    "raw": Column("pred_{level}_raw", "label", "full"),
+    "knn": Column("pred_{level}_knn", "label", "full"),
+    "knn_vote_frac": Column("knn_vote_frac_{level}", "float", "full"),
+    "is_low_conf": Column("is_low_conf_{level}", "flag", "full"),
+    "used_knn": Column("used_knn_{level}", "flag", "full"),
+}
+
+#: Older names of the label-code fields, still accepted by ``calls[name]``.
+_ALIASES = {"code": "pred", "raw_code": "raw", "knn_code": "knn"}
+
+
+def column_names(level: str) -> dict[str, str]:
+    """Writeback column names for one level, by field."""
+    return {name: col.template.format(level=level) for name, col in COLUMNS.items()}
+
+
+def levels_in_table(columns: Any) -> list[str]:
+    """The levels of a prediction table: every ``pred_<level>`` column that is not another level's
+    ``pred_<level>_raw`` / ``pred_<level>_knn`` column, in column order."""
+    prefix, _, suffix = COLUMNS["pred"].template.partition("{level}")
+    stems = [str(c)[len(prefix):] for c in columns if str(c).startswith(prefix) and str(c).endswith(suffix)]
+    derived = set()
+    for field in ("raw", "knn"):
+        tail = COLUMNS[field].template.partition("{level}")[2]
+        derived |= {s for s in stems if s.endswith(tail) and s[: -len(tail)] in stems}
+    return [s for s in stems if s not in derived]
+
+
+def mode_fields(mode: str) -> list[str]:
+    """Fields written in ``mode`` (``"minimal"``, ``"standard"`` or ``"full"``)."""
+    if mode not in MODES:
+        raise ParameterError(f"mode={mode!r} must be one of {MODES}.")
+    rank = MODES.index(mode)
+    return [name for name, col in COLUMNS.items() if MODES.index(col.mode) <= rank]
+
+
+def decode_labels(codes: np.ndarray, classes: list[str]) -> pd.Categorical:
+    """Class codes → labels (code -1 → ``Unknown``), as a categorical over the classes plus Unknown."""
+    names = list(classes) + ([UNKNOWN] if UNKNOWN not in classes else [])
+    unknown_code = names.index(UNKNOWN)
+    return pd.Categorical.from_codes(np.where(codes < 0, unknown_code, codes), categories=names)
+
+
+def encode_labels(values: Any, classes: list[str], what: str) -> np.ndarray:
+    """Labels → class codes (``Unknown`` and missing → -1); :class:`InputError` for labels not in ``classes``."""
+    values = pd.Series(values).astype(str).to_numpy()
+    lookup = {c: i for i, c in enumerate(classes)}
+    lookup[UNKNOWN] = -1
+    lookup["nan"] = -1
+    bad = sorted(set(values) - set(lookup))
+    if bad:
+        raise InputError(f"{what} holds labels the model does not know: {bad[:5]}.")
+    return np.array([lookup[v] for v in values], dtype=np.int32)
+
+
+def _flags(values: pd.Series) -> np.ndarray:
+    if values.dtype == bool:
+        return values.to_numpy()
+    return values.astype(str).str.lower().isin(["true", "1"]).to_numpy()
+
+
+@dataclass
+class LevelCalls:
+    """One annotation level's calls for every query cell (field names = :data:`COLUMNS` keys).
+
+    Attributes
+    ----------
+    pred
+        Final class code (-1 = Unknown).
+    conf
+        Confidence: the network's top class probability.
+    margin
+        Top-1 minus top-2 probability.
+    is_unknown
+        The call was abstained.
+    raw
+        The network's own class code, before the gate and the KNN vote.
+    knn
+        The KNN vote's class code (-1 where the cell was not searched or no neighbour voted).
+    knn_vote_frac
+        Fraction of the ``k`` neighbours voting for ``knn`` (NaN where not searched).
+    is_low_conf
+        Confidence below ``confidence_high`` or margin below ``margin_threshold``.
+    used_knn
+        The final call is the KNN vote.
+    """
+
+    pred: np.ndarray
+    conf: np.ndarray
+    margin: np.ndarray
+    is_unknown: np.ndarray
+    raw: np.ndarray
+    knn: np.ndarray
+    knn_vote_frac: np.ndarray
+    is_low_conf: np.ndarray
+    used_knn: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """``calls["conf"]``; the older names ``code``, ``raw_code`` and ``knn_code`` are accepted too."""
+        name = _ALIASES.get(name, name)
+        if name not in COLUMNS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    @classmethod
+    def coerce(cls, calls: "LevelCalls | Mapping[str, np.ndarray]") -> "LevelCalls":
+        """A :class:`LevelCalls` from itself or from a mapping of field names (older names accepted)."""
+        if isinstance(calls, LevelCalls):
+            return calls
+        return cls(**{_ALIASES.get(k, k): v for k, v in calls.items()})
+
+    def column(self, name: str, classes: list[str]) -> Any:
+        """The written values of one field: labels for label fields, the array otherwise."""
+        values = getattr(self, name)
+        return decode_labels(values, classes) if COLUMNS[name].kind == "label" else values
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, level: str, classes: list[str], where: str) -> "LevelCalls":
+        """Read one level's calls back from columns written with ``mode="full"``."""
+        names = column_names(level)
+        missing = [names[f] for f in COLUMNS if names[f] not in frame.columns]
+        if missing:
+            raise InputError(
+                f"{where} lacks column(s) {missing}; write the predictions with mode='full' "
+                "(atlasmtl predict --mode full) to build a report from them."
+            )
+        values: dict[str, np.ndarray] = {}
+        for name, col in COLUMNS.items():
+            series = frame[names[name]]
+            if col.kind == "label":
+                values[name] = encode_labels(series, classes, f"{where}: column {names[name]!r}")
+            elif col.kind == "float":
+                values[name] = series.to_numpy(dtype=np.float32)
+            else:
+                values[name] = _flags(series)
+        return cls(**values)
+
+
+class CallTable:
+    """Every level's calls for the query cells, with coordinates and metadata.
+
+    Attributes
+    ----------
+    obs_names
+        Query cell names, in order.
+    classes
+        Class names per level.
+    levels
+        Per level: its :class:`LevelCalls`.
+    coords
+        Predicted coordinates per coordinate target (cells × dims).
+    metadata
+        Settings, gene overlap, input checks, versions and ``prediction_runtime``.
+    hierarchy
+        For each level that nests in the previous one: child label → parent label.
+    """
+
+    def __init__(
+        self,
+        obs_names: np.ndarray,
+        classes: dict[str, list[str]],
+        levels: Mapping[str, LevelCalls],
+        coords: dict[str, np.ndarray],
+        metadata: dict[str, Any],
+        hierarchy: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        self.obs_names = pd.Index(obs_names)
+        self.classes = classes
+        self.levels = {lv: LevelCalls.coerce(c) for lv, c in levels.items()}
+        self.coords = coords
+        self.metadata = metadata
+        self.hierarchy = hierarchy or {}
+
+    @property
+    def label_columns(self) -> list[str]:
+        return list(self.levels)
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs_names)
+
+    def labels(self, level: str) -> pd.Categorical:
+        """Final labels of one level (``Unknown`` where abstained)."""
+        return decode_labels(self.levels[level].pred, self.classes[level])
+
+    def to_dataframe(self, mode: str = "minimal") -> pd.DataFrame:
+        """The prediction table, one row per query cell.
+
+        Parameters
+        ----------
+        mode
+            ``"minimal"`` (``pred_<level>``), ``"standard"`` (also ``conf_``,
+            ``margin_``, ``is_unknown_``) or ``"full"`` (also the network's raw
+            label, the KNN label and vote fraction, and low-confidence / KNN-used flags).
+        """
+        fields = mode_fields(mode)
+        columns: dict[str, Any] = {}
+        for level, calls in self.levels.items():
+            names = column_names(level)
+            for name in fields:
+                columns[names[name]] = calls.column(name, self.classes[level])
+        return pd.DataFrame(columns, index=self.obs_names.copy())
+
+    def own_columns(self) -> set[str]:
+        """Every column atlasmtl writes for these levels (replaced on writeback)."""
+        return {c for level in self.levels for c in column_names(level).values()}
+
+    @classmethod
+    def from_frame(
+        cls,
+        frame: pd.DataFrame,
+        classes: dict[str, list[str]],
+        *,
+        coords: dict[str, np.ndarray] | None = None,
+        metadata: dict[str, Any] | None = None,
+        hierarchy: dict[str, dict[str, str]] | None = None,
+        where: str = "the predictions",
+    ) -> "CallTable":
+        """Rebuild the calls from a table written with ``mode="full"`` (index = cell names)."""
+        levels = {lv: LevelCalls.from_frame(frame, lv, list(names), where) for lv, names in classes.items()}
+        return cls(
+            obs_names=np.asarray(frame.index.astype(str)),
+            classes={lv: list(names) for lv, names in classes.items()},
+            levels=levels,
+            coords=coords or {},
+            metadata=metadata or {},
+            hierarchy=hierarchy,
+        )
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Sections of the compact prediction summary (see ``show_resource_usage``)."""
+        rt = self.metadata.get("prediction_runtime", {})
+        genes = self.metadata.get("genes", {})
+        per_level = {}
+        for level, c in self.levels.items():
+            per_level[level] = (
+                f"unknown {c.is_unknown.mean():.1%}, low-confidence {c.is_low_conf.mean():.1%}, "
+                f"KNN-corrected {c.used_knn.mean():.1%}"
+            )
+        return {
+            "query": {"cells": self.n_obs, "input": self.metadata.get("input", {}).get("semantics")},
+            "genes": {
+                "matched": f"{genes.get('n_matched')} / {genes.get('n_model_genes')} ({genes.get('overlap_fraction', 0):.1%})",
+                "mapped by": genes.get("mapped_by"),
+            },
+            "levels": per_level,
+            "runtime": {k: v for k, v in rt.items() if v is not None},
+        }
+
+
+def field_names() -> list[str]:
+    """The :class:`LevelCalls` fields, in column order."""
+    return [f.name for f in dataclasses.fields(LevelCalls)]

@@ -1,0 +1,511 @@
+"""The HTML mapping report (rendering); the public entry points are in :mod:`atlasmtl.report`.
+
+This module reads calls (:class:`~atlasmtl.calls.CallTable`), plots
+(:mod:`atlasmtl.pl`) and metrics (:mod:`atlasmtl.metrics`); it does not import
+:mod:`atlasmtl.result`, so ``PredictionResult.report`` can call it without an
+import cycle.
+
+``atlasmtl.report.write_report(path, result, model=..., adata=..., truth=...)``
+(also ``result.report(path, ...)`` and ``atlasmtl report`` on the command line)
+writes a single ``.html`` file that opens in any browser without network access:
+every plot of :mod:`atlasmtl.pl` is embedded as a base64 PNG, and there are no
+external scripts, styles or fonts.
+
+Sections: overview (cells, levels, per-level Unknown / low-confidence /
+KNN-rescue rates, and findings worth a look), query cells on the reference
+coordinates, predicted labels, confidence and margin with the gate's thresholds,
+accuracy against known labels (metrics table from :func:`atlasmtl.evaluate`,
+confusion matrices, per-class F1, reliability diagram) when ``truth`` is given,
+gene overlap and input checks, settings, resource summaries of training and
+prediction, and versions.
+
+A small inline script sets ``data-images-loaded="yes"`` (and
+``data-images="<loaded>/<total>"``) on ``<body>`` once every image has decoded,
+so a headless browser can check the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ._version import __version__
+from .exceptions import InputError, ParameterError
+from .calls import CallTable
+from .truth import truth_frame as read_truth
+
+__all__ = ["write_report", "render_report", "findings"]
+
+_CSS = """
+:root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg:#f6f8fa; --accent:#2f6fb0; --warn:#9a6700; --bad:#b42318; }
+* { box-sizing: border-box; }
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: var(--fg); margin: 0;
+       line-height: 1.45; font-size: 14px; background: #fff; }
+header { background: #16324f; color: #fff; padding: 18px 32px; }
+header h1 { margin: 0 0 4px 0; font-size: 22px; }
+header p { margin: 0; color: #c8d6e5; }
+main { padding: 8px 32px 40px 32px; max-width: 1500px; }
+nav { margin: 12px 0; font-size: 13px; }
+nav a { margin-right: 14px; color: var(--accent); text-decoration: none; }
+h2 { border-bottom: 1px solid var(--line); padding-bottom: 4px; margin-top: 30px; font-size: 18px; }
+h3 { font-size: 15px; margin: 18px 0 6px 0; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 12px 0; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; min-width: 150px; background: var(--bg); }
+.card .v { font-size: 20px; font-weight: 600; }
+.card .k { color: var(--muted); font-size: 12px; }
+table { border-collapse: collapse; margin: 6px 0 12px 0; font-size: 13px; }
+th, td { border: 1px solid var(--line); padding: 3px 9px; text-align: left; vertical-align: top; }
+th { background: var(--bg); font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.kv th { width: 260px; }
+.grid { display: flex; flex-wrap: wrap; gap: 18px 36px; align-items: flex-start; }
+figure { margin: 8px 0 16px 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eef1f4; }
+figcaption { color: var(--muted); font-size: 12.5px; max-width: 1100px; }
+.finding { border-left: 4px solid var(--warn); background: #fff8e5; padding: 6px 12px; margin: 6px 0; }
+.finding.ok { border-left-color: #1a7f37; background: #eef8f0; }
+.finding.bad { border-left-color: var(--bad); background: #fdeceb; }
+.muted { color: var(--muted); }
+footer { color: var(--muted); font-size: 12px; margin-top: 40px; }
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (im) { return im.complete && im.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+  document.body.setAttribute('data-images-loaded', ok === imgs.length ? 'yes' : 'no');
+});
+"""
+
+
+# ---------------------------------------------------------------- small HTML helpers
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not np.isfinite(v):
+            return "—"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+            return f"{v:.3g}"
+        return f"{v:,.4f}".rstrip("0").rstrip(".") if abs(v) < 1000 else f"{v:,.1f}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        items = [_fmt(v) for v in value]
+        text = ", ".join(items[:30]) + (f", … ({len(items)} in all)" if len(items) > 30 else "")
+        return text or "—"
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "—"
+    return str(value)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _kv_table(values: Mapping[str, Any]) -> str:
+    rows = []
+    for key, value in values.items():
+        cls = ' class="num"' if _is_num(value) else ""
+        rows.append(f"<tr><th>{_e(key)}</th><td{cls}>{_e(_fmt(value))}</td></tr>")
+    return f'<table class="kv">{"".join(rows)}</table>' if rows else '<p class="muted">nothing recorded</p>'
+
+
+def _sections_tables(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    parts = []
+    for name, values in sections.items():
+        if values:
+            parts.append(f"<div><h3>{_e(name)}</h3>{_kv_table(values)}</div>")
+    return f'<div class="grid">{"".join(parts)}</div>'
+
+
+def _frame_table(frame: pd.DataFrame, index_name: str | None = None) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in [index_name or frame.index.name or ""] + list(frame.columns))
+    body = []
+    for idx, row in frame.iterrows():
+        cells = [f"<th>{_e(idx)}</th>"]
+        for value in row.tolist():
+            cls = ' class="num"' if _is_num(value) else ""
+            cells.append(f"<td{cls}>{_e(_fmt(value))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure_html(fig: Any, alt: str, caption: str, dpi: int = 100) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 4})
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (
+        f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+# ---------------------------------------------------------------- content
+def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
+    """Things in a mapping worth a look, as ``(severity, message)`` with severity ``ok``/``warn``/``bad``."""
+    out: list[tuple[str, str]] = []
+    genes = result.metadata.get("genes", {}) or {}
+    overlap = genes.get("overlap_fraction")
+    if overlap is not None:
+        msg = (f"{genes.get('n_matched')} of the model's {genes.get('n_model_genes')} genes were found in the query "
+               f"({overlap:.1%}; matched by {genes.get('mapped_by', '?')}).")
+        out.append(("ok" if overlap >= 0.9 else "warn" if overlap >= 0.7 else "bad", msg))
+    for w in list(genes.get("warnings", []) or []):
+        out.append(("warn", str(w)))
+    q_sem = (result.metadata.get("input", {}) or {}).get("semantics")
+    m_sem = (result.metadata.get("model_input", {}) or {}).get("semantics")
+    if q_sem and m_sem and q_sem != m_sem:
+        out.append(("warn", f"The query holds {q_sem} values while the model was trained on {m_sem}; "
+                            f"atlasmtl transformed both the same way, but check that this is the matrix you meant."))
+    for level, calls in result.levels.items():
+        unknown = float(np.mean(calls.is_unknown))
+        if unknown >= 0.3:
+            out.append(("bad" if unknown >= 0.5 else "warn",
+                        f"{level}: {unknown:.1%} of the cells are Unknown — the query may hold types the reference "
+                        "lacks, or differ from it (gene overlap, normalisation, batch)."))
+    if model is not None:
+        agreement = model.train_config.get("knn_space", {}).get("neighbour_label_agreement")
+        if agreement is not None and agreement < 0.8 and result.metadata.get("settings", {}).get("knn_correction") != "off":
+            out.append(("warn", f"Only {agreement:.1%} of reference cells share their finest label with their 15 "
+                                "nearest neighbours in the KNN space, so the KNN rescue is weak evidence."))
+    return out
+
+
+def render_report(
+    result: CallTable,
+    *,
+    model: Any = None,
+    adata: ad.AnnData | None = None,
+    truth: Any = None,
+    truth_columns: Mapping[str, str] | Sequence[str] | None = None,
+    reference: ad.AnnData | np.ndarray | None = None,
+    title: str | None = None,
+    basis: str | None = None,
+    dpi: int = 100,
+) -> str:
+    """The report as an HTML string; see :func:`write_report` for the parameters."""
+    from .model import TrainedModel
+
+    if not isinstance(result, CallTable):
+        raise ParameterError(f"Expected a PredictionResult, got {type(result).__name__}.")
+    if model is not None and not isinstance(model, TrainedModel):
+        raise ParameterError(f"model must be a TrainedModel, not {type(model).__name__}.")
+    if adata is not None:
+        if not isinstance(adata, ad.AnnData):
+            raise ParameterError(f"adata must be the query AnnData, not {type(adata).__name__}.")
+        if adata.n_obs != result.n_obs or not np.array_equal(np.asarray(adata.obs_names), np.asarray(result.obs_names)):
+            raise InputError(
+                f"The AnnData ({adata.n_obs} cells) is not the query these predictions were made for "
+                f"({result.n_obs} cells; same names and order required)."
+            )
+    truth_frame, truth_used = (None, {})
+    if truth is not None:
+        truth_frame, truth_used = read_truth(result, truth, truth_columns, adata)
+
+    import matplotlib
+
+    levels = result.label_columns
+    title = title or f"atlasmtl mapping report: {result.n_obs:,} query cells"
+    nav, body = [], []
+    with matplotlib.rc_context({"font.size": 9}), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tight-layout notes on crowded legends
+        evaluation = None
+        if truth_frame is not None:
+            from .metrics import evaluate
+
+            evaluation = evaluate(result, truth_frame, [lv for lv in levels if lv in truth_frame.columns])
+        page = _Page(result, model, reference, basis, dpi, truth_frame, truth_used, evaluation)
+        for anchor, heading, render in _SECTIONS:
+            content = render(page)
+            if content is not None:
+                nav.append(f'<a href="#{anchor}">{_e(heading)}</a>')
+                body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content}</section>')
+
+    stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    subtitle = f"levels: {', '.join(levels)} · generated {stamp} by atlasmtl {__version__}"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+        f"<style>{_CSS}</style><script>{_SCRIPT}</script></head>"
+        f"<body data-images-loaded=\"pending\"><header><h1>{_e(title)}</h1><p>{_e(subtitle)}</p></header><main>"
+        f"<nav>{''.join(nav)}</nav>{''.join(body)}"
+        "<footer>Self-contained report: every figure is embedded; no network access is needed.</footer>"
+        "</main></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------- sections
+@dataclass
+class _Page:
+    """What the sections read: the result, optional model / reference / truth, and figure settings."""
+
+    result: CallTable
+    model: Any
+    reference: Any
+    basis: str | None
+    dpi: int
+    truth_frame: pd.DataFrame | None
+    truth_used: dict
+    evaluation: dict | None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.result.metadata.get("settings", {}) or {})
+
+    @property
+    def genes(self) -> dict[str, Any]:
+        return self.result.metadata.get("genes", {}) or {}
+
+    def fig(self, f: Any, alt: str, caption: str) -> str:
+        try:
+            return _figure_html(f, alt, caption, self.dpi)
+        finally:
+            f.clear()
+
+
+def _overview(page: _Page) -> str:
+    result, levels, genes = page.result, page.result.label_columns, page.genes
+    cards = [("query cells", f"{result.n_obs:,}"), ("levels", str(len(levels)))]
+    if genes.get("overlap_fraction") is not None:
+        cards.append(("gene overlap", f"{genes['overlap_fraction']:.1%}"))
+    for lv in levels:
+        cards.append((f"{lv}: labelled (not Unknown)", f"{1 - float(np.mean(result.levels[lv].is_unknown)):.1%}"))
+    if page.evaluation is not None:
+        for lv, m in page.evaluation["levels"].items():
+            if m.get("macro_f1") is not None:
+                cards.append((f"{lv}: macro-F1", f"{m['macro_f1']:.3f}"))
+    cards_html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
+                         for k, v in cards)
+    rows = []
+    for lv in levels:
+        c = result.levels[lv]
+        rows.append({
+            "level": lv,
+            "classes": len(result.classes[lv]),
+            "Unknown": float(np.mean(c.is_unknown)),
+            "low-confidence": float(np.mean(c.is_low_conf)),
+            "KNN-rescued": float(np.mean(c.used_knn)),
+            "median confidence": float(np.median(c.conf)),
+            "median margin": float(np.median(c.margin)),
+        })
+    level_frame = pd.DataFrame(rows).set_index("level")
+    for col in ("Unknown", "low-confidence", "KNN-rescued"):
+        level_frame[col] = [f"{v:.1%}" for v in level_frame[col]]
+    found = findings(result, page.model)
+    found_html = "".join(f'<div class="finding {sev}">{_e(msg)}</div>' for sev, msg in found) or \
+        '<p class="muted">Nothing unusual found.</p>'
+    return f'<div class="cards">{cards_html}</div>{_frame_table(level_frame)}' + "<h3>Findings</h3>" + found_html
+
+
+def _coordinates(page: _Page) -> str:
+    from . import pl
+
+    result = page.result
+    bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
+    basis = page.basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
+    if basis is None:
+        return '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
+    ref_note = ("over the reference cells (grey)" if page.reference is not None
+                else "(no reference given, so the reference cells are not drawn)")
+    return page.fig(pl.embedding(result, page.reference, basis=basis, color=("label", "confidence", "unknown")),
+                    f"query cells on the reference {basis}",
+                    f"Query cells at their predicted {_e(basis)} coordinates {ref_note}, coloured by the "
+                    f"finest level's label ({_e(result.label_columns[-1])}), its confidence, and Unknown calls.")
+
+
+def _labels(page: _Page) -> str:
+    from . import pl
+
+    content = '<div class="grid">' + page.fig(
+        pl.composition(page.result), "predicted label composition per level",
+        "Fraction of query cells given each label at each level; Unknown (grey) marks abstentions.")
+    content += page.fig(pl.rates(page.result), "Unknown, low-confidence and KNN-rescue rates per level",
+                        "Low-confidence cells (confidence below confidence_high or margin below margin_threshold) "
+                        "are searched among the reference cells; KNN-rescued cells took their neighbours' label; "
+                        "Unknown cells were abstained.") + "</div>"
+    return content
+
+
+def _confidence(page: _Page) -> str:
+    from . import pl
+
+    settings = page.settings
+    return page.fig(
+        pl.confidence(page.result), "confidence and margin distributions with the gating thresholds",
+        f"Confidence is the network's top class probability, margin the gap to the runner-up. Gate: "
+        f"low-confidence below confidence_high = {_e(_fmt(settings.get('confidence_high')))} or margin_threshold = "
+        f"{_e(_fmt(settings.get('margin_threshold')))}; Unknown below confidence_low = "
+        f"{_e(_fmt(settings.get('confidence_low')))} unless the KNN vote (≥ knn_conf_low = "
+        f"{_e(_fmt(settings.get('knn_conf_low')))}) rescues the cell.")
+
+
+def _accuracy(page: _Page) -> str | None:
+    if page.truth_frame is None:
+        return None
+    from . import pl
+    from .metrics import evaluation_table
+
+    result, truth_frame, evaluation = page.result, page.truth_frame, page.evaluation
+    used = ", ".join(f"{lv} ← {col}" for lv, col in page.truth_used.items())
+    content = f'<p>True labels: {_e(used)} ({result.n_obs:,} cells).</p>'
+    table = evaluation_table(evaluation, "levels")
+    keep = [c for c in ("n", "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered",
+                        "ece", "brier", "aurc", "n_excluded") if c in table.columns]
+    content += "<h3>Metrics (atlasmtl.evaluate)</h3>" + _frame_table(table[keep])
+    hier = evaluation.get("hierarchy") or {}
+    flat = {k: v for k, v in hier.items() if not isinstance(v, (Mapping, list, tuple, np.ndarray))}
+    if flat:
+        content += "<h3>Hierarchy</h3>" + _kv_table(flat)
+    content += page.fig(pl.confusion(result, truth_frame), "row-normalised confusion matrices",
+                        "Rows: true label (cells); columns: predicted label including Unknown. Each row sums to 1.")
+    content += page.fig(pl.f1_scores(result, truth_frame), "per-class F1 per level",
+                        "Per-class F1 of the final labels; Unknown counts as a miss.")
+    content += page.fig(pl.reliability(result, truth_frame), "reliability diagrams",
+                        "Accuracy of the network's own call against its confidence (15 bins); a calibrated "
+                        "model follows the diagonal. ECE: expected calibration error.")
+    return content
+
+
+def _inputs(page: _Page) -> str:
+    genes, metadata = page.genes, page.result.metadata
+    content = "<h3>Gene overlap</h3>" + _kv_table({k: v for k, v in genes.items() if k != "warnings"})
+    if genes.get("warnings"):
+        content += "".join(f'<div class="finding">{_e(w)}</div>' for w in genes["warnings"])
+    content += '<div class="grid">'
+    content += "<div><h3>Query input</h3>" + _kv_table(metadata.get("input", {}) or {}) + "</div>"
+    content += ("<div><h3>Model's training input</h3>" + _kv_table(metadata.get("model_input", {}) or {})
+                + "</div></div>")
+    return content
+
+
+def _settings(page: _Page) -> str:
+    content = "<h3>Prediction settings</h3>" + _kv_table(page.settings)
+    if page.model is not None:
+        cfg = {k: v for k, v in page.model.train_config.items()
+               if k not in ("history", "resource_summary", "runtime_summary", "versions", "knn_space",
+                            "unlabelled_cells_per_level")}
+        content += "<h3>Training settings</h3>" + _kv_table(cfg)
+    return content
+
+
+def _resources(page: _Page) -> str:
+    from . import pl
+
+    model = page.model
+    content = ""
+    if model is not None:
+        content += "<h3>Training</h3>" + _sections_tables(model.resource_summary())
+        if model.train_config.get("history"):
+            content += page.fig(pl.training_history(model), "training loss per epoch", "Loss per epoch.")
+    else:
+        content += '<p class="muted">No model given: training resources are not shown.</p>'
+    return content + "<h3>Prediction</h3>" + _sections_tables(page.result.summary())
+
+
+def _versions(page: _Page) -> str:
+    versions = dict(page.result.metadata.get("versions", {}) or {})
+    versions.setdefault("atlasmtl (report)", __version__)
+    return _kv_table(versions)
+
+
+#: The report's sections in order: (anchor, heading, renderer returning HTML or None to leave it out).
+_SECTIONS = (
+    ("overview", "Overview", _overview),
+    ("coordinates", "Reference coordinates", _coordinates),
+    ("labels", "Predicted labels", _labels),
+    ("confidence", "Confidence and margin", _confidence),
+    ("accuracy", "Accuracy against known labels", _accuracy),
+    ("inputs", "Gene overlap and input checks", _inputs),
+    ("settings", "Settings", _settings),
+    ("resources", "Resources", _resources),
+    ("versions", "Versions", _versions),
+)
+
+
+def write_report(
+    path: str | os.PathLike,
+    result: CallTable,
+    *,
+    model: Any = None,
+    adata: ad.AnnData | None = None,
+    truth: Any = None,
+    truth_columns: Mapping[str, str] | Sequence[str] | None = None,
+    reference: ad.AnnData | np.ndarray | None = None,
+    title: str | None = None,
+    basis: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Write the mapping report to one self-contained HTML file.
+
+    Parameters
+    ----------
+    path
+        The ``.html`` file to write (its folder is created).
+    result
+        The predictions (:func:`atlasmtl.predict`).
+    model
+        The :class:`~atlasmtl.model.TrainedModel` used: adds its training settings,
+        loss curve and resource summary.
+    adata
+        The query AnnData the result was computed from (checked to hold the same
+        cells); needed when ``truth`` names columns of its ``obs``.
+    truth
+        Known labels of the query cells, to add the accuracy section: column
+        name(s) of ``adata.obs`` (one per level, coarse to fine, or names equal to
+        the levels), a mapping ``level → column``, an AnnData, a DataFrame
+        indexed by cell name, or a mapping ``level → array``.
+    truth_columns
+        With an AnnData/DataFrame ``truth``: which column holds each level's labels
+        (see :func:`atlasmtl.pl.truth_by_level`).
+    reference
+        The reference AnnData (or a cells × 2 array) whose coordinates are drawn
+        in grey behind the query cells.
+    title
+        Page title (default: "atlasmtl mapping report: N query cells").
+    basis
+        Coordinate head to draw (default: ``"umap"`` when present, else the first).
+    dpi
+        Resolution of the embedded figures.
+
+    Returns
+    -------
+    The path written.
+
+    Raises
+    ------
+    ParameterError, InputError, LabelError
+        Bad arguments, an AnnData that does not match the result, or truth
+        columns that are missing.
+    """
+    from .io import atomic_write
+
+    text = render_report(result, model=model, adata=adata, truth=truth, truth_columns=truth_columns,
+                         reference=reference, title=title, basis=basis, dpi=dpi)
+    path = Path(path)
+    try:
+        atomic_write(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise InputError(f"Could not write the report to {str(path)!r} ({exc.strerror or exc}).") from exc
+    return path

@@ -1,0 +1,259 @@
+"""Known labels and calibration: the truth helpers shared by :mod:`~atlasmtl.metrics`, :mod:`~atlasmtl.pl` and the report.
+
+* reading true labels: :func:`truth_by_level` (aligned to a result's cells,
+  ``None`` where unlabelled), :func:`truth_frame` (the same as a DataFrame, also
+  from column names of the query), :func:`truth_table` / :func:`cell_positions` /
+  :func:`true_labels` (any table matched by cell name, for :func:`atlasmtl.evaluate`);
+* predicted labels as strings: :func:`label_strings`;
+* calibration: :func:`calibration_bins` (the reliability table) and
+  :func:`expected_calibration_error` / :func:`ece_of_bins` (one ECE).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .calls import UNKNOWN, CallTable
+from .exceptions import InputError, LabelError, ParameterError
+
+#: Confidence bins of the expected calibration error and the reliability diagram.
+ECE_BINS = 15
+
+
+# ---------------------------------------------------------------- true labels of a result's cells
+def truth_by_level(
+    result: CallTable,
+    truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
+    columns: Mapping[str, str] | Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """True labels per level, aligned to the result's cells (``None`` where unlabelled).
+
+    Parameters
+    ----------
+    result
+        The predictions.
+    truth
+        An AnnData (its ``obs`` is used), a DataFrame indexed by cell name, or a
+        mapping ``level → array-like`` in the result's cell order.
+    columns
+        Which column holds each level's truth: a mapping ``level → column``, or a
+        sequence with one column per level (coarse to fine). By default every
+        level whose name is a column of ``truth`` is used.
+
+    Returns
+    -------
+    ``level → object array`` of true labels (strings; ``None`` for missing values).
+    Levels without truth are left out.
+
+    Raises
+    ------
+    LabelError
+        When a named column is missing, the cells do not match, or no level has truth.
+    """
+    if not isinstance(result, CallTable):
+        raise ParameterError(f"Expected a PredictionResult (from atlasmtl.predict), got {type(result).__name__}.")
+    levels = result.label_columns
+    if isinstance(truth, ad.AnnData):
+        truth = truth.obs
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    if columns is not None and not isinstance(columns, Mapping):
+        columns = list(columns)
+        if len(columns) != len(levels):
+            raise LabelError(
+                f"{len(columns)} truth column(s) {columns} given for {len(levels)} level(s) {levels}; "
+                "give one per level (coarse to fine) or map them as {level: column}."
+            )
+        columns = dict(zip(levels, columns))
+    if isinstance(truth, pd.DataFrame):
+        if columns is None:
+            columns = {lv: lv for lv in levels if lv in truth.columns}
+        bad = {lv: c for lv, c in columns.items() if c not in truth.columns}
+        if bad:
+            raise LabelError(
+                f"Truth column(s) {sorted(bad.values())} are not in the table; available: {list(truth.columns)[:20]}."
+            )
+        if not truth.index.equals(result.obs_names):
+            missing = result.obs_names.difference(truth.index)
+            if len(missing):
+                raise LabelError(
+                    f"{len(missing)} predicted cell(s) (e.g. {missing[0]!r}) are not in the truth table; "
+                    "pass the query the predictions were made for."
+                )
+            truth = truth.loc[result.obs_names]
+        series = {lv: truth[c] for lv, c in columns.items()}
+    elif isinstance(truth, Mapping):
+        keys = columns if columns is not None else {lv: lv for lv in levels if lv in truth}
+        series = {}
+        for lv, key in keys.items():
+            if key not in truth:
+                raise LabelError(f"No truth given for {key!r}; keys: {list(truth)}.")
+            values = pd.Series(np.asarray(truth[key], dtype=object))
+            if len(values) != result.n_obs:
+                raise LabelError(
+                    f"Truth for {lv!r} has {len(values)} values; the result has {result.n_obs} cells."
+                )
+            series[lv] = values
+    else:
+        raise LabelError(f"truth must be an AnnData, a DataFrame or a mapping, not {type(truth).__name__}.")
+    unknown = [lv for lv in series if lv not in result.levels]
+    if unknown:
+        raise LabelError(f"Level(s) {unknown} are not predicted by this result; its levels are {levels}.")
+    if not series:
+        raise LabelError(
+            f"None of the levels {levels} has a truth column; name them with columns=... "
+            "(one per level, or {level: column})."
+        )
+    out = {}
+    for lv in levels:
+        if lv in series:
+            s = pd.Series(series[lv]).reset_index(drop=True)
+            values = s.astype(object).where(s.notna(), None).to_numpy(dtype=object)
+            out[lv] = np.array([None if v is None else str(v) for v in values], dtype=object)
+    return out
+
+
+def truth_frame(result: CallTable, truth: Any, columns: Any, adata: ad.AnnData | None) -> tuple[pd.DataFrame, dict]:
+    """True labels as a DataFrame (index = the result's cells, one column per level) and which column fed each level.
+
+    ``truth`` may also name columns of ``adata`` (a list, a comma-separated string or ``{level: column}``).
+    """
+    source = truth
+    if isinstance(truth, str):
+        truth = [c.strip() for c in truth.split(",") if c.strip()]
+    if isinstance(truth, (list, tuple)) and all(isinstance(c, str) for c in truth):
+        if adata is None:
+            raise ParameterError("truth names columns, so pass the query AnnData as adata= as well.")
+        columns, source = list(truth), adata
+        if len(set(columns)) != len(columns):
+            raise ParameterError(f"truth={columns} names a column twice.")
+        if len(columns) != len(result.label_columns):
+            named = [c for c in columns if c in result.label_columns]
+            if len(named) != len(columns):
+                raise ParameterError(
+                    f"truth={columns} names {len(columns)} column(s) for {len(result.label_columns)} level(s) "
+                    f"{result.label_columns}; give one per level, or map them as {{level: column}}."
+                )
+            columns = {c: c for c in columns}
+    elif isinstance(truth, Mapping) and adata is not None and all(isinstance(v, str) for v in truth.values()) \
+            and all(k in result.levels for k in truth):
+        columns, source = dict(truth), adata
+    by_level = truth_by_level(result, source, columns)
+    frame = pd.DataFrame({lv: pd.Series(v, dtype=object) for lv, v in by_level.items()})
+    frame.index = result.obs_names.copy()
+    used = columns if isinstance(columns, Mapping) else (
+        dict(zip(result.label_columns, columns)) if columns is not None else {lv: lv for lv in by_level})
+    return frame, {lv: used.get(lv, lv) for lv in by_level}
+
+
+
+# ---------------------------------------------------------------- true labels matched by cell name
+def truth_table(truth: Any, levels: Sequence[str]) -> pd.DataFrame:
+    """The true labels as a DataFrame indexed by cell name."""
+    if isinstance(truth, ad.AnnData):
+        frame = truth.obs
+    elif isinstance(truth, pd.DataFrame):
+        frame = truth
+    elif isinstance(truth, pd.Series):
+        name = truth.name if truth.name is not None else (levels[0] if len(levels) == 1 else None)
+        if name is None:
+            raise InputError("The truth is an unnamed Series but several levels are evaluated; name it after its level.")
+        frame = truth.to_frame(name)
+    elif isinstance(truth, Mapping):
+        for level, values in truth.items():
+            if not isinstance(values, pd.Series):
+                raise InputError(
+                    f"truth[{level!r}] is a {type(values).__name__}; give a pandas Series indexed by cell name "
+                    "so the labels can be matched to the predicted cells."
+                )
+        frame = pd.DataFrame(dict(truth))
+    else:
+        raise InputError(
+            f"The truth must be an AnnData (labels in .obs), a DataFrame, a Series or a dict of Series, "
+            f"not {type(truth).__name__}."
+        )
+    if not frame.index.is_unique:
+        raise InputError("The truth's cell names (index / obs_names) have duplicates; make them unique.")
+    return frame
+
+
+def cell_positions(cells: pd.Index, truth_index: pd.Index) -> np.ndarray:
+    """Row of each predicted cell in the truth; raise when some are missing."""
+    pos = truth_index.get_indexer(cells)
+    missing = pos < 0
+    if missing.any():
+        examples = ", ".join(map(str, cells[missing][:3]))
+        raise InputError(
+            f"{int(missing.sum())} of {len(cells)} predicted cells are not in the truth (e.g. {examples}); "
+            "pass the labels of the query the predictions were made for (matched by cell name)."
+        )
+    return pos
+
+
+def label_strings(values: pd.Series | np.ndarray) -> np.ndarray:
+    """String labels; missing predictions become Unknown."""
+    series = pd.Series(np.asarray(values, dtype=object))
+    return series.where(series.notna(), UNKNOWN).astype(str).to_numpy(dtype=object)
+
+
+def true_labels(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(string labels, has-label mask) of a truth column."""
+    values = series.astype(object)
+    has = values.notna().to_numpy()
+    return values.where(has, "").astype(str).to_numpy(dtype=object), has
+
+
+
+# ---------------------------------------------------------------- calibration
+def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
+
+    Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
+    the first), as in :func:`expected_calibration_error`; the
+    expected calibration error is ``sum(cells * |accuracy - confidence|) / total``.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        rows.append(
+            {
+                "lower": edges[b],
+                "upper": edges[b + 1],
+                "cells": n,
+                "confidence": float(conf[sel].mean()) if n else np.nan,
+                "accuracy": float(correct[sel].mean()) if n else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE from a :func:`calibration_bins` table."""
+    t = table[table["cells"] > 0]
+    total = t["cells"].sum()
+    return float((t["cells"] * (t["accuracy"] - t["confidence"]).abs()).sum() / total) if total else float("nan")
+
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence."""
+    return ece_of_bins(calibration_bins(conf, correct, n_bins))
+
+
+def ece_of_bins(table: pd.DataFrame) -> float:
+    """ECE from a :func:`calibration_bins` table: ``sum(cells * |accuracy - confidence|) / total``."""
+    total, cells = 0.0, 0
+    for n, acc, conf in zip(table["cells"], table["accuracy"], table["confidence"]):
+        if n:
+            total += n * abs(acc - conf)
+            cells += n
+    return float(total / cells) if cells else float("nan")
