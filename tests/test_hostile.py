@@ -196,7 +196,6 @@ def _backed_reference_with_nan(tmp_path: Path, value: float) -> tuple[Path, int]
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-@pytest.mark.xfail(strict=True, reason="issue 11: streamed training batches are never checked for finite values")
 def test_backed_reference_with_nonfinite_value_beyond_sampled_rows(tmp_path, value):
     path, _ = _backed_reference_with_nan(tmp_path, value)
     with pytest.raises(InvalidValuesError, match="NaN or infinite"):
@@ -224,22 +223,18 @@ def test_backed_query_with_nan_beyond_sampled_rows(tiny_model, tmp_path):
         _predictions(tiny_model, str(tmp_path / "q.h5ad"))
 
 
-@pytest.mark.parametrize("lr", [
-    pytest.param(np.inf, marks=pytest.mark.xfail(strict=True, reason="issue 11: learning_rate=inf is accepted")),
-    np.nan, -np.inf, 0.0])
+@pytest.mark.parametrize("lr", [np.inf, np.nan, -np.inf, 0.0])
 def test_nonfinite_learning_rate_is_refused(tiny, lr):
     with pytest.raises(ParameterError, match="learning_rate"):
         atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "learning_rate": lr})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a non-finite loss does not stop training")
 def test_diverging_training_stops_with_a_clear_error(tiny):
     # finite input and parameters, but steps this large overflow the network: stop, do not return NaN weights
     with pytest.raises(AtlasMTLError, match="non-finite"):
         atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "learning_rate": 1e30})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a NaN confidence is kept as a confident call")
 def test_nan_confidence_is_never_a_confident_call(tiny_model, tiny):
     broken = copy.deepcopy(tiny_model)
     with torch.no_grad():
@@ -251,14 +246,12 @@ def test_nan_confidence_is_never_a_confident_call(tiny_model, tiny):
 
 
 @pytest.mark.parametrize("val_fraction", [0.999, 0.9999])
-@pytest.mark.xfail(strict=True, reason="issue 11: an untrained model is returned when no training cells are left")
 def test_val_fraction_leaving_no_training_cells(tiny, val_fraction):
     with pytest.raises(ParameterError, match="val_fraction"):
         atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "val_fraction": val_fraction})
 
 
 # ================================================================ names
-@pytest.mark.xfail(strict=True, reason="issue 11: writeback columns of 'lineage' and 'lineage_raw' collide")
 def test_levels_whose_writeback_columns_collide(tiny):
     ref = tiny[0].copy()
     ref.obs["lineage_raw"] = ref.obs["cell_type"]
@@ -266,7 +259,6 @@ def test_levels_whose_writeback_columns_collide(tiny):
         atlasmtl.build_model(ref, ["lineage", "lineage_raw"], **FAST)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a class named 'Unknown' merges with abstentions")
 def test_reference_class_named_unknown(tiny):
     ref = tiny[0].copy()
     ref.obs["cell_type"] = ref.obs["cell_type"].cat.rename_categories({"T0": "Unknown"})
@@ -276,7 +268,6 @@ def test_reference_class_named_unknown(tiny):
 
 
 @pytest.mark.parametrize("kind", ["coordinate", "level"])
-@pytest.mark.xfail(strict=True, reason="issue 11: names with '/' write .h5ad files anndata cannot read back")
 def test_names_that_hdf5_keys_cannot_hold(tiny, kind):
     ref = tiny[0].copy()
     if kind == "coordinate":
@@ -289,7 +280,6 @@ def test_names_that_hdf5_keys_cannot_hold(tiny, kind):
         atlasmtl.build_model(ref, levels, **FAST, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the CLI trains a model whose coordinate name breaks .h5ad output")
 def test_cli_refuses_a_coordinate_name_with_a_slash(tiny, tmp_path, capsys):
     tiny[0].write_h5ad(tmp_path / "ref.h5ad")
     code = cli.main(["train", "--reference", str(tmp_path / "ref.h5ad"), "--labels", ",".join(LEVELS),
@@ -301,28 +291,30 @@ def test_cli_refuses_a_coordinate_name_with_a_slash(tiny, tmp_path, capsys):
 
 
 # ================================================================ valid values of other types
-@pytest.mark.xfail(strict=True, reason="issue 11: NumPy scalars are refused as thresholds and thread counts")
 def test_numpy_scalars_as_parameters(tiny, tiny_model):
     model = atlasmtl.build_model(
         tiny[0], LEVELS, coord_targets={"umap": "X_umap"},
         num_epochs=np.int64(2), hidden_sizes=(np.int64(32), np.int32(16)), batch_size=np.int64(64),
-        num_threads=np.int64(1), learning_rate=np.float32(1e-3), dropout_rate=np.float64(0.3),
-        label_smoothing=np.float32(0.1), class_weight_power=np.float64(0.5), val_fraction=np.float32(0.0),
+        num_threads=np.int64(1), learning_rate=np.float64(1e-3), dropout_rate=np.float64(0.3),
+        label_smoothing=np.float64(0.1), class_weight_power=np.float64(0.5), val_fraction=np.float32(0.0),
         random_state=np.int64(0), show_progress=False, show_summary=False,
     )
     # same integers, same training: the NumPy integers change nothing
     assert all(torch.equal(a, b) for a, b in zip(model.network.state_dict().values(),
                                                  tiny_model.network.state_dict().values()))
     query = tiny[1]
-    result = atlasmtl.predict(model, query, confidence_high=np.float32(0.7), confidence_low=np.float64(0.4),
-                              margin_threshold=np.float32(0.2), knn_conf_low=np.float64(0.6), knn_k=np.int64(15),
-                              batch_size=np.int64(64), num_threads=np.int64(1), min_gene_overlap=np.float32(0.5),
+    result = atlasmtl.predict(model, query, confidence_high=np.float64(0.7), confidence_low=np.float64(0.4),
+                              margin_threshold=np.float64(0.2), knn_conf_low=np.float64(0.6), knn_k=np.int64(15),
+                              batch_size=np.int64(64), num_threads=np.int64(1), min_gene_overlap=np.float64(0.5),
                               show_progress=False)
     _valid_result(result, query, model)
     assert _same_calls(result, _predictions(tiny_model, query))
+    single = atlasmtl.predict(model, query, confidence_high=np.float32(0.7), margin_threshold=np.float32(0.2),
+                              knn_k=np.int32(5), num_threads=np.int32(1), show_progress=False)
+    _valid_result(single, query, model)
+    assert single.metadata["settings"]["knn_k"] == 5 and type(single.metadata["settings"]["knn_k"]) is int
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: random_state=None crashes in torch.manual_seed")
 def test_random_state_none_trains(tiny):
     model = atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "random_state": None})
     assert _finite_network(model)
@@ -330,14 +322,11 @@ def test_random_state_none_trains(tiny):
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "seed", True])
-@pytest.mark.xfail(strict=True, reason="issue 11: an invalid random_state gives a raw ValueError/TypeError")
 def test_invalid_random_state_is_a_parameter_error(tiny, bad):
     with pytest.raises(ParameterError, match="random_state"):
         atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "random_state": bad})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the error names 'cuda', not the device asked for; 'cuda:x' is a "
-                   "DeviceError on CPU machines and a RuntimeError on GPU machines")
 def test_cuda_device_strings(tiny, tiny_model):
     query = tiny[1]
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -351,13 +340,11 @@ def test_cuda_device_strings(tiny, tiny_model):
             _predictions(tiny_model, query, device=bad)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a torch.device is refused")
 def test_torch_device_object_is_accepted(tiny, tiny_model):
     _valid_result(_predictions(tiny_model, tiny[1], device=torch.device("cpu")), tiny[1], tiny_model)
 
 
-@pytest.mark.parametrize("form", ["DataFrame", pytest.param("csr_matrix", marks=pytest.mark.xfail(
-    strict=True, reason="issue 11: a sparse obsm coordinate target crashes"))])
+@pytest.mark.parametrize("form", ["DataFrame", "csr_matrix"])
 def test_coordinate_target_as_dataframe_or_sparse(tiny, tiny_model, form):
     ref = tiny[0].copy()
     umap = np.asarray(ref.obsm["X_umap"])
@@ -369,7 +356,6 @@ def test_coordinate_target_as_dataframe_or_sparse(tiny, tiny_model, form):
     np.testing.assert_array_equal(got.coords["umap"], expected.coords["umap"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a non-numeric coordinate DataFrame gives a raw ValueError")
 def test_non_numeric_coordinate_dataframe_is_a_coordinate_error(tiny):
     ref = tiny[0].copy()
     ref.obsm["X_text"] = pd.DataFrame({"a": ["x"] * ref.n_obs, "b": ["y"] * ref.n_obs}, index=ref.obs_names)
@@ -386,7 +372,6 @@ def saved(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("role", ["weights", "metadata", "reference"])
-@pytest.mark.xfail(strict=True, reason="issue 11: nothing binds the files of one model together")
 def test_files_of_two_models_mixed_are_refused(saved, other_model, tmp_path, role):
     other_dir = tmp_path / "b"
     other_model.save(other_dir / "model.pth")
@@ -397,12 +382,8 @@ def test_files_of_two_models_mixed_are_refused(saved, other_model, tmp_path, rol
         atlasmtl.TrainedModel.load(saved / "model_manifest.json")
 
 
-_WRONG_FILE = pytest.mark.xfail(strict=True, reason="issue 11: a manifest entry naming the wrong file gives a raw KeyError")
-
-
-@pytest.mark.parametrize("role, wrong", [pytest.param("metadata", "reference", marks=_WRONG_FILE),
-                                         pytest.param("reference", "metadata", marks=_WRONG_FILE),
-                                         ("weights", "metadata")])
+@pytest.mark.parametrize("role, wrong", [("metadata", "reference"), ("reference", "metadata"), ("weights", "metadata"),
+                                         ("weights", "reference")])
 def test_manifest_entry_pointing_at_the_wrong_file(saved, role, wrong):
     manifest = _manifest(saved)
     manifest["files"][role] = dict(manifest["files"][wrong])
@@ -413,7 +394,6 @@ def test_manifest_entry_pointing_at_the_wrong_file(saved, role, wrong):
 
 @pytest.mark.parametrize("key", ["architecture", "genes", "classes", "label_columns", "input_transform",
                                  "coord_stats", "gene_namespace"])
-@pytest.mark.xfail(strict=True, reason="issue 11: metadata with a missing key gives a raw KeyError")
 def test_metadata_missing_a_key(saved, tiny, key):
     _edit_pickle(saved, "metadata", lambda meta: meta.pop(key))
     with pytest.raises(ArtifactError, match=key):
@@ -451,7 +431,6 @@ def _short_embedding(ref):
                                         ("reference", _short_embedding)],
                          ids=["truncated-genes", "missing-class", "genes-not-a-list", "label-code-out-of-range",
                               "embedding-shorter-than-labels"])
-@pytest.mark.xfail(strict=True, reason="issue 11: inconsistent metadata loads and fails later")
 def test_inconsistent_model_files_are_refused_at_load(saved, tiny, role, edit):
     _edit_pickle(saved, role, edit)
     with pytest.raises(ArtifactError, match=role):
@@ -466,7 +445,6 @@ def _shared_reference_bomb(depth: int):
     return node
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: shared references in a metadata pickle expand without bound")
 def test_shared_reference_pickle_is_refused(saved):
     _edit_pickle(saved, "metadata", lambda meta: meta.__setitem__("padding", _shared_reference_bomb(18)))
     assert len(pickle.dumps(_shared_reference_bomb(18), protocol=4)) < 2000
@@ -474,7 +452,6 @@ def test_shared_reference_pickle_is_refused(saved):
         atlasmtl.TrainedModel.load(saved / "model_manifest.json")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: weights with NaN load without a word")
 def test_nonfinite_weights_are_refused_at_load(tiny_model, tmp_path):
     broken = copy.deepcopy(tiny_model)
     with torch.no_grad():
@@ -517,7 +494,6 @@ def _files_not_in_the_model(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()} - referenced - FINAL_NAMES
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: an interrupted overwrite leaves the previous model unloadable")
 def test_interrupted_overwrite_leaves_one_whole_model(tiny_model, other_model, tiny, tmp_path, monkeypatch):
     """Interrupt the save at every file rename in turn: the folder always holds one whole model, and no debris."""
     models = {"old": tiny_model, "new": other_model}
@@ -542,7 +518,6 @@ def test_interrupted_overwrite_leaves_one_whole_model(tiny_model, other_model, t
     assert seen == {"old", "new"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a process killed mid-overwrite leaves the previous model unloadable")
 def test_process_killed_during_overwrite_leaves_one_whole_model(tiny_model, other_model, tiny, tmp_path, monkeypatch):
     """A hard kill (no cleanup runs) at every rename: one whole model remains, and the next save clears the debris."""
     models = {"old": tiny_model, "new": other_model}
@@ -567,7 +542,6 @@ def test_process_killed_during_overwrite_leaves_one_whole_model(tiny_model, othe
         pytest.fail("the save never completed")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: model.save(<existing folder>) writes beside the folder")
 def test_save_into_an_existing_folder(tiny_model, tmp_path):
     folder = tmp_path / "my_model"
     folder.mkdir()
@@ -579,7 +553,6 @@ def test_save_into_an_existing_folder(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
-@pytest.mark.xfail(strict=True, reason="issue 11: output files get mode 0600 whatever the umask")
 def test_output_files_respect_the_umask(tiny_model, tiny, tmp_path, umask):
     query = tiny[1]
     query.write_h5ad(tmp_path / "query.h5ad")
@@ -619,7 +592,6 @@ def predicted(tiny, tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-@pytest.mark.xfail(strict=True, reason="issue 11: a path under a regular file / an empty path raise raw OSErrors")
 def test_output_path_under_a_regular_file_or_empty(tiny_model, predicted, tmp_path, writer):
     result, query, query_file = predicted
     write = _writers(tiny_model, result, query, query_file)[writer]
@@ -632,7 +604,6 @@ def test_output_path_under_a_regular_file_or_empty(tiny_model, predicted, tmp_pa
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-@pytest.mark.xfail(strict=True, reason="issue 11: a read-only folder raises a raw PermissionError")
 def test_output_into_a_read_only_folder(tiny_model, predicted, writer):
     """Run unprivileged in a forked child (root could write anyway); the folder and its files stay as they were."""
     result, query, query_file = predicted
@@ -671,7 +642,6 @@ def test_output_into_a_read_only_folder(tiny_model, predicted, writer):
         shutil.rmtree(base)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: write_h5ad into a folder that does not exist yet raises")
 def test_write_h5ad_creates_a_missing_parent_folder(predicted, tmp_path):
     result, query, query_file = predicted
     for source in (query, str(query_file)):
@@ -689,7 +659,6 @@ def test_csv_and_save_create_a_missing_parent_folder(tiny_model, predicted, tmp_
     atlasmtl.TrainedModel.load(tmp_path / "p" / "q" / "model_manifest.json")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: an empty path or a folder as input gives a raw error")
 def test_empty_or_folder_input_paths(tiny_model, tmp_path):
     for bad in ("", tmp_path):
         with pytest.raises(InputError):
@@ -710,7 +679,6 @@ def fifo(tmp_path):
 
 
 @pytest.mark.parametrize("call", ["predict", "build_model", "load"])
-@pytest.mark.xfail(strict=True, reason="issue 11: a FIFO as input path blocks forever")
 def test_fifo_as_input_path_does_not_hang(tiny_model, fifo, call):
     fns = {
         "predict": lambda: atlasmtl.predict(tiny_model, str(fifo), **QUIET),
@@ -724,7 +692,6 @@ def test_fifo_as_input_path_does_not_hang(tiny_model, fifo, call):
     assert out.get("atlasmtl") is True and "regular file" in out["message"], out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the CLI blocks forever on a FIFO query")
 def test_cli_fifo_query_exits_cleanly(tiny_model, fifo, tmp_path):
     tiny_model.save(tmp_path / "m" / "model.pth")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -786,7 +753,6 @@ def _clear_error_or(fn, check, params):
     return "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: some parameter combinations crash with non-atlasmtl errors")
 def test_fuzz_training_parameters(tiny):
     """Seeded random draws over build_model's parameters: a clear atlasmtl error or a usable, finite model."""
     ref, query = synthetic(160, n_genes=30, seed=11), synthetic(60, n_genes=30, seed=12)
