@@ -33,10 +33,6 @@ class TrainedModel:
 
     def __init__(self, network: MultiTaskNetwork, metadata: dict[str, Any], reference: dict[str, Any]) -> None:
         self.network = network.cpu().eval()
-        if not metadata.get("model_id"):
-            from .artifacts import new_model_id
-
-            metadata["model_id"] = new_model_id()  # the identity its saved files carry
         self.metadata = metadata
         self.reference = reference
         self._knn_indexes: dict[str, Any] = {}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .artifacts import REFERENCE_STORAGE
+from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError
 from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, check_input_transform, detect_namespace, identity_aligner
@@ -522,7 +522,7 @@ def fit(
             loss = objective(net, rows)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"Training diverged: the loss became non-finite ({float(loss)}) at epoch {epoch + 1}, "
+                    f"Training diverged: the loss became non-finite ({float(loss.detach())}) at epoch {epoch + 1}, "
                     f"minibatch {start // batch_size + 1}, with learning_rate={learning_rate:g}. Use a smaller "
                     "learning_rate (the default is 1e-3); no model was returned."
                 )
@@ -582,6 +582,7 @@ def describe(
     """The model's metadata: genes, label encoders, input transform, coordinates, hierarchy, architecture."""
     genes = [str(g) for g in ref.source.var_names]
     return {
+        "model_id": new_model_id(),  # the identity every saved file of this model carries
         "atlasmtl_version": __version__,
         "genes": genes,
         "gene_namespace": detect_namespace(genes),

@@ -807,3 +807,47 @@ def test_archived_schema_v1_model_still_loads_and_predicts_the_same():
             np.testing.assert_allclose(got[col].to_numpy(float), expected[col].to_numpy(float), rtol=1e-6, atol=1e-7)
     for k in range(2):
         np.testing.assert_allclose(result.coords["umap"][:, k], expected[f"umap_{k + 1}"], rtol=1e-6, atol=1e-6)
+
+
+# ================================================================ the same failures from the command line
+def _mixed_model_folder(tiny_model, other_model, tmp_path: Path) -> Path:
+    tiny_model.save(tmp_path / "a" / "model.pth")
+    other_model.save(tmp_path / "b" / "model.pth")
+    (tmp_path / "a" / "model_reference.pkl").write_bytes((tmp_path / "b" / "model_reference.pkl").read_bytes())
+    _refresh_checksums(tmp_path / "a")
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("case", ["mixed-model-files", "val-fraction-leaves-nothing", "class-named-unknown",
+                                  "colliding-levels", "output-under-a-file", "empty-output"])
+def test_cli_clear_errors(tiny, tiny_model, other_model, tmp_path, monkeypatch, capsys, case):
+    """The CLI ends each case with one error line and its exit status, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    ref, query = tiny[0].copy(), tiny[1]
+    query.write_h5ad("query.h5ad")
+    train = ["train", "--reference", "ref.h5ad", "--labels", ",".join(LEVELS), "--out", "model", "--num-epochs", "1",
+             "--num-threads", "1"]
+    if case == "mixed-model-files":
+        folder = _mixed_model_folder(tiny_model, other_model, tmp_path)
+        argv, code, message = ["predict", "--model", str(folder), "--query", "query.h5ad", "--out", "p.csv"], 3, \
+            "another model"
+    elif case == "val-fraction-leaves-nothing":
+        argv, code, message = train + ["--val-fraction", "0.999"], 2, "val_fraction"
+    elif case == "class-named-unknown":
+        ref.obs["cell_type"] = ref.obs["cell_type"].cat.rename_categories({"T1": "Unknown"})
+        argv, code, message = train, 2, "'Unknown'"
+    elif case == "colliding-levels":
+        ref.obs["lineage_raw"] = ref.obs["cell_type"]
+        argv, code, message = train[:4] + ["lineage,lineage_raw"] + train[5:], 2, "pred_lineage_raw"
+    else:
+        tiny_model.save(tmp_path / "m" / "model.pth")
+        Path("plain.txt").write_text("x")
+        out = "plain.txt/p.csv" if case == "output-under-a-file" else ""
+        argv, code, message = ["predict", "--model", "m", "--query", "query.h5ad", "--out", out], 2, \
+            "not a folder" if out else "must end in"
+    ref.write_h5ad("ref.h5ad")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "warning" not in line]
+    assert len(err) == 1 and err[0].startswith("atlasmtl") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
