@@ -42,6 +42,7 @@ Schema versions: 1 (atlasmtl 0.1.0: no model id, no roles) is still read;
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -64,6 +65,7 @@ from .exceptions import (
     ArtifactError,
     AtlasMTLError,
     ChecksumMismatchError,
+    OutputError,
     ParameterError,
     SchemaVersionError,
     UnsafeArtifactError,
@@ -143,7 +145,7 @@ def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
     """
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
-        raise ParameterError("The model path is empty; give a file name such as 'model_dir/model.pth'.")
+        raise OutputError("The model path is empty; give a file name such as 'model_dir/model.pth'.")
     p = Path(text)
     if p.is_dir():
         p = p / "model.pth"
@@ -214,6 +216,29 @@ def _leftovers(paths: dict[str, Path]) -> list[Path]:
             if n.startswith(prefixes) and n.endswith((".staged", ".tmp"))]
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (POSIX ``flock``), so saves into one folder do not interleave.
+
+    A killed process releases it; where locking is not available the save goes on unlocked.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def save_model(
     path: str | os.PathLike,
     parts: ModelParts,
@@ -254,6 +279,20 @@ def save_model(
 
     folder, token = paths["weights"].parent, secrets.token_hex(6)
     staged = {role: paths[role].with_name(f".{paths[role].name}.{token}.staged") for role in payloads}
+    with _folder_lock(folder):
+        _commit(paths, payloads, staged, manifest, token)
+        for p in _leftovers(paths):
+            p.unlink(missing_ok=True)
+        if storage == "full":
+            paths["reference"].unlink(missing_ok=True)  # a stale external reference must not linger beside a full save
+    return {role: str(paths[role]) for role in ["weights", "metadata", "reference", "manifest"]
+            if role in payloads or role == "manifest"}
+
+
+def _commit(paths: dict[str, Path], payloads: dict[str, bytes], staged: dict[str, Path], manifest: Any,
+            token: str) -> None:
+    """Stage, commit (manifest → staged files), install the final names, commit again (manifest → final names)."""
+    folder = paths["weights"].parent
     try:
         for role, data in payloads.items():
             _write_new_file(staged[role], data)
@@ -273,12 +312,6 @@ def save_model(
         if isinstance(exc, OSError) and not isinstance(exc, AtlasMTLError):
             raise output_error(exc, paths["weights"], "model") from exc
         raise
-    for p in _leftovers(paths):
-        p.unlink(missing_ok=True)
-    if storage == "full":
-        paths["reference"].unlink(missing_ok=True)  # a stale external reference must not linger beside a full save
-    return {role: str(paths[role]) for role in ["weights", "metadata", "reference", "manifest"]
-            if role in payloads or role == "manifest"}
 
 
 # ---------------------------------------------------------------- load
@@ -357,13 +390,31 @@ def _check_identity(stamp: Any, model_id: str, role: str, name: str) -> None:
         )
 
 
-def read_model(path: str | os.PathLike) -> ModelParts:
-    """Read and check a model's files (manifest, weights path, or its folder); see :meth:`TrainedModel.load`."""
-    manifest_path = _resolve_manifest(path)
+def _manifest_bytes(manifest_path: Path) -> bytes:
     if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{manifest_path.name} is larger than any atlasmtl manifest; refusing it.")
+    return manifest_path.read_bytes()
+
+
+def read_model(path: str | os.PathLike) -> ModelParts:
+    """Read and check a model's files (manifest, weights path, or its folder); see :meth:`TrainedModel.load`.
+
+    A save that commits while the files are being read changes the manifest; the
+    read then starts again (up to three times) instead of failing.
+    """
+    manifest_path = _resolve_manifest(path)
+    for attempt in range(3):
+        raw = _manifest_bytes(manifest_path)
+        try:
+            return _read_parts(manifest_path, raw)
+        except ArtifactError:
+            if attempt == 2 or _manifest_bytes(manifest_path) == raw:
+                raise
+
+
+def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
     try:
-        manifest = json.loads(manifest_path.read_bytes())
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_path.name} is not a valid manifest ({exc}); save the model again.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "atlasmtl-model":

@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .exceptions import InputError, OutputError, UnsafeArtifactError
+from .exceptions import AtlasMTLError, InputError, OutputError, UnsafeArtifactError
 
 _ARRAY_TAG = "__atlasmtl_ndarray__"
 
@@ -176,6 +176,8 @@ def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[str]:
         os.chmod(tmp, file_mode())  # writers such as h5py recreate the file
         os.replace(tmp, path)
     except OSError as exc:
+        if isinstance(exc, AtlasMTLError):
+            raise
         raise output_error(exc, path, what) from exc
     finally:
         if os.path.exists(tmp):

@@ -246,7 +246,7 @@ def build_model(
     -------
     TrainedModel
     """
-    checked = check_training_parameters(
+    p = check_training_parameters(
         batch_size=batch_size,
         num_epochs=num_epochs,
         dropout_rate=dropout_rate,
@@ -260,8 +260,11 @@ def build_model(
         input_transform=input_transform,
         use_raw=use_raw,
     )
-    (batch_size, num_epochs, dropout_rate, learning_rate, label_smoothing, class_weight_power, val_fraction,
-     early_stopping_patience, hidden_sizes, reference_storage, input_transform, use_raw) = checked.values()
+    batch_size, num_epochs, hidden_sizes = p["batch_size"], p["num_epochs"], p["hidden_sizes"]
+    dropout_rate, learning_rate, label_smoothing = p["dropout_rate"], p["learning_rate"], p["label_smoothing"]
+    class_weight_power, val_fraction = p["class_weight_power"], p["val_fraction"]
+    early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
+    input_transform, use_raw = p["input_transform"], p["use_raw"]
     random_state, seed = as_random_state(random_state)
     dev = resolve_device(device)
     n_threads = resolve_num_threads(num_threads)

@@ -851,3 +851,39 @@ def test_cli_clear_errors(tiny, tiny_model, other_model, tmp_path, monkeypatch, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "warning" not in line]
     assert len(err) == 1 and err[0].startswith("atlasmtl") and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_concurrent_saves_and_loads_stay_consistent(tiny_model, other_model, tiny, tmp_path):
+    """Two threads saving different models to one name while a third loads: every load is one whole model."""
+    import threading
+
+    directory = tmp_path / "shared"
+    tiny_model.save(directory / "model.pth")
+    errors: list[BaseException] = []
+    loaded_ids: list[str] = []
+    ids = {tiny_model.metadata["model_id"], other_model.metadata["model_id"]}
+
+    def saver(model):
+        try:
+            for _ in range(6):
+                model.save(directory / "model.pth")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def loader():
+        try:
+            for _ in range(12):
+                loaded_ids.append(atlasmtl.TrainedModel.load(directory).metadata["model_id"])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=saver, args=(m,)) for m in (tiny_model, other_model)]
+    threads.append(threading.Thread(target=loader))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert set(loaded_ids) <= ids and len(loaded_ids) == 12
+    assert {p.name for p in directory.iterdir()} == FINAL_NAMES
+    assert atlasmtl.TrainedModel.load(directory).metadata["model_id"] in ids
