@@ -27,7 +27,7 @@ from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError
-from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, check_input_transform, detect_namespace, identity_aligner
+from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, detect_namespace, identity_aligner
 from .io import open_anndata
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source
 from .knn import neighbour_label_agreement, normalise_rows
