@@ -1,43 +1,88 @@
-"""Model artifacts: atomic, checksummed saving and code-free loading.
+"""Model artifacts: crash-safe, checksummed saving and code-free, checked loading.
 
-Files written by ``model.save("dir/foo.pth")``:
+Files written by ``model.save("dir/foo.pth")`` (or ``model.save("dir")`` for an
+existing folder, which writes ``dir/model.pth`` and its companions):
 
 ``foo.pth``
-    Network weights (a ``state_dict``; loaded with ``weights_only=True``).
+    Network weights (a ``state_dict`` with the model's identity; loaded with ``weights_only=True``).
 ``foo_metadata.pkl``
     Metadata and training configuration.
 ``foo_reference.pkl``
     KNN reference data (only with ``reference_storage="external"``).
 ``foo_manifest.json``
-    Schema version, atlasmtl version, relative file names, SHA-256 per file, creation time.
+    Schema version, model id, atlasmtl version, creation time, and per file its
+    role, relative name, size and SHA-256.
 
-The pickles hold only plain Python values (dict, list, str, numbers, bytes);
-numpy arrays are stored as tagged ``(dtype, shape, bytes)`` records. They are
-read with an unpickler that refuses every global, so a file cannot run code
-when loaded, and a numpy upgrade cannot break loading.
+**Identity.** Every model has a ``model_id``; the manifest and every file carry
+it together with the file's role (``weights``, ``metadata``, ``reference``), so
+files of two models mixed in one folder, or a manifest entry that points at the
+wrong file, are refused even when the checksums were recomputed.
+
+**Data, not code.** The pickles hold only plain Python values (dict, list, str,
+numbers, bytes); numpy arrays are stored as tagged ``(dtype, shape, bytes)``
+records. They are read with an unpickler that refuses every global, so a file
+cannot run code when loaded, and decoding refuses shared references and deep
+nesting, so memory stays within the file's size (:func:`~atlasmtl.io.from_plain`).
+The weights archive must hold uncompressed entries only (what ``torch.save``
+writes), so it cannot expand either. Before use, the parts are checked against
+the schema (:func:`check_parts`): required keys and types, genes and classes
+against the architecture, reference labels in range, finite weights.
+
+**Crash-safe overwrite.** The manifest is the commit point. New files are first
+written under hidden staged names; the manifest is then replaced by one naming
+the staged files; the final names are replaced (hard links of the staged files,
+so the staged files stay intact); finally the manifest is replaced by one naming
+the final files and the staged files are removed. A save killed at any moment
+leaves one whole model (the old one or the new one) loadable; leftovers of a
+killed save are removed by the next save to the same name.
+
+Schema versions: 1 (atlasmtl 0.1.0: no model id, no roles) is still read;
+2 adds the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import secrets
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ._version import __version__
-from .exceptions import ArtifactError, ChecksumMismatchError, ParameterError, SchemaVersionError, UnsafeArtifactError
-from .io import atomic_write, from_plain, to_plain
+from .calls import check_writeback_names
+from .exceptions import (
+    ArtifactError,
+    AtlasMTLError,
+    ChecksumMismatchError,
+    OutputError,
+    ParameterError,
+    SchemaVersionError,
+    UnsafeArtifactError,
+)
+from .genes import INPUT_TRANSFORMS, NAMESPACES
+from .io import atomic_write, check_input_file, file_mode, from_plain, output_error, prepare_output, to_plain
 
 #: Version of the artifact layout; bump on incompatible changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema versions this atlasmtl reads.
+READABLE_SCHEMAS = (1, 2)
 #: Where the KNN reference is stored: its own file, or inside the metadata file.
 REFERENCE_STORAGE = ("external", "full")
+#: File roles, in the order they are written.
+ROLES = ("weights", "metadata", "reference")
+#: A manifest larger than this is not an atlasmtl manifest.
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class ModelParts(NamedTuple):
@@ -46,6 +91,11 @@ class ModelParts(NamedTuple):
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
     reference: dict[str, Any]
+
+
+def new_model_id() -> str:
+    """A fresh model identity (random UUID, hex)."""
+    return uuid.uuid4().hex
 
 
 # ---------------------------------------------------------------- plain-data decoding
@@ -60,6 +110,7 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 
 
 def safe_loads(data: bytes, what: str) -> Any:
+    """Unpickle plain data without globals, flat and bounded (see :func:`~atlasmtl.io.from_plain`)."""
     try:
         return from_plain(_NoGlobalsUnpickler(io.BytesIO(data)).load())
     except UnsafeArtifactError:
@@ -68,10 +119,36 @@ def safe_loads(data: bytes, what: str) -> Any:
         raise ArtifactError(f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); save the model again.") from exc
 
 
+def _load_weights(data: bytes, name: str) -> Any:
+    """``torch.load(weights_only=True)`` of an archive whose entries are stored uncompressed (no zip bomb)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"{name} is not a PyTorch weights archive ({exc}); save the model again.") from exc
+    if compressed:
+        raise UnsafeArtifactError(
+            f"{name} holds compressed entries ({compressed[:3]}), which torch.save never writes and which could "
+            "expand without bound; refusing it."
+        )
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"{name} could not be read as weights ({exc}).") from exc
+
+
 # ---------------------------------------------------------------- file names
 def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
-    """File names that go with a weights path: ``foo.pth`` → ``foo_metadata.pkl`` etc."""
-    p = Path(path)
+    """File names that go with a weights path: ``foo.pth`` → ``foo_metadata.pkl`` etc.
+
+    An existing folder stands for ``<folder>/model.pth``.
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise OutputError("The model path is empty; give a file name such as 'model_dir/model.pth'.")
+    p = Path(text)
+    if p.is_dir():
+        p = p / "model.pth"
     if p.suffix != ".pth":
         p = p.with_suffix(".pth") if p.suffix else p.with_name(p.name + ".pth")
     stem = p.stem
@@ -84,65 +161,190 @@ def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------- save
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync; mode from the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _install(staged: Path, final: Path, token: str) -> None:
+    """Atomically make ``final`` hold the content of ``staged``, keeping ``staged`` intact."""
+    tmp = final.with_name(f".{final.name}.{token}.tmp")
+    try:
+        os.link(staged, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES):
+            raise
+        _write_new_file(tmp, staged.read_bytes())  # file systems without hard links: copy
+    try:
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _referenced(manifest_path: Path) -> set[str]:
+    """File names the manifest on disk names (empty when there is none or it cannot be read)."""
+    try:
+        files = json.loads(manifest_path.read_text()).get("files", {})
+        return {e["file"] for e in files.values() if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _leftovers(paths: dict[str, Path]) -> list[Path]:
+    """Staged and temporary files of earlier saves to these names (``.<name>.<token>.staged|.tmp``)."""
+    folder = paths["weights"].parent
+    prefixes = tuple(f".{p.name}." for p in paths.values())
+    return [folder / n for n in os.listdir(folder)
+            if n.startswith(prefixes) and n.endswith((".staged", ".tmp"))]
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (POSIX ``flock``), so saves into one folder do not interleave.
+
+    A killed process releases it; where locking is not available the save goes on unlocked.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def save_model(
     path: str | os.PathLike,
     parts: ModelParts,
     reference_storage: str | None = None,
 ) -> dict[str, str]:
-    """Write weights, metadata, reference and manifest atomically; see module docstring."""
+    """Write weights, metadata, reference and manifest crash-safely; see the module docstring."""
     storage = reference_storage or parts.metadata["train_config"].get("reference_storage", "external")
     if storage not in REFERENCE_STORAGE:
         raise ParameterError(f"reference_storage={storage!r} must be 'external' or 'full'.")
     paths = artifact_paths(path)
+    prepare_output(paths["weights"], "model")
+    model_id = parts.metadata.get("model_id") or new_model_id()
+
+    def stamp(role: str) -> dict[str, str]:
+        return {"model_id": model_id, "role": role}
+
     buf = io.BytesIO()
-    torch.save(parts.state_dict, buf)
-    metadata = dict(parts.metadata)
-    metadata["reference_storage"] = storage
+    torch.save({"atlasmtl_artifact": stamp("weights"), "state_dict": parts.state_dict}, buf)
+    metadata = dict(parts.metadata, model_id=model_id, artifact=stamp("metadata"), reference_storage=storage)
     if storage == "full":
         metadata["reference"] = parts.reference
-    payloads = {
-        "weights": buf.getvalue(),
-        "metadata": pickle.dumps(to_plain(metadata), protocol=4),
-    }
+    payloads = {"weights": buf.getvalue(), "metadata": pickle.dumps(to_plain(metadata), protocol=4)}
     if storage == "external":
-        payloads["reference"] = pickle.dumps(to_plain(parts.reference), protocol=4)
-    files = {}
-    for role, data in payloads.items():
-        atomic_write(paths[role], data)
-        files[role] = {"file": paths[role].name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    manifest = {
-        "format": "atlasmtl-model",
-        "schema_version": SCHEMA_VERSION,
-        "atlasmtl_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "reference_storage": storage,
-        "files": files,
-    }
-    # The manifest goes last: until it is replaced, an old manifest's checksums refuse the new files.
-    atomic_write(paths["manifest"], json.dumps(manifest, indent=2).encode())
-    if storage == "full" and paths["reference"].exists():
-        paths["reference"].unlink()  # a stale external reference must not linger beside a full save
-    return {role: str(paths[role]) for role in ["weights", "metadata", "reference", "manifest"] if role in files or role == "manifest"}
+        payloads["reference"] = pickle.dumps(to_plain(dict(parts.reference, artifact=stamp("reference"))), protocol=4)
+
+    def manifest(names: dict[str, str]) -> bytes:
+        files = {role: {"role": role, "file": names[role], "sha256": hashlib.sha256(data).hexdigest(),
+                        "bytes": len(data)} for role, data in payloads.items()}
+        return json.dumps({
+            "format": "atlasmtl-model",
+            "schema_version": SCHEMA_VERSION,
+            "model_id": model_id,
+            "atlasmtl_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "reference_storage": storage,
+            "files": files,
+        }, indent=2).encode()
+
+    folder, token = paths["weights"].parent, secrets.token_hex(6)
+    staged = {role: paths[role].with_name(f".{paths[role].name}.{token}.staged") for role in payloads}
+    with _folder_lock(folder):
+        _commit(paths, payloads, staged, manifest, token)
+        for p in _leftovers(paths):
+            p.unlink(missing_ok=True)
+        if storage == "full":
+            paths["reference"].unlink(missing_ok=True)  # a stale external reference must not linger beside a full save
+    return {role: str(paths[role]) for role in ["weights", "metadata", "reference", "manifest"]
+            if role in payloads or role == "manifest"}
+
+
+def _commit(paths: dict[str, Path], payloads: dict[str, bytes], staged: dict[str, Path], manifest: Any,
+            token: str) -> None:
+    """Stage, commit (manifest → staged files), install the final names, commit again (manifest → final names)."""
+    folder = paths["weights"].parent
+    try:
+        for role, data in payloads.items():
+            _write_new_file(staged[role], data)
+        _fsync_folder(folder)
+        # commit 1: the manifest names the staged files; until here the old model was untouched
+        atomic_write(paths["manifest"], manifest({r: p.name for r, p in staged.items()}), "model manifest")
+        for role in payloads:
+            _install(staged[role], paths[role], token)
+        # commit 2: the manifest names the final files
+        atomic_write(paths["manifest"], manifest({r: paths[r].name for r in payloads}), "model manifest")
+        _fsync_folder(folder)
+    except BaseException as exc:
+        in_use = _referenced(paths["manifest"])
+        for p in staged.values():
+            if p.name not in in_use and p.exists():
+                p.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, AtlasMTLError):
+            raise output_error(exc, paths["weights"], "model") from exc
+        raise
 
 
 # ---------------------------------------------------------------- load
-def _resolve_manifest(path: Path) -> Path:
-    if not path.exists():
-        raise ArtifactError(f"No such model file: {str(path)!r}.")
-    if path.suffix == ".json":
-        return path
-    if path.suffix == ".pth":
-        manifest = artifact_paths(path)["manifest"]
+def _resolve_manifest(path: str | os.PathLike) -> Path:
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise ArtifactError("The model path is empty; give a model manifest (*_manifest.json), weights (*.pth) "
+                            "or the folder holding one model.")
+    p = Path(text)
+    if p.is_dir():
+        manifests = sorted(p.glob("*_manifest.json"))
+        if len(manifests) != 1:
+            raise ArtifactError(
+                f"{text!r} is a folder holding {len(manifests)} model manifests (*_manifest.json)"
+                + ("; it holds no model." if not manifests else "; name the manifest file.")
+            )
+        p = manifests[0]
+    elif not p.exists():
+        raise ArtifactError(f"No such model file: {text!r}.")
+    if p.suffix == ".pth":
+        manifest = artifact_paths(p)["manifest"]
         if not manifest.exists():
             raise ArtifactError(
-                f"{path.name} has no manifest beside it ({manifest.name}); the manifest carries the checksums "
+                f"{p.name} has no manifest beside it ({manifest.name}); the manifest carries the checksums "
                 "atlasmtl needs to load a model safely. Save the model again with model.save()."
             )
-        return manifest
-    raise ArtifactError(f"{str(path)!r} is neither a model manifest (.json) nor weights (.pth).")
+        p = manifest
+    elif p.suffix != ".json":
+        raise ArtifactError(f"{text!r} is neither a model manifest (.json) nor weights (.pth).")
+    return check_input_file(p, "model manifest", ArtifactError)
 
 
-def _member(directory: Path, entry: dict, role: str) -> tuple[Path, bytes]:
+def _member(directory: Path, entry: Any, role: str) -> tuple[str, bytes]:
     name = entry.get("file") if isinstance(entry, dict) else None
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise UnsafeArtifactError(
@@ -153,49 +355,223 @@ def _member(directory: Path, entry: dict, role: str) -> tuple[Path, bytes]:
         raise UnsafeArtifactError(f"The manifest's {role} file {name!r} points outside its directory; refusing it.")
     if not target.exists():
         raise ArtifactError(f"The model's {role} file {name!r} is missing from {str(directory)!r}.")
+    check_input_file(target, f"model's {role} file", ArtifactError)
+    size = entry.get("bytes")
+    if isinstance(size, int) and target.stat().st_size != size:
+        raise ChecksumMismatchError(
+            f"{name} has {target.stat().st_size} bytes, not the {size} recorded in the manifest (file changed, "
+            "truncated or replaced after saving). Restore the original files or save the model again."
+        )
     data = target.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry.get("sha256"):
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise ChecksumMismatchError(
             f"{name} does not match the checksum in the manifest (file changed, truncated or corrupted after "
             "saving). Restore the original files or save the model again."
         )
-    return target, data
+    return name, data
+
+
+def _check_identity(stamp: Any, model_id: str, role: str, name: str) -> None:
+    """A schema-2 file's ``{"model_id", "role"}`` must match the manifest's entry."""
+    if not isinstance(stamp, dict):
+        raise ArtifactError(
+            f"The manifest's {role} entry names {name}, which carries no atlasmtl identity (not a {role} file "
+            "of a schema-2 model). Restore the model's own files or save it again."
+        )
+    if stamp.get("role") != role:
+        raise ArtifactError(
+            f"The manifest's {role} entry names {name}, which holds the model's {stamp.get('role')!r} file, "
+            f"not its {role}. Restore the manifest or save the model again."
+        )
+    if stamp.get("model_id") != model_id:
+        raise ArtifactError(
+            f"{name} (the {role}) belongs to another model (model id {stamp.get('model_id')!r}; the manifest is for "
+            f"{model_id!r}): files of two models are mixed. Restore this model's own files or save it again."
+        )
+
+
+def _manifest_bytes(manifest_path: Path) -> bytes:
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{manifest_path.name} is larger than any atlasmtl manifest; refusing it.")
+    return manifest_path.read_bytes()
 
 
 def read_model(path: str | os.PathLike) -> ModelParts:
-    """Read and check a model's files (manifest or weights path); see :meth:`TrainedModel.load`."""
-    manifest_path = _resolve_manifest(Path(path))
+    """Read and check a model's files (manifest, weights path, or its folder); see :meth:`TrainedModel.load`.
+
+    A save that commits while the files are being read changes the manifest; the
+    read then starts again (up to three times) instead of failing.
+    """
+    manifest_path = _resolve_manifest(path)
+    for attempt in range(3):
+        raw = _manifest_bytes(manifest_path)
+        try:
+            return _read_parts(manifest_path, raw)
+        except ArtifactError:
+            if attempt == 2 or _manifest_bytes(manifest_path) == raw:
+                raise
+
+
+def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_path.name} is not a valid manifest ({exc}); save the model again.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "atlasmtl-model":
         raise ArtifactError(f"{manifest_path.name} is not an atlasmtl model manifest.")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_SCHEMAS:
         raise SchemaVersionError(
             f"{manifest_path.name} uses artifact schema {version!r} (written by atlasmtl "
-            f"{manifest.get('atlasmtl_version')}); this atlasmtl {__version__} reads schema ≤ {SCHEMA_VERSION}. "
+            f"{manifest.get('atlasmtl_version')}); this atlasmtl {__version__} reads schemas {READABLE_SCHEMAS}. "
             "Upgrade atlasmtl (pip install -U atlasmtl) to load it."
         )
     files = manifest.get("files", {})
     if not isinstance(files, dict) or "weights" not in files or "metadata" not in files:
         raise ArtifactError(f"{manifest_path.name} does not list the weights and metadata files.")
+    unknown_roles = set(files) - set(ROLES)
+    if unknown_roles:
+        raise ArtifactError(f"{manifest_path.name} lists files of unknown roles {sorted(unknown_roles)}.")
+    model_id = manifest.get("model_id")
+    if version >= 2:
+        if not isinstance(model_id, str) or not model_id:
+            raise ArtifactError(f"{manifest_path.name} has no model id; save the model again.")
+        for role, entry in files.items():
+            if not isinstance(entry, dict) or entry.get("role") != role:
+                raise ArtifactError(f"{manifest_path.name}: the {role} entry does not declare the role {role!r}.")
     directory = manifest_path.parent
-    _, weights_bytes = _member(directory, files["weights"], "weights")
-    _, meta_bytes = _member(directory, files["metadata"], "metadata")
-    metadata = safe_loads(meta_bytes, files["metadata"]["file"])
+    weights_name, weights_bytes = _member(directory, files["weights"], "weights")
+    meta_name, meta_bytes = _member(directory, files["metadata"], "metadata")
+    state = _load_weights(weights_bytes, weights_name)
+    metadata = safe_loads(meta_bytes, meta_name)
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{meta_name} (the metadata) does not hold a metadata record; save the model again.")
     if "reference" in files:
-        _, ref_bytes = _member(directory, files["reference"], "reference")
-        reference = safe_loads(ref_bytes, files["reference"]["file"])
+        ref_name, ref_bytes = _member(directory, files["reference"], "reference")
+        reference = safe_loads(ref_bytes, ref_name)
     elif "reference" in metadata:
-        reference = metadata.pop("reference")
+        ref_name, reference = meta_name, metadata.pop("reference")
     else:
         raise ArtifactError(f"{manifest_path.name} lists no KNN reference and the metadata holds none.")
-    try:
-        state = torch.load(io.BytesIO(weights_bytes), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ArtifactError(f"{files['weights']['file']} could not be read as weights ({exc}).") from exc
+    if version >= 2:
+        _check_identity(state.get("atlasmtl_artifact") if isinstance(state, dict) else None, model_id, "weights",
+                        weights_name)
+        _check_identity(metadata.pop("artifact", None), model_id, "metadata", meta_name)
+        if "reference" in files:
+            _check_identity(reference.pop("artifact", None) if isinstance(reference, dict) else None, model_id,
+                            "reference", ref_name)
+        state = state["state_dict"]
     metadata.pop("reference_storage", None)
+    if version < 2 or not metadata.get("model_id"):
+        metadata["model_id"] = new_model_id()  # schema 1 had no identity: the loaded model gets one
+    names = {"weights": weights_name, "metadata": meta_name, "reference": ref_name}
+    check_parts(state, metadata, reference, names)
     return ModelParts(state, metadata, reference)
+
+
+# ---------------------------------------------------------------- schema check
+class _Damaged(Exception):
+    """A schema violation in one file (caught and turned into an :class:`ArtifactError` naming it)."""
+
+
+def _need(record: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if key not in record:
+        raise _Damaged(f"{what} lacks the key {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _Damaged(f"{what}[{key!r}] is a {type(value).__name__}, not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _str_list(value: Any, what: str, non_empty: bool = True) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or (non_empty and not value):
+        raise _Damaged(f"{what} is not a{' non-empty' if non_empty else ''} list of strings")
+    return value
+
+
+def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str]) -> None:
+    """Check the loaded parts against the schema before anything uses them.
+
+    Raises :class:`~atlasmtl.exceptions.ArtifactError` naming the file (by role)
+    and the problem: a missing key, a wrong type, genes or classes that do not
+    match the architecture, reference labels out of range, non-finite weights.
+    """
+    role = "metadata"
+    try:
+        arch = _need(metadata, "architecture", dict, "metadata")
+        genes = _str_list(_need(metadata, "genes", list, "metadata"), "metadata['genes']")
+        levels = _str_list(_need(metadata, "label_columns", list, "metadata"), "metadata['label_columns']")
+        classes = _need(metadata, "classes", dict, "metadata")
+        if _need(metadata, "input_transform", str, "metadata") not in INPUT_TRANSFORMS:
+            raise _Damaged(f"metadata['input_transform'] = {metadata['input_transform']!r} is not one of {INPUT_TRANSFORMS}")
+        if _need(metadata, "gene_namespace", str, "metadata") not in NAMESPACES:
+            raise _Damaged(f"metadata['gene_namespace'] = {metadata['gene_namespace']!r} is not one of {NAMESPACES}")
+        coord_targets = _need(metadata, "coord_targets", dict, "metadata")
+        coord_stats = _need(metadata, "coord_stats", dict, "metadata")
+        _need(metadata, "train_config", dict, "metadata")
+        for key in ("gene_alt_ids", "hierarchy", "train_semantics"):
+            if key in metadata and not isinstance(metadata[key], dict):
+                raise _Damaged(f"metadata[{key!r}] is not a dict")
+        n_genes = _need(arch, "n_genes", int, "metadata['architecture']")
+        n_classes = _need(arch, "n_classes", list, "metadata['architecture']")
+        coord_dims = _need(arch, "coord_dims", dict, "metadata['architecture']")
+        hidden = _need(arch, "hidden_sizes", list, "metadata['architecture']")
+        _need(arch, "dropout_rate", (int, float), "metadata['architecture']")
+        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise _Damaged("metadata['architecture']['hidden_sizes'] is not a list of positive integers")
+        if len(genes) != n_genes:
+            raise _Damaged(f"metadata['genes'] lists {len(genes)} genes but the network takes {n_genes}")
+        if len(set(genes)) != len(genes):
+            raise _Damaged("metadata['genes'] repeats gene names")
+        if len(n_classes) != len(levels) or set(classes) != set(levels):
+            raise _Damaged(f"metadata['classes'] and the architecture do not match the levels {levels}")
+        for level, n in zip(levels, n_classes):
+            names_ = _str_list(classes[level], f"metadata['classes'][{level!r}]")
+            if len(names_) != n:
+                raise _Damaged(f"metadata['classes'][{level!r}] has {len(names_)} classes but the network has {n}")
+        if set(coord_dims) != set(coord_stats) or set(coord_dims) != set(coord_targets):
+            raise _Damaged("metadata['coord_stats'], ['coord_targets'] and the architecture name different coordinate heads")
+        for name, dims in coord_dims.items():
+            stats = coord_stats[name]
+            if not isinstance(dims, int) or dims < 1 or not isinstance(stats, dict):
+                raise _Damaged(f"the coordinate head {name!r} is malformed")
+            for key in ("mean", "std"):
+                value = stats.get(key)
+                if not isinstance(value, np.ndarray) or value.shape != (dims,) or not np.isfinite(value).all():
+                    raise _Damaged(f"metadata['coord_stats'][{name!r}][{key!r}] is not {dims} finite numbers")
+        try:
+            check_writeback_names(levels, list(coord_dims))
+        except AtlasMTLError as exc:
+            raise _Damaged(str(exc)) from None
+
+        role = "reference"
+        if not isinstance(reference, dict):
+            raise _Damaged("the reference is not a record")
+        embedding = _need(reference, "embedding", np.ndarray, "reference")
+        labels = _need(reference, "labels", dict, "reference")
+        if embedding.ndim != 2 or embedding.shape[1] != hidden[-1] or not np.issubdtype(embedding.dtype, np.floating):
+            raise _Damaged(f"reference['embedding'] has shape {embedding.shape}; expected cells × {hidden[-1]} floats")
+        if not np.isfinite(embedding).all():
+            raise _Damaged("reference['embedding'] holds NaN or infinite values")
+        if set(labels) != set(levels):
+            raise _Damaged(f"reference['labels'] has levels {sorted(labels)}, not {levels}")
+        for level, n in zip(levels, n_classes):
+            codes = labels[level]
+            if not isinstance(codes, np.ndarray) or codes.shape != (embedding.shape[0],) or codes.dtype.kind not in "iu":
+                raise _Damaged(f"reference['labels'][{level!r}] is not one integer code per reference cell "
+                               f"({embedding.shape[0]})")
+            if codes.size and (codes.min() < -1 or codes.max() >= n):
+                raise _Damaged(f"reference['labels'][{level!r}] holds codes outside [-1, {n})")
+
+        role = "weights"
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise _Damaged("the weights are not a state_dict of tensors")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise _Damaged(f"the weights hold NaN or infinite values (in {bad[:3]})")
+    except _Damaged as exc:
+        raise ArtifactError(
+            f"The model's {role} file ({names.get(role, role)}) is damaged: {exc}. Restore the model's original "
+            "files or save it again."
+        ) from None

@@ -75,6 +75,38 @@ def levels_in_table(columns: Any) -> list[str]:
     return [s for s in stems if s not in derived]
 
 
+def check_writeback_names(levels: list[str], coord_names: list[str] = ()) -> None:
+    """Refuse level and coordinate names whose writeback would collide or could not be stored in ``.h5ad``.
+
+    Every column written for every level must be distinct (``lineage`` and
+    ``lineage_raw`` collide: both would write ``pred_lineage_raw``), and names
+    must be non-empty and free of ``/`` (HDF5 keys, so ``obs`` columns and
+    ``obsm`` entries in ``.h5ad`` files, cannot hold it).
+    """
+    from .exceptions import CoordinateError, LabelError
+
+    for kind, names, error in (("level", levels, LabelError), ("coordinate", coord_names, CoordinateError)):
+        for name in names:
+            if not name or "/" in name:
+                raise error(
+                    f"The {kind} name {name!r} cannot be written to .h5ad files (names must be non-empty and "
+                    "free of '/', which HDF5 keys cannot hold); rename it"
+                    + (" (e.g. rename the obs column)." if kind == "level" else " in coord_targets.")
+                )
+    if len(set(coord_names)) != len(coord_names):
+        raise CoordinateError(f"Coordinate names {list(coord_names)} repeat a name; give each head its own name.")
+    owner: dict[str, str] = {}
+    for level in levels:
+        for column in column_names(level).values():
+            if column in owner and owner[column] != level:
+                raise LabelError(
+                    f"The levels {owner[column]!r} and {level!r} would both write the column {column!r} "
+                    "(atlasmtl writes pred_<level>, pred_<level>_raw, conf_<level>, ...). Rename one of the "
+                    "label columns, e.g. with adata.obs.rename(columns=...)."
+                )
+            owner[column] = level
+
+
 def mode_fields(mode: str) -> list[str]:
     """Fields written in ``mode`` (``"minimal"``, ``"standard"`` or ``"full"``)."""
     if mode not in MODES:

@@ -18,6 +18,8 @@ __all__ = [
     "MatrixSemanticsError",
     "ParameterError",
     "DeviceError",
+    "TrainingError",
+    "OutputError",
     "ArtifactError",
     "ChecksumMismatchError",
     "UnsafeArtifactError",
@@ -63,6 +65,14 @@ class ParameterError(AtlasMTLError, ValueError):
 
 class DeviceError(AtlasMTLError, RuntimeError):
     """The requested compute device is not available."""
+
+
+class TrainingError(AtlasMTLError, RuntimeError):
+    """Training failed to produce a usable network (e.g. the loss became non-finite)."""
+
+
+class OutputError(AtlasMTLError, OSError):
+    """A result or model cannot be written where asked (empty path, not a folder, no permission, disk full)."""
 
 
 class ArtifactError(AtlasMTLError, OSError):

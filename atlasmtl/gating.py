@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .exceptions import ParameterError
+from .validation import as_choice, as_float, as_int
 
 KNN_MODES = ("off", "low_conf_only", "all")
 
@@ -29,20 +31,18 @@ class GatingConfig:
     knn_k: int = 15
     knn_conf_low: float = 0.6
 
-    def validate(self) -> None:
-        for name in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ParameterError(f"{name}={value!r} must be a number in [0, 1].")
-        if self.confidence_low > self.confidence_high:
+    def validate(self) -> "GatingConfig":
+        """Check the thresholds; returns a copy holding plain Python numbers (NumPy scalars accepted)."""
+        checked = {name: as_float(name, getattr(self, name), 0.0, 1.0)
+                   for name in ("confidence_high", "confidence_low", "margin_threshold", "knn_conf_low")}
+        if checked["confidence_low"] > checked["confidence_high"]:
             raise ParameterError(
-                f"confidence_low={self.confidence_low} is above confidence_high={self.confidence_high}; "
+                f"confidence_low={checked['confidence_low']} is above confidence_high={checked['confidence_high']}; "
                 "cells below confidence_low are abstained, so it must not exceed confidence_high."
             )
-        if self.knn_correction not in KNN_MODES:
-            raise ParameterError(f"knn_correction={self.knn_correction!r} must be one of {KNN_MODES}.")
-        if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, (int, np.integer)) or self.knn_k <= 0:
-            raise ParameterError(f"knn_k={self.knn_k!r} must be a positive integer.")
+        knn_correction = as_choice("knn_correction", self.knn_correction, KNN_MODES)
+        knn_k = as_int("knn_k", self.knn_k)
+        return dataclasses.replace(self, knn_correction=knn_correction, knn_k=knn_k, **checked)
 
 
 def top_two(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,7 +55,8 @@ def top_two(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def low_confidence(conf: np.ndarray, margin: np.ndarray, cfg: GatingConfig) -> np.ndarray:
-    return (conf < cfg.confidence_high) | (margin < cfg.margin_threshold)
+    # written as "not at least" so that a NaN confidence or margin is low, never confident
+    return ~(conf >= cfg.confidence_high) | ~(margin >= cfg.margin_threshold)
 
 
 def apply_gate(
@@ -76,7 +77,7 @@ def apply_gate(
     """
     if low is None:
         low = low_confidence(conf, margin, cfg)
-    unknown = conf < cfg.confidence_low
+    unknown = ~(conf >= cfg.confidence_low)  # NaN confidence → Unknown
     final = raw_code.copy()
     accepted = knn_covered & (knn_code >= 0) & (knn_frac >= cfg.knn_conf_low)
     final[accepted] = knn_code[accepted]

@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import EmptyDataError, InputError, InvalidValuesError, MatrixSemanticsError, ParameterError
-from .io import elem_io
+from .io import check_input_file, elem_io
 
 #: What an expression matrix may hold, as detected by :func:`detect_semantics`.
 SEMANTICS = ("counts", "lognorm", "scaled", "other")
@@ -127,9 +127,7 @@ def h5ad_query_source(
 
     read_elem, _, sparse_dataset = elem_io()
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"No such file: {path!r}. Pass an AnnData or the path of an existing .h5ad file.")
+    path = os.fspath(check_input_file(path))
     if use_raw and layer is not None:
         raise ParameterError("Pass either layer= or use_raw=True, not both.")
     try:

@@ -1,7 +1,11 @@
 """File and plain-data helpers shared by every stage that reads or writes.
 
 * opening ``.h5ad`` files (:func:`open_anndata`, :func:`read_h5ad`, :func:`read_h5ad_obs`);
-* atomic writes (:func:`atomic_write` for bytes, :func:`atomic_path` for writers that want a path);
+* checking paths before use (:func:`check_input_file`, :func:`prepare_output`): ordinary
+  operating-system conditions (empty path, a folder, a FIFO, no permission, a path under a
+  regular file) become one clear atlasmtl error, and nothing blocks;
+* atomic writes (:func:`atomic_write` for bytes, :func:`atomic_path` for writers that want a path),
+  with the permissions the umask gives ordinary new files;
 * plain-data conversion: :func:`to_plain` / :func:`from_plain` (model files hold no globals),
   :func:`h5ad_safe` (metadata writable to ``.h5ad``), :func:`from_h5ad` (metadata read back),
   :func:`to_json` (strict JSON for the command line).
@@ -11,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -20,17 +26,91 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .exceptions import InputError, UnsafeArtifactError
+from .exceptions import AtlasMTLError, InputError, OutputError, UnsafeArtifactError
 
 _ARRAY_TAG = "__atlasmtl_ndarray__"
+
+
+# ---------------------------------------------------------------- checking paths
+def check_input_file(path: str | os.PathLike, what: str = "file", error: type[Exception] = InputError) -> Path:
+    """``path`` as a :class:`Path` if it names an existing regular file; else ``error`` saying why.
+
+    Only ``stat`` is used, so a FIFO or device is refused without being opened
+    (opening a FIFO with no writer would block forever).
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise error(f"The {what} path is empty; give the path of an existing file.")
+    try:
+        info = os.stat(text)
+    except FileNotFoundError:
+        raise error(f"No such {what}: {text!r}.") from None
+    except NotADirectoryError:
+        raise error(f"No such {what}: {text!r} (a part of the path is a file, not a folder).") from None
+    except OSError as exc:
+        raise error(f"Cannot read the {what} {text!r}: {exc.strerror or exc}.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"The {what} {text!r} is a folder; give the path of a file inside it.")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"The {what} {text!r} is not a regular file (a pipe, socket or device); save it to a file first.")
+    if not os.access(text, os.R_OK):
+        raise error(f"Cannot read the {what} {text!r}: permission denied.")
+    return Path(text)
+
+
+def prepare_output(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check that ``path`` can be written as a file and create its missing parent folders.
+
+    Raises :class:`~atlasmtl.exceptions.OutputError` for an empty path, a path
+    that is a folder, a path under a regular file, or a folder that is not
+    writable; nothing is created in those cases.
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise OutputError(f"The {what} path is empty; give a file name.")
+    target = Path(text)
+    if target.is_dir():
+        raise OutputError(f"The {what} path {text!r} is a folder; give a file name inside it.")
+    existing = target.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"Cannot write the {what} to {text!r}: {str(existing)!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write the {what} to {text!r}: the folder {str(existing)!r} is not writable.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, target, what) from exc
+    return target
+
+
+def output_error(exc: OSError, path: Path, what: str = "output") -> OutputError:
+    """An :class:`OutputError` for an operating-system failure while writing ``path``."""
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or str(exc))
+    return OutputError(f"Cannot write the {what} to {str(path)!r}: {reason}. Nothing was replaced.")
+
+
+def file_mode() -> int:
+    """Permission bits of an ordinary new file under this process's umask (``0o666 & ~umask``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask the only portable way (set and restore)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # ---------------------------------------------------------------- reading .h5ad
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     """Read an ``.h5ad`` file (``backed=True``: read-only, matrix left on disk) with a clear error."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"No such file: {path!r}.")
+    path = os.fspath(check_input_file(path))
     try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # h5py raises many types for damaged files
@@ -42,8 +122,6 @@ def open_anndata(adata: ad.AnnData | str | os.PathLike) -> ad.AnnData:
     if isinstance(adata, ad.AnnData):
         return adata
     if isinstance(adata, (str, os.PathLike)):
-        if not os.path.exists(adata):
-            raise InputError(f"No such file: {os.fspath(adata)!r}. Pass an AnnData or the path of an existing .h5ad file.")
         return read_h5ad(adata, backed=True)
     raise InputError(f"Expected an AnnData or a path to an .h5ad file, got {type(adata).__name__}.")
 
@@ -67,36 +145,61 @@ def read_h5ad_obs(path: str | os.PathLike) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- atomic writes
+def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A new hidden file beside ``path`` (``.<name>.<random><suffix>``), open for writing, with :func:`file_mode`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; give what an ordinary new file gets
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    The path is checked first (:func:`prepare_output`); operating-system
+    failures become :class:`~atlasmtl.exceptions.OutputError`, and an existing
+    ``path`` is left as it was.
+    """
+    path = prepare_output(path, what)
+    try:
+        fd, tmp = temp_file_beside(path)
+    except OSError as exc:
+        raise output_error(exc, path, what) from exc
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, file_mode())  # writers such as h5py recreate the file
         os.replace(tmp, path)
+    except OSError as exc:
+        if isinstance(exc, AtlasMTLError):
+            raise
+        raise output_error(exc, path, what) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_write(path: str | os.PathLike, data: bytes, what: str = "output") -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename (see :func:`atomic_path`)."""
+    path = prepare_output(path, what)
+    tmp = None
     try:
+        fd, tmp = temp_file_beside(path)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as exc:
+        raise output_error(exc, path, what) from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- plain data
@@ -121,18 +224,49 @@ def to_plain(obj: Any) -> Any:
     return str(obj)
 
 
+#: Deepest nesting :func:`from_plain` accepts (atlasmtl's own files nest about 5 deep).
+MAX_PLAIN_DEPTH = 64
+
+
 def from_plain(obj: Any) -> Any:
-    """Inverse of :func:`to_plain`."""
-    if isinstance(obj, dict):
-        if obj.get(_ARRAY_TAG) is True:
-            dtype = np.dtype(obj["dtype"])
-            if dtype.hasobject:
-                raise UnsafeArtifactError("An array in the model file declares an object dtype; refusing to load it.")
-            return np.frombuffer(obj["data"], dtype=dtype).reshape(obj["shape"]).copy()
-        return {k: from_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_plain(v) for v in obj]
-    return obj
+    """Inverse of :func:`to_plain`, for data read from a file: flat and bounded.
+
+    A pickle can make one object appear many times (shared references), so a
+    few kilobytes can describe a structure that grows exponentially when it is
+    copied out. atlasmtl never writes shared containers, so any list, dict or
+    bytes object met twice, or nesting deeper than :data:`MAX_PLAIN_DEPTH`, is
+    refused with :class:`~atlasmtl.exceptions.UnsafeArtifactError`; the decoded
+    data is then no larger than the file.
+    """
+    seen: set[int] = set()
+
+    def visit(node: Any, depth: int) -> Any:
+        if isinstance(node, (dict, list, bytes, bytearray)):
+            if id(node) in seen:
+                raise UnsafeArtifactError(
+                    "The model file repeats an object by reference (shared references), which atlasmtl never "
+                    "writes and which can expand without bound when read; refusing it."
+                )
+            seen.add(id(node))
+        if depth > MAX_PLAIN_DEPTH:
+            raise UnsafeArtifactError(
+                f"The model file nests data deeper than {MAX_PLAIN_DEPTH} levels, which atlasmtl never writes; refusing it."
+            )
+        if isinstance(node, dict):
+            if node.get(_ARRAY_TAG) is True:
+                dtype = np.dtype(node["dtype"])
+                if dtype.hasobject:
+                    raise UnsafeArtifactError("An array in the model file declares an object dtype; refusing to load it.")
+                data = node["data"]
+                if isinstance(data, (bytes, bytearray)):
+                    visit(data, depth + 1)
+                return np.frombuffer(data, dtype=dtype).reshape(node["shape"]).copy()
+            return {k: visit(v, depth + 1) for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(v, depth + 1) for v in node]
+        return node
+
+    return visit(obj, 0)
 
 
 def h5ad_safe(obj: Any) -> Any:

@@ -75,7 +75,10 @@ class TrainedModel:
         Parameters
         ----------
         path
-            The weights file, e.g. ``"model_dir/model.pth"``.
+            The weights file, e.g. ``"model_dir/model.pth"``, or an existing folder
+            (the files are then ``<folder>/model.pth``, ``<folder>/model_metadata.pkl`` ...).
+            An existing model of that name is replaced crash-safely: at every moment
+            either the old or the new model is whole on disk.
         reference_storage
             ``"external"`` (separate ``*_reference.pkl``) or ``"full"`` (embedded in the metadata);
             defaults to the value chosen at training.
@@ -91,7 +94,9 @@ class TrainedModel:
     def load(cls, path: str | os.PathLike) -> "TrainedModel":
         """Load a model from its manifest (``*_manifest.json``) or weights file (``*.pth``).
 
-        Checksums are verified and nothing in the files is executed.
+        ``path`` may also be the folder holding one model. Checksums, the files'
+        identity (model id and role) and the metadata schema are verified, and
+        nothing in the files is executed.
         """
         return cls.from_parts(read_model(path))
 

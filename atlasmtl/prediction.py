@@ -31,6 +31,7 @@ from .knn import NeighbourIndex, normalise_rows, vote
 from .model import TrainedModel
 from .network import NetworkOutput
 from .result import PredictionResult
+from .validation import as_bool, as_float, as_int
 from .runtime import (
     ResourceMonitor,
     available_cpus,
@@ -131,10 +132,10 @@ def predict(
     -------
     PredictionResult
     """
-    gate = GatingConfig(confidence_high, confidence_low, margin_threshold, knn_correction, knn_k, knn_conf_low)
-    gate.validate()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ParameterError(f"batch_size={batch_size!r} must be a positive integer.")
+    gate = GatingConfig(confidence_high, confidence_low, margin_threshold, knn_correction, knn_k, knn_conf_low).validate()
+    batch_size = as_int("batch_size", batch_size)
+    min_gene_overlap = as_float("min_gene_overlap", min_gene_overlap, 0.0, 1.0)
+    use_raw = as_bool("use_raw", use_raw)
     if not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
     dev = resolve_device(device)

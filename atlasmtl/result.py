@@ -20,7 +20,7 @@ import pandas as pd
 
 from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, mode_fields
 from .exceptions import InputError
-from .io import atomic_path, atomic_write, elem_io, from_h5ad, h5ad_safe, read_h5ad, read_h5ad_obs
+from .io import atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad, read_h5ad_obs
 from .runtime import format_sections
 
 __all__ = ["PredictionResult", "LevelCalls", "UNKNOWN", "MODES", "column_names"]
@@ -47,7 +47,7 @@ class PredictionResult(CallTable):
     def to_csv(self, path: str | os.PathLike, mode: str = "minimal") -> None:
         """Write :meth:`to_dataframe` to a CSV file (index = cell names)."""
         frame = self.to_dataframe(mode)
-        atomic_write(Path(path), frame.to_csv(index_label="cell").encode())
+        atomic_write(path, frame.to_csv(index_label="cell").encode(), "predictions")
 
     def uns_entry(self) -> dict[str, Any]:
         return h5ad_safe(self.metadata)
@@ -124,19 +124,19 @@ class PredictionResult(CallTable):
         import h5py
 
         _, write_elem, _ = elem_io()
-        dest = Path(path)
+        dest = prepare_output(path, "annotated .h5ad file")
         if isinstance(source, ad.AnnData) and not getattr(source, "isbacked", False):
             annotated = self.to_adata(source, mode=mode, include_coords=include_coords, copy=True)
-            with atomic_path(dest) as tmp:
+            with atomic_path(dest, "annotated .h5ad file") as tmp:
                 annotated.write_h5ad(tmp)
             return dest
-        src_path = Path(source.filename if isinstance(source, ad.AnnData) else source)
+        src_path = check_input_file(source.filename if isinstance(source, ad.AnnData) else source, "query file")
         if src_path.resolve() == dest.resolve():
             raise InputError(f"write_h5ad would overwrite its source {str(src_path)!r}; choose a new file name.")
         obs = source.obs if isinstance(source, ad.AnnData) else read_h5ad_obs(src_path)
         self._check_cells(obs.index, f"{str(src_path)!r} does not hold the cells these predictions were made for.")
         new_obs = self._obs_with_calls(obs, mode)
-        with atomic_path(dest) as tmp:
+        with atomic_path(dest, "annotated .h5ad file") as tmp:
             shutil.copyfile(src_path, tmp)
             with h5py.File(tmp, "r+") as f:
                 del f["obs"]

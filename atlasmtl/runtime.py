@@ -4,42 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import sys
 import threading
 import time
 from typing import Any, Iterator
 
+import numpy as np
 import psutil
 import torch
 
 from .exceptions import DeviceError, ParameterError
 
-_VALID_DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str) -> torch.device:
-    """Turn ``"auto" | "cpu" | "cuda"`` into a :class:`torch.device`.
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a :class:`torch.device`) into a :class:`torch.device`.
 
     Raises
     ------
     ParameterError
         For an unknown device string.
     DeviceError
-        For ``"cuda"`` on a machine without a usable CUDA device.
+        For a CUDA device this machine does not have.
     """
-    if not isinstance(device, str) or device.split(":")[0] not in _VALID_DEVICES:
+    if isinstance(device, torch.device):
+        device = str(device)
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", device) if isinstance(device, str) else None
+    if match is None or (match.group(1) == "auto" and match.group(2) is not None):
         raise ParameterError(
-            f"device={device!r} is not recognised; use one of 'auto', 'cpu', 'cuda' (or 'cuda:N')."
+            f"device={device!r} is not recognised; use one of 'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU index)."
         )
-    if device == "auto":
+    kind = match.group(1)
+    if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise DeviceError(
-            "device='cuda' was requested but no CUDA device is available to PyTorch "
+            f"device={device!r} was requested but no CUDA device is available to PyTorch "
             f"(torch {torch.__version__}); use device='auto' or device='cpu'."
         )
-    return torch.device(device)
+    index = int(match.group(2) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(
+            f"device={device!r} was requested but this machine has {count} CUDA device(s) "
+            f"(cuda:0 to cuda:{count - 1}); use device='cuda' or one of those."
+        )
+    return torch.device("cuda", index)
 
 
 def available_cpus() -> int:
@@ -53,11 +65,11 @@ def available_cpus() -> int:
 def resolve_num_threads(num_threads: int | str) -> int:
     """Cap ``num_threads`` at the CPUs available; ``"max"`` means 80% of them."""
     cpus = available_cpus()
-    if num_threads == "max":
+    if isinstance(num_threads, str) and num_threads == "max":
         return max(1, int(cpus * 0.8))
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
         raise ParameterError(f"num_threads={num_threads!r} must be a positive integer or 'max'.")
-    return min(num_threads, cpus)
+    return min(int(num_threads), cpus)
 
 
 @contextlib.contextmanager

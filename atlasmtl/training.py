@@ -19,16 +19,19 @@ from typing import Any, Mapping, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 from ._version import __version__
-from .artifacts import REFERENCE_STORAGE
-from .exceptions import CoordinateError, InputError, LabelError, ParameterError
-from .genes import GeneAligner, alternative_ids, check_input_transform, detect_namespace, identity_aligner
+from .artifacts import REFERENCE_STORAGE, new_model_id
+from .calls import UNKNOWN, check_writeback_names
+from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError
+from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, detect_namespace, identity_aligner
 from .io import open_anndata
-from .inputs import MatrixSource, checked_semantics, get_matrix_source
+from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source
 from .knn import neighbour_label_agreement, normalise_rows
+from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from .network import MultiTaskNetwork
 from .runtime import (
@@ -45,33 +48,22 @@ from .runtime import (
 
 
 
-def _check_params(**p: Any) -> None:
-    def positive_int(name: str) -> None:
-        v = p[name]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ParameterError(f"{name}={v!r} must be a positive integer.")
-
-    positive_int("batch_size")
-    positive_int("num_epochs")
-    if not 0.0 <= float(p["dropout_rate"]) < 1.0:
-        raise ParameterError(f"dropout_rate={p['dropout_rate']!r} must lie in [0, 1).")
-    if not float(p["learning_rate"]) > 0:
-        raise ParameterError(f"learning_rate={p['learning_rate']!r} must be > 0.")
-    if not 0.0 <= float(p["label_smoothing"]) < 1.0:
-        raise ParameterError(f"label_smoothing={p['label_smoothing']!r} must lie in [0, 1).")
-    if not 0.0 <= float(p["class_weight_power"]) <= 1.0:
-        raise ParameterError(f"class_weight_power={p['class_weight_power']!r} must lie in [0, 1].")
-    if not 0.0 <= float(p["val_fraction"]) < 1.0:
-        raise ParameterError(f"val_fraction={p['val_fraction']!r} must lie in [0, 1).")
-    esp = p["early_stopping_patience"]
-    if esp is not None and (isinstance(esp, bool) or not isinstance(esp, int) or esp < 1):
-        raise ParameterError(f"early_stopping_patience={esp!r} must be None or a positive integer.")
-    hs = p["hidden_sizes"]
-    if not hs or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in hs):
-        raise ParameterError(f"hidden_sizes={hs!r} must be a non-empty list of positive integers.")
-    if p["reference_storage"] not in REFERENCE_STORAGE:
-        raise ParameterError(f"reference_storage={p['reference_storage']!r} must be one of {REFERENCE_STORAGE}.")
-    check_input_transform(p["input_transform"])
+def check_training_parameters(**p: Any) -> dict[str, Any]:
+    """Check every training parameter up front; returns them as plain Python values."""
+    return {
+        "batch_size": as_int("batch_size", p["batch_size"]),
+        "num_epochs": as_int("num_epochs", p["num_epochs"]),
+        "dropout_rate": as_float("dropout_rate", p["dropout_rate"], 0.0, 1.0, high_open=True),
+        "learning_rate": as_float("learning_rate", p["learning_rate"], 0.0, low_open=True),
+        "label_smoothing": as_float("label_smoothing", p["label_smoothing"], 0.0, 1.0, high_open=True),
+        "class_weight_power": as_float("class_weight_power", p["class_weight_power"], 0.0, 1.0),
+        "val_fraction": as_float("val_fraction", p["val_fraction"], 0.0, 1.0, high_open=True),
+        "early_stopping_patience": as_int("early_stopping_patience", p["early_stopping_patience"], allow_none=True),
+        "hidden_sizes": as_int_list("hidden_sizes", p["hidden_sizes"]),
+        "reference_storage": as_choice("reference_storage", p["reference_storage"], REFERENCE_STORAGE),
+        "input_transform": as_choice("input_transform", p["input_transform"], INPUT_TRANSFORMS),
+        "use_raw": as_bool("use_raw", p["use_raw"]),
+    }
 
 
 def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
@@ -96,6 +88,12 @@ def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict
             raise LabelError(f"Label column {col!r} holds no labels (all values are NaN); fill it or drop the level.")
         cat = pd.Categorical(values.astype(str).where(~missing))
         names = [str(c) for c in cat.categories]
+        if UNKNOWN in names:
+            raise LabelError(
+                f"Label column {col!r} has a class named {UNKNOWN!r}, which atlasmtl reserves for the cells it "
+                f"abstains on. Rename the class (e.g. 'Unassigned') or set those cells' label to NaN so they do "
+                "not count for this level."
+            )
         if len(names) < 2:
             raise LabelError(
                 f"Label column {col!r} has a single class ({names[0]!r}); a classifier needs at least two. "
@@ -131,6 +129,16 @@ def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarr
     return hierarchy
 
 
+def _numeric_coordinates(values: Any, what: str) -> np.ndarray:
+    """Coordinates (cells × dims) as float64, from an array, a DataFrame or a sparse matrix."""
+    if sp.issparse(values):
+        values = values.toarray()  # cells × a few dimensions: small
+    try:
+        return np.asarray(values.to_numpy() if isinstance(values, pd.DataFrame) else values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CoordinateError(f"{what} does not hold numbers ({exc}); pass a numeric cells × dims array.") from None
+
+
 def _coordinate_targets(adata: ad.AnnData, coord_targets: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     if coord_targets is None:
         return {}
@@ -143,9 +151,9 @@ def _coordinate_targets(adata: ad.AnnData, coord_targets: Mapping[str, Any] | No
                 raise CoordinateError(
                     f"coord_targets[{name!r}] = {key!r} is not in adata.obsm; available keys: {list(adata.obsm.keys())}."
                 )
-            values = np.asarray(adata.obsm[key], dtype=np.float64)
+            values = _numeric_coordinates(adata.obsm[key], f"coord_targets[{name!r}] = adata.obsm[{key!r}]")
         else:
-            values = np.asarray(key, dtype=np.float64)
+            values = _numeric_coordinates(key, f"coord_targets[{name!r}]")
         if values.ndim != 2 or values.shape[0] != adata.n_obs:
             raise CoordinateError(
                 f"coord_targets[{name!r}] has shape {values.shape}; it needs one row per cell ({adata.n_obs} rows)."
@@ -238,9 +246,7 @@ def build_model(
     -------
     TrainedModel
     """
-    adata = open_anndata(adata)
-    hidden_sizes = list(hidden_sizes)
-    _check_params(
+    p = check_training_parameters(
         batch_size=batch_size,
         num_epochs=num_epochs,
         dropout_rate=dropout_rate,
@@ -252,15 +258,28 @@ def build_model(
         hidden_sizes=hidden_sizes,
         reference_storage=reference_storage,
         input_transform=input_transform,
+        use_raw=use_raw,
     )
+    batch_size, num_epochs, hidden_sizes = p["batch_size"], p["num_epochs"], p["hidden_sizes"]
+    dropout_rate, learning_rate, label_smoothing = p["dropout_rate"], p["learning_rate"], p["label_smoothing"]
+    class_weight_power, val_fraction = p["class_weight_power"], p["val_fraction"]
+    early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
+    input_transform, use_raw = p["input_transform"], p["use_raw"]
+    random_state, seed = as_random_state(random_state)
     dev = resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
+    adata = open_anndata(adata)
 
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
                             input_transform=input_transform)
-    rng = np.random.default_rng(random_state)
+    rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
+    if n_val >= len(ref.cells):
+        raise ParameterError(
+            f"val_fraction={val_fraction} holds out all {len(ref.cells)} labelled reference cells, leaving none to "
+            "train on; use a smaller val_fraction (e.g. 0.1)."
+        )
     perm = rng.permutation(ref.cells)
     val_cells, train_cells = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if early_stopping_patience is not None and n_val == 0:
@@ -270,7 +289,7 @@ def build_model(
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
     with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
-        torch.manual_seed(random_state)
+        torch.manual_seed(seed)
         net = MultiTaskNetwork(
             ref.source.n_vars,
             [len(ref.classes[c]) for c in ref.label_columns],
@@ -284,7 +303,7 @@ def build_model(
         embedding = embed_reference(net, ref, dev)
     train_seconds = time.perf_counter() - t_start
     epochs_done = len(history)
-    agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, random_state=random_state)
+    agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, random_state=seed % 2**32)
 
     train_config = {
         "label_columns": ref.label_columns,
@@ -305,6 +324,7 @@ def build_model(
         "num_threads": n_threads,
         "device": str(dev),
         "random_state": random_state,
+        "seed": seed,
         "train_seconds": round(train_seconds, 3),
         "history": history,
         "resource_summary": {
@@ -392,6 +412,11 @@ def prepare_reference(
     if not source.var_names.is_unique:
         raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    if not all(isinstance(c, str) for c in label_columns):
+        raise LabelError(f"label_columns={label_columns!r} must be obs column names (strings).")
+    if coord_targets is not None and not isinstance(coord_targets, Mapping):
+        raise ParameterError("coord_targets must be a dict of name → obsm key, e.g. {'umap': 'X_umap'}.")
+    check_writeback_names(label_columns, [str(n) for n in (coord_targets or {})])
     classes, codes, unlabelled = encode_labels(adata, label_columns)
     coords = _coordinate_targets(adata, coord_targets)
     semantics = checked_semantics(source, input_transform)
@@ -422,6 +447,13 @@ def prepare_reference(
 
 
 # ---------------------------------------------------------------- fit
+def reference_rows(ref: Reference, rows: np.ndarray) -> Any:
+    """Reference rows as read for the network, checked for NaN/inf (streamed data is checked only here)."""
+    block = ref.source.rows(rows)
+    check_finite(block, ref.source.where)
+    return block
+
+
 class _Objective:
     """The training loss: label-smoothed, class-weighted cross-entropy per level plus MSE per coordinate head."""
 
@@ -442,7 +474,7 @@ class _Objective:
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Network input, label codes and standardised coordinates of the reference cells ``rows``."""
         ref, dev = self.ref, self.dev
-        x = torch.from_numpy(ref.aligner.transform(ref.source.rows(rows))).to(dev)
+        x = torch.from_numpy(ref.aligner.transform(reference_rows(ref, rows))).to(dev)
         y = torch.from_numpy(ref.codes[rows]).to(dev)
         c = {n: torch.from_numpy(v[rows]).to(dev) for n, v in self.coord_std.items()}
         return x, y, c
@@ -491,6 +523,12 @@ def fit(
             rows = np.sort(order[start : start + batch_size])
             optimiser.zero_grad(set_to_none=True)
             loss = objective(net, rows)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"Training diverged: the loss became non-finite ({float(loss.detach())}) at epoch {epoch + 1}, "
+                    f"minibatch {start // batch_size + 1}, with learning_rate={learning_rate:g}. Use a smaller "
+                    "learning_rate (the default is 1e-3); no model was returned."
+                )
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(rows)
@@ -516,6 +554,11 @@ def fit(
     bar.close()
     if best_state is not None and early_stopping_patience is not None:
         net.load_state_dict(best_state)
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise TrainingError(
+            f"Training diverged: the network's weights became non-finite with learning_rate={learning_rate:g}. "
+            "Use a smaller learning_rate (the default is 1e-3); no model was returned."
+        )
     net.eval()
     return history
 
@@ -527,7 +570,7 @@ def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) ->
     with torch.no_grad():
         for start in range(0, len(ref.cells), 4096):
             rows = ref.cells[start : start + 4096]
-            z = net(torch.from_numpy(ref.aligner.transform(ref.source.rows(rows))).to(dev)).embedding
+            z = net(torch.from_numpy(ref.aligner.transform(reference_rows(ref, rows))).to(dev)).embedding
             embedding[start : start + len(rows)] = z.cpu().numpy()
     return normalise_rows(embedding)
 
@@ -542,6 +585,7 @@ def describe(
     """The model's metadata: genes, label encoders, input transform, coordinates, hierarchy, architecture."""
     genes = [str(g) for g in ref.source.var_names]
     return {
+        "model_id": new_model_id(),  # the identity every saved file of this model carries
         "atlasmtl_version": __version__,
         "genes": genes,
         "gene_namespace": detect_namespace(genes),

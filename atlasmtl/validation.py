@@ -1,0 +1,99 @@
+"""Parameter checks shared by every public entry point.
+
+:func:`atlasmtl.build_model` and :func:`atlasmtl.predict` check all their
+parameters here first, before any data is read, so a bad value is one clear
+:class:`~atlasmtl.exceptions.ParameterError` naming the parameter and the fix.
+Python and NumPy numbers are both accepted (``np.int64(2)``, ``np.float32(0.7)``)
+and returned as plain Python values, so configurations stay plain data.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+import numpy as np
+
+from .exceptions import ParameterError
+
+#: Largest accepted seed (torch and NumPy both take it).
+MAX_SEED = 2**63 - 1
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if not isinstance(value, (int, float, str)) else repr(value)
+
+
+def as_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = False, maximum: int | None = None) -> int | None:
+    """An integer ``>= minimum`` (Python or NumPy); ``None`` only when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        expected = "an integer" + (" or None" if allow_none else "")
+        raise ParameterError(f"{name}={_describe(value)} must be {expected} ≥ {minimum}.")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"≥ {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ParameterError(f"{name}={value!r} must be an integer {bound}.")
+    return value
+
+
+def as_float(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite real number in the interval given (Python or NumPy; bool, None, strings and NaN refused)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
+        raise ParameterError(f"{name}={_describe(value)} must be a number in {interval}.")
+    value = float(value)
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not math.isfinite(value):
+        raise ParameterError(f"{name}={value!r} must be a finite number in {interval}.")
+    if not inside:
+        raise ParameterError(f"{name}={value!r} must be a number in {interval}.")
+    return value
+
+
+def as_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """One of ``choices`` (exact string)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ParameterError(f"{name}={_describe(value)} must be one of {tuple(choices)}.")
+    return value
+
+
+def as_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
+    """``True`` / ``False`` (Python or NumPy); ``None`` only when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{name}={_describe(value)} must be True or False" + (" or None." if allow_none else "."))
+    return bool(value)
+
+
+def as_int_list(name: str, value: Any) -> list[int]:
+    """A non-empty sequence of positive integers (e.g. ``hidden_sizes``)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
+        raise ParameterError(f"{name}={_describe(value)} must be a non-empty list of positive integers, e.g. [256, 128].")
+    items = list(value)
+    if not items:
+        raise ParameterError(f"{name}={value!r} must be a non-empty list of positive integers, e.g. [256, 128].")
+    return [as_int(f"{name}[{i}]", v) for i, v in enumerate(items)]
+
+
+def as_random_state(value: Any) -> tuple[int | None, int]:
+    """``(random_state as given, seed used)``; ``None`` draws a fresh seed from the operating system.
+
+    The seed actually used is recorded with the model, so a run with
+    ``random_state=None`` can be repeated.
+    """
+    if value is None:
+        return None, int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    seed = as_int("random_state", value, minimum=0, maximum=MAX_SEED)
+    return seed, seed

@@ -1,0 +1,889 @@
+"""Hostile input (issue 11): every bad input or damaged artifact ends in a clear atlasmtl error or a correct result.
+
+Each test is one class of failure: non-finite values, parameters, names that
+collide in the writeback, hostile or mixed model files, interrupted saves,
+file permissions, operating-system conditions, and a seeded parameter fuzz.
+Only the public API and the ``atlasmtl`` command line are used. The data are
+small synthetic AnnData (a few hundred cells, 50 genes) so the battery is fast;
+the real-data error paths live in ``test_errors.py`` and ``test_artifacts.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import atlasmtl
+from atlasmtl import cli
+from atlasmtl.exceptions import (
+    ArtifactError,
+    AtlasMTLError,
+    CoordinateError,
+    DeviceError,
+    InputError,
+    InvalidValuesError,
+    LabelError,
+    ParameterError,
+)
+
+LEVELS = ["lineage", "cell_type"]
+FAST = dict(num_epochs=2, hidden_sizes=(32, 16), batch_size=64, num_threads=1, show_progress=False, show_summary=False)
+QUIET = dict(num_threads=1, show_progress=False, show_summary=False)
+FINAL_NAMES = {"model.pth", "model_metadata.pkl", "model_reference.pkl", "model_manifest.json"}
+
+
+# ---------------------------------------------------------------- small synthetic data
+def synthetic(n_cells: int = 300, n_genes: int = 50, seed: int = 0) -> ad.AnnData:
+    """Counts for 6 cell types in 3 lineages, with marker genes and a 2-d embedding."""
+    rng = np.random.default_rng(seed)
+    fine = rng.integers(0, 6, n_cells)
+    means = rng.gamma(1.0, 0.5, size=(6, n_genes))
+    for k in range(6):
+        means[k, (k * 5) % n_genes : (k * 5) % n_genes + 5] += 4.0
+    X = rng.poisson(means[fine]).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "lineage": pd.Categorical([f"L{k // 2}" for k in fine]),
+            "cell_type": pd.Categorical([f"T{k}" for k in fine]),
+        },
+        index=[f"cell{seed}_{i}" for i in range(n_cells)],
+    )
+    adata = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)]))
+    centres = rng.normal(0, 5, size=(6, 2))
+    adata.obsm["X_umap"] = centres[fine] + rng.normal(0, 0.5, size=(n_cells, 2))
+    return adata
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return synthetic(300, seed=0), synthetic(150, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return atlasmtl.build_model(tiny[0], LEVELS, coord_targets={"umap": "X_umap"}, random_state=0, **FAST)
+
+
+@pytest.fixture(scope="module")
+def other_model(tiny):
+    """Same data and architecture as ``tiny_model``, another seed: the files of the two fit each other."""
+    return atlasmtl.build_model(tiny[0], LEVELS, coord_targets={"umap": "X_umap"}, random_state=1, **FAST)
+
+
+def _valid_result(result, query, model) -> None:
+    """What every prediction must satisfy, whatever the parameters."""
+    assert isinstance(result, atlasmtl.PredictionResult)
+    assert result.n_obs == query.n_obs and list(result.obs_names) == list(query.obs_names)
+    for level in model.label_columns:
+        r = result.levels[level]
+        n_classes = len(model.classes[level])
+        assert ((r["code"] >= -1) & (r["code"] < n_classes)).all()
+        assert np.array_equal(r["is_unknown"], r["code"] == -1)
+        confident = ~r["is_unknown"] & ~r["used_knn"]
+        # a kept network call has a real confidence; NaN is never a confident call
+        assert np.isfinite(r["conf"][confident]).all()
+        assert ((r["conf"][confident] >= 0) & (r["conf"][confident] <= 1.0 + 1e-6)).all()
+    for name, values in result.coords.items():
+        assert values.shape[0] == query.n_obs
+
+
+def _finite_network(model) -> bool:
+    return all(torch.isfinite(p).all() for p in model.network.state_dict().values())
+
+
+def _predictions(model, query, **kw):
+    return atlasmtl.predict(model, query, **{**QUIET, **kw})
+
+
+def _same_calls(a, b) -> bool:
+    return all(np.array_equal(a.levels[lv]["code"], b.levels[lv]["code"]) and
+               np.array_equal(a.levels[lv]["conf"], b.levels[lv]["conf"]) for lv in a.levels)
+
+
+def _in_fork(fn, timeout: float = 60.0) -> dict:
+    """Run ``fn()`` in a forked child; return {"ok": value} or {"error": type, "message", "atlasmtl"} or {"hung"/"died"}.
+
+    The child can hang (a FIFO) or be killed mid-way (``os._exit``) without taking the test run with it.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        try:
+            try:
+                out = {"ok": fn()}
+            except BaseException as exc:  # noqa: BLE001
+                out = {"error": type(exc).__name__, "message": str(exc), "atlasmtl": isinstance(exc, AtlasMTLError),
+                       "traceback": traceback.format_exc()}
+            os.write(write_fd, json.dumps(out, default=str).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_fd)
+        return {"hung": True}
+    with os.fdopen(read_fd, "rb") as fh:
+        data = fh.read()
+    return json.loads(data) if data else {"died": os.WEXITSTATUS(status) if os.WIFEXITED(status) else status}
+
+
+def _manifest(directory: Path, stem: str = "model") -> dict:
+    return json.loads((directory / f"{stem}_manifest.json").read_text())
+
+
+def _refresh_checksums(directory: Path, stem: str = "model") -> None:
+    """What an attacker (or a careless copy script) does: make the manifest agree with whatever files are there."""
+    path = directory / f"{stem}_manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["files"].values():
+        data = (directory / entry["file"]).read_bytes()
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+        if "bytes" in entry:
+            entry["bytes"] = len(data)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def _edit_pickle(directory: Path, role: str, edit) -> None:
+    """Rewrite one pickled model file (plain data, as atlasmtl writes it) and fix its checksum."""
+    path = directory / _manifest(directory)["files"][role]["file"]
+    plain = pickle.loads(path.read_bytes())  # trusted: the test wrote this file itself
+    edit(plain)
+    path.write_bytes(pickle.dumps(plain, protocol=4))
+    _refresh_checksums(directory)
+
+
+def _snapshot_dir(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ================================================================ non-finite values
+def _backed_reference_with_nan(tmp_path: Path, value: float) -> tuple[Path, int]:
+    """A 3,000-cell backed reference with one bad value in a row the semantics sampling never reads."""
+    ref = synthetic(3000, seed=5)
+    X = ref.X.toarray()
+    row = 300  # sampled chunks start at 0, 392, 784, ... and hold 256 rows each
+    X[row, 3] = value
+    ref.X = sp.csr_matrix(X)
+    path = tmp_path / "ref_bad.h5ad"
+    ref.write_h5ad(path)
+    return path, row
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_backed_reference_with_nonfinite_value_beyond_sampled_rows(tmp_path, value):
+    path, _ = _backed_reference_with_nan(tmp_path, value)
+    with pytest.raises(InvalidValuesError, match="NaN or infinite"):
+        atlasmtl.build_model(str(path), LEVELS, **FAST)
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+def test_in_memory_dense_reference_with_nonfinite_value(value):
+    ref = synthetic(3000, seed=5)
+    X = ref.X.toarray()
+    X[300, 3] = value
+    ref.X = X
+    with pytest.raises(InvalidValuesError, match="NaN or infinite"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
+    assert np.isnan(ref.X[300, 3]) or np.isinf(ref.X[300, 3])  # the user's data are as they were
+
+
+def test_backed_query_with_nan_beyond_sampled_rows(tiny_model, tmp_path):
+    query = synthetic(3000, seed=6)
+    X = query.X.toarray()
+    X[300, 3] = np.nan
+    query.X = sp.csr_matrix(X)
+    query.write_h5ad(tmp_path / "q.h5ad")
+    with pytest.raises(InvalidValuesError, match="NaN or infinite"):
+        _predictions(tiny_model, str(tmp_path / "q.h5ad"))
+
+
+@pytest.mark.parametrize("lr", [np.inf, np.nan, -np.inf, 0.0])
+def test_nonfinite_learning_rate_is_refused(tiny, lr):
+    with pytest.raises(ParameterError, match="learning_rate"):
+        atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "learning_rate": lr})
+
+
+def test_diverging_training_stops_with_a_clear_error(tiny):
+    # finite input and parameters, but steps this large overflow the network: stop, do not return NaN weights
+    with pytest.raises(AtlasMTLError, match="non-finite"):
+        atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "learning_rate": 1e30})
+
+
+def test_nan_confidence_is_never_a_confident_call(tiny_model, tiny):
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.network.encoder.layers[0].weight.fill_(float("nan"))
+    result = _predictions(broken, tiny[1], knn_correction="off")
+    for level in LEVELS:
+        assert result.levels[level]["is_unknown"].all()
+    _valid_result(result, tiny[1], broken)
+
+
+@pytest.mark.parametrize("val_fraction", [0.999, 0.9999])
+def test_val_fraction_leaving_no_training_cells(tiny, val_fraction):
+    with pytest.raises(ParameterError, match="val_fraction"):
+        atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "val_fraction": val_fraction})
+
+
+# ================================================================ names
+def test_levels_whose_writeback_columns_collide(tiny):
+    ref = tiny[0].copy()
+    ref.obs["lineage_raw"] = ref.obs["cell_type"]
+    with pytest.raises(LabelError, match="lineage_raw"):
+        atlasmtl.build_model(ref, ["lineage", "lineage_raw"], **FAST)
+
+
+def test_reference_class_named_unknown(tiny):
+    ref = tiny[0].copy()
+    ref.obs["cell_type"] = ref.obs["cell_type"].cat.rename_categories({"T0": "Unknown"})
+    with pytest.raises(LabelError, match="Unknown"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
+    assert "Unknown" in ref.obs["cell_type"].cat.categories  # untouched
+
+
+@pytest.mark.parametrize("kind", ["coordinate", "level"])
+def test_names_that_hdf5_keys_cannot_hold(tiny, kind):
+    ref = tiny[0].copy()
+    if kind == "coordinate":
+        kw = {"coord_targets": {"umap/2d": "X_umap"}}
+        levels = LEVELS
+    else:
+        ref.obs["cell/type"] = ref.obs["cell_type"]
+        kw, levels = {}, ["lineage", "cell/type"]
+    with pytest.raises((LabelError, CoordinateError), match="'/'"):
+        atlasmtl.build_model(ref, levels, **FAST, **kw)
+
+
+def test_cli_refuses_a_coordinate_name_with_a_slash(tiny, tmp_path, capsys):
+    tiny[0].write_h5ad(tmp_path / "ref.h5ad")
+    code = cli.main(["train", "--reference", str(tmp_path / "ref.h5ad"), "--labels", ",".join(LEVELS),
+                     "--coords", "umap/2d=X_umap", "--out", str(tmp_path / "model"), "--num-epochs", "1",
+                     "--num-threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'/'" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+
+
+# ================================================================ valid values of other types
+def test_numpy_scalars_as_parameters(tiny, tiny_model):
+    model = atlasmtl.build_model(
+        tiny[0], LEVELS, coord_targets={"umap": "X_umap"},
+        num_epochs=np.int64(2), hidden_sizes=(np.int64(32), np.int32(16)), batch_size=np.int64(64),
+        num_threads=np.int64(1), learning_rate=np.float64(1e-3), dropout_rate=np.float64(0.3),
+        label_smoothing=np.float64(0.1), class_weight_power=np.float64(0.5), val_fraction=np.float32(0.0),
+        random_state=np.int64(0), show_progress=False, show_summary=False,
+    )
+    # same integers, same training: the NumPy integers change nothing
+    assert all(torch.equal(a, b) for a, b in zip(model.network.state_dict().values(),
+                                                 tiny_model.network.state_dict().values()))
+    query = tiny[1]
+    result = atlasmtl.predict(model, query, confidence_high=np.float64(0.7), confidence_low=np.float64(0.4),
+                              margin_threshold=np.float64(0.2), knn_conf_low=np.float64(0.6), knn_k=np.int64(15),
+                              batch_size=np.int64(64), num_threads=np.int64(1), min_gene_overlap=np.float64(0.5),
+                              show_progress=False)
+    _valid_result(result, query, model)
+    assert _same_calls(result, _predictions(tiny_model, query))
+    single = atlasmtl.predict(model, query, confidence_high=np.float32(0.7), margin_threshold=np.float32(0.2),
+                              knn_k=np.int32(5), num_threads=np.int32(1), show_progress=False)
+    _valid_result(single, query, model)
+    assert single.metadata["settings"]["knn_k"] == 5 and type(single.metadata["settings"]["knn_k"]) is int
+
+
+def test_random_state_none_trains(tiny):
+    model = atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "random_state": None})
+    assert _finite_network(model)
+    _valid_result(_predictions(model, tiny[1]), tiny[1], model)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "seed", True])
+def test_invalid_random_state_is_a_parameter_error(tiny, bad):
+    with pytest.raises(ParameterError, match="random_state"):
+        atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "random_state": bad})
+
+
+def test_cuda_device_strings(tiny, tiny_model):
+    query = tiny[1]
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(DeviceError, match="cuda:7"):
+        _predictions(tiny_model, query, device="cuda:7")
+    if n_gpus < 2:
+        with pytest.raises(DeviceError, match="cuda:1"):
+            atlasmtl.build_model(tiny[0], LEVELS, **{**FAST, "device": "cuda:1"})
+    for bad in ("cuda:x", "cuda:-1", "cuda:", " cpu"):
+        with pytest.raises(ParameterError, match="device"):
+            _predictions(tiny_model, query, device=bad)
+
+
+def test_torch_device_object_is_accepted(tiny, tiny_model):
+    _valid_result(_predictions(tiny_model, tiny[1], device=torch.device("cpu")), tiny[1], tiny_model)
+
+
+@pytest.mark.parametrize("form", ["DataFrame", "csr_matrix"])
+def test_coordinate_target_as_dataframe_or_sparse(tiny, tiny_model, form):
+    ref = tiny[0].copy()
+    umap = np.asarray(ref.obsm["X_umap"])
+    ref.obsm["X_other"] = (pd.DataFrame(umap, index=ref.obs_names, columns=["u1", "u2"]) if form == "DataFrame"
+                           else sp.csr_matrix(umap))
+    model = atlasmtl.build_model(ref, LEVELS, coord_targets={"umap": "X_other"}, random_state=0, **FAST)
+    expected = _predictions(tiny_model, tiny[1])
+    got = _predictions(model, tiny[1])
+    np.testing.assert_array_equal(got.coords["umap"], expected.coords["umap"])
+
+
+def test_non_numeric_coordinate_dataframe_is_a_coordinate_error(tiny):
+    ref = tiny[0].copy()
+    ref.obsm["X_text"] = pd.DataFrame({"a": ["x"] * ref.n_obs, "b": ["y"] * ref.n_obs}, index=ref.obs_names)
+    with pytest.raises(CoordinateError, match="X_text|umap"):
+        atlasmtl.build_model(ref, LEVELS, coord_targets={"umap": "X_text"}, **FAST)
+
+
+# ================================================================ hostile and mixed artifacts
+@pytest.fixture
+def saved(tiny_model, tmp_path):
+    directory = tmp_path / "a"
+    tiny_model.save(directory / "model.pth")
+    return directory
+
+
+@pytest.mark.parametrize("role", ["weights", "metadata", "reference"])
+def test_files_of_two_models_mixed_are_refused(saved, other_model, tmp_path, role):
+    other_dir = tmp_path / "b"
+    other_model.save(other_dir / "model.pth")
+    name = _manifest(saved)["files"][role]["file"]
+    (saved / name).write_bytes((other_dir / name).read_bytes())
+    _refresh_checksums(saved)
+    with pytest.raises(ArtifactError, match="another model|different model|model id"):
+        atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+
+
+@pytest.mark.parametrize("role, wrong", [("metadata", "reference"), ("reference", "metadata"), ("weights", "metadata"),
+                                         ("weights", "reference")])
+def test_manifest_entry_pointing_at_the_wrong_file(saved, role, wrong):
+    manifest = _manifest(saved)
+    manifest["files"][role] = dict(manifest["files"][wrong])
+    (saved / "model_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=role):
+        atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+
+
+@pytest.mark.parametrize("key", ["architecture", "genes", "classes", "label_columns", "input_transform",
+                                 "coord_stats", "gene_namespace"])
+def test_metadata_missing_a_key(saved, tiny, key):
+    _edit_pickle(saved, "metadata", lambda meta: meta.pop(key))
+    with pytest.raises(ArtifactError, match=key):
+        model = atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+        _predictions(model, tiny[1])
+
+
+def _truncate_genes(meta):
+    meta["genes"] = meta["genes"][:-5]
+
+
+def _drop_a_class(meta):
+    meta["classes"]["cell_type"] = meta["classes"]["cell_type"][:-1]
+
+
+def _genes_not_a_list(meta):
+    meta["genes"] = "G0"
+
+
+def _bad_label_code(ref):
+    labels = ref["labels"]["cell_type"]
+    arr = np.frombuffer(labels["data"], dtype=np.dtype(labels["dtype"])).copy()
+    arr[0] = 99
+    labels["data"] = arr.tobytes()
+
+
+def _short_embedding(ref):
+    emb = ref["embedding"]
+    emb["shape"] = [emb["shape"][0] - 1, emb["shape"][1]]
+    emb["data"] = emb["data"][: emb["shape"][0] * emb["shape"][1] * 4]
+
+
+@pytest.mark.parametrize("role, edit", [("metadata", _truncate_genes), ("metadata", _drop_a_class),
+                                        ("metadata", _genes_not_a_list), ("reference", _bad_label_code),
+                                        ("reference", _short_embedding)],
+                         ids=["truncated-genes", "missing-class", "genes-not-a-list", "label-code-out-of-range",
+                              "embedding-shorter-than-labels"])
+def test_inconsistent_model_files_are_refused_at_load(saved, tiny, role, edit):
+    _edit_pickle(saved, role, edit)
+    with pytest.raises(ArtifactError, match=role):
+        atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+
+
+def _shared_reference_bomb(depth: int):
+    """A structure that pickles to a few hundred bytes but holds 2**depth leaves when copied out."""
+    node: object = {"__atlasmtl_ndarray__": True, "dtype": "<f4", "shape": [16], "data": bytes(64)}
+    for _ in range(depth):
+        node = [node, node]
+    return node
+
+
+def test_shared_reference_pickle_is_refused(saved):
+    _edit_pickle(saved, "metadata", lambda meta: meta.__setitem__("padding", _shared_reference_bomb(18)))
+    assert len(pickle.dumps(_shared_reference_bomb(18), protocol=4)) < 2000
+    with pytest.raises(ArtifactError, match="shared|repeated"):
+        atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+
+
+def test_nonfinite_weights_are_refused_at_load(tiny_model, tmp_path):
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.network.encoder.layers[0].weight[0, 0] = float("nan")
+    broken.save(tmp_path / "model.pth")
+    with pytest.raises(ArtifactError, match="NaN|non-finite"):
+        atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json")
+
+
+# ================================================================ saving: crashes, folders, permissions
+def _count_renames(monkeypatch, fail_at: int, action):
+    """Make the ``fail_at``-th file rename (os.replace / os.rename) call ``action`` instead."""
+    calls = {"n": 0}
+    real = {"replace": os.replace, "rename": os.rename}
+
+    def wrap(kind):
+        def renamed(src, dst, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                action()
+            return real[kind](src, dst, *a, **k)
+        return renamed
+
+    monkeypatch.setattr(os, "replace", wrap("replace"))
+    monkeypatch.setattr(os, "rename", wrap("rename"))
+    return calls
+
+
+def _which_model(directory: Path, models: dict, query) -> str:
+    """Load the model in ``directory`` and say which of ``models`` it is (by its predictions)."""
+    loaded = atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+    got = _predictions(loaded, query)
+    matches = [name for name, m in models.items() if _same_calls(got, _predictions(m, query))]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def _files_not_in_the_model(directory: Path) -> set[str]:
+    referenced = {e["file"] for e in _manifest(directory)["files"].values()} | {"model_manifest.json"}
+    return {p.name for p in directory.iterdir()} - referenced - FINAL_NAMES
+
+
+def test_interrupted_overwrite_leaves_one_whole_model(tiny_model, other_model, tiny, tmp_path, monkeypatch):
+    """Interrupt the save at every file rename in turn: the folder always holds one whole model, and no debris."""
+    models = {"old": tiny_model, "new": other_model}
+    seen = set()
+    for fail_at in range(1, 30):
+        directory = tmp_path / f"crash{fail_at}"
+        tiny_model.save(directory / "model.pth")
+        calls = _count_renames(monkeypatch, fail_at, lambda: (_ for _ in ()).throw(KeyboardInterrupt("crash")))
+        try:
+            other_model.save(directory / "model.pth")
+            completed = True
+        except KeyboardInterrupt:
+            completed = False
+        finally:
+            monkeypatch.undo()
+        seen.add(_which_model(directory, models, tiny[1]))
+        assert not _files_not_in_the_model(directory), _files_not_in_the_model(directory)
+        if completed:
+            assert _which_model(directory, models, tiny[1]) == "new"
+            assert calls["n"] < fail_at
+            break
+    assert seen == {"old", "new"}
+
+
+def test_process_killed_during_overwrite_leaves_one_whole_model(tiny_model, other_model, tiny, tmp_path, monkeypatch):
+    """A hard kill (no cleanup runs) at every rename: one whole model remains, and the next save clears the debris."""
+    models = {"old": tiny_model, "new": other_model}
+    for fail_at in range(1, 30):
+        directory = tmp_path / f"kill{fail_at}"
+        tiny_model.save(directory / "model.pth")
+
+        def save_and_die_at_rename():
+            _count_renames(monkeypatch, fail_at, lambda: os._exit(0))
+            other_model.save(directory / "model.pth")
+            return "completed"
+
+        out = _in_fork(save_and_die_at_rename)
+        assert "hung" not in out and "error" not in out, out
+        _which_model(directory, models, tiny[1])  # loads, and is one of the two
+        other_model.save(directory / "model.pth")
+        assert {p.name for p in directory.iterdir()} == FINAL_NAMES
+        assert _which_model(directory, models, tiny[1]) == "new"
+        if out.get("ok") == "completed":
+            break
+    else:
+        pytest.fail("the save never completed")
+
+
+def test_save_into_an_existing_folder(tiny_model, tmp_path):
+    folder = tmp_path / "my_model"
+    folder.mkdir()
+    paths = tiny_model.save(folder)
+    assert {p.name for p in folder.iterdir()} == FINAL_NAMES
+    assert Path(paths["manifest"]).parent == folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_model"]
+    atlasmtl.TrainedModel.load(folder)  # the folder is also a valid thing to load
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_files_respect_the_umask(tiny_model, tiny, tmp_path, umask):
+    query = tiny[1]
+    query.write_h5ad(tmp_path / "query.h5ad")
+    result = _predictions(tiny_model, query)
+    old = os.umask(umask)
+    try:
+        written = list(tiny_model.save(tmp_path / "m" / "model.pth").values())
+        result.to_csv(tmp_path / "pred.csv")
+        result.write_h5ad(tmp_path / "mem.h5ad", query)
+        result.write_h5ad(tmp_path / "file.h5ad", str(tmp_path / "query.h5ad"))
+        written += [tmp_path / "pred.csv", tmp_path / "mem.h5ad", tmp_path / "file.h5ad"]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
+
+
+# ================================================================ operating-system conditions
+def _writers(model, result, query, query_file):
+    return {
+        "save": lambda p: model.save(p),
+        "to_csv": lambda p: result.to_csv(p),
+        "write_h5ad(AnnData)": lambda p: result.write_h5ad(p, query),
+        "write_h5ad(file)": lambda p: result.write_h5ad(p, str(query_file)),
+    }
+
+
+WRITERS = ["save", "to_csv", "write_h5ad(AnnData)", "write_h5ad(file)"]
+
+
+@pytest.fixture(scope="module")
+def predicted(tiny, tiny_model, tmp_path_factory):
+    query = tiny[1]
+    query_file = tmp_path_factory.mktemp("q") / "query.h5ad"
+    query.write_h5ad(query_file)
+    return _predictions(tiny_model, query), query, query_file
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_output_path_under_a_regular_file_or_empty(tiny_model, predicted, tmp_path, writer):
+    result, query, query_file = predicted
+    write = _writers(tiny_model, result, query, query_file)[writer]
+    (tmp_path / "plain.txt").write_text("keep me")
+    for bad, match in [(tmp_path / "plain.txt" / "out.file", "not a folder"), ("", "empty")]:
+        with pytest.raises(AtlasMTLError, match=match):
+            write(bad)
+    assert (tmp_path / "plain.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_output_into_a_read_only_folder(tiny_model, predicted, writer):
+    """Run unprivileged in a forked child (root could write anyway); the folder and its files stay as they were."""
+    result, query, query_file = predicted
+    base = Path(tempfile.mkdtemp(prefix="atlasmtl-ro-"))
+    try:
+        os.chmod(base, 0o755)
+        readable_query = base / "query.h5ad"  # the unprivileged child must be able to read the source
+        readable_query.write_bytes(query_file.read_bytes())
+        os.chmod(readable_query, 0o644)
+        write = _writers(tiny_model, result, query, readable_query)[writer]
+        readonly = base / "ro"
+        readonly.mkdir()
+        (readonly / "existing.txt").write_text("old")
+        os.chmod(readonly, 0o555)
+        target = readonly / ("model.pth" if writer == "save" else "out.h5ad" if "h5ad" in writer else "out.csv")
+        warm = base / "warm"
+        write(warm / target.name)  # import what the writer imports lazily: the child may not read site-packages
+        import shutil
+
+        shutil.rmtree(warm)
+
+        def unprivileged_write():
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            write(target)
+
+        out = _in_fork(unprivileged_write)
+        assert out.get("atlasmtl") is True, out
+        assert "not writable" in out["message"] or "Permission denied" in out["message"], out
+        assert sorted(p.name for p in readonly.iterdir()) == ["existing.txt"]
+    finally:
+        os.chmod(base / "ro", 0o755)
+        import shutil
+
+        shutil.rmtree(base)
+
+
+def test_write_h5ad_creates_a_missing_parent_folder(predicted, tmp_path):
+    result, query, query_file = predicted
+    for source in (query, str(query_file)):
+        dest = tmp_path / "new" / ("a" if source is query else "b") / "out.h5ad"
+        result.write_h5ad(dest, source)
+        back = ad.read_h5ad(dest)
+        assert list(back.obs["pred_cell_type"]) == list(result.labels("cell_type"))
+
+
+def test_csv_and_save_create_a_missing_parent_folder(tiny_model, predicted, tmp_path):
+    result = predicted[0]
+    result.to_csv(tmp_path / "x" / "y" / "pred.csv")
+    tiny_model.save(tmp_path / "p" / "q" / "model.pth")
+    assert (tmp_path / "x" / "y" / "pred.csv").is_file()
+    atlasmtl.TrainedModel.load(tmp_path / "p" / "q" / "model_manifest.json")
+
+
+def test_empty_or_folder_input_paths(tiny_model, tmp_path):
+    for bad in ("", tmp_path):
+        with pytest.raises(InputError):
+            atlasmtl.predict(tiny_model, bad, **QUIET)
+        with pytest.raises(InputError):
+            atlasmtl.build_model(bad, LEVELS, **FAST)
+    with pytest.raises(ArtifactError):
+        atlasmtl.TrainedModel.load("")
+    with pytest.raises(ArtifactError, match="no model"):
+        atlasmtl.TrainedModel.load(tmp_path)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "query.h5ad"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("call", ["predict", "build_model", "load"])
+def test_fifo_as_input_path_does_not_hang(tiny_model, fifo, call):
+    fns = {
+        "predict": lambda: atlasmtl.predict(tiny_model, str(fifo), **QUIET),
+        "build_model": lambda: atlasmtl.build_model(str(fifo), LEVELS, **FAST),
+        "load": lambda: atlasmtl.TrainedModel.load(fifo.with_name("fifo_manifest.json")),
+    }
+    if call == "load":
+        os.mkfifo(fifo.with_name("fifo_manifest.json"))
+    out = _in_fork(fns[call], timeout=20)
+    assert "hung" not in out, f"{call} blocked on a FIFO"
+    assert out.get("atlasmtl") is True and "regular file" in out["message"], out
+
+
+def test_cli_fifo_query_exits_cleanly(tiny_model, fifo, tmp_path):
+    tiny_model.save(tmp_path / "m" / "model.pth")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "atlasmtl.cli", "predict", "--model", str(tmp_path / "m"),
+                               "--query", str(fifo), "--out", str(tmp_path / "out.csv")],
+                              capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("atlasmtl predict blocked on a FIFO query")
+    assert proc.returncode == 2, proc.stderr
+    assert "regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ================================================================ property-style fuzz over parameters
+TRAIN_SPACE = {
+    "num_epochs": [1, 2, np.int64(1), 0, -1, 1.5, True, None, "2"],
+    "batch_size": [1, 16, 64, 10_000, np.int32(32), 0, -5, 2.0, "64"],
+    "hidden_sizes": [(16,), (32, 16), [np.int64(8)], (), (0,), (16, -1), 5, "ab", (16.5,), None],
+    "learning_rate": [1e-3, 0.05, 10.0, np.float32(1e-2), 0.0, -1e-3, np.inf, np.nan, "fast", None],
+    "dropout_rate": [0.0, 0.3, 0.99, np.float64(0.1), 1.0, -0.1, np.nan, None],
+    "label_smoothing": [0.0, 0.1, 0.9, 1.0, np.nan, -1],
+    "class_weight_power": [0.0, 0.5, 1.0, np.float32(0.5), 2.0, np.nan],
+    "val_fraction": [0.0, 0.2, 0.5, 0.99, 0.999, 1.0, -0.1, np.nan],
+    "early_stopping_patience": [None, 1, 3, np.int64(2), 0, 1.5, True],
+    "input_transform": ["binary", "float", "log", None],
+    "reference_storage": ["external", "full", "cloud"],
+    "num_threads": [1, "max", np.int64(1), 0, -2, 1.5, "many", None],
+    "device": ["cpu", "auto", "cuda:3", "tpu", "", None],
+    "random_state": [0, 7, None, np.int64(3), -1, 2**40, "x"],
+}
+PREDICT_SPACE = {
+    "knn_correction": ["off", "low_conf_only", "all", "sometimes", None],
+    "knn_k": [1, 5, 15, 10_000, np.int64(3), 0, -1, 2.5, None],
+    "knn_conf_low": [0.0, 0.6, 1.0, np.float32(0.5), 1.1, np.nan, -0.2],
+    "confidence_high": [0.0, 0.7, 1.0, np.float32(0.9), 2.0, np.nan, "high"],
+    "confidence_low": [0.0, 0.4, 1.0, np.float64(0.2), -1.0, np.nan],
+    "margin_threshold": [0.0, 0.2, 1.0, np.float32(0.1), np.inf, np.nan],
+    "batch_size": [1, 7, 4096, np.int64(50), 0, -1, 1.5],
+    "min_gene_overlap": [0.0, 0.5, 1.0, np.float32(0.3), 1.5, np.nan, "all"],
+    "num_threads": [1, "max", np.int32(1), 0, "none"],
+    "device": ["cpu", "auto", "cuda:9", "gpu", 3],
+}
+
+
+def _draw(rng: np.random.Generator, space: dict, n_keys: tuple[int, int]) -> dict:
+    keys = rng.choice(list(space), size=int(rng.integers(*n_keys)), replace=False)
+    return {str(k): space[str(k)][int(rng.integers(len(space[str(k)])))] for k in keys}
+
+
+def _clear_error_or(fn, check, params):
+    try:
+        value = fn()
+    except AtlasMTLError as exc:
+        assert str(exc).strip(), f"empty error message for {params}"
+        return "error"
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"{params!r} raised {type(exc).__name__}: {exc}")
+    check(value)
+    return "ok"
+
+
+def test_fuzz_training_parameters(tiny):
+    """Seeded random draws over build_model's parameters: a clear atlasmtl error or a usable, finite model."""
+    ref, query = synthetic(160, n_genes=30, seed=11), synthetic(60, n_genes=30, seed=12)
+    rng = np.random.default_rng(2026)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(60):
+        params = {"num_epochs": 1, "hidden_sizes": (16,), "num_threads": 1, **_draw(rng, TRAIN_SPACE, (1, 4))}
+
+        def check(model, params=params):
+            assert isinstance(model, atlasmtl.TrainedModel), params
+            assert _finite_network(model), f"non-finite network returned for {params}"
+            _valid_result(_predictions(model, query), query, model)
+
+        outcomes[_clear_error_or(
+            lambda: atlasmtl.build_model(ref, LEVELS, show_progress=False, show_summary=False, **params),
+            check, params)] += 1
+    assert outcomes["ok"] >= 10 and outcomes["error"] >= 10, outcomes  # the draws exercise both paths
+
+
+def test_fuzz_prediction_parameters(tiny, tiny_model):
+    """Seeded random draws over predict's parameters: a clear atlasmtl error or a valid result."""
+    query = tiny[1]
+    rng = np.random.default_rng(11)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(150):
+        params = {"num_threads": 1, **_draw(rng, PREDICT_SPACE, (1, 5))}
+        outcomes[_clear_error_or(
+            lambda: atlasmtl.predict(tiny_model, query, show_progress=False, show_summary=False, **params),
+            lambda result: _valid_result(result, query, tiny_model), params)] += 1
+    assert outcomes["ok"] >= 20 and outcomes["error"] >= 20, outcomes
+
+
+# ================================================================ archived model files
+ARCHIVED_V1 = Path(__file__).parent / "data" / "model_schema_v1"
+
+
+def test_archived_schema_v1_model_still_loads_and_predicts_the_same():
+    """A model saved by atlasmtl 0.1.0 (schema_version 1) loads, and predicts what that version predicted."""
+    assert json.loads((ARCHIVED_V1 / "model_manifest.json").read_text())["schema_version"] == 1
+    model = atlasmtl.TrainedModel.load(ARCHIVED_V1 / "model_manifest.json")
+    query = ad.read_h5ad(ARCHIVED_V1 / "query.h5ad")
+    result = atlasmtl.predict(model, query, knn_correction="all", **QUIET)
+    expected = pd.read_csv(ARCHIVED_V1 / "predictions.csv", index_col=0, keep_default_na=False)
+    got = result.to_dataframe("full")
+    assert list(got.index) == list(expected.index)
+    for col in got.columns:
+        if col.startswith(("pred_",)):
+            assert list(got[col].astype(str)) == list(expected[col].astype(str)), col
+        elif col.startswith(("is_", "used_")):
+            assert list(got[col]) == list(expected[col]), col
+        else:
+            np.testing.assert_allclose(got[col].to_numpy(float), expected[col].to_numpy(float), rtol=1e-6, atol=1e-7)
+    for k in range(2):
+        np.testing.assert_allclose(result.coords["umap"][:, k], expected[f"umap_{k + 1}"], rtol=1e-6, atol=1e-6)
+
+
+# ================================================================ the same failures from the command line
+def _mixed_model_folder(tiny_model, other_model, tmp_path: Path) -> Path:
+    tiny_model.save(tmp_path / "a" / "model.pth")
+    other_model.save(tmp_path / "b" / "model.pth")
+    (tmp_path / "a" / "model_reference.pkl").write_bytes((tmp_path / "b" / "model_reference.pkl").read_bytes())
+    _refresh_checksums(tmp_path / "a")
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("case", ["mixed-model-files", "val-fraction-leaves-nothing", "class-named-unknown",
+                                  "colliding-levels", "output-under-a-file", "empty-output"])
+def test_cli_clear_errors(tiny, tiny_model, other_model, tmp_path, monkeypatch, capsys, case):
+    """The CLI ends each case with one error line and its exit status, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    ref, query = tiny[0].copy(), tiny[1]
+    query.write_h5ad("query.h5ad")
+    train = ["train", "--reference", "ref.h5ad", "--labels", ",".join(LEVELS), "--out", "model", "--num-epochs", "1",
+             "--num-threads", "1"]
+    if case == "mixed-model-files":
+        folder = _mixed_model_folder(tiny_model, other_model, tmp_path)
+        argv, code, message = ["predict", "--model", str(folder), "--query", "query.h5ad", "--out", "p.csv"], 3, \
+            "another model"
+    elif case == "val-fraction-leaves-nothing":
+        argv, code, message = train + ["--val-fraction", "0.999"], 2, "val_fraction"
+    elif case == "class-named-unknown":
+        ref.obs["cell_type"] = ref.obs["cell_type"].cat.rename_categories({"T1": "Unknown"})
+        argv, code, message = train, 2, "'Unknown'"
+    elif case == "colliding-levels":
+        ref.obs["lineage_raw"] = ref.obs["cell_type"]
+        argv, code, message = train[:4] + ["lineage,lineage_raw"] + train[5:], 2, "pred_lineage_raw"
+    else:
+        tiny_model.save(tmp_path / "m" / "model.pth")
+        Path("plain.txt").write_text("x")
+        out = "plain.txt/p.csv" if case == "output-under-a-file" else ""
+        argv, code, message = ["predict", "--model", "m", "--query", "query.h5ad", "--out", out], 2, \
+            "not a folder" if out else "must end in"
+    ref.write_h5ad("ref.h5ad")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "warning" not in line]
+    assert len(err) == 1 and err[0].startswith("atlasmtl") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_concurrent_saves_and_loads_stay_consistent(tiny_model, other_model, tiny, tmp_path):
+    """Two threads saving different models to one name while a third loads: every load is one whole model."""
+    import threading
+
+    directory = tmp_path / "shared"
+    tiny_model.save(directory / "model.pth")
+    errors: list[BaseException] = []
+    loaded_ids: list[str] = []
+    ids = {tiny_model.metadata["model_id"], other_model.metadata["model_id"]}
+
+    def saver(model):
+        try:
+            for _ in range(6):
+                model.save(directory / "model.pth")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def loader():
+        try:
+            for _ in range(12):
+                loaded_ids.append(atlasmtl.TrainedModel.load(directory).metadata["model_id"])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=saver, args=(m,)) for m in (tiny_model, other_model)]
+    threads.append(threading.Thread(target=loader))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert set(loaded_ids) <= ids and len(loaded_ids) == 12
+    assert {p.name for p in directory.iterdir()} == FINAL_NAMES
+    assert atlasmtl.TrainedModel.load(directory).metadata["model_id"] in ids
