@@ -266,9 +266,30 @@ def run_config(P: Prepared, cfg: dict):
                 med, sd = qmed, qsd
             elif loc == "shift":
                 med = max(med, qmed)
+            elif loc == "pc":
+                hcodes = hdec[j][np.isfinite(null)]
+                shift = max(0.0, qmed - med)
+                cm, cs = np.full(len(ls), med + shift), np.full(len(ls), sd)
+                for c in np.unique(dec[j]):
+                    hc = ln[hcodes == c]
+                    if len(hc) >= cfg.get("pc_min", 15):
+                        m_c = np.median(hc)
+                        cm[dec[j] == c] = m_c + shift
+                        cs[dec[j] == c] = max(1.4826 * np.median(np.abs(hc - m_c)), 0.05)
+                med, sd = cm, cs
+            elif loc == "classq":
+                cm = np.full(len(ls), med)
+                for c in np.unique(dec[j]):
+                    r = dec[j] == c
+                    fr = ls[r][np.isfinite(ls[r]) & (ls[r] < 20)]
+                    if len(fr) >= 10:
+                        cm[r] = max(med, np.median(fr))
+                    else:
+                        cm[r] = max(med, qmed)
+                med = cm
             elif loc == "max":
                 med, sd = max(med, qmed), max(sd, qsd)
-            zs.append((ls - med) / max(sd, 1e-6))
+            zs.append((ls - med) / np.maximum(sd, 1e-6))
         z = np.max(zs, axis=0)
         if cfg.get("zthr") is not None:
             nov_score.append(z)
@@ -318,6 +339,9 @@ def run_config(P: Prepared, cfg: dict):
             allowed = None
             if j > 0 and lv in hier and cfg["knn_parent"]:
                 allowed = (parent_of[None, :] == final[j - 1][rows][:, None]).astype(float)
+            if cfg.get("knn_minprob"):
+                ap = (probs[j][rows] >= cfg["knn_minprob"]).astype(float)
+                allowed = ap if allowed is None else allowed * ap
             cc = np.bincount(ref_codes[j][ref_codes[j] >= 0], minlength=len(classes[lv]))
             w = cfg["vote"]
             win, frac = vote(nbr[rows], dist[rows], ref_codes[j], len(classes[lv]), "w" in w, "bal" in w, cc, allowed)
@@ -396,13 +420,18 @@ def main(args=None):
         "new_indep": ("ls01_h20", dict(DEFAULT, joint=False)),
     }
     if os.environ.get("FINAL"):
-        D = dict(DEFAULT, novelty="knn_cls", zthr=3.5, loc="shift")
+        D = dict(DEFAULT, novelty="knn_cls", zthr=4.0, loc="shift", vote="bal")
         configs = {"old@full": ("ls01_full", OLD), "old@h20": ("ls01_h20", OLD), "T_only": ("ls01_h20", dict(OLD, temp=True)),
                    "new": ("ls01_h20", D), "new_knnoff": ("ls01_h20", dict(D, knn="off")), "new_knnall": ("ls01_h20", dict(D, knn="all")),
                    "new_maj": ("ls01_h20", dict(D, vote="maj")), "new_w": ("ls01_h20", dict(D, vote="w")),
-                   "new_bal": ("ls01_h20", dict(D, vote="bal")), "new_indep": ("ls01_h20", dict(D, joint=False)),
+                   "new_wbal": ("ls01_h20", dict(D, vote="wbal")), "new_indep": ("ls01_h20", dict(D, joint=False)),
                    "new_ls0": ("ls0_h20", D), "new_z3": ("ls01_h20", dict(D, zthr=3.0)), "new_z4": ("ls01_h20", dict(D, zthr=4.0)),
-                   "new_noparent": ("ls01_h20", dict(D, knn_parent=False))}
+                   "new_noparent": ("ls01_h20", dict(D, knn_parent=False)),
+                   **{f"nov_{nv}": ("ls01_h20", dict(D, novelty=nv)) for nv in ("msp", "energy", "knn_any", "knn_cls_norm", "maha", "pca_cls", "knn_cls+pca_cls")},
+                   "new_nonovelty": ("ls01_h20", dict(D, novelty=None)),
+                   **{f"z{t}_perclassnull": ("ls01_h20", dict(D, loc="pc", zthr=t)) for t in (3, 4)},
+                   **{f"z{t}_heldnull": ("ls01_h20", dict(D, loc="held", zthr=t)) for t in (3, 4)},
+                   **{f"z{t}": ("ls01_h20", dict(D, zthr=t)) for t in (3, 3.5, 4.5)}}
     if os.environ.get("QUICK"):
         configs = {k: v for k, v in configs.items() if k.startswith("z") or k in ("new", "old@full", "T_only")}
     for nov in () if os.environ.get("QUICK") else ("knn_cls+pca_cls", "knn_cls_norm+pca_cls", "msp", "energy", "knn_cls_norm", "knn_any", "pca_cls", "maha"):
@@ -443,3 +472,43 @@ def main(args=None):
         print(m)
         print(nov.pivot_table(index="case", columns="cfg", values=m).round(3).to_string())
     return df
+
+
+def markdown(path=None):
+    """Per-case tables (fine and coarse levels) of the chosen configuration against the old defaults."""
+    df = pd.read_csv(CACHE / "results.csv")
+    cols = ["macro_f1", "acc", "net_err", "ece", "to_knn", "knn_acc", "unknown", "known_unk", "novel_unk", "auroc", "path_cons"]
+    out = ["# Trust study (issue 9): figures per case", "",
+           "Command: `PYTHONPATH=$PWD:$PWD/benchmark/experiments python benchmark/experiments/trust_study.py --train` "
+           "then `FINAL=1 ... trust_study.py` (float input, seed 0, one thread).", "",
+           "Columns: macro-F1 and accuracy over known cells (Unknown counts as wrong); net_err = error of the network's "
+           "decoded call on known cells; ECE = top-label ECE (15 bins) of the reported confidence on known cells; "
+           "to_knn = share of cells routed to the KNN vote; knn_acc = share whose label came from an accepted vote; "
+           "unknown = share Unknown (all cells); known→Unknown / novel→Unknown; AUROC of the novelty score, novel vs "
+           "known; path consistency (all levels).", ""]
+    for level_kind, fine in (("finest level", True), ("coarse level", False)):
+        for cfg, title in (("new", "new defaults"), ("old@full", "old defaults (main 5b545d1, float input)"),
+                           ("new_knnoff", "new, KNN off"), ("new_knnall", "new, KNN all")):
+            t = df[(df.cfg == cfg) & (df.fine == fine)].set_index("case")[cols]
+            if t.empty:
+                continue
+            out += [f"## {title}, {level_kind}", "", "| case | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for case, r in t.iterrows():
+                out.append(f"| {case} | " + " | ".join("–" if pd.isna(v) else f"{v:.3f}" for v in r) + " |")
+            m = t.mean(numeric_only=True)
+            out.append("| **mean** | " + " | ".join("–" if pd.isna(v) else f"{v:.3f}" for v in m) + " |")
+            out.append("")
+    f = df[df.fine]
+    g = f.groupby("cfg")[cols].mean().round(3)
+    out += ["## Every configuration, finest level, mean over cases", "", "| configuration | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|"]
+    out += [f"| {c} | " + " | ".join("–" if pd.isna(v) else f"{v:.3f}" for v in r) + " |" for c, r in g.iterrows()]
+    a = f.pivot_table(index="case", columns="cfg", values="auroc").dropna(how="all").round(3)
+    out += ["", "## Novelty AUROC per removed-type case (finest level)", "", "| case | " + " | ".join(a.columns) + " |",
+            "|---" * (len(a.columns) + 1) + "|"]
+    out += [f"| {c} | " + " | ".join("–" if pd.isna(v) else f"{v:.3f}" for v in r) + " |" for c, r in a.iterrows()]
+    out.append("")
+    text = "\n".join(out)
+    if path:
+        Path(path).write_text(text)
+    return text
