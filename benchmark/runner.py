@@ -93,6 +93,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
             "extra": {
                 "unknown_rate": {lv: float(result.levels[lv]["is_unknown"].mean()) for lv in levels},
                 "knn_used_rate": {lv: float(result.levels[lv]["used_knn"].mean()) for lv in levels},
+                "knn_routed_rate": {lv: float(np.isfinite(result.levels[lv]["knn_vote_frac"]).mean()) for lv in levels},
                 "genes": {k: v for k, v in result.metadata["genes"].items() if isinstance(v, (int, float, str))},
             },
         }
