@@ -432,11 +432,20 @@ def main(args=None):
                    **{f"z{t}_perclassnull": ("ls01_h20", dict(D, loc="pc", zthr=t)) for t in (3, 4)},
                    **{f"z{t}_heldnull": ("ls01_h20", dict(D, loc="held", zthr=t)) for t in (3, 4)},
                    **{f"z{t}": ("ls01_h20", dict(D, zthr=t)) for t in (3, 3.5, 4.5)}}
+    if os.environ.get("BINARY"):
+        D = dict(DEFAULT, novelty="knn_cls", zthr=4.0, loc="shift", vote="bal")
+        configs = {"old@full": ("bin_full", OLD), "new": ("bin_h20", D), "new_knnoff": ("bin_h20", dict(D, knn="off")),
+                   "new_knnall": ("bin_h20", dict(D, knn="all")), "z3.5": ("bin_h20", dict(D, zthr=3.5)),
+                   "T_only": ("bin_h20", dict(OLD, temp=True)),
+                   "new_maj": ("bin_h20", dict(D, vote="maj")),
+                   **{f"new_mp{m}": ("bin_h20", dict(D, knn_minprob=m)) for m in (0.1, 0.2, 0.3)}}
+        if os.environ.get("BINARY") == "float":
+            configs = {k: (v[0].replace("bin_h20", "ls01_h20").replace("bin_full", "ls01_full"), v[1]) for k, v in configs.items()}
     if os.environ.get("QUICK"):
         configs = {k: v for k, v in configs.items() if k.startswith("z") or k in ("new", "old@full", "T_only")}
-    for nov in () if os.environ.get("QUICK") else ("knn_cls+pca_cls", "knn_cls_norm+pca_cls", "msp", "energy", "knn_cls_norm", "knn_any", "pca_cls", "maha"):
+    for nov in () if os.environ.get("QUICK") or os.environ.get("BINARY") else ("knn_cls+pca_cls", "knn_cls_norm+pca_cls", "msp", "energy", "knn_cls_norm", "knn_any", "pca_cls", "maha"):
         configs[f"nov_{nov}"] = ("ls01_h20", dict(DEFAULT, novelty=nov))
-    for a in () if os.environ.get("QUICK") else (0.005, 0.02, 0.05):
+    for a in () if os.environ.get("QUICK") or os.environ.get("BINARY") else (0.005, 0.02, 0.05):
         configs[f"alpha{a}"] = ("ls01_h20", dict(DEFAULT, alpha=a))
     rows = []
     preps = {}
@@ -450,7 +459,8 @@ def main(args=None):
                 continue
             rows += metrics(P, run_config(P, cfg), case, cname)
     df = pd.DataFrame(rows)
-    df.to_csv(CACHE / "results.csv", index=False)
+    df.to_csv(CACHE / os.environ.get("RESULTS", "results.csv"), index=False)
+    return df
     T = {c: [round(t, 2) for t in preps[(c, "ls01_h20")].T] for c in case_names if preps.get((c, "ls01_h20"))}
     print("temperatures (ls01_h20):", T)
     T0 = {c: [round(t, 2) for t in preps[(c, "ls0_h20")].T] for c in case_names if preps.get((c, "ls0_h20"))}

@@ -187,6 +187,8 @@ VARIANTS = {
     "ls01_h20": {"ls": 0.1, "holdout": 0.2},
     "ls0_h20": {"ls": 0.0, "holdout": 0.2},
     "ls01_full": {"ls": 0.1, "holdout": 0.0},
+    "bin_h20": {"ls": 0.1, "holdout": 0.2, "input_transform": "binary"},
+    "bin_full": {"ls": 0.1, "holdout": 0.0, "input_transform": "binary"},
 }
 
 
