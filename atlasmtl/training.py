@@ -370,7 +370,7 @@ def build_model(
     }
     train_config["runtime_summary"]["throughput_unit"] = "cell-epochs per second"
     metadata = describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config)
-    metadata["calibration"] = {"temperatures": calibration["temperatures"]}
+    metadata["calibration"] = {"temperatures": calibration["temperatures"] if len(calib_cells) else {}}
     metadata["novelty"] = novelty
     model = TrainedModel(net, metadata,
                          {"embedding": embedding,

@@ -12,7 +12,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
-from atlasmtl.evaluate import expected_calibration_error, macro_f1, path_consistency
+from atlasmtl.metrics import macro_f1, path_consistency
+from atlasmtl.truth import expected_calibration_error
 from trust_study import CACHE, UNKNOWN
 
 
