@@ -562,6 +562,23 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
                                f"({embedding.shape[0]})")
             if codes.size and (codes.min() < -1 or codes.max() >= n):
                 raise _Damaged(f"reference['labels'][{level!r}] holds codes outside [-1, {n})")
+        training = reference.get("training_cell")
+        if training is not None and (not isinstance(training, np.ndarray) or training.dtype != bool
+                                     or training.shape != (embedding.shape[0],)):
+            raise _Damaged(f"reference['training_cell'] is not one flag per reference cell ({embedding.shape[0]})")
+
+        role = "metadata"
+        temps = (metadata.get("calibration") or {}).get("temperatures") or {}
+        if not isinstance(temps, dict) or any(lv not in levels or not isinstance(t, (int, float)) or not np.isfinite(t)
+                                              or t <= 0 for lv, t in temps.items()):
+            raise _Damaged("metadata['calibration']['temperatures'] is not one positive number per level")
+        null = (metadata.get("novelty") or {}).get("null") or {}
+        if not isinstance(null, dict) or any(lv not in levels or not isinstance(v, dict)
+                                             or not all(isinstance(v.get(k), (int, float)) for k in ("median", "scale", "n"))
+                                             or (v.get("n") and not (np.isfinite(v["median"]) and v["scale"] > 0))
+                                             for lv, v in null.items()):
+            raise _Damaged("metadata['novelty']['null'] is not a median, scale and count per level")
+        role = "reference"
 
         role = "weights"
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -52,7 +52,11 @@ COLUMNS: dict[str, Column] = {
     "knn_vote_frac": Column("knn_vote_frac_{level}", "float", "full"),
     "is_low_conf": Column("is_low_conf_{level}", "flag", "full"),
     "used_knn": Column("used_knn_{level}", "flag", "full"),
+    "novelty": Column("novelty_{level}", "float", "full"),
+    "is_novel": Column("is_novel_{level}", "flag", "full"),
 }
+#: Fields added after the first release: tables written before them still read back (NaN / False).
+_OPTIONAL = {"novelty": np.nan, "is_novel": False}
 
 #: Older names of the label-code fields, still accepted by ``calls[name]``.
 _ALIASES = {"code": "pred", "raw_code": "raw", "knn_code": "knn"}
@@ -149,7 +153,8 @@ class LevelCalls:
     pred
         Final class code (-1 = Unknown).
     conf
-        Confidence: the network's top class probability.
+        Confidence: the network's calibrated probability of its call (the
+        class on the jointly decoded path when levels nest).
     margin
         Top-1 minus top-2 probability.
     is_unknown
@@ -164,6 +169,13 @@ class LevelCalls:
         Confidence below ``confidence_high`` or margin below ``margin_threshold``.
     used_knn
         The final call is the KNN vote.
+    novelty
+        Novelty score: robust z-score of the distance to the reference cells of
+        the called class (NaN where not computed, e.g. no signal or an
+        uncalibrated model).
+    is_novel
+        Far from every reference cell of its class (``novelty`` above the
+        threshold, or novel at the parent level): Unknown, and KNN may not relabel it.
     """
 
     pred: np.ndarray
@@ -175,6 +187,15 @@ class LevelCalls:
     knn_vote_frac: np.ndarray
     is_low_conf: np.ndarray
     used_knn: np.ndarray
+    novelty: np.ndarray | None = None
+    is_novel: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.pred)
+        if self.novelty is None:
+            self.novelty = np.full(n, np.nan, dtype=np.float32)
+        if self.is_novel is None:
+            self.is_novel = np.zeros(n, dtype=bool)
 
     def __getitem__(self, name: str) -> np.ndarray:
         """``calls["conf"]``; the older names ``code``, ``raw_code`` and ``knn_code`` are accepted too."""
@@ -199,7 +220,7 @@ class LevelCalls:
     def from_frame(cls, frame: pd.DataFrame, level: str, classes: list[str], where: str) -> "LevelCalls":
         """Read one level's calls back from columns written with ``mode="full"``."""
         names = column_names(level)
-        missing = [names[f] for f in COLUMNS if names[f] not in frame.columns]
+        missing = [names[f] for f in COLUMNS if names[f] not in frame.columns and f not in _OPTIONAL]
         if missing:
             raise InputError(
                 f"{where} lacks column(s) {missing}; write the predictions with mode='full' "
@@ -207,6 +228,8 @@ class LevelCalls:
             )
         values: dict[str, np.ndarray] = {}
         for name, col in COLUMNS.items():
+            if names[name] not in frame.columns:
+                continue  # an optional field of an older table: its default
             series = frame[names[name]]
             if col.kind == "label":
                 values[name] = encode_labels(series, classes, f"{where}: column {names[name]!r}")
@@ -315,8 +338,8 @@ class CallTable:
         per_level = {}
         for level, c in self.levels.items():
             per_level[level] = (
-                f"unknown {c.is_unknown.mean():.1%}, low-confidence {c.is_low_conf.mean():.1%}, "
-                f"KNN-corrected {c.used_knn.mean():.1%}"
+                f"low-confidence {c.is_low_conf.mean():.1%}, KNN-accepted {c.used_knn.mean():.1%}, "
+                f"Unknown {c.is_unknown.mean():.1%} (novel {c.is_novel.mean():.1%})"
             )
         return {
             "query": {"cells": self.n_obs, "input": self.metadata.get("input", {}).get("semantics")},

@@ -110,6 +110,15 @@ def param_docs(func: Callable) -> dict[str, str]:
     return out
 
 
+def _float_or_none(text: str) -> float | None:
+    if text.strip().lower() in ("none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _int_or_none(text: str) -> int | None:
     if text.strip().lower() in ("none", ""):
         return None
@@ -185,6 +194,8 @@ def add_signature_options(
                 kwargs["type"], metavar = _int_list, "INT,INT,..."
             elif ann in ("int|None", "Optional[int]"):
                 kwargs["type"], metavar = _int_or_none, "INT|none"
+            elif ann in ("float|None", "Optional[float]"):
+                kwargs["type"], metavar = _float_or_none, "FLOAT|none"
             elif ann == "int|str":
                 kwargs["type"], metavar = _int_or_str, "INT|max"
             elif ann == "int" or (isinstance(default, int) and p.annotation is inspect.Parameter.empty):
@@ -387,6 +398,7 @@ def _level_stats(result: Any) -> dict[str, dict[str, Any]]:
             "unknown_rate": round(float(np.mean(calls.is_unknown)), 6),
             "low_confidence_rate": round(float(np.mean(calls.is_low_conf)), 6),
             "knn_rescued_rate": round(float(np.mean(calls.used_knn)), 6),
+            "novel_rate": round(float(np.mean(calls.is_novel)), 6),
             "median_confidence": round(float(np.median(calls.conf)), 6),
             "label_counts": {str(k): int(v) for k, v in counts.items() if v},
         }

@@ -54,6 +54,17 @@ def top_two(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return probs.argmax(axis=1), top1, top1 - top2
 
 
+def call_confidence(probs: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probability of the called class and its margin over the best other class, per row."""
+    rows = np.arange(len(codes))
+    conf = probs[rows, codes]
+    if probs.shape[1] == 1:
+        return conf, conf
+    other = probs.copy()
+    other[rows, codes] = -np.inf
+    return conf, conf - other.max(axis=1)
+
+
 def low_confidence(conf: np.ndarray, margin: np.ndarray, cfg: GatingConfig) -> np.ndarray:
     # written as "not at least" so that a NaN confidence or margin is low, never confident
     return ~(conf >= cfg.confidence_high) | ~(margin >= cfg.margin_threshold)
@@ -68,20 +79,27 @@ def apply_gate(
     knn_covered: np.ndarray,
     cfg: GatingConfig,
     low: np.ndarray | None = None,
+    abstain: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Combine the network's call and the KNN vote for one level.
 
     ``low`` is the low-confidence mask when the caller has it already
-    (:func:`low_confidence` of ``conf`` and ``margin``). Returns the final class
+    (:func:`low_confidence` of ``conf`` and ``margin``). ``abstain`` marks cells
+    that end Unknown whatever the vote says (novel cells, cells without signal,
+    cells whose parent level is Unknown). A NaN confidence is never confident:
+    such a cell is Unknown and no vote can label it. Returns the final class
     code (-1 = Unknown) and the per-cell flags.
     """
     if low is None:
         low = low_confidence(conf, margin, cfg)
-    unknown = ~(conf >= cfg.confidence_low)  # NaN confidence → Unknown
+    usable = np.isfinite(conf)
+    if abstain is not None:
+        usable = usable & ~abstain
+    unknown = ~(conf >= cfg.confidence_low)  # NaN → Unknown
     final = raw_code.copy()
-    accepted = knn_covered & (knn_code >= 0) & (knn_frac >= cfg.knn_conf_low)
+    accepted = knn_covered & (knn_code >= 0) & (knn_frac >= cfg.knn_conf_low) & usable
     final[accepted] = knn_code[accepted]
     rejected_low = knn_covered & low & ~accepted
-    is_unknown = (unknown & ~accepted) | rejected_low
+    is_unknown = (unknown & ~accepted) | rejected_low | ~usable
     final[is_unknown] = -1
     return {"code": final, "is_unknown": is_unknown, "is_low_conf": low, "used_knn": accepted}

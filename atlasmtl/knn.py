@@ -70,26 +70,61 @@ class NeighbourIndex:
         return idx, dist
 
 
-def vote(neighbour_idx: np.ndarray, ref_codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Majority vote of the neighbours' labels.
+def vote(
+    neighbour_idx: np.ndarray,
+    ref_codes: np.ndarray,
+    n_classes: int,
+    class_counts: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vote of the neighbours' labels.
 
-    Returns the winning class code per row and its vote fraction (votes / k;
-    reference cells unlabelled at this level cast no vote). Ties go to the
-    lower class code. Rows with no votes get code -1 and fraction 0.
+    Parameters
+    ----------
+    neighbour_idx
+        Reference cell indices, one row of ``k`` neighbours per query cell.
+    ref_codes
+        Label code of every reference cell at this level (-1 = unlabelled: casts no vote).
+    n_classes
+        Classes at this level.
+    class_counts
+        Reference cells per class. When given, the vote is *class-balanced*: a
+        neighbour's vote for class ``c`` weighs ``k / min(n_c, k)``, so a type
+        with fewer than ``k`` reference cells can win when all of its cells are
+        among the neighbours, and the fraction is the winner's share of the
+        weighted votes. Without it, each neighbour casts one vote and the
+        fraction is votes / ``k``.
+    allowed
+        Boolean ``cells × classes``: only these classes receive votes (e.g. the
+        children of the cell's call at the parent level); other neighbours
+        abstain and do not count in the fraction.
+
+    Returns
+    -------
+    The winning class code per row (-1 when no neighbour voted) and its vote
+    fraction (0 when no neighbour voted). Ties go to the lower class code.
     """
     if neighbour_idx.size == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    k = neighbour_idx.shape[1]
+    n, k = neighbour_idx.shape
     codes = ref_codes[neighbour_idx]
-    counts = np.zeros((codes.shape[0], n_classes), dtype=np.int32)
-    rows = np.repeat(np.arange(codes.shape[0]), k)
-    flat = codes.ravel()
-    keep = flat >= 0
-    np.add.at(counts, (rows[keep], flat[keep]), 1)
-    winner = counts.argmax(axis=1)
-    best = counts[np.arange(len(winner)), winner]
+    weight = (codes >= 0).astype(np.float64)
+    safe = np.maximum(codes, 0)
+    if allowed is not None:
+        weight *= allowed[np.arange(n)[:, None], safe]
+    if class_counts is not None:
+        weight *= (k / np.clip(np.minimum(class_counts, k), 1, None))[safe]
+    scores = np.zeros((n, n_classes), dtype=np.float64)
+    np.add.at(scores, (np.repeat(np.arange(n), k), safe.ravel()), weight.ravel())
+    winner = scores.argmax(axis=1)
+    best = scores[np.arange(n), winner]
+    if class_counts is None and allowed is None:
+        frac = best / k
+    else:
+        total = scores.sum(axis=1)
+        frac = np.divide(best, total, out=np.zeros_like(best), where=total > 0)
     winner = np.where(best > 0, winner, -1)
-    return winner, (best / k).astype(np.float32)
+    return winner, frac.astype(np.float32)
 
 
 def neighbour_label_agreement(

@@ -8,7 +8,7 @@ JSON-serialisable nested dict::
      "levels":    {level: {accuracy, macro_f1, balanced_accuracy, coverage,
                            accuracy_covered, ece, brier, aurc, ...}},
      "hierarchy": {path_consistency, full_path_accuracy, pairs, ...},
-     "novel":     {n_novel, n_known, levels: {level: {auroc, novel_unknown_rate,
+     "novel":     {n_novel, n_known, levels: {level: {auroc, auroc_score, novel_unknown_rate,
                                                       known_unknown_rate}}} or None,
      "coords":    {name: {rmse, trustworthiness, neighbour_overlap, ...}}}
 
@@ -166,14 +166,21 @@ def full_path_accuracy(truths: Sequence[np.ndarray], preds: Sequence[np.ndarray]
 
 
 # ---------------------------------------------------------------------------- novel-type metric
-def novel_auroc(conf: np.ndarray, is_novel: np.ndarray) -> float | None:
-    """AUROC of ``1 - conf`` as a score of novel (positive) vs known cells; ``None`` if a group is empty."""
+def novel_auroc(conf: np.ndarray, is_novel: np.ndarray, score: np.ndarray | None = None) -> float | None:
+    """AUROC of a novelty score, novel (positive) vs known cells; ``None`` if a group is empty.
+
+    The score is ``score`` when given (higher = more novel; NaN, a cell without
+    signal, ranks as most novel), else ``1 - conf``.
+    """
     from sklearn.metrics import roc_auc_score
 
     is_novel = np.asarray(is_novel, dtype=bool)
     if is_novel.all() or not is_novel.any():
         return None
-    return float(roc_auc_score(is_novel, 1.0 - np.asarray(conf, dtype=np.float64)))
+    if score is None:
+        return float(roc_auc_score(is_novel, 1.0 - np.asarray(conf, dtype=np.float64)))
+    score = np.asarray(score, dtype=np.float64)
+    return float(roc_auc_score(is_novel, np.where(np.isnan(score), np.inf, score).clip(-1e300, 1e300)))
 
 
 # ---------------------------------------------------------------------------- coordinate metrics
@@ -362,15 +369,27 @@ def _novel_mask(
     return is_novel, usable, "labels"
 
 
+def _novelty_scores(table: pd.DataFrame, level: str) -> np.ndarray | None:
+    """atlasmtl's own novelty score of a level (``novelty_<level>``), when the table has one with values."""
+    col = column_names(level)["novelty"]
+    if col not in table.columns:
+        return None
+    score = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
+    return score if np.isfinite(score).any() else None
+
+
 def _novel_section(
-    levels: list[str], preds: dict, confs: dict, is_novel: np.ndarray, usable: np.ndarray, source: str
+    levels: list[str], preds: dict, confs: dict, scores: dict, is_novel: np.ndarray, usable: np.ndarray, source: str
 ) -> dict[str, Any]:
     novel, known = is_novel & usable, ~is_novel & usable
     per_level = {}
     for lv in levels:
         unknown = preds[lv] == UNKNOWN
+        score = scores.get(lv)
         per_level[lv] = {
-            "auroc": novel_auroc(confs[lv][usable], is_novel[usable]) if confs[lv] is not None else None,
+            "auroc": (novel_auroc(None, is_novel[usable], score[usable]) if score is not None
+                      else novel_auroc(confs[lv][usable], is_novel[usable]) if confs[lv] is not None else None),
+            "auroc_score": "novelty" if score is not None else ("1 - confidence" if confs[lv] is not None else None),
             "novel_unknown_rate": float(unknown[novel].mean()) if novel.any() else None,
             "known_unknown_rate": float(unknown[known].mean()) if known.any() else None,
         }
@@ -534,7 +553,9 @@ def evaluate(
       fraction of cells (with a true label at every level) correct at every level.
     - Novel types: a cell is novel when its true label at a level named in
       ``novel_labels`` is listed there (or where ``novel_mask`` is true). Per level:
-      auroc of ``1 - conf`` for novel (positive) vs known cells, and the fractions of
+      auroc of atlasmtl's novelty score (column ``novelty_<level>``, when the
+      predictions hold it; ``auroc_score`` says which) or else of ``1 - conf``, for
+      novel (positive) vs known cells, and the fractions of
       novel and of known cells called Unknown. Cells whose true label is missing at a
       level named in ``novel_labels`` are left out of this section; novel cells stay in
       the per-level metrics (where no label but Unknown could be right for them).
@@ -590,7 +611,8 @@ def evaluate(
     novel = None
     if novel_labels is not None or novel_mask is not None:
         is_novel, usable, source = _novel_mask(cells, truth_frame, pos, novel_labels, novel_mask)
-        novel = _novel_section(levels, preds, confs, is_novel, usable, source)
+        scores = {lv: _novelty_scores(table, lv) for lv in levels}
+        novel = _novel_section(levels, preds, confs, scores, is_novel, usable, source)
 
     coords = {}
     if coord_truth:

@@ -22,12 +22,15 @@ import torch
 
 from ._version import __version__
 from .exceptions import InputError, ParameterError
-from .gating import GatingConfig, apply_gate, low_confidence, top_two
+from .calibration import softmax
+from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
+from .hierarchy import decode_paths, level_paths, parent_codes
 from .genes import GeneAligner, build_aligner
 from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import NeighbourIndex, normalise_rows, vote
+from .novelty import NOVELTY_THRESHOLD, class_distance, log_distance, novelty_z
 from .model import TrainedModel
 from .network import NetworkOutput
 from .result import PredictionResult
@@ -44,11 +47,15 @@ from .runtime import (
 )
 
 
-def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> torch.Tensor:
-    """Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product), dense ones dense."""
+def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """The network input of a block and, per cell, whether any model gene is detected.
+
+    Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product), dense ones dense.
+    """
     if sp.issparse(block):
         x = aligner.transform_sparse(block)
         x.sort_indices()  # canonical CSR from scipy: the invariants hold, so torch need not re-check them
+        detected = np.diff(x.indptr) > 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             return torch.sparse_csr_tensor(
@@ -57,8 +64,9 @@ def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> torch
                 torch.from_numpy(x.data),
                 size=x.shape,
                 check_invariants=False,
-            ).to(dev)
-    return torch.from_numpy(aligner.transform(block)).to(dev)
+            ).to(dev), detected
+    x = aligner.transform(block)
+    return torch.from_numpy(x).to(dev), (x != 0).any(axis=1)
 
 
 def _neighbour_index(model: TrainedModel, n_jobs: int) -> NeighbourIndex:
@@ -67,6 +75,38 @@ def _neighbour_index(model: TrainedModel, n_jobs: int) -> NeighbourIndex:
     if key not in model._knn_indexes:
         model._knn_indexes[key] = NeighbourIndex(model.reference["embedding"], random_state=0, n_jobs=n_jobs)
     return model._knn_indexes[key]
+
+
+def _class_index(model: TrainedModel, level: str, code: int, n_jobs: int) -> NeighbourIndex | None:
+    """Index over the *training* reference cells of one class (the novelty score's reference), cached."""
+    key = ("class", level, code)
+    if key not in model._knn_indexes:
+        training = model.reference.get("training_cell")
+        members = model.reference["labels"][level] == code
+        if training is not None:
+            members &= np.asarray(training, dtype=bool)
+        emb = model.reference["embedding"][members]
+        model._knn_indexes[key] = NeighbourIndex(emb, random_state=0, n_jobs=n_jobs) if len(emb) else None
+    return model._knn_indexes[key]
+
+
+class _Decoder:
+    """What turns one batch's logits into calls: temperatures, nested-level paths, parents, class counts."""
+
+    def __init__(self, model: TrainedModel, novelty_threshold: float | None) -> None:
+        levels = model.label_columns
+        temps = (model.metadata.get("calibration") or {}).get("temperatures") or {}
+        self.temperatures = [float(temps.get(lv, 1.0)) for lv in levels]
+        self.runs = level_paths(levels, model.classes, model.hierarchy)
+        self.parent_of = {
+            lv: parent_codes(model.classes[lv], model.classes[levels[j - 1]], model.hierarchy[lv])
+            for j, lv in enumerate(levels) if j and lv in model.hierarchy
+        }
+        self.class_counts = {lv: np.bincount(model.reference["labels"][lv][model.reference["labels"][lv] >= 0],
+                                             minlength=len(model.classes[lv])) for lv in levels}
+        novelty = model.metadata.get("novelty") or {}
+        self.null = novelty.get("null") if novelty_threshold is not None else None
+        self.novelty_k = int(novelty.get("k", 10))
 
 
 def predict(
@@ -83,6 +123,7 @@ def predict(
     confidence_high: float = 0.7,
     confidence_low: float = 0.4,
     margin_threshold: float = 0.2,
+    novelty_threshold: float | None = NOVELTY_THRESHOLD,
     batch_size: int = 4096,
     num_threads: int | str = 10,
     device: str = "auto",
@@ -117,6 +158,11 @@ def predict(
         Calls with confidence below this are Unknown (unless a KNN vote rescues them).
     margin_threshold
         Calls with margin (top1 − top2 probability) below this are low-confidence.
+    novelty_threshold
+        A cell whose novelty score (robust z-score of its distance to the
+        reference cells of its called class, against held-out reference cells)
+        exceeds this is novel at that level: Unknown there and below, and the KNN
+        vote cannot relabel it. ``None`` disables novelty detection.
     batch_size
         Cells per inference batch.
     num_threads
@@ -136,6 +182,8 @@ def predict(
     batch_size = as_int("batch_size", batch_size)
     min_gene_overlap = as_float("min_gene_overlap", min_gene_overlap, 0.0, 1.0)
     use_raw = as_bool("use_raw", use_raw)
+    if novelty_threshold is not None:
+        novelty_threshold = as_float("novelty_threshold", novelty_threshold)
     if not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
     dev = resolve_device(device)
@@ -150,7 +198,8 @@ def predict(
     with opened as (obs_names, source):
         return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
                                layer=layer, use_raw=use_raw, gene_map=gene_map,
-                               min_gene_overlap=min_gene_overlap, batch_size=batch_size)
+                               min_gene_overlap=min_gene_overlap, batch_size=batch_size,
+                               novelty_threshold=novelty_threshold)
 
 
 def prepare_query(
@@ -199,9 +248,11 @@ class _Buffers:
                 "knn": np.full(n, -1, dtype=np.int32),
                 "knn_vote_frac": np.full(n, np.nan, dtype=np.float32),
                 "covered": np.zeros(n, dtype=bool),
+                "distance": np.full(n, np.nan, dtype=np.float64),
             }
             for lv in model.label_columns
         }
+        self.no_signal = np.zeros(n, dtype=bool)
         self.coords = {
             name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
         }
@@ -209,18 +260,40 @@ class _Buffers:
 
 
 def _infer(
-    model: TrainedModel, output: NetworkOutput, gate: GatingConfig, buffers: _Buffers, rows: slice
+    model: TrainedModel,
+    output: NetworkOutput,
+    detected: np.ndarray,
+    gate: GatingConfig,
+    decoder: _Decoder,
+    buffers: _Buffers,
+    rows: slice,
+    n_jobs: int,
 ) -> np.ndarray:
-    """Network calls of one batch: class, confidence, margin and the low-confidence mask per level,
-    and de-standardised coordinates. Returns the batch's any-level low-confidence mask."""
+    """Network calls of one batch: calibrated probabilities, the jointly decoded path, confidence,
+    margin, the low-confidence mask and the novelty distance per level, and de-standardised
+    coordinates. Returns the batch's any-level low-confidence mask (cells without signal excluded)."""
+    levels = model.label_columns
+    probs = [softmax(lg.detach().cpu().numpy().astype(np.float64), t) for lg, t in zip(output.logits, decoder.temperatures)]
+    codes = decode_paths(probs, decoder.runs)
+    confs = [call_confidence(p, c) for p, c in zip(probs, codes)]
+    no_signal = ~detected
+    for conf, _ in confs:
+        no_signal |= ~np.isfinite(conf)
+    buffers.no_signal[rows] = no_signal
     any_low = np.zeros(rows.stop - rows.start, dtype=bool)
-    for lv, logits in zip(model.label_columns, output.logits):
-        probs = torch.softmax(logits, dim=1).cpu().numpy()
-        code, conf, margin = top_two(probs)
-        low = low_confidence(conf, margin, gate)
+    points = None
+    if decoder.null is not None:
+        points = normalise_rows(output.embedding.detach().cpu().numpy())
+    for lv, code, (conf, margin) in zip(levels, codes, confs):
+        low = low_confidence(conf, margin, gate) & ~no_signal
         o = buffers.levels[lv]
         o["raw"][rows], o["conf"][rows], o["margin"][rows], o["is_low_conf"][rows] = code, conf, margin, low
         any_low |= low
+        if points is not None and lv in decoder.null:
+            live = np.flatnonzero(~no_signal)
+            dist = class_distance(points[live], code[live],
+                                  lambda c, lv=lv: _class_index(model, lv, c, n_jobs), decoder.novelty_k)
+            o["distance"][rows.start + live] = dist
     for name, values in output.coords.items():
         stats = model.metadata["coord_stats"][name]
         buffers.coords[name][rows] = values.cpu().numpy() * stats["std"] + stats["mean"]
@@ -233,46 +306,85 @@ def _correct(
     embedding: torch.Tensor,
     any_low: np.ndarray,
     gate: GatingConfig,
+    decoder: _Decoder,
     buffers: _Buffers,
     start: int,
 ) -> None:
-    """KNN votes of one batch: search the cells the gate sends (all, or the low-confidence ones)
-    once, then let each level vote for its own low-confidence cells."""
-    search = np.flatnonzero(any_low) if gate.knn_correction == "low_conf_only" else np.arange(len(any_low))
+    """KNN votes of one batch: search the cells the gate sends (all, or the low-confidence ones;
+    never cells without signal) once, then vote level by level, coarse to fine. Votes are
+    class-balanced; at a level nested in the previous one only the children of the cell's call
+    there may win, and a cell whose parent call the vote changed votes again at this level."""
+    stop = start + len(any_low)
+    usable = ~buffers.no_signal[start:stop]
+    search = np.flatnonzero(any_low & usable) if gate.knn_correction == "low_conf_only" else np.flatnonzero(usable)
     if not len(search):
         return
     points = normalise_rows(embedding[torch.from_numpy(search).to(embedding.device)].cpu().numpy())
     neighbours, _ = index.query(points, gate.knn_k)
     buffers.n_searched += len(search)
+    parent_final = None
     for lv in model.label_columns:
         o = buffers.levels[lv]
-        if gate.knn_correction == "low_conf_only":
-            voting = o["is_low_conf"][start + search]
-            rows, nbr = start + search[voting], neighbours[voting]
-        else:
-            rows, nbr = start + search, neighbours
-        code, frac = vote(nbr, model.reference["labels"][lv], len(model.classes[lv]))
+        cells = start + search
+        voting = o["is_low_conf"][cells] if gate.knn_correction == "low_conf_only" else np.ones(len(search), dtype=bool)
+        allowed = None
+        if lv in decoder.parent_of and parent_final is not None:
+            parent_of = decoder.parent_of[lv]
+            voting |= parent_final != parent_of[o["raw"][cells]]
+            allowed = parent_of[None, :] == parent_final[voting][:, None]
+        rows, nbr = cells[voting], neighbours[voting]
+        code, frac = vote(nbr, model.reference["labels"][lv], len(model.classes[lv]),
+                          class_counts=decoder.class_counts[lv], allowed=allowed)
         o["knn"][rows], o["knn_vote_frac"][rows], o["covered"][rows] = code, frac, True
+        # this level's call after the vote (for the next level's restriction)
+        final = o["raw"][cells].astype(np.int64)
+        accepted = np.zeros(len(search), dtype=bool)
+        accepted[voting] = (code >= 0) & (frac >= gate.knn_conf_low)
+        final[accepted] = o["knn"][cells][accepted]
+        parent_final = final
 
 
-def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig) -> dict[str, LevelCalls]:
-    """The gate's final calls per level, from the network's calls and the KNN votes."""
-    calls = {}
+def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,
+              novelty_threshold: float | None) -> dict[str, LevelCalls]:
+    """The gate's final calls per level, coarse to fine: the network's calls, the KNN votes, the
+    novelty flags (Unknown that no vote can relabel), cells without signal, and the hierarchy
+    (a level nested in an Unknown parent is Unknown; a call whose parent disagrees is Unknown)."""
+    calls: dict[str, LevelCalls] = {}
+    parent: LevelCalls | None = None
     for lv in model.label_columns:
         o = buffers.levels[lv]
+        z = np.full(len(o["raw"]), np.nan, dtype=np.float32)
+        novel = np.zeros(len(o["raw"]), dtype=bool)
+        if decoder.null is not None and lv in decoder.null and decoder.null[lv].get("n"):
+            score, _ = novelty_z(log_distance(o["distance"]), decoder.null[lv])
+            z = score.astype(np.float32)
+            novel = np.nan_to_num(score, nan=-np.inf) > novelty_threshold
+        nested = parent is not None and lv in decoder.parent_of
+        if nested:
+            novel |= parent.is_novel
+        abstain = novel | buffers.no_signal
+        if nested:
+            abstain = abstain | parent.is_unknown
         gated = apply_gate(o["raw"], o["conf"], o["margin"], o["knn"], np.nan_to_num(o["knn_vote_frac"]),
-                           o["covered"], gate, low=o["is_low_conf"])
+                           o["covered"], gate, low=o["is_low_conf"], abstain=abstain)
+        code, unknown = gated["code"], gated["is_unknown"]
+        if nested:  # safety net: a call whose parent call disagrees is not a path of the reference
+            clash = (code >= 0) & (parent.pred >= 0) & (decoder.parent_of[lv][np.maximum(code, 0)] != parent.pred)
+            code[clash], unknown = -1, unknown | clash
         calls[lv] = LevelCalls(
-            pred=gated["code"],
+            pred=code,
             conf=o["conf"],
             margin=o["margin"],
-            is_unknown=gated["is_unknown"],
+            is_unknown=unknown,
             raw=o["raw"],
             knn=o["knn"],
             knn_vote_frac=o["knn_vote_frac"],
             is_low_conf=gated["is_low_conf"],
-            used_knn=gated["used_knn"],
+            used_knn=gated["used_knn"] & ~unknown,
+            novelty=z,
+            is_novel=novel,
         )
+        parent = calls[lv]
     return calls
 
 
@@ -291,6 +403,7 @@ def _predict_source(
     gene_map: Any,
     min_gene_overlap: float,
     batch_size: int,
+    novelty_threshold: float | None = NOVELTY_THRESHOLD,
 ) -> PredictionResult:
     """The prediction pipeline on an opened matrix; see :func:`predict`."""
     if not obs_names.is_unique:
@@ -299,6 +412,7 @@ def _predict_source(
 
     n = source.n_obs
     buffers = _Buffers(model, n)
+    decoder = _Decoder(model, novelty_threshold)
     net = model.network.to(dev).eval()
     first_weight_t = net.encoder.layers[0].weight.detach().t().contiguous()
     monitor = ResourceMonitor(dev)
@@ -309,10 +423,11 @@ def _predict_source(
             for start, stop, block in source.iter_chunks(batch_size):
                 if source.backed:
                     check_finite(block, source.where)
-                output = net(_network_input(aligner, block, dev), first_weight_t)
-                any_low = _infer(model, output, gate, buffers, slice(start, stop))
+                x, detected = _network_input(aligner, block, dev)
+                output = net(x, first_weight_t)
+                any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop), n_threads)
                 if index is not None:
-                    _correct(model, index, output.embedding, any_low, gate, buffers, start)
+                    _correct(model, index, output.embedding, any_low, gate, decoder, buffers, start)
                 bar.update(stop - start)
             bar.close()
     finally:
@@ -326,6 +441,8 @@ def _predict_source(
         "atlasmtl_version": __version__,
         "settings": {
             **dataclasses.asdict(gate),
+            "novelty_threshold": novelty_threshold if decoder.null is not None else None,
+            "temperatures": dict(zip(levels, decoder.temperatures)),
             "input_transform": model.metadata["input_transform"],
             "layer": layer,
             "use_raw": use_raw,
@@ -343,7 +460,7 @@ def _predict_source(
     result = PredictionResult(
         obs_names=np.asarray(obs_names),
         classes={lv: list(model.classes[lv]) for lv in levels},
-        levels=_assemble(model, buffers, gate),
+        levels=_assemble(model, buffers, gate, decoder, novelty_threshold),
         coords=buffers.coords,
         metadata=metadata,
         hierarchy=model.hierarchy,

@@ -179,12 +179,30 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     if q_sem and m_sem and q_sem != m_sem:
         out.append(("warn", f"The query holds {q_sem} values while the model was trained on {m_sem}; "
                             f"atlasmtl transformed both the same way, but check that this is the matrix you meant."))
+    knn_on = result.metadata.get("settings", {}).get("knn_correction") != "off"
     for level, calls in result.levels.items():
         unknown = float(np.mean(calls.is_unknown))
         if unknown >= 0.3:
             out.append(("bad" if unknown >= 0.5 else "warn",
                         f"{level}: {unknown:.1%} of the cells are Unknown — the query may hold types the reference "
                         "lacks, or differ from it (gene overlap, normalisation, batch)."))
+        low = float(np.mean(calls.is_low_conf))
+        if low >= 0.3:
+            out.append(("bad" if low >= 0.6 else "warn",
+                        f"{level}: {low:.1%} of the cells are low-confidence" + (" and were sent to the KNN vote" if knn_on else "")
+                        + " (calibrated confidence below confidence_high or margin below margin_threshold); on a query "
+                        "like the reference this share is near the error rate, so the query differs from the reference "
+                        "or the level is hard to tell apart."))
+        used = float(np.mean(calls.used_knn))
+        if knn_on and used >= 0.3 and result.metadata.get("settings", {}).get("knn_correction") == "low_conf_only":
+            out.append(("warn", f"{level}: {used:.1%} of the calls come from the KNN vote rather than the network."))
+        novel = float(np.mean(calls.is_novel))
+        if novel >= 0.02:
+            out.append(("warn", f"{level}: {novel:.1%} of the cells are far from every reference cell of the type "
+                                "they resemble most (novel: Unknown) — a type the reference may lack."))
+    if model is not None and not (model.metadata.get("calibration") or {}).get("temperatures"):
+        out.append(("warn", "The model was trained without held-out calibration cells (calibration_fraction=0 and "
+                            "val_fraction=0): confidences are uncalibrated and no cell can be called novel."))
     if model is not None:
         agreement = model.train_config.get("knn_space", {}).get("neighbour_label_agreement")
         if agreement is not None and agreement < 0.8 and result.metadata.get("settings", {}).get("knn_correction") != "off":

@@ -30,7 +30,10 @@ from .exceptions import CoordinateError, InputError, LabelError, ParameterError,
 from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, detect_namespace, identity_aligner
 from .io import open_anndata
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source
-from .knn import neighbour_label_agreement, normalise_rows
+from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
+from .hierarchy import decode_paths, level_paths
+from .knn import NeighbourIndex, neighbour_label_agreement, normalise_rows
+from .novelty import NOVELTY_K, class_distance, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from .network import MultiTaskNetwork
@@ -58,6 +61,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "label_smoothing": as_float("label_smoothing", p["label_smoothing"], 0.0, 1.0, high_open=True),
         "class_weight_power": as_float("class_weight_power", p["class_weight_power"], 0.0, 1.0),
         "val_fraction": as_float("val_fraction", p["val_fraction"], 0.0, 1.0, high_open=True),
+        "calibration_fraction": as_float("calibration_fraction", p["calibration_fraction"], 0.0, 1.0, high_open=True),
         "early_stopping_patience": as_int("early_stopping_patience", p["early_stopping_patience"], allow_none=True),
         "hidden_sizes": as_int_list("hidden_sizes", p["hidden_sizes"]),
         "reference_storage": as_choice("reference_storage", p["reference_storage"], REFERENCE_STORAGE),
@@ -182,6 +186,7 @@ def build_model(
     class_weight_power: float = 0.5,
     input_transform: str = "binary",
     val_fraction: float = 0.0,
+    calibration_fraction: float = 0.2,
     early_stopping_patience: int | None = None,
     reference_storage: str = "external",
     num_threads: int | str = 10,
@@ -226,7 +231,16 @@ def build_model(
     input_transform
         ``"binary"`` (x > 0) or ``"float"`` (log1p of counts per 10k).
     val_fraction
-        Fraction of cells held out to monitor validation loss.
+        Fraction of cells held out to monitor validation loss. When > 0, these
+        cells also calibrate the model (see ``calibration_fraction``).
+    calibration_fraction
+        With ``val_fraction=0``: fraction of the cells of each finest-level class
+        held out of training (classes under ``1 / calibration_fraction`` cells keep
+        all theirs; at most 5,000 cells in all) to calibrate the model: one
+        temperature per level, fitted on their logits, makes the confidence
+        match accuracy, and their distances to the training cells of their
+        predicted class are the null for the novelty score. The held-out cells
+        join the KNN reference. 0 disables both (temperature 1, no novelty score).
     early_stopping_patience
         Stop after this many epochs without validation improvement (``None`` disables).
     reference_storage
@@ -254,6 +268,7 @@ def build_model(
         label_smoothing=label_smoothing,
         class_weight_power=class_weight_power,
         val_fraction=val_fraction,
+        calibration_fraction=calibration_fraction,
         early_stopping_patience=early_stopping_patience,
         hidden_sizes=hidden_sizes,
         reference_storage=reference_storage,
@@ -262,7 +277,7 @@ def build_model(
     )
     batch_size, num_epochs, hidden_sizes = p["batch_size"], p["num_epochs"], p["hidden_sizes"]
     dropout_rate, learning_rate, label_smoothing = p["dropout_rate"], p["learning_rate"], p["label_smoothing"]
-    class_weight_power, val_fraction = p["class_weight_power"], p["val_fraction"]
+    class_weight_power, val_fraction, calibration_fraction = p["class_weight_power"], p["val_fraction"], p["calibration_fraction"]
     early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
     input_transform, use_raw = p["input_transform"], p["use_raw"]
     random_state, seed = as_random_state(random_state)
@@ -282,6 +297,12 @@ def build_model(
         )
     perm = rng.permutation(ref.cells)
     val_cells, train_cells = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if n_val:
+        calib_cells, calib_source = val_cells, "validation cells (val_fraction)"
+    else:
+        held = calibration_split(ref.codes[train_cells, -1], calibration_fraction, rng)
+        calib_cells, train_cells = train_cells[held], train_cells[~held]
+        calib_source = "calibration split (calibration_fraction, stratified by the finest level)"
     if early_stopping_patience is not None and n_val == 0:
         warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=2)
     objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev)
@@ -300,7 +321,8 @@ def build_model(
         history = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
                       learning_rate=learning_rate, early_stopping_patience=early_stopping_patience,
                       show_progress=show_progress)
-        embedding = embed_reference(net, ref, dev)
+        embedding, logits = embed_reference(net, ref, dev)
+        calibration, novelty = calibrate(ref, embedding, logits, train_cells, calib_cells)
     train_seconds = time.perf_counter() - t_start
     epochs_done = len(history)
     agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, random_state=seed % 2**32)
@@ -319,6 +341,7 @@ def build_model(
         "class_weight_power": class_weight_power,
         "input_transform": input_transform,
         "val_fraction": val_fraction,
+        "calibration_fraction": calibration_fraction,
         "early_stopping_patience": early_stopping_patience,
         "reference_storage": reference_storage,
         "num_threads": n_threads,
@@ -330,6 +353,7 @@ def build_model(
         "resource_summary": {
             "training cells": int(len(train_cells)),
             "validation cells": int(n_val),
+            "calibration cells": int(len(calib_cells)),
             "dropped unlabelled cells": ref.dropped,
             "genes": int(ref.source.n_vars),
             "device": dev.type,
@@ -341,12 +365,17 @@ def build_model(
         "runtime_summary": monitor.summary(len(train_cells) * epochs_done),
         "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement},
         "unlabelled_cells_per_level": ref.unlabelled,
+        "calibration": dict(calibration["report"], source=calib_source),
         "versions": _versions(),
     }
     train_config["runtime_summary"]["throughput_unit"] = "cell-epochs per second"
-    model = TrainedModel(net, describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config),
+    metadata = describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config)
+    metadata["calibration"] = {"temperatures": calibration["temperatures"] if len(calib_cells) else {}}
+    metadata["novelty"] = novelty
+    model = TrainedModel(net, metadata,
                          {"embedding": embedding,
-                          "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)}})
+                          "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)},
+                          "training_cell": np.isin(ref.cells, train_cells)})
     if show_summary:
         print(format_sections("atlasmtl training finished", model.resource_summary()))
     return model
@@ -564,15 +593,71 @@ def fit(
 
 
 # ---------------------------------------------------------------- embed and describe
-def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) -> np.ndarray:
-    """The used reference cells in the KNN space: encoder output, L2-normalised (cells × last hidden size)."""
+def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The used reference cells in the KNN space (encoder output, L2-normalised; cells × last hidden size)
+    and their logits per level (what calibration reads for the held-out cells)."""
     embedding = np.zeros((len(ref.cells), net.encoder.out_features), dtype=np.float32)
+    logits = [np.zeros((len(ref.cells), len(ref.classes[c])), dtype=np.float32) for c in ref.label_columns]
     with torch.no_grad():
         for start in range(0, len(ref.cells), 4096):
             rows = ref.cells[start : start + 4096]
-            z = net(torch.from_numpy(ref.aligner.transform(reference_rows(ref, rows))).to(dev)).embedding
-            embedding[start : start + len(rows)] = z.cpu().numpy()
-    return normalise_rows(embedding)
+            out = net(torch.from_numpy(ref.aligner.transform(reference_rows(ref, rows))).to(dev))
+            embedding[start : start + len(rows)] = out.embedding.cpu().numpy()
+            for j, lg in enumerate(out.logits):
+                logits[j][start : start + len(rows)] = lg.cpu().numpy()
+    return normalise_rows(embedding), logits
+
+
+def calibrate(
+    ref: Reference,
+    embedding: np.ndarray,
+    logits: list[np.ndarray],
+    train_cells: np.ndarray,
+    calib_cells: np.ndarray,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit one temperature per level and the novelty null on the held-out cells.
+
+    Returns ``(calibration, novelty)``: ``calibration["temperatures"]`` (level →
+    T) and ``calibration["report"]`` (held-out cells, temperatures, top-label ECE
+    before and after); ``novelty`` holds ``k`` and, per level, the median and
+    scale of the held-out cells' log distance to the ``k`` nearest training cells
+    of their predicted class (``None`` without held-out cells).
+    """
+    levels = ref.label_columns
+    pos = np.searchsorted(ref.cells, calib_cells)
+    temperatures, ece = {}, {}
+    probs = []
+    for j, lv in enumerate(levels):
+        codes = ref.codes[calib_cells, j]
+        t = fit_temperature(logits[j][pos], codes) if len(pos) else 1.0
+        temperatures[lv] = t
+        p = softmax(logits[j][pos].astype(np.float64), t)
+        probs.append(p)
+        known = codes >= 0
+        if known.any():
+            before = softmax(logits[j][pos][known].astype(np.float64))
+            ece[lv] = {
+                "uncalibrated": round(expected_calibration_error(before.max(axis=1), before.argmax(axis=1) == codes[known]), 4),
+                "calibrated": round(expected_calibration_error(p[known].max(axis=1), p[known].argmax(axis=1) == codes[known]), 4),
+            }
+    report = {"held_out_cells": int(len(calib_cells)), "temperatures": {k: round(v, 4) for k, v in temperatures.items()},
+              "ece_held_out": ece}
+    novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None}
+    if len(pos):
+        decoded = decode_paths(probs, level_paths(levels, ref.classes, infer_hierarchy(levels, ref.classes, ref.codes)))
+        train_pos = np.searchsorted(ref.cells, train_cells)
+        null = {}
+        for j, lv in enumerate(levels):
+            train_codes = ref.codes[train_cells, j]
+
+            def index_of(c: int, j_codes=train_codes) -> NeighbourIndex | None:
+                members = train_pos[j_codes == c]
+                return NeighbourIndex(embedding[members]) if len(members) else None
+
+            dist = class_distance(embedding[pos], decoded[j], index_of, NOVELTY_K)
+            null[lv] = null_summary(log_distance(dist))
+        novelty["null"] = null
+    return {"temperatures": temperatures, "report": report}, novelty
 
 
 def describe(

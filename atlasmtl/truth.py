@@ -6,7 +6,8 @@
   :func:`true_labels` (any table matched by cell name, for :func:`atlasmtl.evaluate`);
 * predicted labels as strings: :func:`label_strings`;
 * calibration: :func:`calibration_bins` (the reliability table) and
-  :func:`expected_calibration_error` / :func:`ece_of_bins` (one ECE).
+  :func:`expected_calibration_error` / :func:`ece_of_bins` (one ECE), defined in
+  :mod:`~atlasmtl.calibration` (training uses them too) and shared from here.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .calibration import ECE_BINS, calibration_bins, ece_of_bins, expected_calibration_error  # noqa: F401 (shared here)
 from .calls import UNKNOWN, CallTable
 from .exceptions import InputError, LabelError, ParameterError
 
 #: Confidence bins of the expected calibration error and the reliability diagram.
-ECE_BINS = 15
 
 
 # ---------------------------------------------------------------- true labels of a result's cells
@@ -205,55 +206,3 @@ def true_labels(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     values = series.astype(object)
     has = values.notna().to_numpy()
     return values.where(has, "").astype(str).to_numpy(dtype=object), has
-
-
-
-# ---------------------------------------------------------------- calibration
-def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
-    """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
-
-    Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
-    the first), as in :func:`expected_calibration_error`; the
-    expected calibration error is ``sum(cells * |accuracy - confidence|) / total``.
-    """
-    conf = np.asarray(conf, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        sel = which == b
-        n = int(sel.sum())
-        rows.append(
-            {
-                "lower": edges[b],
-                "upper": edges[b + 1],
-                "cells": n,
-                "confidence": float(conf[sel].mean()) if n else np.nan,
-                "accuracy": float(correct[sel].mean()) if n else np.nan,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """ECE from a :func:`calibration_bins` table."""
-    t = table[table["cells"] > 0]
-    total = t["cells"].sum()
-    return float((t["cells"] * (t["accuracy"] - t["confidence"]).abs()).sum() / total) if total else float("nan")
-
-
-
-def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence."""
-    return ece_of_bins(calibration_bins(conf, correct, n_bins))
-
-
-def ece_of_bins(table: pd.DataFrame) -> float:
-    """ECE from a :func:`calibration_bins` table: ``sum(cells * |accuracy - confidence|) / total``."""
-    total, cells = 0.0, 0
-    for n, acc, conf in zip(table["cells"], table["accuracy"], table["confidence"]):
-        if n:
-            total += n * abs(acc - conf)
-            cells += n
-    return float(total / cells) if cells else float("nan")

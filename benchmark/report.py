@@ -57,6 +57,16 @@ def _novel(r: dict, lv: str, key: str) -> Any:
     return ((n.get("levels") or {}).get(lv) or {}).get(key)
 
 
+def _extra(r: dict, key: str, lv: str) -> Any:
+    """A per-level figure the method reported itself (atlasmtl: share routed to KNN, share Unknown)."""
+    return ((r.get("extra") or {}).get(key) or {}).get(lv)
+
+
+def _unknown_share(r: dict, lv: str) -> Any:
+    cov = _level(r, lv, "coverage")
+    return None if cov is None else 1.0 - cov
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -66,7 +76,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def case_table(case: str, info: dict, runs: list[dict]) -> str:
     levels = info["levels"]
     fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
-    header = ["method", f"{fine} macro-F1", "accuracy", "balanced acc.", "coverage", "acc. on covered", "ECE", "Brier", "AURC"]
+    header = ["method", f"{fine} macro-F1", "accuracy", "balanced acc.", "coverage", "acc. on covered", "ECE", "Brier", "AURC",
+              "routed to KNN", "Unknown"]
     if coarse:
         header += [f"{coarse} macro-F1", f"{coarse} accuracy", "path consistency", "full-path acc."]
     if info.get("novel"):
@@ -84,6 +95,7 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
         row = [LABEL.get(r["method"], r["method"])] + [_f(_level(r, fine, k)) for k in
                                                         ("macro_f1", "accuracy", "balanced_accuracy", "coverage",
                                                          "accuracy_covered", "ece", "brier", "aurc")]
+        row += [_f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine))]
         if coarse:
             row += [_f(_level(r, coarse, "macro_f1")), _f(_level(r, coarse, "accuracy")),
                     _f(h.get("path_consistency")), _f(h.get("full_path_accuracy"))]
@@ -107,8 +119,9 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
         "Times are seconds on this machine in this run (compare within the run only; ratios ÷ CT are to CellTypist "
         "on the same case). Peak RSS is the whole subprocess (data loading included). atlasmtl's three rows share one "
         "training (its time and memory are that one process's); Unknown counts as wrong; peers never abstain. "
-        "ECE/Brier/AURC judge each method's confidence (peers: top probability; atlasmtl: network top probability "
-        "against the network's own call).",
+        "ECE/Brier/AURC judge each method's confidence (peers: top probability; atlasmtl: the network's calibrated "
+        "probability of its own call). \"routed to KNN\": share of cells whose call went to atlasmtl's KNN vote "
+        "(– for methods without one); \"Unknown\": share of cells the method abstained on.",
     ]
     settings = {}
     for r in _sorted(runs):
@@ -159,16 +172,36 @@ def summary(results: dict) -> str:
         rows.append([f"{case} ({fine})"] + [cells.get(mm, "") for mm in methods])
     out += [_table(["case (finest level)"] + [SHORT[mm] for mm in methods], rows), ""]
 
+    out += ["## Trust: finest-level ECE / path consistency / share routed to KNN / share Unknown", "",
+            "ECE: top-label expected calibration error (15 bins) of each method's confidence; path consistency: "
+            "predicted coarse/fine pairs that exist in the reference (– with one level); routed to KNN: atlasmtl only; "
+            "Unknown: share of query cells the method abstained on (peers never abstain).", ""]
+    rows = []
+    for case, rs in by_case.items():
+        fine = cases[case]["levels"][-1]
+        cells = {}
+        for r in rs:
+            if r["status"] == "ok":
+                h = (r["metrics"] or {}).get("hierarchy") or {}
+                cells[r["method"]] = " / ".join([_f(_level(r, fine, "ece")), _f(h.get("path_consistency")),
+                                                 _f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine))])
+            else:
+                cells[r["method"]] = r["status"].replace("_", " ")
+        rows.append([f"{case} ({fine})"] + [cells.get(mm, "") for mm in methods])
+    out += [_table(["case (finest level)"] + [SHORT[mm] for mm in methods], rows), ""]
+
     novel_cases = [c for c in by_case if cases[c].get("novel")]
     if novel_cases:
-        out += ["## Novel types: AUROC of (1 − confidence), novel vs known / fraction of novel cells called Unknown", ""]
+        out += ["## Novel types: AUROC of the novelty score (atlasmtl) or of 1 − confidence (peers), novel vs known / "
+                "novel → Unknown / known → Unknown", ""]
         rows = []
         for case in novel_cases:
             fine = cases[case]["levels"][-1]
             cells = {}
             for r in by_case[case]:
                 if r["status"] == "ok":
-                    cells[r["method"]] = f"{_f(_novel(r, fine, 'auroc'))} / {_f(_novel(r, fine, 'novel_unknown_rate'))}"
+                    cells[r["method"]] = (f"{_f(_novel(r, fine, 'auroc'))} / {_f(_novel(r, fine, 'novel_unknown_rate'))}"
+                                          f" / {_f(_novel(r, fine, 'known_unknown_rate'))}")
                 else:
                     cells[r["method"]] = r["status"].replace("_", " ")
             label = ", ".join(f"{v}" for v in cases[case]["novel"].get(fine, []))

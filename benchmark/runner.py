@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the package of this checkout, not whichever atlasmtl is installed (run.py drops PYTHONPATH for the
+# subprocess; without this a worktree would benchmark the editable install's code)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402
     Timer,
@@ -93,6 +96,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
             "extra": {
                 "unknown_rate": {lv: float(result.levels[lv]["is_unknown"].mean()) for lv in levels},
                 "knn_used_rate": {lv: float(result.levels[lv]["used_knn"].mean()) for lv in levels},
+                "knn_routed_rate": {lv: float(np.isfinite(result.levels[lv]["knn_vote_frac"]).mean()) for lv in levels},
                 "genes": {k: v for k, v in result.metadata["genes"].items() if isinstance(v, (int, float, str))},
             },
         }
@@ -105,7 +109,8 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
             "build_model": {k: cfg[k] for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
                                                 "input_transform", "val_fraction", "num_threads", "device")},
             "predict": "atlasmtl.predict defaults (confidence_high 0.7, confidence_low 0.4, margin 0.2, knn_k 15, "
-                       "knn_conf_low 0.6); knn_correction per output",
+                       "knn_conf_low 0.6, novelty_threshold 4.0); knn_correction per output",
+            "calibration": cfg.get("calibration"),
             "coord_targets": coords,
             "input": "X = log1p CP10k (binary transform x > 0 applied by atlasmtl)",
             "knn_neighbour_label_agreement": cfg.get("knn_space", {}).get("neighbour_label_agreement"),

@@ -365,8 +365,10 @@ def test_pbmc68k_integration():
     novel = ev["novel"]
     assert novel["n_novel"] == int((query.obs["bulk_labels"] == "Dendritic").sum()) > 0
     is_novel = (query.obs["bulk_labels"] == "Dendritic").to_numpy()
-    conf = result.levels["bulk_labels"]["conf"]
-    assert novel["levels"]["bulk_labels"]["auroc"] == pytest.approx(roc_auc_score(is_novel, 1 - conf))
+    score = result.levels["bulk_labels"]["novelty"]  # atlasmtl's own novelty score, not 1 - confidence
+    assert novel["levels"]["bulk_labels"]["auroc_score"] == "novelty"
+    assert novel["levels"]["bulk_labels"]["auroc"] == pytest.approx(
+        roc_auc_score(is_novel, np.where(np.isnan(score), np.inf, score.astype(np.float64)).clip(-1e300, 1e300)))
     unknown = result.levels["bulk_labels"]["is_unknown"]
     assert novel["levels"]["bulk_labels"]["novel_unknown_rate"] == pytest.approx(unknown[is_novel].mean())
     assert novel["levels"]["bulk_labels"]["known_unknown_rate"] == pytest.approx(unknown[~is_novel].mean())

@@ -150,7 +150,8 @@ def test_writeback_columns_per_mode(pbmc_model, pbmc_split):
     expected = {
         "minimal": ["pred"],
         "standard": ["pred", "conf", "margin", "is_unknown"],
-        "full": ["pred", "conf", "margin", "is_unknown", "raw", "knn", "knn_vote_frac", "is_low_conf", "used_knn"],
+        "full": ["pred", "conf", "margin", "is_unknown", "raw", "knn", "knn_vote_frac", "is_low_conf", "used_knn",
+                 "novelty", "is_novel"],
     }
     for mode, fields in expected.items():
         frame = result.to_dataframe(mode)

@@ -1,0 +1,129 @@
+"""Calibration: a per-level temperature fitted on reference cells the network did not train on.
+
+The network is trained with label smoothing, which keeps its probabilities
+away from 0 and 1 (helpful for training, but the raw top probability then
+understates accuracy: median 0.57 at 0.98 accuracy on Symphony PBMC). A single
+temperature per level, fitted by maximum likelihood on held-out reference
+cells, rescales the logits so that confidences match accuracy; it does not
+change the ranking of classes within a cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+#: Confidence bins of the expected calibration error.
+ECE_BINS = 15
+#: Bounds of the fitted log-temperature (T in [e^-4, e^4]).
+LOG_T_BOUNDS = (-4.0, 4.0)
+
+
+def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generator, max_cells: int = 5000) -> np.ndarray:
+    """Choose held-out calibration cells, stratified by label.
+
+    ``floor(fraction * n_c)`` cells of each class ``c`` are held out (so classes
+    with fewer than ``1 / fraction`` cells keep all their cells for training),
+    scaled down so that at most ``max_cells`` cells are held out in total.
+
+    Parameters
+    ----------
+    codes
+        Integer label per cell (finest level; -1 = unlabelled, never held out).
+    fraction
+        Target fraction held out.
+    rng
+        Random generator (the model's ``random_state``).
+    max_cells
+        Cap on held-out cells (enough for a temperature and a distance null).
+
+    Returns
+    -------
+    Boolean mask of held-out cells.
+    """
+    held = np.zeros(len(codes), dtype=bool)
+    if fraction <= 0:
+        return held
+    labelled = codes[codes >= 0]
+    frac = min(fraction, max_cells / max(len(labelled), 1))
+    for c in np.unique(labelled):
+        idx = np.flatnonzero(codes == c)
+        m = int(np.floor(frac * len(idx)))
+        if m:
+            held[rng.choice(idx, m, replace=False)] = True
+    return held
+
+
+def fit_temperature(logits: np.ndarray, codes: np.ndarray) -> float:
+    """Temperature ``T`` minimising the held-out negative log-likelihood of ``softmax(logits / T)``.
+
+    The targets are smoothed by a Laplace prior on accuracy (``1 / (n + 2)`` of
+    the mass spread over the other classes), so a held-out set the network
+    classifies perfectly yields a finite, not an infinitely sharp, temperature.
+    Returns 1.0 when no cell is labelled.
+    """
+    keep = codes >= 0
+    lg, y = np.asarray(logits, dtype=np.float64)[keep], codes[keep]
+    if len(y) == 0 or lg.shape[1] < 2:
+        return 1.0
+    eps = 1.0 / (len(y) + 2)
+    k = lg.shape[1]
+    rows = np.arange(len(y))
+
+    def nll(log_t: float) -> float:
+        lp = lg / np.exp(log_t)
+        lp = lp - logsumexp(lp, axis=1, keepdims=True)
+        true = lp[rows, y]
+        return -float(np.mean((1 - eps) * true + eps / (k - 1) * (lp.sum(axis=1) - true)))
+
+    return float(np.exp(minimize_scalar(nll, bounds=LOG_T_BOUNDS, method="bounded").x))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise ``softmax(logits / temperature)`` (float32 or float64 in, same out)."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
+
+    Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
+    the first); the expected calibration error is
+    ``sum(cells * |accuracy - confidence|) / total``.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        rows.append({
+            "lower": edges[b],
+            "upper": edges[b + 1],
+            "cells": n,
+            "confidence": float(conf[sel].mean()) if n else np.nan,
+            "accuracy": float(correct[sel].mean()) if n else np.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def ece_of_bins(table: pd.DataFrame) -> float:
+    """ECE from a :func:`calibration_bins` table: ``sum(cells * |accuracy - confidence|) / total``."""
+    total, cells = 0.0, 0
+    for n, acc, conf in zip(table["cells"], table["accuracy"], table["confidence"]):
+        if n:
+            total += n * abs(acc - conf)
+            cells += n
+    return float(total / cells) if cells else float("nan")
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence."""
+    return ece_of_bins(calibration_bins(conf, correct, n_bins))

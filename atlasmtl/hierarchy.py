@@ -1,0 +1,69 @@
+"""Hierarchy: decode nested annotation levels jointly, so every predicted path exists in the reference.
+
+For a run of levels where each child label has one parent (the ``hierarchy``
+stored in the model), the decoded path is the reference path (leaf label and
+its ancestors) maximising the product of the levels' calibrated probabilities.
+Levels that do not nest in their parent are decoded on their own.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def level_paths(levels: Sequence[str], classes: Mapping[str, Sequence[str]], hierarchy: Mapping[str, Mapping[str, str]]) -> list[tuple[int, int, np.ndarray]]:
+    """Runs of nesting levels and their reference paths.
+
+    Returns ``(first, last, paths)`` per run: ``paths[p, m]`` is the class code at
+    level ``first + m`` of path ``p`` (one path per label of level ``last``).
+    A single level forms a run of length one with the identity path table.
+    """
+    runs = []
+    j = 0
+    while j < len(levels):
+        end = j
+        while end + 1 < len(levels) and levels[end + 1] in hierarchy:
+            end += 1
+        leaves = np.arange(len(classes[levels[end]]))
+        paths = np.zeros((len(leaves), end - j + 1), dtype=np.int64)
+        paths[:, -1] = leaves
+        for m in range(end, j, -1):
+            parent_of = hierarchy[levels[m]]
+            parent_code = {c: i for i, c in enumerate(classes[levels[m - 1]])}
+            names = classes[levels[m]]
+            paths[:, m - j - 1] = [parent_code[parent_of[names[c]]] for c in paths[:, m - j]]
+        runs.append((j, end, paths))
+        j = end + 1
+    return runs
+
+
+def decode_paths(probs: Sequence[np.ndarray], runs: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
+    """Class code per level: the valid path maximising the product of the level probabilities.
+
+    Parameters
+    ----------
+    probs
+        Calibrated probabilities per level (cells × classes), coarse to fine.
+    runs
+        From :func:`level_paths`.
+    """
+    codes: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(probs)
+    for first, last, paths in runs:
+        if first == last:
+            codes[first] = probs[first].argmax(axis=1)
+            continue
+        score = np.zeros((probs[first].shape[0], len(paths)))
+        for m in range(first, last + 1):
+            score += np.log(np.clip(probs[m][:, paths[:, m - first]], 1e-30, None))
+        best = score.argmax(axis=1)
+        for m in range(first, last + 1):
+            codes[m] = paths[best, m - first]
+    return codes
+
+
+def parent_codes(child_classes: Sequence[str], parent_classes: Sequence[str], mapping: Mapping[str, str]) -> np.ndarray:
+    """Parent class code of each child class code."""
+    parent_code = {c: i for i, c in enumerate(parent_classes)}
+    return np.array([parent_code[mapping[c]] for c in child_classes], dtype=np.int64)
