@@ -21,14 +21,14 @@ import atlasmtl  # noqa: E402
 from atlasmtl.exceptions import InputError, ParameterError  # noqa: E402
 from atlasmtl.report import result_from_predictions  # noqa: E402
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS  # noqa: E402
+
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
 
 @pytest.fixture(scope="module")
-def mapped(pbmc_model, pbmc_split):
-    ref, query = pbmc_split
-    return atlasmtl.predict(pbmc_model, query, show_progress=False), ref, query
+def mapped(pbmc_result, pbmc_split):
+    return pbmc_result, *pbmc_split
 
 
 @pytest.fixture(scope="module")
