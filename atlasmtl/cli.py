@@ -305,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     # demo
     p = sub.add_parser("demo", help="run the README's reference mapping on pbmc68k_reduced", formatter_class=_Formatter,
                        description="Split pbmc68k_reduced (ships with scanpy) into reference and query, train, "
-                       "save, load, predict, and print per-level accuracy and resource summaries.", epilog=exit_help)
+                       "save, load, predict, print per-level accuracy, and write the model, the annotated query "
+                       "and an HTML report into one folder.", epilog=exit_help)
     add_signature_options(p, run_demo, _DEMO_SKIP, {"num_epochs": "training epochs",
                                                     "random_state": "seed of the split and the training"})
-    p.add_argument("--out-dir", default=None, metavar="DIR", help="keep the saved model here (default: a temporary folder)")
+    p.add_argument("--out-dir", default="atlasmtl_demo", metavar="DIR",
+                   help="folder for model/, query_annotated.h5ad and report.html (default: ./atlasmtl_demo)")
     _common(p)
     return parser
 
@@ -533,7 +535,7 @@ def cmd_demo(args: argparse.Namespace, out: dict[str, Any]) -> str:
 
     kwargs = _api_kwargs(args, run_demo, _DEMO_SKIP)
     scores = run_demo(out_dir=args.out_dir, quiet=args.json or args.quiet, **kwargs)
-    out.update(dataset="pbmc68k_reduced", scores=scores)
+    out.update(dataset="pbmc68k_reduced", out_dir=str(args.out_dir), scores=scores)
     return ""
 
 

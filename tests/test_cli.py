@@ -18,7 +18,8 @@ import pytest
 import atlasmtl
 from atlasmtl import cli
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -215,9 +216,20 @@ def test_verbose_shows_the_traceback(files, trained, monkeypatch, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("atlasmtl predict: error: ParameterError")
 
 
-def test_demo_json(capsys):
-    assert cli.main(["demo", "--num-epochs", "3", "--json"]) == 0
+def test_demo_options_reach_run_demo_and_json(monkeypatch, capsys):
+    """The demo itself runs once, in test_quickstart; here only the command's wiring."""
+    import atlasmtl.demo
+
+    calls = []
+
+    def fake_run_demo(out_dir="atlasmtl_demo", num_epochs=40, random_state=0, quiet=False, show_resources=False):
+        calls.append(dict(out_dir=out_dir, quiet=quiet, num_epochs=num_epochs, random_state=random_state,
+                          show_resources=show_resources))
+        return {lv: {"accuracy": 0.5} for lv in LEVELS}
+
+    monkeypatch.setattr(atlasmtl.demo, "run_demo", fake_run_demo)
+    assert cli.main(["demo", "--num-epochs", "3", "--out-dir", "d", "--show-resources", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["ok"] is True and out["dataset"] == "pbmc68k_reduced"
+    assert out["ok"] is True and out["dataset"] == "pbmc68k_reduced" and out["out_dir"] == "d"
     assert set(out["scores"]) == set(LEVELS)
-    assert out["scores"]["lineage"]["accuracy"] > 0.5  # 5 classes; even 3 epochs beat chance by far
+    assert calls == [{"out_dir": "d", "quiet": True, "num_epochs": 3, "random_state": 0, "show_resources": True}]
