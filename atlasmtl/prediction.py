@@ -170,9 +170,9 @@ def predict(
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     show_progress
-        Batch progress bar with ETA on stderr; ``None`` = only in an interactive terminal.
+        Batch progress bar with ETA on stderr; ``None`` = on in a notebook or an interactive terminal.
     show_summary
-        Print a compact summary at the end; ``None`` = only in an interactive terminal.
+        Print a compact summary at the end; ``None`` = on in a notebook or an interactive terminal.
 
     Returns
     -------

@@ -83,8 +83,22 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, classic notebook, VS Code, Colab)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a kernel has always imported it already
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:  # noqa: BLE001 - an odd IPython is simply not a notebook
+        return False
+
+
 def interactive() -> bool:
-    """True when stderr is an interactive terminal."""
+    """True in a Jupyter kernel or when stderr is an interactive terminal."""
+    if in_notebook():
+        return True
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
@@ -92,14 +106,28 @@ def interactive() -> bool:
 
 
 def resolve_flag(flag: bool | None) -> bool:
-    """``None`` means "on only in an interactive terminal"."""
+    """``None`` means "on in a notebook or an interactive terminal, off in scripts and pipelines"."""
     return interactive() if flag is None else bool(flag)
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, unit: str = "it"):
-    """A tqdm progress bar on stderr (with ETA), or a silent pass-through."""
-    from tqdm.auto import tqdm
+def _widgets_available() -> bool:
+    import importlib.util
 
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, unit: str = "it"):
+    """A tqdm progress bar (with ETA), or a silent pass-through when ``enabled`` is false.
+
+    In a Jupyter kernel with ipywidgets (``pip install atlasmtl[notebook]``) the bar is a widget;
+    elsewhere, including a kernel without ipywidgets, it is tqdm's text bar on stderr, which
+    notebooks show too. ``tqdm.auto`` is not used: it warns (``TqdmWarning: IProgress not found``)
+    in a kernel without ipywidgets even when no bar is drawn.
+    """
+    if enabled and in_notebook() and _widgets_available():
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr, leave=False)
 
 

@@ -250,9 +250,9 @@ def build_model(
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     show_progress
-        Epoch progress bar with ETA on stderr; ``None`` = only in an interactive terminal.
+        Epoch progress bar with ETA on stderr; ``None`` = on in a notebook or an interactive terminal.
     show_summary
-        Print a compact summary at the end; ``None`` = only in an interactive terminal.
+        Print a compact summary at the end; ``None`` = on in a notebook or an interactive terminal.
     random_state
         Seed for initialisation, shuffling and dropout.
 
