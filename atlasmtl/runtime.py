@@ -124,11 +124,13 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled
     notebooks show too. ``tqdm.auto`` is not used: it warns (``TqdmWarning: IProgress not found``)
     in a kernel without ipywidgets even when no bar is drawn.
     """
-    if enabled and in_notebook() and _widgets_available():
+    notebook = enabled and in_notebook()
+    if notebook and _widgets_available():
         from tqdm.notebook import tqdm
     else:
         from tqdm.std import tqdm
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr, leave=False)
+    # a finished bar stays in a notebook's output (a record of the run); a terminal's line is cleared
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr, leave=notebook)
 
 
 def process_peak_rss_mb() -> float:
