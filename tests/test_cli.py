@@ -121,6 +121,38 @@ def test_report_from_saved_predictions_with_the_installed_script(files, trained)
     assert summary["metrics"]["bulk_labels"]["accuracy"] == pytest.approx(accuracy)
 
 
+def test_filters_split_one_file_into_reference_and_query(files, trained, monkeypatch, capsys):
+    """One file with both sides: --reference-filter for training, --query-filter for prediction."""
+    ref, query = ad.read_h5ad(files / "ref.h5ad"), ad.read_h5ad(files / "query.h5ad")
+    ref.obs["side"], query.obs["side"] = "reference", "query"
+    ad.concat([ref, query], merge="same").write_h5ad(files / "both.h5ad")
+    monkeypatch.chdir(files)
+    # predicting the selected cells of the combined file = predicting the separate query file
+    for name, extra in (("separate", ["--query", "query.h5ad"]),
+                        ("filtered", ["--query", "both.h5ad", "--query-filter", "side=query"])):
+        assert cli.main(["predict", "--model", "model", *extra, "--out", f"{name}.h5ad", "--mode", "full",
+                         "--no-show-progress", "--quiet"]) == 0
+    separate, filtered = ad.read_h5ad(files / "separate.h5ad"), ad.read_h5ad(files / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(query.obs_names)
+    pd.testing.assert_frame_equal(filtered.obs.drop(columns="side"), separate.obs, check_categorical=False)
+    # training on the cells that are not the query: the same 490 cells as ref.h5ad
+    assert cli.main(["train", "--reference", "both.h5ad", "--reference-filter", "side!=query", "--labels", "lineage",
+                     "--out", "split_model", "--num-epochs", "1", "--no-show-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reference_cells"] == ref.n_obs and summary["reference_filter"] == "side!=query"
+    assert (files / "split_model" / "model_manifest.json").is_file()
+
+
+def test_train_out_folder_or_pth_path(files, trained):
+    """--out DIR writes DIR/model.pth ...; --out DIR/name.pth writes name.pth, name_manifest.json ... in DIR."""
+    assert Path(trained["model"]) == Path("model") / "model_manifest.json"
+    assert cli._weights_path("m") == Path("m") / "model.pth"
+    assert cli._weights_path("m/atlas_v2.pth") == Path("m") / "atlas_v2.pth"
+    assert cli._weights_path("runs/v1.2/") == Path("runs/v1.2") / "model.pth"  # a trailing slash: a folder
+    with pytest.raises(cli.UsageError, match="does not end in .pth"):
+        cli._weights_path("m/model.pt")
+
+
 def test_bad_model_is_one_line_with_a_stable_exit_code(files, trained):
     broken = files / "broken"
     shutil.copytree(files / "model", broken)
@@ -197,6 +229,18 @@ def test_option_values_are_parsed_to_api_types():
      "'nope'"),
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.pdf"], 2, "must end in .html"),
     (["frobnicate"], 2, "invalid choice"),
+    # --out of train: a folder or a .pth path; another file suffix is refused, not made a folder
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m/model.pt"], 2,
+     "--out 'm/model.pt' looks like a file name but does not end in .pth"),
+    # cell filters: the syntax, the column and the values are checked before any work
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--query-filter", "lineage"], 2,
+     "use COLUMN=VALUE[,VALUE...] to keep those cells"),
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--query-filter", "batch=1"], 2,
+     "'query.h5ad' has no obs column 'batch'; its columns are 'lineage', 'bulk_labels'"),
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--reference-filter", "lineage!=Tcell"],
+     2, "obs column 'lineage' of 'ref.h5ad' has no value 'Tcell'; its values are 'B', 'Myeloid', 'NK'"),
+    (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--reference-filter", "lineage=T"], 2,
+     "--reference-filter needs --reference"),
 ])
 def test_errors_in_process(files, trained, monkeypatch, capsys, argv, code, pattern):
     monkeypatch.chdir(files)
