@@ -422,18 +422,8 @@ def _weights_path(out: str) -> Path:
 
 
 def _model_path(text: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        manifests = sorted(path.glob("*_manifest.json"))
-        if len(manifests) == 1:
-            return manifests[0]
-        from .exceptions import ArtifactError
-
-        raise ArtifactError(
-            f"{text!r} is a folder holding {len(manifests)} model manifests (*_manifest.json); "
-            "name the manifest file."
-        )
-    return path
+    """``--model``: the folder, the manifest or the ``.pth`` (resolved by ``TrainedModel.load``)."""
+    return Path(text)
 
 
 def _check_writable(path: Path, what: str) -> None:

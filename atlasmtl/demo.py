@@ -67,7 +67,7 @@ def run_demo(
                                  num_epochs=num_epochs, random_state=random_state, show_progress=False,
                                  show_summary=False)
     model.save(out / "model" / "model.pth")
-    model = atlasmtl.TrainedModel.load(out / "model" / "model_manifest.json")
+    model = atlasmtl.TrainedModel.load(out / "model")
     t1 = time.perf_counter()
     result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
     t2 = time.perf_counter()
@@ -83,8 +83,8 @@ def run_demo(
             "macro_f1": _macro_f1(y, p),
             "coverage": float(covered.mean()),
             "accuracy_covered": float(np.mean(p[covered] == y[covered])) if covered.any() else float("nan"),
-            "low_confidence": float(np.mean(result.levels[level]["is_low_conf"])),
-            "knn_corrected": float(np.mean(result.levels[level]["used_knn"])),
+            "low_confidence": float(np.mean(result.levels[level].is_low_conf)),
+            "knn_corrected": float(np.mean(result.levels[level].used_knn)),
         }
     say(f"{'level':<13}{'accuracy':>9}{'macro-F1':>10}{'low-confidence':>16}{'KNN-corrected':>15}{'Unknown':>9}")
     for level, s in scores.items():
@@ -100,8 +100,7 @@ def run_demo(
     query.write_h5ad(out / "query_annotated.h5ad")
     report = result.report(out / "report.html", model=model, adata=query, truth=truth[levels], reference=ref)
     say(f"Wrote to {out}/:")
-    say("  model/                the trained model: atlasmtl.TrainedModel.load"
-        f"(\"{out / 'model' / 'model_manifest.json'}\")")
+    say(f"  model/                the trained model: atlasmtl.TrainedModel.load(\"{out / 'model'}\")")
     say("  query_annotated.h5ad  the query with pred_*/conf_* columns in obs and obsm['X_pred_umap']")
     say("  report.html           plots, per-level metrics, settings and input checks")
     say(f"Open the report:  python -m webbrowser {report.resolve().as_uri()}")

@@ -207,16 +207,47 @@ def gpu_name(device: torch.device) -> str | None:
     return None
 
 
+def runtime_section(runtime: dict[str, Any], unit: str = "cells") -> dict[str, Any]:
+    """The printed form of a :meth:`ResourceMonitor.summary` (plus device fields): plain words for keys,
+    units in the values, nothing that is ``None``.
+
+    ``unit`` names what was counted: ``"cells"`` for prediction, ``"cell-epochs"`` for training
+    (cells × epochs, so a throughput of 1,000 cell-epochs/s is 100 cells through 10 epochs per second).
+    """
+    rt = {k: v for k, v in runtime.items() if v is not None}
+    out: dict[str, Any] = {}
+    if "elapsed_seconds" in rt:
+        out["time"] = f"{rt['elapsed_seconds']:,.2f} s"
+    if "n_cells" in rt:
+        out[unit] = f"{rt['n_cells']:,}"
+    if "throughput_cells_per_second" in rt:
+        out["throughput"] = f"{rt['throughput_cells_per_second']:,.0f} {unit}/s"
+    for key, label in (("phase_peak_rss_mb", "peak memory"), ("phase_rss_increase_mb", "memory added"),
+                       ("process_peak_rss_mb", "process peak memory"), ("gpu_peak_memory_mb", "GPU peak memory")):
+        if key in rt:
+            out[label] = f"{rt[key]:,.0f} MB"
+    for key, label in (("device", "device"), ("gpu", "GPU"), ("threads", "threads"), ("cpu count", "CPUs"),
+                       ("knn_cells_searched", "cells searched by KNN")):
+        if key in rt:
+            out[label] = f"{rt[key]:,}" if isinstance(rt[key], int) else rt[key]
+    return out
+
+
 def format_sections(title: str, sections: dict[str, dict[str, Any]]) -> str:
-    """Render nested dicts as a compact sectioned text block."""
+    """Render nested dicts as a compact sectioned text block; ``None`` values are left out."""
     lines = [title, "=" * len(title)]
     for name, values in sections.items():
+        values = {k: v for k, v in (values or {}).items() if v is not None}
         if not values:
             continue
         lines.append(f"[{name}]")
         width = max(len(str(k)) for k in values)
         for key, value in values.items():
-            if isinstance(value, float):
+            if isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif isinstance(value, float):
                 value = f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.1f}"
+            elif isinstance(value, (list, tuple)):
+                value = ", ".join(map(str, value))
             lines.append(f"  {str(key).ljust(width)} : {value}")
     return "\n".join(lines)
