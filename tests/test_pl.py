@@ -187,3 +187,57 @@ def test_training_history_show_and_save(pbmc_model, gated, tmp_path):
     out = tmp_path / "composition.png"
     pl.composition(result, save=out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- ax=, legends and axis ranges
+def test_plots_draw_into_the_users_axes(gated):
+    result, ref, query = gated
+    fig = Figure()
+    comp_axes = fig.subplots(1, 2)
+    assert pl.composition(result, ax=comp_axes) is fig
+    assert [len(ax.patches) for ax in comp_axes] == [len(result.classes[lv]) + 1 for lv in LEVELS]
+    single = Figure().subplots()
+    assert pl.rates(result, ax=single) is single.get_figure() and len(single.patches) == 3 * len(LEVELS)
+    grid = Figure().subplots(2, 2)
+    pl.confidence(result, ax=grid)
+    assert all(ax.patches for ax in grid.ravel())
+    one = Figure().subplots()
+    pl.reliability(result, query, levels="bulk_labels", ax=one)
+    assert one.get_title().startswith("bulk_labels: ECE")
+    # the wrong number of Axes names what the plot needs
+    with pytest.raises(ParameterError, match=r"draws 2 panel\(s\) \(one per level\); pass 2 matplotlib Axes, got 1"):
+        pl.confusion(result, query, ax=Figure().subplots())
+    with pytest.raises(ParameterError, match="not all Axes"):
+        pl.umap(result, ref, color="label", ax="left")
+
+
+def test_reliability_legend_covers_no_data(gated):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    result, _, query = gated
+    fig = pl.reliability(result, query)
+    FigureCanvasAgg(fig).draw()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legends
+    boxes = [leg.get_window_extent() for leg in legends]
+    for ax in fig.axes:
+        points = [c.get_offsets() for c in ax.collections if len(c.get_offsets())]
+        lines = [np.column_stack(line.get_data()) for line in ax.lines]
+        for xy in points + lines:
+            display = ax.transData.transform(np.asarray(xy, dtype=float))
+            for box in boxes:
+                inside = (display[:, 0] >= box.x0) & (display[:, 0] <= box.x1) & \
+                         (display[:, 1] >= box.y0) & (display[:, 1] <= box.y1)
+                assert not inside.any(), "the legend covers data"
+        for bar in ax.patches:
+            assert not any(box.overlaps(bar.get_window_extent()) for box in boxes), "the legend covers a bar"
+
+
+def test_fraction_and_score_axes_stop_at_one(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    everything_low = atlasmtl.predict(pbmc_model, query, show_progress=False, confidence_high=1.0)
+    assert all(np.mean(everything_low.levels[lv].is_low_conf) == 1.0 for lv in LEVELS)
+    ax = _visible_axes(pl.rates(everything_low))[0]
+    assert ax.get_ylim()[1] == pytest.approx(1.0)  # 100% of cells, and not a tick more
+    for ax in _visible_axes(pl.f1_scores(everything_low, query)):
+        assert ax.get_xlim() == (0.0, 1.0)
