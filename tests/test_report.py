@@ -63,6 +63,10 @@ def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
     evaluation = atlasmtl.evaluate(result, query, LEVELS)
     macro = evaluation["levels"]["bulk_labels"]["macro_f1"]
     assert f"{macro:.3f}" in text  # the summary card
+    for level in LEVELS:  # the overview cards give accuracy beside macro-F1
+        accuracy = evaluation["levels"][level]["accuracy"]
+        assert re.search(rf'<div class="v">{re.escape(f"{accuracy:.1%}")}</div><div class="k">{level}: accuracy</div>',
+                         text), level
     assert f"{macro:.4f}".rstrip("0") in text  # the metrics table
     assert result.metadata["versions"]["torch"] in text
     assert str(pbmc_model.train_config["num_epochs"]) in text
