@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .io import read_h5ad, to_json
+# Nothing heavy at import time: --help and --version must not wait for PyTorch or anndata.
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -233,12 +233,34 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", action="store_true", help="show tracebacks on errors and where warnings come from")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``atlasmtl`` argument parser (all subcommands)."""
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``atlasmtl`` argument parser.
+
+    Parameters
+    ----------
+    commands
+        Subcommands whose API options (generated from :func:`~atlasmtl.build_model`,
+        :func:`~atlasmtl.predict` and ``run_demo``) are added; ``None`` = all of them.
+        Those options need their module imported (PyTorch, anndata), so :func:`main`
+        asks only for the command it runs: ``atlasmtl --help`` and ``--version`` import
+        neither.
+    """
     from ._version import __version__
-    from .demo import run_demo
-    from .prediction import predict
-    from .training import build_model
+
+    wanted = set(_COMMANDS) if commands is None else set(commands)
+
+    def api(name: str) -> Callable:
+        if name == "run_demo":
+            from .demo import run_demo
+
+            return run_demo
+        if name == "predict":
+            from .prediction import predict
+
+            return predict
+        from .training import build_model
+
+        return build_model
 
     exit_help = "exit status: " + "; ".join(f"{code} {meaning}" for meaning, code in EXIT_CODES.items())
     parser = _Parser(
@@ -272,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backed", action="store_true",
                    help="read the reference on disk (backed) instead of loading it into memory: "
                    "for references larger than memory, slower")
-    add_signature_options(p.add_argument_group("training options (atlasmtl.build_model)"), build_model, _TRAIN_SKIP)
+    if "train" in wanted:
+        add_signature_options(p.add_argument_group("training options (atlasmtl.build_model)"), api("build_model"),
+                              _TRAIN_SKIP)
     _common(p)
 
     # predict
@@ -281,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "coordinates, and write the predictions. The query is read backed (in chunks).",
                        epilog=exit_help)
     g = p.add_argument_group("data")
-    g.add_argument("--model", required=True, metavar="MANIFEST",
-                   help="model_manifest.json (or the .pth weights, or the model folder)")
+    g.add_argument("--model", required=True, metavar="MODEL",
+                   help="the model folder (train --out), or its *_manifest.json or .pth file")
     g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
     _filter_option(g, "--query-filter", "query", "dataset=3pv1")
     g.add_argument("--out", required=True, metavar="FILE",
@@ -294,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--include-coords", action="store_true",
                    help="also write the predicted coordinates (obsm X_pred_<name> in .h5ad; "
                    "<name>_1, <name>_2, ... columns in tables)")
-    add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), predict, _PREDICT_SKIP)
+    if "predict" in wanted:
+        add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
+                              _PREDICT_SKIP)
     _common(p)
 
     # report
@@ -304,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the accuracy against known labels. Without --predictions the query is predicted "
                        "with the prediction options below.", epilog=exit_help)
     g = p.add_argument_group("data")
-    g.add_argument("--model", required=True, metavar="MANIFEST", help="model_manifest.json (or .pth, or folder)")
+    g.add_argument("--model", required=True, metavar="MODEL",
+                   help="the model folder (train --out), or its *_manifest.json or .pth file")
     g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
     _filter_option(g, "--query-filter", "query", "dataset=3pv1")
     g.add_argument("--predictions", metavar="FILE",
@@ -318,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     _filter_option(g, "--reference-filter", "reference", "'dataset!=3pv1'")
     g.add_argument("--title", help="page title")
     g.add_argument("--out", required=True, metavar="HTML", help="report file (.html)")
-    add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), predict, _PREDICT_SKIP)
+    if "report" in wanted:
+        add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
+                              _PREDICT_SKIP)
     _common(p)
 
     # demo
@@ -326,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Split pbmc68k_reduced (ships with scanpy) into reference and query, train, "
                        "save, load, predict, print per-level accuracy, and write the model, the annotated query "
                        "and an HTML report into one folder.", epilog=exit_help)
-    add_signature_options(p, run_demo, _DEMO_SKIP, {"num_epochs": "training epochs",
-                                                    "random_state": "seed of the split and the training"})
+    if "demo" in wanted:
+        add_signature_options(p, api("run_demo"), _DEMO_SKIP, {"num_epochs": "training epochs",
+                                                               "random_state": "seed of the split and the training"})
     p.add_argument("--out-dir", default="atlasmtl_demo", metavar="DIR",
                    help="folder for model/, query_annotated.h5ad and report.html (default: ./atlasmtl_demo)")
     _common(p)
@@ -613,6 +643,19 @@ def cmd_demo(args: argparse.Namespace, out: dict[str, Any]) -> str:
 _COMMANDS = {"train": cmd_train, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
 
 
+def _to_json(report: dict[str, Any]) -> str:
+    from .io import to_json
+
+    return to_json(report)
+
+
+def read_h5ad(path: str, backed: bool = False) -> Any:
+    """:func:`atlasmtl.io.read_h5ad`, imported when a command first reads a file."""
+    from .io import read_h5ad as read
+
+    return read(path, backed=backed)
+
+
 def _exit_code(exc: BaseException) -> int:
     from .exceptions import ArtifactError, AtlasMTLError
 
@@ -662,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"atlasmtl: warning: {text}{where}", file=sys.stderr)
 
     try:
-        parser = build_parser()
         sub = next((a for a in argv if a in _COMMANDS), None)
+        parser = build_parser([sub] if sub else [])
         prog = f"atlasmtl {sub}" if sub else "atlasmtl"
         args = parser.parse_args(argv)
         report.update(command=args.command)
@@ -675,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show_warning
             text = _COMMANDS[args.command](args, report)
         report.update(ok=True, seconds=round(time.perf_counter() - t0, 3), warnings=caught)
-        _emit(to_json(report) if json_out else (text if text and not quiet else None))
+        _emit(_to_json(report) if json_out else (text if text and not quiet else None))
         return EXIT_OK
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
@@ -691,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if json_out:
             report.update(ok=False, error=_one_line(exc), error_type=type(exc).__name__, exit_code=code,
                           warnings=caught)
-            _emit(to_json(report))
+            _emit(_to_json(report))
         return code
 
 

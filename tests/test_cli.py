@@ -277,3 +277,31 @@ def test_demo_options_reach_run_demo_and_json(monkeypatch, capsys):
     assert out["ok"] is True and out["dataset"] == "pbmc68k_reduced" and out["out_dir"] == "d"
     assert set(out["scores"]) == set(LEVELS)
     assert calls == [{"out_dir": "d", "quiet": True, "num_epochs": 3, "random_state": 0, "show_resources": True}]
+
+
+def test_version_and_help_import_neither_torch_nor_anndata():
+    """``atlasmtl --version`` / ``--help`` answer at once; a command's --help imports only its API module."""
+    heavy = ("torch", "anndata", "scanpy", "pandas", "matplotlib")
+    code = ("import sys\nfrom atlasmtl import cli\n"
+            "codes = [cli.main([a]) for a in ('--version', '--help')]\n"
+            f"print(codes, sorted(m for m in {heavy!r} if m in sys.modules))\n"
+            "cli.main(['train', '--help'])\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "atlasmtl " in proc.stdout and "--reference-filter" in proc.stdout
+    assert lines[-1] == "['anndata', 'pandas', 'torch']"  # train --help: build_model's signature, nothing more
+    assert "[0, 0] []" in lines
+
+
+def test_package_attributes_load_on_first_use():
+    code = ("import sys, atlasmtl\nassert 'torch' not in sys.modules, 'import atlasmtl pulled in torch'\n"
+            "assert {'build_model', 'predict', 'evaluate', 'pl', 'TrainedModel'} <= set(dir(atlasmtl))\n"
+            "assert callable(atlasmtl.build_model) and atlasmtl.pl.umap and 'torch' in sys.modules\n"
+            "print(atlasmtl.__version__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == atlasmtl.__version__
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        atlasmtl.nope  # noqa: B018
