@@ -141,13 +141,13 @@ def _load_weights(data: bytes, name: str) -> Any:
 def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
     """File names that go with a weights path: ``foo.pth`` → ``foo_metadata.pkl`` etc.
 
-    An existing folder stands for ``<folder>/model.pth``.
+    An existing folder, or a path ending in ``/``, stands for ``<folder>/model.pth``.
     """
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise OutputError("The model path is empty; give a file name such as 'model_dir/model.pth'.")
     p = Path(text)
-    if p.is_dir():
+    if p.is_dir() or text.endswith(("/", os.sep)):
         p = p / "model.pth"
     if p.suffix != ".pth":
         p = p.with_suffix(".pth") if p.suffix else p.with_name(p.name + ".pth")

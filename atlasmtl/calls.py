@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import InputError, ParameterError
+from .runtime import runtime_section
 
 #: Label of abstained calls.
 UNKNOWN = "Unknown"
@@ -348,7 +349,7 @@ class CallTable:
                 "mapped by": genes.get("mapped_by"),
             },
             "levels": per_level,
-            "runtime": {k: v for k, v in rt.items() if v is not None},
+            "runtime": runtime_section(rt, unit="cells"),
         }
 
 

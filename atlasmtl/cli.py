@@ -2,15 +2,20 @@
 
 ::
 
-    atlasmtl train   --reference ref.h5ad --labels anno_lv1,anno_lv2 \\
+    atlasmtl train   --reference ref.h5ad [--reference-filter COL=V,...|COL!=V,...] --labels anno_lv1,anno_lv2 \\
                      [--coords latent=X_ref_latent,umap=X_umap] --out model_dir/ [training options]
-    atlasmtl predict --model model_dir/model_manifest.json --query query.h5ad \\
+    atlasmtl predict --model model_dir/ --query query.h5ad [--query-filter COL=V,...|COL!=V,...] \\
                      --out predictions.csv|predictions.tsv|annotated.h5ad \\
                      [--mode minimal|standard|full] [--include-coords] [prediction options]
-    atlasmtl report  --model model_dir/model_manifest.json --query query.h5ad \\
-                     [--predictions predictions.csv] [--truth-columns lv1,lv2] [--reference ref.h5ad] \\
-                     --out report.html [prediction options]
-    atlasmtl demo    [--num-epochs 40]
+    atlasmtl report  --model model_dir/ --query query.h5ad [--query-filter ...] \\
+                     [--predictions predictions.csv] [--truth-columns lv1,lv2] \\
+                     [--reference ref.h5ad [--reference-filter ...]] --out report.html [prediction options]
+    atlasmtl demo    [--num-epochs 40] [--out-dir atlasmtl_demo]
+
+``--reference-filter`` / ``--query-filter`` select cells by an ``obs`` column, so one
+file can hold both sides of a mapping: ``--reference-filter 'dataset!=3pv1'`` for
+training and ``--query-filter dataset=3pv1`` for prediction (like
+``adata[adata.obs["dataset"] != "3pv1"]`` in scanpy).
 
 The training and prediction options are generated from the signatures of
 :func:`atlasmtl.build_model` and :func:`atlasmtl.predict` (same names with
@@ -40,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .io import read_h5ad, to_json
+# Nothing heavy at import time: --help and --version must not wait for PyTorch or anndata.
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -214,6 +219,13 @@ def add_signature_options(
     return added
 
 
+def _filter_option(group: argparse._ArgumentGroup, flag: str, what: str, example: str) -> None:
+    group.add_argument(flag, metavar="COL=V,...|COL!=V,...",
+                       help=f"use only the {what} cells whose obs column COL is one of the values (COL=V,...) "
+                       f"or none of them (COL!=V,...), e.g. {flag} {example}; the selected cells are loaded "
+                       "into memory")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output and errors")
     g.add_argument("--json", action="store_true", help="print one JSON object with the outcome on stdout")
@@ -221,12 +233,34 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", action="store_true", help="show tracebacks on errors and where warnings come from")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``atlasmtl`` argument parser (all subcommands)."""
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``atlasmtl`` argument parser.
+
+    Parameters
+    ----------
+    commands
+        Subcommands whose API options (generated from :func:`~atlasmtl.build_model`,
+        :func:`~atlasmtl.predict` and ``run_demo``) are added; ``None`` = all of them.
+        Those options need their module imported (PyTorch, anndata), so :func:`main`
+        asks only for the command it runs: ``atlasmtl --help`` and ``--version`` import
+        neither.
+    """
     from ._version import __version__
-    from .demo import run_demo
-    from .prediction import predict
-    from .training import build_model
+
+    wanted = set(_COMMANDS) if commands is None else set(commands)
+
+    def api(name: str) -> Callable:
+        if name == "run_demo":
+            from .demo import run_demo
+
+            return run_demo
+        if name == "predict":
+            from .prediction import predict
+
+            return predict
+        from .training import build_model
+
+        return build_model
 
     exit_help = "exit status: " + "; ".join(f"{code} {meaning}" for meaning, code in EXIT_CODES.items())
     parser = _Parser(
@@ -251,12 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coords", metavar="NAME=KEY,...",
                    help="coordinate heads: name=obsm key pairs, e.g. latent=X_ref_latent,umap=X_umap "
                    "(a bare key such as X_umap is named umap)")
+    _filter_option(g, "--reference-filter", "reference", "'dataset!=3pv1'")
     g.add_argument("--out", required=True, metavar="DIR|FILE.pth",
-                   help="folder for the model files (written as DIR/model.pth ...), or the weights path FILE.pth")
+                   help="the model folder: DIR/model.pth, DIR/model_metadata.pkl, DIR/model_reference.pkl and "
+                   "DIR/model_manifest.json are written in it (created if needed); or a weights path FILE.pth, "
+                   "whose companions FILE_metadata.pkl ... go beside it. Another suffix (model.pt) is refused; "
+                   "end a folder name that has a dot with a slash (runs/v1.2/)")
     g.add_argument("--backed", action="store_true",
                    help="read the reference on disk (backed) instead of loading it into memory: "
                    "for references larger than memory, slower")
-    add_signature_options(p.add_argument_group("training options (atlasmtl.build_model)"), build_model, _TRAIN_SKIP)
+    if "train" in wanted:
+        add_signature_options(p.add_argument_group("training options (atlasmtl.build_model)"), api("build_model"),
+                              _TRAIN_SKIP)
     _common(p)
 
     # predict
@@ -265,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "coordinates, and write the predictions. The query is read backed (in chunks).",
                        epilog=exit_help)
     g = p.add_argument_group("data")
-    g.add_argument("--model", required=True, metavar="MANIFEST",
-                   help="model_manifest.json (or the .pth weights, or the model folder)")
+    g.add_argument("--model", required=True, metavar="MODEL",
+                   help="the model folder (train --out), or its *_manifest.json or .pth file")
     g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
+    _filter_option(g, "--query-filter", "query", "dataset=3pv1")
     g.add_argument("--out", required=True, metavar="FILE",
                    help="predictions.csv / .tsv (a table, one row per cell) or annotated.h5ad "
                    "(the query with prediction columns in obs)")
@@ -277,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--include-coords", action="store_true",
                    help="also write the predicted coordinates (obsm X_pred_<name> in .h5ad; "
                    "<name>_1, <name>_2, ... columns in tables)")
-    add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), predict, _PREDICT_SKIP)
+    if "predict" in wanted:
+        add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
+                              _PREDICT_SKIP)
     _common(p)
 
     # report
@@ -287,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the accuracy against known labels. Without --predictions the query is predicted "
                        "with the prediction options below.", epilog=exit_help)
     g = p.add_argument_group("data")
-    g.add_argument("--model", required=True, metavar="MANIFEST", help="model_manifest.json (or .pth, or folder)")
+    g.add_argument("--model", required=True, metavar="MODEL",
+                   help="the model folder (train --out), or its *_manifest.json or .pth file")
     g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
+    _filter_option(g, "--query-filter", "query", "dataset=3pv1")
     g.add_argument("--predictions", metavar="FILE",
                    help="reuse predictions written by 'atlasmtl predict --mode full' (.csv, .tsv or .h5ad) "
                    "instead of predicting again")
@@ -297,18 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "names equal to the levels, or level=column pairs")
     g.add_argument("--reference", metavar="H5AD",
                    help="reference .h5ad whose coordinates are drawn in grey behind the query cells")
+    _filter_option(g, "--reference-filter", "reference", "'dataset!=3pv1'")
     g.add_argument("--title", help="page title")
     g.add_argument("--out", required=True, metavar="HTML", help="report file (.html)")
-    add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), predict, _PREDICT_SKIP)
+    if "report" in wanted:
+        add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
+                              _PREDICT_SKIP)
     _common(p)
 
     # demo
     p = sub.add_parser("demo", help="run the README's reference mapping on pbmc68k_reduced", formatter_class=_Formatter,
                        description="Split pbmc68k_reduced (ships with scanpy) into reference and query, train, "
-                       "save, load, predict, and print per-level accuracy and resource summaries.", epilog=exit_help)
-    add_signature_options(p, run_demo, _DEMO_SKIP, {"num_epochs": "training epochs",
-                                                    "random_state": "seed of the split and the training"})
-    p.add_argument("--out-dir", default=None, metavar="DIR", help="keep the saved model here (default: a temporary folder)")
+                       "save, load, predict, print per-level accuracy, and write the model, the annotated query "
+                       "and an HTML report into one folder.", epilog=exit_help)
+    if "demo" in wanted:
+        add_signature_options(p, api("run_demo"), _DEMO_SKIP, {"num_epochs": "training epochs",
+                                                               "random_state": "seed of the split and the training"})
+    p.add_argument("--out-dir", default="atlasmtl_demo", metavar="DIR",
+                   help="folder for model/, query_annotated.h5ad and report.html (default: ./atlasmtl_demo)")
     _common(p)
     return parser
 
@@ -352,19 +403,57 @@ def parse_truth_columns(text: str | None) -> list[str] | dict[str, str] | None:
     return items
 
 
-def _model_path(text: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        manifests = sorted(path.glob("*_manifest.json"))
-        if len(manifests) == 1:
-            return manifests[0]
-        from .exceptions import ArtifactError
+def parse_cell_filter(text: str, option: str) -> tuple[str, bool, list[str]]:
+    """``"dataset=3pv1,5p"`` → ``("dataset", True, ["3pv1", "5p"])``; ``!=`` gives ``False`` (leave those out)."""
+    match = re.fullmatch(r"\s*([^=!]+?)\s*(!=|=)(.*)", text or "")
+    values = _split(match.group(3)) if match else []
+    if not match or not values:
+        raise UsageError(f"{option} {text!r}: use COLUMN=VALUE[,VALUE...] to keep those cells or "
+                         f"COLUMN!=VALUE[,VALUE...] to leave them out, e.g. {option} dataset=3pv1")
+    return match.group(1), match.group(2) == "=", values
 
-        raise ArtifactError(
-            f"{text!r} is a folder holding {len(manifests)} model manifests (*_manifest.json); "
-            "name the manifest file."
+
+def select_cells(adata: Any, text: str, option: str, path: str) -> Any:
+    """The cells of ``adata`` (in memory or backed) that ``text`` selects, as an in-memory AnnData."""
+    from .exceptions import InputError
+
+    column, keep, values = parse_cell_filter(text, option)
+    if column not in adata.obs.columns:
+        raise InputError(f"{option}: {path!r} has no obs column {column!r}; its columns are "
+                         f"{', '.join(map(repr, adata.obs.columns[:20]))}.")
+    col = adata.obs[column].astype(str)
+    present = sorted(set(col))
+    absent = [v for v in values if v not in present]
+    if absent:
+        shown = ", ".join(map(repr, present[:20])) + (" ..." if len(present) > 20 else "")
+        raise InputError(f"{option}: obs column {column!r} of {path!r} has no value {', '.join(map(repr, absent))}; "
+                         f"its values are {shown}.")
+    mask = col.isin(values).to_numpy()
+    if not keep:
+        mask = ~mask
+    if not mask.any():
+        raise InputError(f"{option} {text!r} leaves no cells of {path!r}.")
+    subset = adata[mask]
+    return subset.to_memory() if adata.isbacked else subset.copy()
+
+
+def _weights_path(out: str) -> Path:
+    """``train --out``: a folder (``DIR/model.pth`` ...) or a weights path ending in ``.pth``."""
+    target = Path(out)
+    if target.suffix == ".pth":
+        return target
+    if target.suffix and not target.is_dir() and not out.endswith(("/", os.sep)):
+        raise UsageError(
+            f"--out {out!r} looks like a file name but does not end in .pth; give the model folder "
+            f"(e.g. --out {str(target.parent / target.stem)}/, files written as model.pth, model_manifest.json ...) "
+            f"or a weights path ending in .pth (e.g. --out {str(target.with_suffix('.pth'))})"
         )
-    return path
+    return target / "model.pth"
+
+
+def _model_path(text: str) -> Path:
+    """``--model``: the folder, the manifest or the ``.pth`` (resolved by ``TrainedModel.load``)."""
+    return Path(text)
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -420,9 +509,9 @@ def _write_table(result: Any, path: Path, mode: str, include_coords: bool) -> No
     atomic_write(path, frame.to_csv(sep=sep, index_label="cell").encode())
 
 
-def _write_h5ad(result: Any, query_path: str, out: Path, mode: str, include_coords: bool) -> None:
-    """An annotated copy of the query file; its matrix is copied, never loaded."""
-    result.write_h5ad(out, query_path, mode=mode, include_coords=include_coords)
+def _write_h5ad(result: Any, query: Any, out: Path, mode: str, include_coords: bool) -> None:
+    """An annotated copy of the query: of its file (the matrix copied, never loaded), or of the selected cells."""
+    result.write_h5ad(out, query, mode=mode, include_coords=include_coords)
 
 
 # ---------------------------------------------------------------- commands
@@ -434,10 +523,13 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
     if not labels:
         raise UsageError("--labels needs at least one obs column name")
     coords = parse_coords(args.coords)
-    target = Path(args.out)
-    weights = target if target.suffix == ".pth" else target / "model.pth"
+    weights = _weights_path(args.out)
     _check_writable(weights, "model")
-    reference = args.reference if args.backed else read_h5ad(args.reference)
+    if args.reference_filter:
+        reference = select_cells(read_h5ad(args.reference, backed=True), args.reference_filter,
+                                 "--reference-filter", args.reference)
+    else:
+        reference = args.reference if args.backed else read_h5ad(args.reference)
     kwargs = _api_kwargs(args, build_model, _TRAIN_SKIP)
     model = build_model(reference, labels, coords, show_summary=False, **kwargs)
     files = model.save(weights)
@@ -448,6 +540,7 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
         coord_targets=model.coord_targets,
         n_genes=len(model.genes),
         reference_cells=int(model.reference["embedding"].shape[0]),
+        reference_filter=args.reference_filter,
         train_seconds=model.train_config.get("train_seconds"),
         resources=model.resource_summary(),
     )
@@ -468,10 +561,13 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
     if not os.path.exists(args.query):
         raise InputError(f"No such file: {args.query!r}.")
     model = TrainedModel.load(_model_path(args.model))
-    result = predict(model, args.query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
+    query = args.query  # a path: read backed, in chunks
+    if args.query_filter:
+        query = select_cells(read_h5ad(args.query, backed=True), args.query_filter, "--query-filter", args.query)
+    result = predict(model, query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.suffix == ".h5ad":
-        _write_h5ad(result, args.query, dest, args.mode, args.include_coords)
+        _write_h5ad(result, query, dest, args.mode, args.include_coords)
     else:
         _write_table(result, dest, args.mode, args.include_coords)
     out.update(
@@ -479,6 +575,7 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         format=dest.suffix[1:],
         mode=args.mode,
         n_cells=result.n_obs,
+        query_filter=args.query_filter,
         levels=_level_stats(result),
         genes={k: v for k, v in (result.metadata.get("genes") or {}).items()},
         input=result.metadata.get("input"),
@@ -498,7 +595,13 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     truth = parse_truth_columns(args.truth_columns)
     model = TrainedModel.load(_model_path(args.model))
     query = read_h5ad(args.query, backed=True)
+    if args.query_filter:
+        query = select_cells(query, args.query_filter, "--query-filter", args.query)
     reference = read_h5ad(args.reference, backed=True) if args.reference else None
+    if args.reference_filter:
+        if reference is None:
+            raise UsageError("--reference-filter needs --reference")
+        reference = select_cells(reference, args.reference_filter, "--reference-filter", args.reference)
     kwargs = _api_kwargs(args, predict, _PREDICT_SKIP)
     if args.predictions:
         import dataclasses
@@ -533,11 +636,24 @@ def cmd_demo(args: argparse.Namespace, out: dict[str, Any]) -> str:
 
     kwargs = _api_kwargs(args, run_demo, _DEMO_SKIP)
     scores = run_demo(out_dir=args.out_dir, quiet=args.json or args.quiet, **kwargs)
-    out.update(dataset="pbmc68k_reduced", scores=scores)
+    out.update(dataset="pbmc68k_reduced", out_dir=str(args.out_dir), scores=scores)
     return ""
 
 
 _COMMANDS = {"train": cmd_train, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
+
+
+def _to_json(report: dict[str, Any]) -> str:
+    from .io import to_json
+
+    return to_json(report)
+
+
+def read_h5ad(path: str, backed: bool = False) -> Any:
+    """:func:`atlasmtl.io.read_h5ad`, imported when a command first reads a file."""
+    from .io import read_h5ad as read
+
+    return read(path, backed=backed)
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -589,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"atlasmtl: warning: {text}{where}", file=sys.stderr)
 
     try:
-        parser = build_parser()
         sub = next((a for a in argv if a in _COMMANDS), None)
+        parser = build_parser([sub] if sub else [])
         prog = f"atlasmtl {sub}" if sub else "atlasmtl"
         args = parser.parse_args(argv)
         report.update(command=args.command)
@@ -602,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show_warning
             text = _COMMANDS[args.command](args, report)
         report.update(ok=True, seconds=round(time.perf_counter() - t0, 3), warnings=caught)
-        _emit(to_json(report) if json_out else (text if text and not quiet else None))
+        _emit(_to_json(report) if json_out else (text if text and not quiet else None))
         return EXIT_OK
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
@@ -618,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if json_out:
             report.update(ok=False, error=_one_line(exc), error_type=type(exc).__name__, exit_code=code,
                           warnings=caught)
-            _emit(to_json(report))
+            _emit(_to_json(report))
         return code
 
 

@@ -89,3 +89,25 @@ class UnsafeArtifactError(ArtifactError):
 
 class SchemaVersionError(ArtifactError):
     """A model was written with an artifact schema this atlasmtl cannot read."""
+
+
+# ---------------------------------------------------------------- warnings
+def user_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` that points at the first frame outside atlasmtl.
+
+    A warning then names the user's line (their ``build_model(...)`` call), not atlasmtl's
+    internals, however deep the call that raised it. As pandas' ``find_stack_level`` does.
+    """
+    import inspect
+    import os
+
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame = inspect.currentframe()
+    level = 0
+    try:
+        while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir + os.sep):
+            frame = frame.f_back
+            level += 1
+    finally:
+        del frame
+    return level

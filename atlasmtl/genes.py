@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .exceptions import GeneAlignmentError, InputError, ParameterError
+from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
 from .inputs import MatrixSource
 
 #: Network input: ``binary`` (x > 0) or ``float`` (log1p of values per 10,000).
@@ -315,13 +315,13 @@ def build_aligner(
         warnings.warn(
             f"Only {n_matched} of {n_model} model genes ({overlap:.1%}) were found in the query; "
             "missing genes are treated as zero and predictions may be less accurate.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     if n_duplicated:
         warnings.warn(
             f"{n_duplicated} query gene(s) mapped onto a model gene that was already matched; "
             f"they were {report['duplicates_handling']}.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     identity = (
         n_duplicated == 0 and len(rows) == n_model == len(query_names) and rows == list(range(n_model)) and cols == rows

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .exceptions import EmptyDataError, InputError, InvalidValuesError, MatrixSemanticsError, ParameterError
+from .exceptions import EmptyDataError, InputError, InvalidValuesError, MatrixSemanticsError, ParameterError, user_stacklevel
 from .io import check_input_file, elem_io
 
 #: What an expression matrix may hold, as detected by :func:`detect_semantics`.
@@ -101,7 +101,7 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     notes: list[str] = []
     if sp.issparse(matrix) and not isinstance(matrix, (sp.csr_matrix, sp.csr_array)):
         notes.append(f"{where} was {type(matrix).__name__}; converted to CSR for row access (store CSR to save memory).")
-        warnings.warn(notes[-1], stacklevel=3)
+        warnings.warn(notes[-1], stacklevel=user_stacklevel())
         matrix = sp.csr_matrix(matrix)
     if matrix.shape[1] == 0 or matrix.shape[0] == 0:
         raise EmptyDataError(f"adata.{where} is empty ({matrix.shape[0]} × {matrix.shape[1]}).")

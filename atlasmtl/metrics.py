@@ -27,7 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .exceptions import CoordinateError, InputError, LabelError, ParameterError
+from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
 from .calls import UNKNOWN, CallTable, column_names, levels_in_table
 from .truth import ECE_BINS, cell_positions, expected_calibration_error, label_strings, true_labels, truth_table
 
@@ -363,7 +363,7 @@ def _novel_mask(
         listed = {str(x) for x in labels}
         absent = listed - set(values[has])
         if absent:
-            warnings.warn(f"novel_labels[{level!r}] lists labels no evaluated cell has: {sorted(absent)}.", stacklevel=3)
+            warnings.warn(f"novel_labels[{level!r}] lists labels no evaluated cell has: {sorted(absent)}.", stacklevel=user_stacklevel())
         usable &= has
         is_novel |= has & np.isin(values, list(listed))
     return is_novel, usable, "labels"

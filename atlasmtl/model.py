@@ -11,7 +11,7 @@ import torch
 from .artifacts import ModelParts, read_model, save_model
 from .exceptions import ArtifactError
 from .network import MultiTaskNetwork, NetworkOutput
-from .runtime import format_sections
+from .runtime import format_sections, runtime_section
 
 
 class TrainedModel:
@@ -70,13 +70,13 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ artifacts
     def save(self, path: str | os.PathLike, reference_storage: str | None = None) -> dict[str, str]:
-        """Write the model's artifacts next to ``path`` (``foo.pth`` → ``foo_metadata.pkl`` ...).
+        """Write the model's artifacts: into a folder, or next to a weights path (``foo.pth`` → ``foo_metadata.pkl`` ...).
 
         Parameters
         ----------
         path
-            The weights file, e.g. ``"model_dir/model.pth"``, or an existing folder
-            (the files are then ``<folder>/model.pth``, ``<folder>/model_metadata.pkl`` ...).
+            The weights file, e.g. ``"model_dir/model.pth"``, or a folder: an existing one or a
+            path ending in ``/`` (the files are then ``<folder>/model.pth``, ``<folder>/model_metadata.pkl`` ...).
             An existing model of that name is replaced crash-safely: at every moment
             either the old or the new model is whole on disk.
         reference_storage
@@ -92,7 +92,7 @@ class TrainedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainedModel":
-        """Load a model from its manifest (``*_manifest.json``) or weights file (``*.pth``).
+        """Load a model from its folder, its manifest (``*_manifest.json``) or its weights file (``*.pth``).
 
         ``path`` may also be the folder holding one model. Checksums, the files'
         identity (model id and role) and the metadata schema are verified, and
@@ -115,8 +115,20 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ reporting
     def resource_summary(self) -> dict[str, dict[str, Any]]:
+        """Sections of the printed model summary (plain-word keys; see ``train_config`` for the raw figures)."""
         cfg = self.train_config
         arch = self.metadata["architecture"]
+        stored = cfg.get("resource_summary", {})
+        training = {
+            "reference cells": stored.get("training cells"),
+            "validation cells": stored.get("validation cells") or None,
+            "unlabelled cells dropped": stored.get("dropped unlabelled cells") or None,
+            "epochs": stored.get("epochs completed"),
+        }
+        runtime = dict(cfg.get("runtime_summary", {}))
+        for key in ("device", "gpu", "threads", "cpu count"):
+            runtime.setdefault(key, stored.get(key))
+        agreement = cfg.get("knn_space", {}).get("neighbour_label_agreement")
         return {
             "model": {
                 "levels": ", ".join(f"{c} ({len(self.classes[c])})" for c in self.label_columns),
@@ -124,14 +136,13 @@ class TrainedModel:
                 "genes": len(self.metadata["genes"]),
                 "hidden sizes": arch["hidden_sizes"],
                 "input transform": self.metadata["input_transform"],
-                "trained on": self.metadata.get("train_semantics", {}).get("semantics", "?"),
+                "trained on": self.metadata.get("train_semantics", {}).get("semantics"),
             },
-            "training": {"train seconds": cfg.get("train_seconds"), **cfg.get("resource_summary", {})},
-            "runtime": dict(cfg.get("runtime_summary", {})),
+            "training": {**training, **runtime_section(runtime, unit="cell-epochs")},
             "knn reference": {
                 "cells": int(self.reference["embedding"].shape[0]),
                 "space": cfg.get("knn_space", {}).get("space"),
-                "label agreement of 15 neighbours": cfg.get("knn_space", {}).get("neighbour_label_agreement"),
+                "label agreement of 15 neighbours": None if agreement is None else f"{agreement:.1%}",
             },
         }
 

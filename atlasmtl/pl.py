@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .exceptions import CoordinateError, ParameterError
@@ -73,8 +74,11 @@ doc_truth = """truth, columns
         True labels: an AnnData (its ``obs``), a DataFrame indexed by cell name, or a
         mapping ``level → array`` in the result's cell order; ``columns`` names the
         column per level (see :func:`truth_by_level`)."""
-doc_figure = """figsize
-        Figure size in inches (default: scaled to the number of levels and classes).
+doc_figure = """ax
+        Draw into these matplotlib Axes instead of a new figure: one Axes per panel (a single
+        Axes for one panel, a list or array for several), as with scanpy's ``ax=``.
+    figsize
+        Figure size in inches (default: scaled to the number of levels and classes); ignored with ``ax``.
     show
         Show the figure with pyplot (and return ``None``) instead of returning it.
     save
@@ -115,6 +119,28 @@ def _new_figure(figsize: tuple[float, float], show: bool) -> Figure:
 
         return plt.figure(figsize=figsize, layout="constrained")
     return Figure(figsize=figsize, layout="constrained")
+
+
+def _panels(ax: Any, n: int, figsize: tuple[float, float], show: bool, what: str, **grid: Any) -> tuple[Figure, np.ndarray]:
+    """``n`` Axes to draw into: the user's (``ax=``) or a new figure's grid (``nrows``, ``ncols``, ...).
+
+    A new grid larger than ``n`` has its extra Axes hidden.
+    """
+    if ax is None:
+        fig = _new_figure(figsize, show)
+        grid.setdefault("nrows", 1)
+        grid.setdefault("ncols", n)
+        axes = np.asarray(fig.subplots(squeeze=False, **grid), dtype=object).ravel()
+        for extra in axes[n:]:
+            extra.set_visible(False)
+        return fig, axes[:n]
+    axes = np.asarray(ax, dtype=object).ravel()
+    if len(axes) != n or not all(isinstance(a, Axes) for a in axes):
+        raise ParameterError(
+            f"ax: this plot draws {n} panel(s) ({what}); pass {n} matplotlib Axes, got "
+            f"{len(axes)} {'Axes' if all(isinstance(a, Axes) for a in axes) else 'object(s) that are not all Axes'}."
+        )
+    return axes[0].get_figure(), axes
 
 
 def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure | None:
@@ -174,6 +200,7 @@ def composition(
     result: CallTable,
     levels: str | Sequence[str] | None = None,
     *,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -195,8 +222,8 @@ def composition(
     levels = _levels(result, levels)
     n_rows, n_cols = _grid(len(levels))
     height = max(2.5, 0.28 * max(len(result.classes[lv]) + 1 for lv in levels) + 1.0)
-    fig = _new_figure(figsize or (4.6 * n_cols, height * n_rows), show)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    fig, axes = _panels(ax, len(levels), figsize or (4.6 * n_cols, height * n_rows), show, "one per level",
+                        nrows=n_rows, ncols=n_cols)
     for ax, level in zip(axes, levels):
         labels = pd.Series(_pred_strings(result, level))
         frac = labels.value_counts(normalize=True)
@@ -212,8 +239,6 @@ def composition(
         ax.set_xlabel("fraction of query cells")
         ax.set_title(f"{level}: predicted labels", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
-    for ax in axes[len(levels):]:
-        ax.set_visible(False)
     return _finish(fig, show, save)
 
 
@@ -223,6 +248,7 @@ def confidence(
     levels: str | Sequence[str] | None = None,
     *,
     bins: int = 40,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -249,8 +275,9 @@ def confidence(
     result = _check_result(result)
     levels = _levels(result, levels)
     s = _settings(result)
-    fig = _new_figure(figsize or (9.0, 2.4 * len(levels) + 0.4), show)
-    axes = fig.subplots(len(levels), 2, squeeze=False)
+    fig, axes = _panels(ax, 2 * len(levels), figsize or (9.0, 2.4 * len(levels) + 0.4), show,
+                        "confidence and margin per level", nrows=len(levels), ncols=2)
+    axes = axes.reshape(len(levels), 2)
     edges = np.linspace(0, 1, bins + 1)
     for row, level in zip(axes, levels):
         r = result.levels[level]
@@ -280,6 +307,7 @@ def confidence(
 def rates(
     result: CallTable,
     *,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -299,8 +327,7 @@ def rates(
     levels = result.label_columns
     fields = (("is_low_conf", "low-confidence", "#e08a00"), ("used_knn", "KNN-rescued", "#3b75af"),
               ("is_unknown", "Unknown", UNKNOWN_COLOUR))
-    fig = _new_figure(figsize or (max(4.0, 1.4 * len(levels) + 2.2), 3.0), show)
-    ax = fig.subplots()
+    fig, (ax,) = _panels(ax, 1, figsize or (max(4.0, 1.4 * len(levels) + 2.2), 3.2), show, "one chart")
     x = np.arange(len(levels))
     width = 0.26
     top = 0.0
@@ -309,13 +336,14 @@ def rates(
         top = max(top, values.max())
         bars = ax.bar(x + (i - 1) * width, values, width, label=name, color=colour)
         for b, v in zip(bars, values):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7,
+                    clip_on=False)
     ax.set_xticks(x, levels)
-    ax.set_ylim(0, max(0.05, top * 1.25))
+    ax.set_ylim(0, min(1.0, max(0.05, top * 1.2)))  # a fraction: the axis never runs past 100%
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     ax.set_ylabel("fraction of query cells")
-    ax.set_title("Gate outcome per level", fontsize=10)
-    ax.legend(fontsize=8, frameon=False, ncols=3, loc="upper left")
+    ax.set_title("Gate outcome per level", fontsize=10, pad=10)
+    ax.legend(fontsize=8, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars
     ax.spines[["top", "right"]].set_visible(False)
     return _finish(fig, show, save)
 
@@ -356,6 +384,7 @@ def embedding(
     point_size: float | None = None,
     max_points: int = 200_000,
     random_state: int = 0,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -410,8 +439,8 @@ def embedding(
     if ref is not None and len(ref) > max_points:
         ref = ref[np.sort(rng.choice(len(ref), max_points, replace=False))]
     size = point_size or float(np.clip(12000 / max(len(q_idx), 1), 0.5, 18))
-    fig = _new_figure(figsize or (4.9 * len(colors) + (1.6 if "label" in colors else 0), 4.4), show)
-    axes = np.atleast_1d(fig.subplots(1, len(colors)))
+    fig, axes = _panels(ax, len(colors), figsize or (4.9 * len(colors) + (1.6 if "label" in colors else 0), 4.4),
+                        show, "one per color")
     r = result.levels[level]
     labels = _pred_strings(result, level)
     xy = query[q_idx]
@@ -464,6 +493,7 @@ def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **
 def training_history(
     model: Any,
     *,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -487,8 +517,7 @@ def training_history(
     history = pd.DataFrame(model.train_config.get("history") or [])
     if history.empty:
         raise ParameterError("This model has no training history to plot.")
-    fig = _new_figure(figsize or (5.0, 3.2), show)
-    ax = fig.subplots()
+    fig, (ax,) = _panels(ax, 1, figsize or (5.0, 3.2), show, "one chart")
     ax.plot(history["epoch"], history["train_loss"], marker="o", ms=3, label="training loss")
     if "val_loss" in history:
         ax.plot(history["epoch"], history["val_loss"], marker="o", ms=3, label="validation loss")
@@ -510,6 +539,7 @@ def confusion(
     *,
     columns: Mapping[str, str] | Sequence[str] | None = None,
     annotate: bool | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -536,8 +566,9 @@ def confusion(
     t = truth_by_level(result, truth, columns)
     levels = [lv for lv in _levels(result, levels) if lv in t]
     sizes = [len(result.classes[lv]) + 1 for lv in levels]
-    fig = _new_figure(figsize or (sum(max(4.0, 0.42 * s + 2.4) for s in sizes), max(3.8, 0.42 * max(sizes) + 2.2)), show)
-    axes = np.atleast_1d(fig.subplots(1, len(levels), width_ratios=[max(4.0, 0.42 * s + 2.4) for s in sizes]))
+    fig, axes = _panels(ax, len(levels), figsize or (sum(max(4.0, 0.42 * s + 2.4) for s in sizes),
+                                                     max(3.8, 0.42 * max(sizes) + 2.2)), show, "one per level",
+                        width_ratios=[max(4.0, 0.42 * s + 2.4) for s in sizes])
     for ax, level in zip(axes, levels):
         y_true, has = t[level], np.array([v is not None for v in t[level]])
         y_pred = _pred_strings(result, level)[has]
@@ -572,6 +603,7 @@ def f1_scores(
     levels: str | Sequence[str] | None = None,
     *,
     columns: Mapping[str, str] | Sequence[str] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -600,8 +632,8 @@ def f1_scores(
     levels = [lv for lv in _levels(result, levels) if lv in t]
     n_rows, n_cols = _grid(len(levels))
     height = max(2.5, 0.28 * max(len(result.classes[lv]) for lv in levels) + 1.2)
-    fig = _new_figure(figsize or (4.6 * n_cols, height * n_rows), show)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    fig, axes = _panels(ax, len(levels), figsize or (4.6 * n_cols, height * n_rows), show, "one per level",
+                        nrows=n_rows, ncols=n_cols)
     for ax, level in zip(axes, levels):
         has = np.array([v is not None for v in t[level]])
         y_true = t[level][has].astype(str)
@@ -614,13 +646,11 @@ def f1_scores(
         ax.barh(y, scores, color=[colours.get(n, "#999999") for n in names])
         ax.set_yticks(y, [f"{n} ({s})" for n, s in zip(names, support)], fontsize=8)
         for yy, v in zip(y, scores):
-            ax.text(v, yy, f" {v:.2f}", va="center", fontsize=7)
-        ax.set_xlim(0, 1.15)
+            ax.text(v, yy, f" {v:.2f}", va="center", fontsize=7, clip_on=False)
+        ax.set_xlim(0, 1)  # F1 is at most 1; the value labels may run past the axis
         ax.set_xlabel("F1")
         ax.set_title(f"{level}: macro-F1 {np.mean(scores):.3f}", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
-    for ax in axes[len(levels):]:
-        ax.set_visible(False)
     return _finish(fig, show, save)
 
 
@@ -632,6 +662,7 @@ def reliability(
     *,
     columns: Mapping[str, str] | Sequence[str] | None = None,
     n_bins: int = 15,
+    ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
@@ -662,8 +693,9 @@ def reliability(
         raise ParameterError(f"n_bins={n_bins!r} must be an integer ≥ 2.")
     t = truth_by_level(result, truth, columns)
     levels = [lv for lv in _levels(result, levels) if lv in t]
-    fig = _new_figure(figsize or (3.6 * len(levels) + 0.4, 3.8), show)
-    axes = np.atleast_1d(fig.subplots(1, len(levels), sharey=True))
+    own_figure = ax is None
+    fig, axes = _panels(ax, len(levels), figsize or (3.6 * len(levels) + 0.4, 4.2), show, "one per level",
+                        sharey=True)
     for ax, level in zip(axes, levels):
         has = np.array([v is not None for v in t[level]])
         correct = _pred_strings(result, level, raw=True)[has] == t[level][has]
@@ -683,5 +715,11 @@ def reliability(
         ax.set_title(f"{level}: ECE {ece:.3f}", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].set_ylabel("accuracy of the network's call")
-    axes[0].legend(fontsize=7, frameon=False, loc="upper left")
+    # the legend goes below the panels, never over the points (which may lie anywhere in the square)
+    handles, names = axes[0].get_legend_handles_labels()
+    if own_figure:
+        fig.legend(handles, names, fontsize=7, frameon=False, loc="outside lower center", ncols=3)
+    else:
+        axes[0].legend(handles, names, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.18),
+                       ncols=1)
     return _finish(fig, show, save)

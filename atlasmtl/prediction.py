@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from ._version import __version__
-from .exceptions import InputError, ParameterError
+from .exceptions import InputError, ParameterError, user_stacklevel
 from .calibration import softmax
 from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
 from .hierarchy import decode_paths, level_paths, parent_codes
@@ -170,9 +170,9 @@ def predict(
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     show_progress
-        Batch progress bar with ETA on stderr; ``None`` = only in an interactive terminal.
+        Batch progress bar with ETA on stderr; ``None`` = on in a notebook or an interactive terminal.
     show_summary
-        Print a compact summary at the end; ``None`` = only in an interactive terminal.
+        Print a compact summary at the end; ``None`` = on in a notebook or an interactive terminal.
 
     Returns
     -------
@@ -229,7 +229,7 @@ def prepare_query(
             min_gene_overlap=min_gene_overlap,
         )
     for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=3)
+        warnings.warn(w.message, w.category, stacklevel=user_stacklevel())
     gene_report = dict(aligner.report)
     gene_report["warnings"] = [str(w.message) for w in caught]
     return aligner, semantics, gene_report

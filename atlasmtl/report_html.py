@@ -12,7 +12,7 @@ every plot of :mod:`atlasmtl.pl` is embedded as a base64 PNG, and there are no
 external scripts, styles or fonts.
 
 Sections: overview (cells, levels, per-level Unknown / low-confidence /
-KNN-rescue rates, and findings worth a look), query cells on the reference
+KNN-rescue rates, accuracy and macro-F1 when truth is given, and findings worth a look), query cells on the reference
 coordinates, predicted labels, confidence and margin with the gate's thresholds,
 accuracy against known labels (metrics table from :func:`atlasmtl.evaluate`,
 confusion matrices, per-class F1, reliability diagram) when ``truth`` is given,
@@ -312,6 +312,8 @@ def _overview(page: _Page) -> str:
         cards.append((f"{lv}: labelled (not Unknown)", f"{1 - float(np.mean(result.levels[lv].is_unknown)):.1%}"))
     if page.evaluation is not None:
         for lv, m in page.evaluation["levels"].items():
+            if m.get("accuracy") is not None:
+                cards.append((f"{lv}: accuracy", f"{m['accuracy']:.1%}"))
             if m.get("macro_f1") is not None:
                 cards.append((f"{lv}: macro-F1", f"{m['macro_f1']:.3f}"))
     cards_html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'

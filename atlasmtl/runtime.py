@@ -83,8 +83,22 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, classic notebook, VS Code, Colab)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a kernel has always imported it already
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:  # noqa: BLE001 - an odd IPython is simply not a notebook
+        return False
+
+
 def interactive() -> bool:
-    """True when stderr is an interactive terminal."""
+    """True in a Jupyter kernel or when stderr is an interactive terminal."""
+    if in_notebook():
+        return True
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
@@ -92,15 +106,31 @@ def interactive() -> bool:
 
 
 def resolve_flag(flag: bool | None) -> bool:
-    """``None`` means "on only in an interactive terminal"."""
+    """``None`` means "on in a notebook or an interactive terminal, off in scripts and pipelines"."""
     return interactive() if flag is None else bool(flag)
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, unit: str = "it"):
-    """A tqdm progress bar on stderr (with ETA), or a silent pass-through."""
-    from tqdm.auto import tqdm
+def _widgets_available() -> bool:
+    import importlib.util
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr, leave=False)
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, unit: str = "it"):
+    """A tqdm progress bar (with ETA), or a silent pass-through when ``enabled`` is false.
+
+    In a Jupyter kernel with ipywidgets (``pip install atlasmtl[notebook]``) the bar is a widget;
+    elsewhere, including a kernel without ipywidgets, it is tqdm's text bar on stderr, which
+    notebooks show too. ``tqdm.auto`` is not used: it warns (``TqdmWarning: IProgress not found``)
+    in a kernel without ipywidgets even when no bar is drawn.
+    """
+    notebook = enabled and in_notebook()
+    if notebook and _widgets_available():
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    # a finished bar stays in a notebook's output (a record of the run); a terminal's line is cleared
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr, leave=notebook)
 
 
 def process_peak_rss_mb() -> float:
@@ -177,16 +207,47 @@ def gpu_name(device: torch.device) -> str | None:
     return None
 
 
+def runtime_section(runtime: dict[str, Any], unit: str = "cells") -> dict[str, Any]:
+    """The printed form of a :meth:`ResourceMonitor.summary` (plus device fields): plain words for keys,
+    units in the values, nothing that is ``None``.
+
+    ``unit`` names what was counted: ``"cells"`` for prediction, ``"cell-epochs"`` for training
+    (cells × epochs, so a throughput of 1,000 cell-epochs/s is 100 cells through 10 epochs per second).
+    """
+    rt = {k: v for k, v in runtime.items() if v is not None}
+    out: dict[str, Any] = {}
+    if "elapsed_seconds" in rt:
+        out["time"] = f"{rt['elapsed_seconds']:,.2f} s"
+    if "n_cells" in rt:
+        out[unit] = f"{rt['n_cells']:,}"
+    if "throughput_cells_per_second" in rt:
+        out["throughput"] = f"{rt['throughput_cells_per_second']:,.0f} {unit}/s"
+    for key, label in (("phase_peak_rss_mb", "peak memory"), ("phase_rss_increase_mb", "memory added"),
+                       ("process_peak_rss_mb", "process peak memory"), ("gpu_peak_memory_mb", "GPU peak memory")):
+        if key in rt:
+            out[label] = f"{rt[key]:,.0f} MB"
+    for key, label in (("device", "device"), ("gpu", "GPU"), ("threads", "threads"), ("cpu count", "CPUs"),
+                       ("knn_cells_searched", "cells searched by KNN")):
+        if key in rt:
+            out[label] = f"{rt[key]:,}" if isinstance(rt[key], int) else rt[key]
+    return out
+
+
 def format_sections(title: str, sections: dict[str, dict[str, Any]]) -> str:
-    """Render nested dicts as a compact sectioned text block."""
+    """Render nested dicts as a compact sectioned text block; ``None`` values are left out."""
     lines = [title, "=" * len(title)]
     for name, values in sections.items():
+        values = {k: v for k, v in (values or {}).items() if v is not None}
         if not values:
             continue
         lines.append(f"[{name}]")
         width = max(len(str(k)) for k in values)
         for key, value in values.items():
-            if isinstance(value, float):
+            if isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif isinstance(value, float):
                 value = f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.1f}"
+            elif isinstance(value, (list, tuple)):
+                value = ", ".join(map(str, value))
             lines.append(f"  {str(key).ljust(width)} : {value}")
     return "\n".join(lines)

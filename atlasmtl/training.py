@@ -26,7 +26,7 @@ from torch import nn
 from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
-from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError
+from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError, user_stacklevel
 from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, detect_namespace, identity_aligner
 from .io import open_anndata
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source
@@ -250,9 +250,9 @@ def build_model(
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     show_progress
-        Epoch progress bar with ETA on stderr; ``None`` = only in an interactive terminal.
+        Epoch progress bar with ETA on stderr; ``None`` = on in a notebook or an interactive terminal.
     show_summary
-        Print a compact summary at the end; ``None`` = only in an interactive terminal.
+        Print a compact summary at the end; ``None`` = on in a notebook or an interactive terminal.
     random_state
         Seed for initialisation, shuffling and dropout.
 
@@ -304,7 +304,7 @@ def build_model(
         calib_cells, train_cells = train_cells[held], train_cells[~held]
         calib_source = "calibration split (calibration_fraction, stratified by the finest level)"
     if early_stopping_patience is not None and n_val == 0:
-        warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=2)
+        warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=user_stacklevel())
     objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev)
 
     monitor = ResourceMonitor(dev)
@@ -456,12 +456,12 @@ def prepare_reference(
     cells = np.flatnonzero(has_label)
     dropped = int((~has_label).sum())
     if dropped:
-        warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=3)
+        warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=user_stacklevel())
     for col, n in unlabelled.items():
         if n and n > dropped:
             warnings.warn(
                 f"{n} reference cell(s) have no label in {col!r}; they are not used for that level's loss.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     coord_stats = {}

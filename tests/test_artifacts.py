@@ -21,6 +21,8 @@ from atlasmtl.exceptions import (
     UnsafeArtifactError,
 )
 
+from .synthetic import SYNTHETIC_LEVELS
+
 
 def _same_predictions(a, b):
     for level in a.levels:
@@ -189,9 +191,9 @@ def test_missing_manifest_or_garbage_is_a_clear_error(saved, tmp_path):
         atlasmtl.TrainedModel.load(tmp_path / "nope_manifest.json")
 
 
-def test_interrupted_save_keeps_the_previous_model(pbmc_model, pbmc_split, tmp_path, monkeypatch):
+def test_interrupted_save_keeps_the_previous_model(pbmc_model, synthetic_model, tmp_path, monkeypatch):
     pbmc_model.save(tmp_path / "model.pth")
-    other = atlasmtl.build_model(pbmc_split[0], ["lineage"], num_epochs=2, random_state=1, show_progress=False)
+    other = synthetic_model
 
     calls = {"n": 0}
     real_replace = os.replace
@@ -210,7 +212,7 @@ def test_interrupted_save_keeps_the_previous_model(pbmc_model, pbmc_split, tmp_p
     # the new files never replaced the old ones: the previous model loads, whole
     assert atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json").label_columns == ["lineage", "bulk_labels"]
     other.save(tmp_path / "model.pth")  # a completed save replaces it
-    assert atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json").label_columns == ["lineage"]
+    assert atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json").label_columns == SYNTHETIC_LEVELS
 
 
 def test_artifact_paths_naming(tmp_path):

@@ -18,7 +18,8 @@ import pytest
 import atlasmtl
 from atlasmtl import cli
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -120,6 +121,38 @@ def test_report_from_saved_predictions_with_the_installed_script(files, trained)
     assert summary["metrics"]["bulk_labels"]["accuracy"] == pytest.approx(accuracy)
 
 
+def test_filters_split_one_file_into_reference_and_query(files, trained, monkeypatch, capsys):
+    """One file with both sides: --reference-filter for training, --query-filter for prediction."""
+    ref, query = ad.read_h5ad(files / "ref.h5ad"), ad.read_h5ad(files / "query.h5ad")
+    ref.obs["side"], query.obs["side"] = "reference", "query"
+    ad.concat([ref, query], merge="same").write_h5ad(files / "both.h5ad")
+    monkeypatch.chdir(files)
+    # predicting the selected cells of the combined file = predicting the separate query file
+    for name, extra in (("separate", ["--query", "query.h5ad"]),
+                        ("filtered", ["--query", "both.h5ad", "--query-filter", "side=query"])):
+        assert cli.main(["predict", "--model", "model", *extra, "--out", f"{name}.h5ad", "--mode", "full",
+                         "--no-show-progress", "--quiet"]) == 0
+    separate, filtered = ad.read_h5ad(files / "separate.h5ad"), ad.read_h5ad(files / "filtered.h5ad")
+    assert list(filtered.obs_names) == list(query.obs_names)
+    pd.testing.assert_frame_equal(filtered.obs.drop(columns="side"), separate.obs, check_categorical=False)
+    # training on the cells that are not the query: the same 490 cells as ref.h5ad
+    assert cli.main(["train", "--reference", "both.h5ad", "--reference-filter", "side!=query", "--labels", "lineage",
+                     "--out", "split_model", "--num-epochs", "1", "--no-show-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reference_cells"] == ref.n_obs and summary["reference_filter"] == "side!=query"
+    assert (files / "split_model" / "model_manifest.json").is_file()
+
+
+def test_train_out_folder_or_pth_path(files, trained):
+    """--out DIR writes DIR/model.pth ...; --out DIR/name.pth writes name.pth, name_manifest.json ... in DIR."""
+    assert Path(trained["model"]) == Path("model") / "model_manifest.json"
+    assert cli._weights_path("m") == Path("m") / "model.pth"
+    assert cli._weights_path("m/atlas_v2.pth") == Path("m") / "atlas_v2.pth"
+    assert cli._weights_path("runs/v1.2/") == Path("runs/v1.2") / "model.pth"  # a trailing slash: a folder
+    with pytest.raises(cli.UsageError, match="does not end in .pth"):
+        cli._weights_path("m/model.pt")
+
+
 def test_bad_model_is_one_line_with_a_stable_exit_code(files, trained):
     broken = files / "broken"
     shutil.copytree(files / "model", broken)
@@ -196,6 +229,18 @@ def test_option_values_are_parsed_to_api_types():
      "'nope'"),
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.pdf"], 2, "must end in .html"),
     (["frobnicate"], 2, "invalid choice"),
+    # --out of train: a folder or a .pth path; another file suffix is refused, not made a folder
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m/model.pt"], 2,
+     "--out 'm/model.pt' looks like a file name but does not end in .pth"),
+    # cell filters: the syntax, the column and the values are checked before any work
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--query-filter", "lineage"], 2,
+     "use COLUMN=VALUE[,VALUE...] to keep those cells"),
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--query-filter", "batch=1"], 2,
+     "'query.h5ad' has no obs column 'batch'; its columns are 'lineage', 'bulk_labels'"),
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--reference-filter", "lineage!=Tcell"],
+     2, "obs column 'lineage' of 'ref.h5ad' has no value 'Tcell'; its values are 'B', 'Myeloid', 'NK'"),
+    (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--reference-filter", "lineage=T"], 2,
+     "--reference-filter needs --reference"),
 ])
 def test_errors_in_process(files, trained, monkeypatch, capsys, argv, code, pattern):
     monkeypatch.chdir(files)
@@ -215,9 +260,48 @@ def test_verbose_shows_the_traceback(files, trained, monkeypatch, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("atlasmtl predict: error: ParameterError")
 
 
-def test_demo_json(capsys):
-    assert cli.main(["demo", "--num-epochs", "3", "--json"]) == 0
+def test_demo_options_reach_run_demo_and_json(monkeypatch, capsys):
+    """The demo itself runs once, in test_quickstart; here only the command's wiring."""
+    import atlasmtl.demo
+
+    calls = []
+
+    def fake_run_demo(out_dir="atlasmtl_demo", num_epochs=40, random_state=0, quiet=False, show_resources=False):
+        calls.append(dict(out_dir=out_dir, quiet=quiet, num_epochs=num_epochs, random_state=random_state,
+                          show_resources=show_resources))
+        return {lv: {"accuracy": 0.5} for lv in LEVELS}
+
+    monkeypatch.setattr(atlasmtl.demo, "run_demo", fake_run_demo)
+    assert cli.main(["demo", "--num-epochs", "3", "--out-dir", "d", "--show-resources", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["ok"] is True and out["dataset"] == "pbmc68k_reduced"
+    assert out["ok"] is True and out["dataset"] == "pbmc68k_reduced" and out["out_dir"] == "d"
     assert set(out["scores"]) == set(LEVELS)
-    assert out["scores"]["lineage"]["accuracy"] > 0.5  # 5 classes; even 3 epochs beat chance by far
+    assert calls == [{"out_dir": "d", "quiet": True, "num_epochs": 3, "random_state": 0, "show_resources": True}]
+
+
+def test_version_and_help_import_neither_torch_nor_anndata():
+    """``atlasmtl --version`` / ``--help`` answer at once; a command's --help imports only its API module."""
+    heavy = ("torch", "anndata", "scanpy", "pandas", "matplotlib")
+    code = ("import sys\nfrom atlasmtl import cli\n"
+            "codes = [cli.main([a]) for a in ('--version', '--help')]\n"
+            f"print(codes, sorted(m for m in {heavy!r} if m in sys.modules))\n"
+            "cli.main(['train', '--help'])\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "atlasmtl " in proc.stdout and "--reference-filter" in proc.stdout
+    assert lines[-1] == "['anndata', 'pandas', 'torch']"  # train --help: build_model's signature, nothing more
+    assert "[0, 0] []" in lines
+
+
+def test_package_attributes_load_on_first_use():
+    code = ("import sys, atlasmtl\nassert 'torch' not in sys.modules, 'import atlasmtl pulled in torch'\n"
+            "assert {'build_model', 'predict', 'evaluate', 'pl', 'TrainedModel'} <= set(dir(atlasmtl))\n"
+            "assert callable(atlasmtl.build_model) and atlasmtl.pl.umap and 'torch' in sys.modules\n"
+            "print(atlasmtl.__version__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == atlasmtl.__version__
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        atlasmtl.nope  # noqa: B018

@@ -22,7 +22,8 @@ from atlasmtl.exceptions import (
     ParameterError,
 )
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS
+
 
 
 def _snapshot(adata):

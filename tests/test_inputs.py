@@ -16,7 +16,7 @@ from atlasmtl.exceptions import GeneAlignmentError, MatrixSemanticsError
 from atlasmtl.genes import detect_namespace
 from atlasmtl.inputs import detect_semantics, get_matrix_source
 
-from .conftest import SYMPHONY_LEVELS, shared_file
+from .conftest import SYMPHONY_LEVELS, data_file
 
 
 def _predict(model, query, **kw):
@@ -34,9 +34,12 @@ def test_detect_namespace():
     assert detect_namespace(["ENSG00000124126.12", "ENSMUSG00000000001.4"]) == "ensembl_versioned"
 
 
+CELLBENCH = "cellbench_celseq2_dropseq.h5ad"  # 20 MB: in the shared data folder only
+
+
 @pytest.fixture(scope="module")
 def cellbench():
-    adata = ad.read_h5ad(shared_file("cellbench_celseq2_dropseq.h5ad"))
+    adata = ad.read_h5ad(data_file(CELLBENCH))
     adata = adata[adata.obs["demuxlet_cls"] == "SNG"].copy()
     ref = adata[adata.obs["protocol"].str.startswith("CEL-seq2 5cl")].copy()
     query = adata[~adata.obs["protocol"].str.startswith("CEL-seq2 5cl")].copy()
@@ -61,6 +64,7 @@ def _symbol_named_copy(query):
     return renamed
 
 
+@pytest.mark.shared_data(CELLBENCH)
 def test_model_on_ensembl_maps_symbol_query_through_gene_ids(cellbench, cellbench_model):
     _, query = cellbench
     base = _predict(cellbench_model, query)
@@ -78,6 +82,7 @@ def test_model_on_ensembl_maps_symbol_query_through_gene_ids(cellbench, cellbenc
     np.testing.assert_array_equal(mapped.levels["cell_line"]["conf"], base.levels["cell_line"]["conf"])
 
 
+@pytest.mark.shared_data(CELLBENCH)
 def test_symbol_query_without_mapping_is_refused_with_the_fix(cellbench, cellbench_model):
     _, query = cellbench
     renamed = _symbol_named_copy(query)
@@ -88,6 +93,7 @@ def test_symbol_query_without_mapping_is_refused_with_the_fix(cellbench, cellben
     assert renamed.var_names.equals(before.var_names) and list(renamed.obs.columns) == list(before.obs.columns)
 
 
+@pytest.mark.shared_data(CELLBENCH)
 def test_gene_map_file_and_versioned_ids(cellbench, cellbench_model, tmp_path):
     _, query = cellbench
     base = _predict(cellbench_model, query)
@@ -106,6 +112,7 @@ def test_gene_map_file_and_versioned_ids(cellbench, cellbench_model, tmp_path):
     np.testing.assert_array_equal(res.levels["cell_line"]["code"], base.levels["cell_line"]["code"])
 
 
+@pytest.mark.shared_data(CELLBENCH)
 def test_duplicated_genes_after_mapping_are_summed_and_reported(cellbench, cellbench_model):
     _, query = cellbench
     sub = query[:, :2000].copy()
@@ -124,6 +131,7 @@ def test_duplicated_genes_after_mapping_are_summed_and_reported(cellbench, cellb
     assert res.metadata["genes"]["duplicates_handling"] == "summed"
 
 
+@pytest.mark.shared_data(CELLBENCH)
 def test_poor_overlap_warns_and_override_allows_mapping(cellbench, cellbench_model):
     _, query = cellbench
     part = query[:, : int(query.n_vars * 0.3)].copy()
@@ -135,6 +143,7 @@ def test_poor_overlap_warns_and_override_allows_mapping(cellbench, cellbench_mod
 
 
 # ---------------------------------------------------------------- matrix semantics
+@pytest.mark.shared_data(CELLBENCH)
 def test_detect_semantics_on_real_files(symphony, cellbench):
     assert detect_semantics(get_matrix_source(cellbench[0]))["semantics"] == "counts"
     assert detect_semantics(get_matrix_source(symphony))["semantics"] == "lognorm"

@@ -17,12 +17,14 @@ import atlasmtl  # noqa: E402
 from atlasmtl import pl  # noqa: E402
 from atlasmtl.exceptions import CoordinateError, LabelError, ParameterError  # noqa: E402
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS  # noqa: E402
+
 GATE = {"confidence_high": 0.8, "confidence_low": 0.3, "margin_threshold": 0.25}
 
 
 @pytest.fixture(scope="module")
-def mapped(pbmc_model, pbmc_split):
+def gated(pbmc_model, pbmc_split):
+    """A stricter gate than the default, so that every plot has Unknown and KNN-rescued cells to draw."""
     ref, query = pbmc_split
     result = atlasmtl.predict(pbmc_model, query, show_progress=False, **GATE)
     return result, ref, query
@@ -32,8 +34,8 @@ def _visible_axes(fig: Figure):
     return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
 
 
-def test_composition_bars_are_label_fractions(mapped):
-    result, _, _ = mapped
+def test_composition_bars_are_label_fractions(gated):
+    result, _, _ = gated
     fig = pl.composition(result)
     assert isinstance(fig, Figure)
     axes = _visible_axes(fig)
@@ -50,8 +52,8 @@ def test_composition_bars_are_label_fractions(mapped):
         assert sum(widths) == pytest.approx(1.0)
 
 
-def test_confidence_draws_the_result_thresholds(mapped):
-    result, _, _ = mapped
+def test_confidence_draws_the_result_thresholds(gated):
+    result, _, _ = gated
     fig = pl.confidence(result)
     axes = _visible_axes(fig)
     assert len(axes) == 2 * len(LEVELS)
@@ -65,8 +67,8 @@ def test_confidence_draws_the_result_thresholds(mapped):
         assert [line.get_xdata()[0] for line in ax.lines] == pytest.approx([GATE["margin_threshold"]])
 
 
-def test_rates_are_the_flag_means(mapped):
-    result, _, _ = mapped
+def test_rates_are_the_flag_means(gated):
+    result, _, _ = gated
     ax = _visible_axes(pl.rates(result))[0]
     heights = [p.get_height() for p in ax.patches]
     expected = [np.mean(result.levels[lv][f]) for f in ("is_low_conf", "used_knn", "is_unknown") for lv in LEVELS]
@@ -74,8 +76,8 @@ def test_rates_are_the_flag_means(mapped):
     assert max(expected) > 0  # the gate did something on this split, so the plot is not trivially empty
 
 
-def test_umap_draws_query_over_reference(mapped):
-    result, ref, _ = mapped
+def test_umap_draws_query_over_reference(gated):
+    result, ref, _ = gated
     fig = pl.umap(result, ref, color=["label", "confidence", "unknown"])
     axes = _visible_axes(fig)
     assert len(axes) == 3
@@ -94,8 +96,8 @@ def test_umap_draws_query_over_reference(mapped):
     assert f"{result.levels['bulk_labels']['is_unknown'].mean():.1%}" in axes[2].get_title()
 
 
-def test_umap_without_reference_and_bad_arguments(mapped):
-    result, _, _ = mapped
+def test_umap_without_reference_and_bad_arguments(gated):
+    result, _, _ = gated
     ax = _visible_axes(pl.umap(result, color="confidence"))[0]
     assert "no reference" in ax.get_title()
     with pytest.raises(ParameterError, match="color"):
@@ -108,8 +110,8 @@ def test_umap_without_reference_and_bad_arguments(mapped):
         pl.rates(object())
 
 
-def test_confusion_rows_sum_to_one_and_match_the_counts(mapped):
-    result, _, query = mapped
+def test_confusion_rows_sum_to_one_and_match_the_counts(gated):
+    result, _, query = gated
     fig = pl.confusion(result, query)
     axes = _visible_axes(fig)
     assert len(axes) == len(LEVELS)
@@ -126,8 +128,8 @@ def test_confusion_rows_sum_to_one_and_match_the_counts(mapped):
         assert f"{np.mean(pred == truth):.1%}" in ax.get_title()
 
 
-def test_f1_bars_are_sklearn_per_class_f1(mapped):
-    result, _, query = mapped
+def test_f1_bars_are_sklearn_per_class_f1(gated):
+    result, _, query = gated
     axes = _visible_axes(pl.f1_scores(result, query))
     for ax, level in zip(axes, LEVELS):
         names = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
@@ -139,8 +141,8 @@ def test_f1_bars_are_sklearn_per_class_f1(mapped):
             assert scores[name] == pytest.approx(f1_score(y, p, labels=[name], average=None, zero_division=0)[0])
 
 
-def test_reliability_ece_matches_evaluate(mapped):
-    result, _, query = mapped
+def test_reliability_ece_matches_evaluate(gated):
+    result, _, query = gated
     evaluation = atlasmtl.evaluate(result, query, LEVELS)
     axes = _visible_axes(pl.reliability(result, query))
     for ax, level in zip(axes, LEVELS):
@@ -152,8 +154,8 @@ def test_reliability_ece_matches_evaluate(mapped):
     assert pl.expected_calibration_error(table) == pytest.approx((2 * 0.225 + 2 * 0.275) / 4)
 
 
-def test_truth_forms_align_by_cell_name(mapped):
-    result, _, query = mapped
+def test_truth_forms_align_by_cell_name(gated):
+    result, _, query = gated
     shuffled = query.obs.sample(frac=1.0, random_state=1)
     by_frame = pl.truth_by_level(result, shuffled)
     assert list(by_frame) == LEVELS
@@ -175,8 +177,8 @@ def test_truth_forms_align_by_cell_name(mapped):
         pl.truth_by_level(result, query.obs, ["bulk_labels"])
 
 
-def test_training_history_show_and_save(pbmc_model, mapped, tmp_path):
-    result, _, _ = mapped
+def test_training_history_show_and_save(pbmc_model, gated, tmp_path):
+    result, _, _ = gated
     ax = _visible_axes(pl.training_history(pbmc_model))[0]
     history = pbmc_model.train_config["history"]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [h["train_loss"] for h in history])
@@ -185,3 +187,57 @@ def test_training_history_show_and_save(pbmc_model, mapped, tmp_path):
     out = tmp_path / "composition.png"
     pl.composition(result, save=out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- ax=, legends and axis ranges
+def test_plots_draw_into_the_users_axes(gated):
+    result, ref, query = gated
+    fig = Figure()
+    comp_axes = fig.subplots(1, 2)
+    assert pl.composition(result, ax=comp_axes) is fig
+    assert [len(ax.patches) for ax in comp_axes] == [len(result.classes[lv]) + 1 for lv in LEVELS]
+    single = Figure().subplots()
+    assert pl.rates(result, ax=single) is single.get_figure() and len(single.patches) == 3 * len(LEVELS)
+    grid = Figure().subplots(2, 2)
+    pl.confidence(result, ax=grid)
+    assert all(ax.patches for ax in grid.ravel())
+    one = Figure().subplots()
+    pl.reliability(result, query, levels="bulk_labels", ax=one)
+    assert one.get_title().startswith("bulk_labels: ECE")
+    # the wrong number of Axes names what the plot needs
+    with pytest.raises(ParameterError, match=r"draws 2 panel\(s\) \(one per level\); pass 2 matplotlib Axes, got 1"):
+        pl.confusion(result, query, ax=Figure().subplots())
+    with pytest.raises(ParameterError, match="not all Axes"):
+        pl.umap(result, ref, color="label", ax="left")
+
+
+def test_reliability_legend_covers_no_data(gated):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    result, _, query = gated
+    fig = pl.reliability(result, query)
+    FigureCanvasAgg(fig).draw()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legends
+    boxes = [leg.get_window_extent() for leg in legends]
+    for ax in fig.axes:
+        points = [c.get_offsets() for c in ax.collections if len(c.get_offsets())]
+        lines = [np.column_stack(line.get_data()) for line in ax.lines]
+        for xy in points + lines:
+            display = ax.transData.transform(np.asarray(xy, dtype=float))
+            for box in boxes:
+                inside = (display[:, 0] >= box.x0) & (display[:, 0] <= box.x1) & \
+                         (display[:, 1] >= box.y0) & (display[:, 1] <= box.y1)
+                assert not inside.any(), "the legend covers data"
+        for bar in ax.patches:
+            assert not any(box.overlaps(bar.get_window_extent()) for box in boxes), "the legend covers a bar"
+
+
+def test_fraction_and_score_axes_stop_at_one(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    everything_low = atlasmtl.predict(pbmc_model, query, show_progress=False, confidence_high=1.0)
+    assert all(np.mean(everything_low.levels[lv].is_low_conf) == 1.0 for lv in LEVELS)
+    ax = _visible_axes(pl.rates(everything_low))[0]
+    assert ax.get_ylim()[1] == pytest.approx(1.0)  # 100% of cells, and not a tick more
+    for ax in _visible_axes(pl.f1_scores(everything_low, query)):
+        assert ax.get_xlim() == (0.0, 1.0)

@@ -13,7 +13,8 @@ from atlasmtl.gating import GatingConfig, apply_gate, top_two
 from atlasmtl.knn import vote
 from atlasmtl.result import column_names
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS
+from .synthetic import SYNTHETIC_LEVELS
 
 
 def _predict(model, query, **kw):
@@ -53,6 +54,19 @@ def test_vote_fractions_and_unlabelled_neighbours():
     code, frac = vote(idx, ref_codes, 2)
     np.testing.assert_array_equal(code, [0, 1, -1])
     np.testing.assert_allclose(frac, [2 / 3, 2 / 3, 0.0])
+
+
+def test_synthetic_types_are_learned_and_dense_equals_sparse(synthetic_model, synthetic_split):
+    _, query = synthetic_split
+    sparse = _predict(synthetic_model, query)
+    dense_query = query.copy()
+    dense_query.X = dense_query.X.toarray()
+    dense = _predict(synthetic_model, dense_query)
+    for lv in SYNTHETIC_LEVELS:
+        np.testing.assert_array_equal(sparse.levels[lv]["code"], dense.levels[lv]["code"])
+        np.testing.assert_allclose(sparse.levels[lv]["conf"], dense.levels[lv]["conf"], rtol=1e-6)
+        # marker blocks tenfold above background: five epochs learn them (chance is 1/3 and 1/6)
+        assert np.mean(sparse.labels(lv).astype(str) == query.obs[lv].to_numpy()) > 0.7, lv
 
 
 # ---------------------------------------------------------------- KNN modes on real data
@@ -200,27 +214,28 @@ def test_result_written_uns_survives_h5ad_roundtrip(pbmc_model, query_copy, tmp_
 
 
 # ---------------------------------------------------------------- determinism
-def test_same_random_state_gives_identical_model_and_predictions(pbmc_split):
-    ref, query = pbmc_split
-    kw = dict(num_epochs=5, show_progress=False, random_state=7, val_fraction=0.2)
-    a = atlasmtl.build_model(ref, LEVELS, coord_targets={"umap": "X_umap"}, **kw)
-    b = atlasmtl.build_model(ref, LEVELS, coord_targets={"umap": "X_umap"}, **kw)
+def test_same_random_state_gives_identical_model_and_predictions(synthetic_split):
+    ref, query = synthetic_split
+    kw = dict(num_epochs=5, show_progress=False, random_state=7, val_fraction=0.2, hidden_sizes=(32, 16))
+    a = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, coord_targets={"umap": "X_umap"}, **kw)
+    b = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, coord_targets={"umap": "X_umap"}, **kw)
     for (name, pa), (_, pb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
         assert torch.equal(pa, pb), name
     ra, rb = _predict(a, query, knn_correction="all"), _predict(b, query, knn_correction="all")
-    for lv in LEVELS:
+    for lv in SYNTHETIC_LEVELS:
         np.testing.assert_array_equal(ra.levels[lv]["conf"], rb.levels[lv]["conf"])
         np.testing.assert_array_equal(ra.levels[lv]["code"], rb.levels[lv]["code"])
     np.testing.assert_array_equal(ra.coords["umap"], rb.coords["umap"])
-    c = atlasmtl.build_model(ref, LEVELS, num_epochs=5, show_progress=False, random_state=8)
+    c = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, num_epochs=5, show_progress=False, random_state=8,
+                             hidden_sizes=(32, 16))
     assert not torch.equal(a.network.encoder.layers[0].weight, c.network.encoder.layers[0].weight)
 
 
-def test_global_torch_rng_is_left_alone(pbmc_split):
+def test_global_torch_rng_is_left_alone(synthetic_split):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    atlasmtl.build_model(pbmc_split[0], LEVELS, num_epochs=1, show_progress=False)
+    atlasmtl.build_model(synthetic_split[0], SYNTHETIC_LEVELS, num_epochs=1, show_progress=False)
     np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
 
 

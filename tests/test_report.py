@@ -21,14 +21,14 @@ import atlasmtl  # noqa: E402
 from atlasmtl.exceptions import InputError, ParameterError  # noqa: E402
 from atlasmtl.report import result_from_predictions  # noqa: E402
 
-LEVELS = ["lineage", "bulk_labels"]
+from .conftest import LEVELS  # noqa: E402
+
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
 
 @pytest.fixture(scope="module")
-def mapped(pbmc_model, pbmc_split):
-    ref, query = pbmc_split
-    return atlasmtl.predict(pbmc_model, query, show_progress=False), ref, query
+def mapped(pbmc_result, pbmc_split):
+    return pbmc_result, *pbmc_split
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,10 @@ def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
     evaluation = atlasmtl.evaluate(result, query, LEVELS)
     macro = evaluation["levels"]["bulk_labels"]["macro_f1"]
     assert f"{macro:.3f}" in text  # the summary card
+    for level in LEVELS:  # the overview cards give accuracy beside macro-F1
+        accuracy = evaluation["levels"][level]["accuracy"]
+        assert re.search(rf'<div class="v">{re.escape(f"{accuracy:.1%}")}</div><div class="k">{level}: accuracy</div>',
+                         text), level
     assert f"{macro:.4f}".rstrip("0") in text  # the metrics table
     assert result.metadata["versions"]["torch"] in text
     assert str(pbmc_model.train_config["num_epochs"]) in text

@@ -15,7 +15,9 @@ from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
 from atlasmtl.knn import vote
 
-from .conftest import SYMPHONY_LEVELS, shared_file
+from .conftest import SYMPHONY_LEVELS, data_file
+
+CELLBENCH = "cellbench_celseq2_dropseq.h5ad"  # 20 MB: in the shared data folder only
 
 CELLBENCH_TRAIN = ["CEL-seq2 5cl plate1", "CEL-seq2 5cl plate2", "CEL-seq2 5cl plate3"]
 
@@ -82,7 +84,7 @@ def test_predicted_paths_exist_in_the_reference(symphony_model, symphony_split):
 @pytest.fixture(scope="module")
 def cellbench_no_h1975():
     """CellBench singlets: reference = 5-line CEL-seq2 plates without H1975; query = the 3-line sets."""
-    a = ad.read_h5ad(shared_file("cellbench_celseq2_dropseq.h5ad"))
+    a = ad.read_h5ad(data_file(CELLBENCH))
     a = a[(a.obs["demuxlet_cls"] == "SNG").to_numpy()].copy()
     counts = sp.csr_matrix(a.X)
     detected = np.asarray((counts[a.obs["protocol"].isin(CELLBENCH_TRAIN).to_numpy()] > 0).sum(axis=0)).ravel() >= 3
@@ -95,6 +97,7 @@ def cellbench_no_h1975():
     return model, query
 
 
+@pytest.mark.shared_data(CELLBENCH)
 def test_novel_type_is_unknown_and_knn_cannot_relabel_it(cellbench_no_h1975):
     model, query = cellbench_no_h1975
     is_novel = (query.obs["cell_line"] == "H1975").to_numpy()
