@@ -18,7 +18,7 @@ best peer at the finest level (logreg, kNN, and the CellTypist / scANVI /
 symphonypy numbers of ``../shared/docs/what-we-know.md`` where known).
 
     cd /work/wt/research-acc && PYTHONPATH=$PWD python benchmark/experiments/shift_study.py \
-        --variants base_log,z_hvg --cases all --out /tmp/shift_study.json
+        --package zscore,float,binary --variants base_log,z_aug --cases all --out /tmp/shift_study.json
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cases as case_mod  # noqa: E402
 from common import load_case, read_cells, read_truth  # noqa: E402
 
-from atlasmtl.evaluate import macro_f1  # noqa: E402
+from atlasmtl.metrics import macro_f1  # noqa: E402
 from atlasmtl.gating import GatingConfig, apply_gate, top_two  # noqa: E402
 from atlasmtl.knn import vote  # noqa: E402
 from atlasmtl.network import MultiTaskNetwork  # noqa: E402
@@ -59,6 +59,7 @@ KNOWN_PEERS = {
     "cellbench_celseq2_3line": {"celltypist": .997, "scanvi": .999, "symphonypy": 1.0},
     "pbmc68k_70_30": {"celltypist": .724, "scanvi": None, "symphonypy": .668},
     "ding2020_dropseq_indrops": {"celltypist": .965, "scanvi": .958, "symphonypy": .965},
+    "symphony_5p_thin_query": {"celltypist": .782},  # measured here: benchmark/run.py --methods celltypist
     "zilionis_healthy_tumour": {"celltypist": .628, "scanvi": None, "symphonypy": .445},
     "brain_mouse_human": {"celltypist": .593, "scanvi": .666, "symphonypy": .488},
 }
@@ -320,16 +321,22 @@ def run_baselines(case: str, data: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_package(data: dict, transform: str) -> dict[str, dict[str, float]]:
+def run_package(data: dict, transform: str, seed: int = 0) -> dict[str, dict[str, float]]:
+    """``transform`` = an input_transform, optionally with ``+noaug`` (augment=False)."""
     import atlasmtl
 
     levels = data["spec"]["levels"]
-    model = atlasmtl.build_model(data["ref"], label_columns=levels, input_transform=transform, num_threads=1,
-                                 show_progress=False, show_summary=False, random_state=0)
+    name, _, flag = transform.partition("+")
+    model = atlasmtl.build_model(data["ref"], label_columns=levels, input_transform=name, augment=flag != "noaug",
+                                 num_threads=1, show_progress=False, show_summary=False, random_state=seed)
     out = {}
     for mode, knn in (("off", "off"), ("knn", "low_conf_only")):
         res = atlasmtl.predict(model, data["query"], knn_correction=knn, num_threads=1, show_progress=False, show_summary=False)
         out[mode] = {lv: macro_f1(data["truth"][lv].to_numpy(), np.asarray(res.labels(lv)).astype(str)) for lv in levels}
+        if mode == "off":  # the heads' own argmax, before the gate's abstention
+            out["heads"] = {lv: macro_f1(data["truth"][lv].to_numpy(),
+                                         np.asarray(res.classes[lv])[res.levels[lv]["raw_code"]].astype(str))
+                            for lv in levels}
     return out
 
 
@@ -337,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="all")
     ap.add_argument("--variants", default="base_log,z_hvg")
-    ap.add_argument("--package", action="store_true", help="also run atlasmtl.build_model binary/float")
+    ap.add_argument("--package", default="", help="comma-separated input_transforms to run through "
+                    "atlasmtl.build_model/predict (e.g. zscore,float,binary,zscore+noaug)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -353,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         if "logreg" not in r:
             for name, v in run_baselines(case, data).items():
                 r[name] = {"fine": v[fine], "coarse": v[coarse]}
-        if args.package:
-            for t in ("binary", "float"):
-                pk = run_package(data, t)
-                for mode in ("off", "knn"):
-                    r[f"pkg_{t}/{mode}"] = {"fine": pk[mode][fine], "coarse": pk[mode][coarse]}
+        for t in [t for t in args.package.split(",") if t]:
+            pks = [run_package(data, t, seed) for seed in seeds]
+            for mode in ("heads", "off", "knn"):
+                r[f"pkg_{t}/{mode}"] = {"fine": float(np.mean([pk[mode][fine] for pk in pks])),
+                                        "coarse": float(np.mean([pk[mode][coarse] for pk in pks]))}
         for v in variants:
             cfg = parse_variant(v)
             fs = [run_variant(data, cfg, seed) for seed in seeds]
