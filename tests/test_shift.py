@@ -15,7 +15,7 @@ from atlasmtl.genes import build_aligner, identity_aligner, log_gene_statistics
 from atlasmtl.inputs import get_matrix_source
 from atlasmtl.metrics import macro_f1
 
-from .conftest import SYMPHONY_LEVELS, shared_file
+from .conftest import SYMPHONY_LEVELS, data_file
 
 
 def _counts(adata: ad.AnnData) -> sp.csr_matrix:
@@ -87,7 +87,7 @@ def test_simulate_shift_thins_and_drops_reproducibly(symphony):
 
 # ---------------------------------------------------------------- gene matching across species
 def _brain():
-    brain = ad.read_h5ad(shared_file("brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad"))
+    brain = ad.read_h5ad(data_file("brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad"))
     mouse = brain[(brain.obs["species"] == "mouse").to_numpy()].copy()
     mouse.var_names = mouse.var["mouse_symbol"].astype(str).to_numpy()
     human = brain[(brain.obs["species"] == "human").to_numpy() & ~brain.obs["compartment"].isin(["fetal", "excluded"]).to_numpy()].copy()
@@ -98,6 +98,7 @@ def _align(model_genes, query, **kw):
     return build_aligner(list(model_genes), "symbol", {}, get_matrix_source(query), "float", "counts", **kw)
 
 
+@pytest.mark.shared_data("brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad", "orthologs_human_mouse_1to1_CAME_Ensembl.csv")
 def test_mouse_reference_matches_human_query_case_insensitively_and_by_orthologue_table():
     mouse, human = _brain()
     exact = (pd.Index(mouse.var_names).isin(human.var_names)).sum()
@@ -105,7 +106,7 @@ def test_mouse_reference_matches_human_query_case_insensitively_and_by_orthologu
     report = _align(mouse.var_names, human, min_gene_overlap=0.0).report
     assert report["n_matched_case_insensitive"] > 0.9 * mouse.n_vars
     assert report["n_matched"] == report["n_matched_case_insensitive"] + exact
-    table = pd.read_csv(shared_file("orthologs_human_mouse_1to1_CAME_Ensembl.csv"))  # human first, mouse second
+    table = pd.read_csv(data_file("orthologs_human_mouse_1to1_CAME_Ensembl.csv"))  # human first, mouse second
     report = _align(mouse.var_names, human, gene_map=table).report
     assert report["mapped_by"] == "gene_map" and report["n_matched"] == mouse.n_vars
 
@@ -140,9 +141,10 @@ def test_floor_symphony_leave_3pv2_out(symphony):
     assert _f1(res, query.obs["cell_type_broad"], "cell_type_broad") >= 0.80
 
 
+@pytest.mark.shared_data("ding2020_pbmc_dropseq_vs_indrops.h5ad")
 def test_floor_ding_dropseq_to_indrops():
     """Train on Drop-seq, predict inDrops, at the defaults (benchmark: 0.95)."""
-    ding = ad.read_h5ad(shared_file("ding2020_pbmc_dropseq_vs_indrops.h5ad"))
+    ding = ad.read_h5ad(data_file("ding2020_pbmc_dropseq_vs_indrops.h5ad"))
     ref = ding[(ding.obs["platform"] == "Drop-seq").to_numpy()].copy()
     query = ding[(ding.obs["platform"] == "inDrops").to_numpy()].copy()
     model = atlasmtl.build_model(ref, ["cell_type"], num_threads=1, show_progress=False, show_summary=False)
