@@ -24,8 +24,12 @@ import scipy.sparse as sp
 from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
 from .inputs import MatrixSource
 
-#: Network input: ``binary`` (x > 0) or ``float`` (log1p of values per 10,000).
-INPUT_TRANSFORMS = ("binary", "float")
+#: Network input: ``zscore`` (log1p of values per 10,000, each gene standardised with the
+#: reference's mean and standard deviation, clipped to ±:data:`ZSCORE_CLIP`), ``float``
+#: (log1p of values per 10,000) or ``binary`` (x > 0).
+INPUT_TRANSFORMS = ("zscore", "float", "binary")
+#: Standardised values are clipped to [-ZSCORE_CLIP, ZSCORE_CLIP] (as ``scanpy.pp.scale(max_value=10)``).
+ZSCORE_CLIP = 10.0
 _TARGET_SUM = 1e4
 NAMESPACES = ("symbol", "ensembl", "ensembl_versioned")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}$")
@@ -94,10 +98,18 @@ def alternative_ids(var: pd.DataFrame) -> dict[str, list[str]]:
     return out
 
 
-def read_gene_map(gene_map: Mapping[str, str] | pd.DataFrame | pd.Series | str | os.PathLike) -> dict[str, str]:
-    """Read a user gene map (query name → model name) from a dict, DataFrame or CSV/TSV path.
+def read_gene_map(
+    gene_map: Mapping[str, str] | pd.DataFrame | pd.Series | str | os.PathLike,
+    query_names: Any = None,
+    model_names: Any = None,
+) -> dict[str, str]:
+    """Read a user gene map (query name → model name) from a dict, Series, DataFrame or CSV/TSV path.
 
-    A DataFrame or file needs two columns: query names first, model names second.
+    A table with two columns maps the first (query names) to the second (model
+    names). A wider table, such as an orthologue table with one column per
+    species, is oriented by content when ``query_names`` and ``model_names`` are
+    given: the column holding most query genes maps to the column holding most
+    model genes (names compared case-insensitively).
     """
     if isinstance(gene_map, Mapping):
         return {str(k): str(v) for k, v in gene_map.items()}
@@ -112,9 +124,25 @@ def read_gene_map(gene_map: Mapping[str, str] | pd.DataFrame | pd.Series | str |
     if isinstance(gene_map, pd.DataFrame):
         if gene_map.shape[1] < 2:
             raise InputError("gene_map needs two columns: query gene names, then model gene names.")
-        frame = gene_map.iloc[:, :2].dropna()
+        q_col, m_col = 0, 1
+        if gene_map.shape[1] > 2 and query_names is not None and model_names is not None:
+            q_col, m_col = _orient_gene_table(gene_map, query_names, model_names)
+        frame = gene_map.iloc[:, [q_col, m_col]].dropna()
         return dict(zip(frame.iloc[:, 0].astype(str), frame.iloc[:, 1].astype(str)))
     raise ParameterError(f"gene_map must be a dict, DataFrame, Series or CSV/TSV path, not {type(gene_map).__name__}.")
+
+
+def _orient_gene_table(table: pd.DataFrame, query_names: Any, model_names: Any) -> tuple[int, int]:
+    """Positions of the columns that best hold the query's and the model's gene names."""
+    query_up = set(pd.Index(query_names).astype(str).str.upper())
+    model_up = set(pd.Index(model_names).astype(str).str.upper())
+    hits = []
+    for j in range(table.shape[1]):
+        col = set(table.iloc[:, j].dropna().astype(str).str.upper())
+        hits.append((len(col & query_up), len(col & model_up)))
+    best = max(((q, m) for q in range(len(hits)) for m in range(len(hits)) if q != m),
+               key=lambda qm: (hits[qm[0]][0] + hits[qm[1]][1], -qm[0]))
+    return best
 
 
 # ---------------------------------------------------------------- input transform
@@ -127,7 +155,7 @@ def to_linear_values(block: Any, semantics: str, input_transform: str) -> Any:
     """Bring a row block to the linear scale the gene aggregation sums over.
 
     For ``binary`` input nothing changes (only x > 0 matters; ``block`` itself
-    is returned). For ``float`` input, counts (and other non-negative values)
+    is returned). For ``float`` and ``zscore`` input, counts (and other non-negative values)
     are scaled to 10,000 per cell using the cell's full library (row-local, so
     minibatches give the same answer), and log-normalised values are mapped
     back with ``expm1``; the result is then a new matrix.
@@ -159,6 +187,9 @@ class GeneAligner:
         query already has exactly the model's genes in order.
     report
         What was matched, missing, duplicated, and how (stored in results).
+    gene_mean, gene_std
+        Per-gene mean and standard deviation of the reference's log1p values
+        (model gene order); used by the ``zscore`` transform only.
     """
 
     n_model_genes: int
@@ -166,23 +197,52 @@ class GeneAligner:
     semantics: str
     aggregation: sp.csr_matrix | None
     report: dict[str, Any] = field(default_factory=dict)
+    gene_mean: np.ndarray | None = None
+    gene_std: np.ndarray | None = None
+
+    @property
+    def keeps_zeros(self) -> bool:
+        """Whether zeros stay zero (the network input can stay sparse): not for ``zscore``."""
+        return self.input_transform != "zscore"
 
     def transform(self, block: Any) -> np.ndarray:
         """Query row block (sparse or dense) → dense float32 network input."""
         if sp.issparse(block):
-            return self.transform_sparse(block).toarray()
+            dense = self._sparse_values(block).toarray()
+        else:
+            linear = to_linear_values(block, self.semantics, self.input_transform)
+            if self.aggregation is not None:
+                linear = linear @ self.aggregation
+            dense = np.asarray(linear.toarray() if sp.issparse(linear) else linear, dtype=np.float32)
+            if self.input_transform == "binary":
+                return (dense > 0).astype(np.float32)
+            if dense is block:  # float input is always a new array; never write into the caller's
+                dense = dense.copy()
+            np.log1p(dense, out=dense)
+        return self._standardise(dense) if self.input_transform == "zscore" else dense
+
+    def detected(self, block: Any) -> np.ndarray:
+        """Per row, whether any model gene has a non-zero value (before any standardisation)."""
+        if sp.issparse(block):
+            return np.diff(self._sparse_values(block).indptr) > 0
         linear = to_linear_values(block, self.semantics, self.input_transform)
         if self.aggregation is not None:
             linear = linear @ self.aggregation
-        dense = np.asarray(linear.toarray() if sp.issparse(linear) else linear, dtype=np.float32)
-        if self.input_transform == "binary":
-            return (dense > 0).astype(np.float32)
-        if dense is block:  # float input is always a new array; never write into the caller's
-            dense = dense.copy()
-        return np.log1p(dense, out=dense)
+        dense = linear.toarray() if sp.issparse(linear) else np.asarray(linear)
+        return (dense != 0).any(axis=1)
 
     def transform_sparse(self, block: sp.csr_matrix) -> sp.csr_matrix:
         """Sparse query rows → sparse CSR network input (same values as :meth:`transform`).
+
+        Only for transforms that keep zeros (:attr:`keeps_zeros`); ``zscore``
+        input is dense by nature and goes through :meth:`transform` per batch.
+        """
+        if not self.keeps_zeros:
+            raise ValueError("the zscore transform does not keep zeros; use transform()")
+        return self._sparse_values(block)
+
+    def _sparse_values(self, block: sp.csr_matrix) -> sp.csr_matrix:
+        """Sparse rows → x > 0 or log1p values in model gene order (before any standardisation).
 
         One conversion path: the block is copied only when no step before the
         in-place transform has already made a new matrix.
@@ -199,6 +259,34 @@ class GeneAligner:
             np.log1p(out.data, out=out.data)
         return out
 
+    def _standardise(self, dense: np.ndarray) -> np.ndarray:
+        if self.gene_mean is None or self.gene_std is None:
+            raise ValueError("the zscore transform needs the reference's gene statistics")
+        dense -= self.gene_mean
+        dense /= self.gene_std
+        return np.clip(dense, -ZSCORE_CLIP, ZSCORE_CLIP, out=dense)
+
+
+def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.ndarray,
+                        chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation per gene of the reference's log1p values, in one streaming pass.
+
+    The rows are read ``chunk_size`` at a time and stay sparse, so memory does not
+    grow with the number of cells. Genes with a standard deviation below 1e-3
+    (never or always expressed alike) get 1, so they are centred but not inflated.
+    """
+    n = source.n_vars
+    total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
+    for start in range(0, len(cells), chunk_size):
+        x = aligner._sparse_values(source.rows(cells[start : start + chunk_size]))
+        total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+        total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
+    count = max(len(cells), 1)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std[std < 1e-3] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
+
 
 def identity_aligner(n_genes: int, input_transform: str, semantics: str) -> GeneAligner:
     """Aligner for the reference itself (genes already in model order)."""
@@ -214,8 +302,15 @@ def build_aligner(
     semantics: str,
     gene_map: Any = None,
     min_gene_overlap: float = 0.5,
+    gene_mean: np.ndarray | None = None,
+    gene_std: np.ndarray | None = None,
 ) -> GeneAligner:
     """Match the query's genes to the model's and build the aggregation matrix.
+
+    Names are matched exactly first (Ensembl versions ignored); model genes
+    still unmatched are then matched case-insensitively where the upper-cased
+    name is unique on both sides (``Cd3e`` ↔ ``CD3E``: mouse and human
+    orthologues that share a symbol). The report counts both.
 
     Parameters
     ----------
@@ -228,6 +323,8 @@ def build_aligner(
     min_gene_overlap
         Raise :class:`GeneAlignmentError` when fewer than this fraction of the
         model's genes are found (0 disables the check).
+    gene_mean, gene_std
+        The model's per-gene statistics (``zscore`` transform).
     """
     if not 0.0 <= float(min_gene_overlap) <= 1.0:
         raise ParameterError(f"min_gene_overlap={min_gene_overlap!r} must lie in [0, 1].")
@@ -239,7 +336,7 @@ def build_aligner(
     model_keys = normalise_names(model_genes, model_namespace)
 
     if gene_map is not None:
-        mapping = read_gene_map(gene_map)
+        mapping = read_gene_map(gene_map, query_names, model_genes)
         keys = np.array([mapping.get(q, "") for q in query_names], dtype=object)
         keys = normalise_names(keys, model_namespace)
         how = "gene_map"
@@ -263,6 +360,7 @@ def build_aligner(
     position = {}
     for i, key in enumerate(model_keys):
         position.setdefault(key, i)
+    keys, n_case_insensitive = _case_insensitive_keys(np.asarray(keys, dtype=object), model_keys, position)
     rows, cols, seen = [], [], {}
     n_duplicated = 0
     for qi, key in enumerate(keys):
@@ -285,6 +383,7 @@ def build_aligner(
         "n_model_genes": n_model,
         "n_query_genes": int(len(query_names)),
         "n_matched": int(n_matched),
+        "n_matched_case_insensitive": int(n_case_insensitive),
         "n_missing": int(n_model - n_matched),
         "n_query_genes_unused": int(len(query_names) - len(set(rows))),
         "n_duplicated": int(n_duplicated),
@@ -332,4 +431,28 @@ def build_aligner(
             (np.ones(len(rows), dtype=np.float32), (np.asarray(rows), np.asarray(cols))),
             shape=(len(query_names), n_model),
         )
-    return GeneAligner(n_model, input_transform, semantics, aggregation, report)
+    return GeneAligner(n_model, input_transform, semantics, aggregation, report, gene_mean, gene_std)
+
+
+def _case_insensitive_keys(keys: np.ndarray, model_keys: np.ndarray, position: dict) -> tuple[np.ndarray, int]:
+    """Query keys with unmatched names replaced by the model name they equal case-insensitively.
+
+    Only unambiguous pairs: the upper-cased name is unique among the model's
+    unmatched genes and among the query's unmatched names.
+    """
+    matched = {position[k] for k in keys if k in position}
+    model_up: dict[str, list[int]] = {}
+    for i, key in enumerate(model_keys):
+        if i not in matched and position.get(key) == i:
+            model_up.setdefault(str(key).upper(), []).append(i)
+    unmatched = [qi for qi, k in enumerate(keys) if k not in position and k not in ("", "nan")]
+    query_up: dict[str, list[int]] = {}
+    for qi in unmatched:
+        query_up.setdefault(str(keys[qi]).upper(), []).append(qi)
+    out, n = keys.copy(), 0
+    for up, qis in query_up.items():
+        mis = model_up.get(up)
+        if mis and len(mis) == 1 and len(qis) == 1:
+            out[qis[0]] = model_keys[mis[0]]
+            n += 1
+    return out, n

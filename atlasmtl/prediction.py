@@ -50,9 +50,10 @@ from .runtime import (
 def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     """The network input of a block and, per cell, whether any model gene is detected.
 
-    Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product), dense ones dense.
+    Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product) where the transform
+    keeps zeros; ``zscore`` input and dense blocks are dense per batch.
     """
-    if sp.issparse(block):
+    if sp.issparse(block) and aligner.keeps_zeros:
         x = aligner.transform_sparse(block)
         x.sort_indices()  # canonical CSR from scipy: the invariants hold, so torch need not re-check them
         detected = np.diff(x.indptr) > 0
@@ -66,7 +67,17 @@ def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> tuple
                 check_invariants=False,
             ).to(dev), detected
     x = aligner.transform(block)
-    return torch.from_numpy(x).to(dev), (x != 0).any(axis=1)
+    detected = (x != 0).any(axis=1) if aligner.keeps_zeros else aligner.detected(block)
+    return torch.from_numpy(x).to(dev), detected
+
+
+def _gene_stats(model: TrainedModel) -> dict[str, np.ndarray | None]:
+    """The model's per-gene mean and standard deviation (``zscore`` models), as float32 arrays."""
+    stats = model.metadata.get("gene_stats")
+    if not stats:
+        return {"gene_mean": None, "gene_std": None}
+    return {"gene_mean": np.asarray(stats["mean"], dtype=np.float32),
+            "gene_std": np.asarray(stats["std"], dtype=np.float32)}
 
 
 def _neighbour_index(model: TrainedModel, n_jobs: int) -> NeighbourIndex:
@@ -214,7 +225,7 @@ def prepare_query(
         raise InputError("Query var_names are not unique; call adata.var_names_make_unique() first.")
     input_transform = model.metadata["input_transform"]
     semantics = checked_semantics(source, input_transform)
-    if input_transform == "float" and semantics["semantics"] != "lognorm":
+    if input_transform != "binary" and semantics["semantics"] != "lognorm":
         semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -227,6 +238,7 @@ def prepare_query(
             semantics["semantics"],
             gene_map=gene_map,
             min_gene_overlap=min_gene_overlap,
+            **_gene_stats(model),
         )
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=user_stacklevel())

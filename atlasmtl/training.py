@@ -9,6 +9,7 @@ the matrix checks are the ones :func:`atlasmtl.predict` runs) → :func:`fit`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 import platform
 import time
@@ -26,8 +27,16 @@ from torch import nn
 from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
+from .augment import ShiftAugmentation, simulate_shift
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError, user_stacklevel
-from .genes import INPUT_TRANSFORMS, GeneAligner, alternative_ids, detect_namespace, identity_aligner
+from .genes import (
+    INPUT_TRANSFORMS,
+    GeneAligner,
+    alternative_ids,
+    detect_namespace,
+    identity_aligner,
+    log_gene_statistics,
+)
 from .io import open_anndata
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
@@ -67,6 +76,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "reference_storage": as_choice("reference_storage", p["reference_storage"], REFERENCE_STORAGE),
         "input_transform": as_choice("input_transform", p["input_transform"], INPUT_TRANSFORMS),
         "use_raw": as_bool("use_raw", p["use_raw"]),
+        "augment": as_bool("augment", p["augment"]),
     }
 
 
@@ -184,7 +194,8 @@ def build_model(
     learning_rate: float = 1e-3,
     label_smoothing: float = 0.1,
     class_weight_power: float = 0.5,
-    input_transform: str = "binary",
+    input_transform: str = "zscore",
+    augment: bool = True,
     val_fraction: float = 0.0,
     calibration_fraction: float = 0.2,
     early_stopping_patience: int | None = None,
@@ -229,7 +240,16 @@ def build_model(
         the cells: 0 = unweighted, 1 = fully balanced, 0.5 (default) helps rare
         types without distorting calibration much.
     input_transform
-        ``"binary"`` (x > 0) or ``"float"`` (log1p of counts per 10k).
+        ``"zscore"`` (log1p of counts per 10k, each gene standardised with the
+        reference's mean and standard deviation and clipped to ±10), ``"float"``
+        (log1p of counts per 10k) or ``"binary"`` (x > 0). ``"zscore"`` is the
+        most robust to platform, depth, condition and species shifts in the
+        project's benchmark (``documents/design/api_contract.md``).
+    augment
+        Train on shifted copies of the reference batches (binomial thinning of
+        half the cells to 10–100% of their depth, a random 0–30% of genes
+        unmeasured; :mod:`atlasmtl.augment`), so the network learns features that
+        survive depth and gene-panel differences. ``False`` trains on the cells as they are.
     val_fraction
         Fraction of cells held out to monitor validation loss. When > 0, these
         cells also calibrate the model (see ``calibration_fraction``).
@@ -274,12 +294,13 @@ def build_model(
         reference_storage=reference_storage,
         input_transform=input_transform,
         use_raw=use_raw,
+        augment=augment,
     )
     batch_size, num_epochs, hidden_sizes = p["batch_size"], p["num_epochs"], p["hidden_sizes"]
     dropout_rate, learning_rate, label_smoothing = p["dropout_rate"], p["learning_rate"], p["label_smoothing"]
     class_weight_power, val_fraction, calibration_fraction = p["class_weight_power"], p["val_fraction"], p["calibration_fraction"]
     early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
-    input_transform, use_raw = p["input_transform"], p["use_raw"]
+    input_transform, use_raw, augment = p["input_transform"], p["use_raw"], p["augment"]
     random_state, seed = as_random_state(random_state)
     dev = resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
@@ -305,7 +326,8 @@ def build_model(
         calib_source = "calibration split (calibration_fraction, stratified by the finest level)"
     if early_stopping_patience is not None and n_val == 0:
         warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=user_stacklevel())
-    objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev)
+    augmentation = ShiftAugmentation() if augment else None
+    objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev, augmentation, rng)
 
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
@@ -340,6 +362,7 @@ def build_model(
         "label_smoothing": label_smoothing,
         "class_weight_power": class_weight_power,
         "input_transform": input_transform,
+        "augment": augment,
         "val_fraction": val_fraction,
         "calibration_fraction": calibration_fraction,
         "early_stopping_patience": early_stopping_patience,
@@ -449,8 +472,9 @@ def prepare_reference(
     classes, codes, unlabelled = encode_labels(adata, label_columns)
     coords = _coordinate_targets(adata, coord_targets)
     semantics = checked_semantics(source, input_transform)
-    if input_transform == "float" and semantics["semantics"] == "counts":
-        semantics["normalisation"] = "total counts scaled to 1e4 per cell, then log1p"
+    if input_transform != "binary" and semantics["semantics"] == "counts":
+        semantics["normalisation"] = "total counts scaled to 1e4 per cell, then log1p" + (
+            ", then each gene standardised (reference mean and std, clipped to ±10)" if input_transform == "zscore" else "")
 
     has_label = (codes >= 0).any(axis=1)
     cells = np.flatnonzero(has_label)
@@ -471,6 +495,8 @@ def prepare_reference(
         std[std == 0] = 1.0
         coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
     aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
+    if input_transform == "zscore":
+        aligner.gene_mean, aligner.gene_std = log_gene_statistics(source, aligner, cells)
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped)
 
@@ -487,8 +513,12 @@ class _Objective:
     """The training loss: label-smoothed, class-weighted cross-entropy per level plus MSE per coordinate head."""
 
     def __init__(self, ref: Reference, train_cells: np.ndarray, class_weight_power: float,
-                 label_smoothing: float, dev: torch.device) -> None:
+                 label_smoothing: float, dev: torch.device, augmentation: ShiftAugmentation | None = None,
+                 rng: np.random.Generator | None = None) -> None:
         self.ref, self.dev = ref, dev
+        self.augmentation, self.rng = augmentation, rng or np.random.default_rng(0)
+        # shifted batches are counts, whatever the reference holds
+        self.counts_aligner = dataclasses.replace(ref.aligner, semantics="counts")
         self.coord_std = ref.standardised_coords()
         self.losses = [
             nn.CrossEntropyLoss(
@@ -500,16 +530,24 @@ class _Objective:
             for j, col in enumerate(ref.label_columns)
         ]
 
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Network input, label codes and standardised coordinates of the reference cells ``rows``."""
+    def batch(self, rows: np.ndarray, train: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Network input, label codes and standardised coordinates of the reference cells ``rows``.
+
+        With ``train=True`` and augmentation on, the input is a shifted copy (:func:`simulate_shift`).
+        """
         ref, dev = self.ref, self.dev
-        x = torch.from_numpy(ref.aligner.transform(reference_rows(ref, rows))).to(dev)
+        block = reference_rows(ref, rows)
+        if train and self.augmentation is not None:
+            shifted = simulate_shift(block, ref.semantics["semantics"], self.rng, self.augmentation)
+            x = torch.from_numpy(self.counts_aligner.transform(shifted)).to(dev)
+        else:
+            x = torch.from_numpy(ref.aligner.transform(block)).to(dev)
         y = torch.from_numpy(ref.codes[rows]).to(dev)
         c = {n: torch.from_numpy(v[rows]).to(dev) for n, v in self.coord_std.items()}
         return x, y, c
 
-    def __call__(self, net: MultiTaskNetwork, rows: np.ndarray) -> torch.Tensor:
-        x, y, c = self.batch(rows)
+    def __call__(self, net: MultiTaskNetwork, rows: np.ndarray, train: bool = False) -> torch.Tensor:
+        x, y, c = self.batch(rows, train)
         _, logits, pred = net(x)
         loss = torch.zeros((), device=self.dev)
         for j, lg in enumerate(logits):
@@ -551,7 +589,7 @@ def fit(
         for start in range(0, len(order), batch_size):
             rows = np.sort(order[start : start + batch_size])
             optimiser.zero_grad(set_to_none=True)
-            loss = objective(net, rows)
+            loss = objective(net, rows, train=True)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"Training diverged: the loss became non-finite ({float(loss.detach())}) at epoch {epoch + 1}, "
@@ -676,6 +714,10 @@ def describe(
         "gene_namespace": detect_namespace(genes),
         "gene_alt_ids": alternative_ids(ref.source.var),
         "input_transform": ref.aligner.input_transform,
+        "gene_stats": (
+            {"mean": ref.aligner.gene_mean.tolist(), "std": ref.aligner.gene_std.tolist()}
+            if ref.aligner.gene_mean is not None else None
+        ),
         "train_semantics": ref.semantics,
         "label_columns": ref.label_columns,
         "classes": ref.classes,

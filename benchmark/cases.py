@@ -162,6 +162,128 @@ def make_pbmc68k(out: Path) -> None:
     _write_split(out, spec, ref, query, None, None)
 
 
+def _from_counts(adata: ad.AnnData, counts: sp.csr_matrix) -> tuple[ad.AnnData, sp.csr_matrix]:
+    """``adata`` with ``X`` = log1p CP10k of ``counts`` (float32 CSR), cells with no counts dropped."""
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    keep = np.asarray(counts.sum(axis=1)).ravel() > 0
+    adata, counts = adata[keep].copy(), counts[keep]
+    adata.X = lognorm_cp10k(counts)
+    return adata, counts
+
+
+def _detected_in_reference(counts: sp.csr_matrix, ref_mask: np.ndarray, min_cells: int = 3) -> np.ndarray:
+    """Genes with a count in at least ``min_cells`` reference cells (the reference decides the genes)."""
+    return np.asarray((counts[ref_mask] > 0).sum(axis=0)).ravel() >= min_cells
+
+
+def make_ding(out: Path) -> None:
+    """Ding 2020 PBMC (one donor pair), Drop-seq reference → inDrops query: cross-platform, low depth."""
+    adata = ad.read_h5ad(shared_data_dir() / "ding2020_pbmc_dropseq_vs_indrops.h5ad")
+    adata.obs_names = adata.obs_names.astype(str)
+    adata, counts = _from_counts(adata, adata.X)
+    q = (adata.obs["platform"] == "inDrops").to_numpy()
+    spec = {"levels": ["cell_type"], "batch_key": "platform", "has_counts": True, "coords": {}, "novel": {},
+            "semi_synthetic": False, "x_is_cp10k": True,
+            "title": "Ding 2020 PBMC, train on Drop-seq, predict inDrops (cross-platform)",
+            "source": "ding2020_pbmc_dropseq_vs_indrops.h5ad (integer UMI counts over its 2,000 HVGs); X = log1p CP10k"}
+    _write_split(out, spec, adata[~q].copy(), adata[q].copy(), counts[~q], counts[q])
+
+
+ZILIONIS_LEVELS = ["cell_type_coarse", "cell_type_fine"]
+
+
+def make_zilionis(out: Path, novel: bool = False) -> None:
+    """Zilionis 2019 mouse lung: healthy reference → tumour-bearing query (condition shift).
+
+    ``novel=False``: the query keeps the tumour cells whose fine type the reference has (known types).
+    ``novel=True``: the query is every tumour cell; the tumour-only fine types are novel (their coarse
+    type, Neutrophils, is known).
+    """
+    adata = ad.read_h5ad(shared_data_dir() / "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad")
+    adata.obs_names = adata.obs_names.astype(str)
+    ref_mask = (adata.obs["condition"] == "healthy").to_numpy()
+    genes = _detected_in_reference(sp.csr_matrix(adata.X), ref_mask)
+    adata = adata[:, genes].copy()
+    adata, counts = _from_counts(adata, adata.X)
+    ref_mask = (adata.obs["condition"] == "healthy").to_numpy()
+    fine = adata.obs["cell_type_fine"].astype(str).to_numpy()
+    ref_types = set(fine[ref_mask])
+    q = ~ref_mask if novel else (~ref_mask & np.isin(fine, sorted(ref_types)))
+    spec = {"levels": ZILIONIS_LEVELS, "batch_key": "animal", "has_counts": True, "coords": {}, "novel": {},
+            "semi_synthetic": False, "x_is_cp10k": True,
+            "title": "Zilionis 2019 mouse lung, train on healthy, predict tumour-bearing "
+                     + ("(all cells; tumour-only neutrophil subsets are novel)" if novel else "(cell types the reference has)"),
+            "source": "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad (inDrop UMI counts); genes with counts in >= 3 "
+                      "healthy cells; X = log1p CP10k"}
+    if novel:
+        spec["novel"] = {"cell_type_fine": sorted(set(fine[q]) - ref_types)}
+    _write_split(out, spec, adata[ref_mask].copy(), adata[q].copy(), counts[ref_mask], counts[q])
+
+
+BRAIN_LEVELS = ["compartment", "cell_type"]
+
+
+def make_brain(out: Path) -> None:
+    """Brain: mouse (Tabula Muris, Smart-seq2) reference → adult human (Darmanis, Fluidigm C1) query.
+
+    The ``fetal`` and ``excluded`` (hybrid) compartments are left out. Genes are the file's 1:1
+    orthologues, named by their human symbol in both files (``ref.var["mouse_symbol"]`` keeps the
+    mouse names, for gene-matching tests), so every method sees the same genes.
+    """
+    adata = ad.read_h5ad(shared_data_dir() / "brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad")
+    adata.obs_names = adata.obs_names.astype(str)
+    adata = adata[~adata.obs["compartment"].isin(["fetal", "excluded"]).to_numpy()].copy()
+    ref_mask = (adata.obs["species"] == "mouse").to_numpy()
+    genes = _detected_in_reference(sp.csr_matrix(adata.X), ref_mask)
+    adata = adata[:, genes].copy()
+    adata, counts = _from_counts(adata, adata.X)
+    ref_mask = (adata.obs["species"] == "mouse").to_numpy()
+    spec = {"levels": BRAIN_LEVELS, "batch_key": "species", "has_counts": True, "coords": {}, "novel": {},
+            "semi_synthetic": False, "x_is_cp10k": True,
+            "title": "Brain, train on mouse (Tabula Muris, Smart-seq2), predict adult human (Darmanis, C1): "
+                     "cross-species and cross-platform",
+            "source": "brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad (read counts), fetal and "
+                      "excluded compartments left out; 1:1 orthologues with counts in >= 3 mouse cells, named by "
+                      "human symbol; X = log1p CP10k"}
+    _write_split(out, spec, adata[ref_mask].copy(), adata[~ref_mask].copy(), counts[ref_mask], counts[~ref_mask])
+
+
+def make_symphony_shifted(out: Path, query_chem: str, shift: str, seed: int = 0) -> None:
+    """A Symphony leave-one-chemistry-out split with a simulated shift of the query.
+
+    ``shift="thin"``: each query cell keeps a random U(0.1, 0.3) fraction of its counts (binomial
+    thinning: 10–30 % of the original depth). ``shift="missing_genes"``: a random U(0.3, 0.5)
+    fraction of the genes is not measured in the query (their counts are zero).
+    """
+    adata, counts = _symphony()
+    q = (adata.obs["dataset"] == query_chem).to_numpy()
+    ref, query = adata[~q].copy(), adata[q].copy()
+    c_ref, c_query = counts[~q], sp.csr_matrix(counts[q])
+    rng = np.random.default_rng(seed)
+    if shift == "thin":
+        c_query = thin_rows(c_query, np.arange(c_query.shape[0]), rng, low=0.1, high=0.3)
+        what = "query thinned to 10-30% of its depth (binomial thinning, per-cell fraction U(0.1, 0.3))"
+    elif shift == "missing_genes":
+        frac = float(rng.uniform(0.3, 0.5))
+        gone = rng.choice(c_query.shape[1], size=int(round(frac * c_query.shape[1])), replace=False)
+        keep = np.ones(c_query.shape[1], dtype=np.float32)
+        keep[gone] = 0.0
+        c_query = sp.csr_matrix(c_query @ sp.diags(keep), dtype=np.float32)
+        c_query.eliminate_zeros()
+        what = f"{len(gone)} of {c_query.shape[1]} genes ({frac:.0%}) not measured in the query (counts zero)"
+    else:
+        raise ValueError(shift)
+    # cells left with no counts cannot be normalised; drop them (reported in the spec)
+    alive = np.asarray(c_query.sum(axis=1)).ravel() > 0
+    query, c_query = query[alive].copy(), c_query[alive]
+    query.X = lognorm_cp10k(c_query)
+    spec = {"levels": SYMPHONY_LEVELS, "batch_key": "dataset", "has_counts": True, "coords": {}, "novel": {},
+            "semi_synthetic": False, "simulated_shift": True, "x_is_cp10k": True, "n_query_dropped_empty": int((~alive).sum()),
+            "title": f"SIMULATED SHIFT: Symphony PBMC, predict {query_chem}; {what}",
+            "source": "symphony_pbmc_small.h5ad as symphony_" + query_chem + f"; then {what}; seed {seed}"}
+    _write_split(out, spec, ref, query, c_ref, c_query)
+
+
 # --------------------------------------------------------------------------- semi-synthetic
 def kang_source(n_hvg: int = 3000, n_fine: int = 16, n_coarse: int = 5, min_cluster: int = 10, seed: int = 0) -> dict[str, Any]:
     """Real Kang PBMC count profiles, their genes, and two nested cluster levels.
@@ -296,6 +418,12 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     reg["cellbench_dropseq_3line"] = lambda o: make_cellbench(o, ["Drop-seq (3 lines)"])
     reg["cellbench_novel_H1975"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)", "Drop-seq (3 lines)"], novel="H1975")
     reg["pbmc68k_70_30"] = make_pbmc68k
+    reg["ding2020_dropseq_indrops"] = make_ding
+    reg["zilionis_healthy_tumour"] = lambda o: make_zilionis(o)
+    reg["zilionis_novel_tumour_subsets"] = lambda o: make_zilionis(o, novel=True)
+    reg["brain_mouse_human"] = make_brain
+    reg["symphony_5p_thin_query"] = lambda o: make_symphony_shifted(o, "5p", "thin")
+    reg["symphony_5p_missing_genes"] = lambda o: make_symphony_shifted(o, "5p", "missing_genes")
     for tag, n in SYNTH_SIZES.items():
         reg[f"synthetic_{tag}"] = lambda o, n=n: make_synthetic(o, n)
     return reg

@@ -56,7 +56,9 @@ THREADS = 2
 SEED = 0
 
 REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK",
-              "cellbench_celseq2_3line", "cellbench_dropseq_3line", "cellbench_novel_H1975", "pbmc68k_70_30"]
+              "cellbench_celseq2_3line", "cellbench_dropseq_3line", "cellbench_novel_H1975", "pbmc68k_70_30",
+              "ding2020_dropseq_indrops", "zilionis_healthy_tumour", "zilionis_novel_tumour_subsets", "brain_mouse_human",
+              "symphony_5p_thin_query", "symphony_5p_missing_genes"]
 SCALE_CASES = ["synthetic_20k", "synthetic_100k", "synthetic_1m"]
 CT_SGD = {"use_SGD": True, "mini_batch": True, "batch_size": 1000, "batch_number": 100, "epochs": 10}
 
@@ -223,7 +225,8 @@ def run_benchmark(case_names: list[str], methods: list[str] | None, smoke: bool,
         case_dir = case_mod.prepare(case, smoke=smoke, root=work / "cases")
         spec = load_case(case_dir)
         case_info[case] = {k: spec.get(k) for k in ("title", "levels", "n_ref", "n_query", "n_genes", "batch_key",
-                                                     "has_counts", "novel", "coords", "semi_synthetic", "source")}
+                                                     "has_counts", "novel", "coords", "semi_synthetic", "simulated_shift",
+                                                     "source")}
         case_info[case]["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         print(f"\n== {case}: {spec['title']} ({spec['n_ref']} ref / {spec['n_query']} query cells, "
               f"{spec['n_genes']} genes)", flush=True)

@@ -106,13 +106,13 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         "peak_rss_after_train_mb": rss_train,
         "outputs": outputs,
         "settings": {
-            "build_model": {k: cfg[k] for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
-                                                "input_transform", "val_fraction", "num_threads", "device")},
+            "build_model": {k: cfg.get(k) for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
+                                                "input_transform", "augment", "val_fraction", "num_threads", "device")},
             "predict": "atlasmtl.predict defaults (confidence_high 0.7, confidence_low 0.4, margin 0.2, knn_k 15, "
                        "knn_conf_low 0.6, novelty_threshold 4.0); knn_correction per output",
             "calibration": cfg.get("calibration"),
             "coord_targets": coords,
-            "input": "X = log1p CP10k (binary transform x > 0 applied by atlasmtl)",
+            "input": f"X = log1p CP10k (atlasmtl input_transform={cfg['input_transform']!r} applied by atlasmtl)",
             "knn_neighbour_label_agreement": cfg.get("knn_space", {}).get("neighbour_label_agreement"),
         },
         "versions": versions("torch", "atlasmtl"),

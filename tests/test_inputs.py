@@ -185,8 +185,14 @@ def test_float_model_normalises_a_counts_query(symphony_split):
     assert "normalised" in on_counts.metadata["input"]["normalisation"]
     agree = np.mean(on_log.levels["cell_type"]["raw_code"] == on_counts.levels["cell_type"]["raw_code"])
     assert agree > 0.97
+    # zscore models (the default) normalise counts the same way before standardising
+    zscore = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_epochs=15, show_progress=False)
+    assert zscore.metadata["input_transform"] == "zscore"
+    agree = np.mean(_predict(zscore, query).levels["cell_type"]["raw_code"]
+                    == _predict(zscore, query, layer="counts").levels["cell_type"]["raw_code"])
+    assert agree > 0.97
     # binary models use counts and log values alike
-    binary = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_epochs=15, show_progress=False)
+    binary = atlasmtl.build_model(ref, SYMPHONY_LEVELS, input_transform="binary", num_epochs=15, show_progress=False)
     np.testing.assert_array_equal(
         _predict(binary, query).levels["cell_type"]["conf"],
         _predict(binary, query, layer="counts").levels["cell_type"]["conf"],

@@ -1,0 +1,152 @@
+"""Robustness to real shifts: the zscore input, training-time shift simulation, gene matching across
+species, and accuracy floors on real reference → query splits (regression floors, not tuning targets)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import atlasmtl
+from atlasmtl.augment import ShiftAugmentation, pseudo_counts, simulate_shift
+from atlasmtl.genes import build_aligner, identity_aligner, log_gene_statistics
+from atlasmtl.inputs import get_matrix_source
+from atlasmtl.metrics import macro_f1
+
+from .conftest import SYMPHONY_LEVELS, data_file
+
+
+def _counts(adata: ad.AnnData) -> sp.csr_matrix:
+    """Symphony counts: round(expm1(X) · nUMI / 1e4) (see ../shared/data/README.md)."""
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    c = sp.csr_matrix(sp.diags(adata.obs["nUMI"].to_numpy(dtype=np.float64) / 1e4) @ x.expm1())
+    c.data = np.round(c.data)
+    c.eliminate_zeros()
+    return c
+
+
+def _f1(result, truth, level):
+    return macro_f1(np.asarray(truth, dtype=str), np.asarray(result.labels(level)).astype(str))
+
+
+# ---------------------------------------------------------------- zscore input
+def test_zscore_statistics_stream_like_a_dense_computation(symphony_split):
+    ref, _ = symphony_split
+    source = get_matrix_source(ref)
+    aligner = identity_aligner(ref.n_vars, "zscore", "lognorm")
+    mean, std = log_gene_statistics(source, aligner, np.arange(ref.n_obs), chunk_size=97)
+    dense = ref.X.toarray() if sp.issparse(ref.X) else np.asarray(ref.X)
+    np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-4, atol=1e-5)
+    expected_std = dense.std(0)
+    expected_std[expected_std < 1e-3] = 1.0
+    np.testing.assert_allclose(std, expected_std, rtol=1e-3, atol=1e-4)
+    aligner.gene_mean, aligner.gene_std = mean, std
+    x = aligner.transform(source.rows(np.arange(50)))
+    assert x.shape == (50, ref.n_vars) and np.abs(x).max() <= 10.0
+    np.testing.assert_allclose(x, np.clip((dense[:50] - mean) / std, -10, 10), rtol=1e-4, atol=1e-4)
+
+
+def test_zscore_is_the_default_and_round_trips(symphony_model, symphony_split, tmp_path):
+    _, query = symphony_split
+    assert symphony_model.metadata["input_transform"] == "zscore"
+    assert symphony_model.train_config["augment"] is True
+    assert len(symphony_model.metadata["gene_stats"]["mean"]) == query.n_vars
+    before = atlasmtl.predict(symphony_model, query, show_progress=False, show_summary=False)
+    symphony_model.save(tmp_path / "m.pth")
+    loaded = atlasmtl.TrainedModel.load(tmp_path / "m.pth")
+    after = atlasmtl.predict(loaded, query, show_progress=False, show_summary=False)
+    np.testing.assert_array_equal(before.levels["cell_type"]["conf"], after.levels["cell_type"]["conf"])
+
+
+# ---------------------------------------------------------------- shift simulation
+def test_pseudo_counts_recover_counts_from_log_cp10k(symphony):
+    counts = _counts(symphony[:200])
+    lognorm = sp.csr_matrix(symphony[:200].X, dtype=np.float32)
+    recovered = pseudo_counts(lognorm, "lognorm")
+    # exact wherever a cell has a gene with a single count (nearly always in droplet data)
+    has_single = np.asarray((counts == 1).sum(axis=1)).ravel() > 0
+    assert has_single.mean() > 0.95
+    diff = abs(recovered[has_single] - counts[has_single])
+    assert diff.max() == 0
+
+
+def test_simulate_shift_thins_and_drops_reproducibly(symphony):
+    counts = sp.csr_matrix(_counts(symphony[:256]), dtype=np.float32)
+    config = ShiftAugmentation(thin_fraction=1.0, min_depth=0.1, max_gene_dropout=0.5)
+    a = simulate_shift(counts, "counts", np.random.default_rng(3), config)
+    b = simulate_shift(counts, "counts", np.random.default_rng(3), config)
+    assert (a != b).nnz == 0
+    before, after = np.asarray(counts.sum(1)).ravel(), np.asarray(a.sum(1)).ravel()
+    assert np.all(after <= before) and np.median(after / before) < 0.6
+    assert (a - counts).max() <= 0  # never adds counts
+    untouched = simulate_shift(counts, "counts", np.random.default_rng(0), ShiftAugmentation(0.0, 1.0, 0.0))
+    assert (untouched != counts).nnz == 0
+
+
+# ---------------------------------------------------------------- gene matching across species
+def _brain():
+    brain = ad.read_h5ad(data_file("brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad"))
+    mouse = brain[(brain.obs["species"] == "mouse").to_numpy()].copy()
+    mouse.var_names = mouse.var["mouse_symbol"].astype(str).to_numpy()
+    human = brain[(brain.obs["species"] == "human").to_numpy() & ~brain.obs["compartment"].isin(["fetal", "excluded"]).to_numpy()].copy()
+    return mouse, human
+
+
+def _align(model_genes, query, **kw):
+    return build_aligner(list(model_genes), "symbol", {}, get_matrix_source(query), "float", "counts", **kw)
+
+
+@pytest.mark.shared_data("brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad", "orthologs_human_mouse_1to1_CAME_Ensembl.csv")
+def test_mouse_reference_matches_human_query_case_insensitively_and_by_orthologue_table():
+    mouse, human = _brain()
+    exact = (pd.Index(mouse.var_names).isin(human.var_names)).sum()
+    assert exact < 50  # mouse symbols ("Gfap") are not human symbols ("GFAP")
+    report = _align(mouse.var_names, human, min_gene_overlap=0.0).report
+    assert report["n_matched_case_insensitive"] > 0.9 * mouse.n_vars
+    assert report["n_matched"] == report["n_matched_case_insensitive"] + exact
+    table = pd.read_csv(data_file("orthologs_human_mouse_1to1_CAME_Ensembl.csv"))  # human first, mouse second
+    report = _align(mouse.var_names, human, gene_map=table).report
+    assert report["mapped_by"] == "gene_map" and report["n_matched"] == mouse.n_vars
+
+
+def test_case_insensitive_matching_is_unambiguous_only(symphony_split):
+    ref, query = symphony_split
+    q = query[:, :4].copy()
+    q.var_names = ["cd3e", "Cd3E", q.var_names[2].lower(), q.var_names[3]]  # two candidates for CD3E: neither
+    model_genes = ["CD3E", str(query.var_names[2]), str(query.var_names[3])]
+    report = _align(model_genes, q, min_gene_overlap=0.0).report
+    assert report["n_matched_case_insensitive"] == 1 and report["n_matched"] == 2
+
+
+def test_renamed_query_genes_predict_as_before(symphony_model, symphony_split):
+    _, query = symphony_split
+    renamed = query.copy()
+    renamed.var_names = [g.capitalize() for g in query.var_names]
+    a = atlasmtl.predict(symphony_model, query, show_progress=False, show_summary=False)
+    b = atlasmtl.predict(symphony_model, renamed, show_progress=False, show_summary=False)
+    assert b.metadata["genes"]["n_matched"] == a.metadata["genes"]["n_matched"]
+    np.testing.assert_array_equal(a.levels["cell_type"]["conf"], b.levels["cell_type"]["conf"])
+
+
+# ---------------------------------------------------------------- accuracy floors (real splits)
+def test_floor_symphony_leave_3pv2_out(symphony):
+    """Train on 3pv1 + 5p, predict 3pv2, at the defaults (benchmark: 0.89 finest, 0.91 coarse)."""
+    ref = symphony[symphony.obs["dataset"] != "3pv2"].copy()
+    query = symphony[symphony.obs["dataset"] == "3pv2"].copy()
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_threads=1, show_progress=False, show_summary=False)
+    res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+    assert _f1(res, query.obs["cell_type"], "cell_type") >= 0.80
+    assert _f1(res, query.obs["cell_type_broad"], "cell_type_broad") >= 0.80
+
+
+@pytest.mark.shared_data("ding2020_pbmc_dropseq_vs_indrops.h5ad")
+def test_floor_ding_dropseq_to_indrops():
+    """Train on Drop-seq, predict inDrops, at the defaults (benchmark: 0.95)."""
+    ding = ad.read_h5ad(data_file("ding2020_pbmc_dropseq_vs_indrops.h5ad"))
+    ref = ding[(ding.obs["platform"] == "Drop-seq").to_numpy()].copy()
+    query = ding[(ding.obs["platform"] == "inDrops").to_numpy()].copy()
+    model = atlasmtl.build_model(ref, ["cell_type"], num_threads=1, show_progress=False, show_summary=False)
+    res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+    assert _f1(res, query.obs["cell_type"], "cell_type") >= 0.90
