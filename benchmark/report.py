@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 METHOD_ORDER = ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all", "celltypist", "scanvi", "logreg", "knn", "symphonypy"]
 LABEL = {
@@ -141,6 +141,16 @@ def _by_case(runs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _finest_table(by_case: dict, cases: dict, methods: list[str], cell: Callable[[dict, str], str]) -> str:
+    """One row per case, one column per method; ``cell(run, finest_level)`` fills a successful run's cell."""
+    rows = []
+    for case, rs in by_case.items():
+        fine = cases[case]["levels"][-1]
+        cells = {r["method"]: cell(r, fine) if r["status"] == "ok" else r["status"].replace("_", " ") for r in rs}
+        rows.append([f"{case} ({fine})"] + [cells.get(mm, "") for mm in methods])
+    return _table(["case (finest level)"] + [SHORT[mm] for mm in methods], rows)
+
+
 def summary(results: dict) -> str:
     runs, cases = results["runs"], results["cases"]
     by_case = _by_case(runs)
@@ -160,35 +170,19 @@ def summary(results: dict) -> str:
         "## Finest-level macro-F1 / accuracy",
         "",
     ]
-    rows = []
-    for case, rs in by_case.items():
-        fine = cases[case]["levels"][-1]
-        cells = {}
-        for r in rs:
-            if r["status"] == "ok":
-                cells[r["method"]] = f"{_f(_level(r, fine, 'macro_f1'))} / {_f(_level(r, fine, 'accuracy'))}"
-            else:
-                cells[r["method"]] = r["status"].replace("_", " ")
-        rows.append([f"{case} ({fine})"] + [cells.get(mm, "") for mm in methods])
-    out += [_table(["case (finest level)"] + [SHORT[mm] for mm in methods], rows), ""]
+    out += [_finest_table(by_case, cases, methods,
+                          lambda r, fine: f"{_f(_level(r, fine, 'macro_f1'))} / {_f(_level(r, fine, 'accuracy'))}"), ""]
 
     out += ["## Trust: finest-level ECE / path consistency / share routed to KNN / share Unknown", "",
             "ECE: top-label expected calibration error (15 bins) of each method's confidence; path consistency: "
             "predicted coarse/fine pairs that exist in the reference (– with one level); routed to KNN: atlasmtl only; "
             "Unknown: share of query cells the method abstained on (peers never abstain).", ""]
-    rows = []
-    for case, rs in by_case.items():
-        fine = cases[case]["levels"][-1]
-        cells = {}
-        for r in rs:
-            if r["status"] == "ok":
-                h = (r["metrics"] or {}).get("hierarchy") or {}
-                cells[r["method"]] = " / ".join([_f(_level(r, fine, "ece")), _f(h.get("path_consistency")),
-                                                 _f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine))])
-            else:
-                cells[r["method"]] = r["status"].replace("_", " ")
-        rows.append([f"{case} ({fine})"] + [cells.get(mm, "") for mm in methods])
-    out += [_table(["case (finest level)"] + [SHORT[mm] for mm in methods], rows), ""]
+    def trust_cell(r: dict, fine: str) -> str:
+        h = (r["metrics"] or {}).get("hierarchy") or {}
+        return " / ".join([_f(_level(r, fine, "ece")), _f(h.get("path_consistency")),
+                           _f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine))])
+
+    out += [_finest_table(by_case, cases, methods, trust_cell), ""]
 
     novel_cases = [c for c in by_case if cases[c].get("novel")]
     if novel_cases:
