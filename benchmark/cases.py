@@ -414,6 +414,7 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     for chem in ("3pv1", "3pv2", "5p"):
         reg[f"symphony_{chem}"] = lambda o, c=chem: make_symphony(o, c)
     reg["symphony_5p_novel_NK"] = lambda o: make_symphony(o, "5p", novel="NK")
+    reg["symphony_5p_novel_B"] = lambda o: make_symphony(o, "5p", novel="B")
     reg["cellbench_celseq2_3line"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)"])
     reg["cellbench_dropseq_3line"] = lambda o: make_cellbench(o, ["Drop-seq (3 lines)"])
     reg["cellbench_novel_H1975"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)", "Drop-seq (3 lines)"], novel="H1975")

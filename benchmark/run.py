@@ -55,7 +55,7 @@ METHOD_ORDER = ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all", "celltypist"
 THREADS = 2
 SEED = 0
 
-REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK",
+REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK", "symphony_5p_novel_B",
               "cellbench_celseq2_3line", "cellbench_dropseq_3line", "cellbench_novel_H1975", "pbmc68k_70_30",
               "ding2020_dropseq_indrops", "zilionis_healthy_tumour", "zilionis_novel_tumour_subsets", "brain_mouse_human",
               "symphony_5p_thin_query", "symphony_5p_missing_genes"]
