@@ -92,9 +92,9 @@ def run_demo(
             f"{s['knn_corrected']:>15.1%}{1 - s['coverage']:>9.1%}")
     gate = result.metadata["settings"]
     say(f"\nLow-confidence: the network's top probability is below {gate['confidence_high']} or its lead over the "
-        f"runner-up below {gate['margin_threshold']}.\nKNN-corrected: such a cell took the label of its "
-        f"{gate['knn_k']} nearest reference cells, which agreed by at least {gate['knn_conf_low']:.0%}; "
-        "where they did not, it is Unknown.\n")
+        f"runner-up below {gate['margin_threshold']}.\nKNN-corrected: such a cell's call was confirmed by its "
+        f"{gate['knn_k']} nearest reference cells (at least {gate['knn_conf_low']:.0%} of their vote), which keeps "
+        "it labelled even below the Unknown threshold; the vote never replaces the network's call.\n")
 
     query = result.to_adata(query, mode="standard", include_coords=True)
     query.write_h5ad(out / "query_annotated.h5ad")

@@ -19,9 +19,13 @@ class GatingConfig:
 
     A call is *low-confidence* when ``confidence < confidence_high`` or
     ``margin < margin_threshold``; it is *Unknown* when
-    ``confidence < confidence_low``. With KNN on, a covered cell takes the
-    neighbours' label when their vote fraction is at least ``knn_conf_low``;
-    a low-confidence cell whose vote falls short becomes Unknown.
+    ``confidence < confidence_low``. With KNN on, a covered cell's vote is
+    accepted when its fraction is at least ``knn_conf_low`` and it names the
+    network's own call: the neighbours then confirm the call, which stands even
+    below ``confidence_low``. A vote for another class, or one that falls
+    short, changes nothing (the network's call stands or abstains as without
+    KNN): on shifted queries the embedding's neighbours were measured to be
+    wrong more often than the calibrated network where the two disagree.
     """
 
     confidence_high: float = 0.7
@@ -87,8 +91,10 @@ def apply_gate(
     (:func:`low_confidence` of ``conf`` and ``margin``). ``abstain`` marks cells
     that end Unknown whatever the vote says (novel cells, cells without signal,
     cells whose parent level is Unknown). A NaN confidence is never confident:
-    such a cell is Unknown and no vote can label it. Returns the final class
-    code (-1 = Unknown) and the per-cell flags.
+    such a cell is Unknown and no vote can label it. A vote is accepted
+    (``used_knn``) when it reaches ``knn_conf_low`` and names the network's
+    call; it then keeps a call below ``confidence_low`` from abstaining. Returns
+    the final class code (-1 = Unknown) and the per-cell flags.
     """
     if low is None:
         low = low_confidence(conf, margin, cfg)
@@ -97,9 +103,7 @@ def apply_gate(
         usable = usable & ~abstain
     unknown = ~(conf >= cfg.confidence_low)  # NaN → Unknown
     final = raw_code.copy()
-    accepted = knn_covered & (knn_code >= 0) & (knn_frac >= cfg.knn_conf_low) & usable
-    final[accepted] = knn_code[accepted]
-    rejected_low = knn_covered & low & ~accepted
-    is_unknown = (unknown & ~accepted) | rejected_low | ~usable
+    accepted = knn_covered & (knn_code >= 0) & (knn_code == raw_code) & (knn_frac >= cfg.knn_conf_low) & usable
+    is_unknown = (unknown & ~accepted) | ~usable
     final[is_unknown] = -1
     return {"code": final, "is_unknown": is_unknown, "is_low_conf": low, "used_knn": accepted}

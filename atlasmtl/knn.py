@@ -95,9 +95,10 @@ def vote(
         weighted votes. Without it, each neighbour casts one vote and the
         fraction is votes / ``k``.
     allowed
-        Boolean ``cells × classes``: only these classes receive votes (e.g. the
-        children of the cell's call at the parent level); other neighbours
-        abstain and do not count in the fraction.
+        Boolean ``cells × classes``: only these classes can win (e.g. the
+        children of the cell's call at the parent level). Neighbours of other
+        classes still count in the fraction's denominator, so a restriction to
+        a single child cannot turn one neighbour into a unanimous vote.
 
     Returns
     -------
@@ -110,18 +111,18 @@ def vote(
     codes = ref_codes[neighbour_idx]
     weight = (codes >= 0).astype(np.float64)
     safe = np.maximum(codes, 0)
-    if allowed is not None:
-        weight *= allowed[np.arange(n)[:, None], safe]
     if class_counts is not None:
         weight *= (k / np.clip(np.minimum(class_counts, k), 1, None))[safe]
     scores = np.zeros((n, n_classes), dtype=np.float64)
     np.add.at(scores, (np.repeat(np.arange(n), k), safe.ravel()), weight.ravel())
+    total = scores.sum(axis=1)
+    if allowed is not None:
+        scores = np.where(allowed, scores, 0.0)
     winner = scores.argmax(axis=1)
     best = scores[np.arange(n), winner]
-    if class_counts is None and allowed is None:
+    if class_counts is None:
         frac = best / k
     else:
-        total = scores.sum(axis=1)
         frac = np.divide(best, total, out=np.zeros_like(best), where=total > 0)
     winner = np.where(best > 0, winner, -1)
     return winner, frac.astype(np.float32)

@@ -162,11 +162,12 @@ def predict(
     knn_k
         Reference neighbours that vote for a searched cell.
     knn_conf_low
-        Vote fraction needed to accept the vote; a low-confidence cell below it becomes Unknown.
+        Vote fraction needed to accept the vote. An accepted vote confirms the network's call (it
+        never replaces it): a confirmed call stands even below ``confidence_low``.
     confidence_high
         Calls with confidence (top probability) below this are low-confidence.
     confidence_low
-        Calls with confidence below this are Unknown (unless a KNN vote rescues them).
+        Calls with confidence below this are Unknown (unless a KNN vote confirms them).
     margin_threshold
         Calls with margin (top1 − top2 probability) below this are low-confidence.
     novelty_threshold
@@ -323,9 +324,9 @@ def _correct(
     start: int,
 ) -> None:
     """KNN votes of one batch: search the cells the gate sends (all, or the low-confidence ones;
-    never cells without signal) once, then vote level by level, coarse to fine. Votes are
-    class-balanced; at a level nested in the previous one only the children of the cell's call
-    there may win, and a cell whose parent call the vote changed votes again at this level."""
+    never cells without signal) once, then vote level by level. Votes are class-balanced; at a
+    level nested in the previous one only the children of the cell's call there may win. The
+    gate (:func:`~atlasmtl.gating.apply_gate`) accepts a vote only where it confirms the call."""
     stop = start + len(any_low)
     usable = ~buffers.no_signal[start:stop]
     search = np.flatnonzero(any_low & usable) if gate.knn_correction == "low_conf_only" else np.flatnonzero(usable)
@@ -334,26 +335,19 @@ def _correct(
     points = normalise_rows(embedding[torch.from_numpy(search).to(embedding.device)].cpu().numpy())
     neighbours, _ = index.query(points, gate.knn_k)
     buffers.n_searched += len(search)
-    parent_final = None
+    previous = None
     for lv in model.label_columns:
         o = buffers.levels[lv]
         cells = start + search
         voting = o["is_low_conf"][cells] if gate.knn_correction == "low_conf_only" else np.ones(len(search), dtype=bool)
         allowed = None
-        if lv in decoder.parent_of and parent_final is not None:
-            parent_of = decoder.parent_of[lv]
-            voting |= parent_final != parent_of[o["raw"][cells]]
-            allowed = parent_of[None, :] == parent_final[voting][:, None]
+        if lv in decoder.parent_of and previous is not None:
+            allowed = decoder.parent_of[lv][None, :] == previous[voting][:, None]
         rows, nbr = cells[voting], neighbours[voting]
         code, frac = vote(nbr, model.reference["labels"][lv], len(model.classes[lv]),
                           class_counts=decoder.class_counts[lv], allowed=allowed)
         o["knn"][rows], o["knn_vote_frac"][rows], o["covered"][rows] = code, frac, True
-        # this level's call after the vote (for the next level's restriction)
-        final = o["raw"][cells].astype(np.int64)
-        accepted = np.zeros(len(search), dtype=bool)
-        accepted[voting] = (code >= 0) & (frac >= gate.knn_conf_low)
-        final[accepted] = o["knn"][cells][accepted]
-        parent_final = final
+        previous = o["raw"][cells].astype(np.int64)  # the vote never changes a call: the next level nests in it
 
 
 def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,

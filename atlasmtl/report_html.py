@@ -378,7 +378,7 @@ def _confidence(page: _Page) -> str:
         f"low-confidence below confidence_high = {_e(_fmt(settings.get('confidence_high')))} or margin_threshold = "
         f"{_e(_fmt(settings.get('margin_threshold')))}; Unknown below confidence_low = "
         f"{_e(_fmt(settings.get('confidence_low')))} unless the KNN vote (≥ knn_conf_low = "
-        f"{_e(_fmt(settings.get('knn_conf_low')))}) rescues the cell.")
+        f"{_e(_fmt(settings.get('knn_conf_low')))}) confirms the call and so rescues the cell.")
 
 
 def _accuracy(page: _Page) -> str | None:

@@ -132,11 +132,27 @@ def test_nan_confidence_is_never_confident_and_never_rescued():
     cfg = GatingConfig(knn_correction="all")
     conf = np.array([np.nan, 0.95, 0.95])
     margin = np.array([np.nan, 0.9, 0.9])
-    knn = np.array([1, 1, 1])
+    knn = np.array([0, 0, 0])
     out = apply_gate(np.array([0, 0, 0]), conf, margin, knn, np.array([1.0, 1.0, 1.0]), np.ones(3, bool), cfg,
                      abstain=np.array([False, False, True]))
-    np.testing.assert_array_equal(out["code"], [-1, 1, -1])  # NaN: Unknown; abstained (novel): Unknown
+    np.testing.assert_array_equal(out["code"], [-1, 0, -1])  # NaN: Unknown; abstained (novel): Unknown
     np.testing.assert_array_equal(out["used_knn"], [False, True, False])
+
+
+def test_a_vote_confirms_or_changes_nothing():
+    """The vote never replaces the network's call nor makes a call Unknown: it only keeps a call below
+    confidence_low from abstaining when the neighbours name the same class (see api_contract.md)."""
+    cfg = GatingConfig()
+    raw = np.array([0, 0, 0, 0, 0])
+    conf = np.array([0.55, 0.55, 0.30, 0.30, 0.30])  # low-confidence; the last three below confidence_low
+    margin = np.array([0.1, 0.1, 0.0, 0.0, 0.0])
+    knn = np.array([1, 0, 0, 1, 0])
+    frac = np.array([1.0, 0.3, 0.9, 1.0, 0.5])
+    out = apply_gate(raw, conf, margin, knn, frac, np.ones(5, bool), cfg)
+    # another class with a unanimous vote: the call stands; a short vote: the call stands;
+    # a confirming vote rescues; a vote for another class or a short one leaves the abstention
+    np.testing.assert_array_equal(out["code"], [0, 0, 0, -1, -1])
+    np.testing.assert_array_equal(out["used_knn"], [False, False, True, False, False])
 
 
 # ---------------------------------------------------------------- KNN vote
@@ -147,9 +163,9 @@ def test_a_rare_type_can_win_its_own_vote():
     assert plain[0] == 0 and plain_frac[0] < 0.7
     won, frac = vote(neighbours, ref, 2, class_counts=np.bincount(ref))
     assert won[0] == 1 and frac[0] >= 0.6  # accepted at the default knn_conf_low
-    # restricted to the children of the parent's call, other neighbours abstain
+    # restricted to the children of the parent's call, other neighbours cannot win but still count
     only_0, frac0 = vote(neighbours, ref, 2, class_counts=np.bincount(ref), allowed=np.array([[True, False]]))
-    assert only_0[0] == 0 and frac0[0] == 1.0
+    assert only_0[0] == 0 and frac0[0] == pytest.approx(10 / 25)
 
 
 def test_vote_on_every_combination_of_small_inputs_is_a_valid_class():
