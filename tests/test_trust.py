@@ -92,7 +92,7 @@ def cellbench_no_h1975():
     train = a.obs["protocol"].isin(CELLBENCH_TRAIN).to_numpy()
     ref = a[train & (a.obs["cell_line"] != "H1975").to_numpy()].copy()
     query = a[a.obs["protocol"].isin(["CEL-seq2 (3 lines)", "Drop-seq (3 lines)"]).to_numpy()].copy()
-    model = atlasmtl.build_model(ref, ["cell_line"], input_transform="float", num_epochs=20, num_threads=1,
+    model = atlasmtl.build_model(ref, ["cell_line"], num_epochs=20, num_threads=1,
                                  show_progress=False, show_summary=False)
     return model, query
 
@@ -110,6 +110,33 @@ def test_novel_type_is_unknown_and_knn_cannot_relabel_it(cellbench_no_h1975):
         assert np.all(calls.is_unknown[calls.is_novel]) and not np.any(calls.used_knn[calls.is_novel])
     ev = atlasmtl.evaluate(result, query.obs[["cell_line"]], novel_labels={"cell_line": ["H1975"]})
     assert ev["novel"]["levels"]["cell_line"]["auroc"] >= 0.9
+
+
+@pytest.fixture(scope="module")
+def symphony_no_b(symphony):
+    """The committed Symphony fixture: reference = 3pv1 + 3pv2 without B cells; query = 5p (B is novel)."""
+    ref = symphony[(symphony.obs["dataset"] != "5p").to_numpy() & (symphony.obs["cell_type"] != "B").to_numpy()].copy()
+    query = symphony[(symphony.obs["dataset"] == "5p").to_numpy()].copy()
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_epochs=20, num_threads=1, show_progress=False,
+                                 show_summary=False)
+    return model, query
+
+
+def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symphony_no_b):
+    """A real removed-type case at the defaults (zscore input, augmentation): B cells score as novel
+    (AUROC), known cells stay labelled, and with every cell searched no vote labels a novel cell."""
+    model, query = symphony_no_b
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    result = _predict(model, query, knn_correction="all")
+    ev = atlasmtl.evaluate(result, query.obs[SYMPHONY_LEVELS], novel_labels={lv: ["B"] for lv in SYMPHONY_LEVELS})
+    assert ev["novel"]["levels"]["cell_type"]["auroc"] >= 0.9
+    for lv in SYMPHONY_LEVELS:
+        calls = result.levels[lv]
+        assert calls.is_unknown[~is_b].mean() <= 0.05, lv
+        assert calls.is_novel.any(), lv  # the default threshold flags some cells on this case
+        assert np.all(calls.is_unknown[calls.is_novel]) and not np.any(calls.used_knn[calls.is_novel]), lv
+    # novel at the coarse level ⇒ Unknown at the fine level
+    assert np.all(result.levels["cell_type"].is_unknown[result.levels["cell_type_broad"].is_novel])
 
 
 # ---------------------------------------------------------------- cells without signal
