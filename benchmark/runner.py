@@ -91,6 +91,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         raw = {lv: np.asarray(result.classes[lv])[result.levels[lv]["raw_code"]] for lv in levels}
         outputs[name] = {
             "pred": pred, "conf": conf, "raw": raw, "predict_seconds": t_pred.seconds,
+            "novelty": {lv: np.asarray(result.levels[lv].novelty, dtype=np.float64) for lv in levels},
             "coords": {k: np.asarray(v) for k, v in result.coords.items()},
             "settings": {"knn_correction": knn},
             "extra": {
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {}
     for name, o in out.pop("outputs").items():
         write_predictions(args.out_dir / f"pred_{name}.csv.gz", _query_names(args.case_dir),
-                          case["levels"], o["pred"], o["conf"], o.get("raw"))
+                          case["levels"], o["pred"], o["conf"], o.get("raw"), o.get("novelty"))
         if o.get("coords"):
             np.savez(args.out_dir / f"coords_{name}.npz", **o["coords"])
         outputs[name] = {"predict_seconds": o["predict_seconds"], "settings": o.get("settings", {}),
