@@ -19,6 +19,9 @@ This was chosen by measurement over 15 real cases (see
 ``benchmark/experiments/trust_study.py``) against the energy score,
 class-conditional Mahalanobis distance, (1 − calibrated confidence), distance
 to any reference cell, and class-conditional distance in a reference PCA space.
+Per-class locations, input-space (reference PCA) scores located per class,
+and their combinations with this score were measured against the issue-9
+targets in ``benchmark/experiments/novelty_scores_study.py`` and not adopted.
 """
 
 from __future__ import annotations
