@@ -241,6 +241,38 @@ class GeneAligner:
             raise ValueError("the zscore transform does not keep zeros; use transform()")
         return self._sparse_values(block)
 
+    def zero_input(self) -> np.ndarray | None:
+        """The network input of a gene with value 0, per model gene: ``f(0)`` (``None`` when it is 0).
+
+        For ``zscore`` it is ``clip(-mean / std, ±10)``; ``binary`` and ``float`` keep zeros at 0.
+        """
+        if self.keeps_zeros:
+            return None
+        zero = np.zeros((1, self.n_model_genes), dtype=np.float32)
+        return self._standardise(zero)[0]
+
+    def sparse_input(self, block: Any) -> sp.csr_matrix:
+        """Row block → sparse CSR *offset* input ``f(x) - f(0)`` (model gene order, float32).
+
+        ``f`` is the input transform. For ``binary`` and ``float`` ``f(0) = 0``, so this is
+        :meth:`transform_sparse`. For ``zscore``, ``f_j(x) = clip((x - mean_j) / std_j, ±10)``
+        and ``f(x) - f(0)`` is non-zero only where ``x`` is, so a linear layer is exact as
+        ``W (f(x) - f(0)) + (W f(0) + b)``: a sparse product plus a bias that does not depend
+        on the cell (:meth:`zero_input`). The dense ``zscore`` matrix is never formed.
+        """
+        values = self._sparse_values(block if sp.issparse(block) else sp.csr_matrix(block, dtype=np.float32))
+        if self.keeps_zeros:
+            return values
+        if self.gene_mean is None or self.gene_std is None:
+            raise ValueError("the zscore transform needs the reference's gene statistics")
+        cols = values.indices
+        zero = self.zero_input()
+        data = (values.data - self.gene_mean[cols]) / self.gene_std[cols]
+        np.clip(data, -ZSCORE_CLIP, ZSCORE_CLIP, out=data)
+        data -= zero[cols]
+        values.data = data.astype(np.float32, copy=False)
+        return values
+
     def _sparse_values(self, block: sp.csr_matrix) -> sp.csr_matrix:
         """Sparse rows → x > 0 or log1p values in model gene order (before any standardisation).
 
