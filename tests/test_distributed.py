@@ -59,3 +59,53 @@ def test_init_from_env_joins_a_gloo_group(monkeypatch):
     finally:
         distributed.destroy()
     assert not distributed.is_distributed()
+
+
+# ---------------------------------------------------------------- DDP training under torchrun
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_as_well_as_one(symphony_split, tmp_path):
+    """`atlasmtl train --distributed` under `torchrun --nproc_per_node=2` (gloo, CPU): rank 0 writes a model
+    in the usual format, and it maps the held-out chemistry as well as single-process training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    import atlasmtl
+
+    from .conftest import SYMPHONY_LEVELS
+
+    ref, query = symphony_split
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    options = ["--labels", ",".join(SYMPHONY_LEVELS), "--num-epochs", "15", "--num-threads", "1", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+         f"--master_port={_free_port()}", "-m", "atlasmtl.cli", "train", "--reference", str(tmp_path / "ref.h5ad"),
+         "--out", str(tmp_path / "ddp") + "/", "--distributed", *options],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = atlasmtl.TrainedModel.load(tmp_path / "ddp")
+    assert ddp.train_config["distributed"] == {"world_size": 2, "backend": "gloo"}
+    single = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_epochs=15, num_threads=1, show_progress=False,
+                                  show_summary=False)
+    truth = query.obs[SYMPHONY_LEVELS[-1]].astype(str).to_numpy()
+
+    def accuracy(model):
+        result = atlasmtl.predict(model, query, show_progress=False)
+        return float(np.mean(np.asarray(result.labels(SYMPHONY_LEVELS[-1])).astype(str) == truth))
+
+    acc_ddp, acc_single = accuracy(ddp), accuracy(single)
+    assert acc_single > 0.7
+    assert abs(acc_ddp - acc_single) <= 0.05, (acc_ddp, acc_single)
