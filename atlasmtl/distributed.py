@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,6 +30,7 @@ __all__ = [
     "is_main_process",
     "barrier",
     "shard_slice",
+    "all_reduce_sum",
     "destroy",
 ]
 
@@ -158,6 +160,22 @@ def shard_slice(n: int, rank_: int | None = None, world_size_: int | None = None
     base, extra = divmod(int(n), w)
     start = r * base + min(r, extra)
     return slice(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a NumPy array over all ranks (the array itself without a group).
+
+    Sums in float64 (on the rank's GPU under NCCL); every rank gets the same result.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not is_distributed():
+        return values
+    on_gpu = dist.get_backend() == "nccl"
+    tensor = torch.from_numpy(values.copy())
+    if on_gpu:
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
 
 
 def destroy() -> None:

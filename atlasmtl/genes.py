@@ -300,12 +300,14 @@ class GeneAligner:
 
 
 def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.ndarray,
-                        chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                        chunk_size: int = 4096, reduce: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation per gene of the reference's log1p values, in one streaming pass.
 
     The rows are read ``chunk_size`` at a time and stay sparse, so memory does not
     grow with the number of cells. Genes with a standard deviation below 1e-3
     (never or always expressed alike) get 1, so they are centred but not inflated.
+    ``reduce`` sums the per-gene sums and the cell count over processes (each passing
+    its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
     n = source.n_vars
     total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
@@ -313,7 +315,11 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
         x = aligner._sparse_values(source.rows(cells[start : start + chunk_size]))
         total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
         total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
-    count = max(len(cells), 1)
+    count = len(cells)
+    if reduce is not None:
+        summed = reduce(np.concatenate([total, total_sq, [count]]))
+        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
+    count = max(count, 1)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     std[std < 1e-3] = 1.0

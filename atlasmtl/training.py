@@ -335,8 +335,10 @@ def build_model(
         adata, source = adata.adata, adata.source
     adata = open_anndata(adata)
 
+    t_prepare = time.perf_counter()
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
                             input_transform=input_transform, source=source)
+    phase_seconds = {"prepare": time.perf_counter() - t_prepare}
     rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
     if n_val >= len(ref.cells):
@@ -377,12 +379,17 @@ def build_model(
                           show_progress=show_progress and _dist.is_main_process())
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
+        phase_seconds["fit"] = time.perf_counter() - t_start
         embedding, logits = embed_reference(net, ref, dev)
+        phase_seconds["embed"] = time.perf_counter() - t_start - phase_seconds["fit"]
         calibration, novelty = calibrate(ref, embedding, logits, train_cells, calib_cells)
     train_seconds = time.perf_counter() - t_start
+    phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"]
+    t_agreement = time.perf_counter()
     epochs_done = len(history)
     agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, max_cells=2000,
                                           random_state=seed % 2**32)
+    phase_seconds["neighbour_label_agreement"] = time.perf_counter() - t_agreement
 
     train_config = {
         "label_columns": ref.label_columns,
@@ -409,6 +416,7 @@ def build_model(
         "distributed": {"world_size": _dist.world_size(), "backend": str(torch.distributed.get_backend())}
         if _dist.is_distributed() else None,
         "train_seconds": round(train_seconds, 3),
+        "phase_seconds": {k: round(v, 3) for k, v in phase_seconds.items()},
         "history": history,
         "resource_summary": {
             "training cells": int(len(train_cells)),
@@ -545,8 +553,10 @@ def prepare_reference(
         std[std == 0] = 1.0
         coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
     aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
-    if input_transform == "zscore":
-        aligner.gene_mean, aligner.gene_std = log_gene_statistics(source, aligner, cells)
+    if input_transform == "zscore":  # under torchrun each rank reads its share and the sums are combined
+        share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
+        aligner.gene_mean, aligner.gene_std = log_gene_statistics(
+            source, aligner, share, reduce=_dist.all_reduce_sum if _dist.is_distributed() else None)
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped)
 

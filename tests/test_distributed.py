@@ -109,3 +109,9 @@ def test_torchrun_two_processes_train_as_well_as_one(symphony_split, tmp_path):
     acc_ddp, acc_single = accuracy(ddp), accuracy(single)
     assert acc_single > 0.7
     assert abs(acc_ddp - acc_single) <= 0.05, (acc_ddp, acc_single)
+
+
+def test_all_reduce_sum_without_a_group_is_the_array():
+    import numpy as np
+
+    assert np.array_equal(distributed.all_reduce_sum(np.array([1.0, 2.5])), [1.0, 2.5])
