@@ -832,49 +832,48 @@ def fit(
                 yield None  # end of epoch
 
         bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
-        stream = prefetch(epochs())
-        epoch, step = 0, 0
-        total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
-        model.train()
-        for batch in stream:
-            if batch is not None:
-                step += 1
-                optimiser.zero_grad(set_to_none=True)
-                loss = objective.loss(model, batch)
-                if dev.type == "cpu" and not torch.isfinite(loss):  # free on the CPU; once per epoch on a GPU
-                    _diverged(float(loss.detach()), epoch, step, learning_rate)
-                loss.backward()
-                optimiser.step()
-                total += loss.detach() * batch.n_cells
-                n_seen += batch.n_cells
-                continue
-            train_loss = float(total) / max(n_seen, 1)
-            if not np.isfinite(train_loss):
-                _diverged(train_loss, epoch, None, learning_rate)
-            record = {"epoch": epoch + 1, "train_loss": train_loss,
-                      "seconds": round(time.perf_counter() - t_epoch, 3)}
-            if n_val:
-                net.eval()
-                with torch.no_grad():
-                    vt, vn = 0.0, 0
-                    for start in range(0, n_val, 4096):
-                        rows = val_cells[start : start + 4096]
-                        vt += float(objective(net, rows)) * len(rows)
-                        vn += len(rows)
-                record["val_loss"] = vt / vn
-                if record["val_loss"] < best_val - 1e-6:
-                    best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
-                else:
-                    stale += 1
-                model.train()
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds")})
-            epoch, step = epoch + 1, 0
+        with contextlib.closing(prefetch(epochs())) as stream:  # stops the worker on any exit
+            epoch, step = 0, 0
             total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
-            if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
-                break
-        stream.close()
+            model.train()
+            for batch in stream:
+                if batch is not None:
+                    step += 1
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = objective.loss(model, batch)
+                    if dev.type == "cpu" and not torch.isfinite(loss):  # free on the CPU; once per epoch on a GPU
+                        _diverged(float(loss.detach()), epoch, step, learning_rate)
+                    loss.backward()
+                    optimiser.step()
+                    total += loss.detach() * batch.n_cells
+                    n_seen += batch.n_cells
+                    continue
+                train_loss = float(total) / max(n_seen, 1)
+                if not np.isfinite(train_loss):
+                    _diverged(train_loss, epoch, None, learning_rate)
+                record = {"epoch": epoch + 1, "train_loss": train_loss,
+                          "seconds": round(time.perf_counter() - t_epoch, 3)}
+                if n_val:
+                    net.eval()
+                    with torch.no_grad():
+                        vt, vn = 0.0, 0
+                        for start in range(0, n_val, 4096):
+                            rows = val_cells[start : start + 4096]
+                            vt += float(objective(net, rows)) * len(rows)
+                            vn += len(rows)
+                    record["val_loss"] = vt / vn
+                    if record["val_loss"] < best_val - 1e-6:
+                        best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
+                    else:
+                        stale += 1
+                    model.train()
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds")})
+                epoch, step = epoch + 1, 0
+                total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
+                if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
+                    break
         bar.close()
     if best_state is not None and early_stopping_patience is not None:
         net.load_state_dict(best_state)
