@@ -274,7 +274,8 @@ def build_model(
     reference_storage
         ``"external"`` (separate reference file) or ``"full"`` (inside the metadata file) when saving.
     num_threads
-        CPU threads (capped at the CPUs available; ``"max"`` = 80% of them).
+        CPU threads (capped at the CPUs available; ``"max"`` = 80% of them). During the
+        epoch loop one of them prepares the next minibatch and PyTorch uses the rest.
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     show_progress
