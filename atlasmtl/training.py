@@ -836,6 +836,7 @@ def fit(
         with contextlib.closing(prefetch(epochs())) as stream:  # stops the worker on any exit
             epoch, step = 0, 0
             total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
+            c_epoch = time.process_time()
             model.train()
             for batch in stream:
                 if batch is not None:
@@ -853,7 +854,8 @@ def fit(
                 if not np.isfinite(train_loss):
                     _diverged(train_loss, epoch, None, learning_rate)
                 record = {"epoch": epoch + 1, "train_loss": train_loss,
-                          "seconds": round(time.perf_counter() - t_epoch, 3)}
+                          "seconds": round(time.perf_counter() - t_epoch, 3),
+                          "cpu_seconds": round(time.process_time() - c_epoch, 3)}
                 if n_val:
                     net.eval()
                     with torch.no_grad():
@@ -870,9 +872,10 @@ def fit(
                     model.train()
                 history.append(record)
                 bar.update(1)
-                bar.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds")})
+                bar.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds", "cpu_seconds")})
                 epoch, step = epoch + 1, 0
                 total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
+                c_epoch = time.process_time()
                 if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
                     break
         bar.close()

@@ -61,6 +61,7 @@ def run_atlasmtl(ref_path: Path, levels: list[str], epochs: int, threads: int, f
     tc = model.metadata["train_config"]
     n = tc["resource_summary"]["training cells"]
     epoch_seconds = [h["seconds"] for h in tc["history"] if "seconds" in h]
+    epoch_cpu = [h["cpu_seconds"] for h in tc["history"] if "cpu_seconds" in h]
     return {
         "read_seconds": round(read_seconds, 2),
         "build_model_seconds": round(seconds, 2),
@@ -70,6 +71,8 @@ def run_atlasmtl(ref_path: Path, levels: list[str], epochs: int, threads: int, f
         "cells_per_second_per_epoch": (round(n / (sum(epoch_seconds) / len(epoch_seconds))) if epoch_seconds
                                        else round(n * len(tc["history"]) / seconds)),
         "epoch_seconds": epoch_seconds,
+        "epoch_cpu_seconds": epoch_cpu,
+        "cells_per_cpu_second_per_epoch": round(n / (sum(epoch_cpu) / len(epoch_cpu))) if epoch_cpu else None,
         "phase_seconds": tc.get("phase_seconds"),
         "rss_before_build_mb": round(rss_before),
         "peak_rss_mb": round(tc["runtime_summary"]["process_peak_rss_mb"]),
