@@ -910,10 +910,10 @@ def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) ->
         for start in range(0, len(ref.cells), 4096):
             rows = ref.cells[start : start + 4096]
             out = net(SparseInput(ref.aligner.sparse_input(reference_rows(ref, rows)), zero))
-            embedding[start : start + len(rows)] = out.embedding.cpu().numpy()
+            embedding[start : start + len(rows)] = normalise_rows(out.embedding.cpu().numpy())  # row-wise: no second copy
             for j, lg in enumerate(out.logits):
                 logits[j][start : start + len(rows)] = lg.cpu().numpy()
-    return normalise_rows(embedding), logits
+    return embedding, logits
 
 
 def calibrate(
