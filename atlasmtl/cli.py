@@ -292,8 +292,8 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                    "whose companions FILE_metadata.pkl ... go beside it. Another suffix (model.pt) is refused; "
                    "end a folder name that has a dot with a slash (runs/v1.2/)")
     g.add_argument("--backed", action="store_true",
-                   help="read the reference on disk (backed) instead of loading it into memory: "
-                   "for references larger than memory, slower")
+                   help="train from disk: read the reference's matrix in shuffled blocks of cells instead of "
+                   "loading it into memory, so memory stays flat however large the file (implied by --distributed)")
     if "train" in wanted:
         add_signature_options(p.add_argument_group("training options (atlasmtl.build_model)"), api("build_model"),
                               _TRAIN_SKIP)
@@ -528,10 +528,15 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
     if args.reference_filter:
         reference = select_cells(read_h5ad(args.reference, backed=True), args.reference_filter,
                                  "--reference-filter", args.reference)
-    else:
-        reference = args.reference if args.backed else read_h5ad(args.reference)
+    else:  # a distributed run streams each rank's shard from the file
+        reference = args.reference if args.backed or args.distributed else read_h5ad(args.reference)
     kwargs = _api_kwargs(args, build_model, _TRAIN_SKIP)
     model = build_model(reference, labels, coords, show_summary=False, **kwargs)
+    if model is None:  # a distributed run's other ranks: rank 0 saves the model
+        from .distributed import rank
+
+        out.update(model=None, rank=rank())
+        return ""
     files = model.save(weights)
     out.update(
         model=str(files["manifest"]),

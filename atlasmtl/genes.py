@@ -241,6 +241,38 @@ class GeneAligner:
             raise ValueError("the zscore transform does not keep zeros; use transform()")
         return self._sparse_values(block)
 
+    def zero_input(self) -> np.ndarray | None:
+        """The network input of a gene with value 0, per model gene: ``f(0)`` (``None`` when it is 0).
+
+        For ``zscore`` it is ``clip(-mean / std, ±10)``; ``binary`` and ``float`` keep zeros at 0.
+        """
+        if self.keeps_zeros:
+            return None
+        zero = np.zeros((1, self.n_model_genes), dtype=np.float32)
+        return self._standardise(zero)[0]
+
+    def sparse_input(self, block: Any) -> sp.csr_matrix:
+        """Row block → sparse CSR *offset* input ``f(x) - f(0)`` (model gene order, float32).
+
+        ``f`` is the input transform. For ``binary`` and ``float`` ``f(0) = 0``, so this is
+        :meth:`transform_sparse`. For ``zscore``, ``f_j(x) = clip((x - mean_j) / std_j, ±10)``
+        and ``f(x) - f(0)`` is non-zero only where ``x`` is, so a linear layer is exact as
+        ``W (f(x) - f(0)) + (W f(0) + b)``: a sparse product plus a bias that does not depend
+        on the cell (:meth:`zero_input`). The dense ``zscore`` matrix is never formed.
+        """
+        values = self._sparse_values(block if sp.issparse(block) else sp.csr_matrix(block, dtype=np.float32))
+        if self.keeps_zeros:
+            return values
+        if self.gene_mean is None or self.gene_std is None:
+            raise ValueError("the zscore transform needs the reference's gene statistics")
+        cols = values.indices
+        zero = self.zero_input()
+        data = (values.data - self.gene_mean[cols]) / self.gene_std[cols]
+        np.clip(data, -ZSCORE_CLIP, ZSCORE_CLIP, out=data)
+        data -= zero[cols]
+        values.data = data.astype(np.float32, copy=False)
+        return values
+
     def _sparse_values(self, block: sp.csr_matrix) -> sp.csr_matrix:
         """Sparse rows → x > 0 or log1p values in model gene order (before any standardisation).
 
@@ -268,12 +300,14 @@ class GeneAligner:
 
 
 def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.ndarray,
-                        chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                        chunk_size: int = 4096, reduce: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation per gene of the reference's log1p values, in one streaming pass.
 
     The rows are read ``chunk_size`` at a time and stay sparse, so memory does not
     grow with the number of cells. Genes with a standard deviation below 1e-3
     (never or always expressed alike) get 1, so they are centred but not inflated.
+    ``reduce`` sums the per-gene sums and the cell count over processes (each passing
+    its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
     n = source.n_vars
     total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
@@ -281,7 +315,11 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
         x = aligner._sparse_values(source.rows(cells[start : start + chunk_size]))
         total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
         total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
-    count = max(len(cells), 1)
+    count = len(cells)
+    if reduce is not None:
+        summed = reduce(np.concatenate([total, total_sq, [count]]))
+        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
+    count = max(count, 1)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     std[std < 1e-3] = 1.0

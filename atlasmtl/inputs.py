@@ -58,7 +58,17 @@ class MatrixSource:
         return self.var.index
 
     def rows(self, index: slice | np.ndarray) -> sp.csr_matrix | np.ndarray:
-        """Rows as a CSR matrix (sparse input) or float array (dense input)."""
+        """Rows as a CSR matrix (sparse input) or float array (dense input).
+
+        On disk (``backed``), sorted row numbers that lie close together are read as one
+        contiguous slice and subset in memory: one sequential read instead of many small ones.
+        """
+        if self.backed and isinstance(index, np.ndarray) and index.ndim == 1 and len(index) > 1 \
+                and index.dtype.kind in "iu" and bool(np.all(index[1:] > index[:-1])):
+            lo, hi = int(index[0]), int(index[-1]) + 1
+            if hi - lo <= 2 * len(index) + 1024:
+                whole = self.rows(slice(lo, hi))
+                return whole if hi - lo == len(index) else whole[index - lo]
         block = self.matrix[index]
         if sp.issparse(block):
             block = sp.csr_matrix(block)
@@ -125,7 +135,7 @@ def h5ad_query_source(
     """
     import h5py
 
-    read_elem, _, sparse_dataset = elem_io()
+    read_elem, _, _ = elem_io()
 
     path = os.fspath(check_input_file(path))
     if use_raw and layer is not None:
@@ -138,34 +148,81 @@ def h5ad_query_source(
         try:
             obs_group = f["obs"]
             obs_names = pd.Index(read_elem(obs_group[obs_group.attrs["_index"]]), dtype=str)
-            if use_raw:
-                if "raw" not in f:
-                    raise InputError(f"use_raw=True but {path!r} has no raw; pass use_raw=False.")
-                node, var, where = f["raw/X"], read_elem(f["raw/var"]), "raw.X"
-            elif layer is not None:
-                if "layers" not in f or layer not in f["layers"]:
-                    available = list(f["layers"].keys()) if "layers" in f else []
-                    raise InputError(f"layer={layer!r} is not in {path!r}; available layers: {available}.")
-                node, var, where = f["layers"][layer], read_elem(f["var"]), f"layers[{layer!r}]"
-            else:
-                if "X" not in f:
-                    raise InputError(f"{path!r} has no X; pass layer= or use_raw=True.")
-                node, var, where = f["X"], read_elem(f["var"]), "X"
-            matrix = sparse_dataset(node) if isinstance(node, h5py.Group) else node
-        except InputError:
-            raise
         except Exception as exc:
             raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
-        if len(obs_names) == 0 or matrix.shape[1] == 0:
-            raise EmptyDataError(
-                f"{path!r} is empty ({matrix.shape[0]} cells × {matrix.shape[1]} genes); "
-                "pass a file with at least one cell and one gene."
-            )
-        if node.attrs.get("encoding-type", "") == "csc_matrix":
-            raise InputError(f"{where} in {path!r} is stored as CSC; rows cannot be streamed. Store it as CSR.")
-        yield obs_names, MatrixSource(matrix=matrix, var=var, where=where, backed=True)
+        yield obs_names, _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
     finally:
         f.close()
+
+
+@contextlib.contextmanager
+def h5ad_reference_source(
+    path: str | os.PathLike, layer: str | None = None, use_raw: bool = False, obsm_keys: Any = ()
+) -> Iterator[tuple[ad.AnnData, MatrixSource]]:
+    """Open a reference ``.h5ad`` file for training from disk.
+
+    Yields an AnnData holding only ``obs`` (the labels), ``var`` and the ``obsm``
+    entries named in ``obsm_keys`` (coordinate targets), and the chosen matrix as a
+    backed :class:`MatrixSource` whose rows are read per block. Nothing else is
+    loaded (``anndata.read_h5ad(path, backed="r")`` would load every layer).
+    """
+    import h5py
+
+    read_elem, _, _ = elem_io()
+    path = os.fspath(check_input_file(path))
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+    try:
+        try:
+            obs = read_elem(f["obs"])
+            obsm = {k: read_elem(f["obsm"][k]) for k in obsm_keys if "obsm" in f and k in f["obsm"]}
+        except Exception as exc:
+            raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+        source = _h5ad_matrix(f, path, layer, use_raw, len(obs))
+        lite = ad.AnnData(obs=obs, var=pd.DataFrame(index=source.var.index[:0]))
+        for key, value in obsm.items():
+            lite.obsm[key] = value
+        yield lite, source
+    finally:
+        f.close()
+
+
+def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int) -> MatrixSource:
+    """The matrix ``layer`` / ``raw.X`` / ``X`` of an open ``.h5ad`` file as a backed :class:`MatrixSource`."""
+    import h5py
+
+    read_elem, _, sparse_dataset = elem_io()
+    if use_raw and layer is not None:
+        raise ParameterError("Pass either layer= or use_raw=True, not both.")
+    try:
+        if use_raw:
+            if "raw" not in f:
+                raise InputError(f"use_raw=True but {path!r} has no raw; pass use_raw=False.")
+            node, var, where = f["raw/X"], read_elem(f["raw/var"]), "raw.X"
+        elif layer is not None:
+            if "layers" not in f or layer not in f["layers"]:
+                available = list(f["layers"].keys()) if "layers" in f else []
+                raise InputError(f"layer={layer!r} is not in {path!r}; available layers: {available}.")
+            node, var, where = f["layers"][layer], read_elem(f["var"]), f"layers[{layer!r}]"
+        else:
+            if "X" not in f:
+                raise InputError(f"{path!r} has no X; pass layer= or use_raw=True.")
+            node, var, where = f["X"], read_elem(f["var"]), "X"
+        matrix = sparse_dataset(node) if isinstance(node, h5py.Group) else node
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+    if n_obs == 0 or matrix.shape[1] == 0:
+        raise EmptyDataError(
+            f"{path!r} is empty ({matrix.shape[0]} cells × {matrix.shape[1]} genes); "
+            "pass a file with at least one cell and one gene."
+        )
+    if node.attrs.get("encoding-type", "") == "csc_matrix":
+        raise InputError(f"{where} in {path!r} is stored as CSC; rows cannot be streamed. Store it as CSR.")
+    return MatrixSource(matrix=matrix, var=var, where=where, backed=True)
 
 
 def _values_of(block: Any) -> np.ndarray:

@@ -8,14 +8,16 @@ the matrix checks are the ones :func:`atlasmtl.predict` runs) → :func:`fit`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.metadata
+import os
 import platform
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -38,14 +40,15 @@ from .genes import (
     log_gene_statistics,
 )
 from .io import open_anndata
-from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source
+from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_reference_source
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
 from .hierarchy import decode_paths, level_paths
 from .knn import NeighbourIndex, neighbour_label_agreement, normalise_rows
 from .novelty import NOVELTY_K, class_distance, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
-from .network import MultiTaskNetwork
+from . import distributed as _dist
+from .network import MultiTaskNetwork, SparseInput
 from .runtime import (
     ResourceMonitor,
     available_cpus,
@@ -181,7 +184,7 @@ def _coordinate_targets(adata: ad.AnnData, coord_targets: Mapping[str, Any] | No
 
 
 def build_model(
-    adata: ad.AnnData,
+    adata: ad.AnnData | str | os.PathLike,
     label_columns: Sequence[str],
     coord_targets: Mapping[str, str] | None = None,
     *,
@@ -205,13 +208,18 @@ def build_model(
     show_progress: bool | None = None,
     show_summary: bool | None = None,
     random_state: int = 0,
-) -> TrainedModel:
+    distributed: bool = False,
+) -> TrainedModel | None:
     """Train an atlasmtl model on a labelled reference.
 
     Parameters
     ----------
     adata
-        Reference AnnData (in memory or backed); cells × genes, raw counts or log-normalised values.
+        Reference AnnData (in memory or backed), or the path to an ``.h5ad`` file; cells × genes,
+        raw counts or log-normalised values. A path or a backed AnnData is trained from disk: only
+        ``obs`` (and the ``obsm`` coordinate targets) are loaded, and each epoch reads the matrix in
+        contiguous blocks of cells in random order, mixing several blocks in memory
+        (block-shuffled sampling), so memory stays flat however many cells the file holds.
     label_columns
         ``obs`` columns with the annotation levels, coarse to fine (one or more).
         Cells with NaN at a level do not contribute to that level's loss.
@@ -266,7 +274,8 @@ def build_model(
     reference_storage
         ``"external"`` (separate reference file) or ``"full"`` (inside the metadata file) when saving.
     num_threads
-        CPU threads (capped at the CPUs available; ``"max"`` = 80% of them).
+        CPU threads (capped at the CPUs available; ``"max"`` = 80% of them). During the
+        epoch loop one of them prepares the next minibatch and PyTorch uses the rest.
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     show_progress
@@ -275,11 +284,25 @@ def build_model(
         Print a compact summary at the end; ``None`` = on in a notebook or an interactive terminal.
     random_state
         Seed for initialisation, shuffling and dropout.
+    distributed
+        Train data-parallel across the processes ``torchrun`` started
+        (:class:`torch.nn.parallel.DistributedDataParallel`; gloo on CPUs, NCCL on
+        GPUs, one GPU per process): each process streams its own contiguous shard of
+        the training cells and the gradients are averaged every step. Call it the
+        same way in every process; pass the ``.h5ad`` path so each reads only its
+        shard. ``num_threads`` is shared among the processes of a machine.
 
     Returns
     -------
-    TrainedModel
+    TrainedModel or None
+        The model; with ``distributed=True``, only on rank 0 (the process that
+        should save it); the other ranks get ``None``.
     """
+    if isinstance(adata, (str, os.PathLike)):  # train from disk: labels in memory, the matrix read per block
+        args = {k: v for k, v in locals().items() if k != "adata"}
+        keys = [v for v in (coord_targets or {}).values() if isinstance(v, str)] if isinstance(coord_targets, Mapping) else []
+        with h5ad_reference_source(adata, layer=layer, use_raw=use_raw, obsm_keys=keys) as (lite, source):
+            return build_model(_ReferenceOnDisk(lite, source), **args)
     p = check_training_parameters(
         batch_size=batch_size,
         num_epochs=num_epochs,
@@ -302,13 +325,21 @@ def build_model(
     early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
     input_transform, use_raw, augment = p["input_transform"], p["use_raw"], p["augment"]
     random_state, seed = as_random_state(random_state)
-    dev = resolve_device(device)
+    distributed = as_bool("distributed", distributed)
+    dev = _dist.init_from_env(device=device) if distributed else resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
+    if distributed and dev.type == "cpu":  # the processes of one machine share its cores
+        n_threads = max(1, min(n_threads, available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
+    source = None
+    if isinstance(adata, _ReferenceOnDisk):
+        adata, source = adata.adata, adata.source
     adata = open_anndata(adata)
 
+    t_prepare = time.perf_counter()
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
-                            input_transform=input_transform)
+                            input_transform=input_transform, source=source)
+    phase_seconds = {"prepare": time.perf_counter() - t_prepare}
     rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
     if n_val >= len(ref.cells):
@@ -340,14 +371,26 @@ def build_model(
             hidden_sizes,
             dropout_rate,
         ).to(dev)
-        history = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
-                      learning_rate=learning_rate, early_stopping_patience=early_stopping_patience,
-                      show_progress=show_progress)
+        if distributed:  # each rank draws its own dropout masks
+            torch.manual_seed(seed + 7919 * _dist.rank())
+        # the prefetch thread prepares the next minibatch on a core of its own
+        with torch_threads(max(1, n_threads - 1)):
+            history = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
+                          learning_rate=learning_rate, early_stopping_patience=early_stopping_patience,
+                          show_progress=show_progress and _dist.is_main_process())
+        if not _dist.is_main_process():
+            return None  # rank 0 embeds the reference, calibrates and returns the model
+        phase_seconds["fit"] = time.perf_counter() - t_start
         embedding, logits = embed_reference(net, ref, dev)
+        phase_seconds["embed"] = time.perf_counter() - t_start - phase_seconds["fit"]
         calibration, novelty = calibrate(ref, embedding, logits, train_cells, calib_cells)
     train_seconds = time.perf_counter() - t_start
+    phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"]
+    t_agreement = time.perf_counter()
     epochs_done = len(history)
-    agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, random_state=seed % 2**32)
+    agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, max_cells=2000,
+                                          random_state=seed % 2**32)
+    phase_seconds["neighbour_label_agreement"] = time.perf_counter() - t_agreement
 
     train_config = {
         "label_columns": ref.label_columns,
@@ -371,7 +414,10 @@ def build_model(
         "device": str(dev),
         "random_state": random_state,
         "seed": seed,
+        "distributed": {"world_size": _dist.world_size(), "backend": str(torch.distributed.get_backend())}
+        if _dist.is_distributed() else None,
         "train_seconds": round(train_seconds, 3),
+        "phase_seconds": {k: round(v, 3) for k, v in phase_seconds.items()},
         "history": history,
         "resource_summary": {
             "training cells": int(len(train_cells)),
@@ -405,6 +451,14 @@ def build_model(
 
 
 # ---------------------------------------------------------------- prepare
+@dataclass
+class _ReferenceOnDisk:
+    """A reference file opened for training from disk: its labels (``adata``) and its matrix (``source``)."""
+
+    adata: ad.AnnData
+    source: MatrixSource
+
+
 @dataclass
 class Reference:
     """The reference, checked and encoded: everything the fit loop and :func:`describe` read.
@@ -453,12 +507,17 @@ def prepare_reference(
     layer: str | None,
     use_raw: bool,
     input_transform: str,
+    source: MatrixSource | None = None,
 ) -> Reference:
     """Check the reference, encode its labels and coordinates and pick the cells to train on.
 
+    ``source`` is the expression matrix when it was opened apart from ``adata`` (a
+    reference file read from disk, :func:`~atlasmtl.inputs.h5ad_reference_source`).
+
     The matrix checks (values, semantics) are the ones :func:`atlasmtl.predict` runs on a query.
     """
-    source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
+    if source is None:
+        source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
     if not adata.obs_names.is_unique:
         raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
     if not source.var_names.is_unique:
@@ -495,18 +554,137 @@ def prepare_reference(
         std[std == 0] = 1.0
         coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
     aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
-    if input_transform == "zscore":
-        aligner.gene_mean, aligner.gene_std = log_gene_statistics(source, aligner, cells)
+    if input_transform == "zscore":  # under torchrun each rank reads its share and the sums are combined
+        share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
+        aligner.gene_mean, aligner.gene_std = log_gene_statistics(
+            source, aligner, share, reduce=_dist.all_reduce_sum if _dist.is_distributed() else None)
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped)
 
 
 # ---------------------------------------------------------------- fit
-def reference_rows(ref: Reference, rows: np.ndarray) -> Any:
+def reference_rows(ref: Reference, rows: np.ndarray | slice) -> Any:
     """Reference rows as read for the network, checked for NaN/inf (streamed data is checked only here)."""
     block = ref.source.rows(rows)
     check_finite(block, ref.source.where)
     return block
+
+
+#: Cells per contiguous block read from a reference on disk, and blocks shuffled together in memory
+#: (block-shuffled sampling as in scDataset / annbatch: random block order, then random cells within
+#: a buffer of several blocks). 16 × 1,024 cells of 3,000 genes at 4% non-zero values is ~16 MB.
+STREAM_BLOCK_CELLS = 1024
+STREAM_BUFFER_BLOCKS = 16
+
+
+def shuffled_minibatches(source: MatrixSource, cells: np.ndarray, batch_size: int, rng: np.random.Generator,
+                         n_batches: int | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+    """One epoch of shuffled minibatches of ``cells`` (sorted row numbers): ``(rows, block)`` pairs.
+
+    In memory, every minibatch is a uniform random draw without replacement (rows sorted
+    within the batch). On disk (``source.backed``), rows are read as contiguous blocks of
+    :data:`STREAM_BLOCK_CELLS` cells in random block order; :data:`STREAM_BUFFER_BLOCKS`
+    blocks at a time are mixed and dealt into minibatches, so each epoch reads the file
+    once, sequentially per block, with memory bounded by the buffer. ``n_batches`` stops
+    the epoch after that many minibatches (distributed ranks must take equal steps).
+    Every random choice comes from ``rng``, so a seed reproduces the epoch.
+    """
+    emitted = 0
+    if not source.backed:
+        order = rng.permutation(cells)
+        for start in range(0, len(order), batch_size):
+            if n_batches is not None and emitted >= n_batches:
+                return
+            rows = np.sort(order[start : start + batch_size])
+            yield rows, source.rows(rows)
+            emitted += 1
+        return
+    blocks = [cells[i : i + STREAM_BLOCK_CELLS] for i in range(0, len(cells), STREAM_BLOCK_CELLS)]
+    block_order = rng.permutation(len(blocks))
+    carry_rows: np.ndarray | None = None
+    carry_block: Any = None
+    for b0 in range(0, len(blocks), STREAM_BUFFER_BLOCKS):
+        picked = [blocks[i] for i in block_order[b0 : b0 + STREAM_BUFFER_BLOCKS]]
+        parts_rows, parts = [], []
+        for rows in picked:
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            chunk = source.rows(slice(lo, hi))
+            parts.append(chunk if hi - lo == len(rows) else chunk[rows - lo])
+            parts_rows.append(rows)
+        if carry_rows is not None:
+            parts_rows.append(carry_rows)
+            parts.append(carry_block)
+        buf_rows = np.concatenate(parts_rows)
+        buffer = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts)
+        mix = rng.permutation(len(buf_rows))
+        last = b0 + STREAM_BUFFER_BLOCKS >= len(blocks)
+        n_full = len(mix) if last else (len(mix) // batch_size) * batch_size
+        for start in range(0, n_full, batch_size):
+            if n_batches is not None and emitted >= n_batches:
+                return
+            take = np.sort(mix[start : min(start + batch_size, n_full)])
+            yield buf_rows[take], buffer[take]
+            emitted += 1
+        rest = np.sort(mix[n_full:])
+        carry_rows, carry_block = (buf_rows[rest], buffer[rest]) if len(rest) else (None, None)
+
+
+def prefetch(items: Iterator[Any], depth: int = 3) -> Iterator[Any]:
+    """Run an iterator in a background thread, ``depth`` items ahead (reading, augmenting and
+    transforming the next minibatches while the network trains on this one).
+
+    Exceptions in the worker are raised in the consumer; leaving the loop early stops the worker.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((False, exc))
+
+    worker = threading.Thread(target=work, name="atlasmtl-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+
+
+@dataclass
+class Minibatch:
+    """One prepared minibatch: network input, label codes, labelled cells per level, coordinates."""
+
+    x: SparseInput | torch.Tensor
+    y: torch.Tensor
+    n_labelled: list[float]
+    coords: dict[str, torch.Tensor]
+    n_cells: int
 
 
 class _Objective:
@@ -519,6 +697,8 @@ class _Objective:
         self.augmentation, self.rng = augmentation, rng or np.random.default_rng(0)
         # shifted batches are counts, whatever the reference holds
         self.counts_aligner = dataclasses.replace(ref.aligner, semantics="counts")
+        zero = ref.aligner.zero_input()
+        self.zero_input = None if zero is None else torch.from_numpy(zero).to(dev)
         self.coord_std = ref.standardised_coords()
         self.losses = [
             nn.CrossEntropyLoss(
@@ -530,33 +710,74 @@ class _Objective:
             for j, col in enumerate(ref.label_columns)
         ]
 
-    def batch(self, rows: np.ndarray, train: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Network input, label codes and standardised coordinates of the reference cells ``rows``.
+    def prepare(self, rows: np.ndarray, block: Any, train: bool = False) -> Minibatch:
+        """The minibatch of reference cells ``rows`` (whose matrix rows are ``block``).
 
-        With ``train=True`` and augmentation on, the input is a shifted copy (:func:`simulate_shift`).
+        The input is sparse (:class:`~atlasmtl.network.SparseInput`, exact for every
+        transform). With ``train=True`` and augmentation on, it is a shifted copy
+        (:func:`simulate_shift`). No per-cell Python; runs in the prefetch thread.
         """
         ref, dev = self.ref, self.dev
-        block = reference_rows(ref, rows)
+        check_finite(block, ref.source.where)
         if train and self.augmentation is not None:
-            shifted = simulate_shift(block, ref.semantics["semantics"], self.rng, self.augmentation)
-            x = torch.from_numpy(self.counts_aligner.transform(shifted)).to(dev)
+            x = self.counts_aligner.sparse_input(simulate_shift(block, ref.semantics["semantics"], self.rng,
+                                                                self.augmentation))
         else:
-            x = torch.from_numpy(ref.aligner.transform(block)).to(dev)
-        y = torch.from_numpy(ref.codes[rows]).to(dev)
-        c = {n: torch.from_numpy(v[rows]).to(dev) for n, v in self.coord_std.items()}
-        return x, y, c
+            x = ref.aligner.sparse_input(block)
+        codes = ref.codes[rows]
+        labelled = np.maximum((codes >= 0).sum(axis=0), 1).astype(float).tolist()
+        rows_t = x.T.tocsr() if train and dev.type == "cpu" else None
+        return Minibatch(
+            x=SparseInput(x, self.zero_input, rows_t),
+            y=torch.from_numpy(codes).to(dev, non_blocking=True),
+            n_labelled=labelled,
+            coords={n: torch.from_numpy(v[rows]).to(dev, non_blocking=True) for n, v in self.coord_std.items()},
+            n_cells=len(rows),
+        )
 
-    def __call__(self, net: MultiTaskNetwork, rows: np.ndarray, train: bool = False) -> torch.Tensor:
-        x, y, c = self.batch(rows, train)
-        _, logits, pred = net(x)
+    def batch(self, rows: np.ndarray, train: bool = False) -> Minibatch:
+        """:meth:`prepare` for rows read now (validation, tests)."""
+        return self.prepare(rows, self.ref.source.rows(rows), train)
+
+    def loss(self, net: nn.Module, batch: Minibatch) -> torch.Tensor:
+        """The loss of a prepared minibatch (no host synchronisation)."""
+        out = net(batch.x)
         loss = torch.zeros((), device=self.dev)
-        for j, lg in enumerate(logits):
-            n_valid = int((y[:, j] >= 0).sum())
-            if n_valid:
-                loss = loss + self.losses[j](lg, y[:, j]) / n_valid
+        for j, lg in enumerate(out.logits):
+            loss = loss + self.losses[j](lg, batch.y[:, j]) / batch.n_labelled[j]
         for n in self.coord_std:
-            loss = loss + torch.mean((pred[n] - c[n]) ** 2)
+            loss = loss + torch.mean((out.coords[n] - batch.coords[n]) ** 2)
         return loss
+
+    def __call__(self, net: nn.Module, rows: np.ndarray, train: bool = False) -> torch.Tensor:
+        return self.loss(net, self.batch(rows, train))
+
+
+def _adam(params: Any, learning_rate: float) -> torch.optim.Optimizer:
+    """Adam, with its fused single-kernel step where this PyTorch has one for the device."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=learning_rate, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # torch < 2.4 on the CPU
+        return torch.optim.Adam(params, lr=learning_rate, foreach=True)
+
+
+@contextlib.contextmanager
+def _first_layer_stored_transposed(net: MultiTaskNetwork) -> Iterator[None]:
+    """Store the first layer's weight transposed in memory (same values and shape) while training.
+
+    The sparse first layer multiplies by ``W.T`` and produces the gradient as ``(x.T @ grad).T``;
+    with ``W.T`` contiguous neither direction copies the 3,000 × 256 weight. The usual layout is
+    restored afterwards, so the trained network and its saved files are as always.
+    """
+    first = net.encoder.layers[0]
+    with torch.no_grad():
+        first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            first.weight = nn.Parameter(first.weight.detach().contiguous())
 
 
 def fit(
@@ -574,51 +795,90 @@ def fit(
 ) -> list[dict[str, float]]:
     """The epoch loop (Adam, shuffled minibatches, optional validation and early stopping).
 
+    Minibatches are read, augmented and transformed in a background thread one
+    step ahead (:func:`prefetch`); the first layer is sparse
+    (:class:`~atlasmtl.network.SparseInput`). Under ``torchrun`` (a
+    :mod:`torch.distributed` group), each rank trains on its contiguous shard of
+    ``train_cells`` with the same number of steps, and
+    :class:`~torch.nn.parallel.DistributedDataParallel` averages the gradients.
+
     Leaves ``net`` in eval mode with the best validation weights when early
     stopping is on; returns the loss history, one record per completed epoch.
     """
     n_val = len(val_cells)
     history: list[dict[str, float]] = []
-    optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
-    best_val, best_state, stale = np.inf, None, 0
-    bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
-    for epoch in bar:
-        net.train()
-        order = rng.permutation(train_cells)
-        total, n_seen = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            rows = np.sort(order[start : start + batch_size])
-            optimiser.zero_grad(set_to_none=True)
-            loss = objective(net, rows, train=True)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"Training diverged: the loss became non-finite ({float(loss.detach())}) at epoch {epoch + 1}, "
-                    f"minibatch {start // batch_size + 1}, with learning_rate={learning_rate:g}. Use a smaller "
-                    "learning_rate (the default is 1e-3); no model was returned."
-                )
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach()) * len(rows)
-            n_seen += len(rows)
-        record = {"epoch": epoch + 1, "train_loss": total / max(n_seen, 1)}
-        if n_val:
-            net.eval()
-            with torch.no_grad():
-                vt, vn = 0.0, 0
-                for start in range(0, n_val, 4096):
-                    rows = val_cells[start : start + 4096]
-                    vt += float(objective(net, rows)) * len(rows)
-                    vn += len(rows)
-            record["val_loss"] = vt / vn
-            if record["val_loss"] < best_val - 1e-6:
-                best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
-            else:
-                stale += 1
-        history.append(record)
-        bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
-        if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
-            break
-    bar.close()
+    source, dev = objective.ref.source, objective.dev
+    n_batches = None
+    shard = train_cells
+    if _dist.is_distributed():
+        shard = train_cells[_dist.shard_slice(len(train_cells))]
+        smallest = min(len(range(len(train_cells))[_dist.shard_slice(len(train_cells), r)])
+                       for r in range(_dist.world_size()))
+        n_batches = max(1, -(-smallest // batch_size))
+    # the worker thread draws every shuffle and augmentation from its own generator, so how far
+    # it runs ahead never changes the random numbers anything else sees
+    batch_rng = np.random.default_rng([int(rng.integers(2**63)), _dist.rank()])
+    objective.rng = batch_rng
+    with _first_layer_stored_transposed(net):
+        model: nn.Module = net
+        if _dist.is_distributed():
+            model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        optimiser = _adam(model.parameters(), learning_rate)
+        best_val, best_state, stale = np.inf, None, 0
+
+        def epochs() -> Iterator[Minibatch | None]:
+            for _ in range(num_epochs):
+                for rows, block in shuffled_minibatches(source, shard, batch_size, batch_rng, n_batches):
+                    yield objective.prepare(rows, block, train=True)
+                yield None  # end of epoch
+
+        bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
+        with contextlib.closing(prefetch(epochs())) as stream:  # stops the worker on any exit
+            epoch, step = 0, 0
+            total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
+            c_epoch = time.process_time()
+            model.train()
+            for batch in stream:
+                if batch is not None:
+                    step += 1
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = objective.loss(model, batch)
+                    if dev.type == "cpu" and not torch.isfinite(loss):  # free on the CPU; once per epoch on a GPU
+                        _diverged(float(loss.detach()), epoch, step, learning_rate)
+                    loss.backward()
+                    optimiser.step()
+                    total += loss.detach() * batch.n_cells
+                    n_seen += batch.n_cells
+                    continue
+                train_loss = float(total) / max(n_seen, 1)
+                if not np.isfinite(train_loss):
+                    _diverged(train_loss, epoch, None, learning_rate)
+                record = {"epoch": epoch + 1, "train_loss": train_loss,
+                          "seconds": round(time.perf_counter() - t_epoch, 3),
+                          "cpu_seconds": round(time.process_time() - c_epoch, 3)}
+                if n_val:
+                    net.eval()
+                    with torch.no_grad():
+                        vt, vn = 0.0, 0
+                        for start in range(0, n_val, 4096):
+                            rows = val_cells[start : start + 4096]
+                            vt += float(objective(net, rows)) * len(rows)
+                            vn += len(rows)
+                    record["val_loss"] = vt / vn
+                    if record["val_loss"] < best_val - 1e-6:
+                        best_val, best_state, stale = record["val_loss"], copy.deepcopy(net.state_dict()), 0
+                    else:
+                        stale += 1
+                    model.train()
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds", "cpu_seconds")})
+                epoch, step = epoch + 1, 0
+                total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
+                c_epoch = time.process_time()
+                if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
+                    break
+        bar.close()
     if best_state is not None and early_stopping_patience is not None:
         net.load_state_dict(best_state)
     if not all(torch.isfinite(p).all() for p in net.parameters()):
@@ -630,20 +890,30 @@ def fit(
     return history
 
 
+def _diverged(value: float, epoch: int, step: int | None, learning_rate: float) -> None:
+    where = f"epoch {epoch + 1}" + (f", minibatch {step}" if step is not None else "")
+    raise TrainingError(
+        f"Training diverged: the loss became non-finite ({value}) at {where}, with learning_rate={learning_rate:g}. "
+        "Use a smaller learning_rate (the default is 1e-3); no model was returned."
+    )
+
+
 # ---------------------------------------------------------------- embed and describe
 def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
     """The used reference cells in the KNN space (encoder output, L2-normalised; cells × last hidden size)
     and their logits per level (what calibration reads for the held-out cells)."""
     embedding = np.zeros((len(ref.cells), net.encoder.out_features), dtype=np.float32)
     logits = [np.zeros((len(ref.cells), len(ref.classes[c])), dtype=np.float32) for c in ref.label_columns]
+    zero = ref.aligner.zero_input()
+    zero = None if zero is None else torch.from_numpy(zero).to(dev)
     with torch.no_grad():
         for start in range(0, len(ref.cells), 4096):
             rows = ref.cells[start : start + 4096]
-            out = net(torch.from_numpy(ref.aligner.transform(reference_rows(ref, rows))).to(dev))
-            embedding[start : start + len(rows)] = out.embedding.cpu().numpy()
+            out = net(SparseInput(ref.aligner.sparse_input(reference_rows(ref, rows)), zero))
+            embedding[start : start + len(rows)] = normalise_rows(out.embedding.cpu().numpy())  # row-wise: no second copy
             for j, lg in enumerate(out.logits):
                 logits[j][start : start + len(rows)] = lg.cpu().numpy()
-    return normalise_rows(embedding), logits
+    return embedding, logits
 
 
 def calibrate(

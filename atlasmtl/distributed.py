@@ -1,0 +1,184 @@
+"""Process-group helpers for training and predicting on several processes (``torchrun``).
+
+atlasmtl runs distributed work on PyTorch's own engine: ``torchrun`` starts one
+process per GPU (or per CPU worker), each with the environment variables
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+:func:`init_from_env` joins that process group (NCCL on CUDA, gloo on CPU);
+the other helpers answer "who am I" and "which part of the data is mine", and
+behave as a single process of rank 0 when no group was started, so the same
+code runs with and without ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .exceptions import DeviceError, ParameterError
+
+__all__ = [
+    "launched_by_torchrun",
+    "init_from_env",
+    "is_distributed",
+    "rank",
+    "local_rank",
+    "world_size",
+    "is_main_process",
+    "barrier",
+    "shard_slice",
+    "all_reduce_sum",
+    "destroy",
+]
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment holds the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ...)."""
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def is_distributed() -> bool:
+    """True when a ``torch.distributed`` process group is initialised in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the group (0 without a group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the group (1 without a group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``; 0 without ``torchrun``): the GPU it should use."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a plain single process): the process that writes files and prints."""
+    return rank() == 0
+
+
+def init_from_env(backend: str | None = None, device: str | torch.device = "auto",
+                  timeout_minutes: float = 30.0) -> torch.device:
+    """Join the process group ``torchrun`` describes in the environment; return this rank's device.
+
+    Parameters
+    ----------
+    backend
+        ``"gloo"``, ``"nccl"`` or ``None`` (NCCL when the device is CUDA, gloo otherwise).
+    device
+        ``"auto"`` (CUDA ``LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"`` or ``"cuda"``.
+        With CUDA each process uses GPU ``LOCAL_RANK``.
+    timeout_minutes
+        How long collective operations wait for the other ranks before failing.
+
+    Returns
+    -------
+    torch.device
+        The device this rank computes on.
+
+    Raises
+    ------
+    ParameterError
+        When the ``torchrun`` environment variables are missing or ``backend`` is unknown.
+    DeviceError
+        When ``device="cuda"`` is asked for and this machine has no GPU for ``LOCAL_RANK``.
+
+    Notes
+    -----
+    Calling it again in a process whose group is already initialised returns the
+    device without re-initialising. Multi-node runs need nothing more than
+    ``torchrun --nnodes N --node_rank i --master_addr HOST --master_port PORT``.
+    """
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ParameterError(f"backend={backend!r} is not supported; use 'gloo' (CPU), 'nccl' (CUDA) or None (automatic).")
+    if not dist.is_available():  # pragma: no cover - every standard torch build has it
+        raise ParameterError("This PyTorch build has no torch.distributed support; install a standard PyTorch wheel.")
+    kind = str(device).split(":")[0]
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ParameterError(f"device={device!r} is not recognised; use 'auto', 'cpu' or 'cuda'.")
+    use_cuda = torch.cuda.is_available() if kind == "auto" else kind == "cuda"
+    if use_cuda:
+        if not torch.cuda.is_available() or local_rank() >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device={device!r} needs CUDA device {local_rank()} (LOCAL_RANK) but this machine has "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; start at most that many processes "
+                "per node (torchrun --nproc_per_node) or use device='cpu'."
+            )
+        dev = torch.device("cuda", local_rank())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if is_distributed():
+        return dev
+    if not launched_by_torchrun():
+        missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+        raise ParameterError(
+            f"Distributed mode needs the environment torchrun sets ({', '.join(missing)} missing); launch with "
+            "`torchrun --nproc_per_node=N ...` (see the README's 'Distributed training'), or drop --distributed."
+        )
+    dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"),
+                            timeout=timedelta(minutes=timeout_minutes))
+    return dev
+
+
+def barrier() -> None:
+    """Wait until every rank arrives here (a no-op without a group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def shard_slice(n: int, rank_: int | None = None, world_size_: int | None = None) -> slice:
+    """This rank's contiguous share of ``n`` items, as a slice.
+
+    The first ``n % world_size`` ranks get one item more, so shares differ by at
+    most one and together cover ``range(n)`` exactly once.
+
+    Parameters
+    ----------
+    n
+        Number of items (cells, rows of a file).
+    rank_, world_size_
+        Override the process group's rank and size (for planning or tests).
+    """
+    r = rank() if rank_ is None else int(rank_)
+    w = world_size() if world_size_ is None else int(world_size_)
+    if n < 0 or w < 1 or not 0 <= r < w:
+        raise ParameterError(f"shard_slice needs n >= 0 and 0 <= rank < world_size (got n={n}, rank={r}, world_size={w}).")
+    base, extra = divmod(int(n), w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a NumPy array over all ranks (the array itself without a group).
+
+    Sums in float64 (on the rank's GPU under NCCL); every rank gets the same result.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not is_distributed():
+        return values
+    on_gpu = dist.get_backend() == "nccl"
+    tensor = torch.from_numpy(values.copy())
+    if on_gpu:
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
+def destroy() -> None:
+    """Leave the process group (a no-op without one)."""
+    if is_distributed():
+        dist.destroy_process_group()

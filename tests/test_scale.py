@@ -1,0 +1,135 @@
+"""Training at scale: the sparse first layer, block-shuffled streaming from disk, the prefetch worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import atlasmtl
+from atlasmtl import training
+from atlasmtl.genes import identity_aligner
+from atlasmtl.inputs import MatrixSource, h5ad_reference_source
+from atlasmtl.network import MultiTaskNetwork, SparseInput
+
+from .conftest import SYMPHONY_LEVELS
+
+
+def _counts(n_cells: int, n_genes: int, seed: int) -> sp.csr_matrix:
+    x = sp.random(n_cells, n_genes, density=0.06, format="csr", dtype=np.float32, random_state=seed)
+    x.data = np.round(x.data * 30) + 1
+    return x
+
+
+@pytest.mark.parametrize("transform", ["zscore", "float", "binary"])
+def test_sparse_first_layer_equals_dense(transform):
+    """W f(x) + b computed as W (f(x) - f(0)) + (W f(0) + b): same output and same gradients as the dense input."""
+    rng = np.random.default_rng(0)
+    x = _counts(64, 300, seed=1)
+    aligner = identity_aligner(300, transform, "counts")
+    if transform == "zscore":  # include genes whose f(0) is clipped at -10
+        aligner.gene_mean = (rng.random(300) * 3).astype(np.float32)
+        aligner.gene_std = (rng.random(300) * 0.5 + 0.05).astype(np.float32)
+        assert (aligner.zero_input() == -10).any()
+    torch.manual_seed(0)
+    net = MultiTaskNetwork(300, [3, 5], {"c": 2}, [32, 16], dropout_rate=0.0)
+    zero = aligner.zero_input()
+    sparse = SparseInput(aligner.sparse_input(x), None if zero is None else torch.from_numpy(zero))
+    assert sparse.rows.nnz <= x.nnz  # never denser than the counts
+    dense = torch.from_numpy(aligner.transform(x))
+    grads = []
+    for inp in (dense, sparse):
+        net.zero_grad()
+        out = net(inp)
+        (out.logits[1].pow(2).sum() + out.coords["c"].sum()).backward()
+        grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
+        if inp is dense:
+            ref_out = out
+    torch.testing.assert_close(out.embedding, ref_out.embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[1], ref_out.logits[1], rtol=1e-5, atol=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 2
+    for g_dense, g_sparse in zip(*grads):
+        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
+
+
+def _backed_source(x: sp.csr_matrix) -> MatrixSource:
+    import pandas as pd
+
+    return MatrixSource(matrix=x, var=pd.DataFrame(index=[f"g{i}" for i in range(x.shape[1])]), where="X", backed=True)
+
+
+def test_block_shuffled_epoch_covers_each_cell_once(monkeypatch):
+    monkeypatch.setattr(training, "STREAM_BLOCK_CELLS", 16)
+    monkeypatch.setattr(training, "STREAM_BUFFER_BLOCKS", 3)
+    x = sp.hstack([sp.csr_matrix(np.arange(500, dtype=np.float32)[:, None] + 1.0), _counts(500, 40, seed=2)],
+                  format="csr")  # row id + 1 in column 0, to check that blocks and row numbers agree
+    cells = np.setdiff1d(np.arange(500), np.arange(0, 500, 7))  # gaps, as after a calibration split
+    source = _backed_source(x)
+
+    def epoch(seed):
+        return list(training.shuffled_minibatches(source, cells, 32, np.random.default_rng(seed)))
+
+    batches = epoch(0)
+    seen = np.concatenate([rows for rows, _ in batches])
+    assert np.array_equal(np.sort(seen), cells)
+    assert all(len(rows) == 32 for rows, _ in batches[:-1])
+    for rows, block in batches:
+        assert np.array_equal(block[:, 0].toarray().ravel(), rows + 1.0)
+    again = epoch(0)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(batches, again))  # deterministic given the seed
+    assert not np.array_equal(seen, np.concatenate([rows for rows, _ in epoch(1)]))
+    # equal steps for distributed ranks
+    assert len(list(training.shuffled_minibatches(source, cells, 32, np.random.default_rng(0), n_batches=5))) == 5
+
+
+def test_prefetch_passes_items_and_errors():
+    assert list(training.prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        list(training.prefetch(failing()))
+    stream = training.prefetch(iter(range(1000)), depth=2)
+    assert next(stream) == 0
+    stream.close()  # stops the worker
+
+
+def _accuracy(model, query):
+    result = atlasmtl.predict(model, query, show_progress=False)
+    truth = query.obs[SYMPHONY_LEVELS[-1]].astype(str).to_numpy()
+    return float(np.mean(np.asarray(result.labels(SYMPHONY_LEVELS[-1])).astype(str) == truth))
+
+
+def test_training_from_disk_matches_in_memory(symphony_split, tmp_path, monkeypatch):
+    """A reference file trained from disk (block-shuffled) maps a held-out chemistry as well as in memory."""
+    monkeypatch.setattr(training, "STREAM_BLOCK_CELLS", 64)
+    monkeypatch.setattr(training, "STREAM_BUFFER_BLOCKS", 4)
+    ref, query = symphony_split
+    path = tmp_path / "ref.h5ad"
+    ref.write_h5ad(path)
+    kw = dict(num_epochs=15, num_threads=1, show_progress=False, show_summary=False, random_state=0)
+    in_memory = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
+    from_disk = atlasmtl.build_model(str(path), SYMPHONY_LEVELS, **kw)
+    again = atlasmtl.build_model(str(path), SYMPHONY_LEVELS, **kw)
+    assert from_disk.metadata["genes"] == in_memory.metadata["genes"]
+    for a, b in zip(from_disk.network.state_dict().values(), again.network.state_dict().values()):
+        assert torch.equal(a, b)  # deterministic given random_state
+    acc_memory, acc_disk = _accuracy(in_memory, query), _accuracy(from_disk, query)
+    assert acc_memory > 0.7 and acc_disk > 0.7
+    assert abs(acc_memory - acc_disk) <= 0.05, (acc_memory, acc_disk)
+
+
+def test_reference_file_opens_lean(symphony_split, tmp_path):
+    ref, _ = symphony_split
+    path = tmp_path / "ref.h5ad"
+    ref.layers["extra"] = ref.X.copy()
+    ref.write_h5ad(path)
+    del ref.layers["extra"]
+    with h5ad_reference_source(path) as (lite, source):
+        assert lite.n_obs == ref.n_obs and list(lite.obs.columns) == list(ref.obs.columns)
+        assert len(lite.layers) == 0 and source.backed and source.n_vars == ref.n_vars
+        rows = np.array([3, 4, 7, 10])
+        assert np.allclose(source.rows(rows).toarray(), ref.X[rows].toarray())
