@@ -8,7 +8,13 @@ existing folder, which writes ``dir/model.pth`` and its companions):
 ``foo_metadata.pkl``
     Metadata and training configuration.
 ``foo_reference.pkl``
-    KNN reference data (only with ``reference_storage="external"``).
+    KNN reference data: label codes per level, training flags and the
+    neighbour index (only with ``reference_storage="external"``).
+``foo_embedding.npy``
+    The KNN reference embedding (cells × last hidden size, float16, rows in
+    the index's list order; only with ``reference_storage="external"``). A
+    plain ``.npy`` array, read with ``allow_pickle=False`` and memory-mapped, so
+    a million-cell reference costs no heap memory on load.
 ``foo_manifest.json``
     Schema version, model id, atlasmtl version, creation time, and per file its
     role, relative name, size and SHA-256.
@@ -16,7 +22,9 @@ existing folder, which writes ``dir/model.pth`` and its companions):
 **Identity.** Every model has a ``model_id``; the manifest and every file carry
 it together with the file's role (``weights``, ``metadata``, ``reference``), so
 files of two models mixed in one folder, or a manifest entry that points at the
-wrong file, are refused even when the checksums were recomputed.
+wrong file, are refused even when the checksums were recomputed. The embedding
+(a bare array) is bound to its model through the reference file, which records
+its SHA-256, dtype and shape.
 
 **Data, not code.** The pickles hold only plain Python values (dict, list, str,
 numbers, bytes); numpy arrays are stored as tagged ``(dtype, shape, bytes)``
@@ -36,8 +44,18 @@ the final files and the staged files are removed. A save killed at any moment
 leaves one whole model (the old one or the new one) loadable; leftovers of a
 killed save are removed by the next save to the same name.
 
-Schema versions: 1 (atlasmtl 0.1.0: no model id, no roles) is still read;
-2 adds the identity.
+**Neighbour index.** References above
+:data:`~atlasmtl.knn.EXACT_SEARCH_MAX_CELLS` cells carry the lists of a
+:class:`~atlasmtl.knn.ListIndex` (``reference["index"]``: centroids, list
+offsets, probes), built at training, so prediction never builds an index. On
+load the index is checked against the reference: offsets cover the cells in
+order, centroids are finite and of the embedding's width, and no list mixes
+labels or training and held-out cells.
+
+Schema versions: 1 (atlasmtl 0.1.0: no model id, no roles) and 2 (identity;
+float32 embedding inside the reference file, no index: models above the exact
+search limit build it on first use) are still read; 3 adds the embedding file
+and the index.
 """
 
 from __future__ import annotations
@@ -74,13 +92,15 @@ from .genes import INPUT_TRANSFORMS, NAMESPACES
 from .io import atomic_write, check_input_file, file_mode, from_plain, output_error, prepare_output, to_plain
 
 #: Version of the artifact layout; bump on incompatible changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Schema versions this atlasmtl reads.
-READABLE_SCHEMAS = (1, 2)
+READABLE_SCHEMAS = (1, 2, 3)
 #: Where the KNN reference is stored: its own file, or inside the metadata file.
 REFERENCE_STORAGE = ("external", "full")
 #: File roles, in the order they are written.
-ROLES = ("weights", "metadata", "reference")
+ROLES = ("weights", "metadata", "reference", "embedding")
+#: dtypes a stored KNN embedding may have.
+EMBEDDING_DTYPES = ("float16", "float32")
 #: A manifest larger than this is not an atlasmtl manifest.
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -156,6 +176,7 @@ def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
         "weights": p,
         "metadata": p.with_name(f"{stem}_metadata.pkl"),
         "reference": p.with_name(f"{stem}_reference.pkl"),
+        "embedding": p.with_name(f"{stem}_embedding.npy"),
         "manifest": p.with_name(f"{stem}_manifest.json"),
     }
 
@@ -262,7 +283,11 @@ def save_model(
         metadata["reference"] = parts.reference
     payloads = {"weights": buf.getvalue(), "metadata": pickle.dumps(to_plain(metadata), protocol=4)}
     if storage == "external":
-        payloads["reference"] = pickle.dumps(to_plain(dict(parts.reference, artifact=stamp("reference"))), protocol=4)
+        embedding, record = _embedding_payload(parts.reference["embedding"])
+        reference = {k: v for k, v in parts.reference.items() if k != "embedding"}
+        payloads["reference"] = pickle.dumps(
+            to_plain(dict(reference, embedding_file=record, artifact=stamp("reference"))), protocol=4)
+        payloads["embedding"] = embedding
 
     def manifest(names: dict[str, str]) -> bytes:
         files = {role: {"role": role, "file": names[role], "sha256": hashlib.sha256(data).hexdigest(),
@@ -283,10 +308,20 @@ def save_model(
         _commit(paths, payloads, staged, manifest, token)
         for p in _leftovers(paths):
             p.unlink(missing_ok=True)
-        if storage == "full":
-            paths["reference"].unlink(missing_ok=True)  # a stale external reference must not linger beside a full save
-    return {role: str(paths[role]) for role in ["weights", "metadata", "reference", "manifest"]
-            if role in payloads or role == "manifest"}
+        if storage == "full":  # a stale external reference must not linger beside a full save
+            paths["reference"].unlink(missing_ok=True)
+            paths["embedding"].unlink(missing_ok=True)
+    return {role: str(paths[role]) for role in [*ROLES, "manifest"] if role in payloads or role == "manifest"}
+
+
+def _embedding_payload(embedding: Any) -> tuple[bytes, dict[str, Any]]:
+    """The embedding as ``.npy`` bytes (float16 unless it is float32 already) and the record binding it to the model."""
+    arr = np.asarray(embedding)
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype if arr.dtype.name in EMBEDDING_DTYPES else np.float16)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
+    return data, {"sha256": hashlib.sha256(data).hexdigest(), "dtype": arr.dtype.name, "shape": list(arr.shape)}
 
 
 def _commit(paths: dict[str, Path], payloads: dict[str, bytes], staged: dict[str, Path], manifest: Any,
@@ -344,7 +379,8 @@ def _resolve_manifest(path: str | os.PathLike) -> Path:
     return check_input_file(p, "model manifest", ArtifactError)
 
 
-def _member(directory: Path, entry: Any, role: str) -> tuple[str, bytes]:
+def _member_path(directory: Path, entry: Any, role: str) -> tuple[str, Path]:
+    """The checked path of a manifest entry: a plain file in the model's folder, of the recorded size."""
     name = entry.get("file") if isinstance(entry, dict) else None
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise UnsafeArtifactError(
@@ -362,13 +398,47 @@ def _member(directory: Path, entry: Any, role: str) -> tuple[str, bytes]:
             f"{name} has {target.stat().st_size} bytes, not the {size} recorded in the manifest (file changed, "
             "truncated or replaced after saving). Restore the original files or save the model again."
         )
+    return name, target
+
+
+def _checksum_error(name: str) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        f"{name} does not match the checksum in the manifest (file changed, truncated or corrupted after "
+        "saving). Restore the original files or save the model again."
+    )
+
+
+def _member(directory: Path, entry: Any, role: str) -> tuple[str, bytes]:
+    name, target = _member_path(directory, entry, role)
     data = target.read_bytes()
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ChecksumMismatchError(
-            f"{name} does not match the checksum in the manifest (file changed, truncated or corrupted after "
-            "saving). Restore the original files or save the model again."
-        )
+        raise _checksum_error(name)
     return name, data
+
+
+def _mapped_embedding(directory: Path, entry: Any, record: Any, ref_name: str) -> tuple[str, np.ndarray]:
+    """The embedding file, checksummed (streamed), matched to the reference's record, and memory-mapped read-only."""
+    name, target = _member_path(directory, entry, "embedding")
+    digest = hashlib.sha256()
+    with open(target, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != entry.get("sha256"):
+        raise _checksum_error(name)
+    if not isinstance(record, dict) or record.get("sha256") != entry.get("sha256"):
+        raise ArtifactError(
+            f"{name} (the embedding) belongs to another model: it is not the one {ref_name} (the reference) was saved "
+            "with, so files of two models are mixed. Restore this model's own files or save it again."
+        )
+    try:
+        arr = np.load(target, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise ArtifactError(f"{name} is not a readable .npy array ({exc}); save the model again.") from exc
+    if not isinstance(arr, np.ndarray) or arr.dtype.name not in EMBEDDING_DTYPES or arr.dtype.name != record.get("dtype") \
+            or list(arr.shape) != record.get("shape"):
+        raise ArtifactError(f"{name} holds a {getattr(arr, 'dtype', '?')} array of shape {getattr(arr, 'shape', '?')}, "
+                            f"not the {record.get('dtype')} {record.get('shape')} the reference records; save the model again.")
+    return name, arr
 
 
 def _check_identity(stamp: Any, model_id: str, role: str, name: str) -> None:
@@ -440,6 +510,7 @@ def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
             if not isinstance(entry, dict) or entry.get("role") != role:
                 raise ArtifactError(f"{manifest_path.name}: the {role} entry does not declare the role {role!r}.")
     directory = manifest_path.parent
+    emb_name = None
     weights_name, weights_bytes = _member(directory, files["weights"], "weights")
     meta_name, meta_bytes = _member(directory, files["metadata"], "metadata")
     state = _load_weights(weights_bytes, weights_name)
@@ -449,6 +520,13 @@ def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
     if "reference" in files:
         ref_name, ref_bytes = _member(directory, files["reference"], "reference")
         reference = safe_loads(ref_bytes, ref_name)
+        if "embedding" in files and isinstance(reference, dict):
+            emb_name, reference["embedding"] = _mapped_embedding(directory, files["embedding"],
+                                                                 reference.pop("embedding_file", None), ref_name)
+        elif "embedding" in files:
+            raise ArtifactError(f"{ref_name} (the reference) does not hold a reference record; save the model again.")
+    elif "embedding" in files:
+        raise ArtifactError(f"{manifest_path.name} lists an embedding file without a reference file.")
     elif "reference" in metadata:
         ref_name, reference = meta_name, metadata.pop("reference")
     else:
@@ -464,7 +542,7 @@ def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
     metadata.pop("reference_storage", None)
     if version < 2 or not metadata.get("model_id"):
         metadata["model_id"] = new_model_id()  # schema 1 had no identity: the loaded model gets one
-    names = {"weights": weights_name, "metadata": meta_name, "reference": ref_name}
+    names = {"weights": weights_name, "metadata": meta_name, "reference": ref_name, "embedding": emb_name or ref_name}
     check_parts(state, metadata, reference, names)
     return ModelParts(state, metadata, reference)
 
@@ -487,6 +565,31 @@ def _str_list(value: Any, what: str, non_empty: bool = True) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or (non_empty and not value):
         raise _Damaged(f"{what} is not a{' non-empty' if non_empty else ''} list of strings")
     return value
+
+
+def _check_index(reference: dict, levels: list[str]) -> None:
+    """The neighbour index (:func:`~atlasmtl.knn.index_reference`) fits the reference it indexes."""
+    index, embedding = reference["index"], reference["embedding"]
+    n, width = embedding.shape
+    if not isinstance(index, dict) or index.get("kind") != "lists":
+        raise _Damaged("reference['index'] is not a list index")
+    centroids, offsets = index.get("centroids"), index.get("offsets")
+    probes = index.get("n_probe")
+    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
+        raise _Damaged("reference['index']['n_probe'] is not a positive integer")
+    if not isinstance(offsets, np.ndarray) or offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 2 \
+            or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+        raise _Damaged(f"reference['index']['offsets'] do not cut the {n} reference cells into lists in order")
+    if not isinstance(centroids, np.ndarray) or centroids.shape != (len(offsets) - 1, width) \
+            or not np.issubdtype(centroids.dtype, np.floating) or not np.isfinite(centroids).all():
+        raise _Damaged(f"reference['index']['centroids'] are not {len(offsets) - 1} finite points of width {width}")
+    starts = np.repeat(offsets[:-1], np.diff(offsets))  # each row's list start
+    keys = [reference["labels"][lv] for lv in levels]
+    if reference.get("training_cell") is not None:
+        keys.append(reference["training_cell"])
+    for key in keys:
+        if (key != key[starts]).any():
+            raise _Damaged("a list of reference['index'] mixes labels or training and held-out cells")
 
 
 def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str]) -> None:
@@ -549,10 +652,13 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
             raise _Damaged("the reference is not a record")
         embedding = _need(reference, "embedding", np.ndarray, "reference")
         labels = _need(reference, "labels", dict, "reference")
+        role = "embedding"
         if embedding.ndim != 2 or embedding.shape[1] != hidden[-1] or not np.issubdtype(embedding.dtype, np.floating):
             raise _Damaged(f"reference['embedding'] has shape {embedding.shape}; expected cells × {hidden[-1]} floats")
-        if not np.isfinite(embedding).all():
-            raise _Damaged("reference['embedding'] holds NaN or infinite values")
+        for start in range(0, embedding.shape[0], 1 << 18):  # in blocks: a memory-mapped embedding stays on disk
+            if not np.isfinite(embedding[start : start + (1 << 18)]).all():
+                raise _Damaged("reference['embedding'] holds NaN or infinite values")
+        role = "reference"
         if set(labels) != set(levels):
             raise _Damaged(f"reference['labels'] has levels {sorted(labels)}, not {levels}")
         for level, n in zip(levels, n_classes):
@@ -566,6 +672,8 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
         if training is not None and (not isinstance(training, np.ndarray) or training.dtype != bool
                                      or training.shape != (embedding.shape[0],)):
             raise _Damaged(f"reference['training_cell'] is not one flag per reference cell ({embedding.shape[0]})")
+        if reference.get("index") is not None:
+            _check_index(reference, levels)
 
         role = "metadata"
         temps = (metadata.get("calibration") or {}).get("temperatures") or {}

@@ -10,6 +10,7 @@ import torch
 
 from .artifacts import ModelParts, read_model, save_model
 from .exceptions import ArtifactError
+from .knn import ReferenceSearch, index_reference, needs_index
 from .network import MultiTaskNetwork, NetworkOutput
 from .runtime import format_sections, runtime_section
 
@@ -27,15 +28,19 @@ class TrainedModel:
         Genes, label encoders, input transform, coordinate statistics, hierarchy
         and the training configuration (plain Python values and numpy arrays).
     reference
-        KNN reference data: the reference cells' embedding (``"embedding"``)
-        and integer label codes per level (``"labels"``).
+        KNN reference data: the reference cells' embedding (``"embedding"``,
+        float16; memory-mapped when loaded from a saved model), integer label
+        codes per level (``"labels"``), which cells trained the network
+        (``"training_cell"``) and, above
+        :data:`~atlasmtl.knn.EXACT_SEARCH_MAX_CELLS` cells, the neighbour index
+        (``"index"``; see :func:`~atlasmtl.knn.index_reference`).
     """
 
     def __init__(self, network: MultiTaskNetwork, metadata: dict[str, Any], reference: dict[str, Any]) -> None:
         self.network = network.cpu().eval()
         self.metadata = metadata
         self.reference = reference
-        self._knn_indexes: dict[str, Any] = {}
+        self._search: ReferenceSearch | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -159,6 +164,19 @@ class TrainedModel:
         )
 
     # ------------------------------------------------------------------ internals
+    def neighbour_search(self) -> ReferenceSearch:
+        """The search over the KNN reference (built once per model object and cached).
+
+        A model saved before neighbour indexes existed (artifact schema 1–2) with
+        more reference cells than exact search handles gets its index here, on
+        first use; saving the model again stores it.
+        """
+        if self._search is None:
+            if needs_index(self.reference):
+                self.reference = index_reference(self.reference, self.label_columns)
+            self._search = ReferenceSearch(self.reference, self.label_columns)
+        return self._search
+
     def encode(self, x: np.ndarray | torch.Tensor, device: torch.device | None = None) -> NetworkOutput:
         """Run the network on a dense batch of network inputs.
 

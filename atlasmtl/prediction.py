@@ -29,7 +29,7 @@ from .genes import GeneAligner, build_aligner
 from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
-from .knn import NeighbourIndex, normalise_rows, vote
+from .knn import ReferenceSearch, normalise_rows, vote
 from .novelty import NOVELTY_THRESHOLD, class_distance, log_distance, novelty_z
 from .model import TrainedModel
 from .network import NetworkOutput
@@ -78,27 +78,6 @@ def _gene_stats(model: TrainedModel) -> dict[str, np.ndarray | None]:
         return {"gene_mean": None, "gene_std": None}
     return {"gene_mean": np.asarray(stats["mean"], dtype=np.float32),
             "gene_std": np.asarray(stats["std"], dtype=np.float32)}
-
-
-def _neighbour_index(model: TrainedModel, n_jobs: int) -> NeighbourIndex:
-    """Build the model's KNN index once and cache it on the model."""
-    key = "encoder"
-    if key not in model._knn_indexes:
-        model._knn_indexes[key] = NeighbourIndex(model.reference["embedding"], random_state=0, n_jobs=n_jobs)
-    return model._knn_indexes[key]
-
-
-def _class_index(model: TrainedModel, level: str, code: int, n_jobs: int) -> NeighbourIndex | None:
-    """Index over the *training* reference cells of one class (the novelty score's reference), cached."""
-    key = ("class", level, code)
-    if key not in model._knn_indexes:
-        training = model.reference.get("training_cell")
-        members = model.reference["labels"][level] == code
-        if training is not None:
-            members &= np.asarray(training, dtype=bool)
-        emb = model.reference["embedding"][members]
-        model._knn_indexes[key] = NeighbourIndex(emb, random_state=0, n_jobs=n_jobs) if len(emb) else None
-    return model._knn_indexes[key]
 
 
 class _Decoder:
@@ -305,7 +284,7 @@ def _infer(
         if points is not None and lv in decoder.null:
             live = np.flatnonzero(~no_signal)
             dist = class_distance(points[live], code[live],
-                                  lambda c, lv=lv: _class_index(model, lv, c, n_jobs), decoder.novelty_k)
+                                  lambda c, lv=lv: model.neighbour_search().class_index(lv, c), decoder.novelty_k)
             o["distance"][rows.start + live] = dist
     for name, values in output.coords.items():
         stats = model.metadata["coord_stats"][name]
@@ -315,7 +294,7 @@ def _infer(
 
 def _correct(
     model: TrainedModel,
-    index: NeighbourIndex,
+    index: ReferenceSearch,
     embedding: torch.Tensor,
     any_low: np.ndarray,
     gate: GatingConfig,
@@ -424,7 +403,7 @@ def _predict_source(
     monitor = ResourceMonitor(dev)
     try:
         with torch_threads(n_threads), monitor, torch.no_grad():
-            index = _neighbour_index(model, n_threads) if gate.knn_correction != "off" else None
+            index = model.neighbour_search() if gate.knn_correction != "off" else None
             bar = progress(total=n, desc="atlasmtl predict", enabled=show_progress, unit="cells")
             for start, stop, block in source.iter_chunks(batch_size):
                 if source.backed:

@@ -17,7 +17,7 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -43,7 +43,7 @@ from .io import open_anndata
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_reference_source
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
 from .hierarchy import decode_paths, level_paths
-from .knn import NeighbourIndex, neighbour_label_agreement, normalise_rows
+from .knn import ReferenceSearch, index_reference, neighbour_label_agreement, normalise_rows
 from .novelty import NOVELTY_K, class_distance, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
@@ -383,9 +383,18 @@ def build_model(
         phase_seconds["fit"] = time.perf_counter() - t_start
         embedding, logits = embed_reference(net, ref, dev)
         phase_seconds["embed"] = time.perf_counter() - t_start - phase_seconds["fit"]
-        calibration, novelty = calibrate(ref, embedding, logits, train_cells, calib_cells)
+        t_index = time.perf_counter()
+        reference = index_reference(
+            {"embedding": embedding,
+             "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)},
+             "training_cell": np.isin(ref.cells, train_cells)},
+            ref.label_columns, random_state=seed % 2**32)
+        search = ReferenceSearch(reference, ref.label_columns)
+        index_seconds = time.perf_counter() - t_index
+        phase_seconds["index"] = index_seconds
+        calibration, novelty = calibrate(ref, embedding, logits, train_cells, calib_cells, search.class_index)
     train_seconds = time.perf_counter() - t_start
-    phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"]
+    phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"] - phase_seconds["index"]
     t_agreement = time.perf_counter()
     epochs_done = len(history)
     agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, max_cells=2000,
@@ -432,7 +441,10 @@ def build_model(
             "epochs completed": epochs_done,
         },
         "runtime_summary": monitor.summary(len(train_cells) * epochs_done),
-        "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement},
+        "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement,
+                      "search": "exact" if search.lists is None else
+                      f"lists ({len(search.lists.sizes)} lists, {search.lists.n_probe} probed)",
+                      "index_seconds": round(index_seconds, 3)},
         "unlabelled_cells_per_level": ref.unlabelled,
         "calibration": dict(calibration["report"], source=calib_source),
         "versions": _versions(),
@@ -441,10 +453,8 @@ def build_model(
     metadata = describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config)
     metadata["calibration"] = {"temperatures": calibration["temperatures"] if len(calib_cells) else {}}
     metadata["novelty"] = novelty
-    model = TrainedModel(net, metadata,
-                         {"embedding": embedding,
-                          "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)},
-                          "training_cell": np.isin(ref.cells, train_cells)})
+    model = TrainedModel(net, metadata, reference)
+    model._search = search
     if show_summary:
         print(format_sections("atlasmtl training finished", model.resource_summary()))
     return model
@@ -922,6 +932,7 @@ def calibrate(
     logits: list[np.ndarray],
     train_cells: np.ndarray,
     calib_cells: np.ndarray,
+    class_index: Callable[[str, int], Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit one temperature per level and the novelty null on the held-out cells.
 
@@ -929,7 +940,9 @@ def calibrate(
     T) and ``calibration["report"]`` (held-out cells, temperatures, top-label ECE
     before and after); ``novelty`` holds ``k`` and, per level, the median and
     scale of the held-out cells' log distance to the ``k`` nearest training cells
-    of their predicted class (``None`` without held-out cells).
+    of their predicted class (``None`` without held-out cells), searched with
+    ``class_index(level, code)`` (:meth:`~atlasmtl.knn.ReferenceSearch.class_index`,
+    the search prediction uses).
     """
     levels = ref.label_columns
     pos = np.searchsorted(ref.cells, calib_cells)
@@ -953,16 +966,9 @@ def calibrate(
     novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None}
     if len(pos):
         decoded = decode_paths(probs, level_paths(levels, ref.classes, infer_hierarchy(levels, ref.classes, ref.codes)))
-        train_pos = np.searchsorted(ref.cells, train_cells)
         null = {}
         for j, lv in enumerate(levels):
-            train_codes = ref.codes[train_cells, j]
-
-            def index_of(c: int, j_codes=train_codes) -> NeighbourIndex | None:
-                members = train_pos[j_codes == c]
-                return NeighbourIndex(embedding[members]) if len(members) else None
-
-            dist = class_distance(embedding[pos], decoded[j], index_of, NOVELTY_K)
+            dist = class_distance(embedding[pos], decoded[j], lambda c, lv=lv: class_index(lv, c), NOVELTY_K)
             null[lv] = null_summary(log_distance(dist))
         novelty["null"] = null
     return {"temperatures": temperatures, "report": report}, novelty

@@ -46,10 +46,11 @@ def saved(pbmc_model, tmp_path):
     return pbmc_model, tmp_path, paths
 
 
-def test_save_writes_the_four_files_with_checksums(saved):
+def test_save_writes_the_five_files_with_checksums(saved):
     model, directory, paths = saved
     assert sorted(os.listdir(directory)) == [
         "model.pth",
+        "model_embedding.npy",
         "model_manifest.json",
         "model_metadata.pkl",
         "model_reference.pkl",
@@ -66,7 +67,7 @@ def test_save_writes_the_four_files_with_checksums(saved):
 def test_stem_follows_the_given_name(pbmc_model, tmp_path):
     pbmc_model.save(tmp_path / "foo.pth")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "foo.pth", "foo_metadata.pkl", "foo_reference.pkl", "foo_manifest.json"
+        "foo.pth", "foo_metadata.pkl", "foo_reference.pkl", "foo_embedding.npy", "foo_manifest.json"
     }
 
 
@@ -94,7 +95,7 @@ def test_moved_and_renamed_directory_still_loads(saved, query_copy, tmp_path_fac
 
 def test_full_reference_storage_embeds_reference(pbmc_model, query_copy, tmp_path):
     pbmc_model.save(tmp_path / "model.pth", reference_storage="full")
-    assert not (tmp_path / "model_reference.pkl").exists()
+    assert not (tmp_path / "model_reference.pkl").exists() and not (tmp_path / "model_embedding.npy").exists()
     loaded = atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json")
     np.testing.assert_array_equal(loaded.reference["embedding"], pbmc_model.reference["embedding"])
     _same_predictions(
@@ -103,7 +104,7 @@ def test_full_reference_storage_embeds_reference(pbmc_model, query_copy, tmp_pat
     )
 
 
-@pytest.mark.parametrize("name", ["model.pth", "model_metadata.pkl", "model_reference.pkl"])
+@pytest.mark.parametrize("name", ["model.pth", "model_metadata.pkl", "model_reference.pkl", "model_embedding.npy"])
 def test_tampered_file_is_refused(saved, name):
     _, directory, _ = saved
     path = directory / name

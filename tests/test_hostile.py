@@ -47,7 +47,7 @@ from atlasmtl.exceptions import (
 LEVELS = ["lineage", "cell_type"]
 FAST = dict(num_epochs=2, hidden_sizes=(32, 16), batch_size=64, num_threads=1, show_progress=False, show_summary=False)
 QUIET = dict(num_threads=1, show_progress=False, show_summary=False)
-FINAL_NAMES = {"model.pth", "model_metadata.pkl", "model_reference.pkl", "model_manifest.json"}
+FINAL_NAMES = {"model.pth", "model_metadata.pkl", "model_reference.pkl", "model_embedding.npy", "model_manifest.json"}
 
 
 # ---------------------------------------------------------------- small synthetic data
@@ -371,7 +371,7 @@ def saved(tiny_model, tmp_path):
     return directory
 
 
-@pytest.mark.parametrize("role", ["weights", "metadata", "reference"])
+@pytest.mark.parametrize("role", ["weights", "metadata", "reference", "embedding"])
 def test_files_of_two_models_mixed_are_refused(saved, other_model, tmp_path, role):
     other_dir = tmp_path / "b"
     other_model.save(other_dir / "model.pth")
@@ -420,20 +420,23 @@ def _bad_label_code(ref):
     labels["data"] = arr.tobytes()
 
 
-def _short_embedding(ref):
-    emb = ref["embedding"]
-    emb["shape"] = [emb["shape"][0] - 1, emb["shape"][1]]
-    emb["data"] = emb["data"][: emb["shape"][0] * emb["shape"][1] * 4]
-
-
 @pytest.mark.parametrize("role, edit", [("metadata", _truncate_genes), ("metadata", _drop_a_class),
-                                        ("metadata", _genes_not_a_list), ("reference", _bad_label_code),
-                                        ("reference", _short_embedding)],
-                         ids=["truncated-genes", "missing-class", "genes-not-a-list", "label-code-out-of-range",
-                              "embedding-shorter-than-labels"])
+                                        ("metadata", _genes_not_a_list), ("reference", _bad_label_code)],
+                         ids=["truncated-genes", "missing-class", "genes-not-a-list", "label-code-out-of-range"])
 def test_inconsistent_model_files_are_refused_at_load(saved, tiny, role, edit):
     _edit_pickle(saved, role, edit)
     with pytest.raises(ArtifactError, match=role):
+        atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+
+
+def test_embedding_shorter_than_labels_is_refused_at_load(saved):
+    """A consistent-looking embedding file (its record and checksums rewritten) of one cell fewer than the labels."""
+    path = saved / "model_embedding.npy"
+    emb = np.load(path)[:-1]
+    np.save(path, emb)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    _edit_pickle(saved, "reference", lambda ref: ref["embedding_file"].update(sha256=digest, shape=list(emb.shape)))
+    with pytest.raises(ArtifactError, match="reference"):
         atlasmtl.TrainedModel.load(saved / "model_manifest.json")
 
 

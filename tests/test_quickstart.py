@@ -27,7 +27,7 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(_readme_python_block(), "README.md", "exec"), namespace)
 
-    for name in ["model.pth", "model_metadata.pkl", "model_reference.pkl", "model_manifest.json"]:
+    for name in ["model.pth", "model_metadata.pkl", "model_reference.pkl", "model_embedding.npy", "model_manifest.json"]:
         assert (tmp_path / "model" / name).is_file(), name
     annotated = namespace["adata_query"]
     for level in LEVELS:

@@ -77,7 +77,7 @@ def test_save_to_a_folder_and_load_the_folder(synthetic_model, synthetic_split, 
     _, query = synthetic_split
     files = synthetic_model.save(f"{tmp_path}/model/")  # a str: pathlib drops the trailing slash
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "model.pth", "model_manifest.json", "model_metadata.pkl", "model_reference.pkl"]
+        "model.pth", "model_embedding.npy", "model_manifest.json", "model_metadata.pkl", "model_reference.pkl"]
     assert files["manifest"] == str(tmp_path / "model" / "model_manifest.json")
     loaded = atlasmtl.TrainedModel.load(tmp_path / "model")
     a = atlasmtl.predict(synthetic_model, query, show_progress=False, show_summary=False)

@@ -1,0 +1,185 @@
+"""The stored neighbour index (issue 13): recall against exact search, class-restricted search,
+round-trip through saved files, refusal when tampered, and models saved without an index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import atlasmtl
+from atlasmtl import knn
+from atlasmtl.exceptions import ArtifactError, ChecksumMismatchError
+
+from .synthetic import SYNTHETIC_LEVELS
+
+
+def _clustered(n: int, n_query: int, d: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, d))
+    labels = rng.integers(0, 12, n)
+    x = knn.normalise_rows(centres[labels] + rng.normal(size=(n, d)))
+    q = knn.normalise_rows(centres[rng.integers(0, 12, n_query)] + rng.normal(size=(n_query, d)))
+    return x, labels, q
+
+
+def _exact(ref: np.ndarray, points: np.ndarray, k: int):
+    r = torch.from_numpy(np.asarray(ref, dtype=np.float32))
+    return knn._exact_search(torch.from_numpy(points), r, (r**2).sum(dim=1), k)
+
+
+def test_list_index_recall_and_class_restriction(monkeypatch):
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 1000)
+    monkeypatch.setattr(knn, "LIST_SIZE", 64)
+    x, labels, q = _clustered(6000, 400)
+    training = np.arange(len(x)) % 10 != 0
+    ref = knn.index_reference({"embedding": x, "labels": {"coarse": labels // 4, "fine": labels},
+                               "training_cell": training}, ["coarse", "fine"])
+    assert ref["embedding"].dtype == np.float16 and "index" in ref
+    search = knn.ReferenceSearch(ref, ["coarse", "fine"])
+    idx, dist = search.query(q, 15)
+    true_idx, true_dist = _exact(ref["embedding"], q, 15)
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(idx, true_idx)])
+    assert recall >= 0.95
+    assert np.all(dist[:, -1] >= true_dist[:, -1] - 1e-3)  # approximate neighbours are never nearer than the true ones
+    # one class's training cells only, and the same neighbours as exact search over them
+    members = np.flatnonzero((ref["labels"]["fine"] == 3) & ref["training_cell"])
+    c_idx, c_dist = search.class_index("fine", 3).query(q, 10)
+    assert np.isin(c_idx, members).all()
+    e_idx, e_dist = _exact(ref["embedding"][members], q, 10)
+    assert np.mean([len(set(a) & set(members[b])) / 10 for a, b in zip(c_idx, e_idx)]) >= 0.95
+    np.testing.assert_allclose(c_dist.mean(axis=1), e_dist.mean(axis=1), rtol=0.05)
+    assert search.class_index("fine", 99) is None
+
+
+def test_list_index_answers_k_neighbours_when_probed_lists_are_small(monkeypatch):
+    monkeypatch.setattr(knn, "LIST_SIZE", 4)
+    x, _, q = _clustered(200, 30)
+    index = knn.ListIndex.build(x, list_size=4)
+    index.n_probe = 1  # one list of ~4 rows cannot hold 10 neighbours: those points fall back to exact search
+    idx, dist = index.query(q, 10)
+    assert (idx >= 0).all() and all(len(set(row)) == 10 for row in idx)
+    true_idx, _ = _exact(x, q, 10)
+    fell_back = index.sizes[np.argmax(q @ index.centroids.numpy().T - 0.5 * (index.centroids.numpy() ** 2).sum(1), axis=1)] < 10
+    assert fell_back.sum() > 5
+    np.testing.assert_array_equal(np.sort(idx[fell_back], axis=1), np.sort(true_idx[fell_back], axis=1))
+    np.testing.assert_allclose(dist, np.linalg.norm(q[:, None, :] - x[idx].astype(np.float32), axis=2), atol=2e-3)
+
+
+@pytest.fixture
+def indexed_model(synthetic_split, monkeypatch):
+    """The synthetic model, trained with the exact-search limit lowered so it carries a list index."""
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 50)
+    monkeypatch.setattr(knn, "LIST_SIZE", 16)
+    return atlasmtl.build_model(synthetic_split[0], SYNTHETIC_LEVELS, num_epochs=3, batch_size=32, learning_rate=0.01,
+                                hidden_sizes=(32, 16), show_progress=False, show_summary=False)
+
+
+def _predict(model, query):
+    return atlasmtl.predict(model, query, knn_correction="all", show_progress=False, show_summary=False)
+
+
+def test_stored_index_round_trips_with_the_same_neighbours(indexed_model, synthetic_split, tmp_path):
+    _, query = synthetic_split
+    index = indexed_model.reference["index"]
+    assert len(index["offsets"]) > 3 and "lists" in indexed_model.train_config["knn_space"]["search"]
+    indexed_model.save(tmp_path / "model.pth")
+    loaded = atlasmtl.TrainedModel.load(tmp_path)
+    assert isinstance(loaded.reference["embedding"], np.memmap)  # mapped, not read into memory
+    for key in ("centroids", "offsets"):
+        np.testing.assert_array_equal(loaded.reference["index"][key], index[key])
+    points = knn.normalise_rows(np.random.default_rng(0).normal(size=(50, 16)))
+    for a, b in zip(indexed_model.neighbour_search().query(points, 15), loaded.neighbour_search().query(points, 15)):
+        np.testing.assert_array_equal(a, b)
+    before, after = _predict(indexed_model, query), _predict(loaded, query)
+    for lv in SYNTHETIC_LEVELS:
+        for key in ("code", "knn_code", "novelty"):
+            np.testing.assert_array_equal(before.levels[lv][key], after.levels[lv][key])
+
+
+def _edit_reference(directory, edit):
+    path = directory / "model_reference.pkl"
+    plain = pickle.loads(path.read_bytes())  # trusted: the test wrote it
+    edit(plain["index"])
+    path.write_bytes(pickle.dumps(plain, protocol=4))
+    manifest = json.loads((directory / "model_manifest.json").read_text())
+    manifest["files"]["reference"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                                          bytes=path.stat().st_size)
+    (directory / "model_manifest.json").write_text(json.dumps(manifest))
+
+
+def _array(record):
+    return np.frombuffer(record["data"], dtype=np.dtype(record["dtype"])).reshape(record["shape"]).copy()
+
+
+def _set(record, arr):
+    record["data"] = np.ascontiguousarray(arr).tobytes()
+
+
+def _swap_offsets(index):
+    off = _array(index["offsets"])
+    off[1], off[2] = off[2], off[1]
+    _set(index["offsets"], off)
+
+
+def _shift_offsets(index):  # lists no longer follow the label groups
+    off = _array(index["offsets"])
+    off[1:-1] += 1
+    _set(index["offsets"], off)
+
+
+def _nan_centroid(index):
+    c = _array(index["centroids"])
+    c[0, 0] = np.nan
+    _set(index["centroids"], c)
+
+
+def _zero_probes(index):
+    index["n_probe"] = 0
+
+
+@pytest.mark.parametrize("edit", [_swap_offsets, _shift_offsets, _nan_centroid, _zero_probes],
+                         ids=["offsets-out-of-order", "lists-mix-labels", "nan-centroid", "no-probes"])
+def test_tampered_index_is_refused(indexed_model, tmp_path, edit):
+    indexed_model.save(tmp_path / "model.pth")
+    _edit_reference(tmp_path, edit)
+    with pytest.raises(ArtifactError, match=r"reference.*index"):
+        atlasmtl.TrainedModel.load(tmp_path)
+
+
+def test_tampered_index_bytes_fail_the_checksum(indexed_model, tmp_path):
+    indexed_model.save(tmp_path / "model.pth")
+    path = tmp_path / "model_embedding.npy"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match="model_embedding.npy"):
+        atlasmtl.TrainedModel.load(tmp_path)
+
+
+def test_model_without_an_index_builds_it_on_first_use(indexed_model, synthetic_split, tmp_path, monkeypatch):
+    """A large-reference model saved before indexes existed: loads, indexes itself when first searched."""
+    _, query = synthetic_split
+    indexed_model.save(tmp_path / "model.pth")
+    _edit_reference(tmp_path, lambda index: index.clear())
+    path = tmp_path / "model_reference.pkl"
+    plain = pickle.loads(path.read_bytes())
+    del plain["index"]
+    path.write_bytes(pickle.dumps(plain, protocol=4))
+    manifest = json.loads((tmp_path / "model_manifest.json").read_text())
+    manifest["files"]["reference"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                                          bytes=path.stat().st_size)
+    (tmp_path / "model_manifest.json").write_text(json.dumps(manifest))
+    loaded = atlasmtl.TrainedModel.load(tmp_path)
+    assert "index" not in loaded.reference
+    result = _predict(loaded, query)
+    assert "index" in loaded.reference and loaded.neighbour_search().lists is not None
+    expected = _predict(indexed_model, query)
+    for lv in SYNTHETIC_LEVELS:
+        assert np.mean(result.levels[lv]["code"] == expected.levels[lv]["code"]) > 0.95
+    loaded.save(tmp_path / "again.pth")  # and saving stores the index it built
+    assert "index" in atlasmtl.TrainedModel.load(tmp_path / "again_manifest.json").reference
