@@ -574,9 +574,10 @@ def _check_index(reference: dict, levels: list[str]) -> None:
     if not isinstance(index, dict) or index.get("kind") != "lists":
         raise _Damaged("reference['index'] is not a list index")
     centroids, offsets = index.get("centroids"), index.get("offsets")
-    probes = index.get("n_probe")
-    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
-        raise _Damaged("reference['index']['n_probe'] is not a positive integer")
+    for key in ("n_probe", "n_probe_class"):
+        probes = index.get(key, 1)
+        if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
+            raise _Damaged(f"reference['index'][{key!r}] is not a positive integer")
     if not isinstance(offsets, np.ndarray) or offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 2 \
             or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
         raise _Damaged(f"reference['index']['offsets'] do not cut the {n} reference cells into lists in order")
