@@ -318,6 +318,9 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     g.add_argument("--include-coords", action="store_true",
                    help="also write the predicted coordinates (obsm X_pred_<name> in .h5ad; "
                    "<name>_1, <name>_2, ... columns in tables)")
+    g.add_argument("--distributed", action="store_true",
+                   help="run under torchrun: each process predicts its slice of the query and rank 0 gathers "
+                   "and writes the whole table (torchrun --nproc_per_node=N -m atlasmtl.cli predict --distributed ...)")
     if "predict" in wanted:
         add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
                               _PREDICT_SKIP)
@@ -569,12 +572,23 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
     query = args.query  # a path: read backed, in chunks
     if args.query_filter:
         query = select_cells(read_h5ad(args.query, backed=True), args.query_filter, "--query-filter", args.query)
-    result = predict(model, query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.suffix == ".h5ad":
-        _write_h5ad(result, query, dest, args.mode, args.include_coords)
+    if args.distributed:
+        from . import distributed
+
+        try:
+            result = distributed.predict_distributed(model, query, show_summary=False,
+                                                     **_api_kwargs(args, predict, _PREDICT_SKIP))
+            if result is not None:
+                _write_predictions(result, query, dest, args)
+            distributed.barrier()  # the other ranks finish when rank 0 has written the file
+        finally:
+            distributed.destroy()
+        if result is None:
+            out.update(rank=distributed.rank())
+            return ""
     else:
-        _write_table(result, dest, args.mode, args.include_coords)
+        result = predict(model, query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
+        _write_predictions(result, query, dest, args)
     out.update(
         out=str(dest),
         format=dest.suffix[1:],
@@ -587,6 +601,14 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         runtime=result.metadata.get("prediction_runtime"),
     )
     return f"wrote {result.n_obs:,} predictions to {dest}\n\n" + format_sections("atlasmtl prediction", result.summary())
+
+
+def _write_predictions(result: Any, query: Any, dest: Path, args: argparse.Namespace) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.suffix == ".h5ad":
+        _write_h5ad(result, query, dest, args.mode, args.include_coords)
+    else:
+        _write_table(result, dest, args.mode, args.include_coords)
 
 
 def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:

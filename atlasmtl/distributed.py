@@ -32,6 +32,7 @@ __all__ = [
     "shard_slice",
     "all_reduce_sum",
     "destroy",
+    "predict_distributed",
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -182,3 +183,96 @@ def destroy() -> None:
     """Leave the process group (a no-op without one)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- distributed prediction
+def predict_distributed(model, adata, **kwargs):  # noqa: ANN001, ANN201 - types in the docstring (lazy imports)
+    """:func:`atlasmtl.predict` with every ``torchrun`` process mapping its own slice of the query.
+
+    Each rank streams the contiguous share of the cells :func:`shard_slice`
+    gives it (read backed from an ``.h5ad`` path, or from a shared AnnData),
+    runs the network, the KNN vote and the novelty search on it, and sends its
+    per-cell outputs (plain arrays) to rank 0 with ``gather_object``; rank 0
+    then applies the gate and the hierarchy to the whole table, exactly as a
+    single process does (the novelty score's query-level location is taken
+    over every cell), so the calls are identical to :func:`atlasmtl.predict`'s.
+
+    Parameters
+    ----------
+    model
+        A :class:`~atlasmtl.TrainedModel` (each rank loads its own copy; a saved
+        model's embedding is memory-mapped, so ranks on one machine share its pages).
+    adata
+        Query ``.h5ad`` path (recommended: each rank reads only its rows) or AnnData.
+    **kwargs
+        Any :func:`atlasmtl.predict` option. ``device="auto"`` gives each rank
+        GPU ``LOCAL_RANK`` when CUDA is available.
+
+    Returns
+    -------
+    PredictionResult or None
+        The whole query's result on rank 0; ``None`` on the other ranks.
+
+    Notes
+    -----
+    Without a process group (a plain ``python`` run) it joins the one
+    ``torchrun`` describes in the environment; in a single process without
+    ``torchrun`` it is :func:`atlasmtl.predict`. Launch, for example::
+
+        torchrun --nproc_per_node=4 -m atlasmtl predict --distributed --model m/ --query q.h5ad --out p.csv
+    """
+    from .prediction import _predict_part, predict
+
+    if not is_distributed():
+        if not launched_by_torchrun():
+            return predict(model, adata, **kwargs)
+        kwargs["device"] = init_from_env(device=kwargs.get("device", "auto"))
+    elif kwargs.get("device", "auto") == "auto" and torch.cuda.is_available():
+        kwargs["device"] = torch.device("cuda", local_rank())
+    defaults = {k: v.default for k, v in _predict_signature().parameters.items() if k not in ("model", "adata")}
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise ParameterError(f"predict_distributed got unknown options {sorted(unknown)}; it takes atlasmtl.predict's.")
+    options = {**defaults, **kwargs}
+    if rank() != 0:
+        options["show_progress"] = options["show_summary"] = False
+    return _predict_part(model, adata, rows=lambda n: shard_slice(n), gather=_gather_outputs, **options)
+
+
+def _predict_signature():  # noqa: ANN202
+    import inspect
+
+    from .prediction import predict
+
+    return inspect.signature(predict)
+
+
+def _gather_outputs(buffers, runtime):  # noqa: ANN001, ANN202
+    """Collect every rank's per-cell outputs on rank 0, in rank order (= cell order); ``None`` elsewhere."""
+    import numpy as np
+
+    plain = {"levels": buffers.levels, "no_signal": buffers.no_signal, "coords": buffers.coords,
+             "n_searched": buffers.n_searched, "runtime": runtime}
+    parts = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(plain, parts, dst=0)
+    if rank() != 0:
+        return None
+    for field, values in buffers.levels.items():
+        for key in values:
+            values[key] = np.concatenate([p["levels"][field][key] for p in parts])
+    buffers.no_signal = np.concatenate([p["no_signal"] for p in parts])
+    buffers.coords = {name: np.concatenate([p["coords"][name] for p in parts]) for name in buffers.coords}
+    buffers.n_searched = sum(p["n_searched"] for p in parts)
+    times = [p["runtime"] for p in parts]
+    joined = dict(runtime)
+    joined.update(
+        n_cells=sum(t["n_cells"] for t in times),
+        elapsed_seconds=max(t["elapsed_seconds"] for t in times),
+        process_peak_rss_mb=max(t["process_peak_rss_mb"] for t in times),
+        phase_peak_rss_mb=max(t["phase_peak_rss_mb"] for t in times),
+        knn_cells_searched=buffers.n_searched,
+        ranks=world_size(),
+    )
+    joined["throughput_cells_per_second"] = (round(joined["n_cells"] / joined["elapsed_seconds"], 1)
+                                             if joined["elapsed_seconds"] else None)
+    return buffers, joined

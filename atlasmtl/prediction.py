@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import anndata as ad
 import numpy as np
@@ -32,7 +32,7 @@ from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_so
 from .knn import ReferenceSearch, normalise_rows, vote
 from .novelty import NOVELTY_THRESHOLD, class_distance, log_distance, novelty_z
 from .model import TrainedModel
-from .network import NetworkOutput
+from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
 from .validation import as_bool, as_float, as_int
 from .runtime import (
@@ -47,25 +47,20 @@ from .runtime import (
 )
 
 
-def _network_input(aligner: GeneAligner, block: Any, dev: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+def _network_input(aligner: GeneAligner, block: Any, dev: torch.device,
+                   zero_input: torch.Tensor | None = None) -> tuple[torch.Tensor | SparseInput, np.ndarray]:
     """The network input of a block and, per cell, whether any model gene is detected.
 
-    Sparse blocks stay sparse (CSR tensor; the first layer is a sparse product) where the transform
-    keeps zeros; ``zscore`` input and dense blocks are dense per batch.
+    Sparse blocks stay sparse for every input transform: a :class:`~atlasmtl.network.SparseInput`
+    holding ``f(x) - f(0)`` (non-zero only where the cell has counts) and ``f(0)`` (``zero_input``,
+    :meth:`~atlasmtl.genes.GeneAligner.zero_input` as a tensor), so the first layer is a sparse
+    product plus a bias and the dense ``zscore`` matrix is never formed. Dense blocks stay dense.
     """
-    if sp.issparse(block) and aligner.keeps_zeros:
-        x = aligner.transform_sparse(block)
-        x.sort_indices()  # canonical CSR from scipy: the invariants hold, so torch need not re-check them
-        detected = np.diff(x.indptr) > 0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(x.indptr.astype(np.int64)),
-                torch.from_numpy(x.indices.astype(np.int64)),
-                torch.from_numpy(x.data),
-                size=x.shape,
-                check_invariants=False,
-            ).to(dev), detected
+    if sp.issparse(block):
+        x = aligner.sparse_input(block)
+        x.sort_indices()
+        detected = np.diff(x.indptr) > 0 if aligner.keeps_zeros else aligner.detected(block)
+        return SparseInput(x, zero_input), detected
     x = aligner.transform(block)
     detected = (x != 0).any(axis=1) if aligner.keeps_zeros else aligner.detected(block)
     return torch.from_numpy(x).to(dev), detected
@@ -169,6 +164,40 @@ def predict(
     -------
     PredictionResult
     """
+    return _predict_part(model, adata, layer=layer, use_raw=use_raw, gene_map=gene_map, min_gene_overlap=min_gene_overlap,
+                         knn_correction=knn_correction, knn_k=knn_k, knn_conf_low=knn_conf_low,
+                         confidence_high=confidence_high, confidence_low=confidence_low,
+                         margin_threshold=margin_threshold, novelty_threshold=novelty_threshold,
+                         batch_size=batch_size, num_threads=num_threads, device=device, show_progress=show_progress,
+                         show_summary=show_summary)
+
+
+def _predict_part(
+    model: TrainedModel,
+    adata: ad.AnnData | str | os.PathLike,
+    *,
+    rows: Callable[[int], slice] | None = None,
+    gather: Callable[["_Buffers", dict[str, Any]], tuple["_Buffers", dict[str, Any]] | None] | None = None,
+    layer: str | None,
+    use_raw: bool,
+    gene_map: Any,
+    min_gene_overlap: float,
+    knn_correction: str,
+    knn_k: int,
+    knn_conf_low: float,
+    confidence_high: float,
+    confidence_low: float,
+    margin_threshold: float,
+    novelty_threshold: float | None,
+    batch_size: int,
+    num_threads: int | str,
+    device: str | torch.device,
+    show_progress: bool | None,
+    show_summary: bool | None,
+) -> PredictionResult | None:
+    """:func:`predict`, optionally on a part of the cells: ``rows(n_cells)`` picks the rows this
+    process streams, and ``gather(buffers, runtime)`` joins every process's outputs (``None`` on
+    processes that do not assemble the result; see :func:`atlasmtl.distributed.predict_distributed`)."""
     gate = GatingConfig(confidence_high, confidence_low, margin_threshold, knn_correction, knn_k, knn_conf_low).validate()
     batch_size = as_int("batch_size", batch_size)
     min_gene_overlap = as_float("min_gene_overlap", min_gene_overlap, 0.0, 1.0)
@@ -177,7 +206,7 @@ def predict(
         novelty_threshold = as_float("novelty_threshold", novelty_threshold)
     if not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
 
@@ -190,7 +219,7 @@ def predict(
         return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
                                layer=layer, use_raw=use_raw, gene_map=gene_map,
                                min_gene_overlap=min_gene_overlap, batch_size=batch_size,
-                               novelty_threshold=novelty_threshold)
+                               novelty_threshold=novelty_threshold, rows=rows, gather=gather)
 
 
 def prepare_query(
@@ -389,27 +418,34 @@ def _predict_source(
     min_gene_overlap: float,
     batch_size: int,
     novelty_threshold: float | None = NOVELTY_THRESHOLD,
-) -> PredictionResult:
-    """The prediction pipeline on an opened matrix; see :func:`predict`."""
+    rows: Callable[[int], slice] | None = None,
+    gather: Callable[[_Buffers, dict[str, Any]], tuple[_Buffers, dict[str, Any]] | None] | None = None,
+) -> PredictionResult | None:
+    """The prediction pipeline on an opened matrix; see :func:`predict` and :func:`_predict_part`."""
     if not obs_names.is_unique:
         raise InputError("Query obs_names are not unique; call adata.obs_names_make_unique() first.")
     aligner, semantics, gene_report = prepare_query(model, source, gene_map, min_gene_overlap)
 
     n = source.n_obs
-    buffers = _Buffers(model, n)
+    part = rows(n) if rows is not None else slice(0, n)
+    buffers = _Buffers(model, part.stop - part.start)
     decoder = _Decoder(model, novelty_threshold)
     net = model.network.to(dev).eval()
-    first_weight_t = net.encoder.layers[0].weight.detach().t().contiguous()
+    zero = aligner.zero_input()
+    zero_input = None if zero is None else torch.from_numpy(zero).to(dev)
     monitor = ResourceMonitor(dev)
     try:
         with torch_threads(n_threads), monitor, torch.no_grad():
             index = model.neighbour_search() if gate.knn_correction != "off" else None
-            bar = progress(total=n, desc="atlasmtl predict", enabled=show_progress, unit="cells")
-            for start, stop, block in source.iter_chunks(batch_size):
+            bar = progress(total=part.stop - part.start, desc="atlasmtl predict", enabled=show_progress, unit="cells")
+            for first in range(part.start, part.stop, batch_size):
+                last = min(first + batch_size, part.stop)
+                block = source.rows(slice(first, last))
+                start, stop = first - part.start, last - part.start
                 if source.backed:
                     check_finite(block, source.where)
-                x, detected = _network_input(aligner, block, dev)
-                output = net(x, first_weight_t)
+                x, detected = _network_input(aligner, block, dev, zero_input)
+                output = net(x)
                 any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop), n_threads)
                 if index is not None:
                     _correct(model, index, output.embedding, any_low, gate, decoder, buffers, start)
@@ -418,9 +454,14 @@ def _predict_source(
     finally:
         model.network.cpu()
 
-    runtime = monitor.summary(n)
+    runtime = monitor.summary(part.stop - part.start)
     runtime.update({"device": dev.type, "gpu": gpu_name(dev), "threads": n_threads, "cpu count": available_cpus(),
                     "knn_cells_searched": int(buffers.n_searched)})
+    if gather is not None:
+        joined = gather(buffers, runtime)
+        if joined is None:
+            return None
+        buffers, runtime = joined
     levels = model.label_columns
     metadata = {
         "atlasmtl_version": __version__,
