@@ -98,8 +98,9 @@ def plan(smoke: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
 # =========================================================================== subprocess
 def run_one(method: str, case_dir: Path, out_dir: Path, settings: dict, timeout: float, log_path: Path) -> dict[str, Any]:
     """Run runner.py in a fresh process; return its record plus wall time and the process's peak RSS."""
-    python = sys.executable if method in MAIN_METHODS else str(PEERS_PYTHON)
-    if method not in MAIN_METHODS and not Path(python).exists():
+    main_env = method in MAIN_METHODS or method.startswith("atlasmtl")
+    python = sys.executable if main_env else str(PEERS_PYTHON)
+    if not main_env and not Path(python).exists():
         return {"status": "not_run", "reason": f"peers environment missing ({python}); run bash benchmark/setup_peers.sh"}
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*"):

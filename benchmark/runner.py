@@ -82,6 +82,14 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
             random_state=seed, show_progress=False, show_summary=False, **train_kwargs,
         )
     rss_train = peak_rss_mb()
+    scale: dict[str, Any] = {}
+    if settings.get("save_load"):  # the scale table: predict with the saved model, timed after loading
+        with Timer() as t_save:
+            model.save(Path(settings["save_load"]) / "model.pth")
+        with Timer() as t_load:
+            model = atlasmtl.TrainedModel.load(Path(settings["save_load"]) / "model.pth")
+        scale.update(save_seconds=t_save.seconds, load_seconds=t_load.seconds,
+                     model_bytes=sum(f.stat().st_size for f in Path(settings["save_load"]).iterdir()))
     outputs = {}
     for name, knn in variants.items():
         with Timer() as t_pred:
@@ -101,10 +109,19 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
                 "genes": {k: v for k, v in result.metadata["genes"].items() if isinstance(v, (int, float, str))},
             },
         }
+        if knn == "all" and settings.get("knn_vote_output"):  # the KNN vote alone, every cell (its own accuracy)
+            outputs["atlasmtl_knn_vote"] = {
+                "pred": {lv: np.asarray(result.classes[lv] + ["Unknown"])[result.levels[lv]["knn_code"]] for lv in levels},
+                "conf": {lv: np.nan_to_num(result.levels[lv]["knn_vote_frac"]) for lv in levels},
+                "predict_seconds": t_pred.seconds, "settings": {"knn_correction": "all", "output": "KNN vote labels"},
+            }
+    if settings.get("knn_recall"):
+        scale["knn_recall"] = knn_recall(model, query, int(settings["knn_recall"]), seed)
     cfg = model.train_config
     return {
         "train_seconds": t_train.seconds,
         "peak_rss_after_train_mb": rss_train,
+        "scale": scale,
         "outputs": outputs,
         "settings": {
             "build_model": {k: cfg.get(k) for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
@@ -118,6 +135,60 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         },
         "versions": versions("torch", "atlasmtl"),
     }
+
+
+def knn_recall(model, query, n_points: int, seed: int, k: int = 15) -> dict[str, Any]:
+    """Recall@k of the model's neighbour search against exact search, on ``n_points`` query cells' embeddings."""
+    import torch
+
+    from atlasmtl.knn import _exact_search, _as_float32, normalise_rows
+    from atlasmtl.prediction import _network_input, prepare_query
+    from atlasmtl.inputs import get_matrix_source
+
+    rows = np.sort(np.random.default_rng(seed).choice(query.n_obs, min(n_points, query.n_obs), replace=False))
+    source = get_matrix_source(query[rows])
+    aligner, _, _ = prepare_query(model, source, None, 0.0)
+    zero = aligner.zero_input()
+    x, _ = _network_input(aligner, source.rows(slice(0, len(rows))), torch.device("cpu"),
+                          None if zero is None else torch.from_numpy(zero))
+    with torch.no_grad():
+        points = normalise_rows(model.network(x).embedding.numpy())
+    search = model.neighbour_search()
+    with Timer() as t_index:
+        found, _ = search.query(points, k)
+    ref = model.reference["embedding"]
+    exact_idx = []
+    with Timer() as t_exact:  # blocked: at most 100k reference cells converted at a time
+        best = None
+        for start in range(0, ref.shape[0], 100_000):
+            block = _as_float32(ref[start : start + 100_000])
+            i, d = _exact_search(torch.from_numpy(points), block, (block**2).sum(dim=1), min(k, len(block)))
+            cand = (np.concatenate([best[0], i + start], 1), np.concatenate([best[1], d], 1)) if best else (i + start, d)
+            order = np.argsort(cand[1], axis=1, kind="stable")[:, :k]
+            best = (np.take_along_axis(cand[0], order, 1), np.take_along_axis(cand[1], order, 1))
+        exact_idx = best[0]
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact_idx)]))
+    return {"k": k, "n_points": int(len(points)), "recall": recall,
+            "search": "exact" if search.lists is None else f"lists ({len(search.lists.sizes)}, {search.lists.n_probe} probed)",
+            "index_query_seconds": t_index.seconds, "exact_query_seconds": t_exact.seconds}
+
+
+def run_atlasmtl_disk(case: dict, ref_path: Path, query_path: Path, settings: dict, seed: int) -> dict[str, Any]:
+    """Training from disk: ``build_model`` on the .h5ad path (streamed), for its peak memory."""
+    import inspect
+
+    import atlasmtl
+
+    if "PathLike" not in str(inspect.signature(atlasmtl.build_model).parameters["adata"].annotation):
+        raise RuntimeError("build_model on this commit does not train from a path (issue 13 item 2: disk streaming)")
+    levels = case["levels"]
+    with Timer() as t_train:
+        model = atlasmtl.build_model(str(ref_path), label_columns=levels, random_state=seed, show_progress=False,
+                                     show_summary=False, **settings.get("train", {}))
+    return {"train_seconds": t_train.seconds, "peak_rss_after_train_mb": peak_rss_mb(), "outputs": {},
+            "settings": {"train": settings.get("train", {}), "reference": "the .h5ad path (streamed from disk)",
+                         "epochs completed": model.train_config.get("resource_summary", {}).get("epochs completed")},
+            "versions": versions("torch", "atlasmtl")}
 
 
 # =========================================================================== PCA baselines
@@ -379,6 +450,7 @@ def run_symphonypy(case: dict, ref_path: Path, query_path: Path, settings: dict,
 
 METHODS = {
     "atlasmtl": run_atlasmtl,
+    "atlasmtl_disk": run_atlasmtl_disk,
     "knn": run_knn,
     "logreg": run_logreg,
     "celltypist": run_celltypist,
