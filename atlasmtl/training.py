@@ -63,6 +63,10 @@ from .runtime import (
 
 
 
+#: learning-rate schedules of :func:`build_model` (``lr_schedule``)
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def check_training_parameters(**p: Any) -> dict[str, Any]:
     """Check every training parameter up front; returns them as plain Python values."""
     return {
@@ -70,6 +74,9 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "num_epochs": as_int("num_epochs", p["num_epochs"]),
         "dropout_rate": as_float("dropout_rate", p["dropout_rate"], 0.0, 1.0, high_open=True),
         "learning_rate": as_float("learning_rate", p["learning_rate"], 0.0, low_open=True),
+        "weight_decay": as_float("weight_decay", p["weight_decay"], 0.0),
+        "lr_schedule": as_choice("lr_schedule", p["lr_schedule"], LR_SCHEDULES),
+        "min_steps": as_int("min_steps", p["min_steps"], 0),
         "label_smoothing": as_float("label_smoothing", p["label_smoothing"], 0.0, 1.0, high_open=True),
         "class_weight_power": as_float("class_weight_power", p["class_weight_power"], 0.0, 1.0),
         "val_fraction": as_float("val_fraction", p["val_fraction"], 0.0, 1.0, high_open=True),
@@ -195,6 +202,9 @@ def build_model(
     batch_size: int = 256,
     num_epochs: int = 40,
     learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
+    min_steps: int = 0,
     label_smoothing: float = 0.1,
     class_weight_power: float = 0.5,
     input_transform: str = "zscore",
@@ -239,7 +249,16 @@ def build_model(
     num_epochs
         Passes over the reference.
     learning_rate
-        Adam learning rate.
+        AdamW learning rate (the peak one with ``lr_schedule="cosine"``).
+    weight_decay
+        AdamW's decoupled weight decay (0 = plain Adam).
+    lr_schedule
+        ``"constant"`` or ``"cosine"`` (annealed per optimiser step from
+        ``learning_rate`` to 0 over the whole run).
+    min_steps
+        Least number of optimiser steps: a small reference (few minibatches per
+        epoch) is trained for more than ``num_epochs`` epochs until it gets this
+        many steps; a large one is not affected. 0 disables.
     label_smoothing
         Cross-entropy label smoothing; keeps confidences from saturating, which
         makes them rank novel cells (unseen types) below known ones. 0 disables.
@@ -308,6 +327,9 @@ def build_model(
         num_epochs=num_epochs,
         dropout_rate=dropout_rate,
         learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
+        min_steps=min_steps,
         label_smoothing=label_smoothing,
         class_weight_power=class_weight_power,
         val_fraction=val_fraction,
@@ -324,6 +346,7 @@ def build_model(
     class_weight_power, val_fraction, calibration_fraction = p["class_weight_power"], p["val_fraction"], p["calibration_fraction"]
     early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
     input_transform, use_raw, augment = p["input_transform"], p["use_raw"], p["augment"]
+    weight_decay, lr_schedule, min_steps = p["weight_decay"], p["lr_schedule"], p["min_steps"]
     random_state, seed = as_random_state(random_state)
     distributed = as_bool("distributed", distributed)
     dev = _dist.init_from_env(device=device) if distributed else resolve_device(device)
@@ -376,7 +399,8 @@ def build_model(
         # the prefetch thread prepares the next minibatch on a core of its own
         with torch_threads(max(1, n_threads - 1)):
             history = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
-                          learning_rate=learning_rate, early_stopping_patience=early_stopping_patience,
+                          learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
+                          min_steps=min_steps, early_stopping_patience=early_stopping_patience,
                           show_progress=show_progress and _dist.is_main_process())
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
@@ -411,6 +435,9 @@ def build_model(
         "batch_size": batch_size,
         "num_epochs": num_epochs,
         "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "lr_schedule": lr_schedule,
+        "min_steps": min_steps,
         "label_smoothing": label_smoothing,
         "class_weight_power": class_weight_power,
         "input_transform": input_transform,
@@ -763,13 +790,14 @@ class _Objective:
         return self.loss(net, self.batch(rows, train))
 
 
-def _adam(params: Any, learning_rate: float) -> torch.optim.Optimizer:
-    """Adam, with its fused single-kernel step where this PyTorch has one for the device."""
+def _adam(params: Any, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW (Adam with decoupled weight decay; plain Adam at ``weight_decay=0``), with its fused
+    single-kernel step where this PyTorch has one for the device."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=learning_rate, fused=True)
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # torch < 2.4 on the CPU
-        return torch.optim.Adam(params, lr=learning_rate, foreach=True)
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
 
 
 @contextlib.contextmanager
@@ -802,8 +830,15 @@ def fit(
     learning_rate: float,
     early_stopping_patience: int | None,
     show_progress: bool,
+    weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
+    min_steps: int = 0,
 ) -> list[dict[str, float]]:
-    """The epoch loop (Adam, shuffled minibatches, optional validation and early stopping).
+    """The epoch loop (AdamW, shuffled minibatches, optional validation and early stopping).
+
+    Runs ``num_epochs`` epochs, or more when that gives fewer than ``min_steps``
+    optimiser steps; with ``lr_schedule="cosine"`` the learning rate follows a
+    cosine from ``learning_rate`` to 0 over all the steps of the run.
 
     Minibatches are read, augmented and transformed in a background thread one
     step ahead (:func:`prefetch`); the first layer is sparse
@@ -825,6 +860,8 @@ def fit(
         smallest = min(len(range(len(train_cells))[_dist.shard_slice(len(train_cells), r)])
                        for r in range(_dist.world_size()))
         n_batches = max(1, -(-smallest // batch_size))
+    steps_per_epoch = n_batches if n_batches is not None else -(-len(shard) // batch_size)
+    num_epochs = max(num_epochs, -(-min_steps // steps_per_epoch))
     # the worker thread draws every shuffle and augmentation from its own generator, so how far
     # it runs ahead never changes the random numbers anything else sees
     batch_rng = np.random.default_rng([int(rng.integers(2**63)), _dist.rank()])
@@ -833,7 +870,10 @@ def fit(
         model: nn.Module = net
         if _dist.is_distributed():
             model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-        optimiser = _adam(model.parameters(), learning_rate)
+        optimiser = _adam(model.parameters(), learning_rate, weight_decay)
+        scheduler = None
+        if lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=num_epochs * steps_per_epoch)
         best_val, best_state, stale = np.inf, None, 0
 
         def epochs() -> Iterator[Minibatch | None]:
@@ -857,6 +897,8 @@ def fit(
                         _diverged(float(loss.detach()), epoch, step, learning_rate)
                     loss.backward()
                     optimiser.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     total += loss.detach() * batch.n_cells
                     n_seen += batch.n_cells
                     continue

@@ -192,6 +192,9 @@ def test_prediction_parameters_out_of_range(pbmc_model, query, kw, match):
         ({"input_transform": "log"}, "input_transform='log'"),
         ({"reference_storage": "cloud"}, "reference_storage"),
         ({"hidden_sizes": []}, "hidden_sizes"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"lr_schedule": "step"}, "lr_schedule='step'"),
+        ({"min_steps": -1}, "min_steps"),
         ({"device": "gpu"}, "device='gpu' is not recognised"),
     ],
 )

@@ -257,6 +257,20 @@ def test_train_config_and_early_stopping(pbmc_split):
     assert model.hierarchy["bulk_labels"]["CD19+ B"] == "B"
 
 
+def test_min_steps_extends_a_small_reference_and_cosine_anneals(synthetic_split):
+    ref, _ = synthetic_split
+    kw = dict(num_epochs=2, batch_size=64, show_progress=False, calibration_fraction=0.0)
+    steps_per_epoch = -(-ref.n_obs // 64)
+    model = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, min_steps=5 * steps_per_epoch, lr_schedule="cosine",
+                                 weight_decay=1e-2, **kw)
+    cfg = model.train_config
+    assert cfg["resource_summary"]["epochs completed"] == 5 and len(cfg["history"]) == 5
+    assert (cfg["min_steps"], cfg["lr_schedule"], cfg["weight_decay"]) == (5 * steps_per_epoch, "cosine", 1e-2)
+    # a reference that already gets the steps keeps num_epochs
+    assert atlasmtl.build_model(ref, SYNTHETIC_LEVELS, min_steps=steps_per_epoch, **kw).train_config[
+        "resource_summary"]["epochs completed"] == 2
+
+
 def test_float_input_transform(pbmc_split):
     ref, query = pbmc_split
     model = atlasmtl.build_model(ref, LEVELS, input_transform="float", num_epochs=15, show_progress=False)
