@@ -8,6 +8,8 @@ benchmark/run.py does; peers' figures are read from a benchmark results.json of 
 
     cd /work/wt/acc && PYTHONPATH=$PWD nice -n 10 python benchmark/experiments/acc_study.py \
         --work /work/bench_acc --recipe base --seeds 0,1 --out /tmp/acc_base.json
+    python benchmark/experiments/acc_study.py --recipe base,ms300cos,ms500cos \
+        --summarise benchmark/experiments/results/acc_study_seeds01.json.gz
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ RECIPES = {
     "bs64": ({"batch_size": 64}, {}),
 }
 RECIPES["ms500cos"] = ({"min_steps": 500, "lr_schedule": "cosine"}, {})
+RECIPES["ms300cos"] = ({"min_steps": 300, "lr_schedule": "cosine"}, {})
 
 
 def parse_recipe(name: str):
@@ -127,6 +130,46 @@ def query_stats(model, query):
     return ref, {"gene_mean": mean, "gene_std": std}
 
 
+def summarise(paths: list[str], results: str, recipes: list[str], tta: str = "none", decode: str = "joint") -> str:
+    """Markdown table: per case the best peer (from a benchmark results.json) and each recipe at the default
+    gate and with KNN off, finest / coarse macro-F1 (mean over seeds), and the mean (worst) Δ to the best peer."""
+    import gzip
+    import statistics as st
+    from collections import defaultdict
+
+    best: dict = {}
+    for x in json.loads(Path(results).read_text())["runs"]:
+        if x["status"] == "ok" and x["method"] in ("celltypist", "logreg", "knn", "symphonypy"):
+            for lv, m in x["metrics"]["levels"].items():
+                if m["macro_f1"] > best.get((x["case"], lv), (-1, ""))[0]:
+                    best[(x["case"], lv)] = (m["macro_f1"], x["method"])
+    rows = [r for p in paths for r in json.load(gzip.open(p, "rt") if p.endswith(".gz") else open(p))
+            if r["tta"] == tta and r["decode"] == decode]
+    cols = [(rc, k) for k in ("low_conf_only", "off") for rc in recipes]
+    out = ["| case | best peer fine | best peer coarse | " + " | ".join(
+        f"{rc} {'default' if k != 'off' else 'KNN off'}" for rc, k in cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    agg = defaultdict(list)
+    for case in dict.fromkeys(r["case"] for r in rows):
+        lv = list(next(r for r in rows if r["case"] == case)["f1"])
+        bf, bc = best[(case, lv[-1])], best[(case, lv[0])] if len(lv) > 1 else None
+        line = f"| {case} | {bf[0]:.3f} ({bf[1]}) | " + (f"{bc[0]:.3f} ({bc[1]})" if bc else "–") + " |"
+        for rc, k in cols:
+            rs = [r for r in rows if r["case"] == case and r["recipe"] == rc and r["knn"] == k]
+            f = st.mean(r["f1"][lv[-1]] for r in rs)
+            agg[(rc, k, "f")].append(f - bf[0])
+            cell = f" {f:.3f}"
+            if bc:
+                c = st.mean(r["f1"][lv[0]] for r in rs)
+                agg[(rc, k, "c")].append(c - bc[0])
+                cell += f" / {c:.3f}"
+            line += cell + " |"
+        out.append(line)
+    out.append("| mean Δ (worst) | | |" + "".join(
+        f" {st.mean(agg[(rc, k, 'f')]):+.4f} ({min(agg[(rc, k, 'f')]):+.3f}) / {st.mean(agg[(rc, k, 'c')]):+.4f} "
+        f"({min(agg[(rc, k, 'c')]):+.3f}) |" for rc, k in cols))
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/work/bench_acc")
@@ -137,8 +180,12 @@ def main() -> int:
     ap.add_argument("--decodings", default="joint,marginal,top_down")
     ap.add_argument("--tta", default="none,query,blend")
     ap.add_argument("--knn", default="off,low_conf_only")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--summarise", nargs="*", default=None, help="result files to tabulate (with --recipe a,b,...)")
     a = ap.parse_args()
+    if a.summarise:
+        print(summarise(a.summarise, a.results, a.recipe.split(",")))
+        return 0
     cases = CASES if a.cases == "all" else a.cases.split(",")
     kw, aug = parse_recipe(a.recipe)
     if aug:
@@ -182,7 +229,7 @@ def main() -> int:
                         rows.append(row)
             P._gene_stats = ORIG_STATS
             print(case, seed, f"{train_s:.1f}s", [(r["tta"], r["decode"], r["knn"], round(r["f1"][levels[-1]], 3), round(r["f1"][levels[0]], 3))
-                                               for r in rows[-3:]], flush=True)
+                                               for r in rows[-3:] if r["case"] == case], flush=True)
         Path(a.out).write_text(json.dumps(rows))
     return 0
 
