@@ -125,7 +125,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         "outputs": outputs,
         "settings": {
             "build_model": {k: cfg.get(k) for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
-                                                "input_transform", "augment", "val_fraction", "num_threads", "device")},
+                                                "weight_decay", "lr_schedule", "min_steps", "input_transform", "augment", "val_fraction", "num_threads", "device")},
             "predict": "atlasmtl.predict defaults (confidence_high 0.7, confidence_low 0.4, margin 0.2, knn_k 15, "
                        "knn_conf_low 0.6, novelty_threshold 3.5); knn_correction per output",
             "calibration": cfg.get("calibration"),
