@@ -29,8 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-#: References up to this size use exact (brute-force) search; larger ones a :class:`ListIndex`.
-EXACT_SEARCH_MAX_CELLS = 100_000
+#: References up to this size use exact (brute-force) search; larger ones a :class:`ListIndex`. At
+#: 100k cells the index gives the same calls as exact search (semi-synthetic 100k reference, 10k query:
+#: finest macro-F1 0.7932 vs 0.7931, Unknown 3.00% vs 2.98%) in 1.25 s instead of 4.37 s (the novelty
+#: score's class-restricted search dominates); recall@15 0.997 (100k) and 0.965 (1M).
+EXACT_SEARCH_MAX_CELLS = 20_000
+#: Reference cells sampled for the neighbour-label-agreement diagnostic.
+_AGREEMENT_POOL = 50_000
 #: Query × reference scores held at once by exact search (16M floats = 64 MB).
 _SCORE_BUDGET = 1 << 24
 #: Target cells per list of a :class:`ListIndex`.
@@ -361,7 +366,7 @@ def neighbour_label_agreement(
     if len(labelled) <= k + 1:
         return None
     rng = np.random.default_rng(random_state)
-    pool = np.sort(rng.choice(labelled, size=min(EXACT_SEARCH_MAX_CELLS // 2, len(labelled)), replace=False))
+    pool = np.sort(rng.choice(labelled, size=min(_AGREEMENT_POOL, len(labelled)), replace=False))
     sample = rng.choice(len(pool), size=min(max_cells, len(pool)), replace=False)
     index: Any = NeighbourIndex(embedding[pool], random_state=random_state)
     idx, _ = index.query(embedding[pool[sample]], k + 1)
