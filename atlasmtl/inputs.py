@@ -123,6 +123,11 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes)
 
 
+def _unreadable(path: str, exc: Exception) -> InputError:
+    """The error for an ``.h5ad`` file that h5py or anndata cannot read."""
+    return InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).")
+
+
 @contextlib.contextmanager
 def h5ad_query_source(
     path: str | os.PathLike, layer: str | None = None, use_raw: bool = False
@@ -143,13 +148,13 @@ def h5ad_query_source(
     try:
         f = h5py.File(path, "r")
     except Exception as exc:
-        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+        raise _unreadable(path, exc) from exc
     try:
         try:
             obs_group = f["obs"]
             obs_names = pd.Index(read_elem(obs_group[obs_group.attrs["_index"]]), dtype=str)
         except Exception as exc:
-            raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+            raise _unreadable(path, exc) from exc
         yield obs_names, _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
     finally:
         f.close()
@@ -173,13 +178,13 @@ def h5ad_reference_source(
     try:
         f = h5py.File(path, "r")
     except Exception as exc:
-        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+        raise _unreadable(path, exc) from exc
     try:
         try:
             obs = read_elem(f["obs"])
             obsm = {k: read_elem(f["obsm"][k]) for k in obsm_keys if "obsm" in f and k in f["obsm"]}
         except Exception as exc:
-            raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+            raise _unreadable(path, exc) from exc
         source = _h5ad_matrix(f, path, layer, use_raw, len(obs))
         lite = ad.AnnData(obs=obs, var=pd.DataFrame(index=source.var.index[:0]))
         for key, value in obsm.items():
