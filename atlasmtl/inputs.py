@@ -129,6 +129,22 @@ def _unreadable(path: str, exc: Exception) -> InputError:
 
 
 @contextlib.contextmanager
+def _h5ad_file(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
+    """``(h5py file, path string)`` of a checked ``.h5ad`` path, open for reading; closed on exit."""
+    import h5py
+
+    path = os.fspath(check_input_file(path))
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
+    try:
+        yield f, path
+    finally:
+        f.close()
+
+
+@contextlib.contextmanager
 def h5ad_query_source(
     path: str | os.PathLike, layer: str | None = None, use_raw: bool = False
 ) -> Iterator[tuple[pd.Index, MatrixSource]]:
@@ -138,26 +154,14 @@ def h5ad_query_source(
     into memory and keeps only ``X`` on disk, this reads just the cell names,
     the gene table and row chunks of the one matrix prediction needs.
     """
-    import h5py
-
     read_elem, _, _ = elem_io()
-
-    path = os.fspath(check_input_file(path))
-    if use_raw and layer is not None:
-        raise ParameterError("Pass either layer= or use_raw=True, not both.")
-    try:
-        f = h5py.File(path, "r")
-    except Exception as exc:
-        raise _unreadable(path, exc) from exc
-    try:
+    with _h5ad_file(path) as (f, path):
         try:
             obs_group = f["obs"]
             obs_names = pd.Index(read_elem(obs_group[obs_group.attrs["_index"]]), dtype=str)
         except Exception as exc:
             raise _unreadable(path, exc) from exc
         yield obs_names, _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
-    finally:
-        f.close()
 
 
 @contextlib.contextmanager
@@ -171,15 +175,8 @@ def h5ad_reference_source(
     backed :class:`MatrixSource` whose rows are read per block. Nothing else is
     loaded (``anndata.read_h5ad(path, backed="r")`` would load every layer).
     """
-    import h5py
-
     read_elem, _, _ = elem_io()
-    path = os.fspath(check_input_file(path))
-    try:
-        f = h5py.File(path, "r")
-    except Exception as exc:
-        raise _unreadable(path, exc) from exc
-    try:
+    with _h5ad_file(path) as (f, path):
         try:
             obs = read_elem(f["obs"])
             obsm = {k: read_elem(f["obsm"][k]) for k in obsm_keys if "obsm" in f and k in f["obsm"]}
@@ -190,8 +187,6 @@ def h5ad_reference_source(
         for key, value in obsm.items():
             lite.obsm[key] = value
         yield lite, source
-    finally:
-        f.close()
 
 
 def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int) -> MatrixSource:
