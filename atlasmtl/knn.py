@@ -102,7 +102,7 @@ class NeighbourIndex:
     :class:`ListIndex` above that.
     """
 
-    def __init__(self, embedding: np.ndarray, random_state: int = 0, n_jobs: int = 1) -> None:
+    def __init__(self, embedding: np.ndarray, random_state: int = 0) -> None:
         self.n_cells = int(embedding.shape[0])
         self.exact = self.n_cells <= EXACT_SEARCH_MAX_CELLS
         if self.exact:

@@ -288,7 +288,6 @@ def _infer(
     decoder: _Decoder,
     buffers: _Buffers,
     rows: slice,
-    n_jobs: int,
 ) -> np.ndarray:
     """Network calls of one batch: calibrated probabilities, the jointly decoded path, confidence,
     margin, the low-confidence mask and the novelty distance per level, and de-standardised
@@ -446,7 +445,7 @@ def _predict_source(
                     check_finite(block, source.where)
                 x, detected = _network_input(aligner, block, dev, zero_input)
                 output = net(x)
-                any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop), n_threads)
+                any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop))
                 if index is not None:
                     _correct(model, index, output.embedding, any_low, gate, decoder, buffers, start)
                 bar.update(stop - start)
