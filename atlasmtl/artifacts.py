@@ -89,6 +89,7 @@ from .exceptions import (
     UnsafeArtifactError,
 )
 from .genes import INPUT_TRANSFORMS, NAMESPACES
+from .network import MAX_ENSEMBLE_SIZE
 from .io import atomic_write, check_input_file, file_mode, from_plain, output_error, prepare_output, to_plain
 
 #: Version of the artifact layout; bump on incompatible changes.
@@ -623,6 +624,9 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
         _need(arch, "dropout_rate", (int, float), "metadata['architecture']")
         if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
             raise _Damaged("metadata['architecture']['hidden_sizes'] is not a list of positive integers")
+        members = arch.get("ensemble_size", 1)
+        if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= MAX_ENSEMBLE_SIZE:
+            raise _Damaged(f"metadata['architecture']['ensemble_size'] is not a number of networks (1 to {MAX_ENSEMBLE_SIZE})")
         if len(genes) != n_genes:
             raise _Damaged(f"metadata['genes'] lists {len(genes)} genes but the network takes {n_genes}")
         if len(set(genes)) != len(genes):
@@ -654,8 +658,9 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
         embedding = _need(reference, "embedding", np.ndarray, "reference")
         labels = _need(reference, "labels", dict, "reference")
         role = "embedding"
-        if embedding.ndim != 2 or embedding.shape[1] != hidden[-1] or not np.issubdtype(embedding.dtype, np.floating):
-            raise _Damaged(f"reference['embedding'] has shape {embedding.shape}; expected cells × {hidden[-1]} floats")
+        width = hidden[-1] * members
+        if embedding.ndim != 2 or embedding.shape[1] != width or not np.issubdtype(embedding.dtype, np.floating):
+            raise _Damaged(f"reference['embedding'] has shape {embedding.shape}; expected cells × {width} floats")
         for start in range(0, embedding.shape[0], 1 << 18):  # in blocks: a memory-mapped embedding stays on disk
             if not np.isfinite(embedding[start : start + (1 << 18)]).all():
                 raise _Damaged("reference['embedding'] holds NaN or infinite values")

@@ -11,7 +11,7 @@ import torch
 from .artifacts import ModelParts, read_model, save_model
 from .exceptions import ArtifactError
 from .knn import ReferenceSearch, index_reference, needs_index
-from .network import MultiTaskNetwork, NetworkOutput
+from .network import EnsembleNetwork, MultiTaskNetwork, NetworkOutput, build_network
 from .runtime import format_sections, runtime_section
 
 
@@ -23,7 +23,8 @@ class TrainedModel:
     Attributes
     ----------
     network
-        The :class:`~atlasmtl.network.MultiTaskNetwork` (on CPU, eval mode).
+        The :class:`~atlasmtl.network.MultiTaskNetwork`, or the
+        :class:`~atlasmtl.network.EnsembleNetwork` of several (on CPU, eval mode).
     metadata
         Genes, label encoders, input transform, coordinate statistics, hierarchy
         and the training configuration (plain Python values and numpy arrays).
@@ -36,7 +37,7 @@ class TrainedModel:
         (``"index"``; see :func:`~atlasmtl.knn.index_reference`).
     """
 
-    def __init__(self, network: MultiTaskNetwork, metadata: dict[str, Any], reference: dict[str, Any]) -> None:
+    def __init__(self, network: MultiTaskNetwork | EnsembleNetwork, metadata: dict[str, Any], reference: dict[str, Any]) -> None:
         self.network = network.cpu().eval()
         self.metadata = metadata
         self.reference = reference
@@ -108,10 +109,7 @@ class TrainedModel:
     @classmethod
     def from_parts(cls, parts: ModelParts) -> "TrainedModel":
         """Build the model from the plain parts a model file holds (weights, metadata, KNN reference)."""
-        arch = parts.metadata["architecture"]
-        network = MultiTaskNetwork(
-            arch["n_genes"], arch["n_classes"], arch["coord_dims"], arch["hidden_sizes"], arch["dropout_rate"]
-        )
+        network = build_network(parts.metadata["architecture"])
         try:
             network.load_state_dict(parts.state_dict)
         except RuntimeError as exc:
@@ -140,6 +138,7 @@ class TrainedModel:
                 "coordinate heads": ", ".join(self.coord_targets) or "none",
                 "genes": len(self.metadata["genes"]),
                 "hidden sizes": arch["hidden_sizes"],
+                "ensemble members": arch.get("ensemble_size", 1),
                 "input transform": self.metadata["input_transform"],
                 "trained on": self.metadata.get("train_semantics", {}).get("semantics"),
             },

@@ -1,8 +1,14 @@
-"""The network: a shared encoder, one classification head per level, optional coordinate heads."""
+"""The network: a shared encoder, one classification head per level, optional coordinate heads.
+
+:class:`MultiTaskNetwork` is one such network; :class:`EnsembleNetwork` is several
+of them, trained apart, answering as one (:func:`build_network` makes either from
+the architecture a model stores).
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import math
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -134,7 +140,7 @@ class MultiTaskNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = Encoder(n_genes, hidden_sizes, dropout_rate)
-        width = self.encoder.out_features
+        width = self.embedding_size = self.encoder.out_features
         self.label_heads = nn.ModuleList([nn.Linear(width, k) for k in n_classes])
         self.coord_heads = nn.ModuleDict(
             {
@@ -165,3 +171,61 @@ class MultiTaskNetwork(nn.Module):
         logits = [head(z) for head in self.label_heads]
         coords = {name: head(z) for name, head in self.coord_heads.items()}
         return NetworkOutput(z, logits, coords)
+
+
+#: Most members an ensemble may have (a bound on what a model file can make the loader build).
+MAX_ENSEMBLE_SIZE = 64
+
+
+class EnsembleNetwork(nn.Module):
+    """Several :class:`MultiTaskNetwork` members, trained apart, answering as one (a deep ensemble).
+
+    The logits per level are the log of the members' mean probability (so a
+    temperature calibrates the ensemble as it does one network), the embedding
+    is the members' L2-normalised embeddings side by side, scaled by
+    ``1/sqrt(members)`` (its cosine similarity is the members' mean cosine
+    similarity), and the coordinates are the members' mean.
+
+    Parameters
+    ----------
+    members
+        Networks of the same architecture.
+    """
+
+    def __init__(self, members: Sequence[MultiTaskNetwork]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        self.members = nn.ModuleList(members)
+        self.embedding_size = sum(m.embedding_size for m in members)
+
+    def forward(self, x: torch.Tensor | SparseInput, first_weight_t: torch.Tensor | None = None) -> NetworkOutput:
+        """The members' combined answer for a batch (``first_weight_t`` is ignored: members differ)."""
+        outs = [m(x) for m in self.members]
+        k = len(outs)
+        embedding = torch.cat([nn.functional.normalize(o.embedding, dim=1) for o in outs], dim=1) / math.sqrt(k)
+        logits = [
+            torch.logsumexp(torch.stack([torch.log_softmax(o.logits[j], dim=1) for o in outs]), dim=0) - math.log(k)
+            for j in range(len(outs[0].logits))
+        ]
+        coords = {name: torch.stack([o.coords[name] for o in outs]).mean(dim=0) for name in outs[0].coords}
+        return NetworkOutput(embedding, logits, coords)
+
+
+def member_networks(net: nn.Module) -> list[MultiTaskNetwork]:
+    """The :class:`MultiTaskNetwork` members of ``net`` (itself when it is a single network)."""
+    return list(net.members) if isinstance(net, EnsembleNetwork) else [net]
+
+
+def build_network(architecture: Mapping[str, Any]) -> MultiTaskNetwork | EnsembleNetwork:
+    """The (untrained) network a model's ``metadata["architecture"]`` describes.
+
+    ``ensemble_size`` (absent in models saved before ensembles: 1) members of
+    ``n_genes`` inputs, ``n_classes`` per level, ``coord_dims`` coordinate heads,
+    ``hidden_sizes`` and ``dropout_rate``.
+    """
+    def member() -> MultiTaskNetwork:
+        return MultiTaskNetwork(architecture["n_genes"], architecture["n_classes"], architecture["coord_dims"],
+                                architecture["hidden_sizes"], architecture["dropout_rate"])
+    size = int(architecture.get("ensemble_size", 1))
+    return member() if size == 1 else EnsembleNetwork([member() for _ in range(size)])

@@ -48,7 +48,7 @@ from .novelty import NOVELTY_K, class_distance, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from . import distributed as _dist
-from .network import MultiTaskNetwork, SparseInput
+from .network import MAX_ENSEMBLE_SIZE, EnsembleNetwork, MultiTaskNetwork, SparseInput
 from .runtime import (
     ResourceMonitor,
     available_cpus,
@@ -65,6 +65,28 @@ from .runtime import (
 
 #: learning-rate schedules of :func:`build_model` (``lr_schedule``)
 LR_SCHEDULES = ("constant", "cosine")
+#: ``ensemble_size="auto"``: at most this many members ...
+AUTO_ENSEMBLE_MAX = 5
+#: ... and no more than fit this many training cells in all (one pass of every member), so an
+#: automatic ensemble never costs more to train than one network on this many cells.
+AUTO_ENSEMBLE_CELLS = 100_000
+
+
+def checked_ensemble_size(ensemble_size: Any) -> int | str:
+    """``"auto"`` or an integer ≥ 1, else a :class:`ParameterError`."""
+    if isinstance(ensemble_size, str):
+        if ensemble_size == "auto":
+            return "auto"
+        raise ParameterError(f"ensemble_size={ensemble_size!r} must be 'auto' or an integer ≥ 1.")
+    return as_int("ensemble_size", ensemble_size, maximum=MAX_ENSEMBLE_SIZE)
+
+
+def resolve_ensemble_size(ensemble_size: int | str, n_train_cells: int) -> int:
+    """Members of the ensemble: ``ensemble_size`` itself, or for ``"auto"``
+    ``AUTO_ENSEMBLE_CELLS // n_train_cells`` clipped to ``[1, AUTO_ENSEMBLE_MAX]``."""
+    if ensemble_size == "auto":
+        return int(min(AUTO_ENSEMBLE_MAX, max(1, AUTO_ENSEMBLE_CELLS // max(n_train_cells, 1))))
+    return int(ensemble_size)
 
 
 def check_training_parameters(**p: Any) -> dict[str, Any]:
@@ -87,6 +109,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "input_transform": as_choice("input_transform", p["input_transform"], INPUT_TRANSFORMS),
         "use_raw": as_bool("use_raw", p["use_raw"]),
         "augment": as_bool("augment", p["augment"]),
+        "ensemble_size": checked_ensemble_size(p["ensemble_size"]),
     }
 
 
@@ -209,6 +232,7 @@ def build_model(
     class_weight_power: float = 0.5,
     input_transform: str = "zscore",
     augment: bool = True,
+    ensemble_size: int | str = "auto",
     val_fraction: float = 0.0,
     calibration_fraction: float = 0.2,
     early_stopping_patience: int | None = None,
@@ -277,6 +301,14 @@ def build_model(
         half the cells to 10–100% of their depth, a random 0–30% of genes
         unmeasured; :mod:`atlasmtl.augment`), so the network learns features that
         survive depth and gene-panel differences. ``False`` trains on the cells as they are.
+    ensemble_size
+        Networks trained apart (own initialisation, minibatch order and dropout)
+        and combined (:class:`~atlasmtl.network.EnsembleNetwork`: mean
+        probability, side-by-side embedding for KNN and novelty, mean
+        coordinates). ``"auto"`` (default) uses 100,000 // training cells members,
+        between 1 and 5: five below 20,000 cells, where one network's accuracy
+        depends most on its seed, one from 100,000 cells, so an automatic ensemble
+        never trains longer than one network on 100,000 cells. An integer fixes it.
     val_fraction
         Fraction of cells held out to monitor validation loss. When > 0, these
         cells also calibrate the model (see ``calibration_fraction``).
@@ -340,6 +372,7 @@ def build_model(
         input_transform=input_transform,
         use_raw=use_raw,
         augment=augment,
+        ensemble_size=ensemble_size,
     )
     batch_size, num_epochs, hidden_sizes = p["batch_size"], p["num_epochs"], p["hidden_sizes"]
     dropout_rate, learning_rate, label_smoothing = p["dropout_rate"], p["learning_rate"], p["label_smoothing"]
@@ -386,22 +419,28 @@ def build_model(
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
     with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
-        torch.manual_seed(seed)
-        net = MultiTaskNetwork(
-            ref.source.n_vars,
-            [len(ref.classes[c]) for c in ref.label_columns],
-            {n: values.shape[1] for n, values in ref.coords.items()},
-            hidden_sizes,
-            dropout_rate,
-        ).to(dev)
-        if distributed:  # each rank draws its own dropout masks
-            torch.manual_seed(seed + 7919 * _dist.rank())
-        # the prefetch thread prepares the next minibatch on a core of its own
-        with torch_threads(max(1, n_threads - 1)):
-            history = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
-                          learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
-                          min_steps=min_steps, early_stopping_patience=early_stopping_patience,
-                          show_progress=show_progress and _dist.is_main_process())
+        n_members = resolve_ensemble_size(p["ensemble_size"], len(train_cells))
+        members, history = [], []
+        for member in range(n_members):  # member 0 is the network a single-network model would have
+            torch.manual_seed(seed + 1_000_003 * member)
+            net = MultiTaskNetwork(
+                ref.source.n_vars,
+                [len(ref.classes[c]) for c in ref.label_columns],
+                {n: values.shape[1] for n, values in ref.coords.items()},
+                hidden_sizes,
+                dropout_rate,
+            ).to(dev)
+            if distributed:  # each rank draws its own dropout masks
+                torch.manual_seed(seed + 1_000_003 * member + 7919 * _dist.rank())
+            # the prefetch thread prepares the next minibatch on a core of its own
+            with torch_threads(max(1, n_threads - 1)):
+                records = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
+                              learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
+                              min_steps=min_steps, early_stopping_patience=early_stopping_patience,
+                              show_progress=show_progress and _dist.is_main_process())
+            history += [dict(r, member=member) for r in records] if n_members > 1 else records
+            members.append(net)
+        net = members[0] if n_members == 1 else EnsembleNetwork(members).eval()
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
         phase_seconds["fit"] = time.perf_counter() - t_start
@@ -420,7 +459,7 @@ def build_model(
     train_seconds = time.perf_counter() - t_start
     phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"] - phase_seconds["index"]
     t_agreement = time.perf_counter()
-    epochs_done = len(history)
+    epochs_done = max(r["epoch"] for r in history)
     agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, max_cells=2000,
                                           random_state=seed % 2**32)
     phase_seconds["neighbour_label_agreement"] = time.perf_counter() - t_agreement
@@ -442,6 +481,7 @@ def build_model(
         "class_weight_power": class_weight_power,
         "input_transform": input_transform,
         "augment": augment,
+        "ensemble_size": p["ensemble_size"],
         "val_fraction": val_fraction,
         "calibration_fraction": calibration_fraction,
         "early_stopping_patience": early_stopping_patience,
@@ -466,8 +506,9 @@ def build_model(
             "threads": n_threads,
             "gpu": gpu_name(dev),
             "epochs completed": epochs_done,
+            "ensemble members": n_members,
         },
-        "runtime_summary": monitor.summary(len(train_cells) * epochs_done),
+        "runtime_summary": monitor.summary(len(train_cells) * len(history)),
         "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement,
                       "search": "exact" if search.lists is None else
                       f"lists ({len(search.lists.sizes)} lists, {search.lists.n_probe} probed)",
@@ -477,7 +518,7 @@ def build_model(
         "versions": _versions(),
     }
     train_config["runtime_summary"]["throughput_unit"] = "cell-epochs per second"
-    metadata = describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config)
+    metadata = describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config, n_members)
     metadata["calibration"] = {"temperatures": calibration["temperatures"] if len(calib_cells) else {}}
     metadata["novelty"] = novelty
     model = TrainedModel(net, metadata, reference)
@@ -951,10 +992,10 @@ def _diverged(value: float, epoch: int, step: int | None, learning_rate: float) 
 
 
 # ---------------------------------------------------------------- embed and describe
-def embed_reference(net: MultiTaskNetwork, ref: Reference, dev: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
+def embed_reference(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
     """The used reference cells in the KNN space (encoder output, L2-normalised; cells × last hidden size)
     and their logits per level (what calibration reads for the held-out cells)."""
-    embedding = np.zeros((len(ref.cells), net.encoder.out_features), dtype=np.float32)
+    embedding = np.zeros((len(ref.cells), net.embedding_size), dtype=np.float32)
     logits = [np.zeros((len(ref.cells), len(ref.classes[c])), dtype=np.float32) for c in ref.label_columns]
     zero = ref.aligner.zero_input()
     zero = None if zero is None else torch.from_numpy(zero).to(dev)
@@ -1022,6 +1063,7 @@ def describe(
     hidden_sizes: list[int],
     dropout_rate: float,
     train_config: dict[str, Any],
+    ensemble_size: int = 1,
 ) -> dict[str, Any]:
     """The model's metadata: genes, label encoders, input transform, coordinates, hierarchy, architecture."""
     genes = [str(g) for g in ref.source.var_names]
@@ -1048,6 +1090,7 @@ def describe(
             "coord_dims": {n: int(v.shape[1]) for n, v in ref.coords.items()},
             "hidden_sizes": hidden_sizes,
             "dropout_rate": float(dropout_rate),
+            "ensemble_size": int(ensemble_size),
         },
         "train_config": train_config,
     }

@@ -33,6 +33,7 @@ import torch
 
 import atlasmtl
 from atlasmtl import cli
+from atlasmtl.network import member_networks
 from atlasmtl.exceptions import (
     ArtifactError,
     AtlasMTLError,
@@ -238,7 +239,8 @@ def test_diverging_training_stops_with_a_clear_error(tiny):
 def test_nan_confidence_is_never_a_confident_call(tiny_model, tiny):
     broken = copy.deepcopy(tiny_model)
     with torch.no_grad():
-        broken.network.encoder.layers[0].weight.fill_(float("nan"))
+        for member in member_networks(broken.network):
+            member.encoder.layers[0].weight.fill_(float("nan"))
     result = _predictions(broken, tiny[1], knn_correction="off")
     for level in LEVELS:
         assert result.levels[level]["is_unknown"].all()
@@ -458,7 +460,7 @@ def test_shared_reference_pickle_is_refused(saved):
 def test_nonfinite_weights_are_refused_at_load(tiny_model, tmp_path):
     broken = copy.deepcopy(tiny_model)
     with torch.no_grad():
-        broken.network.encoder.layers[0].weight[0, 0] = float("nan")
+        member_networks(broken.network)[-1].encoder.layers[0].weight[0, 0] = float("nan")
     broken.save(tmp_path / "model.pth")
     with pytest.raises(ArtifactError, match="NaN|non-finite"):
         atlasmtl.TrainedModel.load(tmp_path / "model_manifest.json")
@@ -894,3 +896,10 @@ def test_concurrent_saves_and_loads_stay_consistent(tiny_model, other_model, tin
     assert set(loaded_ids) <= ids and len(loaded_ids) == 12
     assert {p.name for p in directory.iterdir()} == FINAL_NAMES
     assert atlasmtl.TrainedModel.load(directory).metadata["model_id"] in ids
+
+
+@pytest.mark.parametrize("members", [10**6, 0, "5", True])
+def test_metadata_with_an_impossible_ensemble_size_is_refused_before_building_it(saved, members):
+    _edit_pickle(saved, "metadata", lambda meta: meta["architecture"].update(ensemble_size=members))
+    with pytest.raises(ArtifactError, match="ensemble_size"):
+        atlasmtl.TrainedModel.load(saved / "model_manifest.json")

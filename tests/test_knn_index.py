@@ -92,7 +92,8 @@ def test_stored_index_round_trips_with_the_same_neighbours(indexed_model, synthe
     assert isinstance(loaded.reference["embedding"], np.memmap)  # mapped, not read into memory
     for key in ("centroids", "offsets"):
         np.testing.assert_array_equal(loaded.reference["index"][key], index[key])
-    points = knn.normalise_rows(np.random.default_rng(0).normal(size=(50, 16)))
+    width = indexed_model.reference["embedding"].shape[1]
+    points = knn.normalise_rows(np.random.default_rng(0).normal(size=(50, width)))
     for a, b in zip(indexed_model.neighbour_search().query(points, 15), loaded.neighbour_search().query(points, 15)):
         np.testing.assert_array_equal(a, b)
     before, after = _predict(indexed_model, query), _predict(loaded, query)

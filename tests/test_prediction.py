@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import atlasmtl
+from atlasmtl.network import member_networks
 from atlasmtl.exceptions import GeneAlignmentError, InputError
 from atlasmtl.gating import GatingConfig, apply_gate, top_two
 from atlasmtl.knn import vote
@@ -229,7 +230,8 @@ def test_same_random_state_gives_identical_model_and_predictions(synthetic_split
     np.testing.assert_array_equal(ra.coords["umap"], rb.coords["umap"])
     c = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, num_epochs=5, show_progress=False, random_state=8,
                              hidden_sizes=(32, 16))
-    assert not torch.equal(a.network.encoder.layers[0].weight, c.network.encoder.layers[0].weight)
+    first = [member_networks(m.network)[0].encoder.layers[0].weight for m in (a, c)]
+    assert not torch.equal(*first)
 
 
 def test_global_torch_rng_is_left_alone(synthetic_split):
@@ -264,7 +266,8 @@ def test_min_steps_extends_a_small_reference_and_cosine_anneals(synthetic_split)
     model = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, min_steps=5 * steps_per_epoch, lr_schedule="cosine",
                                  weight_decay=1e-2, **kw)
     cfg = model.train_config
-    assert cfg["resource_summary"]["epochs completed"] == 5 and len(cfg["history"]) == 5
+    members = cfg["resource_summary"]["ensemble members"]
+    assert cfg["resource_summary"]["epochs completed"] == 5 and len(cfg["history"]) == 5 * members
     assert (cfg["min_steps"], cfg["lr_schedule"], cfg["weight_decay"]) == (5 * steps_per_epoch, "cosine", 1e-2)
     # a reference that already gets the steps keeps num_epochs
     assert atlasmtl.build_model(ref, SYNTHETIC_LEVELS, min_steps=steps_per_epoch, **kw).train_config[

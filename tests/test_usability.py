@@ -28,8 +28,9 @@ def test_summaries_use_one_key_style_print_no_none_and_count_cell_epochs(synthet
     training = synthetic_model.resource_summary()["training"]
     epochs = synthetic_model.train_config["resource_summary"]["epochs completed"]
     cells = synthetic_model.train_config["resource_summary"]["training cells"]
-    # training throughput counts cells × epochs, and says so
-    assert training["cell-epochs"] == f"{cells * epochs:,}" and "cells" not in training.get("throughput", "cells")
+    members = synthetic_model.train_config["resource_summary"]["ensemble members"]
+    # training throughput counts cells × epochs (of every ensemble member), and says so
+    assert training["cell-epochs"] == f"{cells * epochs * members:,}" and "cells" not in training.get("throughput", "cells")
     assert training["throughput"].endswith("cell-epochs/s")
     runtime = result.summary()["runtime"]
     assert runtime["cells"] == f"{query.n_obs:,}" and runtime["throughput"].endswith(" cells/s")
