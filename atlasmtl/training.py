@@ -306,9 +306,9 @@ def build_model(
         and combined (:class:`~atlasmtl.network.EnsembleNetwork`: mean
         probability, side-by-side embedding for KNN and novelty, mean
         coordinates). ``"auto"`` (default) uses 100,000 // training cells members,
-        between 1 and 5: five below 20,000 cells, where one network's accuracy
-        depends most on its seed, one from 100,000 cells, so an automatic ensemble
-        never trains longer than one network on 100,000 cells. An integer fixes it.
+        between 1 and 5: five up to 20,000 cells, where one network's accuracy
+        depends most on its seed, one above 50,000 cells, so an automatic ensemble
+        never trains longer than one network on 100,000 cells. An integer (1–64) fixes it.
     val_fraction
         Fraction of cells held out to monitor validation loss. When > 0, these
         cells also calibrate the model (see ``calibration_fraction``).
