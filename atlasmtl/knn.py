@@ -23,6 +23,8 @@ list order), built once at training and saved with the model; see
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from typing import Any
 
@@ -50,6 +52,13 @@ N_PROBE_CLASS = 8
 EMBEDDING_DTYPE = np.float16
 #: Query rows per chunk of a list search (bounds the candidate buffers).
 _QUERY_CHUNK = 4096
+#: Most rows a list-index k-means is fitted on per group of cells (256 per list up to this; a group of
+#: more than ~260k cells is fitted on a sample of this size, so building the index needs bounded memory).
+KMEANS_MAX_FIT_ROWS = 1 << 17
+#: Embedding rows read or written at once when an index is built (8,192 × 128 float32 = 4 MB).
+_ROW_CHUNK = 8192
+#: Row × centre scores held at once by the k-means of a list index (4M floats = 16 MB).
+_ASSIGN_BUDGET = 1 << 22
 
 
 def normalise_rows(z: np.ndarray) -> np.ndarray:
@@ -57,6 +66,95 @@ def normalise_rows(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, dtype=np.float32)
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     return np.divide(z, norms, out=np.zeros_like(z), where=norms > 0)
+
+
+class EmbeddingFile:
+    """A float16 (:data:`EMBEDDING_DTYPE`) embedding written row chunk by row chunk, in memory or on disk.
+
+    On disk the rows go to an unlinked temporary file (:func:`tempfile.TemporaryFile`, in the
+    system's temporary folder) through plain file writes and are read back with positioned
+    reads, never through a memory map (a map would keep every page it faults in, and the
+    kernel faults in runs of pages around each row read), so neither writing nor reading
+    holds the embedding in memory: what a process keeps does not grow with the number of rows.
+
+    Parameters
+    ----------
+    n_rows, width
+        Shape of the finished embedding.
+    on_disk
+        Keep the rows in a temporary file instead of a numpy array.
+    """
+
+    def __init__(self, n_rows: int, width: int, on_disk: bool) -> None:
+        self.shape = (int(n_rows), int(width))
+        self.dtype = np.dtype(EMBEDDING_DTYPE)
+        self.on_disk = bool(on_disk) and self.shape[0] * self.shape[1] > 0
+        self.n_written = 0
+        self._file = tempfile.TemporaryFile(prefix="atlasmtl-embedding-") if self.on_disk else None
+        self._array = None if self.on_disk else np.empty(self.shape, dtype=self.dtype)
+
+    @classmethod
+    def for_reference(cls, n_rows: int, width: int) -> "EmbeddingFile":
+        """On disk for references over :data:`EXACT_SEARCH_MAX_CELLS` cells (the ones given a :class:`ListIndex`)."""
+        return cls(n_rows, width, on_disk=n_rows > EXACT_SEARCH_MAX_CELLS)
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append ``rows`` (cells × width; cast to float16)."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.ndim != 2 or rows.shape[1] != self.shape[1] or self.n_written + len(rows) > self.shape[0]:
+            raise ValueError(f"rows of shape {rows.shape} do not fit an embedding of shape {self.shape} "
+                             f"with {self.n_written} rows written")
+        if self._file is not None:
+            self._file.write(memoryview(rows).cast("B"))
+        else:
+            self._array[self.n_written : self.n_written + len(rows)] = rows
+        self.n_written += len(rows)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        """A copy of the rows ``rows`` (slice, row numbers or boolean mask) of the written embedding."""
+        if self._file is None:
+            return self._array[rows]
+        self._file.flush()
+        n, row_bytes = self.shape[0], self.shape[1] * self.dtype.itemsize
+        if isinstance(rows, slice) and rows.indices(n)[2] == 1:
+            start, stop, _ = rows.indices(n)
+            out = np.empty((max(stop - start, 0), self.shape[1]), dtype=self.dtype)
+            self._read(memoryview(out).cast("B"), start * row_bytes)
+            return out
+        rows = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = np.where(rows < 0, rows + n, rows).astype(np.int64, copy=False)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row numbers out of range for an embedding of {n} rows")
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        view = memoryview(out).cast("B")
+        for i, row in enumerate(rows.tolist()):  # one read per row: no pages of the file are mapped
+            self._read(view[i * row_bytes : (i + 1) * row_bytes], row * row_bytes)
+        return out
+
+    def _read(self, buffer: memoryview, offset: int) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset`` (``pread``: the file is not mapped, so a
+        read leaves nothing in the process's memory; reading through a map would fault in whole runs of pages)."""
+        done = 0
+        while done < len(buffer):
+            if hasattr(os, "preadv"):
+                got = os.preadv(self._file.fileno(), [buffer[done:]], offset + done)
+            else:  # pragma: no cover - platforms without preadv
+                self._file.seek(offset + done)
+                got = self._file.readinto(buffer[done:])
+            if not got:
+                raise OSError("the temporary embedding file ended early")
+            done += got
+
+    def finish(self) -> np.ndarray:
+        """The whole embedding: the array, or on disk a read-only :class:`numpy.memmap` of the temporary file."""
+        if self.n_written != self.shape[0]:
+            raise ValueError(f"{self.n_written} of {self.shape[0]} embedding rows were written")
+        if self._file is None:
+            return self._array
+        self._file.flush()
+        return np.memmap(self._file, dtype=self.dtype, mode="r", shape=self.shape)
 
 
 def _as_float32(block: np.ndarray) -> torch.Tensor:
@@ -229,7 +327,8 @@ class ListIndex:
         """Exact search over every allowed row (the fallback for points whose probed lists are too small)."""
         chosen = np.flatnonzero(self.sizes > 0) if lists is None else np.flatnonzero(lists & (self.sizes > 0))
         rows = np.concatenate([np.arange(self.offsets[c], self.offsets[c + 1]) for c in chosen])
-        ref = _as_float32(self.embedding[rows] if len(rows) < self.n_cells else self.embedding)
+        whole = len(rows) == self.n_cells and isinstance(self.embedding, np.ndarray)
+        ref = _as_float32(self.embedding if whole else self.embedding[rows])
         i, d = _exact_search(q, ref, (ref**2).sum(dim=1), k)
         return rows[i], d
 
@@ -244,7 +343,7 @@ def _lloyd(x: torch.Tensor, n_clusters: int, rng: np.random.Generator, n_iter: i
     """
     centres = x[torch.from_numpy(rng.choice(len(x), n_clusters, replace=False))].clone()
     for _ in range(n_iter):
-        assign = torch.argmax(2.0 * (x @ centres.T) - (centres**2).sum(dim=1), dim=1)
+        assign = _nearest_centre(x, centres)
         counts = torch.bincount(assign, minlength=n_clusters)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         empty = counts == 0
@@ -254,14 +353,28 @@ def _lloyd(x: torch.Tensor, n_clusters: int, rng: np.random.Generator, n_iter: i
     return centres
 
 
-def build_lists(embedding: np.ndarray, groups: np.ndarray | None = None, list_size: int = LIST_SIZE,
+def _nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of each row's nearest centre, in row chunks whose rows × centres scores stay within :data:`_ASSIGN_BUDGET`."""
+    sq = (centres**2).sum(dim=1)
+    chunk = max(64, _ASSIGN_BUDGET // max(len(centres), 1))
+    parts = []
+    for s in range(0, len(x), chunk):
+        score = x[s : s + chunk] @ centres.T
+        parts.append(torch.argmax(score.mul_(2.0).sub_(sq), dim=1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None = None, list_size: int = LIST_SIZE,
                 random_state: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Partition rows into lists of about ``list_size`` rows, each inside one group.
 
     Each group (rows sharing a ``groups`` value; all rows when ``None``) is cut
-    by k-means (:func:`_lloyd`, fitted on at most 256 rows per list) into
-    ``round(size / list_size)`` lists; every row joins its nearest centroid and
-    the centroids are then the means of their lists. Empty lists are dropped.
+    by k-means (:func:`_lloyd`, fitted on at most 256 rows per list and
+    :data:`KMEANS_MAX_FIT_ROWS` in all) into ``round(size / list_size)`` lists;
+    every row joins its nearest centroid and the centroids are then the means of
+    their lists. Empty lists are dropped. ``embedding`` (an array or an
+    :class:`EmbeddingFile`) is read in chunks of rows, so memory stays bounded
+    beyond a few integers per row.
 
     Returns
     -------
@@ -275,22 +388,23 @@ def build_lists(embedding: np.ndarray, groups: np.ndarray | None = None, list_si
     rng = np.random.default_rng(random_state)
     orders, centroids, sizes = [], [], []
     for members in members_of:
-        x = _as_float32(embedding[members])
         n_lists = max(1, int(round(len(members) / list_size)))
         if n_lists == 1:
-            assign = np.zeros(len(members), dtype=np.int64)
+            centres = None
         else:
-            fit = members if len(members) <= 256 * n_lists else np.sort(rng.choice(len(members), 256 * n_lists, replace=False))
-            sample = x if fit is members else x[torch.from_numpy(fit)]
-            centres = _lloyd(sample, n_lists, rng)
-            assign = np.concatenate([
-                torch.argmax(2.0 * (x[s : s + 8192] @ centres.T) - (centres**2).sum(dim=1), dim=1).numpy()
-                for s in range(0, len(members), 8192)
-            ])
+            n_fit = min(256 * n_lists, KMEANS_MAX_FIT_ROWS)
+            fit = members if len(members) <= n_fit else members[np.sort(rng.choice(len(members), n_fit, replace=False))]
+            centres = _lloyd(_as_float32(embedding[fit]), n_lists, rng)
+        # every row joins its nearest centre; the lists' sums, in chunks of rows read as needed
+        assign = np.zeros(len(members), dtype=np.int64)
+        sums = torch.zeros((n_lists, int(embedding.shape[1])), dtype=torch.float64)
+        for s in range(0, len(members), _ROW_CHUNK):
+            x = _as_float32(embedding[members[s : s + _ROW_CHUNK]])
+            part = torch.zeros(len(x), dtype=torch.int64) if centres is None else _nearest_centre(x, centres)
+            assign[s : s + len(x)] = part.numpy()
+            sums.index_add_(0, part, x.double())
         by_list = np.argsort(assign, kind="stable")
         counts = np.bincount(assign, minlength=n_lists)
-        sums = torch.zeros((n_lists, x.shape[1]), dtype=torch.float64).index_add_(
-            0, torch.from_numpy(assign), x.double())
         keep = counts > 0
         orders.append(members[by_list])
         centroids.append((sums.numpy()[keep] / counts[keep, None]).astype(np.float32))
@@ -358,26 +472,72 @@ def vote(
     return winner, frac.astype(np.float32)
 
 
-def neighbour_label_agreement(
-    embedding: np.ndarray, codes: np.ndarray, k: int = 15, max_cells: int = 5000, random_state: int = 0
-) -> float | None:
-    """Mean fraction of a reference cell's ``k`` neighbours (itself excluded) sharing its label."""
+def agreement_cells(codes: np.ndarray, k: int = 15, max_cells: int = 5000,
+                    random_state: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cells :func:`neighbour_label_agreement` looks at: ``(pool, sample)``.
+
+    ``pool``: sorted row numbers of up to 50,000 labelled cells (the searched set);
+    ``sample``: positions in ``pool`` of up to ``max_cells`` cells whose neighbours are
+    compared. ``None`` when there are too few labelled cells (``k + 1`` or fewer).
+    """
     labelled = np.flatnonzero(codes >= 0)
     if len(labelled) <= k + 1:
         return None
     rng = np.random.default_rng(random_state)
     pool = np.sort(rng.choice(labelled, size=min(_AGREEMENT_POOL, len(labelled)), replace=False))
     sample = rng.choice(len(pool), size=min(max_cells, len(pool)), replace=False)
-    index: Any = NeighbourIndex(embedding[pool], random_state=random_state)
-    idx, _ = index.query(embedding[pool[sample]], k + 1)
+    return pool, sample
+
+
+def neighbour_label_agreement(
+    embedding: np.ndarray, codes: np.ndarray, k: int = 15, max_cells: int = 5000, random_state: int = 0,
+    pool_only: bool = False,
+) -> float | None:
+    """Mean fraction of a reference cell's ``k`` neighbours (itself excluded) sharing its label.
+
+    The cells are :func:`agreement_cells`' (same ``codes``, ``k``, ``max_cells`` and
+    ``random_state``). ``embedding`` holds a row per cell, or with ``pool_only=True``
+    only the rows of that pool (in its order), which is all this reads.
+    """
+    cells = agreement_cells(codes, k, max_cells, random_state)
+    if cells is None:
+        return None
+    pool, sample = cells
+    pool_embedding = np.asarray(embedding) if pool_only else embedding[pool]
+    index: Any = NeighbourIndex(pool_embedding, random_state=random_state)
+    idx, _ = index.query(pool_embedding[sample], k + 1)
     neighbour_codes = codes[pool][idx[:, 1:]]
     return float(np.mean(neighbour_codes == codes[pool[sample]][:, None]))
 
 
 # ---------------------------------------------------------------- the model's reference
+def _group_numbers(columns: list[np.ndarray]) -> np.ndarray:
+    """Number the distinct rows of integer ``columns`` (each ≥ -1) in lexicographic order, as
+    ``np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)`` does, from one int64 key per
+    row (a few bytes per row instead of several copies of the stacked table)."""
+    key = np.zeros(len(columns[0]), dtype=np.int64)
+    room = 1
+    for col in columns:
+        col = np.asarray(col, dtype=np.int64)
+        radix = int(col.max(initial=-1)) + 2  # digits 0 .. max + 1 (-1 → 0)
+        room *= radix
+        if room >= 2**62:  # too many combinations for one int64 key
+            stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
+            return np.unique(stacked, axis=0, return_inverse=True)[1].ravel()
+        key *= radix
+        key += col + 1
+    return np.unique(key, return_inverse=True)[1].ravel()
+
+
 def index_reference(reference: dict[str, Any], levels: list[str], random_state: int = 0) -> dict[str, Any]:
     """The KNN reference ready to search: embedding as :data:`EMBEDDING_DTYPE`, and above
     :data:`EXACT_SEARCH_MAX_CELLS` cells, reordered into the lists of a :class:`ListIndex`.
+
+    ``reference["embedding"]`` may be an :class:`EmbeddingFile`. One on disk is indexed in
+    chunks of rows into a new :class:`EmbeddingFile` on disk (the rows in list order), which
+    the returned record holds: it can be searched as it is (:class:`ReferenceSearch` reads
+    it list by list) and :meth:`EmbeddingFile.finish` gives the array a model keeps. So
+    indexing a large reference needs bounded memory beyond a few integers per cell.
 
     Lists never mix labels (at any level) or training and held-out cells, so one
     index serves the vote over every cell and the novelty search over one class's
@@ -385,17 +545,23 @@ def index_reference(reference: dict[str, Any], levels: list[str], random_state: 
     ``training_cell`` in the new order, and ``index``: ``centroids``,
     ``offsets``, ``n_probe``, ``list_size``); the input is not changed.
     """
-    embedding = np.asarray(reference["embedding"])
-    out = dict(reference, embedding=np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPE))
+    embedding = reference["embedding"]
+    if not isinstance(embedding, EmbeddingFile):
+        embedding = np.ascontiguousarray(np.asarray(embedding), dtype=EMBEDDING_DTYPE)
     n = embedding.shape[0]
     if n <= EXACT_SEARCH_MAX_CELLS or reference.get("index") is not None:
-        return out
+        on_disk = isinstance(embedding, EmbeddingFile) and embedding.on_disk
+        return dict(reference, embedding=embedding.finish() if isinstance(embedding, EmbeddingFile) and not on_disk
+                    else embedding)
+    out = dict(reference)
     training = reference.get("training_cell")
-    keys = np.stack([np.asarray(reference["labels"][lv], dtype=np.int64) for lv in levels]
-                    + [np.ones(n, dtype=np.int64) if training is None else np.asarray(training, dtype=np.int64)], axis=1)
-    _, groups = np.unique(keys, axis=0, return_inverse=True)
-    order, centroids, offsets = build_lists(out["embedding"], groups.ravel(), LIST_SIZE, random_state)
-    out["embedding"] = out["embedding"][order]
+    columns = [np.asarray(reference["labels"][lv]) for lv in levels]
+    columns.append(np.ones(n, dtype=np.int64) if training is None else np.asarray(training, dtype=np.int64))
+    order, centroids, offsets = build_lists(embedding, _group_numbers(columns), LIST_SIZE, random_state)
+    in_order = EmbeddingFile(n, embedding.shape[1], on_disk=getattr(embedding, "on_disk", False))
+    for start in range(0, n, _ROW_CHUNK):
+        in_order.write(embedding[order[start : start + _ROW_CHUNK]])
+    out["embedding"] = in_order if in_order.on_disk else in_order.finish()
     out["labels"] = {lv: np.asarray(codes)[order] for lv, codes in reference["labels"].items()}
     if training is not None:
         out["training_cell"] = np.asarray(training, dtype=bool)[order]

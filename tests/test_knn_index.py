@@ -184,3 +184,50 @@ def test_model_without_an_index_builds_it_on_first_use(indexed_model, synthetic_
         assert np.mean(result.levels[lv]["code"] == expected.levels[lv]["code"]) > 0.95
     loaded.save(tmp_path / "again.pth")  # and saving stores the index it built
     assert "index" in atlasmtl.TrainedModel.load(tmp_path / "again_manifest.json").reference
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_embedding_file_reads_back_what_was_written(on_disk):
+    rows = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
+    store = knn.EmbeddingFile(len(rows), 8, on_disk=on_disk)
+    for start in range(0, len(rows), 300):
+        store.write(rows[start : start + 300])
+    expected = rows.astype(np.float16)
+    pick = np.array([999, 3, 500, 3])
+    np.testing.assert_array_equal(store[pick], expected[pick])
+    np.testing.assert_array_equal(store[10:20], expected[10:20])
+    whole = store.finish()
+    assert whole.dtype == np.float16 and isinstance(whole, np.memmap) == on_disk
+    np.testing.assert_array_equal(whole, expected)
+    with pytest.raises(ValueError):
+        store.write(rows[:1])  # full
+
+
+def test_list_build_on_disk_equals_in_memory(monkeypatch):
+    """Indexing an embedding kept on disk (read in chunks of rows) gives the in-memory index, row for row;
+    the fit sample cap keeps every row in exactly one list of its own group."""
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 1000)
+    monkeypatch.setattr(knn, "LIST_SIZE", 64)
+    monkeypatch.setattr(knn, "_ROW_CHUNK", 700)  # several chunks per group
+    x, labels, q = _clustered(6000, 200)
+    record = {"labels": {"coarse": labels // 4, "fine": labels}, "training_cell": np.arange(len(x)) % 10 != 0}
+    in_memory = knn.index_reference(dict(record, embedding=x), ["coarse", "fine"])
+    store = knn.EmbeddingFile(len(x), x.shape[1], on_disk=True)
+    store.write(x)
+    on_disk = knn.index_reference(dict(record, embedding=store), ["coarse", "fine"])
+    assert isinstance(on_disk["embedding"], knn.EmbeddingFile)
+    for key in ("centroids", "offsets"):
+        np.testing.assert_array_equal(on_disk["index"][key], in_memory["index"][key])
+    np.testing.assert_array_equal(on_disk["embedding"].finish(), in_memory["embedding"])
+    for a, b in zip(knn.ReferenceSearch(on_disk, ["coarse", "fine"]).query(q, 15),
+                    knn.ReferenceSearch(in_memory, ["coarse", "fine"]).query(q, 15)):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(knn, "KMEANS_MAX_FIT_ROWS", 300)
+    capped = knn.index_reference(dict(record, embedding=x), ["coarse", "fine"])
+    assert capped["index"]["offsets"][-1] == len(x) and (np.diff(capped["index"]["offsets"]) > 0).all()
+    np.testing.assert_array_equal(np.sort(capped["embedding"], axis=0), np.sort(x.astype(np.float16), axis=0))
+    first = capped["index"]["offsets"][:-1]
+    for lv in ("coarse", "fine"):  # lists stay within one label
+        codes = capped["labels"][lv]
+        assert all(len(np.unique(codes[a:b])) == 1 for a, b in zip(first, capped["index"]["offsets"][1:]))
+
