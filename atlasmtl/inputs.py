@@ -164,29 +164,105 @@ def h5ad_query_source(
         yield obs_names, _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
 
 
+@dataclass
+class ReferenceTable:
+    """What training reads of a reference file besides its matrix (:func:`h5ad_reference_source`).
+
+    Attributes
+    ----------
+    obs
+        The requested ``obs`` columns (labels), one row per cell, indexed by position.
+    obsm
+        The requested ``obsm`` entries (coordinate targets).
+    obs_columns
+        Every ``obs`` column in the file (for error messages).
+    """
+
+    obs: pd.DataFrame
+    obsm: dict[str, Any]
+    obs_columns: list[str]
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+
+#: Cell names hashed at once by the uniqueness check of :func:`h5ad_reference_source`.
+_NAME_CHUNK = 1 << 18
+
+
+def _names_unique(names: Any) -> bool:
+    """True when the string dataset ``names`` (an ``.h5ad`` obs index) holds no name twice.
+
+    The names are read and hashed in chunks (64 bits per cell are kept, not the strings);
+    names whose hashes collide are then compared exactly.
+    """
+    n = len(names)
+    hashes = np.empty(n, dtype=np.uint64)
+    for start in range(0, n, _NAME_CHUNK):
+        hashes[start : start + _NAME_CHUNK] = pd.util.hash_array(np.asarray(names[start : start + _NAME_CHUNK], dtype=object))
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order[1:]] == hashes[order[:-1]]
+    if not same.any():
+        return True
+    suspects = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
+    values = [names[int(i)] for i in suspects]
+    return len(set(values)) == len(values)
+
+
+def _read_obs_column(node: Any, read_elem: Any) -> Any:
+    """One ``obs`` column of an ``.h5ad`` file; a plain string column is read in chunks into a categorical.
+
+    Categorical and numeric columns are read as they are (codes or numbers). A plain string
+    column would be a Python string per cell (tens of bytes each); read ``_NAME_CHUNK`` cells at
+    a time and coded as it goes, it costs an integer code per cell.
+    """
+    import h5py
+
+    if isinstance(node, h5py.Group) or node.dtype.kind != "O" or node.ndim != 1:
+        return read_elem(node)
+    codes = np.empty(len(node), dtype=np.int32)
+    categories: dict[str, int] = {}
+    strings = node.asstr()
+    for start in range(0, len(node), _NAME_CHUNK):
+        values, inverse = np.unique(np.asarray(strings[start : start + _NAME_CHUNK], dtype=object), return_inverse=True)
+        lookup = np.array([categories.setdefault(v, len(categories)) for v in values], dtype=np.int32)
+        codes[start : start + len(inverse)] = lookup[inverse.ravel()]
+    return pd.Categorical.from_codes(codes, categories=list(categories))
+
+
 @contextlib.contextmanager
 def h5ad_reference_source(
-    path: str | os.PathLike, layer: str | None = None, use_raw: bool = False, obsm_keys: Any = ()
-) -> Iterator[tuple[ad.AnnData, MatrixSource]]:
+    path: str | os.PathLike, layer: str | None = None, use_raw: bool = False, obsm_keys: Any = (),
+    obs_keys: Any = (),
+) -> Iterator[tuple[ReferenceTable, MatrixSource]]:
     """Open a reference ``.h5ad`` file for training from disk.
 
-    Yields an AnnData holding only ``obs`` (the labels), ``var`` and the ``obsm``
+    Yields a :class:`ReferenceTable` holding only the ``obs`` columns named in
+    ``obs_keys`` (the labels; names not in the file are left out) and the ``obsm``
     entries named in ``obsm_keys`` (coordinate targets), and the chosen matrix as a
     backed :class:`MatrixSource` whose rows are read per block. Nothing else is
-    loaded (``anndata.read_h5ad(path, backed="r")`` would load every layer).
+    loaded (``anndata.read_h5ad(path, backed="r")`` would load every layer, and the
+    cell names alone are tens of bytes per cell): the cell names are only checked to
+    be unique, in chunks.
     """
     read_elem, _, _ = elem_io()
     with _h5ad_file(path) as (f, path):
         try:
-            obs = read_elem(f["obs"])
+            group = f["obs"]
+            index_key = group.attrs["_index"]
+            columns = [str(c) for c in group.attrs.get("column-order", []) if str(c) != index_key]
+            obs = pd.DataFrame({k: _read_obs_column(group[k], read_elem) for k in obs_keys if k in columns},
+                               index=pd.RangeIndex(group[index_key].shape[0]))
             obsm = {k: read_elem(f["obsm"][k]) for k in obsm_keys if "obsm" in f and k in f["obsm"]}
+            unique = _names_unique(group[index_key])
         except Exception as exc:
             raise _unreadable(path, exc) from exc
+        if not unique:
+            raise InputError(f"Reference obs_names are not unique in {path!r}; call adata.obs_names_make_unique() "
+                             "and write the file again.")
         source = _h5ad_matrix(f, path, layer, use_raw, len(obs))
-        lite = ad.AnnData(obs=obs, var=pd.DataFrame(index=source.var.index[:0]))
-        for key, value in obsm.items():
-            lite.obsm[key] = value
-        yield lite, source
+        yield ReferenceTable(obs, obsm, columns), source
 
 
 def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int) -> MatrixSource:

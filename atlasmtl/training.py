@@ -40,10 +40,24 @@ from .genes import (
     log_gene_statistics,
 )
 from .io import open_anndata
-from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_reference_source
+from .inputs import (
+    MatrixSource,
+    ReferenceTable,
+    check_finite,
+    checked_semantics,
+    get_matrix_source,
+    h5ad_reference_source,
+)
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
 from .hierarchy import decode_paths, level_paths
-from .knn import ReferenceSearch, index_reference, neighbour_label_agreement, normalise_rows
+from .knn import (
+    EmbeddingFile,
+    ReferenceSearch,
+    agreement_cells,
+    index_reference,
+    neighbour_label_agreement,
+    normalise_rows,
+)
 from .novelty import NOVELTY_K, class_distance, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
@@ -113,7 +127,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
     }
 
 
-def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
+def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
     """Integer codes (n_cells × n_levels, -1 = unlabelled) and class names per level."""
     if isinstance(label_columns, str):
         label_columns = [label_columns]
@@ -126,15 +140,19 @@ def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict
     unlabelled: dict[str, int] = {}
     for j, col in enumerate(label_columns):
         if col not in adata.obs.columns:
+            available = adata.obs_columns if isinstance(adata, ReferenceTable) else list(adata.obs.columns)
             raise LabelError(
-                f"Label column {col!r} is not in adata.obs; available columns: {list(adata.obs.columns)[:20]}."
+                f"Label column {col!r} is not in adata.obs; available columns: {available[:20]}."
             )
         values = adata.obs[col]
         missing = values.isna().to_numpy()
         if missing.all():
             raise LabelError(f"Label column {col!r} holds no labels (all values are NaN); fill it or drop the level.")
-        cat = pd.Categorical(values.astype(str).where(~missing))
-        names = [str(c) for c in cat.categories]
+        if isinstance(values.dtype, pd.CategoricalDtype):  # from its codes: no string per cell
+            level_codes, names = _categorical_codes(values.cat.codes.to_numpy(), values.cat.categories)
+        else:
+            cat = pd.Categorical(values.astype(str).where(~missing))
+            level_codes, names = cat.codes, [str(c) for c in cat.categories]
         if UNKNOWN in names:
             raise LabelError(
                 f"Label column {col!r} has a class named {UNKNOWN!r}, which atlasmtl reserves for the cells it "
@@ -147,9 +165,19 @@ def encode_labels(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict
                 "Drop this level or use a finer annotation."
             )
         classes[col] = names
-        codes[:, j] = cat.codes
+        codes[:, j] = level_codes
         unlabelled[col] = int(missing.sum())
     return classes, codes, unlabelled
+
+
+def _categorical_codes(codes: np.ndarray, categories: pd.Index) -> tuple[np.ndarray, list[str]]:
+    """Codes and class names of a categorical label column, as ``pd.Categorical(values.astype(str))`` gives them
+    (the categories in use, as strings, sorted; -1 = missing), computed from its codes."""
+    used = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(categories)))
+    names, inverse = np.unique(np.array([str(c) for c in categories[used]], dtype=object), return_inverse=True)
+    lookup = np.full(len(categories), -1, dtype=np.int64)
+    lookup[used] = inverse.ravel()
+    return np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1), [str(c) for c in names]
 
 
 def class_weights(codes: np.ndarray, n_classes: int, power: float, device: torch.device) -> torch.Tensor | None:
@@ -186,7 +214,7 @@ def _numeric_coordinates(values: Any, what: str) -> np.ndarray:
         raise CoordinateError(f"{what} does not hold numbers ({exc}); pass a numeric cells × dims array.") from None
 
 
-def _coordinate_targets(adata: ad.AnnData, coord_targets: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+def _coordinate_targets(adata: ad.AnnData | ReferenceTable, coord_targets: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     if coord_targets is None:
         return {}
     if not isinstance(coord_targets, Mapping):
@@ -352,7 +380,8 @@ def build_model(
     if isinstance(adata, (str, os.PathLike)):  # train from disk: labels in memory, the matrix read per block
         args = {k: v for k, v in locals().items() if k != "adata"}
         keys = [v for v in (coord_targets or {}).values() if isinstance(v, str)] if isinstance(coord_targets, Mapping) else []
-        with h5ad_reference_source(adata, layer=layer, use_raw=use_raw, obsm_keys=keys) as (lite, source):
+        columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+        with h5ad_reference_source(adata, layer=layer, use_raw=use_raw, obsm_keys=keys, obs_keys=columns) as (lite, source):
             return build_model(_ReferenceOnDisk(lite, source), **args)
     p = check_training_parameters(
         batch_size=batch_size,
@@ -387,10 +416,10 @@ def build_model(
     if distributed and dev.type == "cpu":  # the processes of one machine share its cores
         n_threads = max(1, min(n_threads, available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
-    source = None
     if isinstance(adata, _ReferenceOnDisk):
-        adata, source = adata.adata, adata.source
-    adata = open_anndata(adata)
+        adata, source = adata.table, adata.source
+    else:
+        adata, source = open_anndata(adata), None
 
     t_prepare = time.perf_counter()
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
@@ -444,7 +473,13 @@ def build_model(
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
         phase_seconds["fit"] = time.perf_counter() - t_start
-        embedding, logits = embed_reference(net, ref, dev)
+        # the float32 rows kept: the held-out cells (calibration) and the agreement diagnostic's cells
+        calib_pos = np.searchsorted(ref.cells, calib_cells)
+        fine_codes = ref.codes[ref.cells, -1]
+        agreement_at = agreement_cells(fine_codes, k=15, max_cells=2000, random_state=seed % 2**32)
+        pool = agreement_at[0] if agreement_at is not None else np.zeros(0, dtype=np.int64)
+        keep = np.union1d(calib_pos, pool)
+        embedding, kept, logits = embed_reference(net, ref, dev, keep)
         phase_seconds["embed"] = time.perf_counter() - t_start - phase_seconds["fit"]
         t_index = time.perf_counter()
         reference = index_reference(
@@ -452,16 +487,24 @@ def build_model(
              "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)},
              "training_cell": np.isin(ref.cells, train_cells)},
             ref.label_columns, random_state=seed % 2**32)
+        del embedding  # the indexed reference holds its own copy (in list order)
+        # on disk, calibration searches the temporary file list by list (nothing stays mapped);
+        # the model keeps a read-only memory map of it
         search = ReferenceSearch(reference, ref.label_columns)
         index_seconds = time.perf_counter() - t_index
         phase_seconds["index"] = index_seconds
-        calibration, novelty = calibrate(ref, embedding, logits, train_cells, calib_cells, search.class_index)
+        at = np.searchsorted(keep, calib_pos)
+        calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells,
+                                         search.class_index)
+        on_disk = isinstance(reference["embedding"], EmbeddingFile)
+        if on_disk:
+            reference = dict(reference, embedding=reference["embedding"].finish())
     train_seconds = time.perf_counter() - t_start
     phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"] - phase_seconds["index"]
     t_agreement = time.perf_counter()
     epochs_done = max(r["epoch"] for r in history)
-    agreement = neighbour_label_agreement(embedding, ref.codes[ref.cells, -1], k=15, max_cells=2000,
-                                          random_state=seed % 2**32)
+    agreement = neighbour_label_agreement(kept[np.searchsorted(keep, pool)], fine_codes, k=15, max_cells=2000,
+                                          random_state=seed % 2**32, pool_only=True)
     phase_seconds["neighbour_label_agreement"] = time.perf_counter() - t_agreement
 
     train_config = {
@@ -522,7 +565,8 @@ def build_model(
     metadata["calibration"] = {"temperatures": calibration["temperatures"] if len(calib_cells) else {}}
     metadata["novelty"] = novelty
     model = TrainedModel(net, metadata, reference)
-    model._search = search
+    if not on_disk:  # else the model builds its search over the memory map when it first predicts
+        model._search = search
     if show_summary:
         print(format_sections("atlasmtl training finished", model.resource_summary()))
     return model
@@ -531,9 +575,9 @@ def build_model(
 # ---------------------------------------------------------------- prepare
 @dataclass
 class _ReferenceOnDisk:
-    """A reference file opened for training from disk: its labels (``adata``) and its matrix (``source``)."""
+    """A reference file opened for training from disk: its labels (``table``) and its matrix (``source``)."""
 
-    adata: ad.AnnData
+    table: ReferenceTable
     source: MatrixSource
 
 
@@ -578,7 +622,7 @@ class Reference:
 
 
 def prepare_reference(
-    adata: ad.AnnData,
+    adata: ad.AnnData | ReferenceTable,
     label_columns: Sequence[str] | str,
     coord_targets: Mapping[str, Any] | None,
     *,
@@ -590,13 +634,14 @@ def prepare_reference(
     """Check the reference, encode its labels and coordinates and pick the cells to train on.
 
     ``source`` is the expression matrix when it was opened apart from ``adata`` (a
-    reference file read from disk, :func:`~atlasmtl.inputs.h5ad_reference_source`).
+    reference file read from disk, :func:`~atlasmtl.inputs.h5ad_reference_source`, whose
+    labels and coordinates come as a :class:`~atlasmtl.inputs.ReferenceTable`).
 
     The matrix checks (values, semantics) are the ones :func:`atlasmtl.predict` runs on a query.
     """
     if source is None:
         source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
-    if not adata.obs_names.is_unique:
+    if isinstance(adata, ad.AnnData) and not adata.obs_names.is_unique:  # a ReferenceTable's were checked on reading
         raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
     if not source.var_names.is_unique:
         raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
@@ -992,21 +1037,34 @@ def _diverged(value: float, epoch: int, step: int | None, learning_rate: float) 
 
 
 # ---------------------------------------------------------------- embed and describe
-def embed_reference(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The used reference cells in the KNN space (encoder output, L2-normalised; cells × last hidden size)
-    and their logits per level (what calibration reads for the held-out cells)."""
-    embedding = np.zeros((len(ref.cells), net.embedding_size), dtype=np.float32)
-    logits = [np.zeros((len(ref.cells), len(ref.classes[c])), dtype=np.float32) for c in ref.label_columns]
+def embed_reference(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev: torch.device,
+                    keep: np.ndarray) -> tuple[EmbeddingFile, np.ndarray, list[np.ndarray]]:
+    """The used reference cells in the KNN space (encoder output, L2-normalised; cells × last hidden size).
+
+    The rows are written batch by batch as float16 (:data:`~atlasmtl.knn.EMBEDDING_DTYPE`) into an
+    :class:`~atlasmtl.knn.EmbeddingFile`, on disk for references over
+    :data:`~atlasmtl.knn.EXACT_SEARCH_MAX_CELLS` cells, so memory does not grow with the cells.
+    ``keep`` (sorted positions in ``ref.cells``) names the few cells whose float32 embedding and
+    logits per level are also returned (the held-out cells calibration reads and the cells of
+    the neighbour-label-agreement diagnostic): ``(embedding, kept embedding, kept logits)``.
+    """
+    n, width = len(ref.cells), net.embedding_size
+    embedding = EmbeddingFile.for_reference(n, width)
+    kept = np.zeros((len(keep), width), dtype=np.float32)
+    logits = [np.zeros((len(keep), len(ref.classes[c])), dtype=np.float32) for c in ref.label_columns]
     zero = ref.aligner.zero_input()
     zero = None if zero is None else torch.from_numpy(zero).to(dev)
     with torch.no_grad():
-        for start in range(0, len(ref.cells), 4096):
+        for start in range(0, n, 4096):
             rows = ref.cells[start : start + 4096]
             out = net(SparseInput(ref.aligner.sparse_input(reference_rows(ref, rows)), zero))
-            embedding[start : start + len(rows)] = normalise_rows(out.embedding.cpu().numpy())  # row-wise: no second copy
+            z = normalise_rows(out.embedding.cpu().numpy())
+            embedding.write(z)
+            lo, hi = np.searchsorted(keep, [start, start + len(rows)])
+            kept[lo:hi] = z[keep[lo:hi] - start]
             for j, lg in enumerate(out.logits):
-                logits[j][start : start + len(rows)] = lg.cpu().numpy()
-    return embedding, logits
+                logits[j][lo:hi] = lg.cpu().numpy()[keep[lo:hi] - start]
+    return embedding, kept, logits
 
 
 def calibrate(
@@ -1019,6 +1077,8 @@ def calibrate(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit one temperature per level and the novelty null on the held-out cells.
 
+    ``embedding`` and ``logits`` (one array per level) hold the rows of ``calib_cells``, in order.
+
     Returns ``(calibration, novelty)``: ``calibration["temperatures"]`` (level →
     T) and ``calibration["report"]`` (held-out cells, temperatures, top-label ECE
     before and after); ``novelty`` holds ``k`` and, per level, the median and
@@ -1028,7 +1088,7 @@ def calibrate(
     the search prediction uses).
     """
     levels = ref.label_columns
-    pos = np.searchsorted(ref.cells, calib_cells)
+    pos = np.arange(len(calib_cells))
     temperatures, ece = {}, {}
     probs = []
     for j, lv in enumerate(levels):

@@ -231,3 +231,29 @@ def test_list_build_on_disk_equals_in_memory(monkeypatch):
         codes = capped["labels"][lv]
         assert all(len(np.unique(codes[a:b])) == 1 for a, b in zip(first, capped["index"]["offsets"][1:]))
 
+
+def test_reference_embedding_kept_on_disk_gives_the_same_model(synthetic_split, monkeypatch):
+    """Above the exact-search limit training writes the embedding to a temporary file batch by batch and
+    indexes it in chunks; the model is the one an in-memory embedding gives."""
+    ref, query = synthetic_split
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 50)
+    monkeypatch.setattr(knn, "LIST_SIZE", 16)
+    kw = dict(num_epochs=2, batch_size=32, learning_rate=0.01, hidden_sizes=(32, 16), show_progress=False,
+              show_summary=False)
+    on_disk = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, **kw)
+    monkeypatch.setattr(knn.EmbeddingFile, "for_reference",
+                        classmethod(lambda cls, n, width: cls(n, width, on_disk=False)))
+    in_memory = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, **kw)
+    assert isinstance(on_disk.reference["embedding"], np.memmap)
+    assert not isinstance(in_memory.reference["embedding"], np.memmap)
+    np.testing.assert_array_equal(on_disk.reference["embedding"], in_memory.reference["embedding"])
+    for key in ("centroids", "offsets"):
+        np.testing.assert_array_equal(on_disk.reference["index"][key], in_memory.reference["index"][key])
+    assert on_disk.metadata["novelty"] == in_memory.metadata["novelty"]
+    assert on_disk.metadata["calibration"] == in_memory.metadata["calibration"]
+    assert (on_disk.train_config["knn_space"]["neighbour_label_agreement"]
+            == in_memory.train_config["knn_space"]["neighbour_label_agreement"])
+    a, b = _predict(on_disk, query), _predict(in_memory, query)
+    for lv in SYNTHETIC_LEVELS:
+        for key in ("code", "knn_code", "novelty"):
+            np.testing.assert_array_equal(a.levels[lv][key], b.levels[lv][key])

@@ -128,8 +128,36 @@ def test_reference_file_opens_lean(symphony_split, tmp_path):
     ref.layers["extra"] = ref.X.copy()
     ref.write_h5ad(path)
     del ref.layers["extra"]
-    with h5ad_reference_source(path) as (lite, source):
-        assert lite.n_obs == ref.n_obs and list(lite.obs.columns) == list(ref.obs.columns)
-        assert len(lite.layers) == 0 and source.backed and source.n_vars == ref.n_vars
+    with h5ad_reference_source(path, obs_keys=["cell_type", "not_a_column"]) as (lite, source):
+        # only the label columns asked for are read; the others are only named (for error messages)
+        assert lite.n_obs == ref.n_obs and list(lite.obs.columns) == ["cell_type"]
+        assert lite.obs_columns == list(ref.obs.columns)
+        assert (lite.obs["cell_type"].to_numpy() == ref.obs["cell_type"].to_numpy()).all()
+        assert source.backed and source.n_vars == ref.n_vars
         rows = np.array([3, 4, 7, 10])
         assert np.allclose(source.rows(rows).toarray(), ref.X[rows].toarray())
+
+
+def test_reference_file_cell_names_checked_in_chunks(symphony_split, tmp_path, monkeypatch):
+    """Training from a file checks its cell names are unique without loading them all (hashed in chunks);
+    colliding hashes are compared exactly."""
+    from atlasmtl import inputs
+    from atlasmtl.exceptions import InputError
+
+    monkeypatch.setattr(inputs, "_NAME_CHUNK", 100)
+    names = np.array([f"c{i}" for i in range(1000)], dtype=object)
+    assert inputs._names_unique(names)
+    names[700] = "c5"
+    assert not inputs._names_unique(names)
+    monkeypatch.setattr(inputs.pd.util, "hash_array", lambda v: np.zeros(len(v), dtype=np.uint64))  # every hash collides
+    assert not inputs._names_unique(names)
+    names[700] = "c700"
+    assert inputs._names_unique(names)
+    monkeypatch.undo()
+    ref, _ = symphony_split
+    ref = ref.copy()
+    ref.obs_names = ["same"] * 2 + list(ref.obs_names[2:])
+    path = tmp_path / "dup.h5ad"
+    ref.write_h5ad(path)
+    with pytest.raises(InputError, match="obs_names are not unique"):
+        atlasmtl.build_model(path, SYMPHONY_LEVELS, num_epochs=1, show_progress=False, show_summary=False)
