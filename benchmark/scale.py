@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="atlasmtl,celltypist,logreg")
     parser.add_argument("--atlasmtl-epochs", type=int, default=None, help="override num_epochs (default: 40)")
     parser.add_argument("--disk-epochs", type=int, default=1, help="epochs of the training-from-disk runs")
+    parser.add_argument("--disk-threads", type=int, default=None,
+                        help="num_threads of the training-from-disk runs (default: build_model's)")
     parser.add_argument("--atlasmtl-timeout", type=float, default=3600)
     parser.add_argument("--celltypist-timeout", type=float, default=1800)
     parser.add_argument("--logreg-timeout", type=float, default=1800)
@@ -165,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += measure(SIZES[size], method, entry, work)
     for size in [s for s in args.disk_sizes.split(",") if s]:
         print(f"== {SIZES[size]}: training from disk", flush=True)
-        entry = {"settings": {"train": {"num_epochs": args.disk_epochs}}, "timeout": args.disk_timeout}
+        train = {"num_epochs": args.disk_epochs}
+        if args.disk_threads is not None:
+            train["num_threads"] = args.disk_threads
+        entry = {"settings": {"train": train}, "timeout": args.disk_timeout}
         rows += measure(SIZES[size], "atlasmtl_disk", entry, work, score=False)
     add_ratios([r for r in rows if r["runner"] != "atlasmtl_disk"])
     record = {"generated": dt.datetime.now().isoformat(timespec="seconds"),
