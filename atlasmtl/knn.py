@@ -383,8 +383,10 @@ def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None
     """
     n = int(embedding.shape[0])
     groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
-    _, group_of = np.unique(groups, return_inverse=True)
-    members_of = np.split(np.argsort(group_of, kind="stable"), np.cumsum(np.bincount(group_of))[:-1])
+    group_of = np.unique(groups, return_inverse=True)[1].ravel()
+    by_group = np.argsort(group_of, kind="stable")
+    members_of = np.split(by_group, np.cumsum(np.bincount(group_of))[:-1])
+    del group_of, groups
     rng = np.random.default_rng(random_state)
     orders, centroids, sizes = [], [], []
     for members in members_of:
@@ -518,14 +520,15 @@ def _group_numbers(columns: list[np.ndarray]) -> np.ndarray:
     key = np.zeros(len(columns[0]), dtype=np.int64)
     room = 1
     for col in columns:
-        col = np.asarray(col, dtype=np.int64)
+        col = np.asarray(col)
         radix = int(col.max(initial=-1)) + 2  # digits 0 .. max + 1 (-1 → 0)
         room *= radix
         if room >= 2**62:  # too many combinations for one int64 key
             stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
             return np.unique(stacked, axis=0, return_inverse=True)[1].ravel()
         key *= radix
-        key += col + 1
+        key += col
+        key += 1
     return np.unique(key, return_inverse=True)[1].ravel()
 
 
@@ -556,8 +559,11 @@ def index_reference(reference: dict[str, Any], levels: list[str], random_state: 
     out = dict(reference)
     training = reference.get("training_cell")
     columns = [np.asarray(reference["labels"][lv]) for lv in levels]
-    columns.append(np.ones(n, dtype=np.int64) if training is None else np.asarray(training, dtype=np.int64))
-    order, centroids, offsets = build_lists(embedding, _group_numbers(columns), LIST_SIZE, random_state)
+    columns.append(np.ones(n, dtype=np.int8) if training is None else np.asarray(training, dtype=np.int8))
+    groups = _group_numbers(columns)
+    del columns
+    order, centroids, offsets = build_lists(embedding, groups, LIST_SIZE, random_state)
+    del groups
     in_order = EmbeddingFile(n, embedding.shape[1], on_disk=getattr(embedding, "on_disk", False))
     for start in range(0, n, _ROW_CHUNK):
         in_order.write(embedding[order[start : start + _ROW_CHUNK]])

@@ -191,17 +191,26 @@ def class_weights(codes: np.ndarray, n_classes: int, power: float, device: torch
 
 
 def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarray) -> dict[str, dict[str, str]]:
-    """For each level whose labels nest in the previous level's, map child → parent label."""
+    """For each level whose labels nest in the previous level's, map child → parent label
+    (pairs in order of first appearance; one int64 key per cell, not a table of pairs)."""
     hierarchy: dict[str, dict[str, str]] = {}
     for j in range(1, len(label_columns)):
+        n_parents = len(classes[label_columns[j - 1]])
         both = (codes[:, j] >= 0) & (codes[:, j - 1] >= 0)
-        pairs = pd.DataFrame({"child": codes[both, j], "parent": codes[both, j - 1]}).drop_duplicates()
-        if len(pairs) and pairs["child"].is_unique:
+        keys, first = np.unique(codes[both, j] * n_parents + codes[both, j - 1], return_index=True)
+        keys = keys[np.argsort(first)]
+        child, parent = keys // n_parents, keys % n_parents
+        if len(keys) and len(np.unique(child)) == len(child):
             parent_names, child_names = classes[label_columns[j - 1]], classes[label_columns[j]]
-            hierarchy[label_columns[j]] = {
-                child_names[c]: parent_names[p] for c, p in zip(pairs["child"], pairs["parent"])
-            }
+            hierarchy[label_columns[j]] = {child_names[c]: parent_names[p] for c, p in zip(child.tolist(), parent.tolist())}
     return hierarchy
+
+
+def _members(cells: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """``np.isin(cells, subset)`` for sorted ``cells`` holding every row of ``subset`` (no sort of both arrays)."""
+    flag = np.zeros(len(cells), dtype=bool)
+    flag[np.searchsorted(cells, subset)] = True
+    return flag
 
 
 def _numeric_coordinates(values: Any, what: str) -> np.ndarray:
@@ -434,6 +443,7 @@ def build_model(
         )
     perm = rng.permutation(ref.cells)
     val_cells, train_cells = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    del perm
     if n_val:
         calib_cells, calib_source = val_cells, "validation cells (val_fraction)"
     else:
@@ -485,7 +495,7 @@ def build_model(
         reference = index_reference(
             {"embedding": embedding,
              "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)},
-             "training_cell": np.isin(ref.cells, train_cells)},
+             "training_cell": _members(ref.cells, train_cells)},
             ref.label_columns, random_state=seed % 2**32)
         del embedding  # the indexed reference holds its own copy (in list order)
         # on disk, calibration searches the temporary file list by list (nothing stays mapped);
