@@ -239,10 +239,12 @@ def _leftovers(paths: dict[str, Path]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """Hold an exclusive lock on ``folder`` (POSIX ``flock``), so saves into one folder do not interleave.
+def _folder_lock(folder: Path, shared: bool = False):
+    """Hold a lock on ``folder`` (POSIX ``flock``): exclusive for a save, so saves into one folder do
+    not interleave, or ``shared`` for a load, so no save commits while a model's files are read.
 
-    A killed process releases it; where locking is not available the save goes on unlocked.
+    A killed process releases it; where locking is not available the call goes on unlocked (loads
+    then rely on re-reading when the manifest changed under them).
     """
     try:
         import fcntl
@@ -253,7 +255,7 @@ def _folder_lock(folder: Path):
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         except OSError:
             pass
         yield
@@ -470,17 +472,20 @@ def _manifest_bytes(manifest_path: Path) -> bytes:
 def read_model(path: str | os.PathLike) -> ModelParts:
     """Read and check a model's files (manifest, weights path, or its folder); see :meth:`TrainedModel.load`.
 
-    A save that commits while the files are being read changes the manifest; the
-    read then starts again (up to three times) instead of failing.
+    The files are read under a shared lock on their folder, so a save (which holds the
+    exclusive lock) cannot commit half-way through. Where locking is not available, a
+    save that commits while the files are being read changes the manifest; the read
+    then starts again (up to three times) instead of failing.
     """
     manifest_path = _resolve_manifest(path)
     for attempt in range(3):
-        raw = _manifest_bytes(manifest_path)
-        try:
-            return _read_parts(manifest_path, raw)
-        except ArtifactError:
-            if attempt == 2 or _manifest_bytes(manifest_path) == raw:
-                raise
+        with _folder_lock(manifest_path.parent, shared=True):
+            raw = _manifest_bytes(manifest_path)
+            try:
+                return _read_parts(manifest_path, raw)
+            except ArtifactError:
+                if attempt == 2 or _manifest_bytes(manifest_path) == raw:
+                    raise
 
 
 def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
