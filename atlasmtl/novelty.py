@@ -33,7 +33,7 @@ import numpy as np
 #: Reference neighbours of the predicted class averaged into the distance.
 NOVELTY_K = 10
 #: Default robust z-score above which a cell is novel at a level.
-NOVELTY_THRESHOLD = 3.5
+NOVELTY_THRESHOLD = 4.5
 _MAD_TO_SD = 1.4826
 _MIN_SCALE = 1e-3
 

@@ -1,0 +1,35 @@
+"""Issue 9: the novelty threshold with the ensemble default (ensemble_size="auto"): 3.5 / 4.0 / 4.5 / 5.0.
+
+Research script. Per case and seed one model at the defaults, predicted at each ``novelty_threshold``
+(full pipeline, default KNN), scored with ``atlasmtl.evaluate``; table in documents/design/api_contract.md
+("Ensemble: evidence"). Cases are read from the benchmark work folder (``WORK/cases``).
+
+    PYTHONPATH=$PWD python benchmark/experiments/novelty_threshold_study.py <case,case,...> 0,1,2 out.json
+"""
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import read_cells, read_truth
+import atlasmtl
+torch.set_num_threads(1)
+CASES, SEEDS, OUT = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3])
+THR = [3.5, 4.0, 4.5, 5.0]
+WORK = Path("/work/bench_work")  # the benchmark work folder holding cases/
+rows = json.loads(OUT.read_text()) if OUT.exists() else []
+done = {(r["case"], r["seed"]) for r in rows}
+for case in CASES:
+    cdir = WORK / "cases" / case
+    spec = json.loads((cdir / "case.json").read_text()); levels = spec["levels"]
+    ref, query, truth = read_cells(cdir / "ref.h5ad"), read_cells(cdir / "query.h5ad", obsm=False), read_truth(cdir)
+    for seed in SEEDS:
+        if (case, seed) in done: continue
+        model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False)
+        row = {"case": case, "seed": seed, "K": "auto"}
+        for t in THR:
+            res = atlasmtl.predict(model, query, novelty_threshold=t, show_progress=False, show_summary=False)
+            met = atlasmtl.evaluate(res, truth, label_columns=levels, **({"novel_labels": spec["novel"]} if spec.get("novel") else {}))
+            row[str(t)] = {"levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
+                           "novel": {lv: {k: v.get(k) for k in ("auroc", "novel_unknown_rate", "known_unknown_rate")} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
+        rows.append(row); OUT.write_text(json.dumps(rows))
+        print(case, seed, {t: round(row[str(t)]["levels"][levels[-1]]["macro_f1"], 3) for t in THR}, flush=True)
