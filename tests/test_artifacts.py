@@ -220,3 +220,29 @@ def test_artifact_paths_naming(tmp_path):
     paths = artifact_paths(tmp_path / "atlas_v2.pth")
     assert paths["manifest"].name == "atlas_v2_manifest.json"
     assert paths["reference"].name == "atlas_v2_reference.pkl"
+
+
+def test_embedding_is_saved_in_chunks_as_plain_npy(tmp_path, monkeypatch):
+    """The embedding file is exactly what ``np.save`` writes, and saving a memory-mapped embedding never
+    holds it whole in memory (``tracemalloc`` sees numpy's buffers): the peak stays under a few chunks."""
+    import tracemalloc
+
+    from atlasmtl import artifacts
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200_000, 64)).astype(np.float16)  # 25.6 MB
+    np.save(tmp_path / "src.npy", x)
+    mapped = np.load(tmp_path / "src.npy", mmap_mode="r")
+    monkeypatch.setattr(artifacts, "_SAVE_ROW_CHUNK", 4096)  # ~0.5 MB chunks
+    tracemalloc.start()
+    try:
+        payload, record = artifacts._embedding_payload(mapped)
+        artifacts._write_new_file(tmp_path / "out.npy", payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"saving held {peak / 2**20:.1f} MB of a 25.6 MB embedding"
+    written = (tmp_path / "out.npy").read_bytes()
+    assert written == (tmp_path / "src.npy").read_bytes()
+    assert record == {"sha256": hashlib.sha256(written).hexdigest(), "dtype": "float16", "shape": [200_000, 64]}
+    assert payload.nbytes == len(written)
