@@ -8,7 +8,10 @@ into pseudo-counts, and
 - half of its cells are binomially thinned to a random fraction of their depth
   (log-uniform in ``[min_depth, 1]``), as sequencing a cell less deeply would;
 - a random fraction (uniform in ``[0, max_gene_dropout]``) of the genes is set
-  to zero for the whole batch, as a panel that lacks them would.
+  to zero for the whole batch, as a panel that lacks them would;
+- optionally (``gene_scale_sd > 0``), every gene of the batch is multiplied by
+  its own log-normal factor (log-sd uniform in ``[0, gene_scale_sd]``), as a
+  protocol or species that captures each gene with its own efficiency would.
 
 The network then sees the same cell types at many depths and panels and learns
 features that survive both. Only training batches are augmented; the
@@ -36,11 +39,15 @@ class ShiftAugmentation:
         A thinned cell keeps a log-uniform fraction of its counts in ``[min_depth, 1]``.
     max_gene_dropout
         Each batch loses a uniform ``[0, max_gene_dropout]`` fraction of its genes.
+    gene_scale_sd
+        Each batch's genes are scaled by ``exp(N(0, s))`` with ``s`` uniform in
+        ``[0, gene_scale_sd]`` (0 = off).
     """
 
     thin_fraction: float = 0.5
     min_depth: float = 0.1
     max_gene_dropout: float = 0.3
+    gene_scale_sd: float = 0.0
 
 
 def pseudo_counts(block: Any, semantics: str) -> sp.csr_matrix:
@@ -100,5 +107,8 @@ def simulate_shift(block: Any, semantics: str, rng: np.random.Generator,
     if config.max_gene_dropout > 0 and counts.nnz:
         lost = rng.random(n_genes) < rng.uniform(0.0, config.max_gene_dropout)
         counts.data[lost[counts.indices]] = 0.0
+    if config.gene_scale_sd > 0 and counts.nnz:
+        sd = rng.uniform(0.0, config.gene_scale_sd)
+        counts.data *= np.exp(rng.normal(0.0, sd, size=n_genes)).astype(np.float32)[counts.indices]
     counts.eliminate_zeros()
     return counts

@@ -85,6 +85,18 @@ def test_simulate_shift_thins_and_drops_reproducibly(symphony):
     assert (untouched != counts).nnz == 0
 
 
+def test_gene_scale_noise_scales_each_gene_by_one_factor(symphony):
+    """``gene_scale_sd`` multiplies every gene of the batch by its own factor (the same in every cell)."""
+    counts = sp.csr_matrix(_counts(symphony[:256]), dtype=np.float32)
+    scaled = simulate_shift(counts, "counts", np.random.default_rng(5), ShiftAugmentation(0.0, 1.0, 0.0, gene_scale_sd=1.0))
+    assert scaled.nnz == counts.nnz
+    ratio = sp.csr_matrix((scaled.data / counts.data, counts.indices, counts.indptr), shape=counts.shape).tocsc()
+    factors = [np.unique(np.round(ratio[:, g].data, 4)) for g in range(counts.shape[1]) if ratio[:, g].nnz > 1]
+    assert all(len(f) == 1 for f in factors)  # one factor per gene
+    spread = np.log([f[0] for f in factors])
+    assert spread.std() > 0.05  # and they differ between genes
+
+
 # ---------------------------------------------------------------- gene matching across species
 def _brain():
     brain = ad.read_h5ad(data_file("brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad"))

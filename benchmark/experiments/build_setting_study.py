@@ -1,0 +1,97 @@
+"""Issues 9/10: one ``build_model`` setting against the defaults, on the benchmark's real cases.
+
+Research script. Per case, seed and setting (a JSON dict of ``build_model`` keyword arguments; keys
+``augment.<field>`` set a field of the training augmentation, ``atlasmtl.augment.ShiftAugmentation``,
+e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise) one
+model, predicted at the defaults and with ``knn_correction="off"``, scored with ``atlasmtl.evaluate``
+(finest and coarse macro-F1, ECE, novelty metrics). Compare with the defaults' rows of
+``results/novelty_threshold_ensemble_seeds012.json.gz`` (threshold 4.5 = the default; same models).
+
+    PYTHONPATH=$PWD python benchmark/experiments/build_setting_study.py <case,case,...> 0,1,2 '{"calibration_fraction": 0.1}' out.json
+    python benchmark/experiments/build_setting_study.py --summarise out.json[.gz] [results.json]
+"""
+import functools, gzip, json, statistics as st, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import read_cells, read_truth
+import atlasmtl
+import atlasmtl.training as tr
+from atlasmtl.augment import ShiftAugmentation
+
+PEERS = ("celltypist", "logreg", "knn", "symphonypy")
+DEFAULTS = Path(__file__).resolve().parent / "results" / "novelty_threshold_ensemble_seeds012.json.gz"
+
+
+def _read(path):
+    path = str(path)
+    return json.loads(gzip.open(path, "rt").read() if path.endswith(".gz") else Path(path).read_text())
+
+
+def summarise(path, results="benchmark/results/results.json"):
+    """Per case and setting: mean over seeds of finest / coarse macro-F1 at the default KNN, with the
+    defaults (threshold-study rows at 4.5) and the mean / worst delta to the best peer of ``results``."""
+    peers = {}
+    for x in _read(results)["runs"]:
+        if x["status"] == "ok":
+            peers.setdefault(x["case"], {})[x["method"]] = x["metrics"]["levels"]
+    rows = [dict(r, results={"default": r["4.5"]}, setting="defaults") for r in _read(DEFAULTS)] + _read(path)
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    cases = list(dict.fromkeys(r["case"] for r in _read(path)))
+    lines = ["| case | best peer fine / coarse | " + " | ".join(settings) + " |", "|" + "---|" * (2 + len(settings))]
+    delta = {s: {"fine": [], "coarse": []} for s in settings}
+    for case in cases:
+        levels = list(rows[[r["case"] for r in rows].index(case)]["results"]["default"]["levels"])
+        fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
+        best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+        line = f"| {case} | {best[fine]:.3f} / " + (f"{best[coarse]:.3f}" if coarse else "–") + " |"
+        for s in settings:
+            rs = [r["results"]["default"]["levels"] for r in rows if r["case"] == case and r["setting"] == s]
+            f1 = st.mean(r[fine]["macro_f1"] for r in rs)
+            delta[s]["fine"].append(f1 - best[fine])
+            cell = f" {f1:.3f} ({f1 - best[fine]:+.3f})"
+            if coarse:
+                c1 = st.mean(r[coarse]["macro_f1"] for r in rs)
+                delta[s]["coarse"].append(c1 - best[coarse])
+                cell += f" / {c1:.3f} ({c1 - best[coarse]:+.3f})"
+            line += cell + f" [{len(rs)}] |"
+        lines.append(line)
+    lines.append("")
+    for s in settings:
+        d = delta[s]
+        lines.append(f"- {s}: finest mean Δ {st.mean(d['fine']):+.4f} (worst {min(d['fine']):+.3f}); coarse mean Δ "
+                     f"{st.mean(d['coarse']):+.4f} (worst {min(d['coarse']):+.3f})")
+    return "\n".join(lines)
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--summarise":
+    print(summarise(*sys.argv[2:]))
+    sys.exit(0)
+
+torch.set_num_threads(1)
+CASES, SEEDS = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]
+SETTING, OUT = json.loads(sys.argv[3]), Path(sys.argv[4])
+WORK = Path("/work/bench_work")
+key = json.dumps(SETTING, sort_keys=True)
+AUGMENT = {k.split(".", 1)[1]: v for k, v in SETTING.items() if k.startswith("augment.")}
+SETTING = {k: v for k, v in SETTING.items() if not k.startswith("augment.")}
+if AUGMENT:  # build_model builds ShiftAugmentation() when augment=True
+    tr.ShiftAugmentation = functools.partial(ShiftAugmentation, **AUGMENT)
+rows = json.loads(OUT.read_text()) if OUT.exists() else []
+done = {(r["case"], r["seed"], r["setting"]) for r in rows}
+for case in CASES:
+    cdir = WORK / "cases" / case
+    spec = json.loads((cdir / "case.json").read_text()); levels = spec["levels"]
+    ref, query, truth = read_cells(cdir / "ref.h5ad"), read_cells(cdir / "query.h5ad", obsm=False), read_truth(cdir)
+    for seed in SEEDS:
+        if (case, seed, key) in done: continue
+        model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False, **SETTING)
+        row = {"case": case, "seed": seed, "setting": key, "train_seconds": model.train_config["train_seconds"], "results": {}}
+        for name, kw in {"default": {}, "off": {"knn_correction": "off"}}.items():
+            res = atlasmtl.predict(model, query, show_progress=False, show_summary=False, **kw)
+            met = atlasmtl.evaluate(res, truth, label_columns=levels, **({"novel_labels": spec["novel"]} if spec.get("novel") else {}))
+            row["results"][name] = {
+                "levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
+                "novel": {lv: {k: v.get(k) for k in ("auroc", "novel_unknown_rate", "known_unknown_rate")} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
+        rows.append(row); OUT.write_text(json.dumps(rows))
+        print(case, seed, key, {n: round(v["levels"][levels[-1]]["macro_f1"], 3) for n, v in row["results"].items()}, flush=True)
