@@ -56,6 +56,19 @@ def test_list_index_recall_and_class_restriction(monkeypatch):
     assert search.class_index("fine", 99) is None
 
 
+def test_probes_grow_with_the_number_of_lists(monkeypatch):
+    """Larger references are cut into more lists, and a point's true neighbours spread over more of
+    them: the stored n_probe grows as the square root of the lists (16 at least)."""
+    assert knn.probes_for(1) == knn.probes_for(202) == knn.N_PROBE == 16
+    assert knn.probes_for(1960) == 27 and knn.probes_for(19_600) == 84
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 1000)
+    monkeypatch.setattr(knn, "LIST_SIZE", 4)
+    x, labels, _ = _clustered(6000, 10)
+    ref = knn.index_reference({"embedding": x, "labels": {"fine": labels}}, ["fine"])
+    n_lists = len(ref["index"]["centroids"])
+    assert n_lists > 1000 and ref["index"]["n_probe"] == knn.probes_for(n_lists) > knn.N_PROBE
+
+
 def test_list_index_answers_k_neighbours_when_probed_lists_are_small(monkeypatch):
     monkeypatch.setattr(knn, "LIST_SIZE", 4)
     x, _, q = _clustered(200, 30)
