@@ -19,6 +19,11 @@ from scipy.special import logsumexp
 ECE_BINS = 15
 #: Bounds of the fitted log-temperature (T in [e^-4, e^4]).
 LOG_T_BOUNDS = (-4.0, 4.0)
+#: Pseudo-count ``a`` of the prior on held-out accuracy: the fitted targets put ``a / (n + 2a)`` of
+#: each cell's mass on the other classes (``a = 1``: Laplace's rule of succession).
+ACCURACY_PRIOR_COUNT = 1.0
+#: Classes with fewer cells than this keep all of them for training (besides the ``1 / fraction`` floor).
+MIN_HELD_OUT_CLASS_CELLS = 0
 
 
 def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generator, max_cells: int = 5000) -> np.ndarray:
@@ -50,7 +55,7 @@ def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generat
     frac = min(fraction, max_cells / max(len(labelled), 1))
     for c in np.unique(labelled):
         idx = np.flatnonzero(codes == c)
-        m = int(np.floor(frac * len(idx)))
+        m = int(np.floor(frac * len(idx))) if len(idx) >= MIN_HELD_OUT_CLASS_CELLS else 0
         if m:
             held[rng.choice(idx, m, replace=False)] = True
     return held
@@ -59,16 +64,16 @@ def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generat
 def fit_temperature(logits: np.ndarray, codes: np.ndarray) -> float:
     """Temperature ``T`` minimising the held-out negative log-likelihood of ``softmax(logits / T)``.
 
-    The targets are smoothed by a Laplace prior on accuracy (``1 / (n + 2)`` of
-    the mass spread over the other classes), so a held-out set the network
-    classifies perfectly yields a finite, not an infinitely sharp, temperature.
+    The targets are smoothed by a prior on accuracy (``a / (n + 2a)`` of the mass
+    spread over the other classes, ``a`` = :data:`ACCURACY_PRIOR_COUNT`), so a held-out
+    set the network classifies perfectly yields a finite, not an infinitely sharp, temperature.
     Returns 1.0 when no cell is labelled.
     """
     keep = codes >= 0
     lg, y = np.asarray(logits, dtype=np.float64)[keep], codes[keep]
     if len(y) == 0 or lg.shape[1] < 2:
         return 1.0
-    eps = 1.0 / (len(y) + 2)
+    eps = ACCURACY_PRIOR_COUNT / (len(y) + 2 * ACCURACY_PRIOR_COUNT)
     k = lg.shape[1]
     rows = np.arange(len(y))
 

@@ -2,7 +2,8 @@
 
 Research script. Per case, seed and setting (a JSON dict of ``build_model`` keyword arguments; keys
 ``augment.<field>`` set a field of the training augmentation, ``atlasmtl.augment.ShiftAugmentation``,
-e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise) one
+e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise; keys ``calibration.<NAME>`` set a
+constant of ``atlasmtl.calibration``, e.g. ``ACCURACY_PRIOR_COUNT``) one
 model, predicted at the defaults and with ``knn_correction="off"``, scored with ``atlasmtl.evaluate``
 (finest and coarse macro-F1, ECE, novelty metrics). Compare with the defaults' rows of
 ``results/novelty_threshold_ensemble_seeds012.json.gz`` (threshold 4.5 = the default; same models).
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_cells, read_truth
 import atlasmtl
+import atlasmtl.calibration
 import atlasmtl.training as tr
 from atlasmtl.augment import ShiftAugmentation
 
@@ -74,7 +76,10 @@ SETTING, OUT = json.loads(sys.argv[3]), Path(sys.argv[4])
 WORK = Path("/work/bench_work")
 key = json.dumps(SETTING, sort_keys=True)
 AUGMENT = {k.split(".", 1)[1]: v for k, v in SETTING.items() if k.startswith("augment.")}
-SETTING = {k: v for k, v in SETTING.items() if not k.startswith("augment.")}
+for k, v in SETTING.items():  # "calibration.<CONSTANT>": a module constant of atlasmtl.calibration
+    if k.startswith("calibration."):
+        setattr(atlasmtl.calibration, k.split(".", 1)[1], v)
+SETTING = {k: v for k, v in SETTING.items() if not k.startswith(("augment.", "calibration."))}
 if AUGMENT:  # build_model builds ShiftAugmentation() when augment=True
     tr.ShiftAugmentation = functools.partial(ShiftAugmentation, **AUGMENT)
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
