@@ -113,6 +113,14 @@ def read_cells(path: Path, matrix: str = "X", obs: bool = True, obsm: bool = Tru
     return ad.AnnData(X=X, obs=obs_df, var=var, obsm=obsm_d)
 
 
+def read_study_case(case_dir: Path) -> tuple[dict[str, Any], ad.AnnData, ad.AnnData, pd.DataFrame]:
+    """``(case.json, reference, query without obsm, truth)`` of a prepared case: what the research
+    scripts of ``benchmark/experiments`` train and score on."""
+    case_dir = Path(case_dir)
+    return (load_case(case_dir), read_cells(case_dir / "ref.h5ad"), read_cells(case_dir / "query.h5ad", obsm=False),
+            read_truth(case_dir))
+
+
 def read_truth(case_dir: Path) -> pd.DataFrame:
     df = pd.read_csv(Path(case_dir) / "truth.csv.gz", index_col=0)
     df.index = df.index.astype(str)

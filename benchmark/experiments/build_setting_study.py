@@ -15,7 +15,7 @@ import functools, gzip, json, statistics as st, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_cells, read_truth
+from common import read_study_case
 import atlasmtl
 import atlasmtl.calibration
 import atlasmtl.training as tr
@@ -85,9 +85,8 @@ if AUGMENT:  # build_model builds ShiftAugmentation() when augment=True
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
 done = {(r["case"], r["seed"], r["setting"]) for r in rows}
 for case in CASES:
-    cdir = WORK / "cases" / case
-    spec = json.loads((cdir / "case.json").read_text()); levels = spec["levels"]
-    ref, query, truth = read_cells(cdir / "ref.h5ad"), read_cells(cdir / "query.h5ad", obsm=False), read_truth(cdir)
+    spec, ref, query, truth = read_study_case(WORK / "cases" / case)
+    levels = spec["levels"]
     for seed in SEEDS:
         if (case, seed, key) in done: continue
         model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False, **SETTING)
