@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_study_case
+from study_scores import score_model
 import atlasmtl
 import atlasmtl.calibration
 import atlasmtl.training as tr
@@ -90,12 +91,6 @@ for case in CASES:
     for seed in SEEDS:
         if (case, seed, key) in done: continue
         model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False, **SETTING)
-        row = {"case": case, "seed": seed, "setting": key, "train_seconds": model.train_config["train_seconds"], "results": {}}
-        for name, kw in {"default": {}, "off": {"knn_correction": "off"}}.items():
-            res = atlasmtl.predict(model, query, show_progress=False, show_summary=False, **kw)
-            met = atlasmtl.evaluate(res, truth, label_columns=levels, **({"novel_labels": spec["novel"]} if spec.get("novel") else {}))
-            row["results"][name] = {
-                "levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
-                "novel": {lv: {k: v.get(k) for k in ("auroc", "novel_unknown_rate", "known_unknown_rate")} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
+        row = {"case": case, "seed": seed, "setting": key, "train_seconds": model.train_config["train_seconds"], "results": score_model(model, query, truth, spec)}
         rows.append(row); OUT.write_text(json.dumps(rows))
         print(case, seed, key, {n: round(v["levels"][levels[-1]]["macro_f1"], 3) for n, v in row["results"].items()}, flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_study_case
+from study_scores import score_model
 import atlasmtl
 
 torch.set_num_threads(1)
@@ -32,12 +33,6 @@ for case in CASES:
         b = atlasmtl.build_model(ref, levels, calibration_fraction=0.0, **kw)
         b.metadata["calibration"] = copy.deepcopy(a.metadata["calibration"])
         b.metadata["novelty"] = copy.deepcopy(a.metadata["novelty"])
-        row = {"case": case, "seed": seed, "setting": "refit", "results": {}}
-        for name, pkw in {"default": {}, "off": {"knn_correction": "off"}}.items():
-            res = atlasmtl.predict(b, query, show_progress=False, show_summary=False, **pkw)
-            met = atlasmtl.evaluate(res, truth, label_columns=levels, **({"novel_labels": spec["novel"]} if spec.get("novel") else {}))
-            row["results"][name] = {
-                "levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
-                "novel": {lv: {k: v.get(k) for k in ("auroc", "novel_unknown_rate", "known_unknown_rate")} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
+        row = {"case": case, "seed": seed, "setting": "refit", "results": score_model(b, query, truth, spec)}
         rows.append(row); OUT.write_text(json.dumps(rows))
         print(case, seed, {n: round(v["levels"][levels[-1]]["macro_f1"], 3) for n, v in row["results"].items()}, flush=True)
