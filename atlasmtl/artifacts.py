@@ -370,7 +370,7 @@ def _embedding_payload(embedding: Any) -> tuple[_StreamedArray, dict[str, Any]]:
     arr = embedding if isinstance(embedding, np.ndarray) else np.asarray(embedding)
     if arr.dtype.name not in EMBEDDING_DTYPES:
         arr = arr.astype(np.float16)
-    if arr.ndim != 2 or not (arr.flags.c_contiguous or arr.shape[0] == 0):
+    if not arr.flags.c_contiguous:  # the header must describe rows written in C order
         arr = np.ascontiguousarray(arr)
     data = _StreamedArray(arr)
     return data, {"sha256": data.sha256, "dtype": arr.dtype.name, "shape": list(arr.shape)}
