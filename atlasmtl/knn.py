@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .runtime import torch_threads
+
 #: References up to this size use exact (brute-force) search; larger ones a :class:`ListIndex`. At
 #: 100k cells the index gives the same calls as exact search (semi-synthetic 100k reference, 10k query:
 #: finest macro-F1 0.7932 vs 0.7931, Unknown 3.00% vs 2.98%) in 1.25 s instead of 4.37 s (the novelty
-#: score's class-restricted search dominates); recall@15 0.997 (100k) and 0.965 (1M).
+#: score's class-restricted search dominates); the index's recall: :func:`probes_for`.
 EXACT_SEARCH_MAX_CELLS = 20_000
 #: Reference cells sampled for the neighbour-label-agreement diagnostic.
 _AGREEMENT_POOL = 50_000
@@ -320,9 +322,7 @@ class ListIndex:
         # one small product per list (~500 rows): on one thread, as several threads only add their
         # start-up to each, which costs milliseconds per list when the cores are busy (measured at
         # 1M cells on a loaded 2-core machine: 150 s for 2,000 query cells on 2 threads, 2 s on one)
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             for lst, a, b in zip(touched.tolist(), first.tolist(), last.tolist()):
                 pairs = torch.from_numpy(by_list[a:b])
                 qi, slot = pairs // n_probe, pairs % n_probe
@@ -333,8 +333,6 @@ class ListIndex:
                 top, where = torch.topk(score, kk, dim=1)
                 best[qi, slot, :kk] = top
                 best_row[qi, slot, :kk] = where + lo
-        finally:
-            torch.set_num_threads(old_threads)
         top, where = torch.topk(best.reshape(m, -1), k, dim=1)
         idx = best_row.reshape(m, -1).gather(1, where)
         missing = ~torch.isfinite(top)  # too few rows in the probed lists: the caller searches these points exactly
