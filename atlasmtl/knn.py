@@ -23,10 +23,12 @@ list order), built once at training and saved with the model; see
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,8 +58,13 @@ PROBES_PER_SQRT_LIST = 0.6
 N_PROBE_CLASS = 8
 #: Dtype of the stored reference embedding (half the memory of float32; distances agree to ~1e-3).
 EMBEDDING_DTYPE = np.float16
-#: Query rows per chunk of a list search (bounds the candidate buffers).
-_QUERY_CHUNK = 4096
+#: Query cells prediction gathers for one :meth:`ReferenceSearch.search` (one pass over the lists of a
+#: :class:`ListIndex`; at 1M cells 8,192 took 1.67 s per 10k query, 16,384 1.14–1.34 s).
+SEARCH_BLOCK = 16_384
+#: Bytes of candidate buffers (a score and a row per probed list, point and neighbour) one pass over the
+#: lists may hold; more points than fit are searched in several passes (at 1M cells, with the vote's 27
+#: probes and two levels' 8 novelty probes, 26,000 points fit).
+_CANDIDATE_BUDGET = 1 << 27
 #: Most rows a list-index k-means is fitted on per group of cells (256 per list up to this; a group of
 #: more than ~260k cells is fitted on a sample of this size, so building the index needs bounded memory).
 KMEANS_MAX_FIT_ROWS = 1 << 17
@@ -236,6 +243,37 @@ class NeighbourIndex:
         return self._lists.query(points, k)
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchRequest:
+    """One search answered by :meth:`ListIndex.query_many`: the ``k`` nearest rows of the points
+    ``rows`` (positions in the searched points), within ``lists`` (boolean per list; all when
+    ``None``), comparing each point with its ``n_probe`` nearest allowed lists (the index's own
+    :attr:`ListIndex.n_probe` when ``None``)."""
+
+    rows: np.ndarray
+    k: int
+    lists: np.ndarray | None = None
+    n_probe: int | None = None
+
+
+def _each_list(work: Callable[[range], None], n_lists: int) -> None:
+    """Run ``work`` over the list numbers ``0 .. n_lists - 1``, split between as many Python threads as
+    torch may use (:func:`torch.get_num_threads`, set by the caller), each torch operation on one thread.
+
+    Each list's product is small (~500 rows): several torch threads per product only add their start-up
+    to it, which costs milliseconds per list when the cores are busy (measured at 1M cells on a loaded
+    2-core machine: 150 s for 2,000 query cells on 2 threads, 2 s on one), so the cores share the lists
+    instead (torch releases the GIL inside each operation).
+    """
+    workers = max(1, min(torch.get_num_threads(), n_lists))
+    with torch_threads(1):
+        if workers == 1:
+            work(range(n_lists))
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(work, [range(w, n_lists, workers) for w in range(workers)]))
+
+
 class ListIndex:
     """Inverted-file index: exact search within the lists nearest to each query point.
 
@@ -287,61 +325,104 @@ class ListIndex:
         than ``k`` rows for a point, that point is searched exactly over all
         allowed rows instead, so every answer has ``min(k, allowed rows)`` neighbours.
         """
-        allowed_rows = self.n_cells if lists is None else int(self.sizes[lists].sum())
-        k = min(int(k), allowed_rows)
-        points = np.ascontiguousarray(points, dtype=np.float32)
-        idx = np.zeros((len(points), k), dtype=np.int64)
-        dist = np.zeros((len(points), k), dtype=np.float32)
-        if len(points) == 0 or k == 0:
-            return idx, dist
-        for start in range(0, len(points), _QUERY_CHUNK):
-            q = torch.from_numpy(points[start : start + _QUERY_CHUNK])
-            i, d = self._search(q, k, lists, self.n_probe if n_probe is None else int(n_probe))
-            short = np.flatnonzero((i < 0).any(axis=1))
-            if len(short):
-                i[short], d[short] = self._search_all(q[torch.from_numpy(short)], k, lists)
-            idx[start : start + len(i)], dist[start : start + len(i)] = i, d
-        if self.row_ids is not None:
-            idx = np.asarray(self.row_ids)[idx]
-        return idx, dist
+        everyone = np.arange(len(points))
+        return self.query_many(points, [SearchRequest(everyone, k, lists, n_probe)])[0]
 
-    def _search(self, q: torch.Tensor, k: int, lists: np.ndarray | None, n_probe: int) -> tuple[np.ndarray, np.ndarray]:
-        m = q.shape[0]
-        centroid_score = 2.0 * (q @ self.centroids.T) - self._centroid_sq
+    def query_many(self, points: np.ndarray, requests: list["SearchRequest"]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Answer several searches of the same points in one pass over the lists.
+
+        Each :class:`SearchRequest` asks for the ``k`` nearest rows of some of the
+        points within some of the lists, as :meth:`query` would answer it; a list
+        probed by several requests for the same point is compared with it once.
+        Returns one ``(ids, distances)`` per request, a row per requested point.
+        """
+        points = np.ascontiguousarray(points, dtype=np.float32)
+        ks, answers = [], []
+        for r in requests:
+            allowed_rows = self.n_cells if r.lists is None else int(self.sizes[r.lists].sum())
+            ks.append(min(int(r.k), allowed_rows))
+            answers.append((np.zeros((len(r.rows), ks[-1]), dtype=np.int64), np.zeros((len(r.rows), ks[-1]), dtype=np.float32)))
+        probes_per_point = sum(len(r.rows) * (self.n_probe if r.n_probe is None else int(r.n_probe))
+                               for r in requests) / max(len(points), 1)
+        chunk = max(1024, int(_CANDIDATE_BUDGET // max(probes_per_point * max(ks, default=1) * 8, 1)))
+        for start in range(0, len(points), chunk):
+            stop = min(start + chunk, len(points))
+            q = torch.from_numpy(points[start:stop])
+            specs, owners = [], []
+            for j, (r, k) in enumerate(zip(requests, ks)):
+                rows = np.asarray(r.rows, dtype=np.int64)
+                where = np.flatnonzero((rows >= start) & (rows < stop))
+                if len(where) and k > 0:
+                    specs.append((rows[where] - start, k, r.lists, self.n_probe if r.n_probe is None else int(r.n_probe)))
+                    owners.append((j, where))
+            if not specs:
+                continue
+            for (j, where), (local, k, lists, _), (i, d) in zip(owners, specs, self._search(q, specs)):
+                short = np.flatnonzero((i < 0).any(axis=1))
+                if len(short):
+                    i[short], d[short] = self._search_all(q[torch.from_numpy(local[short])], k, lists)
+                answers[j][0][where], answers[j][1][where] = i, d
+        if self.row_ids is not None:
+            answers = [(np.asarray(self.row_ids)[i], d) for i, d in answers]
+        return answers
+
+    def _probes(self, q: torch.Tensor, lists: np.ndarray | None, n_probe: int) -> np.ndarray:
+        """The ``n_probe`` allowed lists nearest to each point by centroid (points × probes), scored in
+        row chunks that keep the points × lists scores within :data:`_SCORE_BUDGET`."""
         usable = self.sizes > 0 if lists is None else lists & (self.sizes > 0)
-        if not usable.all():
-            centroid_score[:, torch.from_numpy(~usable)] = -torch.inf
         n_probe = int(min(n_probe, usable.sum()))
-        probes = torch.topk(centroid_score, n_probe, dim=1).indices.numpy()
-        flat = probes.ravel()
-        by_list = np.argsort(flat, kind="stable")
-        touched, first = np.unique(flat[by_list], return_index=True)
-        last = np.append(first[1:], len(flat))
-        best = torch.full((m, n_probe, k), -torch.inf)
-        best_row = torch.full((m, n_probe, k), -1, dtype=torch.int64)
-        # one small product per list (~500 rows): on one thread, as several threads only add their
-        # start-up to each, which costs milliseconds per list when the cores are busy (measured at
-        # 1M cells on a loaded 2-core machine: 150 s for 2,000 query cells on 2 threads, 2 s on one)
-        with torch_threads(1):
-            for lst, a, b in zip(touched.tolist(), first.tolist(), last.tolist()):
-                pairs = torch.from_numpy(by_list[a:b])
-                qi, slot = pairs // n_probe, pairs % n_probe
+        blocked = torch.from_numpy(~usable) if not usable.all() else None
+        out = np.empty((q.shape[0], n_probe), dtype=np.int64)
+        step = max(1, _SCORE_BUDGET // max(len(self.sizes), 1))
+        for s in range(0, q.shape[0], step):
+            score = 2.0 * (q[s : s + step] @ self.centroids.T) - self._centroid_sq
+            if blocked is not None:
+                score[:, blocked] = -torch.inf
+            out[s : s + step] = torch.topk(score, n_probe, dim=1).indices.numpy()
+        return out
+
+    def _search(self, q: torch.Tensor, specs: list[tuple[np.ndarray, int, np.ndarray | None, int]]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, distances)`` per spec ``(points, k, lists, n_probe)`` (positions in ``q``); a point
+        whose probed lists hold fewer than ``k`` rows gets ``-1`` rows (the caller searches it exactly)."""
+        m = q.shape[0]
+        probes = [self._probes(q[torch.from_numpy(local)], lists, n_probe) for local, _, lists, n_probe in specs]
+        # every (list, point) pair any spec probes, once: list-major keys, so each list's points are contiguous
+        keys = np.concatenate([(p * m + local[:, None]).ravel() for p, (local, *_) in zip(probes, specs)])
+        pairs, pair_of = np.unique(keys, return_inverse=True)
+        pair_list, pair_point = pairs // m, pairs % m
+        touched, first = np.unique(pair_list, return_index=True)
+        last = np.append(first[1:], len(pairs))
+        k_max = max(k for _, k, _, _ in specs)
+        best = torch.full((len(pairs), k_max), -torch.inf)
+        best_row = torch.full((len(pairs), k_max), -1, dtype=torch.int32 if self.n_cells < 2**31 else torch.int64)
+
+        def compare(span: list[int]) -> None:
+            for t in span:
+                lst, a, b = int(touched[t]), int(first[t]), int(last[t])
                 lo, hi = int(self.offsets[lst]), int(self.offsets[lst + 1])
                 rows = _as_float32(self.embedding[lo:hi])
-                score = 2.0 * (q[qi] @ rows.T) - (rows * rows).sum(dim=1)
-                kk = min(k, hi - lo)
+                score = 2.0 * (q[torch.from_numpy(pair_point[a:b])] @ rows.T) - (rows * rows).sum(dim=1)
+                kk = min(k_max, hi - lo)
                 top, where = torch.topk(score, kk, dim=1)
-                best[qi, slot, :kk] = top
-                best_row[qi, slot, :kk] = where + lo
-        top, where = torch.topk(best.reshape(m, -1), k, dim=1)
-        idx = best_row.reshape(m, -1).gather(1, where)
-        missing = ~torch.isfinite(top)  # too few rows in the probed lists: the caller searches these points exactly
-        idx[missing] = int(self.offsets[np.argmax(self.sizes > 0)])  # any row, to keep the shapes
-        chosen = np.unique(idx.numpy())
-        rows = _as_float32(self.embedding[chosen])[torch.from_numpy(np.searchsorted(chosen, idx.numpy()))]
-        ids, dist = _distances(q, rows, idx)
-        ids[missing.any(dim=1).numpy()] = -1
-        return ids, dist
+                best[a:b, :kk] = top
+                best_row[a:b, :kk] = where + lo
+
+        _each_list(compare, len(touched))
+        out, at = [], 0
+        for p, (local, k, _, _) in zip(probes, specs):
+            ids = torch.from_numpy(pair_of[at : at + p.size].reshape(p.shape))
+            at += p.size
+            top, where = torch.topk(best[ids][:, :, :k].reshape(len(local), -1), k, dim=1)
+            idx = best_row[ids][:, :, :k].reshape(len(local), -1).gather(1, where)
+            missing = ~torch.isfinite(top)  # too few rows in the probed lists: the caller searches these points exactly
+            idx[missing] = int(self.offsets[np.argmax(self.sizes > 0)])  # any row, to keep the shapes
+            chosen = np.unique(idx.numpy())
+            rows = _as_float32(self.embedding[chosen])[torch.from_numpy(np.searchsorted(chosen, idx.numpy()))]
+            i, d = _distances(q[torch.from_numpy(local)], rows, idx)
+            i[missing.any(dim=1).numpy()] = -1
+            out.append((i, d))
+        return out
 
     def _search_all(self, q: torch.Tensor, k: int, lists: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Exact search over every allowed row (the fallback for points whose probed lists are too small)."""
@@ -632,6 +713,58 @@ class ReferenceSearch:
         """``(reference rows, distances)`` of the ``k`` nearest reference cells of each point."""
         return self._all.query(points, k)
 
+    def search(self, points: np.ndarray, vote_rows: np.ndarray | None, k: int,
+               class_codes: dict[str, np.ndarray], k_class: int) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """The vote's neighbours and the novelty score's class distances of a block of points, in one search.
+
+        Parameters
+        ----------
+        points
+            L2-normalised embeddings (points × dims).
+        vote_rows
+            Positions of the points whose ``k`` nearest reference cells the vote needs (``None``: none).
+        k
+            Neighbours per voting point.
+        class_codes
+            Level → a class code per point (``-1``: skip the point at that level).
+        k_class
+            Training cells of the point's class averaged into its class distance.
+
+        Returns
+        -------
+        ``(neighbours, distances)``: reference rows of the voting points' neighbours
+        (``len(vote_rows)`` × ``k``; ``None`` without ``vote_rows``) and, per level, each
+        point's mean distance to the ``k_class`` nearest training cells of its class
+        (NaN for code ``-1``, infinite when the class has no training cells). With a
+        :class:`ListIndex` every search shares one pass over the lists.
+        """
+        points = np.ascontiguousarray(points, dtype=np.float32)
+        distances = {lv: np.full(len(points), np.nan, dtype=np.float64) for lv in class_codes}
+        if self.lists is None:
+            neighbours = None if vote_rows is None else self._all.query(points[vote_rows], k)[0]
+            for lv, codes in class_codes.items():
+                for c in np.unique(codes[codes >= 0]):
+                    rows = np.flatnonzero(codes == c)
+                    index = self.class_index(lv, int(c))
+                    distances[lv][rows] = np.inf if index is None else index.query(points[rows], k_class)[1].mean(axis=1)
+            return neighbours, distances
+        requests = [] if vote_rows is None else [SearchRequest(np.asarray(vote_rows), k)]
+        owners = []
+        for lv, codes in class_codes.items():
+            for c in np.unique(codes[codes >= 0]):
+                rows = np.flatnonzero(codes == c)
+                index = self.class_index(lv, int(c))
+                if index is None:
+                    distances[lv][rows] = np.inf
+                    continue
+                requests.append(SearchRequest(rows, k_class, index.allowed, index.n_probe))
+                owners.append((lv, rows))
+        found = self.lists.query_many(points, requests)
+        neighbours = None if vote_rows is None else found.pop(0)[0]
+        for (lv, rows), (_, dist) in zip(owners, found):
+            distances[lv][rows] = dist.mean(axis=1)
+        return neighbours, distances
+
     def class_index(self, level: str, code: int) -> Any | None:
         """A search (``.query(points, k)``) over the training cells of class ``code`` at ``level``; cached."""
         key = (level, int(code))
@@ -653,8 +786,8 @@ class _ClassLists:
     """The lists of one class in a :class:`ListIndex`, searched like a :class:`NeighbourIndex`."""
 
     def __init__(self, lists: ListIndex, allowed: np.ndarray, n_probe: int) -> None:
-        self._lists, self._allowed, self.n_probe = lists, allowed, n_probe
+        self._lists, self.allowed, self.n_probe = lists, allowed, n_probe
         self.n_cells = int(lists.sizes[allowed].sum())
 
     def query(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._lists.query(points, k, lists=self._allowed, n_probe=self.n_probe)
+        return self._lists.query(points, k, lists=self.allowed, n_probe=self.n_probe)

@@ -26,8 +26,6 @@ targets in ``benchmark/experiments/novelty_scores_study.py`` and not adopted.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 #: Reference neighbours of the predicted class averaged into the distance.
@@ -36,25 +34,6 @@ NOVELTY_K = 10
 NOVELTY_THRESHOLD = 4.5
 _MAD_TO_SD = 1.4826
 _MIN_SCALE = 1e-3
-
-
-def class_distance(points: np.ndarray, codes: np.ndarray, index_of: Callable[[int], object | None], k: int = NOVELTY_K) -> np.ndarray:
-    """Mean distance from each point to its ``k`` nearest reference cells of class ``codes[i]``.
-
-    ``index_of(c)`` returns a :class:`~atlasmtl.knn.NeighbourIndex` over the
-    reference cells of class ``c`` (or ``None`` when the class has none, which
-    gives an infinite distance). Points with a negative code get NaN.
-    """
-    out = np.full(len(points), np.nan, dtype=np.float64)
-    for c in np.unique(codes[codes >= 0]):
-        rows = np.flatnonzero(codes == c)
-        index = index_of(int(c))
-        if index is None:
-            out[rows] = np.inf
-            continue
-        _, dist = index.query(points[rows], k)
-        out[rows] = dist.mean(axis=1)
-    return out
 
 
 def log_distance(distance: np.ndarray) -> np.ndarray:

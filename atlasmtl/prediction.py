@@ -2,8 +2,10 @@
 
 :func:`predict` = :func:`prepare_query` (values, semantics, gene aligner) → per
 batch :func:`_infer` (network calls and the low-confidence mask, computed once)
-and :func:`_correct` (KNN votes for the cells the gate sends) → :func:`_assemble`
-(the gate's final :class:`~atlasmtl.calls.LevelCalls` per level).
+→ per block of :data:`~atlasmtl.knn.SEARCH_BLOCK` cells :func:`_search_block`
+(novelty distances and the KNN votes for the cells the gate sends, in one
+reference search) → :func:`_assemble` (the gate's final
+:class:`~atlasmtl.calls.LevelCalls` per level).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from .genes import GeneAligner, build_aligner
 from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
-from .knn import ReferenceSearch, normalise_rows, vote
-from .novelty import NOVELTY_THRESHOLD, class_distance, log_distance, novelty_z
+from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
+from .novelty import NOVELTY_THRESHOLD, log_distance, novelty_z
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -290,8 +292,8 @@ def _infer(
     rows: slice,
 ) -> np.ndarray:
     """Network calls of one batch: calibrated probabilities, the jointly decoded path, confidence,
-    margin, the low-confidence mask and the novelty distance per level, and de-standardised
-    coordinates. Returns the batch's any-level low-confidence mask (cells without signal excluded)."""
+    margin and the low-confidence mask per level, and de-standardised coordinates. Returns the
+    batch's any-level low-confidence mask (cells without signal excluded)."""
     levels = model.label_columns
     probs = [softmax(lg.detach().cpu().numpy().astype(np.float64), t) for lg, t in zip(output.logits, decoder.temperatures)]
     codes = decode_paths(probs, decoder.runs)
@@ -301,52 +303,58 @@ def _infer(
         no_signal |= ~np.isfinite(conf)
     buffers.no_signal[rows] = no_signal
     any_low = np.zeros(rows.stop - rows.start, dtype=bool)
-    points = None
-    if decoder.null is not None:
-        points = normalise_rows(output.embedding.detach().cpu().numpy())
     for lv, code, (conf, margin) in zip(levels, codes, confs):
         low = low_confidence(conf, margin, gate) & ~no_signal
         o = buffers.levels[lv]
         o["raw"][rows], o["conf"][rows], o["margin"][rows], o["is_low_conf"][rows] = code, conf, margin, low
         any_low |= low
-        if points is not None and lv in decoder.null:
-            live = np.flatnonzero(~no_signal)
-            dist = class_distance(points[live], code[live],
-                                  lambda c, lv=lv: model.neighbour_search().class_index(lv, c), decoder.novelty_k)
-            o["distance"][rows.start + live] = dist
     for name, values in output.coords.items():
         stats = model.metadata["coord_stats"][name]
         buffers.coords[name][rows] = values.cpu().numpy() * stats["std"] + stats["mean"]
     return any_low
 
 
-def _correct(
+def _search_block(
     model: TrainedModel,
-    index: ReferenceSearch,
-    embedding: torch.Tensor,
+    search: ReferenceSearch,
+    points: np.ndarray,
     any_low: np.ndarray,
     gate: GatingConfig,
     decoder: _Decoder,
     buffers: _Buffers,
     start: int,
 ) -> None:
-    """KNN votes of one batch: search the cells the gate sends (all, or the low-confidence ones;
-    never cells without signal) once, then vote level by level. Votes are class-balanced; at a
-    level nested in the previous one only the children of the cell's call there may win. The
-    gate (:func:`~atlasmtl.gating.apply_gate`) accepts a vote only where it confirms the call."""
+    """Reference searches of a block of cells (``points``: their L2-normalised embeddings, from row
+    ``start``), all in one :meth:`~atlasmtl.knn.ReferenceSearch.search`: each cell's novelty distance
+    per level (to the nearest training cells of its call there), and the KNN votes of the cells the
+    gate sends (all, or the low-confidence ones; never cells without signal), level by level. Votes
+    are class-balanced; at a level nested in the previous one only the children of the cell's call
+    there may win. The gate (:func:`~atlasmtl.gating.apply_gate`) accepts a vote only where it
+    confirms the call."""
     stop = start + len(any_low)
     usable = ~buffers.no_signal[start:stop]
-    search = np.flatnonzero(any_low & usable) if gate.knn_correction == "low_conf_only" else np.flatnonzero(usable)
-    if not len(search):
+    search_rows = None
+    if gate.knn_correction != "off":
+        search_rows = np.flatnonzero(any_low & usable) if gate.knn_correction == "low_conf_only" else np.flatnonzero(usable)
+        search_rows = search_rows if len(search_rows) else None
+    class_codes = {}
+    if decoder.null is not None:
+        for lv in model.label_columns:
+            if lv in decoder.null:
+                class_codes[lv] = np.where(usable, buffers.levels[lv]["raw"][start:stop], -1)
+    if search_rows is None and not class_codes:
         return
-    points = normalise_rows(embedding[torch.from_numpy(search).to(embedding.device)].cpu().numpy())
-    neighbours, _ = index.query(points, gate.knn_k)
-    buffers.n_searched += len(search)
+    neighbours, distances = search.search(points, search_rows, gate.knn_k, class_codes, decoder.novelty_k)
+    for lv, dist in distances.items():
+        buffers.levels[lv]["distance"][start:stop] = dist
+    if search_rows is None:
+        return
+    buffers.n_searched += len(search_rows)
     previous = None
     for lv in model.label_columns:
         o = buffers.levels[lv]
-        cells = start + search
-        voting = o["is_low_conf"][cells] if gate.knn_correction == "low_conf_only" else np.ones(len(search), dtype=bool)
+        cells = start + search_rows
+        voting = o["is_low_conf"][cells] if gate.knn_correction == "low_conf_only" else np.ones(len(search_rows), dtype=bool)
         allowed = None
         if lv in decoder.parent_of and previous is not None:
             allowed = decoder.parent_of[lv][None, :] == previous[voting][:, None]
@@ -435,8 +443,17 @@ def _predict_source(
     monitor = ResourceMonitor(dev)
     try:
         with torch_threads(n_threads), monitor, torch.no_grad():
-            index = model.neighbour_search() if gate.knn_correction != "off" else None
+            searching = gate.knn_correction != "off" or decoder.null is not None
+            search = model.neighbour_search() if searching else None
             bar = progress(total=part.stop - part.start, desc="atlasmtl predict", enabled=show_progress, unit="cells")
+            pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, points, any_low) awaiting a search
+
+            def flush() -> None:
+                if pending:
+                    _search_block(model, search, np.concatenate([p[1] for p in pending]),
+                                  np.concatenate([p[2] for p in pending]), gate, decoder, buffers, pending[0][0])
+                    pending.clear()
+
             for first in range(part.start, part.stop, batch_size):
                 last = min(first + batch_size, part.stop)
                 block = source.rows(slice(first, last))
@@ -446,9 +463,12 @@ def _predict_source(
                 x, detected = _network_input(aligner, block, dev, zero_input)
                 output = net(x)
                 any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop))
-                if index is not None:
-                    _correct(model, index, output.embedding, any_low, gate, decoder, buffers, start)
+                if search is not None:
+                    pending.append((start, normalise_rows(output.embedding.detach().cpu().numpy()), any_low))
+                    if sum(len(p[2]) for p in pending) >= SEARCH_BLOCK:
+                        flush()
                 bar.update(stop - start)
+            flush()
             bar.close()
     finally:
         model.network.cpu()

@@ -58,7 +58,7 @@ from .knn import (
     neighbour_label_agreement,
     normalise_rows,
 )
-from .novelty import NOVELTY_K, class_distance, log_distance, null_summary
+from .novelty import NOVELTY_K, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from . import distributed as _dist
@@ -504,8 +504,7 @@ def build_model(
         index_seconds = time.perf_counter() - t_index
         phase_seconds["index"] = index_seconds
         at = np.searchsorted(keep, calib_pos)
-        calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells,
-                                         search.class_index)
+        calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search)
         on_disk = isinstance(reference["embedding"], EmbeddingFile)
         if on_disk:
             reference = dict(reference, embedding=reference["embedding"].finish())
@@ -1083,7 +1082,7 @@ def calibrate(
     logits: list[np.ndarray],
     train_cells: np.ndarray,
     calib_cells: np.ndarray,
-    class_index: Callable[[str, int], Any],
+    search: ReferenceSearch,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit one temperature per level and the novelty null on the held-out cells.
 
@@ -1094,8 +1093,7 @@ def calibrate(
     before and after); ``novelty`` holds ``k`` and, per level, the median and
     scale of the held-out cells' log distance to the ``k`` nearest training cells
     of their predicted class (``None`` without held-out cells), searched with
-    ``class_index(level, code)`` (:meth:`~atlasmtl.knn.ReferenceSearch.class_index`,
-    the search prediction uses).
+    :meth:`~atlasmtl.knn.ReferenceSearch.search`, as prediction does.
     """
     levels = ref.label_columns
     pos = np.arange(len(calib_cells))
@@ -1119,11 +1117,8 @@ def calibrate(
     novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None}
     if len(pos):
         decoded = decode_paths(probs, level_paths(levels, ref.classes, infer_hierarchy(levels, ref.classes, ref.codes)))
-        null = {}
-        for j, lv in enumerate(levels):
-            dist = class_distance(embedding[pos], decoded[j], lambda c, lv=lv: class_index(lv, c), NOVELTY_K)
-            null[lv] = null_summary(log_distance(dist))
-        novelty["null"] = null
+        _, dist = search.search(embedding[pos], None, 0, dict(zip(levels, decoded)), NOVELTY_K)
+        novelty["null"] = {lv: null_summary(log_distance(dist[lv])) for lv in levels}
     return {"temperatures": temperatures, "report": report}, novelty
 
 

@@ -56,6 +56,37 @@ def test_list_index_recall_and_class_restriction(monkeypatch):
     assert search.class_index("fine", 99) is None
 
 
+def test_one_search_answers_the_vote_and_every_class_as_separate_searches_do(monkeypatch):
+    """ReferenceSearch.search shares one pass over the lists between the vote and the novelty score's
+    class-restricted searches (and splits the lists between threads): the answers are those of the
+    separate searches, whatever the number of threads or the points per pass."""
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 1000)
+    monkeypatch.setattr(knn, "LIST_SIZE", 64)
+    x, labels, q = _clustered(6000, 2500)
+    ref = knn.index_reference({"embedding": x, "labels": {"coarse": labels // 4, "fine": labels},
+                               "training_cell": np.arange(len(x)) % 10 != 0}, ["coarse", "fine"])
+    search = knn.ReferenceSearch(ref, ["coarse", "fine"])
+    rng = np.random.default_rng(1)
+    codes = {"coarse": rng.integers(-1, 3, len(q)), "fine": rng.integers(-1, 13, len(q))}  # 12: no such class
+    voting = np.flatnonzero(rng.random(len(q)) < 0.6)
+    runs = []
+    for threads, budget in ((1, 1 << 27), (2, 1 << 27), (2, 20_000)):  # 20,000 bytes: passes of 1,024 points
+        monkeypatch.setattr(knn, "_CANDIDATE_BUDGET", budget)
+        with atlasmtl.runtime.torch_threads(threads):
+            runs.append(search.search(q, voting, 15, codes, 10))
+    alone, _ = search.query(q[voting], 15)
+    for neighbours, distances in runs:
+        np.testing.assert_array_equal(neighbours, alone)
+        for lv, c in codes.items():
+            expected = np.full(len(q), np.nan)
+            for code in np.unique(c[c >= 0]):
+                rows = np.flatnonzero(c == code)
+                index = search.class_index(lv, int(code))
+                expected[rows] = np.inf if index is None else index.query(q[rows], 10)[1].mean(axis=1)
+            np.testing.assert_array_equal(distances[lv], expected)
+    assert np.isinf(runs[0][1]["fine"][codes["fine"] == 12]).all() and np.isnan(runs[0][1]["fine"][codes["fine"] < 0]).all()
+
+
 def test_probes_grow_with_the_number_of_lists(monkeypatch):
     """Larger references are cut into more lists, and a point's true neighbours spread over more of
     them: the stored n_probe grows as the square root of the lists (16 at least)."""
