@@ -3,7 +3,9 @@
 Research script. Per case, seed and setting (a JSON dict of ``build_model`` keyword arguments; keys
 ``augment.<field>`` set a field of the training augmentation, ``atlasmtl.augment.ShiftAugmentation``,
 e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise; keys ``calibration.<NAME>`` set a
-constant of ``atlasmtl.calibration``, e.g. ``ACCURACY_PRIOR_COUNT``) one
+constant of ``atlasmtl.calibration``, e.g. ``ACCURACY_PRIOR_COUNT``; key ``reference.hvg``: train on the
+reference's ``N`` most variable genes only, ``scanpy.pp.highly_variable_genes(flavor="seurat")`` on its log
+values, when it has more) one
 model, predicted at the defaults and with ``knn_correction="off"``, scored with ``atlasmtl.evaluate``
 (finest and coarse macro-F1, ECE, novelty metrics). Compare with the defaults' rows of
 ``results/novelty_threshold_ensemble_seeds012.json.gz`` (threshold 4.5 = the default; same models).
@@ -80,7 +82,8 @@ AUGMENT = {k.split(".", 1)[1]: v for k, v in SETTING.items() if k.startswith("au
 for k, v in SETTING.items():  # "calibration.<CONSTANT>": a module constant of atlasmtl.calibration
     if k.startswith("calibration."):
         setattr(atlasmtl.calibration, k.split(".", 1)[1], v)
-SETTING = {k: v for k, v in SETTING.items() if not k.startswith(("augment.", "calibration."))}
+HVG = SETTING.get("reference.hvg")
+SETTING = {k: v for k, v in SETTING.items() if not k.startswith(("augment.", "calibration.", "reference."))}
 if AUGMENT:  # build_model builds ShiftAugmentation() when augment=True
     tr.ShiftAugmentation = functools.partial(ShiftAugmentation, **AUGMENT)
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
@@ -88,6 +91,10 @@ done = {(r["case"], r["seed"], r["setting"]) for r in rows}
 for case in CASES:
     spec, ref, query, truth = read_study_case(WORK / "cases" / case)
     levels = spec["levels"]
+    if HVG and ref.n_vars > HVG:
+        import scanpy as sc
+        genes = sc.pp.highly_variable_genes(ref, n_top_genes=int(HVG), flavor="seurat", inplace=False)["highly_variable"].to_numpy()
+        ref = ref[:, genes].copy()
     for seed in SEEDS:
         if (case, seed, key) in done: continue
         model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False, **SETTING)
