@@ -63,8 +63,10 @@ EMBEDDING_DTYPE = np.float16
 SEARCH_BLOCK = 16_384
 #: Bytes of candidate buffers (a score and a row per probed list, point and neighbour) one pass over the
 #: lists may hold; more points than fit are searched in several passes (at 1M cells, with the vote's 27
-#: probes and two levels' 8 novelty probes, 26,000 points fit).
-_CANDIDATE_BUDGET = 1 << 27
+#: probes and two levels' 8 novelty probes, 13,000 points fit).
+_CANDIDATE_BUDGET = 1 << 26
+#: Points whose centroid scores (points × lists) are held at once when probes are chosen.
+_PROBE_CHUNK = 4096
 #: Most rows a list-index k-means is fitted on per group of cells (256 per list up to this; a group of
 #: more than ~260k cells is fitted on a sample of this size, so building the index needs bounded memory).
 KMEANS_MAX_FIT_ROWS = 1 << 17
@@ -368,12 +370,12 @@ class ListIndex:
 
     def _probes(self, q: torch.Tensor, lists: np.ndarray | None, n_probe: int) -> np.ndarray:
         """The ``n_probe`` allowed lists nearest to each point by centroid (points × probes), scored in
-        row chunks that keep the points × lists scores within :data:`_SCORE_BUDGET`."""
+        chunks of at most :data:`_PROBE_CHUNK` points and :data:`_SCORE_BUDGET` scores."""
         usable = self.sizes > 0 if lists is None else lists & (self.sizes > 0)
         n_probe = int(min(n_probe, usable.sum()))
         blocked = torch.from_numpy(~usable) if not usable.all() else None
         out = np.empty((q.shape[0], n_probe), dtype=np.int64)
-        step = max(1, _SCORE_BUDGET // max(len(self.sizes), 1))
+        step = max(1, min(_PROBE_CHUNK, _SCORE_BUDGET // max(len(self.sizes), 1)))
         for s in range(0, q.shape[0], step):
             score = 2.0 * (q[s : s + step] @ self.centroids.T) - self._centroid_sq
             if blocked is not None:
