@@ -72,6 +72,30 @@ def resolve_num_threads(num_threads: int | str) -> int:
     return min(int(num_threads), cpus)
 
 
+def release_freed_memory() -> None:
+    """Hand memory the process has freed back to the operating system (glibc's ``malloc_trim``).
+
+    Large temporary arrays freed between training phases otherwise stay in the C heap (glibc
+    raises its ``mmap`` threshold after the first large frees, so later arrays come from the
+    heap, whose freed pages it keeps), and each phase's temporaries then stack on top of the
+    last one's. A no-op where the C library has no ``malloc_trim`` (macOS, musl, Windows).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError, TypeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run a block with ``torch.set_num_threads(n)`` and restore the old value."""

@@ -69,6 +69,7 @@ from .runtime import (
     format_sections,
     gpu_name,
     progress,
+    release_freed_memory,
     resolve_device,
     resolve_flag,
     resolve_num_threads,
@@ -453,6 +454,7 @@ def build_model(
     if early_stopping_patience is not None and n_val == 0:
         warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=user_stacklevel())
     augmentation = ShiftAugmentation() if augment else None
+    release_freed_memory()  # each phase's temporaries would otherwise stay in the C heap under the next's
     objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev, augmentation, rng)
 
     monitor = ResourceMonitor(dev)
@@ -483,6 +485,7 @@ def build_model(
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
         phase_seconds["fit"] = time.perf_counter() - t_start
+        release_freed_memory()
         # the float32 rows kept: the held-out cells (calibration) and the agreement diagnostic's cells
         calib_pos = np.searchsorted(ref.cells, calib_cells)
         fine_codes = ref.codes[ref.cells, -1]
@@ -491,6 +494,7 @@ def build_model(
         keep = np.union1d(calib_pos, pool)
         embedding, kept, logits = embed_reference(net, ref, dev, keep)
         phase_seconds["embed"] = time.perf_counter() - t_start - phase_seconds["fit"]
+        release_freed_memory()
         t_index = time.perf_counter()
         reference = index_reference(
             {"embedding": embedding,
@@ -501,6 +505,7 @@ def build_model(
         # on disk, calibration searches the temporary file list by list (nothing stays mapped);
         # the model keeps a read-only memory map of it
         search = ReferenceSearch(reference, ref.label_columns)
+        release_freed_memory()
         index_seconds = time.perf_counter() - t_index
         phase_seconds["index"] = index_seconds
         at = np.searchsorted(keep, calib_pos)
