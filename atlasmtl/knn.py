@@ -436,17 +436,19 @@ class ListIndex:
         return rows[i], d
 
 
-def _lloyd(x: torch.Tensor, n_clusters: int, rng: np.random.Generator, n_iter: int = 15) -> torch.Tensor:
+def _lloyd(x: torch.Tensor, n_clusters: int, rng: np.random.Generator, n_iter: int = 15,
+           scores: torch.Tensor | None = None) -> torch.Tensor:
     """Centroids of ``n_clusters`` by Lloyd's k-means from randomly chosen rows (matrix products in torch).
 
     scikit-learn's ``KMeans`` spends minutes in its k-means++ seeding at a
     million cells; for an inverted-file index a random start and a few Lloyd
     steps partition as well (the lists only need to be compact, not optimal).
-    An emptied cluster is restarted at a random row.
+    An emptied cluster is restarted at a random row. ``scores``: a buffer for
+    :func:`_nearest_centre`.
     """
     centres = x[torch.from_numpy(rng.choice(len(x), n_clusters, replace=False))].clone()
     for _ in range(n_iter):
-        assign = _nearest_centre(x, centres)
+        assign = _nearest_centre(x, centres, scores)
         counts = torch.bincount(assign, minlength=n_clusters)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         empty = counts == 0
@@ -456,13 +458,23 @@ def _lloyd(x: torch.Tensor, n_clusters: int, rng: np.random.Generator, n_iter: i
     return centres
 
 
-def _nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Index of each row's nearest centre, in row chunks whose rows × centres scores stay within :data:`_ASSIGN_BUDGET`."""
+def _nearest_centre(x: torch.Tensor, centres: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of each row's nearest centre, in row chunks whose rows × centres scores stay within
+    :data:`_ASSIGN_BUDGET`, written into ``scores`` (a float32 buffer of at least that many values,
+    reused across calls) when given.
+
+    Reusing one buffer matters at millions of cells: a fresh 16 MB score matrix per chunk is carved
+    from the C heap once glibc has raised its ``mmap`` threshold, and the heap then grows in steps
+    (measured: the 5M-cell index build peaked 558 MB above its start with fresh matrices).
+    """
     sq = (centres**2).sum(dim=1)
     chunk = max(64, _ASSIGN_BUDGET // max(len(centres), 1))
+    if scores is None or scores.numel() < min(chunk, len(x)) * len(centres):
+        scores = torch.empty(min(chunk, len(x)) * len(centres))
     parts = []
     for s in range(0, len(x), chunk):
-        score = x[s : s + chunk] @ centres.T
+        rows = x[s : s + chunk]
+        score = torch.matmul(rows, centres.T, out=scores[: len(rows) * len(centres)].view(len(rows), len(centres)))
         parts.append(torch.argmax(score.mul_(2.0).sub_(sq), dim=1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -492,29 +504,38 @@ def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None
     del group_of, groups
     rng = np.random.default_rng(random_state)
     orders, centroids, sizes = [], [], []
-    for members in members_of:
-        n_lists = max(1, int(round(len(members) / list_size)))
+    # buffers reused by every chunk of every group (see _nearest_centre): scores, rows as float32 and float64
+    width = int(embedding.shape[1])
+    lists_of = [max(1, int(round(len(members) / list_size))) for members in members_of]
+    scores = torch.empty(max([min(max(64, _ASSIGN_BUDGET // k), len(m)) * k for m, k in zip(members_of, lists_of) if k > 1],
+                             default=0))
+    chunk_rows = min(_ROW_CHUNK, max((len(m) for m in members_of), default=0))
+    rows32, rows64 = torch.empty((chunk_rows, width)), torch.empty((chunk_rows, width), dtype=torch.float64)
+    for members, n_lists in zip(members_of, lists_of):
         if n_lists == 1:
             centres = None
         else:
             n_fit = min(256 * n_lists, KMEANS_MAX_FIT_ROWS)
             fit = members if len(members) <= n_fit else members[np.sort(rng.choice(len(members), n_fit, replace=False))]
-            centres = _lloyd(_as_float32(embedding[fit]), n_lists, rng)
+            centres = _lloyd(_as_float32(embedding[fit]), n_lists, rng, scores=scores)
         # every row joins its nearest centre; the lists' sums, in chunks of rows read as needed
         assign = np.zeros(len(members), dtype=np.int64)
-        sums = torch.zeros((n_lists, int(embedding.shape[1])), dtype=torch.float64)
+        sums = torch.zeros((n_lists, width), dtype=torch.float64)
         for s in range(0, len(members), _ROW_CHUNK):
-            x = _as_float32(embedding[members[s : s + _ROW_CHUNK]])
-            part = torch.zeros(len(x), dtype=torch.int64) if centres is None else _nearest_centre(x, centres)
+            block = np.asarray(embedding[members[s : s + _ROW_CHUNK]])
+            with warnings.catch_warnings():  # a read-only array: the tensor is only read, by copy_
+                warnings.simplefilter("ignore", UserWarning)
+                x = rows32[: len(block)].copy_(torch.from_numpy(block))
+            part = torch.zeros(len(x), dtype=torch.int64) if centres is None else _nearest_centre(x, centres, scores)
             assign[s : s + len(x)] = part.numpy()
-            sums.index_add_(0, part, x.double())
+            sums.index_add_(0, part, rows64[: len(x)].copy_(x))
         by_list = np.argsort(assign, kind="stable")
         counts = np.bincount(assign, minlength=n_lists)
         keep = counts > 0
         orders.append(members[by_list])
         centroids.append((sums.numpy()[keep] / counts[keep, None]).astype(np.float32))
         sizes.append(counts[keep])
-    order = np.concatenate(orders).astype(np.int64)
+    order = np.concatenate(orders).astype(np.int64, copy=False)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(sizes))]).astype(np.int64)
     return order, np.concatenate(centroids), offsets
 
