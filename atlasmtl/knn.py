@@ -339,23 +339,21 @@ class ListIndex:
         Returns one ``(ids, distances)`` per request, a row per requested point.
         """
         points = np.ascontiguousarray(points, dtype=np.float32)
-        ks, answers = [], []
-        for r in requests:
-            allowed_rows = self.n_cells if r.lists is None else int(self.sizes[r.lists].sum())
-            ks.append(min(int(r.k), allowed_rows))
-            answers.append((np.zeros((len(r.rows), ks[-1]), dtype=np.int64), np.zeros((len(r.rows), ks[-1]), dtype=np.float32)))
-        probes_per_point = sum(len(r.rows) * (self.n_probe if r.n_probe is None else int(r.n_probe))
-                               for r in requests) / max(len(points), 1)
+        rows_of = [np.asarray(r.rows, dtype=np.int64) for r in requests]
+        probes_of = [self.n_probe if r.n_probe is None else int(r.n_probe) for r in requests]
+        ks = [min(int(r.k), self.n_cells if r.lists is None else int(self.sizes[r.lists].sum())) for r in requests]
+        answers = [(np.zeros((len(rows), k), dtype=np.int64), np.zeros((len(rows), k), dtype=np.float32))
+                   for rows, k in zip(rows_of, ks)]
+        probes_per_point = sum(len(rows) * p for rows, p in zip(rows_of, probes_of)) / max(len(points), 1)
         chunk = max(1024, int(_CANDIDATE_BUDGET // max(probes_per_point * max(ks, default=1) * 8, 1)))
         for start in range(0, len(points), chunk):
             stop = min(start + chunk, len(points))
             q = torch.from_numpy(points[start:stop])
             specs, owners = [], []
-            for j, (r, k) in enumerate(zip(requests, ks)):
-                rows = np.asarray(r.rows, dtype=np.int64)
+            for j, (r, rows, k, n_probe) in enumerate(zip(requests, rows_of, ks, probes_of)):
                 where = np.flatnonzero((rows >= start) & (rows < stop))
                 if len(where) and k > 0:
-                    specs.append((rows[where] - start, k, r.lists, self.n_probe if r.n_probe is None else int(r.n_probe)))
+                    specs.append((rows[where] - start, k, r.lists, n_probe))
                     owners.append((j, where))
             if not specs:
                 continue
