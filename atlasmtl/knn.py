@@ -386,7 +386,8 @@ class ListIndex:
         """``(rows, distances)`` per spec ``(points, k, lists, n_probe)`` (positions in ``q``); a point
         whose probed lists hold fewer than ``k`` rows gets ``-1`` rows (the caller searches it exactly)."""
         m = q.shape[0]
-        probes = [self._probes(q[torch.from_numpy(local)], lists, n_probe) for local, _, lists, n_probe in specs]
+        points = [q[torch.from_numpy(local)] for local, *_ in specs]
+        probes = [self._probes(p, lists, n_probe) for p, (_, _, lists, n_probe) in zip(points, specs)]
         # every (list, point) pair any spec probes, once: list-major keys, so each list's points are contiguous
         keys = np.concatenate([(p * m + local[:, None]).ravel() for p, (local, *_) in zip(probes, specs)])
         pairs, pair_of = np.unique(keys, return_inverse=True)
@@ -410,7 +411,7 @@ class ListIndex:
 
         _each_list(compare, len(touched))
         out, at = [], 0
-        for p, (local, k, _, _) in zip(probes, specs):
+        for p, qs, (local, k, _, _) in zip(probes, points, specs):
             ids = torch.from_numpy(pair_of[at : at + p.size].reshape(p.shape))
             at += p.size
             top, where = torch.topk(best[ids][:, :, :k].reshape(len(local), -1), k, dim=1)
@@ -419,7 +420,7 @@ class ListIndex:
             idx[missing] = int(self.offsets[np.argmax(self.sizes > 0)])  # any row, to keep the shapes
             chosen = np.unique(idx.numpy())
             rows = _as_float32(self.embedding[chosen])[torch.from_numpy(np.searchsorted(chosen, idx.numpy()))]
-            i, d = _distances(q[torch.from_numpy(local)], rows, idx)
+            i, d = _distances(qs, rows, idx)
             i[missing.any(dim=1).numpy()] = -1
             out.append((i, d))
         return out
@@ -761,15 +762,7 @@ class ReferenceSearch:
         """
         points = np.ascontiguousarray(points, dtype=np.float32)
         distances = {lv: np.full(len(points), np.nan, dtype=np.float64) for lv in class_codes}
-        if self.lists is None:
-            neighbours = None if vote_rows is None else self._all.query(points[vote_rows], k)[0]
-            for lv, codes in class_codes.items():
-                for c in np.unique(codes[codes >= 0]):
-                    rows = np.flatnonzero(codes == c)
-                    index = self.class_index(lv, int(c))
-                    distances[lv][rows] = np.inf if index is None else index.query(points[rows], k_class)[1].mean(axis=1)
-            return neighbours, distances
-        requests = [] if vote_rows is None else [SearchRequest(np.asarray(vote_rows), k)]
+        requests = [] if vote_rows is None or self.lists is None else [SearchRequest(np.asarray(vote_rows), k)]
         owners = []
         for lv, codes in class_codes.items():
             for c in np.unique(codes[codes >= 0]):
@@ -777,9 +770,13 @@ class ReferenceSearch:
                 index = self.class_index(lv, int(c))
                 if index is None:
                     distances[lv][rows] = np.inf
-                    continue
-                requests.append(SearchRequest(rows, k_class, index.allowed, index.n_probe))
-                owners.append((lv, rows))
+                elif self.lists is None:
+                    distances[lv][rows] = index.query(points[rows], k_class)[1].mean(axis=1)
+                else:
+                    requests.append(SearchRequest(rows, k_class, index.allowed, index.n_probe))
+                    owners.append((lv, rows))
+        if self.lists is None:
+            return (None if vote_rows is None else self._all.query(points[vote_rows], k)[0]), distances
         found = self.lists.query_many(points, requests)
         neighbours = None if vote_rows is None else found.pop(0)[0]
         for (lv, rows), (_, dist) in zip(owners, found):

@@ -72,6 +72,10 @@ def resolve_num_threads(num_threads: int | str) -> int:
     return min(int(num_threads), cpus)
 
 
+#: glibc's ``malloc_trim`` once looked up (``False`` where the C library has none).
+_MALLOC_TRIM: Any = None
+
+
 def release_freed_memory() -> None:
     """Hand memory the process has freed back to the operating system (glibc's ``malloc_trim``).
 
@@ -91,9 +95,6 @@ def release_freed_memory() -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
 
 
 @contextlib.contextmanager

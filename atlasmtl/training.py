@@ -17,7 +17,7 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
