@@ -114,32 +114,38 @@ def make_symphony(out: Path, query_chem: str, novel: str | None = None, n_cells:
     _write_split(out, spec, ref, query, c_ref, c_query)
 
 
-def make_cellbench(out: Path, query_protocols: list[str], novel: str | None = None) -> None:
+def make_cellbench(out: Path, query_protocols: list[str], novel: str | None = None,
+                   n_top_genes: int | None = 3000) -> None:
+    """CellBench singlets, reference = the CEL-seq2 5-line plates; ``n_top_genes=None`` keeps every detected
+    gene (the ``_allgenes`` variants, for gene-selection studies)."""
     adata = ad.read_h5ad(shared_data_dir() / "cellbench_celseq2_dropseq.h5ad")
     adata = adata[(adata.obs["demuxlet_cls"] == "SNG").to_numpy()].copy()
     adata.obs_names = adata.obs_names.astype(str)
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
     # the reference decides the genes: detected in >= 3 training singlets, then the 3,000 most variable
-    # (scanpy "seurat" flavour on the training cells' log1p CP10k), as for the semi-synthetic cases
+    # (scanpy "seurat" flavour on the training cells' log1p CP10k, H1975 included), as for the semi-synthetic cases
     import scanpy as sc
 
     train = adata.obs["protocol"].isin(CELLBENCH_TRAIN).to_numpy()
     detected = np.asarray((counts[train] > 0).sum(axis=0)).ravel() >= 3
     adata, counts = adata[:, detected].copy(), counts[:, detected]
-    hv = ad.AnnData(X=lognorm_cp10k(counts[train]), var=pd.DataFrame(index=adata.var_names))
-    sc.pp.highly_variable_genes(hv, n_top_genes=3000, flavor="seurat")
-    keep = hv.var["highly_variable"].to_numpy()
-    adata, counts = adata[:, keep].copy(), counts[:, keep]
+    if n_top_genes is not None:
+        hv = ad.AnnData(X=lognorm_cp10k(counts[train]), var=pd.DataFrame(index=adata.var_names))
+        sc.pp.highly_variable_genes(hv, n_top_genes=n_top_genes, flavor="seurat")
+        keep = hv.var["highly_variable"].to_numpy()
+        adata, counts = adata[:, keep].copy(), counts[:, keep]
     adata.X = lognorm_cp10k(counts)
     q = adata.obs["protocol"].isin(query_protocols).to_numpy()
     ref, query = adata[train].copy(), adata[q].copy()
     c_ref, c_query = counts[train], counts[q]
     levels = ["cell_line"]
     title = f"CellBench singlets, train on the CEL-seq2 5-line plates, predict {' + '.join(query_protocols)}"
+    genes = ("every one of them" if n_top_genes is None else
+             f"then {n_top_genes:,} HVGs of the training cells (scanpy 'seurat' flavour)")
     spec = {"levels": levels, "batch_key": "protocol", "has_counts": True, "coords": {}, "novel": {},
             "semi_synthetic": False, "x_is_cp10k": True,
-            "source": "cellbench_celseq2_dropseq.h5ad, demuxlet_cls == 'SNG'; genes seen in >= 3 training cells, then "
-                      "3,000 HVGs of the training cells (scanpy 'seurat' flavour); X = log1p CP10k over those genes"}
+            "source": f"cellbench_celseq2_dropseq.h5ad, demuxlet_cls == 'SNG'; genes seen in >= 3 training cells, "
+                      f"{genes}; X = log1p CP10k over those genes"}
     if novel:
         spec["novel"] = {"cell_line": [novel]}
         ref, c_ref = _remove_type(ref, c_ref, "cell_line", novel)
@@ -415,9 +421,13 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
         reg[f"symphony_{chem}"] = lambda o, c=chem: make_symphony(o, c)
     reg["symphony_5p_novel_NK"] = lambda o: make_symphony(o, "5p", novel="NK")
     reg["symphony_5p_novel_B"] = lambda o: make_symphony(o, "5p", novel="B")
-    reg["cellbench_celseq2_3line"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)"])
-    reg["cellbench_dropseq_3line"] = lambda o: make_cellbench(o, ["Drop-seq (3 lines)"])
-    reg["cellbench_novel_H1975"] = lambda o: make_cellbench(o, ["CEL-seq2 (3 lines)", "Drop-seq (3 lines)"], novel="H1975")
+    reg["cellbench_celseq2_3line"] = lambda o, **kw: make_cellbench(o, ["CEL-seq2 (3 lines)"], **kw)
+    reg["cellbench_dropseq_3line"] = lambda o, **kw: make_cellbench(o, ["Drop-seq (3 lines)"], **kw)
+    reg["cellbench_novel_H1975"] = lambda o, **kw: make_cellbench(o, ["CEL-seq2 (3 lines)", "Drop-seq (3 lines)"],
+                                                                   novel="H1975", **kw)
+    for name in ("cellbench_celseq2_3line", "cellbench_dropseq_3line", "cellbench_novel_H1975"):
+        # not in the benchmark's case list: every detected gene, for gene-selection studies
+        reg[f"{name}_allgenes"] = lambda o, f=reg[name]: f(o, n_top_genes=None)
     reg["pbmc68k_70_30"] = make_pbmc68k
     reg["ding2020_dropseq_indrops"] = make_ding
     reg["zilionis_healthy_tumour"] = lambda o: make_zilionis(o)

@@ -11,9 +11,10 @@ model, predicted at the defaults and with ``knn_correction="off"``, scored with 
 ``results/novelty_threshold_ensemble_seeds012.json.gz`` (threshold 4.5 = the default; same models).
 
     PYTHONPATH=$PWD python benchmark/experiments/build_setting_study.py <case,case,...> 0,1,2 '{"calibration_fraction": 0.1}' out.json
+    (cases are read from $ATLASMTL_STUDY_WORK/cases, default /work/bench_work/cases)
     python benchmark/experiments/build_setting_study.py --summarise out.json[.gz] [results.json]
 """
-import functools, gzip, json, statistics as st, sys
+import functools, gzip, json, os, statistics as st, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,7 +77,7 @@ if len(sys.argv) > 1 and sys.argv[1] == "--summarise":
 torch.set_num_threads(1)
 CASES, SEEDS = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]
 SETTING, OUT = json.loads(sys.argv[3]), Path(sys.argv[4])
-WORK = Path("/work/bench_work")
+WORK = Path(os.environ.get("ATLASMTL_STUDY_WORK", "/work/bench_work"))
 key = json.dumps(SETTING, sort_keys=True)
 AUGMENT = {k.split(".", 1)[1]: v for k, v in SETTING.items() if k.startswith("augment.")}
 for k, v in SETTING.items():  # "calibration.<CONSTANT>": a module constant of atlasmtl.calibration
