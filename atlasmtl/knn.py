@@ -315,7 +315,8 @@ class ListIndex:
         numbers (``row_ids``); :func:`build_lists` gives the order itself.
         """
         order, centroids, offsets = build_lists(embedding, groups, list_size, random_state)
-        return cls(np.asarray(embedding)[order], centroids, offsets, row_ids=order, n_probe=probes_for(len(centroids)))
+        return cls(np.asarray(embedding)[order], centroids, offsets, row_ids=order.astype(np.int64),
+                   n_probe=probes_for(len(centroids)))
 
     # ------------------------------------------------------------------ search
     def query(self, points: np.ndarray, k: int, lists: np.ndarray | None = None,
@@ -492,17 +493,18 @@ def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None
 
     Returns
     -------
-    ``(order, centroids, offsets)``: row numbers in list order, the lists' centroids
-    (float32) and their boundaries in ``order``.
+    ``(order, centroids, offsets)``: row numbers in list order (int32 below 2**31 rows: 4 bytes
+    per cell), the lists' centroids (float32) and their boundaries in ``order``.
     """
     n = int(embedding.shape[0])
-    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
-    group_of = np.unique(groups, return_inverse=True)[1].ravel()
-    by_group = np.argsort(group_of, kind="stable")
+    rows_dtype = _row_number_dtype(n)
+    group_of = np.zeros(n, dtype=rows_dtype) if groups is None else _dense_numbers(np.asarray(groups).ravel())
+    by_group = np.argsort(group_of, kind="stable").astype(rows_dtype)
     members_of = np.split(by_group, np.cumsum(np.bincount(group_of))[:-1])
-    del group_of, groups
+    del group_of
     rng = np.random.default_rng(random_state)
-    orders, centroids, sizes = [], [], []
+    order = np.empty(n, dtype=rows_dtype)  # filled group by group (no list of per-group copies to concatenate)
+    filled, centroids, sizes = 0, [], []
     # buffers reused by every chunk of every group (see _nearest_centre): scores, rows as float32 and float64
     width = int(embedding.shape[1])
     lists_of = [max(1, int(round(len(members) / list_size))) for members in members_of]
@@ -518,7 +520,7 @@ def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None
             fit = members if len(members) <= n_fit else members[np.sort(rng.choice(len(members), n_fit, replace=False))]
             centres = _lloyd(_as_float32(embedding[fit]), n_lists, rng, scores=scores)
         # every row joins its nearest centre; the lists' sums, in chunks of rows read as needed
-        assign = np.zeros(len(members), dtype=np.int64)
+        assign = np.zeros(len(members), dtype=np.int32)
         sums = torch.zeros((n_lists, width), dtype=torch.float64)
         for s in range(0, len(members), _ROW_CHUNK):
             block = np.asarray(embedding[members[s : s + _ROW_CHUNK]])
@@ -528,13 +530,12 @@ def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None
             part = torch.zeros(len(x), dtype=torch.int64) if centres is None else _nearest_centre(x, centres, scores)
             assign[s : s + len(x)] = part.numpy()
             sums.index_add_(0, part, rows64[: len(x)].copy_(x))
-        by_list = np.argsort(assign, kind="stable")
         counts = np.bincount(assign, minlength=n_lists)
+        order[filled : filled + len(members)] = members[np.argsort(assign, kind="stable")]
+        filled += len(members)
         keep = counts > 0
-        orders.append(members[by_list])
         centroids.append((sums.numpy()[keep] / counts[keep, None]).astype(np.float32))
         sizes.append(counts[keep])
-    order = np.concatenate(orders).astype(np.int64, copy=False)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(sizes))]).astype(np.int64)
     return order, np.concatenate(centroids), offsets
 
@@ -636,23 +637,45 @@ def neighbour_label_agreement(
 
 
 # ---------------------------------------------------------------- the model's reference
+def _row_number_dtype(n: int) -> type:
+    """int32 for row numbers (and numbers of row groups) of ``n`` rows when they fit, else int64."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _dense_numbers(values: np.ndarray) -> np.ndarray:
+    """Number the distinct values of an integer array 0, 1, ... in increasing order, as
+    ``np.unique(values, return_inverse=True)[1]`` does, as :func:`_row_number_dtype` integers.
+
+    Non-negative values below twice the length (+ 65,536) are numbered through a table of that many
+    entries, so no sorted copy of ``values`` is made; others go through :func:`numpy.unique` (its
+    sort takes several 8-byte copies per value: ~200 MB at five million cells).
+    """
+    dtype = _row_number_dtype(len(values))
+    top = int(values.max(initial=-1))
+    if np.issubdtype(values.dtype, np.integer) and (len(values) == 0 or int(values.min()) >= 0) \
+            and top < 2 * len(values) + 65536:
+        present = np.zeros(top + 1, dtype=bool)
+        present[values] = True
+        number = np.cumsum(present, dtype=np.int64).astype(dtype) - 1
+        return number[values]
+    return np.unique(values, return_inverse=True)[1].ravel().astype(dtype)
+
+
 def _group_numbers(columns: list[np.ndarray]) -> np.ndarray:
     """Number the distinct rows of integer ``columns`` (each ≥ -1) in lexicographic order, as
-    ``np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)`` does, from one int64 key per
-    row (a few bytes per row instead of several copies of the stacked table)."""
-    key = np.zeros(len(columns[0]), dtype=np.int64)
-    room = 1
-    for col in columns:
-        col = np.asarray(col)
-        radix = int(col.max(initial=-1)) + 2  # digits 0 .. max + 1 (-1 → 0)
-        room *= radix
-        if room >= 2**62:  # too many combinations for one int64 key
-            stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
-            return np.unique(stacked, axis=0, return_inverse=True)[1].ravel()
+    ``np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)`` does, from one integer key per
+    row (4 or 8 bytes per row instead of several copies of the stacked table)."""
+    radices = [int(np.asarray(col).max(initial=-1)) + 2 for col in columns]  # digits 0 .. max + 1 (-1 → 0)
+    room = int(np.prod([float(r) for r in radices]))
+    if room >= 2**62:  # too many combinations for one int64 key
+        stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
+        return np.unique(stacked, axis=0, return_inverse=True)[1].ravel().astype(_row_number_dtype(len(stacked)))
+    key = np.zeros(len(columns[0]), dtype=np.int32 if room < 2**31 else np.int64)
+    for col, radix in zip(columns, radices):
         key *= radix
-        key += col
+        key += np.asarray(col)
         key += 1
-    return np.unique(key, return_inverse=True)[1].ravel()
+    return _dense_numbers(key)
 
 
 def index_reference(reference: dict[str, Any], levels: list[str], random_state: int = 0) -> dict[str, Any]:

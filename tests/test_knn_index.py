@@ -276,6 +276,28 @@ def test_list_build_on_disk_equals_in_memory(monkeypatch):
         assert all(len(np.unique(codes[a:b])) == 1 for a, b in zip(first, capped["index"]["offsets"][1:]))
 
 
+def test_group_numbers_match_numpy_unique_in_four_bytes_per_cell():
+    """The index build numbers label groups and orders rows as numpy.unique / a stable argsort would,
+    through a lookup table or the numpy.unique fallback, with 4-byte integers (issue 13: memory per cell)."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    small = [rng.integers(-1, 9, n).astype(np.int32), rng.integers(0, 3, n), (rng.random(n) < 0.8).astype(np.int8)]
+    wide = [rng.integers(-1, 100_000, n), rng.integers(-1, 100_000, n)]  # keys far above n: numpy.unique path
+    for columns in (small, wide):
+        got = knn._group_numbers(columns)
+        expected = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)[1].ravel()
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, expected)
+    scattered = rng.integers(-7, 10**9, 300)
+    np.testing.assert_array_equal(knn._dense_numbers(scattered), np.unique(scattered, return_inverse=True)[1])
+    x, labels, _ = _clustered(3000, 1)
+    groups = knn._group_numbers([labels // 4, labels])
+    order, _, offsets = knn.build_lists(x, groups, list_size=100)
+    assert order.dtype == np.int32 and offsets[-1] == len(x)
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(x)))
+    np.testing.assert_array_equal(np.sort(groups[order], kind="stable"), groups[order])  # grouped, groups in order
+
+
 def test_reference_embedding_kept_on_disk_gives_the_same_model(synthetic_split, monkeypatch):
     """Above the exact-search limit training writes the embedding to a temporary file batch by batch and
     indexes it in chunks; the model is the one an in-memory embedding gives."""
