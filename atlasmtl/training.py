@@ -129,7 +129,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
 
 
 def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
-    """Integer codes (n_cells × n_levels, -1 = unlabelled) and class names per level."""
+    """Integer codes (n_cells × n_levels, int32, -1 = unlabelled) and class names per level."""
     if isinstance(label_columns, str):
         label_columns = [label_columns]
     if not label_columns:
@@ -137,7 +137,7 @@ def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[st
     if len(set(label_columns)) != len(label_columns):
         raise LabelError(f"label_columns={list(label_columns)} names a column twice.")
     classes: dict[str, list[str]] = {}
-    codes = np.full((adata.n_obs, len(label_columns)), -1, dtype=np.int64)
+    codes = np.full((adata.n_obs, len(label_columns)), -1, dtype=np.int32)  # 4 bytes per cell and level
     unlabelled: dict[str, int] = {}
     for j, col in enumerate(label_columns):
         if col not in adata.obs.columns:
@@ -176,7 +176,7 @@ def _categorical_codes(codes: np.ndarray, categories: pd.Index) -> tuple[np.ndar
     (the categories in use, as strings, sorted; -1 = missing), computed from its codes."""
     used = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(categories)))
     names, inverse = np.unique(np.array([str(c) for c in categories[used]], dtype=object), return_inverse=True)
-    lookup = np.full(len(categories), -1, dtype=np.int64)
+    lookup = np.full(len(categories), -1, dtype=np.int32)
     lookup[used] = inverse.ravel()
     return np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1), [str(c) for c in names]
 
@@ -193,18 +193,28 @@ def class_weights(codes: np.ndarray, n_classes: int, power: float, device: torch
 
 def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarray) -> dict[str, dict[str, str]]:
     """For each level whose labels nest in the previous level's, map child → parent label
-    (pairs in order of first appearance; one int64 key per cell, not a table of pairs)."""
+    (pairs in order of first appearance). Cells are read in chunks of :data:`_HIERARCHY_CHUNK`
+    (one int64 key per cell of a chunk), so the temporaries do not grow with the reference."""
     hierarchy: dict[str, dict[str, str]] = {}
     for j in range(1, len(label_columns)):
         n_parents = len(classes[label_columns[j - 1]])
-        both = (codes[:, j] >= 0) & (codes[:, j - 1] >= 0)
-        keys, first = np.unique(codes[both, j] * n_parents + codes[both, j - 1], return_index=True)
-        keys = keys[np.argsort(first)]
+        first: dict[int, tuple[int, int]] = {}  # pair key -> (chunk start, position in the chunk's labelled cells)
+        for start in range(0, len(codes), _HIERARCHY_CHUNK):
+            block = codes[start : start + _HIERARCHY_CHUNK]
+            both = (block[:, j] >= 0) & (block[:, j - 1] >= 0)
+            keys, at = np.unique(block[both, j].astype(np.int64) * n_parents + block[both, j - 1], return_index=True)
+            for key, pos in zip(keys.tolist(), at.tolist()):
+                first.setdefault(key, (start, pos))
+        keys = np.array(sorted(first, key=first.__getitem__), dtype=np.int64)
         child, parent = keys // n_parents, keys % n_parents
         if len(keys) and len(np.unique(child)) == len(child):
             parent_names, child_names = classes[label_columns[j - 1]], classes[label_columns[j]]
             hierarchy[label_columns[j]] = {child_names[c]: parent_names[p] for c, p in zip(child.tolist(), parent.tolist())}
     return hierarchy
+
+
+#: Cells per chunk when :func:`infer_hierarchy` reads the label codes.
+_HIERARCHY_CHUNK = 262_144
 
 
 def _members(cells: np.ndarray, subset: np.ndarray) -> np.ndarray:
@@ -498,7 +508,7 @@ def build_model(
         t_index = time.perf_counter()
         reference = index_reference(
             {"embedding": embedding,
-             "labels": {c: ref.codes[ref.cells, j].astype(np.int32) for j, c in enumerate(ref.label_columns)},
+             "labels": {c: ref.codes[ref.cells, j].astype(np.int32, copy=False) for j, c in enumerate(ref.label_columns)},
              "training_cell": _members(ref.cells, train_cells)},
             ref.label_columns, random_state=seed % 2**32)
         del embedding  # the indexed reference holds its own copy (in list order)
@@ -673,7 +683,7 @@ def prepare_reference(
             ", then each gene standardised (reference mean and std, clipped to ±10)" if input_transform == "zscore" else "")
 
     has_label = (codes >= 0).any(axis=1)
-    cells = np.flatnonzero(has_label)
+    cells = np.flatnonzero(has_label).astype(np.int32 if len(has_label) < 2**31 else np.int64)  # row numbers
     dropped = int((~has_label).sum())
     if dropped:
         warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=user_stacklevel())
@@ -866,7 +876,7 @@ class _Objective:
         rows_t = x.T.tocsr() if train and dev.type == "cpu" else None
         return Minibatch(
             x=SparseInput(x, self.zero_input, rows_t),
-            y=torch.from_numpy(codes).to(dev, non_blocking=True),
+            y=torch.from_numpy(codes.astype(np.int64)).to(dev, non_blocking=True),  # cross-entropy takes int64
             n_labelled=labelled,
             coords={n: torch.from_numpy(v[rows]).to(dev, non_blocking=True) for n, v in self.coord_std.items()},
             n_cells=len(rows),

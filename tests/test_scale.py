@@ -161,3 +161,25 @@ def test_reference_file_cell_names_checked_in_chunks(symphony_split, tmp_path, m
     ref.write_h5ad(path)
     with pytest.raises(InputError, match="obs_names are not unique"):
         atlasmtl.build_model(path, SYMPHONY_LEVELS, num_epochs=1, show_progress=False, show_summary=False)
+
+
+def test_reference_labels_and_rows_take_four_bytes_per_cell_and_the_hierarchy_reads_them_in_chunks(monkeypatch):
+    """Per-cell arrays kept while training (label codes, row numbers) are int32, and the label
+    hierarchy found chunk by chunk is the one found over all cells at once (same pairs, same order)."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    fine = rng.integers(0, 12, 3000)
+    parent = np.array(list("aabbbccddeef"))[fine]
+    labels = pd.DataFrame({"coarse": parent, "fine": [f"f{c}" for c in fine]}, index=[f"c{i}" for i in range(3000)])
+    labels.loc[labels.index[::17], "fine"] = np.nan
+    adata = ad.AnnData(X=_counts(3000, 40, seed=2), obs=labels)
+    ref = training.prepare_reference(adata, ["coarse", "fine"], None, layer=None, use_raw=False, input_transform="float")
+    assert ref.codes.dtype == np.int32 and ref.cells.dtype == np.int32
+    whole = training.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
+    monkeypatch.setattr(training, "_HIERARCHY_CHUNK", 97)
+    chunked = training.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
+    assert list(chunked["fine"].items()) == list(whole["fine"].items())
+    first_seen = list(dict.fromkeys(labels["fine"].dropna()))
+    assert list(whole["fine"]) == first_seen and whole["fine"]["f11"] == "f"
