@@ -479,6 +479,31 @@ def _nearest_centre(x: torch.Tensor, centres: torch.Tensor, scores: torch.Tensor
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def row_number_dtype(n: int) -> type:
+    """int32 for row numbers (and numbers of row groups) of ``n`` rows when they fit, else int64:
+    4 bytes per cell for the per-cell arrays kept while training and indexing."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _dense_numbers(values: np.ndarray) -> np.ndarray:
+    """Number the distinct values of an integer array 0, 1, ... in increasing order, as
+    ``np.unique(values, return_inverse=True)[1]`` does, as :func:`row_number_dtype` integers.
+
+    Non-negative values below twice the length (+ 65,536) are numbered through a table of that many
+    entries, so no sorted copy of ``values`` is made; others go through :func:`numpy.unique` (its
+    sort takes several 8-byte copies per value: ~200 MB at five million cells).
+    """
+    dtype = row_number_dtype(len(values))
+    top = int(values.max(initial=-1))
+    if np.issubdtype(values.dtype, np.integer) and (len(values) == 0 or int(values.min()) >= 0) \
+            and top < 2 * len(values) + 65536:
+        present = np.zeros(top + 1, dtype=bool)
+        present[values] = True
+        number = np.cumsum(present, dtype=np.int64).astype(dtype) - 1
+        return number[values]
+    return np.unique(values, return_inverse=True)[1].ravel().astype(dtype)
+
+
 def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None = None, list_size: int = LIST_SIZE,
                 random_state: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Partition rows into lists of about ``list_size`` rows, each inside one group.
@@ -497,7 +522,7 @@ def build_lists(embedding: np.ndarray | EmbeddingFile, groups: np.ndarray | None
     per cell), the lists' centroids (float32) and their boundaries in ``order``.
     """
     n = int(embedding.shape[0])
-    rows_dtype = _row_number_dtype(n)
+    rows_dtype = row_number_dtype(n)
     group_of = np.zeros(n, dtype=rows_dtype) if groups is None else _dense_numbers(np.asarray(groups).ravel())
     by_group = np.argsort(group_of, kind="stable").astype(rows_dtype)
     members_of = np.split(by_group, np.cumsum(np.bincount(group_of))[:-1])
@@ -637,30 +662,6 @@ def neighbour_label_agreement(
 
 
 # ---------------------------------------------------------------- the model's reference
-def _row_number_dtype(n: int) -> type:
-    """int32 for row numbers (and numbers of row groups) of ``n`` rows when they fit, else int64."""
-    return np.int32 if n < 2**31 else np.int64
-
-
-def _dense_numbers(values: np.ndarray) -> np.ndarray:
-    """Number the distinct values of an integer array 0, 1, ... in increasing order, as
-    ``np.unique(values, return_inverse=True)[1]`` does, as :func:`_row_number_dtype` integers.
-
-    Non-negative values below twice the length (+ 65,536) are numbered through a table of that many
-    entries, so no sorted copy of ``values`` is made; others go through :func:`numpy.unique` (its
-    sort takes several 8-byte copies per value: ~200 MB at five million cells).
-    """
-    dtype = _row_number_dtype(len(values))
-    top = int(values.max(initial=-1))
-    if np.issubdtype(values.dtype, np.integer) and (len(values) == 0 or int(values.min()) >= 0) \
-            and top < 2 * len(values) + 65536:
-        present = np.zeros(top + 1, dtype=bool)
-        present[values] = True
-        number = np.cumsum(present, dtype=np.int64).astype(dtype) - 1
-        return number[values]
-    return np.unique(values, return_inverse=True)[1].ravel().astype(dtype)
-
-
 def _group_numbers(columns: list[np.ndarray]) -> np.ndarray:
     """Number the distinct rows of integer ``columns`` (each ≥ -1) in lexicographic order, as
     ``np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)`` does, from one integer key per
@@ -669,7 +670,7 @@ def _group_numbers(columns: list[np.ndarray]) -> np.ndarray:
     room = int(np.prod([float(r) for r in radices]))
     if room >= 2**62:  # too many combinations for one int64 key
         stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
-        return np.unique(stacked, axis=0, return_inverse=True)[1].ravel().astype(_row_number_dtype(len(stacked)))
+        return np.unique(stacked, axis=0, return_inverse=True)[1].ravel().astype(row_number_dtype(len(stacked)))
     key = np.zeros(len(columns[0]), dtype=np.int32 if room < 2**31 else np.int64)
     for col, radix in zip(columns, radices):
         key *= radix
