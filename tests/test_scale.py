@@ -175,7 +175,9 @@ def test_reference_labels_and_rows_take_four_bytes_per_cell_and_the_hierarchy_re
     labels = pd.DataFrame({"coarse": parent, "fine": [f"f{c}" for c in fine]}, index=[f"c{i}" for i in range(3000)])
     labels.loc[labels.index[::17], "fine"] = np.nan
     adata = ad.AnnData(X=_counts(3000, 40, seed=2), obs=labels)
-    ref = training.prepare_reference(adata, ["coarse", "fine"], None, layer=None, use_raw=False, input_transform="float")
+    with pytest.warns(UserWarning, match="177 reference cell\\(s\\) have no label in 'fine'"):
+        ref = training.prepare_reference(adata, ["coarse", "fine"], None, layer=None, use_raw=False,
+                                         input_transform="float")
     assert ref.codes.dtype == np.int32 and ref.cells.dtype == np.int32
     whole = training.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
     monkeypatch.setattr(training, "_HIERARCHY_CHUNK", 97)
