@@ -499,7 +499,7 @@ def _dense_numbers(values: np.ndarray) -> np.ndarray:
             and top < 2 * len(values) + 65536:
         present = np.zeros(top + 1, dtype=bool)
         present[values] = True
-        number = np.cumsum(present, dtype=np.int64).astype(dtype) - 1
+        number = np.cumsum(present, dtype=dtype) - 1  # counts up to the distinct values (≤ len(values))
         return number[values]
     return np.unique(values, return_inverse=True)[1].ravel().astype(dtype)
 
