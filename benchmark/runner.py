@@ -126,8 +126,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         "settings": {
             "build_model": {k: cfg.get(k) for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
                                                 "weight_decay", "lr_schedule", "min_steps", "input_transform", "augment", "val_fraction", "num_threads", "device")},
-            "predict": "atlasmtl.predict defaults (confidence_high 0.7, confidence_low 0.4, margin 0.2, knn_k 15, "
-                       "knn_conf_low 0.6, novelty_threshold 3.5); knn_correction per output",
+            "predict": f"atlasmtl.predict defaults ({_predict_defaults()}); knn_correction per output",
             "calibration": cfg.get("calibration"),
             "coord_targets": coords,
             "input": f"X = log1p CP10k (atlasmtl input_transform={cfg['input_transform']!r} applied by atlasmtl)",
@@ -135,6 +134,17 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         },
         "versions": versions("torch", "atlasmtl"),
     }
+
+
+def _predict_defaults() -> str:
+    """The gate's and KNN's defaults as ``atlasmtl.predict`` has them (read from its signature, never restated)."""
+    import inspect
+
+    import atlasmtl
+
+    names = ("confidence_high", "confidence_low", "margin_threshold", "knn_k", "knn_conf_low", "novelty_threshold")
+    params = inspect.signature(atlasmtl.predict).parameters
+    return ", ".join(f"{n} {params[n].default}" for n in names)
 
 
 def knn_recall(model, query, n_points: int, seed: int, k: int = 15) -> dict[str, Any]:
