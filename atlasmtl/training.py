@@ -912,21 +912,35 @@ def _adam(params: Any, learning_rate: float, weight_decay: float = 0.0) -> torch
 
 
 @contextlib.contextmanager
-def _first_layer_stored_transposed(net: MultiTaskNetwork) -> Iterator[None]:
+def _first_layer_stored_transposed(net: MultiTaskNetwork) -> Iterator[nn.Parameter]:
     """Store the first layer's weight transposed in memory (same values and shape) while training.
 
     The sparse first layer multiplies by ``W.T`` and produces the gradient as ``(x.T @ grad).T``;
-    with ``W.T`` contiguous neither direction copies the 3,000 × 256 weight. The usual layout is
-    restored afterwards, so the trained network and its saved files are as always.
+    with ``W.T`` contiguous neither direction copies the 3,000 × 256 weight. Yields ``W.T`` as a
+    contiguous parameter sharing ``W``'s memory, for the optimiser to update in place: PyTorch's
+    fused Adam step copies a parameter that is not contiguous (and its gradient) every step
+    (see :func:`_hand_over_first_gradient`). The usual layout is restored afterwards, so the trained
+    network and its saved files are as always.
     """
     first = net.encoder.layers[0]
     with torch.no_grad():
         first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
     try:
-        yield
+        yield nn.Parameter(first.weight.detach().t())
     finally:
         with torch.no_grad():
             first.weight = nn.Parameter(first.weight.detach().contiguous())
+
+
+def _hand_over_first_gradient(net: MultiTaskNetwork, weight_t: nn.Parameter) -> None:
+    """Move the first layer's gradient to its transposed alias (a view, no copy) after ``backward``.
+
+    The alias is what the optimiser steps; the layer's own ``grad`` is cleared so the next
+    backward starts from nothing, as ``zero_grad(set_to_none=True)`` does for the others.
+    """
+    first = net.encoder.layers[0].weight
+    weight_t.grad = None if first.grad is None else first.grad.t()
+    first.grad = None
 
 
 def fit(
@@ -977,11 +991,13 @@ def fit(
     # it runs ahead never changes the random numbers anything else sees
     batch_rng = np.random.default_rng([int(rng.integers(2**63)), _dist.rank()])
     objective.rng = batch_rng
-    with _first_layer_stored_transposed(net):
+    with _first_layer_stored_transposed(net) as first_weight_t:
         model: nn.Module = net
         if _dist.is_distributed():
             model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-        optimiser = _adam(model.parameters(), learning_rate, weight_decay)
+        first_weight = net.encoder.layers[0].weight
+        optimiser = _adam([first_weight_t if p is first_weight else p for p in model.parameters()],
+                          learning_rate, weight_decay)
         scheduler = None
         if lr_schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=num_epochs * steps_per_epoch)
@@ -1007,6 +1023,7 @@ def fit(
                     if dev.type == "cpu" and not torch.isfinite(loss):  # free on the CPU; once per epoch on a GPU
                         _diverged(float(loss.detach()), epoch, step, learning_rate)
                     loss.backward()
+                    _hand_over_first_gradient(net, first_weight_t)
                     optimiser.step()
                     if scheduler is not None:
                         scheduler.step()
