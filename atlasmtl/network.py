@@ -98,6 +98,23 @@ def sparse_linear(x: SparseInput, layer: nn.Linear) -> torch.Tensor:
     return out + layer.bias
 
 
+class Dropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` whose CPU mask is drawn as ``uniform >= p``.
+
+    The same distribution (each unit kept with probability ``1 - p`` and scaled by
+    ``1 / (1 - p)``) from the same generator, but PyTorch's CPU ``bernoulli_`` takes
+    about twice as long as ``rand``: with two 256-cell dropouts per step, the
+    difference was ~8% of a training step at 3,000 genes. Other devices use PyTorch's
+    fused dropout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, dtype=x.dtype, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class Encoder(nn.Module):
     """Stack of ``Linear → ReLU → Dropout`` blocks shared by every head."""
 
@@ -106,7 +123,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         width = n_genes
         for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout_rate)]
+            layers += [nn.Linear(width, size), nn.ReLU(), Dropout(dropout_rate)]
             width = size
         self.layers = nn.Sequential(*layers)
         self.out_features = width
