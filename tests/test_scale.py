@@ -53,6 +53,51 @@ def test_sparse_first_layer_equals_dense(transform):
         torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
 
 
+def test_optimiser_steps_the_first_layer_through_its_transposed_alias_exactly():
+    """Stepping W.T (contiguous, sharing W's memory) gives the same weights as stepping W in its usual layout."""
+    rng = np.random.default_rng(0)
+    x = _counts(64, 300, seed=2)
+    aligner = identity_aligner(300, "float", "counts")
+    batch = SparseInput(aligner.sparse_input(x))
+    target = torch.from_numpy(rng.integers(0, 5, 64))
+    nets = []
+    for alias in (False, True):
+        torch.manual_seed(0)
+        net = MultiTaskNetwork(300, [5], {}, [32, 16], dropout_rate=0.0)
+        with training._first_layer_stored_transposed(net) as weight_t:
+            first = net.encoder.layers[0].weight
+            params = [weight_t if (alias and p is first) else p for p in net.parameters()]
+            optimiser = training._adam(params, 1e-2)
+            for _ in range(3):
+                optimiser.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(net(batch).logits[0], target).backward()
+                if alias:
+                    training._hand_over_first_gradient(net, weight_t)
+                    assert first.grad is None and weight_t.grad.is_contiguous()
+                optimiser.step()
+        assert net.encoder.layers[0].weight.is_contiguous()  # the usual layout back after training
+        nets.append(net)
+    for plain, aliased in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(aliased, plain, rtol=0, atol=1e-6)
+
+
+def test_dropout_keeps_each_unit_with_probability_one_minus_p():
+    from atlasmtl.network import Dropout
+
+    torch.manual_seed(0)
+    layer = Dropout(0.3)
+    x = torch.ones(400, 500)
+    y = layer(x)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert abs(float(y.mean()) - 1.0) < 0.01  # unbiased, as torch.nn.Dropout
+    assert not torch.equal(layer(x), y)  # a fresh mask every call
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
 def _backed_source(x: sp.csr_matrix) -> MatrixSource:
     import pandas as pd
 
