@@ -24,16 +24,15 @@ fixed thresholds of ``z`` and ``zq``.
 
 The members' probabilities are recorded by wrapping ``EnsembleNetwork.forward``: research only.
 """
-import argparse, gzip, json, statistics as st, sys
+import gzip, json, statistics as st, sys
 from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case
+from study_scores import posthoc_main
 import atlasmtl
 import atlasmtl.network as network
-from atlasmtl.model import TrainedModel
 
 THRESHOLDS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.5)
 _members: list = []
@@ -69,38 +68,25 @@ def cell_scores(model, query, level):
     return out
 
 
-def study(cases, seeds, out, work, models):
-    torch.set_num_threads(1)
-    rows = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["case"], r["seed"]) for r in rows}
-    for case in cases:
-        spec, ref, query, truth = read_study_case(work / "cases" / case)
+def study(models):
+    """One row per (case, seed) of :func:`study_scores.default_models`: each score's AUROC and threshold shares."""
+    for case, seed, spec, ref, query, truth, model in models:
         level = spec["levels"][-1]
         novel = np.isin(truth[level].astype(str).to_numpy(), list((spec.get("novel") or {}).get(level, [])))
-        for seed in seeds:
-            if (case, seed) in done:
-                continue
-            path = models / f"{case}_{seed}.pth"
-            if path.exists():
-                model = TrainedModel.load(path)
-            else:
-                model = atlasmtl.build_model(ref, spec["levels"], random_state=seed, num_threads=1, show_progress=False, show_summary=False)
-                model.save(path)
-            row = {"case": case, "seed": seed, "n_novel": int(novel.sum()), "scores": {}}
-            for name, s in cell_scores(model, query, level).items():
-                s = np.nan_to_num(s, nan=np.inf)  # no prediction: most novel
-                r = {"known_q98": float(np.quantile(s[~novel], 0.98))}
+        row = {"case": case, "seed": seed, "n_novel": int(novel.sum()), "scores": {}}
+        for name, s in cell_scores(model, query, level).items():
+            s = np.nan_to_num(s, nan=np.inf)  # no prediction: most novel
+            r = {"known_q98": float(np.quantile(s[~novel], 0.98))}
+            if name in ("z", "zq"):
+                r["known_over"] = {str(t): float((s[~novel] > t).mean()) for t in THRESHOLDS}
+            if novel.any():
+                r["auroc"] = float(roc_auc_score(novel, s))
+                r["novel_over_known_q98"] = float((s[novel] > r["known_q98"]).mean())
                 if name in ("z", "zq"):
-                    r["known_over"] = {str(t): float((s[~novel] > t).mean()) for t in THRESHOLDS}
-                if novel.any():
-                    r["auroc"] = float(roc_auc_score(novel, s))
-                    r["novel_over_known_q98"] = float((s[novel] > r["known_q98"]).mean())
-                    if name in ("z", "zq"):
-                        r["novel_over"] = {str(t): float((s[novel] > t).mean()) for t in THRESHOLDS}
-                row["scores"][name] = r
-            rows.append(row)
-            out.write_text(json.dumps(rows))
-            print(case, seed, {k: round(v.get("auroc", float("nan")), 3) for k, v in row["scores"].items()}, flush=True)
+                    r["novel_over"] = {str(t): float((s[novel] > t).mean()) for t in THRESHOLDS}
+            row["scores"][name] = r
+        print(case, seed, {k: round(v.get("auroc", float("nan")), 3) for k, v in row["scores"].items()}, flush=True)
+        yield row
 
 
 def summarise(path):
@@ -126,13 +112,4 @@ def summarise(path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--summarise":
-        print(summarise(sys.argv[2]))
-        sys.exit(0)
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cases"); ap.add_argument("seeds"); ap.add_argument("out", type=Path)
-    ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
-    ap.add_argument("--models", type=Path, default=Path("/tmp/atlasmtl_novelty_models"))
-    a = ap.parse_args()
-    a.models.mkdir(parents=True, exist_ok=True)
-    study(a.cases.split(","), [int(s) for s in a.seeds.split(",")], a.out, a.work, a.models)
+    posthoc_main(study, summarise, "/tmp/atlasmtl_novelty_models")

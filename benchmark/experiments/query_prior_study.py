@@ -25,15 +25,13 @@ novel labels.
 The probabilities are re-weighted by wrapping ``atlasmtl.prediction.softmax`` (called once per level and
 batch, levels in order): research only, not an API.
 """
-import argparse, gzip, json, statistics as st, sys
+import gzip, json, statistics as st, sys
 from pathlib import Path
 import numpy as np
-import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case
+from study_scores import posthoc_main, score_result
 import atlasmtl
 import atlasmtl.prediction as prediction
-from atlasmtl.model import TrainedModel
 
 PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 VARIANTS = ("em", "em_freq", "em_sqrt", "em3", "map", "mean1", "mean1_sqrt")
@@ -113,50 +111,28 @@ def query_prior(name, p_query, pi_s, freq):
     raise ValueError(name)
 
 
-def scores(res, truth, spec):
-    levels = spec["levels"]
-    novel = {"novel_labels": spec["novel"]} if spec.get("novel") else {}
-    met = atlasmtl.evaluate(res, truth, label_columns=levels, **novel)
-    return {"levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
-            "novel": {lv: {k: v.get(k) for k in ("auroc", "novel_unknown_rate", "known_unknown_rate")}
-                      for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
-
-
-def study(cases, seeds, out, work, models):
-    torch.set_num_threads(1)
-    rows = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["case"], r["seed"]) for r in rows}
-    for case in cases:
-        spec, ref, query, truth = read_study_case(work / "cases" / case)
+def study(models):
+    """One row per (case, seed) of :func:`study_scores.default_models`: the default and re-weighted predictions, scored."""
+    for case, seed, spec, ref, query, truth, model in models:
         levels = spec["levels"]
-        for seed in seeds:
-            if (case, seed) in done:
-                continue
-            path = models / f"{case}_{seed}.pth"
-            if path.exists():
-                model = TrainedModel.load(path)
-            else:
-                model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False)
-                model.save(path)
-            _, p_ref = run(model, ref, "record", knn_correction="off")
-            base, p_query = run(model, query, "record")
-            row = {"case": case, "seed": seed, "results": {"default": scores(base, truth, spec)}}
-            row["results"]["default_off"] = scores(run(model, query, knn_correction="off")[0], truth, spec)
-            for name in VARIANTS:
-                w = []
-                for j, lv in enumerate(levels):
-                    codes = model.reference["labels"][lv]
-                    freq = np.bincount(codes[codes >= 0], minlength=len(model.classes[lv])) / (codes >= 0).sum()
-                    pi_s = p_ref[j].mean(0)
-                    w.append(query_prior(name, p_query[j], pi_s, freq) / (freq if name == "em_freq" else pi_s))
-                for suffix, kw in (("", {}), ("_off", {"knn_correction": "off"})):
-                    row["results"][name + suffix] = scores(run(model, query, "adjust", w=w, **kw)[0], truth, spec)
-            rows.append(row)
-            out.write_text(json.dumps(rows))
-            print(case, seed, {k: round(v["levels"][levels[-1]]["macro_f1"], 3) for k, v in row["results"].items()}, flush=True)
+        _, p_ref = run(model, ref, "record", knn_correction="off")
+        base, p_query = run(model, query, "record")
+        row = {"case": case, "seed": seed, "results": {"default": score_result(base, truth, spec)}}
+        row["results"]["default_off"] = score_result(run(model, query, knn_correction="off")[0], truth, spec)
+        for name in VARIANTS:
+            w = []
+            for j, lv in enumerate(levels):
+                codes = model.reference["labels"][lv]
+                freq = np.bincount(codes[codes >= 0], minlength=len(model.classes[lv])) / (codes >= 0).sum()
+                pi_s = p_ref[j].mean(0)
+                w.append(query_prior(name, p_query[j], pi_s, freq) / (freq if name == "em_freq" else pi_s))
+            for suffix, kw in (("", {}), ("_off", {"knn_correction": "off"})):
+                row["results"][name + suffix] = score_result(run(model, query, "adjust", w=w, **kw)[0], truth, spec)
+        print(case, seed, {k: round(v["levels"][levels[-1]]["macro_f1"], 3) for k, v in row["results"].items()}, flush=True)
+        yield row
 
 
-def summarise(path, results):
+def summarise(path, results="benchmark/results/results.json"):
     read = lambda p: json.loads(gzip.open(p, "rt").read() if str(p).endswith(".gz") else Path(p).read_text())
     rows, peers = read(path), {}
     for x in read(results)["runs"]:
@@ -183,13 +159,4 @@ def summarise(path, results):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--summarise":
-        print(summarise(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "benchmark/results/results.json"))
-        sys.exit(0)
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cases"); ap.add_argument("seeds"); ap.add_argument("out", type=Path)
-    ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
-    ap.add_argument("--models", type=Path, default=Path("/tmp/atlasmtl_prior_models"))
-    a = ap.parse_args()
-    a.models.mkdir(parents=True, exist_ok=True)
-    study(a.cases.split(","), [int(s) for s in a.seeds.split(",")], a.out, a.work, a.models)
+    posthoc_main(study, summarise, "/tmp/atlasmtl_prior_models")

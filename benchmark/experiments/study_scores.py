@@ -1,22 +1,78 @@
-"""What the setting studies record per trained model: predictions at the defaults and with KNN off, scored.
+"""What the setting studies record per trained model, and the loop of the post-hoc studies.
 
-Shared by ``build_setting_study.py`` and ``refit_study.py`` (rows in one format, so one ``--summarise``
-reads both).
+``score_model`` (predictions at the defaults and with KNN off, scored) is shared by
+``build_setting_study.py`` and ``refit_study.py`` (rows in one format, so one ``--summarise`` reads both);
+``score_result`` scores one prediction. ``posthoc_main`` runs a study that predicts with default models
+trained once and kept (``query_prior_study.py``, ``novelty_ensemble_study.py``).
 """
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
 import atlasmtl
+from atlasmtl.model import TrainedModel
+from common import read_study_case
 
 NOVELTY_KEYS = ("auroc", "novel_unknown_rate", "known_unknown_rate")
 
 
-def score_model(model, query, truth, spec) -> dict:
-    """``{"default": ..., "off": ...}``: per level the numeric metrics of ``atlasmtl.evaluate``, and the
-    novelty metrics where the case has novel labels."""
+def score_result(res, truth, spec) -> dict:
+    """Per level the numeric metrics of ``atlasmtl.evaluate`` (Unknown counts as wrong), and the novelty
+    metrics where the case has novel labels."""
     levels, novel = spec["levels"], ({"novel_labels": spec["novel"]} if spec.get("novel") else {})
-    out = {}
-    for name, kw in {"default": {}, "off": {"knn_correction": "off"}}.items():
-        res = atlasmtl.predict(model, query, show_progress=False, show_summary=False, **kw)
-        met = atlasmtl.evaluate(res, truth, label_columns=levels, **novel)
-        out[name] = {
-            "levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
-            "novel": {lv: {k: v.get(k) for k in NOVELTY_KEYS} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
-    return out
+    met = atlasmtl.evaluate(res, truth, label_columns=levels, **novel)
+    return {
+        "levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
+        "novel": {lv: {k: v.get(k) for k in NOVELTY_KEYS} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
+
+
+def score_model(model, query, truth, spec) -> dict:
+    """``{"default": ..., "off": ...}``: :func:`score_result` of the predictions at the defaults and with
+    ``knn_correction="off"``."""
+    return {name: score_result(atlasmtl.predict(model, query, show_progress=False, show_summary=False, **kw), truth, spec)
+            for name, kw in {"default": {}, "off": {"knn_correction": "off"}}.items()}
+
+
+def default_models(cases, seeds, rows, work: Path, models: Path):
+    """``(case, seed, spec, ref, query, truth, model)`` for each (case, seed) not yet in ``rows``: the default
+    model, loaded from ``models/<case>_<seed>.pth`` or trained on one thread and saved there (so several
+    studies share one training)."""
+    done = {(r["case"], r["seed"]) for r in rows}
+    for case in cases:
+        spec, ref, query, truth = read_study_case(work / "cases" / case)
+        for seed in seeds:
+            if (case, seed) in done:
+                continue
+            path = models / f"{case}_{seed}.pth"
+            if path.exists():
+                model = TrainedModel.load(path)
+            else:
+                model = atlasmtl.build_model(ref, spec["levels"], random_state=seed, num_threads=1,
+                                             show_progress=False, show_summary=False)
+                model.save(path)
+            yield case, seed, spec, ref, query, truth, model
+
+
+def posthoc_main(study, summarise, models_default: str) -> None:
+    """Command line of a post-hoc study: ``<cases> <seeds> out.json [--work DIR] [--models DIR]`` runs
+    ``study(default_models(...))`` (it yields one row per case and seed; each is saved as it comes), and
+    ``--summarise ARGS`` prints ``summarise(*ARGS)``."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--summarise":
+        print(summarise(*sys.argv[2:]))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases")
+    ap.add_argument("seeds")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
+    ap.add_argument("--models", type=Path, default=Path(models_default))
+    a = ap.parse_args()
+    a.models.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    rows = json.loads(a.out.read_text()) if a.out.exists() else []
+    for row in study(default_models(a.cases.split(","), [int(s) for s in a.seeds.split(",")], rows, a.work, a.models)):
+        rows.append(row)
+        a.out.write_text(json.dumps(rows))
