@@ -3,7 +3,8 @@
 ``score_model`` (predictions at the defaults and with KNN off, scored) is shared by
 ``build_setting_study.py`` and ``refit_study.py`` (rows in one format, so one ``--summarise`` reads both);
 ``score_result`` scores one prediction. ``posthoc_main`` runs a study that predicts with default models
-trained once and kept (``query_prior_study.py``, ``novelty_ensemble_study.py``).
+trained once and kept (``query_prior_study.py``, ``novelty_ensemble_study.py``, ``knn_rule_study.py``,
+``self_training_study.py``; pass one ``--models`` folder to all of them to train each model once).
 """
 import argparse
 import json
