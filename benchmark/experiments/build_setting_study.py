@@ -14,33 +14,24 @@ model, predicted at the defaults and with ``knn_correction="off"``, scored with 
     (cases are read from $ATLASMTL_STUDY_WORK/cases, default /work/bench_work/cases)
     python benchmark/experiments/build_setting_study.py --summarise out.json[.gz] [results.json]
 """
-import functools, gzip, json, os, statistics as st, sys
+import functools, json, os, statistics as st, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_study_case
-from study_scores import score_model
+from study_scores import PEERS, peer_levels, read_rows as _read, score_model
 import atlasmtl
 import atlasmtl.calibration
 import atlasmtl.training as tr
 from atlasmtl.augment import ShiftAugmentation
 
-PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 DEFAULTS = Path(__file__).resolve().parent / "results" / "novelty_threshold_ensemble_seeds012.json.gz"
-
-
-def _read(path):
-    path = str(path)
-    return json.loads(gzip.open(path, "rt").read() if path.endswith(".gz") else Path(path).read_text())
 
 
 def summarise(path, results="benchmark/results/results.json"):
     """Per case and setting: mean over seeds of finest / coarse macro-F1 at the default KNN, with the
     defaults (threshold-study rows at 4.5) and the mean / worst delta to the best peer of ``results``."""
-    peers = {}
-    for x in _read(results)["runs"]:
-        if x["status"] == "ok":
-            peers.setdefault(x["case"], {})[x["method"]] = x["metrics"]["levels"]
+    peers = peer_levels(results)
     rows = [dict(r, results={"default": r["4.5"]}, setting="defaults") for r in _read(DEFAULTS)] + _read(path)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     cases = list(dict.fromkeys(r["case"] for r in _read(path)))

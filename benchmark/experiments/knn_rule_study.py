@@ -11,15 +11,14 @@ cells count as wrong), and the number of calls replaced.
     PYTHONPATH=$PWD python benchmark/experiments/knn_rule_study.py <case,case,...> 0,1,2 out.json [--work DIR] [--models DIR]
     python benchmark/experiments/knn_rule_study.py --summarise out.json[.gz] [results.json]
 """
-import gzip, json, statistics as st, sys
+import json, statistics as st, sys
 from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main
+from study_scores import PEERS, peer_levels, posthoc_main, read_rows
 import atlasmtl
 
-PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 FRACTIONS = (0.6, 0.8)
 
 
@@ -47,11 +46,7 @@ def study(models):
 
 
 def summarise(path, results="benchmark/results/results.json"):
-    read = lambda p: json.loads(gzip.open(p, "rt").read() if str(p).endswith(".gz") else Path(p).read_text())
-    rows, peers = read(path), {}
-    for x in read(results)["runs"]:
-        if x["status"] == "ok":
-            peers.setdefault(x["case"], {})[x["method"]] = x["metrics"]["levels"]
+    rows, peers = read_rows(path), peer_levels(results)
     rules = ["off", "confirm (default)"] + [f"replace{f}" for f in FRACTIONS]
     lines = ["| case | best peer | " + " | ".join(rules) + " | calls replaced at 0.6 (per seed) |", "|" + "---|" * (3 + len(rules))]
     delta = {r: [] for r in rules}

@@ -24,13 +24,13 @@ fixed thresholds of ``z`` and ``zq``.
 
 The members' probabilities are recorded by wrapping ``EnsembleNetwork.forward``: research only.
 """
-import gzip, json, statistics as st, sys
+import statistics as st, sys
 from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main
+from study_scores import posthoc_main, read_rows
 import atlasmtl
 import atlasmtl.network as network
 
@@ -90,7 +90,7 @@ def study(models):
 
 
 def summarise(path):
-    rows = json.loads(gzip.open(path, "rt").read() if str(path).endswith(".gz") else Path(path).read_text())
+    rows = read_rows(path)
     cases = list(dict.fromkeys(r["case"] for r in rows))
     novel_cases = [c for c in cases if any(r["n_novel"] for r in rows if r["case"] == c)]
     mean = lambda c, f: st.mean(f(r) for r in rows if r["case"] == c)

@@ -25,15 +25,14 @@ novel labels.
 The probabilities are re-weighted by wrapping ``atlasmtl.prediction.softmax`` (called once per level and
 batch, levels in order): research only, not an API.
 """
-import gzip, json, statistics as st, sys
+import statistics as st, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main, score_result
+from study_scores import PEERS, peer_levels, posthoc_main, read_rows, score_result
 import atlasmtl
 import atlasmtl.prediction as prediction
 
-PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 VARIANTS = ("em", "em_freq", "em_sqrt", "em3", "map", "mean1", "mean1_sqrt")
 _softmax = prediction.softmax
 _state = {"mode": None, "i": 0, "rec": None, "w": None, "levels": 1}
@@ -133,11 +132,7 @@ def study(models):
 
 
 def summarise(path, results="benchmark/results/results.json"):
-    read = lambda p: json.loads(gzip.open(p, "rt").read() if str(p).endswith(".gz") else Path(p).read_text())
-    rows, peers = read(path), {}
-    for x in read(results)["runs"]:
-        if x["status"] == "ok":
-            peers.setdefault(x["case"], {})[x["method"]] = x["metrics"]["levels"]
+    rows, peers = read_rows(path), peer_levels(results)
     variants = list(rows[0]["results"])
     lines = ["| case | best peer fine | " + " | ".join(variants) + " |", "|" + "---|" * (2 + len(variants))]
     fine_d, coarse_d = {v: [] for v in variants}, {v: [] for v in variants}

@@ -10,18 +10,16 @@ query are scored (``study_scores.score_result``: finest / coarse macro-F1, novel
     PYTHONPATH=$PWD python benchmark/experiments/self_training_study.py <case,case,...> 0,1,2 out.json [--work DIR] [--models DIR]
     python benchmark/experiments/self_training_study.py --summarise out.json[.gz] [results.json]
 """
-import gzip, json, statistics as st, sys
+import statistics as st, sys
 from pathlib import Path
 import anndata as ad
-import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main, score_result
+from study_scores import PEERS, peer_levels, posthoc_main, read_rows, score_result
 import atlasmtl
 
 CONFIDENCE = 0.9
-PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 
 
 def pseudo_labelled_union(ref, query, result, levels):
@@ -54,11 +52,7 @@ def study(models):
 def summarise(path, results="benchmark/results/results.json"):
     """Per case, means over seeds: finest / coarse macro-F1 before and after, cells added, and on removed-type
     cases the novelty AUROC and novel → Unknown before and after; then the mean / worst Δ to the best peer."""
-    read = lambda p: json.loads(gzip.open(p, "rt").read() if str(p).endswith(".gz") else Path(p).read_text())
-    rows, peers = read(path), {}
-    for x in read(results)["runs"]:
-        if x["status"] == "ok":
-            peers.setdefault(x["case"], {})[x["method"]] = x["metrics"]["levels"]
+    rows, peers = read_rows(path), peer_levels(results)
     names = ("default", "off", "self_trained", "self_trained_off")
     lines = ["| case | query cells added | best peer fine / coarse | " + " | ".join(names) + " | novel AUROC / → Unknown, before → after |",
              "|" + "---|" * (4 + len(names))]

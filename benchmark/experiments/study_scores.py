@@ -7,6 +7,7 @@ trained once and kept (``query_prior_study.py``, ``novelty_ensemble_study.py``, 
 ``self_training_study.py``; pass one ``--models`` folder to all of them to train each model once).
 """
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,23 @@ from atlasmtl.model import TrainedModel
 from common import read_study_case
 
 NOVELTY_KEYS = ("auroc", "novel_unknown_rate", "known_unknown_rate")
+#: The benchmark's peers, whose best per case and level the studies compare with.
+PEERS = ("celltypist", "logreg", "knn", "symphonypy")
+
+
+def read_rows(path) -> list | dict:
+    """A study's rows (or a benchmark results file): JSON, gzipped when the name ends in ``.gz``."""
+    path = str(path)
+    return json.loads(gzip.open(path, "rt").read() if path.endswith(".gz") else Path(path).read_text())
+
+
+def peer_levels(results="benchmark/results/results.json") -> dict:
+    """``{case: {method: per-level metrics}}`` of the successful runs in a benchmark results file."""
+    peers: dict = {}
+    for x in read_rows(results)["runs"]:
+        if x["status"] == "ok":
+            peers.setdefault(x["case"], {})[x["method"]] = x["metrics"]["levels"]
+    return peers
 
 
 def score_result(res, truth, spec) -> dict:
