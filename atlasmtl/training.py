@@ -30,6 +30,7 @@ from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
 from .augment import ShiftAugmentation, simulate_shift
+from .batch_worker import CsrSlots, forked_prefetch, max_batch_nonzeros, use_worker_process
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError, user_stacklevel
 from .genes import (
     INPUT_TRANSFORMS,
@@ -858,30 +859,39 @@ class _Objective:
             for j, col in enumerate(ref.label_columns)
         ]
 
-    def prepare(self, rows: np.ndarray, block: Any, train: bool = False) -> Minibatch:
-        """The minibatch of reference cells ``rows`` (whose matrix rows are ``block``).
+    def transform(self, block: Any, train: bool = False) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
+        """The network input of the rows ``block``: sparse offset input (exact for every transform;
+        see :class:`~atlasmtl.network.SparseInput`) and, when training on the CPU, its transpose.
 
-        The input is sparse (:class:`~atlasmtl.network.SparseInput`, exact for every
-        transform). With ``train=True`` and augmentation on, it is a shifted copy
-        (:func:`simulate_shift`). No per-cell Python; runs in the prefetch thread.
+        With ``train=True`` and augmentation on, it is a shifted copy (:func:`simulate_shift`).
+        No per-cell Python; runs in the minibatch worker (a process or a thread).
         """
-        ref, dev = self.ref, self.dev
+        ref = self.ref
         check_finite(block, ref.source.where)
         if train and self.augmentation is not None:
             x = self.counts_aligner.sparse_input(simulate_shift(block, ref.semantics["semantics"], self.rng,
                                                                 self.augmentation))
         else:
             x = ref.aligner.sparse_input(block)
-        codes = ref.codes[rows]
+        return x, (x.T.tocsr() if train and self.dev.type == "cpu" else None)
+
+    def minibatch(self, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None = None) -> Minibatch:
+        """The minibatch of reference cells ``rows`` whose input (and its transpose) is ``x`` (``x_t``)."""
+        dev = self.dev
+        codes = self.ref.codes[rows]
         labelled = np.maximum((codes >= 0).sum(axis=0), 1).astype(float).tolist()
-        rows_t = x.T.tocsr() if train and dev.type == "cpu" else None
         return Minibatch(
-            x=SparseInput(x, self.zero_input, rows_t),
+            x=SparseInput(x, self.zero_input, x_t),
             y=torch.from_numpy(codes.astype(np.int64)).to(dev, non_blocking=True),  # cross-entropy takes int64
             n_labelled=labelled,
             coords={n: torch.from_numpy(v[rows]).to(dev, non_blocking=True) for n, v in self.coord_std.items()},
             n_cells=len(rows),
         )
+
+    def prepare(self, rows: np.ndarray, block: Any, train: bool = False) -> Minibatch:
+        """The minibatch of reference cells ``rows`` (whose matrix rows are ``block``):
+        :meth:`transform` then :meth:`minibatch`."""
+        return self.minibatch(rows, *self.transform(block, train))
 
     def batch(self, rows: np.ndarray, train: bool = False) -> Minibatch:
         """:meth:`prepare` for rows read now (validation, tests)."""
@@ -1003,14 +1013,25 @@ def fit(
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=num_epochs * steps_per_epoch)
         best_val, best_state, stale = np.inf, None, 0
 
-        def epochs() -> Iterator[Minibatch | None]:
+        def epochs() -> Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None] | None]:
             for _ in range(num_epochs):
                 for rows, block in shuffled_minibatches(source, shard, batch_size, batch_rng, n_batches):
-                    yield objective.prepare(rows, block, train=True)
+                    yield (rows, *objective.transform(block, train=True))
                 yield None  # end of epoch
 
+        if dev.type == "cpu" and use_worker_process(source.backed, _dist.is_distributed()):
+            slots = CsrSlots(4, batch_size, source.n_vars, max_batch_nonzeros(source.matrix, shard, batch_size))
+            prepared = forked_prefetch(epochs, slots)
+        else:
+            slots, prepared = None, prefetch(epochs())
+
+        def minibatches() -> Iterator[Minibatch | None]:
+            with contextlib.closing(prepared):  # stops the worker on any exit
+                for item in prepared:
+                    yield None if item is None else objective.minibatch(*item)
+
         bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
-        with contextlib.closing(prefetch(epochs())) as stream:  # stops the worker on any exit
+        with contextlib.closing(minibatches()) as stream:
             epoch, step = 0, 0
             total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
             c_epoch = time.process_time()
@@ -1059,6 +1080,8 @@ def fit(
                 if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
                     break
         bar.close()
+        if slots is not None:
+            slots.close()
     if best_state is not None and early_stopping_patience is not None:
         net.load_state_dict(best_state)
     if not all(torch.isfinite(p).all() for p in net.parameters()):

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 import atlasmtl
-from atlasmtl import training
+from atlasmtl import batch_worker, network, training
 from atlasmtl.genes import identity_aligner
 from atlasmtl.inputs import MatrixSource, h5ad_reference_source
 from atlasmtl.network import MultiTaskNetwork, SparseInput
@@ -22,9 +22,14 @@ def _counts(n_cells: int, n_genes: int, seed: int) -> sp.csr_matrix:
     return x
 
 
+@pytest.mark.parametrize("kernels", ["torch", "scipy"])
 @pytest.mark.parametrize("transform", ["zscore", "float", "binary"])
-def test_sparse_first_layer_equals_dense(transform):
-    """W f(x) + b computed as W (f(x) - f(0)) + (W f(0) + b): same output and same gradients as the dense input."""
+def test_sparse_first_layer_equals_dense(transform, kernels, monkeypatch):
+    """W f(x) + b computed as W (f(x) - f(0)) + (W f(0) + b): same output and same gradients as the dense input,
+    with PyTorch's (MKL) CPU products and with scipy's (PyTorch builds without MKL)."""
+    if kernels == "torch" and not torch.backends.mkl.is_available():
+        pytest.skip("this PyTorch has no MKL")
+    monkeypatch.setattr(network, "CPU_CSR_KERNELS", kernels)
     rng = np.random.default_rng(0)
     x = _counts(64, 300, seed=1)
     aligner = identity_aligner(300, transform, "counts")
@@ -140,6 +145,73 @@ def test_prefetch_passes_items_and_errors():
     stream = training.prefetch(iter(range(1000)), depth=2)
     assert next(stream) == 0
     stream.close()  # stops the worker
+
+
+def _batches(n_batches, n_genes=50, fail_at=None):
+    """A producer of (rows, CSR batch, transpose) items with an end mark after each 3 batches."""
+    def produce():
+        for i in range(n_batches):
+            if i == fail_at:
+                raise ValueError(f"bad batch {i}")
+            x = _counts(8 + i, n_genes, seed=i)
+            yield np.arange(i, i + x.shape[0]), x, x.T.tocsr()
+            if i % 3 == 2:
+                yield None
+    return produce
+
+
+@pytest.mark.skipif(not batch_worker.fork_available(), reason="needs fork")
+def test_forked_prefetch_hands_over_every_batch_exactly():
+    """Batches prepared in the forked worker arrive intact through the shared slots (and pickled when a batch
+    is larger than a slot), marks in place, and the worker is gone afterwards."""
+    expected = list(_batches(7)())
+    for max_nnz in (10_000, 40):  # slots large enough; too small, so every batch goes through the pipe
+        slots = batch_worker.CsrSlots(2, 16, 50, max_nnz)
+        got = []
+        for item in batch_worker.forked_prefetch(_batches(7), slots):
+            got.append(None if item is None else (item[0].copy(), item[1].copy(), item[2].copy()))
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert np.array_equal(a[0], b[0])
+                assert (a[1] != b[1]).nnz == 0 and a[1].shape == b[1].shape
+                assert (a[2] != b[2]).nnz == 0 and a[2].shape == b[2].shape
+        slots.close()
+    assert not [c for c in __import__("multiprocessing").active_children() if c.name == "atlasmtl-batch-worker"]
+
+
+@pytest.mark.skipif(not batch_worker.fork_available(), reason="needs fork")
+def test_forked_prefetch_raises_worker_errors_and_stops_on_close():
+    slots = batch_worker.CsrSlots(2, 16, 50, 10_000)
+    with pytest.raises(ValueError, match="bad batch 2"):
+        list(batch_worker.forked_prefetch(_batches(5, fail_at=2), slots))
+    stream = batch_worker.forked_prefetch(_batches(1000), slots)
+    next(stream)
+    stream.close()  # stops the worker
+    assert not [c for c in __import__("multiprocessing").active_children() if c.name == "atlasmtl-batch-worker"]
+
+
+def test_worker_process_and_thread_train_the_same_network(symphony_split, monkeypatch):
+    """The forked worker draws the same minibatches and augmentations as the prefetch thread: same weights."""
+    ref, _ = symphony_split
+    kw = dict(num_epochs=3, num_threads=2, ensemble_size=1, show_progress=False, show_summary=False,
+              random_state=0)
+    models = []
+    for worker in ("process", "thread"):
+        monkeypatch.setenv(batch_worker.WORKER_ENV, worker)
+        models.append(atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw))
+    a, b = (m.network.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_worker_process_only_where_it_is_safe(monkeypatch):
+    monkeypatch.delenv(batch_worker.WORKER_ENV, raising=False)
+    assert batch_worker.use_worker_process(False, False) == batch_worker.fork_available()
+    assert not batch_worker.use_worker_process(True, False)  # an open HDF5 file is not shared with a child
+    assert not batch_worker.use_worker_process(False, True)  # torchrun ranks keep the thread
+    monkeypatch.setenv(batch_worker.WORKER_ENV, "thread")
+    assert not batch_worker.use_worker_process(False, False)
 
 
 def _accuracy(model, query):
