@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
+from .exceptions import TrainingError
+
 #: Environment variable that turns the worker process off (``thread``) for debugging.
 WORKER_ENV = "ATLASMTL_BATCH_WORKER"
 _ALIGN = 64
@@ -136,9 +138,12 @@ class CsrSlots:
             pass
 
 
-def _child(produce: Callable[[], Iterator[Any]], slots: CsrSlots, ready: Any, free: Any) -> None:
+def _child(produce: Callable[[], Iterator[Any]], slots: CsrSlots, ready: Any, free: Any,
+           parent_ends: tuple[Any, ...]) -> None:
     """The worker's loop: prepare each item of ``produce()``, wait for a free slot, fill it, announce it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training loop's to handle; it stops us
+    for conn in parent_ends:  # so that if the training process dies, our reads end (EOFError) and we exit
+        conn.close()
     try:
         for item in produce():
             if item is None:
@@ -152,10 +157,13 @@ def _child(produce: Callable[[], Iterator[Any]], slots: CsrSlots, ready: Any, fr
                 ready.send(("inline", rows, x, x_t))
         ready.send(("done",))
     except BaseException as exc:  # noqa: BLE001 - handed to the training loop
-        try:
-            ready.send(("error", exc))
-        except Exception:  # noqa: BLE001 - an exception that does not pickle
-            ready.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        # as it is, or as text when it does not pickle; nothing when the training loop is gone
+        for message in (("error", exc), ("error", RuntimeError(f"{type(exc).__name__}: {exc}"))):
+            try:
+                ready.send(message)
+                break
+            except Exception:  # noqa: BLE001
+                continue
 
 
 def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None] | None]],
@@ -176,7 +184,7 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
         # Python 3.12+ warns that forking a multi-threaded process may deadlock the child; the child
         # runs only numpy/scipy code on arrays it inherited, never PyTorch or the thread pools
         warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        worker = ctx.Process(target=_child, args=(produce, slots, ready_send, free_recv), daemon=True,
+        worker = ctx.Process(target=_child, args=(produce, slots, ready_send, free_recv, (ready_recv, free_send)), daemon=True,
                              name="atlasmtl-batch-worker")
         worker.start()
     ready_send.close()  # so a worker that dies ends our reads with EOFError
@@ -193,7 +201,8 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
             try:
                 msg = ready_recv.recv()
             except EOFError:
-                raise RuntimeError(
+                worker.join(5)
+                raise TrainingError(
                     f"atlasmtl's minibatch worker process stopped unexpectedly (exit code {worker.exitcode}); "
                     f"if the machine ran out of memory, train with fewer genes or from disk, or set "
                     f"{WORKER_ENV}=thread"

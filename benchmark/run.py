@@ -116,22 +116,25 @@ def run_one(method: str, case_dir: Path, out_dir: Path, settings: dict, timeout:
 
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    sampled_peak = 0.0
+    sampled_peak = sampled_pss_peak = 0.0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd=str(BENCH_DIR.parent))
         ps = psutil.Process(proc.pid)
         timed_out = False
         while True:
-            try:  # RSS of the runner and all its descendants, summed, every 0.1 s
+            try:  # RSS and PSS of the runner and all its descendants, summed, every 0.1 s
                 tree = [ps, *ps.children(recursive=True)]
-                total = 0
+                total = total_pss = 0
                 for p in tree:
                     try:
-                        total += p.memory_info().rss
+                        mem = p.memory_full_info()  # PSS (Linux): pages shared by forked processes counted once
+                        total += mem.rss
+                        total_pss += getattr(mem, "pss", mem.rss)
                     except psutil.Error:
                         pass
                 sampled_peak = max(sampled_peak, total / 2**20)
+                sampled_pss_peak = max(sampled_pss_peak, total_pss / 2**20)
             except psutil.Error:
                 pass
             if proc.poll() is not None:
@@ -143,10 +146,13 @@ def run_one(method: str, case_dir: Path, out_dir: Path, settings: dict, timeout:
     wall = time.perf_counter() - t0
     rec_path = out_dir / "run.json"
     record = read_json(rec_path) if rec_path.exists() else {}
-    # Peak RSS: the runner's own high-water mark (VmHWM, exact), its finished children's, and the sampled
-    # sum over the process tree (catches concurrent workers); the largest of the three.
-    peak = max(sampled_peak, record.get("peak_rss_self_mb") or 0.0, record.get("peak_rss_children_mb") or 0.0)
+    # Peak memory: the runner's own high-water mark (VmHWM, exact), its finished children's, and the sampled
+    # sum over the process tree (catches concurrent workers); the largest of the three. The sum is of PSS
+    # (proportional set size): a forked worker (atlasmtl's minibatch process) shares the reference's pages
+    # with the runner, and a sum of RSS would count them twice (kept as peak_rss_sampled_mb).
+    peak = max(sampled_pss_peak, record.get("peak_rss_self_mb") or 0.0, record.get("peak_rss_children_mb") or 0.0)
     record.update(wall_seconds=wall, peak_rss_mb=peak, peak_rss_sampled_mb=sampled_peak,
+                  peak_pss_sampled_mb=sampled_pss_peak,
                   returncode=proc.returncode, log=str(log_path),
                   load_average_1min={"before": load_before, "after": os.getloadavg()[0]})
     if timed_out:

@@ -192,6 +192,20 @@ def test_forked_prefetch_raises_worker_errors_and_stops_on_close():
     assert not [c for c in __import__("multiprocessing").active_children() if c.name == "atlasmtl-batch-worker"]
 
 
+@pytest.mark.skipif(not batch_worker.fork_available(), reason="needs fork")
+def test_forked_prefetch_reports_a_worker_that_dies():
+    """A worker killed mid-epoch (e.g. by the out-of-memory killer) is an atlasmtl error, not a hang."""
+    import os
+
+    def produce():
+        yield from _batches(2)()
+        os._exit(3)
+
+    from atlasmtl.exceptions import TrainingError
+    with pytest.raises(TrainingError, match="stopped unexpectedly .exit code 3"):
+        list(batch_worker.forked_prefetch(produce, batch_worker.CsrSlots(2, 16, 50, 10_000)))
+
+
 def test_worker_process_and_thread_train_the_same_network(symphony_split, monkeypatch):
     """The forked worker draws the same minibatches and augmentations as the prefetch thread: same weights."""
     ref, _ = symphony_split
