@@ -1,4 +1,4 @@
-"""A forked worker process that prepares training minibatches beside the training loop.
+"""Workers that prepare training minibatches beside the training loop: a forked process, or a thread.
 
 Preparing a minibatch (reading the rows, the shift augmentation, the input
 transform, the transpose for the weight gradient) takes about half as long as
@@ -17,9 +17,10 @@ numbers) is written into one of a few slots of an anonymous shared memory map
 and handed over by slot number, without pickling; a batch too large for a slot
 (not expected: slots are sized for the largest possible batch) is pickled
 through the pipe instead. Where ``fork`` is not available, or the reference is
-read from disk (an open HDF5 file must not be shared by two processes), or
-under :mod:`torch.distributed`, training uses the thread
-(:func:`use_worker_process`).
+read from disk (an open HDF5 file must not be shared by two processes), under
+:mod:`torch.distributed`, or in a daemonic process, training uses the thread
+(:func:`prefetch`; :func:`use_worker_process` decides), as it does when the
+fork itself fails (with a warning).
 """
 
 from __future__ import annotations
@@ -42,6 +43,53 @@ WORKER_ENV = "ATLASMTL_BATCH_WORKER"
 _ALIGN = 64
 
 
+def prefetch(items: Iterator[Any], depth: int = 3) -> Iterator[Any]:
+    """Run an iterator in a background thread, ``depth`` items ahead (reading, augmenting and
+    transforming the next minibatches while the network trains on this one).
+
+    Exceptions in the worker are raised in the consumer; leaving the loop early stops the worker.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((False, exc))
+
+    worker = threading.Thread(target=work, name="atlasmtl-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+
+
 def fork_available() -> bool:
     """Whether this platform can fork the training process (Linux; macOS and Windows spawn)."""
     return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
@@ -51,7 +99,8 @@ def use_worker_process(backed: bool, distributed: bool) -> bool:
     """Whether training prepares minibatches in a forked process rather than a thread."""
     if os.environ.get(WORKER_ENV, "").strip().lower() == "thread":
         return False
-    return fork_available() and not backed and not distributed
+    # a daemonic process (e.g. a multiprocessing.Pool worker) may not start children
+    return fork_available() and not backed and not distributed and not mp.current_process().daemon
 
 
 def max_batch_nonzeros(matrix: Any, cells: np.ndarray, batch_size: int) -> int:
@@ -186,7 +235,18 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
         warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
         worker = ctx.Process(target=_child, args=(produce, slots, ready_send, free_recv, (ready_recv, free_send)), daemon=True,
                              name="atlasmtl-batch-worker")
-        worker.start()
+        try:
+            worker.start()
+            failed = None
+        except OSError as exc:  # no memory or process slots for a fork: the thread does the same work
+            failed = exc
+    if failed is not None:
+        warnings.warn(f"atlasmtl could not start its minibatch worker process ({failed}); preparing minibatches "
+                      "in a thread instead (slower, same result)", RuntimeWarning, stacklevel=2)
+        for conn in (ready_recv, ready_send, free_recv, free_send):
+            conn.close()
+        yield from prefetch(produce())
+        return
     ready_send.close()  # so a worker that dies ends our reads with EOFError
     free_recv.close()
     held: int | None = None

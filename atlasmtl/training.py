@@ -30,7 +30,7 @@ from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
 from .augment import ShiftAugmentation, simulate_shift
-from .batch_worker import CsrSlots, forked_prefetch, max_batch_nonzeros, use_worker_process
+from .batch_worker import CsrSlots, forked_prefetch, max_batch_nonzeros, prefetch, use_worker_process
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError, user_stacklevel
 from .genes import (
     INPUT_TRANSFORMS,
@@ -776,53 +776,6 @@ def shuffled_minibatches(source: MatrixSource, cells: np.ndarray, batch_size: in
             emitted += 1
         rest = np.sort(mix[n_full:])
         carry_rows, carry_block = (buf_rows[rest], buffer[rest]) if len(rest) else (None, None)
-
-
-def prefetch(items: Iterator[Any], depth: int = 3) -> Iterator[Any]:
-    """Run an iterator in a background thread, ``depth`` items ahead (reading, augmenting and
-    transforming the next minibatches while the network trains on this one).
-
-    Exceptions in the worker are raised in the consumer; leaving the loop early stops the worker.
-    """
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((True, done))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put((False, exc))
-
-    worker = threading.Thread(target=work, name="atlasmtl-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                worker.join(0.05)
 
 
 @dataclass

@@ -206,6 +206,21 @@ def test_forked_prefetch_reports_a_worker_that_dies():
         list(batch_worker.forked_prefetch(produce, batch_worker.CsrSlots(2, 16, 50, 10_000)))
 
 
+@pytest.mark.skipif(not batch_worker.fork_available(), reason="needs fork")
+def test_forked_prefetch_falls_back_to_the_thread_when_the_fork_fails(monkeypatch):
+    import multiprocessing.context
+
+    def no_fork(self):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", no_fork)
+    expected = list(_batches(4)())
+    with pytest.warns(RuntimeWarning, match="could not start its minibatch worker process"):
+        got = list(batch_worker.forked_prefetch(_batches(4), batch_worker.CsrSlots(2, 16, 50, 10_000)))
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert all(np.array_equal(g[0], e[0]) for g, e in zip(got, expected) if g is not None)
+
+
 def test_worker_process_and_thread_train_the_same_network(symphony_split, monkeypatch):
     """The forked worker draws the same minibatches and augmentations as the prefetch thread: same weights."""
     ref, _ = symphony_split
@@ -226,6 +241,9 @@ def test_worker_process_only_where_it_is_safe(monkeypatch):
     assert not batch_worker.use_worker_process(False, True)  # torchrun ranks keep the thread
     monkeypatch.setenv(batch_worker.WORKER_ENV, "thread")
     assert not batch_worker.use_worker_process(False, False)
+    monkeypatch.delenv(batch_worker.WORKER_ENV)
+    monkeypatch.setattr(batch_worker.mp, "current_process", lambda: type("P", (), {"daemon": True})())
+    assert not batch_worker.use_worker_process(False, False)  # a Pool worker may not start children
 
 
 def _accuracy(model, query):
