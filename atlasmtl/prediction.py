@@ -32,7 +32,7 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
-from .novelty import NOVELTY_THRESHOLD, log_distance, novelty_z
+from .novelty import NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, log_distance, novelty_z
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -150,7 +150,9 @@ def predict(
         A cell whose novelty score (robust z-score of its distance to the
         reference cells of its called class, against held-out reference cells)
         exceeds this is novel at that level: Unknown there and below, and the KNN
-        vote cannot relabel it. ``None`` disables novelty detection.
+        vote cannot relabel it; not when its call's calibrated probability is at
+        least :data:`~atlasmtl.novelty.NOVELTY_CONFIDENCE_GUARD` (0.9). ``None``
+        disables novelty detection.
     batch_size
         Cells per inference batch.
     num_threads
@@ -379,7 +381,8 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         if decoder.null is not None and lv in decoder.null and decoder.null[lv].get("n"):
             score, _ = novelty_z(log_distance(o["distance"]), decoder.null[lv])
             z = score.astype(np.float32)
-            novel = np.nan_to_num(score, nan=-np.inf) > novelty_threshold
+            novel = (np.nan_to_num(score, nan=-np.inf) > novelty_threshold) \
+                & ~(np.nan_to_num(o["conf"], nan=0.0) >= NOVELTY_CONFIDENCE_GUARD)
         nested = parent is not None and lv in decoder.parent_of
         if nested:
             novel |= parent.is_novel

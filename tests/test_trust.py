@@ -13,6 +13,7 @@ import atlasmtl
 from atlasmtl.calibration import calibration_split, expected_calibration_error, fit_temperature
 from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
+from atlasmtl.novelty import NOVELTY_CONFIDENCE_GUARD
 from atlasmtl.knn import vote
 
 from .conftest import SYMPHONY_LEVELS, data_file
@@ -142,6 +143,12 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
         assert np.all(calls.is_unknown[calls.is_novel]) and not np.any(calls.used_knn[calls.is_novel]), lv
     # novel at the coarse level ⇒ Unknown at the fine level
     assert np.all(result.levels["cell_type"].is_unknown[result.levels["cell_type_broad"].is_novel])
+    # a call the heads are sure of (calibrated probability >= NOVELTY_CONFIDENCE_GUARD) is never flagged on
+    # distance alone, though some such cells lie above the threshold
+    coarse = result.levels["cell_type_broad"]
+    sure = np.nan_to_num(coarse.conf) >= NOVELTY_CONFIDENCE_GUARD
+    assert (sure & (np.nan_to_num(coarse.novelty, nan=-np.inf) > 2.0)).any()
+    assert not (coarse.is_novel & sure).any()
 
 
 # ---------------------------------------------------------------- cells without signal
