@@ -3,7 +3,7 @@
 Preparing a minibatch (reading the rows, the shift augmentation, the input
 transform, the transpose for the weight gradient) takes about half as long as
 the training step on the CPU, and it is many short numpy/scipy calls that hold
-Python's interpreter lock. In a prefetch *thread* (:func:`atlasmtl.training.prefetch`)
+Python's interpreter lock. In a prefetch *thread* (:func:`prefetch`)
 those calls keep the training loop, which needs the lock between every PyTorch
 operation, waiting: measured on 2 cores at 3,000 genes, a step took 3.8 ms alone
 and 5.2-5.6 ms beside the thread (the thread's own work was 1.9 ms). In a process
@@ -28,8 +28,10 @@ from __future__ import annotations
 import mmap
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -49,9 +51,6 @@ def prefetch(items: Iterator[Any], depth: int = 3) -> Iterator[Any]:
 
     Exceptions in the worker are raised in the consumer; leaving the loop early stops the worker.
     """
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
