@@ -221,7 +221,8 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
     Items are ``(row numbers, CSR batch, its transpose or None)``, or ``None`` (passed
     through, e.g. as an end-of-epoch mark). A yielded batch is a view into shared
     memory that stays valid until the next item is asked for. Exceptions in the worker
-    are raised here; closing the generator (or leaving the loop) stops the worker.
+    are raised here; closing the generator (or leaving the loop) stops the worker and
+    releases ``slots``.
     """
     ctx = mp.get_context("fork")
     ready_recv, ready_send = ctx.Pipe(duplex=False)
@@ -244,6 +245,7 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
                       "in a thread instead (slower, same result)", RuntimeWarning, stacklevel=2)
         for conn in (ready_recv, ready_send, free_recv, free_send):
             conn.close()
+        slots.close()
         yield from prefetch(produce())
         return
     ready_send.close()  # so a worker that dies ends our reads with EOFError
@@ -284,3 +286,4 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
         worker.join(5)
         for conn in (ready_recv, free_send):
             conn.close()
+        slots.close()

@@ -976,7 +976,7 @@ def fit(
             slots = CsrSlots(4, batch_size, source.n_vars, max_batch_nonzeros(source.matrix, shard, batch_size))
             prepared = forked_prefetch(epochs, slots)
         else:
-            slots, prepared = None, prefetch(epochs())
+            prepared = prefetch(epochs())
 
         def minibatches() -> Iterator[Minibatch | None]:
             with contextlib.closing(prepared):  # stops the worker on any exit
@@ -1033,8 +1033,6 @@ def fit(
                 if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
                     break
         bar.close()
-        if slots is not None:
-            slots.close()
     if best_state is not None and early_stopping_patience is not None:
         net.load_state_dict(best_state)
     if not all(torch.isfinite(p).all() for p in net.parameters()):

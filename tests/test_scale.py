@@ -166,9 +166,8 @@ def test_forked_prefetch_hands_over_every_batch_exactly():
     is larger than a slot), marks in place, and the worker is gone afterwards."""
     expected = list(_batches(7)())
     for max_nnz in (10_000, 40):  # slots large enough; too small, so every batch goes through the pipe
-        slots = batch_worker.CsrSlots(2, 16, 50, max_nnz)
         got = []
-        for item in batch_worker.forked_prefetch(_batches(7), slots):
+        for item in batch_worker.forked_prefetch(_batches(7), batch_worker.CsrSlots(2, 16, 50, max_nnz)):
             got.append(None if item is None else (item[0].copy(), item[1].copy(), item[2].copy()))
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
@@ -177,16 +176,14 @@ def test_forked_prefetch_hands_over_every_batch_exactly():
                 assert np.array_equal(a[0], b[0])
                 assert (a[1] != b[1]).nnz == 0 and a[1].shape == b[1].shape
                 assert (a[2] != b[2]).nnz == 0 and a[2].shape == b[2].shape
-        slots.close()
     assert not [c for c in __import__("multiprocessing").active_children() if c.name == "atlasmtl-batch-worker"]
 
 
 @pytest.mark.skipif(not batch_worker.fork_available(), reason="needs fork")
 def test_forked_prefetch_raises_worker_errors_and_stops_on_close():
-    slots = batch_worker.CsrSlots(2, 16, 50, 10_000)
     with pytest.raises(ValueError, match="bad batch 2"):
-        list(batch_worker.forked_prefetch(_batches(5, fail_at=2), slots))
-    stream = batch_worker.forked_prefetch(_batches(1000), slots)
+        list(batch_worker.forked_prefetch(_batches(5, fail_at=2), batch_worker.CsrSlots(2, 16, 50, 10_000)))
+    stream = batch_worker.forked_prefetch(_batches(1000), batch_worker.CsrSlots(2, 16, 50, 10_000))
     next(stream)
     stream.close()  # stops the worker
     assert not [c for c in __import__("multiprocessing").active_children() if c.name == "atlasmtl-batch-worker"]
