@@ -3,7 +3,9 @@
 Research script. Per case, seed and setting (a JSON dict of ``build_model`` keyword arguments; keys
 ``augment.<field>`` set a field of the training augmentation, ``atlasmtl.augment.ShiftAugmentation``,
 e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise; keys ``calibration.<NAME>`` set a
-constant of ``atlasmtl.calibration``, e.g. ``ACCURACY_PRIOR_COUNT``; key ``reference.hvg``: train on the
+constant of ``atlasmtl.calibration``, e.g. ``ACCURACY_PRIOR_COUNT``; key ``variant``: a training
+variant of ``variants.py`` (ensemble members on other inputs or without augmentation, LayerNorm, a wide
+path); key ``reference.hvg``: train on the
 reference's ``N`` most variable genes only, ``scanpy.pp.highly_variable_genes(flavor="seurat")`` on its log
 values, when it has more) one
 model, predicted at the defaults and with ``knn_correction="off"``, scored with ``atlasmtl.evaluate``
@@ -75,6 +77,10 @@ for k, v in SETTING.items():  # "calibration.<CONSTANT>": a module constant of a
     if k.startswith("calibration."):
         setattr(atlasmtl.calibration, k.split(".", 1)[1], v)
 HVG = SETTING.get("reference.hvg")
+VARIANT = SETTING.pop("variant", None)
+if VARIANT:
+    import variants
+    variants.apply(VARIANT)
 SETTING = {k: v for k, v in SETTING.items() if not k.startswith(("augment.", "calibration.", "reference."))}
 if AUGMENT:  # build_model builds ShiftAugmentation() when augment=True
     tr.ShiftAugmentation = functools.partial(ShiftAugmentation, **AUGMENT)
@@ -89,6 +95,7 @@ for case in CASES:
         ref = ref[:, genes].copy()
     for seed in SEEDS:
         if (case, seed, key) in done: continue
+        if VARIANT: variants.new_model()
         model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False, **SETTING)
         row = {"case": case, "seed": seed, "setting": key, "train_seconds": model.train_config["train_seconds"], "results": score_model(model, query, truth, spec)}
         rows.append(row); OUT.write_text(json.dumps(rows))
