@@ -16,6 +16,16 @@ into pseudo-counts, and
 The network then sees the same cell types at many depths and panels and learns
 features that survive both. Only training batches are augmented; the
 reference embedding, validation loss and predictions use the cells as they are.
+
+Mixup (:func:`mixup_pairs`; ``build_model(mixup_alpha=...)``) is the other
+training-time change: each cell of a minibatch is mixed with another cell of the
+same batch, ``λ x_i + (1 - λ) x_j`` in the network's input space, and its loss is
+the same mixture of the two cells' losses (Zhang et al. 2018; as in scNym,
+Kimmel & Kelley 2021). The network learns to answer between the reference's
+types with probabilities in proportion, not to draw sharp boundaries through
+the empty space where a shifted query's cells fall. The first layer is linear,
+so the mixing is applied to its output (:class:`atlasmtl.network.MultiTaskNetwork`),
+which is the same and costs nothing of the sparse input's size.
 """
 
 from __future__ import annotations
@@ -74,6 +84,31 @@ def pseudo_counts(block: Any, semantics: str) -> sp.csr_matrix:
     out.data /= np.repeat(smallest, lengths)
     np.maximum(np.round(out.data), 1.0, out=out.data)
     return out
+
+
+def mixup_pairs(n_cells: int, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mixup partners and weights for a minibatch of ``n_cells``.
+
+    Parameters
+    ----------
+    n_cells
+        Cells in the minibatch.
+    alpha
+        Beta(alpha, alpha) concentration (> 0); smaller mixes less.
+    rng
+        Random generator (the training's own).
+
+    Returns
+    -------
+    partner
+        Row of each cell's partner in the batch (a random permutation; int64).
+    weight
+        Each cell's own weight ``λ = max(b, 1 - b)``, ``b ~ Beta(alpha, alpha)``
+        (float32, in ``[0.5, 1]``): the cell stays the larger part of its mixture.
+    """
+    partner = rng.permutation(n_cells).astype(np.int64)
+    b = rng.beta(alpha, alpha, size=n_cells)
+    return partner, np.maximum(b, 1.0 - b).astype(np.float32)
 
 
 def simulate_shift(block: Any, semantics: str, rng: np.random.Generator,

@@ -113,6 +113,28 @@ class _CsrLinear(torch.autograd.Function):
         return grad_w_t.t(), None, None, None
 
 
+class _MixRows(torch.autograd.Function):
+    """``weight * h + (1 - weight) * h[partner]`` per row, for a permutation ``partner`` (mixup).
+
+    The gradient is gathered through the inverse permutation instead of scattered back
+    (what autograd does for ``h[partner]``), which is the slower half of the step's mixing.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w = weight.unsqueeze(1)
+        ctx.save_for_backward(partner, w)
+        return torch.lerp(h[partner], h, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        partner, w = ctx.saved_tensors
+        inverse = torch.empty_like(partner)
+        inverse[partner] = torch.arange(len(partner), device=partner.device)
+        own = grad * w
+        return own + (grad - own)[inverse], None, None
+
+
 def sparse_linear(x: SparseInput, layer: nn.Linear) -> torch.Tensor:
     """The first layer on a :class:`SparseInput`: exactly ``layer(dense x)``, without forming dense ``x``.
 
@@ -197,7 +219,8 @@ class MultiTaskNetwork(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor | SparseInput, first_weight_t: torch.Tensor | None = None
+        self, x: torch.Tensor | SparseInput, first_weight_t: torch.Tensor | None = None,
+        mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> NetworkOutput:
         """Return ``(embedding, logits per level, standardised coordinates per target)``.
 
@@ -205,16 +228,22 @@ class MultiTaskNetwork(nn.Module):
         sparse CSR tensor (inference with a transform that keeps zeros). For sparse
         input the first layer is a sparse × dense product; ``first_weight_t`` (the
         first layer's weight, transposed and contiguous, prepared once per prediction
-        run) serves the CSR-tensor case.
+        run) serves the CSR-tensor case. ``mix = (partner, weight)`` (training with
+        mixup; :func:`atlasmtl.augment.mixup_pairs`) answers for the mixed inputs
+        ``weight * x + (1 - weight) * x[partner]``: the first layer is linear, so its
+        output is mixed, exactly the same without forming the mixed input.
         """
+        first = self.encoder.layers[0]
         if isinstance(x, SparseInput):
-            z = self.encoder.layers[1:](sparse_linear(x, self.encoder.layers[0]))
+            h = sparse_linear(x, first)
         elif x.layout == torch.sparse_csr:
-            first = self.encoder.layers[0]
             w_t = first.weight.t().contiguous() if first_weight_t is None else first_weight_t
-            z = self.encoder.layers[1:](torch.sparse.mm(x, w_t) + first.bias)
+            h = torch.sparse.mm(x, w_t) + first.bias
         else:
-            z = self.encoder(x)
+            h = first(x)
+        if mix is not None:
+            h = _MixRows.apply(h, *mix)
+        z = self.encoder.layers[1:](h)
         logits = [head(z) for head in self.label_heads]
         coords = {name: head(z) for name, head in self.coord_heads.items()}
         return NetworkOutput(z, logits, coords)

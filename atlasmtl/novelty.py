@@ -37,7 +37,7 @@ import numpy as np
 #: Reference neighbours of the predicted class averaged into the distance.
 NOVELTY_K = 10
 #: Default robust z-score above which a cell is novel at a level.
-NOVELTY_THRESHOLD = 4.5
+NOVELTY_THRESHOLD = 3.5
 #: Calibrated probability of a call at or above which the cell is not called novel at that level.
 NOVELTY_CONFIDENCE_GUARD = 0.9
 _MAD_TO_SD = 1.4826

@@ -29,7 +29,7 @@ from torch import nn
 from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .calls import UNKNOWN, check_writeback_names
-from .augment import ShiftAugmentation, simulate_shift
+from .augment import ShiftAugmentation, mixup_pairs, simulate_shift
 from .batch_worker import CsrSlots, forked_prefetch, max_batch_nonzeros, prefetch, use_worker_process
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError, user_stacklevel
 from .genes import (
@@ -126,6 +126,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "input_transform": as_choice("input_transform", p["input_transform"], INPUT_TRANSFORMS),
         "use_raw": as_bool("use_raw", p["use_raw"]),
         "augment": as_bool("augment", p["augment"]),
+        "mixup_alpha": as_float("mixup_alpha", p["mixup_alpha"], 0.0),
         "ensemble_size": checked_ensemble_size(p["ensemble_size"]),
     }
 
@@ -282,6 +283,7 @@ def build_model(
     class_weight_power: float = 0.5,
     input_transform: str = "zscore",
     augment: bool = True,
+    mixup_alpha: float = 0.4,
     ensemble_size: int | str = "auto",
     val_fraction: float = 0.0,
     calibration_fraction: float = 0.2,
@@ -351,6 +353,13 @@ def build_model(
         half the cells to 10–100% of their depth, a random 0–30% of genes
         unmeasured; :mod:`atlasmtl.augment`), so the network learns features that
         survive depth and gene-panel differences. ``False`` trains on the cells as they are.
+    mixup_alpha
+        Mixup (:func:`atlasmtl.augment.mixup_pairs`): each training cell is mixed
+        with another cell of its minibatch, ``λ x_i + (1 - λ) x_j`` with
+        ``λ = max(b, 1 - b)``, ``b ~ Beta(mixup_alpha, mixup_alpha)``, and learns the
+        same mixture of the two cells' labels at every level. Smaller mixes less;
+        ``0`` turns it off. The default (0.4) is chosen on the project's 15-case
+        benchmark (``documents/design/api_contract.md``).
     ensemble_size
         Networks trained apart (own initialisation, minibatch order and dropout)
         and combined (:class:`~atlasmtl.network.EnsembleNetwork`: mean
@@ -423,6 +432,7 @@ def build_model(
         input_transform=input_transform,
         use_raw=use_raw,
         augment=augment,
+        mixup_alpha=mixup_alpha,
         ensemble_size=ensemble_size,
     )
     batch_size, num_epochs, hidden_sizes = p["batch_size"], p["num_epochs"], p["hidden_sizes"]
@@ -430,6 +440,7 @@ def build_model(
     class_weight_power, val_fraction, calibration_fraction = p["class_weight_power"], p["val_fraction"], p["calibration_fraction"]
     early_stopping_patience, reference_storage = p["early_stopping_patience"], p["reference_storage"]
     input_transform, use_raw, augment = p["input_transform"], p["use_raw"], p["augment"]
+    mixup_alpha = p["mixup_alpha"]
     weight_decay, lr_schedule, min_steps = p["weight_decay"], p["lr_schedule"], p["min_steps"]
     random_state, seed = as_random_state(random_state)
     distributed = as_bool("distributed", distributed)
@@ -467,7 +478,7 @@ def build_model(
         warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=user_stacklevel())
     augmentation = ShiftAugmentation() if augment else None
     release_freed_memory()  # each phase's temporaries would otherwise stay in the C heap under the next's
-    objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev, augmentation, rng)
+    objective = _Objective(ref, train_cells, class_weight_power, label_smoothing, dev, augmentation, rng, mixup_alpha)
 
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
@@ -550,6 +561,7 @@ def build_model(
         "class_weight_power": class_weight_power,
         "input_transform": input_transform,
         "augment": augment,
+        "mixup_alpha": mixup_alpha,
         "ensemble_size": p["ensemble_size"],
         "val_fraction": val_fraction,
         "calibration_fraction": calibration_fraction,
@@ -787,6 +799,10 @@ class Minibatch:
     n_labelled: list[float]
     coords: dict[str, torch.Tensor]
     n_cells: int
+    #: Mixup partner row and own weight per cell (:func:`~atlasmtl.augment.mixup_pairs`), or ``None``.
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Whether every cell is labelled at every level.
+    all_labelled: bool = False
 
 
 class _Objective:
@@ -794,9 +810,11 @@ class _Objective:
 
     def __init__(self, ref: Reference, train_cells: np.ndarray, class_weight_power: float,
                  label_smoothing: float, dev: torch.device, augmentation: ShiftAugmentation | None = None,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, mixup_alpha: float = 0.0) -> None:
         self.ref, self.dev = ref, dev
         self.augmentation, self.rng = augmentation, rng or np.random.default_rng(0)
+        # mixup draws in the training loop, from a generator of its own (the minibatch worker has ``rng``)
+        self.mixup_alpha, self.mix_rng = mixup_alpha, np.random.default_rng(1)
         # shifted batches are counts, whatever the reference holds
         self.counts_aligner = dataclasses.replace(ref.aligner, semantics="counts")
         zero = ref.aligner.zero_input()
@@ -828,36 +846,68 @@ class _Objective:
             x = ref.aligner.sparse_input(block)
         return x, (x.T.tocsr() if train and self.dev.type == "cpu" else None)
 
-    def minibatch(self, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None = None) -> Minibatch:
-        """The minibatch of reference cells ``rows`` whose input (and its transpose) is ``x`` (``x_t``)."""
+    def minibatch(self, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None = None,
+                  train: bool = False) -> Minibatch:
+        """The minibatch of reference cells ``rows`` whose input (and its transpose) is ``x`` (``x_t``);
+        with ``train=True`` and ``mixup_alpha > 0``, with mixup partners drawn from :attr:`mix_rng`."""
         dev = self.dev
         codes = self.ref.codes[rows]
         labelled = np.maximum((codes >= 0).sum(axis=0), 1).astype(float).tolist()
+        mix = None
+        if train and self.mixup_alpha > 0 and len(rows) > 1:
+            partner, weight = mixup_pairs(len(rows), self.mixup_alpha, self.mix_rng)
+            mix = (torch.from_numpy(partner).to(dev, non_blocking=True), torch.from_numpy(weight).to(dev, non_blocking=True))
         return Minibatch(
             x=SparseInput(x, self.zero_input, x_t),
             y=torch.from_numpy(codes.astype(np.int64)).to(dev, non_blocking=True),  # cross-entropy takes int64
             n_labelled=labelled,
             coords={n: torch.from_numpy(v[rows]).to(dev, non_blocking=True) for n, v in self.coord_std.items()},
             n_cells=len(rows),
+            mix=mix,
+            all_labelled=bool((codes >= 0).all()),
         )
 
     def prepare(self, rows: np.ndarray, block: Any, train: bool = False) -> Minibatch:
         """The minibatch of reference cells ``rows`` (whose matrix rows are ``block``):
         :meth:`transform` then :meth:`minibatch`."""
-        return self.minibatch(rows, *self.transform(block, train))
+        return self.minibatch(rows, *self.transform(block, train), train=train)
 
     def batch(self, rows: np.ndarray, train: bool = False) -> Minibatch:
         """:meth:`prepare` for rows read now (validation, tests)."""
         return self.prepare(rows, self.ref.source.rows(rows), train)
 
     def loss(self, net: nn.Module, batch: Minibatch) -> torch.Tensor:
-        """The loss of a prepared minibatch (no host synchronisation)."""
-        out = net(batch.x)
+        """The loss of a prepared minibatch (no host synchronisation); for a mixed minibatch, each
+        cell's loss is the mixture of its own and its partner's labels' losses (targets likewise)."""
+        if batch.mix is None:
+            out = net(batch.x)
+            loss = torch.zeros((), device=self.dev)
+            for j, lg in enumerate(out.logits):
+                loss = loss + self.losses[j](lg, batch.y[:, j]) / batch.n_labelled[j]
+            for n in self.coord_std:
+                loss = loss + torch.mean((out.coords[n] - batch.coords[n]) ** 2)
+            return loss
+        partner, weight = batch.mix
+        out = net(batch.x, mix=batch.mix)
         loss = torch.zeros((), device=self.dev)
         for j, lg in enumerate(out.logits):
-            loss = loss + self.losses[j](lg, batch.y[:, j]) / batch.n_labelled[j]
+            ce = self.losses[j]
+            own_y, other_y = batch.y[:, j], batch.y[partner, j]
+            if batch.all_labelled:  # one cross-entropy against the mixed one-hot targets (same value)
+                target = torch.zeros_like(lg).scatter_(1, own_y.unsqueeze(1), weight.unsqueeze(1))
+                target.scatter_add_(1, other_y.unsqueeze(1), (1.0 - weight).unsqueeze(1))
+                part = nn.functional.cross_entropy(lg, target, weight=ce.weight, reduction="sum",
+                                                   label_smoothing=ce.label_smoothing)
+            else:
+                options = dict(weight=ce.weight, ignore_index=-1, reduction="none", label_smoothing=ce.label_smoothing)
+                own = nn.functional.cross_entropy(lg, own_y, **options)
+                other = nn.functional.cross_entropy(lg, other_y, **options)
+                part = torch.sum(weight * own + (1.0 - weight) * other)
+            loss = loss + part / batch.n_labelled[j]
+        w = weight.unsqueeze(1)
         for n in self.coord_std:
-            loss = loss + torch.mean((out.coords[n] - batch.coords[n]) ** 2)
+            target = w * batch.coords[n] + (1.0 - w) * batch.coords[n][partner]
+            loss = loss + torch.mean((out.coords[n] - target) ** 2)
         return loss
 
     def __call__(self, net: nn.Module, rows: np.ndarray, train: bool = False) -> torch.Tensor:
@@ -952,8 +1002,10 @@ def fit(
     num_epochs = max(num_epochs, -(-min_steps // steps_per_epoch))
     # the worker thread draws every shuffle and augmentation from its own generator, so how far
     # it runs ahead never changes the random numbers anything else sees
-    batch_rng = np.random.default_rng([int(rng.integers(2**63)), _dist.rank()])
+    stream_seed = int(rng.integers(2**63))
+    batch_rng = np.random.default_rng([stream_seed, _dist.rank()])
     objective.rng = batch_rng
+    objective.mix_rng = np.random.default_rng([stream_seed, _dist.rank(), 1])  # drawn here, in the training loop
     with _first_layer_stored_transposed(net) as first_weight_t:
         model: nn.Module = net
         if _dist.is_distributed():
@@ -981,7 +1033,7 @@ def fit(
         def minibatches() -> Iterator[Minibatch | None]:
             with contextlib.closing(prepared):  # stops the worker on any exit
                 for item in prepared:
-                    yield None if item is None else objective.minibatch(*item)
+                    yield None if item is None else objective.minibatch(*item, train=True)
 
         bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
         with contextlib.closing(minibatches()) as stream:

@@ -10,7 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 import atlasmtl
-from atlasmtl.augment import ShiftAugmentation, pseudo_counts, simulate_shift
+from atlasmtl.augment import ShiftAugmentation, mixup_pairs, pseudo_counts, simulate_shift
+from atlasmtl.exceptions import ParameterError
 from atlasmtl.genes import build_aligner, identity_aligner, log_gene_statistics
 from atlasmtl.inputs import get_matrix_source
 from atlasmtl.metrics import macro_f1
@@ -95,6 +96,90 @@ def test_gene_scale_noise_scales_each_gene_by_one_factor(symphony):
     assert all(len(f) == 1 for f in factors)  # one factor per gene
     spread = np.log([f[0] for f in factors])
     assert spread.std() > 0.05  # and they differ between genes
+
+
+# ---------------------------------------------------------------- mixup
+def test_mixup_pairs_are_a_permutation_with_the_cell_as_the_larger_part():
+    partner, weight = mixup_pairs(300, 0.4, np.random.default_rng(0))
+    assert sorted(partner.tolist()) == list(range(300)) and partner.dtype == np.int64
+    assert weight.dtype == np.float32 and weight.min() >= 0.5 and weight.max() <= 1.0
+    assert weight.std() > 0.05  # not a constant
+    again = mixup_pairs(300, 0.4, np.random.default_rng(0))
+    np.testing.assert_array_equal(partner, again[0])
+    np.testing.assert_array_equal(weight, again[1])
+
+
+def test_mixing_the_first_layer_output_is_mixing_the_input():
+    """``net(x, mix=...)`` answers for ``w x + (1 - w) x[partner]``, for dense and sparse zscore input."""
+    import torch
+
+    from atlasmtl.network import MultiTaskNetwork, SparseInput
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    net = MultiTaskNetwork(40, [3, 7], {"umap": 2}, (16, 8), 0.3).eval()
+    x = sp.random(32, 40, density=0.2, format="csr", dtype=np.float32, random_state=2)
+    zero = torch.from_numpy(rng.normal(size=40).astype(np.float32))
+    partner, weight = mixup_pairs(32, 0.4, rng)
+    mix = (torch.from_numpy(partner), torch.from_numpy(weight))
+    dense = torch.from_numpy(x.toarray()) + zero
+    w = torch.from_numpy(weight).unsqueeze(1)
+    mixed = w * dense + (1 - w) * dense[torch.from_numpy(partner)]
+    with torch.no_grad():
+        expected = net(mixed)
+        for got in (net(dense, mix=mix), net(SparseInput(x, zero), mix=mix)):
+            for a, b in zip(expected.logits + [expected.embedding, expected.coords["umap"]],
+                            got.logits + [got.embedding, got.coords["umap"]]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mixup_loss_mixes_the_two_labels_losses(symphony_split):
+    """Unmixed (weight 1) it is the usual loss; a mixture's loss is the same mixture of per-label losses."""
+    import torch
+
+    from atlasmtl.network import MultiTaskNetwork
+    from atlasmtl.training import Minibatch, _Objective, prepare_reference
+
+    ref_adata, _ = symphony_split
+    ref = prepare_reference(ref_adata, list(SYMPHONY_LEVELS), None, layer=None, use_raw=False, input_transform="zscore")
+    objective = _Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"), mixup_alpha=0.4)
+    torch.manual_seed(0)
+    net = MultiTaskNetwork(ref.source.n_vars, [len(ref.classes[c]) for c in ref.label_columns], {}, (32, 16), 0.0).eval()
+    rows = ref.cells[:64]
+    plain = objective.batch(rows)
+    assert plain.mix is None  # validation batches are never mixed
+    mixed = objective.minibatch(rows, *objective.transform(ref.source.rows(rows)), train=True)
+    assert mixed.mix is not None
+    n = len(rows)
+    ones = dict(vars(plain), mix=(torch.arange(n), torch.ones(n)))
+    with torch.no_grad():
+        torch.testing.assert_close(objective.loss(net, Minibatch(**ones)), objective.loss(net, plain))
+        partner, weight = mixed.mix
+        out = net(plain.x, mix=mixed.mix)
+        expected = 0.0
+        for j, lg in enumerate(out.logits):
+            ce = objective.losses[j]
+            per_label = [torch.nn.functional.cross_entropy(lg, y, weight=ce.weight, ignore_index=-1, reduction="none",
+                                                           label_smoothing=ce.label_smoothing)
+                         for y in (plain.y[:, j], plain.y[partner, j])]
+            expected += float((weight * per_label[0] + (1 - weight) * per_label[1]).sum()) / plain.n_labelled[j]
+        assert mixed.all_labelled  # the one-cross-entropy path; the two-label path gives the same
+        assert float(objective.loss(net, mixed)) == pytest.approx(expected, rel=1e-5)
+        two_label = Minibatch(**dict(vars(mixed), all_labelled=False))
+        assert float(objective.loss(net, two_label)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixup_alpha_is_checked_and_recorded(symphony_split):
+    ref, _ = symphony_split
+    with pytest.raises(ParameterError, match="mixup_alpha"):
+        atlasmtl.build_model(ref, list(SYMPHONY_LEVELS), mixup_alpha=-0.1, show_progress=False, show_summary=False)
+    small = ref[:300].copy()
+    off = atlasmtl.build_model(small, list(SYMPHONY_LEVELS), mixup_alpha=0, num_epochs=2, ensemble_size=1,
+                               show_progress=False, show_summary=False)
+    on = atlasmtl.build_model(small, list(SYMPHONY_LEVELS), num_epochs=2, ensemble_size=1,
+                              show_progress=False, show_summary=False)
+    assert off.train_config["mixup_alpha"] == 0.0 and on.train_config["mixup_alpha"] == 0.4
+    assert off.train_config["history"][-1]["train_loss"] != on.train_config["history"][-1]["train_loss"]
 
 
 # ---------------------------------------------------------------- gene matching across species

@@ -134,7 +134,7 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
     assert ev["novel"]["levels"]["cell_type"]["auroc"] >= 0.9
     for lv in SYMPHONY_LEVELS:
         assert result.levels[lv].is_unknown[~is_b].mean() <= 0.05, lv
-    # B's z-scores rank high but stay under the default threshold (4.5); a lower one flags some
+    # B's z-scores rank high but stay under the default threshold (3.5); a lower one flags some
     # cells, and with every cell searched no vote relabels a flagged cell
     result = _predict(model, query, knn_correction="all", novelty_threshold=2.0)
     for lv in SYMPHONY_LEVELS:

@@ -4,7 +4,10 @@ Research script. Per case and seed one model at the defaults, predicted at each 
 (full pipeline, default KNN), scored with ``atlasmtl.evaluate``; table in documents/design/api_contract.md
 ("Ensemble: evidence"). Cases are read from the benchmark work folder (``WORK/cases``).
 
-    PYTHONPATH=$PWD python benchmark/experiments/novelty_threshold_study.py <case,case,...> 0,1,2 out.json
+    PYTHONPATH=$PWD python benchmark/experiments/novelty_threshold_study.py <case,case,...> 0,1,2 out.json [3.0,3.5,4.0,4.5]
+
+(the optional fourth argument: the thresholds, default 3.5,4.0,4.5,5.0; an optional fifth: ``build_model``
+keyword arguments as JSON, e.g. '{"mixup_alpha": 0}').
 """
 import json, sys, time
 from pathlib import Path
@@ -14,7 +17,8 @@ from common import read_cells, read_truth
 import atlasmtl
 torch.set_num_threads(1)
 CASES, SEEDS, OUT = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3])
-THR = [3.5, 4.0, 4.5, 5.0]
+THR = [float(t) for t in sys.argv[4].split(",")] if len(sys.argv) > 4 else [3.5, 4.0, 4.5, 5.0]
+SETTING = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
 WORK = Path("/work/bench_work")  # the benchmark work folder holding cases/
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
 done = {(r["case"], r["seed"]) for r in rows}
@@ -24,7 +28,8 @@ for case in CASES:
     ref, query, truth = read_cells(cdir / "ref.h5ad"), read_cells(cdir / "query.h5ad", obsm=False), read_truth(cdir)
     for seed in SEEDS:
         if (case, seed) in done: continue
-        model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False)
+        model = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False,
+                                     **SETTING)
         row = {"case": case, "seed": seed, "K": "auto"}
         for t in THR:
             res = atlasmtl.predict(model, query, novelty_threshold=t, show_progress=False, show_summary=False)

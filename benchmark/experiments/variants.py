@@ -20,6 +20,11 @@ process only:
 ``wide``
     A linear path from the input to every level's logits beside the encoder (wide & deep; its
     weights start at zero), through the same sparse first-layer product.
+``mixup:<alpha>`` / ``mixup_class:<alpha>``
+    Mixup on the network input of each training minibatch (as in scNym): every cell is mixed with
+    another of the batch, ``λ x_i + (1 - λ) x_j`` with ``λ = max(b, 1 - b)``, ``b ~ Beta(α, α)``, and the
+    loss is ``λ CE(y_i) + (1 - λ) CE(y_j)`` per level; ``mixup_class`` draws the partner from the cells of
+    the same finest class only (no label mixing).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ _calls = [0]
 def new_model() -> None:
     """Call before each ``build_model``: member numbering starts again."""
     _calls[0] = 0
+    _mix_rng[0] = np.random.default_rng(0)
 
 
 def _float_objective(objective):
@@ -129,6 +135,46 @@ class _WideNetwork(net_module.MultiTaskNetwork):
         return net_module.NetworkOutput(out.embedding, logits, out.coords)
 
 
+_mix_rng = [np.random.default_rng(0)]
+
+
+def _mixup(alpha: float, same_class: bool) -> None:
+    import scipy.sparse as sp
+    loss = tr._Objective.loss
+
+    def mixed_loss(self, net, batch):
+        if not net.training or not isinstance(batch.x, SparseInput):
+            return loss(self, net, batch)
+        rng, n = _mix_rng[0], batch.n_cells
+        y = batch.y
+        if same_class:
+            fine = y[:, -1].numpy()
+            perm = np.arange(n)
+            for c in np.unique(fine):
+                members = np.flatnonzero(fine == c)
+                perm[members] = rng.permutation(members)
+        else:
+            perm = rng.permutation(n)
+        b = rng.beta(alpha, alpha, size=n).astype(np.float32)
+        lam = np.maximum(b, 1.0 - b)
+        rows = batch.x.rows
+        mixed = (sp.diags(lam) @ rows + sp.diags(1.0 - lam) @ rows[perm]).tocsr().astype(np.float32)
+        out = net(SparseInput(mixed, batch.x.zero_input, mixed.T.tocsr()))
+        lam_t = torch.from_numpy(lam)
+        total = torch.zeros(())
+        for j, lg in enumerate(out.logits):
+            ce = self.losses[j]
+            kw = dict(weight=ce.weight, ignore_index=-1, reduction="none", label_smoothing=ce.label_smoothing)
+            a = nn.functional.cross_entropy(lg, y[:, j], **kw)
+            if same_class:
+                total = total + a.sum() / batch.n_labelled[j]
+            else:
+                bb = nn.functional.cross_entropy(lg, y[perm, j], **kw)
+                total = total + (lam_t * a + (1 - lam_t) * bb).sum() / batch.n_labelled[j]
+        return total
+    tr._Objective.loss = mixed_loss
+
+
 def apply(name: str) -> None:
     """Patch atlasmtl (this process) for the variant ``name`` (see the module docstring)."""
     if name.startswith("members:"):
@@ -139,5 +185,7 @@ def apply(name: str) -> None:
         net_module.Encoder = _LayerNormEncoder
     elif name == "wide":
         tr.MultiTaskNetwork = _WideNetwork
+    elif name.startswith(("mixup:", "mixup_class:")):
+        _mixup(float(name.split(":", 1)[1]), name.startswith("mixup_class"))
     else:
         raise ValueError(f"unknown variant {name!r}")

@@ -1,0 +1,83 @@
+"""Summarise ``novelty_threshold_study.py`` rows: one line per (rows file, threshold).
+
+Research script. Per threshold, over the cases and seeds of each file: finest / coarse macro-F1 mean Δ to the
+best peer of ``results.json`` (mean over seeds per case, then over cases; worst case), the finest-level ECE
+median over the known-type cases, the removed-type cases' AUROC / novel → Unknown / known → Unknown, and the
+largest share of Unknown calls on a known-type case (1 − coverage).
+
+    python benchmark/experiments/threshold_table.py [--results benchmark/results/results.json] rows.json[.gz] ...
+    python benchmark/experiments/threshold_table.py --per-case rows.json[.gz]:4.5 other.json[.gz]:3.5 ...
+
+(``--per-case``: finest / coarse macro-F1 per case, mean over the seeds, for each file at its threshold.)
+"""
+import statistics as st
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from study_scores import PEERS, peer_levels, read_rows  # noqa: E402
+
+
+def table(paths, results="benchmark/results/results.json"):
+    peers = peer_levels(results)
+    lines = ["| rows | threshold | seeds | finest mean Δ (worst) | coarse mean Δ (worst) | finest ECE median (known-type cases) "
+             "| AUROC / novel → Unknown / known → Unknown per removed-type case | largest Unknown share, known-type case |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        rows = read_rows(path)
+        thresholds = [k for k in rows[0] if k not in ("case", "seed", "K")]
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        seeds = sorted({r["seed"] for r in rows})
+        for t in thresholds:
+            fine_d, coarse_d, ece, novel, unknown = [], [], [], [], []
+            for case in cases:
+                rs = [r[t] for r in rows if r["case"] == case]
+                levels = list(rs[0]["levels"])
+                fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
+                best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+                fine_d.append((st.mean(r["levels"][fine]["macro_f1"] for r in rs) - best[fine], case))
+                if coarse:
+                    coarse_d.append(st.mean(r["levels"][coarse]["macro_f1"] for r in rs) - best[coarse])
+                if rs[0]["novel"]:
+                    n = [r["novel"][fine] for r in rs]
+                    novel.append(f"{case.replace('symphony_5p_novel_', '').replace('cellbench_novel_', '').replace('zilionis_novel_', '')} "
+                                 f"{st.mean(x['auroc'] for x in n):.2f} / {st.mean(x['novel_unknown_rate'] for x in n):.2f} / "
+                                 f"{st.mean(x['known_unknown_rate'] for x in n):.3f}")
+                else:
+                    ece.append(st.mean(r["levels"][fine]["ece"] for r in rs))
+                    unknown.append((1 - st.mean(r["levels"][fine]["coverage"] for r in rs), case))
+            worst = min(fine_d)
+            top = max(unknown)
+            lines.append(f"| {Path(path).name} | {t} | {','.join(map(str, seeds))} | {st.mean(d for d, _ in fine_d):+.4f} "
+                         f"({worst[0]:+.3f}, {worst[1]}) | {st.mean(coarse_d):+.4f} ({min(coarse_d):+.3f}) | {st.median(ece):.3f} "
+                         f"| {'; '.join(novel)} | {top[0]:.1%} ({top[1]}) |")
+    return "\n".join(lines)
+
+
+def per_case(specs, results="benchmark/results/results.json"):
+    peers = peer_levels(results)
+    data = [(read_rows(spec.rsplit(":", 1)[0]), spec.rsplit(":", 1)[1], spec) for spec in specs]
+    lines = ["| case | best peer fine / coarse | " + " | ".join(f"{Path(s.rsplit(':', 1)[0]).name} at {t}" for _, t, s in data) + " |",
+             "|" + "---|" * (2 + len(data))]
+    for case in dict.fromkeys(r["case"] for r in data[0][0]):
+        levels = list(next(r for r in data[0][0] if r["case"] == case)[data[0][1]]["levels"])
+        fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
+        best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+        line = f"| {case} | {best[fine]:.3f} / " + (f"{best[coarse]:.3f}" if coarse else "–") + " |"
+        for rows, t, _ in data:
+            rs = [r[t]["levels"] for r in rows if r["case"] == case]
+            line += f" {st.mean(r[fine]['macro_f1'] for r in rs):.3f}"
+            line += (f" / {st.mean(r[coarse]['macro_f1'] for r in rs):.3f}" if coarse else "") + " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    results = "benchmark/results/results.json"
+    if args[:1] == ["--results"]:
+        results, args = args[1], args[2:]
+    if args[:1] == ["--per-case"]:
+        print(per_case(args[1:], results))
+    else:
+        print(table(args, results))
