@@ -3,7 +3,7 @@
 Usage (from the repository root; a semi-synthetic case written by ``benchmark/cases.py``)::
 
     PYTHONPATH=$PWD python benchmark/experiments/train_throughput.py \
-        --case /path/to/cases/synthetic_100k --threads 2 [--epochs 40] [--from-disk] [--celltypist]
+        --case /path/to/cases/synthetic_100k --threads 2 [--epochs 40] [--from-disk] [--celltypist] [--mixup-alpha A]
 
 atlasmtl trains in this process (``build_model`` at its defaults; ``--from-disk`` passes the
 file's path, so the matrix is streamed in blocks); CellTypist 1.7.1 trains in the peers'
@@ -42,7 +42,7 @@ print(json.dumps({"train_seconds": time.perf_counter() - t0, "train_cpu_seconds"
 
 
 def run_atlasmtl(ref_path: Path, levels: list[str], epochs: int, threads: int, from_disk: bool,
-                 calibration_fraction: float = 0.2) -> dict:
+                 calibration_fraction: float = 0.2, mixup_alpha: float | None = None) -> dict:
     import anndata as ad
     import psutil
 
@@ -55,8 +55,10 @@ def run_atlasmtl(ref_path: Path, levels: list[str], epochs: int, threads: int, f
     read_seconds = time.perf_counter() - t0
     rss_before = proc.memory_info().rss / 2**20
     t0, c0 = time.perf_counter(), time.process_time()
+    extra = {} if mixup_alpha is None else {"mixup_alpha": mixup_alpha}
     model = atlasmtl.build_model(ref, levels, num_epochs=epochs, num_threads=threads,
-                                 calibration_fraction=calibration_fraction, show_progress=False, show_summary=False)
+                                 calibration_fraction=calibration_fraction, show_progress=False, show_summary=False,
+                                 **extra)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     tc = model.metadata["train_config"]
     n = tc["resource_summary"]["training cells"]
@@ -78,6 +80,7 @@ def run_atlasmtl(ref_path: Path, levels: list[str], epochs: int, threads: int, f
         "peak_rss_mb": round(tc["runtime_summary"]["process_peak_rss_mb"]),
         "build_phase_peak_rss_mb": round(tc["runtime_summary"]["phase_peak_rss_mb"]),
         "calibration_fraction": calibration_fraction,
+        "mixup_alpha": tc.get("mixup_alpha"),
     }
 
 
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--calibration-fraction", type=float, default=0.2,
                         help="0 skips calibration and the novelty null (memory-only runs at 5M cells)")
     parser.add_argument("--no-atlasmtl", action="store_true")
+    parser.add_argument("--mixup-alpha", type=float, default=None, help="build_model's mixup_alpha (default: its default)")
     args = parser.parse_args()
     spec = json.loads((args.case / "case.json").read_text())
     levels = spec["levels"]
@@ -104,7 +108,7 @@ def main() -> None:
         out["celltypist"] = json.loads(res.stdout.strip().splitlines()[-1])
     if not args.no_atlasmtl:
         out["atlasmtl"] = run_atlasmtl(args.case / "ref.h5ad", levels, args.epochs, args.threads, args.from_disk,
-                                       args.calibration_fraction)
+                                       args.calibration_fraction, args.mixup_alpha)
     if "celltypist" in out and "atlasmtl" in out:
         out["train_time_ratio_atlasmtl_to_celltypist"] = round(
             out["atlasmtl"]["build_model_seconds"] / out["celltypist"]["train_seconds"], 3)
