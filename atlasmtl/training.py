@@ -879,36 +879,35 @@ class _Objective:
     def loss(self, net: nn.Module, batch: Minibatch) -> torch.Tensor:
         """The loss of a prepared minibatch (no host synchronisation); for a mixed minibatch, each
         cell's loss is the mixture of its own and its partner's labels' losses (targets likewise)."""
-        if batch.mix is None:
-            out = net(batch.x)
-            loss = torch.zeros((), device=self.dev)
-            for j, lg in enumerate(out.logits):
-                loss = loss + self.losses[j](lg, batch.y[:, j]) / batch.n_labelled[j]
-            for n in self.coord_std:
-                loss = loss + torch.mean((out.coords[n] - batch.coords[n]) ** 2)
-            return loss
-        partner, weight = batch.mix
         out = net(batch.x, mix=batch.mix)
         loss = torch.zeros((), device=self.dev)
         for j, lg in enumerate(out.logits):
-            ce = self.losses[j]
-            own_y, other_y = batch.y[:, j], batch.y[partner, j]
-            if batch.all_labelled:  # one cross-entropy against the mixed one-hot targets (same value)
-                target = torch.zeros_like(lg).scatter_(1, own_y.unsqueeze(1), weight.unsqueeze(1))
-                target.scatter_add_(1, other_y.unsqueeze(1), (1.0 - weight).unsqueeze(1))
-                part = nn.functional.cross_entropy(lg, target, weight=ce.weight, reduction="sum",
-                                                   label_smoothing=ce.label_smoothing)
-            else:
-                options = dict(weight=ce.weight, ignore_index=-1, reduction="none", label_smoothing=ce.label_smoothing)
-                own = nn.functional.cross_entropy(lg, own_y, **options)
-                other = nn.functional.cross_entropy(lg, other_y, **options)
-                part = torch.sum(weight * own + (1.0 - weight) * other)
-            loss = loss + part / batch.n_labelled[j]
-        w = weight.unsqueeze(1)
+            loss = loss + self._level_loss(j, lg, batch) / batch.n_labelled[j]
         for n in self.coord_std:
-            target = w * batch.coords[n] + (1.0 - w) * batch.coords[n][partner]
+            target = batch.coords[n]
+            if batch.mix is not None:
+                partner, weight = batch.mix
+                w = weight.unsqueeze(1)
+                target = w * target + (1.0 - w) * target[partner]
             loss = loss + torch.mean((out.coords[n] - target) ** 2)
         return loss
+
+    def _level_loss(self, j: int, logits: torch.Tensor, batch: Minibatch) -> torch.Tensor:
+        """Summed cross-entropy at level ``j`` (label-smoothed, class-weighted, unlabelled cells ignored)."""
+        ce = self.losses[j]
+        if batch.mix is None:
+            return ce(logits, batch.y[:, j])
+        partner, weight = batch.mix
+        own_y, other_y = batch.y[:, j], batch.y[partner, j]
+        if batch.all_labelled:  # one cross-entropy against the mixed one-hot targets (same value)
+            target = torch.zeros_like(logits).scatter_(1, own_y.unsqueeze(1), weight.unsqueeze(1))
+            target.scatter_add_(1, other_y.unsqueeze(1), (1.0 - weight).unsqueeze(1))
+            return nn.functional.cross_entropy(logits, target, weight=ce.weight, reduction="sum",
+                                               label_smoothing=ce.label_smoothing)
+        options = dict(weight=ce.weight, ignore_index=-1, reduction="none", label_smoothing=ce.label_smoothing)
+        own = nn.functional.cross_entropy(logits, own_y, **options)
+        other = nn.functional.cross_entropy(logits, other_y, **options)
+        return torch.sum(weight * own + (1.0 - weight) * other)
 
     def __call__(self, net: nn.Module, rows: np.ndarray, train: bool = False) -> torch.Tensor:
         return self.loss(net, self.batch(rows, train))
