@@ -614,7 +614,8 @@ def _write_predictions(result: Any, query: Any, dest: Path, args: argparse.Names
 
 def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     from . import TrainedModel, predict
-    from .report import result_from_predictions, write_report
+    from .report import result_from_predictions
+    from .report_html import write_report_and_metrics
 
     dest = Path(args.out)
     if dest.suffix.lower() not in (".html", ".htm"):
@@ -647,15 +648,12 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
             )
     else:
         result = predict(model, query, show_summary=False, **kwargs)
-    write_report(dest, result, model=model, adata=query, truth=truth, reference=reference, title=args.title)
+    _, evaluation, used = write_report_and_metrics(dest, result, model=model, adata=query, truth=truth,
+                                                   reference=reference, title=args.title)
     out.update(out=str(dest), n_cells=result.n_obs, levels=_level_stats(result), bytes=dest.stat().st_size)
-    if truth is not None:
-        from .metrics import evaluate
-        from .truth import truth_frame as read_truth
-
-        truth_frame, used = read_truth(result, truth, None, query)
+    if evaluation is not None:  # what the report's accuracy section shows
         out["truth_columns"] = used
-        out["metrics"] = evaluate(result, truth_frame, list(truth_frame.columns))["levels"]
+        out["metrics"] = evaluation["levels"]
     return f"wrote the report to {dest}"
 
 

@@ -224,6 +224,24 @@ def render_report(
     dpi: int = 100,
 ) -> str:
     """The report as an HTML string; see :func:`write_report` for the parameters."""
+    return _render(result, model=model, adata=adata, truth=truth, truth_columns=truth_columns, reference=reference,
+                   title=title, basis=basis, dpi=dpi)[0]
+
+
+def _render(
+    result: CallTable,
+    *,
+    model: Any = None,
+    adata: ad.AnnData | None = None,
+    truth: Any = None,
+    truth_columns: Mapping[str, str] | Sequence[str] | None = None,
+    reference: ad.AnnData | np.ndarray | None = None,
+    title: str | None = None,
+    basis: str | None = None,
+    dpi: int = 100,
+) -> tuple[str, dict | None, dict]:
+    """``(HTML, atlasmtl.evaluate's answer or None, truth column per level)``: :func:`render_report` with
+    what it measured, so a caller that reports the metrics too does not evaluate again."""
     from .model import TrainedModel
 
     if not isinstance(result, CallTable):
@@ -263,7 +281,7 @@ def render_report(
 
     stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     subtitle = f"levels: {', '.join(levels)} · generated {stamp} by atlasmtl {__version__}"
-    return (
+    text = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
         f"<style>{_CSS}</style><script>{_SCRIPT}</script></head>"
@@ -272,6 +290,7 @@ def render_report(
         "<footer>Self-contained report: every figure is embedded; no network access is needed.</footer>"
         "</main></body></html>\n"
     )
+    return text, evaluation, truth_used
 
 
 # ---------------------------------------------------------------- sections
@@ -519,13 +538,19 @@ def write_report(
         Bad arguments, an AnnData that does not match the result, or truth
         columns that are missing.
     """
+    return write_report_and_metrics(path, result, model=model, adata=adata, truth=truth, truth_columns=truth_columns,
+                                    reference=reference, title=title, basis=basis, dpi=dpi)[0]
+
+
+def write_report_and_metrics(path: str | os.PathLike, result: CallTable, **options: Any) -> tuple[Path, dict | None, dict]:
+    """:func:`write_report` (same ``options``), returning ``(path, atlasmtl.evaluate's answer or None, truth
+    column per level)``: the command line reports the metrics it drew without evaluating twice."""
     from .io import atomic_write
 
-    text = render_report(result, model=model, adata=adata, truth=truth, truth_columns=truth_columns,
-                         reference=reference, title=title, basis=basis, dpi=dpi)
+    text, evaluation, truth_used = _render(result, **options)
     path = Path(path)
     try:
         atomic_write(path, text.encode("utf-8"))
     except OSError as exc:
         raise InputError(f"Could not write the report to {str(path)!r} ({exc.strerror or exc}).") from exc
-    return path
+    return path, evaluation, truth_used
