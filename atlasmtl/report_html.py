@@ -211,21 +211,10 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     return out
 
 
-def render_report(
-    result: CallTable,
-    *,
-    model: Any = None,
-    adata: ad.AnnData | None = None,
-    truth: Any = None,
-    truth_columns: Mapping[str, str] | Sequence[str] | None = None,
-    reference: ad.AnnData | np.ndarray | None = None,
-    title: str | None = None,
-    basis: str | None = None,
-    dpi: int = 100,
-) -> str:
-    """The report as an HTML string; see :func:`write_report` for the parameters."""
-    return _render(result, model=model, adata=adata, truth=truth, truth_columns=truth_columns, reference=reference,
-                   title=title, basis=basis, dpi=dpi)[0]
+def render_report(result: CallTable, **options: Any) -> str:
+    """The report as an HTML string; ``options`` are :func:`write_report`'s keyword arguments (``model``,
+    ``adata``, ``truth``, ``truth_columns``, ``reference``, ``title``, ``basis``, ``dpi``), documented there."""
+    return _render(result, **options)[0]
 
 
 def _render(
