@@ -648,6 +648,41 @@ def _check_index(reference: dict, levels: list[str]) -> None:
             raise _Damaged("a list of reference['index'] mixes labels or training and held-out cells")
 
 
+def _check_input_view(view: Any, levels: list[str], n_genes: int, n_classes: list[int]) -> None:
+    """The novelty score's input view (:class:`~atlasmtl.novelty.InputView`) fits the model."""
+    what = "metadata['novelty']['input_view']"
+    if not isinstance(view, dict):
+        raise _Damaged(f"{what} is not a record")
+    components, mean, points = (_need(view, key, np.ndarray, what) for key in ("components", "mean", "points"))
+    k = view.get("k", 10)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise _Damaged(f"{what}['k'] is not a positive integer")
+    if components.ndim != 2 or components.shape[1] != n_genes or mean.shape != (n_genes,) \
+            or points.ndim != 2 or points.shape[1] != components.shape[0]:
+        raise _Damaged(f"{what} holds a PCA that does not fit the model's {n_genes} genes")
+    if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (components, mean, points)):
+        raise _Damaged(f"{what} holds non-numeric, NaN or infinite coordinates")
+    members, stats = _need(view, "members", dict, what), _need(view, "levels", dict, what)
+    if not set(members) <= set(levels) or set(stats) != set(members):
+        raise _Damaged(f"{what} names levels other than the model's {levels}")
+    for level, n in zip(levels, n_classes):
+        if level not in members:
+            continue
+        codes = members[level]
+        if not isinstance(codes, np.ndarray) or codes.shape != (len(points),) or codes.dtype.kind not in "iu" \
+                or (codes.size and (codes.min() < -1 or codes.max() >= n)):
+            raise _Damaged(f"{what}['members'][{level!r}] is not a class code in [-1, {n}) per kept cell")
+        level_stats = stats[level]
+        if level_stats is None:
+            continue
+        location = level_stats.get("location") if isinstance(level_stats, dict) else None
+        if not isinstance(location, np.ndarray) or location.shape != (n,) or not np.issubdtype(location.dtype, np.floating) \
+                or np.isinf(location).any() \
+                or not all(isinstance(level_stats.get(key), (int, float)) for key in ("offset", "scale")) \
+                or not np.isfinite(level_stats["offset"]) or not level_stats["scale"] > 0:
+            raise _Damaged(f"{what}['levels'][{level!r}] is not a location per class with a finite offset and scale")
+
+
 def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str]) -> None:
     """Check the loaded parts against the schema before anything uses them.
 
@@ -746,6 +781,9 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
                                              or (v.get("n") and not (np.isfinite(v["median"]) and v["scale"] > 0))
                                              for lv, v in null.items()):
             raise _Damaged("metadata['novelty']['null'] is not a median, scale and count per level")
+        view = (metadata.get("novelty") or {}).get("input_view")
+        if view is not None:
+            _check_input_view(view, levels, n_genes, n_classes)
         role = "reference"
 
         role = "weights"

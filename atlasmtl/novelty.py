@@ -21,18 +21,28 @@ Drop-seq and CEL-seq2 queries, all called right, and on 0.2% of the cells of a
 type removed from the reference (H1975, 78.6% → 78.4% Unknown); see the API
 contract.)
 
+The embedding only holds what the network learned to tell the reference's
+types apart, so a type it never saw can land inside a known type's cloud
+there (NK cells among T cells). A second view looks at the input itself
+(:class:`InputView`): the same class-conditional distance in a principal
+component space of the reference's network input, located per class against
+the class's own leave-one-out distances and scaled by the held-out cells.
+A cell's novelty is the larger of the two z-scores.
+
 This was chosen by measurement over 15 real cases (see
-``benchmark/experiments/trust_study.py``) against the energy score,
-class-conditional Mahalanobis distance, (1 − calibrated confidence), distance
-to any reference cell, and class-conditional distance in a reference PCA space.
-Per-class locations, input-space (reference PCA) scores located per class,
-and their combinations with this score were measured against the issue-9
-targets in ``benchmark/experiments/novelty_scores_study.py`` and not adopted.
+``benchmark/experiments/trust_study.py`` and ``novelty_scores_study.py``)
+against the energy score, class-conditional Mahalanobis distance,
+(1 − calibrated confidence), distance to any reference cell, ensemble
+disagreement, and each view alone; the evidence is in the API contract
+("Novelty: the input view").
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping
+
 import numpy as np
+import scipy.sparse as sp
 
 #: Reference neighbours of the predicted class averaged into the distance.
 NOVELTY_K = 10
@@ -72,3 +82,215 @@ def novelty_z(log_d: np.ndarray, null: dict[str, float]) -> tuple[np.ndarray, fl
         location = max(location, float(np.median(log_d[finite])))
     z = (log_d - location) / float(null["scale"])
     return z, location
+
+
+# ---------------------------------------------------------------- the input view
+#: Principal components of the input view (fewer when the reference has fewer training cells or genes).
+INPUT_VIEW_COMPONENTS = 50
+#: Most training cells the input view's PCA is fitted on (a random sample) ...
+INPUT_VIEW_PCA_CELLS = 5_000
+#: ... and most values (cells × genes) of that dense sample, so wide references take fewer cells.
+INPUT_VIEW_PCA_VALUES = 20_000_000
+#: Training cells per class and level the view keeps as that class's neighbours (a random sample).
+INPUT_VIEW_MEMBERS = 500
+#: A class with fewer kept training cells gets no input-view score: its own distances are too few to
+#: locate it (rare known types, and whole classes another species shifts, would otherwise be called
+#: novel: at 5 and 20 the brain mouse → human query lost finest macro-F1; see the API contract's evidence).
+INPUT_VIEW_MIN_MEMBERS = 50
+#: A called class with at least this many query cells is located at least at its own low quantile ...
+INPUT_VIEW_MIN_QUERY = 20
+#: ... this one: a class that the query shifts as a whole (another species) is not called novel wholesale.
+INPUT_VIEW_CLASS_QUANTILE = 0.05
+#: Calibrated probability of the finest call at or above which the input view does not call the cell
+#: novel: none (infinite). The network's probability for a type it never saw is no evidence (NK cells
+#: without NK in the reference are called T with probability ~1); 0.9 was measured and flags almost none.
+INPUT_VIEW_CONFIDENCE_GUARD = float("inf")
+
+
+def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, skip_self: bool = False) -> np.ndarray:
+    """Mean Euclidean distance from each point to its ``k`` nearest ``members`` (exact, in blocks).
+
+    With ``skip_self``, the points are the members themselves and each one's nearest (itself) is left out.
+    """
+    members = np.asarray(members, dtype=np.float64)
+    kk = min(k + int(skip_self), len(members))
+    out = np.full(len(points), np.nan)
+    if kk - int(skip_self) < 1:
+        return out
+    sq_members = np.einsum("ij,ij->i", members, members)
+    step = max(1, (1 << 22) // max(len(members), 1))  # at most ~32 MB of distances at a time
+    for start in range(0, len(points), step):
+        block = np.asarray(points[start : start + step], dtype=np.float64)
+        d2 = np.einsum("ij,ij->i", block, block)[:, None] + sq_members[None, :] - 2.0 * (block @ members.T)
+        np.maximum(d2, 0.0, out=d2)
+        nearest = np.sort(np.partition(d2, kk - 1, axis=1)[:, :kk], axis=1)
+        if skip_self:
+            nearest = nearest[:, 1:]
+        out[start : start + len(block)] = np.sqrt(nearest).mean(axis=1)
+    return out
+
+
+class InputView:
+    """The input view of the novelty score: class-conditional distances in a PCA of the network input.
+
+    Built at training (:func:`fit_input_view`) and stored in ``metadata["novelty"]["input_view"]``
+    as plain arrays: the PCA (``components``: components × genes, ``mean``: genes), the kept
+    training cells' coordinates (``points``) with their class per level (``members``; -1 where a
+    cell is not kept at that level) and, per level, each class's ``location`` (median
+    leave-one-out log distance of its kept cells) and the held-out cells' ``offset`` and
+    ``scale`` (median and 1.4826 · MAD of their log distance minus their called class's
+    location). Classes with fewer than :data:`INPUT_VIEW_MIN_MEMBERS` kept cells get no score
+    (NaN): the embedding view alone judges their cells.
+
+    Its score at any level makes only the *finest* call Unknown (prediction reports, at the finest
+    level, the larger of the embedding's z there and the input view's z at every level): far from
+    the reference cells of its coarse call in the input, a cell may be a type the reference lacks
+    or a new subtype of a known parent (tumour-specific neutrophil states), which the input
+    cannot tell apart, so its coarse call stays; its finest call is doubtful either way. The
+    embedding view judges each level, as before.
+
+    A query cell's score at a level is ``z0 = (log d - location[call] - offset) / scale``, ``d``
+    the mean distance to the :data:`NOVELTY_K` nearest kept cells of its call. Like the
+    embedding view it is located at the query: less ``max(0, median z0)`` over the query, and a
+    called class with at least :data:`INPUT_VIEW_MIN_QUERY` query cells less at least its own
+    :data:`INPUT_VIEW_CLASS_QUANTILE` quantile.
+    """
+
+    def __init__(self, stored: Mapping[str, Any]) -> None:
+        self.components = np.asarray(stored["components"], dtype=np.float32)
+        self.mean = np.asarray(stored["mean"], dtype=np.float32)
+        self.points = np.asarray(stored["points"], dtype=np.float32)
+        self.members = {lv: np.asarray(v) for lv, v in stored["members"].items()}
+        self.levels = {lv: v for lv, v in stored["levels"].items() if v is not None}
+        self.k = int(stored.get("k", NOVELTY_K))
+        self.counts = {lv: np.bincount(v[v >= 0], minlength=len(self.levels[lv]["location"]) if lv in self.levels else 0)
+                       for lv, v in self.members.items()}
+
+    def project(self, rows: Any, zero_input: np.ndarray | None = None) -> np.ndarray:
+        """Coordinates of network-input rows: a dense array, or a sparse CSR *offset* input
+        ``f(x) - f(0)`` with ``zero_input = f(0)`` (:class:`~atlasmtl.network.SparseInput`); float32."""
+        if sp.issparse(rows):
+            centre = -self.mean if zero_input is None else np.asarray(zero_input, dtype=np.float32) - self.mean
+            return np.asarray(rows @ self.components.T, dtype=np.float32) + centre @ self.components.T
+        return (np.asarray(rows, dtype=np.float32) - self.mean) @ self.components.T
+
+    def log_distance(self, points: np.ndarray, calls: np.ndarray, level: str) -> np.ndarray:
+        """Log mean distance of each point to the nearest kept cells of its call at ``level``
+        (NaN without a call, or when the class keeps fewer than two cells)."""
+        out = np.full(len(points), np.nan)
+        if level not in self.levels:
+            return out
+        members = self.members[level]
+        for c in np.unique(calls[calls >= 0]):
+            own = members == c
+            if own.sum() < 2:
+                continue
+            at = calls == c
+            out[at] = log_distance(mean_neighbour_distance(points[at], self.points[own], self.k))
+        return out
+
+    def z(self, log_d: np.ndarray, calls: np.ndarray, level: str, located: bool = True) -> np.ndarray:
+        """Query-located robust z-score of each cell at ``level`` (see the class docstring);
+        ``located=False``: ``z0``, before the query's location."""
+        z = np.full(len(log_d), np.nan)
+        stats = self.levels.get(level)
+        if stats is None:
+            return z
+        location = np.where(self.counts[level] >= INPUT_VIEW_MIN_MEMBERS, np.asarray(stats["location"], dtype=np.float64), np.nan)
+        called = calls >= 0
+        z[called] = (log_d[called] - location[calls[called]] - stats["offset"]) / stats["scale"]
+        finite = np.isfinite(z)
+        if not finite.any() or not located:
+            return z
+        shift = max(0.0, float(np.median(z[finite])))
+        out = z - shift
+        for c in np.unique(calls[finite]):
+            rows = finite & (calls == c)
+            if rows.sum() >= INPUT_VIEW_MIN_QUERY:
+                out[rows] = z[rows] - max(shift, float(np.quantile(z[rows], INPUT_VIEW_CLASS_QUANTILE)))
+        return out
+
+
+def fit_input_view(
+    read_dense: Callable[[np.ndarray], np.ndarray],
+    read_offset: Callable[[np.ndarray], sp.csr_matrix],
+    zero_input: np.ndarray | None,
+    n_genes: int,
+    train_cells: np.ndarray,
+    train_codes: Mapping[str, np.ndarray],
+    n_classes: Mapping[str, int],
+    held_out_cells: np.ndarray,
+    held_out_calls: Mapping[str, np.ndarray],
+    random_state: int,
+) -> dict[str, Any] | None:
+    """Fit the :class:`InputView` of a reference; returns what the model stores (``None`` when the
+    reference has too few training cells for a PCA).
+
+    Parameters
+    ----------
+    read_dense, read_offset
+        Sorted reference rows → their dense network input / their sparse offset input
+        (:meth:`~atlasmtl.genes.GeneAligner.sparse_input`); read in blocks, so only a bounded
+        sample is ever dense.
+    zero_input
+        The network input of a gene with no counts (``None`` for 0).
+    n_genes
+        Network input width.
+    train_cells, train_codes
+        Training cells (sorted row numbers) and their class code per level (-1 = unlabelled).
+    n_classes
+        Classes per level.
+    held_out_cells, held_out_calls
+        The calibration cells (sorted row numbers) and their decoded calls per level.
+    random_state
+        Seeds the PCA's sample, its solver and the kept cells.
+    """
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(random_state)
+    sample_size = min(len(train_cells), INPUT_VIEW_PCA_CELLS, max(2, INPUT_VIEW_PCA_VALUES // max(n_genes, 1)))
+    n_comps = min(INPUT_VIEW_COMPONENTS, sample_size - 1, n_genes)
+    if n_comps < 1 or len(held_out_cells) == 0:
+        return None
+    sample = np.sort(rng.choice(train_cells, size=sample_size, replace=False))
+    dense = np.vstack([read_dense(sample[i : i + 4096]) for i in range(0, len(sample), 4096)])
+    pca = PCA(n_comps, random_state=random_state % 2**32).fit(dense)
+    del dense
+    stored: dict[str, Any] = {"components": pca.components_.astype(np.float32),
+                              "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K}
+    view = InputView({**stored, "points": np.zeros((0, n_comps)), "members": {}, "levels": {}})
+
+    def project(rows: np.ndarray) -> np.ndarray:
+        return np.vstack([view.project(read_offset(rows[i : i + 4096]), zero_input) for i in range(0, len(rows), 4096)]
+                         or [np.zeros((0, n_comps), dtype=np.float32)])
+
+    kept_at: dict[str, np.ndarray] = {}
+    for lv, codes in train_codes.items():
+        kept = np.full(len(train_cells), -1, dtype=np.int32)
+        for c in np.unique(codes[codes >= 0]):
+            own = np.flatnonzero(codes == c)
+            if len(own) > INPUT_VIEW_MEMBERS:
+                own = rng.choice(own, size=INPUT_VIEW_MEMBERS, replace=False)
+            kept[own] = c
+        kept_at[lv] = kept
+    keep = np.flatnonzero(np.any(np.stack(list(kept_at.values())) >= 0, axis=0))
+    points = project(train_cells[keep])
+    members = {lv: kept[keep] for lv, kept in kept_at.items()}
+    held_points = project(held_out_cells)
+    view.points, view.members = points, members
+    levels: dict[str, Any] = {}
+    for lv in train_codes:
+        loo = np.full(len(keep), np.nan)
+        location = np.full(int(n_classes[lv]), np.nan)
+        for c in np.unique(members[lv][members[lv] >= 0]):
+            own = members[lv] == c
+            if own.sum() >= 2:
+                loo[own] = log_distance(mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True))
+                location[c] = float(np.median(loo[own]))
+        view.levels = {lv: {"location": location, "offset": 0.0, "scale": 1.0}}
+        view.counts = {lv: np.bincount(members[lv][members[lv] >= 0], minlength=len(location))}
+        calls = np.asarray(held_out_calls[lv])
+        summary = null_summary(view.z(view.log_distance(held_points, calls, lv), calls, lv, located=False))
+        levels[lv] = None if not summary["n"] else {"location": location, "offset": summary["median"],
+                                                    "scale": summary["scale"], "n": summary["n"]}
+    return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels}

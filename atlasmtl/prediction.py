@@ -32,7 +32,8 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
-from .novelty import NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, log_distance, novelty_z
+from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView, log_distance,
+                      novelty_z)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -94,6 +95,9 @@ class _Decoder:
         novelty = model.metadata.get("novelty") or {}
         self.null = novelty.get("null") if novelty_threshold is not None else None
         self.novelty_k = int(novelty.get("k", 10))
+        stored_view = novelty.get("input_view") if self.null is not None else None
+        #: The novelty score's input view (models saved before it have none: the embedding view alone).
+        self.input_view = InputView(stored_view) if stored_view else None
 
 
 def predict(
@@ -274,6 +278,7 @@ class _Buffers:
                 "knn_vote_frac": np.full(n, np.nan, dtype=np.float32),
                 "covered": np.zeros(n, dtype=bool),
                 "distance": np.full(n, np.nan, dtype=np.float64),
+                "input_distance": np.full(n, np.nan, dtype=np.float64),
             }
             for lv in model.label_columns
         }
@@ -367,6 +372,18 @@ def _search_block(
         previous = o["raw"][cells].astype(np.int64)  # the vote never changes a call: the next level nests in it
 
 
+def _input_view_block(view: InputView, x: SparseInput | torch.Tensor, zero: np.ndarray | None,
+                      buffers: _Buffers, rows: slice) -> None:
+    """The input view's log distance per level for one batch (to the kept reference cells of each
+    cell's call there; :meth:`~atlasmtl.novelty.InputView.log_distance`), from its network input."""
+    points = view.project(x.rows, zero) if isinstance(x, SparseInput) else view.project(x.cpu().numpy())
+    usable = ~buffers.no_signal[rows]
+    for lv in view.levels:
+        o = buffers.levels[lv]
+        calls = np.where(usable, o["raw"][rows], -1)
+        o["input_distance"][rows] = view.log_distance(points, calls, lv)
+
+
 def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,
               novelty_threshold: float | None) -> dict[str, LevelCalls]:
     """The gate's final calls per level, coarse to fine: the network's calls, the KNN votes, the
@@ -374,15 +391,24 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
     (a level nested in an Unknown parent is Unknown; a call whose parent disagrees is Unknown)."""
     calls: dict[str, LevelCalls] = {}
     parent: LevelCalls | None = None
+    view_z = None  # the input view's largest z over the levels: it judges the finest call (see InputView)
+    if decoder.input_view is not None:
+        for lv in decoder.input_view.levels:
+            called = np.where(buffers.no_signal, -1, buffers.levels[lv]["raw"])
+            z_level = decoder.input_view.z(buffers.levels[lv]["input_distance"], called, lv)
+            view_z = z_level if view_z is None else np.fmax(view_z, z_level)
     for lv in model.label_columns:
         o = buffers.levels[lv]
         z = np.full(len(o["raw"]), np.nan, dtype=np.float32)
         novel = np.zeros(len(o["raw"]), dtype=bool)
         if decoder.null is not None and lv in decoder.null and decoder.null[lv].get("n"):
             score, _ = novelty_z(log_distance(o["distance"]), decoder.null[lv])
+            conf = np.nan_to_num(o["conf"], nan=0.0)
+            novel = (np.nan_to_num(score, nan=-np.inf) > novelty_threshold) & (conf < NOVELTY_CONFIDENCE_GUARD)
+            if view_z is not None and lv == model.label_columns[-1]:  # the finest score is the larger z
+                novel |= (np.nan_to_num(view_z, nan=-np.inf) > novelty_threshold) & (conf < INPUT_VIEW_CONFIDENCE_GUARD)
+                score = np.fmax(score, view_z)
             z = score.astype(np.float32)
-            novel = (np.nan_to_num(score, nan=-np.inf) > novelty_threshold) \
-                & ~(np.nan_to_num(o["conf"], nan=0.0) >= NOVELTY_CONFIDENCE_GUARD)
         nested = parent is not None and lv in decoder.parent_of
         if nested:
             novel |= parent.is_novel
@@ -466,6 +492,8 @@ def _predict_source(
                 x, detected = _network_input(aligner, block, dev, zero_input)
                 output = net(x)
                 any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop))
+                if decoder.input_view is not None:
+                    _input_view_block(decoder.input_view, x, zero, buffers, slice(start, stop))
                 if search is not None:
                     pending.append((start, normalise_rows(output.embedding.detach().cpu().numpy()), any_low))
                     if sum(len(p[2]) for p in pending) >= SEARCH_BLOCK:

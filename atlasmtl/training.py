@@ -60,7 +60,7 @@ from .knn import (
     normalise_rows,
     row_number_dtype,
 )
-from .novelty import NOVELTY_K, log_distance, null_summary
+from .novelty import NOVELTY_K, fit_input_view, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from . import distributed as _dist
@@ -532,7 +532,8 @@ def build_model(
         index_seconds = time.perf_counter() - t_index
         phase_seconds["index"] = index_seconds
         at = np.searchsorted(keep, calib_pos)
-        calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search)
+        calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search,
+                                         random_state=seed % 2**32)
         on_disk = isinstance(reference["embedding"], EmbeddingFile)
         if on_disk:
             reference = dict(reference, embedding=reference["embedding"].finish())
@@ -1141,8 +1142,9 @@ def calibrate(
     train_cells: np.ndarray,
     calib_cells: np.ndarray,
     search: ReferenceSearch,
+    random_state: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit one temperature per level and the novelty null on the held-out cells.
+    """Fit one temperature per level and the novelty score's nulls on the held-out cells.
 
     ``embedding`` and ``logits`` (one array per level) hold the rows of ``calib_cells``, in order.
 
@@ -1151,7 +1153,9 @@ def calibrate(
     before and after); ``novelty`` holds ``k`` and, per level, the median and
     scale of the held-out cells' log distance to the ``k`` nearest training cells
     of their predicted class (``None`` without held-out cells), searched with
-    :meth:`~atlasmtl.knn.ReferenceSearch.search`, as prediction does.
+    :meth:`~atlasmtl.knn.ReferenceSearch.search`, as prediction does, and the
+    :class:`~atlasmtl.novelty.InputView` (``input_view``, fitted on the training
+    cells' and held-out cells' network input; ``None`` without held-out cells).
     """
     levels = ref.label_columns
     pos = np.arange(len(calib_cells))
@@ -1172,11 +1176,26 @@ def calibrate(
             }
     report = {"held_out_cells": int(len(calib_cells)), "temperatures": {k: round(v, 4) for k, v in temperatures.items()},
               "ece_held_out": ece}
-    novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None}
+    novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None, "input_view": None}
     if len(pos):
         decoded = decode_paths(probs, level_paths(levels, ref.classes, infer_hierarchy(levels, ref.classes, ref.codes)))
         _, dist = search.search(embedding[pos], None, 0, dict(zip(levels, decoded)), NOVELTY_K)
         novelty["null"] = {lv: null_summary(log_distance(dist[lv])) for lv in levels}
+        train_sorted = np.sort(train_cells)
+        order = np.argsort(calib_cells)
+        aligner, source = ref.aligner, ref.source
+        novelty["input_view"] = fit_input_view(
+            lambda rows: aligner.transform(source.rows(rows)),
+            lambda rows: aligner.sparse_input(source.rows(rows)),
+            aligner.zero_input(),
+            source.n_vars,
+            train_sorted,
+            {lv: ref.codes[train_sorted, j] for j, lv in enumerate(levels)},
+            {lv: len(ref.classes[lv]) for lv in levels},
+            calib_cells[order],
+            {lv: np.asarray(d)[order] for lv, d in zip(levels, decoded)},
+            random_state,
+        )
     return {"temperatures": temperatures, "report": report}, novelty
 
 

