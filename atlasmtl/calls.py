@@ -172,8 +172,9 @@ class LevelCalls:
         The final call is the KNN vote.
     novelty
         Novelty score: robust z-score of the distance to the reference cells of
-        the called class (NaN where not computed, e.g. no signal or an
-        uncalibrated model).
+        the called class in the embedding; at the finest level, the larger of that
+        and the input view's z (see :class:`~atlasmtl.novelty.InputView`). NaN where
+        not computed, e.g. no signal or an uncalibrated model.
     is_novel
         Far from every reference cell of its class (``novelty`` above the
         threshold, or novel at the parent level): Unknown, and KNN may not relabel it.

@@ -155,8 +155,11 @@ def predict(
         reference cells of its called class, against held-out reference cells)
         exceeds this is novel at that level: Unknown there and below, and the KNN
         vote cannot relabel it; not when its call's calibrated probability is at
-        least :data:`~atlasmtl.novelty.NOVELTY_CONFIDENCE_GUARD` (0.9). ``None``
-        disables novelty detection.
+        least :data:`~atlasmtl.novelty.NOVELTY_CONFIDENCE_GUARD` (0.9). The same
+        threshold applies to the input view (:class:`~atlasmtl.novelty.InputView`,
+        distance in a PCA of the network input), whose largest z over the levels
+        makes only the finest call Unknown, without that guard. ``None`` disables
+        novelty detection.
     batch_size
         Cells per inference batch.
     num_threads

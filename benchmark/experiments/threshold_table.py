@@ -7,6 +7,7 @@ largest share of Unknown calls on a known-type case (1 − coverage).
 
     python benchmark/experiments/threshold_table.py [--results benchmark/results/results.json] rows.json[.gz] ...
     python benchmark/experiments/threshold_table.py --per-case rows.json[.gz]:4.5 other.json[.gz]:3.5 ...
+    python benchmark/experiments/threshold_table.py --seeds 0,1,2 ...   (only those seeds' rows of every file)
 
 (``--per-case``: finest / coarse macro-F1 per case, mean over the seeds, for each file at its threshold.)
 """
@@ -77,6 +78,10 @@ if __name__ == "__main__":
     results = "benchmark/results/results.json"
     if args[:1] == ["--results"]:
         results, args = args[1], args[2:]
+    if args[:1] == ["--seeds"]:
+        keep, args = {int(x) for x in args[1].split(",")}, args[2:]
+        _read = read_rows
+        read_rows = lambda path: [r for r in _read(path) if r["seed"] in keep]  # noqa: E731
     if args[:1] == ["--per-case"]:
         print(per_case(args[1:], results))
     else:

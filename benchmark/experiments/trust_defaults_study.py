@@ -43,13 +43,15 @@ CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK"
          "ding2020_dropseq_indrops", "zilionis_healthy_tumour", "zilionis_novel_tumour_subsets", "brain_mouse_human",
          "symphony_5p_thin_query", "symphony_5p_missing_genes"]
 CACHE = Path(os.environ.get("TRUST2_CACHE", "/tmp/trust2_models"))
+#: Training seed of the cached models (``TRUST2_SEED``; 0 unless set).
+SEED = int(os.environ.get("TRUST2_SEED", "0"))
 
 
 def model_for(name: str, case_dir: Path, spec: dict, ref) -> atlasmtl.TrainedModel:
     path = CACHE / name
     if (path / "model.pth").exists():
         return atlasmtl.TrainedModel.load(path)
-    model = atlasmtl.build_model(ref, label_columns=spec["levels"], random_state=0, num_threads=1,
+    model = atlasmtl.build_model(ref, label_columns=spec["levels"], random_state=SEED, num_threads=1,
                                  show_progress=False, show_summary=False)
     path.mkdir(parents=True, exist_ok=True)
     model.save(str(path) + "/")
