@@ -157,9 +157,11 @@ class InputView:
     """
 
     def __init__(self, stored: Mapping[str, Any]) -> None:
-        self.components = np.asarray(stored["components"], dtype=np.float32)
-        self.mean = np.asarray(stored["mean"], dtype=np.float32)
-        self.points = np.asarray(stored["points"], dtype=np.float32)
+        # fresh float64 copies: arrays read from a file may sit at other memory alignments, which changes
+        # BLAS's summation order; a saved and reloaded model must score exactly as the one it was saved from
+        self.components = np.array(stored["components"], dtype=np.float64, order="C")
+        self.mean = np.array(stored["mean"], dtype=np.float64, order="C")
+        self.points = np.array(stored["points"], dtype=np.float64, order="C")
         self.members = {lv: np.asarray(v) for lv, v in stored["members"].items()}
         self.levels = {lv: v for lv, v in stored["levels"].items() if v is not None}
         self.k = int(stored.get("k", NOVELTY_K))
@@ -168,11 +170,11 @@ class InputView:
 
     def project(self, rows: Any, zero_input: np.ndarray | None = None) -> np.ndarray:
         """Coordinates of network-input rows: a dense array, or a sparse CSR *offset* input
-        ``f(x) - f(0)`` with ``zero_input = f(0)`` (:class:`~atlasmtl.network.SparseInput`); float32."""
+        ``f(x) - f(0)`` with ``zero_input = f(0)`` (:class:`~atlasmtl.network.SparseInput`); float64."""
         if sp.issparse(rows):
-            centre = -self.mean if zero_input is None else np.asarray(zero_input, dtype=np.float32) - self.mean
-            return np.asarray(rows @ self.components.T, dtype=np.float32) + centre @ self.components.T
-        return (np.asarray(rows, dtype=np.float32) - self.mean) @ self.components.T
+            centre = -self.mean if zero_input is None else np.asarray(zero_input, dtype=np.float64) - self.mean
+            return np.asarray(rows.astype(np.float64) @ self.components.T) + centre @ self.components.T
+        return (np.asarray(rows, dtype=np.float64) - self.mean) @ self.components.T
 
     def log_distance(self, points: np.ndarray, calls: np.ndarray, level: str) -> np.ndarray:
         """Log mean distance of each point to the nearest kept cells of its call at ``level``
@@ -262,7 +264,7 @@ def fit_input_view(
 
     def project(rows: np.ndarray) -> np.ndarray:
         return np.vstack([view.project(read_offset(rows[i : i + 4096]), zero_input) for i in range(0, len(rows), 4096)]
-                         or [np.zeros((0, n_comps), dtype=np.float32)])
+                         or [np.zeros((0, n_comps))])
 
     kept_at: dict[str, np.ndarray] = {}
     for lv, codes in train_codes.items():
@@ -274,10 +276,10 @@ def fit_input_view(
             kept[own] = c
         kept_at[lv] = kept
     keep = np.flatnonzero(np.any(np.stack(list(kept_at.values())) >= 0, axis=0))
-    points = project(train_cells[keep])
+    points = project(train_cells[keep]).astype(np.float32)  # as stored: fit and prediction see the same points
     members = {lv: kept[keep] for lv, kept in kept_at.items()}
     held_points = project(held_out_cells)
-    view.points, view.members = points, members
+    view.points, view.members = points.astype(np.float64), members
     levels: dict[str, Any] = {}
     for lv in train_codes:
         loo = np.full(len(keep), np.nan)

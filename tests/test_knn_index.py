@@ -315,7 +315,12 @@ def test_reference_embedding_kept_on_disk_gives_the_same_model(synthetic_split, 
     np.testing.assert_array_equal(on_disk.reference["embedding"], in_memory.reference["embedding"])
     for key in ("centroids", "offsets"):
         np.testing.assert_array_equal(on_disk.reference["index"][key], in_memory.reference["index"][key])
-    assert on_disk.metadata["novelty"] == in_memory.metadata["novelty"]
+    def same(a, b):  # nested dicts of plain values and arrays
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return np.array_equal(a, b, equal_nan=True) if isinstance(a, np.ndarray) else a == b
+
+    assert same(on_disk.metadata["novelty"], in_memory.metadata["novelty"])
     assert on_disk.metadata["calibration"] == in_memory.metadata["calibration"]
     assert (on_disk.train_config["knn_space"]["neighbour_label_agreement"]
             == in_memory.train_config["knn_space"]["neighbour_label_agreement"])

@@ -86,9 +86,12 @@ def test_knn_modes(pbmc_model, query_copy):
         np.testing.assert_array_equal(r_off["raw_code"], r_low["raw_code"])
         np.testing.assert_array_equal(r_off["is_low_conf"], r_low["is_low_conf"])
         # low_conf_only: KNN touches only low-confidence cells; confident cells keep the network label
+        # (unless the novelty score's input view makes them Unknown, which needs no low confidence)
         assert not r_low["used_knn"][~r_low["is_low_conf"]].any()
         confident = ~r_low["is_low_conf"]
-        np.testing.assert_array_equal(r_low["code"][confident], r_low["raw_code"][confident])
+        np.testing.assert_array_equal(r_low["code"][confident & ~r_low["is_novel"]],
+                                      r_low["raw_code"][confident & ~r_low["is_novel"]])
+        assert (r_low["code"][confident & r_low["is_novel"]] == -1).all()
         assert np.isnan(r_low["knn_vote_frac"][confident]).all()
         assert not np.isnan(r_low["knn_vote_frac"][r_low["is_low_conf"]]).any()
         # all: every cell has a vote
