@@ -282,13 +282,12 @@ def fit_input_view(
     view.points, view.members = points.astype(np.float64), members
     levels: dict[str, Any] = {}
     for lv in train_codes:
-        loo = np.full(len(keep), np.nan)
-        location = np.full(int(n_classes[lv]), np.nan)
+        location = np.full(int(n_classes[lv]), np.nan)  # median leave-one-out log distance per class
         for c in np.unique(members[lv][members[lv] >= 0]):
             own = members[lv] == c
             if own.sum() >= 2:
-                loo[own] = log_distance(mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True))
-                location[c] = float(np.median(loo[own]))
+                loo = mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True)
+                location[c] = float(np.median(log_distance(loo)))
         view.levels = {lv: {"location": location, "offset": 0.0, "scale": 1.0}}
         view.counts = {lv: np.bincount(members[lv][members[lv] >= 0], minlength=len(location))}
         calls = np.asarray(held_out_calls[lv])
