@@ -260,7 +260,7 @@ def fit_input_view(
     del dense
     stored: dict[str, Any] = {"components": pca.components_.astype(np.float32),
                               "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K}
-    view = InputView({**stored, "points": np.zeros((0, n_comps)), "members": {}, "levels": {}})
+    view = InputView({**stored, "points": np.zeros((0, n_comps)), "members": {}, "levels": {}})  # to project
 
     def project(rows: np.ndarray) -> np.ndarray:
         return np.vstack([view.project(read_offset(rows[i : i + 4096]), zero_input) for i in range(0, len(rows), 4096)]
@@ -279,7 +279,6 @@ def fit_input_view(
     points = project(train_cells[keep]).astype(np.float32)  # as stored: fit and prediction see the same points
     members = {lv: kept[keep] for lv, kept in kept_at.items()}
     held_points = project(held_out_cells)
-    view.points, view.members = points.astype(np.float64), members
     levels: dict[str, Any] = {}
     for lv in train_codes:
         location = np.full(int(n_classes[lv]), np.nan)  # median leave-one-out log distance per class
@@ -288,10 +287,11 @@ def fit_input_view(
             if own.sum() >= 2:
                 loo = mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True)
                 location[c] = float(np.median(log_distance(loo)))
-        view.levels = {lv: {"location": location, "offset": 0.0, "scale": 1.0}}
-        view.counts = {lv: np.bincount(members[lv][members[lv] >= 0], minlength=len(location))}
+        # the level's view before its offset and scale: z0 is then the held-out cells' residual
+        unscaled = InputView({**stored, "points": points, "members": {lv: members[lv]},
+                              "levels": {lv: {"location": location, "offset": 0.0, "scale": 1.0}}})
         calls = np.asarray(held_out_calls[lv])
-        summary = null_summary(view.z(view.log_distance(held_points, calls, lv), calls, lv, located=False))
+        summary = null_summary(unscaled.z(unscaled.log_distance(held_points, calls, lv), calls, lv, located=False))
         levels[lv] = None if not summary["n"] else {"location": location, "offset": summary["median"],
                                                     "scale": summary["scale"], "n": summary["n"]}
     return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels}
