@@ -657,8 +657,11 @@ def _check_input_view(view: Any, levels: list[str], n_genes: int, n_classes: lis
     k = view.get("k", 10)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise _Damaged(f"{what}['k'] is not a positive integer")
+    residual = view.get("residual", False)
+    if not isinstance(residual, bool):
+        raise _Damaged(f"{what}['residual'] is not true or false")
     if components.ndim != 2 or components.shape[1] != n_genes or mean.shape != (n_genes,) \
-            or points.ndim != 2 or points.shape[1] != components.shape[0]:
+            or points.ndim != 2 or points.shape[1] != components.shape[0] + int(residual):
         raise _Damaged(f"{what} holds a PCA that does not fit the model's {n_genes} genes")
     if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (components, mean, points)):
         raise _Damaged(f"{what} holds non-numeric, NaN or infinite coordinates")
@@ -675,12 +678,22 @@ def _check_input_view(view: Any, levels: list[str], n_genes: int, n_classes: lis
         level_stats = stats[level]
         if level_stats is None:
             continue
-        location = level_stats.get("location") if isinstance(level_stats, dict) else None
-        if not isinstance(location, np.ndarray) or location.shape != (n,) or not np.issubdtype(location.dtype, np.floating) \
-                or np.isinf(location).any() \
-                or not all(isinstance(level_stats.get(key), (int, float)) for key in ("offset", "scale")) \
-                or not np.isfinite(level_stats["offset"]) or not level_stats["scale"] > 0:
-            raise _Damaged(f"{what}['levels'][{level!r}] is not a location per class with a finite offset and scale")
+        _check_view_scores(level_stats, n, f"{what}['levels'][{level!r}]")
+        residual_stats = level_stats.get("residual")
+        if residual_stats is not None or (residual and "residual" not in level_stats):
+            if not residual:
+                raise _Damaged(f"{what}['levels'][{level!r}] holds a residual score the view does not compute")
+            _check_view_scores(residual_stats, n, f"{what}['levels'][{level!r}]['residual']")
+
+
+def _check_view_scores(stats: Any, n: int, what: str) -> None:
+    """One input-view score of a level: a location per class, a finite offset and a positive scale."""
+    location = stats.get("location") if isinstance(stats, dict) else None
+    if not isinstance(location, np.ndarray) or location.shape != (n,) or not np.issubdtype(location.dtype, np.floating) \
+            or np.isinf(location).any() \
+            or not all(isinstance(stats.get(key), (int, float)) for key in ("offset", "scale")) \
+            or not np.isfinite(stats["offset"]) or not stats["scale"] > 0:
+        raise _Damaged(f"{what} is not a location per class with a finite offset and scale")
 
 
 def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str]) -> None:

@@ -105,29 +105,44 @@ INPUT_VIEW_CLASS_QUANTILE = 0.05
 #: novel: none (infinite). The network's probability for a type it never saw is no evidence (NK cells
 #: without NK in the reference are called T with probability ~1); 0.9 was measured and flags almost none.
 INPUT_VIEW_CONFIDENCE_GUARD = float("inf")
+#: The view also scores distances with each cell's distance from the PCA's subspace (the norm of its
+#: residual) as one more coordinate (the last of ``points``): a type the reference lacks varies in
+#: genes the reference's components do not span.
+INPUT_VIEW_RESIDUAL = True
 
 
-def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, skip_self: bool = False) -> np.ndarray:
+def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, skip_self: bool = False,
+                            split: int | None = None) -> Any:
     """Mean Euclidean distance from each point to its ``k`` nearest ``members`` (exact, in blocks).
 
     With ``skip_self``, the points are the members themselves and each one's nearest (itself) is left out.
+    With ``split``, returns two arrays from one pass: the distance over the first ``split`` coordinates
+    and over all of them.
     """
     members = np.asarray(members, dtype=np.float64)
     kk = min(k + int(skip_self), len(members))
-    out = np.full(len(points), np.nan)
+    spaces = [slice(0, split), slice(None)] if split is not None else [slice(None)]
+    out = [np.full(len(points), np.nan) for _ in spaces]
     if kk - int(skip_self) < 1:
-        return out
-    sq_members = np.einsum("ij,ij->i", members, members)
+        return tuple(out) if split is not None else out[0]
+    head = slice(0, split) if split is not None else slice(None)
+    sq_members = np.einsum("ij,ij->i", members[:, head], members[:, head])
     step = max(1, (1 << 22) // max(len(members), 1))  # at most ~32 MB of distances at a time
     for start in range(0, len(points), step):
         block = np.asarray(points[start : start + step], dtype=np.float64)
-        d2 = np.einsum("ij,ij->i", block, block)[:, None] + sq_members[None, :] - 2.0 * (block @ members.T)
+        d2 = np.einsum("ij,ij->i", block[:, head], block[:, head])[:, None] + sq_members[None, :] \
+            - 2.0 * (block[:, head] @ members[:, head].T)
         np.maximum(d2, 0.0, out=d2)
-        nearest = np.sort(np.partition(d2, kk - 1, axis=1)[:, :kk], axis=1)
-        if skip_self:
-            nearest = nearest[:, 1:]
-        out[start : start + len(block)] = np.sqrt(nearest).mean(axis=1)
-    return out
+        for i, space in enumerate(spaces):
+            if i:  # the remaining coordinates' squared distances, added to the first ones'
+                rest_b, rest_m = block[:, split:], members[:, split:]
+                d2 += np.maximum(np.einsum("ij,ij->i", rest_b, rest_b)[:, None] + np.einsum("ij,ij->i", rest_m, rest_m)[None, :]
+                                 - 2.0 * (rest_b @ rest_m.T), 0.0)
+            nearest = np.sort(np.partition(d2, kk - 1, axis=1)[:, :kk], axis=1)
+            if skip_self:
+                nearest = nearest[:, 1:]
+            out[i][start : start + len(block)] = np.sqrt(nearest).mean(axis=1)
+    return tuple(out) if split is not None else out[0]
 
 
 class InputView:
@@ -154,6 +169,14 @@ class InputView:
     embedding view it is located at the query: less ``max(0, median z0)`` over the query, and a
     called class with at least :data:`INPUT_VIEW_MIN_QUERY` query cells less at least its own
     :data:`INPUT_VIEW_CLASS_QUANTILE` quantile.
+
+    A view fitted with ``residual`` (:data:`INPUT_VIEW_RESIDUAL`, the default since 2026-12-01)
+    keeps each cell's distance from the PCA's subspace as one more coordinate of ``points`` and
+    scores the same distance a second time with it (its own locations, offset and scale under
+    ``levels[level]["residual"]``); the view's z is the larger of the two. A type the reference
+    lacks often differs in genes that do not vary in the reference, which its components do not
+    span (the tumour-only neutrophil states of Zilionis), while a type the reference's genes do
+    separate stands out more in the PCA alone (NK cells without NK in the reference).
     """
 
     def __init__(self, stored: Mapping[str, Any]) -> None:
@@ -165,6 +188,8 @@ class InputView:
         self.members = {lv: np.asarray(v) for lv, v in stored["members"].items()}
         self.levels = {lv: v for lv, v in stored["levels"].items() if v is not None}
         self.k = int(stored.get("k", NOVELTY_K))
+        self.residual = bool(stored.get("residual", False))
+        self.n_components = self.components.shape[0]
         self.counts = {lv: np.bincount(v[v >= 0], minlength=len(self.levels[lv]["location"]) if lv in self.levels else 0)
                        for lv, v in self.members.items()}
 
@@ -172,14 +197,28 @@ class InputView:
         """Coordinates of network-input rows: a dense array, or a sparse CSR *offset* input
         ``f(x) - f(0)`` with ``zero_input = f(0)`` (:class:`~atlasmtl.network.SparseInput`); float64."""
         if sp.issparse(rows):
+            rows = rows.astype(np.float64)
             centre = -self.mean if zero_input is None else np.asarray(zero_input, dtype=np.float64) - self.mean
-            return np.asarray(rows.astype(np.float64) @ self.components.T) + centre @ self.components.T
-        return (np.asarray(rows, dtype=np.float64) - self.mean) @ self.components.T
+            coords = np.asarray(rows @ self.components.T) + centre @ self.components.T
+            if not self.residual:
+                return coords
+            # |offset + centre|² without densifying: |offset|² + 2 offset·centre + |centre|²
+            squared = np.asarray(rows.multiply(rows).sum(axis=1)).ravel() + 2.0 * np.asarray(rows @ centre).ravel() \
+                + float(centre @ centre)
+        else:
+            centred = np.asarray(rows, dtype=np.float64) - self.mean
+            coords = centred @ self.components.T
+            if not self.residual:
+                return coords
+            squared = np.einsum("ij,ij->i", centred, centred)
+        residual = np.sqrt(np.maximum(squared - np.einsum("ij,ij->i", coords, coords), 0.0))
+        return np.hstack([coords, residual[:, None]])
 
-    def log_distance(self, points: np.ndarray, calls: np.ndarray, level: str) -> np.ndarray:
-        """Log mean distance of each point to the nearest kept cells of its call at ``level``
-        (NaN without a call, or when the class keeps fewer than two cells)."""
-        out = np.full(len(points), np.nan)
+    def log_distances(self, points: np.ndarray, calls: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+        """Log mean distance of each point to the nearest kept cells of its call at ``level`` in the PCA,
+        and with the residual coordinate (NaN for a view without it); NaN without a call, or when the
+        class keeps fewer than two cells."""
+        out = (np.full(len(points), np.nan), np.full(len(points), np.nan))
         if level not in self.levels:
             return out
         members = self.members[level]
@@ -188,14 +227,21 @@ class InputView:
             if own.sum() < 2:
                 continue
             at = calls == c
-            out[at] = log_distance(mean_neighbour_distance(points[at], self.points[own], self.k))
+            distances = mean_neighbour_distance(points[at], self.points[own], self.k,
+                                                split=self.n_components if self.residual else None)
+            for o, d in zip(out, distances if self.residual else (distances,)):
+                o[at] = log_distance(d)
         return out
 
-    def z(self, log_d: np.ndarray, calls: np.ndarray, level: str, located: bool = True) -> np.ndarray:
-        """Query-located robust z-score of each cell at ``level`` (see the class docstring);
+    def z(self, log_d: np.ndarray, calls: np.ndarray, level: str, located: bool = True,
+          space: str = "pca") -> np.ndarray:
+        """Query-located robust z-score of each cell at ``level`` (see the class docstring) from its
+        :meth:`log_distances` (the PCA's, ``space="pca"``, or with the residual, ``"residual"``);
         ``located=False``: ``z0``, before the query's location."""
         z = np.full(len(log_d), np.nan)
         stats = self.levels.get(level)
+        if stats is not None and space == "residual":
+            stats = stats.get("residual")
         if stats is None:
             return z
         location = np.where(self.counts[level] >= INPUT_VIEW_MIN_MEMBERS, np.asarray(stats["location"], dtype=np.float64), np.nan)
@@ -211,6 +257,10 @@ class InputView:
             if rows.sum() >= INPUT_VIEW_MIN_QUERY:
                 out[rows] = z[rows] - max(shift, float(np.quantile(z[rows], INPUT_VIEW_CLASS_QUANTILE)))
         return out
+
+    def score(self, log_d: np.ndarray, log_d_residual: np.ndarray, calls: np.ndarray, level: str) -> np.ndarray:
+        """The view's z at ``level``: the larger of the located z-scores in the two spaces."""
+        return np.fmax(self.z(log_d, calls, level), self.z(log_d_residual, calls, level, space="residual"))
 
 
 def fit_input_view(
@@ -259,12 +309,13 @@ def fit_input_view(
     pca = PCA(n_comps, random_state=random_state % 2**32).fit(dense)
     del dense
     stored: dict[str, Any] = {"components": pca.components_.astype(np.float32),
-                              "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K}
-    view = InputView({**stored, "points": np.zeros((0, n_comps)), "members": {}, "levels": {}})  # to project
+                              "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K, "residual": bool(INPUT_VIEW_RESIDUAL)}
+    width = n_comps + int(stored["residual"])
+    view = InputView({**stored, "points": np.zeros((0, width)), "members": {}, "levels": {}})  # to project
 
     def project(rows: np.ndarray) -> np.ndarray:
         return np.vstack([view.project(read_offset(rows[i : i + 4096]), zero_input) for i in range(0, len(rows), 4096)]
-                         or [np.zeros((0, n_comps))])
+                         or [np.zeros((0, width))])
 
     kept_at: dict[str, np.ndarray] = {}
     for lv, codes in train_codes.items():
@@ -282,16 +333,26 @@ def fit_input_view(
     levels: dict[str, Any] = {}
     for lv in train_codes:
         location = np.full(int(n_classes[lv]), np.nan)  # median leave-one-out log distance per class
+        residual_location = np.full(int(n_classes[lv]), np.nan)  # the same with the residual coordinate
         for c in np.unique(members[lv][members[lv] >= 0]):
             own = members[lv] == c
             if own.sum() >= 2:
-                loo = mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True)
-                location[c] = float(np.median(log_distance(loo)))
-        # the level's view before its offset and scale: z0 is then the held-out cells' residual
+                loo = mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True,
+                                              split=n_comps if stored["residual"] else None)
+                for where, d in zip((location, residual_location), loo if stored["residual"] else (loo,)):
+                    where[c] = float(np.median(log_distance(d)))
+        # the level's view before its offsets and scales: z0 is then the held-out cells' residual
+        unit = {"offset": 0.0, "scale": 1.0}
         unscaled = InputView({**stored, "points": points, "members": {lv: members[lv]},
-                              "levels": {lv: {"location": location, "offset": 0.0, "scale": 1.0}}})
+                              "levels": {lv: {"location": location, **unit,
+                                              "residual": {"location": residual_location, **unit}}}})
         calls = np.asarray(held_out_calls[lv])
-        summary = null_summary(unscaled.z(unscaled.log_distance(held_points, calls, lv), calls, lv, located=False))
+        held_d, held_d_residual = unscaled.log_distances(held_points, calls, lv)
+        summary = null_summary(unscaled.z(held_d, calls, lv, located=False))
         levels[lv] = None if not summary["n"] else {"location": location, "offset": summary["median"],
                                                     "scale": summary["scale"], "n": summary["n"]}
+        if levels[lv] is not None and stored["residual"]:
+            summary = null_summary(unscaled.z(held_d_residual, calls, lv, located=False, space="residual"))
+            levels[lv]["residual"] = None if not summary["n"] else {
+                "location": residual_location, "offset": summary["median"], "scale": summary["scale"], "n": summary["n"]}
     return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels}

@@ -282,6 +282,7 @@ class _Buffers:
                 "covered": np.zeros(n, dtype=bool),
                 "distance": np.full(n, np.nan, dtype=np.float64),
                 "input_distance": np.full(n, np.nan, dtype=np.float64),
+                "input_distance_residual": np.full(n, np.nan, dtype=np.float64),
             }
             for lv in model.label_columns
         }
@@ -378,13 +379,14 @@ def _search_block(
 def _input_view_block(view: InputView, x: SparseInput | torch.Tensor, zero: np.ndarray | None,
                       buffers: _Buffers, rows: slice) -> None:
     """The input view's log distance per level for one batch (to the kept reference cells of each
-    cell's call there; :meth:`~atlasmtl.novelty.InputView.log_distance`), from its network input."""
+    cell's call there, in the PCA and with the residual; :meth:`~atlasmtl.novelty.InputView.log_distances`),
+    from its network input."""
     points = view.project(x.rows, zero) if isinstance(x, SparseInput) else view.project(x.cpu().numpy())
     usable = ~buffers.no_signal[rows]
     for lv in view.levels:
         o = buffers.levels[lv]
         calls = np.where(usable, o["raw"][rows], -1)
-        o["input_distance"][rows] = view.log_distance(points, calls, lv)
+        o["input_distance"][rows], o["input_distance_residual"][rows] = view.log_distances(points, calls, lv)
 
 
 def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,
@@ -398,7 +400,8 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
     if decoder.input_view is not None:
         for lv in decoder.input_view.levels:
             called = np.where(buffers.no_signal, -1, buffers.levels[lv]["raw"])
-            z_level = decoder.input_view.z(buffers.levels[lv]["input_distance"], called, lv)
+            z_level = decoder.input_view.score(buffers.levels[lv]["input_distance"],
+                                               buffers.levels[lv]["input_distance_residual"], called, lv)
             view_z = z_level if view_z is None else np.fmax(view_z, z_level)
     for lv in model.label_columns:
         o = buffers.levels[lv]

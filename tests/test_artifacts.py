@@ -248,10 +248,11 @@ def test_embedding_is_saved_in_chunks_as_plain_npy(tmp_path, monkeypatch):
     assert payload.nbytes == len(written)
 
 
-@pytest.mark.parametrize("edit", ["components", "members", "location"])
+@pytest.mark.parametrize("edit", ["components", "members", "location", "residual"])
 def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
     """The novelty score's input view is saved as plain arrays, loads back equal, and a file whose view does
-    not fit the model (wrong PCA width, class codes out of range, a non-finite location) is refused by name."""
+    not fit the model (wrong PCA width, class codes out of range, a non-finite location, a residual score
+    without a scale) is refused by name."""
     from atlasmtl.artifacts import safe_loads
     from atlasmtl.io import to_plain
 
@@ -268,8 +269,10 @@ def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
         stored["components"] = stored["components"][:, :-1]
     elif edit == "members":
         stored["members"][level] = stored["members"][level] + 1000
-    else:
+    elif edit == "location":
         stored["levels"][level]["location"] = np.full_like(stored["levels"][level]["location"], np.inf)
+    else:
+        stored["levels"][level]["residual"]["scale"] = 0.0
     path.write_bytes(pickle.dumps(to_plain(meta), protocol=4))
     _rewrite_manifest_checksum(directory / "model_manifest.json", "metadata")
     with pytest.raises(ArtifactError, match="input_view"):

@@ -218,16 +218,52 @@ def test_input_view_scores_cells_against_their_own_class():
     far = (centres[0] + rng.normal(0, 1, (50, n_genes)) + 6.0).astype(np.float32)
     points = np.vstack([view.project(fresh), view.project(far)])
     calls = np.r_[codes[:600], np.zeros(50, int)]
-    z = view.z(view.log_distance(points, calls, "fine"), calls, "fine")
+    z = view.z(view.log_distances(points, calls, "fine")[0], calls, "fine")
     assert abs(np.median(z[:600])) < 1.0 and np.median(z[600:]) > 10
     rare = np.full(5, 2)  # the class with too few kept cells
-    assert np.isnan(view.z(view.log_distance(view.project(x[codes == 2][:5]), rare, "fine"), rare, "fine")).all()
+    assert np.isnan(view.z(view.log_distances(view.project(x[codes == 2][:5]), rare, "fine")[0], rare, "fine")).all()
     again = fit(0)
     for key in ("components", "points"):
         np.testing.assert_array_equal(stored[key], again[key])
     # a sparse offset input projects like its dense form
     zero = rng.normal(0, 1, n_genes).astype(np.float32)
     np.testing.assert_allclose(view.project(sp.csr_matrix(fresh[:20] - zero), zero), view.project(fresh[:20]), atol=1e-4)
+
+
+def test_input_view_residual_sees_genes_the_reference_does_not_vary():
+    """A cluster that differs from a known class only in genes that barely vary in the reference lies close to
+    that class inside the PCA but far from the PCA's subspace: distances with the residual coordinate flag it,
+    distances in the PCA alone do not; cells of the known classes score near 0 in both."""
+    from atlasmtl.novelty import InputView, fit_input_view
+
+    rng = np.random.default_rng(1)
+    n_genes, varying = 120, 40
+    centres = np.zeros((2, n_genes))
+    centres[:, :varying] = rng.normal(0, 3, (2, varying))
+    sd = np.r_[np.ones(varying), np.full(n_genes - varying, 0.05)]  # most genes are flat in the reference
+
+    def cells(codes):
+        return (centres[codes] + rng.normal(0, 1, (len(codes), n_genes)) * sd).astype(np.float32)
+
+    codes = np.repeat([0, 1], 300)
+    x = cells(codes)
+    held = np.sort(rng.choice(600, 100, replace=False))
+    train = np.setdiff1d(np.arange(600), held)
+    stored = fit_input_view(lambda r: x[r], lambda r: sp.csr_matrix(x[r]), None, n_genes, train, {"fine": codes[train]},
+                            {"fine": 2}, held, {"fine": codes[held]}, 0)
+    assert stored["residual"] and stored["points"].shape[1] == stored["components"].shape[0] + 1
+    view = InputView(stored)
+    known = cells(codes)
+    novel = cells(np.zeros(60, int))
+    novel[:, varying:varying + 20] += 2.0  # a programme the reference never switches on
+    points = view.project(np.vstack([known, novel]))
+    calls = np.r_[codes, np.zeros(60, int)]
+    log_d, log_d_residual = view.log_distances(points, calls, "fine")
+    distance_z = view.z(log_d, calls, "fine")
+    residual_z = view.z(log_d_residual, calls, "fine", space="residual")
+    assert abs(np.median(residual_z[:600])) < 1.0 and np.median(residual_z[600:]) > 3.5
+    assert np.median(distance_z[600:]) < 2
+    np.testing.assert_array_equal(view.score(log_d, log_d_residual, calls, "fine"), np.fmax(distance_z, residual_z))
 
 
 # ---------------------------------------------------------------- cells without signal
