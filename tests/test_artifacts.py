@@ -277,3 +277,29 @@ def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
     _rewrite_manifest_checksum(directory / "model_manifest.json", "metadata")
     with pytest.raises(ArtifactError, match="input_view"):
         atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+
+
+def test_a_view_saved_without_the_residual_coordinate_loads_and_scores_in_the_pca_alone(pbmc_model, pbmc_split, tmp_path):
+    """Models saved before the residual coordinate (a view without ``residual``) still load and predict: their
+    view scores the PCA distance alone, which is never above the current view's (the larger of the two z)."""
+    from atlasmtl.model import TrainedModel
+
+    _, query = pbmc_split
+    view = pbmc_model.metadata["novelty"]["input_view"]
+    assert view["residual"] and view["points"].shape[1] == view["components"].shape[0] + 1
+    old_view = {**view, "residual": False, "points": view["points"][:, :-1],
+                "levels": {lv: None if s is None else {k: v for k, v in s.items() if k != "residual"}
+                           for lv, s in view["levels"].items()}}
+    del old_view["residual"]  # as the earlier format wrote it: no key at all
+    old = TrainedModel(pbmc_model.network, {**pbmc_model.metadata, "novelty": {**pbmc_model.metadata["novelty"],
+                                                                            "input_view": old_view}}, pbmc_model.reference)
+    old.save(tmp_path / "old.pth")
+    loaded = atlasmtl.TrainedModel.load(tmp_path / "old_manifest.json")
+    assert "residual" not in loaded.metadata["novelty"]["input_view"]
+    quiet = {"show_progress": False, "show_summary": False}
+    fine = pbmc_model.label_columns[-1]
+    before = atlasmtl.predict(loaded, query, **quiet).levels[fine].novelty
+    np.testing.assert_array_equal(before, atlasmtl.predict(old, query, **quiet).levels[fine].novelty)
+    now = atlasmtl.predict(pbmc_model, query, **quiet).levels[fine].novelty
+    both = np.isfinite(before) & np.isfinite(now)
+    assert both.mean() > 0.9 and np.all(before[both] <= now[both] + 1e-6) and np.any(before[both] < now[both] - 1e-3)
