@@ -657,9 +657,9 @@ def _check_input_view(view: Any, levels: list[str], n_genes: int, n_classes: lis
     k = view.get("k", 10)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise _Damaged(f"{what}['k'] is not a positive integer")
-    residual = view.get("residual", False)
-    if not isinstance(residual, bool):
-        raise _Damaged(f"{what}['residual'] is not true or false")
+    residual, class_scale = view.get("residual", False), view.get("class_scale", False)
+    if not isinstance(residual, bool) or not isinstance(class_scale, bool):
+        raise _Damaged(f"{what}['residual'] or ['class_scale'] is not true or false")
     if components.ndim != 2 or components.shape[1] != n_genes or mean.shape != (n_genes,) \
             or points.ndim != 2 or points.shape[1] != components.shape[0] + int(residual):
         raise _Damaged(f"{what} holds a PCA that does not fit the model's {n_genes} genes")
@@ -678,22 +678,28 @@ def _check_input_view(view: Any, levels: list[str], n_genes: int, n_classes: lis
         level_stats = stats[level]
         if level_stats is None:
             continue
-        _check_view_scores(level_stats, n, f"{what}['levels'][{level!r}]")
+        _check_view_scores(level_stats, n, f"{what}['levels'][{level!r}]", class_scale)
         residual_stats = level_stats.get("residual")
         if residual_stats is not None or (residual and "residual" not in level_stats):
             if not residual:
                 raise _Damaged(f"{what}['levels'][{level!r}] holds a residual score the view does not compute")
-            _check_view_scores(residual_stats, n, f"{what}['levels'][{level!r}]['residual']")
+            _check_view_scores(residual_stats, n, f"{what}['levels'][{level!r}]['residual']", class_scale)
 
 
-def _check_view_scores(stats: Any, n: int, what: str) -> None:
-    """One input-view score of a level: a location per class, a finite offset and a positive scale."""
-    location = stats.get("location") if isinstance(stats, dict) else None
-    if not isinstance(location, np.ndarray) or location.shape != (n,) or not np.issubdtype(location.dtype, np.floating) \
-            or np.isinf(location).any() \
+def _check_view_scores(stats: Any, n: int, what: str, class_scale: bool) -> None:
+    """One input-view score of a level: a location (and with ``class_scale`` a positive spread) per class,
+    a finite offset and a positive scale."""
+
+    def per_class(key: str) -> bool:
+        values = stats.get(key) if isinstance(stats, dict) else None
+        return isinstance(values, np.ndarray) and values.shape == (n,) and np.issubdtype(values.dtype, np.floating) \
+            and not np.isinf(values).any() and (key == "location" or not (values <= 0).any())
+
+    if not per_class("location") or (class_scale and not per_class("spread")) \
             or not all(isinstance(stats.get(key), (int, float)) for key in ("offset", "scale")) \
             or not np.isfinite(stats["offset"]) or not stats["scale"] > 0:
-        raise _Damaged(f"{what} is not a location per class with a finite offset and scale")
+        raise _Damaged(f"{what} is not a location{' and spread' if class_scale else ''} per class with a finite offset "
+                       "and scale")
 
 
 def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str]) -> None:

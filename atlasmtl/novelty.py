@@ -109,6 +109,9 @@ INPUT_VIEW_CONFIDENCE_GUARD = float("inf")
 #: residual) as one more coordinate (the last of ``points``): a type the reference lacks varies in
 #: genes the reference's components do not span.
 INPUT_VIEW_RESIDUAL = True
+#: Divide each class's deviations by that class's own spread (1.4826 · MAD of its kept cells'
+#: leave-one-out log distances) before the held-out offset and scale.
+INPUT_VIEW_CLASS_SCALE = True
 
 
 def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, skip_self: bool = False,
@@ -177,6 +180,12 @@ class InputView:
     lacks often differs in genes that do not vary in the reference, which its components do not
     span (the tumour-only neutrophil states of Zilionis), while a type the reference's genes do
     separate stands out more in the PCA alone (NK cells without NK in the reference).
+
+    A view fitted with ``class_scale`` (:data:`INPUT_VIEW_CLASS_SCALE`, the default since
+    2026-12-01) also stores each class's ``spread`` (1.4826 · MAD of its kept cells' leave-one-out
+    log distances) and divides a cell's deviation by its call's spread before the held-out offset
+    and scale: ``z0 = ((log d - location[call]) / spread[call] - offset) / scale``. A loose class
+    (a heterogeneous cluster such as pbmc68k's "Dendritic") no longer looks novel in its tail.
     """
 
     def __init__(self, stored: Mapping[str, Any]) -> None:
@@ -189,6 +198,7 @@ class InputView:
         self.levels = {lv: v for lv, v in stored["levels"].items() if v is not None}
         self.k = int(stored.get("k", NOVELTY_K))
         self.residual = bool(stored.get("residual", False))
+        self.class_scale = bool(stored.get("class_scale", False))
         self.n_components = self.components.shape[0]
         self.counts = {lv: np.bincount(v[v >= 0], minlength=len(self.levels[lv]["location"]) if lv in self.levels else 0)
                        for lv, v in self.members.items()}
@@ -246,7 +256,10 @@ class InputView:
             return z
         location = np.where(self.counts[level] >= INPUT_VIEW_MIN_MEMBERS, np.asarray(stats["location"], dtype=np.float64), np.nan)
         called = calls >= 0
-        z[called] = (log_d[called] - location[calls[called]] - stats["offset"]) / stats["scale"]
+        deviation = log_d[called] - location[calls[called]]
+        if self.class_scale:
+            deviation = deviation / np.asarray(stats["spread"], dtype=np.float64)[calls[called]]
+        z[called] = (deviation - stats["offset"]) / stats["scale"]
         finite = np.isfinite(z)
         if not finite.any() or not located:
             return z
@@ -309,7 +322,8 @@ def fit_input_view(
     pca = PCA(n_comps, random_state=random_state % 2**32).fit(dense)
     del dense
     stored: dict[str, Any] = {"components": pca.components_.astype(np.float32),
-                              "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K, "residual": bool(INPUT_VIEW_RESIDUAL)}
+                              "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K, "residual": bool(INPUT_VIEW_RESIDUAL),
+                              "class_scale": bool(INPUT_VIEW_CLASS_SCALE)}
     width = n_comps + int(stored["residual"])
     view = InputView({**stored, "points": np.zeros((0, width)), "members": {}, "levels": {}})  # to project
 
@@ -334,25 +348,29 @@ def fit_input_view(
     for lv in train_codes:
         location = np.full(int(n_classes[lv]), np.nan)  # median leave-one-out log distance per class
         residual_location = np.full(int(n_classes[lv]), np.nan)  # the same with the residual coordinate
+        spread, residual_spread = np.full_like(location, np.nan), np.full_like(location, np.nan)  # 1.4826 · MAD
         for c in np.unique(members[lv][members[lv] >= 0]):
             own = members[lv] == c
             if own.sum() >= 2:
                 loo = mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True,
                                               split=n_comps if stored["residual"] else None)
-                for where, d in zip((location, residual_location), loo if stored["residual"] else (loo,)):
-                    where[c] = float(np.median(log_distance(d)))
+                for where, width, d in zip((location, residual_location), (spread, residual_spread),
+                                           loo if stored["residual"] else (loo,)):
+                    summary = null_summary(log_distance(d))
+                    where[c], width[c] = summary["median"], summary["scale"]
         # the level's view before its offsets and scales: z0 is then the held-out cells' residual
         unit = {"offset": 0.0, "scale": 1.0}
+        pca = {"location": location, **({"spread": spread} if stored["class_scale"] else {})}
+        with_residual = {"location": residual_location, **({"spread": residual_spread} if stored["class_scale"] else {})}
         unscaled = InputView({**stored, "points": points, "members": {lv: members[lv]},
-                              "levels": {lv: {"location": location, **unit,
-                                              "residual": {"location": residual_location, **unit}}}})
+                              "levels": {lv: {**pca, **unit, "residual": {**with_residual, **unit}}}})
         calls = np.asarray(held_out_calls[lv])
         held_d, held_d_residual = unscaled.log_distances(held_points, calls, lv)
         summary = null_summary(unscaled.z(held_d, calls, lv, located=False))
-        levels[lv] = None if not summary["n"] else {"location": location, "offset": summary["median"],
+        levels[lv] = None if not summary["n"] else {**pca, "offset": summary["median"],
                                                     "scale": summary["scale"], "n": summary["n"]}
         if levels[lv] is not None and stored["residual"]:
             summary = null_summary(unscaled.z(held_d_residual, calls, lv, located=False, space="residual"))
             levels[lv]["residual"] = None if not summary["n"] else {
-                "location": residual_location, "offset": summary["median"], "scale": summary["scale"], "n": summary["n"]}
+                **with_residual, "offset": summary["median"], "scale": summary["scale"], "n": summary["n"]}
     return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels}

@@ -248,11 +248,11 @@ def test_embedding_is_saved_in_chunks_as_plain_npy(tmp_path, monkeypatch):
     assert payload.nbytes == len(written)
 
 
-@pytest.mark.parametrize("edit", ["components", "members", "location", "residual"])
+@pytest.mark.parametrize("edit", ["components", "members", "location", "residual", "spread"])
 def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
     """The novelty score's input view is saved as plain arrays, loads back equal, and a file whose view does
     not fit the model (wrong PCA width, class codes out of range, a non-finite location, a residual score
-    without a scale) is refused by name."""
+    without a scale, a negative class spread) is refused by name."""
     from atlasmtl.artifacts import safe_loads
     from atlasmtl.io import to_plain
 
@@ -271,35 +271,46 @@ def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
         stored["members"][level] = stored["members"][level] + 1000
     elif edit == "location":
         stored["levels"][level]["location"] = np.full_like(stored["levels"][level]["location"], np.inf)
-    else:
+    elif edit == "residual":
         stored["levels"][level]["residual"]["scale"] = 0.0
+    else:
+        stored["levels"][level]["spread"] = -stored["levels"][level]["spread"]
     path.write_bytes(pickle.dumps(to_plain(meta), protocol=4))
     _rewrite_manifest_checksum(directory / "model_manifest.json", "metadata")
     with pytest.raises(ArtifactError, match="input_view"):
         atlasmtl.TrainedModel.load(directory / "model_manifest.json")
 
 
-def test_a_view_saved_without_the_residual_coordinate_loads_and_scores_in_the_pca_alone(pbmc_model, pbmc_split, tmp_path):
-    """Models saved before the residual coordinate (a view without ``residual``) still load and predict: their
-    view scores the PCA distance alone, which is never above the current view's (the larger of the two z)."""
+def test_a_view_saved_before_the_residual_coordinate_and_class_spreads_loads_and_predicts(pbmc_model, pbmc_split, tmp_path):
+    """Models saved before the residual coordinate and the class spreads (a view with neither key) still load
+    and predict as before their save; a view without the residual coordinate scores in the PCA alone, never
+    above the current view's score (the larger of the two z)."""
     from atlasmtl.model import TrainedModel
 
     _, query = pbmc_split
     view = pbmc_model.metadata["novelty"]["input_view"]
-    assert view["residual"] and view["points"].shape[1] == view["components"].shape[0] + 1
-    old_view = {**view, "residual": False, "points": view["points"][:, :-1],
-                "levels": {lv: None if s is None else {k: v for k, v in s.items() if k != "residual"}
-                           for lv, s in view["levels"].items()}}
-    del old_view["residual"]  # as the earlier format wrote it: no key at all
-    old = TrainedModel(pbmc_model.network, {**pbmc_model.metadata, "novelty": {**pbmc_model.metadata["novelty"],
-                                                                            "input_view": old_view}}, pbmc_model.reference)
-    old.save(tmp_path / "old.pth")
-    loaded = atlasmtl.TrainedModel.load(tmp_path / "old_manifest.json")
-    assert "residual" not in loaded.metadata["novelty"]["input_view"]
+    assert view["residual"] and view["class_scale"] and view["points"].shape[1] == view["components"].shape[0] + 1
+
+    def with_view(stored):
+        return TrainedModel(pbmc_model.network, {**pbmc_model.metadata, "novelty": {**pbmc_model.metadata["novelty"],
+                                                                                 "input_view": stored}}, pbmc_model.reference)
+
+    def strip(keys):
+        return {lv: None if s is None else {k: v for k, v in s.items() if k not in keys} for lv, s in view["levels"].items()}
+
     quiet = {"show_progress": False, "show_summary": False}
     fine = pbmc_model.label_columns[-1]
-    before = atlasmtl.predict(loaded, query, **quiet).levels[fine].novelty
-    np.testing.assert_array_equal(before, atlasmtl.predict(old, query, **quiet).levels[fine].novelty)
+    # the earlier format: no "residual" or "class_scale" key, PCA coordinates only, no spreads
+    oldest = {k: v for k, v in view.items() if k not in ("residual", "class_scale")}
+    oldest.update(points=view["points"][:, :-1], levels=strip({"residual", "spread"}))
+    with_view(oldest).save(tmp_path / "old.pth")
+    loaded = atlasmtl.TrainedModel.load(tmp_path / "old_manifest.json")
+    assert not {"residual", "class_scale"} & set(loaded.metadata["novelty"]["input_view"])
+    np.testing.assert_array_equal(atlasmtl.predict(loaded, query, **quiet).levels[fine].novelty,
+                                  atlasmtl.predict(with_view(oldest), query, **quiet).levels[fine].novelty)
+    # the residual coordinate only adds a second z: without it no cell scores higher
+    pca_only = {**view, "residual": False, "points": view["points"][:, :-1], "levels": strip({"residual"})}
+    before = atlasmtl.predict(with_view(pca_only), query, **quiet).levels[fine].novelty
     now = atlasmtl.predict(pbmc_model, query, **quiet).levels[fine].novelty
     both = np.isfinite(before) & np.isfinite(now)
     assert both.mean() > 0.9 and np.all(before[both] <= now[both] + 1e-6) and np.any(before[both] < now[both] - 1e-3)
