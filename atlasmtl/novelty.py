@@ -124,28 +124,28 @@ def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, ski
     """
     members = np.asarray(members, dtype=np.float64)
     kk = min(k + int(skip_self), len(members))
-    spaces = [slice(0, split), slice(None)] if split is not None else [slice(None)]
-    out = [np.full(len(points), np.nan) for _ in spaces]
+    out = [np.full(len(points), np.nan) for _ in range(1 if split is None else 2)]
     if kk - int(skip_self) < 1:
-        return tuple(out) if split is not None else out[0]
-    head = slice(0, split) if split is not None else slice(None)
-    sq_members = np.einsum("ij,ij->i", members[:, head], members[:, head])
+        return out[0] if split is None else tuple(out)
+    head = members[:, :split]  # all columns without a split
+    sq_head = np.einsum("ij,ij->i", head, head)
+    rest = members[:, split:] if split is not None else None
+    sq_rest = None if rest is None else np.einsum("ij,ij->i", rest, rest)
     step = max(1, (1 << 22) // max(len(members), 1))  # at most ~32 MB of distances at a time
     for start in range(0, len(points), step):
         block = np.asarray(points[start : start + step], dtype=np.float64)
-        d2 = np.einsum("ij,ij->i", block[:, head], block[:, head])[:, None] + sq_members[None, :] \
-            - 2.0 * (block[:, head] @ members[:, head].T)
+        d2 = np.einsum("ij,ij->i", block[:, :split], block[:, :split])[:, None] + sq_head[None, :] \
+            - 2.0 * (block[:, :split] @ head.T)
         np.maximum(d2, 0.0, out=d2)
-        for i, space in enumerate(spaces):
+        for i, result in enumerate(out):
             if i:  # the remaining coordinates' squared distances, added to the first ones'
-                rest_b, rest_m = block[:, split:], members[:, split:]
-                d2 += np.maximum(np.einsum("ij,ij->i", rest_b, rest_b)[:, None] + np.einsum("ij,ij->i", rest_m, rest_m)[None, :]
-                                 - 2.0 * (rest_b @ rest_m.T), 0.0)
+                tail = block[:, split:]
+                d2 += np.maximum(np.einsum("ij,ij->i", tail, tail)[:, None] + sq_rest[None, :] - 2.0 * (tail @ rest.T), 0.0)
             nearest = np.sort(np.partition(d2, kk - 1, axis=1)[:, :kk], axis=1)
             if skip_self:
                 nearest = nearest[:, 1:]
-            out[i][start : start + len(block)] = np.sqrt(nearest).mean(axis=1)
-    return tuple(out) if split is not None else out[0]
+            result[start : start + len(block)] = np.sqrt(nearest).mean(axis=1)
+    return out[0] if split is None else tuple(out)
 
 
 class InputView:
@@ -324,12 +324,12 @@ def fit_input_view(
     stored: dict[str, Any] = {"components": pca.components_.astype(np.float32),
                               "mean": pca.mean_.astype(np.float32), "k": NOVELTY_K, "residual": bool(INPUT_VIEW_RESIDUAL),
                               "class_scale": bool(INPUT_VIEW_CLASS_SCALE)}
-    width = n_comps + int(stored["residual"])
-    view = InputView({**stored, "points": np.zeros((0, width)), "members": {}, "levels": {}})  # to project
+    n_coords = n_comps + int(stored["residual"])
+    view = InputView({**stored, "points": np.zeros((0, n_coords)), "members": {}, "levels": {}})  # to project
 
     def project(rows: np.ndarray) -> np.ndarray:
         return np.vstack([view.project(read_offset(rows[i : i + 4096]), zero_input) for i in range(0, len(rows), 4096)]
-                         or [np.zeros((0, width))])
+                         or [np.zeros((0, n_coords))])
 
     kept_at: dict[str, np.ndarray] = {}
     for lv, codes in train_codes.items():
@@ -354,10 +354,10 @@ def fit_input_view(
             if own.sum() >= 2:
                 loo = mean_neighbour_distance(points[own], points[own], NOVELTY_K, skip_self=True,
                                               split=n_comps if stored["residual"] else None)
-                for where, width, d in zip((location, residual_location), (spread, residual_spread),
-                                           loo if stored["residual"] else (loo,)):
+                for centre, width, d in zip((location, residual_location), (spread, residual_spread),
+                                            loo if stored["residual"] else (loo,)):
                     summary = null_summary(log_distance(d))
-                    where[c], width[c] = summary["median"], summary["scale"]
+                    centre[c], width[c] = summary["median"], summary["scale"]
         # the level's view before its offsets and scales: z0 is then the held-out cells' residual
         unit = {"offset": 0.0, "scale": 1.0}
         pca = {"location": location, **({"spread": spread} if stored["class_scale"] else {})}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_cells, read_truth
+from study_scores import score_result
 import atlasmtl
 import atlasmtl.training as training
 from atlasmtl.model import TrainedModel
@@ -65,9 +66,7 @@ for case in CASES:
             _apply(patch)
             for t in THR:
                 res = atlasmtl.predict(variant, query, novelty_threshold=t, show_progress=False, show_summary=False)
-                met = atlasmtl.evaluate(res, truth, label_columns=levels, **({"novel_labels": spec["novel"]} if spec.get("novel") else {}))
-                row[f"{t}@{label}"] = {"levels": {lv: {k: v for k, v in met["levels"][lv].items() if isinstance(v, (int, float, type(None)))} for lv in levels},
-                                       "novel": {lv: {k: v.get(k) for k in ("auroc", "novel_unknown_rate", "known_unknown_rate")} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
+                row[f"{t}@{label}"] = score_result(res, truth, spec)
         _apply({})
         rows.append(row); OUT.write_text(json.dumps(rows))
         print(case, seed, {k: round(v["levels"][levels[-1]]["macro_f1"], 3) for k, v in row.items() if isinstance(v, dict)}, flush=True)
