@@ -12,12 +12,12 @@ and prediction-time constants, at each threshold, and scored with ``atlasmtl.eva
 Constants named in a variant apply while its view is fitted and while the query is predicted with it;
 the others keep their defaults.
 """
-import importlib, json, sys
+import json, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_cells, read_truth
-from study_scores import score_result
+from common import read_study_case
+from study_scores import constant_patcher, score_result
 import atlasmtl
 import atlasmtl.training as training
 from atlasmtl.model import TrainedModel
@@ -25,15 +25,7 @@ torch.set_num_threads(1)
 CASES, SEEDS, OUT = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3])
 THR = [float(t) for t in sys.argv[4].split(",")]
 VARIANTS = json.loads(sys.argv[5])
-_SAVED = {name: getattr(importlib.import_module("atlasmtl." + name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
-          for patch in VARIANTS.values() for name in patch}
-
-
-def _apply(patch):
-    for name, default in _SAVED.items():
-        module, attr = name.rsplit(".", 1)
-        setattr(importlib.import_module("atlasmtl." + module), attr, patch.get(name, default))
-
+_apply = constant_patcher(VARIANTS)
 
 _real_fit = training.fit_input_view
 views = {}
@@ -52,9 +44,8 @@ WORK = Path("/work/bench_work")  # the benchmark work folder holding cases/
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
 done = {(r["case"], r["seed"]) for r in rows}
 for case in CASES:
-    cdir = WORK / "cases" / case
-    spec = json.loads((cdir / "case.json").read_text()); levels = spec["levels"]
-    ref, query, truth = read_cells(cdir / "ref.h5ad"), read_cells(cdir / "query.h5ad", obsm=False), read_truth(cdir)
+    spec, ref, query, truth = read_study_case(WORK / "cases" / case)
+    levels = spec["levels"]
     for seed in SEEDS:
         if (case, seed) in done: continue
         views.clear()

@@ -17,21 +17,14 @@ from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_cells, read_truth
+from study_scores import constant_patcher
 import atlasmtl
 torch.set_num_threads(1)
 CASES, SEEDS, OUT = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3])
 THR = [float(t) for t in sys.argv[4].split(",")] if len(sys.argv) > 4 else [3.5, 4.0, 4.5, 5.0]
 SETTING = json.loads(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] else {}
-import importlib
 PATCHES = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {None: {}}
-_SAVED = {name: getattr(importlib.import_module("atlasmtl." + name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
-          for patch in PATCHES.values() for name in patch}
-
-
-def _apply(patch):
-    for name, default in _SAVED.items():
-        module, attr = name.rsplit(".", 1)
-        setattr(importlib.import_module("atlasmtl." + module), attr, patch.get(name, default))
+_apply = constant_patcher(PATCHES)
 WORK = Path("/work/bench_work")  # the benchmark work folder holding cases/
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
 done = {(r["case"], r["seed"]) for r in rows}

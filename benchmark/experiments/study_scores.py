@@ -23,6 +23,24 @@ NOVELTY_KEYS = ("auroc", "novel_unknown_rate", "known_unknown_rate")
 PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 
 
+def constant_patcher(patches: dict):
+    """For ``{label: {"module.NAME": value}}`` (modules of ``atlasmtl``): a function that sets one label's
+    constants and every other named constant back to its default (``apply({})`` restores them all)."""
+    import importlib
+
+    def target(name):
+        module, attr = name.rsplit(".", 1)
+        return importlib.import_module("atlasmtl." + module), attr
+
+    saved = {name: getattr(*target(name)) for patch in patches.values() for name in patch}
+
+    def apply(patch: dict) -> None:
+        for name, default in saved.items():
+            setattr(*target(name), patch.get(name, default))
+
+    return apply
+
+
 def read_rows(path) -> list | dict:
     """A study's rows (or a benchmark results file): JSON, gzipped when the name ends in ``.gz``."""
     path = str(path)
