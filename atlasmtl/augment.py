@@ -133,12 +133,12 @@ def simulate_shift(block: Any, semantics: str, rng: np.random.Generator,
     """
     counts = pseudo_counts(block, semantics)
     n_cells, n_genes = counts.shape
-    row_of = np.repeat(np.arange(n_cells), np.diff(counts.indptr))
     if config.thin_fraction > 0 and counts.nnz:
-        keep = np.ones(n_cells)
         thinned = rng.random(n_cells) < config.thin_fraction
-        keep[thinned] = np.exp(rng.uniform(np.log(config.min_depth), 0.0, size=int(thinned.sum())))
-        counts.data = rng.binomial(counts.data.astype(np.int64), keep[row_of]).astype(np.float32)
+        depth = np.exp(rng.uniform(np.log(config.min_depth), 0.0, size=int(thinned.sum())))
+        lengths = np.diff(counts.indptr)
+        values = np.repeat(thinned, lengths)  # the thinned cells' stored values (the others keep theirs)
+        counts.data[values] = rng.binomial(counts.data[values].astype(np.int64), np.repeat(depth, lengths[thinned]))
     if config.max_gene_dropout > 0 and counts.nnz:
         lost = rng.random(n_genes) < rng.uniform(0.0, config.max_gene_dropout)
         counts.data[lost[counts.indices]] = 0.0

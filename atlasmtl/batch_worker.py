@@ -13,8 +13,8 @@ The worker is a ``fork`` of the training process (Linux), so it shares the
 in-memory reference copy-on-write and draws from a copy of the same random
 generator the thread would use: the minibatches, and so the trained network,
 are identical. Each prepared minibatch (its CSR matrix, the transpose, the row
-numbers) is written into one of a few slots of an anonymous shared memory map
-and handed over by slot number, without pickling; a batch too large for a slot
+numbers, the per-cell arrays drawn with it) is written into one of a few slots
+of an anonymous shared memory map and handed over by slot number, without pickling; a batch too large for a slot
 (not expected: slots are sized for the largest possible batch) is pickled
 through the pipe instead. Where ``fork`` is not available, or the reference is
 read from disk (an open HDF5 file must not be shared by two processes), under
@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -120,21 +120,29 @@ def max_batch_nonzeros(matrix: Any, cells: np.ndarray, batch_size: int) -> int:
 
 class CsrSlots:
     """``n_slots`` buffers in one anonymous shared memory map (inherited by a forked child), each
-    holding one minibatch: its row numbers, the batch as CSR (cells × genes) and its transpose.
+    holding one minibatch: its row numbers, the batch as CSR (rows × genes), its transpose and
+    per-cell arrays drawn beside it (``cell_fields``, e.g. mixup partners and dropout masks).
 
     Parameters
     ----------
     n_slots
         Number of buffers (minibatches in flight).
     max_rows, n_cols, max_nnz
-        The largest batch: cells, genes and stored values.
+        The largest batch: cells, CSR rows (cells, or one more when the batch carries an
+        extra row), genes and stored values.
+    cell_fields
+        Name → ``(dtype, width)`` of each per-cell array (width 0: one value per cell, a
+        vector); at most ``max_rows`` cells.
     """
 
-    def __init__(self, n_slots: int, max_rows: int, n_cols: int, max_nnz: int) -> None:
+    def __init__(self, n_slots: int, max_rows: int, n_cols: int, max_nnz: int,
+                 cell_fields: Mapping[str, tuple[Any, int]] | None = None) -> None:
         self.max_rows, self.n_cols, self.max_nnz = max_rows, n_cols, max_nnz
+        self.cell_fields = {name: (np.dtype(dtype), int(width)) for name, (dtype, width) in (cell_fields or {}).items()}
         layout = [("rows", np.int64, max_rows), ("indptr", np.int32, max_rows + 1), ("indices", np.int32, max_nnz),
                   ("data", np.float32, max_nnz), ("t_indptr", np.int32, n_cols + 1), ("t_indices", np.int32, max_nnz),
                   ("t_data", np.float32, max_nnz)]
+        layout += [(f"cell:{name}", dtype, max_rows * max(width, 1)) for name, (dtype, width) in self.cell_fields.items()]
         self.fields: list[tuple[str, np.dtype, int, int]] = []
         offset = 0
         for name, dtype, count in layout:
@@ -149,35 +157,52 @@ class CsrSlots:
         return {name: np.frombuffer(self.buffer, dtype=dtype, count=count, offset=base + off)
                 for name, dtype, count, off in self.fields}
 
-    def fits(self, x: sp.csr_matrix) -> bool:
-        """Whether a batch (cells × genes CSR) fits a slot."""
-        return x.shape[0] <= self.max_rows and x.shape[1] == self.n_cols and x.nnz <= self.max_nnz \
-            and x.nnz < 2**31
+    def fits(self, rows: np.ndarray, x: sp.csr_matrix, cells: Mapping[str, np.ndarray] | None = None) -> bool:
+        """Whether a batch (its row numbers, CSR matrix and per-cell arrays) fits a slot."""
+        for name, value in (cells or {}).items():
+            field = self.cell_fields.get(name)
+            if field is None or value.dtype != field[0] or value.shape != ((len(rows),) if field[1] == 0
+                                                                             else (len(rows), field[1])):
+                return False
+        return len(rows) <= self.max_rows and x.shape[0] <= self.max_rows and x.shape[1] == self.n_cols \
+            and x.nnz <= self.max_nnz and x.nnz < 2**31
 
-    def write(self, slot: int, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None) -> tuple[int, int, bool]:
-        """Copy a batch into ``slot``; returns what :meth:`read` needs: ``(cells, stored values, has transpose)``."""
+    def write(self, slot: int, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None,
+              cells: Mapping[str, np.ndarray] | None = None) -> tuple[int, int, int, bool, tuple[str, ...]]:
+        """Copy a batch into ``slot``; returns what :meth:`read` needs: ``(cells, CSR rows, stored values,
+        has transpose, per-cell array names)``."""
         v = self._views(slot)
-        n, nnz = x.shape[0], x.nnz
+        n, n_x, nnz = len(rows), x.shape[0], x.nnz
         v["rows"][:n] = rows
-        v["indptr"][: n + 1] = x.indptr
+        v["indptr"][: n_x + 1] = x.indptr
         v["indices"][:nnz] = x.indices
         v["data"][:nnz] = x.data
         if x_t is not None:
             v["t_indptr"][:] = x_t.indptr
             v["t_indices"][:nnz] = x_t.indices
             v["t_data"][:nnz] = x_t.data
-        return n, nnz, x_t is not None
+        cells = cells or {}
+        for name, value in cells.items():
+            v[f"cell:{name}"][: value.size] = value.ravel()
+        return n, n_x, nnz, x_t is not None, tuple(cells)
 
-    def read(self, slot: int, meta: tuple[int, int, bool]) -> tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None]:
+    def read(self, slot: int, meta: tuple[int, int, int, bool, tuple[str, ...]]
+             ) -> tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None, dict[str, np.ndarray]]:
         """The batch in ``slot`` as views (valid until the slot is handed back to the worker)."""
-        n, nnz, has_t = meta
+        n, n_x, nnz, has_t, names = meta
         v = self._views(slot)
-        x = sp.csr_matrix((v["data"][:nnz], v["indices"][:nnz], v["indptr"][: n + 1]), shape=(n, self.n_cols), copy=False)
+        x = sp.csr_matrix((v["data"][:nnz], v["indices"][:nnz], v["indptr"][: n_x + 1]), shape=(n_x, self.n_cols),
+                          copy=False)
         x_t = None
         if has_t:
-            x_t = sp.csr_matrix((v["t_data"][:nnz], v["t_indices"][:nnz], v["t_indptr"]), shape=(self.n_cols, n),
+            x_t = sp.csr_matrix((v["t_data"][:nnz], v["t_indices"][:nnz], v["t_indptr"]), shape=(self.n_cols, n_x),
                                 copy=False)
-        return v["rows"][:n], x, x_t
+        cells = {}
+        for name in names:
+            width = self.cell_fields[name][1]
+            flat = v[f"cell:{name}"][: n * max(width, 1)]
+            cells[name] = flat if width == 0 else flat.reshape(n, width)
+        return v["rows"][:n], x, x_t, cells
 
     def close(self) -> None:
         try:
@@ -197,12 +222,12 @@ def _child(produce: Callable[[], Iterator[Any]], slots: CsrSlots, ready: Any, fr
             if item is None:
                 ready.send(("mark",))
                 continue
-            rows, x, x_t = item
-            if slots.fits(x):
+            rows, x, x_t, cells = item
+            if slots.fits(rows, x, cells):
                 slot = free.recv()
-                ready.send(("slot", slot, slots.write(slot, rows, x, x_t)))
+                ready.send(("slot", slot, slots.write(slot, rows, x, x_t, cells)))
             else:
-                ready.send(("inline", rows, x, x_t))
+                ready.send(("inline", rows, x, x_t, cells))
         ready.send(("done",))
     except BaseException as exc:  # noqa: BLE001 - handed to the training loop
         # as it is, or as text when it does not pickle; nothing when the training loop is gone
@@ -214,12 +239,14 @@ def _child(produce: Callable[[], Iterator[Any]], slots: CsrSlots, ready: Any, fr
                 continue
 
 
-def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None] | None]],
-                    slots: CsrSlots) -> Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None] | None]:
+Batch = tuple[np.ndarray, sp.csr_matrix, "sp.csr_matrix | None", dict[str, np.ndarray]]
+
+
+def forked_prefetch(produce: Callable[[], Iterator[Batch | None]], slots: CsrSlots) -> Iterator[Batch | None]:
     """Run ``produce()`` in a forked process and yield its items here.
 
-    Items are ``(row numbers, CSR batch, its transpose or None)``, or ``None`` (passed
-    through, e.g. as an end-of-epoch mark). A yielded batch is a view into shared
+    Items are ``(row numbers, CSR batch, its transpose or None, per-cell arrays)``, or
+    ``None`` (passed through, e.g. as an end-of-epoch mark). A yielded batch is a view into shared
     memory that stays valid until the next item is asked for. Exceptions in the worker
     are raised here; closing the generator (or leaving the loop) stops the worker and
     releases ``slots``.
@@ -273,7 +300,7 @@ def forked_prefetch(produce: Callable[[], Iterator[tuple[np.ndarray, sp.csr_matr
                 held = msg[1]
                 yield slots.read(msg[1], msg[2])
             elif kind == "inline":
-                yield msg[1], msg[2], msg[3]
+                yield msg[1], msg[2], msg[3], msg[4]
             elif kind == "mark":
                 yield None
             elif kind == "done":

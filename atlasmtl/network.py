@@ -44,6 +44,10 @@ class SparseInput(NamedTuple):
     zero_input: torch.Tensor | None = None
     #: The transpose of ``rows`` (genes × cells, CSR) when already computed (e.g. by a prefetch thread).
     rows_t: sp.csr_matrix | None = None
+    #: ``rows`` ends with one extra row holding ``x0`` itself (and ``rows_t`` with that column), so the
+    #: CPU products compute the ``W x0`` term and its gradient within the sparse products (training
+    #: prepares batches this way; :meth:`atlasmtl.training._Objective.transform`).
+    zero_row: bool = False
 
 
 #: Whether PyTorch's CPU sparse × dense products run on MKL (its x86 builds). Without MKL,
@@ -88,17 +92,24 @@ class _CsrLinear(torch.autograd.Function):
     size is formed and the 3,000 × 256 weight is never copied (PyTorch's own
     autograd through a CSR product copies it several times per step). The kernels
     are PyTorch's MKL ones (2-3× faster than scipy's on 2 cores at 3,000 genes and
-    4% non-zero values; :data:`CPU_CSR_KERNELS`). The ``W @ x0`` term's gradient (an
-    outer product) is added into the same buffer.
+    4% non-zero values; :data:`CPU_CSR_KERNELS`). With ``zero_row`` (see
+    :class:`SparseInput`) the last row of ``x`` is ``x0``: its output row is the
+    ``W @ x0`` term, added to every cell's, and the gradient's extra row, the sum
+    of the cells' gradients, makes the same products return that term's gradient
+    (``x0 ⊗ Σ grad``); otherwise the term and its outer product are computed apart.
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, zero_input: torch.Tensor | None,  # type: ignore[override]
-                rows: sp.csr_matrix, rows_t: sp.csr_matrix | None) -> torch.Tensor:
-        ctx.rows, ctx.rows_t = rows, rows_t
+                rows: sp.csr_matrix, rows_t: sp.csr_matrix | None, zero_row: bool = False) -> torch.Tensor:
+        ctx.rows, ctx.rows_t, ctx.zero_row = rows, rows_t, zero_row
         ctx.save_for_backward(zero_input)
         # W.T is contiguous when the weight is stored transposed (training does); else one copy per batch
         out = _csr_times_dense(rows, weight.detach().t().contiguous())
+        if zero_row:
+            cells = out[:-1]  # the leading rows: a contiguous view
+            cells += out[-1]
+            return cells
         if zero_input is not None:
             out += weight.detach() @ zero_input
         return out
@@ -107,32 +118,37 @@ class _CsrLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (zero_input,) = ctx.saved_tensors
         rows_t = ctx.rows_t if ctx.rows_t is not None else ctx.rows.T.tocsr()
+        if ctx.zero_row:
+            grad = torch.cat([grad, grad.sum(0, keepdim=True)])
         grad_w_t = _csr_times_dense(rows_t, grad.contiguous())  # genes × hidden
-        if zero_input is not None:
+        if zero_input is not None and not ctx.zero_row:
             grad_w_t.addr_(zero_input, grad.sum(0))
-        return grad_w_t.t(), None, None, None
+        return grad_w_t.t(), None, None, None, None
 
 
 class _MixRows(torch.autograd.Function):
     """``weight * h + (1 - weight) * h[partner]`` per row, for a permutation ``partner`` (mixup).
 
-    The gradient is gathered through the inverse permutation instead of scattered back
-    (what autograd does for ``h[partner]``), which is the slower half of the step's mixing.
+    The gradient is gathered through the inverse permutation (``inverse``, computed
+    here when not given) instead of scattered back (what autograd does for
+    ``h[partner]``), which is the slower half of the step's mixing.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, h: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                inverse: torch.Tensor | None = None) -> torch.Tensor:
         w = weight.unsqueeze(1)
-        ctx.save_for_backward(partner, w)
+        if inverse is None:
+            inverse = torch.empty_like(partner)
+            inverse[partner] = torch.arange(len(partner), device=partner.device)
+        ctx.save_for_backward(inverse, w)
         return torch.lerp(h[partner], h, w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        partner, w = ctx.saved_tensors
-        inverse = torch.empty_like(partner)
-        inverse[partner] = torch.arange(len(partner), device=partner.device)
+        inverse, w = ctx.saved_tensors
         own = grad * w
-        return own + (grad - own)[inverse], None, None
+        return own + (grad - own)[inverse], None, None, None
 
 
 def sparse_linear(x: SparseInput, layer: nn.Linear) -> torch.Tensor:
@@ -142,10 +158,12 @@ def sparse_linear(x: SparseInput, layer: nn.Linear) -> torch.Tensor:
     """
     weight = layer.weight
     if weight.device.type == "cpu":
-        out = _CsrLinear.apply(weight, x.zero_input, x.rows, x.rows_t)
+        out = _CsrLinear.apply(weight, x.zero_input, x.rows, x.rows_t, x.zero_row)
     else:
         out = torch.sparse.mm(_torch_csr(x.rows, weight.device), weight.t())
-        if x.zero_input is not None:
+        if x.zero_row:
+            out = out[:-1] + out[-1]
+        elif x.zero_input is not None:
             out = out + weight @ x.zero_input
     return out + layer.bias
 
@@ -167,6 +185,17 @@ class Dropout(nn.Dropout):
         return x * keep
 
 
+def dropout_keep(rng: np.random.Generator, n_cells: int, width: int, p: float) -> np.ndarray:
+    """A dropout mask drawn with NumPy: ``1 / (1 - p)`` where a unit is kept (probability ``1 - p``), else 0.
+
+    The minibatch worker draws these beside the training step (the training loop then
+    multiplies, :meth:`Encoder.after_first`), so that the step does not spend its time
+    in PyTorch's CPU random number generator. float32, ``n_cells × width``.
+    """
+    keep = rng.random((n_cells, width), dtype=np.float32) >= np.float32(p)
+    return np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)
+
+
 class Encoder(nn.Module):
     """Stack of ``Linear → ReLU → Dropout`` blocks shared by every head."""
 
@@ -182,6 +211,26 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def dropout_widths(self) -> list[tuple[int, float]]:
+        """``(units, rate)`` of each dropout layer, in order (the masks :meth:`after_first` takes)."""
+        widths, width = [], 0
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                width = layer.out_features
+            elif isinstance(layer, nn.Dropout):
+                widths.append((width, float(layer.p)))
+        return widths
+
+    def after_first(self, h: torch.Tensor, dropout_keep: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The encoder from the first layer's output on; in training, with the given dropout masks
+        (:func:`dropout_keep`, one per dropout layer) instead of the layers' own draws."""
+        if dropout_keep is None or not self.training:
+            return self.layers[1:](h)
+        masks = iter(dropout_keep)
+        for layer in self.layers[1:]:
+            h = h * next(masks) if isinstance(layer, nn.Dropout) else layer(h)
+        return h
 
 
 class MultiTaskNetwork(nn.Module):
@@ -220,7 +269,7 @@ class MultiTaskNetwork(nn.Module):
 
     def forward(
         self, x: torch.Tensor | SparseInput, first_weight_t: torch.Tensor | None = None,
-        mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mix: Sequence[torch.Tensor] | None = None, dropout_keep: Sequence[torch.Tensor] | None = None,
     ) -> NetworkOutput:
         """Return ``(embedding, logits per level, standardised coordinates per target)``.
 
@@ -243,7 +292,7 @@ class MultiTaskNetwork(nn.Module):
             h = first(x)
         if mix is not None:
             h = _MixRows.apply(h, *mix)
-        z = self.encoder.layers[1:](h)
+        z = self.encoder.after_first(h, dropout_keep)
         logits = [head(z) for head in self.label_heads]
         coords = {name: head(z) for name, head in self.coord_heads.items()}
         return NetworkOutput(z, logits, coords)

@@ -64,7 +64,7 @@ from .novelty import NOVELTY_K, fit_input_view, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from . import distributed as _dist
-from .network import MAX_ENSEMBLE_SIZE, EnsembleNetwork, MultiTaskNetwork, SparseInput
+from .network import MAX_ENSEMBLE_SIZE, EnsembleNetwork, MultiTaskNetwork, SparseInput, dropout_keep
 from .runtime import (
     ResourceMonitor,
     available_cpus,
@@ -494,7 +494,7 @@ def build_model(
                 hidden_sizes,
                 dropout_rate,
             ).to(dev)
-            if distributed:  # each rank draws its own dropout masks
+            if distributed:  # each rank draws its own dropout masks (on a GPU; on the CPU fit's generators do)
                 torch.manual_seed(seed + 1_000_003 * member + 7919 * _dist.rank())
             # the prefetch thread prepares the next minibatch on a core of its own
             with torch_threads(max(1, n_threads - 1)):
@@ -800,10 +800,13 @@ class Minibatch:
     n_labelled: list[float]
     coords: dict[str, torch.Tensor]
     n_cells: int
-    #: Mixup partner row and own weight per cell (:func:`~atlasmtl.augment.mixup_pairs`), or ``None``.
-    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Mixup partner row, own weight and the partners' inverse permutation per cell
+    #: (:func:`~atlasmtl.augment.mixup_pairs`), or ``None``.
+    mix: tuple[torch.Tensor, ...] | None = None
     #: Whether every cell is labelled at every level.
     all_labelled: bool = False
+    #: The encoder's dropout masks (:func:`~atlasmtl.network.dropout_keep`), or ``None`` (its layers draw).
+    dropout_keep: list[torch.Tensor] | None = None
 
 
 class _Objective:
@@ -814,12 +817,18 @@ class _Objective:
                  rng: np.random.Generator | None = None, mixup_alpha: float = 0.0) -> None:
         self.ref, self.dev = ref, dev
         self.augmentation, self.rng = augmentation, rng or np.random.default_rng(0)
-        # mixup draws in the training loop, from a generator of its own (the minibatch worker has ``rng``)
+        # mixup partners and dropout masks come from generators of their own (:meth:`step_draws`)
         self.mixup_alpha, self.mix_rng = mixup_alpha, np.random.default_rng(1)
+        self.dropout_rng = np.random.default_rng(2)
+        #: ``(units, rate)`` per encoder dropout layer whose masks :meth:`step_draws` draws (set by :func:`fit`
+        #: for CPU training; empty: the layers draw their own)
+        self.dropout_widths: list[tuple[int, float]] = []
         # shifted batches are counts, whatever the reference holds
         self.counts_aligner = dataclasses.replace(ref.aligner, semantics="counts")
         zero = ref.aligner.zero_input()
         self.zero_input = None if zero is None else torch.from_numpy(zero).to(dev)
+        # f(0) as one CSR row, appended to CPU training batches (SparseInput.zero_row)
+        self.zero_row = None if zero is None or dev.type != "cpu" else sp.csr_matrix(zero[None, :].astype(np.float32))
         self.coord_std = ref.standardised_coords()
         self.losses = [
             nn.CrossEntropyLoss(
@@ -836,7 +845,10 @@ class _Objective:
         see :class:`~atlasmtl.network.SparseInput`) and, when training on the CPU, its transpose.
 
         With ``train=True`` and augmentation on, it is a shifted copy (:func:`simulate_shift`).
-        No per-cell Python; runs in the minibatch worker (a process or a thread).
+        When training on the CPU with an input transform whose ``f(0)`` is not 0, the matrix
+        ends with ``f(0)`` as one extra row (:attr:`SparseInput.zero_row
+        <atlasmtl.network.SparseInput.zero_row>`). No per-cell Python; runs in the minibatch
+        worker (a process or a thread).
         """
         ref = self.ref
         check_finite(block, ref.source.where)
@@ -845,27 +857,64 @@ class _Objective:
                                                                 self.augmentation))
         else:
             x = ref.aligner.sparse_input(block)
-        return x, (x.T.tocsr() if train and self.dev.type == "cpu" else None)
+        if not (train and self.dev.type == "cpu"):
+            return x, None
+        if self.zero_row is not None:
+            x = sp.vstack([x, self.zero_row], format="csr")
+        return x, x.T.tocsr()
+
+    def step_draws(self, n_cells: int) -> dict[str, np.ndarray]:
+        """The random draws of one training step of ``n_cells`` cells, made beside the step (in the
+        minibatch worker): mixup partners, own weights and the partners' inverse permutation
+        (from :attr:`mix_rng`), and the encoder's dropout masks (:attr:`dropout_widths`, from
+        :attr:`dropout_rng`). Arrays with one row per cell (:class:`~atlasmtl.batch_worker.CsrSlots`)."""
+        draws: dict[str, np.ndarray] = {}
+        if self.mixup_alpha > 0 and n_cells > 1:
+            partner, weight = mixup_pairs(n_cells, self.mixup_alpha, self.mix_rng)
+            inverse = np.empty_like(partner)
+            inverse[partner] = np.arange(n_cells)
+            draws.update(partner=partner, weight=weight, inverse=inverse)
+        for i, (width, rate) in enumerate(self.dropout_widths):
+            draws[f"keep{i}"] = dropout_keep(self.dropout_rng, n_cells, width, rate)
+        return draws
+
+    def step_draw_fields(self) -> dict[str, tuple[Any, int]]:
+        """Name → ``(dtype, width)`` of what :meth:`step_draws` returns (width 0: one value per cell)."""
+        fields: dict[str, tuple[Any, int]] = {}
+        if self.mixup_alpha > 0:
+            fields.update(partner=(np.int64, 0), weight=(np.float32, 0), inverse=(np.int64, 0))
+        for i, (width, _) in enumerate(self.dropout_widths):
+            fields[f"keep{i}"] = (np.float32, width)
+        return fields
 
     def minibatch(self, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None = None,
-                  train: bool = False) -> Minibatch:
-        """The minibatch of reference cells ``rows`` whose input (and its transpose) is ``x`` (``x_t``);
-        with ``train=True`` and ``mixup_alpha > 0``, with mixup partners drawn from :attr:`mix_rng`."""
+                  draws: Mapping[str, np.ndarray] | None = None, train: bool = False) -> Minibatch:
+        """The minibatch of reference cells ``rows`` whose input (and its transpose) is ``x`` (``x_t``;
+        :meth:`transform`); with ``train=True``, with the step's random draws (:meth:`step_draws`,
+        drawn now when not given)."""
         dev = self.dev
         codes = self.ref.codes[rows]
         labelled = np.maximum((codes >= 0).sum(axis=0), 1).astype(float).tolist()
+        if train and draws is None:
+            draws = self.step_draws(len(rows))
+        draws = draws or {}
+
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values).to(dev, non_blocking=True)
+
         mix = None
-        if train and self.mixup_alpha > 0 and len(rows) > 1:
-            partner, weight = mixup_pairs(len(rows), self.mixup_alpha, self.mix_rng)
-            mix = (torch.from_numpy(partner).to(dev, non_blocking=True), torch.from_numpy(weight).to(dev, non_blocking=True))
+        if "partner" in draws:
+            mix = (tensor(draws["partner"]), tensor(draws["weight"]), tensor(draws["inverse"]))
+        keep = [tensor(draws[f"keep{i}"]) for i in range(len(self.dropout_widths))] if "keep0" in draws else None
         return Minibatch(
-            x=SparseInput(x, self.zero_input, x_t),
+            x=SparseInput(x, self.zero_input, x_t, zero_row=x.shape[0] == len(rows) + 1),
             y=torch.from_numpy(codes.astype(np.int64)).to(dev, non_blocking=True),  # cross-entropy takes int64
             n_labelled=labelled,
-            coords={n: torch.from_numpy(v[rows]).to(dev, non_blocking=True) for n, v in self.coord_std.items()},
+            coords={n: tensor(v[rows]) for n, v in self.coord_std.items()},
             n_cells=len(rows),
             mix=mix,
             all_labelled=bool((codes >= 0).all()),
+            dropout_keep=keep,
         )
 
     def prepare(self, rows: np.ndarray, block: Any, train: bool = False) -> Minibatch:
@@ -880,14 +929,14 @@ class _Objective:
     def loss(self, net: nn.Module, batch: Minibatch) -> torch.Tensor:
         """The loss of a prepared minibatch (no host synchronisation); for a mixed minibatch, each
         cell's loss is the mixture of its own and its partner's labels' losses (targets likewise)."""
-        out = net(batch.x, mix=batch.mix)
+        out = net(batch.x, mix=batch.mix, dropout_keep=batch.dropout_keep)
         loss = torch.zeros((), device=self.dev)
         for j, lg in enumerate(out.logits):
             loss = loss + self._level_loss(j, lg, batch) / batch.n_labelled[j]
         for n in self.coord_std:
             target = batch.coords[n]
             if batch.mix is not None:
-                partner, weight = batch.mix
+                partner, weight = batch.mix[:2]
                 w = weight.unsqueeze(1)
                 target = w * target + (1.0 - w) * target[partner]
             loss = loss + torch.mean((out.coords[n] - target) ** 2)
@@ -898,7 +947,7 @@ class _Objective:
         ce = self.losses[j]
         if batch.mix is None:
             return ce(logits, batch.y[:, j])
-        partner, weight = batch.mix
+        partner, weight = batch.mix[:2]
         own_y, other_y = batch.y[:, j], batch.y[partner, j]
         if batch.all_labelled:  # one cross-entropy against the mixed one-hot targets (same value)
             target = torch.zeros_like(logits).scatter_(1, own_y.unsqueeze(1), weight.unsqueeze(1))
@@ -1005,7 +1054,11 @@ def fit(
     stream_seed = int(rng.integers(2**63))
     batch_rng = np.random.default_rng([stream_seed, _dist.rank()])
     objective.rng = batch_rng
-    objective.mix_rng = np.random.default_rng([stream_seed, _dist.rank(), 1])  # drawn here, in the training loop
+    objective.mix_rng = np.random.default_rng([stream_seed, _dist.rank(), 1])
+    objective.dropout_rng = np.random.default_rng([stream_seed, _dist.rank(), 2])
+    # on the CPU the worker draws the dropout masks too (PyTorch's CPU generator is slow); elsewhere the layers do
+    widths = net.encoder.dropout_widths()
+    objective.dropout_widths = widths if dev.type == "cpu" and all(p > 0 for _, p in widths) else []
     with _first_layer_stored_transposed(net) as first_weight_t:
         model: nn.Module = net
         if _dist.is_distributed():
@@ -1018,14 +1071,17 @@ def fit(
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=num_epochs * steps_per_epoch)
         best_val, best_state, stale = np.inf, None, 0
 
-        def epochs() -> Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None] | None]:
+        def epochs() -> Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None, dict] | None]:
             for _ in range(num_epochs):
                 for rows, block in shuffled_minibatches(source, shard, batch_size, batch_rng, n_batches):
-                    yield (rows, *objective.transform(block, train=True))
+                    yield (rows, *objective.transform(block, train=True), objective.step_draws(len(rows)))
                 yield None  # end of epoch
 
         if dev.type == "cpu" and use_worker_process(source.backed, _dist.is_distributed()):
-            slots = CsrSlots(4, batch_size, source.n_vars, max_batch_nonzeros(source.matrix, shard, batch_size))
+            extra = 0 if objective.zero_row is None else 1  # the f(0) row (SparseInput.zero_row)
+            slots = CsrSlots(4, batch_size + extra, source.n_vars,
+                             max_batch_nonzeros(source.matrix, shard, batch_size) + extra * source.n_vars,
+                             objective.step_draw_fields())
             prepared = forked_prefetch(epochs, slots)
         else:
             prepared = prefetch(epochs())

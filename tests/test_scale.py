@@ -26,7 +26,8 @@ def _counts(n_cells: int, n_genes: int, seed: int) -> sp.csr_matrix:
 @pytest.mark.parametrize("transform", ["zscore", "float", "binary"])
 def test_sparse_first_layer_equals_dense(transform, kernels, monkeypatch):
     """W f(x) + b computed as W (f(x) - f(0)) + (W f(0) + b): same output and same gradients as the dense input,
-    with PyTorch's (MKL) CPU products and with scipy's (PyTorch builds without MKL)."""
+    with PyTorch's (MKL) CPU products and with scipy's (PyTorch builds without MKL); also with f(0) carried as
+    an extra last row of the batch and of its transpose (``zero_row``, how training batches come)."""
     if kernels == "torch" and not torch.backends.mkl.is_available():
         pytest.skip("this PyTorch has no MKL")
     monkeypatch.setattr(network, "CPU_CSR_KERNELS", kernels)
@@ -43,19 +44,45 @@ def test_sparse_first_layer_equals_dense(transform, kernels, monkeypatch):
     sparse = SparseInput(aligner.sparse_input(x), None if zero is None else torch.from_numpy(zero))
     assert sparse.rows.nnz <= x.nnz  # never denser than the counts
     dense = torch.from_numpy(aligner.transform(x))
-    grads = []
-    for inp in (dense, sparse):
+    inputs = [dense, sparse]
+    if zero is not None:
+        with_row = sp.vstack([sparse.rows, sp.csr_matrix(zero[None, :])], format="csr")
+        inputs.append(SparseInput(with_row, sparse.zero_input, with_row.T.tocsr(), zero_row=True))
+    grads, outs = [], []
+    for inp in inputs:
         net.zero_grad()
         out = net(inp)
         (out.logits[1].pow(2).sum() + out.coords["c"].sum()).backward()
         grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
-        if inp is dense:
-            ref_out = out
-    torch.testing.assert_close(out.embedding, ref_out.embedding, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.logits[1], ref_out.logits[1], rtol=1e-5, atol=1e-5)
-    assert len(grads[0]) == len(grads[1]) > 2
-    for g_dense, g_sparse in zip(*grads):
-        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
+        outs.append(out)
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert out.embedding.shape[0] == 64
+        torch.testing.assert_close(out.embedding, outs[0].embedding, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits[1], outs[0].logits[1], rtol=1e-5, atol=1e-5)
+        assert len(grads[0]) == len(grad) > 2
+        for g_dense, g_sparse in zip(grads[0], grad):
+            torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_masks_drawn_beside_the_step_are_dropout_and_used_as_given():
+    """The masks the minibatch worker draws keep each unit with probability 1 - p, scaled by 1 / (1 - p); in
+    training mode the encoder applies exactly the masks it is given (all ones: the network in eval mode)."""
+    rng = np.random.default_rng(0)
+    keep = network.dropout_keep(rng, 2000, 64, 0.3)
+    assert keep.dtype == np.float32 and keep.shape == (2000, 64)
+    assert set(np.unique(keep).tolist()) == {0.0, float(np.float32(1 / 0.7))}
+    assert abs((keep > 0).mean() - 0.7) < 0.01
+    torch.manual_seed(0)
+    net = MultiTaskNetwork(40, [3], {}, (16, 8), 0.3).train()
+    assert net.encoder.dropout_widths() == [(16, 0.3), (8, 0.3)]
+    x = torch.randn(5, 40)
+    masks = [torch.from_numpy(network.dropout_keep(rng, 5, w, p)) for w, p in net.encoder.dropout_widths()]
+    layers = net.encoder.layers
+    with torch.no_grad():
+        expected = torch.relu(layers[3](torch.relu(layers[0](x)) * masks[0])) * masks[1]
+        torch.testing.assert_close(net(x, dropout_keep=masks).embedding, expected)
+        ones = [torch.ones_like(m) for m in masks]
+        torch.testing.assert_close(net(x, dropout_keep=ones).embedding, net.eval()(x).embedding)
 
 
 def test_optimiser_steps_the_first_layer_through_its_transposed_alias_exactly():
@@ -154,7 +181,7 @@ def _batches(n_batches, n_genes=50, fail_at=None):
             if i == fail_at:
                 raise ValueError(f"bad batch {i}")
             x = _counts(8 + i, n_genes, seed=i)
-            yield np.arange(i, i + x.shape[0]), x, x.T.tocsr()
+            yield np.arange(i, i + x.shape[0]), x, x.T.tocsr(), {"w": np.full(x.shape[0], i, dtype=np.float32)}
             if i % 3 == 2:
                 yield None
     return produce
@@ -167,8 +194,9 @@ def test_forked_prefetch_hands_over_every_batch_exactly():
     expected = list(_batches(7)())
     for max_nnz in (10_000, 40):  # slots large enough; too small, so every batch goes through the pipe
         got = []
-        for item in batch_worker.forked_prefetch(_batches(7), batch_worker.CsrSlots(2, 16, 50, max_nnz)):
-            got.append(None if item is None else (item[0].copy(), item[1].copy(), item[2].copy()))
+        slots = batch_worker.CsrSlots(2, 16, 50, max_nnz, {"w": (np.float32, 0)})
+        for item in batch_worker.forked_prefetch(_batches(7), slots):
+            got.append(None if item is None else (item[0].copy(), item[1].copy(), item[2].copy(), item[3]["w"].copy()))
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
             assert (a is None) == (b is None)
@@ -176,6 +204,7 @@ def test_forked_prefetch_hands_over_every_batch_exactly():
                 assert np.array_equal(a[0], b[0])
                 assert (a[1] != b[1]).nnz == 0 and a[1].shape == b[1].shape
                 assert (a[2] != b[2]).nnz == 0 and a[2].shape == b[2].shape
+                assert np.array_equal(a[3], b[3]["w"])
     assert not [c for c in __import__("multiprocessing").active_children() if c.name == "atlasmtl-batch-worker"]
 
 
