@@ -14,11 +14,12 @@ in-memory reference copy-on-write and draws from a copy of the same random
 generator the thread would use: the minibatches, and so the trained network,
 are identical. Each prepared minibatch (its CSR matrix, the transpose, the row
 numbers, the per-cell arrays drawn with it) is written into one of a few slots
-of an anonymous shared memory map and handed over by slot number, without pickling; a batch too large for a slot
-(not expected: slots are sized for the largest possible batch) is pickled
-through the pipe instead. Where ``fork`` is not available, or the reference is
-read from disk (an open HDF5 file must not be shared by two processes), under
-:mod:`torch.distributed`, or in a daemonic process, training uses the thread
+of an anonymous shared memory map and handed over by slot number, without
+pickling; a batch too large for a slot (not expected: slots are sized for the
+largest possible batch) is pickled through the pipe instead. Where ``fork`` is
+not available, or the reference is read from disk (an open HDF5 file must not be
+shared by two processes), under :mod:`torch.distributed`, or in a daemonic
+process, training uses the thread
 (:func:`prefetch`; :func:`use_worker_process` decides), as it does when the
 fork itself fails (with a warning).
 """

@@ -173,9 +173,10 @@ class Dropout(nn.Dropout):
 
     The same distribution (each unit kept with probability ``1 - p`` and scaled by
     ``1 / (1 - p)``) from the same generator, but PyTorch's CPU ``bernoulli_`` takes
-    about twice as long as ``rand``: with two 256-cell dropouts per step, the
-    difference was ~8% of a training step at 3,000 genes. Other devices use PyTorch's
-    fused dropout.
+    about twice as long as ``rand``. Other devices use PyTorch's fused dropout.
+    atlasmtl's own CPU training does not draw here: the minibatch worker draws the
+    masks beside the step (:func:`dropout_keep`, :meth:`Encoder.after_first`); this
+    path serves a network trained in a loop of one's own.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
