@@ -194,6 +194,33 @@ def class_weights(codes: np.ndarray, n_classes: int, power: float, device: torch
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
+def soft_targets(codes: np.ndarray, n_classes: int, weight: np.ndarray | None, label_smoothing: float,
+                 partner: np.ndarray | None = None, own_weight: np.ndarray | None = None) -> np.ndarray:
+    """The cross-entropy targets of a minibatch at one level, class weights and label smoothing included.
+
+    Row ``i`` is ``λ_i t(y_i) + (1 - λ_i) t(y_partner(i))`` with ``t(y) = w ⊙ ((1 - ε) e_y + ε / C)``
+    (``w`` the class weights, ``ε`` the label smoothing, ``C`` the classes) and ``t = 0`` for an
+    unlabelled cell (code -1); without mixup ``λ = 1``. The loss of a cell with logits ``z`` is
+    ``-Σ_c target_c log softmax(z)_c``: PyTorch's weighted, label-smoothed cross-entropy (summed), and
+    for a mixed cell the same mixture of its two labels' cross-entropies. Its gradient at ``z`` is
+    ``softmax(z) Σ_c target_c - target``. float32, cells × classes.
+    """
+    n = len(codes)
+    targets = np.zeros((n, n_classes), dtype=np.float32)
+    mass = np.zeros(n, dtype=np.float32)
+    own = np.ones(n, dtype=np.float32) if own_weight is None else np.asarray(own_weight, dtype=np.float32)
+    parts = [(codes, own)] if partner is None else [(codes, own), (codes[partner], 1.0 - own)]
+    for y, lam in parts:
+        at = np.flatnonzero(y >= 0)
+        targets[at, y[at]] += (1.0 - label_smoothing) * lam[at]
+        mass[at] += lam[at]
+    if label_smoothing:
+        targets += (label_smoothing / n_classes) * mass[:, None]
+    if weight is not None:
+        targets *= weight
+    return targets
+
+
 def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarray) -> dict[str, dict[str, str]]:
     """For each level whose labels nest in the previous level's, map child → parent label
     (pairs in order of first appearance). Cells are read in chunks of :data:`_HIERARCHY_CHUNK`
@@ -793,18 +820,17 @@ def shuffled_minibatches(source: MatrixSource, cells: np.ndarray, batch_size: in
 
 @dataclass
 class Minibatch:
-    """One prepared minibatch: network input, label codes, labelled cells per level, coordinates."""
+    """One prepared minibatch: network input, cross-entropy targets and labelled cells per level, coordinates."""
 
     x: SparseInput | torch.Tensor
-    y: torch.Tensor
+    #: Cross-entropy targets per level (:func:`soft_targets`: cells × classes, mixup and class weights included).
+    targets: list[torch.Tensor]
     n_labelled: list[float]
     coords: dict[str, torch.Tensor]
     n_cells: int
     #: Mixup partner row, own weight and the partners' inverse permutation per cell
     #: (:func:`~atlasmtl.augment.mixup_pairs`), or ``None``.
     mix: tuple[torch.Tensor, ...] | None = None
-    #: Whether every cell is labelled at every level.
-    all_labelled: bool = False
     #: The encoder's dropout masks (:func:`~atlasmtl.network.dropout_keep`), or ``None`` (its layers draw).
     dropout_keep: list[torch.Tensor] | None = None
 
@@ -830,14 +856,13 @@ class _Objective:
         # f(0) as one CSR row, appended to CPU training batches (SparseInput.zero_row)
         self.zero_row = None if zero is None or dev.type != "cpu" else sp.csr_matrix(zero[None, :].astype(np.float32))
         self.coord_std = ref.standardised_coords()
-        self.losses = [
-            nn.CrossEntropyLoss(
-                weight=class_weights(ref.codes[train_cells, j], len(ref.classes[col]), class_weight_power, dev),
-                ignore_index=-1,
-                reduction="sum",
-                label_smoothing=label_smoothing,
-            )
-            for j, col in enumerate(ref.label_columns)
+        self.label_smoothing = float(label_smoothing)
+        self.n_classes = [len(ref.classes[col]) for col in ref.label_columns]
+        #: Cross-entropy class weights per level (NumPy: :func:`soft_targets` runs in the minibatch worker), or ``None``.
+        self.class_weights = [
+            None if (w := class_weights(ref.codes[train_cells, j], k, class_weight_power, torch.device("cpu"))) is None
+            else w.numpy()
+            for j, k in enumerate(self.n_classes)
         ]
 
     def transform(self, block: Any, train: bool = False) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
@@ -863,11 +888,13 @@ class _Objective:
             x = sp.vstack([x, self.zero_row], format="csr")
         return x, x.T.tocsr()
 
-    def step_draws(self, n_cells: int) -> dict[str, np.ndarray]:
-        """The random draws of one training step of ``n_cells`` cells, made beside the step (in the
-        minibatch worker): mixup partners, own weights and the partners' inverse permutation
-        (from :attr:`mix_rng`), and the encoder's dropout masks (:attr:`dropout_widths`, from
-        :attr:`dropout_rng`). Arrays with one row per cell (:class:`~atlasmtl.batch_worker.CsrSlots`)."""
+    def step_draws(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The random draws of one training step on the reference cells ``rows``, made beside the
+        step (in the minibatch worker): mixup partners, own weights and the partners' inverse
+        permutation (from :attr:`mix_rng`), the encoder's dropout masks (:attr:`dropout_widths`,
+        from :attr:`dropout_rng`), and the cross-entropy targets they give (:meth:`targets`).
+        Arrays with one row per cell (:class:`~atlasmtl.batch_worker.CsrSlots`)."""
+        n_cells = len(rows)
         draws: dict[str, np.ndarray] = {}
         if self.mixup_alpha > 0 and n_cells > 1:
             partner, weight = mixup_pairs(n_cells, self.mixup_alpha, self.mix_rng)
@@ -876,6 +903,8 @@ class _Objective:
             draws.update(partner=partner, weight=weight, inverse=inverse)
         for i, (width, rate) in enumerate(self.dropout_widths):
             draws[f"keep{i}"] = dropout_keep(self.dropout_rng, n_cells, width, rate)
+        for j, targets in enumerate(self.targets(rows, draws.get("partner"), draws.get("weight"))):
+            draws[f"target{j}"] = targets
         return draws
 
     def step_draw_fields(self) -> dict[str, tuple[Any, int]]:
@@ -885,7 +914,17 @@ class _Objective:
             fields.update(partner=(np.int64, 0), weight=(np.float32, 0), inverse=(np.int64, 0))
         for i, (width, _) in enumerate(self.dropout_widths):
             fields[f"keep{i}"] = (np.float32, width)
+        for j, k in enumerate(self.n_classes):
+            fields[f"target{j}"] = (np.float32, k)
         return fields
+
+    def targets(self, rows: np.ndarray, partner: np.ndarray | None = None,
+                weight: np.ndarray | None = None) -> list[np.ndarray]:
+        """The cross-entropy targets of the reference cells ``rows`` per level (:func:`soft_targets`),
+        mixed with their partners' when given."""
+        codes = self.ref.codes[rows]
+        return [soft_targets(codes[:, j], k, self.class_weights[j], self.label_smoothing, partner, weight)
+                for j, k in enumerate(self.n_classes)]
 
     def minibatch(self, rows: np.ndarray, x: sp.csr_matrix, x_t: sp.csr_matrix | None = None,
                   draws: Mapping[str, np.ndarray] | None = None, train: bool = False) -> Minibatch:
@@ -896,8 +935,10 @@ class _Objective:
         codes = self.ref.codes[rows]
         labelled = np.maximum((codes >= 0).sum(axis=0), 1).astype(float).tolist()
         if train and draws is None:
-            draws = self.step_draws(len(rows))
+            draws = self.step_draws(rows)
         draws = draws or {}
+        targets = ([draws[f"target{j}"] for j in range(len(self.n_classes))] if "target0" in draws
+                   else self.targets(rows, draws.get("partner"), draws.get("weight")))
 
         def tensor(values: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(values).to(dev, non_blocking=True)
@@ -908,12 +949,11 @@ class _Objective:
         keep = [tensor(draws[f"keep{i}"]) for i in range(len(self.dropout_widths))] if "keep0" in draws else None
         return Minibatch(
             x=SparseInput(x, self.zero_input, x_t, zero_row=x.shape[0] == len(rows) + 1),
-            y=torch.from_numpy(codes.astype(np.int64)).to(dev, non_blocking=True),  # cross-entropy takes int64
+            targets=[tensor(t) for t in targets],
             n_labelled=labelled,
             coords={n: tensor(v[rows]) for n, v in self.coord_std.items()},
             n_cells=len(rows),
             mix=mix,
-            all_labelled=bool((codes >= 0).all()),
             dropout_keep=keep,
         )
 
@@ -927,12 +967,14 @@ class _Objective:
         return self.prepare(rows, self.ref.source.rows(rows), train)
 
     def loss(self, net: nn.Module, batch: Minibatch) -> torch.Tensor:
-        """The loss of a prepared minibatch (no host synchronisation); for a mixed minibatch, each
-        cell's loss is the mixture of its own and its partner's labels' losses (targets likewise)."""
+        """The loss of a prepared minibatch (no host synchronisation), through autograd: per level the
+        summed cross-entropy against :attr:`Minibatch.targets` over the labelled cells, plus the MSE of
+        each coordinate head; for a mixed minibatch, each cell's loss is the mixture of its own and its
+        partner's labels' losses (coordinate targets likewise). :meth:`step_by_hand` is the same loss."""
         out = net(batch.x, mix=batch.mix, dropout_keep=batch.dropout_keep)
         loss = torch.zeros((), device=self.dev)
         for j, lg in enumerate(out.logits):
-            loss = loss + self._level_loss(j, lg, batch) / batch.n_labelled[j]
+            loss = loss - (batch.targets[j] * torch.log_softmax(lg, dim=1)).sum() / batch.n_labelled[j]
         for n in self.coord_std:
             target = batch.coords[n]
             if batch.mix is not None:
@@ -942,25 +984,29 @@ class _Objective:
             loss = loss + torch.mean((out.coords[n] - target) ** 2)
         return loss
 
-    def _level_loss(self, j: int, logits: torch.Tensor, batch: Minibatch) -> torch.Tensor:
-        """Summed cross-entropy at level ``j`` (label-smoothed, class-weighted, unlabelled cells ignored)."""
-        ce = self.losses[j]
-        if batch.mix is None:
-            return ce(logits, batch.y[:, j])
-        partner, weight = batch.mix[:2]
-        own_y, other_y = batch.y[:, j], batch.y[partner, j]
-        if batch.all_labelled:  # one cross-entropy against the mixed one-hot targets (same value)
-            target = torch.zeros_like(logits).scatter_(1, own_y.unsqueeze(1), weight.unsqueeze(1))
-            target.scatter_add_(1, other_y.unsqueeze(1), (1.0 - weight).unsqueeze(1))
-            return nn.functional.cross_entropy(logits, target, weight=ce.weight, reduction="sum",
-                                               label_smoothing=ce.label_smoothing)
-        options = dict(weight=ce.weight, ignore_index=-1, reduction="none", label_smoothing=ce.label_smoothing)
-        own = nn.functional.cross_entropy(logits, own_y, **options)
-        other = nn.functional.cross_entropy(logits, other_y, **options)
-        return torch.sum(weight * own + (1.0 - weight) * other)
+    def step_by_hand(self, net: MultiTaskNetwork, batch: Minibatch, first_weight_t: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`loss` and its gradients without autograd (:meth:`MultiTaskNetwork.step_by_hand
+        <atlasmtl.network.MultiTaskNetwork.step_by_hand>`, where ``step_by_hand_fits``); sets the
+        parameters' ``grad`` and returns the loss."""
+        def logit_gradients(logits: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            loss, grads = torch.zeros(()), []
+            for j, lg in enumerate(logits):
+                target, scale = batch.targets[j], 1.0 / batch.n_labelled[j]
+                log_p = torch.log_softmax(lg, dim=1)
+                loss -= (target * log_p).sum() * scale
+                # d/dz of -Σ target · log softmax(z): softmax(z) Σ target - target
+                grads.append(log_p.exp_().mul_(target.sum(1, keepdim=True)).sub_(target).mul_(scale))
+            return loss, grads
+
+        return net.step_by_hand(batch.x, logit_gradients, mix=batch.mix, dropout_keep=batch.dropout_keep,
+                                first_weight_t=first_weight_t)
 
     def __call__(self, net: nn.Module, rows: np.ndarray, train: bool = False) -> torch.Tensor:
         return self.loss(net, self.batch(rows, train))
+
+
+#: Whether CPU training computes its steps without autograd where it can (:meth:`_Objective.step_by_hand`).
+HAND_STEP = True
 
 
 def _adam(params: Any, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -1070,11 +1116,14 @@ def fit(
         if lr_schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=num_epochs * steps_per_epoch)
         best_val, best_state, stale = np.inf, None, 0
+        # on the CPU, steps are computed by hand where the network allows (MultiTaskNetwork.step_by_hand);
+        # DistributedDataParallel averages gradients through autograd's hooks, so it keeps autograd
+        by_hand = dev.type == "cpu" and model is net and HAND_STEP
 
         def epochs() -> Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None, dict] | None]:
             for _ in range(num_epochs):
                 for rows, block in shuffled_minibatches(source, shard, batch_size, batch_rng, n_batches):
-                    yield (rows, *objective.transform(block, train=True), objective.step_draws(len(rows)))
+                    yield (rows, *objective.transform(block, train=True), objective.step_draws(rows))
                 yield None  # end of epoch
 
         if dev.type == "cpu" and use_worker_process(source.backed, _dist.is_distributed()):
@@ -1100,12 +1149,17 @@ def fit(
             for batch in stream:
                 if batch is not None:
                     step += 1
-                    optimiser.zero_grad(set_to_none=True)
-                    loss = objective.loss(model, batch)
-                    if dev.type == "cpu" and not torch.isfinite(loss):  # free on the CPU; once per epoch on a GPU
-                        _diverged(float(loss.detach()), epoch, step, learning_rate)
-                    loss.backward()
-                    _hand_over_first_gradient(net, first_weight_t)
+                    if by_hand and net.step_by_hand_fits(batch.x, batch.dropout_keep):
+                        loss = objective.step_by_hand(net, batch, first_weight_t)  # sets every grad
+                        if not torch.isfinite(loss):
+                            _diverged(float(loss), epoch, step, learning_rate)
+                    else:
+                        optimiser.zero_grad(set_to_none=True)
+                        loss = objective.loss(model, batch)
+                        if dev.type == "cpu" and not torch.isfinite(loss):  # free on the CPU; once per epoch on a GPU
+                            _diverged(float(loss.detach()), epoch, step, learning_rate)
+                        loss.backward()
+                        _hand_over_first_gradient(net, first_weight_t)
                     optimiser.step()
                     if scheduler is not None:
                         scheduler.step()
