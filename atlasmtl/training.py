@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.metadata
+import math
 import os
 import platform
 import time
@@ -1009,14 +1010,52 @@ class _Objective:
 HAND_STEP = True
 
 
-def _adam(params: Any, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW (Adam with decoupled weight decay; plain Adam at ``weight_decay=0``), with its fused
-    single-kernel step where this PyTorch has one for the device."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # torch < 2.4 on the CPU
-        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+class _AdamW:
+    """AdamW (Adam with decoupled weight decay; plain Adam at ``weight_decay=0``) over a fixed list of
+    parameters, stepped by PyTorch's functional AdamW (:func:`torch.optim.adamw.adamw`) with its fused
+    single-kernel step where this PyTorch has one for the device (``foreach`` otherwise).
+
+    The same update as :class:`torch.optim.AdamW` (default betas and eps) without its per-step
+    bookkeeping (~0.07 ms of a ~2.9 ms CPU step), and without building a ``torch.optim.Optimizer``,
+    whose first construction in a process imports ``torch._dynamo`` (~0.8 s: a tenth of the time
+    a small reference trains in). ``lr`` may be changed between steps (the cosine schedule).
+    """
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0) -> None:
+        self.params: list[torch.Tensor] = list(params)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+        self.fused: bool | None = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from torch.optim.adamw import adamw
+
+        at = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not at:
+            return
+        parts = ([self.params[i] for i in at], [self.params[i].grad for i in at], [self.exp_avg[i] for i in at],
+                 [self.exp_avg_sq[i] for i in at], [], [self.steps[i] for i in at])
+        options = dict(amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=self.weight_decay, eps=1e-8,
+                       maximize=False)
+        if self.fused:
+            try:
+                adamw(*parts, fused=True, **options)
+                return
+            except RuntimeError:  # no fused kernel for this device in this PyTorch (CPU before 2.4); nothing was stepped
+                self.fused = False
+        adamw(*parts, foreach=True, **options)
+
+
+def _adam(params: Any, learning_rate: float, weight_decay: float = 0.0) -> _AdamW:
+    """The optimiser training steps (:class:`_AdamW`)."""
+    return _AdamW(params, learning_rate, weight_decay)
 
 
 @contextlib.contextmanager
@@ -1112,9 +1151,7 @@ def fit(
         first_weight = net.encoder.layers[0].weight
         optimiser = _adam([first_weight_t if p is first_weight else p for p in model.parameters()],
                           learning_rate, weight_decay)
-        scheduler = None
-        if lr_schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=num_epochs * steps_per_epoch)
+        total_steps = num_epochs * steps_per_epoch
         best_val, best_state, stale = np.inf, None, 0
         # on the CPU, steps are computed by hand where the network allows (MultiTaskNetwork.step_by_hand);
         # DistributedDataParallel averages gradients through autograd's hooks, so it keeps autograd
@@ -1161,8 +1198,9 @@ def fit(
                         loss.backward()
                         _hand_over_first_gradient(net, first_weight_t)
                     optimiser.step()
-                    if scheduler is not None:
-                        scheduler.step()
+                    if lr_schedule == "cosine":  # CosineAnnealingLR's closed form, from learning_rate to 0
+                        done = (epoch * steps_per_epoch + step) / total_steps
+                        optimiser.lr = learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
                     total += loss.detach() * batch.n_cells
                     n_seen += batch.n_cells
                     continue

@@ -360,3 +360,30 @@ def test_reference_labels_and_rows_take_four_bytes_per_cell_and_the_hierarchy_re
     assert list(chunked["fine"].items()) == list(whole["fine"].items())
     first_seen = list(dict.fromkeys(labels["fine"].dropna()))
     assert list(whole["fine"]) == first_seen and whole["fine"]["f11"] == "f"
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_training_optimiser_steps_as_torch_adamw(weight_decay):
+    """atlasmtl's AdamW (PyTorch's functional fused step) updates exactly as ``torch.optim.AdamW``, also when
+    the learning rate changes between steps and a parameter has no gradient in a step."""
+    torch.manual_seed(0)
+    start = [torch.randn(30, 8), torch.randn(8), torch.randn(3, 8)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+    grads[2][2] = None
+    results = []
+    for ours in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = training._adam(params, 1e-2, weight_decay) if ours else \
+            torch.optim.AdamW(params, lr=1e-2, weight_decay=weight_decay)
+        for i, step_grads in enumerate(grads):
+            opt.zero_grad(set_to_none=True)
+            for p, g in zip(params, step_grads):
+                p.grad = None if g is None else g.clone()
+            if ours:
+                opt.lr = 1e-2 / (i + 1)
+            else:
+                opt.param_groups[0]["lr"] = 1e-2 / (i + 1)
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
