@@ -1,5 +1,9 @@
 """Training variants measured against the defaults and not adopted (research; not part of atlasmtl).
 
+These patches were written against the training code of 8f27718 (``_Objective.losses``, ``Minibatch.y``);
+since cf69c97 the objective builds soft targets and the CPU step is computed by hand, so run them at
+8f27718, as the API contract's commands say.
+
 ``build_setting_study.py`` applies one with the setting key ``"variant"``, e.g.
 ``'{"variant": "members:zscore,float,zscore,float,zscore"}'``. Each patches atlasmtl in the study's
 process only:
