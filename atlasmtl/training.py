@@ -1153,9 +1153,10 @@ def fit(
                           learning_rate, weight_decay)
         total_steps = num_epochs * steps_per_epoch
         best_val, best_state, stale = np.inf, None, 0
-        # on the CPU, steps are computed by hand where the network allows (MultiTaskNetwork.step_by_hand);
-        # DistributedDataParallel averages gradients through autograd's hooks, so it keeps autograd
-        by_hand = dev.type == "cpu" and model is net and HAND_STEP
+        # on the CPU, steps are computed by hand where the network allows (MultiTaskNetwork.step_by_hand;
+        # decided on the first minibatch: every one of a run is prepared alike); DistributedDataParallel
+        # averages gradients through autograd's hooks, so it keeps autograd
+        by_hand: bool | None = None if dev.type == "cpu" and model is net and HAND_STEP else False
 
         def epochs() -> Iterator[tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix | None, dict] | None]:
             for _ in range(num_epochs):
@@ -1186,7 +1187,9 @@ def fit(
             for batch in stream:
                 if batch is not None:
                     step += 1
-                    if by_hand and net.step_by_hand_fits(batch.x, batch.dropout_keep):
+                    if by_hand is None:
+                        by_hand = net.step_by_hand_fits(batch.x, batch.dropout_keep)
+                    if by_hand:
                         loss = objective.step_by_hand(net, batch, first_weight_t)  # sets every grad
                         if not torch.isfinite(loss):
                             _diverged(float(loss), epoch, step, learning_rate)
