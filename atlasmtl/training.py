@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch import nn
+from torch.optim.adamw import adamw as functional_adamw  # no torch._dynamo import, unlike the class
 
 from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
@@ -1035,8 +1036,6 @@ class _AdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        from torch.optim.adamw import adamw
-
         at = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not at:
             return
@@ -1046,11 +1045,11 @@ class _AdamW:
                        maximize=False)
         if self.fused:
             try:
-                adamw(*parts, fused=True, **options)
+                functional_adamw(*parts, fused=True, **options)
                 return
             except RuntimeError:  # no fused kernel for this device in this PyTorch (CPU before 2.4); nothing was stepped
                 self.fused = False
-        adamw(*parts, foreach=True, **options)
+        functional_adamw(*parts, foreach=True, **options)
 
 
 def _adam(params: Any, learning_rate: float, weight_decay: float = 0.0) -> _AdamW:
