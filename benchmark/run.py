@@ -53,6 +53,7 @@ PEER_METHODS = ("celltypist", "scanvi", "symphonypy")
 OUTPUTS = {"atlasmtl": ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all"]}
 METHOD_ORDER = ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all", "celltypist", "scanvi", "logreg", "knn", "symphonypy"]
 THREADS = 2
+PSS_EVERY = 10  # the memory sampler reads PSS every 10th sample (1 s); see run_one
 SEED = 0
 
 REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK", "symphony_5p_novel_B",
@@ -122,21 +123,34 @@ def run_one(method: str, case_dir: Path, out_dir: Path, settings: dict, timeout:
                                 cwd=str(BENCH_DIR.parent))
         ps = psutil.Process(proc.pid)
         timed_out = False
+        n_sample = 0
         while True:
-            try:  # RSS and PSS of the runner and all its descendants, summed, every 0.1 s
+            # RSS of the runner and all its descendants, summed, every 0.1 s (statm: cheap); PSS only every
+            # PSS_EVERY-th sample and only while the tree has more than one process (a single process's peak is
+            # its own VmHWM, recorded by the runner). Reading PSS walks the page tables of every mapping
+            # (~8 ms a process for atlasmtl at 100k cells) and competes for the mm lock: at 10 Hz it slowed
+            # atlasmtl's two-process training by ~4 s of 44 s while a one-process peer on a spare core paid
+            # nothing, so the sampler measured itself unequally.
+            try:
                 tree = [ps, *ps.children(recursive=True)]
+                read_pss = len(tree) > 1 and n_sample % PSS_EVERY == 0
                 total = total_pss = 0
                 for p in tree:
                     try:
-                        mem = p.memory_full_info()  # PSS (Linux): pages shared by forked processes counted once
+                        if read_pss:
+                            mem = p.memory_full_info()  # PSS (Linux): pages shared by forked processes counted once
+                            total_pss += getattr(mem, "pss", mem.rss)
+                        else:
+                            mem = p.memory_info()
                         total += mem.rss
-                        total_pss += getattr(mem, "pss", mem.rss)
                     except psutil.Error:
                         pass
                 sampled_peak = max(sampled_peak, total / 2**20)
-                sampled_pss_peak = max(sampled_pss_peak, total_pss / 2**20)
+                if read_pss:
+                    sampled_pss_peak = max(sampled_pss_peak, total_pss / 2**20)
             except psutil.Error:
                 pass
+            n_sample += 1
             if proc.poll() is not None:
                 break
             if time.perf_counter() - t0 > timeout and not timed_out:
