@@ -85,7 +85,7 @@ from .runtime import (
 #: learning-rate schedules of :func:`build_model` (``lr_schedule``)
 LR_SCHEDULES = ("constant", "cosine")
 #: ``ensemble_size="auto"``: at most this many members ...
-AUTO_ENSEMBLE_MAX = 5
+AUTO_ENSEMBLE_MAX = 10
 #: ... and no more than fit this many training cells in all (one pass of every member), so an
 #: automatic ensemble never costs more to train than one network on this many cells.
 AUTO_ENSEMBLE_CELLS = 100_000
@@ -394,7 +394,7 @@ def build_model(
         and combined (:class:`~atlasmtl.network.EnsembleNetwork`: mean
         probability, side-by-side embedding for KNN and novelty, mean
         coordinates). ``"auto"`` (default) uses 100,000 // training cells members,
-        between 1 and 5: five up to 20,000 cells, where one network's accuracy
+        between 1 and 10: ten up to 10,000 cells, where one network's accuracy
         depends most on its seed, one above 50,000 cells, so an automatic ensemble
         never trains longer than one network on 100,000 cells. An integer (1–64) fixes it.
     val_fraction

@@ -26,7 +26,7 @@ def table(paths, results="benchmark/results/results.json"):
              "|---|---|---|---|---|---|---|---|"]
     for path in paths:
         rows = read_rows(path)
-        thresholds = [k for k in rows[0] if k not in ("case", "seed", "K")]
+        thresholds = [k for k in rows[0] if k not in ("case", "seed", "K") and isinstance(rows[0][k], dict)]
         cases = list(dict.fromkeys(r["case"] for r in rows))
         seeds = sorted({r["seed"] for r in rows})
         for t in thresholds:
