@@ -71,7 +71,10 @@ def run_demo(
     t1 = time.perf_counter()
     result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
     t2 = time.perf_counter()
-    say(f"Trained one network for both levels and the UMAP/PCA coordinates in {t1 - t0:.1f} s "
+    members = int(model.metadata["architecture"].get("ensemble_size", 1))
+    trained = ("one network, predicting" if members == 1 else
+               f"an ensemble of {members} networks from their own seeds (ensemble_size='auto' on a small reference), each predicting")
+    say(f"Trained {trained} both levels and the UMAP/PCA coordinates, in {t1 - t0:.1f} s "
         f"({num_epochs} epochs); predicted the query in {t2 - t1:.1f} s.\n")
 
     scores = {}
