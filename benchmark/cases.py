@@ -23,7 +23,7 @@ SYMPHONY_LEVELS = ["cell_type_broad", "cell_type"]
 PBMC68K_LEVELS = ["lineage", "bulk_labels"]
 SYNTH_LEVELS = ["cluster_coarse", "cluster_fine"]
 CELLBENCH_TRAIN = ["CEL-seq2 5cl plate1", "CEL-seq2 5cl plate2", "CEL-seq2 5cl plate3"]
-SYNTH_SIZES = {"20k": 20_000, "100k": 100_000, "1m": 1_000_000, "5m": 5_000_000}  # 5m: training memory only (scale.py)
+SYNTH_SIZES = {"10k": 10_000, "20k": 20_000, "100k": 100_000, "1m": 1_000_000, "5m": 5_000_000}  # 5m: training memory only (scale.py)
 
 
 # --------------------------------------------------------------------------- writing

@@ -43,14 +43,14 @@ import cases as case_mod  # noqa: E402
 from common import WORK_DIR, load_case, write_json  # noqa: E402
 from run import CT_SGD, add_ratios, code_version, evaluate_output, machine_info, run_one  # noqa: E402
 
-SIZES = {"100k": "synthetic_100k", "1m": "synthetic_1m", "5m": "synthetic_5m"}
+SIZES = {"10k": "synthetic_10k", "20k": "synthetic_20k", "100k": "synthetic_100k", "1m": "synthetic_1m", "5m": "synthetic_5m"}
 
 
 def plan(size: str, args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
     """method → settings and timeout for one size."""
     case = SIZES[size]
     train = {} if args.atlasmtl_epochs is None else {"num_epochs": args.atlasmtl_epochs}
-    ct = dict(CT_SGD, with_mean=False) if size != "100k" else dict(CT_SGD)
+    ct = dict(CT_SGD, with_mean=False) if size in ("1m", "5m") else dict(CT_SGD)
     return {
         "atlasmtl": {"settings": {"train": train, "save_load": str(work / "runs" / case / "atlasmtl_model"),
                                   "knn_vote_output": True, "knn_recall": 2000,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for scale.json and scale.md")
     parser.add_argument("--work", type=Path, default=None, help="work folder (cases, runs, logs; default benchmark/work)")
-    parser.add_argument("--sizes", default="100k,1m", help="reference sizes for the table (of 100k, 1m)")
+    parser.add_argument("--sizes", default="100k,1m", help="reference sizes for the table (of 10k, 20k, 100k, 1m)")
     parser.add_argument("--disk-sizes", default="100k,1m,5m", help="sizes for training-from-disk memory ('' = none)")
     parser.add_argument("--methods", default="atlasmtl,celltypist,logreg")
     parser.add_argument("--atlasmtl-epochs", type=int, default=None, help="override num_epochs (default: 40)")
