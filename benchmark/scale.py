@@ -6,7 +6,7 @@ Usage (from the repository root; peers' environment from ``benchmark/setup_peers
     python benchmark/scale.py --sizes 100k --disk-sizes 100k --out /tmp/s # a short trial
 
 For each semi-synthetic size (``benchmark/cases.py``: Kang PBMC profiles resampled to
-100k / 1M reference cells, 10k query cells, 3,000 genes) and each method, one
+100k / 1M reference cells, or 10k / 20k with ``--sizes 10k,20k``; 10k query cells, 3,000 genes) and each method, one
 process (``runner.py``, via :func:`run.run_one`) trains and predicts, and every
 prediction is scored with ``atlasmtl.evaluate``:
 
