@@ -149,17 +149,25 @@ class _MixRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
                 inverse: torch.Tensor | None = None) -> torch.Tensor:
-        w = weight.unsqueeze(1)
-        if inverse is None:
-            inverse = torch.empty_like(partner)
-            inverse[partner] = torch.arange(len(partner), device=partner.device)
+        out, inverse, w = _mix_rows(h, partner, weight, inverse)
         ctx.save_for_backward(inverse, w)
-        return torch.lerp(h.index_select(0, partner), h, w)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         inverse, w = ctx.saved_tensors
         return _mix_rows_grad(grad, inverse, w), None, None, None
+
+
+def _mix_rows(h: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor,
+              inverse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`_MixRows`'s value, with what its gradient needs: ``(mixed rows, inverse permutation,
+    own weights as a column)``; the inverse is computed when not given."""
+    w = weight.unsqueeze(1)
+    if inverse is None:
+        inverse = torch.empty_like(partner)
+        inverse[partner] = torch.arange(len(partner), device=partner.device)
+    return torch.lerp(h.index_select(0, partner), h, w), inverse, w
 
 
 def _mix_rows_grad(grad: torch.Tensor, inverse: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -348,10 +356,7 @@ class MultiTaskNetwork(nn.Module):
         h = _first_layer_product(first.weight.detach(), x.zero_input, x.rows, x.zero_row)
         h += first.bias.detach()
         if mix is not None:
-            partner, weight = mix[0], mix[1]
-            inverse = mix[2] if len(mix) > 2 else torch.argsort(partner)
-            w = weight.unsqueeze(1)
-            h = torch.lerp(h.index_select(0, partner), h, w)
+            h, inverse, w = _mix_rows(h, mix[0], mix[1], mix[2] if len(mix) > 2 else None)
         outputs = []  # each block's output (ReLU then dropout), the next layer's input
         for i, layer in enumerate(linears):
             if i:
