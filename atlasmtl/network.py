@@ -280,7 +280,7 @@ class MultiTaskNetwork(nn.Module):
         n_classes: Sequence[int],
         coord_dims: dict[str, int],
         hidden_sizes: Sequence[int] = (256, 128),
-        dropout_rate: float = 0.3,
+        dropout_rate: float = 0.5,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(n_genes, hidden_sizes, dropout_rate)

@@ -301,7 +301,7 @@ def build_model(
     layer: str | None = None,
     use_raw: bool = False,
     hidden_sizes: Sequence[int] = (256, 128),
-    dropout_rate: float = 0.3,
+    dropout_rate: float = 0.5,
     batch_size: int = 256,
     num_epochs: int = 40,
     learning_rate: float = 1e-3,
