@@ -297,7 +297,7 @@ def test_numpy_scalars_as_parameters(tiny, tiny_model):
     model = atlasmtl.build_model(
         tiny[0], LEVELS, coord_targets={"umap": "X_umap"},
         num_epochs=np.int64(2), hidden_sizes=(np.int64(32), np.int32(16)), batch_size=np.int64(64),
-        num_threads=np.int64(1), learning_rate=np.float64(1e-3), dropout_rate=np.float64(0.3),
+        num_threads=np.int64(1), learning_rate=np.float64(1e-3), dropout_rate=np.float64(0.5),
         label_smoothing=np.float64(0.1), class_weight_power=np.float64(0.5), val_fraction=np.float32(0.0),
         random_state=np.int64(0), show_progress=False, show_summary=False,
     )
