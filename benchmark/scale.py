@@ -43,7 +43,7 @@ import cases as case_mod  # noqa: E402
 from common import WORK_DIR, load_case, write_json  # noqa: E402
 from run import CT_SGD, add_ratios, code_version, evaluate_output, machine_info, run_one  # noqa: E402
 
-SIZES = {"10k": "synthetic_10k", "20k": "synthetic_20k", "100k": "synthetic_100k", "1m": "synthetic_1m", "5m": "synthetic_5m"}
+SIZES = {tag: f"synthetic_{tag}" for tag in case_mod.SYNTH_SIZES}  # size tag → case name (the cases define the sizes)
 
 
 def plan(size: str, args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
