@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 from .exceptions import CoordinateError, ParameterError
 from .calls import UNKNOWN, CallTable, decode_labels
 from .truth import calibration_bins, truth_by_level
+from .truth import ece_if_calibrated
 from .truth import ece_of_bins as expected_calibration_error
 
 __all__ = [
@@ -671,8 +672,10 @@ def reliability(
 
     Uses the network's own (pre-gate, pre-KNN) label and confidence. A
     calibrated model lies on the diagonal; the title gives the expected
-    calibration error (ECE) over ``n_bins`` equal-width bins; marker areas and the
-    bars at the bottom show how many cells fall in each bin (bins of a few cells are noisy).
+    calibration error (ECE) over ``n_bins`` equal-width bins and, after it, the ECE a
+    perfectly calibrated confidence would show on the same cells on average
+    (:func:`atlasmtl.metrics.ece_if_calibrated`); marker areas and the bars at the bottom
+    show how many cells fall in each bin (bins of a few cells are noisy).
 
     Parameters
     ----------
@@ -712,7 +715,8 @@ def reliability(
         ax.set_xlim(0, 1.03)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("confidence")
-        ax.set_title(f"{level}: ECE {ece:.3f}", fontsize=10)
+        floor = ece_if_calibrated(result.levels[level].conf[has], n_bins)
+        ax.set_title(f"{level}: ECE {ece:.3f} ({floor:.3f} if calibrated)", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].set_ylabel("accuracy of the network's call")
     # the legend goes below the panels, never over the points (which may lie anywhere in the square)

@@ -400,7 +400,7 @@ def _accuracy(page: _Page) -> str | None:
     content = f'<p>True labels: {_e(used)} ({result.n_obs:,} cells).</p>'
     table = evaluation_table(evaluation, "levels")
     keep = [c for c in ("n", "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered",
-                        "ece", "brier", "aurc", "n_excluded") if c in table.columns]
+                        "ece", "ece_if_calibrated", "brier", "aurc", "n_excluded") if c in table.columns]
     content += "<h3>Metrics (atlasmtl.evaluate)</h3>" + _frame_table(table[keep])
     hier = evaluation.get("hierarchy") or {}
     flat = {k: v for k, v in hier.items() if not isinstance(v, (Mapping, list, tuple, np.ndarray))}
@@ -412,7 +412,8 @@ def _accuracy(page: _Page) -> str | None:
                         "Per-class F1 of the final labels; Unknown counts as a miss.")
     content += page.fig(pl.reliability(result, truth_frame), "reliability diagrams",
                         "Accuracy of the network's own call against its confidence (15 bins); a calibrated "
-                        "model follows the diagonal. ECE: expected calibration error.")
+                        "model follows the diagonal. ECE: expected calibration error; on a finite query even a perfectly "
+                        "calibrated confidence shows some (ece_if_calibrated in the table above).")
     return content
 
 

@@ -5,8 +5,9 @@
   from column names of the query), :func:`truth_table` / :func:`cell_positions` /
   :func:`true_labels` (any table matched by cell name, for :func:`atlasmtl.evaluate`);
 * predicted labels as strings: :func:`label_strings`;
-* calibration: :func:`calibration_bins` (the reliability table) and
-  :func:`expected_calibration_error` / :func:`ece_of_bins` (one ECE), defined in
+* calibration: :func:`calibration_bins` (the reliability table),
+  :func:`expected_calibration_error` / :func:`ece_of_bins` (one ECE) and
+  :func:`ece_if_calibrated` (the ECE a perfectly calibrated confidence would show), defined in
   :mod:`~atlasmtl.calibration` (training uses them too) and shared from here.
 """
 
@@ -18,7 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .calibration import ECE_BINS, calibration_bins, ece_of_bins, expected_calibration_error  # noqa: F401 (shared here)
+from .calibration import ECE_BINS, calibration_bins, ece_if_calibrated, ece_of_bins, expected_calibration_error  # noqa: F401 (shared here)
 from .calls import UNKNOWN, CallTable
 from .exceptions import InputError, LabelError, ParameterError
 

@@ -173,13 +173,17 @@ def summary(results: dict) -> str:
     out += [_finest_table(by_case, cases, methods,
                           lambda r, fine: f"{_f(_level(r, fine, 'macro_f1'))} / {_f(_level(r, fine, 'accuracy'))}"), ""]
 
-    out += ["## Trust: finest-level ECE / path consistency / share routed to KNN / share Unknown", "",
-            "ECE: top-label expected calibration error (15 bins) of each method's confidence; path consistency: "
+    out += ["## Trust: finest-level ECE (if calibrated) / path consistency / share routed to KNN / share Unknown", "",
+            "ECE: top-label expected calibration error (15 bins) of each method's confidence; in brackets the ECE a "
+            "perfectly calibrated confidence would show on the same cells on average (`ece_if_calibrated`: a finite "
+            "query's ECE is biased upward; what lies above it is miscalibration); path consistency: "
             "predicted coarse/fine pairs that exist in the reference (– with one level); routed to KNN: atlasmtl only; "
             "Unknown: share of query cells the method abstained on (peers never abstain).", ""]
     def trust_cell(r: dict, fine: str) -> str:
         h = (r["metrics"] or {}).get("hierarchy") or {}
-        return " / ".join([_f(_level(r, fine, "ece")), _f(h.get("path_consistency")),
+        ece = _f(_level(r, fine, "ece")) + (f" ({_f(_level(r, fine, 'ece_if_calibrated'))})"
+                                             if _level(r, fine, "ece_if_calibrated") is not None else "")
+        return " / ".join([ece, _f(h.get("path_consistency")),
                            _f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine))])
 
     out += [_finest_table(by_case, cases, methods, trust_cell), ""]

@@ -16,6 +16,7 @@ from atlasmtl.metrics import (
     _pair_mappings,
     aurc,
     brier_score,
+    ece_if_calibrated,
     evaluate,
     evaluation_table,
     expected_calibration_error,
@@ -97,6 +98,12 @@ def test_confidence_metrics_by_hand_use_raw_call():
     # by confidence: 0.95 ok, 0.94 ok, 0.65 err, 0.62 ok, 0.55 err, 0.30 ok
     # risk at n = 1..6: 0, 0, 1/3, 1/4, 2/5, 2/6 -> AURC = 1.316667 / 6
     assert fine["aurc"] == pytest.approx((1 / 3 + 1 / 4 + 2 / 5 + 2 / 6) / 6)
+    # ECE if calibrated: per bin E|S - sum(conf)|, S = right calls when each is right with probability conf
+    #   bin 14 (0.95, 0.94): P(S=0,1,2) = .003, .104, .893 about 1.89; bin 9 (0.65, 0.62): .133, .464, .403 about 1.27
+    #   bin 8 (0.55): 2 * .55 * .45;  bin 4 (0.30): 2 * .3 * .7
+    b14 = 0.003 * 1.89 + 0.104 * 0.89 + 0.893 * 0.11
+    b9 = 0.133 * 1.27 + 0.464 * 0.27 + 0.403 * 0.73
+    assert fine["ece_if_calibrated"] == pytest.approx((b14 + b9 + 2 * 0.55 * 0.45 + 2 * 0.3 * 0.7) / 6)
 
 
 def test_confidence_metrics_fall_back_to_final_label():
@@ -118,6 +125,28 @@ def test_metric_functions_edge_cases():
     assert aurc([0.9, 0.8, 0.1], [True, True, False]) == pytest.approx(1 / 9)
     # the reverse ranking: risks 1, 1/2, 1/3 -> 11/18
     assert aurc([0.1, 0.8, 0.9], [True, True, False]) == pytest.approx(11 / 18)
+
+
+def test_ece_if_calibrated_is_the_mean_ece_of_a_calibrated_confidence(monkeypatch):
+    import atlasmtl.calibration as calibration
+
+    rng = np.random.default_rng(0)
+    conf = np.clip(rng.beta(4, 1.5, size=300), 0.0, 1.0)
+    # Monte Carlo: cells right with probability = confidence; the mean ECE of 4,000 draws (SE ~0.0003)
+    draws = [expected_calibration_error(conf, rng.random(conf.size) < conf) for _ in range(4000)]
+    exact = ece_if_calibrated(conf)
+    assert exact == pytest.approx(np.mean(draws), abs=0.0015)
+    # more cells, less bias; the normal approximation for large bins agrees with the exact sum
+    big = np.clip(rng.beta(4, 1.5, size=6000), 0.0, 1.0)
+    assert ece_if_calibrated(big) < exact / 3
+    monkeypatch.setattr(calibration, "EXACT_BIN_CELLS", 100)
+    approx = ece_if_calibrated(big)
+    monkeypatch.setattr(calibration, "EXACT_BIN_CELLS", 10**9)
+    assert approx == pytest.approx(ece_if_calibrated(big), rel=0.02)
+    # by hand: one cell at 0.5 -> |1 - .5| or |0 - .5| = 0.5; certain calls (0 or 1) have no noise
+    assert ece_if_calibrated([0.5]) == pytest.approx(0.5)
+    assert ece_if_calibrated([1.0, 1.0, 0.0]) == pytest.approx(0.0)
+    assert np.isnan(ece_if_calibrated([]))
 
 
 def test_missing_truth_is_excluded_and_counted():

@@ -146,7 +146,8 @@ def test_reliability_ece_matches_evaluate(gated):
     evaluation = atlasmtl.evaluate(result, query, LEVELS)
     axes = _visible_axes(pl.reliability(result, query))
     for ax, level in zip(axes, LEVELS):
-        assert ax.get_title() == f"{level}: ECE {evaluation['levels'][level]['ece']:.3f}"
+        m = evaluation["levels"][level]
+        assert ax.get_title() == f"{level}: ECE {m['ece']:.3f} ({m['ece_if_calibrated']:.3f} if calibrated)"
     table = pl.calibration_bins(np.array([0.05, 0.5, 0.55, 1.0]), np.array([False, True, False, True]), n_bins=2)
     assert table["cells"].tolist() == [2, 2]  # bins are (0, 0.5] and (0.5, 1]
     assert table["confidence"].tolist() == pytest.approx([0.275, 0.775])
