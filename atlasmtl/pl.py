@@ -41,8 +41,7 @@ from matplotlib.figure import Figure
 
 from .exceptions import CoordinateError, ParameterError
 from .calls import UNKNOWN, CallTable, decode_labels
-from .truth import calibration_bins, truth_by_level
-from .truth import ece_if_calibrated
+from .truth import calibration_bins, ece_if_calibrated, truth_by_level
 from .truth import ece_of_bins as expected_calibration_error
 
 __all__ = [

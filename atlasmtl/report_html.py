@@ -42,7 +42,8 @@ import pandas as pd
 
 from ._version import __version__
 from .exceptions import InputError, ParameterError
-from .calls import CallTable
+from .calls import CallTable, decode_labels
+from .truth import truth_by_level
 from .truth import truth_frame as read_truth
 
 __all__ = ["write_report", "render_report", "findings"]
@@ -211,6 +212,36 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     return out
 
 
+#: A level's ECE this far above what an exact confidence would show on the same cells is reported as a finding.
+CALIBRATION_EXCESS = 0.05
+
+
+def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluation: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Levels whose confidence is miscalibrated on the labelled query cells, as ``("warn", message)``.
+
+    A level is reported when its ECE exceeds ``ece_if_calibrated`` (the ECE an exact
+    confidence would show on as many cells) by :data:`CALIBRATION_EXCESS` or more; the
+    message says whether the network's calls were over- or under-confident (their mean
+    confidence against their accuracy on these cells).
+    """
+    out: list[tuple[str, str]] = []
+    truth = truth_by_level(result, truth_frame)
+    for level, m in (evaluation.get("levels") or {}).items():
+        ece, floor = m.get("ece"), m.get("ece_if_calibrated")
+        if ece is None or floor is None or ece - floor < CALIBRATION_EXCESS or level not in truth:
+            continue
+        calls = result.levels[level]
+        has = np.array([v is not None for v in truth[level]])
+        raw = np.asarray(decode_labels(calls.raw, result.classes[level]), dtype=object)
+        accuracy, confidence = float(np.mean(raw[has] == truth[level][has])), float(np.mean(calls.conf[has]))
+        side = "over-confident" if confidence > accuracy else "under-confident"
+        out.append(("warn", f"{level}: the confidences are {side} on these labelled cells — mean confidence "
+                            f"{confidence:.2f} against {accuracy:.2f} accuracy of the network's calls (ECE {ece:.3f}; "
+                            f"an exact confidence would show {floor:.3f} on {int(has.sum()):,} cells). Expect the "
+                            "same on unlabelled queries that differ from the reference in the same way."))
+    return out
+
+
 def render_report(result: CallTable, **options: Any) -> str:
     """The report as an HTML string; ``options`` are :func:`write_report`'s keyword arguments (``model``,
     ``adata``, ``truth``, ``truth_columns``, ``reference``, ``title``, ``basis``, ``dpi``), documented there."""
@@ -342,6 +373,8 @@ def _overview(page: _Page) -> str:
     for col in ("Unknown", "low-confidence", "KNN-rescued"):
         level_frame[col] = [f"{v:.1%}" for v in level_frame[col]]
     found = findings(result, page.model)
+    if page.evaluation is not None and page.truth_frame is not None:
+        found += calibration_findings(result, page.truth_frame, page.evaluation)
     found_html = "".join(f'<div class="finding {sev}">{_e(msg)}</div>' for sev, msg in found) or \
         '<p class="muted">Nothing unusual found.</p>'
     return f'<div class="cards">{cards_html}</div>{_frame_table(level_frame)}' + "<h3>Findings</h3>" + found_html

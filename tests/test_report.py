@@ -126,3 +126,26 @@ def test_result_rebuilt_from_full_predictions(mapped, pbmc_model, tmp_path):
     result.to_csv(tmp_path / "minimal.csv", mode="minimal")
     with pytest.raises(InputError, match="mode='full'"):
         result_from_predictions(tmp_path / "minimal.csv", pbmc_model)
+
+
+def test_miscalibration_is_a_finding_with_its_direction(mapped, pbmc_model, tmp_path):
+    from atlasmtl.report_html import CALIBRATION_EXCESS, calibration_findings
+
+    result, _, query = mapped
+    fine = LEVELS[-1]
+    # the true labels permuted among the cells: the network's calls keep their confidence but are mostly wrong
+    wrong = query.copy()
+    wrong.obs[fine] = np.random.default_rng(0).permutation(wrong.obs[fine].to_numpy())
+    evaluation = atlasmtl.evaluate(result, wrong, LEVELS)
+    m = evaluation["levels"][fine]
+    assert m["ece"] - m["ece_if_calibrated"] >= CALIBRATION_EXCESS
+    frame = wrong.obs[LEVELS]
+    found = dict((msg.split(":")[0], (sev, msg)) for sev, msg in calibration_findings(result, frame, evaluation))
+    assert found[fine][0] == "warn" and "over-confident" in found[fine][1]
+    assert f"ECE {m['ece']:.3f}" in found[fine][1] and f"{m['ece_if_calibrated']:.3f}" in found[fine][1]
+    # a level is reported only when its excess reaches the bound
+    for level, mm in evaluation["levels"].items():
+        assert (level in found) == (mm["ece"] - mm["ece_if_calibrated"] >= CALIBRATION_EXCESS)
+    # and it reaches the report's findings
+    text = html.unescape(result.report(tmp_path / "r.html", model=pbmc_model, adata=wrong, truth=LEVELS).read_text())
+    assert found[fine][1] in text
