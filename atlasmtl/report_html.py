@@ -196,7 +196,8 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
                         "or the level is hard to tell apart."))
         used = float(np.mean(calls.used_knn))
         if knn_on and used >= 0.3 and result.metadata.get("settings", {}).get("knn_correction") == "low_conf_only":
-            out.append(("warn", f"{level}: {used:.1%} of the calls come from the KNN vote rather than the network."))
+            out.append(("warn", f"{level}: {used:.1%} of the calls are low-confidence network calls that stand because "
+                                "the KNN vote confirmed them; the network alone was unsure of them."))
         novel = float(np.mean(calls.is_novel))
         if novel >= 0.02:
             out.append(("warn", f"{level}: {novel:.1%} of the cells are far from every reference cell of the type "
