@@ -43,8 +43,7 @@ import pandas as pd
 from ._version import __version__
 from .exceptions import InputError, ParameterError
 from .calls import CallTable, decode_labels
-from .truth import truth_by_level
-from .truth import truth_frame as read_truth
+from .truth import truth_by_level, truth_frame as read_truth
 
 __all__ = ["write_report", "render_report", "findings"]
 
