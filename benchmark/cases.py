@@ -229,28 +229,37 @@ def make_zilionis(out: Path, novel: bool = False) -> None:
 BRAIN_LEVELS = ["compartment", "cell_type"]
 
 
-def make_brain(out: Path) -> None:
-    """Brain: mouse (Tabula Muris, Smart-seq2) reference → adult human (Darmanis, Fluidigm C1) query.
+def make_brain(out: Path, reverse: bool = False) -> None:
+    """Brain across species: mouse (Tabula Muris, Smart-seq2) ↔ adult human (Darmanis, Fluidigm C1).
 
-    The ``fetal`` and ``excluded`` (hybrid) compartments are left out. Genes are the file's 1:1
-    orthologues, named by their human symbol in both files (``ref.var["mouse_symbol"]`` keeps the
-    mouse names, for gene-matching tests), so every method sees the same genes.
+    ``reverse=False``: mouse reference → human query. ``reverse=True``: human reference → mouse
+    query; the mouse-only macrophages and pericytes are then novel fine types under known parents
+    (``immune``, ``vascular``). The ``fetal`` and ``excluded`` (hybrid) compartments are left out.
+    Genes are the file's 1:1 orthologues detected in the reference, named by their human symbol in
+    both files (``ref.var["mouse_symbol"]`` keeps the mouse names, for gene-matching tests), so every
+    method sees the same genes.
     """
     adata = ad.read_h5ad(shared_data_dir() / "brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad")
     adata.obs_names = adata.obs_names.astype(str)
     adata = adata[~adata.obs["compartment"].isin(["fetal", "excluded"]).to_numpy()].copy()
-    ref_mask = (adata.obs["species"] == "mouse").to_numpy()
+    ref_species, query_species = ("human", "mouse") if reverse else ("mouse", "human")
+    ref_mask = (adata.obs["species"] == ref_species).to_numpy()
     genes = _detected_in_reference(sp.csr_matrix(adata.X), ref_mask)
     adata = adata[:, genes].copy()
     adata, counts = _from_counts(adata, adata.X)
-    ref_mask = (adata.obs["species"] == "mouse").to_numpy()
+    ref_mask = (adata.obs["species"] == ref_species).to_numpy()
+    ref_names = {"mouse": "mouse (Tabula Muris, Smart-seq2)", "human": "adult human (Darmanis, C1)"}
     spec = {"levels": BRAIN_LEVELS, "batch_key": "species", "has_counts": True, "coords": {}, "novel": {},
             "semi_synthetic": False, "x_is_cp10k": True,
-            "title": "Brain, train on mouse (Tabula Muris, Smart-seq2), predict adult human (Darmanis, C1): "
+            "title": f"Brain, train on {ref_names[ref_species]}, predict {ref_names[query_species]}: "
                      "cross-species and cross-platform",
             "source": "brain_human_Darmanis_vs_mouse_TabulaMuris_1to1orthologs.h5ad (read counts), fetal and "
-                      "excluded compartments left out; 1:1 orthologues with counts in >= 3 mouse cells, named by "
-                      "human symbol; X = log1p CP10k"}
+                      f"excluded compartments left out; 1:1 orthologues with counts in >= 3 {ref_species} cells, "
+                      "named by human symbol; X = log1p CP10k"}
+    if reverse:
+        fine = adata.obs["cell_type"].astype(str).to_numpy()
+        spec["novel"] = {"cell_type": sorted(set(fine[~ref_mask]) - set(fine[ref_mask]))}
+        spec["title"] += " (mouse-only macrophages and pericytes are novel)"
     _write_split(out, spec, adata[ref_mask].copy(), adata[~ref_mask].copy(), counts[ref_mask], counts[~ref_mask])
 
 
@@ -433,6 +442,8 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     reg["zilionis_healthy_tumour"] = lambda o: make_zilionis(o)
     reg["zilionis_novel_tumour_subsets"] = lambda o: make_zilionis(o, novel=True)
     reg["brain_mouse_human"] = make_brain
+    # added after the defaults were chosen (2026-12-01): an out-of-sample check
+    reg["brain_human_mouse"] = lambda o: make_brain(o, reverse=True)
     reg["symphony_5p_thin_query"] = lambda o: make_symphony_shifted(o, "5p", "thin")
     reg["symphony_5p_missing_genes"] = lambda o: make_symphony_shifted(o, "5p", "missing_genes")
     for tag, n in SYNTH_SIZES.items():

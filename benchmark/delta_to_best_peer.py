@@ -29,6 +29,6 @@ print("| case | atlasmtl fine | best peer in run | Δ | best incl. scANVI* | Δ 
 print("|---|---|---|---|---|---|---|---|---|")
 for r_ in rows: print(r_[3])
 import statistics as s
-for name,sel in [("all",lambda c:True),("known-type cases (no novel)",lambda c:"novel" not in c)]:
+for name,sel in [("all",lambda c:True),("known-type cases (no novel)",lambda c:not r["cases"].get(c,{}).get("novel"))]:
     d1=[x[1] for x in rows if sel(x[0])]; d2=[x[2] for x in rows if sel(x[0])]
     print(f"{name} ({len(d1)}): mean Δ {s.mean(d1):+.3f} (worst {min(d1):+.3f}); incl. scANVI* {s.mean(d2):+.3f} (worst {min(d2):+.3f})")

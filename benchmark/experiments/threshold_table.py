@@ -48,10 +48,10 @@ def table(paths, results="benchmark/results/results.json"):
                     ece.append(st.mean(r["levels"][fine]["ece"] for r in rs))
                     unknown.append((1 - st.mean(r["levels"][fine]["coverage"] for r in rs), case))
             worst = min(fine_d)
-            top = max(unknown)
+            top = f"{max(unknown)[0]:.1%} ({max(unknown)[1]})" if unknown else "–"  # – : only removed-type cases
             lines.append(f"| {Path(path).name} | {t} | {','.join(map(str, seeds))} | {st.mean(d for d, _ in fine_d):+.4f} "
-                         f"({worst[0]:+.3f}, {worst[1]}) | {st.mean(coarse_d):+.4f} ({min(coarse_d):+.3f}) | {st.median(ece):.3f} "
-                         f"| {'; '.join(novel)} | {top[0]:.1%} ({top[1]}) |")
+                         f"({worst[0]:+.3f}, {worst[1]}) | {st.mean(coarse_d):+.4f} ({min(coarse_d):+.3f}) | "
+                         f"{f'{st.median(ece):.3f}' if ece else '–'} | {'; '.join(novel)} | {top} |")
     return "\n".join(lines)
 
 
