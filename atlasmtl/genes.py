@@ -54,6 +54,9 @@ ID_COLUMNS = (
 
 #: Warn below this fraction of model genes found in the query.
 WARN_OVERLAP = 0.8
+#: When at least this share of the matched genes matches only case-insensitively, the query is taken to come
+#: from another species (human ``CD3E`` ↔ mouse ``Cd3e``) and a warning says so.
+OTHER_SPECIES_SHARE = 0.5
 
 
 def detect_namespace(names: Any) -> str:
@@ -458,6 +461,16 @@ def build_aligner(
         warnings.warn(
             f"{n_duplicated} query gene(s) mapped onto a model gene that was already matched; "
             f"they were {report['duplicates_handling']}.",
+            stacklevel=user_stacklevel(),
+        )
+    if how != "gene_map" and n_matched and n_case_insensitive >= OTHER_SPECIES_SHARE * n_matched:
+        warnings.warn(
+            f"{n_case_insensitive} of the {n_matched} matched genes match only when case is ignored (e.g. mouse "
+            "'Cd3e' and human 'CD3E'): the query probably comes from another species than the reference (or its "
+            "names were re-cased). Orthologues with other names are not matched this way "
+            f"({n_model - n_matched} model genes missing): pass gene_map= a 1:1 orthologue table (query name → "
+            "model name) to match them. Across species expect less certain calls, and novel types to be missed "
+            "more often (README, 'Known limits').",
             stacklevel=user_stacklevel(),
         )
     identity = (

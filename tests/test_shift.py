@@ -3,6 +3,8 @@ species, and accuracy floors on real reference → query splits (regression floo
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -201,7 +203,8 @@ def test_mouse_reference_matches_human_query_case_insensitively_and_by_orthologu
     mouse, human = _brain()
     exact = (pd.Index(mouse.var_names).isin(human.var_names)).sum()
     assert exact < 50  # mouse symbols ("Gfap") are not human symbols ("GFAP")
-    report = _align(mouse.var_names, human, min_gene_overlap=0.0).report
+    with pytest.warns(UserWarning, match="another species"):
+        report = _align(mouse.var_names, human, min_gene_overlap=0.0).report
     assert report["n_matched_case_insensitive"] > 0.9 * mouse.n_vars
     assert report["n_matched"] == report["n_matched_case_insensitive"] + exact
     table = pd.read_csv(data_file("orthologs_human_mouse_1to1_CAME_Ensembl.csv"))  # human first, mouse second
@@ -214,7 +217,8 @@ def test_case_insensitive_matching_is_unambiguous_only(symphony_split):
     q = query[:, :4].copy()
     q.var_names = ["cd3e", "Cd3E", q.var_names[2].lower(), q.var_names[3]]  # two candidates for CD3E: neither
     model_genes = ["CD3E", str(query.var_names[2]), str(query.var_names[3])]
-    report = _align(model_genes, q, min_gene_overlap=0.0).report
+    with pytest.warns(UserWarning, match="another species"):  # 1 of the 2 matches is case-insensitive
+        report = _align(model_genes, q, min_gene_overlap=0.0).report
     assert report["n_matched_case_insensitive"] == 1 and report["n_matched"] == 2
 
 
@@ -223,9 +227,31 @@ def test_renamed_query_genes_predict_as_before(symphony_model, symphony_split):
     renamed = query.copy()
     renamed.var_names = [g.capitalize() for g in query.var_names]
     a = atlasmtl.predict(symphony_model, query, show_progress=False, show_summary=False)
-    b = atlasmtl.predict(symphony_model, renamed, show_progress=False, show_summary=False)
+    with pytest.warns(UserWarning, match="another species"):
+        b = atlasmtl.predict(symphony_model, renamed, show_progress=False, show_summary=False)
     assert b.metadata["genes"]["n_matched"] == a.metadata["genes"]["n_matched"]
     np.testing.assert_array_equal(a.levels["cell_type"]["conf"], b.levels["cell_type"]["conf"])
+
+
+def test_mostly_case_insensitive_matches_warn_of_another_species(symphony_split):
+    """Human symbols against mouse-cased ones: a warning that names the likely cause and gene_map=, recorded in
+    the gene report (and so in the HTML report's findings); exact names, a few re-cased ones, or a gene_map
+    do not warn."""
+    ref, query = symphony_split
+    genes = [str(g) for g in query.var_names]
+    mouse = query.copy()
+    mouse.var_names = [g.capitalize() for g in genes]
+    with pytest.warns(UserWarning, match=r"another species.*gene_map=") as caught:
+        report = _align(genes, mouse, min_gene_overlap=0.0).report
+    assert report["n_matched_case_insensitive"] >= 0.5 * report["n_matched"]
+    assert any("another species" in str(w.message) for w in caught)
+    few = query.copy()
+    few.var_names = [g.capitalize() if i < len(genes) // 10 else g for i, g in enumerate(genes)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _align(genes, query, min_gene_overlap=0.0)
+        assert _align(genes, few, min_gene_overlap=0.0).report["n_matched_case_insensitive"] > 0
+        _align(genes, mouse, min_gene_overlap=0.0, gene_map={g.capitalize(): g for g in genes})
 
 
 # ---------------------------------------------------------------- accuracy floors (real splits)
