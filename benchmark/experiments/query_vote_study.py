@@ -32,11 +32,13 @@ import atlasmtl  # noqa: E402
 KS = (10, 30)
 
 
-def query_neighbours(query, k):
+def query_neighbours(query, ks):
+    """Per ``k`` of ``ks``: each query cell's ``k`` nearest query cells (itself first) in one PCA of the query."""
     q = query.copy()
     sc.pp.pca(q, n_comps=min(50, min(q.shape) - 1), random_state=0)
-    nn = NearestNeighbors(n_neighbors=min(k, q.n_obs)).fit(q.obsm["X_pca"])
-    return nn.kneighbors(q.obsm["X_pca"], return_distance=False)  # the cell itself first
+    nn = NearestNeighbors(n_neighbors=min(max(ks), q.n_obs)).fit(q.obsm["X_pca"])
+    nbr = nn.kneighbors(q.obsm["X_pca"], return_distance=False)
+    return {k: nbr[:, :k] for k in ks}
 
 
 def voted(result, levels, nbr, only=None):
@@ -64,8 +66,7 @@ def study(models):
         row["default"] = score_result(res, truth, spec)
         fine = levels[-1]
         doubtful = np.asarray(res.levels[fine].is_low_conf) | (np.asarray(res.levels[fine].pred) < 0)
-        for k in KS:
-            nbr = query_neighbours(query, k)
+        for k, nbr in query_neighbours(query, KS).items():
             for name, only in ((f"vote{k}", None), (f"vote{k}_doubtful", doubtful)):
                 fresh = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
                 row[name] = score_result(voted(fresh, levels, nbr, only), truth, spec)
