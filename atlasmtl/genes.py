@@ -464,13 +464,16 @@ def build_aligner(
             stacklevel=user_stacklevel(),
         )
     if how != "gene_map" and n_matched and n_case_insensitive >= OTHER_SPECIES_SHARE * n_matched:
+        missing = (
+            f" Orthologues with other names are not matched this way ({n_model - n_matched} model genes missing): "
+            "pass gene_map= a 1:1 orthologue table (query name → model name) to match them."
+            if n_matched < n_model else ""
+        )
         warnings.warn(
             f"{n_case_insensitive} of the {n_matched} matched genes match only when case is ignored (e.g. mouse "
             "'Cd3e' and human 'CD3E'): the query probably comes from another species than the reference (or its "
-            "names were re-cased). Orthologues with other names are not matched this way "
-            f"({n_model - n_matched} model genes missing): pass gene_map= a 1:1 orthologue table (query name → "
-            "model name) to match them. Across species expect less certain calls, and novel types to be missed "
-            "more often (README, 'Known limits').",
+            f"names were re-cased).{missing} Across species expect less certain calls, and novel types to be "
+            "missed more often (README, 'Known limits').",
             stacklevel=user_stacklevel(),
         )
     identity = (
