@@ -1,0 +1,38 @@
+"""Prediction-time constants of atlasmtl, measured on default models trained once (research script).
+
+Per case and seed the default model (trained, or loaded from ``--models``) predicts the query once per
+label of a JSON ``{label: {"module.NAME": value}}`` (modules of ``atlasmtl``; ``{}`` = the defaults), e.g.
+the input view's smallest scored class (``novelty.INPUT_VIEW_MIN_MEMBERS``, read at prediction). Rows in
+``threshold_table.py``'s format:
+
+    PYTHONPATH=$PWD python benchmark/experiments/posthoc_constants_study.py <case,case,...> 0,1,2 out.json \\
+        '{"m50": {}, "m20": {"novelty.INPUT_VIEW_MIN_MEMBERS": 20}}' [--work DIR] [--models DIR]
+    python benchmark/experiments/threshold_table.py out.json
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from study_scores import constant_patcher, posthoc_main, score_result  # noqa: E402
+import atlasmtl  # noqa: E402
+
+PATCHES = json.loads(sys.argv.pop(4)) if len(sys.argv) > 4 and sys.argv[1] != "--summarise" else {}
+apply = constant_patcher(PATCHES)
+
+
+def study(models):
+    for case, seed, spec, ref, query, truth, model in models:
+        row = {"case": case, "seed": seed, "K": "auto"}
+        for name, patch in PATCHES.items():
+            apply(patch)
+            row[name] = score_result(atlasmtl.predict(model, query, show_progress=False, show_summary=False), truth, spec)
+        apply({})
+        fine = spec["levels"][-1]
+        print(json.dumps({"case": case, "seed": seed,
+                          **{n: round(row[n]["levels"][fine]["macro_f1"], 4) for n in PATCHES}}), flush=True)
+        yield row
+
+
+if __name__ == "__main__":
+    posthoc_main(study, lambda *a: "use threshold_table.py", "/work/bench_models")
