@@ -94,6 +94,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def confidence_bins(conf: np.ndarray, n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """``(edges, bin of each confidence)`` of ``n_bins`` equal-width, right-closed bins ``(lower, upper]``
+    over [0, 1] (confidence 0 goes to the first bin)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return edges, np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+
+
 def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
     """Reliability-diagram table: per confidence bin, cells, mean confidence and accuracy.
 
@@ -103,8 +110,7 @@ def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BI
     """
     conf = np.asarray(conf, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    edges, which = confidence_bins(conf, n_bins)
     rows = []
     for b in range(n_bins):
         sel = which == b
@@ -179,7 +185,6 @@ def ece_if_calibrated(conf: np.ndarray, n_bins: int = ECE_BINS) -> float:
     conf = np.clip(np.nan_to_num(np.asarray(conf, dtype=np.float64), nan=0.0), 0.0, 1.0)
     if len(conf) == 0:
         return float("nan")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    total = sum(_mean_absolute_deviation_poisson_binomial(conf[which == b]) for b in range(n_bins) if (which == b).any())
+    _, which = confidence_bins(conf, n_bins)
+    total = sum(_mean_absolute_deviation_poisson_binomial(conf[which == b]) for b in np.unique(which))
     return float(total / len(conf))

@@ -16,6 +16,7 @@ and ``default`` (the calls as predicted). Rows in ``threshold_table.py``'s forma
     PYTHONPATH=$PWD python benchmark/experiments/query_vote_study.py <case,case,...> 0,1,2 out.json [--work DIR] [--models DIR]
     python benchmark/experiments/threshold_table.py out.json
 """
+import copy
 import json
 import sys
 from collections import Counter
@@ -52,7 +53,7 @@ def voted(result, levels, nbr, only=None):
         path, n = Counter(paths[j] for j in row).most_common(1)[0]
         if n > len(row) / 2:
             new[i] = path
-    for j, lv in enumerate(levels):  # ``result`` is a fresh prediction: changed in place
+    for j, lv in enumerate(levels):  # changed in place (the caller passes a copy)
         result.levels[lv].pred = new[:, j].astype(result.levels[lv].pred.dtype)
         result.levels[lv].is_unknown = new[:, j] < 0
     return result
@@ -68,8 +69,7 @@ def study(models):
         doubtful = np.asarray(res.levels[fine].is_low_conf) | (np.asarray(res.levels[fine].pred) < 0)
         for k, nbr in query_neighbours(query, KS).items():
             for name, only in ((f"vote{k}", None), (f"vote{k}_doubtful", doubtful)):
-                fresh = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-                row[name] = score_result(voted(fresh, levels, nbr, only), truth, spec)
+                row[name] = score_result(voted(copy.deepcopy(res), levels, nbr, only), truth, spec)
         print(json.dumps({"case": case, "seed": seed, **{n: round(v["levels"][fine]["macro_f1"], 4)
                                                           for n, v in row.items() if isinstance(v, dict)}}), flush=True)
         yield row
