@@ -8,11 +8,14 @@ the MAD of the log distance. A query cell's novelty is the robust z-score
 
     z = (log d - location) / (1.4826 · MAD_null)
 
-where ``location`` is the larger of the null median and the median over the
-query's own cells: a whole query that sits further from the reference than
-held-out reference cells do (another platform or chemistry) shifts the
-location, so its known cells are not called novel; cells that stand out from
-the rest of the query are. A cell with ``z`` above the threshold is ``Unknown``
+where ``location`` is the null median, raised when the query as a whole sits
+further from the reference than held-out reference cells do (another platform
+or chemistry), so its known cells are not called novel; cells that stand out
+from the rest of the query are. The query's location is robust to a type the
+reference lacks making up much of it (:func:`query_location_z`): per called
+class, the lower quartile of its cells' z matched to the null's, and the median
+of that over the classes, since a shift of the whole query moves every class
+and a novel type only the few it is called. A cell with ``z`` above the threshold is ``Unknown``
 at that level, and the KNN vote cannot relabel it, unless the calibrated
 probability of its call is at least :data:`NOVELTY_CONFIDENCE_GUARD`: distance
 alone does not overrule a call the heads are that sure of. (On the benchmark's
@@ -43,6 +46,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.stats import norm
 
 #: Reference neighbours of the predicted class averaged into the distance.
 NOVELTY_K = 10
@@ -50,8 +54,34 @@ NOVELTY_K = 10
 NOVELTY_THRESHOLD = 3.5
 #: Calibrated probability of a call at or above which the cell is not called novel at that level.
 NOVELTY_CONFIDENCE_GUARD = 0.9
+#: The query is located by this quantile of its scores, matched to the same quantile of the null (a
+#: normal one in robust-z units: −0.674 at 0.25). Under a pure shift every quantile gives the same
+#: location; a lower one is not moved by novel cells until they are more than ``1 − q`` of the query
+#: (0.5, the median, until 2026-12-01: a query half made of a type the reference lacks hid it; see the
+#: API contract's "Where the query is located").
+QUERY_LOCATION_QUANTILE = 0.25
+#: Locate the query by the median, over its called classes, of each class's own location (classes with
+#: at least :data:`QUERY_LOCATION_MIN_CELLS` query cells; the cells' quantile when fewer than two such
+#: classes): a shift of the whole query moves every class, a novel type only the classes it is called.
+QUERY_LOCATION_BY_CLASS = True
+QUERY_LOCATION_MIN_CELLS = 10
 _MAD_TO_SD = 1.4826
 _MIN_SCALE = 1e-3
+
+
+def query_location_z(z: np.ndarray, calls: np.ndarray | None = None) -> float:
+    """How far, in null standard deviations, the query's finite robust z-scores ``z`` sit above the
+    null: the :data:`QUERY_LOCATION_QUANTILE` quantile of ``z`` less the normal's same quantile (with
+    :data:`QUERY_LOCATION_BY_CLASS` and the cells' ``calls``, the median of that over the called classes)."""
+    q = QUERY_LOCATION_QUANTILE
+    offset = float(norm.ppf(q))
+    if QUERY_LOCATION_BY_CLASS and calls is not None:
+        classes, counts = np.unique(calls, return_counts=True)
+        per_class = [float(np.quantile(z[calls == c], q)) - offset
+                     for c, n in zip(classes, counts) if n >= QUERY_LOCATION_MIN_CELLS]
+        if len(per_class) >= 2:
+            return float(np.median(per_class))
+    return float(np.quantile(z, q)) - offset
 
 
 def log_distance(distance: np.ndarray) -> np.ndarray:
@@ -70,16 +100,18 @@ def null_summary(log_d: np.ndarray) -> dict[str, float]:
     return {"median": med, "scale": scale, "n": int(len(log_d))}
 
 
-def novelty_z(log_d: np.ndarray, null: dict[str, float]) -> tuple[np.ndarray, float]:
+def novelty_z(log_d: np.ndarray, null: dict[str, float], calls: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Robust z-score of each query cell's log distance; returns ``(z, location)``.
 
-    The location is the larger of the null median and the median over the
-    query cells with a finite distance. NaN distances (no prediction) give NaN.
+    The location is the null median, raised by :func:`query_location_z` of the
+    query cells with a finite distance (``calls``: their called classes at this
+    level) when that is positive. NaN distances (no prediction) give NaN.
     """
     finite = np.isfinite(log_d)
     location = float(null["median"])
     if finite.any():
-        location = max(location, float(np.median(log_d[finite])))
+        z0 = (log_d[finite] - location) / float(null["scale"])
+        location += max(0.0, query_location_z(z0, None if calls is None else calls[finite])) * float(null["scale"])
     z = (log_d - location) / float(null["scale"])
     return z, location
 
@@ -169,7 +201,7 @@ class InputView:
 
     A query cell's score at a level is ``z0 = (log d - location[call] - offset) / scale``, ``d``
     the mean distance to the :data:`NOVELTY_K` nearest kept cells of its call. Like the
-    embedding view it is located at the query: less ``max(0, median z0)`` over the query, and a
+    embedding view it is located at the query: less ``max(0, query_location_z(z0, calls))``, and a
     called class with at least :data:`INPUT_VIEW_MIN_QUERY` query cells less at least its own
     :data:`INPUT_VIEW_CLASS_QUANTILE` quantile.
 
@@ -263,7 +295,7 @@ class InputView:
         finite = np.isfinite(z)
         if not finite.any() or not located:
             return z
-        shift = max(0.0, float(np.median(z[finite])))
+        shift = max(0.0, query_location_z(z[finite], calls[finite]))
         out = z - shift
         for c in np.unique(calls[finite]):
             rows = finite & (calls == c)

@@ -408,7 +408,7 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         z = np.full(len(o["raw"]), np.nan, dtype=np.float32)
         novel = np.zeros(len(o["raw"]), dtype=bool)
         if decoder.null is not None and lv in decoder.null and decoder.null[lv].get("n"):
-            score, _ = novelty_z(log_distance(o["distance"]), decoder.null[lv])
+            score, _ = novelty_z(log_distance(o["distance"]), decoder.null[lv], o["raw"])
             conf = np.nan_to_num(o["conf"], nan=0.0)
             novel = (np.nan_to_num(score, nan=-np.inf) > novelty_threshold) & (conf < NOVELTY_CONFIDENCE_GUARD)
             if view_z is not None and lv == model.label_columns[-1]:  # the finest score is the larger z

@@ -200,6 +200,36 @@ def test_input_view_flags_a_removed_type_the_network_calls_with_certainty(sympho
     assert alone.levels[fine].is_unknown[is_nk].mean() < 0.1
 
 
+def test_query_location_follows_a_shifted_query_but_not_a_novel_majority():
+    """The query's location (novelty.query_location_z): a query shifted as a whole is located at its shift,
+    whichever rule; a query made 70% of one novel type, called as one class, is located at its known
+    cells' shift, where the median over the cells (the rule until 2026-12-01) follows the novel cells."""
+    from scipy.stats import norm
+
+    from atlasmtl import novelty
+    from atlasmtl.novelty import novelty_z, query_location_z
+
+    rng = np.random.default_rng(0)
+    shifted = rng.normal(2.0, 1.0, 4000)
+    calls = rng.integers(0, 4, 4000)
+    assert abs(query_location_z(shifted, calls) - 2.0) < 0.15
+    assert abs(query_location_z(shifted) - 2.0) < 0.15
+    # 3 known classes (100 cells each, no shift) and 700 novel cells called as a 4th class, z ~ 6
+    z = np.r_[rng.normal(0.0, 1.0, 300), rng.normal(6.0, 1.0, 700)]
+    calls = np.r_[np.repeat([0, 1, 2], 100), np.full(700, 3)]
+    assert query_location_z(z, calls) < 1.0
+    null = {"median": 0.0, "scale": 1.0}
+    flagged = novelty_z(z, null, calls)[0] > novelty.NOVELTY_THRESHOLD
+    assert flagged[300:].mean() > 0.8 and flagged[:300].mean() < 0.02
+    # the median over the cells locates the query at the novel cells and flags almost none of them
+    median_rule = float(np.median(z))
+    assert median_rule > 4.0 and ((z[300:] - median_rule) > novelty.NOVELTY_THRESHOLD).mean() < 0.1
+    # fewer than two classes with enough query cells: the cells' lower quartile
+    few = np.r_[np.zeros(5, int), np.ones(995, int)]
+    q = novelty.QUERY_LOCATION_QUANTILE
+    assert query_location_z(z, few) == pytest.approx(float(np.quantile(z, q)) - float(norm.ppf(q)))
+
+
 def test_input_view_scores_cells_against_their_own_class():
     """fit_input_view on two Gaussian classes: held-out-like cells score near 0, a third cluster far out
     scores high whatever class it is called, a class with too few kept cells gets no score, and the
