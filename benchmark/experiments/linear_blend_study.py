@@ -19,14 +19,13 @@ format (``off@<name>``: the same with ``knn_correction="off"``).
     PYTHONPATH=$PWD python benchmark/experiments/linear_blend_study.py <case,case,...> 0,1,2 out.json [--work DIR] [--models DIR]
     python benchmark/experiments/threshold_table.py out.json
 """
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main, score_result  # noqa: E402
+from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.prediction as prediction  # noqa: E402
 
@@ -108,8 +107,7 @@ def study(models):
                     prediction.softmax = original
                 row[prefix + name] = score_result(res, truth, spec)
         fine = levels[-1]
-        print(json.dumps({"case": case, "seed": seed, **{n: round(v["levels"][fine]["macro_f1"], 4)
-                                                          for n, v in row.items() if isinstance(v, dict)}}), flush=True)
+        print_progress(case, seed, row, fine)
         yield row
 
 

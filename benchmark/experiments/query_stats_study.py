@@ -19,7 +19,6 @@ Statistics: ``acc_study.query_stats`` (genes the query lacks keep the reference'
     python benchmark/experiments/threshold_table.py out.json
 """
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_scores import posthoc_main, score_result  # noqa: E402
+from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
 from acc_study import query_stats  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.prediction as P  # noqa: E402
@@ -71,8 +70,7 @@ def study(models):
             row[tta] = score_result(coupled, truth, spec)
             row[f"{tta}_keepnovel"] = score_result(with_flags(calls, base, levels, nested), truth, spec)
         fine = levels[-1]
-        print(json.dumps({"case": case, "seed": seed, **{n: round(v["levels"][fine]["macro_f1"], 4)
-                                                          for n, v in row.items() if isinstance(v, dict)}}), flush=True)
+        print_progress(case, seed, row, fine)
         yield row
 
 

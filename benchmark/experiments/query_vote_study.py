@@ -17,7 +17,6 @@ and ``default`` (the calls as predicted). Rows in ``threshold_table.py``'s forma
     python benchmark/experiments/threshold_table.py out.json
 """
 import copy
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ import scanpy as sc
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main, score_result  # noqa: E402
+from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 
 KS = (10, 30)
@@ -70,8 +69,7 @@ def study(models):
         for k, nbr in query_neighbours(query, KS).items():
             for name, only in ((f"vote{k}", None), (f"vote{k}_doubtful", doubtful)):
                 row[name] = score_result(voted(copy.deepcopy(res), levels, nbr, only), truth, spec)
-        print(json.dumps({"case": case, "seed": seed, **{n: round(v["levels"][fine]["macro_f1"], 4)
-                                                          for n, v in row.items() if isinstance(v, dict)}}), flush=True)
+        print_progress(case, seed, row, fine)
         yield row
 
 

@@ -66,6 +66,12 @@ def score_result(res, truth, spec) -> dict:
         "novel": {lv: {k: v.get(k) for k in NOVELTY_KEYS} for lv, v in met["novel"]["levels"].items()} if met.get("novel") else None}
 
 
+def print_progress(case, seed, row, fine) -> None:
+    """One JSON line per study row: the finest macro-F1 of every scored setting in ``row``."""
+    print(json.dumps({"case": case, "seed": seed, **{n: round(v["levels"][fine]["macro_f1"], 4)
+                                                      for n, v in row.items() if isinstance(v, dict)}}), flush=True)
+
+
 def score_model(model, query, truth, spec) -> dict:
     """``{"default": ..., "off": ...}``: :func:`score_result` of the predictions at the defaults and with
     ``knn_correction="off"``."""
