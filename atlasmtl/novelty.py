@@ -15,8 +15,8 @@ from the rest of the query are. The query's location is robust to a type the
 reference lacks making up much of it (:func:`query_location_z`): per called
 class, the lower quartile of its cells' z matched to the null's, and the median
 of that over the classes, since a shift of the whole query moves every class
-and a novel type only the few it is called. A cell with ``z`` above the threshold is ``Unknown``
-at that level, and the KNN vote cannot relabel it, unless the calibrated
+and a novel type only the few it is called as. A cell with ``z`` above the
+threshold is ``Unknown`` at that level, and the KNN vote cannot relabel it, unless the calibrated
 probability of its call is at least :data:`NOVELTY_CONFIDENCE_GUARD`: distance
 alone does not overrule a call the heads are that sure of. (On the benchmark's
 15 cases × 6 seeds, the flags this removes were on known cells of the CellBench
@@ -62,7 +62,7 @@ NOVELTY_CONFIDENCE_GUARD = 0.9
 QUERY_LOCATION_QUANTILE = 0.25
 #: Locate the query by the median, over its called classes, of each class's own location (classes with
 #: at least :data:`QUERY_LOCATION_MIN_CELLS` query cells; the cells' quantile when fewer than two such
-#: classes): a shift of the whole query moves every class, a novel type only the classes it is called.
+#: classes): a shift of the whole query moves every class, a novel type only those it is called as.
 QUERY_LOCATION_BY_CLASS = True
 QUERY_LOCATION_MIN_CELLS = 10
 _MAD_TO_SD = 1.4826
