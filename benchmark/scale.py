@@ -45,6 +45,13 @@ from run import CT_SGD, add_ratios, code_version, evaluate_output, machine_info,
 
 SIZES = {tag: f"synthetic_{tag}" for tag in case_mod.SYNTH_SIZES}  # size tag → case name (the cases define the sizes)
 
+#: Written above the tables: what the semi-synthetic cases' macro-F1 can and cannot say.
+LABELS_CAVEAT = (
+    "Macro-F1 here is a sanity check, not an accuracy comparison: the semi-synthetic cases' labels are "
+    "k-means clusters on 50 principal components of the real cells (`benchmark/cases.py`), so a linear "
+    "model on principal components (logreg) fits them by construction. Accuracy is compared on the real "
+    "cases of `benchmark/results/summary.md`.")
+
 
 def plan(size: str, args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
     """method → settings and timeout for one size."""
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Scale (issue 13)\n\n`{record['command']}` at {record['code']['commit']} "
             f"({record['generated']}; {record['machine']['cpu_count']} CPUs, load average at start "
             f"{record['machine']['load_average_at_start'][0]:.1f}, at end {record['load_average_at_end'][0]:.1f}).\n\n"
-            + tables(rows))
+            + LABELS_CAVEAT + "\n\n" + tables(rows))
     (args.out / "scale.md").write_text(text)
     print("\n" + text)
     return 0
