@@ -182,15 +182,17 @@ def _detected_in_reference(counts: sp.csr_matrix, ref_mask: np.ndarray, min_cell
     return np.asarray((counts[ref_mask] > 0).sum(axis=0)).ravel() >= min_cells
 
 
-def make_ding(out: Path) -> None:
-    """Ding 2020 PBMC (one donor pair), Drop-seq reference → inDrops query: cross-platform, low depth."""
+def make_ding(out: Path, reverse: bool = False) -> None:
+    """Ding 2020 PBMC (one donor pair), Drop-seq reference → inDrops query: cross-platform, low depth
+    (``reverse=True``: inDrops reference → Drop-seq query)."""
     adata = ad.read_h5ad(shared_data_dir() / "ding2020_pbmc_dropseq_vs_indrops.h5ad")
     adata.obs_names = adata.obs_names.astype(str)
     adata, counts = _from_counts(adata, adata.X)
-    q = (adata.obs["platform"] == "inDrops").to_numpy()
+    ref_platform, query_platform = ("inDrops", "Drop-seq") if reverse else ("Drop-seq", "inDrops")
+    q = (adata.obs["platform"] == query_platform).to_numpy()
     spec = {"levels": ["cell_type"], "batch_key": "platform", "has_counts": True, "coords": {}, "novel": {},
             "semi_synthetic": False, "x_is_cp10k": True,
-            "title": "Ding 2020 PBMC, train on Drop-seq, predict inDrops (cross-platform)",
+            "title": f"Ding 2020 PBMC, train on {ref_platform}, predict {query_platform} (cross-platform)",
             "source": "ding2020_pbmc_dropseq_vs_indrops.h5ad (integer UMI counts over its 2,000 HVGs); X = log1p CP10k"}
     _write_split(out, spec, adata[~q].copy(), adata[q].copy(), counts[~q], counts[q])
 
@@ -198,29 +200,32 @@ def make_ding(out: Path) -> None:
 ZILIONIS_LEVELS = ["cell_type_coarse", "cell_type_fine"]
 
 
-def make_zilionis(out: Path, novel: bool = False) -> None:
+def make_zilionis(out: Path, novel: bool = False, reverse: bool = False) -> None:
     """Zilionis 2019 mouse lung: healthy reference → tumour-bearing query (condition shift).
 
     ``novel=False``: the query keeps the tumour cells whose fine type the reference has (known types).
     ``novel=True``: the query is every tumour cell; the tumour-only fine types are novel (their coarse
-    type, Neutrophils, is known).
+    type, Neutrophils, is known). ``reverse=True`` (with ``novel=False``): tumour-bearing reference →
+    healthy query, the healthy cells whose fine type the tumour cells have (all but 2 N2 cells).
     """
     adata = ad.read_h5ad(shared_data_dir() / "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad")
     adata.obs_names = adata.obs_names.astype(str)
-    ref_mask = (adata.obs["condition"] == "healthy").to_numpy()
+    ref_condition, query_condition = ("tumor", "healthy") if reverse else ("healthy", "tumor")
+    ref_mask = (adata.obs["condition"] == ref_condition).to_numpy()
     genes = _detected_in_reference(sp.csr_matrix(adata.X), ref_mask)
     adata = adata[:, genes].copy()
     adata, counts = _from_counts(adata, adata.X)
-    ref_mask = (adata.obs["condition"] == "healthy").to_numpy()
+    ref_mask = (adata.obs["condition"] == ref_condition).to_numpy()
     fine = adata.obs["cell_type_fine"].astype(str).to_numpy()
     ref_types = set(fine[ref_mask])
     q = ~ref_mask if novel else (~ref_mask & np.isin(fine, sorted(ref_types)))
+    names = {"healthy": "healthy", "tumor": "tumour-bearing"}
     spec = {"levels": ZILIONIS_LEVELS, "batch_key": "animal", "has_counts": True, "coords": {}, "novel": {},
             "semi_synthetic": False, "x_is_cp10k": True,
-            "title": "Zilionis 2019 mouse lung, train on healthy, predict tumour-bearing "
+            "title": f"Zilionis 2019 mouse lung, train on {names[ref_condition]}, predict {names[query_condition]} "
                      + ("(all cells; tumour-only neutrophil subsets are novel)" if novel else "(cell types the reference has)"),
             "source": "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad (inDrop UMI counts); genes with counts in >= 3 "
-                      "healthy cells; X = log1p CP10k"}
+                      f"{names[ref_condition]} cells; X = log1p CP10k"}
     if novel:
         spec["novel"] = {"cell_type_fine": sorted(set(fine[q]) - ref_types)}
     _write_split(out, spec, adata[ref_mask].copy(), adata[q].copy(), counts[ref_mask], counts[q])
@@ -444,6 +449,9 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     reg["brain_mouse_human"] = make_brain
     # added after the defaults were chosen (2026-12-01): an out-of-sample check
     reg["brain_human_mouse"] = lambda o: make_brain(o, reverse=True)
+    # added after the defaults were chosen (2026-12-02): out-of-sample checks, the natural splits reversed
+    reg["ding2020_indrops_dropseq"] = lambda o: make_ding(o, reverse=True)
+    reg["zilionis_tumour_healthy"] = lambda o: make_zilionis(o, reverse=True)
     reg["symphony_5p_thin_query"] = lambda o: make_symphony_shifted(o, "5p", "thin")
     reg["symphony_5p_missing_genes"] = lambda o: make_symphony_shifted(o, "5p", "missing_genes")
     for tag, n in SYNTH_SIZES.items():
