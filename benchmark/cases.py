@@ -182,9 +182,9 @@ def _detected_in_reference(counts: sp.csr_matrix, ref_mask: np.ndarray, min_cell
     return np.asarray((counts[ref_mask] > 0).sum(axis=0)).ravel() >= min_cells
 
 
-def make_ding(out: Path, reverse: bool = False) -> None:
+def make_ding(out: Path, reverse: bool = False, novel: str | None = None) -> None:
     """Ding 2020 PBMC (one donor pair), Drop-seq reference → inDrops query: cross-platform, low depth
-    (``reverse=True``: inDrops reference → Drop-seq query)."""
+    (``reverse=True``: inDrops reference → Drop-seq query; ``novel``: that type removed from the reference)."""
     adata = ad.read_h5ad(shared_data_dir() / "ding2020_pbmc_dropseq_vs_indrops.h5ad")
     adata.obs_names = adata.obs_names.astype(str)
     adata, counts = _from_counts(adata, adata.X)
@@ -194,19 +194,26 @@ def make_ding(out: Path, reverse: bool = False) -> None:
             "semi_synthetic": False, "x_is_cp10k": True,
             "title": f"Ding 2020 PBMC, train on {ref_platform}, predict {query_platform} (cross-platform)",
             "source": "ding2020_pbmc_dropseq_vs_indrops.h5ad (integer UMI counts over its 2,000 HVGs); X = log1p CP10k"}
-    _write_split(out, spec, adata[~q].copy(), adata[q].copy(), counts[~q], counts[q])
+    ref, c_ref = adata[~q].copy(), counts[~q]
+    if novel:
+        ref, c_ref = _remove_type(ref, c_ref, "cell_type", novel)
+        spec["novel"] = {"cell_type": [novel]}
+        spec["title"] += f"; {novel} removed from the reference (novel type)"
+    _write_split(out, spec, ref, adata[q].copy(), c_ref, counts[q])
 
 
 ZILIONIS_LEVELS = ["cell_type_coarse", "cell_type_fine"]
 
 
-def make_zilionis(out: Path, novel: bool = False, reverse: bool = False) -> None:
+def make_zilionis(out: Path, novel: bool = False, reverse: bool = False, remove: str | None = None) -> None:
     """Zilionis 2019 mouse lung: healthy reference → tumour-bearing query (condition shift).
 
     ``novel=False``: the query keeps the tumour cells whose fine type the reference has (known types).
     ``novel=True``: the query is every tumour cell; the tumour-only fine types are novel (their coarse
     type, Neutrophils, is known). ``reverse=True`` (with ``novel=False``): tumour-bearing reference →
     healthy query, the healthy cells whose fine type the tumour cells have (all but 2 N2 cells).
+    ``remove``: that fine type is also removed from the reference (novel, with its parent where it is the
+    parent's only child).
     """
     adata = ad.read_h5ad(shared_data_dir() / "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad")
     adata.obs_names = adata.obs_names.astype(str)
@@ -228,7 +235,12 @@ def make_zilionis(out: Path, novel: bool = False, reverse: bool = False) -> None
                       f"{names[ref_condition]} cells; X = log1p CP10k"}
     if novel:
         spec["novel"] = {"cell_type_fine": sorted(set(fine[q]) - ref_types)}
-    _write_split(out, spec, adata[ref_mask].copy(), adata[q].copy(), counts[ref_mask], counts[q])
+    ref, c_ref = adata[ref_mask].copy(), counts[ref_mask]
+    if remove:
+        spec["novel"] = _novel_spec(ref, ZILIONIS_LEVELS, remove)
+        ref, c_ref = _remove_type(ref, c_ref, "cell_type_fine", remove)
+        spec["title"] += f"; {remove} removed from the reference (novel type)"
+    _write_split(out, spec, ref, adata[q].copy(), c_ref, counts[q])
 
 
 BRAIN_LEVELS = ["compartment", "cell_type"]
@@ -452,6 +464,9 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     # added after the defaults were chosen (2026-12-02): out-of-sample checks, the natural splits reversed
     reg["ding2020_indrops_dropseq"] = lambda o: make_ding(o, reverse=True)
     reg["zilionis_tumour_healthy"] = lambda o: make_zilionis(o, reverse=True)
+    # ... and two more removed-type cases (2026-12-02), out of sample for the novelty score
+    reg["ding2020_novel_B"] = lambda o: make_ding(o, novel="B cell")
+    reg["zilionis_tumour_healthy_novel_NK"] = lambda o: make_zilionis(o, reverse=True, remove="NK cells")
     reg["symphony_5p_thin_query"] = lambda o: make_symphony_shifted(o, "5p", "thin")
     reg["symphony_5p_missing_genes"] = lambda o: make_symphony_shifted(o, "5p", "missing_genes")
     for tag, n in SYNTH_SIZES.items():
