@@ -54,6 +54,9 @@ NOVELTY_K = 10
 NOVELTY_THRESHOLD = 3.5
 #: Calibrated probability of a call at or above which the cell is not called novel at that level.
 NOVELTY_CONFIDENCE_GUARD = 0.9
+#: A KNN vote keeps a low-confidence call labelled only for a cell whose novelty z-score at that level is at
+#: most this (infinite: any cell the novelty score did not flag).
+KNN_VOTE_MAX_Z = float("inf")
 #: The query is located by this quantile of its scores, matched to the same quantile of the null (a
 #: normal one in robust-z units: −0.674 at 0.25). Under a pure shift every quantile gives the same
 #: location; a lower one is not moved by novel cells until they are more than ``1 − q`` of the query

@@ -32,8 +32,8 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
-from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView, log_distance,
-                      novelty_z)
+from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_Z, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView,
+                      log_distance, novelty_z)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -421,8 +421,11 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         abstain = novel | buffers.no_signal
         if nested:
             abstain = abstain | parent.is_unknown
+        covered = o["covered"]
+        if KNN_VOTE_MAX_Z != float("inf"):  # a vote does not vouch for a cell that stands out this far
+            covered = covered & ~(np.nan_to_num(z, nan=-np.inf) > KNN_VOTE_MAX_Z)
         gated = apply_gate(o["raw"], o["conf"], o["margin"], o["knn"], np.nan_to_num(o["knn_vote_frac"]),
-                           o["covered"], gate, low=o["is_low_conf"], abstain=abstain)
+                           covered, gate, low=o["is_low_conf"], abstain=abstain)
         code, unknown = gated["code"], gated["is_unknown"]
         if nested:  # safety net: a call whose parent call disagrees is not a path of the reference
             clash = (code >= 0) & (parent.pred >= 0) & (decoder.parent_of[lv][np.maximum(code, 0)] != parent.pred)

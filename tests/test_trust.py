@@ -162,6 +162,26 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
     assert not (coarse.is_novel & sure).any()
 
 
+def test_a_vote_does_not_vouch_for_a_cell_above_knn_vote_max_z(symphony_no_b, monkeypatch):
+    """``prediction.KNN_VOTE_MAX_Z`` (infinite by default: measured, not adopted) keeps a vote from holding a
+    low-confidence call labelled for a cell whose novelty z-score exceeds it, and changes nothing else."""
+    import atlasmtl.prediction as prediction
+
+    model, query = symphony_no_b
+    default = _predict(model, query, knn_correction="all")
+    monkeypatch.setattr(prediction, "KNN_VOTE_MAX_Z", 0.5)
+    capped = _predict(model, query, knn_correction="all")
+    above_somewhere = False
+    for lv in SYMPHONY_LEVELS:
+        before, after = default.levels[lv], capped.levels[lv]
+        above = np.nan_to_num(after.novelty, nan=-np.inf) > 0.5
+        above_somewhere |= bool((before.used_knn & above).any())  # the default lets such votes count
+        assert not (after.used_knn & above).any(), lv
+        assert np.array_equal(after.used_knn[~above], before.used_knn[~above]), lv
+        assert np.array_equal(after.pred[~above], before.pred[~above]), lv
+    assert above_somewhere
+
+
 @pytest.fixture(scope="module")
 def symphony_no_nk(symphony):
     """The committed Symphony fixture: reference = 3pv1 + 3pv2 without NK cells; query = 5p (NK is novel)."""

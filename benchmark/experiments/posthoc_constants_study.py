@@ -2,8 +2,9 @@
 
 Per case and seed the default model (trained, or loaded from ``--models``) predicts the query once per
 label of a JSON ``{label: {"module.NAME": value}}`` (modules of ``atlasmtl``; ``{}`` = the defaults), e.g.
-the input view's smallest scored class (``novelty.INPUT_VIEW_MIN_MEMBERS``, read at prediction). Rows in
-``threshold_table.py``'s format:
+the input view's smallest scored class (``novelty.INPUT_VIEW_MIN_MEMBERS``, read at prediction); a key
+``"predict.<option>"`` is passed to :func:`atlasmtl.predict` instead (``{"predict.knn_correction": "off"}``).
+Rows in ``threshold_table.py``'s format:
 
     PYTHONPATH=$PWD python benchmark/experiments/posthoc_constants_study.py <case,case,...> 0,1,2 out.json \\
         '{"m50": {}, "m20": {"novelty.INPUT_VIEW_MIN_MEMBERS": 20}}' [--work DIR] [--models DIR]
@@ -18,15 +19,19 @@ from study_scores import constant_patcher, posthoc_main, score_result  # noqa: E
 import atlasmtl  # noqa: E402
 
 PATCHES = json.loads(sys.argv.pop(4)) if len(sys.argv) > 4 and sys.argv[1] != "--summarise" else {}
-apply = constant_patcher(PATCHES)
+OPTION = "predict."
+apply = constant_patcher({label: {k: v for k, v in patch.items() if not k.startswith(OPTION)}
+                          for label, patch in PATCHES.items()})
 
 
 def study(models):
     for case, seed, spec, ref, query, truth, model in models:
         row = {"case": case, "seed": seed, "K": "auto"}
         for name, patch in PATCHES.items():
-            apply(patch)
-            row[name] = score_result(atlasmtl.predict(model, query, show_progress=False, show_summary=False), truth, spec)
+            apply({k: v for k, v in patch.items() if not k.startswith(OPTION)})
+            options = {k[len(OPTION):]: v for k, v in patch.items() if k.startswith(OPTION)}
+            row[name] = score_result(atlasmtl.predict(model, query, show_progress=False, show_summary=False, **options),
+                                     truth, spec)
         apply({})
         fine = spec["levels"][-1]
         print(json.dumps({"case": case, "seed": seed,
