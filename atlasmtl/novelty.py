@@ -57,6 +57,9 @@ NOVELTY_CONFIDENCE_GUARD = 0.9
 #: A KNN vote keeps a low-confidence call labelled only for a cell whose novelty z-score at that level is at
 #: most this (infinite: any cell the novelty score did not flag).
 KNN_VOTE_MAX_Z = float("inf")
+#: ... and only for a cell whose calibrated confidence is at most this far below the median confidence of
+#: the query's cells given the same call at that level (infinite: any).
+KNN_VOTE_MAX_CONFIDENCE_DROP = float("inf")
 #: The query is located by this quantile of its scores, matched to the same quantile of the null (a
 #: normal one in robust-z units: −0.674 at 0.25). Under a pure shift every quantile gives the same
 #: location; a lower one is not moved by novel cells until they are more than ``1 − q`` of the query

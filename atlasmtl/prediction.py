@@ -32,8 +32,8 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
-from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_Z, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView,
-                      log_distance, novelty_z)
+from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP, KNN_VOTE_MAX_Z, NOVELTY_CONFIDENCE_GUARD,
+                      NOVELTY_THRESHOLD, InputView, log_distance, novelty_z)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -389,6 +389,16 @@ def _input_view_block(view: InputView, x: SparseInput | torch.Tensor, zero: np.n
         o["input_distance"][rows], o["input_distance_residual"][rows] = view.log_distances(points, calls, lv)
 
 
+def _typical_confidence(calls: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """Per cell, the median finite confidence of the query's cells given the same call (NaN where none)."""
+    out = np.full(len(calls), np.nan, dtype=np.float64)
+    finite = np.isfinite(conf)
+    for c in np.unique(calls[finite]):
+        members = calls == c
+        out[members] = np.median(conf[members & finite])
+    return out
+
+
 def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,
               novelty_threshold: float | None) -> dict[str, LevelCalls]:
     """The gate's final calls per level, coarse to fine: the network's calls, the KNN votes, the
@@ -424,6 +434,8 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         covered = o["covered"]
         if KNN_VOTE_MAX_Z != float("inf"):  # a vote does not vouch for a cell that stands out this far
             covered = covered & ~(np.nan_to_num(z, nan=-np.inf) > KNN_VOTE_MAX_Z)
+        if KNN_VOTE_MAX_CONFIDENCE_DROP != float("inf"):  # ... nor for one far less sure than its class's cells
+            covered = covered & ~(o["conf"] < _typical_confidence(o["raw"], o["conf"]) - KNN_VOTE_MAX_CONFIDENCE_DROP)
         gated = apply_gate(o["raw"], o["conf"], o["margin"], o["knn"], np.nan_to_num(o["knn_vote_frac"]),
                            covered, gate, low=o["is_low_conf"], abstain=abstain)
         code, unknown = gated["code"], gated["is_unknown"]
