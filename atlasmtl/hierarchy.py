@@ -54,13 +54,19 @@ def decode_paths(probs: Sequence[np.ndarray], runs: list[tuple[int, int, np.ndar
         if first == last:
             codes[first] = probs[first].argmax(axis=1)
             continue
-        score = np.zeros((probs[first].shape[0], len(paths)))
-        for m in range(first, last + 1):
-            score += np.log(np.clip(probs[m][:, paths[:, m - first]], 1e-30, None))
-        best = score.argmax(axis=1)
+        best = path_log_scores(probs, first, last, paths).argmax(axis=1)
         for m in range(first, last + 1):
             codes[m] = paths[best, m - first]
     return codes
+
+
+def path_log_scores(probs: Sequence[np.ndarray], first: int, last: int, paths: np.ndarray) -> np.ndarray:
+    """Cells × paths: the sum over the levels ``first..last`` of the log probability of each reference path
+    (one run of :func:`level_paths`), probabilities floored at 1e-30."""
+    score = np.zeros((probs[first].shape[0], len(paths)))
+    for m in range(first, last + 1):
+        score += np.log(np.clip(probs[m][:, paths[:, m - first]], 1e-30, None))
+    return score
 
 
 def parent_codes(child_classes: Sequence[str], parent_classes: Sequence[str], mapping: Mapping[str, str]) -> np.ndarray:

@@ -162,50 +162,40 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
     assert not (coarse.is_novel & sure).any()
 
 
-def test_a_vote_does_not_vouch_for_a_cell_above_knn_vote_max_z(symphony_no_b, monkeypatch):
-    """``prediction.KNN_VOTE_MAX_Z`` (infinite by default: measured, not adopted) keeps a vote from holding a
-    low-confidence call labelled for a cell whose novelty z-score exceeds it, and changes nothing else."""
+def _above_cap(calls, cap):
+    """Cells whose novelty z-score exceeds ``cap`` (what ``KNN_VOTE_MAX_Z`` withholds the vote from)."""
+    return np.nan_to_num(calls.novelty, nan=-np.inf) > cap
+
+
+def _below_class_median(calls, drop):
+    """Cells ``drop`` below the median confidence of the query's cells with the same call
+    (what ``KNN_VOTE_MAX_CONFIDENCE_DROP`` withholds the vote from)."""
+    typical = {c: np.median(calls.conf[calls.raw == c]) for c in np.unique(calls.raw)}
+    return calls.conf < np.array([typical[c] for c in calls.raw]) - drop
+
+
+@pytest.mark.parametrize("constant, value, withheld", [("KNN_VOTE_MAX_Z", 0.5, _above_cap),
+                                                        ("KNN_VOTE_MAX_CONFIDENCE_DROP", 0.1, _below_class_median)])
+def test_a_vote_does_not_vouch_for_the_cells_a_research_cap_names(symphony_no_b, monkeypatch, constant, value, withheld):
+    """The vote caps of ``atlasmtl.prediction`` (infinite by default: measured, not adopted) keep a vote from
+    holding a low-confidence call labelled for the cells they name, and change nothing else."""
     import atlasmtl.prediction as prediction
 
     model, query = symphony_no_b
     default = _predict(model, query, knn_correction="all")
-    monkeypatch.setattr(prediction, "KNN_VOTE_MAX_Z", 0.5)
+    monkeypatch.setattr(prediction, constant, value)
     capped = _predict(model, query, knn_correction="all")
-    above_somewhere, above_coarser = False, np.zeros(query.n_obs, dtype=bool)
+    named_somewhere, named_coarser = False, np.zeros(query.n_obs, dtype=bool)
     for lv in SYMPHONY_LEVELS:  # coarse to fine: a cell that loses its vote at a level may go Unknown below it
         before, after = default.levels[lv], capped.levels[lv]
-        above = np.nan_to_num(after.novelty, nan=-np.inf) > 0.5
-        above_somewhere |= bool((before.used_knn & above).any())  # the default lets such votes count
-        assert not (after.used_knn & above).any(), lv
-        same = ~(above | above_coarser)
+        named = withheld(before, value)
+        named_somewhere |= bool((before.used_knn & named).any())  # the default lets such votes count
+        assert not (after.used_knn & named).any(), lv
+        same = ~(named | named_coarser)
         assert np.array_equal(after.used_knn[same], before.used_knn[same]), lv
         assert np.array_equal(after.pred[same], before.pred[same]), lv
-        above_coarser |= above
-    assert above_somewhere
-
-
-def test_a_vote_does_not_vouch_for_a_cell_far_less_sure_than_its_class(symphony_no_b, monkeypatch):
-    """``prediction.KNN_VOTE_MAX_CONFIDENCE_DROP`` (infinite by default: measured, not adopted) keeps a vote
-    from holding a call labelled for a cell whose confidence is that far below the median of the query's
-    cells given the same call, and changes nothing else."""
-    import atlasmtl.prediction as prediction
-
-    model, query = symphony_no_b
-    default = _predict(model, query, knn_correction="all")
-    monkeypatch.setattr(prediction, "KNN_VOTE_MAX_CONFIDENCE_DROP", 0.1)
-    capped = _predict(model, query, knn_correction="all")
-    below_somewhere, below_coarser = False, np.zeros(query.n_obs, dtype=bool)
-    for lv in SYMPHONY_LEVELS:  # coarse to fine: a cell that loses its vote at a level may go Unknown below it
-        before, after = default.levels[lv], capped.levels[lv]
-        typical = {c: np.median(before.conf[before.raw == c]) for c in np.unique(before.raw)}
-        below = before.conf < np.array([typical[c] for c in before.raw]) - 0.1
-        below_somewhere |= bool((before.used_knn & below).any())
-        assert not (after.used_knn & below).any(), lv
-        same = ~(below | below_coarser)
-        assert np.array_equal(after.used_knn[same], before.used_knn[same]), lv
-        assert np.array_equal(after.pred[same], before.pred[same]), lv
-        below_coarser |= below
-    assert below_somewhere
+        named_coarser |= named
+    assert named_somewhere
 
 
 @pytest.fixture(scope="module")

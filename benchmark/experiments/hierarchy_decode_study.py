@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.prediction as prediction  # noqa: E402
-from atlasmtl.hierarchy import decode_paths  # noqa: E402
+from atlasmtl.hierarchy import decode_paths, path_log_scores  # noqa: E402
 
 
 def decode_topdown(probs, runs):
@@ -33,9 +33,7 @@ def decode_topdown(probs, runs):
         if first == last:
             codes[first] = probs[first].argmax(axis=1)
             continue
-        score = np.zeros((probs[first].shape[0], len(paths)))
-        for m in range(first, last + 1):
-            score += np.log(np.clip(probs[m][:, paths[:, m - first]], 1e-30, None))
+        score = path_log_scores(probs, first, last, paths)
         joint = np.exp(score - score.max(axis=1, keepdims=True))
         alive = np.ones_like(joint, dtype=bool)
         for m in range(first, last + 1):
