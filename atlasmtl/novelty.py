@@ -16,8 +16,9 @@ reference lacks making up much of it (:func:`query_location_z`): per called
 class, the lower quartile of its cells' z matched to the null's, and the median
 of that over the classes, since a shift of the whole query moves every class
 and a novel type only the few it is called as. A cell with ``z`` above the
-threshold is ``Unknown`` at that level, and the KNN vote cannot relabel it, unless the calibrated
-probability of its call is at least :data:`NOVELTY_CONFIDENCE_GUARD`: distance
+threshold is ``Unknown`` at that level, and the KNN vote cannot relabel it,
+unless the calibrated probability of its call is at least
+:data:`NOVELTY_CONFIDENCE_GUARD`: distance
 alone does not overrule a call the heads are that sure of. (On the benchmark's
 15 cases × 6 seeds, the flags this removes were on known cells of the CellBench
 Drop-seq and CEL-seq2 queries, all called right, and on 0.2% of the cells of a

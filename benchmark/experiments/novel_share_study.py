@@ -1,9 +1,9 @@
 """Issue 9: does abstention hold when the type the reference lacks is most of the query?
 
-Research script. The novelty scores are located at the query (less ``max(0, median z)`` over the query's
-cells, and per called class at least its own 5% quantile), so that a whole query that sits further from the
-reference (another platform) is not called novel. A query made mostly of one novel type (a tumour biopsy
-mapped onto a healthy atlas, a sorted population) moves that median too. Per removed-type case and seed,
+Research script. The novelty scores are located at the query (``atlasmtl.novelty.query_location_z``; until
+2026-12-01 the query's median z), so that a whole query that sits further from the reference (another
+platform) is not called novel. A query made mostly of one novel type (a tumour biopsy mapped onto a healthy
+atlas, a sorted population) can move that location too. Per removed-type case and seed,
 the default model (trained, or loaded from ``--models``) predicts sub-queries that keep every novel cell
 and a seeded random sample of the known cells, so that the novel cells are ``share`` of the query:
 

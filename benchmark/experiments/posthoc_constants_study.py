@@ -15,27 +15,27 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import constant_patcher, posthoc_main, score_result  # noqa: E402
+from study_scores import constant_patcher, posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 
 PATCHES = json.loads(sys.argv.pop(4)) if len(sys.argv) > 4 and sys.argv[1] != "--summarise" else {}
 OPTION = "predict."
-apply = constant_patcher({label: {k: v for k, v in patch.items() if not k.startswith(OPTION)}
-                          for label, patch in PATCHES.items()})
+#: Per label: the module constants it sets, and the options it passes to ``atlasmtl.predict``.
+CONSTANTS = {label: {k: v for k, v in patch.items() if not k.startswith(OPTION)} for label, patch in PATCHES.items()}
+OPTIONS = {label: {k[len(OPTION):]: v for k, v in patch.items() if k.startswith(OPTION)}
+           for label, patch in PATCHES.items()}
+apply = constant_patcher(CONSTANTS)
 
 
 def study(models):
     for case, seed, spec, ref, query, truth, model in models:
         row = {"case": case, "seed": seed, "K": "auto"}
-        for name, patch in PATCHES.items():
-            apply({k: v for k, v in patch.items() if not k.startswith(OPTION)})
-            options = {k[len(OPTION):]: v for k, v in patch.items() if k.startswith(OPTION)}
-            row[name] = score_result(atlasmtl.predict(model, query, show_progress=False, show_summary=False, **options),
-                                     truth, spec)
+        for name in PATCHES:
+            apply(CONSTANTS[name])
+            row[name] = score_result(atlasmtl.predict(model, query, show_progress=False, show_summary=False,
+                                                      **OPTIONS[name]), truth, spec)
         apply({})
-        fine = spec["levels"][-1]
-        print(json.dumps({"case": case, "seed": seed,
-                          **{n: round(row[n]["levels"][fine]["macro_f1"], 4) for n in PATCHES}}), flush=True)
+        print_progress(case, seed, row, spec["levels"][-1])
         yield row
 
 
