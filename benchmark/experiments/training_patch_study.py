@@ -1,0 +1,137 @@
+"""Two training ideas measured against the defaults and not adopted (research script; patches atlasmtl in
+this process only).
+
+``swa:<start>``
+    Stochastic weight averaging (Izmailov et al. 2018; dense, every step, as SWAD): each ensemble member's
+    weights are averaged over every optimiser step after ``start`` × its total steps, and the member keeps
+    the average (no batch norm to refit). ``swa:0.5`` averages the second half of the run.
+``rank`` / ``logrank``
+    Within-cell rank input: after log1p, each cell's detected values are replaced by their rank among that
+    cell's detected genes (ties averaged) divided by the number detected (``rank``: in (0, 1]) or by
+    ``log1p(rank) / log1p(detected)`` (``logrank``); zeros stay zero. The per-gene z-score, its statistics
+    and the augmentation (applied to counts first) then work on these values as on log values. Rank
+    encodings do not change when a cell's depth or a protocol's monotone capture bias changes.
+
+Per case and seed, the model trained with the patch predicts at the defaults and with KNN off; rows in
+``threshold_table.py``'s format under the labels ``<patch>`` and ``<patch>_off``:
+
+    PYTHONPATH=$PWD python benchmark/experiments/training_patch_study.py <case,case,...> 0,1,2 out.json swa:0.5 [--work DIR]
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import atlasmtl  # noqa: E402
+import atlasmtl.training as tr  # noqa: E402
+from atlasmtl import genes  # noqa: E402
+from common import read_study_case  # noqa: E402
+from study_scores import print_progress, score_model  # noqa: E402
+
+
+def patch_swa(start: float) -> None:
+    """Average each member's weights over its steps after ``start`` of the run (see the module docstring)."""
+    state = {"total": 0, "n": 0, "avg": None, "count": 0}
+    fit, step = tr.fit, tr._AdamW.step
+
+    def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
+        state.update(total=kw["num_epochs"] * math.ceil(len(train_cells) / kw["batch_size"]), n=0, avg=None, count=0)
+        return fit(net, objective, train_cells, val_cells, rng, **kw)
+
+    @torch.no_grad()
+    def patched_step(self):
+        step(self)
+        state["n"] += 1
+        if state["n"] > start * state["total"]:
+            if state["avg"] is None:
+                state["avg"], state["count"] = [p.detach().clone() for p in self.params], 1
+            else:
+                state["count"] += 1
+                for a, p in zip(state["avg"], self.params):
+                    a.add_(p.detach() - a, alpha=1.0 / state["count"])
+        if state["n"] == state["total"] and state["avg"] is not None:  # the last step: keep the average
+            for a, p in zip(state["avg"], self.params):
+                p.copy_(a)  # in place: the optimiser's first-layer parameter is a view of the network's weight
+
+    tr.fit, tr._AdamW.step = patched_fit, patched_step
+
+
+def row_ranks(m: sp.csr_matrix, log: bool) -> np.ndarray:
+    """Per stored value of a canonical CSR matrix: its average rank within its row over the row's count
+    (or ``log1p(rank) / log1p(count)``)."""
+    counts = np.diff(m.indptr)
+    rows = np.repeat(np.arange(m.shape[0]), counts)
+    order = np.lexsort((m.data, rows))
+    values, r = m.data[order], rows[order]
+    position = np.arange(len(values)) - m.indptr[r]
+    new = np.ones(len(values), dtype=bool)
+    new[1:] = (r[1:] != r[:-1]) | (values[1:] != values[:-1])
+    group = np.cumsum(new) - 1
+    rank = np.bincount(group, weights=position)[group] / np.bincount(group)[group] + 1.0
+    out = np.empty(len(values), dtype=np.float32)
+    out[order] = np.log1p(rank) / np.log1p(counts[r]) if log else rank / counts[r]
+    return out
+
+
+def patch_rank(log: bool) -> None:
+    """Rank values in place of log values on every path into the network (see the module docstring)."""
+    sparse_values, transform, detected = (genes.GeneAligner._sparse_values, genes.GeneAligner.transform,
+                                          genes.GeneAligner.detected)
+
+    def patched_sparse_values(self, block):
+        out = sparse_values(self, block)
+        if self.input_transform != "binary":
+            out.sort_indices()
+            out.data = row_ranks(out, log)
+        return out
+
+    def as_csr(block):
+        return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block, dtype=np.float32))
+
+    genes.GeneAligner._sparse_values = patched_sparse_values
+    genes.GeneAligner.transform = lambda self, block: transform(self, as_csr(block))
+    genes.GeneAligner.detected = lambda self, block: detected(self, as_csr(block))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases")
+    ap.add_argument("seeds")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("patch", help="swa:<start fraction>, rank or logrank")
+    ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
+    a = ap.parse_args()
+    if a.patch.startswith("swa:"):
+        patch_swa(float(a.patch.split(":")[1]))
+        label = f"swa{round(float(a.patch.split(':')[1]) * 100)}"
+    elif a.patch in ("rank", "logrank"):
+        patch_rank(a.patch == "logrank")
+        label = a.patch
+    else:
+        raise SystemExit(f"unknown patch {a.patch!r}")
+    torch.set_num_threads(1)
+    rows = json.loads(a.out.read_text()) if a.out.exists() else []
+    done = {(r["case"], r["seed"]) for r in rows}
+    for case in a.cases.split(","):
+        spec, ref, query, truth = read_study_case(a.work / "cases" / case)
+        for seed in (int(s) for s in a.seeds.split(",")):
+            if (case, seed) in done:
+                continue
+            model = atlasmtl.build_model(ref, spec["levels"], random_state=seed, num_threads=1,
+                                         show_progress=False, show_summary=False)
+            scores = score_model(model, query, truth, spec)
+            row = {"case": case, "seed": seed, "K": "auto", label: scores["default"], label + "_off": scores["off"],
+                   "train_seconds": model.train_config["train_seconds"]}
+            rows.append(row)
+            a.out.write_text(json.dumps(rows))
+            print_progress(case, seed, row, spec["levels"][-1])
+
+
+if __name__ == "__main__":
+    main()
