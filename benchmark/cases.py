@@ -280,6 +280,57 @@ def make_brain(out: Path, reverse: bool = False) -> None:
     _write_split(out, spec, adata[ref_mask].copy(), adata[~ref_mask].copy(), counts[ref_mask], counts[~ref_mask])
 
 
+IMMUNE_NAMES = {"T cells": "T", "B cells": "B", "NK cells": "NK", "Neutrophils": "Neutrophil"}
+
+
+def make_immune_species(out: Path, reverse: bool = False) -> None:
+    """Immune cells across species and tissues: mouse lung (Zilionis 2019, inDrop, 800 cells of 4 types) ↔
+    human blood (the Symphony PBMC file, 10x, 1,200 cells), one level of harmonised names.
+
+    ``reverse=False``: mouse lung reference (T, B, NK, Neutrophil) → human PBMC query, whose Mono, DC, MK and
+    HSC cells are novel. ``reverse=True``: human PBMC reference (T, Mono, B, NK, DC, MK, HSC) → mouse lung query,
+    whose neutrophils are novel. Genes: the Symphony file's 1,767 (its highly variable genes) that have a 1:1
+    mouse orthologue in the shared table and are measured in the Zilionis file, detected in at least 3
+    reference cells, named by their human symbol in both. Counts: the Zilionis UMI counts and the Symphony
+    counts recovered as in :func:`make_symphony`, each restricted to those genes; X = log1p CP10k.
+    """
+    human, human_counts = _symphony()
+    mouse = ad.read_h5ad(shared_data_dir() / "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad")
+    mouse.obs_names = mouse.obs_names.astype(str)
+    table = pd.read_csv(shared_data_dir() / "orthologs_human_mouse_1to1_CAME_Ensembl.csv")
+    table = table[table["human.homology.type"] == "ortholog_one2one"]
+    to_human = dict(zip(table["gene.name"].astype(str), table["human.gene.name"].astype(str)))
+    mouse_col = {to_human[g]: i for i, g in enumerate(mouse.var_names.astype(str)) if g in to_human}
+    shared = [g for g in human.var_names.astype(str) if g in mouse_col]
+    human_cols = [int(i) for i in human.var_names.get_indexer(shared)]
+    counts = {"human": sp.csr_matrix(human_counts[:, human_cols], dtype=np.float32),
+              "mouse": sp.csr_matrix(sp.csr_matrix(mouse.X)[:, [mouse_col[g] for g in shared]], dtype=np.float32)}
+    labels = {"human": human.obs["cell_type_broad"].astype(str).to_numpy(),
+              "mouse": mouse.obs["cell_type_coarse"].astype(str).map(IMMUNE_NAMES).to_numpy()}
+    names = {"human": human.obs_names.astype(str), "mouse": mouse.obs_names.astype(str)}
+    ref_species, query_species = ("human", "mouse") if reverse else ("mouse", "human")
+    genes = _detected_in_reference(counts[ref_species], np.ones(counts[ref_species].shape[0], dtype=bool))
+    var = pd.DataFrame(index=pd.Index(np.asarray(shared)[genes], name=None))
+    parts = {}
+    for species in ("human", "mouse"):
+        obs = pd.DataFrame({"cell_type": labels[species], "species": species}, index=names[species])
+        parts[species] = _from_counts(ad.AnnData(X=counts[species][:, genes], obs=obs, var=var), counts[species][:, genes])
+    titles = {"mouse": "mouse lung immune cells (Zilionis 2019, inDrop)", "human": "human PBMC (Symphony, 10x)"}
+    ref, query = parts[ref_species][0], parts[query_species][0]
+    spec = {"levels": ["cell_type"], "batch_key": "species", "has_counts": True, "coords": {},
+            "novel": {"cell_type": sorted(set(query.obs["cell_type"]) - set(ref.obs["cell_type"]))},
+            "semi_synthetic": False, "x_is_cp10k": True,
+            "title": f"Immune cells, train on {titles[ref_species]}, predict {titles[query_species]}: cross-species, "
+                     "cross-tissue and cross-platform (query types the reference lacks are novel)",
+            "source": "zilionis2019_mouse_lung_healthy_vs_tumor.h5ad (UMI counts) and symphony_pbmc_small.h5ad (counts "
+                      "recovered as round(expm1(X) * nUMI / 1e4)); the Symphony genes with a 1:1 orthologue "
+                      "(orthologs_human_mouse_1to1_CAME_Ensembl.csv) measured in both, detected in >= 3 "
+                      f"{ref_species} cells, named by human symbol; labels: Zilionis cell_type_coarse renamed "
+                      "(T cells → T, B cells → B, NK cells → NK, Neutrophils → Neutrophil), Symphony "
+                      "cell_type_broad; X = log1p CP10k"}
+    _write_split(out, spec, ref, query, parts[ref_species][1], parts[query_species][1])
+
+
 def make_symphony_shifted(out: Path, query_chem: str, shift: str, seed: int = 0) -> None:
     """A Symphony leave-one-chemistry-out split with a simulated shift of the query.
 
@@ -467,6 +518,9 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     # ... and two more removed-type cases (2026-12-02), out of sample for the novelty score
     reg["ding2020_novel_B"] = lambda o: make_ding(o, novel="B cell")
     reg["zilionis_tumour_healthy_novel_NK"] = lambda o: make_zilionis(o, reverse=True, remove="NK cells")
+    # ... and immune cells across species and tissues, both ways (2026-12-02)
+    reg["immune_mouse_lung_human_pbmc"] = make_immune_species
+    reg["immune_human_pbmc_mouse_lung"] = lambda o: make_immune_species(o, reverse=True)
     reg["symphony_5p_thin_query"] = lambda o: make_symphony_shifted(o, "5p", "thin")
     reg["symphony_5p_missing_genes"] = lambda o: make_symphony_shifted(o, "5p", "missing_genes")
     for tag, n in SYNTH_SIZES.items():
