@@ -310,11 +310,12 @@ def make_immune_species(out: Path, reverse: bool = False) -> None:
     names = {"human": human.obs_names.astype(str), "mouse": mouse.obs_names.astype(str)}
     ref_species, query_species = ("human", "mouse") if reverse else ("mouse", "human")
     genes = _detected_in_reference(counts[ref_species], np.ones(counts[ref_species].shape[0], dtype=bool))
-    var = pd.DataFrame(index=pd.Index(np.asarray(shared)[genes], name=None))
+    var = pd.DataFrame(index=pd.Index(np.asarray(shared)[genes]))
     parts = {}
     for species in ("human", "mouse"):
+        kept = counts[species][:, genes]
         obs = pd.DataFrame({"cell_type": labels[species], "species": species}, index=names[species])
-        parts[species] = _from_counts(ad.AnnData(X=counts[species][:, genes], obs=obs, var=var), counts[species][:, genes])
+        parts[species] = _from_counts(ad.AnnData(X=kept, obs=obs, var=var), kept)
     titles = {"mouse": "mouse lung immune cells (Zilionis 2019, inDrop)", "human": "human PBMC (Symphony, 10x)"}
     ref, query = parts[ref_species][0], parts[query_species][0]
     spec = {"levels": ["cell_type"], "batch_key": "species", "has_counts": True, "coords": {},
