@@ -1,5 +1,5 @@
-"""Two training ideas measured against the defaults and not adopted (research script; patches atlasmtl in
-this process only).
+"""Training ideas measured against the defaults and not adopted (research script; patches atlasmtl in this
+process only).
 
 ``swa:<start>``
     Stochastic weight averaging (Izmailov et al. 2018; dense, every step, as SWAD): each ensemble member's
@@ -11,6 +11,10 @@ this process only).
     ``log1p(rank) / log1p(detected)`` (``logrank``); zeros stay zero. The per-gene z-score, its statistics
     and the augmentation (applied to counts first) then work on these values as on log values. Rank
     encodings do not change when a cell's depth or a protocol's monotone capture bias changes.
+``cosine:<scale>``
+    Cosine-similarity heads (NormFace / CosFace without margin): each level's logits are ``scale`` times the
+    cosine between the embedding and a learned class vector, in place of a linear layer. Training then takes
+    PyTorch's autograd path (the hand-written step knows only linear heads).
 
 Per case and seed, the model trained with the patch predicts at the defaults and with KNN off; rows in
 ``threshold_table.py``'s format under the labels ``<patch>`` and ``<patch>_off``:
@@ -99,12 +103,40 @@ def patch_rank(log: bool) -> None:
     genes.GeneAligner.detected = lambda self, block: detected(self, as_csr(block))
 
 
+class CosineHead(torch.nn.Module):
+    """``scale · cos(embedding, class vector)`` per class (see the module docstring)."""
+
+    def __init__(self, width: int, n_classes: int, scale: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n_classes, width))
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.scale = scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        normalise = torch.nn.functional.normalize
+        return self.scale * normalise(z, dim=1) @ normalise(self.weight, dim=1).t()
+
+
+def patch_cosine(scale: float) -> None:
+    """Cosine heads in every network built (see the module docstring)."""
+    from atlasmtl import network
+
+    init = network.MultiTaskNetwork.__init__
+
+    def patched_init(self, n_genes, n_classes, coord_dims, hidden_sizes=(256, 128), dropout_rate=0.5):
+        init(self, n_genes, n_classes, coord_dims, hidden_sizes, dropout_rate)
+        self.label_heads = torch.nn.ModuleList([CosineHead(self.embedding_size, k, scale) for k in n_classes])
+
+    network.MultiTaskNetwork.__init__ = patched_init
+    network.MultiTaskNetwork.step_by_hand_fits = lambda self, x, dropout_keep: False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cases")
     ap.add_argument("seeds")
     ap.add_argument("out", type=Path)
-    ap.add_argument("patch", help="swa:<start fraction>, rank or logrank")
+    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank or cosine:<scale>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
     if a.patch.startswith("swa:"):
@@ -113,6 +145,9 @@ def main() -> None:
     elif a.patch in ("rank", "logrank"):
         patch_rank(a.patch == "logrank")
         label = a.patch
+    elif a.patch.startswith("cosine:"):
+        patch_cosine(float(a.patch.split(":")[1]))
+        label = f"cosine{a.patch.split(':')[1]}"
     else:
         raise SystemExit(f"unknown patch {a.patch!r}")
     torch.set_num_threads(1)
