@@ -15,6 +15,9 @@ process only).
     Cosine-similarity heads (NormFace / CosFace without margin): each level's logits are ``scale`` times the
     cosine between the embedding and a learned class vector, in place of a linear layer. Training then takes
     PyTorch's autograd path (the hand-written step knows only linear heads).
+``levelweight:<w>``
+    The coarsest level's cross-entropy weighs ``w`` times the others' in the training loss (its targets,
+    to which the loss and its gradient are linear, scaled by ``w``); a one-level reference is unchanged.
 
 Per case and seed, the model trained with the patch predicts at the defaults and with KNN off; rows in
 ``threshold_table.py``'s format under the labels ``<patch>`` and ``<patch>_off``:
@@ -131,12 +134,25 @@ def patch_cosine(scale: float) -> None:
     network.MultiTaskNetwork.step_by_hand_fits = lambda self, x, dropout_keep: False
 
 
+def patch_level_weight(weight: float) -> None:
+    """The coarsest level's loss scaled by ``weight`` (see the module docstring)."""
+    minibatch = tr._Objective.minibatch
+
+    def patched_minibatch(self, *args, **kwargs):
+        batch = minibatch(self, *args, **kwargs)
+        if len(batch.targets) > 1:
+            batch.targets[0] = batch.targets[0] * weight
+        return batch
+
+    tr._Objective.minibatch = patched_minibatch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cases")
     ap.add_argument("seeds")
     ap.add_argument("out", type=Path)
-    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank or cosine:<scale>")
+    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale> or levelweight:<w>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
     if a.patch.startswith("swa:"):
@@ -148,6 +164,9 @@ def main() -> None:
     elif a.patch.startswith("cosine:"):
         patch_cosine(float(a.patch.split(":")[1]))
         label = f"cosine{a.patch.split(':')[1]}"
+    elif a.patch.startswith("levelweight:"):
+        patch_level_weight(float(a.patch.split(":")[1]))
+        label = f"levelweight{a.patch.split(':')[1]}"
     else:
         raise SystemExit(f"unknown patch {a.patch!r}")
     torch.set_num_threads(1)
