@@ -3,8 +3,8 @@ the per-cell score misses?
 
 Research probe (not built; API contract, "Measured 2026-12-02, sixteenth session"). A type the reference lacks
 forms its own neighbourhood in the query, so the mean z over a cell's ``k`` nearest query cells (the cell
-included; a PCA of the query alone, 50 components on its log1p CP10k values, as ``query_vote_study.py``)
-keeps the type's shift and loses most of the per-cell noise. The default model (``MODELS/<case>_<seed>.pth``,
+included; ``query_vote_study.query_neighbours``: a PCA of the query alone, 50 components on its log1p CP10k
+values) keeps the type's shift and loses most of the per-cell noise. The default model (``MODELS/<case>_<seed>.pth``,
 e.g. those ``study_scores.default_models`` saves) predicts at the defaults; its finest-level ``novelty``
 (z, NaN set to the median) is smoothed into ``zs`` and put back on a null scale three ways, with ``m`` /
 ``s`` the median / left scale ``(median − 25th percentile) / 0.6745`` of a score over the query:
@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from sklearn.metrics import f1_score, roc_auc_score
-from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_study_case  # noqa: E402
+from query_vote_study import query_neighbours  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
 
@@ -44,15 +43,6 @@ def centre_scale(v: np.ndarray) -> tuple[float, float]:
     """Median and left scale ((median − 25th percentile) / 0.6745, which a right tail does not widen)."""
     m = float(np.median(v))
     return m, max((m - float(np.quantile(v, 0.25))) / 0.6745, 1e-3)
-
-
-def query_neighbours(query, k: int) -> np.ndarray:
-    """Each query cell's ``k`` nearest query cells (itself first) in a PCA of the query alone."""
-    q = query.copy()
-    sc.pp.normalize_total(q, target_sum=1e4)
-    sc.pp.log1p(q)
-    sc.pp.pca(q, n_comps=min(50, min(q.shape) - 1), random_state=0)
-    return NearestNeighbors(n_neighbors=k).fit(q.obsm["X_pca"]).kneighbors(q.obsm["X_pca"], return_distance=False)
 
 
 def main() -> None:
@@ -69,7 +59,7 @@ def main() -> None:
         t = truth[fine].astype(str).to_numpy().copy()
         t[novel] = "Unknown"
         labels = sorted(set(t))
-        nbr = query_neighbours(query, max(KS))
+        nbr = query_neighbours(query, [max(KS)])[max(KS)]
         for seed in seeds:
             model = TrainedModel.load(models / f"{case}_{seed}.pth")
             res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
