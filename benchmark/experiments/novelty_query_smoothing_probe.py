@@ -54,8 +54,8 @@ def main() -> None:
         spec, _, query, truth = read_study_case(work / "cases" / case)
         fine = spec["levels"][-1]
         novel = np.zeros(len(truth), dtype=bool)
-        for lv, labels in (spec.get("novel") or {}).items():
-            novel |= np.isin(truth[lv].astype(str).to_numpy(), labels)
+        for lv, missing in (spec.get("novel") or {}).items():
+            novel |= np.isin(truth[lv].astype(str).to_numpy(), missing)
         t = truth[fine].astype(str).to_numpy().copy()
         t[novel] = "Unknown"
         labels = sorted(set(t))
