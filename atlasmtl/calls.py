@@ -55,9 +55,10 @@ COLUMNS: dict[str, Column] = {
     "used_knn": Column("used_knn_{level}", "flag", "full"),
     "novelty": Column("novelty_{level}", "float", "full"),
     "is_novel": Column("is_novel_{level}", "flag", "full"),
+    "neighbourhood_novelty": Column("neighbourhood_novelty_{level}", "float", "full"),
 }
 #: Fields added after the first release: tables written before them still read back (NaN / False).
-_OPTIONAL = {"novelty": np.nan, "is_novel": False}
+_OPTIONAL = {"novelty": np.nan, "is_novel": False, "neighbourhood_novelty": np.nan}
 
 #: Older names of the label-code fields, still accepted by ``calls[name]``.
 _ALIASES = {"code": "pred", "raw_code": "raw", "knn_code": "knn"}
@@ -178,6 +179,11 @@ class LevelCalls:
     is_novel
         Far from every reference cell of its class (``novelty`` above the
         threshold, or novel at the parent level): Unknown, and KNN may not relabel it.
+    neighbourhood_novelty
+        Mean ``novelty`` of the cell's nearest query cells (itself included; see
+        :func:`atlasmtl.novelty.neighbourhood_novelty`): high where a whole group
+        of query cells is far from the reference. A ranking, never a reason to
+        abstain. NaN where not computed.
     """
 
     pred: np.ndarray
@@ -191,6 +197,7 @@ class LevelCalls:
     used_knn: np.ndarray
     novelty: np.ndarray | None = None
     is_novel: np.ndarray | None = None
+    neighbourhood_novelty: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.pred)
@@ -198,6 +205,8 @@ class LevelCalls:
             self.novelty = np.full(n, np.nan, dtype=np.float32)
         if self.is_novel is None:
             self.is_novel = np.zeros(n, dtype=bool)
+        if self.neighbourhood_novelty is None:
+            self.neighbourhood_novelty = np.full(n, np.nan, dtype=np.float32)
 
     def __getitem__(self, name: str) -> np.ndarray:
         """``calls["conf"]``; the older names ``code``, ``raw_code`` and ``knn_code`` are accepted too."""

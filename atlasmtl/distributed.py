@@ -252,7 +252,7 @@ def _gather_outputs(buffers, runtime):  # noqa: ANN001, ANN202
     import numpy as np
 
     plain = {"levels": buffers.levels, "no_signal": buffers.no_signal, "coords": buffers.coords,
-             "n_searched": buffers.n_searched, "runtime": runtime}
+             "view_points": buffers.view_points, "n_searched": buffers.n_searched, "runtime": runtime}
     parts = [None] * world_size() if rank() == 0 else None
     dist.gather_object(plain, parts, dst=0)
     if rank() != 0:
@@ -261,6 +261,7 @@ def _gather_outputs(buffers, runtime):  # noqa: ANN001, ANN202
         for key in values:
             values[key] = np.concatenate([p["levels"][field][key] for p in parts])
     buffers.no_signal = np.concatenate([p["no_signal"] for p in parts])
+    buffers.view_points = np.concatenate([p["view_points"] for p in parts])
     buffers.coords = {name: np.concatenate([p["coords"][name] for p in parts]) for name in buffers.coords}
     buffers.n_searched = sum(p["n_searched"] for p in parts)
     times = [p["runtime"] for p in parts]

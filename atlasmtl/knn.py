@@ -207,6 +207,23 @@ def _exact_search(points: torch.Tensor, ref: torch.Tensor, ref_sq: torch.Tensor,
     return idx, dist
 
 
+def nearest_rows(points: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the ``k`` nearest rows of ``ref`` for every point (exact Euclidean, in no particular
+    order): the lean search for callers that need the neighbour set alone (no distances, no ranking),
+    in chunks that bound the score matrix to :data:`_SCORE_BUDGET` floats."""
+    ref_t = _as_float32(ref)
+    ref_sq = (ref_t**2).sum(dim=1)
+    k = min(int(k), ref_t.shape[0])
+    out = np.empty((len(points), k), dtype=np.int64)
+    chunk = max(1, min(2048, _SCORE_BUDGET // max(ref_t.shape[0], 1)))
+    for start in range(0, len(points), chunk):
+        q = _as_float32(points[start : start + chunk])
+        # the largest 2 q·r − ||r||² is the nearest row
+        score = torch.addmm(ref_sq, q, ref_t.T, beta=-1.0, alpha=2.0)
+        out[start : start + len(q)] = torch.topk(score, k, dim=1, sorted=False).indices.numpy()
+    return out
+
+
 def _distances(q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each point to its chosen rows (points × k × dims), computed directly, nearest first.
 

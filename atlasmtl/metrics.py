@@ -374,9 +374,10 @@ def _novel_mask(
     return is_novel, usable, "labels"
 
 
-def _novelty_scores(table: pd.DataFrame, level: str) -> np.ndarray | None:
-    """atlasmtl's own novelty score of a level (``novelty_<level>``), when the table has one with values."""
-    col = column_names(level)["novelty"]
+def _novelty_scores(table: pd.DataFrame, level: str, field: str = "novelty") -> np.ndarray | None:
+    """atlasmtl's own novelty score of a level (``novelty_<level>``; with ``field="neighbourhood_novelty"``,
+    ``neighbourhood_novelty_<level>``), when the table has one with values."""
+    col = column_names(level)[field]
     if col not in table.columns:
         return None
     score = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
@@ -384,17 +385,20 @@ def _novelty_scores(table: pd.DataFrame, level: str) -> np.ndarray | None:
 
 
 def _novel_section(
-    levels: list[str], preds: dict, confs: dict, scores: dict, is_novel: np.ndarray, usable: np.ndarray, source: str
+    levels: list[str], preds: dict, confs: dict, scores: dict, is_novel: np.ndarray, usable: np.ndarray, source: str,
+    neighbourhood: dict | None = None,
 ) -> dict[str, Any]:
     novel, known = is_novel & usable, ~is_novel & usable
     per_level = {}
     for lv in levels:
         unknown = preds[lv] == UNKNOWN
         score = scores.get(lv)
+        around = (neighbourhood or {}).get(lv)
         per_level[lv] = {
             "auroc": (novel_auroc(None, is_novel[usable], score[usable]) if score is not None
                       else novel_auroc(confs[lv][usable], is_novel[usable]) if confs[lv] is not None else None),
             "auroc_score": "novelty" if score is not None else ("1 - confidence" if confs[lv] is not None else None),
+            "auroc_neighbourhood": novel_auroc(None, is_novel[usable], around[usable]) if around is not None else None,
             "novel_unknown_rate": float(unknown[novel].mean()) if novel.any() else None,
             "known_unknown_rate": float(unknown[known].mean()) if known.any() else None,
         }
@@ -565,7 +569,9 @@ def evaluate(
       ``novel_labels`` is listed there (or where ``novel_mask`` is true). Per level:
       auroc of atlasmtl's novelty score (column ``novelty_<level>``, when the
       predictions hold it; ``auroc_score`` says which) or else of ``1 - conf``, for
-      novel (positive) vs known cells, and the fractions of
+      novel (positive) vs known cells; ``auroc_neighbourhood``, the same for the
+      neighbourhood novelty (column ``neighbourhood_novelty_<level>``; None without
+      it); and the fractions of
       novel and of known cells called Unknown. Cells whose true label is missing at a
       level named in ``novel_labels`` are left out of this section; novel cells stay in
       the per-level metrics (where no label but Unknown could be right for them).
@@ -622,7 +628,8 @@ def evaluate(
     if novel_labels is not None or novel_mask is not None:
         is_novel, usable, source = _novel_mask(cells, truth_frame, pos, novel_labels, novel_mask)
         scores = {lv: _novelty_scores(table, lv) for lv in levels}
-        novel = _novel_section(levels, preds, confs, scores, is_novel, usable, source)
+        around = {lv: _novelty_scores(table, lv, "neighbourhood_novelty") for lv in levels}
+        novel = _novel_section(levels, preds, confs, scores, is_novel, usable, source, around)
 
     coords = {}
     if coord_truth:

@@ -32,8 +32,9 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
-from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP, KNN_VOTE_MAX_Z, NOVELTY_CONFIDENCE_GUARD,
-                      NOVELTY_THRESHOLD, InputView, log_distance, novelty_z)
+from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP, KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K,
+                      NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView, log_distance, neighbourhood_novelty,
+                      novelty_z)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -115,6 +116,7 @@ def predict(
     confidence_low: float = 0.4,
     margin_threshold: float = 0.2,
     novelty_threshold: float | None = NOVELTY_THRESHOLD,
+    neighbourhood_k: int | None = NEIGHBOURHOOD_K,
     batch_size: int = 4096,
     num_threads: int | str = 10,
     device: str = "auto",
@@ -160,6 +162,12 @@ def predict(
         distance in a PCA of the network input), whose largest z over the levels
         makes only the finest call Unknown, without that guard. ``None`` disables
         novelty detection.
+    neighbourhood_k
+        Query cells (the cell included) whose novelty z-scores are averaged into each cell's
+        ``neighbourhood_novelty`` (nearest in the input view's PCA of the query; above
+        :data:`~atlasmtl.novelty.NEIGHBOURHOOD_MAX_CELLS` usable cells, among a random sample of
+        that many). It ranks groups of query cells the reference lacks better than the per-cell
+        score; it never makes a cell Unknown. ``None`` or 0 skips it (the column is NaN).
     batch_size
         Cells per inference batch.
     num_threads
@@ -179,8 +187,8 @@ def predict(
                          knn_correction=knn_correction, knn_k=knn_k, knn_conf_low=knn_conf_low,
                          confidence_high=confidence_high, confidence_low=confidence_low,
                          margin_threshold=margin_threshold, novelty_threshold=novelty_threshold,
-                         batch_size=batch_size, num_threads=num_threads, device=device, show_progress=show_progress,
-                         show_summary=show_summary)
+                         neighbourhood_k=neighbourhood_k, batch_size=batch_size, num_threads=num_threads, device=device,
+                         show_progress=show_progress, show_summary=show_summary)
 
 
 def _predict_part(
@@ -205,6 +213,7 @@ def _predict_part(
     device: str | torch.device,
     show_progress: bool | None,
     show_summary: bool | None,
+    neighbourhood_k: int | None = NEIGHBOURHOOD_K,
 ) -> PredictionResult | None:
     """:func:`predict`, optionally on a part of the cells: ``rows(n_cells)`` picks the rows this
     process streams, and ``gather(buffers, runtime)`` joins every process's outputs (``None`` on
@@ -215,6 +224,7 @@ def _predict_part(
     use_raw = as_bool("use_raw", use_raw)
     if novelty_threshold is not None:
         novelty_threshold = as_float("novelty_threshold", novelty_threshold)
+    neighbourhood_k = 0 if neighbourhood_k is None else as_int("neighbourhood_k", neighbourhood_k, minimum=0)
     if not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -230,7 +240,8 @@ def _predict_part(
         return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
                                layer=layer, use_raw=use_raw, gene_map=gene_map,
                                min_gene_overlap=min_gene_overlap, batch_size=batch_size,
-                               novelty_threshold=novelty_threshold, rows=rows, gather=gather)
+                               novelty_threshold=novelty_threshold, neighbourhood_k=neighbourhood_k,
+                               rows=rows, gather=gather)
 
 
 def prepare_query(
@@ -287,6 +298,9 @@ class _Buffers:
             for lv in model.label_columns
         }
         self.no_signal = np.zeros(n, dtype=bool)
+        #: The input view's PCA coordinates of every cell (cells × components; filled when the view is used
+        #: and the neighbourhood novelty is asked for, else 0 columns).
+        self.view_points = np.zeros((n, 0), dtype=np.float32)
         self.coords = {
             name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
         }
@@ -380,8 +394,10 @@ def _input_view_block(view: InputView, x: SparseInput | torch.Tensor, zero: np.n
                       buffers: _Buffers, rows: slice) -> None:
     """The input view's log distance per level for one batch (to the kept reference cells of each
     cell's call there, in the PCA and with the residual; :meth:`~atlasmtl.novelty.InputView.log_distances`),
-    from its network input."""
+    from its network input; its PCA coordinates go to ``buffers.view_points`` when that has columns."""
     points = view.project(x.rows, zero) if isinstance(x, SparseInput) else view.project(x.cpu().numpy())
+    if buffers.view_points.shape[1]:
+        buffers.view_points[rows] = points[:, : buffers.view_points.shape[1]]
     usable = ~buffers.no_signal[rows]
     for lv in view.levels:
         o = buffers.levels[lv]
@@ -400,10 +416,11 @@ def _typical_confidence(calls: np.ndarray, conf: np.ndarray) -> np.ndarray:
 
 
 def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,
-              novelty_threshold: float | None) -> dict[str, LevelCalls]:
+              novelty_threshold: float | None, neighbourhood_k: int = 0) -> dict[str, LevelCalls]:
     """The gate's final calls per level, coarse to fine: the network's calls, the KNN votes, the
     novelty flags (Unknown that no vote can relabel), cells without signal, and the hierarchy
-    (a level nested in an Unknown parent is Unknown; a call whose parent disagrees is Unknown)."""
+    (a level nested in an Unknown parent is Unknown; a call whose parent disagrees is Unknown);
+    then each level's neighbourhood novelty (``neighbourhood_k`` query neighbours; 0: none)."""
     calls: dict[str, LevelCalls] = {}
     parent: LevelCalls | None = None
     view_z = None  # the input view's largest z over the levels: it judges the finest call (see InputView)
@@ -456,6 +473,10 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
             is_novel=novel,
         )
         parent = calls[lv]
+    if neighbourhood_k and buffers.view_points.shape[1]:
+        scores = {lv: c.novelty for lv, c in calls.items() if np.isfinite(c.novelty).any()}
+        for lv, values in neighbourhood_novelty(buffers.view_points, scores, ~buffers.no_signal, neighbourhood_k).items():
+            calls[lv].neighbourhood_novelty = values
     return calls
 
 
@@ -475,6 +496,7 @@ def _predict_source(
     min_gene_overlap: float,
     batch_size: int,
     novelty_threshold: float | None = NOVELTY_THRESHOLD,
+    neighbourhood_k: int = NEIGHBOURHOOD_K,
     rows: Callable[[int], slice] | None = None,
     gather: Callable[[_Buffers, dict[str, Any]], tuple[_Buffers, dict[str, Any]] | None] | None = None,
 ) -> PredictionResult | None:
@@ -487,6 +509,8 @@ def _predict_source(
     part = rows(n) if rows is not None else slice(0, n)
     buffers = _Buffers(model, part.stop - part.start)
     decoder = _Decoder(model, novelty_threshold)
+    if neighbourhood_k and decoder.input_view is not None:
+        buffers.view_points = np.zeros((len(buffers.no_signal), decoder.input_view.n_components), dtype=np.float32)
     net = model.network.to(dev).eval()
     zero = aligner.zero_input()
     zero_input = None if zero is None else torch.from_numpy(zero).to(dev)
@@ -539,6 +563,7 @@ def _predict_source(
         "settings": {
             **dataclasses.asdict(gate),
             "novelty_threshold": novelty_threshold if decoder.null is not None else None,
+            "neighbourhood_k": neighbourhood_k if buffers.view_points.shape[1] else None,
             "temperatures": dict(zip(levels, decoder.temperatures)),
             "input_transform": model.metadata["input_transform"],
             "layer": layer,
@@ -554,10 +579,12 @@ def _predict_source(
         "label_columns": levels,
         "coord_targets": model.coord_targets,
     }
+    with torch_threads(n_threads):  # the neighbourhood search runs on torch
+        calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
     result = PredictionResult(
         obs_names=np.asarray(obs_names),
         classes={lv: list(model.classes[lv]) for lv in levels},
-        levels=_assemble(model, buffers, gate, decoder, novelty_threshold),
+        levels=calls,
         coords=buffers.coords,
         metadata=metadata,
         hierarchy=model.hierarchy,

@@ -328,3 +328,15 @@ def test_reference_embedding_kept_on_disk_gives_the_same_model(synthetic_split, 
     for lv in SYNTHETIC_LEVELS:
         for key in ("code", "knn_code", "novelty"):
             np.testing.assert_array_equal(a.levels[lv][key], b.levels[lv][key])
+
+
+def test_nearest_rows_is_the_exact_neighbour_set():
+    """The lean search returns the same neighbour sets as a full sort of the distances."""
+    from atlasmtl.knn import nearest_rows
+
+    rng = np.random.default_rng(1)
+    ref, points = rng.normal(size=(500, 8)), rng.normal(size=(70, 8))
+    got = nearest_rows(points, ref, 12)
+    want = np.argsort(((points[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)[:, :12]
+    assert [set(r) for r in got] == [set(r) for r in want]
+    assert nearest_rows(points, ref[:5], 12).shape == (70, 5)

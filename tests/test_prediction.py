@@ -170,7 +170,7 @@ def test_writeback_columns_per_mode(pbmc_model, pbmc_split):
         "minimal": ["pred"],
         "standard": ["pred", "conf", "margin", "is_unknown"],
         "full": ["pred", "conf", "margin", "is_unknown", "raw", "knn", "knn_vote_frac", "is_low_conf", "used_knn",
-                 "novelty", "is_novel"],
+                 "novelty", "is_novel", "neighbourhood_novelty"],
     }
     for mode, fields in expected.items():
         frame = result.to_dataframe(mode)

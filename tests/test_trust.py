@@ -399,3 +399,58 @@ def test_vote_on_every_combination_of_small_inputs_is_a_valid_class():
     for combo in itertools.product(range(5), repeat=3):
         win, frac = vote(np.array([combo]), ref, 3, class_counts=np.array([2, 1, 1]))
         assert (win[0] == -1 and frac[0] == 0) or (ref[list(combo)] == win[0]).any()
+
+
+def test_neighbourhood_novelty_ranks_a_removed_type_and_changes_no_call(symphony_no_b):
+    """The mean z over each cell's query neighbourhood ranks the removed B cells above the per-cell score,
+    is reported in the evaluation and the writeback, and never changes a call (it is not a flag)."""
+    model, query = symphony_no_b
+    query = query.copy()
+    keep = np.ones(query.n_obs)
+    keep[:3] = 0  # cells without signal: no neighbourhood score
+    query.X = sp.csr_matrix(sp.diags(keep) @ sp.csr_matrix(query.X))
+    query.X.eliminate_zeros()
+    truth = query.obs[SYMPHONY_LEVELS]
+    novel = {lv: ["B"] for lv in SYMPHONY_LEVELS}
+    with_score = _predict(model, query)
+    without = _predict(model, query, neighbourhood_k=None)
+    for lv in SYMPHONY_LEVELS:
+        for field in ("pred", "conf", "is_unknown", "used_knn", "novelty", "is_novel"):
+            np.testing.assert_array_equal(with_score.levels[lv][field], without.levels[lv][field], err_msg=f"{lv} {field}")
+        assert np.isnan(without.levels[lv].neighbourhood_novelty).all()
+        around = with_score.levels[lv].neighbourhood_novelty
+        assert np.isnan(around[:3]).all() and np.isfinite(around[3:]).all(), lv
+    ev = atlasmtl.evaluate(with_score, truth, novel_labels=novel)["novel"]["levels"]["cell_type"]
+    assert ev["auroc_neighbourhood"] >= 0.9
+    assert ev["auroc_neighbourhood"] > ev["auroc"]
+    assert atlasmtl.evaluate(without, truth, novel_labels=novel)["novel"]["levels"]["cell_type"]["auroc_neighbourhood"] is None
+    frame = with_score.to_dataframe(mode="full")
+    np.testing.assert_allclose(frame["neighbourhood_novelty_cell_type"].to_numpy(dtype=np.float64),
+                               with_score.levels["cell_type"].neighbourhood_novelty, equal_nan=True)
+    assert "neighbourhood_novelty_cell_type" not in with_score.to_dataframe(mode="standard").columns
+    assert with_score.metadata["settings"]["neighbourhood_k"] == 30
+    assert without.metadata["settings"]["neighbourhood_k"] is None
+
+
+def test_neighbourhood_novelty_is_the_mean_over_the_nearest_query_cells():
+    """Exact neighbourhood means (sklearn's search as the check), NaN-aware, and the sampled search of a
+    large query is deterministic and keeps a separated group's score."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from atlasmtl.novelty import neighbourhood_novelty
+
+    rng = np.random.default_rng(0)
+    points = np.vstack([rng.normal(size=(300, 5)), rng.normal(size=(60, 5)) + 8.0]).astype(np.float32)
+    z = np.concatenate([rng.normal(size=300), rng.normal(size=60) + 4.0])
+    z[5] = np.nan
+    usable = np.ones(len(points), dtype=bool)
+    usable[7] = False
+    out = neighbourhood_novelty(points, {"fine": z}, usable, k=10)["fine"]
+    rows = np.flatnonzero(usable)
+    nbr = NearestNeighbors(n_neighbors=10).fit(points[rows]).kneighbors(points[rows], return_distance=False)
+    np.testing.assert_allclose(out[rows], np.nanmean(z[rows][nbr], axis=1), rtol=1e-5)
+    assert np.isnan(out[7])
+    assert out[300:].min() > 2.5 and np.nanmax(out[:300]) < 1.5
+    sampled = neighbourhood_novelty(points, {"fine": z}, usable, k=10, max_cells=100)["fine"]
+    np.testing.assert_array_equal(sampled, neighbourhood_novelty(points, {"fine": z}, usable, k=10, max_cells=100)["fine"])
+    assert sampled[300:].min() > 2.0 and np.nanmax(sampled[:300]) < 1.5
