@@ -198,14 +198,17 @@ class H5adWriter:
 
 # --------------------------------------------------------------------------- predictions
 def write_predictions(path: Path, obs_names, levels: list[str], pred: dict[str, np.ndarray], conf: dict[str, np.ndarray],
-                      raw: dict[str, np.ndarray] | None = None, novelty: dict[str, np.ndarray] | None = None) -> None:
+                      raw: dict[str, np.ndarray] | None = None, novelty: dict[str, np.ndarray] | None = None,
+                      neighbourhood: dict[str, np.ndarray] | None = None) -> None:
     """Write the cells × (``pred_<level>``, ``conf_<level>``) table every method produces.
 
     ``raw`` (atlasmtl only): the network's own top label per level, written as
     ``pred_<level>_raw`` so that calibration is judged against the call the
     confidence belongs to (the final label may come from the KNN vote or be Unknown).
     ``novelty`` (atlasmtl only): its novelty score per level (``novelty_<level>``), which
-    ``atlasmtl.evaluate`` ranks for the novel-type AUROC instead of 1 − confidence.
+    ``atlasmtl.evaluate`` ranks for the novel-type AUROC instead of 1 − confidence;
+    ``neighbourhood`` (atlasmtl only): its neighbourhood novelty (``neighbourhood_novelty_<level>``, the
+    evaluation's ``auroc_neighbourhood``).
     """
     cols: dict[str, Any] = {}
     for lv in levels:
@@ -215,6 +218,8 @@ def write_predictions(path: Path, obs_names, levels: list[str], pred: dict[str, 
             cols[f"pred_{lv}_raw"] = np.asarray(raw[lv]).astype(str)
         if novelty is not None and lv in novelty:
             cols[f"novelty_{lv}"] = np.asarray(novelty[lv], dtype=np.float64)
+        if neighbourhood is not None and lv in neighbourhood:
+            cols[f"neighbourhood_novelty_{lv}"] = np.asarray(neighbourhood[lv], dtype=np.float64)
     df = pd.DataFrame(cols, index=pd.Index(np.asarray(obs_names).astype(str), name="cell"))
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, compression="gzip")

@@ -81,7 +81,7 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
     if coarse:
         header += [f"{coarse} macro-F1", f"{coarse} accuracy", "path consistency", "full-path acc."]
     if info.get("novel"):
-        header += ["novel AUROC", "novel → Unknown", "known → Unknown", "known-only macro-F1"]
+        header += ["novel AUROC", "neighbourhood AUROC", "novel → Unknown", "known → Unknown", "known-only macro-F1"]
     if info.get("coords"):
         header += ["UMAP RMSE", "trustworthiness", "15-NN overlap"]
     header += ["train s", "predict s", "peak RSS MB", "train ÷ CT", "predict ÷ CT", "RSS ÷ CT"]
@@ -100,7 +100,7 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
             row += [_f(_level(r, coarse, "macro_f1")), _f(_level(r, coarse, "accuracy")),
                     _f(h.get("path_consistency")), _f(h.get("full_path_accuracy"))]
         if info.get("novel"):
-            row += [_f(_novel(r, fine, "auroc")), _f(_novel(r, fine, "novel_unknown_rate")),
+            row += [_f(_novel(r, fine, "auroc")), _f(_novel(r, fine, "auroc_neighbourhood")), _f(_novel(r, fine, "novel_unknown_rate")),
                     _f(_novel(r, fine, "known_unknown_rate")), _f(_level(r, fine, "macro_f1", "known_only"))]
         if info.get("coords"):
             c = next(iter(((r["metrics"] or {}).get("coords") or {}).values()), {}) or {}

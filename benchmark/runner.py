@@ -104,6 +104,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         outputs[name] = {
             "pred": pred, "conf": conf, "raw": raw, "predict_seconds": t_pred.seconds,
             "novelty": {lv: np.asarray(result.levels[lv].novelty, dtype=np.float64) for lv in levels},
+            "neighbourhood": {lv: np.asarray(result.levels[lv].neighbourhood_novelty, dtype=np.float64) for lv in levels},
             "coords": {k: np.asarray(v) for k, v in result.coords.items()},
             "settings": {"knn_correction": knn},
             "extra": {
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {}
     for name, o in out.pop("outputs").items():
         write_predictions(args.out_dir / f"pred_{name}.csv.gz", _query_names(args.case_dir),
-                          case["levels"], o["pred"], o["conf"], o.get("raw"), o.get("novelty"))
+                          case["levels"], o["pred"], o["conf"], o.get("raw"), o.get("novelty"), o.get("neighbourhood"))
         if o.get("coords"):
             np.savez(args.out_dir / f"coords_{name}.npz", **o["coords"])
         outputs[name] = {"predict_seconds": o["predict_seconds"], "settings": o.get("settings", {}),

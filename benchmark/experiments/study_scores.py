@@ -18,7 +18,7 @@ import atlasmtl
 from atlasmtl.model import TrainedModel
 from common import read_study_case
 
-NOVELTY_KEYS = ("auroc", "novel_unknown_rate", "known_unknown_rate")
+NOVELTY_KEYS = ("auroc", "auroc_neighbourhood", "novel_unknown_rate", "known_unknown_rate")
 #: The benchmark's peers, whose best per case and level the studies compare with.
 PEERS = ("celltypist", "logreg", "knn", "symphonypy")
 
