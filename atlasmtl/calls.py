@@ -178,12 +178,13 @@ class LevelCalls:
         not computed, e.g. no signal or an uncalibrated model.
     is_novel
         Far from every reference cell of its class (``novelty`` above the
-        threshold, or novel at the parent level): Unknown, and KNN may not relabel it.
+        threshold, or novel at the parent level; at the finest level also
+        ``neighbourhood_novelty`` above it): Unknown, and KNN may not relabel it.
     neighbourhood_novelty
         Mean ``novelty`` of the cell's nearest query cells (itself included; see
         :func:`atlasmtl.novelty.neighbourhood_novelty`): high where a whole group
-        of query cells is far from the reference. A ranking, never a reason to
-        abstain. NaN where not computed.
+        of query cells is far from the reference. At the finest level, above the
+        novelty threshold, the cell is novel. NaN where not computed.
     """
 
     pred: np.ndarray

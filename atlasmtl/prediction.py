@@ -167,7 +167,9 @@ def predict(
         ``neighbourhood_novelty`` (nearest in the input view's PCA of the query; above
         :data:`~atlasmtl.novelty.NEIGHBOURHOOD_MAX_CELLS` usable cells, among a random sample of
         that many). It ranks groups of query cells the reference lacks better than the per-cell
-        score; it never makes a cell Unknown. ``None`` or 0 skips it (the column is NaN).
+        score. At the finest level, a cell whose neighbourhood's mean z exceeds ``novelty_threshold``
+        is novel there (Unknown; its coarser calls stay): the typical cell of its group is far from
+        the reference. ``None`` or 0 skips it (the column is NaN, and no cell is flagged by it).
     batch_size
         Cells per inference batch.
     num_threads
@@ -420,7 +422,8 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
     """The gate's final calls per level, coarse to fine: the network's calls, the KNN votes, the
     novelty flags (Unknown that no vote can relabel), cells without signal, and the hierarchy
     (a level nested in an Unknown parent is Unknown; a call whose parent disagrees is Unknown);
-    then each level's neighbourhood novelty (``neighbourhood_k`` query neighbours; 0: none)."""
+    then each level's neighbourhood novelty (``neighbourhood_k`` query neighbours; 0: none), whose
+    finest-level value above ``novelty_threshold`` makes the finest call novel (Unknown)."""
     calls: dict[str, LevelCalls] = {}
     parent: LevelCalls | None = None
     view_z = None  # the input view's largest z over the levels: it judges the finest call (see InputView)
@@ -477,6 +480,13 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         scores = {lv: c.novelty for lv, c in calls.items() if np.isfinite(c.novelty).any()}
         for lv, values in neighbourhood_novelty(buffers.view_points, scores, ~buffers.no_signal, neighbourhood_k).items():
             calls[lv].neighbourhood_novelty = values
+        finest = calls[model.label_columns[-1]]
+        if novelty_threshold is not None:  # a neighbourhood novel on average makes the finest call Unknown
+            flagged = np.nan_to_num(finest.neighbourhood_novelty, nan=-np.inf) > novelty_threshold
+            finest.is_novel = finest.is_novel | flagged
+            finest.is_unknown = finest.is_unknown | flagged
+            finest.used_knn = finest.used_knn & ~flagged
+            finest.pred = np.where(flagged, -1, finest.pred).astype(finest.pred.dtype)
     return calls
 
 

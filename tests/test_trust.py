@@ -401,9 +401,10 @@ def test_vote_on_every_combination_of_small_inputs_is_a_valid_class():
         assert (win[0] == -1 and frac[0] == 0) or (ref[list(combo)] == win[0]).any()
 
 
-def test_neighbourhood_novelty_ranks_a_removed_type_and_changes_no_call(symphony_no_b):
-    """The mean z over each cell's query neighbourhood ranks the removed B cells above the per-cell score,
-    is reported in the evaluation and the writeback, and never changes a call (it is not a flag)."""
+def test_neighbourhood_novelty_ranks_a_removed_type_and_flags_only_the_finest_level(symphony_no_b):
+    """The mean z over each cell's query neighbourhood ranks the removed B cells above the per-cell score and
+    is reported in the evaluation and the writeback; it changes only finest calls, and only by abstaining
+    where the neighbourhood's mean is above the novelty threshold."""
     model, query = symphony_no_b
     query = query.copy()
     keep = np.ones(query.n_obs)
@@ -412,22 +413,34 @@ def test_neighbourhood_novelty_ranks_a_removed_type_and_changes_no_call(symphony
     query.X.eliminate_zeros()
     truth = query.obs[SYMPHONY_LEVELS]
     novel = {lv: ["B"] for lv in SYMPHONY_LEVELS}
-    with_score = _predict(model, query)
-    without = _predict(model, query, neighbourhood_k=None)
-    for lv in SYMPHONY_LEVELS:
+    coarse, fine = SYMPHONY_LEVELS
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    for threshold in (3.5, 2.0):  # 2.0: low enough that some neighbourhoods are flagged on this small fixture
+        with_score = _predict(model, query, novelty_threshold=threshold)
+        without = _predict(model, query, novelty_threshold=threshold, neighbourhood_k=None)
         for field in ("pred", "conf", "is_unknown", "used_knn", "novelty", "is_novel"):
-            np.testing.assert_array_equal(with_score.levels[lv][field], without.levels[lv][field], err_msg=f"{lv} {field}")
-        assert np.isnan(without.levels[lv].neighbourhood_novelty).all()
-        around = with_score.levels[lv].neighbourhood_novelty
-        assert np.isnan(around[:3]).all() and np.isfinite(around[3:]).all(), lv
-    ev = atlasmtl.evaluate(with_score, truth, novel_labels=novel)["novel"]["levels"]["cell_type"]
+            np.testing.assert_array_equal(with_score.levels[coarse][field], without.levels[coarse][field], err_msg=field)
+        calls, before = with_score.levels[fine], without.levels[fine]
+        flagged = np.nan_to_num(calls.neighbourhood_novelty, nan=-np.inf) > threshold
+        assert np.all(calls.is_novel == (before.is_novel | flagged))
+        assert np.all(calls.pred[flagged] == -1) and np.all(calls.is_unknown[flagged]) and not calls.used_knn[flagged].any()
+        np.testing.assert_array_equal(calls.pred[~flagged], before.pred[~flagged])
+        np.testing.assert_array_equal(calls.novelty, before.novelty)
+        assert flagged.any() == (threshold == 2.0)
+        if flagged.any():  # the flagged neighbourhoods are mostly the removed type (B: 17% of the query)
+            assert is_b[flagged].mean() > 0.5
+        for lv in SYMPHONY_LEVELS:
+            assert np.isnan(without.levels[lv].neighbourhood_novelty).all()
+            around = with_score.levels[lv].neighbourhood_novelty
+            assert np.isnan(around[:3]).all() and np.isfinite(around[3:]).all(), lv
+    ev = atlasmtl.evaluate(with_score, truth, novel_labels=novel)["novel"]["levels"][fine]
     assert ev["auroc_neighbourhood"] >= 0.9
     assert ev["auroc_neighbourhood"] > ev["auroc"]
-    assert atlasmtl.evaluate(without, truth, novel_labels=novel)["novel"]["levels"]["cell_type"]["auroc_neighbourhood"] is None
+    assert atlasmtl.evaluate(without, truth, novel_labels=novel)["novel"]["levels"][fine]["auroc_neighbourhood"] is None
     frame = with_score.to_dataframe(mode="full")
-    np.testing.assert_allclose(frame["neighbourhood_novelty_cell_type"].to_numpy(dtype=np.float64),
-                               with_score.levels["cell_type"].neighbourhood_novelty, equal_nan=True)
-    assert "neighbourhood_novelty_cell_type" not in with_score.to_dataframe(mode="standard").columns
+    np.testing.assert_allclose(frame[f"neighbourhood_novelty_{fine}"].to_numpy(dtype=np.float64),
+                               with_score.levels[fine].neighbourhood_novelty, equal_nan=True)
+    assert f"neighbourhood_novelty_{fine}" not in with_score.to_dataframe(mode="standard").columns
     assert with_score.metadata["settings"]["neighbourhood_k"] == 30
     assert without.metadata["settings"]["neighbourhood_k"] is None
 
