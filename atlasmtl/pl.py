@@ -64,7 +64,7 @@ __all__ = [
 REFERENCE_GREY = "#d4d4d4"
 #: Colour of Unknown (abstained) calls.
 UNKNOWN_COLOUR = "#6e6e6e"
-_EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn")
+_EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn", "novelty", "neighbourhood_novelty")
 
 
 # ---------------------------------------------------------------- shared parameter docs (as scanpy/plotting/_docs.py)
@@ -404,8 +404,10 @@ def embedding(
         Coordinate head to draw (first two dimensions).
     color
         One panel per entry: ``"label"`` (predicted label), ``"confidence"``,
-        ``"margin"``, ``"unknown"`` (abstained cells highlighted) or ``"knn"``
-        (cells whose label the KNN vote set).
+        ``"margin"``, ``"unknown"`` (abstained cells highlighted), ``"knn"``
+        (cells whose label the KNN vote set), ``"novelty"`` or
+        ``"neighbourhood_novelty"`` (the z-scores, from 0 to the result's
+        novelty threshold, highest drawn on top; cells without a score in grey).
     level
         Level whose labels/scores colour the cells (default: the finest).
     point_size
@@ -465,6 +467,16 @@ def embedding(
                             lw=0, rasterized=True)
             fig.colorbar(sc, ax=ax, shrink=0.75, label=what)
             title = f"{level}: {what}"
+        elif what in ("novelty", "neighbourhood_novelty"):
+            values = np.asarray(r[what], dtype=float)[order]
+            scored = np.isfinite(values)
+            top = _settings(result).get("novelty_threshold") or (float(np.max(values[scored])) if scored.any() else 1.0)
+            ax.scatter(xy[~scored, 0], xy[~scored, 1], s=size, c="#bdbdbd", lw=0, rasterized=True)
+            sort = np.flatnonzero(scored)[np.argsort(values[scored])]  # the most novel drawn last, on top
+            sc = ax.scatter(xy[sort, 0], xy[sort, 1], s=size, c=values[sort], cmap="magma_r", vmin=0, vmax=top,
+                            lw=0, rasterized=True)
+            fig.colorbar(sc, ax=ax, shrink=0.75, label=f"{what.replace('_', ' ')} (z)")
+            title = f"{level}: {what.replace('_', ' ')}"
         else:
             flag = r["is_unknown" if what == "unknown" else "used_knn"][order].astype(bool)
             name = "Unknown" if what == "unknown" else "KNN-rescued"

@@ -96,6 +96,19 @@ def test_umap_draws_query_over_reference(gated):
     assert f"{result.levels['bulk_labels']['is_unknown'].mean():.1%}" in axes[2].get_title()
 
 
+def test_umap_colours_cells_by_their_novelty_scores(gated):
+    result, ref, _ = gated
+    fig = pl.umap(result, ref, color=["novelty", "neighbourhood_novelty"])
+    axes = _visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["bulk_labels: novelty", "bulk_labels: neighbourhood novelty"]
+    for ax, field in zip(axes, ("novelty", "neighbourhood_novelty")):
+        values = np.asarray(result.levels["bulk_labels"][field], dtype=float)
+        drawn = ax.collections[-1].get_array()
+        assert len(drawn) == np.isfinite(values).sum() > 0
+        np.testing.assert_allclose(np.sort(drawn), np.sort(values[np.isfinite(values)]), rtol=1e-6)
+        assert ax.collections[-1].get_clim() == (0, result.metadata["settings"]["novelty_threshold"])
+
+
 def test_umap_without_reference_and_bad_arguments(gated):
     result, _, _ = gated
     ax = _visible_axes(pl.umap(result, color="confidence"))[0]
