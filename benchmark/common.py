@@ -121,6 +121,34 @@ def read_study_case(case_dir: Path) -> tuple[dict[str, Any], ad.AnnData, ad.AnnD
             read_truth(case_dir))
 
 
+def open_set_truth(spec: dict[str, Any], truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(novel, finest truth, labels)`` of a case for the open-set probes: which query cells have a true
+    label the case lists as novel at some level, the finest level's truth with those cells set to
+    ``Unknown`` (abstaining on them is right), and the sorted labels that truth holds."""
+    novel = np.zeros(len(truth), dtype=bool)
+    for level, missing in (spec.get("novel") or {}).items():
+        novel |= np.isin(truth[level].astype(str).to_numpy(), missing)
+    finest = truth[spec["levels"][-1]].astype(str).to_numpy().copy()
+    finest[novel] = "Unknown"
+    return novel, finest, sorted(set(finest))
+
+
+def probe_arguments(argv: list[str]) -> tuple[list[str], list[int], Path, Path, Path]:
+    """``(cases, seeds, out, models, work)`` from a post-hoc probe's command line
+    ``<case,case,...> <seed,seed,...> OUT MODELS [WORK]`` (``WORK`` defaults to ``/work/bench_work``)."""
+    work = Path(argv[5]) if len(argv) > 5 else Path("/work/bench_work")
+    return argv[1].split(","), [int(s) for s in argv[2].split(",")], Path(argv[3]), Path(argv[4]), work
+
+
+def open_set_cases(cases: list[str], work: Path):
+    """Per case name: ``(case, case.json, query, truth, novel, finest truth, labels)``, the last three from
+    :func:`open_set_truth` (the reference is not read)."""
+    for case in cases:
+        spec, query, truth = load_case(work / "cases" / case), read_cells(work / "cases" / case / "query.h5ad", obsm=False), \
+            read_truth(work / "cases" / case)
+        yield (case, spec, query, truth, *open_set_truth(spec, truth))
+
+
 def read_truth(case_dir: Path) -> pd.DataFrame:
     df = pd.read_csv(Path(case_dir) / "truth.csv.gz", index_col=0)
     df.index = df.index.astype(str)

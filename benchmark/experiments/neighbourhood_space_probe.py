@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case  # noqa: E402
+from common import open_set_truth, read_study_case  # noqa: E402
 from query_vote_study import query_neighbours  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
@@ -38,9 +38,7 @@ def main() -> None:
     for case in cases:
         spec, _, query, truth = read_study_case(work / "cases" / case)
         fine = spec["levels"][-1]
-        novel = np.zeros(len(truth), dtype=bool)
-        for lv, missing in (spec.get("novel") or {}).items():
-            novel |= np.isin(truth[lv].astype(str).to_numpy(), missing)
+        novel, _, _ = open_set_truth(spec, truth)
         own = query_neighbours(query, [K])[K]
         for seed in seeds:
             model = TrainedModel.load(models / f"{case}_{seed}.pth")

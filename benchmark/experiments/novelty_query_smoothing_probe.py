@@ -31,7 +31,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case  # noqa: E402
+from common import open_set_cases, probe_arguments  # noqa: E402
 from query_vote_study import query_neighbours  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
@@ -47,18 +47,10 @@ def centre_scale(v: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    cases, seeds, out, models = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3]), Path(sys.argv[4])
-    work = Path(sys.argv[5]) if len(sys.argv) > 5 else Path("/work/bench_work")
+    cases, seeds, out, models, work = probe_arguments(sys.argv)
     rows = []
-    for case in cases:
-        spec, _, query, truth = read_study_case(work / "cases" / case)
+    for case, spec, query, truth, novel, t, labels in open_set_cases(cases, work):
         fine = spec["levels"][-1]
-        novel = np.zeros(len(truth), dtype=bool)
-        for lv, missing in (spec.get("novel") or {}).items():
-            novel |= np.isin(truth[lv].astype(str).to_numpy(), missing)
-        t = truth[fine].astype(str).to_numpy().copy()
-        t[novel] = "Unknown"
-        labels = sorted(set(t))
         nbr = query_neighbours(query, [max(KS)])[max(KS)]
         for seed in seeds:
             model = TrainedModel.load(models / f"{case}_{seed}.pth")
