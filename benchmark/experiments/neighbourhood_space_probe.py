@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_truth, read_study_case  # noqa: E402
+from common import open_set_cases  # noqa: E402
 from query_vote_study import query_neighbours  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
@@ -35,10 +35,8 @@ def main() -> None:
     cases, seeds, models = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3])
     work = Path(sys.argv[4]) if len(sys.argv) > 4 else Path("/work/bench_work")
     print("case,seed,cell,shipped,query_pca")
-    for case in cases:
-        spec, _, query, truth = read_study_case(work / "cases" / case)
+    for case, spec, query, _, novel, _, _ in open_set_cases(cases, work):  # the reference is not read
         fine = spec["levels"][-1]
-        novel, _, _ = open_set_truth(spec, truth)
         own = query_neighbours(query, [K])[K]
         for seed in seeds:
             model = TrainedModel.load(models / f"{case}_{seed}.pth")
