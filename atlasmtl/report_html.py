@@ -14,6 +14,8 @@ external scripts, styles or fonts.
 Sections: overview (cells, levels, per-level Unknown / low-confidence /
 KNN-rescue rates, accuracy and macro-F1 when truth is given, and findings worth a look), query cells on the reference
 coordinates, predicted labels, confidence and margin with the gate's thresholds,
+novelty (per called class: median novelty z, neighbourhood novelty and the share
+called novel, most novel first; the two scores on the coordinates),
 accuracy against known labels (metrics table from :func:`atlasmtl.evaluate`,
 confusion matrices, per-class F1, reliability diagram) when ``truth`` is given,
 gene overlap and input checks, settings, resource summaries of training and
@@ -422,6 +424,64 @@ def _confidence(page: _Page) -> str:
         f"{_e(_fmt(settings.get('knn_conf_low')))}) confirms the call and so rescues the cell.")
 
 
+#: Rows of the report's novelty table: the called classes whose neighbourhoods stand furthest out.
+NOVELTY_TABLE_ROWS = 15
+
+
+def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame | None:
+    """Per class the network called at ``level`` (the finest by default): its query cells, the median
+    novelty z and neighbourhood novelty of those cells, and the share called novel; the classes whose
+    cells' neighbourhoods stand furthest from the reference first. ``None`` when the level has no
+    novelty score (a model without held-out calibration cells)."""
+    level = level or result.label_columns[-1]
+    calls = result.levels[level]
+    z = np.asarray(calls.novelty, dtype=np.float64)
+    if not np.isfinite(z).any():
+        return None
+    around = np.asarray(calls.neighbourhood_novelty, dtype=np.float64)
+    raw = np.asarray(calls.raw)
+    classes = result.classes[level]
+    rows = []
+    for code in np.unique(raw[raw >= 0]):
+        at = raw == code
+        rows.append({"called": classes[code], "cells": int(at.sum()),
+                     "median novelty z": float(np.nanmedian(z[at])) if np.isfinite(z[at]).any() else np.nan,
+                     "median neighbourhood novelty": float(np.nanmedian(around[at])) if np.isfinite(around[at]).any() else np.nan,
+                     "called novel": float(np.mean(np.asarray(calls.is_novel)[at]))})
+    frame = pd.DataFrame(rows).set_index("called")
+    key = "median neighbourhood novelty" if frame["median neighbourhood novelty"].notna().any() else "median novelty z"
+    return frame.sort_values(key, ascending=False, na_position="last")
+
+
+def _novelty(page: _Page) -> str | None:
+    from . import pl
+
+    result = page.result
+    level = result.label_columns[-1]
+    table = novelty_table(result, level)
+    if table is None:
+        return None
+    threshold = page.settings.get("novelty_threshold")
+    content = (f"<p>Per class the network called at {_e(level)} (before any abstention): how far its query cells "
+               "stand from that class's reference cells (novelty, a robust z located at the query) and how far "
+               "their 30 nearest query cells stand on average (neighbourhood novelty). A type the reference lacks "
+               "forms its own group, so a class whose cells' neighbourhoods stand well above the others' may hold "
+               "it even where no cell passes the novelty threshold "
+               f"({_e(_fmt(threshold))}); such cells keep their call but deserve a look.</p>")
+    content += _frame_table(table.head(NOVELTY_TABLE_ROWS).round(3))
+    if len(table) > NOVELTY_TABLE_ROWS:
+        content += f'<p class="muted">{len(table) - NOVELTY_TABLE_ROWS} more classes, less novel, not shown.</p>'
+    bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
+    if bases and np.isfinite(np.asarray(result.levels[level].neighbourhood_novelty, dtype=float)).any():
+        basis = page.basis or ("umap" if "umap" in bases else bases[0])
+        content += page.fig(pl.embedding(result, page.reference, basis=basis, level=level,
+                                         color=("novelty", "neighbourhood_novelty")),
+                            f"novelty on the reference {basis}",
+                            f"Query cells at their predicted {_e(basis)} coordinates, coloured by the {_e(level)} "
+                            "novelty z and its neighbourhood mean (0 to the novelty threshold).")
+    return content
+
+
 def _accuracy(page: _Page) -> str | None:
     if page.truth_frame is None:
         return None
@@ -498,6 +558,7 @@ _SECTIONS = (
     ("coordinates", "Reference coordinates", _coordinates),
     ("labels", "Predicted labels", _labels),
     ("confidence", "Confidence and margin", _confidence),
+    ("novelty", "Novelty", _novelty),
     ("accuracy", "Accuracy against known labels", _accuracy),
     ("inputs", "Gene overlap and input checks", _inputs),
     ("settings", "Settings", _settings),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import re
@@ -45,8 +46,8 @@ def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
     result, _, query = mapped
     images = IMG.findall(text)
     text = html.unescape(text)
-    # composition, rates, confidence, umap, confusion, F1, reliability, training history
-    assert len(images) == 8 == text.count("<img ")
+    # composition, rates, confidence, umap, novelty umap, confusion, F1, reliability, training history
+    assert len(images) == 9 == text.count("<img ")
     for alt, data in images:
         pixels = mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100, alt
@@ -54,7 +55,7 @@ def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
     # nothing is fetched from anywhere: no external scripts, styles, images or fonts
     assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", text)
     assert "@import" not in text and "url(" not in text
-    for anchor in ("overview", "labels", "confidence", "coordinates", "accuracy", "inputs", "settings",
+    for anchor in ("overview", "labels", "confidence", "novelty", "coordinates", "accuracy", "inputs", "settings",
                    "resources", "versions"):
         assert f'id="{anchor}"' in text
     genes = result.metadata["genes"]
@@ -103,7 +104,7 @@ def test_minimal_report_and_bad_arguments(mapped, tmp_path):
     text = path.read_text()
     assert 'id="accuracy"' not in text  # no truth given
     assert "no reference given" in text and "No model given" in text
-    assert len(IMG.findall(text)) == 4
+    assert len(IMG.findall(text)) == 5  # composition, rates, confidence, umap, novelty umap
     with pytest.raises(ParameterError, match="adata="):
         result.report(tmp_path / "x.html", truth=LEVELS)
     with pytest.raises(InputError, match="not the query"):
@@ -149,3 +150,30 @@ def test_miscalibration_is_a_finding_with_its_direction(mapped, pbmc_model, tmp_
     # and it reaches the report's findings
     text = html.unescape(result.report(tmp_path / "r.html", model=pbmc_model, adata=wrong, truth=LEVELS).read_text())
     assert found[fine][1] in text
+
+
+def test_novelty_table_ranks_called_classes(mapped, full_report):
+    """The report's novelty table: per network call, the cells' median scores, most novel neighbourhoods first."""
+    from atlasmtl.report_html import novelty_table
+
+    result = mapped[0]
+    level = result.label_columns[-1]
+    table = novelty_table(result)
+    calls = result.levels[level]
+    raw = np.asarray(calls.raw)
+    assert table["cells"].sum() == (raw >= 0).sum()
+    assert list(table["median neighbourhood novelty"]) == sorted(table["median neighbourhood novelty"], reverse=True)
+    name = table.index[0]
+    at = raw == result.classes[level].index(name)
+    assert table.loc[name, "median novelty z"] == pytest.approx(np.nanmedian(np.asarray(calls.novelty, float)[at]))
+    assert table.loc[name, "median neighbourhood novelty"] == pytest.approx(
+        np.nanmedian(np.asarray(calls.neighbourhood_novelty, float)[at]))
+    assert table.loc[name, "called novel"] == pytest.approx(np.asarray(calls.is_novel)[at].mean())
+    text = html.unescape(full_report[1])
+    assert "median neighbourhood novelty" in text and f"<th>{name}</th>" in text
+    silent = dataclasses.replace(result.levels[level], novelty=np.full(result.n_obs, np.nan, dtype=np.float32))
+    result.levels[level], kept = silent, result.levels[level]
+    try:
+        assert novelty_table(result) is None  # a model without a novelty score: no table, no section
+    finally:
+        result.levels[level] = kept
