@@ -15,6 +15,11 @@ process only).
     Cosine-similarity heads (NormFace / CosFace without margin): each level's logits are ``scale`` times the
     cosine between the embedding and a learned class vector, in place of a linear layer. Training then takes
     PyTorch's autograd path (the hand-written step knows only linear heads).
+``pca:<k>``
+    The first layer restricted to the reference's top ``k`` principal components of the network input
+    (fitted on up to 10,000 training cells, unaugmented): ``W ← W Vᵀ V`` at the start and after every
+    optimiser step, so the encoder sees only the projection ``V f(x)`` (the subspace that logistic regression
+    on PCA, the strongest peer, works in), learned end to end.
 ``levelweight:<w>``
     The coarsest level's cross-entropy weighs ``w`` times the others' in the training loss (its targets,
     to which the loss and its gradient are linear, scaled by ``w``); a one-level reference is unchanged.
@@ -134,6 +139,39 @@ def patch_cosine(scale: float) -> None:
     network.MultiTaskNetwork.step_by_hand_fits = lambda self, x, dropout_keep: False
 
 
+def patch_pca(k: int) -> None:
+    """The first layer kept in the span of the input's top ``k`` principal components (see the module docstring)."""
+    from sklearn.decomposition import PCA
+    fit, step = tr.fit, tr._AdamW.step
+    state = {"V": None, "ref": None}
+
+    def components(objective, train_cells):
+        if state["ref"] is not objective.ref:
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(train_cells, size=min(10_000, len(train_cells)), replace=False))
+            x = objective.ref.aligner.sparse_input(objective.ref.source.rows(rows)).toarray()
+            pca = PCA(n_components=min(k, x.shape[0] - 1, x.shape[1]), svd_solver="randomized", random_state=0).fit(x)
+            state["V"], state["ref"] = torch.from_numpy(pca.components_.astype(np.float32)), objective.ref
+        return state["V"]
+
+    def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
+        V = components(objective, train_cells)
+        with torch.no_grad():
+            w = net.encoder.layers[0].weight
+            w.copy_((w @ V.t()) @ V)
+        return fit(net, objective, train_cells, val_cells, rng, **kw)
+
+    @torch.no_grad()
+    def patched_step(self):
+        step(self)
+        V = state["V"]
+        for p in self.params:
+            if p.dim() == 2 and p.shape[0] == V.shape[1]:  # the first layer's weight, stored transposed
+                p.copy_(V.t() @ (V @ p))
+
+    tr.fit, tr._AdamW.step = patched_fit, patched_step
+
+
 def patch_level_weight(weight: float) -> None:
     """The coarsest level's loss scaled by ``weight`` (see the module docstring)."""
     minibatch = tr._Objective.minibatch
@@ -152,7 +190,7 @@ def main() -> None:
     ap.add_argument("cases")
     ap.add_argument("seeds")
     ap.add_argument("out", type=Path)
-    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale> or levelweight:<w>")
+    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k> or levelweight:<w>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
     if a.patch.startswith("swa:"):
@@ -164,6 +202,9 @@ def main() -> None:
     elif a.patch.startswith("cosine:"):
         patch_cosine(float(a.patch.split(":")[1]))
         label = f"cosine{a.patch.split(':')[1]}"
+    elif a.patch.startswith("pca:"):
+        patch_pca(int(a.patch.split(":")[1]))
+        label = f"pca{a.patch.split(':')[1]}"
     elif a.patch.startswith("levelweight:"):
         patch_level_weight(float(a.patch.split(":")[1]))
         label = f"levelweight{a.patch.split(':')[1]}"
