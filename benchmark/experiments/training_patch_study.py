@@ -20,6 +20,11 @@ process only).
     (fitted on up to 10,000 training cells, unaugmented): ``W ← W Vᵀ V`` at the start and after every
     optimiser step, so the encoder sees only the projection ``V f(x)`` (the subspace that logistic regression
     on PCA, the strongest peer, works in), learned end to end.
+``genes:<keep>``
+    Random-subspace members: ensemble member ``i`` sees a fixed random ``keep`` fraction of the genes (its
+    first-layer columns of the others zeroed at the start and after every optimiser step; drawn from seed
+    ``i`` of each model), so the members disagree where a subset of genes shifts (capture biases of a
+    protocol, orthologues, missing genes) and their average leans on the rest.
 ``levelweight:<w>``
     The coarsest level's cross-entropy weighs ``w`` times the others' in the training loss (its targets,
     to which the loss and its gradient are linear, scaled by ``w``); a one-level reference is unchanged.
@@ -172,6 +177,33 @@ def patch_pca(k: int) -> None:
     tr.fit, tr._AdamW.step = patched_fit, patched_step
 
 
+def patch_gene_subspace(keep: float) -> None:
+    """Each ensemble member's first layer restricted to its own random genes (see the module docstring)."""
+    fit, step = tr.fit, tr._AdamW.step
+    state = {"member": 0, "ref": None, "dropped": None}
+
+    def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
+        if state["ref"] is not objective.ref:
+            state["ref"], state["member"] = objective.ref, 0
+        n_genes = net.encoder.layers[0].weight.shape[1]
+        draw = np.random.default_rng(state["member"])
+        state["member"] += 1
+        state["dropped"] = torch.from_numpy(draw.random(n_genes) >= keep)
+        with torch.no_grad():
+            net.encoder.layers[0].weight[:, state["dropped"]] = 0.0
+        return fit(net, objective, train_cells, val_cells, rng, **kw)
+
+    @torch.no_grad()
+    def patched_step(self):
+        step(self)
+        dropped = state["dropped"]
+        for p in self.params:
+            if p.dim() == 2 and p.shape[0] == len(dropped):  # the first layer's weight, stored transposed
+                p[dropped] = 0.0
+
+    tr.fit, tr._AdamW.step = patched_fit, patched_step
+
+
 def patch_level_weight(weight: float) -> None:
     """The coarsest level's loss scaled by ``weight`` (see the module docstring)."""
     minibatch = tr._Objective.minibatch
@@ -190,7 +222,7 @@ def main() -> None:
     ap.add_argument("cases")
     ap.add_argument("seeds")
     ap.add_argument("out", type=Path)
-    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k> or levelweight:<w>")
+    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k>, genes:<keep> or levelweight:<w>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
     if a.patch.startswith("swa:"):
@@ -205,6 +237,9 @@ def main() -> None:
     elif a.patch.startswith("pca:"):
         patch_pca(int(a.patch.split(":")[1]))
         label = f"pca{a.patch.split(':')[1]}"
+    elif a.patch.startswith("genes:"):
+        patch_gene_subspace(float(a.patch.split(":")[1]))
+        label = f"genes{a.patch.split(':')[1]}"
     elif a.patch.startswith("levelweight:"):
         patch_level_weight(float(a.patch.split(":")[1]))
         label = f"levelweight{a.patch.split(':')[1]}"
