@@ -144,64 +144,65 @@ def patch_cosine(scale: float) -> None:
     network.MultiTaskNetwork.step_by_hand_fits = lambda self, x, dropout_keep: False
 
 
+def patch_first_layer(prepare, project) -> None:
+    """Keep every ensemble member's first-layer weight in a constraint set: ``prepare(net, objective,
+    train_cells)`` runs before each member trains, and ``project(w)`` projects the weight in place, given
+    transposed (genes × units), at the start and after every optimiser step."""
+    fit, step = tr.fit, tr._AdamW.step
+    n_genes = [0]
+
+    def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
+        prepare(net, objective, train_cells)
+        weight = net.encoder.layers[0].weight
+        n_genes[0] = weight.shape[1]
+        with torch.no_grad():
+            project(weight.t())  # a view: projected in place
+        return fit(net, objective, train_cells, val_cells, rng, **kw)
+
+    @torch.no_grad()
+    def patched_step(self):
+        step(self)
+        for p in self.params:
+            if p.dim() == 2 and p.shape[0] == n_genes[0]:  # the first layer's weight, stored transposed
+                project(p)
+
+    tr.fit, tr._AdamW.step = patched_fit, patched_step
+
+
 def patch_pca(k: int) -> None:
     """The first layer kept in the span of the input's top ``k`` principal components (see the module docstring)."""
     from sklearn.decomposition import PCA
-    fit, step = tr.fit, tr._AdamW.step
     state = {"V": None, "ref": None}
 
-    def components(objective, train_cells):
+    def prepare(net, objective, train_cells):
         if state["ref"] is not objective.ref:
             rng = np.random.default_rng(0)
             rows = np.sort(rng.choice(train_cells, size=min(10_000, len(train_cells)), replace=False))
             x = objective.ref.aligner.sparse_input(objective.ref.source.rows(rows)).toarray()
             pca = PCA(n_components=min(k, x.shape[0] - 1, x.shape[1]), svd_solver="randomized", random_state=0).fit(x)
             state["V"], state["ref"] = torch.from_numpy(pca.components_.astype(np.float32)), objective.ref
-        return state["V"]
 
-    def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
-        V = components(objective, train_cells)
-        with torch.no_grad():
-            w = net.encoder.layers[0].weight
-            w.copy_((w @ V.t()) @ V)
-        return fit(net, objective, train_cells, val_cells, rng, **kw)
+    def project(w_t):
+        w_t.copy_(state["V"].t() @ (state["V"] @ w_t))
 
-    @torch.no_grad()
-    def patched_step(self):
-        step(self)
-        V = state["V"]
-        for p in self.params:
-            if p.dim() == 2 and p.shape[0] == V.shape[1]:  # the first layer's weight, stored transposed
-                p.copy_(V.t() @ (V @ p))
-
-    tr.fit, tr._AdamW.step = patched_fit, patched_step
+    patch_first_layer(prepare, project)
 
 
 def patch_gene_subspace(keep: float) -> None:
     """Each ensemble member's first layer restricted to its own random genes (see the module docstring)."""
-    fit, step = tr.fit, tr._AdamW.step
     state = {"member": 0, "ref": None, "dropped": None}
 
-    def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
+    def prepare(net, objective, train_cells):
         if state["ref"] is not objective.ref:
             state["ref"], state["member"] = objective.ref, 0
-        n_genes = net.encoder.layers[0].weight.shape[1]
         draw = np.random.default_rng(state["member"])
         state["member"] += 1
-        state["dropped"] = torch.from_numpy(draw.random(n_genes) >= keep)
-        with torch.no_grad():
-            net.encoder.layers[0].weight[:, state["dropped"]] = 0.0
-        return fit(net, objective, train_cells, val_cells, rng, **kw)
+        state["dropped"] = torch.from_numpy(draw.random(net.encoder.layers[0].weight.shape[1]) >= keep)
 
-    @torch.no_grad()
-    def patched_step(self):
-        step(self)
-        dropped = state["dropped"]
-        for p in self.params:
-            if p.dim() == 2 and p.shape[0] == len(dropped):  # the first layer's weight, stored transposed
-                p[dropped] = 0.0
+    def project(w_t):
+        w_t[state["dropped"]] = 0.0
 
-    tr.fit, tr._AdamW.step = patched_fit, patched_step
+    patch_first_layer(prepare, project)
 
 
 def patch_level_weight(weight: float) -> None:
