@@ -113,7 +113,7 @@ def test_report_from_saved_predictions_with_the_installed_script(files, trained)
     summary = json.loads(proc.stdout)
     text = (files / "report.html").read_text()
     assert summary["bytes"] == (files / "report.html").stat().st_size
-    assert text.count("<img ") == 8
+    assert text.count("<img ") == 9  # with the novelty figure
     assert summary["truth_columns"] == {"lineage": "lineage", "bulk_labels": "bulk_labels"}
     truth = ad.read_h5ad(files / "query.h5ad").obs
     pred = ad.read_h5ad(files / "out" / "annotated.h5ad").obs

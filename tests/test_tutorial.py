@@ -58,7 +58,7 @@ def test_tutorial_executes(tmp_path):
     assert set(accuracy) == set(LEVELS)
     out = tmp_path / "atlasmtl_tutorial"
     assert sorted(p.name for p in out.iterdir()) == ["model", "predictions.csv", "query_annotated.h5ad", "report.html"]
-    assert (out / "report.html").read_text().count("<img ") == 8
+    assert (out / "report.html").read_text().count("<img ") == 9  # with the novelty figure
 
 
 @pytest.fixture(autouse=True)
