@@ -337,6 +337,13 @@ class _Page:
     def genes(self) -> dict[str, Any]:
         return self.result.metadata.get("genes", {}) or {}
 
+    @property
+    def coordinate_basis(self) -> str | None:
+        """The coordinates the figures draw on: ``basis`` when given, else ``umap`` when the model predicts it,
+        else its first two-dimensional coordinates; ``None`` without coordinate heads."""
+        bases = [b for b in self.result.coords if np.asarray(self.result.coords[b]).shape[1] >= 2]
+        return self.basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
+
     def fig(self, f: Any, alt: str, caption: str) -> str:
         try:
             return _figure_html(f, alt, caption, self.dpi)
@@ -386,8 +393,7 @@ def _coordinates(page: _Page) -> str:
     from . import pl
 
     result = page.result
-    bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
-    basis = page.basis or ("umap" if "umap" in bases else (bases[0] if bases else None))
+    basis = page.coordinate_basis
     if basis is None:
         return '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
     ref_note = ("over the reference cells (grey)" if page.reference is not None
@@ -461,19 +467,21 @@ def _novelty(page: _Page) -> str | None:
     table = novelty_table(result, level)
     if table is None:
         return None
-    threshold = page.settings.get("novelty_threshold")
+    threshold, k = page.settings.get("novelty_threshold"), page.settings.get("neighbourhood_k")
+    has_around = bool(np.isfinite(np.asarray(result.levels[level].neighbourhood_novelty, dtype=float)).any())
+    around = f"how far their {_e(_fmt(k)) + ' ' if k else ''}nearest query cells stand on average (neighbourhood novelty" \
+        + ("" if has_around else "; not computed for these predictions, neighbourhood_k=None") + ")"
     content = (f"<p>Per class the network called at {_e(level)} (before any abstention): how far its query cells "
-               "stand from that class's reference cells (novelty, a robust z located at the query) and how far "
-               "their 30 nearest query cells stand on average (neighbourhood novelty). A type the reference lacks "
+               f"stand from that class's reference cells (novelty, a robust z located at the query) and {around}. "
+               "A type the reference lacks "
                "forms its own group, so a class whose cells' neighbourhoods stand well above the others' may hold "
                "it even where no cell passes the novelty threshold "
                f"({_e(_fmt(threshold))}); such cells keep their call but deserve a look.</p>")
     content += _frame_table(table.head(NOVELTY_TABLE_ROWS).round(3))
     if len(table) > NOVELTY_TABLE_ROWS:
         content += f'<p class="muted">{len(table) - NOVELTY_TABLE_ROWS} more classes, less novel, not shown.</p>'
-    bases = [b for b in result.coords if np.asarray(result.coords[b]).shape[1] >= 2]
-    if bases and np.isfinite(np.asarray(result.levels[level].neighbourhood_novelty, dtype=float)).any():
-        basis = page.basis or ("umap" if "umap" in bases else bases[0])
+    basis = page.coordinate_basis
+    if basis is not None and has_around:
         content += page.fig(pl.embedding(result, page.reference, basis=basis, level=level,
                                          color=("novelty", "neighbourhood_novelty")),
                             f"novelty on the reference {basis}",

@@ -171,9 +171,25 @@ def test_novelty_table_ranks_called_classes(mapped, full_report):
     assert table.loc[name, "called novel"] == pytest.approx(np.asarray(calls.is_novel)[at].mean())
     text = html.unescape(full_report[1])
     assert "median neighbourhood novelty" in text and f"<th>{name}</th>" in text
+    assert "their 30 nearest query cells" in text  # the result's neighbourhood_k
     silent = dataclasses.replace(result.levels[level], novelty=np.full(result.n_obs, np.nan, dtype=np.float32))
     result.levels[level], kept = silent, result.levels[level]
     try:
         assert novelty_table(result) is None  # a model without a novelty score: no table, no section
     finally:
         result.levels[level] = kept
+
+
+def test_novelty_section_without_neighbourhood_scores(mapped, pbmc_model, tmp_path):
+    """Predictions made with neighbourhood_k=None: the table still ranks by the per-cell score, says the
+    neighbourhood score was not computed, and draws no novelty figure."""
+    from atlasmtl.report_html import novelty_table
+
+    _, _, query = mapped
+    result = atlasmtl.predict(pbmc_model, query, neighbourhood_k=None, show_progress=False, show_summary=False)
+    table = novelty_table(result)
+    assert table["median neighbourhood novelty"].isna().all()
+    assert list(table["median novelty z"]) == sorted(table["median novelty z"], reverse=True)
+    text = html.unescape(atlasmtl.report.write_report(tmp_path / "r.html", result).read_text())
+    assert "not computed for these predictions, neighbourhood_k=None" in text
+    assert len(IMG.findall(text)) == 4  # composition, rates, confidence, umap: no novelty figure
