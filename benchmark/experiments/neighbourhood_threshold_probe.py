@@ -10,7 +10,9 @@ on them is right; Unknown counts as wrong elsewhere). Per case and seed: finest 
 (``f1``), its change under each ``T`` (``d<T>``), known → Unknown (``kU``, ``kU<T>``) and novel → Unknown
 (``nU``, ``nU<T>``).
 
-    PYTHONPATH=$PWD python benchmark/experiments/neighbourhood_threshold_probe.py <case,case,...> 0,1,2 out.csv MODELS [WORK]
+    PYTHONPATH=$PWD python benchmark/experiments/neighbourhood_threshold_probe.py <case,case,...> 0,1,2 out.csv MODELS [WORK] [--k K]
+
+``--k``: the neighbours averaged (``predict(neighbourhood_k=K)``; default: predict's own, 30).
 """
 import sys
 import warnings
@@ -30,14 +32,20 @@ THRESHOLDS = (2.75, 3.0, 3.25, 3.5, 4.0)
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    cases, seeds, out, models, work = probe_arguments(sys.argv)
+    argv = list(sys.argv)
+    k = {}
+    if "--k" in argv:
+        at = argv.index("--k")
+        k = {"neighbourhood_k": int(argv[at + 1])}
+        del argv[at : at + 2]
+    cases, seeds, out, models, work = probe_arguments(argv)
     rows = []
     for case, spec, query, truth, novel, t, labels in open_set_cases(cases, work):
         fine = spec["levels"][-1]
         for seed in seeds:
             model = TrainedModel.load(models / f"{case}_{seed}.pth")
             base = atlasmtl.predict(model, query, neighbourhood_k=None, show_progress=False, show_summary=False)
-            around = atlasmtl.predict(model, query, show_progress=False, show_summary=False).levels[fine].neighbourhood_novelty
+            around = atlasmtl.predict(model, query, show_progress=False, show_summary=False, **k).levels[fine].neighbourhood_novelty
             around = np.nan_to_num(np.asarray(around, dtype=np.float64), nan=-np.inf)
             unknown = np.asarray(base.levels[fine].is_unknown)
             pred = base.to_dataframe(mode="minimal")[f"pred_{fine}"].astype(str).to_numpy()
