@@ -444,17 +444,14 @@ def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame |
     z = np.asarray(calls.novelty, dtype=np.float64)
     if not np.isfinite(z).any():
         return None
-    around = np.asarray(calls.neighbourhood_novelty, dtype=np.float64)
     raw = np.asarray(calls.raw)
-    classes = result.classes[level]
-    rows = []
-    for code in np.unique(raw[raw >= 0]):
-        at = raw == code
-        rows.append({"called": classes[code], "cells": int(at.sum()),
-                     "median novelty z": float(np.nanmedian(z[at])) if np.isfinite(z[at]).any() else np.nan,
-                     "median neighbourhood novelty": float(np.nanmedian(around[at])) if np.isfinite(around[at]).any() else np.nan,
-                     "called novel": float(np.mean(np.asarray(calls.is_novel)[at]))})
-    frame = pd.DataFrame(rows).set_index("called")
+    called = raw >= 0
+    cells = pd.DataFrame({"z": z, "around": np.asarray(calls.neighbourhood_novelty, dtype=np.float64),
+                          "novel": np.asarray(calls.is_novel, dtype=np.float64)})[called]
+    frame = cells.groupby(raw[called]).agg(**{  # pandas' median skips NaN (NaN where a class has none)
+        "cells": ("z", "size"), "median novelty z": ("z", "median"),
+        "median neighbourhood novelty": ("around", "median"), "called novel": ("novel", "mean")})
+    frame.index = pd.Index([result.classes[level][code] for code in frame.index], name="called")
     key = "median neighbourhood novelty" if frame["median neighbourhood novelty"].notna().any() else "median novelty z"
     return frame.sort_values(key, ascending=False, na_position="last")
 
