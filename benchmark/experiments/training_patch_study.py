@@ -25,6 +25,19 @@ process only).
     first-layer columns of the others zeroed at the start and after every optimiser step; drawn from seed
     ``i`` of each model), so the members disagree where a subset of genes shifts (capture biases of a
     protocol, orthologues, missing genes) and their average leans on the rest.
+``genestd:<s0>``
+    A pseudo standard deviation in the z-score input: each gene's reference standard deviation becomes
+    ``sqrt(std² + s0²)`` (log1p CP10k units; genes with std < 1e-3 keep 1). Without it a gene detected in a
+    fraction ``f`` of the reference's cells gives an expressing cell ``z ≈ 1/sqrt(f)`` whatever its level, so
+    the genes a reference rarely detects saturate at the clip (±10) in a query that detects them more often
+    (another protocol or species); with it such a gene's z is about its log value ÷ ``s0``.
+``viewstd:<s0>``
+    The pseudo standard deviation of ``genestd`` in the novelty input view only: the network is trained on
+    the usual z-scores, while the view's PCA (fitted at training) and its projection of query cells (at
+    prediction) see each gene's z-score times ``std / sqrt(std² + s0²)``, so a gene the reference rarely
+    detects weighs in the view by its level rather than by its rarity.
+``clip:<c>``
+    The z-score input clipped to ±``c`` instead of ±10 (training and prediction).
 ``levelweight:<w>``
     The coarsest level's cross-entropy weighs ``w`` times the others' in the training loss (its targets,
     to which the loss and its gradient are linear, scaled by ``w``); a one-level reference is unchanged.
@@ -205,6 +218,60 @@ def patch_gene_subspace(keep: float) -> None:
     patch_first_layer(prepare, project)
 
 
+def patch_gene_std(s0: float) -> None:
+    """Pseudo standard deviation ``sqrt(std² + s0²)`` for the z-score input (see the module docstring)."""
+    stats = tr.log_gene_statistics
+
+    def patched_stats(*args, **kwargs):
+        mean, std = stats(*args, **kwargs)
+        kept = std != 1.0  # the genes log_gene_statistics set to 1 (std < 1e-3) stay at 1
+        std = std.astype(np.float64)
+        std[kept] = np.sqrt(std[kept] ** 2 + s0**2)
+        return mean, std.astype(np.float32)
+
+    tr.log_gene_statistics = patched_stats
+
+
+def patch_view_std(s0: float) -> None:
+    """The ``genestd`` weighting in the novelty input view alone (see the module docstring)."""
+    import atlasmtl.prediction as pr
+    from atlasmtl.network import SparseInput
+
+    stats, fit_view, view_block = tr.log_gene_statistics, tr.fit_input_view, pr._input_view_block
+    weight: dict[str, np.ndarray] = {}  # set when a model's statistics are computed; used by its predictions
+
+    def patched_stats(*args, **kwargs):
+        mean, std = stats(*args, **kwargs)
+        w = np.ones_like(std, dtype=np.float64)
+        kept = std != 1.0
+        w[kept] = std[kept] / np.sqrt(std[kept].astype(np.float64) ** 2 + s0**2)
+        weight["w"] = w.astype(np.float32)
+        return mean, std
+
+    def scaled(m):
+        return sp.csr_matrix(m.multiply(weight["w"][None, :]), dtype=np.float32)
+
+    def patched_fit_view(read_dense, read_offset, zero_input, *args):
+        w = weight["w"]
+        return fit_view(lambda rows: read_dense(rows) * w, lambda rows: scaled(read_offset(rows)),
+                        None if zero_input is None else zero_input * w, *args)
+
+    def patched_block(view, x, zero, buffers, rows):
+        w = weight["w"]
+        if isinstance(x, SparseInput):
+            x = x._replace(rows=scaled(x.rows), rows_t=None)
+        else:
+            x = x * torch.as_tensor(w, device=x.device)
+        return view_block(view, x, None if zero is None else zero * w, buffers, rows)
+
+    tr.log_gene_statistics, tr.fit_input_view, pr._input_view_block = patched_stats, patched_fit_view, patched_block
+
+
+def patch_clip(c: float) -> None:
+    """The z-score input clipped to ±``c`` (see the module docstring)."""
+    genes.ZSCORE_CLIP = c
+
+
 def patch_level_weight(weight: float) -> None:
     """The coarsest level's loss scaled by ``weight`` (see the module docstring)."""
     minibatch = tr._Objective.minibatch
@@ -223,7 +290,7 @@ def main() -> None:
     ap.add_argument("cases")
     ap.add_argument("seeds")
     ap.add_argument("out", type=Path)
-    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k>, genes:<keep> or levelweight:<w>")
+    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k>, genes:<keep>, genestd:<s0>, viewstd:<s0>, clip:<c> or levelweight:<w>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
     if a.patch.startswith("swa:"):
@@ -241,6 +308,15 @@ def main() -> None:
     elif a.patch.startswith("genes:"):
         patch_gene_subspace(float(a.patch.split(":")[1]))
         label = f"genes{a.patch.split(':')[1]}"
+    elif a.patch.startswith("genestd:"):
+        patch_gene_std(float(a.patch.split(":")[1]))
+        label = f"genestd{a.patch.split(':')[1]}"
+    elif a.patch.startswith("viewstd:"):
+        patch_view_std(float(a.patch.split(":")[1]))
+        label = f"viewstd{a.patch.split(':')[1]}"
+    elif a.patch.startswith("clip:"):
+        patch_clip(float(a.patch.split(":")[1]))
+        label = f"clip{a.patch.split(':')[1]}"
     elif a.patch.startswith("levelweight:"):
         patch_level_weight(float(a.patch.split(":")[1]))
         label = f"levelweight{a.patch.split(':')[1]}"

@@ -1,0 +1,51 @@
+"""How many of a cell's z-score inputs sit at the clip, reference against query (research script).
+
+The ``"zscore"`` input gives a gene detected in a fraction ``f`` of the reference's cells ``z ≈ 1/sqrt(f)`` in a
+cell that expresses it, so the genes a reference rarely detects sit at the clip (±``genes.ZSCORE_CLIP``). A query
+that detects more genes than the reference has many more such values per cell than any training cell. Per case,
+with a saved model's own gene alignment and statistics (the exact network input), the median over cells of the
+number of inputs at ``z ≥ 5`` and at the clip, for the reference and for the query:
+
+    PYTHONPATH=$PWD python benchmark/experiments/zscore_saturation_probe.py <case,case,...> MODELS [WORK]
+
+``MODELS`` holds ``<case>_0.pth`` (``study_scores.default_models``); ``WORK`` defaults to ``/work/bench_work``.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import atlasmtl  # noqa: E402
+from atlasmtl.genes import ZSCORE_CLIP  # noqa: E402
+from atlasmtl.inputs import get_matrix_source  # noqa: E402
+from atlasmtl.prediction import prepare_query  # noqa: E402
+from common import read_study_case  # noqa: E402
+
+
+def per_cell_counts(model, adata) -> tuple[float, float]:
+    """Median over cells of the inputs at z ≥ 5 and at the clip (model genes; zeros never reach either)."""
+    source = get_matrix_source(adata)
+    aligner, _, _ = prepare_query(model, source, None, 0.0)
+    x = aligner.sparse_input(source.rows(np.arange(adata.n_obs)))  # offsets f(x) - f(0), non-zero where x is
+    x.data += aligner.zero_input()[x.indices]  # back to f(x) on the detected genes
+    big = np.add.reduceat((x.data >= 5.0).astype(np.int64), x.indptr[:-1]) if x.nnz else np.zeros(adata.n_obs)
+    clipped = np.add.reduceat((x.data >= ZSCORE_CLIP - 1e-6).astype(np.int64), x.indptr[:-1]) if x.nnz else big
+    empty = np.diff(x.indptr) == 0  # reduceat repeats the next row's value for an empty row
+    big[empty], clipped[empty] = 0, 0
+    return float(np.median(big)), float(np.median(clipped))
+
+
+def main() -> None:
+    cases, models = sys.argv[1].split(","), Path(sys.argv[2])
+    work = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/work/bench_work")
+    print("| case | reference: z ≥ 5 / at the clip | query: z ≥ 5 / at the clip |\n|---|---|---|")
+    for case in cases:
+        _, ref, query, _ = read_study_case(work / "cases" / case)
+        model = atlasmtl.TrainedModel.load(models / f"{case}_0.pth")
+        r, q = per_cell_counts(model, ref), per_cell_counts(model, query)
+        print(f"| {case} | {r[0]:.0f} / {r[1]:.0f} | {q[0]:.0f} / {q[1]:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
