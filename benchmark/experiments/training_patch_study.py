@@ -285,6 +285,11 @@ def patch_level_weight(weight: float) -> None:
     tr._Objective.minibatch = patched_minibatch
 
 
+#: ``<name>:<value>`` patches (``rank`` and ``logrank`` take no value).
+PATCHES = {"swa": patch_swa, "cosine": patch_cosine, "pca": patch_pca, "genes": patch_gene_subspace,
+           "genestd": patch_gene_std, "viewstd": patch_view_std, "clip": patch_clip, "levelweight": patch_level_weight}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cases")
@@ -293,33 +298,13 @@ def main() -> None:
     ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k>, genes:<keep>, genestd:<s0>, viewstd:<s0>, clip:<c> or levelweight:<w>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
-    if a.patch.startswith("swa:"):
-        patch_swa(float(a.patch.split(":")[1]))
-        label = f"swa{round(float(a.patch.split(':')[1]) * 100)}"
-    elif a.patch in ("rank", "logrank"):
+    name, _, value = a.patch.partition(":")
+    if a.patch in ("rank", "logrank"):
         patch_rank(a.patch == "logrank")
         label = a.patch
-    elif a.patch.startswith("cosine:"):
-        patch_cosine(float(a.patch.split(":")[1]))
-        label = f"cosine{a.patch.split(':')[1]}"
-    elif a.patch.startswith("pca:"):
-        patch_pca(int(a.patch.split(":")[1]))
-        label = f"pca{a.patch.split(':')[1]}"
-    elif a.patch.startswith("genes:"):
-        patch_gene_subspace(float(a.patch.split(":")[1]))
-        label = f"genes{a.patch.split(':')[1]}"
-    elif a.patch.startswith("genestd:"):
-        patch_gene_std(float(a.patch.split(":")[1]))
-        label = f"genestd{a.patch.split(':')[1]}"
-    elif a.patch.startswith("viewstd:"):
-        patch_view_std(float(a.patch.split(":")[1]))
-        label = f"viewstd{a.patch.split(':')[1]}"
-    elif a.patch.startswith("clip:"):
-        patch_clip(float(a.patch.split(":")[1]))
-        label = f"clip{a.patch.split(':')[1]}"
-    elif a.patch.startswith("levelweight:"):
-        patch_level_weight(float(a.patch.split(":")[1]))
-        label = f"levelweight{a.patch.split(':')[1]}"
+    elif name in PATCHES and value:
+        PATCHES[name](int(value) if name == "pca" else float(value))
+        label = f"swa{round(float(value) * 100)}" if name == "swa" else f"{name}{value}"  # the labels of the committed rows
     else:
         raise SystemExit(f"unknown patch {a.patch!r}")
     torch.set_num_threads(1)
