@@ -218,16 +218,22 @@ def patch_gene_subspace(keep: float) -> None:
     patch_first_layer(prepare, project)
 
 
+def pseudo_std_factor(std: np.ndarray, s0: float) -> np.ndarray:
+    """``std / sqrt(std² + s0²)`` per gene: what the pseudo standard deviation multiplies a z-score by (1 for
+    the genes ``log_gene_statistics`` set to std 1, those under 1e-3)."""
+    factor = np.ones_like(std, dtype=np.float64)
+    kept = std != 1.0
+    factor[kept] = std[kept] / np.sqrt(std[kept].astype(np.float64) ** 2 + s0**2)
+    return factor
+
+
 def patch_gene_std(s0: float) -> None:
     """Pseudo standard deviation ``sqrt(std² + s0²)`` for the z-score input (see the module docstring)."""
     stats = tr.log_gene_statistics
 
     def patched_stats(*args, **kwargs):
         mean, std = stats(*args, **kwargs)
-        kept = std != 1.0  # the genes log_gene_statistics set to 1 (std < 1e-3) stay at 1
-        std = std.astype(np.float64)
-        std[kept] = np.sqrt(std[kept] ** 2 + s0**2)
-        return mean, std.astype(np.float32)
+        return mean, (std / pseudo_std_factor(std, s0)).astype(np.float32)
 
     tr.log_gene_statistics = patched_stats
 
@@ -242,10 +248,7 @@ def patch_view_std(s0: float) -> None:
 
     def patched_stats(*args, **kwargs):
         mean, std = stats(*args, **kwargs)
-        w = np.ones_like(std, dtype=np.float64)
-        kept = std != 1.0
-        w[kept] = std[kept] / np.sqrt(std[kept].astype(np.float64) ** 2 + s0**2)
-        weight["w"] = w.astype(np.float32)
+        weight["w"] = pseudo_std_factor(std, s0).astype(np.float32)
         return mean, std
 
     def scaled(m):

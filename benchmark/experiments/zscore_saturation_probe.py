@@ -29,10 +29,9 @@ def per_cell_counts(model, adata) -> tuple[float, float]:
     aligner, _, _ = prepare_query(model, source, None, 0.0)
     x = aligner.sparse_input(source.rows(np.arange(adata.n_obs)))  # offsets f(x) - f(0), non-zero where x is
     x.data += aligner.zero_input()[x.indices]  # back to f(x) on the detected genes
-    big = np.add.reduceat((x.data >= 5.0).astype(np.int64), x.indptr[:-1]) if x.nnz else np.zeros(adata.n_obs)
-    clipped = np.add.reduceat((x.data >= ZSCORE_CLIP - 1e-6).astype(np.int64), x.indptr[:-1]) if x.nnz else big
-    empty = np.diff(x.indptr) == 0  # reduceat repeats the next row's value for an empty row
-    big[empty], clipped[empty] = 0, 0
+    row = np.repeat(np.arange(adata.n_obs), np.diff(x.indptr))
+    big = np.bincount(row, weights=x.data >= 5.0, minlength=adata.n_obs)
+    clipped = np.bincount(row, weights=x.data >= ZSCORE_CLIP - 1e-6, minlength=adata.n_obs)
     return float(np.median(big)), float(np.median(clipped))
 
 
