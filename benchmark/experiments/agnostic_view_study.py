@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
+from study_scores import keep_view_points, posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.prediction as P  # noqa: E402
 from atlasmtl.novelty import log_distance, mean_neighbour_distance, null_summary, query_location_z  # noqa: E402
@@ -30,17 +30,8 @@ K = 10
 #: "pca": the view's components only; "residual": with the distance from their subspace as one more coordinate.
 SPACE = "residual"
 STATE: dict = {"threshold": None, "points": None}
-_assemble, _input_view_block = P._assemble, P._input_view_block
-
-
-def input_view_block(view, x, zero, buffers, rows):
-    """The shipped block, and the batch's view coordinates (with the residual coordinate) kept for the flag."""
-    _input_view_block(view, x, zero, buffers, rows)
-    pts = view.project(x.rows, zero) if isinstance(x, P.SparseInput) else view.project(x.cpu().numpy())
-    n = len(buffers.no_signal)
-    if STATE["points"] is None or len(STATE["points"]) != n:
-        STATE["points"] = np.zeros((n, pts.shape[1]))
-    STATE["points"][rows] = pts
+_assemble = P._assemble
+keep_view_points(STATE)
 
 
 def assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k=0):
@@ -65,7 +56,7 @@ def assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k=0
     return calls
 
 
-P._assemble, P._input_view_block = assemble, input_view_block
+P._assemble = assemble
 
 
 def study(models):

@@ -27,24 +27,14 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import posthoc_main, score_result  # noqa: E402
+from study_scores import keep_view_points, posthoc_main, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.prediction as P  # noqa: E402
 from atlasmtl.knn import vote  # noqa: E402
 
 VARIANTS = ("emb", "pca", "both", "either")
 STATE: dict = {"variant": "emb", "points": None, "index": None}
-_input_view_block, _search_block = P._input_view_block, P._search_block
-
-
-def input_view_block(view, x, zero, buffers, rows):
-    """The shipped block, and the batch's PCA coordinates kept for the patched vote."""
-    _input_view_block(view, x, zero, buffers, rows)
-    pts = view.project(x.rows, zero) if isinstance(x, P.SparseInput) else view.project(x.cpu().numpy())
-    n = len(buffers.no_signal)
-    if STATE["points"] is None or len(STATE["points"]) != n:
-        STATE["points"] = np.zeros((n, view.n_components))
-    STATE["points"][rows] = pts[:, : view.n_components]
+_search_block = P._search_block
 
 
 def search_block(model, search, points, any_low, gate, decoder, buffers, start):
@@ -63,7 +53,7 @@ def search_block(model, search, points, any_low, gate, decoder, buffers, start):
         cells = start + np.flatnonzero(o["covered"][start:stop])
         if len(cells) == 0 or lv not in view.members:
             continue
-        nbr = STATE["index"].kneighbors(STATE["points"][cells], return_distance=False)
+        nbr = STATE["index"].kneighbors(STATE["points"][cells][:, : view.n_components], return_distance=False)
         members = view.members[lv]
         counts = np.bincount(members[members >= 0], minlength=len(model.classes[lv]))
         allowed = None
@@ -86,7 +76,8 @@ def search_block(model, search, points, any_low, gate, decoder, buffers, start):
         o["knn"][cells], o["knn_vote_frac"][cells] = new_code, new_frac
 
 
-P._input_view_block, P._search_block = input_view_block, search_block
+keep_view_points(STATE)
+P._search_block = search_block
 
 
 def study(models):

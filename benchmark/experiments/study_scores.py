@@ -41,6 +41,26 @@ def constant_patcher(patches: dict):
     return apply
 
 
+def keep_view_points(state: dict) -> None:
+    """Patch :func:`atlasmtl.prediction._input_view_block` so that each prediction also keeps every query
+    cell's input-view coordinates (with the residual coordinate, where the view has one) in
+    ``state["points"]`` (cells × coordinates, rows in query order)."""
+    import numpy as np
+    import atlasmtl.prediction as P
+
+    shipped = P._input_view_block
+
+    def block(view, x, zero, buffers, rows):
+        shipped(view, x, zero, buffers, rows)
+        pts = view.project(x.rows, zero) if isinstance(x, P.SparseInput) else view.project(x.cpu().numpy())
+        n = len(buffers.no_signal)
+        if state.get("points") is None or state["points"].shape != (n, pts.shape[1]):
+            state["points"] = np.zeros((n, pts.shape[1]))
+        state["points"][rows] = pts
+
+    P._input_view_block = block
+
+
 def read_rows(path) -> list | dict:
     """A study's rows (or a benchmark results file): JSON, gzipped when the name ends in ``.gz``."""
     path = str(path)
