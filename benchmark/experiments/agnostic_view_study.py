@@ -3,12 +3,12 @@
 The input view (``novelty.InputView``) scores a cell against the kept training cells of its *call*, and only
 for classes with at least ``INPUT_VIEW_MIN_MEMBERS`` kept cells. A type the reference lacks that the network
 calls as a small class (Symphony B cells called DC / HSC) is then judged by the embedding alone. Here the
-same PCA judges a cell by its mean distance to the ``k`` nearest kept training cells of *any* class (the
-finest level's kept set), so no class needs a spread of its own: the null is the kept cells' leave-one-out
-log distances (median, 1.4826 · MAD), and the query is located as the embedding view is (less
-``max(0, query_location_z(z0, calls))``). A finest call above the threshold becomes Unknown (novel; never
-relabelled), and ``novelty_<finest>`` reports the larger of the shipped score and this one. Post hoc: the
-network, the shipped views and the gate are unchanged.
+same PCA (with its residual coordinate; ``SPACE``) judges a cell by its mean distance to the ``k`` nearest
+kept training cells of *any* class (the finest level's kept set), so no class needs a spread of its own: the
+null is the kept cells' leave-one-out log distances (median, 1.4826 · MAD), and the query is located as the
+embedding view is (less ``max(0, query_location_z(z0, calls))``). A finest call above the threshold becomes
+Unknown (novel; never relabelled), and ``novelty_<finest>`` reports the larger of the shipped score and this
+one. Post hoc: the network, the shipped views and the gate are unchanged.
 
     PYTHONPATH=$PWD python benchmark/experiments/agnostic_view_study.py <case,case,...> 0,1,2 out.json \\
         [--work DIR] [--models DIR]
