@@ -38,7 +38,7 @@ def assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k=0
     """The shipped calls, then the class-agnostic flag at the finest level."""
     calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
     view, t = decoder.input_view, STATE["threshold"]
-    if t is None or view is None or not buffers.view_points.shape[1]:
+    if t is None or view is None or STATE["points"] is None:
         return calls
     fine = model.label_columns[-1]
     width = view.points.shape[1] if SPACE == "residual" else view.n_components
