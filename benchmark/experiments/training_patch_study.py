@@ -41,6 +41,15 @@ process only).
 ``levelweight:<w>``
     The coarsest level's cross-entropy weighs ``w`` times the others' in the training loss (its targets,
     to which the loss and its gradient are linear, scaled by ``w``); a one-level reference is unchanged.
+``supcon:<w>``
+    A supervised contrastive term (Khosla et al. 2020), weighted ``w``, added to the loss: on each minibatch's
+    L2-normalised embeddings (the space of the KNN vote and the novelty distances), every labelled cell's
+    softmax over its cosine similarities to the other cells (temperature 0.1) against a target that weighs
+    each other cell by how much their finest-level targets overlap (``p_i · p_j`` of the row-normalised
+    cross-entropy targets, so mixed cells count for both labels). Distances to the nearest reference cells
+    of a class are what the novelty score and the vote read; the term pulls each class together and apart
+    from the others (Sun et al. 2022: nearest-neighbour distances on such features detect unseen classes
+    well). Training then takes PyTorch's autograd path.
 
 Per case and seed, the model trained with the patch predicts at the defaults and with KNN off; rows in
 ``threshold_table.py``'s format under the labels ``<patch>`` and ``<patch>_off``:
@@ -288,9 +297,41 @@ def patch_level_weight(weight: float) -> None:
     tr._Objective.minibatch = patched_minibatch
 
 
+def patch_supcon(weight: float, tau: float = 0.1) -> None:
+    """A supervised contrastive term on the embedding (see the module docstring)."""
+    def patched_loss(self, net, batch):
+        out = net(batch.x, mix=batch.mix, dropout_keep=batch.dropout_keep)
+        loss = torch.zeros((), device=self.dev)
+        for j, lg in enumerate(out.logits):
+            loss = loss - (batch.targets[j] * torch.log_softmax(lg, dim=1)).sum() / batch.n_labelled[j]
+        for n in self.coord_std:
+            target = batch.coords[n]
+            if batch.mix is not None:
+                partner, w = batch.mix[:2]
+                target = w.unsqueeze(1) * target + (1.0 - w.unsqueeze(1)) * target[partner]
+            loss = loss + torch.mean((out.coords[n] - target) ** 2)
+        t = batch.targets[-1]
+        z = torch.nn.functional.normalize(out.embedding[: t.shape[0]], dim=1)
+        p = t / t.sum(1, keepdim=True).clamp_min(1e-12)
+        eye = torch.eye(t.shape[0], dtype=torch.bool, device=t.device)
+        s = (p @ p.t()).masked_fill(eye, 0.0)
+        log_p = torch.log_softmax((z @ z.t() / tau).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
+        mass = s.sum(1)
+        anchors = mass > 0
+        if anchors.any():
+            contrast = -((s / mass.clamp_min(1e-12).unsqueeze(1)) * log_p).sum(1)[anchors].mean()
+            loss = loss + weight * contrast
+        return loss
+
+    tr._Objective.loss = patched_loss
+    from atlasmtl import network
+    network.MultiTaskNetwork.step_by_hand_fits = lambda self, x, dropout_keep: False
+
+
 #: ``<name>:<value>`` patches (``rank`` and ``logrank`` take no value).
 PATCHES = {"swa": patch_swa, "cosine": patch_cosine, "pca": patch_pca, "genes": patch_gene_subspace,
-           "genestd": patch_gene_std, "viewstd": patch_view_std, "clip": patch_clip, "levelweight": patch_level_weight}
+           "genestd": patch_gene_std, "viewstd": patch_view_std, "clip": patch_clip, "levelweight": patch_level_weight,
+           "supcon": patch_supcon}
 
 
 def main() -> None:
@@ -298,7 +339,7 @@ def main() -> None:
     ap.add_argument("cases")
     ap.add_argument("seeds")
     ap.add_argument("out", type=Path)
-    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k>, genes:<keep>, genestd:<s0>, viewstd:<s0>, clip:<c> or levelweight:<w>")
+    ap.add_argument("patch", help="swa:<start fraction>, rank, logrank, cosine:<scale>, pca:<k>, genes:<keep>, genestd:<s0>, viewstd:<s0>, clip:<c>, levelweight:<w> or supcon:<w>")
     ap.add_argument("--work", type=Path, default=Path("/work/bench_work"))
     a = ap.parse_args()
     name, _, value = a.patch.partition(":")
