@@ -18,10 +18,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import probe_arguments, read_study_case  # noqa: E402
+from common import open_set_truth, probe_arguments, read_study_case  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
-from atlasmtl.calibration import ECE_BINS, expected_calibration_error  # noqa: E402
+from atlasmtl.calibration import expected_calibration_error  # noqa: E402
 
 
 def gap_row(case: str, seed: int, spec: dict, res, truth) -> dict:
@@ -29,9 +29,7 @@ def gap_row(case: str, seed: int, spec: dict, res, truth) -> dict:
     fine = spec["levels"][-1]
     calls, classes = res.levels[fine], np.asarray(res.classes[fine])
     true = truth[fine].astype(str).to_numpy()
-    novel = np.zeros(len(true), dtype=bool)
-    for level, missing in (spec.get("novel") or {}).items():
-        novel |= np.isin(truth[level].astype(str).to_numpy(), missing)
+    novel = open_set_truth(spec, truth)[0]
     conf = np.asarray(calls.conf, dtype=float)
     known = ~novel & np.isfinite(conf)
     raw = np.asarray(calls.raw)
@@ -39,7 +37,7 @@ def gap_row(case: str, seed: int, spec: dict, res, truth) -> dict:
     c, z = conf[known], np.asarray(calls.novelty, dtype=float)[known]
     nb = np.asarray(calls.neighbourhood_novelty, dtype=float)[known]
     row = {"case": case, "seed": seed, "n": int(known.sum()), "accuracy": float(correct.mean()), "confidence": float(c.mean()),
-           "ece": float(expected_calibration_error(c, correct, ECE_BINS)), "z_median": float(np.nanmedian(z))}
+           "ece": float(expected_calibration_error(c, correct)), "z_median": float(np.nanmedian(z))}
     if 0 < correct.mean() < 1:
         row["auroc_error_conf"] = float(roc_auc_score(~correct, -c))
         for name, score in (("z", z), ("neighbourhood", nb)):
