@@ -29,7 +29,8 @@ import pandas as pd
 
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
 from .calls import UNKNOWN, CallTable, column_names, levels_in_table
-from .truth import ECE_BINS, cell_positions, ece_if_calibrated, expected_calibration_error, label_strings, true_labels, truth_table
+from .calibration import ECE_BINS, ece_if_calibrated, expected_calibration_error
+from .truth import cell_positions, label_strings, true_labels, truth_table
 
 __all__ = [
     "evaluate",

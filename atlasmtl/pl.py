@@ -41,8 +41,9 @@ from matplotlib.figure import Figure
 
 from .exceptions import CoordinateError, ParameterError
 from .calls import UNKNOWN, CallTable, decode_labels
-from .truth import calibration_bins, ece_if_calibrated, truth_by_level
-from .truth import ece_of_bins as expected_calibration_error
+from .calibration import calibration_bins, ece_if_calibrated
+from .calibration import ece_of_bins as expected_calibration_error
+from .truth import truth_by_level
 
 __all__ = [
     "composition",

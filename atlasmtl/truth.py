@@ -1,14 +1,13 @@
-"""Known labels and calibration: the truth helpers shared by :mod:`~atlasmtl.metrics`, :mod:`~atlasmtl.pl` and the report.
+"""Known labels: the truth helpers shared by :mod:`~atlasmtl.metrics`, :mod:`~atlasmtl.pl` and the report.
 
 * reading true labels: :func:`truth_by_level` (aligned to a result's cells,
   ``None`` where unlabelled), :func:`truth_frame` (the same as a DataFrame, also
   from column names of the query), :func:`truth_table` / :func:`cell_positions` /
   :func:`true_labels` (any table matched by cell name, for :func:`atlasmtl.evaluate`);
-* predicted labels as strings: :func:`label_strings`;
-* calibration: :func:`calibration_bins` (the reliability table),
-  :func:`expected_calibration_error` / :func:`ece_of_bins` (one ECE) and
-  :func:`ece_if_calibrated` (the ECE a perfectly calibrated confidence would show), defined in
-  :mod:`~atlasmtl.calibration` (training uses them too) and shared from here.
+* predicted labels as strings: :func:`label_strings`.
+
+Calibration figures (the reliability table, the ECE and its finite-sample floor) live in
+:mod:`~atlasmtl.calibration`, with the temperature that training fits.
 """
 
 from __future__ import annotations
@@ -19,11 +18,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .calibration import ECE_BINS, calibration_bins, ece_if_calibrated, ece_of_bins, expected_calibration_error  # noqa: F401 (shared here)
 from .calls import UNKNOWN, CallTable
 from .exceptions import InputError, LabelError, ParameterError
-
-#: Confidence bins of the expected calibration error and the reliability diagram.
 
 
 # ---------------------------------------------------------------- true labels of a result's cells

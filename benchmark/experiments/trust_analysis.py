@@ -13,7 +13,7 @@ from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
 from atlasmtl.metrics import macro_f1, path_consistency
-from atlasmtl.truth import expected_calibration_error
+from atlasmtl.calibration import expected_calibration_error
 from trust_study import CACHE, UNKNOWN
 
 
