@@ -1,7 +1,7 @@
 """Issue 9: the doubt rule (a low-confidence finest call in a far neighbourhood is Unknown) with its threshold
 raised to the query's own level (research probe, post hoc on the default models).
 
-The seventeenth-to-twentieth sessions' rule (``patches/neighbourhood_doubt_flag.diff``) flags a finest call that
+The twentieth session's rule (``patches/neighbourhood_doubt_flag.diff``) flags a finest call that
 the gate names low-confidence (``is_low_conf``) when its neighbourhood novelty exceeds ``D``. Here the threshold
 is ``max(D, baseline + delta)``, with ``baseline`` the median neighbourhood novelty of the query's usable cells
 (``all``) or of its confident calls (``conf``), so a query that sits far from the reference as a whole needs a
@@ -48,6 +48,7 @@ def flagged_copy(res, fine: str, flag: np.ndarray):
 
 
 def probe_row(case: str, seed: int, spec: dict, res, truth) -> dict:
+    """One row: the default prediction ``res`` scored as it is and with each of :data:`VARIANTS`' flags."""
     fine = spec["levels"][-1]
     calls = res.levels[fine]
     around = np.nan_to_num(np.asarray(calls.neighbourhood_novelty, dtype=float), nan=-np.inf)
