@@ -74,12 +74,55 @@ def _torch_csr(rows: sp.csr_matrix, device: torch.device | None = None) -> torch
     return out if device is None else out.to(device)
 
 
-def _csr_times_dense(rows: sp.csr_matrix, dense: torch.Tensor) -> torch.Tensor:
-    """``rows @ dense`` on the CPU (float32): PyTorch's MKL kernel, or scipy's without MKL."""
+#: Above this share of stored values, a CPU product of a CSR block and the first layer's weight
+#: (cells × genes times genes × hidden) multiplies densely instead (:func:`_csr_times_dense`). MKL's CSR
+#: kernel slows down faster than linearly as the rows fill up, while the dense product costs the same at
+#: any density: at 12,794 genes, 257 rows and 256 hidden units (the brain human → mouse reference, 27%
+#: non-zero) 131 ms against 29 ms densely, one thread; at 1,767 genes and 12% (Symphony) 2.1 against
+#: 2.8 ms. Full-length protocols (Smart-seq2, CEL-seq2) reach 20-40% on their expressed genes; droplet
+#: data sits at 3-15%, where the CSR kernel stays. 2026-12-04, ``documents/design/api_contract.md``
+#: ("Training throughput").
+DENSE_ABOVE_FORWARD = 0.15
+#: Above this share, a CPU training step densifies its minibatch once and computes both first-layer
+#: products from it (the weight gradient's ``xᵀ g`` too, whose CSR kernel stays faster up to ~30%), and
+#: the minibatch worker skips the transpose the CSR gradient needs (:func:`multiplies_densely`).
+DENSE_ABOVE_STEP = 0.2
+#: At most this many values (64 MiB of float32) are densified at once; a larger block goes in slices of
+#: rows, so the memory stays bounded by the batch, never by the number of cells.
+DENSE_SLICE_VALUES = 1 << 24
+
+
+def multiplies_densely(rows: sp.csr_matrix) -> bool:
+    """Whether a CPU training step multiplies the CSR minibatch ``rows`` densely, forward and back (more
+    than :data:`DENSE_ABOVE_STEP` of its values stored, at most :data:`DENSE_SLICE_VALUES` values in
+    all); then the step does not need the minibatch's transpose."""
+    size = rows.shape[0] * rows.shape[1]
+    return 0 < size <= DENSE_SLICE_VALUES and rows.nnz > DENSE_ABOVE_STEP * size
+
+
+def _dense_rows(rows: sp.csr_matrix) -> torch.Tensor | None:
+    """``rows`` as a dense float32 tensor when :func:`multiplies_densely`, else ``None``."""
+    if not multiplies_densely(rows):
+        return None
+    return torch.from_numpy(np.asarray(rows.toarray(), dtype=np.float32))
+
+
+def _csr_times_dense(rows: sp.csr_matrix, dense: torch.Tensor, dense_above: float = 1.0) -> torch.Tensor:
+    """``rows @ dense`` on the CPU (float32): PyTorch's MKL kernel, or scipy's without MKL, or, when more
+    than ``dense_above`` of ``rows``' values are stored, a dense product over slices of ``rows``
+    (:data:`DENSE_ABOVE_FORWARD`, :data:`DENSE_SLICE_VALUES`)."""
+    n_rows, n_cols = rows.shape
+    if n_rows and n_cols and rows.nnz > dense_above * n_rows * n_cols:
+        out = torch.empty((n_rows, dense.shape[1]), dtype=torch.float32)
+        step = max(1, DENSE_SLICE_VALUES // n_cols)
+        for first in range(0, n_rows, step):
+            block = rows[first:first + step].toarray()
+            torch.mm(torch.from_numpy(np.asarray(block, dtype=np.float32)), dense, out=out[first:first + step])
+        return out
     if CPU_CSR_KERNELS == "torch":
         # into a new uninitialised tensor (beta=0 ignores its contents): torch.sparse.mm would zero a
         # result, compute into another and copy it over, doubling the time of the 3,000 × 256 gradient
-        out = torch.empty((rows.shape[0], dense.shape[1]), dtype=torch.float32)
+        out = torch.empty((n_rows, dense.shape[1]), dtype=torch.float32)
         return torch.addmm(out, _torch_csr(rows), dense, beta=0, out=out)
     return torch.from_numpy(np.asarray(rows @ dense.numpy(), dtype=np.float32))
 
@@ -88,8 +131,10 @@ class _CsrLinear(torch.autograd.Function):
     """``x @ W.T + W @ x0`` on the CPU for a scipy CSR ``x``, with the weight gradient.
 
     Both directions are CSR × dense products (``x @ W.T`` and ``x.T @ grad``) with
-    the transpose of ``x`` supplied in CSR form, so nothing dense of the input's
-    size is formed and the 3,000 × 256 weight is never copied (PyTorch's own
+    the transpose of ``x`` supplied in CSR form, or, for a minibatch that fills more
+    than :data:`DENSE_ABOVE_STEP` of its values, dense products of ``dense``, the
+    minibatch densified once (:func:`_dense_rows`; bounded by the batch, never by the
+    number of cells); the 3,000 × 256 weight is never copied (PyTorch's own
     autograd through a CSR product copies it several times per step). The kernels
     are PyTorch's MKL ones (2-3× faster than scipy's on 2 cores at 3,000 genes and
     4% non-zero values; :data:`CPU_CSR_KERNELS`). With ``zero_row`` (see
@@ -101,23 +146,29 @@ class _CsrLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, zero_input: torch.Tensor | None,  # type: ignore[override]
-                rows: sp.csr_matrix, rows_t: sp.csr_matrix | None, zero_row: bool = False) -> torch.Tensor:
-        ctx.rows, ctx.rows_t, ctx.zero_row = rows, rows_t, zero_row
+                rows: sp.csr_matrix, rows_t: sp.csr_matrix | None, zero_row: bool = False,
+                dense: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.rows, ctx.rows_t, ctx.zero_row, ctx.dense = rows, rows_t, zero_row, dense
         ctx.save_for_backward(zero_input)
-        return _first_layer_product(weight.detach(), zero_input, rows, zero_row)
+        return _first_layer_product(weight.detach(), zero_input, rows, zero_row, dense)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (zero_input,) = ctx.saved_tensors
-        rows_t = ctx.rows_t if ctx.rows_t is not None else ctx.rows.T.tocsr()
-        return _first_layer_weight_grad_t(rows_t, grad, zero_input, ctx.zero_row).t(), None, None, None, None
+        rows_t = ctx.rows_t if ctx.rows_t is not None or ctx.dense is not None else ctx.rows.T.tocsr()
+        return (_first_layer_weight_grad_t(rows_t, grad, zero_input, ctx.zero_row, ctx.dense).t(),
+                None, None, None, None, None)
 
 
 def _first_layer_product(weight: torch.Tensor, zero_input: torch.Tensor | None, rows: sp.csr_matrix,
-                         zero_row: bool) -> torch.Tensor:
-    """``x @ W.T + W @ x0`` for the offset rows ``x`` (:class:`_CsrLinear`'s forward, no bias)."""
+                         zero_row: bool, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + W @ x0`` for the offset rows ``x`` (:class:`_CsrLinear`'s forward, no bias); ``dense``
+    is ``x`` densified (:func:`_dense_rows`), when it is."""
     # W.T is contiguous when the weight is stored transposed (training does); else one copy per batch
-    out = _csr_times_dense(rows, weight.t().contiguous())
+    if dense is not None:
+        out = dense @ weight.t()
+    else:
+        out = _csr_times_dense(rows, weight.t().contiguous(), DENSE_ABOVE_FORWARD)
     if zero_row:
         cells = out[:-1]  # the leading rows: a contiguous view
         cells += out[-1]
@@ -127,12 +178,16 @@ def _first_layer_product(weight: torch.Tensor, zero_input: torch.Tensor | None, 
     return out
 
 
-def _first_layer_weight_grad_t(rows_t: sp.csr_matrix, grad: torch.Tensor, zero_input: torch.Tensor | None,
-                               zero_row: bool) -> torch.Tensor:
-    """The gradient of :func:`_first_layer_product`'s weight, transposed (genes × hidden, contiguous)."""
+def _first_layer_weight_grad_t(rows_t: sp.csr_matrix | None, grad: torch.Tensor, zero_input: torch.Tensor | None,
+                               zero_row: bool, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of :func:`_first_layer_product`'s weight, transposed (genes × hidden, contiguous);
+    from ``dense`` (the rows densified) when given, else from the rows' transpose ``rows_t``."""
     if zero_row:
         grad = torch.cat([grad, grad.sum(0, keepdim=True)])
-    grad_w_t = _csr_times_dense(rows_t, grad.contiguous())
+    if dense is not None:
+        grad_w_t = dense.t() @ grad
+    else:
+        grad_w_t = _csr_times_dense(rows_t, grad.contiguous())
     if zero_input is not None and not zero_row:
         grad_w_t.addr_(zero_input, grad.sum(0))
     return grad_w_t
@@ -183,7 +238,10 @@ def sparse_linear(x: SparseInput, layer: nn.Linear) -> torch.Tensor:
     """
     weight = layer.weight
     if weight.device.type == "cpu":
-        out = _CsrLinear.apply(weight, x.zero_input, x.rows, x.rows_t, x.zero_row)
+        # densified once for both products when training on a dense batch; prediction (no gradient)
+        # multiplies by the forward product's own rule (DENSE_ABOVE_FORWARD)
+        dense = _dense_rows(x.rows) if torch.is_grad_enabled() and weight.requires_grad else None
+        out = _CsrLinear.apply(weight, x.zero_input, x.rows, x.rows_t, x.zero_row, dense)
     else:
         out = torch.sparse.mm(_torch_csr(x.rows, weight.device), weight.t())
         if x.zero_row:
@@ -329,7 +387,8 @@ class MultiTaskNetwork(nn.Module):
         transpose, with the dropout masks given (or no dropout)."""
         layers = list(self.encoder.layers)
         blocks = len(layers) // 3
-        return (isinstance(x, SparseInput) and x.rows_t is not None and not self.coord_heads
+        return (isinstance(x, SparseInput) and (x.rows_t is not None or multiplies_densely(x.rows))
+                and not self.coord_heads
                 and self.encoder.layers[0].weight.device.type == "cpu"
                 and len(layers) == 3 * blocks
                 and all(isinstance(layers[3 * i], nn.Linear) and isinstance(layers[3 * i + 1], nn.ReLU)
@@ -353,7 +412,8 @@ class MultiTaskNetwork(nn.Module):
         """
         linears = [layer for layer in self.encoder.layers if isinstance(layer, nn.Linear)]
         first = linears[0]
-        h = _first_layer_product(first.weight.detach(), x.zero_input, x.rows, x.zero_row)
+        dense = _dense_rows(x.rows)
+        h = _first_layer_product(first.weight.detach(), x.zero_input, x.rows, x.zero_row, dense)
         h += first.bias.detach()
         if mix is not None:
             h, inverse, w = _mix_rows(h, mix[0], mix[1], mix[2] if len(mix) > 2 else None)
@@ -382,7 +442,7 @@ class MultiTaskNetwork(nn.Module):
         if mix is not None:
             grad = _mix_rows_grad(grad, inverse, w)
         first.bias.grad = grad.sum(0)
-        grad_w_t = _first_layer_weight_grad_t(x.rows_t, grad, x.zero_input, x.zero_row)
+        grad_w_t = _first_layer_weight_grad_t(x.rows_t, grad, x.zero_input, x.zero_row, dense)
         if first_weight_t is not None:
             first_weight_t.grad, first.weight.grad = grad_w_t, None
         else:

@@ -66,7 +66,8 @@ from .novelty import NOVELTY_K, fit_input_view, log_distance, null_summary
 from .validation import as_bool, as_choice, as_float, as_int, as_int_list, as_random_state
 from .model import TrainedModel
 from . import distributed as _dist
-from .network import MAX_ENSEMBLE_SIZE, EnsembleNetwork, MultiTaskNetwork, SparseInput, dropout_keep
+from .network import (MAX_ENSEMBLE_SIZE, EnsembleNetwork, MultiTaskNetwork, SparseInput, dropout_keep,
+                      multiplies_densely)
 from .runtime import (
     ResourceMonitor,
     available_cpus,
@@ -888,7 +889,8 @@ class _Objective:
             return x, None
         if self.zero_row is not None:
             x = sp.vstack([x, self.zero_row], format="csr")
-        return x, x.T.tocsr()
+        # a batch the first layer multiplies densely needs no transpose (network.multiplies_densely)
+        return x, None if multiplies_densely(x) else x.T.tocsr()
 
     def step_draws(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The random draws of one training step on the reference cells ``rows``, made beside the

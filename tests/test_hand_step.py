@@ -7,11 +7,20 @@ import pytest
 import torch
 
 import atlasmtl
-from atlasmtl import training
+from atlasmtl import network, training
 from atlasmtl.network import MultiTaskNetwork
 from atlasmtl.training import _Objective, prepare_reference, soft_targets
 
 from .conftest import SYMPHONY_LEVELS
+
+
+@pytest.fixture(params=["sparse", "dense"])
+def first_layer_kernel(request, monkeypatch):
+    """Both CPU kernels of the first layer: CSR products with the batch's transpose, or the batch densified
+    (``network.DENSE_ABOVE_STEP``; the fixture's batches hold 12-15% non-zero values)."""
+    for name in ("DENSE_ABOVE_FORWARD", "DENSE_ABOVE_STEP"):
+        monkeypatch.setattr(network, name, 1.0 if request.param == "sparse" else 0.0)
+    return request.param
 
 
 def test_soft_targets_give_pytorchs_weighted_smoothed_cross_entropy_and_its_mixture():
@@ -39,9 +48,10 @@ def test_soft_targets_give_pytorchs_weighted_smoothed_cross_entropy_and_its_mixt
 
 
 @pytest.mark.parametrize("hidden, dropout, mixup", [((32, 16), 0.3, 0.4), ((24,), 0.0, 0.0), ((32, 16, 8), 0.2, 0.0)])
-def test_step_by_hand_equals_autograd(symphony_split, hidden, dropout, mixup):
+def test_step_by_hand_equals_autograd(symphony_split, hidden, dropout, mixup, first_layer_kernel):
     """Loss and every gradient (the first layer's through its transposed alias), on real training batches
-    (shifted, f(0) row, mixup pairs and dropout masks drawn by the worker), some cells unlabelled at a level."""
+    (shifted, f(0) row, mixup pairs and dropout masks drawn by the worker), some cells unlabelled at a level;
+    with either first-layer kernel (a densified batch comes without its transpose)."""
     ref_adata, _ = symphony_split
     ref = prepare_reference(ref_adata, list(SYMPHONY_LEVELS), None, layer=None, use_raw=False, input_transform="zscore")
     ref.codes[ref.cells[:200:7], 1] = -1  # unlabelled at the fine level
@@ -53,6 +63,7 @@ def test_step_by_hand_equals_autograd(symphony_split, hidden, dropout, mixup):
     rows = ref.cells[:200]
     batch = objective.minibatch(rows, *objective.transform(ref.source.rows(rows), train=True), train=True)
     assert batch.x.zero_row and (batch.mix is not None) == (mixup > 0)
+    assert (batch.x.rows_t is None) == (first_layer_kernel == "dense")
     assert net.step_by_hand_fits(batch.x, batch.dropout_keep)
     net.train()
     with training._first_layer_stored_transposed(net) as weight_t:
@@ -72,8 +83,9 @@ def test_step_by_hand_equals_autograd(symphony_split, hidden, dropout, mixup):
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_step_by_hand_declines_what_it_does_not_compute(symphony_split):
-    """Coordinate heads, dense input, or dropout without given masks go through autograd."""
+def test_step_by_hand_declines_what_it_does_not_compute(symphony_split, first_layer_kernel):
+    """Coordinate heads, dense input, or dropout without given masks go through autograd; so does a CSR
+    batch without its transpose unless the first layer multiplies it densely."""
     ref_adata, _ = symphony_split
     ref = prepare_reference(ref_adata, list(SYMPHONY_LEVELS), None, layer=None, use_raw=False, input_transform="zscore")
     objective = _Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"))
@@ -84,12 +96,12 @@ def test_step_by_hand_declines_what_it_does_not_compute(symphony_split):
     assert not MultiTaskNetwork(ref.source.n_vars, [3, 5], {"umap": 2}, (16,), 0.0).step_by_hand_fits(batch.x, None)
     assert not MultiTaskNetwork(ref.source.n_vars, [3, 5], {}, (16,), 0.3).step_by_hand_fits(batch.x, None)
     assert not plain.step_by_hand_fits(torch.zeros(50, ref.source.n_vars), None)
-    assert not plain.step_by_hand_fits(batch.x._replace(rows_t=None), None)
+    assert plain.step_by_hand_fits(batch.x._replace(rows_t=None), None) == (first_layer_kernel == "dense")
 
 
-def test_training_by_hand_and_through_autograd_agree(symphony_split, monkeypatch):
+def test_training_by_hand_and_through_autograd_agree(symphony_split, monkeypatch, first_layer_kernel):
     """Two epochs at the defaults (one network): the two ways of computing the step train the same network,
-    to rounding."""
+    to rounding, with either first-layer kernel."""
     ref_adata, _ = symphony_split
     nets, calls = [], []
     real = _Objective.step_by_hand
@@ -103,3 +115,40 @@ def test_training_by_hand_and_through_autograd_agree(symphony_split, monkeypatch
         nets.append(model.network)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_the_dense_and_csr_kernels_train_the_same_network(symphony_split, monkeypatch):
+    """The first layer's kernel is a speed choice only: two epochs at the defaults (one network) with every
+    batch multiplied densely and with every batch through CSR products give the same network, to rounding."""
+    ref_adata, _ = symphony_split
+    nets = []
+    for dense_above in (0.0, 1.0):
+        monkeypatch.setattr(network, "DENSE_ABOVE_FORWARD", dense_above)
+        monkeypatch.setattr(network, "DENSE_ABOVE_STEP", dense_above)
+        model = atlasmtl.build_model(ref_adata, list(SYMPHONY_LEVELS), num_epochs=2, ensemble_size=1, random_state=0,
+                                     show_progress=False, show_summary=False)
+        nets.append(model.network)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("zero_row", [False, True])
+def test_dense_first_layer_products_equal_the_csr_ones(monkeypatch, zero_row):
+    """The densified batch gives the CSR kernels' first-layer output and weight gradient, and a product
+    too large to densify at once goes in slices of rows with the same result."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(0)
+    rows = sp.random(41, 300, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    weight, grad = torch.randn(16, 300), torch.randn(40 if zero_row else 41, 16)
+    zero_input = None if zero_row else torch.from_numpy(rng.normal(size=300).astype(np.float32))
+    assert network.multiplies_densely(rows)
+    dense = network._dense_rows(rows)
+    torch.testing.assert_close(network._first_layer_product(weight, zero_input, rows, zero_row, dense),
+                               network._first_layer_product(weight, zero_input, rows, zero_row))
+    torch.testing.assert_close(network._first_layer_weight_grad_t(None, grad, zero_input, zero_row, dense),
+                               network._first_layer_weight_grad_t(rows.T.tocsr(), grad, zero_input, zero_row))
+    csr = network._csr_times_dense(rows, weight.t().contiguous())
+    monkeypatch.setattr(network, "DENSE_SLICE_VALUES", 300 * 7)  # 7 rows at a time: 6 slices
+    assert not network.multiplies_densely(rows)
+    torch.testing.assert_close(network._csr_times_dense(rows, weight.t().contiguous(), 0.1), csr)
+    assert not network.multiplies_densely(sp.csr_matrix((0, 300), dtype=np.float32))
