@@ -9,12 +9,19 @@ Variants (each patches ``atlasmtl.prediction.decode_paths``):
 - ``path``: the default.
 - ``topdown``: level by level from the coarsest, the class with the largest marginal among the paths that
   agree with the levels already called; so the finest call is the best path under the called parents.
+- ``pooled_*``: each coarse level's probabilities are the mean of its head's and the finest head's summed over
+  each class's leaves, then ``path`` or ``topdown``.
+- ``leaves_path``, ``pooled75_path`` (added 2026-12-04): the same with the finest head's sums alone (weight 1,
+  the coarse head ignored) or weighted 0.75, then ``path``.
+
+``ATLASMTL_STUDY_VARIANTS=path,leaves_path`` runs only those variants.
 
 Rows in ``threshold_table.py``'s format:
 
     PYTHONPATH=$PWD python benchmark/experiments/hierarchy_decode_study.py <case,case,...> 0,1,2 out.json --models DIR
     python benchmark/experiments/threshold_table.py out.json
 """
+import os
 import sys
 from pathlib import Path
 
@@ -48,27 +55,30 @@ def decode_topdown(probs, runs):
     return codes
 
 
-def pool_coarse(probs, runs):
+def pool_coarse(probs, runs, weight=0.5):
     """Each non-finest level of a run: the mean of its head's probabilities and the finest head's summed over
-    each class's leaves (two estimates of the same distribution), written in place so the calls' confidence
-    uses them too."""
+    each class's leaves (two estimates of the same distribution; the leaves' weighted ``weight``), written in
+    place so the calls' confidence uses them too."""
     for first, last, paths in runs:
         for m in range(first, last):
             leaves = np.zeros_like(probs[m])
             for c in range(probs[m].shape[1]):
                 leaves[:, c] = probs[last][:, paths[:, m - first] == c].sum(axis=1)
-            probs[m][:] = 0.5 * (probs[m] + leaves)
+            probs[m][:] = (1.0 - weight) * probs[m] + weight * leaves
 
 
-def pooled(decoder):
+def pooled(decoder, weight=0.5):
     def fn(probs, runs):
-        pool_coarse(probs, runs)
+        pool_coarse(probs, runs, weight)
         return decoder(probs, runs)
     return fn
 
 
 VARIANTS = {"path": decode_paths, "topdown": decode_topdown, "pooled_path": pooled(decode_paths),
-            "pooled_topdown": pooled(decode_topdown)}
+            "pooled_topdown": pooled(decode_topdown), "leaves_path": pooled(decode_paths, 1.0),
+            "pooled75_path": pooled(decode_paths, 0.75)}
+if os.environ.get("ATLASMTL_STUDY_VARIANTS"):
+    VARIANTS = {k: VARIANTS[k] for k in os.environ["ATLASMTL_STUDY_VARIANTS"].split(",")}
 
 
 def study(models):
