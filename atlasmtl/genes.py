@@ -31,6 +31,8 @@ INPUT_TRANSFORMS = ("zscore", "float", "binary")
 #: Standardised values are clipped to [-ZSCORE_CLIP, ZSCORE_CLIP] (as ``scanpy.pp.scale(max_value=10)``).
 ZSCORE_CLIP = 10.0
 _TARGET_SUM = 1e4
+#: Equal-width bins of log1p(mean) within which a gene's dispersion is standardised (scanpy's ``n_bins``).
+_HVG_MEAN_BINS = 20
 NAMESPACES = ("symbol", "ensembl", "ensembl_versioned")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}$")
 _ENSEMBL_VERSIONED = re.compile(r"^ENS[A-Z]*G\d{6,}\.\d+$")
@@ -312,7 +314,7 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
     ``reduce`` sums the per-gene sums and the cell count over processes (each passing
     its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
-    n = source.n_vars
+    n = aligner.n_model_genes
     total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
     for start in range(0, len(cells), chunk_size):
         x = aligner._sparse_values(source.rows(cells[start : start + chunk_size]))
@@ -327,6 +329,91 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     std[std < 1e-3] = 1.0
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+def highly_variable_genes(source: MatrixSource, semantics: str, cells: np.ndarray, n_top_genes: int,
+                          chunk_size: int = 4096, reduce: Any = None) -> np.ndarray:
+    """The reference's ``n_top_genes`` most variable genes, as scanpy's ``flavor="seurat"`` ranks them,
+    in one streaming pass.
+
+    Per gene, the mean and (unbiased) variance of the values on their linear scale (counts per
+    10,000 for counts, ``expm1`` of log-normalised values) give the log dispersion ``log(var / mean)``;
+    genes are put in 20 equal-width bins of ``log1p(mean)`` and a gene's dispersion is standardised
+    within its bin; the genes of the ``n_top_genes`` largest standardised dispersions are kept (ties at
+    the cut are all kept, as in scanpy). This is exactly :func:`scanpy.pp.highly_variable_genes` with
+    ``flavor="seurat", n_top_genes=n_top_genes`` on log1p counts per 10,000 (tested against it), without
+    ever holding more than ``chunk_size`` rows: the reference may be on disk.
+
+    Parameters
+    ----------
+    source
+        The reference matrix.
+    semantics
+        What it holds (``"counts"``, ``"lognorm"`` or ``"other"``).
+    cells
+        Rows to compute the statistics on (sorted).
+    n_top_genes
+        Genes to keep (all when the matrix has no more).
+    chunk_size
+        Rows read at once.
+    reduce
+        Sums the per-gene sums and the cell count over processes (:func:`atlasmtl.distributed.all_reduce_sum`).
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted column numbers of the kept genes.
+    """
+    n = source.n_vars
+    total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
+    for start in range(0, len(cells), chunk_size):
+        linear = to_linear_values(source.rows(cells[start : start + chunk_size]), semantics, "float")
+        if sp.issparse(linear):
+            linear = sp.csr_matrix(linear, dtype=np.float64)
+            total += np.asarray(linear.sum(axis=0)).ravel()
+            total_sq += np.asarray(linear.multiply(linear).sum(axis=0)).ravel()
+        else:
+            linear = np.asarray(linear, dtype=np.float64)
+            total += linear.sum(axis=0)
+            total_sq += np.einsum("ij,ij->j", linear, linear)
+    count = len(cells)
+    if reduce is not None:
+        summed = reduce(np.concatenate([total, total_sq, [count]]))
+        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
+    if n_top_genes >= n or count < 2:
+        return np.arange(n)
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0) * (count / (count - 1))
+    mean[mean == 0] = 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dispersion = var / mean
+        dispersion[dispersion == 0] = np.nan
+        dispersion = np.log(dispersion)
+    table = pd.DataFrame({"mean": np.log1p(mean), "dispersion": dispersion})
+    table["bin"] = pd.cut(table["mean"], bins=_HVG_MEAN_BINS)
+    stats = table.groupby("bin", observed=True)["dispersion"].agg(avg="mean", dev="std")
+    single = stats["dev"].isnull()  # a bin of one gene: its dispersion counts as one deviation above 0
+    stats.loc[single, "dev"], stats.loc[single, "avg"] = stats.loc[single, "avg"], 0.0
+    stats = stats.loc[table["bin"]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalised = (table["dispersion"].to_numpy() - stats["avg"].to_numpy()) / stats["dev"].to_numpy()
+    finite = normalised[~np.isnan(normalised)]
+    if len(finite) <= n_top_genes:
+        return np.flatnonzero(~np.isnan(normalised))
+    cut = np.sort(finite)[::-1][n_top_genes - 1]
+    return np.flatnonzero(np.nan_to_num(normalised, nan=-np.inf) >= cut)
+
+
+def selection_aligner(n_genes: int, keep: np.ndarray, input_transform: str, semantics: str) -> GeneAligner:
+    """Aligner for the reference restricted to the genes ``keep`` (sorted column numbers): each row is
+    brought to its linear scale over *all* its genes (a cell's depth is its whole library, as for a
+    query), then the kept columns are taken."""
+    if len(keep) == n_genes:
+        return identity_aligner(n_genes, input_transform, semantics)
+    selection = sp.csr_matrix((np.ones(len(keep), dtype=np.float32), (np.asarray(keep), np.arange(len(keep)))),
+                              shape=(n_genes, len(keep)))
+    return GeneAligner(len(keep), input_transform, semantics, selection,
+                       {"n_model_genes": len(keep), "n_reference_genes": n_genes})
 
 
 def identity_aligner(n_genes: int, input_transform: str, semantics: str) -> GeneAligner:

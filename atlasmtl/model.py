@@ -136,7 +136,7 @@ class TrainedModel:
             "model": {
                 "levels": ", ".join(f"{c} ({len(self.classes[c])})" for c in self.label_columns),
                 "coordinate heads": ", ".join(self.coord_targets) or "none",
-                "genes": len(self.metadata["genes"]),
+                "genes": _genes_line(len(self.metadata["genes"]), stored.get("reference genes")),
                 "hidden sizes": arch["hidden_sizes"],
                 "ensemble members": arch.get("ensemble_size", 1),
                 "input transform": self.metadata["input_transform"],
@@ -189,3 +189,10 @@ class TrainedModel:
         with torch.no_grad():
             t = torch.as_tensor(x, dtype=torch.float32, device=device)
             return self.network(t)
+
+
+def _genes_line(n_model: int, n_reference: int | None) -> str | int:
+    """The model's genes, and of how many reference genes they were selected (``n_top_genes``)."""
+    if n_reference is None or n_reference == n_model:
+        return n_model
+    return f"{n_model} most variable of {n_reference}"

@@ -39,8 +39,9 @@ from .genes import (
     GeneAligner,
     alternative_ids,
     detect_namespace,
-    identity_aligner,
+    highly_variable_genes,
     log_gene_statistics,
+    selection_aligner,
 )
 from .io import open_anndata
 from .inputs import (
@@ -83,6 +84,9 @@ from .runtime import (
 
 
 
+#: ``build_model(n_top_genes=...)``'s default: the reference's most variable genes the network reads
+#: (``None``: every gene).
+N_TOP_GENES: int | None = 5000
 #: learning-rate schedules of :func:`build_model` (``lr_schedule``)
 LR_SCHEDULES = ("constant", "cosine")
 #: ``ensemble_size="auto"``: at most this many members ...
@@ -125,6 +129,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "calibration_fraction": as_float("calibration_fraction", p["calibration_fraction"], 0.0, 1.0, high_open=True),
         "early_stopping_patience": as_int("early_stopping_patience", p["early_stopping_patience"], allow_none=True),
         "hidden_sizes": as_int_list("hidden_sizes", p["hidden_sizes"]),
+        "n_top_genes": as_int("n_top_genes", p["n_top_genes"], allow_none=True),
         "reference_storage": as_choice("reference_storage", p["reference_storage"], REFERENCE_STORAGE),
         "input_transform": as_choice("input_transform", p["input_transform"], INPUT_TRANSFORMS),
         "use_raw": as_bool("use_raw", p["use_raw"]),
@@ -301,6 +306,7 @@ def build_model(
     *,
     layer: str | None = None,
     use_raw: bool = False,
+    n_top_genes: int | None = N_TOP_GENES,
     hidden_sizes: Sequence[int] = (256, 128),
     dropout_rate: float = 0.5,
     batch_size: int = 256,
@@ -346,6 +352,13 @@ def build_model(
         Read expression values from ``adata.layers[layer]`` instead of ``X``.
     use_raw
         Read expression values (and genes) from ``adata.raw`` instead of ``X``.
+    n_top_genes
+        Train on the reference's ``n_top_genes`` most variable genes (scanpy's ``flavor="seurat"``
+        ranking, :func:`atlasmtl.genes.highly_variable_genes`, computed on the labelled cells in one
+        streaming pass; each cell is still normalised over all its genes). A reference with no more
+        genes keeps them all, as does ``None``. The genes not kept are not read from a query either:
+        the model's genes are the kept ones. Evidence for the default in
+        ``documents/design/api_contract.md`` ("Gene selection").
     hidden_sizes
         Encoder layer widths (each ``Linear → ReLU → Dropout``).
     dropout_rate
@@ -458,6 +471,7 @@ def build_model(
         calibration_fraction=calibration_fraction,
         early_stopping_patience=early_stopping_patience,
         hidden_sizes=hidden_sizes,
+        n_top_genes=n_top_genes,
         reference_storage=reference_storage,
         input_transform=input_transform,
         use_raw=use_raw,
@@ -486,7 +500,7 @@ def build_model(
 
     t_prepare = time.perf_counter()
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
-                            input_transform=input_transform, source=source)
+                            input_transform=input_transform, source=source, n_top_genes=p["n_top_genes"])
     phase_seconds = {"prepare": time.perf_counter() - t_prepare}
     rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
@@ -518,7 +532,7 @@ def build_model(
         for member in range(n_members):  # member 0 is the network a single-network model would have
             torch.manual_seed(seed + 1_000_003 * member)
             net = MultiTaskNetwork(
-                ref.source.n_vars,
+                ref.n_genes,
                 [len(ref.classes[c]) for c in ref.label_columns],
                 {n: values.shape[1] for n, values in ref.coords.items()},
                 hidden_sizes,
@@ -580,6 +594,7 @@ def build_model(
         "coord_targets": {k: (v if isinstance(v, str) else "<array>") for k, v in (coord_targets or {}).items()},
         "layer": layer,
         "use_raw": use_raw,
+        "n_top_genes": p["n_top_genes"],
         "hidden_sizes": hidden_sizes,
         "dropout_rate": dropout_rate,
         "batch_size": batch_size,
@@ -612,7 +627,8 @@ def build_model(
             "validation cells": int(n_val),
             "calibration cells": int(len(calib_cells)),
             "dropped unlabelled cells": ref.dropped,
-            "genes": int(ref.source.n_vars),
+            "genes": ref.n_genes,
+            "reference genes": int(ref.source.n_vars),
             "device": dev.type,
             "cpu count": available_cpus(),
             "threads": n_threads,
@@ -670,6 +686,10 @@ class Reference:
         Coordinate targets (cells × dims) and their mean / std over the used cells.
     cells, dropped
         Cells with a label at some level (the ones used), and how many were dropped.
+    genes
+        Columns of ``source`` the network reads (sorted; every column unless ``n_top_genes`` selected
+        fewer): the model's genes. :attr:`aligner` takes them from each row after normalising it over
+        all its genes.
     """
 
     source: MatrixSource
@@ -683,6 +703,12 @@ class Reference:
     coord_stats: dict[str, dict[str, np.ndarray]]
     cells: np.ndarray
     dropped: int
+    genes: np.ndarray
+
+    @property
+    def n_genes(self) -> int:
+        """Network input width: the model's genes."""
+        return int(len(self.genes))
 
     def standardised_coords(self) -> dict[str, np.ndarray]:
         """Coordinate targets standardised with :attr:`coord_stats` (what the coordinate heads learn)."""
@@ -699,14 +725,17 @@ def prepare_reference(
     use_raw: bool,
     input_transform: str,
     source: MatrixSource | None = None,
+    n_top_genes: int | None = None,
 ) -> Reference:
-    """Check the reference, encode its labels and coordinates and pick the cells to train on.
+    """Check the reference, encode its labels and coordinates and pick the cells and genes to train on.
 
     ``source`` is the expression matrix when it was opened apart from ``adata`` (a
     reference file read from disk, :func:`~atlasmtl.inputs.h5ad_reference_source`, whose
     labels and coordinates come as a :class:`~atlasmtl.inputs.ReferenceTable`).
 
     The matrix checks (values, semantics) are the ones :func:`atlasmtl.predict` runs on a query.
+    With ``n_top_genes`` below the number of genes, the model keeps the reference's ``n_top_genes``
+    most variable genes (:func:`~atlasmtl.genes.highly_variable_genes`, on the labelled cells).
     """
     if source is None:
         source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
@@ -745,13 +774,17 @@ def prepare_reference(
         std = values[cells].std(axis=0)
         std[std == 0] = 1.0
         coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
-    aligner = identity_aligner(source.n_vars, input_transform, semantics["semantics"])
-    if input_transform == "zscore":  # under torchrun each rank reads its share and the sums are combined
-        share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
-        aligner.gene_mean, aligner.gene_std = log_gene_statistics(
-            source, aligner, share, reduce=_dist.all_reduce_sum if _dist.is_distributed() else None)
+    # under torchrun each rank reads its share of the cells and the per-gene sums are combined
+    share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
+    reduce = _dist.all_reduce_sum if _dist.is_distributed() else None
+    genes = np.arange(source.n_vars)
+    if n_top_genes is not None and n_top_genes < source.n_vars:
+        genes = highly_variable_genes(source, semantics["semantics"], share, n_top_genes, reduce=reduce)
+    aligner = selection_aligner(source.n_vars, genes, input_transform, semantics["semantics"])
+    if input_transform == "zscore":
+        aligner.gene_mean, aligner.gene_std = log_gene_statistics(source, aligner, share, reduce=reduce)
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
-                     cells, dropped)
+                     cells, dropped, genes)
 
 
 # ---------------------------------------------------------------- fit
@@ -1167,8 +1200,9 @@ def fit(
 
         if dev.type == "cpu" and use_worker_process(source.backed, _dist.is_distributed()):
             extra = 0 if objective.zero_row is None else 1  # the f(0) row (SparseInput.zero_row)
-            slots = CsrSlots(4, batch_size + extra, source.n_vars,
-                             max_batch_nonzeros(source.matrix, shard, batch_size) + extra * source.n_vars,
+            n_genes = objective.ref.n_genes  # the network input's width (the model's genes)
+            slots = CsrSlots(4, batch_size + extra, n_genes,
+                             max_batch_nonzeros(source.matrix, shard, batch_size) + extra * n_genes,
                              objective.step_draw_fields())
             prepared = forked_prefetch(epochs, slots)
         else:
@@ -1340,7 +1374,7 @@ def calibrate(
             lambda rows: aligner.transform(source.rows(rows)),
             lambda rows: aligner.sparse_input(source.rows(rows)),
             aligner.zero_input(),
-            source.n_vars,
+            ref.n_genes,
             train_sorted,
             {lv: ref.codes[train_sorted, j] for j, lv in enumerate(levels)},
             {lv: len(ref.classes[lv]) for lv in levels},
@@ -1360,13 +1394,13 @@ def describe(
     ensemble_size: int = 1,
 ) -> dict[str, Any]:
     """The model's metadata: genes, label encoders, input transform, coordinates, hierarchy, architecture."""
-    genes = [str(g) for g in ref.source.var_names]
+    genes = [str(g) for g in ref.source.var_names[ref.genes]]
     return {
         "model_id": new_model_id(),  # the identity every saved file of this model carries
         "atlasmtl_version": __version__,
         "genes": genes,
         "gene_namespace": detect_namespace(genes),
-        "gene_alt_ids": alternative_ids(ref.source.var),
+        "gene_alt_ids": alternative_ids(ref.source.var.iloc[ref.genes]),
         "input_transform": ref.aligner.input_transform,
         "gene_stats": (
             {"mean": ref.aligner.gene_mean.tolist(), "std": ref.aligner.gene_std.tolist()}
@@ -1379,7 +1413,7 @@ def describe(
         "coord_targets": {k: (v if isinstance(v, str) else k) for k, v in (coord_targets or {}).items()},
         "coord_stats": ref.coord_stats,
         "architecture": {
-            "n_genes": int(ref.source.n_vars),
+            "n_genes": ref.n_genes,
             "n_classes": [len(ref.classes[c]) for c in ref.label_columns],
             "coord_dims": {n: int(v.shape[1]) for n, v in ref.coords.items()},
             "hidden_sizes": hidden_sizes,

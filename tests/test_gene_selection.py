@@ -1,0 +1,113 @@
+"""Gene selection: ``build_model(n_top_genes=...)`` trains on the reference's most variable genes.
+
+The ranking is scanpy's ``flavor="seurat"`` one, computed in a streaming pass; the network reads
+only the kept genes, and each cell is still normalised over its whole library (as a query is).
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+import atlasmtl
+from atlasmtl.exceptions import ParameterError
+from atlasmtl.genes import build_aligner, highly_variable_genes
+from atlasmtl.inputs import get_matrix_source
+from atlasmtl.training import prepare_reference
+
+from .conftest import SYMPHONY_LEVELS
+from .test_shift import _counts
+
+FAST = dict(num_epochs=4, ensemble_size=1, hidden_sizes=(32,), num_threads=1, show_progress=False, show_summary=False)
+
+
+def _scanpy_hvg(log_values: ad.AnnData, n: int) -> np.ndarray:
+    table = sc.pp.highly_variable_genes(log_values, n_top_genes=n, flavor="seurat", inplace=False)
+    return np.flatnonzero(table["highly_variable"].to_numpy())
+
+
+@pytest.mark.parametrize("n", [200, 800])
+def test_selection_is_scanpys_seurat_ranking_on_log_values(symphony, n):
+    cells = np.arange(symphony.n_obs)
+    ours = highly_variable_genes(get_matrix_source(symphony), "lognorm", cells, n, chunk_size=97)
+    assert len(ours) == n
+    np.testing.assert_array_equal(ours, _scanpy_hvg(symphony, n))
+
+
+def test_selection_on_counts_normalises_each_cell_first(symphony):
+    counts = ad.AnnData(_counts(symphony), obs=symphony.obs, var=symphony.var)
+    ours = highly_variable_genes(get_matrix_source(counts), "counts", np.arange(counts.n_obs), 300)
+    log_values = counts.copy()
+    sc.pp.normalize_total(log_values, target_sum=1e4)
+    sc.pp.log1p(log_values)
+    np.testing.assert_array_equal(ours, _scanpy_hvg(log_values, 300))
+    dense = ad.AnnData(counts.X.toarray(), obs=counts.obs, var=counts.var)  # a dense matrix streams alike
+    np.testing.assert_array_equal(highly_variable_genes(get_matrix_source(dense), "counts", np.arange(dense.n_obs), 300), ours)
+
+
+def test_model_reads_only_the_selected_genes(symphony_split):
+    ref, query = symphony_split
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, n_top_genes=300, random_state=0, **FAST)
+    expected = _scanpy_hvg(ref, 300)
+    assert model.genes == list(ref.var_names[expected])
+    assert model.metadata["architecture"]["n_genes"] == 300
+    assert model.metadata["train_config"]["n_top_genes"] == 300
+    assert model.metadata["train_config"]["resource_summary"]["reference genes"] == ref.n_vars
+    assert len(model.metadata["gene_stats"]["mean"]) == 300
+    result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+    assert result.metadata["genes"]["n_matched"] == 300
+    accuracy = np.mean(np.asarray(result.labels("cell_type_broad")).astype(str) == query.obs["cell_type_broad"].astype(str).to_numpy())
+    assert accuracy > 0.8  # 4 epochs of one small network: a floor that a broken selection would fail
+
+
+def test_selected_reference_cells_are_normalised_over_their_whole_library(symphony_split):
+    """A counts reference: the network input of a reference cell is what a query holding the same
+    cell (every gene) gets, so the depth a selected gene is scaled by is the cell's whole library."""
+    ref, _ = symphony_split
+    counts = ad.AnnData(_counts(ref), obs=ref.obs, var=ref.var)
+    prepared = prepare_reference(counts, SYMPHONY_LEVELS, None, layer=None, use_raw=False, input_transform="zscore",
+                                 n_top_genes=250)
+    assert prepared.n_genes == 250 and prepared.aligner.n_model_genes == 250
+    genes = list(counts.var_names[prepared.genes])
+    query_side = build_aligner(genes, "symbol", {}, get_matrix_source(counts), "zscore", "counts",
+                               gene_mean=prepared.aligner.gene_mean, gene_std=prepared.aligner.gene_std)
+    rows = counts.X[:50]
+    np.testing.assert_allclose(prepared.aligner.sparse_input(rows).toarray(), query_side.sparse_input(rows).toarray(),
+                               rtol=1e-6, atol=1e-6)
+    totals = np.asarray(rows.sum(axis=1)).ravel()
+    kept_totals = np.asarray(rows[:, prepared.genes].sum(axis=1)).ravel()
+    assert (kept_totals < totals).all()  # the kept genes alone would give another depth
+
+
+def test_training_from_disk_selects_the_same_genes(symphony_split, tmp_path):
+    ref, _ = symphony_split
+    path = tmp_path / "ref.h5ad"
+    ref.write_h5ad(path)
+    in_memory = atlasmtl.build_model(ref, SYMPHONY_LEVELS, n_top_genes=300, random_state=0, **FAST)
+    from_disk = atlasmtl.build_model(str(path), SYMPHONY_LEVELS, n_top_genes=300, random_state=0, **FAST)
+    assert from_disk.genes == in_memory.genes
+
+
+def test_n_top_genes_at_or_above_the_gene_count_keeps_every_gene(synthetic_split):
+    ref, _ = synthetic_split
+    for n in (ref.n_vars, ref.n_vars + 1, None):
+        model = atlasmtl.build_model(ref, ["coarse", "fine"], n_top_genes=n, random_state=0, **FAST)
+        assert model.genes == list(ref.var_names)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "5000", True])
+def test_bad_n_top_genes_is_a_parameter_error(synthetic_split, bad):
+    with pytest.raises(ParameterError, match="n_top_genes"):
+        atlasmtl.build_model(synthetic_split[0], ["coarse", "fine"], n_top_genes=bad, **FAST)
+
+
+def test_selection_is_deterministic_and_leaves_the_reference_untouched(symphony_split):
+    ref, _ = symphony_split
+    before = ref.X.copy()
+    first = highly_variable_genes(get_matrix_source(ref), "lognorm", np.arange(ref.n_obs), 400)
+    second = highly_variable_genes(get_matrix_source(ref), "lognorm", np.arange(ref.n_obs), 400)
+    np.testing.assert_array_equal(first, second)
+    assert (ref.X != before).nnz == 0 if sp.issparse(before) else np.array_equal(ref.X, before)
