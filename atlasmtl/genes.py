@@ -304,6 +304,32 @@ class GeneAligner:
         return np.clip(dense, -ZSCORE_CLIP, ZSCORE_CLIP, out=dense)
 
 
+def _float64(x: Any) -> Any:
+    """A sparse or dense block in float64 (sums of squares of linear-scale values stay exact enough)."""
+    return sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+
+
+def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, n: int, chunk_size: int,
+                          reduce: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-column sums and sums of squares (float64) of ``values(rows)`` over ``cells``, read ``chunk_size``
+    rows at a time (sparse or dense blocks), and the cell count; ``reduce`` combines them over processes."""
+    total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
+    for start in range(0, len(cells), chunk_size):
+        x = values(source.rows(cells[start : start + chunk_size]))
+        if sp.issparse(x):
+            total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+            total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
+        else:
+            x = np.asarray(x, dtype=np.float64)
+            total += x.sum(axis=0)
+            total_sq += np.einsum("ij,ij->j", x, x)
+    count = len(cells)
+    if reduce is not None:
+        summed = reduce(np.concatenate([total, total_sq, [count]]))
+        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
+    return total, total_sq, count
+
+
 def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.ndarray,
                         chunk_size: int = 4096, reduce: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation per gene of the reference's log1p values, in one streaming pass.
@@ -314,16 +340,8 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
     ``reduce`` sums the per-gene sums and the cell count over processes (each passing
     its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
-    n = aligner.n_model_genes
-    total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
-    for start in range(0, len(cells), chunk_size):
-        x = aligner._sparse_values(source.rows(cells[start : start + chunk_size]))
-        total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
-        total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
-    count = len(cells)
-    if reduce is not None:
-        summed = reduce(np.concatenate([total, total_sq, [count]]))
-        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
+    total, total_sq, count = _streamed_column_sums(source, cells, aligner._sparse_values, aligner.n_model_genes,
+                                                   chunk_size, reduce)
     count = max(count, 1)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
@@ -365,21 +383,8 @@ def highly_variable_genes(source: MatrixSource, semantics: str, cells: np.ndarra
         Sorted column numbers of the kept genes.
     """
     n = source.n_vars
-    total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
-    for start in range(0, len(cells), chunk_size):
-        linear = to_linear_values(source.rows(cells[start : start + chunk_size]), semantics, "float")
-        if sp.issparse(linear):
-            linear = sp.csr_matrix(linear, dtype=np.float64)
-            total += np.asarray(linear.sum(axis=0)).ravel()
-            total_sq += np.asarray(linear.multiply(linear).sum(axis=0)).ravel()
-        else:
-            linear = np.asarray(linear, dtype=np.float64)
-            total += linear.sum(axis=0)
-            total_sq += np.einsum("ij,ij->j", linear, linear)
-    count = len(cells)
-    if reduce is not None:
-        summed = reduce(np.concatenate([total, total_sq, [count]]))
-        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
+    total, total_sq, count = _streamed_column_sums(
+        source, cells, lambda block: _float64(to_linear_values(block, semantics, "float")), n, chunk_size, reduce)
     if n_top_genes >= n or count < 2:
         return np.arange(n)
     mean = total / count
