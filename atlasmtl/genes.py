@@ -310,24 +310,44 @@ def _float64(x: Any) -> Any:
 
 
 def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, n: int, chunk_size: int,
-                          reduce: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-column sums and sums of squares (float64) of ``values(rows)`` over ``cells``, read ``chunk_size``
-    rows at a time (sparse or dense blocks), and the cell count; ``reduce`` combines them over processes."""
-    total, total_sq = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
+                          reduce: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Per-column sums and sums of squares (float64) over ``cells`` of each block that ``values(rows)``
+    returns (a sequence of sparse or dense blocks of ``n`` columns, all from one read of the rows), read
+    ``chunk_size`` rows at a time, and the cell count; ``reduce`` combines them over processes.
+
+    Returns ``[(sums, sums of squares) per block], count``."""
+    sums: list[tuple[np.ndarray, np.ndarray]] | None = None
     for start in range(0, len(cells), chunk_size):
-        x = values(source.rows(cells[start : start + chunk_size]))
-        if sp.issparse(x):
-            total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
-            total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
-        else:
-            x = np.asarray(x, dtype=np.float64)
-            total += x.sum(axis=0)
-            total_sq += np.einsum("ij,ij->j", x, x)
+        blocks = values(source.rows(cells[start : start + chunk_size]))
+        if sums is None:
+            sums = [(np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)) for _ in blocks]
+        for (total, total_sq), x in zip(sums, blocks):
+            if sp.issparse(x):
+                total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+                total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
+            else:
+                x = np.asarray(x, dtype=np.float64)
+                total += x.sum(axis=0)
+                total_sq += np.einsum("ij,ij->j", x, x)
+    if sums is None:  # no cells: the blocks' number is that of an empty read
+        sums = [(np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64))
+                for _ in values(source.rows(cells[:0]))]
     count = len(cells)
     if reduce is not None:
-        summed = reduce(np.concatenate([total, total_sq, [count]]))
-        total, total_sq, count = summed[:n], summed[n : 2 * n], int(round(summed[-1]))
-    return total, total_sq, count
+        summed = reduce(np.concatenate([v for pair in sums for v in pair] + [np.array([count], dtype=np.float64)]))
+        sums = [(summed[2 * i * n : (2 * i + 1) * n], summed[(2 * i + 1) * n : (2 * i + 2) * n])
+                for i in range(len(sums))]
+        count = int(round(summed[-1]))
+    return sums, count
+
+
+def _log_statistics(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (float32) from per-gene sums of log values; a deviation under 1e-3 becomes 1."""
+    count = max(count, 1)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std[std < 1e-3] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.ndarray,
@@ -340,13 +360,9 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
     ``reduce`` sums the per-gene sums and the cell count over processes (each passing
     its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
-    total, total_sq, count = _streamed_column_sums(source, cells, aligner._sparse_values, aligner.n_model_genes,
-                                                   chunk_size, reduce)
-    count = max(count, 1)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    std[std < 1e-3] = 1.0
-    return mean.astype(np.float32), std.astype(np.float32)
+    [(total, total_sq)], count = _streamed_column_sums(
+        source, cells, lambda block: (aligner._sparse_values(block),), aligner.n_model_genes, chunk_size, reduce)
+    return _log_statistics(total, total_sq, count)
 
 
 def highly_variable_genes(source: MatrixSource, semantics: str, cells: np.ndarray, n_top_genes: int,
@@ -382,9 +398,72 @@ def highly_variable_genes(source: MatrixSource, semantics: str, cells: np.ndarra
     numpy.ndarray
         Sorted column numbers of the kept genes.
     """
+    return reference_gene_statistics(source, semantics, cells, n_top_genes, "float", chunk_size, reduce)[0]
+
+
+def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.ndarray, n_top_genes: int | None,
+                              input_transform: str, chunk_size: int = 4096, reduce: Any = None,
+                              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The genes a model keeps and, for ``zscore`` input, their log statistics, from one read of the reference.
+
+    Each block of rows is brought to its linear scale over all its genes once (as
+    :func:`to_linear_values`); the per-gene sums of those values rank the genes
+    (:func:`highly_variable_genes`) and the sums of their ``log1p`` give the
+    standardisation of every gene, of which the kept genes' are returned. Both
+    equal what :func:`highly_variable_genes` and :func:`log_gene_statistics` (on
+    :func:`selection_aligner` of the kept genes) compute in two passes.
+
+    Parameters
+    ----------
+    source
+        The reference matrix.
+    semantics
+        What it holds (``"counts"``, ``"lognorm"`` or ``"other"``).
+    cells
+        Rows to compute the statistics on (sorted).
+    n_top_genes
+        Genes to keep; ``None`` (or at least the number of genes) keeps all.
+    input_transform
+        The model's input transform; the log statistics are computed for ``"zscore"`` only.
+    chunk_size
+        Rows read at once.
+    reduce
+        Sums the per-gene sums and the cell count over processes (:func:`atlasmtl.distributed.all_reduce_sum`).
+
+    Returns
+    -------
+    tuple
+        Sorted column numbers of the kept genes, and their log mean and standard deviation
+        (float32; ``None`` unless ``input_transform="zscore"``).
+    """
     n = source.n_vars
-    total, total_sq, count = _streamed_column_sums(
-        source, cells, lambda block: _float64(to_linear_values(block, semantics, "float")), n, chunk_size, reduce)
+    select = n_top_genes is not None and n_top_genes < n
+    zscore = input_transform == "zscore"
+    if not select and not zscore:
+        return np.arange(n), None, None
+
+    def values(block: Any) -> tuple[Any, ...]:
+        linear = to_linear_values(block, semantics, "float")
+        out = (_float64(linear),) if select else ()
+        if zscore:
+            log_values = sp.csr_matrix(linear, dtype=np.float32, copy=linear is block)
+            log_values.eliminate_zeros()
+            np.log1p(log_values.data, out=log_values.data)
+            out += (log_values,)
+        return out
+
+    sums, count = _streamed_column_sums(source, cells, values, n, chunk_size, reduce)
+    keep = _most_variable(*sums[0], count, n_top_genes) if select else np.arange(n)
+    if not zscore:
+        return keep, None, None
+    mean, std = _log_statistics(sums[-1][0][keep], sums[-1][1][keep], count)
+    return keep, mean, std
+
+
+def _most_variable(total: np.ndarray, total_sq: np.ndarray, count: int, n_top_genes: int) -> np.ndarray:
+    """Scanpy's ``flavor="seurat"`` selection from per-gene sums of linear-scale values (see
+    :func:`highly_variable_genes`)."""
+    n = len(total)
     if n_top_genes >= n or count < 2:
         return np.arange(n)
     mean = total / count

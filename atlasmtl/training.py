@@ -39,8 +39,7 @@ from .genes import (
     GeneAligner,
     alternative_ids,
     detect_namespace,
-    highly_variable_genes,
-    log_gene_statistics,
+    reference_gene_statistics,
     selection_aligner,
 )
 from .io import open_anndata
@@ -777,12 +776,11 @@ def prepare_reference(
     # under torchrun each rank reads its share of the cells and the per-gene sums are combined
     share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
     reduce = _dist.all_reduce_sum if _dist.is_distributed() else None
-    genes = np.arange(source.n_vars)
-    if n_top_genes is not None and n_top_genes < source.n_vars:
-        genes = highly_variable_genes(source, semantics["semantics"], share, n_top_genes, reduce=reduce)
+    # one read of the reference ranks its genes and standardises the kept ones
+    genes, gene_mean, gene_std = reference_gene_statistics(source, semantics["semantics"], share, n_top_genes,
+                                                           input_transform, reduce=reduce)
     aligner = selection_aligner(source.n_vars, genes, input_transform, semantics["semantics"])
-    if input_transform == "zscore":
-        aligner.gene_mean, aligner.gene_std = log_gene_statistics(source, aligner, share, reduce=reduce)
+    aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped, genes)
 

@@ -14,7 +14,13 @@ import scipy.sparse as sp
 
 import atlasmtl
 from atlasmtl.exceptions import ParameterError
-from atlasmtl.genes import build_aligner, highly_variable_genes
+from atlasmtl.genes import (
+    build_aligner,
+    highly_variable_genes,
+    log_gene_statistics,
+    reference_gene_statistics,
+    selection_aligner,
+)
 from atlasmtl.inputs import get_matrix_source
 from atlasmtl.training import prepare_reference
 
@@ -46,6 +52,28 @@ def test_selection_on_counts_normalises_each_cell_first(symphony):
     np.testing.assert_array_equal(ours, _scanpy_hvg(log_values, 300))
     dense = ad.AnnData(counts.X.toarray(), obs=counts.obs, var=counts.var)  # a dense matrix streams alike
     np.testing.assert_array_equal(highly_variable_genes(get_matrix_source(dense), "counts", np.arange(dense.n_obs), 300), ours)
+
+
+@pytest.mark.parametrize("semantics", ["lognorm", "counts", "dense counts"])
+@pytest.mark.parametrize("n_top_genes", [300, None])
+def test_one_read_gives_the_selection_and_the_statistics_of_two_passes(symphony, semantics, n_top_genes):
+    """``build_model`` reads the reference once for the selection and the z-score statistics; both are
+    exactly what the two separate passes give (the selection, then the statistics of the kept genes)."""
+    data = symphony
+    if semantics != "lognorm":
+        data = ad.AnnData(_counts(symphony), obs=symphony.obs, var=symphony.var)
+        if semantics == "dense counts":
+            data = ad.AnnData(data.X.toarray(), obs=data.obs, var=data.var)
+    kind = "lognorm" if semantics == "lognorm" else "counts"
+    source, cells = get_matrix_source(data), np.arange(3, data.n_obs, 2)  # a subset of the rows, as in training
+    keep, mean, std = reference_gene_statistics(source, kind, cells, n_top_genes, "zscore", chunk_size=97)
+    expected = np.arange(data.n_vars) if n_top_genes is None else highly_variable_genes(source, kind, cells, n_top_genes)
+    np.testing.assert_array_equal(keep, expected)
+    two_pass = log_gene_statistics(source, selection_aligner(data.n_vars, expected, "zscore", kind), cells,
+                                   chunk_size=97)
+    np.testing.assert_array_equal(mean, two_pass[0])
+    np.testing.assert_array_equal(std, two_pass[1])
+    assert reference_gene_statistics(source, kind, cells, n_top_genes, "float")[1:] == (None, None)
 
 
 def test_model_reads_only_the_selected_genes(symphony_split):

@@ -229,7 +229,7 @@ def patch_gene_subspace(keep: float) -> None:
 
 def pseudo_std_factor(std: np.ndarray, s0: float) -> np.ndarray:
     """``std / sqrt(std² + s0²)`` per gene: what the pseudo standard deviation multiplies a z-score by (1 for
-    the genes ``log_gene_statistics`` set to std 1, those under 1e-3)."""
+    the genes ``reference_gene_statistics`` set to std 1, those under 1e-3)."""
     factor = np.ones_like(std, dtype=np.float64)
     kept = std != 1.0
     factor[kept] = std[kept] / np.sqrt(std[kept].astype(np.float64) ** 2 + s0**2)
@@ -238,13 +238,13 @@ def pseudo_std_factor(std: np.ndarray, s0: float) -> np.ndarray:
 
 def patch_gene_std(s0: float) -> None:
     """Pseudo standard deviation ``sqrt(std² + s0²)`` for the z-score input (see the module docstring)."""
-    stats = tr.log_gene_statistics
+    stats = tr.reference_gene_statistics
 
     def patched_stats(*args, **kwargs):
-        mean, std = stats(*args, **kwargs)
-        return mean, (std / pseudo_std_factor(std, s0)).astype(np.float32)
+        keep, mean, std = stats(*args, **kwargs)
+        return keep, mean, (std / pseudo_std_factor(std, s0)).astype(np.float32)
 
-    tr.log_gene_statistics = patched_stats
+    tr.reference_gene_statistics = patched_stats
 
 
 def patch_view_std(s0: float) -> None:
@@ -252,13 +252,13 @@ def patch_view_std(s0: float) -> None:
     import atlasmtl.prediction as pr
     from atlasmtl.network import SparseInput
 
-    stats, fit_view, view_block = tr.log_gene_statistics, tr.fit_input_view, pr._input_view_block
+    stats, fit_view, view_block = tr.reference_gene_statistics, tr.fit_input_view, pr._input_view_block
     weight: dict[str, np.ndarray] = {}  # set when a model's statistics are computed; used by its predictions
 
     def patched_stats(*args, **kwargs):
-        mean, std = stats(*args, **kwargs)
+        keep, mean, std = stats(*args, **kwargs)
         weight["w"] = pseudo_std_factor(std, s0).astype(np.float32)
-        return mean, std
+        return keep, mean, std
 
     def scaled(m):
         return sp.csr_matrix(m.multiply(weight["w"][None, :]), dtype=np.float32)
@@ -276,7 +276,7 @@ def patch_view_std(s0: float) -> None:
             x = x * torch.as_tensor(w, device=x.device)
         return view_block(view, x, None if zero is None else zero * w, buffers, rows)
 
-    tr.log_gene_statistics, tr.fit_input_view, pr._input_view_block = patched_stats, patched_fit_view, patched_block
+    tr.reference_gene_statistics, tr.fit_input_view, pr._input_view_block = patched_stats, patched_fit_view, patched_block
 
 
 def patch_clip(c: float) -> None:
