@@ -376,27 +376,8 @@ def highly_variable_genes(source: MatrixSource, semantics: str, cells: np.ndarra
     within its bin; the genes of the ``n_top_genes`` largest standardised dispersions are kept (ties at
     the cut are all kept, as in scanpy). This is exactly :func:`scanpy.pp.highly_variable_genes` with
     ``flavor="seurat", n_top_genes=n_top_genes`` on log1p counts per 10,000 (tested against it), without
-    ever holding more than ``chunk_size`` rows: the reference may be on disk.
-
-    Parameters
-    ----------
-    source
-        The reference matrix.
-    semantics
-        What it holds (``"counts"``, ``"lognorm"`` or ``"other"``).
-    cells
-        Rows to compute the statistics on (sorted).
-    n_top_genes
-        Genes to keep (all when the matrix has no more).
-    chunk_size
-        Rows read at once.
-    reduce
-        Sums the per-gene sums and the cell count over processes (:func:`atlasmtl.distributed.all_reduce_sum`).
-
-    Returns
-    -------
-    numpy.ndarray
-        Sorted column numbers of the kept genes.
+    ever holding more than ``chunk_size`` rows: the reference may be on disk. The parameters are those of
+    :func:`reference_gene_statistics`; returns the sorted column numbers of the kept genes.
     """
     return reference_gene_statistics(source, semantics, cells, n_top_genes, "float", chunk_size, reduce)[0]
 
