@@ -309,19 +309,16 @@ def _float64(x: Any) -> Any:
     return sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
 
 
-def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, n: int, chunk_size: int,
-                          reduce: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """Per-column sums and sums of squares (float64) over ``cells`` of each block that ``values(rows)``
-    returns (a sequence of sparse or dense blocks of ``n`` columns, all from one read of the rows), read
+def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, n: int, n_blocks: int,
+                          chunk_size: int, reduce: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Per-column sums and sums of squares (float64) over ``cells`` of each of the ``n_blocks`` blocks that
+    ``values(rows)`` returns (sparse or dense, ``n`` columns each, all from one read of the rows), read
     ``chunk_size`` rows at a time, and the cell count; ``reduce`` combines them over processes.
 
     Returns ``[(sums, sums of squares) per block], count``."""
-    sums: list[tuple[np.ndarray, np.ndarray]] | None = None
+    sums = [(np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)) for _ in range(n_blocks)]
     for start in range(0, len(cells), chunk_size):
-        blocks = values(source.rows(cells[start : start + chunk_size]))
-        if sums is None:
-            sums = [(np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)) for _ in blocks]
-        for (total, total_sq), x in zip(sums, blocks):
+        for (total, total_sq), x in zip(sums, values(source.rows(cells[start : start + chunk_size])), strict=True):
             if sp.issparse(x):
                 total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
                 total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
@@ -329,14 +326,11 @@ def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, 
                 x = np.asarray(x, dtype=np.float64)
                 total += x.sum(axis=0)
                 total_sq += np.einsum("ij,ij->j", x, x)
-    if sums is None:  # no cells: the blocks' number is that of an empty read
-        sums = [(np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64))
-                for _ in values(source.rows(cells[:0]))]
     count = len(cells)
     if reduce is not None:
         summed = reduce(np.concatenate([v for pair in sums for v in pair] + [np.array([count], dtype=np.float64)]))
         sums = [(summed[2 * i * n : (2 * i + 1) * n], summed[(2 * i + 1) * n : (2 * i + 2) * n])
-                for i in range(len(sums))]
+                for i in range(n_blocks)]
         count = int(round(summed[-1]))
     return sums, count
 
@@ -361,7 +355,7 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
     its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
     [(total, total_sq)], count = _streamed_column_sums(
-        source, cells, lambda block: (aligner._sparse_values(block),), aligner.n_model_genes, chunk_size, reduce)
+        source, cells, lambda block: (aligner._sparse_values(block),), aligner.n_model_genes, 1, chunk_size, reduce)
     return _log_statistics(total, total_sq, count)
 
 
@@ -433,7 +427,7 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
             out += (log_values,)
         return out
 
-    sums, count = _streamed_column_sums(source, cells, values, n, chunk_size, reduce)
+    sums, count = _streamed_column_sums(source, cells, values, n, int(select) + int(zscore), chunk_size, reduce)
     keep = _most_variable(*sums[0], count, n_top_genes) if select else np.arange(n)
     if not zscore:
         return keep, None, None
