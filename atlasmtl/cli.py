@@ -151,11 +151,11 @@ def _int_list(text: str) -> list[int]:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     from .gating import KNN_MODES
-    from .genes import INPUT_TRANSFORMS
+    from .genes import GENE_SELECTIONS, INPUT_TRANSFORMS
     from .training import LR_SCHEDULES, REFERENCE_STORAGE
 
     return {"input_transform": INPUT_TRANSFORMS, "reference_storage": REFERENCE_STORAGE, "knn_correction": KNN_MODES,
-            "lr_schedule": LR_SCHEDULES}
+            "lr_schedule": LR_SCHEDULES, "gene_selection": GENE_SELECTIONS}
 
 
 def _fmt_default(value: Any) -> str:

@@ -309,16 +309,35 @@ def _float64(x: Any) -> Any:
     return sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
 
 
+@dataclass
+class GroupSums:
+    """Per-group column sums of the last block :func:`_streamed_column_sums` reads, for the label ranking.
+
+    ``sums[g]`` sums the rows of group ``g`` (float64, groups × columns); ``counts[g]`` counts them;
+    ``ungrouped_squares`` is the column sums of squares of the rows in no group (code ``-1``), so the
+    grouped rows' sums of squares are the block's total less these."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+    ungrouped_squares: np.ndarray
+
+
 def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, n: int, n_blocks: int,
-                          chunk_size: int, reduce: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+                          chunk_size: int, reduce: Any, groups: np.ndarray | None = None, n_groups: int = 0,
+                          ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, GroupSums | None]:
     """Per-column sums and sums of squares (float64) over ``cells`` of each of the ``n_blocks`` blocks that
     ``values(rows)`` returns (sparse or dense, ``n`` columns each, all from one read of the rows), read
     ``chunk_size`` rows at a time, and the cell count; ``reduce`` combines them over processes.
+    With ``groups`` (a code in ``[-1, n_groups)`` per cell of ``cells``), the last block's sums are also
+    taken per group (:class:`GroupSums`).
 
-    Returns ``[(sums, sums of squares) per block], count``."""
+    Returns ``[(sums, sums of squares) per block], count, group sums or None``."""
     sums = [(np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)) for _ in range(n_blocks)]
+    grouped = None if groups is None else GroupSums(
+        np.zeros((n_groups, n), dtype=np.float64), np.zeros(n_groups, dtype=np.float64), np.zeros(n, dtype=np.float64))
     for start in range(0, len(cells), chunk_size):
-        for (total, total_sq), x in zip(sums, values(source.rows(cells[start : start + chunk_size])), strict=True):
+        blocks = values(source.rows(cells[start : start + chunk_size]))
+        for (total, total_sq), x in zip(sums, blocks, strict=True):
             if sp.issparse(x):
                 total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
                 total_sq += np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel()
@@ -326,13 +345,41 @@ def _streamed_column_sums(source: MatrixSource, cells: np.ndarray, values: Any, 
                 x = np.asarray(x, dtype=np.float64)
                 total += x.sum(axis=0)
                 total_sq += np.einsum("ij,ij->j", x, x)
+        if grouped is not None:
+            _add_group_sums(grouped, blocks[-1], groups[start : start + chunk_size])
     count = len(cells)
     if reduce is not None:
-        summed = reduce(np.concatenate([v for pair in sums for v in pair] + [np.array([count], dtype=np.float64)]))
+        parts = [v for pair in sums for v in pair] + [np.array([count], dtype=np.float64)]
+        if grouped is not None:
+            parts += [grouped.sums.ravel(), grouped.counts, grouped.ungrouped_squares]
+        summed = reduce(np.concatenate(parts))
         sums = [(summed[2 * i * n : (2 * i + 1) * n], summed[(2 * i + 1) * n : (2 * i + 2) * n])
                 for i in range(n_blocks)]
-        count = int(round(summed[-1]))
-    return sums, count
+        at = 2 * n_blocks * n
+        count = int(round(summed[at]))
+        if grouped is not None:
+            at += 1
+            grouped = GroupSums(summed[at : at + n_groups * n].reshape(n_groups, n),
+                                summed[at + n_groups * n : at + n_groups * (n + 1)], summed[at + n_groups * (n + 1) :])
+    return sums, count, grouped
+
+
+def _add_group_sums(grouped: GroupSums, x: Any, codes: np.ndarray) -> None:
+    """Add a block's rows to their groups' sums (rows with code ``-1`` to the ungrouped squares only)."""
+    codes = np.asarray(codes)
+    member = codes >= 0
+    n_groups = len(grouped.counts)
+    indicator = sp.csr_matrix((np.ones(int(member.sum())), (codes[member], np.flatnonzero(member))),
+                              shape=(n_groups, len(codes)))
+    if sp.issparse(x):
+        grouped.sums += np.asarray((indicator @ sp.csr_matrix(x, dtype=np.float64)).todense())
+        rest = sp.csr_matrix(x[~member], dtype=np.float64)
+        grouped.ungrouped_squares += np.asarray(rest.multiply(rest).sum(axis=0)).ravel()
+    else:
+        x = np.asarray(x, dtype=np.float64)
+        grouped.sums += indicator @ x
+        grouped.ungrouped_squares += np.einsum("ij,ij->j", x[~member], x[~member])
+    grouped.counts += np.bincount(codes[member], minlength=n_groups)
 
 
 def _log_statistics(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -354,7 +401,7 @@ def log_gene_statistics(source: MatrixSource, aligner: GeneAligner, cells: np.nd
     ``reduce`` sums the per-gene sums and the cell count over processes (each passing
     its own share of ``cells``; :func:`atlasmtl.distributed.all_reduce_sum`).
     """
-    [(total, total_sq)], count = _streamed_column_sums(
+    [(total, total_sq)], count, _ = _streamed_column_sums(
         source, cells, lambda block: (aligner._sparse_values(block),), aligner.n_model_genes, 1, chunk_size, reduce)
     return _log_statistics(total, total_sq, count)
 
@@ -376,17 +423,30 @@ def highly_variable_genes(source: MatrixSource, semantics: str, cells: np.ndarra
     return reference_gene_statistics(source, semantics, cells, n_top_genes, "float", chunk_size, reduce)[0]
 
 
+#: ``build_model(gene_selection=...)``: how the ``n_top_genes`` genes are ranked.
+GENE_SELECTIONS = ("variable+labels", "variable")
+#: ``gene_selection="variable+labels"``: the share of the ``n_top_genes`` genes chosen for telling the labels
+#: apart (the rest are the most variable). 0.25 of 0.25 / 0.5 / 0.75 measured (API contract, "Genes that tell
+#: the labels apart").
+LABEL_GENE_SHARE = 0.25
+
+
 def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.ndarray, n_top_genes: int | None,
                               input_transform: str, chunk_size: int = 4096, reduce: Any = None,
+                              labels: np.ndarray | None = None, n_labels: int = 0,
                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The genes a model keeps and, for ``zscore`` input, their log statistics, from one read of the reference.
 
     Each block of rows is brought to its linear scale over all its genes once (as
-    :func:`to_linear_values`); the per-gene sums of those values rank the genes
-    (:func:`highly_variable_genes`) and the sums of their ``log1p`` give the
+    :func:`to_linear_values`); the per-gene sums of those values rank the genes by
+    variability (:func:`highly_variable_genes`) and the sums of their ``log1p`` give the
     standardisation of every gene, of which the kept genes' are returned. Both
     equal what :func:`highly_variable_genes` and :func:`log_gene_statistics` (on
     :func:`selection_aligner` of the kept genes) compute in two passes.
+
+    With ``labels``, the ``n_top_genes - int(LABEL_GENE_SHARE * n_top_genes)`` most variable genes are
+    kept, then those whose ``log1p`` values differ most between the labels until ``n_top_genes`` are
+    (:func:`label_informative_order`: the one-way ANOVA F statistic, from per-label sums of the same read).
 
     Parameters
     ----------
@@ -404,6 +464,11 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
         Rows read at once.
     reduce
         Sums the per-gene sums and the cell count over processes (:func:`atlasmtl.distributed.all_reduce_sum`).
+    labels
+        A label code in ``[-1, n_labels)`` per cell of ``cells`` (``-1``: unlabelled, left out of the
+        label ranking), or ``None`` to rank by variability alone.
+    n_labels
+        Number of label codes.
 
     Returns
     -------
@@ -413,6 +478,7 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
     """
     n = source.n_vars
     select = n_top_genes is not None and n_top_genes < n
+    by_labels = select and labels is not None and n_labels >= 2
     zscore = input_transform == "zscore"
     if not select and not zscore:
         return np.arange(n), None, None
@@ -420,19 +486,49 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
     def values(block: Any) -> tuple[Any, ...]:
         linear = to_linear_values(block, semantics, "float")
         out = (_float64(linear),) if select else ()
-        if zscore:
+        if zscore or by_labels:
             log_values = sp.csr_matrix(linear, dtype=np.float32, copy=linear is block)
             log_values.eliminate_zeros()
             np.log1p(log_values.data, out=log_values.data)
             out += (log_values,)
         return out
 
-    sums, count = _streamed_column_sums(source, cells, values, n, int(select) + int(zscore), chunk_size, reduce)
-    keep = _most_variable(*sums[0], count, n_top_genes) if select else np.arange(n)
+    sums, count, grouped = _streamed_column_sums(source, cells, values, n, int(select) + int(zscore or by_labels),
+                                                 chunk_size, reduce, labels if by_labels else None, n_labels)
+    if not select:
+        keep = np.arange(n)
+    elif by_labels:
+        variable = _most_variable(*sums[0], count, n_top_genes - int(LABEL_GENE_SHARE * n_top_genes))
+        informative = label_informative_order(grouped, sums[-1][1])
+        keep = np.sort(np.concatenate([variable, informative[~np.isin(informative, variable)]
+                                       [: max(n_top_genes - len(variable), 0)]]))
+    else:
+        keep = _most_variable(*sums[0], count, n_top_genes)
     if not zscore:
         return keep, None, None
     mean, std = _log_statistics(sums[-1][0][keep], sums[-1][1][keep], count)
     return keep, mean, std
+
+
+def label_informative_order(grouped: GroupSums, total_sq: np.ndarray) -> np.ndarray:
+    """Columns from the most to the least label-informative: the one-way ANOVA F statistic of each
+    column across the groups (as :func:`sklearn.feature_selection.f_classif`), from per-group sums.
+
+    ``total_sq`` is every row's column sums of squares (grouped or not). A column that does not vary
+    within the groups but does between them ranks first; one that varies in neither ranks last
+    (F = 0). Ties keep column order. With fewer than two non-empty groups, or no more rows than
+    groups, every F is 0 (column order)."""
+    present = grouped.counts > 0
+    sums, counts = grouped.sums[present], grouped.counts[present]
+    n_rows, k = counts.sum(), len(counts)
+    if k < 2 or n_rows <= k:
+        return np.arange(sums.shape[1] if sums.ndim == 2 else len(total_sq))
+    explained = (sums**2 / counts[:, None]).sum(axis=0)
+    between = np.maximum(explained - sums.sum(axis=0) ** 2 / n_rows, 0.0) / (k - 1)
+    within = np.maximum(total_sq - grouped.ungrouped_squares - explained, 0.0) / (n_rows - k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(between > 0, between / np.maximum(within, 1e-12 * np.maximum(between, 1e-300)), 0.0)
+    return np.argsort(-f, kind="stable")
 
 
 def _most_variable(total: np.ndarray, total_sq: np.ndarray, count: int, n_top_genes: int) -> np.ndarray:

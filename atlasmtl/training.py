@@ -35,6 +35,7 @@ from .augment import ShiftAugmentation, mixup_pairs, simulate_shift
 from .batch_worker import CsrSlots, forked_prefetch, max_batch_nonzeros, prefetch, use_worker_process
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, TrainingError, user_stacklevel
 from .genes import (
+    GENE_SELECTIONS,
     INPUT_TRANSFORMS,
     GeneAligner,
     alternative_ids,
@@ -83,8 +84,8 @@ from .runtime import (
 
 
 
-#: ``build_model(n_top_genes=...)``'s default: the reference's most variable genes the network reads
-#: (``None``: every gene).
+#: ``build_model(n_top_genes=...)``'s default: how many of the reference's genes the network reads
+#: (``None``: every gene); ``gene_selection`` says which.
 N_TOP_GENES: int | None = 5000
 #: learning-rate schedules of :func:`build_model` (``lr_schedule``)
 LR_SCHEDULES = ("constant", "cosine")
@@ -129,6 +130,7 @@ def check_training_parameters(**p: Any) -> dict[str, Any]:
         "early_stopping_patience": as_int("early_stopping_patience", p["early_stopping_patience"], allow_none=True),
         "hidden_sizes": as_int_list("hidden_sizes", p["hidden_sizes"]),
         "n_top_genes": as_int("n_top_genes", p["n_top_genes"], allow_none=True),
+        "gene_selection": as_choice("gene_selection", p["gene_selection"], GENE_SELECTIONS),
         "reference_storage": as_choice("reference_storage", p["reference_storage"], REFERENCE_STORAGE),
         "input_transform": as_choice("input_transform", p["input_transform"], INPUT_TRANSFORMS),
         "use_raw": as_bool("use_raw", p["use_raw"]),
@@ -306,6 +308,7 @@ def build_model(
     layer: str | None = None,
     use_raw: bool = False,
     n_top_genes: int | None = N_TOP_GENES,
+    gene_selection: str = "variable+labels",
     hidden_sizes: Sequence[int] = (256, 128),
     dropout_rate: float = 0.5,
     batch_size: int = 256,
@@ -352,12 +355,20 @@ def build_model(
     use_raw
         Read expression values (and genes) from ``adata.raw`` instead of ``X``.
     n_top_genes
-        Train on the reference's ``n_top_genes`` most variable genes (scanpy's ``flavor="seurat"``
-        ranking, :func:`atlasmtl.genes.highly_variable_genes`, computed on the labelled cells in one
+        Train on ``n_top_genes`` of the reference's genes, chosen by ``gene_selection``; the most
+        variable are ranked by scanpy's ``flavor="seurat"``
+        ranking (:func:`atlasmtl.genes.highly_variable_genes`, computed on the labelled cells in one
         streaming pass; each cell is still normalised over all its genes). A reference with no more
         genes keeps them all, as does ``None``. The genes not kept are not read from a query either:
         the model's genes are the kept ones. Evidence for the default in
         ``documents/design/api_contract.md`` ("Gene selection").
+    gene_selection
+        How the ``n_top_genes`` genes are chosen. ``"variable+labels"``: three quarters are the
+        most variable (as above; :data:`atlasmtl.genes.LABEL_GENE_SHARE` = 0.25 are not), the rest
+        the genes whose log1p values differ most between the finest level's labels (one-way ANOVA F statistic, as :func:`sklearn.feature_selection.f_classif`,
+        from per-label sums of the same streaming pass). ``"variable"``: the most variable only
+        (the default until 2026-12-04). Evidence in ``documents/design/api_contract.md``
+        ("Genes that tell the labels apart").
     hidden_sizes
         Encoder layer widths (each ``Linear → ReLU → Dropout``).
     dropout_rate
@@ -471,6 +482,7 @@ def build_model(
         early_stopping_patience=early_stopping_patience,
         hidden_sizes=hidden_sizes,
         n_top_genes=n_top_genes,
+        gene_selection=gene_selection,
         reference_storage=reference_storage,
         input_transform=input_transform,
         use_raw=use_raw,
@@ -499,7 +511,8 @@ def build_model(
 
     t_prepare = time.perf_counter()
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,
-                            input_transform=input_transform, source=source, n_top_genes=p["n_top_genes"])
+                            input_transform=input_transform, source=source, n_top_genes=p["n_top_genes"],
+                            gene_selection=p["gene_selection"])
     phase_seconds = {"prepare": time.perf_counter() - t_prepare}
     rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
@@ -594,6 +607,7 @@ def build_model(
         "layer": layer,
         "use_raw": use_raw,
         "n_top_genes": p["n_top_genes"],
+        "gene_selection": p["gene_selection"],
         "hidden_sizes": hidden_sizes,
         "dropout_rate": dropout_rate,
         "batch_size": batch_size,
@@ -725,6 +739,7 @@ def prepare_reference(
     input_transform: str,
     source: MatrixSource | None = None,
     n_top_genes: int | None = None,
+    gene_selection: str = "variable",
 ) -> Reference:
     """Check the reference, encode its labels and coordinates and pick the cells and genes to train on.
 
@@ -734,7 +749,9 @@ def prepare_reference(
 
     The matrix checks (values, semantics) are the ones :func:`atlasmtl.predict` runs on a query.
     With ``n_top_genes`` below the number of genes, the model keeps the reference's ``n_top_genes``
-    most variable genes (:func:`~atlasmtl.genes.highly_variable_genes`, on the labelled cells).
+    most variable genes (:func:`~atlasmtl.genes.highly_variable_genes`, on the labelled cells), or
+    with ``gene_selection="variable+labels"`` three quarters of them and a quarter the genes that tell
+    the finest level's labels apart (:func:`~atlasmtl.genes.reference_gene_statistics`).
     """
     if source is None:
         source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
@@ -777,8 +794,10 @@ def prepare_reference(
     share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
     reduce = _dist.all_reduce_sum if _dist.is_distributed() else None
     # one read of the reference ranks its genes and standardises the kept ones
-    genes, gene_mean, gene_std = reference_gene_statistics(source, semantics["semantics"], share, n_top_genes,
-                                                           input_transform, reduce=reduce)
+    by_labels = gene_selection == "variable+labels"
+    genes, gene_mean, gene_std = reference_gene_statistics(
+        source, semantics["semantics"], share, n_top_genes, input_transform, reduce=reduce,
+        labels=codes[share, -1] if by_labels else None, n_labels=len(classes[label_columns[-1]]) if by_labels else 0)
     aligner = selection_aligner(source.n_vars, genes, input_transform, semantics["semantics"])
     aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,

@@ -130,7 +130,7 @@ def run_atlasmtl(case: dict, ref_path: Path, query_path: Path, settings: dict, s
         "outputs": outputs,
         "settings": {
             "build_model": {k: cfg.get(k) for k in ("hidden_sizes", "dropout_rate", "batch_size", "num_epochs", "learning_rate",
-                                                "weight_decay", "lr_schedule", "min_steps", "input_transform", "augment", "val_fraction", "num_threads", "device")},
+                                                "weight_decay", "lr_schedule", "min_steps", "n_top_genes", "gene_selection", "input_transform", "augment", "val_fraction", "num_threads", "device")},
             "predict": f"atlasmtl.predict defaults ({_predict_defaults()}); knn_correction per output",
             "calibration": cfg.get("calibration"),
             "coord_targets": coords,

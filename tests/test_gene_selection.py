@@ -1,7 +1,10 @@
-"""Gene selection: ``build_model(n_top_genes=...)`` trains on the reference's most variable genes.
+"""Gene selection: ``build_model(n_top_genes=...)`` trains on a subset of the reference's genes.
 
-The ranking is scanpy's ``flavor="seurat"`` one, computed in a streaming pass; the network reads
-only the kept genes, and each cell is still normalised over its whole library (as a query is).
+With ``gene_selection="variable"`` they are the most variable: scanpy's ``flavor="seurat"`` ranking,
+computed in a streaming pass. The default, ``"variable+labels"``, keeps three quarters of them
+(``genes.LABEL_GENE_SHARE``) and fills the rest with the genes that tell the finest level's labels apart (one-way ANOVA F, as scikit-learn's
+``f_classif``, from per-label sums of the same pass). The network reads only the kept genes, and each
+cell is still normalised over its whole library (as a query is).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import numpy as np
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
+from sklearn.feature_selection import f_classif
 
 import atlasmtl
 from atlasmtl.exceptions import ParameterError
 from atlasmtl.genes import (
     build_aligner,
     highly_variable_genes,
+    LABEL_GENE_SHARE,
+    label_informative_order,
     log_gene_statistics,
     reference_gene_statistics,
     selection_aligner,
@@ -78,11 +84,12 @@ def test_one_read_gives_the_selection_and_the_statistics_of_two_passes(symphony,
 
 def test_model_reads_only_the_selected_genes(symphony_split):
     ref, query = symphony_split
-    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, n_top_genes=300, random_state=0, **FAST)
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, n_top_genes=300, gene_selection="variable", random_state=0, **FAST)
     expected = _scanpy_hvg(ref, 300)
     assert model.genes == list(ref.var_names[expected])
     assert model.metadata["architecture"]["n_genes"] == 300
     assert model.metadata["train_config"]["n_top_genes"] == 300
+    assert model.metadata["train_config"]["gene_selection"] == "variable"
     assert model.metadata["train_config"]["resource_summary"]["reference genes"] == ref.n_vars
     assert len(model.metadata["gene_stats"]["mean"]) == 300
     result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
@@ -139,3 +146,73 @@ def test_selection_is_deterministic_and_leaves_the_reference_untouched(symphony_
     second = highly_variable_genes(get_matrix_source(ref), "lognorm", np.arange(ref.n_obs), 400)
     np.testing.assert_array_equal(first, second)
     assert (ref.X != before).nnz == 0 if sp.issparse(before) else np.array_equal(ref.X, before)
+
+
+def _log_cp10k(data: ad.AnnData, kind: str) -> sp.csr_matrix:
+    x = sp.csr_matrix(data.X, dtype=np.float64)
+    if kind == "counts":
+        x = sp.csr_matrix(sp.diags(1e4 / np.asarray(x.sum(axis=1)).ravel()) @ x)
+    else:
+        x.data = np.expm1(x.data)
+    x.data = np.log1p(x.data.astype(np.float32)).astype(np.float64)  # the pass's float32 log values
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:Features .* are constant")  # scikit-learn on genes never detected
+@pytest.mark.parametrize("semantics", ["lognorm", "counts", "dense counts"])
+def test_label_genes_are_sklearns_anova_f_on_the_labelled_cells(symphony, semantics):
+    """The default selection: the most variable genes, then the genes of largest F across the finest
+    labels (scikit-learn's ``f_classif`` on log1p CP10k) until n are kept. Cells without a finest label
+    count for the variability and the statistics but not for F; a chunked read gives the same genes."""
+    data = symphony if semantics == "lognorm" else ad.AnnData(_counts(symphony), obs=symphony.obs, var=symphony.var)
+    kind = "lognorm" if semantics == "lognorm" else "counts"
+    log_values = _log_cp10k(data, kind)
+    if semantics == "dense counts":
+        data = ad.AnnData(data.X.toarray(), obs=data.obs, var=data.var)
+    labels = data.obs["cell_type"].astype("category")
+    codes = labels.cat.codes.to_numpy().astype(np.int32)
+    codes[::7] = -1  # unlabelled at the finest level
+    source, cells = get_matrix_source(data), np.arange(data.n_obs)
+    keep, mean, std = reference_gene_statistics(source, kind, cells, 300, "zscore", chunk_size=97,
+                                                labels=codes, n_labels=len(labels.cat.categories))
+    n_variable = 300 - int(LABEL_GENE_SHARE * 300)
+    variable = highly_variable_genes(source, kind, cells, n_variable)
+    with np.errstate(divide="ignore", invalid="ignore"):  # genes constant within every label: F = inf
+        f, _ = f_classif(log_values[codes >= 0], codes[codes >= 0])
+    by_f = np.argsort(-np.nan_to_num(f), kind="stable")
+    expected = np.sort(np.concatenate([variable, by_f[~np.isin(by_f, variable)][: 300 - n_variable]]))
+    assert 0 < n_variable < 300 and len(keep) == 300
+    assert len(np.intersect1d(variable, by_f[: 300 - n_variable])) > 0  # the two rankings overlap: filled to n
+    np.testing.assert_array_equal(keep, expected)
+    two_pass = log_gene_statistics(source, selection_aligner(data.n_vars, keep, "zscore", kind), cells, chunk_size=97)
+    np.testing.assert_array_equal(mean, two_pass[0])
+    np.testing.assert_array_equal(std, two_pass[1])
+
+
+def test_label_order_ranks_a_perfect_marker_first_and_a_constant_gene_last():
+    from atlasmtl.genes import GroupSums
+
+    x = np.array([[1.0, 0.0, 2.0, 5.0], [1.0, 0.0, 3.0, 5.0], [3.0, 0.0, 2.5, 5.0], [3.0, 0.0, 2.0, 5.0]])
+    groups = np.array([0, 0, 1, 1])
+    sums = np.stack([x[groups == g].sum(axis=0) for g in (0, 1)])
+    order = label_informative_order(GroupSums(sums, np.array([2.0, 2.0]), np.zeros(4)), (x**2).sum(axis=0))
+    assert order[0] == 0  # constant within each label, different between them
+    assert list(order[-2:]) == [1, 3]  # no variation anywhere: F = 0, column order
+    one_group = GroupSums(x.sum(axis=0, keepdims=True), np.array([4.0]), np.zeros(4))
+    np.testing.assert_array_equal(label_informative_order(one_group, (x**2).sum(axis=0)), np.arange(4))
+
+
+def test_default_model_keeps_variable_and_label_genes(symphony_split):
+    ref, _ = symphony_split
+    model = atlasmtl.build_model(ref, SYMPHONY_LEVELS, n_top_genes=300, random_state=0, **FAST)
+    assert model.metadata["train_config"]["gene_selection"] == "variable+labels"
+    kept = set(model.genes)
+    variable = set(ref.var_names[_scanpy_hvg(ref, 300)])
+    most_variable = set(ref.var_names[_scanpy_hvg(ref, 300 - int(LABEL_GENE_SHARE * 300))])
+    assert len(kept) == 300 and most_variable <= kept and kept != variable
+
+
+@pytest.mark.parametrize("bad", ["labels", "", None, 1])
+def test_bad_gene_selection_is_a_parameter_error(synthetic_split, bad):
+    with pytest.raises(ParameterError, match="gene_selection"):
+        atlasmtl.build_model(synthetic_split[0], ["coarse", "fine"], n_top_genes=50, gene_selection=bad, **FAST)
