@@ -522,12 +522,12 @@ def label_informative_order(grouped: GroupSums, total_sq: np.ndarray) -> np.ndar
     sums, counts = grouped.sums[present], grouped.counts[present]
     n_rows, k = counts.sum(), len(counts)
     if k < 2 or n_rows <= k:
-        return np.arange(sums.shape[1] if sums.ndim == 2 else len(total_sq))
+        return np.arange(len(total_sq))
     explained = (sums**2 / counts[:, None]).sum(axis=0)
     between = np.maximum(explained - sums.sum(axis=0) ** 2 / n_rows, 0.0) / (k - 1)
     within = np.maximum(total_sq - grouped.ungrouped_squares - explained, 0.0) / (n_rows - k)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f = np.where(between > 0, between / np.maximum(within, 1e-12 * np.maximum(between, 1e-300)), 0.0)
+    f = np.divide(between, within, out=np.zeros_like(between), where=within > 0)
+    f[(within == 0) & (between > 0)] = np.inf
     return np.argsort(-f, kind="stable")
 
 
