@@ -365,8 +365,9 @@ def build_model(
     gene_selection
         How the ``n_top_genes`` genes are chosen. ``"variable+labels"``: three quarters are the
         most variable (as above; :data:`atlasmtl.genes.LABEL_GENE_SHARE` = 0.25 are not), the rest
-        the genes whose log1p values differ most between the finest level's labels (one-way ANOVA F statistic, as :func:`sklearn.feature_selection.f_classif`,
-        from per-label sums of the same streaming pass). ``"variable"``: the most variable only
+        the genes whose log1p values differ most between the finest level's labels (one-way ANOVA F
+        statistic, as :func:`sklearn.feature_selection.f_classif`, from per-label sums of the same
+        streaming pass). ``"variable"``: the most variable only
         (the default until 2026-12-04). Evidence in ``documents/design/api_contract.md``
         ("Genes that tell the labels apart").
     hidden_sizes
