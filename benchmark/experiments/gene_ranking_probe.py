@@ -13,6 +13,8 @@ same labelled cells. ``GENE_RANKING`` picks the rule:
   whole-transcriptome references, checked);
 - ``mix:S``: the same with a share ``S`` of label genes: the ``n_top_genes - int(S * n_top_genes)`` most variable,
   then F.
+- ``levels:S``: as ``mix:S``, but the label genes are taken in turn from each annotation level's F order (coarse,
+  ..., finest), so the coarse levels' markers are read too (twenty-ninth session).
 
 The patch replaces ``training.reference_gene_statistics`` (the kept genes and their ``zscore`` statistics) in the
 study process; everything else is the shipped path (each cell normalised over its whole library before the kept
@@ -64,8 +66,8 @@ def reference_gene_statistics(source, semantics, cells, n_top_genes, input_trans
     linear = sp.csr_matrix(genes.to_linear_values(source.rows(np.sort(cells)), semantics, "float"), dtype=np.float64)
     log_values = linear.copy()
     np.log1p(log_values.data, out=log_values.data)
-    f = f_statistic(log_values, _state["labels"][np.sort(cells)])
-    by_f = np.argsort(-f, kind="stable")
+    orders = [np.argsort(-f_statistic(log_values, lab[np.sort(cells)]), kind="stable") for lab in _state["levels"]]
+    by_f = orders[-1]
     if RULE == "f":
         keep = by_f[:n_top_genes]
     elif RULE.startswith("mix"):
@@ -76,6 +78,21 @@ def reference_gene_statistics(source, semantics, cells, n_top_genes, input_trans
         chosen = set(variable.tolist())
         extra = [g for g in by_f if g not in chosen][: n_top_genes - len(chosen)]
         keep = np.concatenate([variable, np.asarray(extra, dtype=int)])
+    elif RULE.startswith("levels"):
+        share = float(RULE.split(":")[1]) if ":" in RULE else 0.25
+        sq = linear.multiply(linear)
+        variable = genes._most_variable(np.asarray(linear.sum(axis=0)).ravel(), np.asarray(sq.sum(axis=0)).ravel(),
+                                        linear.shape[0], n_top_genes - int(share * n_top_genes))
+        chosen, keep = set(variable.tolist()), list(variable)
+        pos = [0] * len(orders)
+        while len(keep) < n_top_genes:
+            for i, order in enumerate(orders):
+                while pos[i] < len(order) and order[pos[i]] in chosen:
+                    pos[i] += 1
+                if pos[i] < len(order) and len(keep) < n_top_genes:
+                    chosen.add(order[pos[i]])
+                    keep.append(order[pos[i]])
+        keep = np.asarray(keep, dtype=int)
     else:
         raise ValueError(f"GENE_RANKING={RULE!r}")
     keep = np.sort(keep)
@@ -85,6 +102,8 @@ def reference_gene_statistics(source, semantics, cells, n_top_genes, input_trans
 def build_model(adata, label_columns, *args, **kwargs):
     finest = label_columns if isinstance(label_columns, str) else list(label_columns)[-1]
     _state["labels"] = adata.obs[finest].astype(str).to_numpy()
+    columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    _state["levels"] = [adata.obs[c].astype(str).to_numpy() for c in columns]
     return _build_model(adata, label_columns, *args, **kwargs)
 
 
