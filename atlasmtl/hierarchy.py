@@ -73,3 +73,29 @@ def parent_codes(child_classes: Sequence[str], parent_classes: Sequence[str], ma
     """Parent class code of each child class code."""
     parent_code = {c: i for i, c in enumerate(parent_classes)}
     return np.array([parent_code[mapping[c]] for c in child_classes], dtype=np.int64)
+
+
+def infer_hierarchy(label_columns: Sequence[str], classes: dict, codes: np.ndarray) -> dict[str, dict[str, str]]:
+    """For each level whose labels nest in the previous level's, map child → parent label
+    (pairs in order of first appearance). Cells are read in chunks of :data:`_HIERARCHY_CHUNK`
+    (one int64 key per cell of a chunk), so the temporaries do not grow with the reference."""
+    hierarchy: dict[str, dict[str, str]] = {}
+    for j in range(1, len(label_columns)):
+        n_parents = len(classes[label_columns[j - 1]])
+        first: dict[int, tuple[int, int]] = {}  # pair key -> (chunk start, position in the chunk's labelled cells)
+        for start in range(0, len(codes), _HIERARCHY_CHUNK):
+            block = codes[start : start + _HIERARCHY_CHUNK]
+            both = (block[:, j] >= 0) & (block[:, j - 1] >= 0)
+            keys, at = np.unique(block[both, j].astype(np.int64) * n_parents + block[both, j - 1], return_index=True)
+            for key, pos in zip(keys.tolist(), at.tolist()):
+                first.setdefault(key, (start, pos))
+        keys = np.array(sorted(first, key=first.__getitem__), dtype=np.int64)
+        child, parent = keys // n_parents, keys % n_parents
+        if len(keys) and len(np.unique(child)) == len(child):
+            parent_names, child_names = classes[label_columns[j - 1]], classes[label_columns[j]]
+            hierarchy[label_columns[j]] = {child_names[c]: parent_names[p] for c, p in zip(child.tolist(), parent.tolist())}
+    return hierarchy
+
+
+#: Cells per chunk when :func:`infer_hierarchy` reads the label codes.
+_HIERARCHY_CHUNK = 262_144

@@ -46,7 +46,7 @@ class SparseInput(NamedTuple):
     rows_t: sp.csr_matrix | None = None
     #: ``rows`` ends with one extra row holding ``x0`` itself (and ``rows_t`` with that column), so the
     #: CPU products compute the ``W x0`` term and its gradient within the sparse products (training
-    #: prepares batches this way; :meth:`atlasmtl.training._Objective.transform`).
+    #: prepares batches this way; :meth:`atlasmtl.training_loop.Objective.transform`).
     zero_row: bool = False
 
 
@@ -408,7 +408,7 @@ class MultiTaskNetwork(nn.Module):
         :meth:`step_by_hand_fits`. ``logit_gradients(logits)`` returns ``(loss, gradient of
         the loss at each level's logits)``. Sets every parameter's ``grad``; the first layer's
         goes to ``first_weight_t`` (the weight's contiguous transposed alias that training
-        steps, :func:`atlasmtl.training._first_layer_stored_transposed`) when given.
+        steps, :func:`atlasmtl.training_loop._first_layer_stored_transposed`) when given.
         """
         linears = [layer for layer in self.encoder.layers if isinstance(layer, nn.Linear)]
         first = linears[0]

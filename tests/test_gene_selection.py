@@ -28,7 +28,7 @@ from atlasmtl.genes import (
     selection_aligner,
 )
 from atlasmtl.inputs import get_matrix_source
-from atlasmtl.training import prepare_reference
+from atlasmtl.reference import prepare_reference
 
 from .conftest import SYMPHONY_LEVELS
 from .test_shift import _counts

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import atlasmtl
-from atlasmtl import network, training
+from atlasmtl import network, training_loop
 from atlasmtl.network import MultiTaskNetwork
-from atlasmtl.training import _Objective, prepare_reference, soft_targets
+from atlasmtl.reference import prepare_reference
+from atlasmtl.training_loop import Objective, soft_targets
 
 from .conftest import SYMPHONY_LEVELS
 
@@ -55,7 +56,7 @@ def test_step_by_hand_equals_autograd(symphony_split, hidden, dropout, mixup, fi
     ref_adata, _ = symphony_split
     ref = prepare_reference(ref_adata, list(SYMPHONY_LEVELS), None, layer=None, use_raw=False, input_transform="zscore")
     ref.codes[ref.cells[:200:7], 1] = -1  # unlabelled at the fine level
-    objective = _Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"), atlasmtl.augment.ShiftAugmentation(),
+    objective = Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"), atlasmtl.augment.ShiftAugmentation(),
                            np.random.default_rng(0), mixup_alpha=mixup)
     torch.manual_seed(0)
     net = MultiTaskNetwork(ref.source.n_vars, [len(ref.classes[c]) for c in ref.label_columns], {}, hidden, dropout)
@@ -66,10 +67,10 @@ def test_step_by_hand_equals_autograd(symphony_split, hidden, dropout, mixup, fi
     assert (batch.x.rows_t is None) == (first_layer_kernel == "dense")
     assert net.step_by_hand_fits(batch.x, batch.dropout_keep)
     net.train()
-    with training._first_layer_stored_transposed(net) as weight_t:
+    with training_loop._first_layer_stored_transposed(net) as weight_t:
         loss = objective.loss(net, batch)
         loss.backward()
-        training._hand_over_first_gradient(net, weight_t)
+        training_loop._hand_over_first_gradient(net, weight_t)
         expected = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
         expected["first_t"] = weight_t.grad.clone()
         for p in [*net.parameters(), weight_t]:
@@ -88,7 +89,7 @@ def test_step_by_hand_declines_what_it_does_not_compute(symphony_split, first_la
     batch without its transpose unless the first layer multiplies it densely."""
     ref_adata, _ = symphony_split
     ref = prepare_reference(ref_adata, list(SYMPHONY_LEVELS), None, layer=None, use_raw=False, input_transform="zscore")
-    objective = _Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"))
+    objective = Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"))
     rows = ref.cells[:50]
     batch = objective.minibatch(rows, *objective.transform(ref.source.rows(rows), train=True), train=True)
     plain = MultiTaskNetwork(ref.source.n_vars, [3, 5], {}, (16,), 0.0)
@@ -104,10 +105,10 @@ def test_training_by_hand_and_through_autograd_agree(symphony_split, monkeypatch
     to rounding, with either first-layer kernel."""
     ref_adata, _ = symphony_split
     nets, calls = [], []
-    real = _Objective.step_by_hand
-    monkeypatch.setattr(_Objective, "step_by_hand", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = Objective.step_by_hand
+    monkeypatch.setattr(Objective, "step_by_hand", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     for hand in (True, False):
-        monkeypatch.setattr(training, "HAND_STEP", hand)
+        monkeypatch.setattr(training_loop, "HAND_STEP", hand)
         calls.clear()
         model = atlasmtl.build_model(ref_adata, list(SYMPHONY_LEVELS), num_epochs=2, ensemble_size=1, random_state=0,
                                      show_progress=False, show_summary=False)

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 import atlasmtl
-from atlasmtl import batch_worker, network, training
+from atlasmtl import batch_worker, hierarchy, network, reference, training_loop
 from atlasmtl.genes import identity_aligner
 from atlasmtl.inputs import MatrixSource, h5ad_reference_source
 from atlasmtl.network import MultiTaskNetwork, SparseInput
@@ -96,15 +96,15 @@ def test_optimiser_steps_the_first_layer_through_its_transposed_alias_exactly():
     for alias in (False, True):
         torch.manual_seed(0)
         net = MultiTaskNetwork(300, [5], {}, [32, 16], dropout_rate=0.0)
-        with training._first_layer_stored_transposed(net) as weight_t:
+        with training_loop._first_layer_stored_transposed(net) as weight_t:
             first = net.encoder.layers[0].weight
             params = [weight_t if (alias and p is first) else p for p in net.parameters()]
-            optimiser = training._adam(params, 1e-2)
+            optimiser = training_loop._adam(params, 1e-2)
             for _ in range(3):
                 optimiser.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(net(batch).logits[0], target).backward()
                 if alias:
-                    training._hand_over_first_gradient(net, weight_t)
+                    training_loop._hand_over_first_gradient(net, weight_t)
                     assert first.grad is None and weight_t.grad.is_contiguous()
                 optimiser.step()
         assert net.encoder.layers[0].weight.is_contiguous()  # the usual layout back after training
@@ -137,15 +137,15 @@ def _backed_source(x: sp.csr_matrix) -> MatrixSource:
 
 
 def test_block_shuffled_epoch_covers_each_cell_once(monkeypatch):
-    monkeypatch.setattr(training, "STREAM_BLOCK_CELLS", 16)
-    monkeypatch.setattr(training, "STREAM_BUFFER_BLOCKS", 3)
+    monkeypatch.setattr(training_loop, "STREAM_BLOCK_CELLS", 16)
+    monkeypatch.setattr(training_loop, "STREAM_BUFFER_BLOCKS", 3)
     x = sp.hstack([sp.csr_matrix(np.arange(500, dtype=np.float32)[:, None] + 1.0), _counts(500, 40, seed=2)],
                   format="csr")  # row id + 1 in column 0, to check that blocks and row numbers agree
     cells = np.setdiff1d(np.arange(500), np.arange(0, 500, 7))  # gaps, as after a calibration split
     source = _backed_source(x)
 
     def epoch(seed):
-        return list(training.shuffled_minibatches(source, cells, 32, np.random.default_rng(seed)))
+        return list(training_loop.shuffled_minibatches(source, cells, 32, np.random.default_rng(seed)))
 
     batches = epoch(0)
     seen = np.concatenate([rows for rows, _ in batches])
@@ -157,19 +157,19 @@ def test_block_shuffled_epoch_covers_each_cell_once(monkeypatch):
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(batches, again))  # deterministic given the seed
     assert not np.array_equal(seen, np.concatenate([rows for rows, _ in epoch(1)]))
     # equal steps for distributed ranks
-    assert len(list(training.shuffled_minibatches(source, cells, 32, np.random.default_rng(0), n_batches=5))) == 5
+    assert len(list(training_loop.shuffled_minibatches(source, cells, 32, np.random.default_rng(0), n_batches=5))) == 5
 
 
 def test_prefetch_passes_items_and_errors():
-    assert list(training.prefetch(iter(range(10)), depth=2)) == list(range(10))
+    assert list(batch_worker.prefetch(iter(range(10)), depth=2)) == list(range(10))
 
     def failing():
         yield 1
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        list(training.prefetch(failing()))
-    stream = training.prefetch(iter(range(1000)), depth=2)
+        list(batch_worker.prefetch(failing()))
+    stream = batch_worker.prefetch(iter(range(1000)), depth=2)
     assert next(stream) == 0
     stream.close()  # stops the worker
 
@@ -280,8 +280,8 @@ def _accuracy(model, query):
 
 def test_training_from_disk_matches_in_memory(symphony_split, tmp_path, monkeypatch):
     """A reference file trained from disk (block-shuffled) maps a held-out chemistry as well as in memory."""
-    monkeypatch.setattr(training, "STREAM_BLOCK_CELLS", 64)
-    monkeypatch.setattr(training, "STREAM_BUFFER_BLOCKS", 4)
+    monkeypatch.setattr(training_loop, "STREAM_BLOCK_CELLS", 64)
+    monkeypatch.setattr(training_loop, "STREAM_BUFFER_BLOCKS", 4)
     ref, query = symphony_split
     path = tmp_path / "ref.h5ad"
     ref.write_h5ad(path)
@@ -351,12 +351,12 @@ def test_reference_labels_and_rows_take_four_bytes_per_cell_and_the_hierarchy_re
     labels.loc[labels.index[::17], "fine"] = np.nan
     adata = ad.AnnData(X=_counts(3000, 40, seed=2), obs=labels)
     with pytest.warns(UserWarning, match="177 reference cell\\(s\\) have no label in 'fine'"):
-        ref = training.prepare_reference(adata, ["coarse", "fine"], None, layer=None, use_raw=False,
+        ref = reference.prepare_reference(adata, ["coarse", "fine"], None, layer=None, use_raw=False,
                                          input_transform="float")
     assert ref.codes.dtype == np.int32 and ref.cells.dtype == np.int32
-    whole = training.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
-    monkeypatch.setattr(training, "_HIERARCHY_CHUNK", 97)
-    chunked = training.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
+    whole = hierarchy.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
+    monkeypatch.setattr(hierarchy, "_HIERARCHY_CHUNK", 97)
+    chunked = hierarchy.infer_hierarchy(ref.label_columns, ref.classes, ref.codes)
     assert list(chunked["fine"].items()) == list(whole["fine"].items())
     first_seen = list(dict.fromkeys(labels["fine"].dropna()))
     assert list(whole["fine"]) == first_seen and whole["fine"]["f11"] == "f"
@@ -373,7 +373,7 @@ def test_training_optimiser_steps_as_torch_adamw(weight_decay):
     results = []
     for ours in (True, False):
         params = [torch.nn.Parameter(p.clone()) for p in start]
-        opt = training._adam(params, 1e-2, weight_decay) if ours else \
+        opt = training_loop._adam(params, 1e-2, weight_decay) if ours else \
             torch.optim.AdamW(params, lr=1e-2, weight_decay=weight_decay)
         for i, step_grads in enumerate(grads):
             opt.zero_grad(set_to_none=True)

@@ -140,11 +140,12 @@ def test_mixup_loss_mixes_the_two_labels_losses(symphony_split):
     import torch
 
     from atlasmtl.network import MultiTaskNetwork
-    from atlasmtl.training import _Objective, prepare_reference
+    from atlasmtl.reference import prepare_reference
+    from atlasmtl.training_loop import Objective
 
     ref_adata, _ = symphony_split
     ref = prepare_reference(ref_adata, list(SYMPHONY_LEVELS), None, layer=None, use_raw=False, input_transform="zscore")
-    objective = _Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"), mixup_alpha=0.4)
+    objective = Objective(ref, ref.cells, 0.5, 0.1, torch.device("cpu"), mixup_alpha=0.4)
     torch.manual_seed(0)
     net = MultiTaskNetwork(ref.source.n_vars, [len(ref.classes[c]) for c in ref.label_columns], {}, (32, 16), 0.0).eval()
     rows = ref.cells[:64]

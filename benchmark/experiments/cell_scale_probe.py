@@ -8,7 +8,7 @@ scale (CP10k) are multiplied by ``exp(N(0, SD))`` after normalisation, before ``
 network then meets cells whose overall level differs, as a cell does whose library holds more or less outside the
 model's genes. Clean cells, the reference embedding, calibration and prediction are untouched.
 
-The patch wraps ``atlasmtl.genes.to_linear_values`` while ``training._Objective.transform`` prepares an augmented
+The patch wraps ``atlasmtl.genes.to_linear_values`` while ``training_loop.Objective.transform`` prepares an augmented
 batch. It is inherited by the forked minibatch worker. Its random draws come from ``default_rng(10_000 +
 random_state)`` per model. Then ``build_setting_study.py`` runs with the remaining arguments:
 
@@ -24,12 +24,12 @@ import scipy.sparse as sp
 
 import atlasmtl
 import atlasmtl.genes as genes
-import atlasmtl.training as tr
+import atlasmtl.training_loop as loop
 
 SD = float(os.environ["CELL_SCALE_SD"])
 _state = {"on": False, "rng": np.random.default_rng(0)}
 _to_linear_values = genes.to_linear_values
-_transform = tr._Objective.transform
+_transform = loop.Objective.transform
 _build_model = atlasmtl.build_model
 
 
@@ -54,5 +54,5 @@ def build_model(*args, **kwargs):
     return _build_model(*args, **kwargs)
 
 
-genes.to_linear_values, tr._Objective.transform, atlasmtl.build_model = to_linear_values, transform, build_model
+genes.to_linear_values, loop.Objective.transform, atlasmtl.build_model = to_linear_values, transform, build_model
 runpy.run_path(str(Path(__file__).with_name("build_setting_study.py")), run_name="__main__")

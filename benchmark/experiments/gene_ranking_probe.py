@@ -16,7 +16,7 @@ same labelled cells. ``GENE_RANKING`` picks the rule:
 - ``levels:S``: as ``mix:S``, but the label genes are taken in turn from each annotation level's F order (coarse,
   ..., finest), so the coarse levels' markers are read too (twenty-ninth session).
 
-The patch replaces ``training.reference_gene_statistics`` (the kept genes and their ``zscore`` statistics) in the
+The patch replaces ``reference.reference_gene_statistics`` (the kept genes and their ``zscore`` statistics) in the
 study process; everything else is the shipped path (each cell normalised over its whole library before the kept
 genes are taken). It reads the labelled cells' rows at once, so it is for the benchmark's small references only.
 Then ``build_setting_study.py`` runs with the remaining arguments:
@@ -32,11 +32,11 @@ import scipy.sparse as sp
 
 import atlasmtl
 import atlasmtl.genes as genes
-import atlasmtl.training as tr
+import atlasmtl.reference as rf
 
 RULE = os.environ["GENE_RANKING"]
 _state: dict = {}
-_statistics = tr.reference_gene_statistics
+_statistics = rf.reference_gene_statistics
 _build_model = atlasmtl.build_model
 
 
@@ -107,5 +107,5 @@ def build_model(adata, label_columns, *args, **kwargs):
     return _build_model(adata, label_columns, *args, **kwargs)
 
 
-tr.reference_gene_statistics, atlasmtl.build_model = reference_gene_statistics, build_model
+rf.reference_gene_statistics, atlasmtl.build_model = reference_gene_statistics, build_model
 runpy.run_path(str(Path(__file__).with_name("build_setting_study.py")), run_name="__main__")

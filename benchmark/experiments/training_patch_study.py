@@ -69,6 +69,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import atlasmtl  # noqa: E402
 import atlasmtl.training as tr  # noqa: E402
+import atlasmtl.reference as rf  # noqa: E402
+import atlasmtl.training_loop as loop  # noqa: E402
 from atlasmtl import genes  # noqa: E402
 from common import read_study_case  # noqa: E402
 from study_scores import print_progress, score_model  # noqa: E402
@@ -77,7 +79,7 @@ from study_scores import print_progress, score_model  # noqa: E402
 def patch_swa(start: float) -> None:
     """Average each member's weights over its steps after ``start`` of the run (see the module docstring)."""
     state = {"total": 0, "n": 0, "avg": None, "count": 0}
-    fit, step = tr.fit, tr._AdamW.step
+    fit, step = tr.fit, loop._AdamW.step
 
     def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
         state.update(total=kw["num_epochs"] * math.ceil(len(train_cells) / kw["batch_size"]), n=0, avg=None, count=0)
@@ -98,7 +100,7 @@ def patch_swa(start: float) -> None:
             for a, p in zip(state["avg"], self.params):
                 p.copy_(a)  # in place: the optimiser's first-layer parameter is a view of the network's weight
 
-    tr.fit, tr._AdamW.step = patched_fit, patched_step
+    tr.fit, loop._AdamW.step = patched_fit, patched_step
 
 
 def row_ranks(m: sp.csr_matrix, log: bool) -> np.ndarray:
@@ -170,7 +172,7 @@ def patch_first_layer(prepare, project) -> None:
     """Keep every ensemble member's first-layer weight in a constraint set: ``prepare(net, objective,
     train_cells)`` runs before each member trains, and ``project(w)`` projects the weight in place, given
     transposed (genes × units), at the start and after every optimiser step."""
-    fit, step = tr.fit, tr._AdamW.step
+    fit, step = tr.fit, loop._AdamW.step
     n_genes = [0]
 
     def patched_fit(net, objective, train_cells, val_cells, rng, **kw):
@@ -188,7 +190,7 @@ def patch_first_layer(prepare, project) -> None:
             if p.dim() == 2 and p.shape[0] == n_genes[0]:  # the first layer's weight, stored transposed
                 project(p)
 
-    tr.fit, tr._AdamW.step = patched_fit, patched_step
+    tr.fit, loop._AdamW.step = patched_fit, patched_step
 
 
 def patch_pca(k: int) -> None:
@@ -238,13 +240,13 @@ def pseudo_std_factor(std: np.ndarray, s0: float) -> np.ndarray:
 
 def patch_gene_std(s0: float) -> None:
     """Pseudo standard deviation ``sqrt(std² + s0²)`` for the z-score input (see the module docstring)."""
-    stats = tr.reference_gene_statistics
+    stats = rf.reference_gene_statistics
 
     def patched_stats(*args, **kwargs):
         keep, mean, std = stats(*args, **kwargs)
         return keep, mean, (std / pseudo_std_factor(std, s0)).astype(np.float32)
 
-    tr.reference_gene_statistics = patched_stats
+    rf.reference_gene_statistics = patched_stats
 
 
 def patch_view_std(s0: float) -> None:
@@ -252,7 +254,7 @@ def patch_view_std(s0: float) -> None:
     import atlasmtl.prediction as pr
     from atlasmtl.network import SparseInput
 
-    stats, fit_view, view_block = tr.reference_gene_statistics, tr.fit_input_view, pr._input_view_block
+    stats, fit_view, view_block = rf.reference_gene_statistics, tr.fit_input_view, pr._input_view_block
     weight: dict[str, np.ndarray] = {}  # set when a model's statistics are computed; used by its predictions
 
     def patched_stats(*args, **kwargs):
@@ -276,7 +278,7 @@ def patch_view_std(s0: float) -> None:
             x = x * torch.as_tensor(w, device=x.device)
         return view_block(view, x, None if zero is None else zero * w, buffers, rows)
 
-    tr.reference_gene_statistics, tr.fit_input_view, pr._input_view_block = patched_stats, patched_fit_view, patched_block
+    rf.reference_gene_statistics, tr.fit_input_view, pr._input_view_block = patched_stats, patched_fit_view, patched_block
 
 
 def patch_clip(c: float) -> None:
@@ -286,7 +288,7 @@ def patch_clip(c: float) -> None:
 
 def patch_level_weight(weight: float) -> None:
     """The coarsest level's loss scaled by ``weight`` (see the module docstring)."""
-    minibatch = tr._Objective.minibatch
+    minibatch = loop.Objective.minibatch
 
     def patched_minibatch(self, *args, **kwargs):
         batch = minibatch(self, *args, **kwargs)
@@ -294,7 +296,7 @@ def patch_level_weight(weight: float) -> None:
             batch.targets[0] = batch.targets[0] * weight
         return batch
 
-    tr._Objective.minibatch = patched_minibatch
+    loop.Objective.minibatch = patched_minibatch
 
 
 def patch_supcon(weight: float, tau: float = 0.1) -> None:
@@ -323,7 +325,7 @@ def patch_supcon(weight: float, tau: float = 0.1) -> None:
             loss = loss + weight * contrast
         return loss
 
-    tr._Objective.loss = patched_loss
+    loop.Objective.loss = patched_loss
     from atlasmtl import network
     network.MultiTaskNetwork.step_by_hand_fits = lambda self, x, dropout_keep: False
 

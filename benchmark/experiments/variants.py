@@ -41,6 +41,8 @@ from torch import nn
 
 import atlasmtl.network as net_module
 import atlasmtl.training as tr
+import atlasmtl.training_loop as loop
+from atlasmtl.augment import simulate_shift
 from atlasmtl.augment import ShiftAugmentation
 from atlasmtl.genes import ZSCORE_CLIP
 from atlasmtl.network import Dropout, SparseInput, sparse_linear
@@ -66,7 +68,7 @@ def _float_objective(objective):
 
     def transform(self, block, train=False):
         if train and self.augmentation is not None:
-            x = counts.sparse_input(tr.simulate_shift(block, self.ref.semantics["semantics"], self.rng, self.augmentation))
+            x = counts.sparse_input(simulate_shift(block, self.ref.semantics["semantics"], self.rng, self.augmentation))
         else:
             x = plain.sparse_input(block)
         np.minimum(x.data, upper[x.indices], out=x.data)
@@ -144,7 +146,7 @@ _mix_rng = [np.random.default_rng(0)]
 
 def _mixup(alpha: float, same_class: bool) -> None:
     import scipy.sparse as sp
-    loss = tr._Objective.loss
+    loss = loop.Objective.loss
 
     def mixed_loss(self, net, batch):
         if not net.training or not isinstance(batch.x, SparseInput):
@@ -176,7 +178,7 @@ def _mixup(alpha: float, same_class: bool) -> None:
                 bb = nn.functional.cross_entropy(lg, y[perm, j], **kw)
                 total = total + (lam_t * a + (1 - lam_t) * bb).sum() / batch.n_labelled[j]
         return total
-    tr._Objective.loss = mixed_loss
+    loop.Objective.loss = mixed_loss
 
 
 def apply(name: str) -> None:

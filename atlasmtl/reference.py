@@ -1,0 +1,257 @@
+"""The reference, checked and encoded for training: labels, coordinates, cells and genes.
+
+:func:`prepare_reference` runs the checks :func:`atlasmtl.predict` runs on a query
+(values, semantics), encodes each annotation level's labels (:func:`encode_labels`),
+reads the coordinate targets, and picks the cells and the genes the network reads
+(:func:`~atlasmtl.genes.reference_gene_statistics`) in one streamed read of the matrix.
+The result, a :class:`Reference`, is everything the training loop
+(:mod:`atlasmtl.training_loop`) and :func:`atlasmtl.training.describe` read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .calls import UNKNOWN, check_writeback_names
+from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
+from .genes import GeneAligner, reference_gene_statistics, selection_aligner
+from .inputs import MatrixSource, ReferenceTable, check_finite, checked_semantics, get_matrix_source
+from .knn import row_number_dtype
+from . import distributed as _dist
+
+
+def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
+    """Integer codes (n_cells × n_levels, int32, -1 = unlabelled) and class names per level."""
+    if isinstance(label_columns, str):
+        label_columns = [label_columns]
+    if not label_columns:
+        raise LabelError("label_columns is empty; name at least one obs column holding reference labels.")
+    if len(set(label_columns)) != len(label_columns):
+        raise LabelError(f"label_columns={list(label_columns)} names a column twice.")
+    classes: dict[str, list[str]] = {}
+    codes = np.full((adata.n_obs, len(label_columns)), -1, dtype=np.int32)  # 4 bytes per cell and level
+    unlabelled: dict[str, int] = {}
+    for j, col in enumerate(label_columns):
+        if col not in adata.obs.columns:
+            available = adata.obs_columns if isinstance(adata, ReferenceTable) else list(adata.obs.columns)
+            raise LabelError(
+                f"Label column {col!r} is not in adata.obs; available columns: {available[:20]}."
+            )
+        values = adata.obs[col]
+        missing = values.isna().to_numpy()
+        if missing.all():
+            raise LabelError(f"Label column {col!r} holds no labels (all values are NaN); fill it or drop the level.")
+        if isinstance(values.dtype, pd.CategoricalDtype):  # from its codes: no string per cell
+            level_codes, names = _categorical_codes(values.cat.codes.to_numpy(), values.cat.categories)
+        else:
+            cat = pd.Categorical(values.astype(str).where(~missing))
+            level_codes, names = cat.codes, [str(c) for c in cat.categories]
+        if UNKNOWN in names:
+            raise LabelError(
+                f"Label column {col!r} has a class named {UNKNOWN!r}, which atlasmtl reserves for the cells it "
+                f"abstains on. Rename the class (e.g. 'Unassigned') or set those cells' label to NaN so they do "
+                "not count for this level."
+            )
+        if len(names) < 2:
+            raise LabelError(
+                f"Label column {col!r} has a single class ({names[0]!r}); a classifier needs at least two. "
+                "Drop this level or use a finer annotation."
+            )
+        classes[col] = names
+        codes[:, j] = level_codes
+        unlabelled[col] = int(missing.sum())
+    return classes, codes, unlabelled
+
+
+def _categorical_codes(codes: np.ndarray, categories: pd.Index) -> tuple[np.ndarray, list[str]]:
+    """Codes and class names of a categorical label column, as ``pd.Categorical(values.astype(str))`` gives them
+    (the categories in use, as strings, sorted; -1 = missing), computed from its codes."""
+    used = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(categories)))
+    names, inverse = np.unique(np.array([str(c) for c in categories[used]], dtype=object), return_inverse=True)
+    lookup = np.full(len(categories), -1, dtype=np.int32)
+    lookup[used] = inverse.ravel()
+    return np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1), [str(c) for c in names]
+
+
+def _numeric_coordinates(values: Any, what: str) -> np.ndarray:
+    """Coordinates (cells × dims) as float64, from an array, a DataFrame or a sparse matrix."""
+    if sp.issparse(values):
+        values = values.toarray()  # cells × a few dimensions: small
+    try:
+        return np.asarray(values.to_numpy() if isinstance(values, pd.DataFrame) else values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CoordinateError(f"{what} does not hold numbers ({exc}); pass a numeric cells × dims array.") from None
+
+
+def _coordinate_targets(adata: ad.AnnData | ReferenceTable, coord_targets: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    if coord_targets is None:
+        return {}
+    if not isinstance(coord_targets, Mapping):
+        raise ParameterError("coord_targets must be a dict of name → obsm key, e.g. {'umap': 'X_umap'}.")
+    out = {}
+    for name, key in coord_targets.items():
+        if isinstance(key, str):
+            if key not in adata.obsm:
+                raise CoordinateError(
+                    f"coord_targets[{name!r}] = {key!r} is not in adata.obsm; available keys: {list(adata.obsm.keys())}."
+                )
+            values = _numeric_coordinates(adata.obsm[key], f"coord_targets[{name!r}] = adata.obsm[{key!r}]")
+        else:
+            values = _numeric_coordinates(key, f"coord_targets[{name!r}]")
+        if values.ndim != 2 or values.shape[0] != adata.n_obs:
+            raise CoordinateError(
+                f"coord_targets[{name!r}] has shape {values.shape}; it needs one row per cell ({adata.n_obs} rows)."
+            )
+        if not np.isfinite(values).all():
+            raise CoordinateError(
+                f"coord_targets[{name!r}] holds NaN or infinite values; compute the embedding for every cell first."
+            )
+        out[str(name)] = values
+    return out
+
+
+@dataclass
+class ReferenceOnDisk:
+    """A reference file opened for training from disk: its labels (``table``) and its matrix (``source``)."""
+
+    table: ReferenceTable
+    source: MatrixSource
+
+
+@dataclass
+class Reference:
+    """The reference, checked and encoded: everything the fit loop and :func:`describe` read.
+
+    Attributes
+    ----------
+    source
+        The expression matrix (rows streamed per minibatch).
+    semantics
+        What the matrix holds (:func:`~atlasmtl.inputs.detect_semantics`), plus how it is normalised.
+    aligner
+        The reference's own gene aligner (identity order) carrying the input transform.
+    label_columns, classes, codes
+        Levels, class names per level, integer codes (cells × levels, -1 = unlabelled).
+    unlabelled
+        Cells without a label, per level.
+    coords, coord_stats
+        Coordinate targets (cells × dims) and their mean / std over the used cells.
+    cells, dropped
+        Cells with a label at some level (the ones used), and how many were dropped.
+    genes
+        Columns of ``source`` the network reads (sorted; every column unless ``n_top_genes`` selected
+        fewer): the model's genes. :attr:`aligner` takes them from each row after normalising it over
+        all its genes.
+    """
+
+    source: MatrixSource
+    semantics: dict[str, Any]
+    aligner: GeneAligner
+    label_columns: list[str]
+    classes: dict[str, list[str]]
+    codes: np.ndarray
+    unlabelled: dict[str, int]
+    coords: dict[str, np.ndarray]
+    coord_stats: dict[str, dict[str, np.ndarray]]
+    cells: np.ndarray
+    dropped: int
+    genes: np.ndarray
+
+    @property
+    def n_genes(self) -> int:
+        """Network input width: the model's genes."""
+        return int(len(self.genes))
+
+    def standardised_coords(self) -> dict[str, np.ndarray]:
+        """Coordinate targets standardised with :attr:`coord_stats` (what the coordinate heads learn)."""
+        return {n: ((v - self.coord_stats[n]["mean"]) / self.coord_stats[n]["std"]).astype(np.float32)
+                for n, v in self.coords.items()}
+
+
+def prepare_reference(
+    adata: ad.AnnData | ReferenceTable,
+    label_columns: Sequence[str] | str,
+    coord_targets: Mapping[str, Any] | None,
+    *,
+    layer: str | None,
+    use_raw: bool,
+    input_transform: str,
+    source: MatrixSource | None = None,
+    n_top_genes: int | None = None,
+    gene_selection: str = "variable",
+) -> Reference:
+    """Check the reference, encode its labels and coordinates and pick the cells and genes to train on.
+
+    ``source`` is the expression matrix when it was opened apart from ``adata`` (a
+    reference file read from disk, :func:`~atlasmtl.inputs.h5ad_reference_source`, whose
+    labels and coordinates come as a :class:`~atlasmtl.inputs.ReferenceTable`).
+
+    The matrix checks (values, semantics) are the ones :func:`atlasmtl.predict` runs on a query.
+    With ``n_top_genes`` below the number of genes, the model keeps the reference's ``n_top_genes``
+    most variable genes (:func:`~atlasmtl.genes.highly_variable_genes`, on the labelled cells), or
+    with ``gene_selection="variable+labels"`` three quarters of them and a quarter the genes that tell
+    the finest level's labels apart (:func:`~atlasmtl.genes.reference_gene_statistics`).
+    """
+    if source is None:
+        source = get_matrix_source(adata, layer=layer, use_raw=use_raw)
+    if isinstance(adata, ad.AnnData) and not adata.obs_names.is_unique:  # a ReferenceTable's were checked on reading
+        raise InputError("Reference obs_names are not unique; call adata.obs_names_make_unique() first.")
+    if not source.var_names.is_unique:
+        raise InputError("Reference var_names are not unique; call adata.var_names_make_unique() first.")
+    label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    if not all(isinstance(c, str) for c in label_columns):
+        raise LabelError(f"label_columns={label_columns!r} must be obs column names (strings).")
+    if coord_targets is not None and not isinstance(coord_targets, Mapping):
+        raise ParameterError("coord_targets must be a dict of name → obsm key, e.g. {'umap': 'X_umap'}.")
+    check_writeback_names(label_columns, [str(n) for n in (coord_targets or {})])
+    classes, codes, unlabelled = encode_labels(adata, label_columns)
+    coords = _coordinate_targets(adata, coord_targets)
+    semantics = checked_semantics(source, input_transform)
+    if input_transform != "binary" and semantics["semantics"] == "counts":
+        semantics["normalisation"] = "total counts scaled to 1e4 per cell, then log1p" + (
+            ", then each gene standardised (reference mean and std, clipped to ±10)" if input_transform == "zscore" else "")
+
+    has_label = (codes >= 0).any(axis=1)
+    cells = np.flatnonzero(has_label).astype(row_number_dtype(len(has_label)))
+    dropped = int((~has_label).sum())
+    if dropped:
+        warnings.warn(f"{dropped} reference cell(s) have no label at any level and were dropped.", stacklevel=user_stacklevel())
+    for col, n in unlabelled.items():
+        if n and n > dropped:
+            warnings.warn(
+                f"{n} reference cell(s) have no label in {col!r}; they are not used for that level's loss.",
+                stacklevel=user_stacklevel(),
+            )
+
+    coord_stats = {}
+    for name, values in coords.items():
+        mean = values[cells].mean(axis=0)
+        std = values[cells].std(axis=0)
+        std[std == 0] = 1.0
+        coord_stats[name] = {"mean": mean.astype(np.float64), "std": std.astype(np.float64)}
+    # under torchrun each rank reads its share of the cells and the per-gene sums are combined
+    share = cells[_dist.shard_slice(len(cells))] if _dist.is_distributed() else cells
+    reduce = _dist.all_reduce_sum if _dist.is_distributed() else None
+    # one read of the reference ranks its genes and standardises the kept ones
+    by_labels = gene_selection == "variable+labels"
+    genes, gene_mean, gene_std = reference_gene_statistics(
+        source, semantics["semantics"], share, n_top_genes, input_transform, reduce=reduce,
+        labels=codes[share, -1] if by_labels else None, n_labels=len(classes[label_columns[-1]]) if by_labels else 0)
+    aligner = selection_aligner(source.n_vars, genes, input_transform, semantics["semantics"])
+    aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
+    return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
+                     cells, dropped, genes)
+
+
+def reference_rows(ref: Reference, rows: np.ndarray | slice) -> Any:
+    """Reference rows as read for the network, checked for NaN/inf (streamed data is checked only here)."""
+    block = ref.source.rows(rows)
+    check_finite(block, ref.source.where)
+    return block
