@@ -6,6 +6,16 @@ understates accuracy: median 0.57 at 0.98 accuracy on Symphony PBMC). A single
 temperature per level, fitted by maximum likelihood on held-out reference
 cells, rescales the logits so that confidences match accuracy; it does not
 change the ranking of classes within a cell.
+
+A query from another protocol, lab or species sits further from the reference
+than held-out reference cells do; there the logits shrink more than accuracy
+falls, so a temperature fitted on the held-out cells as they are leaves the
+query's confidence too low (brain mouse → human: accuracy 0.83, mean confidence
+0.69). The temperature is therefore fitted on :data:`SHIFTED_COPIES` shifted
+copies of each held-out cell, drawn by the training augmentation
+(:func:`atlasmtl.augment.simulate_shift`: thinned depth, genes missing): the
+confidence then matches accuracy on cells shifted as a query is. Measured on
+22 real cases (API contract, "Temperatures fitted on shifted held-out cells").
 """
 
 from __future__ import annotations
@@ -24,6 +34,11 @@ LOG_T_BOUNDS = (-4.0, 4.0)
 ACCURACY_PRIOR_COUNT = 1.0
 #: Classes with fewer cells than this keep all of them for training (besides the ``1 / fraction`` floor).
 MIN_HELD_OUT_CLASS_CELLS = 0
+#: Shifted copies of each held-out cell the temperatures are fitted on (0: the held-out cells as they
+#: are, as before 2026-12-05) ...
+SHIFTED_COPIES = 5
+#: ... and at most this many shifted rows in all (a random sample of the held-out cells beyond it).
+SHIFTED_MAX_ROWS = 25_000
 
 
 def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generator, max_cells: int = 5000) -> np.ndarray:
@@ -61,19 +76,20 @@ def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generat
     return held
 
 
-def fit_temperature(logits: np.ndarray, codes: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray, codes: np.ndarray, copies: int = 1) -> float:
     """Temperature ``T`` minimising the held-out negative log-likelihood of ``softmax(logits / T)``.
 
     The targets are smoothed by a prior on accuracy (``a / (n + 2a)`` of the mass
     spread over the other classes, ``a`` = :data:`ACCURACY_PRIOR_COUNT`), so a held-out
     set the network classifies perfectly yields a finite, not an infinitely sharp, temperature.
-    Returns 1.0 when no cell is labelled.
+    ``n`` counts cells: with ``copies`` rows per held-out cell (shifted copies), the labelled
+    rows divided by ``copies``. Returns 1.0 when no cell is labelled.
     """
     keep = codes >= 0
     lg, y = np.asarray(logits, dtype=np.float64)[keep], codes[keep]
     if len(y) == 0 or lg.shape[1] < 2:
         return 1.0
-    eps = ACCURACY_PRIOR_COUNT / (len(y) + 2 * ACCURACY_PRIOR_COUNT)
+    eps = ACCURACY_PRIOR_COUNT / (len(y) / max(int(copies), 1) + 2 * ACCURACY_PRIOR_COUNT)
     k = lg.shape[1]
     rows = np.arange(len(y))
 

@@ -9,6 +9,7 @@ novelty nulls on held-out cells) → :func:`describe` (the model's metadata).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -23,11 +24,12 @@ import torch
 
 from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
-from .augment import ShiftAugmentation
+from .augment import ShiftAugmentation, simulate_shift
 from .exceptions import ParameterError, user_stacklevel
 from .genes import GENE_SELECTIONS, INPUT_TRANSFORMS, alternative_ids, detect_namespace
 from .io import open_anndata
 from .inputs import h5ad_reference_source
+from . import calibration as _calibration  # its SHIFTED_* settings are read when a model is built
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
 from .hierarchy import decode_paths, infer_hierarchy, level_paths
 from .knn import (
@@ -250,8 +252,9 @@ def build_model(
         With ``val_fraction=0``: fraction of the cells of each finest-level class
         held out of training (classes under ``1 / calibration_fraction`` cells keep
         all theirs; at most 5,000 cells in all) to calibrate the model: one
-        temperature per level, fitted on their logits, makes the confidence
-        match accuracy, and their distances to the training cells of their
+        temperature per level, fitted on the logits of shifted copies of them
+        (:data:`~atlasmtl.calibration.SHIFTED_COPIES`; thinned, genes missing),
+        makes the confidence match accuracy on a shifted query, and their distances to the training cells of their
         predicted class are the null for the novelty score. The held-out cells
         join the KNN reference. 0 disables both (temperature 1, no novelty score).
     early_stopping_patience
@@ -410,8 +413,14 @@ def build_model(
         index_seconds = time.perf_counter() - t_index
         phase_seconds["index"] = index_seconds
         at = np.searchsorted(keep, calib_pos)
+        # the temperatures are fitted on shifted copies of the held-out cells (calibration.SHIFTED_COPIES), drawn
+        # from a generator of their own so no other random draw of the model changes
+        copies = _calibration.SHIFTED_COPIES
+        shifted = (shifted_logits(net, ref, dev, calib_cells, copies, np.random.default_rng([seed % 2**32, 0xCA1]))
+                   if copies > 0 and len(calib_cells) else None)
         calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search,
-                                         random_state=seed % 2**32)
+                                         random_state=seed % 2**32, shifted=shifted)
+        del shifted
         on_disk = isinstance(reference["embedding"], EmbeddingFile)
         if on_disk:
             reference = dict(reference, embedding=reference["embedding"].finish())
@@ -523,6 +532,34 @@ def embed_reference(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev
     return embedding, kept, logits
 
 
+def shifted_logits(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev: torch.device, cells: np.ndarray,
+                   copies: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The network's logits per level on ``copies`` shifted copies of the reference cells ``cells``
+    (:func:`~atlasmtl.augment.simulate_shift` with the training augmentation's defaults), at most
+    :data:`~atlasmtl.calibration.SHIFTED_MAX_ROWS` rows (a random sample of ``cells`` beyond it).
+    Returns ``(row cells, logits per level)``; every random draw comes from ``rng``."""
+    cells = np.sort(cells)
+    if copies * len(cells) > _calibration.SHIFTED_MAX_ROWS:
+        cells = np.sort(rng.choice(cells, max(1, _calibration.SHIFTED_MAX_ROWS // copies), replace=False))
+    counts_aligner = dataclasses.replace(ref.aligner, semantics="counts")  # shifted rows are pseudo-counts
+    zero = counts_aligner.zero_input()
+    zero = None if zero is None else torch.from_numpy(zero).to(dev)
+    augmentation = ShiftAugmentation()
+    rows, logits = [], [[] for _ in ref.label_columns]
+    with torch.no_grad():
+        for _ in range(copies):
+            for start in range(0, len(cells), 4096):
+                block_cells = cells[start : start + 4096]
+                block = simulate_shift(reference_rows(ref, block_cells), ref.semantics["semantics"], rng, augmentation)
+                out = net(SparseInput(counts_aligner.sparse_input(block), zero))
+                for j, lg in enumerate(out.logits):
+                    logits[j].append(lg.cpu().numpy())
+                rows.append(block_cells)
+    empty = [np.zeros((0, len(ref.classes[c])), dtype=np.float32) for c in ref.label_columns]
+    return (np.concatenate(rows) if rows else cells[:0],
+            [np.concatenate(lg) if lg else e for lg, e in zip(logits, empty)])
+
+
 def calibrate(
     ref: Reference,
     embedding: np.ndarray,
@@ -531,14 +568,18 @@ def calibrate(
     calib_cells: np.ndarray,
     search: ReferenceSearch,
     random_state: int = 0,
+    shifted: tuple[np.ndarray, list[np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit one temperature per level and the novelty score's nulls on the held-out cells.
 
     ``embedding`` and ``logits`` (one array per level) hold the rows of ``calib_cells``, in order.
+    ``shifted`` (:func:`shifted_logits`: the cell of each row and the logits per level of shifted
+    copies of held-out cells) is what the temperatures are fitted on when given; else the
+    held-out cells as they are.
 
     Returns ``(calibration, novelty)``: ``calibration["temperatures"]`` (level →
-    T) and ``calibration["report"]`` (held-out cells, temperatures, top-label ECE
-    before and after); ``novelty`` holds ``k`` and, per level, the median and
+    T) and ``calibration["report"]`` (held-out cells, shifted rows, temperatures, top-label
+    ECE before and after, on the held-out cells and on their shifted copies); ``novelty`` holds ``k`` and, per level, the median and
     scale of the held-out cells' log distance to the ``k`` nearest training cells
     of their predicted class (``None`` without held-out cells), searched with
     :meth:`~atlasmtl.knn.ReferenceSearch.search`, as prediction does, and the
@@ -549,9 +590,14 @@ def calibrate(
     pos = np.arange(len(calib_cells))
     temperatures, ece = {}, {}
     probs = []
+    use_shifted = shifted is not None and len(shifted[0]) > 0
     for j, lv in enumerate(levels):
         codes = ref.codes[calib_cells, j]
-        t = fit_temperature(logits[j][pos], codes) if len(pos) else 1.0
+        if use_shifted:  # the prior on accuracy counts held-out cells, not their copies
+            shifted_codes = ref.codes[shifted[0], j]
+            t = fit_temperature(shifted[1][j], shifted_codes, copies=len(shifted[0]) // len(np.unique(shifted[0])))
+        else:
+            t = fit_temperature(logits[j][pos], codes) if len(pos) else 1.0
         temperatures[lv] = t
         p = softmax(logits[j][pos].astype(np.float64), t)
         probs.append(p)
@@ -562,8 +608,12 @@ def calibrate(
                 "uncalibrated": round(expected_calibration_error(before.max(axis=1), before.argmax(axis=1) == codes[known]), 4),
                 "calibrated": round(expected_calibration_error(p[known].max(axis=1), p[known].argmax(axis=1) == codes[known]), 4),
             }
-    report = {"held_out_cells": int(len(calib_cells)), "temperatures": {k: round(v, 4) for k, v in temperatures.items()},
-              "ece_held_out": ece}
+            if use_shifted and (shifted_codes >= 0).any():
+                ps = softmax(shifted[1][j][shifted_codes >= 0].astype(np.float64), t)
+                ece[lv]["calibrated_shifted"] = round(
+                    expected_calibration_error(ps.max(axis=1), ps.argmax(axis=1) == shifted_codes[shifted_codes >= 0]), 4)
+    report = {"held_out_cells": int(len(calib_cells)), "shifted_rows": int(len(shifted[0])) if use_shifted else 0,
+              "temperatures": {k: round(v, 4) for k, v in temperatures.items()}, "ece_held_out": ece}
     novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None, "input_view": None}
     if len(pos):
         decoded = decode_paths(probs, level_paths(levels, ref.classes, infer_hierarchy(levels, ref.classes, ref.codes)))

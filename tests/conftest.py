@@ -150,3 +150,29 @@ def _quiet_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         yield
+
+
+# ---------------------------------------------------------------- helpers
+def held_out_logits(model, ref, copies=0, rng=None):
+    """The codes and the model's logits per level on its held-out reference cells (``copies`` > 0: that
+    many shifted copies, drawn from ``rng`` as build_model draws them), through the model's genes and statistics."""
+    import torch
+
+    from atlasmtl.network import SparseInput
+    from atlasmtl.reference import prepare_reference
+    from atlasmtl.training import shifted_logits
+
+    tc = model.train_config
+    r = prepare_reference(ref, model.label_columns, None, layer=None, use_raw=False, input_transform=tc["input_transform"],
+                          n_top_genes=tc["n_top_genes"], gene_selection=tc["gene_selection"])
+    assert [str(g) for g in r.source.var_names[r.genes]] == list(model.genes)
+    held = r.cells[~model.reference["training_cell"]]
+    if copies:
+        rows, logits = shifted_logits(model.network, r, torch.device("cpu"), held, copies, rng)
+    else:
+        zero = r.aligner.zero_input()
+        with torch.no_grad():
+            out = model.network(SparseInput(r.aligner.sparse_input(r.source.rows(held)),
+                                            None if zero is None else torch.from_numpy(zero)))
+        rows, logits = held, [lg.numpy() for lg in out.logits]
+    return [r.codes[rows, j] for j in range(len(model.label_columns))], logits

@@ -3,6 +3,7 @@ species, and accuracy floors on real reference → query splits (regression floo
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import anndata as ad
@@ -13,12 +14,13 @@ import scipy.sparse as sp
 
 import atlasmtl
 from atlasmtl.augment import ShiftAugmentation, mixup_pairs, pseudo_counts, simulate_shift
+from atlasmtl.calibration import expected_calibration_error, fit_temperature
 from atlasmtl.exceptions import ParameterError
 from atlasmtl.genes import build_aligner, identity_aligner, log_gene_statistics
 from atlasmtl.inputs import get_matrix_source
 from atlasmtl.metrics import macro_f1
 
-from .conftest import SYMPHONY_LEVELS, data_file
+from .conftest import SYMPHONY_LEVELS, data_file, held_out_logits
 
 
 def _counts(adata: ad.AnnData) -> sp.csr_matrix:
@@ -296,3 +298,19 @@ def test_floor_brain_mouse_to_human_and_what_the_knn_vote_adds():
     assert f1_default >= 0.60
     assert f1_default - _f1(off, query.obs["cell_type"], "cell_type") >= 0.05
     assert _f1(default, query.obs["compartment"], "compartment") >= 0.80
+    # the temperatures fitted on shifted copies of the held-out cells bring the species-shifted query's
+    # confidence closer to its accuracy (ECE 0.118, mean confidence 0.73 at accuracy 0.85, random_state=0)
+    # than those fitted on the cells as they are (0.147, mean confidence 0.70)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+
+    def ece(m):
+        calls = atlasmtl.predict(m, query, knn_correction="off", show_progress=False, show_summary=False).levels["cell_type"]
+        return expected_calibration_error(calls.conf, np.asarray(m.classes["cell_type"])[calls.raw] == truth)
+
+    codes, logits = held_out_logits(model, ref)
+    plain = copy.copy(model)
+    plain.metadata = copy.deepcopy(model.metadata)
+    plain.metadata["calibration"]["temperatures"] = {lv: fit_temperature(logits[j], codes[j])
+                                                     for j, lv in enumerate(model.label_columns)}
+    assert ece(model) <= 0.13
+    assert ece(plain) - ece(model) >= 0.015

@@ -10,13 +10,15 @@ import pytest
 import scipy.sparse as sp
 
 import atlasmtl
-from atlasmtl.calibration import calibration_split, expected_calibration_error, fit_temperature
+import atlasmtl.calibration
+from atlasmtl.calibration import (SHIFTED_COPIES, SHIFTED_MAX_ROWS, calibration_split, expected_calibration_error,
+                                  fit_temperature)
 from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
 from atlasmtl.novelty import NOVELTY_CONFIDENCE_GUARD
 from atlasmtl.knn import vote
 
-from .conftest import SYMPHONY_LEVELS, data_file
+from .conftest import SYMPHONY_LEVELS, data_file, held_out_logits
 
 CELLBENCH = "cellbench_celseq2_dropseq.h5ad"  # 20 MB: in the shared data folder only
 
@@ -33,8 +35,11 @@ def test_temperature_calibrates_a_real_cross_chemistry_query(symphony_model, sym
     _, query = symphony_split
     cal = symphony_model.train_config["calibration"]
     assert cal["held_out_cells"] > 0 and set(cal["temperatures"]) == set(SYMPHONY_LEVELS)
+    # fitted on shifted copies of the held-out cells
+    assert cal["shifted_rows"] == min(SHIFTED_COPIES * cal["held_out_cells"], SHIFTED_MAX_ROWS)
     for lv in SYMPHONY_LEVELS:
         assert cal["ece_held_out"][lv]["calibrated"] < cal["ece_held_out"][lv]["uncalibrated"]
+        assert cal["ece_held_out"][lv]["calibrated_shifted"] < cal["ece_held_out"][lv]["uncalibrated"]
     result = _predict(symphony_model, query, knn_correction="off")
     fine = SYMPHONY_LEVELS[-1]
     calls = result.levels[fine]
@@ -45,12 +50,37 @@ def test_temperature_calibrates_a_real_cross_chemistry_query(symphony_model, sym
     assert calls.is_low_conf.mean() <= (1 - correct.mean()) + 0.15
 
 
+def test_temperatures_are_fitted_on_shifted_held_out_cells(monkeypatch, symphony_split):
+    """The stored temperature is the one that fits the held-out cells' shifted copies (the draws of
+    the model's own generator); with no copies, the one that fits the cells as they are. The
+    network is the same either way: the copies are drawn from a generator of their own."""
+    ref, _ = symphony_split
+    kw = dict(num_epochs=3, ensemble_size=1, random_state=3, show_progress=False, show_summary=False, num_threads=1)
+    shifted = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
+    monkeypatch.setattr(atlasmtl.calibration, "SHIFTED_COPIES", 0)
+    plain = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
+    for a, b in zip(shifted.network.state_dict().values(), plain.network.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy())
+    assert plain.train_config["calibration"]["shifted_rows"] == 0
+    codes, logits = held_out_logits(plain, ref)
+    codes_s, logits_s = held_out_logits(shifted, ref, SHIFTED_COPIES, np.random.default_rng([3, 0xCA1]))
+    assert len(codes_s[0]) == SHIFTED_COPIES * len(codes[0])
+    for j, lv in enumerate(SYMPHONY_LEVELS):
+        assert plain.metadata["calibration"]["temperatures"][lv] == pytest.approx(fit_temperature(logits[j], codes[j]), rel=1e-4)
+        assert shifted.metadata["calibration"]["temperatures"][lv] == pytest.approx(
+            fit_temperature(logits_s[j], codes_s[j], copies=SHIFTED_COPIES), rel=1e-4)
+        assert shifted.metadata["calibration"]["temperatures"][lv] != pytest.approx(plain.metadata["calibration"]["temperatures"][lv], rel=1e-3)
+
+
 def test_temperature_fit_is_finite_on_perfectly_separated_cells():
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 3, 200)
     logits = np.eye(3)[codes] * 5.0 + rng.normal(0, 0.1, (200, 3))
     t = fit_temperature(logits, codes)
     assert 0.05 < t < 1.0  # sharper than raw, but not infinitely confident
+    # copies of the same cells are no new evidence: the prior on accuracy counts cells, not rows
+    assert fit_temperature(np.tile(logits, (5, 1)), np.tile(codes, 5), copies=5) == pytest.approx(t, rel=1e-3)
+    assert fit_temperature(np.tile(logits, (5, 1)), np.tile(codes, 5)) < t
     held = calibration_split(np.r_[np.zeros(50, int), np.ones(3, int), -np.ones(5, int)], 0.2, rng)
     assert held.sum() == 10 and not held[50:].any()  # a 3-cell class and unlabelled cells stay in training
 
