@@ -254,8 +254,9 @@ def build_model(
         all theirs; at most 5,000 cells in all) to calibrate the model: one
         temperature per level, fitted on the logits of shifted copies of them
         (:data:`~atlasmtl.calibration.SHIFTED_COPIES`; thinned, genes missing),
-        makes the confidence match accuracy on a shifted query, and their distances to the training cells of their
-        predicted class are the null for the novelty score. The held-out cells
+        makes the confidence match accuracy on a shifted query, and their
+        distances to the training cells of their predicted class are the null
+        for the novelty score. The held-out cells
         join the KNN reference. 0 disables both (temperature 1, no novelty score).
     early_stopping_patience
         Stop after this many epochs without validation improvement (``None`` disables).
@@ -579,9 +580,10 @@ def calibrate(
 
     Returns ``(calibration, novelty)``: ``calibration["temperatures"]`` (level →
     T) and ``calibration["report"]`` (held-out cells, shifted rows, temperatures, top-label
-    ECE before and after, on the held-out cells and on their shifted copies); ``novelty`` holds ``k`` and, per level, the median and
-    scale of the held-out cells' log distance to the ``k`` nearest training cells
-    of their predicted class (``None`` without held-out cells), searched with
+    ECE before and after, on the held-out cells and on their shifted copies); ``novelty``
+    holds ``k`` and, per level, the median and scale of the held-out cells' log distance
+    to the ``k`` nearest training cells of their predicted class (``None`` without
+    held-out cells), searched with
     :meth:`~atlasmtl.knn.ReferenceSearch.search`, as prediction does, and the
     :class:`~atlasmtl.novelty.InputView` (``input_view``, fitted on the training
     cells' and held-out cells' network input; ``None`` without held-out cells).
@@ -591,11 +593,13 @@ def calibrate(
     temperatures, ece = {}, {}
     probs = []
     use_shifted = shifted is not None and len(shifted[0]) > 0
+    # the prior on accuracy counts held-out cells, not their copies
+    copies = len(shifted[0]) // len(np.unique(shifted[0])) if use_shifted else 1
     for j, lv in enumerate(levels):
         codes = ref.codes[calib_cells, j]
-        if use_shifted:  # the prior on accuracy counts held-out cells, not their copies
+        if use_shifted:
             shifted_codes = ref.codes[shifted[0], j]
-            t = fit_temperature(shifted[1][j], shifted_codes, copies=len(shifted[0]) // len(np.unique(shifted[0])))
+            t = fit_temperature(shifted[1][j], shifted_codes, copies=copies)
         else:
             t = fit_temperature(logits[j][pos], codes) if len(pos) else 1.0
         temperatures[lv] = t

@@ -23,6 +23,8 @@ the stored temperatures are replaced before :func:`atlasmtl.predict`):
 ``augmented_cells``
     As ``augmented``, with the fit's prior on accuracy counting held-out cells, not rows (``copies=REPEATS``):
     the copies of one cell are not independent evidence (what ``build_model`` ships).
+``augmented_cells_jeffreys``
+    The same with Jeffreys' prior (``ACCURACY_PRIOR_COUNT = 0.5`` instead of Laplace's 1).
 
 The held-out cells' logits are the model's own (the ensemble's mean logits), computed on the reference's
 network input (:func:`atlasmtl.reference.prepare_reference` with the model's settings: the same genes and
@@ -43,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
+import atlasmtl.calibration  # noqa: E402
 from atlasmtl.augment import ShiftAugmentation, simulate_shift  # noqa: E402
 from atlasmtl.calibration import fit_temperature  # noqa: E402
 from atlasmtl.network import SparseInput  # noqa: E402
@@ -76,12 +79,17 @@ def shifted_temperatures(model, ref, levels, seed: int) -> dict[str, dict[str, f
         for j, lg in enumerate(_logits(model, counts_aligner, rows, zero)):
             shifted[j].append(lg)
     codes = r.codes[held]
-    out = {"augmented": {}, "pooled": {}, "half": {}, "augmented_cells": {}}
+    out = {"augmented": {}, "pooled": {}, "half": {}, "augmented_cells": {}, "augmented_cells_jeffreys": {}}
     for j, lv in enumerate(levels):
         aug = np.vstack(shifted[j])
         out["augmented"][lv] = fit_temperature(aug, np.tile(codes[:, j], REPEATS))
         out["pooled"][lv] = fit_temperature(np.vstack([clean[j], aug]), np.tile(codes[:, j], REPEATS + 1))
         out["augmented_cells"][lv] = fit_temperature(aug, np.tile(codes[:, j], REPEATS), copies=REPEATS)
+        prior, atlasmtl.calibration.ACCURACY_PRIOR_COUNT = atlasmtl.calibration.ACCURACY_PRIOR_COUNT, 0.5
+        try:
+            out["augmented_cells_jeffreys"][lv] = fit_temperature(aug, np.tile(codes[:, j], REPEATS), copies=REPEATS)
+        finally:
+            atlasmtl.calibration.ACCURACY_PRIOR_COUNT = prior
         out["half"][lv] = fit_temperature(np.vstack([clean[j]] * REPEATS + [aug]), np.tile(codes[:, j], 2 * REPEATS))
     return out
 
