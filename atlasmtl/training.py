@@ -546,12 +546,14 @@ def shifted_logits(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev:
     zero = counts_aligner.zero_input()
     zero = None if zero is None else torch.from_numpy(zero).to(dev)
     augmentation = ShiftAugmentation()
+    # read once (at most SHIFTED_MAX_ROWS // copies cells), shifted ``copies`` times
+    blocks = [(cells[start : start + 4096], reference_rows(ref, cells[start : start + 4096]))
+              for start in range(0, len(cells), 4096)]
     rows, logits = [], [[] for _ in ref.label_columns]
     with torch.no_grad():
         for _ in range(copies):
-            for start in range(0, len(cells), 4096):
-                block_cells = cells[start : start + 4096]
-                block = simulate_shift(reference_rows(ref, block_cells), ref.semantics["semantics"], rng, augmentation)
+            for block_cells, values in blocks:
+                block = simulate_shift(values, ref.semantics["semantics"], rng, augmentation)
                 out = net(SparseInput(counts_aligner.sparse_input(block), zero))
                 for j, lg in enumerate(out.logits):
                     logits[j].append(lg.cpu().numpy())
