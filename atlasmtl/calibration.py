@@ -16,6 +16,14 @@ copies of each held-out cell, drawn by the training augmentation
 (:func:`atlasmtl.augment.simulate_shift`: thinned depth, genes missing): the
 confidence then matches accuracy on cells shifted as a query is. Measured on
 22 real cases (API contract, "Temperatures fitted on shifted held-out cells").
+
+On a small reference the held-out fifth is a few dozen cells, too few to fit a
+temperature well (brain mouse → human: 36). Under :data:`CROSSFIT_BELOW_CELLS`
+held-out cells the temperatures are cross-fitted: the other cells are dealt into
+four more groups like the held-out one (:func:`crossfit_groups`), a network is
+trained with each group held out in turn, and the temperature is fitted on every
+group's shifted copies under the network that did not train on them, so on every
+reference cell (API contract, "Cross-fitted temperatures on small references").
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ MIN_HELD_OUT_CLASS_CELLS = 0
 SHIFTED_COPIES = 5
 #: ... and at most this many shifted rows in all (a random sample of the held-out cells beyond it).
 SHIFTED_MAX_ROWS = 25_000
+#: A reference whose held-out set has fewer cells than this has its temperatures cross-fitted
+#: (:func:`crossfit_groups`): a network is trained with each of ``round(1 / calibration_fraction) - 1``
+#: more groups of cells held out instead, and the temperatures are fitted on every group's rows under the
+#: network that did not train on them, so on every reference cell rather than on the fraction held out
+#: (0: never; as before 2026-12-05). Costs that many more trainings, so only where they are short.
+CROSSFIT_BELOW_CELLS = 500
 
 
 def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generator, max_cells: int = 5000) -> np.ndarray:
@@ -74,6 +88,37 @@ def calibration_split(codes: np.ndarray, fraction: float, rng: np.random.Generat
         if m:
             held[rng.choice(idx, m, replace=False)] = True
     return held
+
+
+def crossfit_groups(codes: np.ndarray, held: np.ndarray, fraction: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Groups of cells to hold out in turn besides ``held``, for cross-fitted temperatures.
+
+    Parameters
+    ----------
+    codes
+        Finest-level class code per cell (-1 = unlabelled, never held out).
+    held
+        Boolean mask of the cells held out already (:func:`calibration_split`).
+    fraction
+        The held-out fraction: ``round(1 / fraction) - 1`` groups are returned, so with ``held`` they
+        cover every labelled cell of the classes ``held`` draws from, each once.
+    rng
+        Random generator.
+
+    Returns
+    -------
+    One boolean mask per group: per class with cells in ``held`` (others are never held out), its
+    other cells in a random order, dealt to the groups in turn (each group about the size of ``held``).
+    """
+    n_groups = max(int(round(1.0 / fraction)) - 1, 0) if fraction > 0 else 0
+    groups = [np.zeros(len(codes), dtype=bool) for _ in range(n_groups)]
+    if not n_groups:
+        return groups
+    for c in np.unique(codes[held & (codes >= 0)]):
+        rest = rng.permutation(np.flatnonzero((codes == c) & ~held))
+        for g in range(n_groups):
+            groups[g][rest[g::n_groups]] = True
+    return groups
 
 
 def fit_temperature(logits: np.ndarray, codes: np.ndarray, copies: int = 1) -> float:

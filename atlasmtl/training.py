@@ -4,7 +4,8 @@
 coordinates, genes; the matrix checks are the ones :func:`atlasmtl.predict` runs) →
 :func:`~atlasmtl.training_loop.fit` (the epoch loop, once per ensemble member) →
 :func:`embed_reference` (the KNN space) → :func:`calibrate` (temperatures and the
-novelty nulls on held-out cells) → :func:`describe` (the model's metadata).
+novelty nulls on held-out cells; on a small reference the temperatures cross-fitted
+with networks trained with other cells held out) → :func:`describe` (the model's metadata).
 """
 
 from __future__ import annotations
@@ -256,7 +257,13 @@ def build_model(
         (:data:`~atlasmtl.calibration.SHIFTED_COPIES`; thinned, genes missing),
         makes the confidence match accuracy on a shifted query, and their
         distances to the training cells of their predicted class are the null
-        for the novelty score. The held-out cells
+        for the novelty score. Under
+        :data:`~atlasmtl.calibration.CROSSFIT_BELOW_CELLS` (500) held-out cells
+        the temperatures are cross-fitted: ``round(1 / calibration_fraction) - 1``
+        more networks are trained, each with another group of cells held out, and
+        every group's copies are fitted on under the network that did not train on
+        them (about that many times the training time; the model's own network is
+        unchanged). The held-out cells
         join the KNN reference. 0 disables both (temperature 1, no novelty score).
     early_stopping_patience
         Stop after this many epochs without validation improvement (``None`` disables).
@@ -364,11 +371,13 @@ def build_model(
 
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
-    with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
-        n_members = resolve_ensemble_size(p["ensemble_size"], len(train_cells))
+    def train_network(objective: Objective, cells: np.ndarray, fit_rng: np.random.Generator, torch_seed: int,
+                      show: bool) -> tuple[MultiTaskNetwork | EnsembleNetwork, list[dict[str, Any]], int]:
+        """The network trained on ``cells`` (``ensemble_size`` members), its history and its member count."""
+        n_members = resolve_ensemble_size(p["ensemble_size"], len(cells))
         members, history = [], []
         for member in range(n_members):  # member 0 is the network a single-network model would have
-            torch.manual_seed(seed + 1_000_003 * member)
+            torch.manual_seed(torch_seed + 1_000_003 * member)
             net = MultiTaskNetwork(
                 ref.n_genes,
                 [len(ref.classes[c]) for c in ref.label_columns],
@@ -377,16 +386,20 @@ def build_model(
                 dropout_rate,
             ).to(dev)
             if distributed:  # each rank draws its own dropout masks (on a GPU; on the CPU fit's generators do)
-                torch.manual_seed(seed + 1_000_003 * member + 7919 * _dist.rank())
+                torch.manual_seed(torch_seed + 1_000_003 * member + 7919 * _dist.rank())
             # the prefetch thread prepares the next minibatch on a core of its own
             with torch_threads(max(1, n_threads - 1)):
-                records = fit(net, objective, train_cells, val_cells, rng, batch_size=batch_size, num_epochs=num_epochs,
+                records = fit(net, objective, cells, val_cells, fit_rng, batch_size=batch_size, num_epochs=num_epochs,
                               learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
-                              min_steps=min_steps, early_stopping_patience=early_stopping_patience,
-                              show_progress=show_progress and _dist.is_main_process())
+                              min_steps=min_steps, early_stopping_patience=early_stopping_patience, show_progress=show)
             history += [dict(r, member=member) for r in records] if n_members > 1 else records
             members.append(net)
-        net = members[0] if n_members == 1 else EnsembleNetwork(members).eval()
+        return (members[0] if n_members == 1 else EnsembleNetwork(members).eval()), history, n_members
+
+    with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
+        net, history, n_members = train_network(objective, train_cells, rng, seed,
+                                                show_progress and _dist.is_main_process())
+        cell_epochs = len(train_cells) * len(history)
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
         phase_seconds["fit"] = time.perf_counter() - t_start
@@ -417,16 +430,44 @@ def build_model(
         # the temperatures are fitted on shifted copies of the held-out cells (calibration.SHIFTED_COPIES), drawn
         # from a generator of their own so no other random draw of the model changes
         copies = _calibration.SHIFTED_COPIES
-        shifted = (shifted_logits(net, ref, dev, calib_cells, copies, np.random.default_rng([seed % 2**32, 0xCA1]))
-                   if copies > 0 and len(calib_cells) else None)
+        fit_rows = (shifted_logits(net, ref, dev, calib_cells, copies, np.random.default_rng([seed % 2**32, 0xCA1]))
+                    if copies > 0 and len(calib_cells) else None)
+        crossfit = None
+        if 0 < len(calib_cells) < _calibration.CROSSFIT_BELOW_CELLS and n_val == 0 and not distributed:
+            # cross-fitted temperatures: each further group of cells held out from a network of its own (the same
+            # recipe, generators of its own, so the model's network and every other draw are unchanged)
+            t_cross = time.perf_counter()
+            groups = _calibration.crossfit_groups(ref.codes[ref.cells, -1], _members(ref.cells, calib_cells),
+                                                  calibration_fraction, np.random.default_rng([seed % 2**32, 0xF01D]))
+            parts = [fit_rows if fit_rows is not None else (calib_cells, [lg[at] for lg in logits])]
+            for k, group in enumerate(groups):
+                fold_cells, fold_held = ref.cells[~group], ref.cells[group]
+                fold_rng = np.random.default_rng([seed % 2**32, 0xF01D, k + 1])
+                fold_objective = Objective(ref, fold_cells, class_weight_power, label_smoothing, dev, augmentation,
+                                           fold_rng, mixup_alpha)
+                fold_net, fold_history, _ = train_network(fold_objective, fold_cells, fold_rng,
+                                                          seed + 104_729 * (k + 1), False)
+                del fold_objective
+                cell_epochs += len(fold_cells) * len(fold_history)
+                parts.append(held_out_rows(fold_net, ref, dev, fold_held, copies,
+                                           np.random.default_rng([seed % 2**32, 0xCA1, k + 1])))
+                del fold_net
+            fit_rows = (np.concatenate([c for c, _ in parts]),
+                        [np.concatenate([lg[j] for _, lg in parts]) for j in range(len(ref.label_columns))])
+            del parts
+            crossfit = ({"networks": len(groups), "cells": int(len(np.unique(fit_rows[0]))),
+                         "seconds": round(time.perf_counter() - t_cross, 3)} if groups else None)
         calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search,
-                                         random_state=seed % 2**32, shifted=shifted)
-        del shifted
+                                         random_state=seed % 2**32, fit_rows=fit_rows, shifted=copies > 0,
+                                         crossfit=crossfit)
+        del fit_rows
         on_disk = isinstance(reference["embedding"], EmbeddingFile)
         if on_disk:
             reference = dict(reference, embedding=reference["embedding"].finish())
     train_seconds = time.perf_counter() - t_start
-    phase_seconds["calibrate"] = train_seconds - phase_seconds["fit"] - phase_seconds["embed"] - phase_seconds["index"]
+    phase_seconds["crossfit"] = crossfit["seconds"] if crossfit else 0.0
+    phase_seconds["calibrate"] = (train_seconds - phase_seconds["fit"] - phase_seconds["embed"] - phase_seconds["index"]
+                                  - phase_seconds["crossfit"])
     t_agreement = time.perf_counter()
     epochs_done = max(r["epoch"] for r in history)
     agreement = neighbour_label_agreement(kept[np.searchsorted(keep, pool)], fine_codes, k=15, max_cells=2000,
@@ -481,7 +522,7 @@ def build_model(
             "epochs completed": epochs_done,
             "ensemble members": n_members,
         },
-        "runtime_summary": monitor.summary(len(train_cells) * len(history)),
+        "runtime_summary": monitor.summary(cell_epochs),
         "knn_space": {"space": "encoder output, L2-normalised", "neighbour_label_agreement": agreement,
                       "search": "exact" if search.lists is None else
                       f"lists ({len(search.lists.sizes)} lists, {search.lists.n_probe} probed)",
@@ -563,6 +604,26 @@ def shifted_logits(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev:
             [np.concatenate(lg) if lg else e for lg, e in zip(logits, empty)])
 
 
+def held_out_rows(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev: torch.device, cells: np.ndarray,
+                  copies: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The rows a temperature is fitted on for the held-out reference cells ``cells`` under ``net``, which
+    did not train on them: ``(row cells, logits per level)`` of ``copies`` shifted copies of them
+    (:func:`shifted_logits`), or with ``copies=0`` of the cells as they are."""
+    if copies > 0:
+        return shifted_logits(net, ref, dev, cells, copies, rng)
+    cells = np.sort(cells)
+    zero = ref.aligner.zero_input()
+    zero = None if zero is None else torch.from_numpy(zero).to(dev)
+    logits = [[] for _ in ref.label_columns]
+    with torch.no_grad():
+        for start in range(0, len(cells), 4096):
+            out = net(SparseInput(ref.aligner.sparse_input(reference_rows(ref, cells[start : start + 4096])), zero))
+            for j, lg in enumerate(out.logits):
+                logits[j].append(lg.cpu().numpy())
+    return cells, [np.concatenate(lg) if lg else np.zeros((0, len(ref.classes[c])), dtype=np.float32)
+                   for lg, c in zip(logits, ref.label_columns)]
+
+
 def calibrate(
     ref: Reference,
     embedding: np.ndarray,
@@ -571,18 +632,22 @@ def calibrate(
     calib_cells: np.ndarray,
     search: ReferenceSearch,
     random_state: int = 0,
-    shifted: tuple[np.ndarray, list[np.ndarray]] | None = None,
+    fit_rows: tuple[np.ndarray, list[np.ndarray]] | None = None,
+    shifted: bool = True,
+    crossfit: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit one temperature per level and the novelty score's nulls on the held-out cells.
 
     ``embedding`` and ``logits`` (one array per level) hold the rows of ``calib_cells``, in order.
-    ``shifted`` (:func:`shifted_logits`: the cell of each row and the logits per level of shifted
-    copies of held-out cells) is what the temperatures are fitted on when given; else the
-    held-out cells as they are.
+    ``fit_rows`` (:func:`held_out_rows`: the cell of each row and the logits per level, under a network
+    that did not train on that cell) is what the temperatures are fitted on when given: shifted copies
+    of the held-out cells (``shifted``), and with cross-fitting (``crossfit``: its networks, cells and
+    seconds, for the report) those of every group of cells held out in turn; else the held-out cells as
+    they are.
 
     Returns ``(calibration, novelty)``: ``calibration["temperatures"]`` (level →
-    T) and ``calibration["report"]`` (held-out cells, shifted rows, temperatures, top-label
-    ECE before and after, on the held-out cells and on their shifted copies); ``novelty``
+    T) and ``calibration["report"]`` (held-out cells, shifted rows, cross-fitting, temperatures,
+    top-label ECE before and after on the held-out cells, and on the rows fitted on when shifted); ``novelty``
     holds ``k`` and, per level, the median and scale of the held-out cells' log distance
     to the ``k`` nearest training cells of their predicted class (``None`` without
     held-out cells), searched with
@@ -594,14 +659,14 @@ def calibrate(
     pos = np.arange(len(calib_cells))
     temperatures, ece = {}, {}
     probs = []
-    use_shifted = shifted is not None and len(shifted[0]) > 0
+    use_rows = fit_rows is not None and len(fit_rows[0]) > 0
     # the prior on accuracy counts held-out cells, not their copies
-    copies = len(shifted[0]) // len(np.unique(shifted[0])) if use_shifted else 1
+    copies = len(fit_rows[0]) // len(np.unique(fit_rows[0])) if use_rows else 1
     for j, lv in enumerate(levels):
         codes = ref.codes[calib_cells, j]
-        if use_shifted:
-            shifted_codes = ref.codes[shifted[0], j]
-            t = fit_temperature(shifted[1][j], shifted_codes, copies=copies)
+        if use_rows:
+            row_codes = ref.codes[fit_rows[0], j]
+            t = fit_temperature(fit_rows[1][j], row_codes, copies=copies)
         else:
             t = fit_temperature(logits[j][pos], codes) if len(pos) else 1.0
         temperatures[lv] = t
@@ -614,11 +679,12 @@ def calibrate(
                 "uncalibrated": round(expected_calibration_error(before.max(axis=1), before.argmax(axis=1) == codes[known]), 4),
                 "calibrated": round(expected_calibration_error(p[known].max(axis=1), p[known].argmax(axis=1) == codes[known]), 4),
             }
-            if use_shifted and (shifted_codes >= 0).any():
-                ps = softmax(shifted[1][j][shifted_codes >= 0].astype(np.float64), t)
+            if use_rows and shifted and (row_codes >= 0).any():
+                ps = softmax(fit_rows[1][j][row_codes >= 0].astype(np.float64), t)
                 ece[lv]["calibrated_shifted"] = round(
-                    expected_calibration_error(ps.max(axis=1), ps.argmax(axis=1) == shifted_codes[shifted_codes >= 0]), 4)
-    report = {"held_out_cells": int(len(calib_cells)), "shifted_rows": int(len(shifted[0])) if use_shifted else 0,
+                    expected_calibration_error(ps.max(axis=1), ps.argmax(axis=1) == row_codes[row_codes >= 0]), 4)
+    report = {"held_out_cells": int(len(calib_cells)),
+              "shifted_rows": int(len(fit_rows[0])) if use_rows and shifted else 0, "crossfit": crossfit,
               "temperatures": {k: round(v, 4) for k, v in temperatures.items()}, "ece_held_out": ece}
     novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None, "input_view": None}
     if len(pos):

@@ -298,9 +298,11 @@ def test_floor_brain_mouse_to_human_and_what_the_knn_vote_adds():
     assert f1_default >= 0.60
     assert f1_default - _f1(off, query.obs["cell_type"], "cell_type") >= 0.05
     assert _f1(default, query.obs["compartment"], "compartment") >= 0.80
-    # the temperatures fitted on shifted copies of the held-out cells bring the species-shifted query's
-    # confidence closer to its accuracy (ECE 0.118, mean confidence 0.73 at accuracy 0.85, random_state=0)
-    # than those fitted on the cells as they are (0.147, mean confidence 0.70)
+    # the temperatures fitted on shifted copies of the reference cells, cross-fitted (36 held-out cells:
+    # four more networks, each with another fifth held out), bring the species-shifted query's confidence
+    # close to its accuracy (ECE 0.039, mean confidence 0.81 at accuracy 0.85, random_state=0; 0.118 with
+    # the held-out fifth's copies alone) against 0.147 (mean confidence 0.70) for those fitted on the
+    # held-out cells as they are
     truth = query.obs["cell_type"].astype(str).to_numpy()
 
     def ece(m):
@@ -312,5 +314,6 @@ def test_floor_brain_mouse_to_human_and_what_the_knn_vote_adds():
     plain.metadata = copy.deepcopy(model.metadata)
     plain.metadata["calibration"]["temperatures"] = {lv: fit_temperature(logits[j], codes[j])
                                                      for j, lv in enumerate(model.label_columns)}
-    assert ece(model) <= 0.13
-    assert ece(plain) - ece(model) >= 0.015
+    assert model.train_config["calibration"]["crossfit"]["networks"] == 4
+    assert ece(model) <= 0.07
+    assert ece(plain) - ece(model) >= 0.05

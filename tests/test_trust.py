@@ -11,11 +11,12 @@ import scipy.sparse as sp
 
 import atlasmtl
 import atlasmtl.calibration
-from atlasmtl.calibration import (SHIFTED_COPIES, SHIFTED_MAX_ROWS, calibration_split, expected_calibration_error,
-                                  fit_temperature)
+from atlasmtl.calibration import (SHIFTED_COPIES, SHIFTED_MAX_ROWS, calibration_split, crossfit_groups,
+                                  expected_calibration_error, fit_temperature)
 from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
 from atlasmtl.novelty import NOVELTY_CONFIDENCE_GUARD
+from atlasmtl.reference import prepare_reference
 from atlasmtl.knn import vote
 
 from .conftest import SYMPHONY_LEVELS, data_file, held_out_logits
@@ -35,8 +36,11 @@ def test_temperature_calibrates_a_real_cross_chemistry_query(symphony_model, sym
     _, query = symphony_split
     cal = symphony_model.train_config["calibration"]
     assert cal["held_out_cells"] > 0 and set(cal["temperatures"]) == set(SYMPHONY_LEVELS)
-    # fitted on shifted copies of the held-out cells
-    assert cal["shifted_rows"] == min(SHIFTED_COPIES * cal["held_out_cells"], SHIFTED_MAX_ROWS)
+    # fitted on shifted copies of the held-out cells, cross-fitted (a small reference): of every cell of the
+    # classes the held-out set draws from (four more networks, each with another fifth held out)
+    assert cal["crossfit"]["networks"] == 4
+    assert cal["held_out_cells"] < cal["crossfit"]["cells"] <= len(symphony_model.reference["training_cell"])
+    assert cal["shifted_rows"] == min(SHIFTED_COPIES * cal["crossfit"]["cells"], SHIFTED_MAX_ROWS)
     for lv in SYMPHONY_LEVELS:
         assert cal["ece_held_out"][lv]["calibrated"] < cal["ece_held_out"][lv]["uncalibrated"]
         assert cal["ece_held_out"][lv]["calibrated_shifted"] < cal["ece_held_out"][lv]["uncalibrated"]
@@ -55,6 +59,7 @@ def test_temperatures_are_fitted_on_shifted_held_out_cells(monkeypatch, symphony
     the model's own generator); with no copies, the one that fits the cells as they are. The
     network is the same either way: the copies are drawn from a generator of their own."""
     ref, _ = symphony_split
+    monkeypatch.setattr(atlasmtl.calibration, "CROSSFIT_BELOW_CELLS", 0)  # the held-out cells alone
     kw = dict(num_epochs=3, ensemble_size=1, random_state=3, show_progress=False, show_summary=False, num_threads=1)
     shifted = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
     monkeypatch.setattr(atlasmtl.calibration, "SHIFTED_COPIES", 0)
@@ -70,6 +75,83 @@ def test_temperatures_are_fitted_on_shifted_held_out_cells(monkeypatch, symphony
         assert shifted.metadata["calibration"]["temperatures"][lv] == pytest.approx(
             fit_temperature(logits_s[j], codes_s[j], copies=SHIFTED_COPIES), rel=1e-4)
         assert shifted.metadata["calibration"]["temperatures"][lv] != pytest.approx(plain.metadata["calibration"]["temperatures"][lv], rel=1e-3)
+
+
+def test_temperatures_are_cross_fitted_on_a_small_reference(monkeypatch, symphony_split):
+    """Under CROSSFIT_BELOW_CELLS held-out cells, four more networks are trained, each with another group of
+    cells held out (never one it trains on), and the temperature is fitted on the shifted copies of every
+    group's cells under the network that did not train on them. The model's own network, held-out cells and
+    novelty null are those of a model without cross-fitting."""
+    import atlasmtl.training as T
+
+    ref, _ = symphony_split
+    kw = dict(num_epochs=3, ensemble_size=1, random_state=3, show_progress=False, show_summary=False, num_threads=1)
+    trained_on, fitted = [], {}
+    objective, calibrate = T.Objective, T.calibrate
+
+    def recording_objective(ref_, cells, *a, **k):
+        trained_on.append(np.asarray(cells).copy())
+        return objective(ref_, cells, *a, **k)
+
+    def recording_calibrate(*a, **k):
+        fitted.update(rows=k["fit_rows"])
+        return calibrate(*a, **k)
+
+    monkeypatch.setattr(T, "Objective", recording_objective)
+    monkeypatch.setattr(T, "calibrate", recording_calibrate)
+    crossfit = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
+    monkeypatch.setattr(atlasmtl.calibration, "CROSSFIT_BELOW_CELLS", 0)
+    alone = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
+    for a, b in zip(crossfit.network.state_dict().values(), alone.network.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy())
+    assert crossfit.metadata["novelty"]["null"] == alone.metadata["novelty"]["null"]
+    assert np.array_equal(crossfit.reference["training_cell"], alone.reference["training_cell"])
+
+    report = crossfit.train_config["calibration"]
+    assert report["crossfit"]["networks"] == 4 and alone.train_config["calibration"]["crossfit"] is None
+    tc = crossfit.train_config
+    r = prepare_reference(ref, SYMPHONY_LEVELS, None, layer=None, use_raw=False, input_transform=tc["input_transform"],
+                          n_top_genes=tc["n_top_genes"], gene_selection=tc["gene_selection"])
+    held = r.cells[~crossfit.reference["training_cell"]]
+    rows, logits = fitted["rows"]
+    cells, counts = np.unique(rows, return_counts=True)
+    assert (counts == SHIFTED_COPIES).all() and report["crossfit"]["cells"] == len(cells)
+    # the model's network trained on every cell but the held-out ones; each further network on every cell
+    # but its group; the groups and the held-out cells are the cells fitted on, each once
+    assert len(trained_on) == 5 and np.array_equal(trained_on[0], np.setdiff1d(r.cells, held))
+    groups = [np.setdiff1d(r.cells, t) for t in trained_on[1:]]
+    parts = np.concatenate(groups + [held])
+    assert len(parts) == len(np.unique(parts)) == len(cells) and np.array_equal(np.sort(parts), cells)
+    for g in groups:
+        assert 0.8 * len(held) <= len(g) <= 1.2 * len(held)
+    # the model's own held-out rows are the shifted copies build_model draws without cross-fitting
+    codes_s, logits_s = held_out_logits(crossfit, ref, SHIFTED_COPIES, np.random.default_rng([3, 0xCA1]))
+    own = np.isin(rows, held)
+    for j, lv in enumerate(SYMPHONY_LEVELS):
+        assert np.allclose(logits[j][own], logits_s[j], atol=1e-5)
+        assert crossfit.metadata["calibration"]["temperatures"][lv] == pytest.approx(
+            fit_temperature(logits[j], r.codes[rows, j], copies=SHIFTED_COPIES), rel=1e-4)
+        assert alone.metadata["calibration"]["temperatures"][lv] == pytest.approx(
+            fit_temperature(logits_s[j], codes_s[j], copies=SHIFTED_COPIES), rel=1e-4)
+        assert crossfit.metadata["calibration"]["temperatures"][lv] != pytest.approx(
+            alone.metadata["calibration"]["temperatures"][lv], rel=1e-3)
+
+
+def test_crossfit_groups_hold_out_every_cell_once():
+    """The further groups and the held-out set cover each labelled cell of the classes the held-out set draws
+    from exactly once, about equally; other classes and unlabelled cells are never held out."""
+    rng = np.random.default_rng(0)
+    codes = np.r_[np.zeros(103, int), np.ones(20, int), np.full(4, 2), -np.ones(6, int)]
+    held = calibration_split(codes, 0.2, rng)
+    groups = crossfit_groups(codes, held, 0.2, rng)
+    assert len(groups) == 4 and len(crossfit_groups(codes, held, 0.5, rng)) == 1
+    assert crossfit_groups(codes, held, 0.0, rng) == []
+    cover = held.astype(int) + sum(g.astype(int) for g in groups)
+    assert (cover[codes >= 0][codes[codes >= 0] < 2] == 1).all()
+    assert (cover[(codes == 2) | (codes < 0)] == 0).all()
+    for g in groups:
+        assert abs(int((g & (codes == 0)).sum()) - int((held & (codes == 0)).sum())) <= 1
+        assert int((g & (codes == 1)).sum()) == 4
 
 
 def test_temperature_fit_is_finite_on_perfectly_separated_cells():
