@@ -40,23 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study_scores import posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.training as T  # noqa: E402
-from atlasmtl.calibration import SHIFTED_COPIES, fit_temperature  # noqa: E402
+from atlasmtl.calibration import SHIFTED_COPIES, crossfit_groups, fit_temperature  # noqa: E402
 from atlasmtl.reference import prepare_reference  # noqa: E402
 
 FOLDS = 5
-
-
-def fold_groups(codes: np.ndarray, held: np.ndarray, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``folds - 1`` boolean masks over the cells not in ``held``: per finest class with at least ``folds``
-    cells in all, its non-held-out cells shuffled and dealt round-robin (classes under that are never held out)."""
-    groups = [np.zeros(len(codes), dtype=bool) for _ in range(folds - 1)]
-    for c in np.unique(codes[codes >= 0]):
-        if (codes == c).sum() < folds:
-            continue
-        rest = rng.permutation(np.flatnonzero((codes == c) & ~held))
-        for i, cell in enumerate(rest):
-            groups[i % (folds - 1)][cell] = True
-    return groups
 
 
 def _held_out_logits(model, r, cells, seed):
@@ -80,7 +67,8 @@ def crossfit_temperatures(model, ref, levels, seed):
         refit = fit_temperature(parts[0][2][1][j], r.codes[parts[0][2][0], j], copies=SHIFTED_COPIES)
         assert abs(refit - stored[lv]) < 1e-3 * stored[lv], (lv, refit, stored[lv])
     split = T.calibration_split
-    for group in fold_groups(codes[:, -1], held, FOLDS, np.random.default_rng([seed, 0xF01D])):
+    # (the rows were made with a copy of crossfit_groups written here first: the same draws, the same groups)
+    for group in crossfit_groups(codes[:, -1], held, 1 / FOLDS, np.random.default_rng([seed, 0xF01D])):
         T.calibration_split = lambda c, f, rng, max_cells=5000, g=group: g.copy()
         try:
             fold = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False)
