@@ -399,7 +399,7 @@ def build_model(
     with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:
         net, history, n_members = train_network(objective, train_cells, rng, seed,
                                                 show_progress and _dist.is_main_process())
-        cell_epochs = len(train_cells) * len(history)
+        cell_epochs = len(train_cells) * len(history)  # and the cross-fitting networks' below: the block's work
         if not _dist.is_main_process():
             return None  # rank 0 embeds the reference, calibrates and returns the model
         phase_seconds["fit"] = time.perf_counter() - t_start
@@ -436,7 +436,7 @@ def build_model(
         if 0 < len(calib_cells) < _calibration.CROSSFIT_BELOW_CELLS and n_val == 0 and not distributed:
             # cross-fitted temperatures: each further group of cells held out from a network of its own (the same
             # recipe, generators of its own, so the model's network and every other draw are unchanged)
-            t_cross = time.perf_counter()
+            t_cross, model_cell_epochs = time.perf_counter(), cell_epochs
             groups = _calibration.crossfit_groups(ref.codes[ref.cells, -1], _members(ref.cells, calib_cells),
                                                   calibration_fraction, np.random.default_rng([seed % 2**32, 0xF01D]))
             parts = [fit_rows if fit_rows is not None else (calib_cells, [lg[at] for lg in logits])]
@@ -456,6 +456,7 @@ def build_model(
                         [np.concatenate([lg[j] for _, lg in parts]) for j in range(len(ref.label_columns))])
             del parts
             crossfit = ({"networks": len(groups), "cells": int(len(np.unique(fit_rows[0]))),
+                         "cell_epochs": int(cell_epochs - model_cell_epochs),
                          "seconds": round(time.perf_counter() - t_cross, 3)} if groups else None)
         calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search,
                                          random_state=seed % 2**32, fit_rows=fit_rows, shifted=copies > 0,

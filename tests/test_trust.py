@@ -94,7 +94,7 @@ def test_temperatures_are_cross_fitted_on_a_small_reference(monkeypatch, symphon
         return objective(ref_, cells, *a, **k)
 
     def recording_calibrate(*a, **k):
-        fitted.update(rows=k["fit_rows"])
+        fitted.setdefault("rows", k["fit_rows"])  # the first model's (cross-fitted)
         return calibrate(*a, **k)
 
     monkeypatch.setattr(T, "Objective", recording_objective)
@@ -118,8 +118,10 @@ def test_temperatures_are_cross_fitted_on_a_small_reference(monkeypatch, symphon
     assert (counts == SHIFTED_COPIES).all() and report["crossfit"]["cells"] == len(cells)
     # the model's network trained on every cell but the held-out ones; each further network on every cell
     # but its group; the groups and the held-out cells are the cells fitted on, each once
-    assert len(trained_on) == 5 and np.array_equal(trained_on[0], np.setdiff1d(r.cells, held))
-    groups = [np.setdiff1d(r.cells, t) for t in trained_on[1:]]
+    # (six networks: the cross-fitted model's five, then the model without cross-fitting)
+    assert len(trained_on) == 6 and np.array_equal(trained_on[0], np.setdiff1d(r.cells, held))
+    assert np.array_equal(trained_on[5], trained_on[0])
+    groups = [np.setdiff1d(r.cells, t) for t in trained_on[1:5]]
     parts = np.concatenate(groups + [held])
     assert len(parts) == len(np.unique(parts)) == len(cells) and np.array_equal(np.sort(parts), cells)
     for g in groups:

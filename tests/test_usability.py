@@ -29,8 +29,12 @@ def test_summaries_use_one_key_style_print_no_none_and_count_cell_epochs(synthet
     epochs = synthetic_model.train_config["resource_summary"]["epochs completed"]
     cells = synthetic_model.train_config["resource_summary"]["training cells"]
     members = synthetic_model.train_config["resource_summary"]["ensemble members"]
-    # training throughput counts cells × epochs (of every ensemble member), and says so
-    assert training["cell-epochs"] == f"{cells * epochs * members:,}" and "cells" not in training.get("throughput", "cells")
+    # training throughput counts cells × epochs (of every ensemble member, and of the networks that cross-fit
+    # the temperatures of this small reference), and says so
+    crossfit = synthetic_model.train_config["calibration"]["crossfit"]
+    assert crossfit["networks"] == 4 and crossfit["cell_epochs"] > 3 * cells * epochs * members
+    assert training["cell-epochs"] == f"{cells * epochs * members + crossfit['cell_epochs']:,}"
+    assert "cells" not in training.get("throughput", "cells")
     assert training["throughput"].endswith("cell-epochs/s")
     runtime = result.summary()["runtime"]
     assert runtime["cells"] == f"{query.n_obs:,}" and runtime["throughput"].endswith(" cells/s")
