@@ -260,10 +260,11 @@ def build_model(
         for the novelty score. Under
         :data:`~atlasmtl.calibration.CROSSFIT_BELOW_CELLS` (500) held-out cells
         the temperatures are cross-fitted: ``round(1 / calibration_fraction) - 1``
-        more networks are trained, each with another group of cells held out, and
-        every group's copies are fitted on under the network that did not train on
-        them (about that many times the training time; the model's own network is
-        unchanged). The held-out cells
+        more networks (the first :data:`~atlasmtl.calibration.CROSSFIT_MEMBERS`
+        (3) members of the model's ensemble) are trained, each with another group
+        of cells held out, and every group's copies are fitted on under the network
+        that did not train on them (a ten-member model trains 12 more members; the
+        model's own network is unchanged). The held-out cells
         join the KNN reference. 0 disables both (temperature 1, no novelty score).
     early_stopping_patience
         Stop after this many epochs without validation improvement (``None`` disables).
@@ -372,9 +373,12 @@ def build_model(
     monitor = ResourceMonitor(dev)
     t_start = time.perf_counter()
     def train_network(objective: Objective, cells: np.ndarray, fit_rng: np.random.Generator, torch_seed: int,
-                      show: bool) -> tuple[MultiTaskNetwork | EnsembleNetwork, list[dict[str, Any]], int]:
-        """The network trained on ``cells`` (``ensemble_size`` members), its history and its member count."""
+                      show: bool, max_members: int | None = None,
+                      ) -> tuple[MultiTaskNetwork | EnsembleNetwork, list[dict[str, Any]], int]:
+        """The network trained on ``cells`` (``ensemble_size`` members, at most ``max_members``), its history
+        and its member count."""
         n_members = resolve_ensemble_size(p["ensemble_size"], len(cells))
+        n_members = n_members if max_members is None else max(1, min(n_members, max_members))
         members, history = [], []
         for member in range(n_members):  # member 0 is the network a single-network model would have
             torch.manual_seed(torch_seed + 1_000_003 * member)
@@ -440,13 +444,15 @@ def build_model(
             groups = _calibration.crossfit_groups(ref.codes[ref.cells, -1], _members(ref.cells, calib_cells),
                                                   calibration_fraction, np.random.default_rng([seed % 2**32, 0xF01D]))
             parts = [fit_rows if fit_rows is not None else (calib_cells, [lg[at] for lg in logits])]
+            fold_members = 0
             for k, group in enumerate(groups):
                 fold_cells, fold_held = ref.cells[~group], ref.cells[group]
                 fold_rng = np.random.default_rng([seed % 2**32, 0xF01D, k + 1])
                 fold_objective = Objective(ref, fold_cells, class_weight_power, label_smoothing, dev, augmentation,
                                            fold_rng, mixup_alpha)
-                fold_net, fold_history, _ = train_network(fold_objective, fold_cells, fold_rng,
-                                                          seed + 104_729 * (k + 1), False)
+                fold_net, fold_history, fold_members = train_network(fold_objective, fold_cells, fold_rng,
+                                                                     seed + 104_729 * (k + 1), False,
+                                                                     _calibration.CROSSFIT_MEMBERS)
                 del fold_objective
                 cell_epochs += len(fold_cells) * len(fold_history)
                 parts.append(held_out_rows(fold_net, ref, dev, fold_held, copies,
@@ -455,7 +461,7 @@ def build_model(
             fit_rows = (np.concatenate([c for c, _ in parts]),
                         [np.concatenate([lg[j] for _, lg in parts]) for j in range(len(ref.label_columns))])
             del parts
-            crossfit = ({"networks": len(groups), "cells": int(len(np.unique(fit_rows[0]))),
+            crossfit = ({"networks": len(groups), "members": fold_members, "cells": int(len(np.unique(fit_rows[0]))),
                          "cell_epochs": int(cell_epochs - model_cell_epochs),
                          "seconds": round(time.perf_counter() - t_cross, 3)} if groups else None)
         calibration, novelty = calibrate(ref, kept[at], [lg[at] for lg in logits], train_cells, calib_cells, search,
@@ -642,7 +648,7 @@ def calibrate(
     ``embedding`` and ``logits`` (one array per level) hold the rows of ``calib_cells``, in order.
     ``fit_rows`` (:func:`held_out_rows`: the cell of each row and the logits per level, under a network
     that did not train on that cell) is what the temperatures are fitted on when given: shifted copies
-    of the held-out cells (``shifted``), and with cross-fitting (``crossfit``: its networks, cells and
+    of the held-out cells (``shifted``), and with cross-fitting (``crossfit``: its networks, members, cells and
     seconds, for the report) those of every group of cells held out in turn; else the held-out cells as
     they are.
 

@@ -15,6 +15,7 @@ from atlasmtl.calibration import (SHIFTED_COPIES, SHIFTED_MAX_ROWS, calibration_
                                   expected_calibration_error, fit_temperature)
 from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
+from atlasmtl.network import member_networks
 from atlasmtl.novelty import NOVELTY_CONFIDENCE_GUARD
 from atlasmtl.reference import prepare_reference
 from atlasmtl.knn import vote
@@ -109,6 +110,9 @@ def test_temperatures_are_cross_fitted_on_a_small_reference(monkeypatch, symphon
 
     report = crossfit.train_config["calibration"]
     assert report["crossfit"]["networks"] == 4 and alone.train_config["calibration"]["crossfit"] is None
+    # each further network has at most calibration.CROSSFIT_MEMBERS members (this recipe: one)
+    members = len(member_networks(crossfit.network))
+    assert report["crossfit"]["members"] == min(members, atlasmtl.calibration.CROSSFIT_MEMBERS) == 1
     tc = crossfit.train_config
     r = prepare_reference(ref, SYMPHONY_LEVELS, None, layer=None, use_raw=False, input_transform=tc["input_transform"],
                           n_top_genes=tc["n_top_genes"], gene_selection=tc["gene_selection"])

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 import atlasmtl
+import atlasmtl.calibration
 from atlasmtl.exceptions import ArtifactError
 from atlasmtl.runtime import format_sections
 
@@ -32,7 +33,9 @@ def test_summaries_use_one_key_style_print_no_none_and_count_cell_epochs(synthet
     # training throughput counts cells × epochs (of every ensemble member, and of the networks that cross-fit
     # the temperatures of this small reference), and says so
     crossfit = synthetic_model.train_config["calibration"]["crossfit"]
-    assert crossfit["networks"] == 4 and crossfit["cell_epochs"] > 3 * cells * epochs * members
+    # (the further networks have fewer members than the model's ten: calibration.CROSSFIT_MEMBERS)
+    assert crossfit["networks"] == 4 and crossfit["members"] == atlasmtl.calibration.CROSSFIT_MEMBERS < members
+    assert crossfit["cell_epochs"] > 3 * cells * epochs * crossfit["members"]
     assert training["cell-epochs"] == f"{cells * epochs * members + crossfit['cell_epochs']:,}"
     assert "cells" not in training.get("throughput", "cells")
     assert training["throughput"].endswith("cell-epochs/s")
