@@ -31,6 +31,7 @@ shifted copies first and must equal the stored ones (checked).
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,28 +59,47 @@ def _held_out_logits(model, r, cells, seed):
     return logits, shifted
 
 
-def crossfit_temperatures(model, ref, levels, seed):
+def model_reference(model, ref, levels):
+    """The :class:`~atlasmtl.reference.Reference` of ``ref`` as ``model`` was trained on it (genes checked)."""
     tc = model.train_config
     r = prepare_reference(ref, levels, None, layer=None, use_raw=False, input_transform=tc["input_transform"],
                           n_top_genes=tc.get("n_top_genes"), gene_selection=tc.get("gene_selection", "variable"))
     assert [str(g) for g in r.source.var_names[r.genes]] == list(model.genes), "the model's genes differ"
-    held = ~model.reference["training_cell"]
-    codes = r.codes[r.cells]
-    parts = [(r.cells[held], *_held_out_logits(model, r, r.cells[held], seed))]
+    return r
+
+
+def check_stored_temperatures(model, r, shifted, levels):
+    """The model's stored temperatures must be those refitted on its held-out cells' ``shifted`` rows."""
     stored = model.metadata["calibration"]["temperatures"]
     for j, lv in enumerate(levels):
-        refit = fit_temperature(parts[0][2][1][j], r.codes[parts[0][2][0], j], copies=SHIFTED_COPIES)
+        refit = fit_temperature(shifted[1][j], r.codes[shifted[0], j], copies=SHIFTED_COPIES)
         assert abs(refit - stored[lv]) < 1e-3 * stored[lv], (lv, refit, stored[lv])
+
+
+def fold_models(model, r, ref, levels, seed):
+    """Per further group (:func:`atlasmtl.calibration.crossfit_groups`): ``(group mask, model built by the
+    same call with that group held out, seconds)``."""
+    held = ~model.reference["training_cell"]
     split = T.calibration_split
     # (the rows were made with a copy of crossfit_groups written here first: the same draws, the same groups)
-    for group in crossfit_groups(codes[:, -1], held, 1 / FOLDS, np.random.default_rng([seed, 0xF01D])):
+    for group in crossfit_groups(r.codes[r.cells, -1], held, 1 / FOLDS, np.random.default_rng([seed, 0xF01D])):
         T.calibration_split = lambda c, f, rng, max_cells=5000, g=group: g.copy()
+        t = time.perf_counter()
         try:
             fold = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False)
         finally:
             T.calibration_split = split
         assert list(fold.genes) == list(model.genes)
         assert (~fold.reference["training_cell"] == group).all()
+        yield group, fold, time.perf_counter() - t
+
+
+def crossfit_temperatures(model, ref, levels, seed):
+    r = model_reference(model, ref, levels)
+    held = ~model.reference["training_cell"]
+    parts = [(r.cells[held], *_held_out_logits(model, r, r.cells[held], seed))]
+    check_stored_temperatures(model, r, parts[0][2], levels)
+    for group, fold, _ in fold_models(model, r, ref, levels, seed):
         parts.append((r.cells[group], *_held_out_logits(fold, r, r.cells[group], seed)))
     out = {"crossfit": {}, "crossfit_clean": {}}
     for j, lv in enumerate(levels):

@@ -31,7 +31,6 @@ be built with ``CROSSFIT_BELOW_CELLS = 0``; checked by refitting it).
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +41,11 @@ from study_scores import posthoc_main, print_progress, score_result  # noqa: E40
 import atlasmtl  # noqa: E402
 import atlasmtl.calibration  # noqa: E402
 import atlasmtl.training as T  # noqa: E402
-from atlasmtl.calibration import SHIFTED_COPIES, crossfit_groups, fit_temperature  # noqa: E402
+from atlasmtl.calibration import SHIFTED_COPIES, fit_temperature  # noqa: E402
 from atlasmtl.network import EnsembleNetwork, member_networks  # noqa: E402
-from atlasmtl.reference import prepare_reference  # noqa: E402
+from crossfit_calibration_study import check_stored_temperatures, fold_models, model_reference  # noqa: E402
 
-FOLDS = 5
-# the further networks need no temperatures of their own
-atlasmtl.calibration.CROSSFIT_BELOW_CELLS = 0
+# (crossfit_calibration_study sets CROSSFIT_BELOW_CELLS = 0: the further networks need no temperatures)
 #: variant -> (further groups used, members per further network)
 VARIANTS = {"cf_m10": (4, 10), "cf_m5": (4, 5), "cf_m3": (4, 3), "cf_m2": (4, 2), "cf_m1": (4, 1),
             "cf_g2_m10": (2, 10), "cf_g2_m3": (2, 3)}
@@ -64,28 +61,13 @@ def _first(net, m):
 
 
 def cheaper_temperatures(model, ref, levels, seed):
-    tc = model.train_config
-    r = prepare_reference(ref, levels, None, layer=None, use_raw=False, input_transform=tc["input_transform"],
-                          n_top_genes=tc.get("n_top_genes"), gene_selection=tc.get("gene_selection", "variable"))
-    assert [str(g) for g in r.source.var_names[r.genes]] == list(model.genes), "the model's genes differ"
+    r = model_reference(model, ref, levels)
     held = ~model.reference["training_cell"]
-    codes = r.codes[r.cells]
     own = _shifted(model.network, r, r.cells[held], seed)
-    stored = model.metadata["calibration"]["temperatures"]
-    for j, lv in enumerate(levels):
-        refit = fit_temperature(own[1][j], r.codes[own[0], j], copies=SHIFTED_COPIES)
-        assert abs(refit - stored[lv]) < 1e-3 * stored[lv], (lv, refit, stored[lv])
-    split = T.calibration_split
+    check_stored_temperatures(model, r, own, levels)
     folds, seconds = [], []  # per further group: {members: (row cells, shifted logits per level)}
-    for group in crossfit_groups(codes[:, -1], held, 1 / FOLDS, np.random.default_rng([seed, 0xF01D])):
-        T.calibration_split = lambda c, f, rng, max_cells=5000, g=group: g.copy()
-        t = time.perf_counter()
-        try:
-            fold = atlasmtl.build_model(ref, levels, random_state=seed, num_threads=1, show_progress=False, show_summary=False)
-        finally:
-            T.calibration_split = split
-        seconds.append(time.perf_counter() - t)
-        assert (~fold.reference["training_cell"] == group).all()
+    for group, fold, fold_seconds in fold_models(model, r, ref, levels, seed):
+        seconds.append(fold_seconds)
         n = len(member_networks(fold.network))
         folds.append({m: _shifted(_first(fold.network, m), r, r.cells[group], seed)
                       for m in sorted({m for _, m in VARIANTS.values()}) if m <= n})
