@@ -74,6 +74,13 @@ KNN_VOTE_MAX_Z = float("inf")
 #: ... and only for a cell whose calibrated confidence is at most this far below the median confidence of
 #: the query's cells given the same call at that level (infinite: any).
 KNN_VOTE_MAX_CONFIDENCE_DROP = float("inf")
+#: Above the finest level the embedding's novelty flag stands only where the input view, scoring the same
+#: call at that level, also puts the cell above ``novelty_threshold`` plus this offset: both views must find
+#: the cell far from its coarse class before its coarse call is withdrawn. A call into a class the view does
+#: not score (fewer than :data:`INPUT_VIEW_MIN_MEMBERS` kept cells; a model without a view) keeps its flag.
+#: ``None``: the embedding alone decides (until 2026-12-05). See the API contract, "Coarse flags need both
+#: views".
+COARSE_FLAG_VIEW_OFFSET: float | None = 0.0
 #: The query is located by this quantile of its scores, matched to the same quantile of the null (a
 #: normal one in robust-z units: −0.674 at 0.25). Under a pure shift every quantile gives the same
 #: location; a lower one is not moved by novel cells until they are more than ``1 − q`` of the query

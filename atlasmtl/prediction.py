@@ -32,8 +32,8 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
-from .novelty import (INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP, KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K,
-                      NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView, log_distance, neighbourhood_novelty,
+from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
+                      KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView, log_distance, neighbourhood_novelty,
                       novelty_z)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
@@ -160,8 +160,11 @@ def predict(
         least :data:`~atlasmtl.novelty.NOVELTY_CONFIDENCE_GUARD` (0.9). The same
         threshold applies to the input view (:class:`~atlasmtl.novelty.InputView`,
         distance in a PCA of the network input), whose largest z over the levels
-        makes only the finest call Unknown, without that guard. ``None`` disables
-        novelty detection.
+        makes only the finest call Unknown, without that guard. Above the finest
+        level a cell is novel only where the input view, where it scores the
+        call, also puts it above the threshold
+        (:data:`~atlasmtl.novelty.COARSE_FLAG_VIEW_OFFSET`): a known type in
+        another state keeps its coarse call. ``None`` disables novelty detection.
     neighbourhood_k
         Query cells (the cell included) whose novelty z-scores are averaged into each cell's
         ``neighbourhood_novelty`` (nearest in the input view's PCA of the query; above
@@ -420,18 +423,21 @@ def _typical_confidence(calls: np.ndarray, conf: np.ndarray) -> np.ndarray:
 def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decoder: _Decoder,
               novelty_threshold: float | None, neighbourhood_k: int = 0) -> dict[str, LevelCalls]:
     """The gate's final calls per level, coarse to fine: the network's calls, the KNN votes, the
-    novelty flags (Unknown that no vote can relabel), cells without signal, and the hierarchy
+    novelty flags (Unknown that no vote can relabel; above the finest level only where the input view
+    agrees, :data:`~atlasmtl.novelty.COARSE_FLAG_VIEW_OFFSET`), cells without signal, and the hierarchy
     (a level nested in an Unknown parent is Unknown; a call whose parent disagrees is Unknown);
     then each level's neighbourhood novelty (``neighbourhood_k`` query neighbours; 0: none), whose
     finest-level value above ``novelty_threshold`` makes the finest call novel (Unknown)."""
     calls: dict[str, LevelCalls] = {}
     parent: LevelCalls | None = None
     view_z = None  # the input view's largest z over the levels: it judges the finest call (see InputView)
+    view_at: dict[str, np.ndarray] = {}
     if decoder.input_view is not None:
         for lv in decoder.input_view.levels:
             called = np.where(buffers.no_signal, -1, buffers.levels[lv]["raw"])
             z_level = decoder.input_view.score(buffers.levels[lv]["input_distance"],
                                                buffers.levels[lv]["input_distance_residual"], called, lv)
+            view_at[lv] = z_level
             view_z = z_level if view_z is None else np.fmax(view_z, z_level)
     for lv in model.label_columns:
         o = buffers.levels[lv]
@@ -441,6 +447,9 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
             score, _ = novelty_z(log_distance(o["distance"]), decoder.null[lv], o["raw"])
             conf = np.nan_to_num(o["conf"], nan=0.0)
             novel = (np.nan_to_num(score, nan=-np.inf) > novelty_threshold) & (conf < NOVELTY_CONFIDENCE_GUARD)
+            if COARSE_FLAG_VIEW_OFFSET is not None and lv != model.label_columns[-1] and lv in view_at:
+                # near its coarse class in the input (a known type in another state): the coarse call stands
+                novel &= ~(view_at[lv] <= novelty_threshold + COARSE_FLAG_VIEW_OFFSET)
             if view_z is not None and lv == model.label_columns[-1]:  # the finest score is the larger z
                 novel |= (np.nan_to_num(view_z, nan=-np.inf) > novelty_threshold) & (conf < INPUT_VIEW_CONFIDENCE_GUARD)
                 score = np.fmax(score, view_z)

@@ -16,7 +16,7 @@ from atlasmtl.calibration import (SHIFTED_COPIES, SHIFTED_MAX_ROWS, calibration_
 from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
 from atlasmtl.network import member_networks
-from atlasmtl.novelty import NOVELTY_CONFIDENCE_GUARD
+from atlasmtl.novelty import INPUT_VIEW_MIN_MEMBERS, NOVELTY_CONFIDENCE_GUARD, InputView
 from atlasmtl.reference import prepare_reference
 from atlasmtl.knn import vote
 
@@ -278,6 +278,31 @@ def test_removed_type_ranks_novel_and_knn_never_overrides_a_novelty_unknown(symp
     sure = np.nan_to_num(coarse.conf) >= NOVELTY_CONFIDENCE_GUARD
     assert (sure & (np.nan_to_num(coarse.novelty, nan=-np.inf) > 2.0)).any()
     assert not (coarse.is_novel & sure).any()
+
+
+def test_a_coarse_flag_needs_the_input_view_to_agree(symphony_no_b, monkeypatch):
+    """Above the finest level the embedding's flag stands only where the input view also finds the cell far
+    from its coarse call (``COARSE_FLAG_VIEW_OFFSET``, added to the threshold) or cannot judge that call (a
+    class under ``INPUT_VIEW_MIN_MEMBERS`` kept cells); the rule only ever removes coarse flags."""
+    import atlasmtl.prediction as prediction
+    model, query = symphony_no_b
+    coarse, fine = SYMPHONY_LEVELS
+    counts = InputView(model.metadata["novelty"]["input_view"]).counts[coarse]
+    results = {}
+    for offset in (None, 0.0, 1e9):  # embedding alone (until 2026-12-05), the default, a view that never agrees
+        monkeypatch.setattr(prediction, "COARSE_FLAG_VIEW_OFFSET", offset)
+        results[offset] = _predict(model, query, novelty_threshold=2.0)  # low enough to flag coarse cells here
+    alone, shipped, never = (results[o].levels[coarse].is_novel for o in (None, 0.0, 1e9))
+    assert alone.any() and np.all(shipped <= alone) and np.all(never <= shipped)
+    # a view that never agrees leaves exactly the flags on calls it does not score
+    raw = results[None].levels[coarse].raw
+    np.testing.assert_array_equal(never, alone & (counts[raw] < INPUT_VIEW_MIN_MEMBERS))
+    # a cell whose coarse flag stands is Unknown below; one whose flag went keeps its coarse call
+    for offset, result in results.items():
+        calls = result.levels[coarse]
+        assert np.all(result.levels[fine].is_unknown[calls.is_novel]), offset
+        kept = alone & ~calls.is_novel
+        np.testing.assert_array_equal(calls.pred[kept & (calls.conf >= 0.4)], calls.raw[kept & (calls.conf >= 0.4)])
 
 
 def _above_cap(calls, cap):
