@@ -33,8 +33,8 @@ from .calls import LevelCalls
 from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
-                      KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView, log_distance, neighbourhood_novelty,
-                      novelty_z)
+                      KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView,
+                      log_distance, neighbourhood_novelty, novelty_z)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
