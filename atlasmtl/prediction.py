@@ -430,15 +430,14 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
     finest-level value above ``novelty_threshold`` makes the finest call novel (Unknown)."""
     calls: dict[str, LevelCalls] = {}
     parent: LevelCalls | None = None
-    view_z = None  # the input view's largest z over the levels: it judges the finest call (see InputView)
-    view_at: dict[str, np.ndarray] = {}
+    view_at: dict[str, np.ndarray] = {}  # the input view's z per level: it judges coarse flags (see InputView)
     if decoder.input_view is not None:
         for lv in decoder.input_view.levels:
             called = np.where(buffers.no_signal, -1, buffers.levels[lv]["raw"])
-            z_level = decoder.input_view.score(buffers.levels[lv]["input_distance"],
-                                               buffers.levels[lv]["input_distance_residual"], called, lv)
-            view_at[lv] = z_level
-            view_z = z_level if view_z is None else np.fmax(view_z, z_level)
+            view_at[lv] = decoder.input_view.score(buffers.levels[lv]["input_distance"],
+                                                   buffers.levels[lv]["input_distance_residual"], called, lv)
+    # ... and its largest z over the levels judges the finest call
+    view_z = np.fmax.reduce(list(view_at.values())) if view_at else None
     for lv in model.label_columns:
         o = buffers.levels[lv]
         z = np.full(len(o["raw"]), np.nan, dtype=np.float32)
