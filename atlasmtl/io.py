@@ -277,6 +277,8 @@ def h5ad_safe(obj: Any) -> Any:
         items = [h5ad_safe(v) for v in obj]
         if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in items):
             return np.asarray(items)
+        if items and all(isinstance(v, (bool, np.bool_)) for v in items):
+            return np.asarray(items, dtype=bool)
         if all(isinstance(v, str) for v in items):
             return np.asarray(items, dtype=object) if items else np.asarray([], dtype=str)
         if all(isinstance(v, dict) for v in items):

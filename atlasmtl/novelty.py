@@ -271,6 +271,16 @@ class InputView:
         self.counts = {lv: np.bincount(v[v >= 0], minlength=len(self.levels[lv]["location"]) if lv in self.levels else 0)
                        for lv, v in self.members.items()}
 
+    def scores(self, level: str, n_classes: int) -> np.ndarray:
+        """Per class of ``level`` (``n_classes`` of them), whether the view scores the calls into it: at
+        least :data:`INPUT_VIEW_MIN_MEMBERS` kept training cells. All ``False`` for a level the view
+        does not hold."""
+        scored = np.zeros(n_classes, dtype=bool)
+        if level in self.levels:
+            counts = self.counts[level][:n_classes]
+            scored[: len(counts)] = counts >= INPUT_VIEW_MIN_MEMBERS
+        return scored
+
     def project(self, rows: Any, zero_input: np.ndarray | None = None) -> np.ndarray:
         """Coordinates of network-input rows: a dense array, or a sparse CSR *offset* input
         ``f(x) - f(0)`` with ``zero_input = f(0)`` (:class:`~atlasmtl.network.SparseInput`); float64."""
@@ -322,7 +332,7 @@ class InputView:
             stats = stats.get("residual")
         if stats is None:
             return z
-        location = np.where(self.counts[level] >= INPUT_VIEW_MIN_MEMBERS, np.asarray(stats["location"], dtype=np.float64), np.nan)
+        location = np.where(self.scores(level, len(stats["location"])), np.asarray(stats["location"], dtype=np.float64), np.nan)
         called = calls >= 0
         deviation = log_d[called] - location[calls[called]]
         if self.class_scale:

@@ -101,6 +101,17 @@ class _Decoder:
         self.input_view = InputView(stored_view) if stored_view else None
 
 
+def _reference_classes(model: TrainedModel, decoder: _Decoder) -> dict[str, dict[str, Any]]:
+    """Per level, what the result's readers need to know of each class (``result.metadata["reference_classes"]``):
+    its reference cells (``cells``) and whether the input view scores calls into it (``input_view``; ``None``
+    for a model without a view). A type the reference lacks called as a class the view does not score is
+    judged by the embedding alone (the report's novelty table shows both)."""
+    view = decoder.input_view
+    return {lv: {"cells": decoder.class_counts[lv].astype(int).tolist(),
+                 "input_view": None if view is None else view.scores(lv, len(model.classes[lv])).tolist()}
+            for lv in model.label_columns}
+
+
 def predict(
     model: TrainedModel,
     adata: ad.AnnData | str | os.PathLike,
@@ -596,6 +607,7 @@ def _predict_source(
         "versions": dict(model.train_config.get("versions", {}), atlasmtl_prediction=__version__),
         "label_columns": levels,
         "coord_targets": model.coord_targets,
+        "reference_classes": _reference_classes(model, decoder),
     }
     with torch_threads(n_threads):  # the neighbourhood search runs on torch
         calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)

@@ -45,6 +45,7 @@ import pandas as pd
 from ._version import __version__
 from .exceptions import InputError, ParameterError
 from .calls import CallTable, decode_labels
+from .novelty import INPUT_VIEW_MIN_MEMBERS
 from .truth import truth_by_level, truth_frame as read_truth
 
 __all__ = ["write_report", "render_report", "findings"]
@@ -437,8 +438,12 @@ NOVELTY_TABLE_ROWS = 15
 def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame | None:
     """Per class the network called at ``level`` (the finest by default): its query cells, the median
     novelty z and neighbourhood novelty of those cells, and the share called novel; the classes whose
-    cells' neighbourhoods stand furthest from the reference first. ``None`` when the level has no
-    novelty score (a model without held-out calibration cells)."""
+    cells' neighbourhoods stand furthest from the reference first. With the result's
+    ``metadata["reference_classes"]`` (results written before 2026-12-05 lack it), also the class's reference
+    cells and whether the input view judges calls into it (``"no"``: fewer than
+    :data:`~atlasmtl.novelty.INPUT_VIEW_MIN_MEMBERS` kept training cells, so the embedding alone can
+    call such a cell novel). ``None`` when the level has no novelty score (a model without held-out
+    calibration cells)."""
     level = level or result.label_columns[-1]
     calls = result.levels[level]
     z = np.asarray(calls.novelty, dtype=np.float64)
@@ -451,6 +456,11 @@ def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame |
     frame = cells.groupby(raw[called]).agg(**{  # pandas' median skips NaN (NaN where a class has none)
         "cells": ("z", "size"), "median novelty z": ("z", "median"),
         "median neighbourhood novelty": ("around", "median"), "called novel": ("novel", "mean")})
+    known = (result.metadata.get("reference_classes") or {}).get(level)
+    if known is not None:
+        frame.insert(1, "reference cells", np.asarray(known["cells"])[frame.index])
+        if known.get("input_view") is not None:
+            frame.insert(2, "input view", np.where(np.asarray(known["input_view"], dtype=bool)[frame.index], "yes", "no"))
     frame.index = pd.Index([result.classes[level][code] for code in frame.index], name="called")
     key = "median neighbourhood novelty" if frame["median neighbourhood novelty"].notna().any() else "median novelty z"
     return frame.sort_values(key, ascending=False, na_position="last")
@@ -474,6 +484,12 @@ def _novelty(page: _Page) -> str | None:
                "forms its own group, so a class whose cells' neighbourhoods stand well above the others' may hold "
                "it even where no cell passes the novelty threshold "
                f"({_e(_fmt(threshold))}); such cells keep their call but deserve a look.</p>")
+    if "input view" in table.columns and (table["input view"] == "no").any():
+        content += ("<p>Classes marked <em>no</em> under <em>input view</em> kept too few training cells "
+                    f"(under {INPUT_VIEW_MIN_MEMBERS}) for the input view to judge the calls into them, so only "
+                    "the embedding can call such a cell novel. A type the reference lacks that the network calls "
+                    "as one of them is rarely Unknown: look twice at such a class when its query cells far "
+                    "outnumber its reference cells.</p>")
     content += _frame_table(table.head(NOVELTY_TABLE_ROWS).round(3))
     if len(table) > NOVELTY_TABLE_ROWS:
         content += f'<p class="muted">{len(table) - NOVELTY_TABLE_ROWS} more classes, less novel, not shown.</p>'

@@ -216,6 +216,11 @@ def test_result_written_uns_survives_h5ad_roundtrip(pbmc_model, query_copy, tmp_
     back = ad.read_h5ad(tmp_path / "annotated.h5ad")
     assert back.obs["pred_bulk_labels"].equals(query_copy.obs["pred_bulk_labels"])
     assert back.uns["atlasmtl"]["settings"]["knn_correction"] == "low_conf_only"
+    # lists of booleans stay booleans (not the strings "True" / "False")
+    for lv, known in result.metadata["reference_classes"].items():
+        stored = back.uns["atlasmtl"]["reference_classes"][lv]
+        assert stored["input_view"].dtype == bool and stored["input_view"].tolist() == known["input_view"], lv
+        assert stored["cells"].tolist() == known["cells"], lv
 
 
 # ---------------------------------------------------------------- determinism

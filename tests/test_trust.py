@@ -305,6 +305,43 @@ def test_a_coarse_flag_needs_the_input_view_to_agree(symphony_no_b, monkeypatch)
         np.testing.assert_array_equal(calls.pred[kept & (calls.conf >= 0.4)], calls.raw[kept & (calls.conf >= 0.4)])
 
 
+
+def test_the_report_names_the_classes_the_input_view_cannot_judge(symphony_no_b, tmp_path):
+    """B cells left out of the reference are called DC / HSC, classes too small for the input view: the result
+    records each class's reference cells and whether the view scores it, and the report's novelty table shows
+    both, so the class whose query cells far outnumber its reference cells stands out."""
+    from html import unescape
+
+    from atlasmtl.report_html import novelty_table
+
+    model, query = symphony_no_b
+    result = _predict(model, query)
+    view = InputView(model.metadata["novelty"]["input_view"])
+    for lv in SYMPHONY_LEVELS:
+        known = result.metadata["reference_classes"][lv]
+        labels = model.reference["labels"][lv]
+        assert known["cells"] == np.bincount(labels[labels >= 0], minlength=len(model.classes[lv])).tolist()
+        assert known["input_view"] == (view.counts[lv][: len(model.classes[lv])] >= INPUT_VIEW_MIN_MEMBERS).tolist()
+    fine = SYMPHONY_LEVELS[-1]
+    table = novelty_table(result)
+    assert table.loc["T_CD4", "input view"] == "yes" and table.loc["DC", "input view"] == "no"
+    assert table.loc["DC", "reference cells"] == result.metadata["reference_classes"][fine]["cells"][
+        model.classes[fine].index("DC")]
+    # the B cells the network calls DC make that class's query cells outnumber its reference cells
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    assert (np.asarray(model.classes[fine])[result.levels[fine].raw[is_b]] == "DC").mean() > 0.5
+    assert table.loc["DC", "cells"] > table.loc["DC", "reference cells"]
+    text = unescape(result.report(tmp_path / "r.html", model=model).read_text())
+    assert "<th>input view</th>" in text and "kept too few training cells" in text
+    # written to an .h5ad and rebuilt from it, the record (and so the column) survives
+    result.to_adata(query.copy(), mode="full").write_h5ad(tmp_path / "mapped.h5ad")
+    back = atlasmtl.PredictionResult.from_predictions(tmp_path / "mapped.h5ad", model)
+    for lv in SYMPHONY_LEVELS:
+        stored = back.metadata["reference_classes"][lv]
+        assert list(stored["cells"]) == result.metadata["reference_classes"][lv]["cells"]
+        assert [bool(v) for v in stored["input_view"]] == result.metadata["reference_classes"][lv]["input_view"]
+    assert list(novelty_table(back)["input view"]) == list(table["input view"])
+
 def _above_cap(calls, cap):
     """Cells whose novelty z-score exceeds ``cap`` (what ``KNN_VOTE_MAX_Z`` withholds the vote from)."""
     return np.nan_to_num(calls.novelty, nan=-np.inf) > cap
