@@ -2,7 +2,9 @@
 
 Research probe, post hoc on the default models. Per case and seed, the known-type query cells (the case's
 novel labels left out; cells without signal too): accuracy of the network's own finest call (``raw``) and its
-mean calibrated confidence (``conf``), the ECE of the two (15 equal-width bins, as ``atlasmtl.evaluate``), the
+mean calibrated confidence (``conf``), the ECE of the two (15 equal-width bins, as ``atlasmtl.evaluate``) and
+the ECE an exactly calibrated confidence would show on the same cells (``ece_floor``,
+:func:`atlasmtl.calibration.ece_if_calibrated`: a query of a few hundred cells cannot show less), the
 AUROC with which an error is ranked by 1 − confidence, by the embedding novelty z (``novelty``) and by the
 neighbourhood novelty, and the confidence − accuracy gap in each tercile of the novelty z (positive:
 over-confident). A temperature that grows with the novelty z only helps where the upper tercile's gap is
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import open_set_truth, probe_arguments, read_study_case  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
-from atlasmtl.calibration import expected_calibration_error  # noqa: E402
+from atlasmtl.calibration import ece_if_calibrated, expected_calibration_error  # noqa: E402
 
 
 def gap_row(case: str, seed: int, spec: dict, res, truth) -> dict:
@@ -37,7 +39,8 @@ def gap_row(case: str, seed: int, spec: dict, res, truth) -> dict:
     c, z = conf[known], np.asarray(calls.novelty, dtype=float)[known]
     nb = np.asarray(calls.neighbourhood_novelty, dtype=float)[known]
     row = {"case": case, "seed": seed, "n": int(known.sum()), "accuracy": float(correct.mean()), "confidence": float(c.mean()),
-           "ece": float(expected_calibration_error(c, correct)), "z_median": float(np.nanmedian(z))}
+           "ece": float(expected_calibration_error(c, correct)), "ece_floor": float(ece_if_calibrated(c)),
+           "z_median": float(np.nanmedian(z))}
     if 0 < correct.mean() < 1:
         row["auroc_error_conf"] = float(roc_auc_score(~correct, -c))
         for name, score in (("z", z), ("neighbourhood", nb)):
