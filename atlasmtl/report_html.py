@@ -440,7 +440,9 @@ def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame |
     novelty z and neighbourhood novelty of those cells, and the share called novel; the classes whose
     cells' neighbourhoods stand furthest from the reference first. With the result's
     ``metadata["reference_classes"]`` (results written before 2026-12-05 lack it), also the class's reference
-    cells and whether the input view judges calls into it (``"no"``: fewer than
+    cells, the class's share of the called query cells over its share of the reference (``share vs
+    reference``; a type the reference lacks called as the class raises it, and so does a change of
+    composition), and whether the input view judges calls into it (``"no"``: fewer than
     :data:`~atlasmtl.novelty.INPUT_VIEW_MIN_MEMBERS` kept training cells, so the embedding alone can
     call such a cell novel). ``None`` when the level has no novelty score (a model without held-out
     calibration cells)."""
@@ -458,9 +460,13 @@ def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame |
         "median neighbourhood novelty": ("around", "median"), "called novel": ("novel", "mean")})
     known = (result.metadata.get("reference_classes") or {}).get(level)
     if known is not None:
-        frame.insert(1, "reference cells", np.asarray(known["cells"])[frame.index])
+        reference = np.asarray(known["cells"], dtype=np.float64)
+        frame.insert(1, "reference cells", reference[frame.index].astype(int))
+        # the class's share of the called query cells over its share of the reference cells
+        frame.insert(2, "share vs reference", (frame["cells"] / max(int(called.sum()), 1))
+                     / np.where(reference[frame.index] > 0, reference[frame.index] / max(reference.sum(), 1.0), np.nan))
         if known.get("input_view") is not None:
-            frame.insert(2, "input view", np.where(np.asarray(known["input_view"], dtype=bool)[frame.index], "yes", "no"))
+            frame.insert(3, "input view", np.where(np.asarray(known["input_view"], dtype=bool)[frame.index], "yes", "no"))
     frame.index = pd.Index([result.classes[level][code] for code in frame.index], name="called")
     key = "median neighbourhood novelty" if frame["median neighbourhood novelty"].notna().any() else "median novelty z"
     return frame.sort_values(key, ascending=False, na_position="last")
@@ -488,8 +494,8 @@ def _novelty(page: _Page) -> str | None:
         content += ("<p>Classes marked <em>no</em> under <em>input view</em> kept too few training cells "
                     f"(under {INPUT_VIEW_MIN_MEMBERS}) for the input view to judge the calls into them, so only "
                     "the embedding can call such a cell novel. A type the reference lacks that the network calls "
-                    "as one of them is rarely Unknown: look twice at such a class when its query cells far "
-                    "outnumber its reference cells.</p>")
+                    "as one of them is rarely Unknown: look twice at such a class when its share vs reference is "
+                    "high.</p>")
     content += _frame_table(table.head(NOVELTY_TABLE_ROWS).round(3))
     if len(table) > NOVELTY_TABLE_ROWS:
         content += f'<p class="muted">{len(table) - NOVELTY_TABLE_ROWS} more classes, less novel, not shown.</p>'

@@ -331,6 +331,10 @@ def test_the_report_names_the_classes_the_input_view_cannot_judge(symphony_no_b,
     is_b = (query.obs["cell_type"] == "B").to_numpy()
     assert (np.asarray(model.classes[fine])[result.levels[fine].raw[is_b]] == "DC").mean() > 0.5
     assert table.loc["DC", "cells"] > table.loc["DC", "reference cells"]
+    n_query, n_ref = (result.levels[fine].raw >= 0).sum(), sum(result.metadata["reference_classes"][fine]["cells"])
+    assert table.loc["DC", "share vs reference"] == pytest.approx(
+        (table.loc["DC", "cells"] / n_query) / (table.loc["DC", "reference cells"] / n_ref))
+    assert table.loc["DC", "share vs reference"] > 3 > table.loc["T_CD4", "share vs reference"]
     text = unescape(result.report(tmp_path / "r.html", model=model).read_text())
     assert "<th>input view</th>" in text and "kept too few training cells" in text
     # written to an .h5ad and rebuilt from it, the record (and so the column) survives
