@@ -119,6 +119,19 @@ def max_batch_nonzeros(matrix: Any, cells: np.ndarray, batch_size: int) -> int:
     return max(n * int(matrix.shape[1]), 1)
 
 
+def mean_stored_values(matrix: Any, cells: np.ndarray, sample: int = 1000) -> float:
+    """Mean stored (non-zero) values per row over ``cells`` of an in-memory matrix: from the CSR row
+    pointers, or for a dense matrix counted on at most ``sample`` of the rows."""
+    if len(cells) == 0:
+        return 0.0
+    if sp.issparse(matrix) and matrix.format == "csr":
+        return float(np.diff(matrix.indptr)[cells].mean())
+    rows = np.sort(cells[np.linspace(0, len(cells) - 1, min(sample, len(cells))).astype(int)])
+    block = matrix[rows]
+    stored = sp.csr_matrix(block).count_nonzero() if sp.issparse(block) else np.count_nonzero(np.asarray(block))
+    return float(stored / len(rows))
+
+
 class CsrSlots:
     """``n_slots`` buffers in one anonymous shared memory map (inherited by a forked child), each
     holding one minibatch: its row numbers, the batch as CSR (rows × genes), its transpose and

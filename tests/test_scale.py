@@ -248,17 +248,33 @@ def test_forked_prefetch_falls_back_to_the_thread_when_the_fork_fails(monkeypatc
 
 
 def test_worker_process_and_thread_train_the_same_network(symphony_split, monkeypatch):
-    """The forked worker draws the same minibatches and augmentations as the prefetch thread: same weights."""
+    """The forked worker draws the same minibatches and augmentations as the prefetch thread: same weights,
+    whether the worker also makes the network input or hands the shifted counts over for the training
+    process to do it (``training_loop.SPLIT_SHIFT_ABOVE_VALUES``: 0 always splits, infinity never)."""
     ref, _ = symphony_split
     kw = dict(num_epochs=3, num_threads=2, ensemble_size=1, show_progress=False, show_summary=False,
               random_state=0)
     models = []
-    for worker in ("process", "thread"):
+    for worker, above in (("process", 0.0), ("process", float("inf")), ("thread", 0.0)):
         monkeypatch.setenv(batch_worker.WORKER_ENV, worker)
+        monkeypatch.setattr(training_loop, "SPLIT_SHIFT_ABOVE_VALUES", above)
         models.append(atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw))
-    a, b = (m.network.state_dict() for m in models)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    first, *others = (m.network.state_dict() for m in models)
+    for other in others:
+        assert all(torch.equal(first[k], other[k]) for k in first)
 
+
+
+def test_mean_stored_values_of_sparse_and_dense_rows():
+    """What decides whether the worker hands over shifted counts: stored values per row, CSR or dense."""
+    rng = np.random.default_rng(0)
+    dense = rng.random((300, 40)) * (rng.random((300, 40)) < 0.25)
+    cells = np.arange(0, 300, 2)
+    expected = np.count_nonzero(dense[cells]) / len(cells)
+    assert batch_worker.mean_stored_values(sp.csr_matrix(dense), cells) == pytest.approx(expected)
+    assert batch_worker.mean_stored_values(dense, cells) == pytest.approx(expected)
+    assert batch_worker.mean_stored_values(sp.csc_matrix(dense), cells) == pytest.approx(expected)
+    assert batch_worker.mean_stored_values(dense, cells[:0]) == 0.0
 
 def test_worker_process_only_where_it_is_safe(monkeypatch):
     monkeypatch.delenv(batch_worker.WORKER_ENV, raising=False)
