@@ -85,8 +85,9 @@ STREAM_BUFFER_BLOCKS = 16
 #: (:meth:`Objective.network_input`) while the worker draws the next; below it the worker does both.
 #: The draws grow with the stored values, so on such references the worker set the pace and the
 #: training process waited. The trained network is the same either way (the same computations; tested).
-#: Measured on 2 cores, 22 references (API contract, "Training throughput"): 1,126-3,490 values per cell
-#: trained 8-24% faster split, 64-806 values per cell 7-25% slower. ``0``: always; ``inf``: never.
+#: Measured on 2 cores, 22 references (API contract, "Where training time goes on the slowest references"):
+#: 1,137-3,489 values per cell trained 8-24% faster split, 64-822 values per cell 2-24% slower.
+#: ``0``: always; ``inf``: never.
 SPLIT_SHIFT_ABOVE_VALUES = 1000.0
 
 
