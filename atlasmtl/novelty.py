@@ -58,7 +58,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.stats import norm
+from scipy.special import ndtri  # the standard normal's quantile (scipy.stats, ~0.7 s to import, is not needed)
 
 from .knn import nearest_rows
 
@@ -110,7 +110,7 @@ def query_location_z(z: np.ndarray, calls: np.ndarray | None = None) -> float:
     null: the :data:`QUERY_LOCATION_QUANTILE` quantile of ``z`` less the normal's same quantile (with
     :data:`QUERY_LOCATION_BY_CLASS` and the cells' ``calls``, the median of that over the called classes)."""
     q = QUERY_LOCATION_QUANTILE
-    offset = float(norm.ppf(q))
+    offset = float(ndtri(q))
     if QUERY_LOCATION_BY_CLASS and calls is not None:
         classes, counts = np.unique(calls, return_counts=True)
         per_class = [float(np.quantile(z[calls == c], q)) - offset

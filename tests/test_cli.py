@@ -295,6 +295,19 @@ def test_version_and_help_import_neither_torch_nor_anndata():
     assert "[0, 0] []" in lines
 
 
+def test_prediction_imports_neither_scipy_stats_nor_optimize():
+    """``atlasmtl predict`` loads no module that only training needs: scipy.stats (~0.7 s) and scipy.optimize
+    (~0.4 s, the temperature fit) are imported by atlasmtl only where used, unless a dependency already did."""
+    lazy = ("scipy.stats", "scipy.optimize")
+    code = ("import sys, torch, anndata, pandas, scipy.sparse, scipy.special\n"
+            f"before = [m for m in {lazy!r} if m in sys.modules]\n"
+            "import atlasmtl.prediction, atlasmtl.io, atlasmtl.result\n"
+            f"print(sorted(set(m for m in {lazy!r} if m in sys.modules) - set(before)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_package_attributes_load_on_first_use():
     code = ("import sys, atlasmtl\nassert 'torch' not in sys.modules, 'import atlasmtl pulled in torch'\n"
             "assert {'build_model', 'predict', 'evaluate', 'pl', 'TrainedModel'} <= set(dir(atlasmtl))\n"
