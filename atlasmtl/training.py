@@ -261,9 +261,9 @@ def build_model(
         :data:`~atlasmtl.calibration.CROSSFIT_BELOW_CELLS` (500) held-out cells
         the temperatures are cross-fitted: ``round(1 / calibration_fraction) - 1``
         more networks (the first :data:`~atlasmtl.calibration.CROSSFIT_MEMBERS`
-        (3) members of the model's ensemble) are trained, each with another group
+        (2) members of the model's ensemble) are trained, each with another group
         of cells held out, and every group's copies are fitted on under the network
-        that did not train on them (a ten-member model trains 12 more members; the
+        that did not train on them (a ten-member model trains 8 more members; the
         model's own network is unchanged). The held-out cells
         join the KNN reference. 0 disables both (temperature 1, no novelty score).
     early_stopping_patience
