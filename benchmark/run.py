@@ -54,6 +54,7 @@ OUTPUTS = {"atlasmtl": ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all"]}
 METHOD_ORDER = ["atlasmtl", "atlasmtl_knn_off", "atlasmtl_knn_all", "celltypist", "scanvi", "logreg", "knn", "symphonypy"]
 THREADS = 2
 PSS_EVERY = 10  # the memory sampler reads PSS every 10th sample (1 s); see run_one
+#: Every runner's ``--seed`` (``--seed`` sets it: peers' seed-to-seed spread, compared with atlasmtl's over seeds).
 SEED = 0
 
 REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_novel_NK", "symphony_5p_novel_B",
@@ -338,6 +339,7 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--all", action="store_true", help="every case and method; writes benchmark/results/")
@@ -350,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  "benchmark/work/results-<mode> otherwise)")
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: benchmark/work)")
     parser.add_argument("--reuse", action="store_true", help="keep successful runs already in the work directory")
+    parser.add_argument("--seed", type=int, default=SEED, help="random seed of every runner (default 0); use a "
+                                                             "separate --work per seed with --reuse")
     args = parser.parse_args(argv)
+    SEED = args.seed
 
     from report import write_report
 

@@ -75,3 +75,17 @@ def test_reported_accuracy_matches_prediction_table(smoke):
         assert abs(acc - reported) < 1e-12
         conf = pred["conf_cell_type"].to_numpy()
         assert np.all((conf >= 0) & (conf <= 1))
+
+
+def test_seed_reaches_every_runner(tmp_path):
+    # `--seed N` (peers' seed-to-seed spread, benchmark/experiments/peer_seed_spread.py) is the seed each runner gets
+    env = dict(os.environ, ATLASMTL_SHARED_DATA=str(data_dir_with("symphony_pbmc_small.h5ad")))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmark" / "run.py"), "--smoke", "--methods", "logreg", "--seed", "3",
+         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["method"], r["seed"], r["status"]) for r in runs] == [("logreg", 3, "ok")]
+    record = json.loads((tmp_path / "work" / "runs" / "smoke_symphony_5p" / "logreg" / "run.json").read_text())
+    assert record["seed"] == 3
