@@ -2,8 +2,9 @@
 
 Research script. Per case, seed and setting (a JSON dict of ``build_model`` keyword arguments; keys
 ``augment.<field>`` set a field of the training augmentation, ``atlasmtl.augment.ShiftAugmentation``,
-e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise; keys ``calibration.<NAME>`` set a
-constant of ``atlasmtl.calibration``, e.g. ``ACCURACY_PRIOR_COUNT``; key ``variant``: a training
+e.g. ``{"augment.gene_scale_sd": 0.5}``: per-gene scale noise; keys ``<module>.<NAME>`` set a
+constant of ``atlasmtl.<module>``, e.g. ``calibration.ACCURACY_PRIOR_COUNT`` (and in the other modules that
+imported the name: ``novelty.NOVELTY_K`` also sets ``training.NOVELTY_K``); key ``variant``: a training
 variant of ``variants.py`` (ensemble members on other inputs or without augmentation, LayerNorm, a wide
 path); key ``reference.hvg``: train on the
 reference's ``N`` most variable genes only, ``scanpy.pp.highly_variable_genes(flavor="seurat")`` on its log
@@ -73,15 +74,21 @@ SETTING, OUT = json.loads(sys.argv[3]), Path(sys.argv[4])
 WORK = Path(os.environ.get("ATLASMTL_STUDY_WORK", "/work/bench_work"))
 key = json.dumps(SETTING, sort_keys=True)
 AUGMENT = {k.split(".", 1)[1]: v for k, v in SETTING.items() if k.startswith("augment.")}
-for k, v in SETTING.items():  # "calibration.<CONSTANT>": a module constant of atlasmtl.calibration
-    if k.startswith("calibration."):
-        setattr(atlasmtl.calibration, k.split(".", 1)[1], v)
+CONSTANTS = {k: v for k, v in SETTING.items()  # "<module>.<CONSTANT>": a module constant of atlasmtl.<module>
+             if "." in k and k.split(".", 1)[1].isupper() and not k.startswith(("augment.", "reference."))}
+for k, v in CONSTANTS.items():  # a name another module imported is set there too (training's NOVELTY_K)
+    import importlib
+    module, name = k.split(".", 1)
+    setattr(importlib.import_module("atlasmtl." + module), name, v)
+    for other in ("training", "prediction", "calibration", "novelty"):
+        if other != module and hasattr(importlib.import_module("atlasmtl." + other), name):
+            setattr(importlib.import_module("atlasmtl." + other), name, v)
 HVG = SETTING.get("reference.hvg")
 VARIANT = SETTING.pop("variant", None)
 if VARIANT:
     import variants
     variants.apply(VARIANT)
-SETTING = {k: v for k, v in SETTING.items() if not k.startswith(("augment.", "calibration.", "reference."))}
+SETTING = {k: v for k, v in SETTING.items() if k not in CONSTANTS and not k.startswith(("augment.", "reference."))}
 if AUGMENT:  # build_model builds ShiftAugmentation() when augment=True
     tr.ShiftAugmentation = functools.partial(ShiftAugmentation, **AUGMENT)
 rows = json.loads(OUT.read_text()) if OUT.exists() else []
