@@ -8,7 +8,7 @@ flag, else low confidence without a KNN vote that confirms the call, else the hi
 whether the network's own call (``raw``) was right. Prints one line per case and level (summed over seeds) and
 writes the rows as CSV.
 
-    PYTHONPATH=$PWD python benchmark/experiments/known_unknown_probe.py <case,case,...> 0,1,2 MODELS out.csv [WORK]
+    PYTHONPATH=$PWD python benchmark/experiments/known_unknown_probe.py <case,case,...> 0,1,2 out.csv MODELS [WORK]
 """
 import sys
 import warnings
@@ -19,15 +19,13 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case  # noqa: E402
+from common import probe_arguments, read_study_case  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl.model import TrainedModel  # noqa: E402
 
 
 def main() -> None:
-    cases, seeds = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]
-    models, out = Path(sys.argv[3]), Path(sys.argv[4])
-    work = Path(sys.argv[5]) if len(sys.argv) > 5 else Path("/work/bench_work")
+    cases, seeds, out, models, work = probe_arguments(sys.argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     rows = []
