@@ -17,7 +17,7 @@ model, predicted at the defaults and with ``knn_correction="off"``, scored with 
     (cases are read from $ATLASMTL_STUDY_WORK/cases, default /work/bench_work/cases)
     python benchmark/experiments/build_setting_study.py --summarise out.json[.gz] [results.json]
 """
-import functools, json, os, statistics as st, sys
+import functools, importlib, json, os, statistics as st, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,12 +77,11 @@ AUGMENT = {k.split(".", 1)[1]: v for k, v in SETTING.items() if k.startswith("au
 CONSTANTS = {k: v for k, v in SETTING.items()  # "<module>.<CONSTANT>": a module constant of atlasmtl.<module>
              if "." in k and k.split(".", 1)[1].isupper() and not k.startswith(("augment.", "reference."))}
 for k, v in CONSTANTS.items():  # a name another module imported is set there too (training's NOVELTY_K)
-    import importlib
     module, name = k.split(".", 1)
-    setattr(importlib.import_module("atlasmtl." + module), name, v)
-    for other in ("training", "prediction", "calibration", "novelty"):
-        if other != module and hasattr(importlib.import_module("atlasmtl." + other), name):
-            setattr(importlib.import_module("atlasmtl." + other), name, v)
+    for where in dict.fromkeys((module, "training", "prediction", "calibration", "novelty")):
+        target = importlib.import_module("atlasmtl." + where)
+        if where == module or hasattr(target, name):
+            setattr(target, name, v)
 HVG = SETTING.get("reference.hvg")
 VARIANT = SETTING.pop("variant", None)
 if VARIANT:
