@@ -66,7 +66,11 @@ REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_nove
               # added 2026-12-02, the same: two natural splits reversed, and two more removed-type cases
               "ding2020_indrops_dropseq", "zilionis_tumour_healthy", "ding2020_novel_B", "zilionis_tumour_healthy_novel_NK",
               # added 2026-12-02, the same: immune cells across species and tissues, both ways
-              "immune_mouse_lung_human_pbmc", "immune_human_pbmc_mouse_lung"]
+              "immune_mouse_lung_human_pbmc", "immune_human_pbmc_mouse_lung",
+              # added 2026-12-06, the same: Symphony 5p's two simulated query shifts on three more natural splits
+              "cellbench_celseq2_3line_thin_query", "cellbench_celseq2_3line_missing_genes",
+              "ding2020_dropseq_indrops_thin_query", "ding2020_dropseq_indrops_missing_genes",
+              "zilionis_healthy_tumour_thin_query", "zilionis_healthy_tumour_missing_genes"]
 SCALE_CASES = ["synthetic_20k", "synthetic_100k", "synthetic_1m"]
 CT_SGD = {"use_SGD": True, "mini_batch": True, "batch_size": 1000, "batch_number": 100, "epochs": 10}
 

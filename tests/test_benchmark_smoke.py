@@ -89,3 +89,48 @@ def test_seed_reaches_every_runner(tmp_path):
     assert [(r["method"], r["seed"], r["status"]) for r in runs] == [("logreg", 3, "ok")]
     record = json.loads((tmp_path / "work" / "runs" / "smoke_symphony_5p" / "logreg" / "run.json").read_text())
     assert record["seed"] == 3
+
+
+def test_shifted_query_case(tmp_path, monkeypatch):
+    # benchmark/cases.make_shifted: a prepared case's query thinned, or with genes unmeasured; the reference untouched
+    import anndata as ad
+    import scipy.sparse as sp
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmark"))
+    import cases
+
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(30.0, size=(60, 40)).astype(np.float32))
+    obs = pd.DataFrame({"level": np.repeat(["a", "b", "c"], 20), "batch": "x"}, index=[f"c{i}" for i in range(60)])
+    adata = ad.AnnData(X=cases.lognorm_cp10k(counts), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)]))
+    spec = {"levels": ["level"], "batch_key": "batch", "has_counts": True, "x_is_cp10k": True, "coords": {},
+            "novel": {}, "semi_synthetic": False, "title": "base", "source": "random"}
+    cases._write_split(tmp_path / "base", spec, adata[:30].copy(), adata[30:].copy(), counts[:30], counts[30:])
+    query = ad.read_h5ad(tmp_path / "base" / "query.h5ad")
+
+    cases.make_shifted(tmp_path / "thin", "base", "thin")
+    thin = ad.read_h5ad(tmp_path / "thin" / "query.h5ad")
+    assert (tmp_path / "thin" / "ref.h5ad").read_bytes() == (tmp_path / "base" / "ref.h5ad").read_bytes()
+    before = np.asarray(query.layers["counts"].sum(axis=1)).ravel()
+    after = np.asarray(thin.layers["counts"].sum(axis=1)).ravel()
+    assert list(thin.obs_names) == list(query.obs_names)  # no cell emptied at ~1,200 counts a cell
+    assert np.all(after < before) and 0.07 < (after / before).min() and (after / before).max() < 0.33
+    assert (thin.layers["counts"] <= query.layers["counts"]).toarray().all()
+    np.testing.assert_allclose(thin.X.toarray(), cases.lognorm_cp10k(thin.layers["counts"]).toarray(), rtol=1e-6)
+    truth = pd.read_csv(tmp_path / "thin" / "truth.csv.gz", index_col=0)
+    assert list(truth.index) == list(thin.obs_names) and list(truth["level"]) == list(obs["level"][30:])
+    thin_spec = cases.read_json(tmp_path / "thin" / "case.json")
+    assert thin_spec["simulated_shift"] and thin_spec["n_query"] == 30 and thin_spec["title"].startswith("SIMULATED SHIFT")
+
+    cases.make_shifted(tmp_path / "genes", "base", "missing_genes")
+    genes = ad.read_h5ad(tmp_path / "genes" / "query.h5ad").layers["counts"].toarray()
+    gone = (genes == 0).all(axis=0)
+    assert 0.3 <= gone.mean() <= 0.5  # U(0.3, 0.5) of the 40 genes
+    np.testing.assert_array_equal(genes[:, ~gone], query.layers["counts"].toarray()[:, ~gone])
+
+    spec_no_counts = dict(spec, has_counts=False, x_is_cp10k=False)
+    cases._write_split(tmp_path / "nocounts", spec_no_counts, adata[:30].copy(), adata[30:].copy(), None, None)
+    with pytest.raises(ValueError, match="needs counts"):
+        cases.make_shifted(tmp_path / "bad", "nocounts", "thin")
+    with pytest.raises(ValueError, match="unknown shift"):
+        cases.make_shifted(tmp_path / "bad", "base", "rotate")
