@@ -113,12 +113,14 @@ def read_cells(path: Path, matrix: str = "X", obs: bool = True, obsm: bool = Tru
     return ad.AnnData(X=X, obs=obs_df, var=var, obsm=obsm_d)
 
 
-def read_study_case(case_dir: Path) -> tuple[dict[str, Any], ad.AnnData, ad.AnnData, pd.DataFrame]:
+def read_study_case(case_dir: Path, reference: bool = True
+                    ) -> tuple[dict[str, Any], ad.AnnData | None, ad.AnnData, pd.DataFrame]:
     """``(case.json, reference, query without obsm, truth)`` of a prepared case: what the research
-    scripts of ``benchmark/experiments`` train and score on."""
+    scripts of ``benchmark/experiments`` train and score on (``reference=False``: the reference is not
+    read, ``None`` stands for it)."""
     case_dir = Path(case_dir)
-    return (load_case(case_dir), read_cells(case_dir / "ref.h5ad"), read_cells(case_dir / "query.h5ad", obsm=False),
-            read_truth(case_dir))
+    return (load_case(case_dir), read_cells(case_dir / "ref.h5ad") if reference else None,
+            read_cells(case_dir / "query.h5ad", obsm=False), read_truth(case_dir))
 
 
 def open_set_truth(spec: dict[str, Any], truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -138,15 +140,6 @@ def probe_arguments(argv: list[str]) -> tuple[list[str], list[int], Path, Path, 
     ``<case,case,...> <seed,seed,...> OUT MODELS [WORK]`` (``WORK`` defaults to ``/work/bench_work``)."""
     work = Path(argv[5]) if len(argv) > 5 else Path("/work/bench_work")
     return argv[1].split(","), [int(s) for s in argv[2].split(",")], Path(argv[3]), Path(argv[4]), work
-
-
-def open_set_cases(cases: list[str], work: Path):
-    """Per case name: ``(case, case.json, query, truth, novel, finest truth, labels)``, the last three from
-    :func:`open_set_truth` (the reference is not read)."""
-    for case in cases:
-        spec, query, truth = load_case(work / "cases" / case), read_cells(work / "cases" / case / "query.h5ad", obsm=False), \
-            read_truth(work / "cases" / case)
-        yield (case, spec, query, truth, *open_set_truth(spec, truth))
 
 
 def read_truth(case_dir: Path) -> pd.DataFrame:

@@ -20,9 +20,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_truth, probe_arguments, read_study_case  # noqa: E402
+from common import open_set_truth, probe_arguments  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 from atlasmtl.calibration import ece_if_calibrated, expected_calibration_error  # noqa: E402
 
 
@@ -55,14 +55,12 @@ def gap_row(case: str, seed: int, spec: dict, res, truth) -> dict:
 def main() -> None:
     cases, seeds, out, models, work = probe_arguments(sys.argv)
     rows = []
-    for case in cases:
-        spec, _, query, truth = read_study_case(work / "cases" / case)
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            rows.append(gap_row(case, seed, spec, res, truth))
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-            out.write_text(json.dumps(rows))
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
+        res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        rows.append(gap_row(case, seed, spec, res, truth))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+        out.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -21,17 +21,14 @@ import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 ALPHA, TAUS = 5.0, (0.01, 0.02, 0.03)
 MODELS = Path(sys.argv[2])
 WORK = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/work/bench_work")
-for case in sys.argv[1].split(","):
-    spec, ref, q, truth = read_study_case(WORK / "cases" / case)
+for case, _, spec, ref, q, truth, m in default_models(sys.argv[1].split(","), [0], work=WORK, models=MODELS, train=False):
     fine = spec['levels'][-1]
-    m = TrainedModel.load(MODELS / f"{case}_0.pth")
     r = atlasmtl.predict(m, q, show_progress=False, show_summary=False)
     df = r.to_dataframe(mode="full")
     call = df[f'pred_{fine}_raw'].astype(str).to_numpy()

@@ -16,7 +16,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import atlasmtl  # noqa: E402
 import atlasmtl.novelty as nv  # noqa: E402
-from common import open_set_truth, read_study_case  # noqa: E402
+from common import open_set_truth  # noqa: E402
+from study_scores import default_models  # noqa: E402
 
 THRESHOLD = 3.5  # atlasmtl.predict's novelty_threshold default
 
@@ -34,23 +35,21 @@ def main() -> None:
     nv.InputView.score = recording_score
     print("| case | seed | known → Unknown | of them: PCA z / residual z / both above 3.5 | novel cells: PCA / residual above 3.5 |")
     print("|---|---|---|---|---|")
-    for case in cases:
-        spec, _, query, truth = read_study_case(work / "cases" / case)
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
         novel, _, _ = open_set_truth(spec, truth)
         finest = spec["levels"][-1]
-        for seed in seeds:
-            spaces.clear()
-            model = atlasmtl.TrainedModel.load(models / f"{case}_{seed}.pth")
-            calls = atlasmtl.predict(model, query, show_progress=False, show_summary=False).to_dataframe()
-            unknown = (calls[f"pred_{finest}"].to_numpy() == "Unknown") & ~novel
-            if spaces:
-                pca = np.fmax.reduce([z for z, _ in spaces.values()]) > THRESHOLD
-                res = np.fmax.reduce([z for _, z in spaces.values()]) > THRESHOLD
-            else:  # a model without an input view
-                pca = res = np.zeros(len(novel), dtype=bool)
-            print(f"| {case} | {seed} | {unknown.sum()} of {(~novel).sum()} | {(pca & unknown).sum()} / "
-                  f"{(res & unknown).sum()} / {(pca & res & unknown).sum()} | {(pca & novel).sum()} / "
-                  f"{(res & novel).sum()} of {novel.sum()} |", flush=True)
+        spaces.clear()
+        calls = atlasmtl.predict(model, query, show_progress=False, show_summary=False).to_dataframe()
+        unknown = (calls[f"pred_{finest}"].to_numpy() == "Unknown") & ~novel
+        if spaces:
+            pca = np.fmax.reduce([z for z, _ in spaces.values()]) > THRESHOLD
+            res = np.fmax.reduce([z for _, z in spaces.values()]) > THRESHOLD
+        else:  # a model without an input view
+            pca = res = np.zeros(len(novel), dtype=bool)
+        print(f"| {case} | {seed} | {unknown.sum()} of {(~novel).sum()} | {(pca & unknown).sum()} / "
+              f"{(res & unknown).sum()} / {(pca & res & unknown).sum()} | {(pca & novel).sum()} / "
+              f"{(res & novel).sum()} of {novel.sum()} |", flush=True)
 
 
 if __name__ == "__main__":

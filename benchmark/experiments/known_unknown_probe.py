@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import probe_arguments, read_study_case  # noqa: E402
+from common import probe_arguments  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 
 def main() -> None:
@@ -29,26 +29,24 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     rows = []
-    for case in cases:
-        spec, _, query, truth = read_study_case(work / "cases" / case)
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            for level in spec["levels"]:
-                calls, classes = res.levels[level], list(res.classes[level])
-                t = truth[level].astype(str).to_numpy()
-                known = np.isin(t, classes)
-                raw = np.array([classes[c] for c in calls.raw])
-                unknown = calls.is_unknown & known
-                novel = unknown & calls.is_novel
-                low = unknown & ~calls.is_novel & ~(calls.conf >= 0.4)  # below confidence_low, no vote confirmed it
-                right = raw == t
-                rows.append({"case": case, "seed": seed, "level": level, "fine": level == spec["levels"][-1],
-                             "known": int(known.sum()), "unknown": int(unknown.sum()),
-                             "unknown_raw_right": int((unknown & right).sum()),
-                             "novel": int(novel.sum()), "novel_raw_right": int((novel & right).sum()),
-                             "low": int(low.sum()), "low_raw_right": int((low & right).sum()),
-                             "accuracy_known": float(right[known].mean()) if known.any() else float("nan")})
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
+        res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        for level in spec["levels"]:
+            calls, classes = res.levels[level], list(res.classes[level])
+            t = truth[level].astype(str).to_numpy()
+            known = np.isin(t, classes)
+            raw = np.array([classes[c] for c in calls.raw])
+            unknown = calls.is_unknown & known
+            novel = unknown & calls.is_novel
+            low = unknown & ~calls.is_novel & ~(calls.conf >= 0.4)  # below confidence_low, no vote confirmed it
+            right = raw == t
+            rows.append({"case": case, "seed": seed, "level": level, "fine": level == spec["levels"][-1],
+                         "known": int(known.sum()), "unknown": int(unknown.sum()),
+                         "unknown_raw_right": int((unknown & right).sum()),
+                         "novel": int(novel.sum()), "novel_raw_right": int((novel & right).sum()),
+                         "low": int(low.sum()), "low_raw_right": int((low & right).sum()),
+                         "accuracy_known": float(right[known].mean()) if known.any() else float("nan")})
     df = pd.DataFrame(rows)
     df.to_csv(out, index=False)
     agg = df.groupby(["case", "level"], sort=False).sum(numeric_only=True)

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import probe_arguments, read_study_case  # noqa: E402
-from study_scores import score_result  # noqa: E402
+from common import probe_arguments  # noqa: E402
+from study_scores import default_models, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 #: label -> (D, baseline or None, delta); None = the defaults' prediction.
 VARIANTS: dict = {"default": None}
@@ -71,19 +70,14 @@ def main() -> None:
     cases, seeds, out, models, work = probe_arguments(sys.argv)
     torch.set_num_threads(1)
     rows = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["case"], r["seed"]) for r in rows}
-    for case in cases:
-        spec, _, query, truth = read_study_case(work / "cases" / case)
-        for seed in seeds:
-            if (case, seed) in done:
-                continue
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            rows.append(probe_row(case, seed, spec, res, truth))
-            fine = spec["levels"][-1]
-            print(json.dumps({"case": case, "seed": seed, **{n: round(rows[-1][n]["levels"][fine]["macro_f1"], 4)
-                                                             for n in ("default", "D1.25", "D1.25_all1.0")}}), flush=True)
-            out.write_text(json.dumps(rows))
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, rows, work=work, models=models,
+                                                                   train=False, reference=False):
+        res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        rows.append(probe_row(case, seed, spec, res, truth))
+        fine = spec["levels"][-1]
+        print(json.dumps({"case": case, "seed": seed, **{n: round(rows[-1][n]["levels"][fine]["macro_f1"], 4)
+                                                         for n in ("default", "D1.25", "D1.25_all1.0")}}), flush=True)
+        out.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_cases  # noqa: E402
+from common import open_set_truth  # noqa: E402
 from query_vote_study import query_neighbours  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 K = 30
 
@@ -35,18 +35,20 @@ def main() -> None:
     cases, seeds, models = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3])
     work = Path(sys.argv[4]) if len(sys.argv) > 4 else Path("/work/bench_work")
     print("case,seed,cell,shipped,query_pca")
-    for case, spec, query, _, novel, _, _ in open_set_cases(cases, work):  # the reference is not read
+    own: dict[str, np.ndarray] = {}
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
+        novel = open_set_truth(spec, truth)[0]
         fine = spec["levels"][-1]
-        own = query_neighbours(query, [K])[K]
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            calls = atlasmtl.predict(model, query, show_progress=False, show_summary=False).levels[fine]
-            z = np.asarray(calls.novelty, dtype=np.float64)
-            z = np.nan_to_num(z, nan=float(np.nanmedian(z)))
-            around = np.asarray(calls.neighbourhood_novelty, dtype=np.float64)
-            around = np.nan_to_num(around, nan=float(np.nanmedian(around)))
-            print(f"{case},{seed},{roc_auc_score(novel, z):.3f},{roc_auc_score(novel, around):.3f},"
-                  f"{roc_auc_score(novel, z[own].mean(axis=1)):.3f}", flush=True)
+        if case not in own:  # once per case (only the current case's is kept)
+            own = {case: query_neighbours(query, [K])[K]}
+        calls = atlasmtl.predict(model, query, show_progress=False, show_summary=False).levels[fine]
+        z = np.asarray(calls.novelty, dtype=np.float64)
+        z = np.nan_to_num(z, nan=float(np.nanmedian(z)))
+        around = np.asarray(calls.neighbourhood_novelty, dtype=np.float64)
+        around = np.nan_to_num(around, nan=float(np.nanmedian(around)))
+        print(f"{case},{seed},{roc_auc_score(novel, z):.3f},{roc_auc_score(novel, around):.3f},"
+              f"{roc_auc_score(novel, z[own[case]].mean(axis=1)):.3f}", flush=True)
 
 
 if __name__ == "__main__":

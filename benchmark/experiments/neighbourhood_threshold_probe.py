@@ -23,9 +23,9 @@ import pandas as pd
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_cases, probe_arguments  # noqa: E402
+from common import open_set_truth, probe_arguments  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 THRESHOLDS = (2.75, 3.0, 3.25, 3.5, 4.0)
 
@@ -40,25 +40,25 @@ def main() -> None:
         del argv[at : at + 2]
     cases, seeds, out, models, work = probe_arguments(argv)
     rows = []
-    for case, spec, query, truth, novel, t, labels in open_set_cases(cases, work):
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
+        novel, t, labels = open_set_truth(spec, truth)
         fine = spec["levels"][-1]
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            base = atlasmtl.predict(model, query, neighbourhood_k=None, show_progress=False, show_summary=False)
-            around = atlasmtl.predict(model, query, show_progress=False, show_summary=False, **k).levels[fine].neighbourhood_novelty
-            around = np.nan_to_num(np.asarray(around, dtype=np.float64), nan=-np.inf)
-            unknown = np.asarray(base.levels[fine].is_unknown)
-            pred = base.to_dataframe(mode="minimal")[f"pred_{fine}"].astype(str).to_numpy()
-            row = {"case": case, "seed": seed, "f1": f1_score(t, pred, labels=labels, average="macro"),
-                   "kU": unknown[~novel].mean(), "nU": unknown[novel].mean() if novel.any() else np.nan}
-            for T in THRESHOLDS:
-                flagged = unknown | (around > T)
-                row[f"d{T}"] = f1_score(t, np.where(flagged, "Unknown", pred), labels=labels, average="macro") - row["f1"]
-                row[f"kU{T}"] = flagged[~novel].mean()
-                row[f"nU{T}"] = flagged[novel].mean() if novel.any() else np.nan
-            rows.append(row)
-            print(case, seed, flush=True)
-            pd.DataFrame(rows).to_csv(out, index=False)
+        base = atlasmtl.predict(model, query, neighbourhood_k=None, show_progress=False, show_summary=False)
+        around = atlasmtl.predict(model, query, show_progress=False, show_summary=False, **k).levels[fine].neighbourhood_novelty
+        around = np.nan_to_num(np.asarray(around, dtype=np.float64), nan=-np.inf)
+        unknown = np.asarray(base.levels[fine].is_unknown)
+        pred = base.to_dataframe(mode="minimal")[f"pred_{fine}"].astype(str).to_numpy()
+        row = {"case": case, "seed": seed, "f1": f1_score(t, pred, labels=labels, average="macro"),
+               "kU": unknown[~novel].mean(), "nU": unknown[novel].mean() if novel.any() else np.nan}
+        for T in THRESHOLDS:
+            flagged = unknown | (around > T)
+            row[f"d{T}"] = f1_score(t, np.where(flagged, "Unknown", pred), labels=labels, average="macro") - row["f1"]
+            row[f"kU{T}"] = flagged[~novel].mean()
+            row[f"nU{T}"] = flagged[novel].mean() if novel.any() else np.nan
+        rows.append(row)
+        print(case, seed, flush=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
     table = pd.DataFrame(rows).groupby("case").mean(numeric_only=True)
     for T in THRESHOLDS:
         print(f"T={T}: finest change {table[f'd{T}'].mean():+.4f} (worst {table[f'd{T}'].min():+.3f}, {table[f'd{T}'].idxmin()}); "

@@ -31,10 +31,10 @@ import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_cases, probe_arguments  # noqa: E402
+from common import open_set_truth, probe_arguments  # noqa: E402
 from query_vote_study import query_neighbours  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 KS, QUANTILES, THRESHOLD, MIN_CLASS = (10, 30), (0.05, 0.25), 3.5, 20
 
@@ -49,44 +49,46 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     cases, seeds, out, models, work = probe_arguments(sys.argv)
     rows = []
-    for case, spec, query, truth, novel, t, labels in open_set_cases(cases, work):
+    nbr: dict[str, np.ndarray] = {}
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
+        novel, t, labels = open_set_truth(spec, truth)
         fine = spec["levels"][-1]
-        nbr = query_neighbours(query, [max(KS)])[max(KS)]
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            lc = res.levels[fine]
-            unknown, calls = np.asarray(lc.is_unknown), np.asarray(lc.raw)
-            pred = res.to_dataframe(mode="full")[f"pred_{fine}"].astype(str).to_numpy()
-            z = np.asarray(lc.novelty, dtype=np.float64)
-            z = np.nan_to_num(z, nan=float(np.nanmedian(z)))
-            row = {"case": case, "seed": seed, "f1": f1_score(t, pred, labels=labels, average="macro"),
-                   "kU": unknown[~novel].mean()}
+        if case not in nbr:  # once per case (only the current case's is kept)
+            nbr = {case: query_neighbours(query, [max(KS)])[max(KS)]}
+        res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        lc = res.levels[fine]
+        unknown, calls = np.asarray(lc.is_unknown), np.asarray(lc.raw)
+        pred = res.to_dataframe(mode="full")[f"pred_{fine}"].astype(str).to_numpy()
+        z = np.asarray(lc.novelty, dtype=np.float64)
+        z = np.nan_to_num(z, nan=float(np.nanmedian(z)))
+        row = {"case": case, "seed": seed, "f1": f1_score(t, pred, labels=labels, average="macro"),
+               "kU": unknown[~novel].mean()}
+        if novel.any():
+            row.update(auc=roc_auc_score(novel, z), nU=unknown[novel].mean())
+        _, s_z = centre_scale(z)
+        for k in KS:
+            zs = z[nbr[case][:, :k]].mean(axis=1)
+            m_s, s_s = centre_scale(zs)
             if novel.any():
-                row.update(auc=roc_auc_score(novel, z), nU=unknown[novel].mean())
-            _, s_z = centre_scale(z)
-            for k in KS:
-                zs = z[nbr[:, :k]].mean(axis=1)
-                m_s, s_s = centre_scale(zs)
+                row[f"auc_s{k}"] = roc_auc_score(novel, zs)
+            rules = {f"A{k}": zs * s_z / s_s, f"B{k}": (zs - m_s) / s_s}
+            for q in QUANTILES:
+                centre = np.full(len(zs), m_s)
+                for c in np.unique(calls):
+                    at = calls == c
+                    if at.sum() >= MIN_CLASS:
+                        centre[at] = max(m_s, float(np.quantile(zs[at], q)))
+                rules[f"C{int(q * 100)}_{k}"] = (zs - centre) / s_s
+            for name, score in rules.items():
+                flagged = unknown | (score > THRESHOLD)
+                row[f"f1{name}"] = f1_score(t, np.where(flagged, "Unknown", pred), labels=labels, average="macro") - row["f1"]
+                row[f"kU{name}"] = flagged[~novel].mean()
                 if novel.any():
-                    row[f"auc_s{k}"] = roc_auc_score(novel, zs)
-                rules = {f"A{k}": zs * s_z / s_s, f"B{k}": (zs - m_s) / s_s}
-                for q in QUANTILES:
-                    centre = np.full(len(zs), m_s)
-                    for c in np.unique(calls):
-                        at = calls == c
-                        if at.sum() >= MIN_CLASS:
-                            centre[at] = max(m_s, float(np.quantile(zs[at], q)))
-                    rules[f"C{int(q * 100)}_{k}"] = (zs - centre) / s_s
-                for name, score in rules.items():
-                    flagged = unknown | (score > THRESHOLD)
-                    row[f"f1{name}"] = f1_score(t, np.where(flagged, "Unknown", pred), labels=labels, average="macro") - row["f1"]
-                    row[f"kU{name}"] = flagged[~novel].mean()
-                    if novel.any():
-                        row[f"nU{name}"] = flagged[novel].mean()
-            rows.append(row)
-            print(case, seed, flush=True)
-            pd.DataFrame(rows).to_csv(out, index=False)
+                    row[f"nU{name}"] = flagged[novel].mean()
+        rows.append(row)
+        print(case, seed, flush=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
     pd.set_option("display.width", 400)
     pd.set_option("display.max_columns", 80)
     print(pd.DataFrame(rows).groupby("case").mean(numeric_only=True).round(3).to_string())

@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_cases  # noqa: E402
-from study_scores import constant_patcher  # noqa: E402
+from common import open_set_truth, probe_arguments  # noqa: E402
+from study_scores import constant_patcher, default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 COUNTS = (3, 10, 30)
 
@@ -31,30 +30,29 @@ COUNTS = (3, 10, 30)
 def main() -> None:
     warnings.filterwarnings("ignore")
     patches = json.loads(sys.argv.pop(5))
-    cases, seeds, out, models = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3]), Path(sys.argv[4])
-    work = Path(sys.argv[5]) if len(sys.argv) > 5 else Path("/work/bench_work")
+    cases, seeds, out, models, work = probe_arguments(sys.argv)
     apply = constant_patcher(patches)
     rows = []
-    for case, spec, query, truth, novel, _, _ in open_set_cases(cases, work):
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                   train=False, reference=False):
+        novel = open_set_truth(spec, truth)[0]
         fine = spec["levels"][-1]
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            rng = np.random.default_rng(seed)
-            for m in COUNTS:
-                if m > novel.sum():
-                    continue
-                kept_novel = rng.choice(np.flatnonzero(novel), m, replace=False)
-                keep = np.sort(np.concatenate([np.flatnonzero(~novel), kept_novel]))
-                sub, is_novel = query[keep].copy(), novel[keep]
-                for label, patch in patches.items():
-                    apply(patch)
-                    unknown = np.asarray(atlasmtl.predict(model, sub, show_progress=False, show_summary=False)
-                                         .levels[fine].is_unknown)
-                    rows.append({"case": case, "seed": seed, "m": m, "label": label,
-                                 "nU": unknown[is_novel].mean(), "kU": unknown[~is_novel].mean()})
-                apply({})
-            print(case, seed, flush=True)
-            pd.DataFrame(rows).to_csv(out, index=False)
+        rng = np.random.default_rng(seed)
+        for m in COUNTS:
+            if m > novel.sum():
+                continue
+            kept_novel = rng.choice(np.flatnonzero(novel), m, replace=False)
+            keep = np.sort(np.concatenate([np.flatnonzero(~novel), kept_novel]))
+            sub, is_novel = query[keep].copy(), novel[keep]
+            for label, patch in patches.items():
+                apply(patch)
+                unknown = np.asarray(atlasmtl.predict(model, sub, show_progress=False, show_summary=False)
+                                     .levels[fine].is_unknown)
+                rows.append({"case": case, "seed": seed, "m": m, "label": label,
+                             "nU": unknown[is_novel].mean(), "kU": unknown[~is_novel].mean()})
+            apply({})
+        print(case, seed, flush=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
     table = pd.DataFrame(rows).groupby(["label", "m", "case"])["nU"].mean().unstack("case")
     print(table.round(2).to_string())
 

@@ -5,18 +5,23 @@
 ``score_result`` scores one prediction. ``posthoc_main`` runs a study that predicts with default models
 trained once and kept (``query_prior_study.py``, ``novelty_ensemble_study.py``, ``knn_rule_study.py``,
 ``self_training_study.py``; pass one ``--models`` folder to all of them to train each model once).
+``default_models`` is that loop over cases, seeds and saved default models; the post-hoc probes
+(``*_probe.py``) walk it too, with ``train=False``.
 """
 import argparse
 import gzip
 import json
 import sys
 from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
+import anndata as ad
+import pandas as pd
 import torch
 
 import atlasmtl
 from atlasmtl.model import TrainedModel
-from common import read_study_case
+from common import read_cells, read_study_case
 
 NOVELTY_KEYS = ("auroc", "auroc_neighbourhood", "novel_unknown_rate", "known_unknown_rate")
 #: The benchmark's peers, whose best per case and level the studies compare with.
@@ -99,21 +104,52 @@ def score_model(model, query, truth, spec) -> dict:
             for name, kw in {"default": {}, "off": {"knn_correction": "off"}}.items()}
 
 
-def default_models(cases, seeds, rows, work: Path, models: Path):
-    """``(case, seed, spec, ref, query, truth, model)`` for each (case, seed) not yet in ``rows``: the default
-    model, loaded from ``models/<case>_<seed>.pth`` or trained on one thread and saved there (so several
-    studies share one training)."""
+def default_models(cases: Iterable[str], seeds: Sequence[int], rows: Iterable[dict[str, Any]] = (), *,
+                   work: Path, models: Path, train: bool = True, reference: bool = True,
+                   ) -> Iterator[tuple[str, int, dict[str, Any], ad.AnnData | None, ad.AnnData, pd.DataFrame, TrainedModel]]:
+    """The default model of each (case, seed) with its prepared case: the loop of the post-hoc studies and probes.
+
+    Each case is read once (:func:`common.read_study_case`), then its seeds are visited in order; the model is
+    ``models/<case>_<seed>.pth``, loaded with :meth:`atlasmtl.model.TrainedModel.load`.
+
+    Parameters
+    ----------
+    cases
+        Names of prepared cases under ``work / "cases"``.
+    seeds
+        The seeds of every case (each case walks them all).
+    rows
+        Rows already written (each with ``"case"`` and ``"seed"``): their (case, seed) pairs are skipped.
+    work
+        The benchmark's work folder (``/work/bench_work`` in the studies' command lines).
+    models
+        The folder of the saved default models.
+    train
+        Where ``models/<case>_<seed>.pth`` is missing, train the default model on one thread
+        (``atlasmtl.build_model(ref, levels, random_state=seed)``) and save it there, so several studies share
+        one training. ``False``: never train; a missing model raises (``TrainedModel.load``'s error).
+    reference
+        Read the reference and yield it; ``False``: ``ref`` is ``None`` (it is still read to train a missing
+        model).
+
+    Yields
+    ------
+    tuple
+        ``(case, seed, spec, ref, query, truth, model)``: the case name and seed, ``case.json``, the reference
+        (or ``None``), the query (without ``obsm``), its true labels, and the default model.
+    """
     done = {(r["case"], r["seed"]) for r in rows}
     for case in cases:
-        spec, ref, query, truth = read_study_case(work / "cases" / case)
+        spec, ref, query, truth = read_study_case(work / "cases" / case, reference=reference)
         for seed in seeds:
             if (case, seed) in done:
                 continue
             path = models / f"{case}_{seed}.pth"
-            if path.exists():
+            if path.exists() or not train:
                 model = TrainedModel.load(path)
             else:
-                model = atlasmtl.build_model(ref, spec["levels"], random_state=seed, num_threads=1,
+                training = ref if ref is not None else read_cells(work / "cases" / case / "ref.h5ad")
+                model = atlasmtl.build_model(training, spec["levels"], random_state=seed, num_threads=1,
                                              show_progress=False, show_summary=False)
                 model.save(path)
             yield case, seed, spec, ref, query, truth, model
@@ -136,6 +172,7 @@ def posthoc_main(study, summarise, models_default: str) -> None:
     a.models.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     rows = json.loads(a.out.read_text()) if a.out.exists() else []
-    for row in study(default_models(a.cases.split(","), [int(s) for s in a.seeds.split(",")], rows, a.work, a.models)):
+    for row in study(default_models(a.cases.split(","), [int(s) for s in a.seeds.split(",")], rows,
+                                    work=a.work, models=a.models)):
         rows.append(row)
         a.out.write_text(json.dumps(rows))

@@ -30,7 +30,8 @@ import torch
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_cells, read_truth  # noqa: E402
+from common import probe_arguments  # noqa: E402
+from study_scores import default_models  # noqa: E402
 from atlasmtl.augment import ShiftAugmentation, simulate_shift  # noqa: E402
 from atlasmtl.calibration import softmax  # noqa: E402
 from atlasmtl.inputs import detect_semantics, get_matrix_source  # noqa: E402
@@ -70,39 +71,35 @@ def main() -> None:
         at = argv.index("--k")
         k = int(argv[at + 1])
         del argv[at : at + 2]
-    cases, seeds, out, models = argv[1].split(","), [int(s) for s in argv[2].split(",")], Path(argv[3]), Path(argv[4])
-    work = Path(argv[5]) if len(argv) > 5 else Path("/work/bench_work")
+    cases, seeds, out, models, work = probe_arguments(argv)
     torch.set_num_threads(1)
     rows = []
-    for case in cases:
-        query = read_cells(work / "cases" / case / "query.h5ad", obsm=False)
-        truth = read_truth(work / "cases" / case)
+    for case, seed, _, _, query, truth, model in default_models(cases, seeds, work=work, models=models,
+                                                                train=False, reference=False):
         sem = detect_semantics(get_matrix_source(query))["semantics"]
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            base = level_probabilities(model, query)
-            probs = {"none": base}
-            for name, config in VARIANTS.items():
-                rng = np.random.default_rng(seed)
-                total = [p.copy() for p in base]
-                for _ in range(k):
-                    copy = ad.AnnData(simulate_shift(query.X, sem, rng, config), var=query.var[[]].copy())
-                    copy.obs_names = query.obs_names
-                    for t, p in zip(total, level_probabilities(model, copy)):
-                        t += p
-                probs[name] = [t / (k + 1) for t in total]
-            row = {"case": case, "seed": seed}
-            for i, lv in enumerate(model.label_columns):
-                classes = np.asarray(model.classes[lv], dtype=str)
-                t = truth[lv].astype(str).to_numpy()
-                known = np.isin(t, classes)
-                for name, p in probs.items():
-                    pred = classes[p[i].argmax(axis=1)]
-                    row[f"{lv == model.label_columns[-1] and 'fine' or 'coarse'}_{name}"] = f1_score(
-                        t[known], pred[known], labels=sorted(set(t[known])), average="macro")
-            rows.append(row)
-            print(row, flush=True)
-            pd.DataFrame(rows).to_csv(out, index=False)
+        base = level_probabilities(model, query)
+        probs = {"none": base}
+        for name, config in VARIANTS.items():
+            rng = np.random.default_rng(seed)
+            total = [p.copy() for p in base]
+            for _ in range(k):
+                copy = ad.AnnData(simulate_shift(query.X, sem, rng, config), var=query.var[[]].copy())
+                copy.obs_names = query.obs_names
+                for t, p in zip(total, level_probabilities(model, copy)):
+                    t += p
+            probs[name] = [t / (k + 1) for t in total]
+        row = {"case": case, "seed": seed}
+        for i, lv in enumerate(model.label_columns):
+            classes = np.asarray(model.classes[lv], dtype=str)
+            t = truth[lv].astype(str).to_numpy()
+            known = np.isin(t, classes)
+            for name, p in probs.items():
+                pred = classes[p[i].argmax(axis=1)]
+                row[f"{lv == model.label_columns[-1] and 'fine' or 'coarse'}_{name}"] = f1_score(
+                    t[known], pred[known], labels=sorted(set(t[known])), average="macro")
+        rows.append(row)
+        print(row, flush=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
     df = pd.DataFrame(rows).groupby("case").mean(numeric_only=True).drop(columns="seed")
     for col in df.columns:
         if not col.endswith("_none"):

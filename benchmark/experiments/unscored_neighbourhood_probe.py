@@ -22,9 +22,8 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case  # noqa: E402
+from study_scores import default_models  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl.model import TrainedModel  # noqa: E402
 
 
 WORK = Path(os.environ.get("ATLASMTL_STUDY_WORK", "/work/bench_work"))
@@ -32,24 +31,22 @@ WORK = Path(os.environ.get("ATLASMTL_STUDY_WORK", "/work/bench_work"))
 
 def probe(cases: list[str], seeds: list[int], models: Path) -> pd.DataFrame:
     rows = []
-    for case in cases:
-        spec, _ref, query, truth = read_study_case(WORK / "cases" / case)
+    for case, seed, spec, _, query, truth, model in default_models(cases, seeds, work=WORK, models=models,
+                                                                   train=False, reference=False):
         level = spec["levels"][-1]
-        for seed in seeds:
-            model = TrainedModel.load(models / f"{case}_{seed}.pth")
-            result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            calls, classes = result.levels[level], result.classes[level]
-            scored = result.metadata["reference_classes"][level]["input_view"]
-            if scored is None:  # a model without an input view
-                continue
-            true = truth[level].astype(str).to_numpy()
-            unscored = ~np.asarray(scored, dtype=bool)[calls.raw]
-            for i in np.flatnonzero(unscored):
-                rows.append({"case": case, "seed": seed, "call": classes[calls.raw[i]], "truth": true[i],
-                             "known": bool(true[i] in classes), "right": bool(classes[calls.raw[i]] == true[i]),
-                             "neighbourhood": float(calls.neighbourhood_novelty[i]), "z": float(calls.novelty[i]),
-                             "unknown": bool(calls.is_unknown[i]), "conf": float(calls.conf[i])})
-            print(case, seed, "calls into unscored classes:", int(unscored.sum()), flush=True)
+        result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        calls, classes = result.levels[level], result.classes[level]
+        scored = result.metadata["reference_classes"][level]["input_view"]
+        if scored is None:  # a model without an input view
+            continue
+        true = truth[level].astype(str).to_numpy()
+        unscored = ~np.asarray(scored, dtype=bool)[calls.raw]
+        for i in np.flatnonzero(unscored):
+            rows.append({"case": case, "seed": seed, "call": classes[calls.raw[i]], "truth": true[i],
+                         "known": bool(true[i] in classes), "right": bool(classes[calls.raw[i]] == true[i]),
+                         "neighbourhood": float(calls.neighbourhood_novelty[i]), "z": float(calls.novelty[i]),
+                         "unknown": bool(calls.is_unknown[i]), "conf": float(calls.conf[i])})
+        print(case, seed, "calls into unscored classes:", int(unscored.sum()), flush=True)
     return pd.DataFrame(rows)
 
 

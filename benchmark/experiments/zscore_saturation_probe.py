@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import atlasmtl  # noqa: E402
 from atlasmtl.genes import ZSCORE_CLIP  # noqa: E402
 from atlasmtl.inputs import get_matrix_source  # noqa: E402
 from atlasmtl.prediction import prepare_query  # noqa: E402
-from common import read_study_case  # noqa: E402
+from study_scores import default_models  # noqa: E402
 
 
 def per_cell_counts(model, adata) -> tuple[float, float]:
@@ -39,9 +38,7 @@ def main() -> None:
     cases, models = sys.argv[1].split(","), Path(sys.argv[2])
     work = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/work/bench_work")
     print("| case | reference: z ≥ 5 / at the clip | query: z ≥ 5 / at the clip |\n|---|---|---|")
-    for case in cases:
-        _, ref, query, _ = read_study_case(work / "cases" / case)
-        model = atlasmtl.TrainedModel.load(models / f"{case}_0.pth")
+    for case, _, _, ref, query, _, model in default_models(cases, [0], work=work, models=models, train=False):
         r, q = per_cell_counts(model, ref), per_cell_counts(model, query)
         print(f"| {case} | {r[0]:.0f} / {r[1]:.0f} | {q[0]:.0f} / {q[1]:.0f} |", flush=True)
 
