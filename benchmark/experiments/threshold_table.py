@@ -10,6 +10,10 @@ largest share of Unknown calls on a known-type case (1 − coverage).
     python benchmark/experiments/threshold_table.py --seeds 0,1,2 ...   (only those seeds' rows of every file)
 
 (``--per-case``: finest / coarse macro-F1 per case, mean over the seeds, for each file at its threshold.)
+
+    python benchmark/experiments/threshold_table.py --tradeoff rows.json[.gz] ...
+
+(``--tradeoff``: the open-set trade-off of each label in one line, :func:`tradeoff`.)
 """
 import statistics as st
 import sys
@@ -73,6 +77,47 @@ def per_case(specs, results="benchmark/results/results.json"):
     return "\n".join(lines)
 
 
+def finest_novel(row: dict) -> dict:
+    return list(row["novel"].values())[-1]
+
+
+def tradeoff(paths, results="benchmark/results/results.json") -> str:
+    """One line per label of each rows file: the removed-type cases' mean novel → Unknown (how many reach
+    issue 9's 50%) and known → Unknown (how many stay within 5%); the known-type cases' mean and largest
+    share of finest ``Unknown`` calls; the finest and coarse macro-F1 mean Δ to the best peer. Two labels
+    whose points fall on one curve of these shares trade novel cells for known ones alike."""
+    peers = peer_levels(results)
+    lines = ["| rows | label | removed-type cases: novel → Unknown mean (cases ≥ 0.5) | known → Unknown mean "
+             "(cases ≤ 0.05) | known-type cases: Unknown mean / largest | finest mean Δ (worst) | coarse mean Δ |",
+             "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        rows = read_rows(path)
+        labels = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        for label in labels:
+            novel, known, unknown, fine_d, coarse_d = [], [], [], [], []
+            for case in cases:
+                rs = [r[label] for r in rows if r["case"] == case]
+                levels = list(rs[0]["levels"])
+                best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+                fine_d.append(st.mean(r["levels"][levels[-1]]["macro_f1"] for r in rs) - best[levels[-1]])
+                if len(levels) > 1:
+                    coarse_d.append(st.mean(r["levels"][levels[0]]["macro_f1"] for r in rs) - best[levels[0]])
+                if rs[0].get("novel"):
+                    novel.append(st.mean(finest_novel(r)["novel_unknown_rate"] for r in rs))
+                    known.append(st.mean(finest_novel(r)["known_unknown_rate"] for r in rs))
+                else:
+                    unknown.append((st.mean(1 - r["levels"][levels[-1]]["coverage"] for r in rs), case))
+            worst_unknown = max(unknown)
+            lines.append(
+                f"| {Path(path).name} | {label} | {st.mean(novel):.3f} ({sum(v >= 0.5 for v in novel)} of {len(novel)}) "
+                f"| {st.mean(known):.4f} ({sum(v <= 0.05 for v in known)} of {len(known)}) "
+                f"| {st.mean(u for u, _ in unknown):.4f} / {worst_unknown[0]:.3f} ({worst_unknown[1]}) "
+                f"| {st.mean(fine_d):+.4f} ({min(fine_d):+.3f}) | {st.mean(coarse_d):+.4f} |")
+    return "\n".join(lines)
+
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     results = "benchmark/results/results.json"
@@ -84,5 +129,7 @@ if __name__ == "__main__":
         read_rows = lambda path: [r for r in _read(path) if r["seed"] in keep]  # noqa: E731
     if args[:1] == ["--per-case"]:
         print(per_case(args[1:], results))
+    elif args[:1] == ["--tradeoff"]:
+        print(tradeoff(args[1:], results))
     else:
         print(table(args, results))
