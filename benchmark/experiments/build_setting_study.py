@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_study_case
-from study_scores import PEERS, peer_levels, read_rows as _read, score_model
+from study_scores import best_peer, peer_levels, read_rows as _read, score_model
 import atlasmtl
 import atlasmtl.calibration
 import atlasmtl.training as tr
@@ -43,7 +43,7 @@ def summarise(path, results="benchmark/results/results.json"):
     for case in cases:
         levels = list(rows[[r["case"] for r in rows].index(case)]["results"]["default"]["levels"])
         fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
-        best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+        best = best_peer(peers, case, levels)
         line = f"| {case} | {best[fine]:.3f} / " + (f"{best[coarse]:.3f}" if coarse else "–") + " |"
         for s in settings:
             rs = [r["results"]["default"]["levels"] for r in rows if r["case"] == case and r["setting"] == s]

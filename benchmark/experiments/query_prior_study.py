@@ -29,7 +29,7 @@ import statistics as st, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import PEERS, peer_levels, posthoc_main, read_rows, score_result
+from study_scores import best_peer, peer_levels, posthoc_main, read_rows, score_result
 import atlasmtl
 import atlasmtl.prediction as prediction
 
@@ -139,7 +139,7 @@ def summarise(path, results="benchmark/results/results.json"):
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case]
         levels = list(rs[0]["results"]["default"]["levels"])
-        best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+        best = best_peer(peers, case, levels)
         line = f"| {case} | {best[levels[-1]]:.3f} |"
         for v in variants:
             f1 = st.mean(r["results"][v]["levels"][levels[-1]]["macro_f1"] for r in rs)

@@ -16,7 +16,7 @@ import anndata as ad
 import pandas as pd
 import scipy.sparse as sp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import PEERS, peer_levels, posthoc_main, read_rows, score_result
+from study_scores import best_peer, peer_levels, posthoc_main, read_rows, score_result
 import atlasmtl
 
 CONFIDENCE = 0.9
@@ -60,7 +60,7 @@ def summarise(path, results="benchmark/results/results.json"):
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case]
         levels = list(rs[0]["results"]["default"]["levels"])
-        best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+        best = best_peer(peers, case, levels)
         cells = []
         for n in names:
             f = st.mean(r["results"][n]["levels"][levels[-1]]["macro_f1"] for r in rs)

@@ -81,6 +81,11 @@ def peer_levels(results="benchmark/results/results.json") -> dict:
     return peers
 
 
+def best_peer(peers: dict, case: str, levels: list) -> dict:
+    """The best peer's macro-F1 per level of a case (``peers``: :func:`peer_levels`)."""
+    return {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+
+
 def score_result(res, truth, spec) -> dict:
     """Per level the numeric metrics of ``atlasmtl.evaluate`` (Unknown counts as wrong), and the novelty
     metrics where the case has novel labels."""

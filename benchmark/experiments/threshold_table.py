@@ -20,7 +20,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import PEERS, peer_levels, read_rows  # noqa: E402
+from study_scores import best_peer, peer_levels, read_rows  # noqa: E402
+
+
+def labels(rows: list) -> list:
+    """The labels (settings) of a rows file: the keys holding a scored prediction."""
+    return [k for k in rows[0] if k not in ("case", "seed", "K") and isinstance(rows[0][k], dict)]
+
+
+def label_cases(rows: list, label: str, peers: dict):
+    """Per case of a rows file, in order: ``(case, the label's scores of its rows, levels, best peer per level)``."""
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r[label] for r in rows if r["case"] == case]
+        levels = list(rs[0]["levels"])
+        yield case, rs, levels, best_peer(peers, case, levels)
 
 
 def table(paths, results="benchmark/results/results.json"):
@@ -30,16 +43,11 @@ def table(paths, results="benchmark/results/results.json"):
              "|---|---|---|---|---|---|---|---|"]
     for path in paths:
         rows = read_rows(path)
-        thresholds = [k for k in rows[0] if k not in ("case", "seed", "K") and isinstance(rows[0][k], dict)]
-        cases = list(dict.fromkeys(r["case"] for r in rows))
         seeds = sorted({r["seed"] for r in rows})
-        for t in thresholds:
+        for t in labels(rows):
             fine_d, coarse_d, ece, novel, unknown = [], [], [], [], []
-            for case in cases:
-                rs = [r[t] for r in rows if r["case"] == case]
-                levels = list(rs[0]["levels"])
+            for case, rs, levels, best in label_cases(rows, t, peers):
                 fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
-                best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
                 fine_d.append((st.mean(r["levels"][fine]["macro_f1"] for r in rs) - best[fine], case))
                 if coarse:
                     coarse_d.append(st.mean(r["levels"][coarse]["macro_f1"] for r in rs) - best[coarse])
@@ -67,7 +75,7 @@ def per_case(specs, results="benchmark/results/results.json"):
     for case in dict.fromkeys(r["case"] for r in data[0][0]):
         levels = list(next(r for r in data[0][0] if r["case"] == case)[data[0][1]]["levels"])
         fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
-        best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+        best = best_peer(peers, case, levels)
         line = f"| {case} | {best[fine]:.3f} / " + (f"{best[coarse]:.3f}" if coarse else "–") + " |"
         for rows, t, _ in data:
             rs = [r[t]["levels"] for r in rows if r["case"] == case]
@@ -75,10 +83,6 @@ def per_case(specs, results="benchmark/results/results.json"):
             line += (f" / {st.mean(r[coarse]['macro_f1'] for r in rs):.3f}" if coarse else "") + " |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def finest_novel(row: dict) -> dict:
-    return list(row["novel"].values())[-1]
 
 
 def tradeoff(paths, results="benchmark/results/results.json") -> str:
@@ -92,20 +96,15 @@ def tradeoff(paths, results="benchmark/results/results.json") -> str:
              "|---|---|---|---|---|---|---|"]
     for path in paths:
         rows = read_rows(path)
-        labels = [k for k in rows[0] if isinstance(rows[0][k], dict)]
-        cases = list(dict.fromkeys(r["case"] for r in rows))
-        for label in labels:
+        for label in labels(rows):
             novel, known, unknown, fine_d, coarse_d = [], [], [], [], []
-            for case in cases:
-                rs = [r[label] for r in rows if r["case"] == case]
-                levels = list(rs[0]["levels"])
-                best = {lv: max(peers[case][m][lv]["macro_f1"] for m in PEERS if m in peers[case]) for lv in levels}
+            for case, rs, levels, best in label_cases(rows, label, peers):
                 fine_d.append(st.mean(r["levels"][levels[-1]]["macro_f1"] for r in rs) - best[levels[-1]])
                 if len(levels) > 1:
                     coarse_d.append(st.mean(r["levels"][levels[0]]["macro_f1"] for r in rs) - best[levels[0]])
                 if rs[0].get("novel"):
-                    novel.append(st.mean(finest_novel(r)["novel_unknown_rate"] for r in rs))
-                    known.append(st.mean(finest_novel(r)["known_unknown_rate"] for r in rs))
+                    novel.append(st.mean(r["novel"][levels[-1]]["novel_unknown_rate"] for r in rs))
+                    known.append(st.mean(r["novel"][levels[-1]]["known_unknown_rate"] for r in rs))
                 else:
                     unknown.append((st.mean(1 - r["levels"][levels[-1]]["coverage"] for r in rs), case))
             worst_unknown = max(unknown)
@@ -115,7 +114,6 @@ def tradeoff(paths, results="benchmark/results/results.json") -> str:
                 f"| {st.mean(u for u, _ in unknown):.4f} / {worst_unknown[0]:.3f} ({worst_unknown[1]}) "
                 f"| {st.mean(fine_d):+.4f} ({min(fine_d):+.3f}) | {st.mean(coarse_d):+.4f} |")
     return "\n".join(lines)
-
 
 
 if __name__ == "__main__":
