@@ -134,3 +134,40 @@ def test_shifted_query_case(tmp_path, monkeypatch):
         cases.make_shifted(tmp_path / "bad", "nocounts", "thin")
     with pytest.raises(ValueError, match="unknown shift"):
         cases.make_shifted(tmp_path / "bad", "base", "rotate")
+
+
+def test_delta_bootstrap_on_smoke_run(smoke):
+    # benchmark/experiments/delta_bootstrap.py: the run's own Δ to the best peer (it exits non-zero when its
+    # macro-F1 differs from results.json's) with a paired interval over the query's cells
+    out, _, results = smoke
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmark" / "experiments" / "delta_bootstrap.py"), str(out / "work"),
+         str(out / "results.json"), "--draws", "200"], cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| smoke_symphony_5p |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    f1 = {r["method"]: r["metrics"]["levels"]["cell_type"]["macro_f1"] for r in results["runs"]}
+    peer = max(("knn", "logreg"), key=lambda m: f1[m])
+    assert cells[3].endswith(f"({peer})")
+    assert cells[4] == f"{f1['atlasmtl'] - f1[peer]:+.3f}"
+    low, high = (float(v) for v in cells[5].split(" to "))
+    assert -1.0 <= low <= high <= 1.0
+
+
+def test_bootstrap_macro_f1_is_sklearns_on_the_drawn_cells(monkeypatch):
+    from sklearn.metrics import f1_score
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmark" / "experiments"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmark"))
+    from delta_bootstrap import macro_f1_draws
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(["a", "b", "c", "rare"], p=[0.45, 0.3, 0.22, 0.03], size=120).astype(object)
+    pred = np.where(rng.random(120) < 0.7, truth, rng.choice(["a", "b", "c", "Unknown"], size=120)).astype(object)
+    draws = [rng.integers(0, 120, size=120) for _ in range(20)]
+    weights = np.stack([np.bincount(d, minlength=120) for d in draws]).astype(np.float64)
+    got = macro_f1_draws(truth, pred, weights)
+    for d, value in zip(draws, got):
+        want = f1_score(truth[d], pred[d], labels=np.unique(truth[d]), average="macro", zero_division=0)
+        assert abs(value - want) < 1e-12
