@@ -11,7 +11,6 @@ of them, Unknown a wrong call); the point Δ repeats the results.json figure.
     python benchmark/experiments/delta_bootstrap.py WORK benchmark/results/results.json [--draws 2000] [--level fine|coarse]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_predictions, read_truth  # noqa: E402
-
-PEERS = ("celltypist", "logreg", "knn", "symphonypy")
+from study_scores import PEERS, peer_levels  # noqa: E402
 
 
 def macro_f1_draws(truth: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -45,11 +43,7 @@ def main() -> None:
     ap.add_argument("--level", choices=("fine", "coarse"), default="fine")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    results = json.loads(args.results.read_text())
-    scores: dict = {}
-    for run in results["runs"]:
-        if run["status"] == "ok":
-            scores.setdefault(run["case"], {})[run["method"]] = run["metrics"]["levels"]
+    scores = peer_levels(args.results)
     rng = np.random.default_rng(args.seed)
     print(f"| case | query cells | atlasmtl {args.level} | best peer | Δ | 95% interval of Δ (paired bootstrap, {args.draws} draws) | share of draws with Δ < -0.02 |")
     print("|---|---|---|---|---|---|---|")
