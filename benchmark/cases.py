@@ -333,13 +333,111 @@ def make_immune_species(out: Path, reverse: bool = False) -> None:
     _write_split(out, spec, ref, query, parts[ref_species][1], parts[query_species][1])
 
 
-def _shift_query_counts(counts: sp.csr_matrix, shift: str, rng: np.random.Generator) -> tuple[sp.csr_matrix, str]:
+def interferon_programme(genes: pd.Index, species: str = "human", n_clusters: int = 6, min_fold: float = 2.0,
+                         min_detected: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """The interferon-β response of real PBMC, per cell population, on the genes ``genes`` (research input).
+
+    From the shared Kang 2018 counts (1,000 control and 1,000 interferon-β stimulated PBMC of the same
+    donors, no cell-type labels). The cells are clustered (k-means, ``n_clusters``, on 30 principal
+    components) on the genes the stimulation does not move (|log2 fold change| < 0.5 over all cells,
+    detected in ≥ 5% of them), so that the clusters are populations (T, monocytes, B, ...) found in both
+    conditions, not the conditions. Per cluster and gene, the programme is the stimulated cells' mean
+    share of a cell's counts against the control cells': ``delta`` (stimulated − control share) for genes
+    it raises and ``ratio`` (stimulated / control) for genes it lowers, kept where the change is at least
+    ``min_fold``-fold and the share of the cluster's cells that detect the gene moves the same way by at
+    least ``min_detected`` (so that a few cells' counts do not make a change); every other entry is no change. ``profiles`` are the clusters' mean log1p CP10k on
+    the unmoved genes, to assign a query cell to its nearest population by correlation (as scmap-cluster
+    does). ``species="mouse"``: ``genes`` are mouse symbols, matched through the shared 1:1 orthologue
+    table.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    kang = ad.read_h5ad(shared_data_dir() / "kang_ctrl_stim_counts.h5ad")
+    names = kang.var_names.astype(str)
+    if species == "mouse":
+        table = pd.read_csv(shared_data_dir() / "orthologs_human_mouse_1to1_CAME_Ensembl.csv")
+        table = table[table["human.homology.type"] == "ortholog_one2one"]
+        names = pd.Index(names).map(dict(zip(table["human.gene.name"].astype(str), table["gene.name"].astype(str))))
+    col = pd.Index(genes.astype(str)).get_indexer(pd.Index(names).astype(object))
+    counts = sp.csr_matrix(kang.X, dtype=np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    share = sp.csr_matrix(sp.diags(1.0 / np.maximum(totals, 1.0)) @ counts)
+    stim = (kang.obs["condition"].astype(str) == "stim").to_numpy()
+    detected = np.asarray((counts > 0).mean(axis=0)).ravel()
+    mean_stim = np.asarray(share[stim].mean(axis=0)).ravel()
+    mean_ctrl = np.asarray(share[~stim].mean(axis=0)).ravel()
+    fold = np.log2((mean_stim + 1e-6) / (mean_ctrl + 1e-6))
+    unmoved = (np.abs(fold) < 0.5) & (detected >= 0.05) & (col >= 0)
+    x = lognorm_cp10k(sp.csr_matrix(counts[:, unmoved], dtype=np.float32)).toarray()  # 2,000 cells: small
+    pcs = PCA(n_components=30, random_state=seed).fit_transform(x - x.mean(0))
+    assign = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(pcs)
+    delta = np.zeros((n_clusters, len(genes)))
+    ratio = np.ones((n_clusters, len(genes)))
+    profiles = np.zeros((n_clusters, int(unmoved.sum())))
+    sizes = []
+    inside = col >= 0
+    for k in range(n_clusters):
+        s_k, c_k = (assign == k) & stim, (assign == k) & ~stim
+        sizes.append((int(c_k.sum()), int(s_k.sum())))
+        profiles[k] = x[assign == k].mean(0)
+        if min(c_k.sum(), s_k.sum()) < 20:
+            continue  # a population of one condition only: no response to estimate
+        ps = np.asarray(share[s_k].mean(axis=0)).ravel()
+        pc = np.asarray(share[c_k].mean(axis=0)).ravel()
+        ds = np.asarray((counts[s_k] > 0).mean(axis=0)).ravel()
+        dc = np.asarray((counts[c_k] > 0).mean(axis=0)).ravel()
+        up = inside & (ps >= min_fold * pc) & (ps > 0) & (ds - dc >= min_detected)
+        down = inside & (pc >= min_fold * ps) & (pc > 0) & (dc - ds >= min_detected)
+        delta[k, col[up]] = ps[up] - pc[up]
+        ratio[k, col[down]] = ps[down] / pc[down]
+    return {"delta": delta, "ratio": ratio, "profiles": profiles, "profile_cols": col[unmoved],
+            "sizes": sizes, "n_matched": int(inside.sum())}
+
+
+def _stimulate(counts: sp.csr_matrix, genes: pd.Index, species: str, rng: np.random.Generator) -> tuple[sp.csr_matrix, str]:
+    """The query's counts with the interferon-β response of its nearest Kang population added
+    (:func:`interferon_programme`): each cell is assigned to the population whose mean profile its log1p
+    CP10k correlates with best (on the unmoved genes), its counts of the genes the population lowers are
+    binomially thinned by the stimulated / control ratio, and it gains Poisson(depth × delta) counts of
+    the genes the population raises."""
+    prog = interferon_programme(genes, species)
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    depth = np.asarray(counts.sum(axis=1)).ravel()
+    x = lognorm_cp10k(counts)[:, prog["profile_cols"]].toarray()
+    xc = x - x.mean(1, keepdims=True)
+    pc = prog["profiles"] - prog["profiles"].mean(1, keepdims=True)
+    corr = (xc @ pc.T) / (np.linalg.norm(xc, axis=1, keepdims=True) * np.linalg.norm(pc, axis=1) + 1e-12)
+    pop = corr.argmax(1)
+    out = counts.tocoo()
+    keep = prog["ratio"][pop[out.row], out.col]
+    data = rng.binomial(np.round(out.data).astype(np.int64), np.minimum(keep, 1.0)).astype(np.float32)
+    thinned = sp.csr_matrix((data, (out.row, out.col)), shape=counts.shape)
+    up_cols = np.flatnonzero((prog["delta"] > 0).any(0))
+    lam = depth[:, None] * prog["delta"][pop][:, up_cols]
+    added = sp.csr_matrix(rng.poisson(lam).astype(np.float32))  # cells × raised genes, then placed in all genes
+    added = sp.csr_matrix((added.data, up_cols[added.indices], added.indptr), shape=counts.shape)
+    shifted = sp.csr_matrix(thinned + added, dtype=np.float32)
+    shifted.eliminate_zeros()
+    gained = float(np.asarray(added.sum(axis=1)).ravel().sum() / max(depth.sum(), 1.0))
+    what = (f"interferon-beta response added (Kang 2018 stimulated vs control, {len(up_cols)} genes raised and "
+            f"{int((prog['ratio'] < 1).any(0).sum())} lowered >= 2-fold in one of 6 populations; "
+            f"{prog['n_matched']} Kang genes matched; query cells per population "
+            f"{np.bincount(pop, minlength=len(prog['sizes'])).tolist()}; +{gained:.1%} counts)")
+    return shifted, what
+
+
+def _shift_query_counts(counts: sp.csr_matrix, shift: str, rng: np.random.Generator, genes: pd.Index | None = None,
+                        species: str = "human") -> tuple[sp.csr_matrix, str]:
     """``(counts, what)``: the query's counts under a simulated shift, and a sentence that says what was done.
 
     ``shift="thin"``: each cell keeps a random U(0.1, 0.3) fraction of its counts (binomial thinning: 10–30 %
     of the original depth). ``shift="missing_genes"``: a random U(0.3, 0.5) fraction of the genes is not
-    measured (their counts are zero).
+    measured (their counts are zero). ``shift="interferon"``: the cells are stimulated with interferon-β
+    in silico (:func:`_stimulate`; needs the query's ``genes`` and their ``species``).
     """
+    if shift == "interferon":
+        return _stimulate(counts, genes, species, rng)
     if shift == "thin":
         counts = thin_rows(counts, np.arange(counts.shape[0]), rng, low=0.1, high=0.3)
         return counts, "query thinned to 10-30% of its depth (binomial thinning, per-cell fraction U(0.1, 0.3))"
@@ -351,10 +449,10 @@ def _shift_query_counts(counts: sp.csr_matrix, shift: str, rng: np.random.Genera
         counts = sp.csr_matrix(counts @ sp.diags(keep), dtype=np.float32)
         counts.eliminate_zeros()
         return counts, f"{len(gone)} of {counts.shape[1]} genes ({frac:.0%}) not measured in the query (counts zero)"
-    raise ValueError(f"unknown shift {shift!r}; expected 'thin' or 'missing_genes'")
+    raise ValueError(f"unknown shift {shift!r}; expected 'thin', 'missing_genes' or 'interferon'")
 
 
-def make_shifted(out: Path, base: str, shift: str, seed: int = 0) -> None:
+def make_shifted(out: Path, base: str, shift: str, seed: int = 0, species: str = "human") -> None:
     """Case ``base`` (a registered case with UMI counts) with a simulated shift of its query (see
     :func:`_shift_query_counts`); the reference is ``base``'s own, unchanged.
 
@@ -368,7 +466,8 @@ def make_shifted(out: Path, base: str, shift: str, seed: int = 0) -> None:
                          "a simulated query shift needs counts and no coordinates to subset")
     query = ad.read_h5ad(base_dir / "query.h5ad")
     truth = pd.read_csv(base_dir / "truth.csv.gz", index_col=0)
-    counts, what = _shift_query_counts(sp.csr_matrix(query.layers["counts"]), shift, np.random.default_rng(seed))
+    counts, what = _shift_query_counts(sp.csr_matrix(query.layers["counts"]), shift, np.random.default_rng(seed),
+                                       genes=query.var_names, species=species)
     alive = np.asarray(counts.sum(axis=1)).ravel() > 0
     counts = sp.csr_matrix(counts[alive], dtype=np.float32)
     query = ad.AnnData(X=lognorm_cp10k(counts), obs=query.obs.iloc[alive].copy(), var=query.var.copy(),
@@ -545,6 +644,11 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
     for base in ("symphony_5p", "cellbench_celseq2_3line", "ding2020_dropseq_indrops", "zilionis_healthy_tumour"):
         reg[f"{base}_thin_query"] = lambda o, b=base: make_shifted(o, b, "thin")
         reg[f"{base}_missing_genes"] = lambda o, b=base: make_shifted(o, b, "missing_genes")
+    # added 2026-12-06 (fortieth session), after the defaults were chosen: an interferon-beta stimulation of
+    # the query in silico (the hidden cases of issue 10 hold a real one; the shared data has no labelled one)
+    for base, species in (("symphony_5p", "human"), ("ding2020_dropseq_indrops", "human"),
+                          ("zilionis_healthy_tumour", "mouse")):
+        reg[f"{base}_interferon"] = lambda o, b=base, s=species: make_shifted(o, b, "interferon", species=s)
     for tag, n in SYNTH_SIZES.items():
         reg[f"synthetic_{tag}"] = lambda o, n=n: make_synthetic(o, n)
     return reg

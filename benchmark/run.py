@@ -71,6 +71,10 @@ REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_nove
               "cellbench_celseq2_3line_thin_query", "cellbench_celseq2_3line_missing_genes",
               "ding2020_dropseq_indrops_thin_query", "ding2020_dropseq_indrops_missing_genes",
               "zilionis_healthy_tumour_thin_query", "zilionis_healthy_tumour_missing_genes"]
+#: Run on their own (``--cases``; not in ``--all``), results in ``benchmark/results/interferon_queries/``: added
+#: 2026-12-06 (fortieth session), after the defaults were chosen, an interferon-beta stimulation of three natural
+#: splits' queries in silico (``cases._stimulate``).
+STIMULATION_CASES = ["symphony_5p_interferon", "ding2020_dropseq_indrops_interferon", "zilionis_healthy_tumour_interferon"]
 SCALE_CASES = ["synthetic_20k", "synthetic_100k", "synthetic_1m"]
 CT_SGD = {"use_SGD": True, "mini_batch": True, "batch_size": 1000, "batch_number": 100, "epochs": 10}
 
@@ -80,7 +84,7 @@ def plan(smoke: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
     if smoke:
         return {"smoke_symphony_5p": {m: {"settings": {}, "timeout": 120} for m in MAIN_METHODS}}
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for c in REAL_CASES:
+    for c in (*REAL_CASES, *STIMULATION_CASES):
         out[c] = {m: {"settings": {}, "timeout": 1200} for m in (*MAIN_METHODS, *PEER_METHODS)}
     out["pbmc68k_70_30"]["scanvi"] = {"skip": (
         "no raw counts: pbmc68k_reduced ships log-normalised values only, and scANVI's likelihoods model counts "

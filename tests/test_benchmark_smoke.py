@@ -136,6 +136,35 @@ def test_shifted_query_case(tmp_path, monkeypatch):
         cases.make_shifted(tmp_path / "bad", "base", "rotate")
 
 
+@pytest.mark.shared_data("kang_ctrl_stim_counts.h5ad")
+def test_interferon_shift(monkeypatch):
+    # benchmark/cases._stimulate: real control cells given the in-silico interferon-beta response reach the real
+    # stimulated cells' detection of an interferon-stimulated gene; genes the programme leaves alone keep their counts
+    import anndata as ad
+    import scipy.sparse as sp
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmark"))
+    import cases
+
+    kang = ad.read_h5ad(cases.shared_data_dir() / "kang_ctrl_stim_counts.h5ad")
+    stim = (kang.obs["condition"] == "stim").to_numpy()
+    counts = sp.csr_matrix(kang.X[np.flatnonzero(~stim)[:300]], dtype=np.float32)
+    shifted, what = cases._shift_query_counts(counts, "interferon", np.random.default_rng(0), genes=kang.var_names)
+    isg15 = kang.var_names.get_loc("ISG15")
+
+    def detected(m, rows=slice(None)):
+        return float((sp.csr_matrix(m)[rows, isg15].toarray() > 0).mean())
+
+    assert detected(counts) < 0.5 < 0.9 < detected(shifted)
+    assert abs(detected(shifted) - detected(kang.X, stim)) < 0.1
+    prog = cases.interferon_programme(kang.var_names)
+    still = ((prog["delta"] == 0) & (prog["ratio"] == 1)).all(axis=0)
+    assert 0.8 < still.mean() < 0.95  # the programme moves about a tenth of the genes
+    assert (shifted[:, still] != counts[:, still]).nnz == 0
+    again, _ = cases._shift_query_counts(counts, "interferon", np.random.default_rng(0), genes=kang.var_names)
+    assert (again != shifted).nnz == 0 and what.startswith("interferon-beta response added")
+
+
 def test_delta_bootstrap_on_smoke_run(smoke):
     # benchmark/experiments/delta_bootstrap.py: the run's own Δ to the best peer (it exits non-zero when its
     # macro-F1 differs from results.json's) with a paired interval over the query's cells
