@@ -74,7 +74,10 @@ REAL_CASES = ["symphony_3pv1", "symphony_3pv2", "symphony_5p", "symphony_5p_nove
 #: Run on their own (``--cases``; not in ``--all``), results in ``benchmark/results/interferon_queries/``: added
 #: 2026-12-06 (fortieth session), after the defaults were chosen, an interferon-beta stimulation of three natural
 #: splits' queries in silico (``cases._stimulate``).
-STIMULATION_CASES = ["symphony_5p_interferon", "ding2020_dropseq_indrops_interferon", "zilionis_healthy_tumour_interferon"]
+STIMULATION_CASES = ["symphony_5p_interferon", "ding2020_dropseq_indrops_interferon", "zilionis_healthy_tumour_interferon",
+                     # ... and three removed-type cases' queries, for the novelty score under the stimulation
+                     "symphony_5p_novel_NK_interferon", "ding2020_novel_B_interferon",
+                     "zilionis_tumour_healthy_novel_NK_interferon"]
 SCALE_CASES = ["synthetic_20k", "synthetic_100k", "synthetic_1m"]
 CT_SGD = {"use_SGD": True, "mini_batch": True, "batch_size": 1000, "batch_number": 100, "epochs": 10}
 
