@@ -345,10 +345,10 @@ def interferon_programme(genes: pd.Index, species: str = "human", n_clusters: in
     share of a cell's counts against the control cells': ``delta`` (stimulated − control share) for genes
     it raises and ``ratio`` (stimulated / control) for genes it lowers, kept where the change is at least
     ``min_fold``-fold and the share of the cluster's cells that detect the gene moves the same way by at
-    least ``min_detected`` (so that a few cells' counts do not make a change); every other entry is no change. ``profiles`` are the clusters' mean log1p CP10k on
-    the unmoved genes, to assign a query cell to its nearest population by correlation (as scmap-cluster
-    does). ``species="mouse"``: ``genes`` are mouse symbols, matched through the shared 1:1 orthologue
-    table.
+    least ``min_detected`` (so that a few cells' counts do not make a change); every other entry is no
+    change. ``profiles`` are the clusters' mean log1p CP10k on the unmoved genes, to assign a query cell to
+    its nearest population by correlation (as scmap-cluster does). ``species="mouse"``: ``genes`` are mouse
+    symbols, matched through the shared 1:1 orthologue table.
     """
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
@@ -404,7 +404,7 @@ def _stimulate(counts: sp.csr_matrix, genes: pd.Index, species: str, rng: np.ran
     prog = interferon_programme(genes, species)
     counts = sp.csr_matrix(counts, dtype=np.float32)
     depth = np.asarray(counts.sum(axis=1)).ravel()
-    x = lognorm_cp10k(counts)[:, prog["profile_cols"]].toarray()
+    x = lognorm_cp10k(counts)[:, prog["profile_cols"]].toarray()  # the benchmark's queries: <= 1,200 cells
     xc = x - x.mean(1, keepdims=True)
     pc = prog["profiles"] - prog["profiles"].mean(1, keepdims=True)
     corr = (xc @ pc.T) / (np.linalg.norm(xc, axis=1, keepdims=True) * np.linalg.norm(pc, axis=1) + 1e-12)
@@ -421,7 +421,7 @@ def _stimulate(counts: sp.csr_matrix, genes: pd.Index, species: str, rng: np.ran
     shifted.eliminate_zeros()
     gained = float(np.asarray(added.sum(axis=1)).ravel().sum() / max(depth.sum(), 1.0))
     what = (f"interferon-beta response added (Kang 2018 stimulated vs control, {len(up_cols)} genes raised and "
-            f"{int((prog['ratio'] < 1).any(0).sum())} lowered >= 2-fold in one of 6 populations; "
+            f"{int((prog['ratio'] < 1).any(0).sum())} lowered >= 2-fold in one of {len(prog['sizes'])} populations; "
             f"{prog['n_matched']} Kang genes matched; query cells per population "
             f"{np.bincount(pop, minlength=len(prog['sizes'])).tolist()}; +{gained:.1%} counts)")
     return shifted, what
