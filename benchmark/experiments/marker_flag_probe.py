@@ -46,6 +46,52 @@ N_MARKERS, MIN_DETECTED, MIN_LEAD, NEIGHBOURS, MIN_MARKERS, MIN_BACKGROUND = 20,
 import os  # noqa: E402
 MEASURED_ONLY = os.environ.get("MARKER_MEASURED_ONLY", "0") == "1"
 QUERY_LOCATION = float(os.environ["MARKER_QUERY_LOCATION"]) if os.environ.get("MARKER_QUERY_LOCATION") else None
+#: ``MARKER_SCORE=poisson``: the depth-aware score of :func:`poisson_tables` instead of the background ratio.
+SCORE = os.environ.get("MARKER_SCORE", "ratio")
+
+
+def _counts(a: ad.AnnData, genes) -> sp.csr_matrix | None:
+    return sp.csr_matrix(a[:, genes].layers["counts"], dtype=np.float64) if "counts" in a.layers else None
+
+
+def poisson_tables(ref: ad.AnnData, query: ad.AnnData, level: str) -> dict:
+    """``MARKER_SCORE=poisson``: per reference class, the markers (as :func:`marker_tables`, from the genes some
+    query cell detects) and each marker's mean share of a cell's counts in the class; the score of a cell of
+    depth ``D`` is (markers detected − Σ p) / sqrt(Σ p(1 − p) + 1), ``p = 1 − exp(−D · share)``, located and
+    scaled by the class's reference cells. Cases without counts are not scored."""
+    genes = ref.var_names.intersection(query.var_names)
+    qc = _counts(query, genes)
+    rc = _counts(ref, genes)
+    if qc is None or rc is None:
+        return {"genes": genes, "tables": {}, "poisson": True}
+    measured = np.asarray((qc > 0).sum(0)).ravel() > 0
+    genes, rc = genes[measured], rc[:, measured]
+    detected = rc > 0
+    depth = np.asarray(rc.sum(1)).ravel()
+    share = sp.csr_matrix(sp.diags(1.0 / np.maximum(depth, 1.0)) @ rc)
+    labels = ref.obs[level].astype(str).to_numpy()
+    classes = np.unique(labels)
+    rates = np.stack([np.asarray(detected[labels == c].mean(0)).ravel() for c in classes])
+    tables = {}
+    for i, c in enumerate(classes):
+        others = np.delete(rates, i, 0).max(0) if len(classes) > 1 else np.zeros(rates.shape[1])
+        lead = rates[i] - others
+        candidates = np.flatnonzero((rates[i] >= MIN_DETECTED) & (lead >= MIN_LEAD))
+        markers = candidates[np.argsort(-lead[candidates])][:N_MARKERS]
+        if len(markers) < MIN_MARKERS:
+            continue
+        mu = np.asarray(share[labels == c][:, markers].mean(0)).ravel()
+        rows = labels == c
+        s = poisson_score(detected[rows][:, markers], depth[rows], mu)
+        loc = float(np.median(s))
+        tables[c] = (markers, mu, loc, 1.4826 * float(np.median(np.abs(s - loc))) + 1e-3)
+    return {"genes": genes, "tables": tables, "poisson": True}
+
+
+def poisson_score(detected: sp.csr_matrix, depth: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    p = 1.0 - np.exp(-np.outer(depth, mu))
+    observed = np.asarray(detected.sum(1)).ravel()
+    return (observed - p.sum(1)) / np.sqrt((p * (1 - p)).sum(1) + 1.0)
 
 
 def marker_tables(ref: ad.AnnData, query: ad.AnnData, level: str) -> dict:
@@ -84,10 +130,17 @@ def neighbourhood_marker_z(query: ad.AnnData, calls: np.ndarray, tabs: dict) -> 
     x = sp.csr_matrix(query[:, tabs["genes"]].X)
     detected = x > 0
     z = np.full(query.n_obs, np.nan)
-    for c, (markers, background, loc, scale) in tabs["tables"].items():
+    if tabs.get("poisson"):
+        qc = _counts(query, tabs["genes"])
+        depth = np.asarray(qc.sum(1)).ravel() if qc is not None else None
+    for c, (markers, second, loc, scale) in tabs["tables"].items():
         rows = np.flatnonzero(calls == c)
-        if len(rows):
-            z[rows] = (marker_score(detected[rows], markers, background) - loc) / scale
+        if not len(rows):
+            continue
+        if tabs.get("poisson"):
+            z[rows] = (poisson_score(detected[rows][:, markers], depth[rows], second) - loc) / scale
+        else:
+            z[rows] = (marker_score(detected[rows], markers, second) - loc) / scale
     if QUERY_LOCATION is not None:  # the whole query's move, read per called class (as the novelty score does)
         per_class = [np.quantile(z[calls == c], QUERY_LOCATION) for c in tabs["tables"] if (calls == c).sum() >= 10]
         if len(per_class) >= 2:
@@ -109,7 +162,8 @@ def main() -> None:
                                                                    train=False, reference=False):
         fine = spec["levels"][-1]
         if case not in tables:
-            tables = {case: marker_tables(ad.read_h5ad(work / "cases" / case / "ref.h5ad"), query, fine)}
+            build = poisson_tables if SCORE == "poisson" else marker_tables
+            tables = {case: build(ad.read_h5ad(work / "cases" / case / "ref.h5ad"), query, fine)}
         res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
         calls = res.levels[fine]
         raw = np.asarray(res.classes[fine], dtype=object)[np.asarray(calls.raw)]
