@@ -50,6 +50,22 @@ QUERY_LOCATION = float(os.environ["MARKER_QUERY_LOCATION"]) if os.environ.get("M
 SCORE = os.environ.get("MARKER_SCORE", "ratio")
 
 
+def class_markers(rates: np.ndarray, i: int) -> np.ndarray:
+    """Columns of class ``i``'s markers, given every class's detection rates (classes × genes): the genes it
+    detects in >= MIN_DETECTED of its cells and >= MIN_LEAD more often than every other class, the largest
+    leads first, at most N_MARKERS."""
+    others = np.delete(rates, i, 0).max(0) if len(rates) > 1 else np.zeros(rates.shape[1])
+    lead = rates[i] - others
+    candidates = np.flatnonzero((rates[i] >= MIN_DETECTED) & (lead >= MIN_LEAD))
+    return candidates[np.argsort(-lead[candidates])][:N_MARKERS]
+
+
+def location_scale(scores: np.ndarray) -> tuple[float, float]:
+    """The median and 1.4826 MAD (+ 1e-3) of a class's reference scores."""
+    loc = float(np.median(scores))
+    return loc, 1.4826 * float(np.median(np.abs(scores - loc))) + 1e-3
+
+
 def _counts(a: ad.AnnData, genes) -> sp.csr_matrix | None:
     return sp.csr_matrix(a[:, genes].layers["counts"], dtype=np.float64) if "counts" in a.layers else None
 
@@ -74,17 +90,12 @@ def poisson_tables(ref: ad.AnnData, query: ad.AnnData, level: str) -> dict:
     rates = np.stack([np.asarray(detected[labels == c].mean(0)).ravel() for c in classes])
     tables = {}
     for i, c in enumerate(classes):
-        others = np.delete(rates, i, 0).max(0) if len(classes) > 1 else np.zeros(rates.shape[1])
-        lead = rates[i] - others
-        candidates = np.flatnonzero((rates[i] >= MIN_DETECTED) & (lead >= MIN_LEAD))
-        markers = candidates[np.argsort(-lead[candidates])][:N_MARKERS]
+        markers = class_markers(rates, i)
         if len(markers) < MIN_MARKERS:
             continue
-        mu = np.asarray(share[labels == c][:, markers].mean(0)).ravel()
         rows = labels == c
-        s = poisson_score(detected[rows][:, markers], depth[rows], mu)
-        loc = float(np.median(s))
-        tables[c] = (markers, mu, loc, 1.4826 * float(np.median(np.abs(s - loc))) + 1e-3)
+        mu = np.asarray(share[rows][:, markers].mean(0)).ravel()
+        tables[c] = (markers, mu, *location_scale(poisson_score(detected[rows][:, markers], depth[rows], mu)))
     return {"genes": genes, "tables": tables, "poisson": True}
 
 
@@ -106,17 +117,12 @@ def marker_tables(ref: ad.AnnData, query: ad.AnnData, level: str) -> dict:
     rates = np.stack([np.asarray(detected[labels == c].mean(0)).ravel() for c in classes])
     tables = {}
     for i, c in enumerate(classes):
-        others = np.delete(rates, i, 0).max(0) if len(classes) > 1 else np.zeros(rates.shape[1])
-        lead = rates[i] - others
-        candidates = np.flatnonzero((rates[i] >= MIN_DETECTED) & (lead >= MIN_LEAD))
-        markers = candidates[np.argsort(-lead[candidates])][:N_MARKERS]
+        markers = class_markers(rates, i)
         background = np.setdiff1d(np.flatnonzero(rates[i] >= MIN_DETECTED), markers)
         if len(markers) < MIN_MARKERS or len(background) < MIN_BACKGROUND:
             continue
-        s = marker_score(detected[labels == c], markers, background)
-        loc = float(np.median(s))
-        tables[c] = (markers, background, loc, 1.4826 * float(np.median(np.abs(s - loc))) + 1e-3)
-    return {"genes": genes, "tables": tables}
+        tables[c] = (markers, background, *location_scale(marker_score(detected[labels == c], markers, background)))
+    return {"genes": genes, "tables": tables, "classes": classes}
 
 
 def marker_score(detected: sp.csr_matrix, markers: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -125,10 +131,9 @@ def marker_score(detected: sp.csr_matrix, markers: np.ndarray, background: np.nd
     return np.log((m + 0.05) / (b + 0.05))
 
 
-def neighbourhood_marker_z(query: ad.AnnData, calls: np.ndarray, tabs: dict) -> np.ndarray:
-    """Each query cell's neighbourhood mean of the marker z-score of its call (NaN where no neighbour is scored)."""
-    x = sp.csr_matrix(query[:, tabs["genes"]].X)
-    detected = x > 0
+def cell_marker_z(query: ad.AnnData, calls: np.ndarray, tabs: dict) -> np.ndarray:
+    """Each query cell's marker z-score for its call (NaN where the call is not scored)."""
+    detected = sp.csr_matrix(query[:, tabs["genes"]].X) > 0
     z = np.full(query.n_obs, np.nan)
     if tabs.get("poisson"):
         qc = _counts(query, tabs["genes"])
@@ -141,16 +146,29 @@ def neighbourhood_marker_z(query: ad.AnnData, calls: np.ndarray, tabs: dict) -> 
             z[rows] = (poisson_score(detected[rows][:, markers], depth[rows], second) - loc) / scale
         else:
             z[rows] = (marker_score(detected[rows], markers, second) - loc) / scale
-    if QUERY_LOCATION is not None:  # the whole query's move, read per called class (as the novelty score does)
-        per_class = [np.quantile(z[calls == c], QUERY_LOCATION) for c in tabs["tables"] if (calls == c).sum() >= 10]
-        if len(per_class) >= 2:
-            z = z - float(np.median(per_class))
-    dense = x.toarray()  # the benchmark's queries: at most 1,200 cells
+    return z
+
+
+def neighbour_mean(query: ad.AnnData, genes, z: np.ndarray) -> np.ndarray:
+    """The mean of ``z`` over each query cell's NEIGHBOURS nearest query cells (itself included) in 30 principal
+    components of the query's log values on ``genes`` (NaN where none of them has a value)."""
+    dense = sp.csr_matrix(query[:, genes].X).toarray()  # the benchmark's queries: at most 1,200 cells
     pcs = PCA(n_components=min(30, dense.shape[0] - 1, dense.shape[1]), random_state=0).fit_transform(dense - dense.mean(0))
     nn = NearestNeighbors(n_neighbors=min(NEIGHBOURS, query.n_obs)).fit(pcs).kneighbors(pcs, return_distance=False)
     with warnings.catch_warnings():  # a cell whose neighbours are all unscored has no mean
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(z[nn], axis=1)
+
+
+def neighbourhood_marker_z(query: ad.AnnData, calls: np.ndarray, tabs: dict) -> np.ndarray:
+    """Each query cell's neighbourhood mean of the marker z-score of its call, located at the query with
+    ``MARKER_QUERY_LOCATION``."""
+    z = cell_marker_z(query, calls, tabs)
+    if QUERY_LOCATION is not None:  # the whole query's move, read per called class (as the novelty score does)
+        per_class = [np.quantile(z[calls == c], QUERY_LOCATION) for c in tabs["tables"] if (calls == c).sum() >= 10]
+        if len(per_class) >= 2:
+            z = z - float(np.median(per_class))
+    return neighbour_mean(query, tabs["genes"], z)
 
 
 def main() -> None:

@@ -11,71 +11,52 @@ Prints one JSON line per case: AUROC (cell, neighbourhood) and the shares of nov
 
     python benchmark/experiments/marker_recall_probe.py <case,case,...> [WORK]
 """
+import json
+import sys
 from pathlib import Path
-import sys, json, warnings, numpy as np, pandas as pd, anndata as ad, scipy.sparse as sp
+
+import anndata as ad
+import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_auc_score
-from sklearn.decomposition import PCA
-from sklearn.neighbors import NearestNeighbors
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import open_set_truth
-W = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/work/bench_work")
-N_MARK, MIN_DET, MIN_DIFF, K = 20, 0.4, 0.2, 30
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import open_set_truth  # noqa: E402
+from marker_flag_probe import cell_marker_z, marker_tables, neighbour_mean  # noqa: E402
 
-def det(X):
-    X = sp.csr_matrix(X); return X > 0
 
-for case in sys.argv[1].split(","):
-    spec = json.load(open(W / "cases" / case / "case.json")); lv = spec["levels"][-1]
-    ref = ad.read_h5ad(W / "cases" / case / "ref.h5ad"); q = ad.read_h5ad(W / "cases" / case / "query.h5ad")
-    truth = pd.read_csv(W / "cases" / case / "truth.csv.gz", index_col=0)
-    genes = ref.var_names.intersection(q.var_names)
-    R = det(ref[:, genes].X); Q = det(q[:, genes].X)
-    labs = ref.obs[lv].astype(str).to_numpy(); classes = np.unique(labs)
-    D = np.stack([np.asarray(R[labs == c].mean(0)).ravel() for c in classes])
-    pred = pd.read_csv(W / "runs" / case / "atlasmtl" / "pred_atlasmtl.csv.gz", index_col=0).reindex(q.obs_names)
-    raw = pred[f"pred_{lv}_raw"].astype(str).to_numpy()
-    z = np.full(q.n_obs, np.nan)
-    info = {}
-    for i, c in enumerate(classes):
-        other = np.delete(D, i, 0).max(0) if len(classes) > 1 else np.zeros(D.shape[1])
-        diff = D[i] - other
-        cand = np.flatnonzero((D[i] >= MIN_DET) & (diff >= MIN_DIFF))
-        mk = cand[np.argsort(-diff[cand])][:N_MARK]
-        bg = np.setdiff1d(np.flatnonzero(D[i] >= MIN_DET), mk)
-        if len(mk) < 5 or len(bg) < 20:
-            info[c] = 0; continue
-        info[c] = len(mk)
-        def score(M, rows):
-            m = np.asarray(M[rows][:, mk].mean(1)).ravel(); b = np.asarray(M[rows][:, bg].mean(1)).ravel()
-            return np.log((m + 0.05) / (b + 0.05))
-        sr = score(R, np.flatnonzero(labs == c))
-        med = np.median(sr); mad = 1.4826 * np.median(np.abs(sr - med)) + 1e-3
-        rows = np.flatnonzero(raw == c)
-        if len(rows): z[rows] = (score(Q, rows) - med) / mad
-    # neighbourhood mean over the query's own 30 nearest cells (PCA of log values)
-    X = sp.csr_matrix(q[:, genes].X).toarray()  # the benchmark's queries: <= 1,200 cells
-    pcs = PCA(30, random_state=0).fit_transform(X - X.mean(0))
-    nn = NearestNeighbors(n_neighbors=min(K, q.n_obs)).fit(pcs).kneighbors(pcs, return_distance=False)
-    with warnings.catch_warnings():  # a cell whose neighbours are all unscored has no mean
-        warnings.simplefilter("ignore", RuntimeWarning)
-        znb = np.nanmean(z[nn], axis=1)
-    novel = None
-    if spec.get("novel"):
-        novel, _, _ = open_set_truth(spec, truth.reindex(q.obs_names))
-    t = truth.reindex(q.obs_names)[lv].astype(str).to_numpy()
-    out = {"case": case, "scored": float(np.isfinite(z).mean()), "markers": info}
-    if novel is not None and novel.any():
-        ok = np.isfinite(znb)
-        out["auc_cell"] = round(roc_auc_score(novel[np.isfinite(z)], -z[np.isfinite(z)]), 3)
-        out["auc_nb"] = round(roc_auc_score(novel[ok], -znb[ok]), 3)
-        out["novel_znb_med"] = round(float(np.nanmedian(znb[novel])), 2)
-        out["known_znb_q05"] = round(float(np.nanquantile(znb[~novel], 0.05)), 2)
-        for thr in (-1.5, -2.0, -3.0):
-            out[f"thr{thr}"] = (round(float(np.nanmean(znb[novel] < thr)), 2), round(float(np.nanmean(znb[~novel] < thr)), 3))
-    else:
-        out["known_znb_q05"] = round(float(np.nanquantile(znb, 0.05)), 2)
-        for thr in (-1.5, -2.0, -3.0):
-            out[f"thr{thr}"] = round(float(np.nanmean(znb < thr)), 3)
-        g = pd.DataFrame({"t": t, "z": znb}).groupby("t").z.median().round(2).to_dict()
-        out["by_type_median"] = g
-    print(json.dumps(out), flush=True)
+def main(cases: list[str], work: Path) -> None:
+    for case in cases:
+        spec = json.loads((work / "cases" / case / "case.json").read_text())
+        lv = spec["levels"][-1]
+        ref = ad.read_h5ad(work / "cases" / case / "ref.h5ad")
+        q = ad.read_h5ad(work / "cases" / case / "query.h5ad")
+        truth = pd.read_csv(work / "cases" / case / "truth.csv.gz", index_col=0).reindex(q.obs_names)
+        tabs = marker_tables(ref, q, lv)
+        pred = pd.read_csv(work / "runs" / case / "atlasmtl" / "pred_atlasmtl.csv.gz", index_col=0).reindex(q.obs_names)
+        z = cell_marker_z(q, pred[f"pred_{lv}_raw"].astype(str).to_numpy(), tabs)
+        znb = neighbour_mean(q, tabs["genes"], z)
+        out = {"case": case, "scored": float(np.isfinite(z).mean()),
+               "markers": {c: len(tabs["tables"][c][0]) if c in tabs["tables"] else 0 for c in tabs["classes"]}}
+        novel = open_set_truth(spec, truth)[0] if spec.get("novel") else None
+        if novel is not None and novel.any():
+            ok = np.isfinite(znb)
+            out["auc_cell"] = round(roc_auc_score(novel[np.isfinite(z)], -z[np.isfinite(z)]), 3)
+            out["auc_nb"] = round(roc_auc_score(novel[ok], -znb[ok]), 3)
+            out["novel_znb_med"] = round(float(np.nanmedian(znb[novel])), 2)
+            out["known_znb_q05"] = round(float(np.nanquantile(znb[~novel], 0.05)), 2)
+            for thr in (-1.5, -2.0, -3.0):
+                out[f"thr{thr}"] = (round(float(np.nanmean(znb[novel] < thr)), 2),
+                                    round(float(np.nanmean(znb[~novel] < thr)), 3))
+        else:
+            out["known_znb_q05"] = round(float(np.nanquantile(znb, 0.05)), 2)
+            for thr in (-1.5, -2.0, -3.0):
+                out[f"thr{thr}"] = round(float(np.nanmean(znb < thr)), 3)
+            t = truth[lv].astype(str).to_numpy()
+            out["by_type_median"] = pd.DataFrame({"t": t, "z": znb}).groupby("t").z.median().round(2).to_dict()
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1].split(","), Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/work/bench_work"))
