@@ -50,6 +50,14 @@ QUERY_LOCATION = float(os.environ["MARKER_QUERY_LOCATION"]) if os.environ.get("M
 SCORE = os.environ.get("MARKER_SCORE", "ratio")
 
 
+def class_rates(detected: sp.csr_matrix, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, classes, rates)``: the reference cells' labels as strings, their classes, and each class's
+    share of cells detecting each gene (classes × genes)."""
+    labels = np.asarray(labels, dtype=str)
+    classes = np.unique(labels)
+    return labels, classes, np.stack([np.asarray(detected[labels == c].mean(0)).ravel() for c in classes])
+
+
 def class_markers(rates: np.ndarray, i: int) -> np.ndarray:
     """Columns of class ``i``'s markers, given every class's detection rates (classes × genes): the genes it
     detects in >= MIN_DETECTED of its cells and >= MIN_LEAD more often than every other class, the largest
@@ -85,9 +93,7 @@ def poisson_tables(ref: ad.AnnData, query: ad.AnnData, level: str) -> dict:
     detected = rc > 0
     depth = np.asarray(rc.sum(1)).ravel()
     share = sp.csr_matrix(sp.diags(1.0 / np.maximum(depth, 1.0)) @ rc)
-    labels = ref.obs[level].astype(str).to_numpy()
-    classes = np.unique(labels)
-    rates = np.stack([np.asarray(detected[labels == c].mean(0)).ravel() for c in classes])
+    labels, classes, rates = class_rates(detected, ref.obs[level])
     tables = {}
     for i, c in enumerate(classes):
         markers = class_markers(rates, i)
@@ -112,9 +118,7 @@ def marker_tables(ref: ad.AnnData, query: ad.AnnData, level: str) -> dict:
     if MEASURED_ONLY:  # a gene no query cell detects was not measured there, or says nothing of any class
         genes = genes[np.asarray((sp.csr_matrix(query[:, genes].X) > 0).sum(0)).ravel() > 0]
     detected = sp.csr_matrix(ref[:, genes].X) > 0
-    labels = ref.obs[level].astype(str).to_numpy()
-    classes = np.unique(labels)
-    rates = np.stack([np.asarray(detected[labels == c].mean(0)).ravel() for c in classes])
+    labels, classes, rates = class_rates(detected, ref.obs[level])
     tables = {}
     for i, c in enumerate(classes):
         markers = class_markers(rates, i)
