@@ -16,6 +16,7 @@ does. Rows in ``threshold_table.py``'s format:
     python benchmark/experiments/threshold_table.py --tradeoff out.json
 """
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -43,7 +44,6 @@ N_MARKERS, MIN_DETECTED, MIN_LEAD, NEIGHBOURS, MIN_MARKERS, MIN_BACKGROUND = 20,
 #: Markers and background from the genes some query cell detects only (``MARKER_MEASURED_ONLY=1``), and the
 #: marker z-scores located at the query: less the median over called classes (>= 10 cells) of their cells'
 #: ``MARKER_QUERY_LOCATION`` quantile (unset: not located).
-import os  # noqa: E402
 MEASURED_ONLY = os.environ.get("MARKER_MEASURED_ONLY", "0") == "1"
 QUERY_LOCATION = float(os.environ["MARKER_QUERY_LOCATION"]) if os.environ.get("MARKER_QUERY_LOCATION") else None
 #: ``MARKER_SCORE=poisson``: the depth-aware score of :func:`poisson_tables` instead of the background ratio.
@@ -188,9 +188,9 @@ def main() -> None:
             tables = {case: build(ad.read_h5ad(work / "cases" / case / "ref.h5ad"), query, fine)}
         res = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
         calls = res.levels[fine]
-        raw = np.asarray(res.classes[fine], dtype=object)[np.asarray(calls.raw)]
-        raw[np.asarray(calls.raw) < 0] = None
-        marker_z = np.nan_to_num(neighbourhood_marker_z(query, raw.astype(str), tables[case]), nan=np.inf)
+        codes = np.asarray(calls.raw)
+        raw = np.where(codes >= 0, np.asarray(res.classes[fine], dtype=str)[np.maximum(codes, 0)], "")  # "": no call
+        marker_z = np.nan_to_num(neighbourhood_marker_z(query, raw, tables[case]), nan=np.inf)
         around = np.nan_to_num(np.asarray(calls.neighbourhood_novelty, dtype=float), nan=-np.inf)
         row = {"case": case, "seed": seed, "K": "auto"}
         for name, v in VARIANTS.items():
