@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from .inputs import pseudo_counts
+
 
 @dataclass(frozen=True)
 class ShiftAugmentation:
@@ -58,32 +60,6 @@ class ShiftAugmentation:
     min_depth: float = 0.1
     max_gene_dropout: float = 0.3
     gene_scale_sd: float = 0.0
-
-
-def pseudo_counts(block: Any, semantics: str) -> sp.csr_matrix:
-    """Row block → integer-valued counts (CSR, float32).
-
-    Counts stay as they are. Log-normalised values are mapped back with
-    ``expm1`` and each cell is divided by its smallest non-zero value, which is
-    one count in a per-cell normalised profile (exact for CP10k-style data
-    where some gene has a single count; otherwise a close, depth-preserving
-    approximation), then rounded.
-    """
-    out = sp.csr_matrix(block, dtype=np.float32, copy=True)
-    out.eliminate_zeros()
-    if semantics == "counts":
-        return out
-    if semantics == "lognorm":
-        np.expm1(out.data, out=out.data)
-    lengths = np.diff(out.indptr)
-    nonempty = lengths > 0
-    smallest = np.ones(out.shape[0], dtype=np.float32)
-    if nonempty.any():
-        smallest[nonempty] = np.minimum.reduceat(out.data, out.indptr[:-1][nonempty])
-    smallest[smallest <= 0] = 1.0
-    out.data /= np.repeat(smallest, lengths)
-    np.maximum(np.round(out.data), 1.0, out=out.data)
-    return out
 
 
 def mixup_pairs(n_cells: int, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -328,7 +328,7 @@ def validate_values(source: MatrixSource, chunk_size: int = 4096) -> None:
         check_finite(block, source.where)
 
 
-def _sample_rows(source: MatrixSource, max_rows: int = 2048, n_chunks: int = 8) -> Any:
+def sample_rows(source: MatrixSource, max_rows: int = 2048, n_chunks: int = 8) -> Any:
     """A few contiguous chunks spread over the matrix (cheap even when backed)."""
     n = source.n_obs
     if n <= max_rows:
@@ -339,6 +339,32 @@ def _sample_rows(source: MatrixSource, max_rows: int = 2048, n_chunks: int = 8) 
     return sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.vstack(blocks)
 
 
+def pseudo_counts(block: Any, semantics: str) -> sp.csr_matrix:
+    """Row block → integer-valued counts (CSR, float32).
+
+    Counts stay as they are. Log-normalised values are mapped back with
+    ``expm1`` and each cell is divided by its smallest non-zero value, which is
+    one count in a per-cell normalised profile (exact for CP10k-style data
+    where some gene has a single count; otherwise a close, depth-preserving
+    approximation), then rounded.
+    """
+    out = sp.csr_matrix(block, dtype=np.float32, copy=True)
+    out.eliminate_zeros()
+    if semantics == "counts":
+        return out
+    if semantics == "lognorm":
+        np.expm1(out.data, out=out.data)
+    lengths = np.diff(out.indptr)
+    nonempty = lengths > 0
+    smallest = np.ones(out.shape[0], dtype=np.float32)
+    if nonempty.any():
+        smallest[nonempty] = np.minimum.reduceat(out.data, out.indptr[:-1][nonempty])
+    smallest[smallest <= 0] = 1.0
+    out.data /= np.repeat(smallest, lengths)
+    np.maximum(np.round(out.data), 1.0, out=out.data)
+    return out
+
+
 def detect_semantics(source: MatrixSource) -> dict[str, Any]:
     """Guess what the matrix holds: ``counts``, ``lognorm``, ``scaled`` or ``other``.
 
@@ -346,7 +372,7 @@ def detect_semantics(source: MatrixSource) -> dict[str, Any]:
     Negative values anywhere mean scaled/centred data; all-integer values mean
     counts; non-negative non-integer values up to ~30 mean log-normalised data.
     """
-    sample = _sample_rows(source)
+    sample = sample_rows(source)
     values = _values_of(sample)
     check_finite(sample, source.where)
     if sp.issparse(source.matrix) and not source.backed:

@@ -7,7 +7,7 @@ model: under Poisson sampling a gene detected in a share ``r_j`` of the referenc
 ``lambda_j = -log(1 - r_j) / median reference depth`` per count, so a query cell of depth ``N_c`` detects it
 with probability ``1 - exp(-lambda_j N_c)``; ``E_j``, the sum over the query's cells, is how many cells
 should detect it. A gene with ``E_j >= threshold`` that no query cell detects is *unexpectedly zero*.
-Depths are taken over the genes the query detects, in pseudo-counts (``atlasmtl.augment.pseudo_counts``:
+Depths are taken over the genes the query detects, in pseudo-counts (``atlasmtl.inputs.pseudo_counts``:
 log-normalised values brought back to counts per cell), for the reference and the query alike.
 
     PYTHONPATH=$PWD python benchmark/experiments/unmeasured_genes_probe.py <case,case,...> [--work DIR] [--single-class]
@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_study_case  # noqa: E402
-from atlasmtl.augment import pseudo_counts  # noqa: E402
+from atlasmtl.inputs import pseudo_counts  # noqa: E402
 
 THRESHOLDS = (5, 10, 20, 50)
 
