@@ -702,6 +702,24 @@ def _check_view_scores(stats: Any, n: int, what: str, class_scale: bool) -> None
                        "and scale")
 
 
+def _check_gene_detection(profile: Any, n_genes: int) -> None:
+    """``metadata["gene_detection"]`` (:func:`~atlasmtl.genes.detection_profile`): shares in [0, 1] per model
+    gene and a positive median depth; models saved before it have none."""
+    what = "metadata['gene_detection']"
+    if not isinstance(profile, dict):
+        raise _Damaged(f"{what} is not a dict")
+    for key in ("detected", "count_share"):
+        try:
+            values = np.asarray(profile.get(key), dtype=np.float64)
+        except (TypeError, ValueError):
+            raise _Damaged(f"{what}[{key!r}] is not numbers") from None
+        if values.shape != (n_genes,) or not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+            raise _Damaged(f"{what}[{key!r}] is not {n_genes} shares between 0 and 1")
+    depth = profile.get("median_depth")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not np.isfinite(depth) or not depth > 0:
+        raise _Damaged(f"{what}['median_depth'] is not a positive number")
+
+
 def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str]) -> None:
     """Check the loaded parts against the schema before anything uses them.
 
@@ -737,6 +755,8 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
             raise _Damaged(f"metadata['architecture']['ensemble_size'] is not a number of networks (1 to {MAX_ENSEMBLE_SIZE})")
         if len(genes) != n_genes:
             raise _Damaged(f"metadata['genes'] lists {len(genes)} genes but the network takes {n_genes}")
+        if metadata.get("gene_detection") is not None:
+            _check_gene_detection(metadata["gene_detection"], n_genes)
         if len(set(genes)) != len(genes):
             raise _Damaged("metadata['genes'] repeats gene names")
         if len(n_classes) != len(levels) or set(classes) != set(levels):

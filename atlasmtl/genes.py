@@ -59,6 +59,18 @@ WARN_OVERLAP = 0.8
 #: When at least this share of the matched genes matches only case-insensitively, the query is taken to come
 #: from another species (human ``CD3E`` ↔ mouse ``Cd3e``) and a warning says so.
 OTHER_SPECIES_SHARE = 0.5
+#: Training cells (a random sample) whose detection of each model gene the model keeps for the unmeasured-gene
+#: check (:func:`detection_profile`, ``metadata["gene_detection"]``).
+DETECTION_SAMPLE_CELLS = 5000
+#: A model gene is *unexpectedly zero* in a query when its sampled cells, at their depth, should detect it in at
+#: least this many cells (:func:`unmeasured_genes`) and none does.
+UNMEASURED_MIN_EXPECTED = 20.0
+#: Warn that the query seems to lack genes when at least this share of the genes it should detect are
+#: unexpectedly zero, and at least :data:`UNMEASURED_WARN_MIN_GENES` of them. On the benchmark's 34 queries
+#: the share is 0.39–0.43 where 30–50% of the genes were removed, at most 0.03 otherwise (thinned queries
+#: included) and at most 0.09 for one cell type alone (API contract, forty-first session).
+UNMEASURED_WARN_SHARE = 0.2
+UNMEASURED_WARN_MIN_GENES = 20
 
 
 def detect_namespace(names: Any) -> str:
@@ -752,3 +764,81 @@ def _case_insensitive_keys(keys: np.ndarray, model_keys: np.ndarray, position: d
             out[qis[0]] = model_keys[mis[0]]
             n += 1
     return out, n
+
+
+# ---------------------------------------------------------------- genes the query lacks
+def detection_profile(counts: sp.csr_matrix) -> dict[str, Any] | None:
+    """What the unmeasured-gene check keeps of the reference: per model gene the share of cells detecting
+    it and its share of the counts, and the cells' median depth.
+
+    Parameters
+    ----------
+    counts
+        Pseudo-counts (:func:`~atlasmtl.inputs.pseudo_counts`) of sampled training cells × the model's genes.
+
+    Returns
+    -------
+    dict or None
+        ``{"detected", "count_share"}`` (one float per model gene), ``"median_depth"`` and ``"cells"``;
+        ``None`` when the cells hold no counts.
+    """
+    counts = sp.csr_matrix(counts)
+    depth = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    if counts.shape[0] == 0 or not (depth > 0).any():
+        return None
+    detected = np.asarray((counts > 0).sum(axis=0), dtype=np.float64).ravel() / counts.shape[0]
+    totals = np.asarray(counts.sum(axis=0), dtype=np.float64).ravel()
+    return {"detected": detected.tolist(), "count_share": (totals / totals.sum()).tolist(),
+            "median_depth": float(np.median(depth[depth > 0])), "cells": int(counts.shape[0])}
+
+
+def unmeasured_genes(profile: Mapping[str, Any], counts: sp.csr_matrix,
+                     present: np.ndarray | None = None) -> dict[str, Any]:
+    """Model genes a query holds but seems not to measure: expected in many of its cells at their depth,
+    detected in none.
+
+    A gene the reference detects in a share ``r_j`` of its cells has a Poisson rate
+    ``lambda_j = -log(1 - r_j) / median depth`` per count, so a query cell of depth ``N_c`` detects it
+    with probability ``1 - exp(-lambda_j N_c)``; the sum over the query's cells, ``E_j``, is how many
+    should. ``N_c`` counts only the genes the query detects, scaled by their share of the reference's
+    counts, so genes the query lacks do not make its cells look shallow. A gene with
+    ``E_j >= UNMEASURED_MIN_EXPECTED`` that no cell detects is *unexpectedly zero*: a gene a shallow
+    query misses has a small ``E_j``; a column of zeros for a gene the query never measured (as when a
+    query is zero-padded to the reference's genes) has a large one. Only genes the query holds are judged
+    (``present``): one it does not hold is already counted as missing by the alignment.
+
+    Parameters
+    ----------
+    profile
+        The model's :func:`detection_profile`.
+    counts
+        Pseudo-counts of sampled query cells × the model's genes.
+    present
+        Per model gene, whether some query gene maps to it (``None``: all).
+
+    Returns
+    -------
+    dict
+        ``cells_sampled``, ``genes_expected`` (``E_j >= UNMEASURED_MIN_EXPECTED``),
+        ``genes_unexpectedly_zero`` and their ``share_unexpectedly_zero`` (0 when none is expected), and
+        ``lacks_genes``: whether the share and the count reach :data:`UNMEASURED_WARN_SHARE` and
+        :data:`UNMEASURED_WARN_MIN_GENES`.
+    """
+    counts = sp.csr_matrix(counts)
+    r = np.clip(np.asarray(profile["detected"], dtype=np.float64), 0.0, 1.0 - 1e-9)
+    share = np.asarray(profile["count_share"], dtype=np.float64)
+    detected = np.asarray((counts > 0).sum(axis=0)).ravel() > 0
+    covered = float(share[detected].sum())
+    depth = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel() / max(covered, 1e-12)
+    rate = -np.log1p(-r) / max(float(profile["median_depth"]), 1e-12)
+    expected = np.zeros(len(r))
+    for start in range(0, len(depth), 256):  # a block of cells × genes at a time
+        expected -= np.expm1(-np.outer(depth[start : start + 256], rate)).sum(axis=0)
+    judged = expected >= UNMEASURED_MIN_EXPECTED
+    if present is not None:
+        judged &= np.asarray(present, dtype=bool)
+    zero = int((judged & ~detected).sum())
+    share_zero = zero / int(judged.sum()) if judged.any() else 0.0
+    return {"cells_sampled": int(counts.shape[0]), "genes_expected": int(judged.sum()),
+            "genes_unexpectedly_zero": zero, "share_unexpectedly_zero": round(share_zero, 4),
+            "lacks_genes": bool(share_zero >= UNMEASURED_WARN_SHARE and zero >= UNMEASURED_WARN_MIN_GENES)}

@@ -27,10 +27,11 @@ from .exceptions import InputError, ParameterError, user_stacklevel
 from .calibration import softmax
 from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
 from .hierarchy import decode_paths, level_paths, parent_codes
-from .genes import GeneAligner, build_aligner
+from .genes import UNMEASURED_MIN_EXPECTED, GeneAligner, build_aligner, unmeasured_genes
 from .io import open_anndata
 from .calls import LevelCalls
-from .inputs import MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source
+from .inputs import (MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source,
+                     pseudo_counts, sample_rows)
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
                       KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView,
@@ -291,7 +292,37 @@ def prepare_query(
         warnings.warn(w.message, w.category, stacklevel=user_stacklevel())
     gene_report = dict(aligner.report)
     gene_report["warnings"] = [str(w.message) for w in caught]
+    unmeasured = _unmeasured_check(model, source, aligner, semantics["semantics"])
+    if unmeasured is not None:
+        gene_report["unmeasured"] = unmeasured
+        if unmeasured["lacks_genes"]:
+            message = (
+                f"{unmeasured['genes_unexpectedly_zero']} of the {unmeasured['genes_expected']} model genes the query "
+                f"holds and its cells should detect at their depth (each in at least {UNMEASURED_MIN_EXPECTED:.0f} of the "
+                f"{unmeasured['cells_sampled']} cells sampled) are detected in none "
+                f"({unmeasured['share_unexpectedly_zero']:.0%}): the query seems not to have measured them (for example, "
+                "columns of zeros added to match the reference's genes). They are read as not expressed, so expect "
+                "less accurate calls; see the gene report's 'unmeasured' entry."
+            )
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+            gene_report["warnings"].append(message)
     return aligner, semantics, gene_report
+
+
+def _unmeasured_check(model: TrainedModel, source: MatrixSource, aligner: GeneAligner,
+                      semantics: str) -> dict[str, Any] | None:
+    """:func:`~atlasmtl.genes.unmeasured_genes` on a sample of the query's cells (the rows semantics detection
+    reads), or ``None`` for a model saved without a detection profile or a query that holds neither counts nor
+    log-normalised values."""
+    profile = model.metadata.get("gene_detection")
+    if not profile or semantics not in ("counts", "lognorm"):
+        return None
+    counts = pseudo_counts(sample_rows(source), semantics)
+    present = None
+    if aligner.aggregation is not None:
+        counts = sp.csr_matrix(counts @ aligner.aggregation)
+        present = np.asarray(aligner.aggregation.sum(axis=0)).ravel() > 0
+    return unmeasured_genes(profile, counts, present)
 
 
 class _Buffers:

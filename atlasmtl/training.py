@@ -21,15 +21,17 @@ from typing import Any, Mapping, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from ._version import __version__
 from .artifacts import REFERENCE_STORAGE, new_model_id
 from .augment import ShiftAugmentation, simulate_shift
 from .exceptions import ParameterError, user_stacklevel
-from .genes import GENE_SELECTIONS, INPUT_TRANSFORMS, alternative_ids, detect_namespace
+from .genes import (DETECTION_SAMPLE_CELLS, GENE_SELECTIONS, INPUT_TRANSFORMS, alternative_ids, detect_namespace,
+                    detection_profile)
 from .io import open_anndata
-from .inputs import h5ad_reference_source
+from .inputs import h5ad_reference_source, pseudo_counts
 from . import calibration as _calibration  # its SHIFTED_* settings are read when a model is built
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
 from .hierarchy import decode_paths, infer_hierarchy, level_paths
@@ -542,6 +544,7 @@ def build_model(
     metadata = describe(ref, coord_targets, hidden_sizes, dropout_rate, train_config, n_members)
     metadata["calibration"] = {"temperatures": calibration["temperatures"] if len(calib_cells) else {}}
     metadata["novelty"] = novelty
+    metadata["gene_detection"] = gene_detection(ref, train_cells, seed)
     model = TrainedModel(net, metadata, reference)
     if not on_disk:  # else the model builds its search over the memory map when it first predicts
         model._search = search
@@ -551,6 +554,23 @@ def build_model(
 
 
 # ---------------------------------------------------------------- embed, calibrate and describe
+def gene_detection(ref: Reference, cells: np.ndarray, seed: int) -> dict[str, Any] | None:
+    """The reference's :func:`~atlasmtl.genes.detection_profile` (``metadata["gene_detection"]``, read by
+    prediction's unmeasured-gene check) on at most :data:`~atlasmtl.genes.DETECTION_SAMPLE_CELLS` of the
+    training cells ``cells``, drawn from a generator of its own; ``None`` for a reference that holds neither
+    counts nor log-normalised values."""
+    semantics = ref.semantics["semantics"]
+    if semantics not in ("counts", "lognorm") or len(cells) == 0:
+        return None
+    rng = np.random.default_rng([seed % 2**32, 0xDE7EC7])
+    sample = np.sort(rng.choice(cells, min(len(cells), DETECTION_SAMPLE_CELLS), replace=False))
+    blocks = []
+    for start in range(0, len(sample), 4096):
+        counts = pseudo_counts(reference_rows(ref, sample[start : start + 4096]), semantics)
+        blocks.append(counts if ref.aligner.aggregation is None else sp.csr_matrix(counts @ ref.aligner.aggregation))
+    return detection_profile(sp.vstack(blocks, format="csr"))
+
+
 def embed_reference(net: MultiTaskNetwork | EnsembleNetwork, ref: Reference, dev: torch.device,
                     keep: np.ndarray) -> tuple[EmbeddingFile, np.ndarray, list[np.ndarray]]:
     """The used reference cells in the KNN space (encoder output, L2-normalised; cells × last hidden size).

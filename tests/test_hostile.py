@@ -415,6 +415,11 @@ def _genes_not_a_list(meta):
     meta["genes"] = "G0"
 
 
+def _gene_detection_out_of_range(meta):
+    n = len(meta["genes"])
+    meta["gene_detection"] = {"detected": [2.0] * n, "count_share": [1.0 / n] * n, "median_depth": 100.0, "cells": 10}
+
+
 def _bad_label_code(ref):
     labels = ref["labels"]["cell_type"]
     arr = np.frombuffer(labels["data"], dtype=np.dtype(labels["dtype"])).copy()
@@ -423,8 +428,10 @@ def _bad_label_code(ref):
 
 
 @pytest.mark.parametrize("role, edit", [("metadata", _truncate_genes), ("metadata", _drop_a_class),
-                                        ("metadata", _genes_not_a_list), ("reference", _bad_label_code)],
-                         ids=["truncated-genes", "missing-class", "genes-not-a-list", "label-code-out-of-range"])
+                                        ("metadata", _genes_not_a_list), ("metadata", _gene_detection_out_of_range),
+                                        ("reference", _bad_label_code)],
+                         ids=["truncated-genes", "missing-class", "genes-not-a-list", "gene-detection-out-of-range",
+                              "label-code-out-of-range"])
 def test_inconsistent_model_files_are_refused_at_load(saved, tiny, role, edit):
     _edit_pickle(saved, role, edit)
     with pytest.raises(ArtifactError, match=role):

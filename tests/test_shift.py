@@ -13,11 +13,11 @@ import pytest
 import scipy.sparse as sp
 
 import atlasmtl
-from atlasmtl.augment import ShiftAugmentation, mixup_pairs, pseudo_counts, simulate_shift
+from atlasmtl.augment import ShiftAugmentation, mixup_pairs, simulate_shift
 from atlasmtl.calibration import expected_calibration_error, fit_temperature
 from atlasmtl.exceptions import ParameterError
-from atlasmtl.genes import build_aligner, identity_aligner, log_gene_statistics
-from atlasmtl.inputs import get_matrix_source
+from atlasmtl.genes import UNMEASURED_WARN_SHARE, build_aligner, identity_aligner, log_gene_statistics
+from atlasmtl.inputs import get_matrix_source, pseudo_counts
 from atlasmtl.metrics import macro_f1
 
 from .conftest import SYMPHONY_LEVELS, data_file, held_out_logits
@@ -257,6 +257,52 @@ def test_mostly_case_insensitive_matches_warn_of_another_species(symphony_split)
         _align(genes, query, min_gene_overlap=0.0)
         assert _align(genes, few, min_gene_overlap=0.0).report["n_matched_case_insensitive"] > 0
         _align(genes, mouse, min_gene_overlap=0.0, gene_map={g.capitalize(): g for g in genes})
+
+
+# ---------------------------------------------------------------- genes the query never measured
+def _predict_noting(model, query):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+    return result, [str(w.message) for w in caught if "seems not to have measured" in str(w.message)]
+
+
+def test_zero_padded_query_is_told_from_a_shallow_one(symphony_model, symphony_split):
+    """A query with 40% of its genes as columns of zeros (as after zero-padding it to the reference's genes)
+    is reported and warned about; the same query thinned to 15% of its depth, or lacking those genes from
+    ``var`` (the overlap check's case), is not."""
+    _, query = symphony_split
+    profile = symphony_model.metadata["gene_detection"]
+    assert len(profile["detected"]) == len(symphony_model.genes) and profile["median_depth"] > 0
+
+    result, warned = _predict_noting(symphony_model, query)
+    report = result.metadata["genes"]["unmeasured"]
+    assert report["share_unexpectedly_zero"] < 0.05 and not report["lacks_genes"] and not warned
+
+    rng = np.random.default_rng(0)
+    lost = rng.random(query.n_vars) < 0.4
+    padded = query.copy()
+    x = sp.csr_matrix(padded.X, copy=True)
+    x.data[lost[x.indices]] = 0
+    x.eliminate_zeros()
+    padded.X = x
+    result, warned = _predict_noting(symphony_model, padded)
+    report = result.metadata["genes"]["unmeasured"]
+    assert report["lacks_genes"] and 0.3 < report["share_unexpectedly_zero"] < 0.5
+    assert len(warned) == 1 and warned[0] in result.metadata["genes"]["warnings"]
+    assert result.metadata["genes"]["overlap_fraction"] == 1.0  # the columns are there: only this check sees it
+
+    counts = _counts(query)
+    counts.data = rng.binomial(counts.data.astype(np.int64), 0.15).astype(np.float32)
+    counts.eliminate_zeros()
+    shallow = ad.AnnData(counts, obs=query.obs.copy(), var=query.var.copy())
+    result, warned = _predict_noting(symphony_model, shallow)
+    report = result.metadata["genes"]["unmeasured"]
+    assert report["share_unexpectedly_zero"] < UNMEASURED_WARN_SHARE / 4 and not warned
+    assert (np.asarray((shallow.X > 0).sum(axis=0)).ravel() == 0).mean() > 0.3  # many genes undetected all the same
+
+    result, warned = _predict_noting(symphony_model, query[:, ~lost].copy())
+    assert not result.metadata["genes"]["unmeasured"]["lacks_genes"] and not warned
 
 
 # ---------------------------------------------------------------- accuracy floors (real splits)
