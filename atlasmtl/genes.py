@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
-from .inputs import MatrixSource
+from .inputs import MatrixSource, pseudo_counts
 
 #: Network input: ``zscore`` (log1p of values per 10,000, each gene standardised with the
 #: reference's mean and standard deviation, clipped to ±:data:`ZSCORE_CLIP`), ``float``
@@ -257,6 +257,12 @@ class GeneAligner:
         if not self.keeps_zeros:
             raise ValueError("the zscore transform does not keep zeros; use transform()")
         return self._sparse_values(block)
+
+    def model_counts(self, block: Any) -> sp.csr_matrix:
+        """Rows → pseudo-counts (:func:`~atlasmtl.inputs.pseudo_counts` of what they hold) on the model's
+        genes (summed where several genes map to one): what the unmeasured-gene check reads."""
+        counts = pseudo_counts(block, self.semantics)
+        return counts if self.aggregation is None else sp.csr_matrix(counts @ self.aggregation)
 
     def zero_input(self) -> np.ndarray | None:
         """The network input of a gene with value 0, per model gene: ``f(0)`` (``None`` when it is 0).

@@ -365,14 +365,16 @@ def pseudo_counts(block: Any, semantics: str) -> sp.csr_matrix:
     return out
 
 
-def detect_semantics(source: MatrixSource) -> dict[str, Any]:
+def detect_semantics(source: MatrixSource, sample: Any = None) -> dict[str, Any]:
     """Guess what the matrix holds: ``counts``, ``lognorm``, ``scaled`` or ``other``.
 
     Returns a dict with the verdict and the evidence (min, max, integer fraction).
     Negative values anywhere mean scaled/centred data; all-integer values mean
     counts; non-negative non-integer values up to ~30 mean log-normalised data.
+    ``sample``: the rows :func:`sample_rows` returns, when the caller has read them already.
     """
-    sample = sample_rows(source)
+    if sample is None:
+        sample = sample_rows(source)
     values = _values_of(sample)
     check_finite(sample, source.where)
     if sp.issparse(source.matrix) and not source.backed:
@@ -412,12 +414,13 @@ def check_semantics_usable(semantics: str, input_transform: str, where: str) -> 
         )
 
 
-def checked_semantics(source: MatrixSource, input_transform: str) -> dict[str, Any]:
+def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = None) -> dict[str, Any]:
     """Check the values (NaN/inf), detect what they hold, and refuse what the network cannot use.
 
-    The one entry point training and prediction share; returns :func:`detect_semantics`'s dict.
+    The one entry point training and prediction share; returns :func:`detect_semantics`'s dict
+    (``sample``: :func:`sample_rows`'s rows, when already read).
     """
     validate_values(source)
-    semantics = detect_semantics(source)
+    semantics = detect_semantics(source, sample)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
     return semantics

@@ -31,7 +31,7 @@ from .genes import UNMEASURED_MIN_EXPECTED, GeneAligner, build_aligner, unmeasur
 from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import (MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source,
-                     pseudo_counts, sample_rows)
+                     sample_rows)
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
                       KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView,
@@ -272,7 +272,8 @@ def prepare_query(
     if not source.var_names.is_unique:
         raise InputError("Query var_names are not unique; call adata.var_names_make_unique() first.")
     input_transform = model.metadata["input_transform"]
-    semantics = checked_semantics(source, input_transform)
+    sample = sample_rows(source)  # read once: semantics detection and the unmeasured-gene check
+    semantics = checked_semantics(source, input_transform, sample)
     if input_transform != "binary" and semantics["semantics"] != "lognorm":
         semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
     with warnings.catch_warnings(record=True) as caught:
@@ -292,7 +293,7 @@ def prepare_query(
         warnings.warn(w.message, w.category, stacklevel=user_stacklevel())
     gene_report = dict(aligner.report)
     gene_report["warnings"] = [str(w.message) for w in caught]
-    unmeasured = _unmeasured_check(model, source, aligner, semantics["semantics"])
+    unmeasured = _unmeasured_check(model, sample, aligner, semantics["semantics"])
     if unmeasured is not None:
         gene_report["unmeasured"] = unmeasured
         if unmeasured["lacks_genes"]:
@@ -309,20 +310,16 @@ def prepare_query(
     return aligner, semantics, gene_report
 
 
-def _unmeasured_check(model: TrainedModel, source: MatrixSource, aligner: GeneAligner,
+def _unmeasured_check(model: TrainedModel, sample: Any, aligner: GeneAligner,
                       semantics: str) -> dict[str, Any] | None:
-    """:func:`~atlasmtl.genes.unmeasured_genes` on a sample of the query's cells (the rows semantics detection
-    reads), or ``None`` for a model saved without a detection profile or a query that holds neither counts nor
-    log-normalised values."""
+    """:func:`~atlasmtl.genes.unmeasured_genes` on ``sample``, the query rows semantics detection read
+    (:func:`~atlasmtl.inputs.sample_rows`), or ``None`` for a model saved without a detection profile or a query
+    that holds neither counts nor log-normalised values."""
     profile = model.metadata.get("gene_detection")
     if not profile or semantics not in ("counts", "lognorm"):
         return None
-    counts = pseudo_counts(sample_rows(source), semantics)
-    present = None
-    if aligner.aggregation is not None:
-        counts = sp.csr_matrix(counts @ aligner.aggregation)
-        present = np.asarray(aligner.aggregation.sum(axis=0)).ravel() > 0
-    return unmeasured_genes(profile, counts, present)
+    present = None if aligner.aggregation is None else np.asarray(aligner.aggregation.sum(axis=0)).ravel() > 0
+    return unmeasured_genes(profile, aligner.model_counts(sample), present)
 
 
 class _Buffers:

@@ -31,7 +31,7 @@ from .exceptions import ParameterError, user_stacklevel
 from .genes import (DETECTION_SAMPLE_CELLS, GENE_SELECTIONS, INPUT_TRANSFORMS, alternative_ids, detect_namespace,
                     detection_profile)
 from .io import open_anndata
-from .inputs import h5ad_reference_source, pseudo_counts
+from .inputs import h5ad_reference_source
 from . import calibration as _calibration  # its SHIFTED_* settings are read when a model is built
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
 from .hierarchy import decode_paths, infer_hierarchy, level_paths
@@ -564,10 +564,8 @@ def gene_detection(ref: Reference, cells: np.ndarray, seed: int) -> dict[str, An
         return None
     rng = np.random.default_rng([seed % 2**32, 0xDE7EC7])
     sample = np.sort(rng.choice(cells, min(len(cells), DETECTION_SAMPLE_CELLS), replace=False))
-    blocks = []
-    for start in range(0, len(sample), 4096):
-        counts = pseudo_counts(reference_rows(ref, sample[start : start + 4096]), semantics)
-        blocks.append(counts if ref.aligner.aggregation is None else sp.csr_matrix(counts @ ref.aligner.aggregation))
+    blocks = [ref.aligner.model_counts(reference_rows(ref, sample[start : start + 4096]))
+              for start in range(0, len(sample), 4096)]
     return detection_profile(sp.vstack(blocks, format="csr"))
 
 
