@@ -650,6 +650,13 @@ def registry(smoke: bool = False) -> dict[str, Callable[[Path], None]]:
                           ("zilionis_healthy_tumour", "mouse"), ("symphony_5p_novel_NK", "human"),
                           ("ding2020_novel_B", "human"), ("zilionis_tumour_healthy_novel_NK", "mouse")):
         reg[f"{base}_interferon"] = lambda o, b=base, s=species: make_shifted(o, b, "interferon", species=s)
+    # added 2026-12-06 (forty-second session), not in the benchmark's case list: five more removed-type cases,
+    # for novelty research only (no peers run on them; API contract, "Measured 2026-12-06, forty-second session")
+    reg["symphony_3pv1_novel_B"] = lambda o: make_symphony(o, "3pv1", novel="B")
+    reg["symphony_3pv2_novel_B"] = lambda o: make_symphony(o, "3pv2", novel="B")
+    reg["symphony_5p_novel_Mono_CD14"] = lambda o: make_symphony(o, "5p", novel="Mono_CD14")
+    reg["zilionis_healthy_tumour_novel_B"] = lambda o: make_zilionis(o, remove="B cells")
+    reg["zilionis_tumour_healthy_novel_B"] = lambda o: make_zilionis(o, reverse=True, remove="B cells")
     for tag, n in SYNTH_SIZES.items():
         reg[f"synthetic_{tag}"] = lambda o, n=n: make_synthetic(o, n)
     return reg
