@@ -665,6 +665,16 @@ def _check_input_view(view: Any, levels: list[str], n_genes: int, n_classes: lis
         raise _Damaged(f"{what} holds a PCA that does not fit the model's {n_genes} genes")
     if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (components, mean, points)):
         raise _Damaged(f"{what} holds non-numeric, NaN or infinite coordinates")
+    held = view.get("held")
+    if held is not None:
+        held_points, held_calls = (_need(held, key, np.ndarray, f"{what}['held']") if isinstance(held, dict) else None
+                                   for key in ("points", "calls"))
+        if held_points is None or held_points.ndim != 2 or held_points.shape[1] != components.shape[0] \
+                or not np.issubdtype(held_points.dtype, np.floating) or not np.isfinite(held_points).all() \
+                or held_calls.shape != (len(held_points),) or held_calls.dtype.kind not in "iu" \
+                or (held_calls.size and (held_calls.min() < -1 or held_calls.max() >= n_classes[-1])):
+            raise _Damaged(f"{what}['held'] is not the held-out cells' finite PCA coordinates and a finest class "
+                           f"code in [-1, {n_classes[-1]}) per cell")
     members, stats = _need(view, "members", dict, what), _need(view, "levels", dict, what)
     if not set(members) <= set(levels) or set(stats) != set(members):
         raise _Damaged(f"{what} names levels other than the model's {levels}")

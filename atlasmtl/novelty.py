@@ -44,6 +44,17 @@ one score, so known cells reach the threshold this way more rarely than one
 by one, while a missing type whose cells mostly stay just under it is caught
 (see the API contract, "Neighbourhood novelty").
 
+A type the reference lacks that the network calls as a class too small for
+the input view (under :data:`INPUT_VIEW_MIN_MEMBERS` kept cells) escapes both
+views: the embedding puts it inside that class. What still gives it away is
+that no reference cell lies among its cells. The model keeps its held-out
+reference cells' PCA coordinates, and each query cell's *query-only share*
+(:func:`query_only_share`: the query cells among its nearest query and
+held-out cells, the held-out cells weighted for the query's composition),
+averaged over its query neighbourhood, near 1 in a query that otherwise mixes
+with the reference (:func:`query_only_location`), makes such a call Unknown
+at the finest level (see the API contract, "Query-only groups").
+
 This was chosen by measurement over 15 real cases (see
 ``benchmark/experiments/trust_study.py`` and ``novelty_scores_study.py``)
 against the energy score, class-conditional Mahalanobis distance,
@@ -99,6 +110,21 @@ NEIGHBOURHOOD_K = 30
 #: cores (a 100,000-cell query: ~6 s). A type keeps ~k cells in the sample from 0.3% of the query up; a
 #: rarer one has its neighbourhood mean diluted by other types' cells.
 NEIGHBOURHOOD_MAX_CELLS = 10_000
+#: A finest call into a class the input view does not score (fewer than :data:`INPUT_VIEW_MIN_MEMBERS` kept
+#: cells) is novel where the cell's neighbourhood is made of query cells alone: the mean, over its
+#: ``neighbourhood_k`` nearest query cells, of their *query-only share* (:func:`query_only_share`) above this.
+#: ``None``: no such flag (until 2026-12-06). See the API contract, "Query-only groups".
+QUERY_ONLY_SHARE: float | None = 0.95
+#: ... and only where the query as a whole mixes with the reference: its location (:func:`query_only_location`)
+#: below this. A query from another platform or species mixes with nothing, and then this flag says nothing.
+QUERY_ONLY_MAX_LOCATION = 0.7
+#: ... and only as a group: at least this many cells called as the same class pass the share. One or two cells of
+#: a rare known type in a shifted query can sit apart from every held-out cell; a type the reference lacks
+#: comes as a population (a lone novel cell is the per-cell scores' to find).
+QUERY_ONLY_MIN_CELLS = 10
+#: Held-out reference cells weigh in proportion to how much more (or less) of their call the query holds,
+#: within these bounds, so that a known class the query is rich in still mixes.
+QUERY_ONLY_WEIGHT_BOUNDS = (0.1, 10.0)
 #: Query cells searched at once by the neighbourhood search (bounds its neighbour lists).
 _SEARCH_CHUNK = 65_536
 _MAD_TO_SD = 1.4826
@@ -268,6 +294,9 @@ class InputView:
         self.residual = bool(stored.get("residual", False))
         self.class_scale = bool(stored.get("class_scale", False))
         self.n_components = self.components.shape[0]
+        held = stored.get("held")  # absent from views fitted before 2026-12-06: no query-only share
+        self.held_points = None if held is None else np.array(held["points"], dtype=np.float64, order="C")
+        self.held_calls = None if held is None else np.asarray(held["calls"])
         self.counts = {lv: np.bincount(v[v >= 0], minlength=len(self.levels[lv]["location"]) if lv in self.levels else 0)
                        for lv, v in self.members.items()}
 
@@ -451,7 +480,11 @@ def fit_input_view(
             summary = null_summary(unscaled.z(held_d_residual, calls, lv, located=False, space="residual"))
             levels[lv]["residual"] = None if not summary["n"] else {
                 **with_residual, "offset": summary["median"], "scale": summary["scale"], "n": summary["n"]}
-    return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels}
+    # the held-out cells' PCA coordinates and finest calls: the other side of the query-only share (query_only_share)
+    finest = list(train_codes)[-1]
+    held = {"points": held_points[:, :n_comps].astype(np.float32),
+            "calls": np.asarray(held_out_calls[finest], dtype=np.int32)}
+    return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels, "held": held}
 
 
 def neighbourhood_novelty(
@@ -491,9 +524,7 @@ def neighbourhood_novelty(
     cells = np.flatnonzero(np.asarray(usable, dtype=bool))
     if len(cells) == 0 or k < 1 or not scores:
         return out
-    pool = cells
-    if len(cells) > max_cells:
-        pool = np.sort(np.random.default_rng(random_state).choice(cells, size=max_cells, replace=False))
+    pool = neighbourhood_pool(usable, max_cells, random_state)
     pooled = {lv: np.asarray(z, dtype=np.float64)[pool] for lv, z in scores.items()}
     sample = np.ascontiguousarray(points[pool], dtype=np.float32)
     for start in range(0, len(cells), _SEARCH_CHUNK):
@@ -506,3 +537,62 @@ def neighbourhood_novelty(
             total = np.where(finite, values, 0.0).sum(axis=1)
             out[lv][rows] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return out
+
+
+def neighbourhood_pool(usable: np.ndarray, max_cells: int = NEIGHBOURHOOD_MAX_CELLS, random_state: int = 0) -> np.ndarray:
+    """The query cells a neighbourhood search indexes (sorted row numbers): every usable cell, or a random
+    sample of ``max_cells`` of them (``random_state``), as :func:`neighbourhood_novelty` draws it."""
+    cells = np.flatnonzero(np.asarray(usable, dtype=bool))
+    if len(cells) > max_cells:
+        return np.sort(np.random.default_rng(random_state).choice(cells, size=max_cells, replace=False))
+    return cells
+
+
+def held_out_weights(held_calls: np.ndarray, query_calls: np.ndarray, n_classes: int,
+                     bounds: tuple[float, float] = QUERY_ONLY_WEIGHT_BOUNDS) -> np.ndarray:
+    """Per held-out reference cell, the weight :func:`query_only_share` gives it: the share of the query's
+    cells called as its call over the share of the held-out cells called so, within ``bounds``, then scaled
+    to mean 1. A class the query is rich in (a composition shift) keeps its query cells mixed."""
+    held_calls, query_calls = np.asarray(held_calls), np.asarray(query_calls)
+    held_share = np.bincount(held_calls[held_calls >= 0], minlength=n_classes) / max(int((held_calls >= 0).sum()), 1)
+    query_share = np.bincount(query_calls[query_calls >= 0], minlength=n_classes) / max(int((query_calls >= 0).sum()), 1)
+    ratio = np.divide(query_share, held_share, out=np.ones(n_classes), where=held_share > 0)
+    weights = np.where(held_calls >= 0, np.clip(ratio[np.maximum(held_calls, 0)], *bounds), 1.0)
+    return weights / weights.mean() if len(weights) else weights
+
+
+def query_only_share(pool_points: np.ndarray, held_points: np.ndarray, held_weights: np.ndarray,
+                     k: int = NEIGHBOURHOOD_K) -> np.ndarray:
+    """Per indexed query cell, how much of its neighbourhood is query: among its ``k`` nearest cells of the
+    query's indexed cells and the model's held-out reference cells together (itself excluded), the query
+    cells' count over itself plus the held-out cells' weights (:func:`held_out_weights`) times
+    ``n_query / n_held``. About 0.5 where the query mixes with the reference as their sizes predict; 1 in a
+    group of query cells with no reference cell near it. Both sides are out of the view's PCA sample (the
+    training cells' own coordinates sit further out, on the noise the PCA fitted)."""
+    n_query, n_held = len(pool_points), len(held_points)
+    out = np.ones(n_query, dtype=np.float64)
+    if n_query < 2 or n_held == 0:
+        return out
+    pooled = np.vstack([pool_points, held_points]).astype(np.float32)
+    weight = np.r_[np.zeros(n_query), np.asarray(held_weights, dtype=np.float64)] * (n_query / n_held)
+    k = min(int(k), n_query + n_held - 1)
+    for start in range(0, n_query, _SEARCH_CHUNK):
+        rows = np.arange(start, min(start + _SEARCH_CHUNK, n_query))
+        neighbours = nearest_rows(pooled[rows], pooled, k + 1)
+        others = neighbours != rows[:, None]  # itself excluded (it is among its k + 1 nearest at distance 0)
+        query = ((neighbours < n_query) & others).sum(axis=1)
+        held = np.where(others, weight[neighbours], 0.0).sum(axis=1)
+        out[rows] = query / np.maximum(query + held, 1e-12)
+    return out
+
+
+def query_only_location(share: np.ndarray, calls: np.ndarray, min_cells: int = 20) -> float:
+    """Where the query as a whole sits on the query-only share: the median, over the called classes with at
+    least ``min_cells`` cells, of each class's lower quartile (the cells' median when no class has that many),
+    so that a type the reference lacks, called as one or two classes, does not move it."""
+    finite = np.isfinite(share)
+    share, calls = share[finite], np.asarray(calls)[finite]
+    if not len(share):
+        return float("nan")
+    per_class = [float(np.quantile(share[calls == c], 0.25)) for c in np.unique(calls) if (calls == c).sum() >= min_cells]
+    return float(np.median(per_class)) if per_class else float(np.median(share))

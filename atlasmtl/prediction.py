@@ -34,8 +34,9 @@ from .inputs import (MatrixSource, check_finite, checked_semantics, get_matrix_s
                      sample_rows)
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
-                      KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD, InputView,
-                      log_distance, neighbourhood_novelty, novelty_z)
+                      KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD,
+                      QUERY_ONLY_MAX_LOCATION, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE, InputView, held_out_weights, log_distance,
+                      neighbourhood_novelty, neighbourhood_pool, novelty_z, query_only_location, query_only_share)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -345,6 +346,8 @@ class _Buffers:
         #: The input view's PCA coordinates of every cell (cells × components; filled when the view is used
         #: and the neighbourhood novelty is asked for, else 0 columns).
         self.view_points = np.zeros((n, 0), dtype=np.float32)
+        #: What the query-only flag found (:func:`_query_only_flags`; empty when it did not run).
+        self.query_only: dict[str, Any] = {}
         self.coords = {
             name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
         }
@@ -525,16 +528,65 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         parent = calls[lv]
     if neighbourhood_k and buffers.view_points.shape[1]:
         scores = {lv: c.novelty for lv, c in calls.items() if np.isfinite(c.novelty).any()}
-        for lv, values in neighbourhood_novelty(buffers.view_points, scores, ~buffers.no_signal, neighbourhood_k).items():
+        finest_level = model.label_columns[-1]
+        finest = calls[finest_level]
+        query_only = _query_only_share(decoder.input_view, buffers, finest.raw, len(model.classes[finest_level]),
+                                       neighbourhood_k) if novelty_threshold is not None else None
+        if query_only is not None:
+            scores[_QUERY_ONLY] = query_only  # averaged over the same neighbours, in the same search
+        averaged = neighbourhood_novelty(buffers.view_points, scores, ~buffers.no_signal, neighbourhood_k)
+        smoothed = averaged.pop(_QUERY_ONLY, None)
+        for lv, values in averaged.items():
             calls[lv].neighbourhood_novelty = values
-        finest = calls[model.label_columns[-1]]
         if novelty_threshold is not None:  # a neighbourhood novel on average makes the finest call Unknown
             flagged = np.nan_to_num(finest.neighbourhood_novelty, nan=-np.inf) > novelty_threshold
+            if smoothed is not None:  # ... and so does a group of query cells alone, called as a class the view cannot judge
+                flagged |= _query_only_flags(decoder.input_view, smoothed, finest.raw, buffers.no_signal, finest_level,
+                                             len(model.classes[finest_level]), buffers.query_only)
             finest.is_novel = finest.is_novel | flagged
             finest.is_unknown = finest.is_unknown | flagged
             finest.used_knn = finest.used_knn & ~flagged
             finest.pred = np.where(flagged, -1, finest.pred).astype(finest.pred.dtype)
     return calls
+
+
+#: The key under which the query-only share rides along in the neighbourhood search's scores.
+_QUERY_ONLY = "\x00query_only"
+
+
+def _query_only_share(view: InputView | None, buffers: _Buffers, raw_calls: np.ndarray, n_classes: int,
+                      k: int) -> np.ndarray | None:
+    """Per query cell, its :func:`~atlasmtl.novelty.query_only_share` (NaN outside the neighbourhood search's
+    indexed cells), or ``None`` when the flag is off or the model's view holds no held-out cells."""
+    if QUERY_ONLY_SHARE is None or view is None or view.held_points is None or not len(view.held_points):
+        return None
+    usable = ~buffers.no_signal
+    pool = neighbourhood_pool(usable)
+    weights = held_out_weights(view.held_calls, raw_calls[usable], n_classes)
+    share = np.full(len(usable), np.nan)
+    share[pool] = query_only_share(buffers.view_points[pool], view.held_points, weights, k)
+    return share
+
+
+def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarray, no_signal: np.ndarray,
+                      level: str, n_classes: int, record: dict[str, Any]) -> np.ndarray:
+    """The finest calls the query-only share makes novel: into a class the input view does not score, in a
+    neighbourhood of query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
+    with the reference (:data:`~atlasmtl.novelty.QUERY_ONLY_MAX_LOCATION`), where at least
+    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call do. ``record`` gets the location and
+    the count (``result.metadata["novelty"]["query_only"]``)."""
+    usable = ~no_signal & np.isfinite(smoothed)
+    location = query_only_location(smoothed[usable], raw_calls[usable])
+    unscored = ~view.scores(level, n_classes)
+    into = np.zeros(len(raw_calls), dtype=bool)
+    into[raw_calls >= 0] = unscored[raw_calls[raw_calls >= 0]]
+    flagged = usable & into & (np.nan_to_num(smoothed, nan=-np.inf) > QUERY_ONLY_SHARE) \
+        & (location < QUERY_ONLY_MAX_LOCATION)
+    groups = np.bincount(raw_calls[flagged], minlength=n_classes)  # a group, not a few stray cells, per call
+    flagged &= np.isin(raw_calls, np.flatnonzero(groups >= QUERY_ONLY_MIN_CELLS))
+    record.update(location=None if not np.isfinite(location) else round(location, 4), flagged=int(flagged.sum()),
+                  share_above=QUERY_ONLY_SHARE, max_location=QUERY_ONLY_MAX_LOCATION, min_cells=QUERY_ONLY_MIN_CELLS)
+    return flagged
 
 
 def _predict_source(
@@ -639,6 +691,8 @@ def _predict_source(
     }
     with torch_threads(n_threads):  # the neighbourhood search runs on torch
         calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
+    if buffers.query_only:
+        metadata["query_only"] = buffers.query_only
     result = PredictionResult(
         obs_names=np.asarray(obs_names),
         classes={lv: list(model.classes[lv]) for lv in levels},

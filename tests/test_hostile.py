@@ -420,6 +420,13 @@ def _gene_detection_out_of_range(meta):
     meta["gene_detection"] = {"detected": [2.0] * n, "count_share": [1.0 / n] * n, "median_depth": 100.0, "cells": 10}
 
 
+def _held_out_call_out_of_range(meta):
+    calls = meta["novelty"]["input_view"]["held"]["calls"]  # an array as the file stores it
+    arr = np.frombuffer(calls["data"], dtype=np.dtype(calls["dtype"])).copy()
+    arr[0] = 99
+    calls["data"] = arr.tobytes()
+
+
 def _bad_label_code(ref):
     labels = ref["labels"]["cell_type"]
     arr = np.frombuffer(labels["data"], dtype=np.dtype(labels["dtype"])).copy()
@@ -429,9 +436,9 @@ def _bad_label_code(ref):
 
 @pytest.mark.parametrize("role, edit", [("metadata", _truncate_genes), ("metadata", _drop_a_class),
                                         ("metadata", _genes_not_a_list), ("metadata", _gene_detection_out_of_range),
-                                        ("reference", _bad_label_code)],
+                                        ("metadata", _held_out_call_out_of_range), ("reference", _bad_label_code)],
                          ids=["truncated-genes", "missing-class", "genes-not-a-list", "gene-detection-out-of-range",
-                              "label-code-out-of-range"])
+                              "held-out-call-out-of-range", "label-code-out-of-range"])
 def test_inconsistent_model_files_are_refused_at_load(saved, tiny, role, edit):
     _edit_pickle(saved, role, edit)
     with pytest.raises(ArtifactError, match=role):

@@ -346,6 +346,45 @@ def test_the_report_names_the_classes_the_input_view_cannot_judge(symphony_no_b,
         assert [bool(v) for v in stored["input_view"]] == result.metadata["reference_classes"][lv]["input_view"]
     assert list(novelty_table(back)["input view"]) == list(table["input view"])
 
+def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphony_no_b, monkeypatch):
+    """B cells left out of the reference are called DC / HSC, classes the input view cannot judge, and the
+    embedding places them inside those classes. But no held-out reference cell lies among them in the view's
+    PCA: the query-only share of their neighbourhoods is ~1 while the query as a whole mixes with the reference,
+    so their finest calls are Unknown (their coarse calls stay); known cells keep theirs. Models saved without
+    the held-out cells (before the flag) predict as the flag switched off."""
+    import atlasmtl.prediction as prediction
+    from atlasmtl.novelty import QUERY_ONLY_MAX_LOCATION
+
+    model, query = symphony_no_b
+    coarse, fine = SYMPHONY_LEVELS
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    view = model.metadata["novelty"]["input_view"]
+    assert view["held"]["points"].shape == (int((~model.reference["training_cell"]).sum()), view["components"].shape[0])
+    result = _predict(model, query)
+    record = result.metadata["query_only"]
+    assert record["location"] < QUERY_ONLY_MAX_LOCATION and record["flagged"] > 0
+    calls = result.levels[fine]
+    assert calls.is_unknown[is_b].mean() >= 0.5 and calls.is_novel[is_b].mean() >= 0.5
+    assert calls.is_unknown[~is_b].mean() <= 0.05
+    # only calls into classes the view does not score are flagged, and no vote relabels them
+    scored = InputView(view).scores(fine, len(model.classes[fine]))
+    off = {}
+    monkeypatch.setattr(prediction, "QUERY_ONLY_SHARE", None)
+    off["switched off"] = _predict(model, query)
+    monkeypatch.undo()
+    saved_before = atlasmtl.TrainedModel(model.network, {**model.metadata, "novelty": {
+        **model.metadata["novelty"], "input_view": {k: v for k, v in view.items() if k != "held"}}}, model.reference)
+    off["saved before"] = _predict(saved_before, query)
+    for name, other in off.items():
+        assert "query_only" not in other.metadata, name
+        before = other.levels[fine]
+        added = calls.is_unknown & ~before.is_unknown
+        assert added[is_b].sum() > 5 * max(added[~is_b].sum(), 1), name
+        assert not np.any(scored[calls.raw[added]]) and not np.any(calls.used_knn[added]), name
+        assert np.all(calls.is_unknown >= before.is_unknown), name  # the flag only withdraws calls
+        np.testing.assert_array_equal(result.levels[coarse].pred, other.levels[coarse].pred)
+
+
 def _above_cap(calls, cap):
     """Cells whose novelty z-score exceeds ``cap`` (what ``KNN_VOTE_MAX_Z`` withholds the vote from)."""
     return np.nan_to_num(calls.novelty, nan=-np.inf) > cap
@@ -585,10 +624,14 @@ def test_vote_on_every_combination_of_small_inputs_is_a_valid_class():
         assert (win[0] == -1 and frac[0] == 0) or (ref[list(combo)] == win[0]).any()
 
 
-def test_neighbourhood_novelty_ranks_a_removed_type_and_flags_only_the_finest_level(symphony_no_b):
+def test_neighbourhood_novelty_ranks_a_removed_type_and_flags_only_the_finest_level(symphony_no_b, monkeypatch):
     """The mean z over each cell's query neighbourhood ranks the removed B cells above the per-cell score and
     is reported in the evaluation and the writeback; it changes only finest calls, and only by abstaining
-    where the neighbourhood's mean is above the novelty threshold."""
+    where the neighbourhood's mean is above the novelty threshold. (The query-only flag, which rides on the
+    same search, is switched off here: its own test is
+    ``test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown``.)"""
+    import atlasmtl.prediction as prediction
+    monkeypatch.setattr(prediction, "QUERY_ONLY_SHARE", None)
     model, query = symphony_no_b
     query = query.copy()
     keep = np.ones(query.n_obs)
