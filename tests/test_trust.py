@@ -346,7 +346,7 @@ def test_the_report_names_the_classes_the_input_view_cannot_judge(symphony_no_b,
         assert [bool(v) for v in stored["input_view"]] == result.metadata["reference_classes"][lv]["input_view"]
     assert list(novelty_table(back)["input view"]) == list(table["input view"])
 
-def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphony_no_b, monkeypatch):
+def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphony_no_b, monkeypatch, tmp_path):
     """B cells left out of the reference are called DC / HSC, classes the input view cannot judge, and the
     embedding places them inside those classes. But no held-out reference cell lies among them in the view's
     PCA: the query-only share of their neighbourhoods is ~1 while the query as a whole mixes with the reference,
@@ -365,6 +365,7 @@ def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphon
     assert record["location"] < QUERY_ONLY_MAX_LOCATION and record["flagged"] > 0
     calls = result.levels[fine]
     assert calls.is_unknown[is_b].mean() >= 0.5 and calls.is_novel[is_b].mean() >= 0.5
+    assert f"{record['flagged']} calls withdrawn" in result.report(tmp_path / "r.html", model=model).read_text()
     assert calls.is_unknown[~is_b].mean() <= 0.05
     # only calls into classes the view does not score are flagged, and no vote relabels them
     scored = InputView(view).scores(fine, len(model.classes[fine]))
