@@ -252,7 +252,9 @@ class InputView:
     leave-one-out log distance of its kept cells) and the held-out cells' ``offset`` and
     ``scale`` (median and 1.4826 · MAD of their log distance minus their called class's
     location). Classes with fewer than :data:`INPUT_VIEW_MIN_MEMBERS` kept cells get no score
-    (NaN): the embedding view alone judges their cells.
+    (NaN): the embedding view judges their cells, and a group of them with no held-out reference cell
+    among them is caught by the query-only share (``held``: the held-out cells' PCA coordinates and finest
+    calls; :func:`query_only_share`).
 
     Its score at any level makes only the *finest* call Unknown (prediction reports, at the finest
     level, the larger of the embedding's z there and the input view's z at every level): far from

@@ -107,7 +107,8 @@ def _reference_classes(model: TrainedModel, decoder: _Decoder) -> dict[str, dict
     """Per level, what the result's readers need to know of each class (``result.metadata["reference_classes"]``):
     its reference cells (``cells``) and whether the input view scores calls into it (``input_view``; ``None``
     for a model without a view). A type the reference lacks called as a class the view does not score is
-    judged by the embedding alone (the report's novelty table shows both)."""
+    judged by the embedding and by the query-only check (:func:`_query_only_flags`; the report's novelty
+    table shows both)."""
     view = decoder.input_view
     return {lv: {"cells": decoder.class_counts[lv].astype(int).tolist(),
                  "input_view": None if view is None else view.scores(lv, len(model.classes[lv])).tolist()}
