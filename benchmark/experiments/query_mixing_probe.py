@@ -5,18 +5,18 @@ Research probe (2026-12-06, forty-second session; not built: API contract, "Meas
 session"). A type the reference lacks has no reference cells near it, so its cells' neighbours in a space shared
 by the query and the reference should all be query cells, while a known type's should mix. The space is the
 default model's input view (:class:`atlasmtl.novelty.InputView`: a PCA of the reference's network input; the
-coordinates are those prediction computes, captured from ``InputView.project``). The reference side is the
+coordinates are those prediction computes, kept by ``study_scores.keep_view_points``). The reference side is the
 model's held-out reference cells (``model.reference["training_cell"]`` false), predicted as a query: like the
 query they are out of the PCA's sample (the training cells' own coordinates sit further out, on the noise the
-PCA fitted: on pbmc68k's random split the query's median norm is 12.2 against 16.7 for the stored training
-cells, and the query did not mix with them). Per query cell: among
+PCA fitted; ``--training-points`` uses the view's stored training cells instead, with which not even
+pbmc68k's random split mixes). Per query cell: among
 its ``K`` = 30 nearest cells of the pooled set (itself excluded), the share of query cells with the reference
 cells weighted by ``n_query / n_reference`` (0.5: mixed as the sizes predict; 1: query cells only), and that
 share averaged over the cell's 30 nearest query cells. Printed per case: AUROC of both against novel vs known
 (beside the shipped ``neighbourhood_novelty`` of the finest level) and how many known / novel cells have a
 smoothed share above 0.9; on a known-type case the known cells' median, 95th percentile and share above 0.9.
 
-    PYTHONPATH=$PWD python benchmark/experiments/query_mixing_probe.py <case,case,...> [SEED] [MODELS]
+    PYTHONPATH=$PWD python benchmark/experiments/query_mixing_probe.py <case,case,...> [SEED] [MODELS] [--training-points]
     (the default models MODELS/<case>_<seed>.pth, default /work/bench_models, seed 0; cases under /work/bench_work/cases)
 """
 import sys
@@ -27,19 +27,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from study_scores import default_models  # noqa: E402
+from study_scores import default_models, keep_view_points  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl import novelty  # noqa: E402
 
 K = 30
-_captured: list[np.ndarray] = []
-_project = novelty.InputView.project
-
-
-def _recording_project(self, rows, zero_input=None):
-    out = _project(self, rows, zero_input)
-    _captured.append(out)
-    return out
 
 
 def mixing_share(query_points: np.ndarray, reference_points: np.ndarray, k: int = K,
@@ -59,26 +51,30 @@ def mixing_share(query_points: np.ndarray, reference_points: np.ndarray, k: int 
 
 
 def main() -> None:
-    cases = sys.argv[1].split(",")
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    models = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/work/bench_models")
-    novelty.InputView.project = _recording_project
+    training_points = "--training-points" in sys.argv
+    args = [a for a in sys.argv if a != "--training-points"]
+    cases = args[1].split(",")
+    seed = int(args[2]) if len(args) > 2 else 0
+    models = Path(args[3]) if len(args) > 3 else Path("/work/bench_models")
+    state: dict = {}
+    keep_view_points(state)
     for case, seed, spec, ref, query, truth, model in default_models(cases, [seed], work=Path("/work/bench_work"),
                                                                     models=models, train=False):
-        _captured.clear()
         result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
         frame = result.to_dataframe(mode="full")
-        query_points = np.vstack(_captured)
-        _captured.clear()
-        atlasmtl.predict(model, ref[~np.asarray(model.reference["training_cell"], bool)], show_progress=False,
-                         show_summary=False)
-        held_points = np.vstack(_captured)
+        query_points = state["points"].copy()
+        if training_points:
+            held_points = np.asarray(model.metadata["novelty"]["input_view"]["points"], dtype=np.float64)
+        else:
+            atlasmtl.predict(model, ref[~np.asarray(model.reference["training_cell"], bool)], show_progress=False,
+                             show_summary=False)
+            held_points = state["points"].copy()
         fine = spec["levels"][-1]
         n = novelty.InputView(model.metadata["novelty"]["input_view"]).n_components
         share, smooth = mixing_share(query_points[:, :n], held_points[:, :n])
         labels = truth.loc[query.obs_names, fine].astype(str).to_numpy()
         novel = np.isin(labels, (spec.get("novel") or {}).get(fine, []))
-        line = f"{case:40s} query {len(share)} held-out reference {len(held_points)}"
+        line = f"{case:40s} query {len(share)} {'training' if training_points else 'held-out'} reference {len(held_points)}"
         if novel.any():
             shipped = frame[f"neighbourhood_novelty_{fine}"].to_numpy()
             line += (f" AUROC share {roc_auc_score(novel, share):.2f} smoothed {roc_auc_score(novel, smooth):.2f}"

@@ -25,7 +25,7 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 import query_mixing_probe as mixing  # noqa: E402
-from study_scores import default_models  # noqa: E402
+from study_scores import default_models, keep_view_points  # noqa: E402
 import atlasmtl  # noqa: E402
 from atlasmtl import novelty  # noqa: E402
 
@@ -37,15 +37,14 @@ def main() -> None:
     args = [a for a in sys.argv if a != "--composition"]
     cases, seeds, out = args[1].split(","), [int(s) for s in args[2].split(",")], Path(args[3])
     models = Path(args[4]) if len(args) > 4 else Path("/work/bench_models")
-    novelty.InputView.project = mixing._recording_project
+    state: dict = {}
+    keep_view_points(state)
     rows = []
     for case, seed, spec, ref, query, truth, model in default_models(cases, seeds, work=Path("/work/bench_work"),
                                                                     models=models):
-        mixing._captured.clear()
         result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
         frame = result.to_dataframe(mode="full")
-        query_points = np.vstack(mixing._captured)
-        mixing._captured.clear()
+        query_points = state["points"].copy()
         held = ref[~np.asarray(model.reference["training_cell"], bool)]
         atlasmtl.predict(model, held, show_progress=False, show_summary=False)
         n = novelty.InputView(model.metadata["novelty"]["input_view"]).n_components
@@ -57,8 +56,7 @@ def main() -> None:
             own = pd.Series(held_labels).value_counts(normalize=True)
             weights = np.clip(np.array([called.get(c, 0.0) / own[c] for c in held_labels]), 0.1, 10.0)
             weights /= weights.mean()
-        _, smooth = mixing.mixing_share(query_points[:, :n], np.vstack(mixing._captured)[:, :n],
-                                        reference_weights=weights)
+        _, smooth = mixing.mixing_share(query_points[:, :n], state["points"][:, :n], reference_weights=weights)
         scored = result.metadata["reference_classes"][fine]["input_view"]
         unscored = [c for c, v in zip(model.classes[fine], scored) if not v]
         raw = frame[f"pred_{fine}_raw"].astype(str).to_numpy()

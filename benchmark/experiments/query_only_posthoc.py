@@ -3,7 +3,7 @@
 Research helper (2026-12-06, forty-second session). Models trained before the flag hold no held-out cells in
 their input view (``metadata["novelty"]["input_view"]["held"]``), so prediction skips it. :func:`add_held_out`
 gives such a model what its training would have stored: the PCA coordinates of its held-out reference cells
-(``model.reference["training_cell"]`` false; captured from ``InputView.project`` while the model predicts them)
+(``model.reference["training_cell"]`` false; kept by ``study_scores.keep_view_points`` while the model predicts them)
 and their finest calls (the network's decoded calls, ``pred_<finest>_raw``). A model trained with the flag
 stores the same up to float rounding (checked: ``python benchmark/experiments/query_only_posthoc.py --check
 <case> <seed>`` trains one and compares). Then ``posthoc_constants_study.py``-style labels are scored on the
@@ -22,33 +22,20 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from common import read_study_case  # noqa: E402
-from study_scores import constant_patcher, posthoc_main, print_progress, score_result  # noqa: E402
+from study_scores import constant_patcher, keep_view_points, posthoc_main, print_progress, score_result  # noqa: E402
 import atlasmtl  # noqa: E402
-from atlasmtl import novelty  # noqa: E402
 
-_captured: list[np.ndarray] = []
-_project = novelty.InputView.project
-
-
-def _recording_project(self, rows, zero_input=None):
-    out = _project(self, rows, zero_input)
-    _captured.append(out)
-    return out
+_state: dict = {}
+keep_view_points(_state)
 
 
 def held_out_record(model, ref) -> dict:
     """The ``held`` record training stores, computed from a saved model and its reference."""
     held = ref[~np.asarray(model.reference["training_cell"], bool)]
     fine = model.label_columns[-1]
-    _captured.clear()
-    novelty.InputView.project = _recording_project
-    try:
-        result = atlasmtl.predict(model, held, show_progress=False, show_summary=False)
-    finally:
-        novelty.InputView.project = _project
-    view = model.metadata["novelty"]["input_view"]
-    n = np.asarray(view["components"]).shape[0]
-    return {"points": np.vstack(_captured)[:, :n].astype(np.float32),
+    result = atlasmtl.predict(model, held, show_progress=False, show_summary=False)
+    n = np.asarray(model.metadata["novelty"]["input_view"]["components"]).shape[0]
+    return {"points": _state["points"][:, :n].astype(np.float32),
             "calls": np.asarray(result.levels[fine].raw, dtype=np.int32)}
 
 
