@@ -541,7 +541,8 @@ def neighbourhood_novelty(
     return out
 
 
-def neighbourhood_pool(usable: np.ndarray, max_cells: int = NEIGHBOURHOOD_MAX_CELLS, random_state: int = 0) -> np.ndarray:
+def neighbourhood_pool(usable: np.ndarray, max_cells: int = NEIGHBOURHOOD_MAX_CELLS,
+                       random_state: int = 0) -> np.ndarray:
     """The query cells a neighbourhood search indexes (sorted row numbers): every usable cell, or a random
     sample of ``max_cells`` of them (``random_state``), as :func:`neighbourhood_novelty` draws it."""
     cells = np.flatnonzero(np.asarray(usable, dtype=bool))
@@ -556,8 +557,11 @@ def held_out_weights(held_calls: np.ndarray, query_calls: np.ndarray, n_classes:
     cells called as its call over the share of the held-out cells called so, within ``bounds``, then scaled
     to mean 1. A class the query is rich in (a composition shift) keeps its query cells mixed."""
     held_calls, query_calls = np.asarray(held_calls), np.asarray(query_calls)
-    held_share = np.bincount(held_calls[held_calls >= 0], minlength=n_classes) / max(int((held_calls >= 0).sum()), 1)
-    query_share = np.bincount(query_calls[query_calls >= 0], minlength=n_classes) / max(int((query_calls >= 0).sum()), 1)
+
+    def shares(calls: np.ndarray) -> np.ndarray:
+        return np.bincount(calls[calls >= 0], minlength=n_classes) / max(int((calls >= 0).sum()), 1)
+
+    held_share, query_share = shares(held_calls), shares(query_calls)
     ratio = np.divide(query_share, held_share, out=np.ones(n_classes), where=held_share > 0)
     weights = np.where(held_calls >= 0, np.clip(ratio[np.maximum(held_calls, 0)], *bounds), 1.0)
     return weights / weights.mean() if len(weights) else weights
@@ -596,5 +600,6 @@ def query_only_location(share: np.ndarray, calls: np.ndarray, min_cells: int = 2
     share, calls = share[finite], np.asarray(calls)[finite]
     if not len(share):
         return float("nan")
-    per_class = [float(np.quantile(share[calls == c], 0.25)) for c in np.unique(calls) if (calls == c).sum() >= min_cells]
+    per_class = [float(np.quantile(share[calls == c], 0.25))
+                 for c in np.unique(calls) if (calls == c).sum() >= min_cells]
     return float(np.median(per_class)) if per_class else float(np.median(share))

@@ -35,8 +35,9 @@ from .inputs import (MatrixSource, check_finite, checked_semantics, get_matrix_s
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
                       KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD,
-                      QUERY_ONLY_MAX_LOCATION, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE, InputView, held_out_weights, log_distance,
-                      neighbourhood_novelty, neighbourhood_pool, novelty_z, query_only_location, query_only_share)
+                      QUERY_ONLY_MAX_LOCATION, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE, InputView, held_out_weights,
+                      log_distance, neighbourhood_novelty, neighbourhood_pool, novelty_z, query_only_location,
+                      query_only_share)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -541,7 +542,7 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
             calls[lv].neighbourhood_novelty = values
         if novelty_threshold is not None:  # a neighbourhood novel on average makes the finest call Unknown
             flagged = np.nan_to_num(finest.neighbourhood_novelty, nan=-np.inf) > novelty_threshold
-            if smoothed is not None:  # ... and so does a group of query cells alone, called as a class the view cannot judge
+            if smoothed is not None:  # ... and so does a group of query cells alone, called as an unscored class
                 flagged |= _query_only_flags(decoder.input_view, smoothed, finest.raw, buffers.no_signal, finest_level,
                                              len(model.classes[finest_level]), buffers.query_only)
             finest.is_novel = finest.is_novel | flagged
@@ -575,7 +576,7 @@ def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarr
     neighbourhood of query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
     with the reference (:data:`~atlasmtl.novelty.QUERY_ONLY_MAX_LOCATION`), where at least
     :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call do. ``record`` gets the location and
-    the count (``result.metadata["novelty"]["query_only"]``)."""
+    the count (``result.metadata["query_only"]``)."""
     usable = ~no_signal & np.isfinite(smoothed)
     location = query_only_location(smoothed[usable], raw_calls[usable])
     unscored = ~view.scores(level, n_classes)

@@ -444,8 +444,8 @@ def novelty_table(result: CallTable, level: str | None = None) -> pd.DataFrame |
     reference``; a type the reference lacks called as the class raises it, and so does a change of
     composition), and whether the input view judges calls into it (``"no"``: fewer than
     :data:`~atlasmtl.novelty.INPUT_VIEW_MIN_MEMBERS` kept training cells, so the embedding and the
-    query-only check, ``metadata["query_only"]``, judge such a cell). ``None`` when the level has no novelty score (a model without held-out
-    calibration cells)."""
+    query-only check, ``metadata["query_only"]``, judge such a cell). ``None`` when the level has no novelty
+    score (a model without held-out calibration cells)."""
     level = level or result.label_columns[-1]
     calls = result.levels[level]
     z = np.asarray(calls.novelty, dtype=np.float64)
@@ -491,7 +491,9 @@ def _novelty(page: _Page) -> str | None:
                "it even where no cell passes the novelty threshold "
                f"({_e(_fmt(threshold))}); such cells keep their call but deserve a look.</p>")
     if "input view" in table.columns and (table["input view"] == "no").any():
-        query_only = result.metadata.get("query_only")
+        query_only = result.metadata.get("query_only") or {}
+        share = query_only.get("share_above", QUERY_ONLY_SHARE)
+        min_cells = query_only.get("min_cells", QUERY_ONLY_MIN_CELLS)
         if query_only:
             location = query_only.get("location")
             check = (f"This query's location on that share is {_e(_fmt(location))}"
@@ -502,11 +504,11 @@ def _novelty(page: _Page) -> str | None:
             check = "The check did not run for these predictions (a model saved before it, or no neighbourhood search)."
         content += ("<p>Classes marked <em>no</em> under <em>input view</em> kept too few training cells "
                     f"(under {INPUT_VIEW_MIN_MEMBERS}) for the input view to judge the calls into them. The embedding "
-                    f"judges such a cell; and where at least {QUERY_ONLY_MIN_CELLS} cells called so sit in groups of "
+                    f"judges such a cell; and where at least {_e(_fmt(min_cells))} cells called so sit in groups of "
                     "query cells with no held-out reference cell among them (query-only share above "
-                    f"{_e(_fmt(query_only['share_above'] if query_only else QUERY_ONLY_SHARE))}), in a query that otherwise mixes "
-                    f"with the reference, their calls are Unknown. {check} Across platforms or species nothing mixes "
-                    "and a type the reference lacks that the network calls as one of these classes is rarely Unknown: "
+                    f"{_e(_fmt(share))}), in a query that otherwise mixes with the reference, their calls are Unknown. "
+                    f"{check} Across platforms or species nothing mixes and a type the reference lacks that the "
+                    "network calls as one of these classes is rarely Unknown: "
                     "look twice at such a class when its share vs reference is high.</p>")
     content += _frame_table(table.head(NOVELTY_TABLE_ROWS).round(3))
     if len(table) > NOVELTY_TABLE_ROWS:
