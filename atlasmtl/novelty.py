@@ -48,7 +48,9 @@ A type the reference lacks that the network calls as a class too small for
 the input view (under :data:`INPUT_VIEW_MIN_MEMBERS` kept cells) escapes both
 views: the embedding puts it inside that class. What still gives it away is
 that no reference cell lies among its cells. The model keeps its held-out
-reference cells' PCA coordinates, and each query cell's *query-only share*
+reference cells' PCA coordinates (with, in a reference larger than the PCA's
+sample, the small classes' training cells outside that sample), and each
+query cell's *query-only share*
 (:func:`query_only_share`: the query cells among its nearest query and
 held-out cells, the held-out cells weighted for the query's composition),
 averaged over its query neighbourhood, near 1 in a query that otherwise mixes
@@ -122,6 +124,17 @@ QUERY_ONLY_MAX_LOCATION = 0.7
 #: a rare known type in a shifted query can sit apart from every held-out cell; a type the reference lacks
 #: comes as a population (a lone novel cell is the per-cell scores' to find).
 QUERY_ONLY_MIN_CELLS = 10
+#: ... and only into a class the model's held-out reference cells represent: at least this many of them called so.
+#: The calibration split holds ``floor(fraction * n)`` cells of an ``n``-cell class, ``fraction`` = 5,000 / the
+#: reference's cells past 25,000: a 40-cell class has 1-2 past 100,000 cells and none past ~250,000. Query cells of
+#: such a class mix with nothing, right or wrong, and one or two held-out cells cover only part of them (measured:
+#: API contract, "Measured 2026-12-06, forty-third session"). ``None``: no such condition.
+QUERY_ONLY_MIN_HELD: int | None = 3
+#: The held-out cells the query-only share reads include, for each class the view does not score, its training
+#: cells outside the view's PCA sample (:data:`INPUT_VIEW_PCA_CELLS`): out of the PCA's sample as held-out cells
+#: are, so a small class of a reference past ~5,000 cells keeps its cells there although the calibration split
+#: holds few or none of them (:data:`QUERY_ONLY_MIN_HELD`). ``False``: the calibration cells alone.
+QUERY_ONLY_SMALL_CLASS_CELLS = True
 #: Held-out reference cells weigh in proportion to how much more (or less) of their call the query holds,
 #: within these bounds, so that a known class the query is rich in still mixes.
 QUERY_ONLY_WEIGHT_BOUNDS = (0.1, 10.0)
@@ -254,7 +267,8 @@ class InputView:
     location). Classes with fewer than :data:`INPUT_VIEW_MIN_MEMBERS` kept cells get no score
     (NaN): the embedding view judges their cells, and a group of them with no held-out reference cell
     among them is caught by the query-only share (``held``: the held-out cells' PCA coordinates and finest
-    calls; :func:`query_only_share`).
+    calls, then those of the small classes' training cells outside the PCA sample, with their labels;
+    :func:`query_only_share`).
 
     Its score at any level makes only the *finest* call Unknown (prediction reports, at the finest
     level, the larger of the embedding's z there and the input view's z at every level): far from
@@ -484,8 +498,14 @@ def fit_input_view(
                 **with_residual, "offset": summary["median"], "scale": summary["scale"], "n": summary["n"]}
     # the held-out cells' PCA coordinates and finest calls: the other side of the query-only share (query_only_share)
     finest = list(train_codes)[-1]
-    held = {"points": held_points[:, :n_comps].astype(np.float32),
-            "calls": np.asarray(held_out_calls[finest], dtype=np.int32)}
+    held_calls = np.asarray(held_out_calls[finest], dtype=np.int32)
+    if QUERY_ONLY_SMALL_CLASS_CELLS:  # ... and the small classes' training cells the PCA was not fitted on
+        codes = np.asarray(train_codes[finest])
+        small = np.bincount(codes[codes >= 0], minlength=int(n_classes[finest])) < INPUT_VIEW_MIN_MEMBERS
+        extra = np.flatnonzero((codes >= 0) & small[np.maximum(codes, 0)] & ~np.isin(train_cells, sample))
+        held_points = np.vstack([held_points, project(train_cells[extra])])
+        held_calls = np.r_[held_calls, codes[extra]].astype(np.int32)
+    held = {"points": held_points[:, :n_comps].astype(np.float32), "calls": held_calls}
     return {**stored, "points": points.astype(np.float32), "members": members, "levels": levels, "held": held}
 
 

@@ -35,9 +35,9 @@ from .inputs import (MatrixSource, check_finite, checked_semantics, get_matrix_s
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
                       KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD,
-                      QUERY_ONLY_MAX_LOCATION, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE, InputView, held_out_weights,
-                      log_distance, neighbourhood_novelty, neighbourhood_pool, novelty_z, query_only_location,
-                      query_only_share)
+                      QUERY_ONLY_MAX_LOCATION, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_MIN_HELD, QUERY_ONLY_SHARE, InputView,
+                      held_out_weights, log_distance, neighbourhood_novelty, neighbourhood_pool, novelty_z,
+                      query_only_location, query_only_share)
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
@@ -572,14 +572,18 @@ def _query_only_share(view: InputView | None, buffers: _Buffers, raw_calls: np.n
 
 def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarray, no_signal: np.ndarray,
                       level: str, n_classes: int, record: dict[str, Any]) -> np.ndarray:
-    """The finest calls the query-only share makes novel: into a class the input view does not score, in a
-    neighbourhood of query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
+    """The finest calls the query-only share makes novel: into a class the input view does not score but at least
+    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_HELD` held-out reference cells are called as, in a neighbourhood of
+    query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
     with the reference (:data:`~atlasmtl.novelty.QUERY_ONLY_MAX_LOCATION`), where at least
     :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call do. ``record`` gets the location and
     the count (``result.metadata["query_only"]``)."""
     usable = ~no_signal & np.isfinite(smoothed)
     location = query_only_location(smoothed[usable], raw_calls[usable])
     unscored = ~view.scores(level, n_classes)
+    if QUERY_ONLY_MIN_HELD is not None:  # ... that the held-out cells represent (else none of its cells can mix)
+        held = view.held_calls[view.held_calls >= 0]
+        unscored &= np.bincount(held, minlength=n_classes)[:n_classes] >= QUERY_ONLY_MIN_HELD
     into = np.zeros(len(raw_calls), dtype=bool)
     into[raw_calls >= 0] = unscored[raw_calls[raw_calls >= 0]]
     flagged = usable & into & (np.nan_to_num(smoothed, nan=-np.inf) > QUERY_ONLY_SHARE) \
@@ -587,7 +591,8 @@ def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarr
     groups = np.bincount(raw_calls[flagged], minlength=n_classes)  # a group, not a few stray cells, per call
     flagged &= np.isin(raw_calls, np.flatnonzero(groups >= QUERY_ONLY_MIN_CELLS))
     record.update(location=None if not np.isfinite(location) else round(location, 4), flagged=int(flagged.sum()),
-                  share_above=QUERY_ONLY_SHARE, max_location=QUERY_ONLY_MAX_LOCATION, min_cells=QUERY_ONLY_MIN_CELLS)
+                  share_above=QUERY_ONLY_SHARE, max_location=QUERY_ONLY_MAX_LOCATION, min_cells=QUERY_ONLY_MIN_CELLS,
+                  min_held=QUERY_ONLY_MIN_HELD)
     return flagged
 
 

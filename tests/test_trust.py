@@ -386,6 +386,33 @@ def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphon
         np.testing.assert_array_equal(result.levels[coarse].pred, other.levels[coarse].pred)
 
 
+def test_a_class_the_held_out_cells_do_not_represent_is_never_judged_query_only(symphony_no_b, monkeypatch):
+    """A large reference's calibration split holds no cell of a small class (``floor(fraction * n)``, fraction
+    5,000 / its cells), so query cells called as that class mix with no reference cell, right or wrong. With the
+    held-out cells of every class the view does not score taken away, the check withdraws no call; without
+    ``QUERY_ONLY_MIN_HELD`` it would withdraw known cells' calls too."""
+    import atlasmtl.prediction as prediction
+    from atlasmtl.novelty import QUERY_ONLY_MIN_HELD
+
+    model, query = symphony_no_b
+    fine = SYMPHONY_LEVELS[-1]
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    view = model.metadata["novelty"]["input_view"]
+    unscored = ~InputView(view).scores(fine, len(model.classes[fine]))
+    held = view["held"]
+    keep = ~unscored[held["calls"]]
+    thinned = atlasmtl.TrainedModel(model.network, {**model.metadata, "novelty": {
+        **model.metadata["novelty"], "input_view": {**view, "held": {"points": held["points"][keep],
+                                                                     "calls": held["calls"][keep]}}}}, model.reference)
+    result = _predict(thinned, query)
+    assert result.metadata["query_only"]["flagged"] == 0 and result.metadata["query_only"]["min_held"] == QUERY_ONLY_MIN_HELD
+    monkeypatch.setattr(prediction, "QUERY_ONLY_MIN_HELD", None)
+    unguarded = _predict(thinned, query)
+    withdrawn = unguarded.levels[fine].is_unknown & ~result.levels[fine].is_unknown
+    assert withdrawn[~is_b].sum() > 0  # known cells alone in their neighbourhoods for want of held-out cells
+    assert np.all(unscored[unguarded.levels[fine].raw[withdrawn]])
+
+
 def _above_cap(calls, cap):
     """Cells whose novelty z-score exceeds ``cap`` (what ``KNN_VOTE_MAX_Z`` withholds the vote from)."""
     return np.nan_to_num(calls.novelty, nan=-np.inf) > cap
@@ -524,6 +551,42 @@ def test_input_view_scores_cells_against_their_own_class():
     # a sparse offset input projects like its dense form
     zero = rng.normal(0, 1, n_genes).astype(np.float32)
     np.testing.assert_allclose(view.project(sp.csr_matrix(fresh[:20] - zero), zero), view.project(fresh[:20]), atol=1e-4)
+
+
+def test_the_held_record_keeps_a_small_class_of_a_large_reference(monkeypatch):
+    """The query-only share reads the held-out cells; a large reference's calibration split holds few or none of a
+    small class's cells. Where the view's PCA sample leaves training cells out, those of each class the view
+    does not score join the held record (out of the PCA's sample as the held-out cells are), with their labels;
+    no other training cell does, and a reference the PCA sample covers stores its held-out cells alone."""
+    import atlasmtl.novelty as novelty
+    from atlasmtl.novelty import INPUT_VIEW_MIN_MEMBERS, InputView, fit_input_view
+
+    rng = np.random.default_rng(2)
+    n_genes = 30
+    centres = rng.normal(0, 3, (3, n_genes))
+    codes = np.r_[np.zeros(300, int), np.ones(300, int), np.full(INPUT_VIEW_MIN_MEMBERS - 1, 2)]
+    x = (centres[codes] + rng.normal(0, 1, (len(codes), n_genes))).astype(np.float32)
+    held = np.sort(rng.choice(600, 100, replace=False))  # none of the small class: a large reference's split
+    train = np.setdiff1d(np.arange(len(codes)), held)
+
+    def fit():
+        return fit_input_view(lambda r: x[r], lambda r: sp.csr_matrix(x[r]), None, n_genes, train,
+                              {"fine": codes[train]}, {"fine": 3}, held, {"fine": codes[held]}, 0)
+
+    covered = fit()["held"]  # every training cell in the PCA sample: the held-out cells alone
+    np.testing.assert_array_equal(covered["calls"], codes[held])
+    monkeypatch.setattr(novelty, "INPUT_VIEW_PCA_CELLS", 200)
+    stored = fit()
+    record, view = stored["held"], InputView(stored)
+    np.testing.assert_array_equal(record["calls"][:len(held)], codes[held])
+    extra = record["calls"][len(held):]
+    assert len(extra) >= 30 and np.all(extra == 2)  # most of the 49 lie outside a 200-cell sample of 649
+    small = x[codes == 2]
+    projected = view.project(small)[:, :record["points"].shape[1]]
+    nearest = np.abs(record["points"][len(held):, None, :] - projected[None]).max(axis=2).min(axis=1)
+    assert nearest.max() < 1e-4  # each added point is one of the small class's cells
+    monkeypatch.setattr(novelty, "QUERY_ONLY_SMALL_CLASS_CELLS", False)
+    np.testing.assert_array_equal(fit()["held"]["calls"], codes[held])
 
 
 def test_input_view_residual_sees_genes_the_reference_does_not_vary():
