@@ -573,8 +573,8 @@ def _query_only_share(view: InputView | None, buffers: _Buffers, raw_calls: np.n
 def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarray, no_signal: np.ndarray,
                       level: str, n_classes: int, record: dict[str, Any]) -> np.ndarray:
     """The finest calls the query-only share makes novel: into a class the input view does not score but at least
-    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_HELD` held-out reference cells are called as, in a neighbourhood of
-    query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
+    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_HELD` cells of the model's held record are called as, in a
+    neighbourhood of query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
     with the reference (:data:`~atlasmtl.novelty.QUERY_ONLY_MAX_LOCATION`), where at least
     :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call do. ``record`` gets the location and
     the count (``result.metadata["query_only"]``)."""

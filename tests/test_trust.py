@@ -405,7 +405,8 @@ def test_a_class_the_held_out_cells_do_not_represent_is_never_judged_query_only(
         **model.metadata["novelty"], "input_view": {**view, "held": {"points": held["points"][keep],
                                                                      "calls": held["calls"][keep]}}}}, model.reference)
     result = _predict(thinned, query)
-    assert result.metadata["query_only"]["flagged"] == 0 and result.metadata["query_only"]["min_held"] == QUERY_ONLY_MIN_HELD
+    record = result.metadata["query_only"]
+    assert record["flagged"] == 0 and record["min_held"] == QUERY_ONLY_MIN_HELD
     monkeypatch.setattr(prediction, "QUERY_ONLY_MIN_HELD", None)
     unguarded = _predict(thinned, query)
     withdrawn = unguarded.levels[fine].is_unknown & ~result.levels[fine].is_unknown
