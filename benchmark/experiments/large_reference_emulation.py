@@ -28,8 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from common import read_study_case  # noqa: E402
-from study_scores import print_progress, score_result  # noqa: E402
+from study_scores import print_progress, score_result, study_cases  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.novelty as novelty  # noqa: E402
 import atlasmtl.prediction as prediction  # noqa: E402
@@ -59,37 +58,31 @@ def main() -> None:
     models.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     rows = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["case"], r["seed"]) for r in rows}
-    for case in cases:
-        spec, ref, query, truth = read_study_case(Path("/work/bench_work/cases") / case)
-        for seed in seeds:
-            if (case, seed) in done:
-                continue
-            path = models / f"{case}_{seed}.pth"
-            if path.exists():
-                model = atlasmtl.TrainedModel.load(path)
-            else:
-                model = train_as_large(ref, spec["levels"], seed)
-                model.save(path)
-            view = model.metadata["novelty"]["input_view"]
-            held = view["held"]
-            n_calibration = int((~np.asarray(model.reference["training_cell"], bool)).sum())  # stored first
-            calibration = {"points": held["points"][:n_calibration], "calls": held["calls"][:n_calibration]}
-            row, flagged = {"case": case, "seed": seed, "K": "auto"}, {}
-            for label, (share, guard, small_class_cells) in LABELS.items():
-                prediction.QUERY_ONLY_SHARE, prediction.QUERY_ONLY_MIN_HELD = share, guard
-                view["held"] = held if small_class_cells else calibration
-                result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-                row[label] = score_result(result, truth, spec)
-                flagged[label] = (result.metadata.get("query_only") or {}).get("flagged")
-            prediction.QUERY_ONLY_SHARE, prediction.QUERY_ONLY_MIN_HELD = novelty.QUERY_ONLY_SHARE, novelty.QUERY_ONLY_MIN_HELD
-            view["held"] = held
-            print_progress(case, seed, row, spec["levels"][-1])
-            row["flagged"] = json.dumps({"calibration_cells": n_calibration,
-                                         "small_class_cells": len(held["calls"]) - n_calibration, **flagged})
-            rows.append(row)
-            out.write_text(json.dumps(rows))
-
+    for case, seed, spec, ref, query, truth in study_cases(cases, seeds, list(rows), work=Path("/work/bench_work")):
+        path = models / f"{case}_{seed}.pth"
+        if path.exists():
+            model = atlasmtl.TrainedModel.load(path)
+        else:
+            model = train_as_large(ref, spec["levels"], seed)
+            model.save(path)
+        view = model.metadata["novelty"]["input_view"]
+        held = view["held"]
+        n_calibration = int((~np.asarray(model.reference["training_cell"], bool)).sum())  # stored first
+        calibration = {"points": held["points"][:n_calibration], "calls": held["calls"][:n_calibration]}
+        row, flagged = {"case": case, "seed": seed, "K": "auto"}, {}
+        for label, (share, guard, small_class_cells) in LABELS.items():
+            prediction.QUERY_ONLY_SHARE, prediction.QUERY_ONLY_MIN_HELD = share, guard
+            view["held"] = held if small_class_cells else calibration
+            result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+            row[label] = score_result(result, truth, spec)
+            flagged[label] = (result.metadata.get("query_only") or {}).get("flagged")
+        prediction.QUERY_ONLY_SHARE, prediction.QUERY_ONLY_MIN_HELD = novelty.QUERY_ONLY_SHARE, novelty.QUERY_ONLY_MIN_HELD
+        view["held"] = held
+        print_progress(case, seed, row, spec["levels"][-1])
+        row["flagged"] = json.dumps({"calibration_cells": n_calibration,
+                                     "small_class_cells": len(held["calls"]) - n_calibration, **flagged})
+        rows.append(row)
+        out.write_text(json.dumps(rows))
 
 if __name__ == "__main__":
     main()

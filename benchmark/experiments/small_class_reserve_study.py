@@ -19,8 +19,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from common import read_study_case  # noqa: E402
-from study_scores import print_progress, score_result  # noqa: E402
+from study_scores import print_progress, score_result, study_cases  # noqa: E402
 import atlasmtl  # noqa: E402
 import atlasmtl.novelty as novelty  # noqa: E402
 
@@ -30,28 +29,22 @@ def main() -> None:
     out, share = Path(sys.argv[3]), float(sys.argv[4])
     torch.set_num_threads(1)
     rows = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["case"], r["seed"]) for r in rows}
-    for case in cases:
-        spec, ref, query, truth = read_study_case(Path("/work/bench_work/cases") / case)
-        for seed in seeds:
-            if (case, seed) in done:
-                continue
-            novelty.QUERY_ONLY_SMALL_CLASS_RESERVE = share
-            try:
-                model = atlasmtl.build_model(ref, spec["levels"], random_state=seed, show_progress=False,
-                                             show_summary=False, num_threads=1)
-            finally:
-                novelty.QUERY_ONLY_SMALL_CLASS_RESERVE = 0.0
-            result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            row = {"case": case, "seed": seed, "K": "auto", "reserve": score_result(result, truth, spec)}
-            print_progress(case, seed, row, spec["levels"][-1])
-            row["flagged"] = json.dumps({
-                "record": result.metadata.get("query_only"),
-                "held": int(len(model.metadata["novelty"]["input_view"]["held"]["calls"])),
-                "calibration": int((~np.asarray(model.reference["training_cell"], bool)).sum())})
-            rows.append(row)
-            out.write_text(json.dumps(rows))
-
+    for case, seed, spec, ref, query, truth in study_cases(cases, seeds, list(rows), work=Path("/work/bench_work")):
+        novelty.QUERY_ONLY_SMALL_CLASS_RESERVE = share
+        try:
+            model = atlasmtl.build_model(ref, spec["levels"], random_state=seed, show_progress=False,
+                                         show_summary=False, num_threads=1)
+        finally:
+            novelty.QUERY_ONLY_SMALL_CLASS_RESERVE = 0.0
+        result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        row = {"case": case, "seed": seed, "K": "auto", "reserve": score_result(result, truth, spec)}
+        print_progress(case, seed, row, spec["levels"][-1])
+        row["flagged"] = json.dumps({
+            "record": result.metadata.get("query_only"),
+            "held": int(len(model.metadata["novelty"]["input_view"]["held"]["calls"])),
+            "calibration": int((~np.asarray(model.reference["training_cell"], bool)).sum())})
+        rows.append(row)
+        out.write_text(json.dumps(rows))
 
 if __name__ == "__main__":
     main()

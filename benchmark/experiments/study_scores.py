@@ -143,21 +143,31 @@ def default_models(cases: Iterable[str], seeds: Sequence[int], rows: Iterable[di
         ``(case, seed, spec, ref, query, truth, model)``: the case name and seed, ``case.json``, the reference
         (or ``None``), the query (without ``obsm``), its true labels, and the default model.
     """
+    for case, seed, spec, ref, query, truth in study_cases(cases, seeds, rows, work=work, reference=reference):
+        path = models / f"{case}_{seed}.pth"
+        if path.exists() or not train:
+            model = TrainedModel.load(path)
+        else:
+            training = ref if ref is not None else read_cells(work / "cases" / case / "ref.h5ad")
+            model = atlasmtl.build_model(training, spec["levels"], random_state=seed, num_threads=1,
+                                         show_progress=False, show_summary=False)
+            model.save(path)
+        yield case, seed, spec, ref, query, truth, model
+
+
+def study_cases(cases: Iterable[str], seeds: Sequence[int], rows: Iterable[dict[str, Any]] = (), *, work: Path,
+                reference: bool = True) -> Iterator[tuple[str, int, dict[str, Any], ad.AnnData | None, ad.AnnData, pd.DataFrame]]:
+    """``(case, seed, spec, ref, query, truth)`` for every (case, seed) not yet in ``rows``: each case read once
+    (:func:`common.read_study_case` under ``work / "cases"``), then its seeds in order. The loop of
+    :func:`default_models` and of the studies that train models of their own."""
     done = {(r["case"], r["seed"]) for r in rows}
     for case in cases:
+        if all((case, seed) in done for seed in seeds):
+            continue
         spec, ref, query, truth = read_study_case(work / "cases" / case, reference=reference)
         for seed in seeds:
-            if (case, seed) in done:
-                continue
-            path = models / f"{case}_{seed}.pth"
-            if path.exists() or not train:
-                model = TrainedModel.load(path)
-            else:
-                training = ref if ref is not None else read_cells(work / "cases" / case / "ref.h5ad")
-                model = atlasmtl.build_model(training, spec["levels"], random_state=seed, num_threads=1,
-                                             show_progress=False, show_summary=False)
-                model.save(path)
-            yield case, seed, spec, ref, query, truth, model
+            if (case, seed) not in done:
+                yield case, seed, spec, ref, query, truth
 
 
 def posthoc_main(study, summarise, models_default: str) -> None:
