@@ -580,12 +580,12 @@ def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarr
     the count (``result.metadata["query_only"]``)."""
     usable = ~no_signal & np.isfinite(smoothed)
     location = query_only_location(smoothed[usable], raw_calls[usable])
-    unscored = ~view.scores(level, n_classes)
-    if QUERY_ONLY_MIN_HELD is not None:  # ... that the held-out cells represent (else none of its cells can mix)
+    judged = ~view.scores(level, n_classes)  # classes the input view does not score ...
+    if QUERY_ONLY_MIN_HELD is not None:  # ... that the held record represents (else none of its cells can mix)
         held = view.held_calls[view.held_calls >= 0]
-        unscored &= np.bincount(held, minlength=n_classes)[:n_classes] >= QUERY_ONLY_MIN_HELD
+        judged &= np.bincount(held, minlength=n_classes)[:n_classes] >= QUERY_ONLY_MIN_HELD
     into = np.zeros(len(raw_calls), dtype=bool)
-    into[raw_calls >= 0] = unscored[raw_calls[raw_calls >= 0]]
+    into[raw_calls >= 0] = judged[raw_calls[raw_calls >= 0]]
     flagged = usable & into & (np.nan_to_num(smoothed, nan=-np.inf) > QUERY_ONLY_SHARE) \
         & (location < QUERY_ONLY_MAX_LOCATION)
     groups = np.bincount(raw_calls[flagged], minlength=n_classes)  # a group, not a few stray cells, per call
