@@ -348,7 +348,7 @@ class _Buffers:
         #: The input view's PCA coordinates of every cell (cells × components; filled when the view is used
         #: and the neighbourhood novelty is asked for, else 0 columns).
         self.view_points = np.zeros((n, 0), dtype=np.float32)
-        #: What the query-only flag found (:func:`_query_only_flags`; empty when it did not run).
+        #: What the query-only flag found (:func:`_query_only_flags`; empty when it is off).
         self.query_only: dict[str, Any] = {}
         self.coords = {
             name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
@@ -532,8 +532,11 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         scores = {lv: c.novelty for lv, c in calls.items() if np.isfinite(c.novelty).any()}
         finest_level = model.label_columns[-1]
         finest = calls[finest_level]
-        query_only = _query_only_share(decoder.input_view, buffers, finest.raw, len(model.classes[finest_level]),
-                                       neighbourhood_k) if novelty_threshold is not None else None
+        n_finest = len(model.classes[finest_level])
+        candidates = _query_only_candidates(decoder.input_view, finest.raw, buffers.no_signal, finest_level, n_finest,
+                                            buffers.query_only) if novelty_threshold is not None else None
+        query_only = _query_only_share(decoder.input_view, buffers, finest.raw, n_finest, neighbourhood_k) \
+            if candidates is not None and candidates.any() else None
         if query_only is not None:
             scores[_QUERY_ONLY] = query_only  # averaged over the same neighbours, in the same search
         averaged = neighbourhood_novelty(buffers.view_points, scores, ~buffers.no_signal, neighbourhood_k)
@@ -543,8 +546,7 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         if novelty_threshold is not None:  # a neighbourhood novel on average makes the finest call Unknown
             flagged = np.nan_to_num(finest.neighbourhood_novelty, nan=-np.inf) > novelty_threshold
             if smoothed is not None:  # ... and so does a group of query cells alone, called as an unscored class
-                flagged |= _query_only_flags(decoder.input_view, smoothed, finest.raw, buffers.no_signal, finest_level,
-                                             len(model.classes[finest_level]), buffers.query_only)
+                flagged |= _query_only_flags(smoothed, finest.raw, candidates, n_finest, buffers.query_only)
             finest.is_novel = finest.is_novel | flagged
             finest.is_unknown = finest.is_unknown | flagged
             finest.used_knn = finest.used_knn & ~flagged
@@ -556,12 +558,34 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
 _QUERY_ONLY = "\x00query_only"
 
 
-def _query_only_share(view: InputView | None, buffers: _Buffers, raw_calls: np.ndarray, n_classes: int,
-                      k: int) -> np.ndarray | None:
-    """Per query cell, its :func:`~atlasmtl.novelty.query_only_share` (NaN outside the neighbourhood search's
-    indexed cells), or ``None`` when the flag is off or the model's view holds no held-out cells."""
+def _query_only_candidates(view: InputView | None, raw_calls: np.ndarray, no_signal: np.ndarray, level: str,
+                           n_classes: int, record: dict[str, Any]) -> np.ndarray | None:
+    """The finest calls the query-only check may withdraw, whatever their share: with signal, into a class the
+    input view does not score but at least :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_HELD` cells of the model's held
+    record are called as (else none of its cells can mix), and at least
+    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call. ``None`` where the check is off (see
+    :func:`_query_only_share`). Where there is none, the check cannot flag a cell and its search is skipped
+    (``record`` then says so: ``location`` ``None``, ``candidates`` 0)."""
     if QUERY_ONLY_SHARE is None or view is None or view.held_points is None or not len(view.held_points):
         return None
+    judged = ~view.scores(level, n_classes)  # classes the input view does not score ...
+    if QUERY_ONLY_MIN_HELD is not None:  # ... that the held record represents
+        held = view.held_calls[view.held_calls >= 0]
+        judged &= np.bincount(held, minlength=n_classes)[:n_classes] >= QUERY_ONLY_MIN_HELD
+    into = np.zeros(len(raw_calls), dtype=bool)
+    into[raw_calls >= 0] = judged[raw_calls[raw_calls >= 0]]
+    into &= ~no_signal
+    groups = np.bincount(raw_calls[into], minlength=n_classes)  # a group, not a few stray cells, per call
+    into &= np.isin(raw_calls, np.flatnonzero(groups >= QUERY_ONLY_MIN_CELLS))
+    record.update(location=None, flagged=0, candidates=int(into.sum()), share_above=QUERY_ONLY_SHARE,
+                  max_location=QUERY_ONLY_MAX_LOCATION, min_cells=QUERY_ONLY_MIN_CELLS, min_held=QUERY_ONLY_MIN_HELD)
+    return into
+
+
+def _query_only_share(view: InputView, buffers: _Buffers, raw_calls: np.ndarray, n_classes: int,
+                      k: int) -> np.ndarray:
+    """Per query cell, its :func:`~atlasmtl.novelty.query_only_share` (NaN outside the neighbourhood search's
+    indexed cells)."""
     usable = ~buffers.no_signal
     pool = neighbourhood_pool(usable)
     weights = held_out_weights(view.held_calls, raw_calls[usable], n_classes)
@@ -570,29 +594,20 @@ def _query_only_share(view: InputView | None, buffers: _Buffers, raw_calls: np.n
     return share
 
 
-def _query_only_flags(view: InputView, smoothed: np.ndarray, raw_calls: np.ndarray, no_signal: np.ndarray,
-                      level: str, n_classes: int, record: dict[str, Any]) -> np.ndarray:
-    """The finest calls the query-only share makes novel: into a class the input view does not score but at least
-    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_HELD` cells of the model's held record are called as, in a
-    neighbourhood of query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
+def _query_only_flags(smoothed: np.ndarray, raw_calls: np.ndarray, candidates: np.ndarray, n_classes: int,
+                      record: dict[str, Any]) -> np.ndarray:
+    """The finest calls the query-only share makes novel: among the candidates (:func:`_query_only_candidates`),
+    in a neighbourhood of query cells alone (:data:`~atlasmtl.novelty.QUERY_ONLY_SHARE`), in a query that mixes
     with the reference (:data:`~atlasmtl.novelty.QUERY_ONLY_MAX_LOCATION`), where at least
-    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call do. ``record`` gets the location and
+    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call pass. ``record`` gets the location and
     the count (``result.metadata["query_only"]``)."""
-    usable = ~no_signal & np.isfinite(smoothed)
+    usable = np.isfinite(smoothed)  # the cells with signal (NaN where it has none)
     location = query_only_location(smoothed[usable], raw_calls[usable])
-    judged = ~view.scores(level, n_classes)  # classes the input view does not score ...
-    if QUERY_ONLY_MIN_HELD is not None:  # ... that the held record represents (else none of its cells can mix)
-        held = view.held_calls[view.held_calls >= 0]
-        judged &= np.bincount(held, minlength=n_classes)[:n_classes] >= QUERY_ONLY_MIN_HELD
-    into = np.zeros(len(raw_calls), dtype=bool)
-    into[raw_calls >= 0] = judged[raw_calls[raw_calls >= 0]]
-    flagged = usable & into & (np.nan_to_num(smoothed, nan=-np.inf) > QUERY_ONLY_SHARE) \
+    flagged = candidates & usable & (np.nan_to_num(smoothed, nan=-np.inf) > QUERY_ONLY_SHARE) \
         & (location < QUERY_ONLY_MAX_LOCATION)
     groups = np.bincount(raw_calls[flagged], minlength=n_classes)  # a group, not a few stray cells, per call
     flagged &= np.isin(raw_calls, np.flatnonzero(groups >= QUERY_ONLY_MIN_CELLS))
-    record.update(location=None if not np.isfinite(location) else round(location, 4), flagged=int(flagged.sum()),
-                  share_above=QUERY_ONLY_SHARE, max_location=QUERY_ONLY_MAX_LOCATION, min_cells=QUERY_ONLY_MIN_CELLS,
-                  min_held=QUERY_ONLY_MIN_HELD)
+    record.update(location=None if not np.isfinite(location) else round(location, 4), flagged=int(flagged.sum()))
     return flagged
 
 

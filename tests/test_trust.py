@@ -363,6 +363,7 @@ def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphon
     result = _predict(model, query)
     record = result.metadata["query_only"]
     assert record["location"] < QUERY_ONLY_MAX_LOCATION and record["flagged"] > 0
+    assert record["candidates"] >= record["flagged"]
     calls = result.levels[fine]
     assert calls.is_unknown[is_b].mean() >= 0.5 and calls.is_novel[is_b].mean() >= 0.5
     assert f"{record['flagged']} calls withdrawn" in result.report(tmp_path / "r.html", model=model).read_text()
@@ -386,11 +387,12 @@ def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphon
         np.testing.assert_array_equal(result.levels[coarse].pred, other.levels[coarse].pred)
 
 
-def test_a_class_the_held_out_cells_do_not_represent_is_never_judged_query_only(symphony_no_b, monkeypatch):
+def test_a_class_the_held_out_cells_do_not_represent_is_never_judged_query_only(symphony_no_b, monkeypatch, tmp_path):
     """A large reference's calibration split holds no cell of a small class (``floor(fraction * n)``, fraction
     5,000 / its cells), so query cells called as that class mix with no reference cell, right or wrong. With the
     held-out cells of every class the view does not score taken away, the check withdraws no call; without
-    ``QUERY_ONLY_MIN_HELD`` it would withdraw known cells' calls too."""
+    ``QUERY_ONLY_MIN_HELD`` it would withdraw known cells' calls too. With no call it could withdraw, the check
+    skips its search and the record and report say so."""
     import atlasmtl.prediction as prediction
     from atlasmtl.novelty import QUERY_ONLY_MIN_HELD
 
@@ -404,11 +406,19 @@ def test_a_class_the_held_out_cells_do_not_represent_is_never_judged_query_only(
     thinned = atlasmtl.TrainedModel(model.network, {**model.metadata, "novelty": {
         **model.metadata["novelty"], "input_view": {**view, "held": {"points": held["points"][keep],
                                                                      "calls": held["calls"][keep]}}}}, model.reference)
-    result = _predict(thinned, query)
+    def no_search(*args, **kwargs):
+        raise AssertionError("the query-only search ran with no call it could withdraw")
+
+    with monkeypatch.context() as patch:  # nothing to judge: the check says so and skips its search
+        patch.setattr(prediction, "query_only_share", no_search)
+        result = _predict(thinned, query)
     record = result.metadata["query_only"]
     assert record["flagged"] == 0 and record["min_held"] == QUERY_ONLY_MIN_HELD
+    assert record["candidates"] == 0 and record["location"] is None
+    assert "nothing to judge (0 calls withdrawn)" in result.report(tmp_path / "r.html", model=thinned).read_text()
     monkeypatch.setattr(prediction, "QUERY_ONLY_MIN_HELD", None)
     unguarded = _predict(thinned, query)
+    assert unguarded.metadata["query_only"]["candidates"] > 0 and unguarded.metadata["query_only"]["location"] is not None
     withdrawn = unguarded.levels[fine].is_unknown & ~result.levels[fine].is_unknown
     assert withdrawn[~is_b].sum() > 0  # known cells alone in their neighbourhoods for want of held-out cells
     assert np.all(unscored[unguarded.levels[fine].raw[withdrawn]])
