@@ -187,7 +187,9 @@ def predict(
         that many). It ranks groups of query cells the reference lacks better than the per-cell
         score. At the finest level, a cell whose neighbourhood's mean z exceeds ``novelty_threshold``
         is novel there (Unknown; its coarser calls stay): the typical cell of its group is far from
-        the reference. ``None`` or 0 skips it (the column is NaN, and no cell is flagged by it).
+        the reference. ``None`` or 0 skips it (the column is NaN, and no cell is flagged by it; nor
+        by the query-only check, whose share counts :data:`~atlasmtl.novelty.NEIGHBOURHOOD_K` cells
+        whatever this is and is averaged over this many).
     batch_size
         Cells per inference batch.
     num_threads
@@ -535,7 +537,10 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         n_finest = len(model.classes[finest_level])
         candidates = _query_only_candidates(decoder.input_view, finest.raw, buffers.no_signal, finest_level, n_finest,
                                             buffers.query_only) if novelty_threshold is not None else None
-        query_only = _query_only_share(decoder.input_view, buffers, finest.raw, n_finest, neighbourhood_k) \
+        # the share counts the NEIGHBOURHOOD_K nearest cells whatever neighbourhood_k averages: with a few, it
+        # only asks whether the nearest other cell is a query cell, true of most cells in a query larger than
+        # the held record
+        query_only = _query_only_share(decoder.input_view, buffers, finest.raw, n_finest, NEIGHBOURHOOD_K) \
             if candidates is not None and candidates.any() else None
         if query_only is not None:
             scores[_QUERY_ONLY] = query_only  # averaged over the same neighbours, in the same search

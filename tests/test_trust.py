@@ -387,6 +387,24 @@ def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphon
         np.testing.assert_array_equal(result.levels[coarse].pred, other.levels[coarse].pred)
 
 
+def test_the_query_only_share_counts_its_own_neighbours_whatever_neighbourhood_k(symphony_no_b, monkeypatch):
+    """``neighbourhood_k`` sets how many query cells average the share, not how many neighbours the share counts
+    (``NEIGHBOURHOOD_K``): counted among 1-3 cells it only asked whether the nearest other cell was a query cell,
+    which silenced the check here and withdrew right calls into a small known class elsewhere (NK, Symphony 5p)."""
+    import atlasmtl.prediction as prediction
+
+    model, query = symphony_no_b
+    fine = SYMPHONY_LEVELS[-1]
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    for k in (2, 30):
+        calls = _predict(model, query, neighbourhood_k=k).levels[fine]
+        with monkeypatch.context() as patch:
+            patch.setattr(prediction, "QUERY_ONLY_SHARE", None)
+            before = _predict(model, query, neighbourhood_k=k).levels[fine]
+        added = calls.is_unknown & ~before.is_unknown
+        assert added[is_b].sum() > 5 * max(added[~is_b].sum(), 1), k
+
+
 def test_a_class_the_held_out_cells_do_not_represent_is_never_judged_query_only(symphony_no_b, monkeypatch, tmp_path):
     """A large reference's calibration split holds no cell of a small class (``floor(fraction * n)``, fraction
     5,000 / its cells), so query cells called as that class mix with no reference cell, right or wrong. With the
