@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
-from .inputs import MatrixSource, pseudo_counts
+from .inputs import MatrixSource, check_block, pseudo_counts
 
 #: Network input: ``zscore`` (log1p of values per 10,000, each gene standardised with the
 #: reference's mean and standard deviation, clipped to ±:data:`ZSCORE_CLIP`), ``float``
@@ -502,6 +502,7 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
         return np.arange(n), None, None
 
     def values(block: Any) -> tuple[Any, ...]:
+        check_block(block, source.where, semantics)  # the first read of every row (a backed one judged on a sample)
         linear = to_linear_values(block, semantics, "float")
         out = (_float64(linear),) if select else ()
         if zscore or by_labels:
@@ -706,7 +707,8 @@ def build_aligner(
         else:
             hint = " Check that reference and query use the same gene annotation (organism, release)."
         raise GeneAlignmentError(
-            f"Only {n_matched} of the model's {n_model} genes ({overlap:.1%}) were found in the query "
+            f"Only {n_matched} of the model's {n_model} genes ({np.floor(overlap * 1000) / 10:.1f}%) were "
+            "found in the query "
             f"({len(query_names)} genes, mapped by {how}); at least {min_gene_overlap:.0%} are required."
             + hint
             + " To map anyway, lower min_gene_overlap."

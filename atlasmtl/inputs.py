@@ -74,6 +74,9 @@ class MatrixSource:
             block = sp.csr_matrix(block)
             if block.dtype != np.float32:
                 block = block.astype(np.float32)
+            if not block.has_canonical_format:  # duplicate entries add up (as scipy reads them) before any transform
+                block = block.copy()
+                block.sum_duplicates()
             return block
         return np.asarray(block, dtype=np.float32)
 
@@ -316,16 +319,54 @@ def check_finite(block: Any, where: str) -> None:
         )
 
 
-def validate_values(source: MatrixSource, chunk_size: int = 4096) -> None:
-    """Check the whole matrix for NaN/inf (a cheap pass; skipped for backed data, checked per batch)."""
+def validate_values(source: MatrixSource, chunk_size: int = 4096) -> tuple[float, float] | None:
+    """Check the whole matrix for NaN/inf and return its ``(min, max)`` (a cheap pass; ``None`` for backed data,
+    whose rows are checked as they are streamed, :func:`check_block`)."""
     if source.backed:
-        return
+        return None
     m = source.matrix
     if sp.issparse(m):
         check_finite(m, source.where)
-        return
+        data = m.data
+        return (float(min(data.min(), 0.0)), float(data.max())) if data.size else (0.0, 0.0)
+    low, high = np.inf, -np.inf
     for _, _, block in source.iter_chunks(chunk_size):
         check_finite(block, source.where)
+        values = np.asarray(block)
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return (low, high) if np.isfinite(low) else (0.0, 0.0)
+
+
+#: The largest value log-normalised data reach (``log1p`` of any per-cell normalisation); above it a non-integer
+#: matrix is read as linear values (``"other"``, :func:`detect_semantics`).
+LOGNORM_MAX = 30.0
+
+
+def _scaled_message(where: str, input_transform: str = "zscore") -> str:
+    return (f"adata.{where} holds negative values: it looks scaled or centred (e.g. sc.pp.scale), which "
+            f"cannot be {'binarised' if input_transform == 'binary' else 'normalised'} meaningfully. "
+            "Pass raw counts or log-normalised values instead: use_raw=True if adata.raw holds them, "
+            "or layer='counts'.")
+
+
+def check_block(block: Any, where: str, semantics: str) -> None:
+    """Check rows read after the matrix was judged on a sample (backed data, the training minibatches): no NaN or
+    infinite value (:class:`InvalidValuesError`), no negative value (:class:`MatrixSemanticsError`, as
+    :func:`check_semantics_usable`), and, in a matrix read as log-normalised, no value above
+    :data:`LOGNORM_MAX` (:class:`InvalidValuesError`: counts or outliers among log values)."""
+    check_finite(block, where)
+    values = _values_of(block)
+    if not values.size:
+        return
+    if values.min() < 0:
+        raise MatrixSemanticsError(_scaled_message(where))
+    if semantics == "lognorm" and values.max() > LOGNORM_MAX:
+        raise InvalidValuesError(
+            f"adata.{where} was read as log-normalised (its sampled rows stay at or below {LOGNORM_MAX:g}) but other "
+            f"rows hold values up to {float(values.max()):g}: raw counts mixed with log values, or outliers. Pass one "
+            "kind of matrix (layer='counts', or use_raw=True if adata.raw holds the log values) and fix the outliers."
+        )
 
 
 def sample_rows(source: MatrixSource, max_rows: int = 2048, n_chunks: int = 8) -> Any:
@@ -365,19 +406,23 @@ def pseudo_counts(block: Any, semantics: str) -> sp.csr_matrix:
     return out
 
 
-def detect_semantics(source: MatrixSource, sample: Any = None) -> dict[str, Any]:
+def detect_semantics(source: MatrixSource, sample: Any = None,
+                     extent: tuple[float, float] | None = None) -> dict[str, Any]:
     """Guess what the matrix holds: ``counts``, ``lognorm``, ``scaled`` or ``other``.
 
     Returns a dict with the verdict and the evidence (min, max, integer fraction).
     Negative values anywhere mean scaled/centred data; all-integer values mean
-    counts; non-negative non-integer values up to ~30 mean log-normalised data.
-    ``sample``: the rows :func:`sample_rows` returns, when the caller has read them already.
+    counts; non-negative non-integer values up to :data:`LOGNORM_MAX` mean log-normalised data.
+    ``sample``: the rows :func:`sample_rows` returns, when the caller has read them already;
+    ``extent``: the whole matrix's ``(min, max)`` (:func:`validate_values`; else the sample's).
     """
     if sample is None:
         sample = sample_rows(source)
     values = _values_of(sample)
     check_finite(sample, source.where)
-    if sp.issparse(source.matrix) and not source.backed:
+    if extent is not None:
+        vmin, vmax = extent
+    elif sp.issparse(source.matrix) and not source.backed:
         data = source.matrix.data
         vmin = float(min(data.min(), 0.0)) if data.size else 0.0
         vmax = float(data.max()) if data.size else 0.0
@@ -390,7 +435,7 @@ def detect_semantics(source: MatrixSource, sample: Any = None) -> dict[str, Any]
         kind = "scaled"
     elif integer_fraction > 0.999:
         kind = "counts"
-    elif vmax <= 30:
+    elif vmax <= LOGNORM_MAX:
         kind = "lognorm"
     else:
         kind = "other"
@@ -406,12 +451,7 @@ def detect_semantics(source: MatrixSource, sample: Any = None) -> dict[str, Any]
 def check_semantics_usable(semantics: str, input_transform: str, where: str) -> None:
     """Refuse matrices the network cannot use (scaled/centred values)."""
     if semantics == "scaled":
-        raise MatrixSemanticsError(
-            f"adata.{where} holds negative values: it looks scaled or centred (e.g. sc.pp.scale), which "
-            f"cannot be {'binarised' if input_transform == 'binary' else 'normalised'} meaningfully. "
-            "Pass raw counts or log-normalised values instead: use_raw=True if adata.raw holds them, "
-            "or layer='counts'."
-        )
+        raise MatrixSemanticsError(_scaled_message(where, input_transform))
 
 
 def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = None) -> dict[str, Any]:
@@ -420,7 +460,14 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
     The one entry point training and prediction share; returns :func:`detect_semantics`'s dict
     (``sample``: :func:`sample_rows`'s rows, when already read).
     """
-    validate_values(source)
-    semantics = detect_semantics(source, sample)
+    extent = validate_values(source)
+    semantics = detect_semantics(source, sample, extent)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
+    if semantics["semantics"] == "other" and input_transform != "binary":
+        warnings.warn(
+            f"adata.{source.where} holds non-integer values up to {semantics['max']:g}, above what log-normalised data "
+            f"reach ({LOGNORM_MAX:g}): atlasmtl reads them as linear normalised values (e.g. TPM, or counts per 10k "
+            "without log) and log-normalises them per cell. If the matrix holds log-normalised values with a few "
+            "outliers, or log values and counts mixed, fix it or choose another (layer='counts', use_raw=True).",
+            UserWarning, stacklevel=user_stacklevel())
     return semantics

@@ -30,7 +30,7 @@ from .hierarchy import decode_paths, level_paths, parent_codes
 from .genes import UNMEASURED_MIN_EXPECTED, GeneAligner, build_aligner, unmeasured_genes
 from .io import open_anndata
 from .calls import LevelCalls
-from .inputs import (MatrixSource, check_finite, checked_semantics, get_matrix_source, h5ad_query_source,
+from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source,
                      sample_rows)
 from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
@@ -559,6 +559,10 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
     return calls
 
 
+#: ``predict`` warns when at least this share of the query's cells detect none of the model's genes (they end
+#: Unknown; ``result.metadata["cells_without_signal"]`` counts them always).
+NO_SIGNAL_WARN_SHARE = 0.05
+
 #: The key under which the query-only share rides along in the neighbourhood search's scores.
 _QUERY_ONLY = "\x00query_only"
 
@@ -668,8 +672,8 @@ def _predict_source(
                 last = min(first + batch_size, part.stop)
                 block = source.rows(slice(first, last))
                 start, stop = first - part.start, last - part.start
-                if source.backed:
-                    check_finite(block, source.where)
+                if source.backed:  # in memory, checked whole before (inputs.validate_values)
+                    check_block(block, source.where, semantics["semantics"])
                 x, detected = _network_input(aligner, block, dev, zero_input)
                 output = net(x)
                 any_low = _infer(model, output, detected, gate, decoder, buffers, slice(start, stop))
@@ -716,6 +720,14 @@ def _predict_source(
         "coord_targets": model.coord_targets,
         "reference_classes": _reference_classes(model, decoder),
     }
+    without_signal = int(buffers.no_signal.sum())
+    metadata["cells_without_signal"] = without_signal
+    if without_signal >= NO_SIGNAL_WARN_SHARE * max(len(buffers.no_signal), 1):
+        warnings.warn(
+            f"{without_signal} of the {len(buffers.no_signal)} query cells ({without_signal / len(buffers.no_signal):.0%}) "
+            "detect none of the model's genes (or gave no finite confidence) and are Unknown at every level. Check "
+            "that the matrix (X, a layer, raw) and the gene names are the ones the model expects, and remove empty "
+            "cells (e.g. sc.pp.filter_cells(query, min_genes=1)).", UserWarning, stacklevel=user_stacklevel())
     with torch_threads(n_threads):  # the neighbourhood search runs on torch
         calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
     if buffers.query_only:

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from .calls import UNKNOWN, check_writeback_names
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
 from .genes import GeneAligner, reference_gene_statistics, selection_aligner
-from .inputs import MatrixSource, ReferenceTable, check_finite, checked_semantics, get_matrix_source
+from .inputs import MatrixSource, ReferenceTable, check_block, checked_semantics, get_matrix_source
 from .knn import row_number_dtype
 from . import distributed as _dist
 
@@ -251,7 +251,8 @@ def prepare_reference(
 
 
 def reference_rows(ref: Reference, rows: np.ndarray | slice) -> Any:
-    """Reference rows as read for the network, checked for NaN/inf (streamed data is checked only here)."""
+    """Reference rows as read for the network, checked (:func:`~atlasmtl.inputs.check_block`; streamed data is
+    checked only here)."""
     block = ref.source.rows(rows)
-    check_finite(block, ref.source.where)
+    check_block(block, ref.source.where, ref.semantics["semantics"])
     return block

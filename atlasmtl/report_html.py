@@ -271,6 +271,12 @@ def _render(
         raise ParameterError(f"Expected a PredictionResult, got {type(result).__name__}.")
     if model is not None and not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel, not {type(model).__name__}.")
+    if model is not None and (list(model.label_columns) != list(result.label_columns) or any(
+            list(model.classes[lv]) != list(result.classes[lv]) for lv in result.label_columns)):
+        raise ParameterError(
+            f"model is not the one these predictions were made with: its levels are {list(model.label_columns)}, the "
+            f"predictions' {list(result.label_columns)} (or their classes differ). Pass the model given to predict, "
+            "or no model.")
     if adata is not None:
         if not isinstance(adata, ad.AnnData):
             raise ParameterError(f"adata must be the query AnnData, not {type(adata).__name__}.")

@@ -27,7 +27,7 @@ from .augment import ShiftAugmentation, mixup_pairs, simulate_shift
 from .batch_worker import (CsrSlots, forked_prefetch, max_batch_nonzeros, mean_stored_values, prefetch,
                            use_worker_process)
 from .exceptions import TrainingError
-from .inputs import MatrixSource, check_finite
+from .inputs import MatrixSource, check_block
 from . import distributed as _dist
 from .network import MultiTaskNetwork, SparseInput, dropout_keep, multiplies_densely
 from .reference import Reference
@@ -204,10 +204,10 @@ class Objective:
         return self.network_input(self.shifted(block, train), train)
 
     def shifted(self, block: Any, train: bool = False) -> Any:
-        """The rows ``block``, checked for NaN/inf; with ``train=True`` and augmentation on, a shifted copy
+        """The rows ``block``, checked (:func:`~atlasmtl.inputs.check_block`); with ``train=True`` and augmentation on, a shifted copy
         (:func:`simulate_shift`, counts over all the reference's genes): the random half of
         :meth:`transform`, drawn from :attr:`rng`."""
-        check_finite(block, self.ref.source.where)
+        check_block(block, self.ref.source.where, self.ref.semantics["semantics"])
         if train and self.augmentation is not None:
             return simulate_shift(block, self.ref.semantics["semantics"], self.rng, self.augmentation)
         return block

@@ -39,9 +39,11 @@ from atlasmtl.exceptions import (
     AtlasMTLError,
     CoordinateError,
     DeviceError,
+    GeneAlignmentError,
     InputError,
     InvalidValuesError,
     LabelError,
+    MatrixSemanticsError,
     ParameterError,
 )
 
@@ -222,6 +224,87 @@ def test_backed_query_with_nan_beyond_sampled_rows(tiny_model, tmp_path):
     query.write_h5ad(tmp_path / "q.h5ad")
     with pytest.raises(InvalidValuesError, match="NaN or infinite"):
         _predictions(tiny_model, str(tmp_path / "q.h5ad"))
+
+
+def _with_value_beyond_sampled_rows(adata: ad.AnnData, value: float, log: bool = False) -> ad.AnnData:
+    """``adata`` (counts; log1p of counts per 10k with ``log``) as a dense matrix, with ``value`` in row 300, which
+    the semantics sampling never reads."""
+    X = adata.X.toarray()
+    if log:
+        X = np.log1p(X / np.maximum(X.sum(axis=1, keepdims=True), 1) * 1e4)
+    X[300, 3] = value
+    out = adata.copy()
+    out.X = X.astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("where", ["reference in memory", "reference backed", "query in memory", "query backed"])
+def test_a_negative_value_beyond_the_sampled_rows_is_refused(tiny_model, tmp_path, where):
+    """The semantics are judged on sampled rows; a negative value elsewhere in a dense or backed matrix (scaled
+    data, or a corrupt entry) is refused as the sampled one is, not read as a count."""
+    data = _with_value_beyond_sampled_rows(synthetic(3000, seed=5), -3.0)
+    if where.endswith("backed"):
+        data.write_h5ad(tmp_path / "bad.h5ad")
+        data = str(tmp_path / "bad.h5ad")
+    with pytest.raises(MatrixSemanticsError, match="negative values"):
+        if where.startswith("reference"):
+            atlasmtl.build_model(data, LEVELS, **FAST)
+        else:
+            _predictions(tiny_model, data)
+
+
+def test_log_values_with_an_outlier_beyond_the_sampled_rows(tiny_model, tmp_path):
+    """Log-normalised values with one count-sized value elsewhere: in memory the whole matrix is judged, read as
+    linear values, with a warning that names the fix; streamed from disk, the row is refused (it would overflow
+    the log values' back-transform)."""
+    query = _with_value_beyond_sampled_rows(synthetic(3000, seed=6), 1e6, log=True)
+    with pytest.warns(UserWarning, match="above what log-normalised data reach"):
+        result = _predictions(tiny_model, query)
+    assert result.metadata["input"]["semantics"] == "other"
+    query.write_h5ad(tmp_path / "q.h5ad")
+    with pytest.raises(InvalidValuesError, match="read as log-normalised"):
+        _predictions(tiny_model, str(tmp_path / "q.h5ad"))
+
+
+def test_a_report_refuses_a_model_that_did_not_make_the_predictions(tiny, tiny_model, tmp_path):
+    """A report draws the model's settings, classes and findings beside the predictions; another model's would
+    describe something else (found by an audit: a pbmc68k model's levels shown under Symphony predictions)."""
+    result = _predictions(tiny_model, tiny[1])
+    fine_only = atlasmtl.build_model(tiny[0], LEVELS[-1:], **FAST)
+    with pytest.raises(ParameterError, match="not the one these predictions were made with"):
+        result.report(tmp_path / "r.html", model=fine_only)
+    assert not (tmp_path / "r.html").exists()
+    assert (result.report(tmp_path / "r.html", model=tiny_model)).exists()
+
+
+def test_the_gene_overlap_refusal_never_shows_the_required_share():
+    """883 of 1,767 genes is 49.97%: the refusal said "(50.0%) ... at least 50% are required"."""
+    ref = synthetic(300, n_genes=1767, seed=2)
+    model = atlasmtl.build_model(ref, LEVELS, **FAST)
+    with pytest.raises(GeneAlignmentError, match=r"883 of the model's 1767 genes \(49\.9%\)"):
+        _predictions(model, ref[:, :883].copy())
+
+
+def test_duplicate_sparse_entries_read_as_their_sum(tiny_model, tiny):
+    """A CSR matrix may store one (cell, gene) value as several entries, which scipy adds up. Log values were
+    back-transformed entry by entry before they were added, so such a query was predicted differently from the
+    same matrix in canonical form; the user's matrix stays as it was."""
+    query = tiny[1].copy()
+    X = sp.csr_matrix(query.X, dtype=np.float32)
+    X = sp.csr_matrix(np.log1p(X.multiply(1e4 / np.asarray(X.sum(axis=1))).tocsr()), dtype=np.float32)
+    # every stored value as two halves: the same matrix to scipy
+    counts = np.diff(X.indptr)
+    split = sp.csr_matrix((np.repeat(X.data / 2, 2), np.repeat(X.indices, 2), np.r_[0, np.cumsum(2 * counts)]),
+                          shape=X.shape)
+    assert not split.has_canonical_format and np.allclose(split.toarray(), X.toarray())
+    query.X = X
+    canonical = _predictions(tiny_model, query)
+    query.X = split
+    twice = _predictions(tiny_model, query)
+    assert len(query.X.data) == 2 * len(X.data)
+    for lv in LEVELS:
+        np.testing.assert_array_equal(canonical.levels[lv].pred, twice.levels[lv].pred)
+        np.testing.assert_allclose(canonical.levels[lv].conf, twice.levels[lv].conf, atol=1e-5)
 
 
 @pytest.mark.parametrize("lr", [np.inf, np.nan, -np.inf, 0.0])

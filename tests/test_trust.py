@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -662,12 +663,17 @@ def test_zero_count_cells_end_unknown_even_with_knn_all(symphony_model, symphony
     X = X.tolil()
     X[:3] = 0
     q.X = X.tocsr()
-    result = _predict(symphony_model, q, knn_correction="all")
+    with pytest.warns(UserWarning, match=r"3 of the 40 query cells \(8%\) detect none of the model's genes"):
+        result = _predict(symphony_model, q, knn_correction="all")  # 3 of 40: above NO_SIGNAL_WARN_SHARE
+    assert result.metadata["cells_without_signal"] == 3
     for lv in SYMPHONY_LEVELS:
         calls = result.levels[lv]
         assert np.all(calls.is_unknown[:3]) and not np.any(calls.used_knn[:3]), lv
         assert np.isnan(calls.knn_vote_frac[:3]).all()  # never searched
         assert not calls.is_unknown[3:].all()
+    with warnings.catch_warnings():  # one empty cell of 40 (2.5%) is recorded, not warned about
+        warnings.filterwarnings("error", message=".*detect none of the model's genes")
+        assert _predict(symphony_model, q[2:], knn_correction="all").metadata["cells_without_signal"] == 1
 
 
 def test_nan_confidence_is_never_confident_and_never_rescued():
