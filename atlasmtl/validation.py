@@ -55,7 +55,8 @@ def as_float(
     value = float(value)
     inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not math.isfinite(value):
-        raise ParameterError(f"{name}={value!r} must be a finite number in {interval}.")
+        bounded = math.isfinite(low) or math.isfinite(high)
+        raise ParameterError(f"{name}={value!r} must be a finite number" + (f" in {interval}." if bounded else "."))
     if not inside:
         raise ParameterError(f"{name}={value!r} must be a number in {interval}.")
     return value

@@ -307,6 +307,13 @@ def test_duplicate_sparse_entries_read_as_their_sum(tiny_model, tiny):
         np.testing.assert_allclose(canonical.levels[lv].conf, twice.levels[lv].conf, atol=1e-5)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_an_unbounded_threshold_that_is_not_finite_is_refused_plainly(tiny_model, tiny, value):
+    """Said "must be a finite number in [-inf, inf]", an interval that holds it."""
+    with pytest.raises(ParameterError, match=r"novelty_threshold=(nan|inf) must be a finite number\.$"):
+        _predictions(tiny_model, tiny[1], novelty_threshold=value)
+
+
 @pytest.mark.parametrize("lr", [np.inf, np.nan, -np.inf, 0.0])
 def test_nonfinite_learning_rate_is_refused(tiny, lr):
     with pytest.raises(ParameterError, match="learning_rate"):
