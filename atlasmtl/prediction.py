@@ -350,7 +350,8 @@ class _Buffers:
         #: The input view's PCA coordinates of every cell (cells × components; filled when the view is used
         #: and the neighbourhood novelty is asked for, else 0 columns).
         self.view_points = np.zeros((n, 0), dtype=np.float32)
-        #: What the query-only flag found (:func:`_query_only_flags`; empty when it is off).
+        #: What the query-only check found (:func:`_query_only_candidates`, :func:`_query_only_flags`; empty when
+        #: it is off).
         self.query_only: dict[str, Any] = {}
         self.coords = {
             name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
@@ -572,8 +573,8 @@ def _query_only_candidates(view: InputView | None, raw_calls: np.ndarray, no_sig
     """The finest calls the query-only check may withdraw, whatever their share: with signal, into a class the
     input view does not score but at least :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_HELD` cells of the model's held
     record are called as (else none of its cells can mix), and at least
-    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call. ``None`` where the check is off (see
-    :func:`_query_only_share`). Where there is none, the check cannot flag a cell and its search is skipped
+    :data:`~atlasmtl.novelty.QUERY_ONLY_MIN_CELLS` cells of the same call. ``None`` where the check is off
+    (``QUERY_ONLY_SHARE`` ``None``, or a model whose input view holds no held-out cells). Where there is none, the check cannot flag a cell and its search is skipped
     (``record`` then says so: ``location`` ``None``, ``candidates`` 0)."""
     if QUERY_ONLY_SHARE is None or view is None or view.held_points is None or not len(view.held_points):
         return None

@@ -501,9 +501,10 @@ def _novelty(page: _Page) -> str | None:
         share = query_only.get("share_above", QUERY_ONLY_SHARE)
         min_cells = query_only.get("min_cells", QUERY_ONLY_MIN_CELLS)
         if query_only.get("candidates") == 0:
-            check = (f"No group of at least {_e(_fmt(min_cells))} query cells was called as such a class with at least "
-                     f"{_e(_fmt(query_only.get('min_held')))} held-out reference cells called so, so the check had "
-                     "nothing to judge (0 calls withdrawn).")
+            min_held = query_only.get("min_held")
+            check = (f"No group of at least {_e(_fmt(min_cells))} query cells was called as such a class"
+                     + (f" with at least {_e(_fmt(min_held))} held-out reference cells called so" if min_held else "")
+                     + ", so the check had nothing to judge (0 calls withdrawn).")
         elif query_only:
             location = query_only.get("location")
             check = (f"This query's location on that share is {_e(_fmt(location))}"
