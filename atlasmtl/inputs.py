@@ -74,7 +74,9 @@ class MatrixSource:
             block = sp.csr_matrix(block)
             if block.dtype != np.float32:
                 block = block.astype(np.float32)
-            if not block.has_canonical_format:  # duplicate entries add up (as scipy reads them) before any transform
+            if block.has_sorted_indices and not block.has_canonical_format:
+                # sorted, not canonical: duplicate entries, which add up (as scipy reads them) before any transform.
+                # Unsorted rows are left as they are: finding duplicates there costs a sort of every block
                 block = block.copy()
                 block.sum_duplicates()
             return block

@@ -288,7 +288,7 @@ def test_the_gene_overlap_refusal_never_shows_the_required_share():
 def test_duplicate_sparse_entries_read_as_their_sum(tiny_model, tiny):
     """A CSR matrix may store one (cell, gene) value as several entries, which scipy adds up. Log values were
     back-transformed entry by entry before they were added, so such a query was predicted differently from the
-    same matrix in canonical form; the user's matrix stays as it was."""
+    same matrix in canonical form (rows with sorted indices; unsorted ones are read as they are)."""
     query = tiny[1].copy()
     X = sp.csr_matrix(query.X, dtype=np.float32)
     X = sp.csr_matrix(np.log1p(X.multiply(1e4 / np.asarray(X.sum(axis=1))).tocsr()), dtype=np.float32)
@@ -296,7 +296,7 @@ def test_duplicate_sparse_entries_read_as_their_sum(tiny_model, tiny):
     counts = np.diff(X.indptr)
     split = sp.csr_matrix((np.repeat(X.data / 2, 2), np.repeat(X.indices, 2), np.r_[0, np.cumsum(2 * counts)]),
                           shape=X.shape)
-    assert not split.has_canonical_format and np.allclose(split.toarray(), X.toarray())
+    assert split.has_sorted_indices and not split.has_canonical_format and np.allclose(split.toarray(), X.toarray())
     query.X = X
     canonical = _predictions(tiny_model, query)
     query.X = split
