@@ -204,10 +204,12 @@ class Objective:
         return self.network_input(self.shifted(block, train), train)
 
     def shifted(self, block: Any, train: bool = False) -> Any:
-        """The rows ``block``, checked (:func:`~atlasmtl.inputs.check_block`); with ``train=True`` and augmentation on, a shifted copy
+        """The rows ``block``, checked when streamed from disk (:func:`~atlasmtl.inputs.check_block`; a matrix in
+        memory was checked whole before training); with ``train=True`` and augmentation on, a shifted copy
         (:func:`simulate_shift`, counts over all the reference's genes): the random half of
         :meth:`transform`, drawn from :attr:`rng`."""
-        check_block(block, self.ref.source.where, self.ref.semantics["semantics"])
+        if self.ref.source.backed:
+            check_block(block, self.ref.source.where, self.ref.semantics["semantics"])
         if train and self.augmentation is not None:
             return simulate_shift(block, self.ref.semantics["semantics"], self.rng, self.augmentation)
         return block
