@@ -42,7 +42,10 @@ the staged files; the final names are replaced (hard links of the staged files,
 so the staged files stay intact); finally the manifest is replaced by one naming
 the final files and the staged files are removed. A save killed at any moment
 leaves one whole model (the old one or the new one) loadable; leftovers of a
-killed save are removed by the next save to the same name.
+killed save are removed by the next save to the same name. Each final name's old
+file is kept (``.<name>.<token>.old``) until the second commit, so a save that
+fails after the first (a companion file that cannot be replaced, a full disk)
+puts the old files and the old manifest back: the old model, as it was.
 
 **Neighbour index.** References above
 :data:`~atlasmtl.knn.EXACT_SEARCH_MAX_CELLS` cells carry the lists of a
@@ -213,7 +216,11 @@ def _install(staged: Path, final: Path, token: str) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES):
             raise
-        _copy_new_file(staged, tmp)  # file systems without hard links: copy
+        try:
+            _copy_new_file(staged, tmp)  # file systems without hard links: copy
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a partial copy (a full disk) must not stay behind
+            raise
     try:
         os.replace(tmp, final)
     finally:
@@ -244,11 +251,11 @@ def _referenced(manifest_path: Path) -> set[str]:
 
 
 def _leftovers(paths: dict[str, Path]) -> list[Path]:
-    """Staged and temporary files of earlier saves to these names (``.<name>.<token>.staged|.tmp``)."""
+    """Staged, temporary and kept files of earlier saves to these names (``.<name>.<token>.staged|.tmp|.old``)."""
     folder = paths["weights"].parent
     prefixes = tuple(f".{p.name}." for p in paths.values())
     return [folder / n for n in os.listdir(folder)
-            if n.startswith(prefixes) and n.endswith((".staged", ".tmp"))]
+            if n.startswith(prefixes) and n.endswith((".staged", ".tmp", ".old"))]
 
 
 @contextlib.contextmanager
@@ -378,27 +385,85 @@ def _embedding_payload(embedding: Any) -> tuple[_StreamedArray, dict[str, Any]]:
 
 def _commit(paths: dict[str, Path], payloads: dict[str, Any], staged: dict[str, Path], manifest: Any,
             token: str) -> None:
-    """Stage, commit (manifest → staged files), install the final names, commit again (manifest → final names)."""
+    """Stage, commit (manifest → staged files), install the final names, commit again (manifest → final names).
+
+    Before a final name is replaced, the file it holds is kept under ``.<name>.<token>.old`` (a hard link, or a
+    copy where the file system has none). If anything fails after the first commit, every replaced file gets its
+    old content back and the old manifest is rewritten: a failed save leaves the old model as it was.
+    """
     folder = paths["weights"].parent
+    old_manifest = paths["manifest"].read_bytes() if paths["manifest"].exists() else None
+    committed, installed, kept = False, [], {}
     try:
         for role, data in payloads.items():
             _write_new_file(staged[role], data)
         _fsync_folder(folder)
         # commit 1: the manifest names the staged files; until here the old model was untouched
         atomic_write(paths["manifest"], manifest({r: p.name for r, p in staged.items()}), "model manifest")
+        committed = True
         for role in payloads:
+            if paths[role].exists():
+                kept[role] = paths[role].with_name(f".{paths[role].name}.{token}.old")
+                _keep_copy(paths[role], kept[role])
+            installed.append(role)
             _install(staged[role], paths[role], token)
         # commit 2: the manifest names the final files
         atomic_write(paths["manifest"], manifest({r: paths[r].name for r in payloads}), "model manifest")
+        committed = False
         _fsync_folder(folder)
     except BaseException as exc:
+        restore_error = _roll_back(paths, old_manifest, installed, kept) if committed else None
         in_use = _referenced(paths["manifest"])
-        for p in staged.values():
+        for p in [*staged.values(), *kept.values()]:
             if p.name not in in_use and p.exists():
                 p.unlink()
+        if restore_error is not None:
+            raise OutputError(
+                f"Cannot write the model to {str(paths['weights'])!r}: {exc}; and the earlier model's files could not "
+                f"be put back ({restore_error}). The manifest {paths['manifest'].name} names the new model's complete "
+                "files (hidden names ending in .staged), so the new model loads; fix the cause and save again to give "
+                "its files their final names."
+            ) from exc
         if isinstance(exc, OSError) and not isinstance(exc, AtlasMTLError):
             raise output_error(exc, paths["weights"], "model") from exc
         raise
+    for p in kept.values():
+        p.unlink(missing_ok=True)
+
+
+def _keep_copy(final: Path, keep: Path) -> None:
+    """``keep`` made to hold ``final``'s content (a hard link, else a copy), so a failed save can restore it."""
+    try:
+        os.link(final, keep)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES):
+            raise
+        try:
+            _copy_new_file(final, keep)
+        except BaseException:
+            keep.unlink(missing_ok=True)
+            raise
+
+
+def _roll_back(paths: dict[str, Path], old_manifest: bytes | None, installed: list[str],
+               kept: dict[str, Path]) -> str | None:
+    """Undo a save that failed after its first commit: each final name it may have replaced gets its old file
+    back (or is removed where there was none), then the old manifest (or none) is restored. Returns ``None``,
+    or what went wrong while restoring."""
+    try:
+        for role in installed:
+            if role in kept:
+                os.replace(kept[role], paths[role])
+            else:
+                paths[role].unlink(missing_ok=True)
+        if old_manifest is None:
+            paths["manifest"].unlink(missing_ok=True)
+        else:
+            atomic_write(paths["manifest"], old_manifest, "model manifest")
+        _fsync_folder(paths["weights"].parent)
+    except (OSError, AtlasMTLError) as exc:
+        return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------- load

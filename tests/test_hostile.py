@@ -11,6 +11,7 @@ the real-data error paths live in ``test_errors.py`` and ``test_artifacts.py``.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ from atlasmtl.exceptions import (
     InvalidValuesError,
     LabelError,
     MatrixSemanticsError,
+    OutputError,
     ParameterError,
 )
 
@@ -625,6 +627,55 @@ def test_interrupted_overwrite_leaves_one_whole_model(tiny_model, other_model, t
             assert calls["n"] < fail_at
             break
     assert seen == {"old", "new"}
+
+
+@pytest.mark.parametrize("role", ["weights", "metadata", "reference", "embedding"])
+def test_a_final_name_that_cannot_be_replaced_leaves_the_old_model_as_it_was(tiny_model, other_model, tiny, tmp_path,
+                                                                              monkeypatch, role):
+    """A companion file the process may not replace (another user's, immutable) fails the save after its first
+    commit: every file already replaced gets its old content back, with the old manifest."""
+    from atlasmtl import artifacts
+
+    directory = tmp_path / "model"
+    tiny_model.save(directory / "model.pth")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    real = artifacts._install
+    blocked = artifacts.artifact_paths(directory / "model.pth")[role]
+
+    def install(staged, final, token):
+        if final == blocked:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(final))
+        return real(staged, final, token)
+
+    monkeypatch.setattr(artifacts, "_install", install)
+    with pytest.raises(OutputError, match="Nothing was replaced"):
+        other_model.save(directory / "model.pth")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert _which_model(directory, {"old": tiny_model, "new": other_model}, tiny[1]) == "old"
+
+
+def test_a_save_whose_restore_fails_too_says_the_new_model_is_what_loads(tiny_model, other_model, tiny, tmp_path,
+                                                                         monkeypatch):
+    from atlasmtl import artifacts
+
+    directory = tmp_path / "model"
+    tiny_model.save(directory / "model.pth")
+    real = artifacts._install
+
+    def install(staged, final, token):
+        if final.name == "model_reference.pkl":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(final))
+        return real(staged, final, token)
+
+    monkeypatch.setattr(artifacts, "_install", install)
+    monkeypatch.setattr(artifacts, "_roll_back", lambda *a: "the disk is full")
+    with pytest.raises(OutputError, match="could not be put back .the disk is full.*the new model loads"):
+        other_model.save(directory / "model.pth")
+    monkeypatch.undo()
+    assert _which_model(directory, {"old": tiny_model, "new": other_model}, tiny[1]) == "new"
+    other_model.save(directory / "model.pth")  # the next save gives the files their final names and tidies up
+    assert {p.name for p in directory.iterdir()} == FINAL_NAMES
 
 
 def test_process_killed_during_overwrite_leaves_one_whole_model(tiny_model, other_model, tiny, tmp_path, monkeypatch):
