@@ -27,6 +27,12 @@ from .knn import row_number_dtype
 from . import distributed as _dist
 
 
+#: Class names refused at training: text that pandas reads as a missing value (its default ``na_values``), which
+#: is also what ``astype(str)`` makes of NaN and None.
+MISSING_LABEL_NAMES = frozenset({"", "nan", "NaN", "-nan", "-NaN", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA",
+                                 "<NA>", "NULL", "null", "None", "NaT", "1.#IND", "-1.#IND", "1.#QNAN", "-1.#QNAN"})
+
+
 def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[str]) -> tuple[dict[str, list[str]], np.ndarray, dict]:
     """Integer codes (n_cells × n_levels, int32, -1 = unlabelled) and class names per level."""
     if isinstance(label_columns, str):
@@ -58,6 +64,20 @@ def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[st
                 f"Label column {col!r} has a class named {UNKNOWN!r}, which atlasmtl reserves for the cells it "
                 f"abstains on. Rename the class (e.g. 'Unassigned') or set those cells' label to NaN so they do "
                 "not count for this level."
+            )
+        like_unknown = [n for n in names if n != UNKNOWN and n.strip().lower() == UNKNOWN.lower()]
+        if like_unknown:
+            raise LabelError(
+                f"Label column {col!r} has a class named {like_unknown[0]!r}, which reads as atlasmtl's {UNKNOWN!r} "
+                "(the cells it abstains on). Rename the class or set those cells' label to NaN."
+            )
+        like_missing = [n for n in names if n.strip() in MISSING_LABEL_NAMES]
+        if like_missing:
+            n_cells = int(np.isin(level_codes, [names.index(n) for n in like_missing]).sum())
+            raise LabelError(
+                f"Label column {col!r} has classes named like a missing value: {like_missing} ({n_cells} cells). Such "
+                "labels are usually NaN turned into text (astype(str)), and a table of predictions reads them back "
+                "as missing. Set those cells' label to NaN (they then do not count for this level) or rename the class."
             )
         if len(names) < 2:
             raise LabelError(

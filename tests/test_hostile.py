@@ -1058,3 +1058,22 @@ def test_metadata_with_an_impossible_ensemble_size_is_refused_before_building_it
     _edit_pickle(saved, "metadata", lambda meta: meta["architecture"].update(ensemble_size=members))
     with pytest.raises(ArtifactError, match="ensemble_size"):
         atlasmtl.TrainedModel.load(saved / "model_manifest.json")
+
+
+@pytest.mark.parametrize("name", ["nan", "NA", "None", "", " <NA>", "unknown", "Unknown "])
+def test_a_class_named_like_a_missing_value_or_unknown_is_refused_at_training(tiny, name):
+    """Such classes trained, then read back from a predictions table as missing (or Unknown)."""
+    ref = tiny[0].copy()
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(str)
+    ref.obs.loc[ref.obs["cell_type"] == ref.obs["cell_type"].iloc[0], "cell_type"] = name
+    with pytest.raises(LabelError, match="missing value|reads as atlasmtl's 'Unknown'"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
+
+
+def test_nan_labels_made_text_are_refused_with_the_fix(tiny):
+    ref = tiny[0].copy()
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(object)
+    ref.obs.loc[ref.obs_names[:7], "cell_type"] = np.nan
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(str)  # the pitfall: NaN becomes the class 'nan'
+    with pytest.raises(LabelError, match=r"\['nan'\] \(7 cells\).*astype\(str\).*Set those cells' label to NaN"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
