@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, mode_fields
-from .exceptions import InputError
+from .exceptions import InputError, user_stacklevel
 from .io import atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad, read_h5ad_obs
 from .runtime import format_sections
 
@@ -56,10 +57,23 @@ class PredictionResult(CallTable):
         if len(obs_names) != self.n_obs or not np.array_equal(np.asarray(obs_names), np.asarray(self.obs_names)):
             raise InputError(what)
 
-    def _obs_with_calls(self, obs: pd.DataFrame, mode: str) -> pd.DataFrame:
-        """``obs`` without earlier atlasmtl columns for these levels, plus this result's columns."""
+    def _obs_with_calls(self, obs: pd.DataFrame, mode: str, earlier_writeback: bool) -> pd.DataFrame:
+        """``obs`` plus this result's columns. With ``earlier_writeback`` (the AnnData holds ``uns["atlasmtl"]``)
+        every column atlasmtl writes for these levels goes first, so no column of another ``mode`` lingers; without
+        it, a column of the user's that only shares a name with one atlasmtl writes is kept unless this writeback
+        replaces it, which a warning names."""
         frame = self.to_dataframe(mode)
-        new_obs = obs[[c for c in obs.columns if c not in self.own_columns()]].copy()
+        if earlier_writeback:
+            new_obs = obs[[c for c in obs.columns if c not in self.own_columns()]].copy()
+        else:
+            replaced = [c for c in frame.columns if c in obs.columns]
+            if replaced:
+                warnings.warn(
+                    f"The AnnData's obs already holds columns atlasmtl writes, not from an earlier atlasmtl writeback "
+                    f"(no uns['atlasmtl']); they are replaced by the predictions: {replaced[:10]}"
+                    + (f" and {len(replaced) - 10} more" if len(replaced) > 10 else "")
+                    + ". Rename them first to keep them.", UserWarning, stacklevel=user_stacklevel())
+            new_obs = obs.copy()
         for col in frame.columns:
             new_obs[col] = frame[col].values
         return new_obs
@@ -69,7 +83,9 @@ class PredictionResult(CallTable):
     ) -> ad.AnnData:
         """Write predictions into ``adata.obs`` (and ``obsm``/``uns``) and return it.
 
-        Earlier atlasmtl columns for the same levels are replaced; other columns are kept.
+        Earlier atlasmtl columns for the same levels are replaced (all of them, whatever ``mode`` wrote them, when
+        ``adata.uns`` holds an earlier writeback's ``"atlasmtl"`` entry); other columns are kept, and a column of
+        the user's named like one written now is replaced with a warning.
 
         Parameters
         ----------
@@ -89,7 +105,7 @@ class PredictionResult(CallTable):
             f"({self.n_obs} cells, same names and order required).",
         )
         target = adata.copy() if copy else adata
-        target.obs = self._obs_with_calls(target.obs, mode)
+        target.obs = self._obs_with_calls(target.obs, mode, "atlasmtl" in target.uns)
         if include_coords:
             for name, values in self.coords.items():
                 target.obsm[f"X_pred_{name}"] = values
@@ -135,7 +151,9 @@ class PredictionResult(CallTable):
             raise InputError(f"write_h5ad would overwrite its source {str(src_path)!r}; choose a new file name.")
         obs = source.obs if isinstance(source, ad.AnnData) else read_h5ad_obs(src_path)
         self._check_cells(obs.index, f"{str(src_path)!r} does not hold the cells these predictions were made for.")
-        new_obs = self._obs_with_calls(obs, mode)
+        with h5py.File(src_path, "r") as f:
+            earlier = "uns" in f and "atlasmtl" in f["uns"]
+        new_obs = self._obs_with_calls(obs, mode, earlier)
         with atomic_path(dest, "annotated .h5ad file") as tmp:
             shutil.copyfile(src_path, tmp)
             with h5py.File(tmp, "r+") as f:

@@ -1077,3 +1077,24 @@ def test_nan_labels_made_text_are_refused_with_the_fix(tiny):
     ref.obs["cell_type"] = ref.obs["cell_type"].astype(str)  # the pitfall: NaN becomes the class 'nan'
     with pytest.raises(LabelError, match=r"\['nan'\] \(7 cells\).*astype\(str\).*Set those cells' label to NaN"):
         atlasmtl.build_model(ref, LEVELS, **FAST)
+
+
+def test_writeback_keeps_the_users_own_columns_that_only_share_a_name(tiny_model, tiny, tmp_path):
+    query = tiny[1].copy()
+    result = atlasmtl.predict(tiny_model, query, **QUIET)
+    query.obs["conf_cell_type"] = 0.25  # the user's own, from another tool; minimal mode does not write it
+    query.obs["pred_cell_type"] = "theirs"
+    with pytest.warns(UserWarning, match=r"replaced by the predictions: \['pred_cell_type'\]"):
+        result.to_adata(query)
+    assert (query.obs["conf_cell_type"] == 0.25).all()
+    assert (query.obs["pred_cell_type"] != "theirs").all()
+    # once atlasmtl has written here, its columns of any mode are its own: a minimal writeback after a full one
+    result.to_adata(query, mode="full")
+    result.to_adata(query, mode="minimal")
+    assert "conf_cell_type" not in query.obs and "novelty_cell_type" not in query.obs
+    # the same from a file (write_h5ad reads obs and uns from the source file)
+    source = tiny[1].copy()
+    source.obs["conf_cell_type"] = 0.25
+    source.write_h5ad(tmp_path / "q.h5ad")
+    out = ad.read_h5ad(result.write_h5ad(tmp_path / "annotated.h5ad", tmp_path / "q.h5ad", mode="minimal"))
+    assert (out.obs["conf_cell_type"] == 0.25).all() and "pred_cell_type" in out.obs
