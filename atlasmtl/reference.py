@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .calls import UNKNOWN, check_writeback_names
-from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
+from .exceptions import CoordinateError, EmptyDataError, InputError, LabelError, ParameterError, user_stacklevel
 from .genes import GeneAligner, reference_gene_statistics, selection_aligner
 from .inputs import MatrixSource, ReferenceTable, check_block, checked_semantics, get_matrix_source
 from .knn import row_number_dtype
@@ -250,6 +250,19 @@ def prepare_reference(
                 stacklevel=user_stacklevel(),
             )
 
+    empty = empty_cells(source, cells)
+    if empty is not None and empty == len(cells):
+        raise EmptyDataError(
+            f"Every labelled reference cell holds only zeros in {source.where}: there is nothing to learn from. "
+            "Check that the matrix (or layer=/use_raw=) is the one holding the expression values."
+        )
+    if empty:
+        warnings.warn(
+            f"{empty} of {len(cells)} labelled reference cells hold no counts (every gene zero in {source.where}); "
+            "they train as empty cells. Filter them first, e.g. scanpy.pp.filter_cells(adata, min_genes=1).",
+            stacklevel=user_stacklevel(),
+        )
+
     coord_stats = {}
     for name, values in coords.items():
         mean = values[cells].mean(axis=0)
@@ -268,6 +281,24 @@ def prepare_reference(
     aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped, genes)
+
+
+def empty_cells(source: MatrixSource, cells: np.ndarray, chunk_size: int = 4096) -> int | None:
+    """How many of the rows ``cells`` hold no non-zero value, for a matrix in memory (``None`` for one read
+    from disk: counting there would take a pass of its own). A CSR matrix is judged by its stored values
+    (from ``indptr``, no pass over the values; a row of stored zeros counts as holding values)."""
+    if source.backed:
+        return None
+    matrix = source.matrix
+    if sp.issparse(matrix):
+        if matrix.format == "csr":
+            return int((np.diff(matrix.indptr)[cells] == 0).sum())
+        rows = matrix.tocoo()
+        has = np.zeros(matrix.shape[0], dtype=bool)
+        has[rows.row[rows.data != 0]] = True
+        return int((~has[cells]).sum())
+    return int(sum(int((np.count_nonzero(np.asarray(matrix[cells[i : i + chunk_size]]), axis=1) == 0).sum())
+                   for i in range(0, len(cells), chunk_size)))
 
 
 def reference_rows(ref: Reference, rows: np.ndarray | slice) -> Any:

@@ -40,6 +40,7 @@ from atlasmtl.exceptions import (
     AtlasMTLError,
     CoordinateError,
     DeviceError,
+    EmptyDataError,
     GeneAlignmentError,
     InputError,
     InvalidValuesError,
@@ -1098,3 +1099,18 @@ def test_writeback_keeps_the_users_own_columns_that_only_share_a_name(tiny_model
     source.write_h5ad(tmp_path / "q.h5ad")
     out = ad.read_h5ad(result.write_h5ad(tmp_path / "annotated.h5ad", tmp_path / "q.h5ad", mode="minimal"))
     assert (out.obs["conf_cell_type"] == 0.25).all() and "pred_cell_type" in out.obs
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
+def test_an_all_zero_reference_is_refused_and_empty_cells_are_counted(tiny, kind):
+    """An all-zero reference trained a model that called every query cell Unknown, with a foreign warning."""
+    ref = tiny[0].copy()
+    X = sp.csr_matrix(ref.X)
+    X = sp.vstack([sp.csr_matrix((7, X.shape[1]), dtype=X.dtype), X[7:]]).tocsr()
+    convert = {"csr": lambda m: m, "csc": lambda m: m.tocsc(), "dense": lambda m: m.toarray()}[kind]
+    ref.X = convert(X)
+    with pytest.warns(UserWarning, match="7 of 300 labelled reference cells hold no counts"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
+    ref.X = convert(sp.csr_matrix(X.shape, dtype=np.float32))
+    with pytest.raises(EmptyDataError, match="holds only zeros in X"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
