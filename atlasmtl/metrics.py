@@ -346,18 +346,35 @@ def _hierarchy_section(
     }
 
 
+def _boolean_mask(values: Any) -> np.ndarray:
+    """``novel_mask``'s values as booleans: booleans, or numbers that are all 0 or 1; anything else (NaN, text,
+    other numbers, which ``astype(bool)`` would read as True) is an :class:`InputError`."""
+    raw = np.asarray(values)
+    if raw.dtype == bool:
+        return raw
+    if raw.dtype.kind in "iuf" and np.isin(raw, (0, 1)).all():
+        return raw.astype(bool)
+    if raw.dtype == object and all(isinstance(v, (bool, np.bool_)) for v in raw.ravel()):
+        return raw.astype(bool)
+    shown = [str(v) for v in raw.ravel()[:200]
+             if not (isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, float, np.number)) and v in (0, 1)))][:3]
+    raise InputError(
+        f"novel_mask must hold booleans (True for a cell of a type the reference lacks); it holds {raw.dtype} "
+        f"values such as {shown}. Build it with a comparison, e.g. truth['cell_type'].isin(['B']).to_numpy()."
+    )
+
+
 def _novel_mask(
     cells: pd.Index, truth: pd.DataFrame, pos: np.ndarray, novel_labels: Mapping | None, novel_mask: Any
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(is_novel, usable) per predicted cell, and how novelty was given."""
     if novel_mask is not None:
         if isinstance(novel_mask, pd.Series):
-            aligned = novel_mask.reindex(cells)
-            if aligned.isna().any():
+            if not cells.isin(novel_mask.index).all():
                 raise InputError("novel_mask (a Series) lacks some predicted cells; index it by every predicted cell name.")
-            mask = aligned.to_numpy(dtype=bool)
+            mask = _boolean_mask(novel_mask.reindex(cells).to_numpy())
         else:
-            mask = np.asarray(novel_mask, dtype=bool)
+            mask = _boolean_mask(novel_mask)
             if mask.shape != (len(cells),):
                 raise InputError(f"novel_mask has shape {mask.shape}; it needs one boolean per predicted cell ({len(cells)}).")
         return mask, np.ones(len(cells), dtype=bool), "mask"

@@ -199,6 +199,15 @@ def test_result_hierarchy_is_composed_across_skipped_levels():
 
 
 # ---------------------------------------------------------------------------- novel types
+@pytest.mark.parametrize("mask", [[np.nan] * 6, ["False"] * 6, [0, 2, 0, 0, 0, 1], [True, None, False, False, False, True]])
+def test_a_novel_mask_that_is_not_booleans_is_refused(mask):
+    """NaN, text and other numbers all read as True under astype(bool): every cell was counted novel."""
+    with pytest.raises(InputError, match="novel_mask must hold booleans"):
+        evaluate(_table(), _truth(), novel_mask=mask)
+    with pytest.raises(InputError, match="novel_mask must hold booleans"):
+        evaluate(_table(), _truth(), novel_mask=pd.Series(mask, index=CELLS))
+
+
 def test_novel_mask_by_hand():
     novel = evaluate(_table(), _truth(), novel_mask=[0, 0, 1, 0, 0, 1])["novel"]
     assert (novel["source"], novel["n_novel"], novel["n_known"]) == ("mask", 2, 4)
