@@ -71,6 +71,7 @@ import io
 import json
 import os
 import pickle
+import re
 import secrets
 import uuid
 import zipfile
@@ -158,7 +159,15 @@ def _load_weights(data: bytes, name: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ArtifactError(f"{name} could not be read as weights ({exc}).") from exc
+        if "weights only load failed" in str(exc).lower():  # PyTorch's refusal of a pickled global
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            raise UnsafeArtifactError(
+                f"{name} holds Python objects, not only tensors"
+                + (f" (it names {found.group(1)})" if found else "")
+                + "; loading it could run code, so atlasmtl refuses it. Load models only from sources you trust, "
+                "and save them with model.save()."
+            ) from None
+        raise ArtifactError(f"{name} could not be read as weights ({type(exc).__name__}); save the model again.") from exc
 
 
 # ---------------------------------------------------------------- file names
@@ -246,7 +255,7 @@ def _referenced(manifest_path: Path) -> set[str]:
     try:
         files = json.loads(manifest_path.read_text()).get("files", {})
         return {e["file"] for e in files.values() if isinstance(e, dict) and isinstance(e.get("file"), str)}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return set()
 
 
@@ -510,6 +519,9 @@ def _member_path(directory: Path, entry: Any, role: str) -> tuple[str, Path]:
         raise ArtifactError(f"The model's {role} file {name!r} is missing from {str(directory)!r}.")
     check_input_file(target, f"model's {role} file", ArtifactError)
     size = entry.get("bytes")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise ArtifactError(f"The manifest records {size!r} as the size of {name}, which is not a number of bytes; "
+                            "the manifest is damaged. Save the model again.")
     if isinstance(size, int) and target.stat().st_size != size:
         raise ChecksumMismatchError(
             f"{name} has {target.stat().st_size} bytes, not the {size} recorded in the manifest (file changed, "
@@ -607,10 +619,16 @@ def _read_parts(manifest_path: Path, raw: bytes) -> ModelParts:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_path.name} is not a valid manifest ({exc}); save the model again.") from exc
+    except RecursionError as exc:  # nesting no manifest has, deep enough to exhaust the parser's stack
+        raise ArtifactError(f"{manifest_path.name} is not a valid manifest (nested too deeply to read); "
+                            "save the model again.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "atlasmtl-model":
         raise ArtifactError(f"{manifest_path.name} is not an atlasmtl model manifest.")
     version = manifest.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_SCHEMAS:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{manifest_path.name}'s schema_version {version!r} is not a schema number; the manifest "
+                            "is damaged. Save the model again.")
+    if version not in READABLE_SCHEMAS:
         raise SchemaVersionError(
             f"{manifest_path.name} uses artifact schema {version!r} (written by atlasmtl "
             f"{manifest.get('atlasmtl_version')}); this atlasmtl {__version__} reads schemas {READABLE_SCHEMAS}. "

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import psutil
 import scipy.sparse as sp
 import torch
 
@@ -90,6 +91,22 @@ def resolve_ensemble_size(ensemble_size: int | str, n_train_cells: int) -> int:
     if ensemble_size == "auto":
         return int(min(AUTO_ENSEMBLE_MAX, max(1, AUTO_ENSEMBLE_CELLS // max(n_train_cells, 1))))
     return int(ensemble_size)
+
+
+def check_network_memory(n_genes: int, hidden_sizes: Sequence[int], n_classes: Sequence[int], members: int) -> None:
+    """A :class:`ParameterError` when the networks cannot fit in the memory available: each member's weights
+    (float32), and for the member in training its gradients and the optimiser's two moments too."""
+    widths = [int(n_genes), *[int(h) for h in hidden_sizes]]
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + sum(widths[-1] * k + k for k in n_classes)
+    need = 4 * n_params * (members + 3)
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ParameterError(
+            f"hidden_sizes={tuple(int(h) for h in hidden_sizes)} on {n_genes:,} genes makes networks of "
+            f"{n_params:,} weights; {members} of them need about {need / 2**30:.1f} GiB to train, more than the "
+            f"{available / 2**30:.1f} GiB of memory available. Use smaller hidden sizes (the default is (256, 128)), "
+            "fewer genes (n_top_genes) or fewer members (ensemble_size)."
+        )
 
 
 def check_training_parameters(**p: Any) -> dict[str, Any]:
@@ -350,6 +367,8 @@ def build_model(
                             input_transform=input_transform, source=source, n_top_genes=p["n_top_genes"],
                             gene_selection=p["gene_selection"])
     phase_seconds = {"prepare": time.perf_counter() - t_prepare}
+    check_network_memory(ref.n_genes, hidden_sizes, [len(ref.classes[c]) for c in ref.label_columns],
+                         resolve_ensemble_size(p["ensemble_size"], len(ref.cells)))
     rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
     if n_val >= len(ref.cells):

@@ -153,9 +153,31 @@ def test_malicious_weights_are_refused(saved, tmp_path_factory):
     sentinel = tmp_path_factory.mktemp("sentinel") / "pwned"
     torch.save({"x": _Exploit(sentinel)}, directory / "model.pth")
     _rewrite_manifest_checksum(directory / "model_manifest.json", "weights")
-    with pytest.raises(ArtifactError):
+    with pytest.raises(UnsafeArtifactError, match="holds Python objects.*refuses it") as caught:
         atlasmtl.TrainedModel.load(directory / "model_manifest.json")
     assert not sentinel.exists()
+    # PyTorch's own advice ("re-running torch.load with weights_only=False will likely succeed") is not passed on
+    assert "weights_only" not in str(caught.value)
+
+
+@pytest.mark.parametrize("edit", [{"schema_version": 3.0}, {"schema_version": True}, {"bytes": "big"}, {"bytes": 1e400},
+                                  {"nested": "deep"}])
+def test_a_damaged_manifest_is_an_artifact_error_not_an_upgrade_hint(saved, edit):
+    _, directory, _ = saved
+    path = directory / "model_manifest.json"
+    manifest = json.loads(path.read_text())
+    if "schema_version" in edit:
+        manifest["schema_version"] = edit["schema_version"]
+        text = json.dumps(manifest)
+    elif "bytes" in edit:
+        manifest["files"]["weights"]["bytes"] = edit["bytes"]
+        text = json.dumps(manifest)
+    else:  # nesting deep enough to exhaust the JSON parser's stack (a RecursionError before)
+        text = json.dumps(manifest)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path.write_text(text)
+    with pytest.raises(ArtifactError) as caught:
+        atlasmtl.TrainedModel.load(path)
+    assert not isinstance(caught.value, SchemaVersionError) and "Upgrade" not in str(caught.value)
 
 
 def test_newer_schema_is_refused(saved):

@@ -1114,3 +1114,9 @@ def test_an_all_zero_reference_is_refused_and_empty_cells_are_counted(tiny, kind
     ref.X = convert(sp.csr_matrix(X.shape, dtype=np.float32))
     with pytest.raises(EmptyDataError, match="holds only zeros in X"):
         atlasmtl.build_model(ref, LEVELS, **FAST)
+
+
+def test_networks_too_large_for_the_memory_are_a_parameter_error(tiny):
+    """hidden_sizes=(10**9,) died in PyTorch's allocator with a foreign RuntimeError (the CLI said 'unexpected')."""
+    with pytest.raises(ParameterError, match=r"hidden_sizes=\(1000000000,\).*GiB of memory available"):
+        atlasmtl.build_model(tiny[0], LEVELS, **dict(FAST, hidden_sizes=(10**9,)))
