@@ -251,7 +251,7 @@ def _predict_part(
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
-    show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
+    show_progress, show_summary = resolve_flag(show_progress, "show_progress"), resolve_flag(show_summary, "show_summary")
 
     if isinstance(adata, (str, os.PathLike)):
         opened = h5ad_query_source(adata, layer=layer, use_raw=use_raw)

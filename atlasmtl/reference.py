@@ -129,6 +129,11 @@ def _coordinate_targets(adata: ad.AnnData | ReferenceTable, coord_targets: Mappi
             raise CoordinateError(
                 f"coord_targets[{name!r}] has shape {values.shape}; it needs one row per cell ({adata.n_obs} rows)."
             )
+        if values.shape[1] == 0:
+            raise CoordinateError(
+                f"coord_targets[{name!r}] has no columns (shape {values.shape}); give an embedding with at least one "
+                "dimension, e.g. obsm['X_umap']."
+            )
         if not np.isfinite(values).all():
             raise CoordinateError(
                 f"coord_targets[{name!r}] holds NaN or infinite values; compute the embedding for every cell first."

@@ -130,9 +130,14 @@ def interactive() -> bool:
         return False
 
 
-def resolve_flag(flag: bool | None) -> bool:
-    """``None`` means "on in a notebook or an interactive terminal, off in scripts and pipelines"."""
-    return interactive() if flag is None else bool(flag)
+def resolve_flag(flag: bool | None, name: str = "flag") -> bool:
+    """``None`` means "on in a notebook or an interactive terminal, off in scripts and pipelines"; otherwise
+    ``True`` or ``False`` (a :class:`ParameterError` for anything else: ``"no"`` would read as on)."""
+    if flag is None:
+        return interactive()
+    if not isinstance(flag, (bool, np.bool_)):
+        raise ParameterError(f"{name}={flag!r} must be True, False or None (None: on in a notebook or terminal).")
+    return bool(flag)
 
 
 def _widgets_available() -> bool:

@@ -356,7 +356,7 @@ def build_model(
     n_threads = resolve_num_threads(num_threads)
     if distributed and dev.type == "cpu":  # the processes of one machine share its cores
         n_threads = max(1, min(n_threads, available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-    show_progress, show_summary = resolve_flag(show_progress), resolve_flag(show_summary)
+    show_progress, show_summary = resolve_flag(show_progress, "show_progress"), resolve_flag(show_summary, "show_summary")
     if isinstance(adata, ReferenceOnDisk):
         adata, source = adata.table, adata.source
     else:

@@ -1120,3 +1120,20 @@ def test_networks_too_large_for_the_memory_are_a_parameter_error(tiny):
     """hidden_sizes=(10**9,) died in PyTorch's allocator with a foreign RuntimeError (the CLI said 'unexpected')."""
     with pytest.raises(ParameterError, match=r"hidden_sizes=\(1000000000,\).*GiB of memory available"):
         atlasmtl.build_model(tiny[0], LEVELS, **dict(FAST, hidden_sizes=(10**9,)))
+
+
+def test_a_coordinate_target_without_columns_is_a_coordinate_error(tiny):
+    """It was reported as a diverged training ('use a smaller learning_rate')."""
+    ref = tiny[0].copy()
+    ref.obsm["X_none"] = np.zeros((ref.n_obs, 0))
+    with pytest.raises(CoordinateError, match="has no columns"):
+        atlasmtl.build_model(ref, LEVELS, coord_targets={"none": "X_none"}, **FAST)
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1.0, "False"])
+def test_show_flags_other_than_true_false_none_are_refused(tiny, tiny_model, value):
+    """'no' was read as True (show)."""
+    with pytest.raises(ParameterError, match="show_progress=.*must be True, False or None"):
+        atlasmtl.build_model(tiny[0], LEVELS, **dict(FAST, show_progress=value))
+    with pytest.raises(ParameterError, match="show_summary=.*must be True, False or None"):
+        atlasmtl.predict(tiny_model, tiny[1], num_threads=1, show_progress=False, show_summary=value)
