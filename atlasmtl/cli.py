@@ -460,17 +460,19 @@ def _model_path(text: str) -> Path:
 
 
 def _check_writable(path: Path, what: str) -> None:
-    from .exceptions import InputError
+    """An :class:`~atlasmtl.exceptions.OutputError` (as the API raises) before any work, when ``path`` cannot be
+    written: under a regular file, in a folder without write permission, or a folder itself."""
+    from .exceptions import OutputError
 
     existing = path.absolute().parent
     while not existing.exists():  # the folders are created when the file is written
         existing = existing.parent
     if not existing.is_dir():
-        raise InputError(f"Cannot write the {what} to {str(path)!r}: {str(existing)!r} is not a folder.")
+        raise OutputError(f"Cannot write the {what} to {str(path)!r}: {str(existing)!r} is not a folder.")
     if not os.access(existing, os.W_OK):
-        raise InputError(f"Cannot write the {what} to {str(path)!r}: {str(existing)!r} is not writable.")
+        raise OutputError(f"Cannot write the {what} to {str(path)!r}: {str(existing)!r} is not writable.")
     if path.is_dir():
-        raise InputError(f"The {what} {str(path)!r} is a folder; give a file name.")
+        raise OutputError(f"The {what} {str(path)!r} is a folder; give a file name.")
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -229,6 +229,9 @@ def test_option_values_are_parsed_to_api_types():
      "'nope'"),
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.pdf"], 2, "must end in .html"),
     (["frobnicate"], 2, "invalid choice"),
+    # an output under a regular file: OutputError, as the API says it, before any work
+    (["predict", "--model", "model", "--query", "query.h5ad", "--out", "query.h5ad/p.csv"], 2,
+     "OutputError: Cannot write the predictions to 'query.h5ad/p.csv': "),
     # --out of train: a folder or a .pth path; another file suffix is refused, not made a folder
     (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m/model.pt"], 2,
      "--out 'm/model.pt' looks like a file name but does not end in .pth"),
