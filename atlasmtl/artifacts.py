@@ -250,6 +250,25 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def refuse_foreign_files(paths: dict[str, Path]) -> None:
+    """An :class:`OutputError` when a file the save would replace exists but is not part of an atlasmtl model
+    (no atlasmtl manifest beside it): a user's own ``model.pth`` checkpoint is never overwritten."""
+    existing = [p for role, p in paths.items() if role != "manifest" and p.is_file()]
+    if not existing:
+        return
+    try:
+        manifest = json.loads(paths["manifest"].read_bytes())
+        ours = isinstance(manifest, dict) and manifest.get("format") == "atlasmtl-model"
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours:
+        raise OutputError(
+            f"Cannot write the model to {str(paths['weights'])!r}: {str(existing[0])!r} exists and is not part of an "
+            f"atlasmtl model (there is no atlasmtl manifest {paths['manifest'].name} beside it). Choose another name, "
+            "or move that file away first. Nothing was replaced."
+        )
+
+
 def _referenced(manifest_path: Path) -> set[str]:
     """File names the manifest on disk names (empty when there is none or it cannot be read)."""
     try:
@@ -303,6 +322,7 @@ def save_model(
         raise ParameterError(f"reference_storage={storage!r} must be 'external' or 'full'.")
     paths = artifact_paths(path)
     prepare_output(paths["weights"], "model")
+    refuse_foreign_files(paths)
     model_id = parts.metadata.get("model_id") or new_model_id()
 
     def stamp(role: str) -> dict[str, str]:

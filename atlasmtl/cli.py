@@ -530,6 +530,9 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
     coords = parse_coords(args.coords)
     weights = _weights_path(args.out)
     _check_writable(weights, "model")
+    from .artifacts import artifact_paths, refuse_foreign_files
+
+    refuse_foreign_files(artifact_paths(weights))  # before training: a user's own model.pth is never replaced
     if args.reference_filter:
         reference = select_cells(read_h5ad(args.reference, backed=True), args.reference_filter,
                                  "--reference-filter", args.reference)

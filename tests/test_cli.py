@@ -255,6 +255,18 @@ def test_errors_in_process(files, trained, monkeypatch, capsys, argv, code, patt
     assert not (files / "m").exists()  # a failed training leaves no model folder behind
 
 
+def test_train_never_replaces_a_file_of_the_users_own(files, monkeypatch, capsys):
+    """`train --out theirs.pth` overwrote an existing checkpoint that was not an atlasmtl model."""
+    monkeypatch.chdir(files)
+    (files / "theirs.pth").write_bytes(b"a checkpoint of their own")
+    monkeypatch.setattr(atlasmtl, "build_model", lambda *a, **k: pytest.fail("training started"))
+    assert cli.main(["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "theirs.pth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "OutputError: Cannot write the model to 'theirs.pth': 'theirs.pth' exists and is not part" in err
+    assert (files / "theirs.pth").read_bytes() == b"a checkpoint of their own"
+    assert not (files / "theirs_manifest.json").exists()
+
+
 def test_verbose_shows_the_traceback(files, trained, monkeypatch, capsys):
     monkeypatch.chdir(files)
     assert cli.main(["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--verbose",

@@ -1137,3 +1137,19 @@ def test_show_flags_other_than_true_false_none_are_refused(tiny, tiny_model, val
         atlasmtl.build_model(tiny[0], LEVELS, **dict(FAST, show_progress=value))
     with pytest.raises(ParameterError, match="show_summary=.*must be True, False or None"):
         atlasmtl.predict(tiny_model, tiny[1], num_threads=1, show_progress=False, show_summary=value)
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model_metadata.pkl"])
+def test_a_save_never_replaces_a_file_that_is_not_part_of_a_model(tiny_model, tmp_path, name):
+    """A user's own checkpoint named model.pth was overwritten by save (and by `atlasmtl train --out`)."""
+    foreign = tmp_path / name
+    foreign.write_bytes(b"someone's own checkpoint")
+    with pytest.raises(OutputError, match="exists and is not part of an atlasmtl model"):
+        tiny_model.save(tmp_path / "model.pth")
+    assert foreign.read_bytes() == b"someone's own checkpoint"
+    assert {p.name for p in tmp_path.iterdir()} == {name}
+    # an earlier atlasmtl model at the same name is replaced as before
+    other = tmp_path / "other"
+    tiny_model.save(other / "model.pth")
+    tiny_model.save(other / "model.pth")
+    assert {p.name for p in other.iterdir()} == FINAL_NAMES
