@@ -217,19 +217,25 @@ def _copy_new_file(source: Path, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _install(staged: Path, final: Path, token: str) -> None:
-    """Atomically make ``final`` hold the content of ``staged``, keeping ``staged`` intact."""
-    tmp = final.with_name(f".{final.name}.{token}.tmp")
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Create ``target`` (it must not exist) holding ``source``'s content: a hard link, or a copy where the file
+    system has none (a partial copy, a full disk, is removed)."""
     try:
-        os.link(staged, tmp)
+        os.link(source, target)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES):
             raise
         try:
-            _copy_new_file(staged, tmp)  # file systems without hard links: copy
+            _copy_new_file(source, target)
         except BaseException:
-            tmp.unlink(missing_ok=True)  # a partial copy (a full disk) must not stay behind
+            target.unlink(missing_ok=True)
             raise
+
+
+def _install(staged: Path, final: Path, token: str) -> None:
+    """Atomically make ``final`` hold the content of ``staged``, keeping ``staged`` intact."""
+    tmp = final.with_name(f".{final.name}.{token}.tmp")
+    _link_or_copy(staged, tmp)
     try:
         os.replace(tmp, final)
     finally:
@@ -433,7 +439,7 @@ def _commit(paths: dict[str, Path], payloads: dict[str, Any], staged: dict[str, 
         for role in payloads:
             if paths[role].exists():
                 kept[role] = paths[role].with_name(f".{paths[role].name}.{token}.old")
-                _keep_copy(paths[role], kept[role])
+                _link_or_copy(paths[role], kept[role])
             installed.append(role)
             _install(staged[role], paths[role], token)
         # commit 2: the manifest names the final files
@@ -458,20 +464,6 @@ def _commit(paths: dict[str, Path], payloads: dict[str, Any], staged: dict[str, 
         raise
     for p in kept.values():
         p.unlink(missing_ok=True)
-
-
-def _keep_copy(final: Path, keep: Path) -> None:
-    """``keep`` made to hold ``final``'s content (a hard link, else a copy), so a failed save can restore it."""
-    try:
-        os.link(final, keep)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES):
-            raise
-        try:
-            _copy_new_file(final, keep)
-        except BaseException:
-            keep.unlink(missing_ok=True)
-            raise
 
 
 def _roll_back(paths: dict[str, Path], old_manifest: bytes | None, installed: list[str],
