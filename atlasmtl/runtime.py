@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from .exceptions import DeviceError, ParameterError
+from .validation import as_bool
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a :class:`torch.device`) into a :class:`torch.device`.
@@ -133,11 +134,8 @@ def interactive() -> bool:
 def resolve_flag(flag: bool | None, name: str = "flag") -> bool:
     """``None`` means "on in a notebook or an interactive terminal, off in scripts and pipelines"; otherwise
     ``True`` or ``False`` (a :class:`ParameterError` for anything else: ``"no"`` would read as on)."""
-    if flag is None:
-        return interactive()
-    if not isinstance(flag, (bool, np.bool_)):
-        raise ParameterError(f"{name}={flag!r} must be True, False or None (None: on in a notebook or terminal).")
-    return bool(flag)
+    flag = as_bool(name, flag, allow_none=True)
+    return interactive() if flag is None else flag
 
 
 def _widgets_available() -> bool:

@@ -74,7 +74,7 @@ def as_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name}={_describe(value)} must be True or False" + (" or None." if allow_none else "."))
+        raise ParameterError(f"{name}={_describe(value)} must be " + ("True, False or None." if allow_none else "True or False."))
     return bool(value)
 
 
