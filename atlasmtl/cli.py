@@ -64,7 +64,6 @@ EXIT_CODES = {
 _TRAIN_SKIP = {"adata", "label_columns", "coord_targets", "show_summary"}
 _PREDICT_SKIP = {"model", "adata", "show_summary"}
 _DEMO_SKIP = {"quiet", "out_dir"}
-_OUTPUT_SUFFIXES = (".csv", ".tsv", ".h5ad")
 
 
 class UsageError(Exception):
@@ -310,7 +309,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     g.add_argument("--query", required=True, metavar="H5AD", help="query .h5ad file")
     _filter_option(g, "--query-filter", "query", "dataset=3pv1")
     g.add_argument("--out", required=True, metavar="FILE",
-                   help="predictions.csv / .tsv (a table, one row per cell) or annotated.h5ad "
+                   help="predictions.csv / .tsv (a table, one row per cell; .csv.gz etc. compressed) or annotated.h5ad "
                    "(the query with prediction columns in obs)")
     g.add_argument("--mode", choices=["minimal", "standard", "full"], default="minimal",
                    help="columns to write: minimal (pred_<level>), standard (+ conf_, margin_, is_unknown_), "
@@ -499,21 +498,6 @@ def _level_stats(result: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _write_table(result: Any, path: Path, mode: str, include_coords: bool) -> None:
-    from .io import atomic_write
-
-    if path.suffix == ".csv" and not include_coords:
-        result.to_csv(path, mode=mode)
-        return
-    frame = result.to_dataframe(mode)
-    if include_coords:
-        for name, values in result.coords.items():
-            for j in range(values.shape[1]):
-                frame[f"{name}_{j + 1}"] = values[:, j]
-    sep = "\t" if path.suffix == ".tsv" else ","
-    atomic_write(path, frame.to_csv(sep=sep, index_label="cell").encode())
-
-
 def _write_h5ad(result: Any, query: Any, out: Path, mode: str, include_coords: bool) -> None:
     """An annotated copy of the query: of its file (the matrix copied, never loaded), or of the selected cells."""
     result.write_h5ad(out, query, mode=mode, include_coords=include_coords)
@@ -562,12 +546,18 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
 
 def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
     from . import TrainedModel, predict
-    from .exceptions import InputError
+    from .exceptions import InputError, OutputError
+    from .io import table_format
     from .runtime import format_sections
 
     dest = Path(args.out)
-    if dest.suffix not in _OUTPUT_SUFFIXES:
-        raise UsageError(f"--out {args.out!r}: the file must end in .csv, .tsv or .h5ad")
+    out_format = "h5ad"
+    if dest.suffix != ".h5ad":
+        try:
+            out_format = "tsv" if table_format(dest)[0] == "\t" else "csv"
+        except OutputError as exc:
+            raise UsageError(f"--out {args.out!r}: the file must end in .csv, .tsv or .h5ad "
+                             "(a table may be compressed: predictions.csv.gz)") from exc
     if _same_file(dest, args.query):
         raise InputError(f"--out {args.out!r} is the query file itself; write the predictions to a new file.")
     _check_writable(dest, "predictions")
@@ -596,7 +586,7 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         _write_predictions(result, query, dest, args)
     out.update(
         out=str(dest),
-        format=dest.suffix[1:],
+        format=out_format,
         mode=args.mode,
         n_cells=result.n_obs,
         query_filter=args.query_filter,
@@ -613,7 +603,7 @@ def _write_predictions(result: Any, query: Any, dest: Path, args: argparse.Names
     if dest.suffix == ".h5ad":
         _write_h5ad(result, query, dest, args.mode, args.include_coords)
     else:
-        _write_table(result, dest, args.mode, args.include_coords)
+        result.to_csv(dest, mode=args.mode, include_coords=args.include_coords)
 
 
 def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:

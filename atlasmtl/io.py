@@ -202,6 +202,35 @@ def atomic_write(path: str | os.PathLike, data: bytes, what: str = "output") -> 
             os.unlink(tmp)
 
 
+# ---------------------------------------------------------------- prediction tables
+TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+TABLE_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
+
+
+def table_format(path: str | os.PathLike, strict: bool = True) -> tuple[str, str | None]:
+    """The separator and compression a table's file name asks for, as pandas reads them back.
+
+    ``.csv`` is comma-separated, ``.tsv`` tab-separated; a further ``.gz``, ``.bz2``,
+    ``.xz`` or ``.zip`` compresses the file (``predictions.csv.gz``), as :func:`pandas.read_csv`
+    infers from the name. Another name (``.parquet``, ``.h5ad``, none) is an ``OutputError`` when
+    ``strict`` (a file is never written in another format than its name says), else read as CSV.
+    """
+    if strict and not os.fspath(path).strip():
+        raise OutputError("The predictions path is empty; give a file name such as 'predictions.csv'.")
+    suffixes = [s.lower() for s in Path(os.fspath(path)).suffixes]
+    compression = TABLE_COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression is not None:
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in TABLE_SEPARATORS:
+        return TABLE_SEPARATORS[suffixes[-1]], compression
+    if strict:
+        raise OutputError(
+            f"{os.fspath(path)!r}: a prediction table is written as text, so its name must end in .csv or .tsv "
+            f"(optionally followed by .gz, .bz2, .xz or .zip). For an AnnData use write_h5ad or to_adata; "
+            f"for another format write to_dataframe() yourself (e.g. result.to_dataframe().to_parquet(path)).")
+    return ",", compression
+
+
 # ---------------------------------------------------------------- plain data
 def to_plain(obj: Any) -> Any:
     """Replace numpy arrays/scalars by plain values so a pickle needs no globals."""

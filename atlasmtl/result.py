@@ -9,6 +9,7 @@ vocabulary live in :class:`~atlasmtl.calls.CallTable` / :class:`~atlasmtl.calls.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import warnings
@@ -21,7 +22,8 @@ import pandas as pd
 
 from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, mode_fields
 from .exceptions import InputError, user_stacklevel
-from .io import atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad, read_h5ad_obs
+from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
+                 read_h5ad_obs, table_format)
 from .runtime import format_sections
 
 __all__ = ["PredictionResult", "LevelCalls", "UNKNOWN", "MODES", "column_names"]
@@ -45,10 +47,33 @@ class PredictionResult(CallTable):
         Settings, gene overlap, input checks, versions and ``prediction_runtime``.
     """
 
-    def to_csv(self, path: str | os.PathLike, mode: str = "minimal") -> None:
-        """Write :meth:`to_dataframe` to a CSV file (index = cell names)."""
+    def to_csv(self, path: str | os.PathLike, mode: str = "minimal", include_coords: bool = False) -> None:
+        """Write :meth:`to_dataframe` to a text table, one row per cell (index label ``cell``), atomically.
+
+        Parameters
+        ----------
+        path
+            ``.csv`` (comma-separated) or ``.tsv`` (tab-separated), optionally compressed
+            by a further ``.gz``, ``.bz2``, ``.xz`` or ``.zip`` (``predictions.csv.gz``), as
+            :func:`pandas.read_csv` reads it back. Another name (``.parquet``, ``.h5ad``) is an
+            :class:`~atlasmtl.exceptions.OutputError`.
+        mode
+            ``"minimal"``, ``"standard"`` or ``"full"``: which columns (see :meth:`to_dataframe`).
+        include_coords
+            Also write the predicted coordinates, one column per dimension (``<target>_1``, ``<target>_2`` ...).
+        """
+        sep, compression = table_format(path)
         frame = self.to_dataframe(mode)
-        atomic_write(path, frame.to_csv(index_label="cell").encode(), "predictions")
+        if include_coords:
+            for name, values in self.coords.items():
+                for j in range(values.shape[1]):
+                    frame[f"{name}_{j + 1}"] = values[:, j]
+        buffer = io.BytesIO()
+        options = {"method": compression, "mtime": 0} if compression == "gzip" else {"method": compression}
+        if compression == "zip":
+            options["archive_name"] = Path(os.fspath(path)).stem
+        frame.to_csv(buffer, sep=sep, index_label="cell", compression=options if compression else None)
+        atomic_write(path, buffer.getvalue(), "predictions")
 
     def uns_entry(self) -> dict[str, Any]:
         return h5ad_safe(self.metadata)
@@ -201,7 +226,7 @@ class PredictionResult(CallTable):
             if where.endswith(".h5ad"):
                 predictions = read_h5ad(where)
             else:
-                sep = "\t" if where.endswith((".tsv", ".tsv.gz")) else ","
+                sep = table_format(where, strict=False)[0]
                 try:
                     predictions = pd.read_csv(where, sep=sep, index_col=0)
                 except Exception as exc:

@@ -129,6 +129,32 @@ def test_result_rebuilt_from_full_predictions(mapped, pbmc_model, tmp_path):
         result_from_predictions(tmp_path / "minimal.csv", pbmc_model)
 
 
+@pytest.mark.parametrize("name, sep, magic", [("full.tsv", "\t", b"cell\t"), ("full.csv.gz", ",", b"\x1f\x8b"),
+                                             ("full.tsv.bz2", "\t", b"BZh")])
+def test_tables_are_written_in_the_format_their_name_says(mapped, pbmc_model, tmp_path, name, sep, magic):
+    import pandas as pd
+
+    result, _, _ = mapped
+    result.to_csv(tmp_path / name, mode="full", include_coords=True)
+    assert (tmp_path / name).read_bytes().startswith(magic)
+    table = pd.read_csv(tmp_path / name, sep=sep, index_col=0)
+    assert list(table.index) == list(result.obs_names)
+    np.testing.assert_allclose(table["umap_1"], result.coords["umap"][:, 0], rtol=1e-6)
+    rebuilt = result_from_predictions(tmp_path / name, pbmc_model)
+    for level in LEVELS:
+        np.testing.assert_array_equal(rebuilt.levels[level]["code"], result.levels[level]["code"])
+
+
+@pytest.mark.parametrize("name", ["pred.parquet", "pred.h5ad", "pred", "pred.gz"])
+def test_a_table_is_never_written_under_another_formats_name(mapped, tmp_path, name):
+    from atlasmtl.exceptions import OutputError
+
+    result, _, _ = mapped
+    with pytest.raises(OutputError, match="must end in .csv or .tsv.*to_parquet"):
+        result.to_csv(tmp_path / name)
+    assert not (tmp_path / name).exists()
+
+
 def test_miscalibration_is_a_finding_with_its_direction(mapped, pbmc_model, tmp_path):
     from atlasmtl.report_html import CALIBRATION_EXCESS, calibration_findings
 
