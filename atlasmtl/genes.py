@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -452,6 +452,7 @@ LABEL_GENE_SHARE = 0.25
 def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.ndarray, n_top_genes: int | None,
                               input_transform: str, chunk_size: int = 4096, reduce: Any = None,
                               labels: np.ndarray | None = None, n_labels: int = 0,
+                              on_block: Callable[[Any], None] | None = None,
                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The genes a model keeps and, for ``zscore`` input, their log statistics, from one read of the reference.
 
@@ -487,6 +488,9 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
         label ranking), or ``None`` to rank by variability alone.
     n_labels
         Number of label codes.
+    on_block
+        Called with every block of rows as read (before any transform), when the reference is read
+        at all: not for ``"binary"`` / ``"float"`` input that keeps every gene.
 
     Returns
     -------
@@ -503,6 +507,8 @@ def reference_gene_statistics(source: MatrixSource, semantics: str, cells: np.nd
 
     def values(block: Any) -> tuple[Any, ...]:
         check_block(block, source.where, semantics)  # the first read of every row (a backed one judged on a sample)
+        if on_block is not None:
+            on_block(block)
         linear = to_linear_values(block, semantics, "float")
         out = (_float64(linear),) if select else ()
         if zscore or by_labels:

@@ -256,17 +256,12 @@ def prepare_reference(
             )
 
     empty = empty_cells(source, cells)
-    if empty is not None and empty == len(cells):
-        raise EmptyDataError(
-            f"Every labelled reference cell holds only zeros in {source.where}: there is nothing to learn from. "
-            "Check that the matrix (or layer=/use_raw=) is the one holding the expression values."
-        )
-    if empty:
-        warnings.warn(
-            f"{empty} of {len(cells)} labelled reference cells hold no counts (every gene zero in {source.where}); "
-            "they train as empty cells. Filter them first, e.g. scanpy.pp.filter_cells(adata, min_genes=1).",
-            stacklevel=user_stacklevel(),
-        )
+    if empty is not None:
+        _check_empty_cells(empty, len(cells), source.where)
+    read_empty = [0]  # a backed reference: counted while the gene statistics read it
+
+    def count_empty(block: Any) -> None:
+        read_empty[0] += empty_rows(block)
 
     coord_stats = {}
     for name, values in coords.items():
@@ -281,17 +276,46 @@ def prepare_reference(
     by_labels = gene_selection == "variable+labels"
     genes, gene_mean, gene_std = reference_gene_statistics(
         source, semantics["semantics"], share, n_top_genes, input_transform, reduce=reduce,
-        labels=codes[share, -1] if by_labels else None, n_labels=len(classes[label_columns[-1]]) if by_labels else 0)
+        labels=codes[share, -1] if by_labels else None, n_labels=len(classes[label_columns[-1]]) if by_labels else 0,
+        on_block=count_empty if empty is None else None)
+    if empty is None and (gene_mean is not None or len(genes) < source.n_vars):  # the statistics read every cell
+        if reduce is not None:  # each process read its share
+            read_empty[0] = int(round(reduce(np.array([read_empty[0]], dtype=np.float64))[0]))
+        _check_empty_cells(read_empty[0], len(cells), source.where)
     aligner = selection_aligner(source.n_vars, genes, input_transform, semantics["semantics"])
     aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped, genes)
 
 
+def _check_empty_cells(empty: int, n_cells: int, where: str) -> None:
+    """An :class:`EmptyDataError` when every labelled reference cell is empty, a warning when some are."""
+    if empty == n_cells:
+        raise EmptyDataError(
+            f"Every labelled reference cell holds only zeros in {where}: there is nothing to learn from. "
+            "Check that the matrix (or layer=/use_raw=) is the one holding the expression values."
+        )
+    if empty:
+        warnings.warn(
+            f"{empty} of {n_cells} labelled reference cells hold no counts (every gene zero in {where}); "
+            "they train as empty cells. Filter them first, e.g. scanpy.pp.filter_cells(adata, min_genes=1).",
+            stacklevel=user_stacklevel(),
+        )
+
+
+def empty_rows(block: Any) -> int:
+    """How many rows of a block (sparse or dense) hold no non-zero value; a sparse row is judged by its
+    stored values (a row of stored zeros counts as holding values)."""
+    if sp.issparse(block):
+        block = block.tocsr()
+        return int((np.diff(block.indptr) == 0).sum())
+    return int((np.count_nonzero(np.asarray(block), axis=1) == 0).sum())
+
+
 def empty_cells(source: MatrixSource, cells: np.ndarray, chunk_size: int = 4096) -> int | None:
     """How many of the rows ``cells`` hold no non-zero value, for a matrix in memory (``None`` for one read
-    from disk: counting there would take a pass of its own). A CSR matrix is judged by its stored values
-    (from ``indptr``, no pass over the values; a row of stored zeros counts as holding values)."""
+    from disk, whose rows :func:`prepare_reference` counts while its gene statistics read them). A CSR
+    matrix is judged by its stored values (from ``indptr``, no pass over the values)."""
     if source.backed:
         return None
     matrix = source.matrix
@@ -302,8 +326,7 @@ def empty_cells(source: MatrixSource, cells: np.ndarray, chunk_size: int = 4096)
         has = np.zeros(matrix.shape[0], dtype=bool)
         has[rows.row[rows.data != 0]] = True
         return int((~has[cells]).sum())
-    return int(sum(int((np.count_nonzero(np.asarray(matrix[cells[i : i + chunk_size]]), axis=1) == 0).sum())
-                   for i in range(0, len(cells), chunk_size)))
+    return sum(empty_rows(matrix[cells[i : i + chunk_size]]) for i in range(0, len(cells), chunk_size))
 
 
 def reference_rows(ref: Reference, rows: np.ndarray | slice) -> Any:

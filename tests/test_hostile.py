@@ -1102,19 +1102,26 @@ def test_writeback_keeps_the_users_own_columns_that_only_share_a_name(tiny_model
     assert (out.obs["conf_cell_type"] == 0.25).all() and "pred_cell_type" in out.obs
 
 
-@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
-def test_an_all_zero_reference_is_refused_and_empty_cells_are_counted(tiny, kind):
-    """An all-zero reference trained a model that called every query cell Unknown, with a foreign warning."""
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense", "backed csr", "backed dense"])
+def test_an_all_zero_reference_is_refused_and_empty_cells_are_counted(tiny, kind, tmp_path):
+    """An all-zero reference trained a model that called every query cell Unknown, with a foreign warning;
+    read from disk (backed) it did so silently until 2026-12-07."""
     ref = tiny[0].copy()
     X = sp.csr_matrix(ref.X)
     X = sp.vstack([sp.csr_matrix((7, X.shape[1]), dtype=X.dtype), X[7:]]).tocsr()
-    convert = {"csr": lambda m: m, "csc": lambda m: m.tocsc(), "dense": lambda m: m.toarray()}[kind]
-    ref.X = convert(X)
+    convert = {"csr": lambda m: m, "csc": lambda m: m.tocsc(), "dense": lambda m: m.toarray()}[kind.split()[-1]]
+
+    def reference(matrix):
+        ref.X = convert(matrix)
+        if not kind.startswith("backed"):
+            return ref
+        ref.write_h5ad(tmp_path / f"{matrix.nnz}.h5ad")
+        return ad.read_h5ad(tmp_path / f"{matrix.nnz}.h5ad", backed="r")
+
     with pytest.warns(UserWarning, match="7 of 300 labelled reference cells hold no counts"):
-        atlasmtl.build_model(ref, LEVELS, **FAST)
-    ref.X = convert(sp.csr_matrix(X.shape, dtype=np.float32))
+        atlasmtl.build_model(reference(X), LEVELS, **FAST)
     with pytest.raises(EmptyDataError, match="holds only zeros in X"):
-        atlasmtl.build_model(ref, LEVELS, **FAST)
+        atlasmtl.build_model(reference(sp.csr_matrix(X.shape, dtype=np.float32)), LEVELS, **FAST)
 
 
 def test_networks_too_large_for_the_memory_are_a_parameter_error(tiny):
