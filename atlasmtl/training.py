@@ -367,8 +367,6 @@ def build_model(
                             input_transform=input_transform, source=source, n_top_genes=p["n_top_genes"],
                             gene_selection=p["gene_selection"])
     phase_seconds = {"prepare": time.perf_counter() - t_prepare}
-    check_network_memory(ref.n_genes, hidden_sizes, [len(ref.classes[c]) for c in ref.label_columns],
-                         resolve_ensemble_size(p["ensemble_size"], len(ref.cells)))
     rng = np.random.default_rng(seed)
     n_val = int(round(len(ref.cells) * val_fraction))
     if n_val >= len(ref.cells):
@@ -385,6 +383,8 @@ def build_model(
         held = calibration_split(ref.codes[train_cells, -1], calibration_fraction, rng)
         calib_cells, train_cells = train_cells[held], train_cells[~held]
         calib_source = "calibration split (calibration_fraction, stratified by the finest level)"
+    check_network_memory(ref.n_genes, hidden_sizes, [len(ref.classes[c]) for c in ref.label_columns],
+                         resolve_ensemble_size(p["ensemble_size"], len(train_cells)))
     if early_stopping_patience is not None and n_val == 0:
         warnings.warn("early_stopping_patience is set but val_fraction is 0: early stopping is disabled.", stacklevel=user_stacklevel())
     augmentation = ShiftAugmentation() if augment else None
