@@ -219,18 +219,28 @@ INPUT_VIEW_RESIDUAL = True
 #: Divide each class's deviations by that class's own spread (1.4826 · MAD of its kept cells'
 #: leave-one-out log distances) before the held-out offset and scale.
 INPUT_VIEW_CLASS_SCALE = True
+#: A query cell whose view coordinates lie within this fraction of their norm (``1 + |x|``) of a kept
+#: training cell of its call is that reference cell (a reference cell mapped again, or its exact copy):
+#: its distance leaves itself out and is judged against its class's own leave-one-out distances, not the
+#: held-out cells'. A cell the PCA was fitted on sits further from its class in that PCA than a cell it
+#: was not (the components fit part of its noise), so the held-out null called 12-28% of a small
+#: reference's own cells novel when mapped back onto it. ``None``: no such matching (until 2026-12-07).
+SELF_MATCH_TOLERANCE: float | None = 1e-4
 
 
 def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, skip_self: bool = False,
-                            split: int | None = None) -> Any:
+                            split: int | None = None, matched: np.ndarray | None = None) -> Any:
     """Mean Euclidean distance from each point to its ``k`` nearest ``members`` (exact, in blocks).
 
     With ``skip_self``, the points are the members themselves and each one's nearest (itself) is left out.
+    With ``matched`` (a boolean per point, filled in), a point that coincides with a member (within
+    :data:`SELF_MATCH_TOLERANCE` of its norm, over the first ``split`` coordinates) is that member: its
+    nearest is left out, as with ``skip_self``, and its entry set ``True``.
     With ``split``, returns two arrays from one pass: the distance over the first ``split`` coordinates
     and over all of them.
     """
     members = np.asarray(members, dtype=np.float64)
-    kk = min(k + int(skip_self), len(members))
+    kk = min(k + int(skip_self or matched is not None), len(members))
     out = [np.full(len(points), np.nan) for _ in range(1 if split is None else 2)]
     if kk - int(skip_self) < 1:
         return out[0] if split is None else tuple(out)
@@ -244,6 +254,7 @@ def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, ski
         d2 = np.einsum("ij,ij->i", block[:, :split], block[:, :split])[:, None] + sq_head[None, :] \
             - 2.0 * (block[:, :split] @ head.T)
         np.maximum(d2, 0.0, out=d2)
+        own = None
         for i, result in enumerate(out):
             if i:  # the remaining coordinates' squared distances, added to the first ones'
                 tail = block[:, split:]
@@ -251,6 +262,16 @@ def mean_neighbour_distance(points: np.ndarray, members: np.ndarray, k: int, ski
             nearest = np.sort(np.partition(d2, kk - 1, axis=1)[:, :kk], axis=1)
             if skip_self:
                 nearest = nearest[:, 1:]
+            elif matched is not None:
+                if own is None:  # judged on the first coordinates (all of them without a split)
+                    norm2 = np.einsum("ij,ij->i", block[:, :split], block[:, :split])
+                    own = nearest[:, 0] <= SELF_MATCH_TOLERANCE**2 * (1.0 + norm2)
+                    matched[start : start + len(block)] = own
+                # a matched point averages the members after itself, any other its k nearest
+                with np.errstate(invalid="ignore"):
+                    others = np.sqrt(nearest[:, 1:]).mean(axis=1) if kk > 1 else np.full(len(nearest), np.nan)
+                result[start : start + len(block)] = np.where(own, others, np.sqrt(nearest[:, : min(k, kk)]).mean(axis=1))
+                continue
             result[start : start + len(block)] = np.sqrt(nearest).mean(axis=1)
     return out[0] if split is None else tuple(out)
 
@@ -347,30 +368,38 @@ class InputView:
         residual = np.sqrt(np.maximum(squared - np.einsum("ij,ij->i", coords, coords), 0.0))
         return np.hstack([coords, residual[:, None]])
 
-    def log_distances(self, points: np.ndarray, calls: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+    def log_distances(self, points: np.ndarray, calls: np.ndarray, level: str,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log mean distance of each point to the nearest kept cells of its call at ``level`` in the PCA,
         and with the residual coordinate (NaN for a view without it); NaN without a call, or when the
-        class keeps fewer than two cells."""
+        class keeps fewer than two cells. Third, whether each point is one of those kept cells
+        (:data:`SELF_MATCH_TOLERANCE`; its distances then leave it out)."""
         out = (np.full(len(points), np.nan), np.full(len(points), np.nan))
+        matched = np.zeros(len(points), dtype=bool)
         if level not in self.levels:
-            return out
+            return (*out, matched)
         members = self.members[level]
         for c in np.unique(calls[calls >= 0]):
             own = members == c
             if own.sum() < 2:
                 continue
-            at = calls == c
+            at = np.flatnonzero(calls == c)
+            found = None if SELF_MATCH_TOLERANCE is None or not self.class_scale else np.zeros(len(at), dtype=bool)
             distances = mean_neighbour_distance(points[at], self.points[own], self.k,
-                                                split=self.n_components if self.residual else None)
+                                                split=self.n_components if self.residual else None, matched=found)
             for o, d in zip(out, distances if self.residual else (distances,)):
                 o[at] = log_distance(d)
-        return out
+            if found is not None:
+                matched[at] = found
+        return (*out, matched)
 
     def z(self, log_d: np.ndarray, calls: np.ndarray, level: str, located: bool = True,
-          space: str = "pca") -> np.ndarray:
+          space: str = "pca", matched: np.ndarray | None = None) -> np.ndarray:
         """Query-located robust z-score of each cell at ``level`` (see the class docstring) from its
         :meth:`log_distances` (the PCA's, ``space="pca"``, or with the residual, ``"residual"``);
-        ``located=False``: ``z0``, before the query's location."""
+        ``located=False``: ``z0``, before the query's location. A cell ``matched`` to a kept reference
+        cell (:meth:`log_distances`) is scored against its class's own leave-one-out distances:
+        ``z0 = (log d - location[call]) / spread[call]``, those distances' robust z."""
         z = np.full(len(log_d), np.nan)
         stats = self.levels.get(level)
         if stats is not None and space == "residual":
@@ -383,6 +412,9 @@ class InputView:
         if self.class_scale:
             deviation = deviation / np.asarray(stats["spread"], dtype=np.float64)[calls[called]]
         z[called] = (deviation - stats["offset"]) / stats["scale"]
+        if matched is not None and self.class_scale:  # a kept cell itself: the class's own null, in-sample
+            own = called & np.asarray(matched, dtype=bool)
+            z[own] = deviation[own[called]]
         finite = np.isfinite(z)
         if not finite.any() or not located:
             return z
@@ -394,9 +426,11 @@ class InputView:
                 out[rows] = z[rows] - max(shift, float(np.quantile(z[rows], INPUT_VIEW_CLASS_QUANTILE)))
         return out
 
-    def score(self, log_d: np.ndarray, log_d_residual: np.ndarray, calls: np.ndarray, level: str) -> np.ndarray:
+    def score(self, log_d: np.ndarray, log_d_residual: np.ndarray, calls: np.ndarray, level: str,
+              matched: np.ndarray | None = None) -> np.ndarray:
         """The view's z at ``level``: the larger of the located z-scores in the two spaces."""
-        return np.fmax(self.z(log_d, calls, level), self.z(log_d_residual, calls, level, space="residual"))
+        return np.fmax(self.z(log_d, calls, level, matched=matched),
+                       self.z(log_d_residual, calls, level, space="residual", matched=matched))
 
 
 def fit_input_view(
@@ -488,7 +522,7 @@ def fit_input_view(
         unscaled = InputView({**stored, "points": points, "members": {lv: members[lv]},
                               "levels": {lv: {**pca, **unit, "residual": {**with_residual, **unit}}}})
         calls = np.asarray(held_out_calls[lv])
-        held_d, held_d_residual = unscaled.log_distances(held_points, calls, lv)
+        held_d, held_d_residual, _ = unscaled.log_distances(held_points, calls, lv)
         summary = null_summary(unscaled.z(held_d, calls, lv, located=False))
         levels[lv] = None if not summary["n"] else {**pca, "offset": summary["median"],
                                                     "scale": summary["scale"], "n": summary["n"]}

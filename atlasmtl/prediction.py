@@ -343,6 +343,7 @@ class _Buffers:
                 "distance": np.full(n, np.nan, dtype=np.float64),
                 "input_distance": np.full(n, np.nan, dtype=np.float64),
                 "input_distance_residual": np.full(n, np.nan, dtype=np.float64),
+                "input_matched": np.zeros(n, dtype=bool),
             }
             for lv in model.label_columns
         }
@@ -454,7 +455,8 @@ def _input_view_block(view: InputView, x: SparseInput | torch.Tensor, zero: np.n
     for lv in view.levels:
         o = buffers.levels[lv]
         calls = np.where(usable, o["raw"][rows], -1)
-        o["input_distance"][rows], o["input_distance_residual"][rows] = view.log_distances(points, calls, lv)
+        o["input_distance"][rows], o["input_distance_residual"][rows], o["input_matched"][rows] = \
+            view.log_distances(points, calls, lv)
 
 
 def _typical_confidence(calls: np.ndarray, conf: np.ndarray) -> np.ndarray:
@@ -482,7 +484,8 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
         for lv in decoder.input_view.levels:
             called = np.where(buffers.no_signal, -1, buffers.levels[lv]["raw"])
             view_at[lv] = decoder.input_view.score(buffers.levels[lv]["input_distance"],
-                                                   buffers.levels[lv]["input_distance_residual"], called, lv)
+                                                   buffers.levels[lv]["input_distance_residual"], called, lv,
+                                                   matched=buffers.levels[lv]["input_matched"])
     # ... and its largest z over the levels judges the finest call
     view_z = np.fmax.reduce(list(view_at.values())) if view_at else None
     for lv in model.label_columns:

@@ -21,7 +21,7 @@ from atlasmtl.novelty import INPUT_VIEW_MIN_MEMBERS, NOVELTY_CONFIDENCE_GUARD, I
 from atlasmtl.reference import prepare_reference
 from atlasmtl.knn import vote
 
-from .conftest import SYMPHONY_LEVELS, data_file, held_out_logits
+from .conftest import LEVELS, SYMPHONY_LEVELS, data_file, held_out_logits
 
 CELLBENCH = "cellbench_celseq2_dropseq.h5ad"  # 20 MB: in the shared data folder only
 
@@ -647,7 +647,7 @@ def test_input_view_residual_sees_genes_the_reference_does_not_vary():
     novel[:, varying:varying + 20] += 2.0  # a programme the reference never switches on
     points = view.project(np.vstack([known, novel]))
     calls = np.r_[codes, np.zeros(60, int)]
-    log_d, log_d_residual = view.log_distances(points, calls, "fine")
+    log_d, log_d_residual, _ = view.log_distances(points, calls, "fine")
     distance_z = view.z(log_d, calls, "fine")
     residual_z = view.z(log_d_residual, calls, "fine", space="residual")
     assert abs(np.median(residual_z[:600])) < 1.0 and np.median(residual_z[600:]) > 3.5
@@ -793,3 +793,49 @@ def test_neighbourhood_novelty_is_the_mean_over_the_nearest_query_cells():
     sampled = neighbourhood_novelty(points, {"fine": z}, usable, k=10, max_cells=100)["fine"]
     np.testing.assert_array_equal(sampled, neighbourhood_novelty(points, {"fine": z}, usable, k=10, max_cells=100)["fine"])
     assert sampled[300:].min() > 2.0 and np.nanmax(sampled[:300]) < 1.5
+
+
+def test_a_point_on_a_kept_cell_is_that_cell_left_out():
+    """mean_neighbour_distance(matched=...): a point within SELF_MATCH_TOLERANCE of a member averages the
+    members after itself (its leave-one-out distance); every other point is scored exactly as without it."""
+    from atlasmtl.novelty import SELF_MATCH_TOLERANCE, mean_neighbour_distance
+
+    rng = np.random.default_rng(0)
+    members = rng.normal(size=(40, 6)) * 5
+    points = np.vstack([members[:5] + 1e-3 * SELF_MATCH_TOLERANCE, rng.normal(size=(7, 6)) * 5])
+    matched = np.zeros(len(points), dtype=bool)
+    pca, full = mean_neighbour_distance(points, members, 10, split=5, matched=matched)
+    assert matched.tolist() == [True] * 5 + [False] * 7
+    loo_pca, loo_full = mean_neighbour_distance(members[:5], members, 10, skip_self=True, split=5)
+    np.testing.assert_allclose(pca[:5], loo_pca, rtol=1e-6)
+    np.testing.assert_allclose(full[:5], loo_full, rtol=1e-6)
+    plain_pca, plain_full = mean_neighbour_distance(points[5:], members, 10, split=5)
+    np.testing.assert_array_equal(pca[5:], plain_pca)
+    np.testing.assert_array_equal(full[5:], plain_full)
+
+
+def test_reference_cells_mapped_back_are_not_called_novel(pbmc_model, pbmc_split, monkeypatch):
+    """A reference mapped onto its own model (a common check) had 12-28% of its training cells called novel on
+    small real references: the input view's PCA was fitted on them, so they sit further from their class there
+    than the held-out cells its null comes from. A cell on a kept training cell is now judged in-sample."""
+    import atlasmtl.novelty
+
+    ref = pbmc_split[0]
+    finest = LEVELS[-1]
+    training = np.asarray(pbmc_model.reference["training_cell"], dtype=bool)
+    assert len(training) == ref.n_obs and training.mean() > 0.5
+
+    labels = ref.obs[finest].astype(str).to_numpy()
+
+    def novel_share() -> float:
+        """Among the training cells the network calls as labelled (one it calls otherwise is doubtful anyway)."""
+        result = atlasmtl.predict(pbmc_model, ref, show_progress=False, show_summary=False)
+        calls = result.levels[finest]
+        right = training & (np.asarray(pbmc_model.classes[finest])[calls.raw] == labels)
+        assert right.sum() > 0.8 * training.sum()
+        return float(np.mean(calls.is_novel[right]))
+
+    share = novel_share()
+    monkeypatch.setattr(atlasmtl.novelty, "SELF_MATCH_TOLERANCE", None)
+    before = novel_share()
+    assert share <= 0.02 and before >= share + 0.03, (share, before)

@@ -73,7 +73,7 @@ def assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k=0
             for lv in view.levels:
                 o = buffers.levels[lv]
                 called = np.where(usable, o["raw"], -1)
-                o["input_distance"], o["input_distance_residual"] = view.log_distances(points, called, lv)
+                o["input_distance"], o["input_distance_residual"] = view.log_distances(points, called, lv)[:2]
     return _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
 
 
