@@ -12,6 +12,7 @@ Calibration figures (the reliability table, the ECE and its finite-sample floor)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import anndata as ad
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .calls import UNKNOWN, CallTable
-from .exceptions import InputError, LabelError, ParameterError
+from .exceptions import InputError, LabelError, ParameterError, user_stacklevel
 
 
 # ---------------------------------------------------------------- true labels of a result's cells
@@ -106,12 +107,22 @@ def truth_by_level(
             f"None of the levels {levels} has a truth column; name them with columns=... "
             "(one per level, or {level: column})."
         )
-    out = {}
+    out, unlabelled = {}, []
     for lv in levels:
         if lv in series:
             s = pd.Series(series[lv]).reset_index(drop=True)
+            if not s.notna().any():
+                unlabelled.append(lv)
+                continue
             values = s.astype(object).where(s.notna(), None).to_numpy(dtype=object)
             out[lv] = np.array([None if v is None else str(v) for v in values], dtype=object)
+    if unlabelled:
+        named = [columns[lv] if columns is not None else lv for lv in unlabelled]
+        if not out:
+            raise LabelError(f"The truth column(s) {named} hold no label at all (every value missing): nothing "
+                             "to compare the predictions with; name columns that hold the query's labels.")
+        warnings.warn(f"The truth column(s) {named} hold no label (every value missing); level(s) {unlabelled} "
+                      "are left out of the comparison.", UserWarning, stacklevel=user_stacklevel())
     return out
 
 

@@ -155,6 +155,26 @@ def test_a_table_is_never_written_under_another_formats_name(mapped, tmp_path, n
     assert not (tmp_path / name).exists()
 
 
+def test_a_truth_column_without_labels_is_left_out_or_refused(mapped, tmp_path):
+    """A query labelled at the coarse level only (the fine column all missing) crashed the report with a
+    scikit-learn error ('Found empty input array'); that level is now left out with a warning."""
+    import pandas as pd
+
+    from atlasmtl.exceptions import LabelError
+
+    result, _, query = mapped
+    query = query.copy()
+    query.obs["fine"] = pd.Categorical([np.nan] * query.n_obs)
+    with pytest.warns(UserWarning, match=r"\['fine'\] hold no label.*left out"):
+        result.report(tmp_path / "r.html", adata=query, truth={LEVELS[0]: LEVELS[0], LEVELS[1]: "fine"})
+    assert "macro" in (tmp_path / "r.html").read_text().lower()
+    with pytest.raises(LabelError, match="hold no label at all"):
+        result.report(tmp_path / "r2.html", adata=query, truth={LEVELS[1]: "fine"})
+    assert not (tmp_path / "r2.html").exists()
+    with pytest.raises(LabelError, match="hold no label at all"):
+        atlasmtl.pl.f1_scores(result, {LEVELS[1]: np.full(query.n_obs, np.nan, dtype=object)}, levels=[LEVELS[1]])
+
+
 def test_miscalibration_is_a_finding_with_its_direction(mapped, pbmc_model, tmp_path):
     from atlasmtl.report_html import CALIBRATION_EXCESS, calibration_findings
 
