@@ -140,10 +140,37 @@ def encode_labels(values: Any, classes: list[str], what: str) -> np.ndarray:
     return np.array([lookup[v] for v in values], dtype=np.int32)
 
 
-def _flags(values: pd.Series) -> np.ndarray:
+#: Written values of a flag column, as read back from a table (lower case).
+_FLAG_TEXT = {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
+#: Float columns whose values are probabilities or shares (the margin may be negative: see LevelCalls).
+_UNIT_INTERVAL = ("conf", "knn_vote_frac")
+
+
+def _flags(values: pd.Series, what: str) -> np.ndarray:
+    """A flag column read back: booleans, or the text / numbers ``True`` / ``False`` / 1 / 0; else an InputError."""
     if values.dtype == bool:
         return values.to_numpy()
-    return values.astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    text = values.astype(str).str.strip().str.lower()
+    bad = sorted(set(text) - set(_FLAG_TEXT))
+    if bad:
+        raise InputError(f"{what} holds values that are not True / False: {bad[:5]}.")
+    return text.map(_FLAG_TEXT).to_numpy(dtype=bool)
+
+
+def _numbers(values: pd.Series, what: str, unit_interval: bool) -> np.ndarray:
+    """A float column read back (empty text and NaN → NaN); an InputError for text that is not a number
+    and, with ``unit_interval``, for numbers outside [0, 1]."""
+    blank = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
+    numbers = pd.to_numeric(values.where(~blank), errors="coerce")
+    bad = values[numbers.isna() & ~blank]
+    if len(bad):
+        raise InputError(f"{what} holds values that are not numbers: {sorted(set(map(str, bad)))[:5]}.")
+    out = numbers.to_numpy(dtype=np.float32)
+    outside = (out < -1e-6) | (out > 1 + 1e-6)  # float32 rounding of a probability of 0 or 1 aside
+    if unit_interval and outside.any():
+        raise InputError(f"{what} holds values outside [0, 1] (e.g. {out[outside][0]:g}); "
+                         "it is a probability or a share.")
+    return out
 
 
 @dataclass
@@ -158,7 +185,8 @@ class LevelCalls:
         Confidence: the network's calibrated probability of its call (the
         class on the jointly decoded path when levels nest).
     margin
-        Top-1 minus top-2 probability.
+        Top-1 minus top-2 probability; for a jointly decoded call, the called class's probability less the
+        best other class's, negative where the decoded path's class is not the level's most probable.
     is_unknown
         The call was abstained.
     raw
@@ -243,12 +271,13 @@ class LevelCalls:
             if names[name] not in frame.columns:
                 continue  # an optional field of an older table: its default
             series = frame[names[name]]
+            what = f"{where}: column {names[name]!r}"
             if col.kind == "label":
-                values[name] = encode_labels(series, classes, f"{where}: column {names[name]!r}")
+                values[name] = encode_labels(series, classes, what)
             elif col.kind == "float":
-                values[name] = series.to_numpy(dtype=np.float32)
+                values[name] = _numbers(series, what, name in _UNIT_INTERVAL)
             else:
-                values[name] = _flags(series)
+                values[name] = _flags(series, what)
         return cls(**values)
 
 
@@ -280,7 +309,7 @@ class CallTable:
         metadata: dict[str, Any],
         hierarchy: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        self.obs_names = pd.Index(obs_names)
+        self.obs_names = pd.Index(obs_names).astype(str)  # as AnnData and every table written store them
         self.classes = classes
         self.levels = {lv: LevelCalls.coerce(c) for lv, c in levels.items()}
         self.coords = coords
@@ -297,6 +326,8 @@ class CallTable:
 
     def labels(self, level: str) -> pd.Categorical:
         """Final labels of one level (``Unknown`` where abstained)."""
+        if not isinstance(level, str) or level not in self.levels:
+            raise ParameterError(f"level={level!r} is not a level of these predictions; they have {self.label_columns}.")
         return decode_labels(self.levels[level].pred, self.classes[level])
 
     def to_dataframe(self, mode: str = "minimal") -> pd.DataFrame:
@@ -333,6 +364,12 @@ class CallTable:
         where: str = "the predictions",
     ) -> "CallTable":
         """Rebuild the calls from a table written with ``mode="full"`` (index = cell names)."""
+        if len(frame) == 0:
+            raise InputError(f"{where} holds no cells.")
+        names = pd.Index(frame.index.astype(str))
+        if not names.is_unique:
+            raise InputError(f"{where} names some cells twice (e.g. {names[names.duplicated()][0]!r}); "
+                             "each cell has one row in a prediction table.")
         levels = {lv: LevelCalls.from_frame(frame, lv, list(names), where) for lv, names in classes.items()}
         return cls(
             obs_names=np.asarray(frame.index.astype(str)),

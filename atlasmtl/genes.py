@@ -645,7 +645,10 @@ def build_aligner(
 
     if gene_map is not None:
         mapping = read_gene_map(gene_map, query_names, model_genes)
-        keys = np.array([mapping.get(q, "") for q in query_names], dtype=object)
+        # Ensembl versions ignored here too: a map keyed by ENSG00000141510 serves a query's ENSG00000141510.16
+        loose = dict(zip(normalise_names(list(mapping), "ensembl"), mapping.values()))
+        keys = np.array([mapping.get(q, loose.get(stripped, "")) for q, stripped
+                         in zip(query_names, normalise_names(query_names, "ensembl"))], dtype=object)
         keys = normalise_names(keys, model_namespace)
         how = "gene_map"
     elif _family(query_ns) == model_fam:

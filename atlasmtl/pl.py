@@ -39,11 +39,12 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .exceptions import CoordinateError, ParameterError
+from .exceptions import CoordinateError, OutputError, ParameterError
 from .calls import UNKNOWN, CallTable, decode_labels
 from .calibration import calibration_bins, ece_if_calibrated
 from .calibration import ece_of_bins as expected_calibration_error
 from .truth import truth_by_level
+from .validation import as_float, as_int
 
 __all__ = [
     "composition",
@@ -111,10 +112,19 @@ def _levels(result: CallTable, levels: str | Sequence[str] | None) -> list[str]:
     unknown = [lv for lv in levels if lv not in result.levels]
     if unknown:
         raise ParameterError(f"Level(s) {unknown} are not in the result; its levels are {result.label_columns}.")
+    if not levels:
+        raise ParameterError(f"levels=[] names no level; give some of {result.label_columns}, or None for all.")
     return levels
 
 
 def _new_figure(figsize: tuple[float, float], show: bool) -> Figure:
+    try:
+        width, height = (float(v) for v in figsize)
+        valid = np.isfinite(width) and np.isfinite(height) and width > 0 and height > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ParameterError(f"figsize={figsize!r} must be (width, height) in inches, both positive, e.g. (6, 4).")
     if show:
         import matplotlib.pyplot as plt
 
@@ -146,13 +156,30 @@ def _panels(ax: Any, n: int, figsize: tuple[float, float], show: bool, what: str
 
 def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure | None:
     if save is not None:
-        fig.savefig(save, dpi=150)
+        save_figure(fig, save)
     if show:
         import matplotlib.pyplot as plt
 
         plt.show()
         return None
     return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: float = 150) -> None:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (``.png``, ``.pdf``, ``.svg`` ...);
+    a name without a format matplotlib writes, or a path that cannot be written, is an
+    :class:`~atlasmtl.exceptions.OutputError` (missing folders are created)."""
+    from .io import atomic_path
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ParameterError(f"save={path!r} must be a file name such as 'figure.png'.")
+    formats = fig.canvas.get_supported_filetypes()
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in formats:
+        raise OutputError(f"save={os.fspath(path)!r}: name the file with a figure format's suffix, one of "
+                             f"{', '.join('.' + f for f in sorted(formats))} (e.g. 'figure.png').")
+    with atomic_path(path, "figure") as tmp:
+        fig.savefig(tmp, dpi=dpi, format=suffix)
 
 
 def _settings(result: CallTable) -> dict[str, Any]:
@@ -275,6 +302,7 @@ def confidence(
     """
     result = _check_result(result)
     levels = _levels(result, levels)
+    bins = as_int("bins", bins, minimum=1)
     s = _settings(result)
     fig, axes = _panels(ax, 2 * len(levels), figsize or (9.0, 2.4 * len(levels) + 0.4), show,
                         "confidence and margin per level", nrows=len(levels), ncols=2)
@@ -435,6 +463,8 @@ def embedding(
         raise ParameterError(f"color={bad or colors!r}: use any of {_EMBEDDING_COLOURS}.")
     level = level or result.label_columns[-1]
     _levels(result, level)
+    max_points = as_int("max_points", max_points, minimum=1)
+    point_size = None if point_size is None else as_float("point_size", point_size, 0.0, low_open=True)
     query = np.asarray(result.coords[basis], dtype=float)[:, :2]
     ref = _reference_coords(reference, result, basis)
     rng = np.random.default_rng(random_state)
@@ -499,6 +529,8 @@ def embedding(
 
 def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
     """:func:`embedding` with ``basis="umap"``: query cells on the reference UMAP."""
+    if "basis" in kwargs:
+        raise ParameterError("pl.umap draws basis='umap'; for another basis call pl.embedding(result, basis=...).")
     return embedding(result, reference, basis="umap", **kwargs)
 
 

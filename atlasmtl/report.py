@@ -49,4 +49,4 @@ def result_from_predictions(
         Missing columns (written in a mode other than ``"full"``) or labels the
         model does not know.
     """
-    return PredictionResult.from_predictions(predictions, model, settings=dict(settings or {}))
+    return PredictionResult.from_predictions(predictions, model, settings=settings)

@@ -43,10 +43,11 @@ import numpy as np
 import pandas as pd
 
 from ._version import __version__
-from .exceptions import InputError, ParameterError
+from .exceptions import InputError, OutputError, ParameterError
 from .calls import CallTable, decode_labels
 from .novelty import INPUT_VIEW_MIN_MEMBERS, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE
 from .truth import truth_by_level, truth_frame as read_truth
+from .validation import as_float
 
 __all__ = ["write_report", "render_report", "findings"]
 
@@ -280,11 +281,12 @@ def _render(
     if adata is not None:
         if not isinstance(adata, ad.AnnData):
             raise ParameterError(f"adata must be the query AnnData, not {type(adata).__name__}.")
-        if adata.n_obs != result.n_obs or not np.array_equal(np.asarray(adata.obs_names), np.asarray(result.obs_names)):
+        if adata.n_obs != result.n_obs or not pd.Index(adata.obs_names).astype(str).equals(result.obs_names):
             raise InputError(
                 f"The AnnData ({adata.n_obs} cells) is not the query these predictions were made for "
                 f"({result.n_obs} cells; same names and order required)."
             )
+    dpi = as_float("dpi", dpi, 0.0, 1200.0, low_open=True)
     truth_frame, truth_used = (None, {})
     if truth is not None:
         truth_frame, truth_used = read_truth(result, truth, truth_columns, adata)
@@ -683,6 +685,8 @@ def write_report_and_metrics(path: str | os.PathLike, result: CallTable, **optio
     column per level)``: the command line reports the metrics it drew without evaluating twice."""
     from .io import atomic_write
 
+    if not isinstance(path, (str, os.PathLike)) or Path(path).suffix.lower() not in (".html", ".htm"):
+        raise OutputError(f"The report is an HTML page: name it with .html (e.g. 'report.html'), not {path!r}.")
     text, evaluation, truth_used = _render(result, **options)
     path = Path(path)
     try:

@@ -14,17 +14,18 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
 from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, mode_fields
-from .exceptions import InputError, user_stacklevel
+from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
                  read_h5ad_obs, table_format)
 from .runtime import format_sections
+from .validation import as_bool
 
 __all__ = ["PredictionResult", "LevelCalls", "UNKNOWN", "MODES", "column_names"]
 
@@ -79,7 +80,7 @@ class PredictionResult(CallTable):
         return h5ad_safe(self.metadata)
 
     def _check_cells(self, obs_names: Any, what: str) -> None:
-        if len(obs_names) != self.n_obs or not np.array_equal(np.asarray(obs_names), np.asarray(self.obs_names)):
+        if len(obs_names) != self.n_obs or not pd.Index(obs_names).astype(str).equals(self.obs_names):
             raise InputError(what)
 
     def _obs_with_calls(self, obs: pd.DataFrame, mode: str, earlier_writeback: bool) -> pd.DataFrame:
@@ -124,6 +125,10 @@ class PredictionResult(CallTable):
             Write into a copy and return it instead of modifying ``adata``.
         """
         mode_fields(mode)  # a bad mode fails before anything is checked or copied
+        if not isinstance(adata, ad.AnnData):
+            raise ParameterError(f"to_adata writes into an AnnData in memory, not a {type(adata).__name__}; for a "
+                                 "file, write an annotated copy with write_h5ad(path, source).")
+        copy, include_coords = as_bool("copy", copy), as_bool("include_coords", include_coords)
         self._check_cells(
             adata.obs_names,
             f"The AnnData ({adata.n_obs} cells) is not the one these predictions were made for "
@@ -165,6 +170,10 @@ class PredictionResult(CallTable):
         import h5py
 
         _, write_elem, _ = elem_io()
+        text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if isinstance(text, str) and text.strip() and Path(text).suffix.lower() != ".h5ad":
+            raise OutputError(f"{text!r}: write_h5ad writes an .h5ad file; name it so (e.g. 'annotated.h5ad'). "
+                              "For a table use to_csv.")
         dest = prepare_output(path, "annotated .h5ad file")
         if isinstance(source, ad.AnnData) and not getattr(source, "isbacked", False):
             annotated = self.to_adata(source, mode=mode, include_coords=include_coords, copy=True)
@@ -227,11 +236,15 @@ class PredictionResult(CallTable):
                 predictions = read_h5ad(where)
             else:
                 sep = table_format(where, strict=False)[0]
-                try:
-                    predictions = pd.read_csv(where, sep=sep, index_col=0)
+                try:  # as text, as written: cell and class names such as "0001" or "NA" stay themselves
+                    predictions = pd.read_csv(where, sep=sep, dtype=str, keep_default_na=False)
+                    predictions = predictions.set_index(predictions.columns[0])  # index_col would parse it
                 except Exception as exc:
                     raise InputError(f"Could not read {where!r} as a prediction table ({exc}).") from exc
-                predictions.index = predictions.index.astype(str)
+        if not (hasattr(model, "classes") and hasattr(model, "label_columns")):
+            raise ParameterError(f"model must be the TrainedModel that made the predictions, not {type(model).__name__}.")
+        if settings is not None and not isinstance(settings, Mapping):
+            raise ParameterError(f"settings must be a dict of the prediction's settings, not {type(settings).__name__}.")
         if isinstance(predictions, ad.AnnData):
             frame = predictions.obs
             metadata = from_h5ad(dict(predictions.uns.get("atlasmtl", {}) or {}))

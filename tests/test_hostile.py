@@ -757,7 +757,8 @@ def test_output_path_under_a_regular_file_or_empty(tiny_model, predicted, tmp_pa
     result, query, query_file = predicted
     write = _writers(tiny_model, result, query, query_file)[writer]
     (tmp_path / "plain.txt").write_text("keep me")
-    name = "out.csv" if writer == "to_csv" else "out.file"  # to_csv refuses a name that is not a table's first
+    # to_csv and write_h5ad refuse a name of another format first
+    name = {"to_csv": "out.csv", "write_h5ad(AnnData)": "out.h5ad", "write_h5ad(file)": "out.h5ad"}.get(writer, "out.file")
     for bad, match in [(tmp_path / "plain.txt" / name, "not a folder"), ("", "empty")]:
         with pytest.raises(AtlasMTLError, match=match):
             write(bad)
@@ -1161,3 +1162,103 @@ def test_a_save_never_replaces_a_file_that_is_not_part_of_a_model(tiny_model, tm
     tiny_model.save(other / "model.pth")
     tiny_model.save(other / "model.pth")
     assert {p.name for p in other.iterdir()} == FINAL_NAMES
+
+
+# ================================================================ results, plots and reports with unusual input
+def test_a_damaged_prediction_table_is_refused_by_name(tiny_model, predicted):
+    """Hand-edited tables were read as they came: NaN confidences counted as calls, duplicated rows twice,
+    'maybe' as False, and text in a number column was a foreign ValueError."""
+    from atlasmtl.report import result_from_predictions
+
+    result = predicted[0]
+    table = result.to_dataframe("full")
+    level = LEVELS[-1]
+
+    def edited(column, value):
+        out = table.copy()
+        out[f"{column}_{level}"] = value
+        return out
+
+    for bad, match in [(edited("conf", 1.5), "conf_cell_type' holds values outside \\[0, 1\\]"),
+                       (edited("knn_vote_frac", 5.0), "outside \\[0, 1\\]"),
+                       (edited("is_unknown", "maybe"), "not True / False: \\['maybe'\\]"),
+                       (edited("novelty", "x"), "not numbers: \\['x'\\]"),
+                       (pd.concat([table, table.iloc[:3]]), "names some cells twice"),
+                       (table.iloc[:0], "holds no cells")]:
+        with pytest.raises(InputError, match=match):
+            result_from_predictions(bad, tiny_model)
+    with pytest.raises(ParameterError, match="settings must be a dict"):
+        result_from_predictions(table, tiny_model, settings=[1])
+    with pytest.raises(ParameterError, match="model must be the TrainedModel"):
+        result_from_predictions(table, None)
+    rebuilt = result_from_predictions(edited("conf", np.nan), tiny_model)  # no confidence is a valid value
+    assert np.isnan(rebuilt.levels[level].conf).all()
+
+
+def test_names_that_look_like_numbers_survive_a_table(tiny_model, tiny, tmp_path):
+    """Cell names '0001' came back from a CSV as '1' (and 'NA' as NaN), so the result no longer matched its query."""
+    from atlasmtl.report import result_from_predictions
+
+    query = tiny[1].copy()
+    query.obs_names = [f"{i:04d}" for i in range(query.n_obs - 1)] + ["NA"]
+    result = _predictions(tiny_model, query)
+    result.to_csv(tmp_path / "p.csv", mode="full")
+    rebuilt = result_from_predictions(tmp_path / "p.csv", tiny_model)
+    assert list(rebuilt.obs_names) == list(query.obs_names)
+    assert _same_calls(rebuilt, result)
+    rebuilt.to_adata(query, copy=True)  # the same cells: accepted
+
+
+def test_integer_cell_names_write_back(tiny_model, tiny):
+    """AnnData turns integer cell names into text on copy and writeback; the result kept integers and then
+    refused its own query as 'not the one these predictions were made for'."""
+    query = tiny[1].copy()
+    with pytest.warns(UserWarning):  # anndata: the index is not text
+        query.obs_names = pd.Index(np.arange(query.n_obs))
+    result = _predictions(tiny_model, query)
+    out = result.to_adata(query, copy=True)
+    assert (out.obs[f"pred_{LEVELS[-1]}"].astype(str) != "").all()
+    result.to_adata(query)
+    result.to_adata(query)
+
+
+def test_result_methods_name_bad_arguments(predicted, tmp_path):
+    result, query, query_file = predicted
+    with pytest.raises(ParameterError, match="level='nope' is not a level.*cell_type"):
+        result.labels("nope")
+    with pytest.raises(ParameterError, match="not a str; for a file, write an annotated copy with write_h5ad"):
+        result.to_adata(str(query_file))
+    with pytest.raises(ParameterError, match="copy='yes' must be True or False"):
+        result.to_adata(query.copy(), copy="yes")
+    with pytest.raises(OutputError, match="write_h5ad writes an .h5ad file"):
+        result.write_h5ad(tmp_path / "x.csv", query)
+    with pytest.raises(OutputError, match="report is an HTML page"):
+        result.report(tmp_path / "r.pdf")
+    with pytest.raises(ParameterError, match="dpi=0"):
+        result.report(tmp_path / "r.html", dpi=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_plots_name_bad_arguments_and_paths(predicted, tmp_path):
+    """Plot arguments and save paths gave matplotlib's or numpy's errors (or a hidden '.png' for save='out/')."""
+    from atlasmtl import pl
+
+    result = predicted[0]
+    (tmp_path / "file.txt").write_text("keep")
+    for call, error, match in [
+        (lambda: pl.composition(result, levels=[]), ParameterError, "levels=\\[\\] names no level"),
+        (lambda: pl.confidence(result, bins=1.5), ParameterError, "bins=1.5"),
+        (lambda: pl.confidence(result, bins=0), ParameterError, "bins=0"),
+        (lambda: pl.embedding(result, point_size="x"), ParameterError, "point_size"),
+        (lambda: pl.embedding(result, max_points=0), ParameterError, "max_points=0"),
+        (lambda: pl.umap(result, basis="umap"), ParameterError, "pl.embedding"),
+        (lambda: pl.composition(result, figsize="big"), ParameterError, "figsize='big'"),
+        (lambda: pl.composition(result, save=tmp_path / "out.xyz"), OutputError, "figure format's suffix"),
+        (lambda: pl.composition(result, save=str(tmp_path / "out") + "/"), OutputError, "figure format's suffix"),
+        (lambda: pl.composition(result, save=tmp_path / "file.txt" / "x.png"), OutputError, "not a folder"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    pl.composition(result, save=tmp_path / "new" / "c.svg")  # missing folders are made, as for tables
+    assert (tmp_path / "new" / "c.svg").read_text().lstrip().startswith("<?xml")

@@ -110,6 +110,11 @@ def test_gene_map_file_and_versioned_ids(cellbench, cellbench_model, tmp_path):
     res = _predict(cellbench_model, versioned)
     assert res.metadata["genes"]["n_matched"] == len(cellbench_model.genes)
     np.testing.assert_array_equal(res.levels["cell_line"]["code"], base.levels["cell_line"]["code"])
+    # a gene_map keyed by unversioned IDs serves the versioned query (it matched no gene until 2026-12-07)
+    unversioned_map = {g: g for g in query.var_names}
+    res = _predict(cellbench_model, versioned, gene_map=unversioned_map)
+    assert res.metadata["genes"]["n_matched"] == len(cellbench_model.genes)
+    np.testing.assert_array_equal(res.levels["cell_line"]["code"], base.levels["cell_line"]["code"])
 
 
 @pytest.mark.shared_data(CELLBENCH)
