@@ -397,6 +397,9 @@ def parse_truth_columns(text: str | None) -> list[str] | dict[str, str] | None:
     """``"a,b"`` → list, ``"lv1=a,lv2=b"`` → dict."""
     items = _split(text)
     if not items:
+        if text is not None:  # given but empty ("", " , "): the user meant some columns
+            raise UsageError(f"--truth-columns {text!r} names no column; give the query's label columns, e.g. "
+                             "--truth-columns cell_type_broad,cell_type")
         return None
     if any("=" in i for i in items):
         if not all("=" in i for i in items):

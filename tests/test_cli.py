@@ -228,6 +228,8 @@ def test_option_values_are_parsed_to_api_types():
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--truth-columns", "nope"], 2,
      "'nope'"),
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.pdf"], 2, "must end in .html"),
+    (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--truth-columns", ""], 2,
+     "names no column"),
     (["frobnicate"], 2, "invalid choice"),
     # an output under a regular file: OutputError, as the API says it, before any work
     (["predict", "--model", "model", "--query", "query.h5ad", "--out", "query.h5ad/p.csv"], 2,
