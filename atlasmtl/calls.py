@@ -160,12 +160,15 @@ def _flags(values: pd.Series, what: str) -> np.ndarray:
 def _numbers(values: pd.Series, what: str, unit_interval: bool) -> np.ndarray:
     """A float column read back (empty text and NaN → NaN); an InputError for text that is not a number
     and, with ``unit_interval``, for numbers outside [0, 1]."""
-    blank = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
-    numbers = pd.to_numeric(values.where(~blank), errors="coerce")
-    bad = values[numbers.isna() & ~blank]
-    if len(bad):
-        raise InputError(f"{what} holds values that are not numbers: {sorted(set(map(str, bad)))[:5]}.")
-    out = numbers.to_numpy(dtype=np.float32)
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        out = values.to_numpy(dtype=np.float32)  # an AnnData's or a DataFrame's column: numbers already
+    else:  # a table read as text
+        blank = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
+        numbers = pd.to_numeric(values.where(~blank), errors="coerce")
+        bad = values[numbers.isna() & ~blank]
+        if len(bad):
+            raise InputError(f"{what} holds values that are not numbers: {sorted(set(map(str, bad)))[:5]}.")
+        out = numbers.to_numpy(dtype=np.float32)
     outside = (out < -1e-6) | (out > 1 + 1e-6)  # float32 rounding of a probability of 0 or 1 aside
     if unit_interval and outside.any():
         raise InputError(f"{what} holds values outside [0, 1] (e.g. {out[outside][0]:g}); "
