@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import html
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -77,7 +78,9 @@ def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
 def test_report_in_headless_chromium(full_report, tmp_path):
     """Render the report in a real browser: the screenshot is not blank and every image decoded."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is needed for this test: apt-get install chromium (.ci/run installs it)"
+    if not chromium:  # the README's test command needs nothing beside the clone; CI (.ci/run) installs it
+        assert not os.environ.get("CI"), "chromium is needed for this test in CI: .ci/run installs it"
+        pytest.skip("no chromium on this machine (apt-get install chromium runs this test)")
     path, text = full_report
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
