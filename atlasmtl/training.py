@@ -56,6 +56,7 @@ from .runtime import (
     available_cpus,
     format_sections,
     gpu_name,
+    progress,
     release_freed_memory,
     resolve_device,
     resolve_flag,
@@ -401,24 +402,32 @@ def build_model(
         n_members = resolve_ensemble_size(p["ensemble_size"], len(cells))
         n_members = n_members if max_members is None else max(1, min(n_members, max_members))
         members, history = [], []
-        for member in range(n_members):  # member 0 is the network a single-network model would have
-            torch.manual_seed(torch_seed + 1_000_003 * member)
-            net = MultiTaskNetwork(
-                ref.n_genes,
-                [len(ref.classes[c]) for c in ref.label_columns],
-                {n: values.shape[1] for n, values in ref.coords.items()},
-                hidden_sizes,
-                dropout_rate,
-            ).to(dev)
-            if distributed:  # each rank draws its own dropout masks (on a GPU; on the CPU fit's generators do)
-                torch.manual_seed(torch_seed + 1_000_003 * member + 7919 * _dist.rank())
-            # the prefetch thread prepares the next minibatch on a core of its own
-            with torch_threads(max(1, n_threads - 1)):
-                records = fit(net, objective, cells, val_cells, fit_rng, batch_size=batch_size, num_epochs=num_epochs,
-                              learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
-                              min_steps=min_steps, early_stopping_patience=early_stopping_patience, show_progress=show)
-            history += [dict(r, member=member) for r in records] if n_members > 1 else records
-            members.append(net)
+        # one bar for the whole ensemble (ten bars one after another filled a notebook's output)
+        bar = progress(total=n_members * num_epochs, desc="atlasmtl training", enabled=show, unit="epoch")
+        try:
+            for member in range(n_members):  # member 0 is the network a single-network model would have
+                if n_members > 1:
+                    bar.set_description(f"atlasmtl training (network {member + 1}/{n_members})")
+                torch.manual_seed(torch_seed + 1_000_003 * member)
+                net = MultiTaskNetwork(
+                    ref.n_genes,
+                    [len(ref.classes[c]) for c in ref.label_columns],
+                    {n: values.shape[1] for n, values in ref.coords.items()},
+                    hidden_sizes,
+                    dropout_rate,
+                ).to(dev)
+                if distributed:  # each rank draws its own dropout masks (on a GPU; on the CPU fit's generators do)
+                    torch.manual_seed(torch_seed + 1_000_003 * member + 7919 * _dist.rank())
+                # the prefetch thread prepares the next minibatch on a core of its own
+                with torch_threads(max(1, n_threads - 1)):
+                    records = fit(net, objective, cells, val_cells, fit_rng, batch_size=batch_size,
+                                  num_epochs=num_epochs, learning_rate=learning_rate, weight_decay=weight_decay,
+                                  lr_schedule=lr_schedule, min_steps=min_steps,
+                                  early_stopping_patience=early_stopping_patience, show_progress=show, bar=bar)
+                history += [dict(r, member=member) for r in records] if n_members > 1 else records
+                members.append(net)
+        finally:
+            bar.close()
         return (members[0] if n_members == 1 else EnsembleNetwork(members).eval()), history, n_members
 
     with torch_threads(n_threads), torch.random.fork_rng(devices=[]), monitor:

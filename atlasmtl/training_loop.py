@@ -442,8 +442,13 @@ def fit(
     weight_decay: float = 0.0,
     lr_schedule: str = "constant",
     min_steps: int = 0,
+    bar: Any = None,
 ) -> list[dict[str, float]]:
     """The epoch loop (AdamW, shuffled minibatches, optional validation and early stopping).
+
+    With ``bar`` (a progress bar shared by an ensemble's networks, planned at ``num_epochs`` for this
+    one), the epochs advance it, and an early stop or ``min_steps``'s extra epochs correct its total;
+    else, with ``show_progress``, the loop draws a bar of its own.
 
     Runs ``num_epochs`` epochs, or more when that gives fewer than ``min_steps``
     optimiser steps; with ``lr_schedule="cosine"`` the learning rate follows a
@@ -472,7 +477,7 @@ def fit(
                        for r in range(_dist.world_size()))
         n_batches = max(1, -(-smallest // batch_size))
     steps_per_epoch = n_batches if n_batches is not None else -(-len(shard) // batch_size)
-    num_epochs = max(num_epochs, -(-min_steps // steps_per_epoch))
+    planned_epochs, num_epochs = num_epochs, max(num_epochs, -(-min_steps // steps_per_epoch))
     # the worker thread draws every shuffle and augmentation from its own generator, so how far
     # it runs ahead never changes the random numbers anything else sees
     stream_seed = int(rng.integers(2**63))
@@ -537,7 +542,12 @@ def fit(
                     else:
                         yield objective.minibatch(*item, train=True)
 
-        bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
+        own_bar = bar is None
+        if own_bar:
+            bar = progress(range(num_epochs), desc="atlasmtl training", enabled=show_progress, unit="epoch")
+        elif num_epochs != planned_epochs:
+            bar.total += num_epochs - planned_epochs
+            bar.refresh()
         with contextlib.closing(minibatches()) as stream:
             epoch, step = 0, 0
             total, n_seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
@@ -594,7 +604,11 @@ def fit(
                 c_epoch = time.process_time()
                 if early_stopping_patience is not None and n_val and stale >= early_stopping_patience:
                     break
-        bar.close()
+        if own_bar:
+            bar.close()
+        elif epoch < num_epochs:  # stopped early: the shared bar skips this network's remaining epochs
+            bar.total -= num_epochs - epoch
+            bar.refresh()
     if best_state is not None and early_stopping_patience is not None:
         net.load_state_dict(best_state)
     if not all(torch.isfinite(p).all() for p in net.parameters()):

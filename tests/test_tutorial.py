@@ -28,6 +28,8 @@ def _check_outputs(nb) -> None:
 
 
 def test_tutorial_is_stored_executed_and_small():
+    """Re-execute with nbclient (cells cleared, run in a scratch folder), then merge each cell's consecutive
+    stream outputs and keep what follows each line's last carriage return, as Jupyter saves them."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     cells = _code_cells(nb)
@@ -35,6 +37,15 @@ def test_tutorial_is_stored_executed_and_small():
     _check_outputs(nb)
     assert any("X_pred_umap" in c.source and "sc.pl.embedding" in c.source for c in cells)
     assert NOTEBOOK.stat().st_size < 600_000, "keep figures at modest dpi"
+    # executed with today's defaults (it showed binary input for a week after zscore became the default)
+    import inspect
+
+    import atlasmtl
+
+    streams = "".join(o.get("text", "") for c in cells for o in c.outputs if o.output_type == "stream")
+    default = inspect.signature(atlasmtl.build_model).parameters["input_transform"].default
+    assert f"input transform  : {default}" in streams, "re-execute the notebook (see the test's docstring)"
+    assert "\r" not in streams, "store streams as Jupyter shows them (progress bars collapsed)"
 
 
 @pytest.mark.slow

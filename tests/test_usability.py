@@ -99,3 +99,15 @@ def test_save_to_a_folder_and_load_the_folder(synthetic_model, synthetic_split, 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="holding 0 model manifests"):
         atlasmtl.TrainedModel.load(tmp_path / "empty")
+
+
+def test_an_ensemble_trains_under_one_progress_bar(synthetic_split, capsys):
+    """Ten members drew ten bars one after another (a notebook's output filled with them); one bar now
+    counts every network's epochs, naming the network in training."""
+    ref, _ = synthetic_split
+    atlasmtl.build_model(ref, SYNTHETIC_LEVELS, num_epochs=3, ensemble_size=3, min_steps=0, num_threads=1,
+                         show_progress=True, show_summary=False)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    totals = set(re.findall(r"atlasmtl training[^|\n]*\|[^|]*\| *\d+/(\d+)", err))
+    assert totals == {"9"}, totals  # 3 networks × 3 epochs, one bar
+    assert "(network 3/3)" in err and " 9/9 " in err
