@@ -255,6 +255,16 @@ def prepare_reference(
                 stacklevel=user_stacklevel(),
             )
 
+    for j, col in enumerate(label_columns):
+        counts = np.bincount(codes[cells, j][codes[cells, j] >= 0], minlength=len(classes[col]))
+        tiny = [f"{classes[col][i]!r}: {int(counts[i])}" for i in np.flatnonzero(counts < TINY_CLASS_CELLS)]
+        if tiny:
+            warnings.warn(
+                f"{col!r} has {len(tiny)} class(es) with fewer than {TINY_CLASS_CELLS} reference cells ("
+                + ", ".join(tiny[:8]) + (", ..." if len(tiny) > 8 else "") + "): the network rarely calls such a "
+                "class and the KNN vote cannot confirm it. Merge them into a related class, or label those cells NaN "
+                "at this level, if their calls matter.", stacklevel=user_stacklevel())
+
     empty = empty_cells(source, cells)
     if empty is not None:
         _check_empty_cells(empty, len(cells), source.where)
@@ -286,6 +296,10 @@ def prepare_reference(
     aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
                      cells, dropped, genes)
+
+
+#: Classes with fewer labelled reference cells than this get a warning at training (they are rarely called).
+TINY_CLASS_CELLS = 3
 
 
 def _check_empty_cells(empty: int, n_cells: int, where: str) -> None:

@@ -1262,3 +1262,14 @@ def test_plots_name_bad_arguments_and_paths(predicted, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
     pl.composition(result, save=tmp_path / "new" / "c.svg")  # missing folders are made, as for tables
     assert (tmp_path / "new" / "c.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_classes_of_one_or_two_reference_cells_are_named_at_training(tiny):
+    """A class of 1-2 reference cells trained without a word, though the network rarely calls it and the
+    KNN vote cannot confirm it (Symphony's HSC: 1 cell; Zilionis' T3: 1)."""
+    ref = tiny[0].copy()
+    labels = ref.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[:2] = "rare"
+    ref.obs["cell_type"] = pd.Categorical(labels)
+    with pytest.warns(UserWarning, match=r"'cell_type' has 1 class\(es\) with fewer than 3 reference cells \('rare': 2\)"):
+        atlasmtl.build_model(ref, LEVELS, **FAST)
