@@ -390,15 +390,16 @@ class CallTable:
         per_level = {}
         for level, c in self.levels.items():
             per_level[level] = (
-                f"low-confidence {c.is_low_conf.mean():.1%}, KNN-accepted {c.used_knn.mean():.1%}, "
+                f"low-confidence {c.is_low_conf.mean():.1%}, KNN-confirmed {c.used_knn.mean():.1%}, "
                 f"Unknown {c.is_unknown.mean():.1%} (novel {c.is_novel.mean():.1%})"
             )
+        unrecorded = "not recorded (predictions read back from a table)"
         return {
-            "query": {"cells": self.n_obs, "input": self.metadata.get("input", {}).get("semantics")},
+            "query": {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)},
             "genes": {
                 "matched": f"{genes.get('n_matched')} / {genes.get('n_model_genes')} ({genes.get('overlap_fraction', 0):.1%})",
                 "mapped by": genes.get("mapped_by"),
-            },
+            } if genes else {"matched": unrecorded},
             "levels": per_level,
             "runtime": runtime_section(rt, unit="cells"),
         }

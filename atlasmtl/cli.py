@@ -163,6 +163,12 @@ def _fmt_default(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+#: Help texts the command line words differently from the API's docstring.
+_PREDICT_HELP = {"gene_map": "a CSV/TSV file mapping query gene names (first column) to the model's (second), "
+                             "or an orthologue table with a column per species, for genes named differently "
+                             "(another namespace or species)"}
+
+
 def add_signature_options(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     func: Callable,
@@ -200,8 +206,8 @@ def add_signature_options(
                 kwargs["type"], metavar = _int_or_none, "INT|none"
             elif ann in ("float|None", "Optional[float]"):
                 kwargs["type"], metavar = _float_or_none, "FLOAT|none"
-            elif ann == "int|str":
-                kwargs["type"], metavar = _int_or_str, "INT|max"
+            elif ann == "int|str":  # the word each takes: ensemble_size "auto", num_threads "max"
+                kwargs["type"], metavar = _int_or_str, "INT|" + (default if isinstance(default, str) else "max")
             elif ann == "int" or (isinstance(default, int) and p.annotation is inspect.Parameter.empty):
                 kwargs["type"], metavar = int, "INT"
             elif ann == "float" or isinstance(default, float):
@@ -276,7 +282,8 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     # train
     p = sub.add_parser("train", help="train a model on a labelled reference .h5ad", formatter_class=_Formatter,
                        description="Train a model on a labelled reference and save it (model.pth, "
-                       "model_metadata.pkl, model_reference.pkl, model_manifest.json).", epilog=exit_help)
+                       "model_metadata.pkl, model_reference.pkl, model_embedding.npy, model_manifest.json).",
+                       epilog=exit_help)
     g = p.add_argument_group("data")
     g.add_argument("--reference", required=True, metavar="H5AD", help="labelled reference .h5ad file")
     g.add_argument("--labels", required=True, metavar="COL,COL,...",
@@ -286,8 +293,9 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                    "(a bare key such as X_umap is named umap)")
     _filter_option(g, "--reference-filter", "reference", "'dataset!=3pv1'")
     g.add_argument("--out", required=True, metavar="DIR|FILE.pth",
-                   help="the model folder: DIR/model.pth, DIR/model_metadata.pkl, DIR/model_reference.pkl and "
-                   "DIR/model_manifest.json are written in it (created if needed); or a weights path FILE.pth, "
+                   help="the model folder: DIR/model.pth, DIR/model_metadata.pkl, DIR/model_reference.pkl, "
+                   "DIR/model_embedding.npy and DIR/model_manifest.json are written in it (created if needed); "
+                   "or a weights path FILE.pth, "
                    "whose companions FILE_metadata.pkl ... go beside it. Another suffix (model.pt) is refused; "
                    "end a folder name that has a dot with a slash (runs/v1.2/)")
     g.add_argument("--backed", action="store_true",
@@ -322,7 +330,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                    "and writes the whole table (torchrun --nproc_per_node=N -m atlasmtl.cli predict --distributed ...)")
     if "predict" in wanted:
         add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
-                              _PREDICT_SKIP)
+                              _PREDICT_SKIP, _PREDICT_HELP)
     _common(p)
 
     # report
@@ -338,7 +346,8 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     _filter_option(g, "--query-filter", "query", "dataset=3pv1")
     g.add_argument("--predictions", metavar="FILE",
                    help="reuse predictions written by 'atlasmtl predict --mode full' (.csv, .tsv or .h5ad) "
-                   "instead of predicting again")
+                   "instead of predicting again; an .h5ad keeps the prediction's metadata (gene overlap, input "
+                   "checks, settings), a table does not: the report then states the options given here")
     g.add_argument("--truth-columns", metavar="COL,... | LEVEL=COL,...",
                    help="query obs columns with the true labels: one per level (coarse to fine), "
                    "names equal to the levels, or level=column pairs")
@@ -349,7 +358,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     g.add_argument("--out", required=True, metavar="HTML", help="report file (.html)")
     if "report" in wanted:
         add_signature_options(p.add_argument_group("prediction options (atlasmtl.predict)"), api("predict"),
-                              _PREDICT_SKIP)
+                              _PREDICT_SKIP, _PREDICT_HELP)
     _common(p)
 
     # demo
@@ -635,6 +644,8 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
         from .gating import GatingConfig
 
         settings = {f.name: kwargs[f.name] for f in dataclasses.fields(GatingConfig)}
+        # the table keeps no settings: the options given here are those the report describes
+        settings.update({name: kwargs[name] for name in ("novelty_threshold", "neighbourhood_k") if name in kwargs})
         result = result_from_predictions(args.predictions, model, settings=settings)
         if list(result.obs_names) != list(query.obs_names):
             from .exceptions import InputError

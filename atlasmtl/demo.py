@@ -43,8 +43,8 @@ def run_demo(
     Returns
     -------
     Per level: ``accuracy``, ``macro_f1``, ``coverage`` (fraction not Unknown),
-    ``accuracy_covered``, ``low_confidence`` (fraction the gate flagged) and ``knn_corrected``
-    (fraction labelled by the KNN vote).
+    ``accuracy_covered``, ``low_confidence`` (fraction the gate flagged) and ``knn_confirmed``
+    (fraction whose call the KNN vote confirmed).
     """
     import atlasmtl
     from atlasmtl.datasets import PBMC68K_COARSE, pbmc68k_reference_query
@@ -87,15 +87,15 @@ def run_demo(
             "coverage": float(covered.mean()),
             "accuracy_covered": float(np.mean(p[covered] == y[covered])) if covered.any() else float("nan"),
             "low_confidence": float(np.mean(result.levels[level].is_low_conf)),
-            "knn_corrected": float(np.mean(result.levels[level].used_knn)),
+            "knn_confirmed": float(np.mean(result.levels[level].used_knn)),
         }
-    say(f"{'level':<13}{'accuracy':>9}{'macro-F1':>10}{'low-confidence':>16}{'KNN-corrected':>15}{'Unknown':>9}")
+    say(f"{'level':<13}{'accuracy':>9}{'macro-F1':>10}{'low-confidence':>16}{'KNN-confirmed':>15}{'Unknown':>9}")
     for level, s in scores.items():
         say(f"{level:<13}{s['accuracy']:>9.3f}{s['macro_f1']:>10.3f}{s['low_confidence']:>16.1%}"
-            f"{s['knn_corrected']:>15.1%}{1 - s['coverage']:>9.1%}")
+            f"{s['knn_confirmed']:>15.1%}{1 - s['coverage']:>9.1%}")
     gate = result.metadata["settings"]
     say(f"\nLow-confidence: the network's top probability is below {gate['confidence_high']} or its lead over the "
-        f"runner-up below {gate['margin_threshold']}.\nKNN-corrected: such a cell's call was confirmed by its "
+        f"runner-up below {gate['margin_threshold']}.\nKNN-confirmed: such a cell's call was confirmed by its "
         f"{gate['knn_k']} nearest reference cells (at least {gate['knn_conf_low']:.0%} of their vote), which keeps "
         "it labelled even below the Unknown threshold; the vote never replaces the network's call.\n")
 

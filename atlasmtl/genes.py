@@ -720,7 +720,7 @@ def build_aligner(
             "found in the query "
             f"({len(query_names)} genes, mapped by {how}); at least {min_gene_overlap:.0%} are required."
             + hint
-            + " To map anyway, lower min_gene_overlap."
+            + " To map anyway, lower min_gene_overlap (--min-gene-overlap on the command line)."
         )
     if overlap < WARN_OVERLAP:
         warnings.warn(

@@ -431,6 +431,8 @@ def detect_semantics(source: MatrixSource, sample: Any = None,
     else:
         vmin = float(values.min()) if values.size else 0.0
         vmax = float(values.max()) if values.size else 0.0
+        if sp.issparse(sample) and sample.nnz < sample.shape[0] * sample.shape[1]:
+            vmin = min(vmin, 0.0)  # a sparse sample's stored values leave its zeros out
     nonzero = values[values != 0]
     integer_fraction = float(np.mean(np.equal(np.round(nonzero), nonzero))) if nonzero.size else 1.0
     if vmin < 0:

@@ -13,7 +13,7 @@ What each plot shows:
 - :func:`confidence`: confidence and margin distributions per level, with the
   gate's thresholds (``confidence_high``, ``confidence_low``,
   ``margin_threshold``, taken from ``result.metadata["settings"]``) drawn.
-- :func:`rates`: Unknown, low-confidence and KNN-rescue rates per level.
+- :func:`rates`: Unknown, low-confidence and KNN-confirmed rates per level.
 - :func:`embedding` / :func:`umap`: query cells at their predicted
   coordinates drawn over the reference's coordinates (grey), coloured by
   predicted label, confidence or Unknown.
@@ -341,7 +341,7 @@ def rates(
     show: bool = False,
     save: str | os.PathLike | None = None,
 ) -> Figure | None:
-    """Per level: the share of cells that are Unknown, low-confidence, and rescued by the KNN vote.
+    """Per level: the share of cells that are Unknown, low-confidence, and KNN-confirmed (the vote kept the call).
 
     Parameters
     ----------
@@ -354,7 +354,7 @@ def rates(
     """
     result = _check_result(result)
     levels = result.label_columns
-    fields = (("is_low_conf", "low-confidence", "#e08a00"), ("used_knn", "KNN-rescued", "#3b75af"),
+    fields = (("is_low_conf", "low-confidence", "#e08a00"), ("used_knn", "KNN-confirmed", "#3b75af"),
               ("is_unknown", "Unknown", UNKNOWN_COLOUR))
     fig, (ax,) = _panels(ax, 1, figsize or (max(4.0, 1.4 * len(levels) + 2.2), 3.2), show, "one chart")
     x = np.arange(len(levels))
@@ -510,7 +510,7 @@ def embedding(
             title = f"{level}: {what.replace('_', ' ')}"
         else:
             flag = r["is_unknown" if what == "unknown" else "used_knn"][order].astype(bool)
-            name = "Unknown" if what == "unknown" else "KNN-rescued"
+            name = "Unknown" if what == "unknown" else "KNN-confirmed"
             colour = "#c0282d" if what == "unknown" else "#3b75af"
             ax.scatter(xy[~flag, 0], xy[~flag, 1], s=size, c="#9ab8d6", lw=0, rasterized=True,
                        label=f"labelled ({int((~flag).sum())})" if what == "unknown" else f"other ({int((~flag).sum())})")

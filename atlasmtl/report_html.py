@@ -12,7 +12,7 @@ every plot of :mod:`atlasmtl.pl` is embedded as a base64 PNG, and there are no
 external scripts, styles or fonts.
 
 Sections: overview (cells, levels, per-level Unknown / low-confidence /
-KNN-rescue rates, accuracy and macro-F1 when truth is given, and findings worth a look), query cells on the reference
+KNN-confirmed rates, accuracy and macro-F1 when truth is given, and findings worth a look), query cells on the reference
 coordinates, predicted labels, confidence and margin with the gate's thresholds,
 novelty (per called class: median novelty z, neighbourhood novelty and the share
 called novel, most novel first; the two scores on the coordinates),
@@ -223,26 +223,41 @@ CALIBRATION_EXCESS = 0.05
 def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluation: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Levels whose confidence is miscalibrated on the labelled query cells, as ``("warn", message)``.
 
-    A level is reported when its ECE exceeds ``ece_if_calibrated`` (the ECE an exact
-    confidence would show on as many cells) by :data:`CALIBRATION_EXCESS` or more; the
-    message says whether the network's calls were over- or under-confident (their mean
-    confidence against their accuracy on these cells).
+    Judged on the cells whose true label is one of the model's classes at that level: a cell of a type
+    the model lacks cannot be called right, so it would make any confidence look over-confident (it is
+    the novelty section's to judge). A level is reported when the ECE of those cells exceeds
+    ``ece_if_calibrated`` (the ECE an exact confidence would show on as many cells) by
+    :data:`CALIBRATION_EXCESS` or more (``evaluation``'s figures when every labelled cell is of a
+    known type); the message says whether the network's calls were over- or under-confident (their
+    mean confidence against their accuracy on these cells).
     """
+    from .calibration import ece_if_calibrated, expected_calibration_error
+
     out: list[tuple[str, str]] = []
     truth = truth_by_level(result, truth_frame)
     for level, m in (evaluation.get("levels") or {}).items():
-        ece, floor = m.get("ece"), m.get("ece_if_calibrated")
-        if ece is None or floor is None or ece - floor < CALIBRATION_EXCESS or level not in truth:
+        if m.get("ece") is None or level not in truth:
             continue
         calls = result.levels[level]
         has = np.array([v is not None for v in truth[level]])
+        known = has & np.isin(truth[level], np.asarray(result.classes[level], dtype=object))
+        conf = np.asarray(calls.conf, dtype=np.float64)
+        known &= np.isfinite(conf)
+        if not known.any():
+            continue
         raw = np.asarray(decode_labels(calls.raw, result.classes[level]), dtype=object)
-        accuracy, confidence = float(np.mean(raw[has] == truth[level][has])), float(np.mean(calls.conf[has]))
+        correct = raw[known] == truth[level][known]
+        ece, floor = expected_calibration_error(conf[known], correct), ece_if_calibrated(conf[known])
+        if ece - floor < CALIBRATION_EXCESS:
+            continue
+        accuracy, confidence = float(np.mean(correct)), float(np.mean(conf[known]))
         side = "over-confident" if confidence > accuracy else "under-confident"
+        lacking = int((has & ~np.isin(truth[level], np.asarray(result.classes[level], dtype=object))).sum())
         out.append(("warn", f"{level}: the confidences are {side} on these labelled cells — mean confidence "
                             f"{confidence:.2f} against {accuracy:.2f} accuracy of the network's calls (ECE {ece:.3f}; "
-                            f"an exact confidence would show {floor:.3f} on {int(has.sum()):,} cells). Expect the "
-                            "same on unlabelled queries that differ from the reference in the same way."))
+                            f"an exact confidence would show {floor:.3f} on {int(known.sum()):,} cells"
+                            + (f"; the {lacking:,} cells of types the model lacks are left out" if lacking else "")
+                            + "). Expect the same on unlabelled queries that differ from the reference in the same way."))
     return out
 
 
@@ -383,12 +398,12 @@ def _overview(page: _Page) -> str:
             "classes": len(result.classes[lv]),
             "Unknown": float(np.mean(c.is_unknown)),
             "low-confidence": float(np.mean(c.is_low_conf)),
-            "KNN-rescued": float(np.mean(c.used_knn)),
+            "KNN-confirmed": float(np.mean(c.used_knn)),
             "median confidence": float(np.median(c.conf)),
             "median margin": float(np.median(c.margin)),
         })
     level_frame = pd.DataFrame(rows).set_index("level")
-    for col in ("Unknown", "low-confidence", "KNN-rescued"):
+    for col in ("Unknown", "low-confidence", "KNN-confirmed"):
         level_frame[col] = [f"{v:.1%}" for v in level_frame[col]]
     found = findings(result, page.model)
     if page.evaluation is not None and page.truth_frame is not None:
@@ -404,7 +419,7 @@ def _coordinates(page: _Page) -> str:
     result = page.result
     basis = page.coordinate_basis
     if basis is None:
-        return '<p class="muted">The model has no coordinate heads (train with coord_targets=...).</p>'
+        return '<p class="muted">The model has no coordinate heads (train with coord_targets=..., or --coords on the command line).</p>'
     ref_note = ("over the reference cells (grey)" if page.reference is not None
                 else "(no reference given, so the reference cells are not drawn)")
     return page.fig(pl.embedding(result, page.reference, basis=basis, color=("label", "confidence", "unknown")),
@@ -419,9 +434,10 @@ def _labels(page: _Page) -> str:
     content = '<div class="grid">' + page.fig(
         pl.composition(page.result), "predicted label composition per level",
         "Fraction of query cells given each label at each level; Unknown (grey) marks abstentions.")
-    content += page.fig(pl.rates(page.result), "Unknown, low-confidence and KNN-rescue rates per level",
+    content += page.fig(pl.rates(page.result), "Unknown, low-confidence and KNN-confirmed rates per level",
                         "Low-confidence cells (confidence below confidence_high or margin below margin_threshold) "
-                        "are searched among the reference cells; KNN-rescued cells took their neighbours' label; "
+                        "are searched among the reference cells; KNN-confirmed cells kept their call because their neighbours' "
+                        "vote agreed (the vote never replaces a call); "
                         "Unknown cells were abstained.") + "</div>"
     return content
 
@@ -551,7 +567,7 @@ def _accuracy(page: _Page) -> str | None:
     content += "<h3>Metrics (atlasmtl.evaluate)</h3>" + _frame_table(table[keep])
     hier = evaluation.get("hierarchy") or {}
     flat = {k: v for k, v in hier.items() if not isinstance(v, (Mapping, list, tuple, np.ndarray))}
-    if flat:
+    if flat and len(result.label_columns) > 1:  # a single level has no path to check
         content += "<h3>Hierarchy</h3>" + _kv_table(flat)
     content += page.fig(pl.confusion(result, truth_frame), "row-normalised confusion matrices",
                         "Rows: true label (cells); columns: predicted label including Unknown. Each row sums to 1.")

@@ -274,3 +274,16 @@ def test_path_query_reads_only_the_chosen_matrix(symphony_model, symphony_split,
         _predict(symphony_model, path, layer="spliced")
     with pytest.raises(atlasmtl.exceptions.InputError, match="has no raw"):
         _predict(symphony_model, path, use_raw=True)
+
+
+def test_a_backed_sparse_query_reports_its_zeros(tmp_path):
+    """Read from disk, a sparse matrix was judged on its stored values alone: the report's 'Query input' said
+    min 0.832 for log-normalised data that is two-thirds zeros (in memory: min 0)."""
+    rng = np.random.default_rng(0)
+    x = sp.random(60, 40, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    x.data = np.log1p(rng.integers(1, 20, x.nnz)).astype(np.float32)
+    adata = ad.AnnData(x)
+    adata.write_h5ad(tmp_path / "q.h5ad")
+    in_memory = detect_semantics(get_matrix_source(adata))
+    backed = detect_semantics(get_matrix_source(ad.read_h5ad(tmp_path / "q.h5ad", backed="r")))
+    assert backed == in_memory and backed["min"] == 0.0 and backed["semantics"] == "lognorm"

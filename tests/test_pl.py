@@ -24,7 +24,7 @@ GATE = {"confidence_high": 0.8, "confidence_low": 0.3, "margin_threshold": 0.25}
 
 @pytest.fixture(scope="module")
 def gated(pbmc_model, pbmc_split):
-    """A stricter gate than the default, so that every plot has Unknown and KNN-rescued cells to draw."""
+    """A stricter gate than the default, so that every plot has Unknown and KNN-confirmed cells to draw."""
     ref, query = pbmc_split
     result = atlasmtl.predict(pbmc_model, query, show_progress=False, **GATE)
     return result, ref, query

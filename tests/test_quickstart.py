@@ -55,7 +55,7 @@ def test_demo_command_tells_the_story_and_writes_its_files(tmp_path):
     lines = out.strip().splitlines()
     assert len(lines) <= 25, out  # one screen
     assert "derived from bulk_labels" in out
-    assert "Low-confidence:" in out and "KNN-corrected:" in out
+    assert "Low-confidence:" in out and "KNN-confirmed:" in out
     assert "resource" not in out.lower() and "peak" not in out.lower()  # only with --show-resources
     folder = tmp_path / "atlasmtl_demo"
     assert sorted(p.name for p in folder.iterdir()) == ["model", "query_annotated.h5ad", "report.html"]

@@ -201,6 +201,27 @@ def test_miscalibration_is_a_finding_with_its_direction(mapped, pbmc_model, tmp_
     assert found[fine][1] in text
 
 
+def test_cells_of_types_the_model_lacks_do_not_make_a_calibration_finding(mapped):
+    """A query holding a type the reference lacks (true labels no model class has) read as 'over-confident':
+    its cells cannot be called right. The finding judges the cells of the model's own types."""
+    from atlasmtl.report_html import CALIBRATION_EXCESS, calibration_findings
+
+    result, _, query = mapped
+    fine = LEVELS[-1]
+    lacking = query.copy()
+    labels = lacking.obs[fine].astype(str).to_numpy().copy()
+    labels[np.random.default_rng(0).random(len(labels)) < 0.3] = "a type the model lacks"
+    lacking.obs[fine] = labels
+    evaluation = atlasmtl.evaluate(result, lacking, LEVELS)
+    m = evaluation["levels"][fine]
+    assert m["ece"] - m["ece_if_calibrated"] >= CALIBRATION_EXCESS  # all cells counted: it would be a finding
+    found = [msg for _, msg in calibration_findings(result, lacking.obs[LEVELS], evaluation) if msg.startswith(fine)]
+    known = [msg for _, msg in calibration_findings(result, query.obs[LEVELS], atlasmtl.evaluate(result, query, LEVELS))
+             if msg.startswith(fine)]
+    assert bool(found) == bool(known)  # the same verdict as on the known types' cells alone
+    assert all("cells of types the model lacks are left out" in msg for msg in found)
+
+
 def test_novelty_table_ranks_called_classes(mapped, full_report):
     """The report's novelty table: per network call, the cells' median scores, most novel neighbourhoods first."""
     from atlasmtl.report_html import novelty_table
