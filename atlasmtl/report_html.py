@@ -204,7 +204,10 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
         novel = float(np.mean(calls.is_novel))
         if novel >= 0.02:
             out.append(("warn", f"{level}: {novel:.1%} of the cells are far from every reference cell of the type "
-                                "they resemble most (novel: Unknown) — a type the reference may lack."))
+                                "they resemble most (novel: Unknown) — a type the reference may lack, or cells of a "
+                                "known type in an unusual state: on queries holding only the reference's types up to "
+                                "~4% of the cells are (the README's Known limits). The novelty table below shows "
+                                "whether they gather in one called class."))
     if model is not None and not (model.metadata.get("calibration") or {}).get("temperatures"):
         out.append(("warn", "The model was trained without held-out calibration cells (calibration_fraction=0 and "
                             "val_fraction=0): confidences are uncalibrated and no cell can be called novel."))
