@@ -368,12 +368,13 @@ class InputView:
         residual = np.sqrt(np.maximum(squared - np.einsum("ij,ij->i", coords, coords), 0.0))
         return np.hstack([coords, residual[:, None]])
 
-    def log_distances(self, points: np.ndarray, calls: np.ndarray, level: str,
+    def log_distances(self, points: np.ndarray, calls: np.ndarray, level: str, match: bool = True,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log mean distance of each point to the nearest kept cells of its call at ``level`` in the PCA,
         and with the residual coordinate (NaN for a view without it); NaN without a call, or when the
         class keeps fewer than two cells. Third, whether each point is one of those kept cells
-        (:data:`SELF_MATCH_TOLERANCE`; its distances then leave it out)."""
+        (:data:`SELF_MATCH_TOLERANCE`; its distances then leave it out; ``match=False``: none is, as for
+        the held-out cells the view is fitted on)."""
         out = (np.full(len(points), np.nan), np.full(len(points), np.nan))
         matched = np.zeros(len(points), dtype=bool)
         if level not in self.levels:
@@ -384,7 +385,8 @@ class InputView:
             if own.sum() < 2:
                 continue
             at = np.flatnonzero(calls == c)
-            found = None if SELF_MATCH_TOLERANCE is None or not self.class_scale else np.zeros(len(at), dtype=bool)
+            found = None if not match or SELF_MATCH_TOLERANCE is None or not self.class_scale \
+                else np.zeros(len(at), dtype=bool)
             distances = mean_neighbour_distance(points[at], self.points[own], self.k,
                                                 split=self.n_components if self.residual else None, matched=found)
             for o, d in zip(out, distances if self.residual else (distances,)):
@@ -522,7 +524,7 @@ def fit_input_view(
         unscaled = InputView({**stored, "points": points, "members": {lv: members[lv]},
                               "levels": {lv: {**pca, **unit, "residual": {**with_residual, **unit}}}})
         calls = np.asarray(held_out_calls[lv])
-        held_d, held_d_residual, _ = unscaled.log_distances(held_points, calls, lv)
+        held_d, held_d_residual, _ = unscaled.log_distances(held_points, calls, lv, match=False)
         summary = null_summary(unscaled.z(held_d, calls, lv, located=False))
         levels[lv] = None if not summary["n"] else {**pca, "offset": summary["median"],
                                                     "scale": summary["scale"], "n": summary["n"]}
