@@ -108,6 +108,15 @@ class EmbeddingFile:
         self._file = tempfile.TemporaryFile(prefix="atlasmtl-embedding-") if self.on_disk else None
         self._array = None if self.on_disk else np.empty(self.shape, dtype=self.dtype)
 
+    def close(self) -> None:
+        """Close the temporary file (its space is freed once no :meth:`finish` map uses it)."""
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+    def __del__(self) -> None:
+        # closed here, not left to the file object's finaliser, which warns "unclosed file" (ResourceWarning)
+        self.close()
+
     @classmethod
     def for_reference(cls, n_rows: int, width: int) -> "EmbeddingFile":
         """On disk for references over :data:`EXACT_SEARCH_MAX_CELLS` cells (the ones given a :class:`ListIndex`)."""

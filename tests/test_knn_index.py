@@ -340,3 +340,25 @@ def test_nearest_rows_is_the_exact_neighbour_set():
     want = np.argsort(((points[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)[:, :12]
     assert [set(r) for r in got] == [set(r) for r in want]
     assert nearest_rows(points, ref[:5], 12).shape == (70, 5)
+
+
+def test_temporary_embedding_files_are_closed_quietly():
+    """Training past 20,000 cells printed two 'unclosed file' warnings (the on-disk embedding's temporary files)."""
+    import gc
+    import warnings
+
+    from atlasmtl.knn import EmbeddingFile, index_reference
+
+    rng = np.random.default_rng(0)
+    n = 25_000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embedding = EmbeddingFile(n, 8, on_disk=True)
+        for start in range(0, n, 5000):
+            embedding.write(rng.normal(size=(5000, 8)))
+        indexed = index_reference({"embedding": embedding, "labels": {"a": rng.integers(0, 3, n)},
+                                   "training_cell": np.ones(n, dtype=bool)}, ["a"])
+        assert indexed["embedding"].on_disk and indexed["embedding"][:3].shape == (3, 8)
+        del embedding, indexed
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
