@@ -351,8 +351,11 @@ def build_model(
     input_transform, use_raw, augment = p["input_transform"], p["use_raw"], p["augment"]
     mixup_alpha = p["mixup_alpha"]
     weight_decay, lr_schedule, min_steps = p["weight_decay"], p["lr_schedule"], p["min_steps"]
-    random_state, seed = as_random_state(random_state)
     distributed = as_bool("distributed", distributed)
+    if distributed and random_state is None:
+        raise ParameterError("random_state=None with distributed=True: each process would draw its own seed, hold "
+                             "out other calibration cells and train another model; pass an integer (e.g. 0).")
+    random_state, seed = as_random_state(random_state)
     dev = _dist.init_from_env(device=device) if distributed else resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
     if distributed and dev.type == "cpu":  # the processes of one machine share its cores

@@ -39,6 +39,15 @@ def test_init_without_torchrun_is_a_clear_error(monkeypatch):
         distributed.init_from_env(backend="mpi")
 
 
+def test_distributed_training_needs_a_fixed_random_state(symphony_split):
+    """random_state=None under torchrun let each process draw its own seed: each held out other calibration
+    cells, so cells one process calibrated on another trained on, and the recorded seed was rank 0's alone."""
+    import atlasmtl
+
+    with pytest.raises(ParameterError, match="random_state=None with distributed=True"):
+        atlasmtl.build_model(symphony_split[0], ["cell_type"], distributed=True, random_state=None)
+
+
 def test_init_from_env_joins_a_gloo_group(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
