@@ -537,9 +537,7 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
     kwargs = _api_kwargs(args, build_model, _TRAIN_SKIP)
     model = build_model(reference, labels, coords, show_summary=False, **kwargs)
     if model is None:  # a distributed run's other ranks: rank 0 saves the model
-        from .distributed import rank
-
-        out.update(model=None, rank=rank())
+        out.update(model=None, rank=_launch_rank())
         return ""
     files = model.save(weights)
     out.update(
@@ -554,6 +552,14 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
         resources=model.resource_summary(),
     )
     return f"wrote the model to {files['manifest']}\n\n" + format_sections("atlasmtl model", model.resource_summary())
+
+
+def _launch_rank() -> int:
+    """This process's rank as ``torchrun`` set it (``RANK``; 0 outside a launch)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
@@ -591,7 +597,7 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         finally:
             distributed.destroy()
         if result is None:
-            out.update(rank=distributed.rank())
+            out.update(rank=_launch_rank())  # read from torchrun's environment: the group is gone
             return ""
     else:
         result = predict(model, query, show_summary=False, **_api_kwargs(args, predict, _PREDICT_SKIP))
@@ -752,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show_warning
             text = _COMMANDS[args.command](args, report)
         report.update(ok=True, seconds=round(time.perf_counter() - t0, 3), warnings=caught)
+        if report.get("rank"):  # a distributed run's other ranks write nothing: one JSON object per run
+            return EXIT_OK
         _emit(_to_json(report) if json_out else (text if text and not quiet else None))
         return EXIT_OK
     except SystemExit as exc:  # --help / --version

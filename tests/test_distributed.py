@@ -99,7 +99,7 @@ def test_torchrun_two_processes_train_as_well_as_one(symphony_split, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     options = ["--labels", ",".join(SYMPHONY_LEVELS), "--num-epochs", "15", "--num-threads", "1", "--n-top-genes", "1000",
-               "--quiet"]
+               "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
          f"--master_port={_free_port()}", "-m", "atlasmtl.cli", "train", "--reference", str(tmp_path / "ref.h5ad"),
@@ -107,6 +107,10 @@ def test_torchrun_two_processes_train_as_well_as_one(symphony_split, tmp_path):
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    report = json.loads(proc.stdout)  # one object: the other rank writes nothing (both printed one until 2026-12-07)
+    assert report["ok"] and report["command"] == "train" and "rank" not in report
     ddp = atlasmtl.TrainedModel.load(tmp_path / "ddp")
     assert ddp.train_config["distributed"] == {"world_size": 2, "backend": "gloo"}
     single = atlasmtl.build_model(ref, SYMPHONY_LEVELS, num_epochs=15, num_threads=1, n_top_genes=1000,
