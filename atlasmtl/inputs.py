@@ -110,7 +110,11 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
             )
         matrix, var, where = adata.layers[layer], adata.var, f"layers[{layer!r}]"
     else:
-        matrix, var, where = adata.X, adata.var, "X"
+        try:
+            matrix, var, where = adata.X, adata.var, "X"
+        except KeyError as exc:  # a backed file without an X group: h5py's own error otherwise
+            raise InputError(f"{getattr(adata, 'filename', None) or 'The AnnData'!s} has no X; pass layer= or "
+                             "use_raw=True to point at the expression values.") from exc
     if matrix is None:
         raise InputError(f"adata.{where} is None; pass layer= or use_raw=True to point at the expression values.")
     notes: list[str] = []

@@ -1273,3 +1273,18 @@ def test_classes_of_one_or_two_reference_cells_are_named_at_training(tiny):
     ref.obs["cell_type"] = pd.Categorical(labels)
     with pytest.warns(UserWarning, match=r"'cell_type' has 1 class\(es\) with fewer than 3 reference cells \('rare': 2\)"):
         atlasmtl.build_model(ref, LEVELS, **FAST)
+
+
+def test_a_backed_file_without_x_names_the_fix(tiny, tmp_path):
+    """A backed AnnData with no X group raised h5py's KeyError ('object X doesn't exist'); the path form said
+    to pass layer= or use_raw=True, and so does the backed object now."""
+    import h5py
+
+    ref = tiny[0].copy()
+    ref.layers["counts"] = ref.X.copy()
+    ref.write_h5ad(tmp_path / "no_x.h5ad")
+    with h5py.File(tmp_path / "no_x.h5ad", "r+") as handle:
+        del handle["X"]
+    backed = ad.read_h5ad(tmp_path / "no_x.h5ad", backed="r")
+    with pytest.raises(InputError, match="has no X; pass layer= or use_raw=True"):
+        atlasmtl.build_model(backed, LEVELS, **FAST)
