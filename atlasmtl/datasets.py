@@ -32,6 +32,11 @@ def pbmc68k_reference_query(test_size: float = 0.3, random_state: int = 0) -> tu
     import scanpy as sc
     from sklearn.model_selection import train_test_split
 
+    from .validation import as_float, as_int
+
+    test_size = as_float("test_size", test_size, 0.0, 1.0, low_open=True, high_open=True)
+    random_state = as_int("random_state", random_state, minimum=0, maximum=2**32 - 1)  # scikit-learn's seeds
+
     full = sc.datasets.pbmc68k_reduced()
     adata = ad.AnnData(
         X=full.raw.X.copy(),
@@ -42,7 +47,13 @@ def pbmc68k_reference_query(test_size: float = 0.3, random_state: int = 0) -> tu
     adata.obs["bulk_labels"] = adata.obs["bulk_labels"].astype(str)
     adata.obs["lineage"] = adata.obs["bulk_labels"].map(PBMC68K_COARSE)
     adata.obs = adata.obs[["lineage", "bulk_labels"]]
-    ref_idx, query_idx = train_test_split(
-        np.arange(adata.n_obs), test_size=test_size, random_state=random_state, stratify=adata.obs["bulk_labels"]
-    )
+    try:
+        ref_idx, query_idx = train_test_split(
+            np.arange(adata.n_obs), test_size=test_size, random_state=random_state, stratify=adata.obs["bulk_labels"]
+        )
+    except ValueError as exc:  # a split too small to hold a cell of every type on both sides
+        from .exceptions import ParameterError
+
+        raise ParameterError(f"test_size={test_size} leaves a side of the split without some cell types "
+                             f"({exc}); use a share between about 0.02 and 0.98.") from exc
     return adata[np.sort(ref_idx)].copy(), adata[np.sort(query_idx)].copy()

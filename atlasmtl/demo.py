@@ -9,7 +9,7 @@ into one folder.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -49,8 +49,15 @@ def run_demo(
     import atlasmtl
     from atlasmtl.datasets import PBMC68K_COARSE, pbmc68k_reference_query
 
+    from atlasmtl.exceptions import OutputError
+    from atlasmtl.validation import as_int
+
     say = (lambda *a: None) if quiet else print
     out = Path(out_dir)
+    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # before the training it would waste
+        raise OutputError(f"out_dir={str(out_dir)!r}: {str(existing)!r} is a file, not a folder; give a folder.")
+    as_int("num_epochs", num_epochs)
     ref, query = pbmc68k_reference_query(random_state=random_state)
     truth = query.obs.copy()
     query.obs = query.obs[[]]  # the query is unlabelled as far as atlasmtl knows
@@ -122,15 +129,11 @@ def _macro_f1(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlasmtl.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
-                        help=f"folder for the model, the annotated query and the report (default: ./{DEFAULT_OUT_DIR})")
-    parser.add_argument("--num-epochs", type=int, default=40, help="training epochs (default: 40)")
-    parser.add_argument("--random-state", type=int, default=0, help="seed of the split and the training (default: 0)")
-    parser.add_argument("--show-resources", action="store_true", help="also print time and memory summaries")
-    args = parser.parse_args(argv)
-    run_demo(args.out_dir, args.num_epochs, args.random_state, show_resources=args.show_resources)
-    return 0
+    """``python -m atlasmtl.demo [options]``: ``atlasmtl demo`` (the same options, output and error handling:
+    a bad option or path is one line and an exit status, not a traceback)."""
+    from atlasmtl.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -335,3 +335,18 @@ def test_package_attributes_load_on_first_use():
     assert proc.stdout.strip() == atlasmtl.__version__
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         atlasmtl.nope  # noqa: B018
+
+
+def test_the_demo_module_names_bad_options_before_training(capsys, tmp_path):
+    """``python -m atlasmtl.demo --num-epochs 0`` printed a traceback; --random-state -1 failed inside
+    scikit-learn as 'unexpected'; --out-dir naming a file failed only after the whole training."""
+    import atlasmtl.demo
+
+    (tmp_path / "afile").write_text("keep")
+    for argv, pattern in [(["--num-epochs", "0"], "num_epochs=0 must be an integer"),
+                          (["--random-state", "-1"], "random_state=-1 must be an integer in [0, 4294967295]"),
+                          (["--out-dir", str(tmp_path / "afile")], "is a file, not a folder")]:
+        assert atlasmtl.demo.main(argv) == 2
+        err = capsys.readouterr().err
+        assert pattern in err and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "keep"
