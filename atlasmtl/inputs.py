@@ -69,7 +69,13 @@ class MatrixSource:
             if hi - lo <= 2 * len(index) + 1024:
                 whole = self.rows(slice(lo, hi))
                 return whole if hi - lo == len(index) else whole[index - lo]
-        block = self.matrix[index]
+        try:
+            block = self.matrix[index]
+        except OSError as exc:  # h5py: a damaged chunk met while streaming a file
+            if not self.backed:
+                raise
+            raise InputError(f"Could not read rows of {self.where} from the file ({exc}): the file may be damaged; "
+                             "check it (e.g. h5py, or anndata.read_h5ad without backed) or write it again.") from exc
         if sp.issparse(block):
             block = sp.csr_matrix(block)
             if block.dtype != np.float32:

@@ -1288,3 +1288,18 @@ def test_a_backed_file_without_x_names_the_fix(tiny, tmp_path):
     backed = ad.read_h5ad(tmp_path / "no_x.h5ad", backed="r")
     with pytest.raises(InputError, match="has no X; pass layer= or use_raw=True"):
         atlasmtl.build_model(backed, LEVELS, **FAST)
+
+
+def test_a_damaged_chunk_met_while_streaming_names_the_file(tiny, tmp_path):
+    """A damaged gzip chunk of X met while training from disk was h5py's bare OSError."""
+    import h5py
+
+    ref = tiny[0].copy()
+    ref.write_h5ad(tmp_path / "ref.h5ad", compression="gzip")
+    with h5py.File(tmp_path / "ref.h5ad", "r") as handle:
+        chunk = handle["X/data"].id.get_chunk_info(0)
+    with open(tmp_path / "ref.h5ad", "r+b") as raw:
+        raw.seek(chunk.byte_offset + chunk.size // 2)
+        raw.write(b"\xff" * min(64, chunk.size // 2))
+    with pytest.raises(InputError, match="Could not read rows of X from the file .*damaged"):
+        atlasmtl.build_model(ad.read_h5ad(tmp_path / "ref.h5ad", backed="r"), LEVELS, **FAST)
