@@ -12,7 +12,9 @@ code runs with and without ``torchrun``.
 from __future__ import annotations
 
 import os
+import zlib
 from datetime import timedelta
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -161,6 +163,21 @@ def shard_slice(n: int, rank_: int | None = None, world_size_: int | None = None
     base, extra = divmod(int(n), w)
     start = r * base + min(r, extra)
     return slice(start, start + base + (1 if r < extra else 0))
+
+
+def check_same_inputs(inputs: Mapping[str, Any]) -> None:
+    """A :class:`~atlasmtl.exceptions.ParameterError` on every process when the processes were given different
+    ``inputs`` (name → any value with a stable ``repr``: shapes, names, parameters): one all-reduce of a
+    checksum per name, so a stale copy of the file on one node or other options on one rank fail at once,
+    with the names that differ, instead of inside PyTorch or gloo (or, for a seed, not at all)."""
+    if not is_distributed():
+        return
+    names = sorted(inputs)
+    mine = np.array([zlib.crc32(repr(inputs[n]).encode()) for n in names], dtype=np.float64)
+    differ = [n for n, total, own in zip(names, all_reduce_sum(mine), mine) if total != own * world_size()]
+    if differ:
+        raise ParameterError(f"The {world_size()} processes were given different {', '.join(differ)}: every process "
+                             "of a distributed run needs the same file (the same copy on every node) and options.")
 
 
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:

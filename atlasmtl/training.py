@@ -16,6 +16,7 @@ import os
 import platform
 import time
 import warnings
+import zlib
 from typing import Any, Mapping, Sequence
 
 import anndata as ad
@@ -365,6 +366,11 @@ def build_model(
         adata, source = adata.table, adata.source
     else:
         adata, source = open_anndata(adata), None
+    if distributed:  # every process must train on the same cells with the same options
+        names = adata.var_names if source is None else source.var_names
+        _dist.check_same_inputs({"cells": adata.n_obs, "genes": (len(names), zlib.crc32("\n".join(map(str, names)).encode())),
+                                 "label_columns": list(label_columns), "coord_targets": coord_targets, "layer": layer,
+                                 "use_raw": use_raw, "random_state": seed, "options": sorted(p.items())})
 
     t_prepare = time.perf_counter()
     ref = prepare_reference(adata, label_columns, coord_targets, layer=layer, use_raw=use_raw,

@@ -131,3 +131,33 @@ def test_all_reduce_sum_without_a_group_is_the_array():
     import numpy as np
 
     assert np.array_equal(distributed.all_reduce_sum(np.array([1.0, 2.5])), [1.0, 2.5])
+
+
+@pytest.mark.slow
+def test_processes_given_different_inputs_fail_together(symphony_split, tmp_path):
+    """Other options on one rank (or a stale copy of the file on one node) failed inside PyTorch's DDP or gloo
+    ('Connection closed by peer'), or, for a seed, passed silently; every process now names what differs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    symphony_split[0].write_h5ad(tmp_path / "ref.h5ad")
+    script = tmp_path / "mismatch.py"
+    script.write_text(
+        "import os, sys, atlasmtl\n"
+        "from atlasmtl.exceptions import ParameterError\n"
+        "epochs = 2 if os.environ['RANK'] == '0' else 3\n"
+        "try:\n"
+        "    atlasmtl.build_model(sys.argv[1], ['cell_type'], num_epochs=epochs, distributed=True, num_threads=1,\n"
+        "                         show_progress=False, show_summary=False)\n"
+        "except ParameterError as exc:\n"
+        "    open(f\"refused{os.environ['RANK']}.txt\", 'w').write(str(exc))\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                           f"--master_port={_free_port()}", str(script), str(tmp_path / "ref.h5ad")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):  # each process refused, with the name of what differs
+        assert (tmp_path / f"refused{rank}.txt").read_text().startswith("The 2 processes were given different options")
