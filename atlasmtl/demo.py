@@ -9,6 +9,7 @@ into one folder.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -129,11 +130,23 @@ def _macro_f1(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m atlasmtl.demo [options]``: ``atlasmtl demo`` (the same options, output and error handling:
-    a bad option or path is one line and an exit status, not a traceback)."""
-    from atlasmtl.cli import main as cli_main
+    """``python -m atlasmtl.demo [options]`` (the options of ``atlasmtl demo``); a bad option or path is one error
+    line and exit status 2, not a traceback."""
+    from .exceptions import AtlasMTLError
 
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m atlasmtl.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"folder for the model, the annotated query and the report (default: ./{DEFAULT_OUT_DIR})")
+    parser.add_argument("--num-epochs", type=int, default=40, help="training epochs (default: 40)")
+    parser.add_argument("--random-state", type=int, default=0, help="seed of the split and the training (default: 0)")
+    parser.add_argument("--show-resources", action="store_true", help="also print time and memory summaries")
+    args = parser.parse_args(argv)
+    try:
+        run_demo(args.out_dir, args.num_epochs, args.random_state, show_resources=args.show_resources)
+    except AtlasMTLError as exc:
+        print(f"{parser.prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
