@@ -327,6 +327,10 @@ class CallTable:
     def n_obs(self) -> int:
         return len(self.obs_names)
 
+    def has_cells(self, obs_names: Any) -> bool:
+        """Whether ``obs_names`` are this result's cells, in order (compared as text, as AnnData stores them)."""
+        return len(obs_names) == self.n_obs and pd.Index(obs_names).astype(str).equals(self.obs_names)
+
     def labels(self, level: str) -> pd.Categorical:
         """Final labels of one level (``Unknown`` where abstained)."""
         if not isinstance(level, str) or level not in self.levels:
@@ -369,13 +373,13 @@ class CallTable:
         """Rebuild the calls from a table written with ``mode="full"`` (index = cell names)."""
         if len(frame) == 0:
             raise InputError(f"{where} holds no cells.")
-        names = pd.Index(frame.index.astype(str))
-        if not names.is_unique:
-            raise InputError(f"{where} names some cells twice (e.g. {names[names.duplicated()][0]!r}); "
+        cells = pd.Index(frame.index.astype(str))
+        if not cells.is_unique:
+            raise InputError(f"{where} names some cells twice (e.g. {cells[cells.duplicated()][0]!r}); "
                              "each cell has one row in a prediction table.")
         levels = {lv: LevelCalls.from_frame(frame, lv, list(names), where) for lv, names in classes.items()}
         return cls(
-            obs_names=np.asarray(frame.index.astype(str)),
+            obs_names=cells,
             classes={lv: list(names) for lv, names in classes.items()},
             levels=levels,
             coords=coords or {},

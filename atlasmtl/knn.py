@@ -110,8 +110,9 @@ class EmbeddingFile:
 
     def close(self) -> None:
         """Close the temporary file (its space is freed once no :meth:`finish` map uses it)."""
-        if self._file is not None and not self._file.closed:
-            self._file.close()
+        file = getattr(self, "_file", None)  # absent when __init__ failed before opening it
+        if file is not None and not file.closed:
+            file.close()
 
     def __del__(self) -> None:
         # closed here, not left to the file object's finaliser, which warns "unclosed file" (ResourceWarning)

@@ -243,7 +243,8 @@ def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluatio
             continue
         calls = result.levels[level]
         has = np.array([v is not None for v in truth[level]])
-        known = has & np.isin(truth[level], np.asarray(result.classes[level], dtype=object))
+        of_model = np.isin(truth[level], np.asarray(result.classes[level], dtype=object))
+        known = has & of_model
         conf = np.asarray(calls.conf, dtype=np.float64)
         known &= np.isfinite(conf)
         if not known.any():
@@ -255,7 +256,7 @@ def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluatio
             continue
         accuracy, confidence = float(np.mean(correct)), float(np.mean(conf[known]))
         side = "over-confident" if confidence > accuracy else "under-confident"
-        lacking = int((has & ~np.isin(truth[level], np.asarray(result.classes[level], dtype=object))).sum())
+        lacking = int((has & ~of_model).sum())
         out.append(("warn", f"{level}: the confidences are {side} on these labelled cells — mean confidence "
                             f"{confidence:.2f} against {accuracy:.2f} accuracy of the network's calls (ECE {ece:.3f}; "
                             f"an exact confidence would show {floor:.3f} on {int(known.sum()):,} cells"
@@ -299,7 +300,7 @@ def _render(
     if adata is not None:
         if not isinstance(adata, ad.AnnData):
             raise ParameterError(f"adata must be the query AnnData, not {type(adata).__name__}.")
-        if adata.n_obs != result.n_obs or not pd.Index(adata.obs_names).astype(str).equals(result.obs_names):
+        if not result.has_cells(adata.obs_names):
             raise InputError(
                 f"The AnnData ({adata.n_obs} cells) is not the query these predictions were made for "
                 f"({result.n_obs} cells; same names and order required)."

@@ -80,7 +80,7 @@ class PredictionResult(CallTable):
         return h5ad_safe(self.metadata)
 
     def _check_cells(self, obs_names: Any, what: str) -> None:
-        if len(obs_names) != self.n_obs or not pd.Index(obs_names).astype(str).equals(self.obs_names):
+        if not self.has_cells(obs_names):
             raise InputError(what)
 
     def _obs_with_calls(self, obs: pd.DataFrame, mode: str, earlier_writeback: bool) -> pd.DataFrame:
@@ -225,6 +225,10 @@ class PredictionResult(CallTable):
         settings: dict[str, Any] | None = None,
     ) -> "PredictionResult":
         """Rebuild a result from predictions written with ``mode="full"``; see :func:`atlasmtl.report.result_from_predictions`."""
+        if not (hasattr(model, "classes") and hasattr(model, "label_columns")):
+            raise ParameterError(f"model must be the TrainedModel that made the predictions, not {type(model).__name__}.")
+        if settings is not None and not isinstance(settings, Mapping):
+            raise ParameterError(f"settings must be a dict of the prediction's settings, not {type(settings).__name__}.")
         metadata: dict[str, Any] = {}
         coords: dict[str, np.ndarray] = {}
         where = "the predictions"
@@ -241,10 +245,6 @@ class PredictionResult(CallTable):
                     predictions = predictions.set_index(predictions.columns[0])  # index_col would parse it
                 except Exception as exc:
                     raise InputError(f"Could not read {where!r} as a prediction table ({exc}).") from exc
-        if not (hasattr(model, "classes") and hasattr(model, "label_columns")):
-            raise ParameterError(f"model must be the TrainedModel that made the predictions, not {type(model).__name__}.")
-        if settings is not None and not isinstance(settings, Mapping):
-            raise ParameterError(f"settings must be a dict of the prediction's settings, not {type(settings).__name__}.")
         if isinstance(predictions, ad.AnnData):
             frame = predictions.obs
             metadata = from_h5ad(dict(predictions.uns.get("atlasmtl", {}) or {}))

@@ -368,7 +368,8 @@ def build_model(
         adata, source = open_anndata(adata), None
     if distributed:  # every process must train on the same cells with the same options
         names = adata.var_names if source is None else source.var_names
-        _dist.check_same_inputs({"cells": adata.n_obs, "genes": (len(names), zlib.crc32("\n".join(map(str, names)).encode())),
+        gene_sum = zlib.crc32("\n".join(map(str, names)).encode())
+        _dist.check_same_inputs({"cells": adata.n_obs, "genes": (len(names), gene_sum),
                                  "label_columns": list(label_columns), "coord_targets": coord_targets, "layer": layer,
                                  "use_raw": use_raw, "random_state": seed, "options": sorted(p.items())})
 
