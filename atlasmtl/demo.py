@@ -50,15 +50,13 @@ def run_demo(
     import atlasmtl
     from atlasmtl.datasets import PBMC68K_COARSE, pbmc68k_reference_query
 
-    from atlasmtl.exceptions import OutputError
+    from atlasmtl.io import prepare_output
     from atlasmtl.validation import as_int
 
     say = (lambda *a: None) if quiet else print
     out = Path(out_dir)
-    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():  # before the training it would waste
-        raise OutputError(f"out_dir={str(out_dir)!r}: {str(existing)!r} is a file, not a folder; give a folder.")
     as_int("num_epochs", num_epochs)
+    prepare_output(out / "report.html", "demo's outputs")  # the folder, checked before the training it would waste
     ref, query = pbmc68k_reference_query(random_state=random_state)
     truth = query.obs.copy()
     query.obs = query.obs[[]]  # the query is unlabelled as far as atlasmtl knows
