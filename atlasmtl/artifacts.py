@@ -911,6 +911,17 @@ def check_parts(state: Any, metadata: dict, reference: Any, names: dict[str, str
         if training is not None and (not isinstance(training, np.ndarray) or training.dtype != bool
                                      or training.shape != (embedding.shape[0],)):
             raise _Damaged(f"reference['training_cell'] is not one flag per reference cell ({embedding.shape[0]})")
+        coords = reference.get("coords")
+        if coords is not None:
+            if not isinstance(coords, dict) or set(coords) != set(coord_dims):
+                raise _Damaged("reference['coords'] does not name the model's coordinate heads "
+                               f"({sorted(coord_dims)})")
+            for name, dims in coord_dims.items():
+                values = coords[name]
+                if (not isinstance(values, np.ndarray) or values.shape != (embedding.shape[0], dims)
+                        or values.dtype != np.float32 or not np.isfinite(values).all()):
+                    raise _Damaged(f"reference['coords'][{name!r}] is not {dims} finite float32 coordinates per "
+                                   f"reference cell ({embedding.shape[0]})")
         if reference.get("index") is not None:
             _check_index(reference, levels)
 

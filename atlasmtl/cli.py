@@ -151,10 +151,11 @@ def _int_list(text: str) -> list[int]:
 def _choices() -> dict[str, tuple[str, ...]]:
     from .gating import KNN_MODES
     from .genes import GENE_SELECTIONS, INPUT_TRANSFORMS
+    from .knn import COORDINATE_SOURCES
     from .training import LR_SCHEDULES, REFERENCE_STORAGE
 
     return {"input_transform": INPUT_TRANSFORMS, "reference_storage": REFERENCE_STORAGE, "knn_correction": KNN_MODES,
-            "lr_schedule": LR_SCHEDULES, "gene_selection": GENE_SELECTIONS}
+            "lr_schedule": LR_SCHEDULES, "gene_selection": GENE_SELECTIONS, "coordinates": COORDINATE_SOURCES}
 
 
 def _fmt_default(value: Any) -> str:

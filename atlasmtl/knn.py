@@ -650,6 +650,36 @@ def vote(
     return winner, frac.astype(np.float32)
 
 
+#: Where :func:`atlasmtl.predict` takes query coordinates from (its ``coordinates`` option): ``"neighbours"``
+#: (:func:`neighbour_coordinates`), ``"heads"`` (the coordinate heads' regression), or ``"auto"`` (neighbours
+#: where the model stores its reference cells' coordinates, else the heads).
+COORDINATE_SOURCES = ("auto", "neighbours", "heads")
+
+
+def neighbour_coordinates(neighbour_idx: np.ndarray, reference_coords: np.ndarray) -> np.ndarray:
+    """Each query cell's coordinates: the mean of its reference neighbours' coordinates.
+
+    Parameters
+    ----------
+    neighbour_idx
+        Reference rows, one row of ``k`` neighbours per query cell (``-1``: no neighbour, left out).
+    reference_coords
+        The reference cells' coordinates (reference cells × dims), in the rows' order.
+
+    Returns
+    -------
+    Query cells × dims float32 (NaN for a cell without neighbours). A query cell sits among the
+    reference cells nearest it in the KNN space, as scanpy's ``ingest`` starts it; unlike a
+    regression head, the mean is not drawn toward the middle of the reference.
+    """
+    found = neighbour_idx >= 0
+    values = np.asarray(reference_coords, dtype=np.float32)[np.maximum(neighbour_idx, 0)]  # a copy
+    values[~found] = 0.0
+    count = found.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (values.sum(axis=1) / count).astype(np.float32)
+
+
 def agreement_cells(codes: np.ndarray, k: int = 15, max_cells: int = 5000,
                     random_state: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
     """The cells :func:`neighbour_label_agreement` looks at: ``(pool, sample)``.
@@ -719,7 +749,7 @@ def index_reference(reference: dict[str, Any], levels: list[str], random_state: 
     Lists never mix labels (at any level) or training and held-out cells, so one
     index serves the vote over every cell and the novelty search over one class's
     training cells. Returns a new record (``embedding``, ``labels``,
-    ``training_cell`` in the new order, and ``index``: ``centroids``,
+    ``training_cell`` and ``coords`` in the new order, and ``index``: ``centroids``,
     ``offsets``, ``n_probe``, ``list_size``); the input is not changed.
     """
     embedding = reference["embedding"]
@@ -745,6 +775,8 @@ def index_reference(reference: dict[str, Any], levels: list[str], random_state: 
     out["labels"] = {lv: np.asarray(codes)[order] for lv, codes in reference["labels"].items()}
     if training is not None:
         out["training_cell"] = np.asarray(training, dtype=bool)[order]
+    if reference.get("coords"):
+        out["coords"] = {name: np.asarray(values)[order] for name, values in reference["coords"].items()}
     out["index"] = {"kind": "lists", "centroids": centroids, "offsets": offsets, "n_probe": probes_for(len(centroids)),
                     "n_probe_class": N_PROBE_CLASS, "list_size": LIST_SIZE}
     return out

@@ -423,8 +423,10 @@ def _novel_section(
     return {"source": source, "n_novel": int(novel.sum()), "n_known": int(known.sum()), "levels": per_level}
 
 
-def _coordinate_array(name: str, value: Any, cells: pd.Index, truth: Any, pos: np.ndarray, what: str) -> np.ndarray:
-    """Rows of ``value`` for the predicted cells: an obsm key, a DataFrame indexed by cell, or an array in cell order."""
+def _coordinate_array(name: str, value: Any, cells: pd.Index, truth: Any, pos: np.ndarray, what: str,
+                      unplaced: bool = False) -> np.ndarray:
+    """Rows of ``value`` for the predicted cells: an obsm key, a DataFrame indexed by cell, or an array in cell order.
+    With ``unplaced``, a row of NaN (a cell ``predict`` could not place) is allowed."""
     if isinstance(value, str):
         if not isinstance(truth, ad.AnnData):
             raise CoordinateError(f"{what}[{name!r}] = {value!r} is an obsm key, but the truth is not an AnnData; pass the array.")
@@ -432,18 +434,19 @@ def _coordinate_array(name: str, value: Any, cells: pd.Index, truth: Any, pos: n
             raise CoordinateError(f"{what}[{name!r}] = {value!r} is not in the truth's obsm; available: {list(truth.obsm.keys())}.")
         array = np.asarray(truth.obsm[value], dtype=np.float64)[pos]
     elif isinstance(value, pd.DataFrame):
-        aligned = value.reindex(cells)
-        if aligned.isna().all(axis=1).any():
+        if not cells.isin(value.index).all():
             raise CoordinateError(f"{what}[{name!r}] (a DataFrame) lacks some predicted cells; index it by cell name.")
-        array = aligned.to_numpy(dtype=np.float64)
+        array = value.reindex(cells).to_numpy(dtype=np.float64)
     else:
         array = np.asarray(value, dtype=np.float64)
         if array.ndim != 2 or array.shape[0] != len(cells):
             raise CoordinateError(
                 f"{what}[{name!r}] has shape {array.shape}; it needs one row per predicted cell ({len(cells)}), in their order."
             )
-    if not np.isfinite(array).all():
-        raise CoordinateError(f"{what}[{name!r}] holds NaN or infinite values.")
+    finite = np.isfinite(array)
+    if not finite.all() and not (unplaced and (finite.all(axis=1) | np.isnan(array).all(axis=1)).all()):
+        raise CoordinateError(f"{what}[{name!r}] holds NaN or infinite values"
+                              + (" other than whole rows of NaN (cells left unplaced)." if unplaced else "."))
     return array
 
 
@@ -459,14 +462,17 @@ def _coords_section(
                 "pass them as coord_pred={name: array} or use a model with that coordinate head."
             )
         true = _coordinate_array(name, value, cells, truth, pos, "coord_truth")
-        pred = _coordinate_array(name, predicted[name], cells, truth, pos, "coord_pred")
+        pred = _coordinate_array(name, predicted[name], cells, truth, pos, "coord_pred", unplaced=True)
         if pred.shape != true.shape:
             raise CoordinateError(f"Predicted {name!r} coordinates have shape {pred.shape}, the true ones {true.shape}.")
+        placed = np.isfinite(pred).all(axis=1)  # predict leaves cells without signal unplaced (NaN)
+        pred, true = pred[placed], true[placed]
         trust, n_trust, k_trust = trustworthiness_score(true, pred, max_trust, random_state)
-        entry = {"n": int(len(true)), "dims": int(true.shape[1]), "rmse": rmse(pred, true),
+        entry = {"n": int(len(true)), "unplaced": int((~placed).sum()), "dims": int(true.shape[1]),
+                 "rmse": rmse(pred, true) if len(true) else None,
                  "trustworthiness": trust, "trustworthiness_cells": n_trust, "trustworthiness_neighbors": k_trust,
                  "neighbour_overlap": None, "neighbour_k": None}
-        if name in reference_coords:
+        if name in reference_coords and len(true):
             ref = np.asarray(reference_coords[name], dtype=np.float64)
             if ref.ndim != 2 or ref.shape[1] != true.shape[1] or not np.isfinite(ref).all():
                 raise CoordinateError(
@@ -598,7 +604,9 @@ def evaluate(
       respect to the true ones, ``n_neighbors = min(15, n // 2 - 1)``, on at most
       ``max_trustworthiness_cells`` randomly chosen cells); neighbour_overlap: the mean
       over query cells of ``|P ∩ T| / k``, where ``P`` and ``T`` are the cell's ``k``
-      (15) nearest reference cells around its predicted and its true position.
+      (15) nearest reference cells around its predicted and its true position. Cells
+      ``predict`` left unplaced (a row of NaN: no signal) are left out of all three and
+      counted in ``unplaced``.
 
     Raises
     ------

@@ -32,7 +32,9 @@ class TrainedModel:
         KNN reference data: the reference cells' embedding (``"embedding"``,
         float16; memory-mapped when loaded from a saved model), integer label
         codes per level (``"labels"``), which cells trained the network
-        (``"training_cell"``) and, above
+        (``"training_cell"``), each cell's coordinate targets (``"coords"``,
+        name → cells × dims float32, from which ``predict`` places query cells;
+        models saved before it have none) and, above
         :data:`~atlasmtl.knn.EXACT_SEARCH_MAX_CELLS` cells, the neighbour index
         (``"index"``; see :func:`~atlasmtl.knn.index_reference`).
     """

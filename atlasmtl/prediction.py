@@ -32,7 +32,7 @@ from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source,
                      sample_rows)
-from .knn import SEARCH_BLOCK, ReferenceSearch, normalise_rows, vote
+from .knn import COORDINATE_SOURCES, SEARCH_BLOCK, ReferenceSearch, neighbour_coordinates, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
                       KNN_VOTE_MAX_Z, NEIGHBOURHOOD_K, NOVELTY_CONFIDENCE_GUARD, NOVELTY_THRESHOLD,
                       QUERY_ONLY_MAX_LOCATION, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_MIN_HELD, QUERY_ONLY_SHARE, InputView,
@@ -41,7 +41,7 @@ from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_
 from .model import TrainedModel
 from .network import NetworkOutput, SparseInput
 from .result import PredictionResult
-from .validation import as_bool, as_float, as_int
+from .validation import as_bool, as_choice, as_float, as_int
 from .runtime import (
     ResourceMonitor,
     available_cpus,
@@ -83,9 +83,10 @@ def _gene_stats(model: TrainedModel) -> dict[str, np.ndarray | None]:
 
 
 class _Decoder:
-    """What turns one batch's logits into calls: temperatures, nested-level paths, parents, class counts."""
+    """What turns one batch's logits into calls and places: temperatures, nested-level paths, parents, class
+    counts, the novelty nulls and the reference coordinates."""
 
-    def __init__(self, model: TrainedModel, novelty_threshold: float | None) -> None:
+    def __init__(self, model: TrainedModel, novelty_threshold: float | None, coordinates: str | None = None) -> None:
         levels = model.label_columns
         temps = (model.metadata.get("calibration") or {}).get("temperatures") or {}
         self.temperatures = [float(temps.get(lv, 1.0)) for lv in levels]
@@ -102,6 +103,8 @@ class _Decoder:
         stored_view = novelty.get("input_view") if self.null is not None else None
         #: The novelty score's input view (models saved before it have none: the embedding view alone).
         self.input_view = InputView(stored_view) if stored_view else None
+        #: The reference cells' coordinates query cells are placed from (``None``: the heads place them).
+        self.place = model.reference["coords"] if coordinates == "neighbours" else None
 
 
 def _reference_classes(model: TrainedModel, decoder: _Decoder) -> dict[str, dict[str, Any]]:
@@ -132,6 +135,7 @@ def predict(
     margin_threshold: float = 0.2,
     novelty_threshold: float | None = NOVELTY_THRESHOLD,
     neighbourhood_k: int | None = NEIGHBOURHOOD_K,
+    coordinates: str = "auto",
     batch_size: int = 4096,
     num_threads: int | str = 10,
     device: str = "auto",
@@ -190,6 +194,14 @@ def predict(
         the reference. ``None`` or 0 skips it (the column is NaN, and no cell is flagged by it; nor
         by the query-only check, whose share counts :data:`~atlasmtl.novelty.NEIGHBOURHOOD_K` cells
         whatever this is and is averaged over this many).
+    coordinates
+        Where a query cell's coordinates (one per ``coord_targets`` name of the model) come from:
+        ``"neighbours"``, the mean of the coordinates of its ``knn_k`` nearest reference cells in the
+        KNN space (every cell with signal is searched for them, whatever ``knn_correction``; cells
+        without signal get NaN); ``"heads"``, the coordinate heads' regression (drawn toward the
+        middle of the reference where a cell is ambiguous); ``"auto"`` (default), neighbours where
+        the model stores its reference cells' coordinates (models built since they are stored),
+        else the heads. Ignored by a model without coordinate heads.
     batch_size
         Cells per inference batch.
     num_threads
@@ -209,8 +221,9 @@ def predict(
                          knn_correction=knn_correction, knn_k=knn_k, knn_conf_low=knn_conf_low,
                          confidence_high=confidence_high, confidence_low=confidence_low,
                          margin_threshold=margin_threshold, novelty_threshold=novelty_threshold,
-                         neighbourhood_k=neighbourhood_k, batch_size=batch_size, num_threads=num_threads, device=device,
-                         show_progress=show_progress, show_summary=show_summary)
+                         neighbourhood_k=neighbourhood_k, coordinates=coordinates, batch_size=batch_size,
+                         num_threads=num_threads, device=device, show_progress=show_progress,
+                         show_summary=show_summary)
 
 
 def _predict_part(
@@ -236,6 +249,7 @@ def _predict_part(
     show_progress: bool | None,
     show_summary: bool | None,
     neighbourhood_k: int | None = NEIGHBOURHOOD_K,
+    coordinates: str = "auto",
 ) -> PredictionResult | None:
     """:func:`predict`, optionally on a part of the cells: ``rows(n_cells)`` picks the rows this
     process streams, and ``gather(buffers, runtime)`` joins every process's outputs (``None`` on
@@ -249,6 +263,7 @@ def _predict_part(
     neighbourhood_k = 0 if neighbourhood_k is None else as_int("neighbourhood_k", neighbourhood_k, minimum=0)
     if not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
+    coordinates = _coordinate_source(model, as_choice("coordinates", coordinates, COORDINATE_SOURCES))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     n_threads = resolve_num_threads(num_threads)
     show_progress, show_summary = resolve_flag(show_progress, "show_progress"), resolve_flag(show_summary, "show_summary")
@@ -263,7 +278,7 @@ def _predict_part(
                                layer=layer, use_raw=use_raw, gene_map=gene_map,
                                min_gene_overlap=min_gene_overlap, batch_size=batch_size,
                                novelty_threshold=novelty_threshold, neighbourhood_k=neighbourhood_k,
-                               rows=rows, gather=gather)
+                               coordinates=coordinates, rows=rows, gather=gather)
 
 
 def prepare_query(
@@ -325,6 +340,19 @@ def _unmeasured_check(model: TrainedModel, sample: Any, aligner: GeneAligner,
         return None
     present = None if aligner.aggregation is None else np.asarray(aligner.aggregation.sum(axis=0)).ravel() > 0
     return unmeasured_genes(profile, aligner.model_counts(sample), present)
+
+
+def _coordinate_source(model: TrainedModel, asked: str) -> str | None:
+    """Where the query's coordinates come from (``predict(coordinates=)``): ``"neighbours"`` or ``"heads"``;
+    ``None`` for a model without coordinate heads."""
+    if not model.coord_targets:
+        return None
+    stored = bool(model.reference.get("coords"))
+    if asked == "neighbours" and not stored:
+        raise ParameterError(
+            "coordinates='neighbours' needs the reference cells' coordinates, which this model does not store (it "
+            "was saved before atlasmtl kept them); use coordinates='heads', or rebuild the model with build_model.")
+    return "neighbours" if asked == "auto" and stored else ("heads" if asked == "auto" else asked)
 
 
 class _Buffers:
@@ -404,17 +432,22 @@ def _search_block(
 ) -> None:
     """Reference searches of a block of cells (``points``: their L2-normalised embeddings, from row
     ``start``), all in one :meth:`~atlasmtl.knn.ReferenceSearch.search`: each cell's novelty distance
-    per level (to the nearest training cells of its call there), and the KNN votes of the cells the
-    gate sends (all, or the low-confidence ones; never cells without signal), level by level. Votes
-    are class-balanced; at a level nested in the previous one only the children of the cell's call
-    there may win. The gate (:func:`~atlasmtl.gating.apply_gate`) accepts a vote only where it
-    confirms the call."""
+    per level (to the nearest training cells of its call there), the ``knn_k`` nearest reference cells
+    of every cell with signal when the model places coordinates from them (``decoder.place``;
+    :func:`~atlasmtl.knn.neighbour_coordinates`), and the KNN votes of the cells the gate sends (all, or
+    the low-confidence ones; never cells without signal), level by level. Votes are class-balanced; at
+    a level nested in the previous one only the children of the cell's call there may win. The gate
+    (:func:`~atlasmtl.gating.apply_gate`) accepts a vote only where it confirms the call."""
     stop = start + len(any_low)
     usable = ~buffers.no_signal[start:stop]
-    search_rows = None
+    voters = np.zeros(len(usable), dtype=bool)
     if gate.knn_correction != "off":
-        search_rows = np.flatnonzero(any_low & usable) if gate.knn_correction == "low_conf_only" else np.flatnonzero(usable)
-        search_rows = search_rows if len(search_rows) else None
+        voters = any_low & usable if gate.knn_correction == "low_conf_only" else usable.copy()
+    if decoder.place is not None:
+        for name in decoder.place:
+            buffers.coords[name][start:stop][~usable] = np.nan
+    search_rows = np.flatnonzero(usable if decoder.place is not None else voters)
+    search_rows = search_rows if len(search_rows) else None
     class_codes = {}
     if decoder.null is not None:
         for lv in model.label_columns:
@@ -427,6 +460,13 @@ def _search_block(
         buffers.levels[lv]["distance"][start:stop] = dist
     if search_rows is None:
         return
+    if decoder.place is not None:
+        for name, reference_coords in decoder.place.items():
+            buffers.coords[name][start + search_rows] = neighbour_coordinates(neighbours, reference_coords)
+    searched = voters[search_rows]  # the searched cells the gate sends to the vote
+    if not searched.any():
+        return
+    search_rows, neighbours = search_rows[searched], neighbours[searched]
     buffers.n_searched += len(search_rows)
     previous = None
     for lv in model.label_columns:
@@ -641,6 +681,7 @@ def _predict_source(
     batch_size: int,
     novelty_threshold: float | None = NOVELTY_THRESHOLD,
     neighbourhood_k: int = NEIGHBOURHOOD_K,
+    coordinates: str | None = None,
     rows: Callable[[int], slice] | None = None,
     gather: Callable[[_Buffers, dict[str, Any]], tuple[_Buffers, dict[str, Any]] | None] | None = None,
 ) -> PredictionResult | None:
@@ -652,7 +693,7 @@ def _predict_source(
     n = source.n_obs
     part = rows(n) if rows is not None else slice(0, n)
     buffers = _Buffers(model, part.stop - part.start)
-    decoder = _Decoder(model, novelty_threshold)
+    decoder = _Decoder(model, novelty_threshold, coordinates)
     if neighbourhood_k and decoder.input_view is not None:
         buffers.view_points = np.zeros((len(buffers.no_signal), decoder.input_view.n_components), dtype=np.float32)
     net = model.network.to(dev).eval()
@@ -661,7 +702,7 @@ def _predict_source(
     monitor = ResourceMonitor(dev)
     try:
         with torch_threads(n_threads), monitor, torch.no_grad():
-            searching = gate.knn_correction != "off" or decoder.null is not None
+            searching = gate.knn_correction != "off" or decoder.null is not None or decoder.place is not None
             search = model.neighbour_search() if searching else None
             bar = progress(total=part.stop - part.start, desc="atlasmtl predict", enabled=show_progress, unit="cells")
             pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, points, any_low) awaiting a search
@@ -708,6 +749,7 @@ def _predict_source(
             **dataclasses.asdict(gate),
             "novelty_threshold": novelty_threshold if decoder.null is not None else None,
             "neighbourhood_k": neighbourhood_k if buffers.view_points.shape[1] else None,
+            "coordinates": coordinates,
             "temperatures": dict(zip(levels, decoder.temperatures)),
             "input_transform": model.metadata["input_transform"],
             "layer": layer,

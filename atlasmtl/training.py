@@ -461,7 +461,9 @@ def build_model(
         reference = index_reference(
             {"embedding": embedding,
              "labels": {c: ref.codes[ref.cells, j].astype(np.int32, copy=False) for j, c in enumerate(ref.label_columns)},
-             "training_cell": _members(ref.cells, train_cells)},
+             "training_cell": _members(ref.cells, train_cells),
+             "coords": {name: np.ascontiguousarray(values[ref.cells], dtype=np.float32)
+                        for name, values in ref.coords.items()}},
             ref.label_columns, random_state=seed % 2**32)
         del embedding  # the indexed reference holds its own copy (in list order)
         # on disk, calibration searches the temporary file list by list (nothing stays mapped);

@@ -303,6 +303,33 @@ def test_input_view_round_trips_and_a_damaged_one_is_refused(saved, edit):
         atlasmtl.TrainedModel.load(directory / "model_manifest.json")
 
 
+@pytest.mark.parametrize("edit", ["shape", "nan", "names"])
+def test_damaged_reference_coordinates_are_refused(saved, edit):
+    """The reference cells' coordinates (what the query is placed from) load back equal, and a file whose
+    coordinates do not fit the model (a column short, a NaN, another head's name) is refused by name."""
+    from atlasmtl.artifacts import safe_loads
+    from atlasmtl.io import to_plain
+
+    model, directory, _ = saved
+    loaded = atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+    for name, values in model.reference["coords"].items():
+        np.testing.assert_array_equal(loaded.reference["coords"][name], values)
+    path = directory / "model_reference.pkl"
+    reference = safe_loads(path.read_bytes(), "reference")
+    coords = reference["coords"]
+    if edit == "shape":
+        coords["umap"] = coords["umap"][:, :1]
+    elif edit == "nan":
+        coords["umap"] = coords["umap"].copy()
+        coords["umap"][0, 0] = np.nan
+    else:
+        coords["tsne"] = coords.pop("umap")
+    path.write_bytes(pickle.dumps(to_plain(reference), protocol=4))
+    _rewrite_manifest_checksum(directory / "model_manifest.json", "reference")
+    with pytest.raises(ArtifactError, match="coords"):
+        atlasmtl.TrainedModel.load(directory / "model_manifest.json")
+
+
 def test_a_view_saved_before_the_residual_coordinate_and_class_spreads_loads_and_predicts(pbmc_model, pbmc_split, tmp_path):
     """Models saved before the residual coordinate and the class spreads (a view with neither key) still load
     and predict as before their save; a view without the residual coordinate scores in the PCA alone, never

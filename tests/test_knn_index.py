@@ -146,6 +146,35 @@ def test_stored_index_round_trips_with_the_same_neighbours(indexed_model, synthe
             np.testing.assert_array_equal(before.levels[lv][key], after.levels[lv][key])
 
 
+def test_indexed_reference_keeps_each_cells_coordinates_with_its_labels(synthetic_split, monkeypatch, tmp_path):
+    """The list index reorders the reference cells; their coordinates move with them, so a query cell is placed
+    from the coordinates of the cells it found, and a saved model places it the same way."""
+    monkeypatch.setattr(knn, "EXACT_SEARCH_MAX_CELLS", 50)
+    monkeypatch.setattr(knn, "LIST_SIZE", 16)
+    ref, query = synthetic_split
+    model = atlasmtl.build_model(ref, SYNTHETIC_LEVELS, coord_targets={"umap": "X_umap"}, num_epochs=3, batch_size=32,
+                                 learning_rate=0.01, hidden_sizes=(32, 16), show_progress=False, show_summary=False)
+    assert model.reference.get("index") is not None
+    stored = model.reference["coords"]["umap"]
+    original = np.asarray(ref.obsm["X_umap"], dtype=np.float32)
+    row_of = {tuple(xy): i for i, xy in enumerate(original)}
+    assert len(row_of) == len(original)  # distinct coordinates name their cell
+    cells = np.array([row_of[tuple(xy)] for xy in stored])
+    assert sorted(cells) == list(range(len(original)))
+    fine = SYNTHETIC_LEVELS[-1]
+    classes = model.classes[fine]
+    np.testing.assert_array_equal(np.asarray(classes)[model.reference["labels"][fine]],
+                                  ref.obs[fine].astype(str).to_numpy()[cells])
+    one = atlasmtl.predict(model, query, knn_k=1, show_progress=False, show_summary=False)
+    assert np.isin(one.coords["umap"].view([("x", np.float32), ("y", np.float32)]),
+                   original.view([("x", np.float32), ("y", np.float32)])).all()
+    model.save(tmp_path / "model.pth")
+    loaded = atlasmtl.TrainedModel.load(tmp_path)
+    np.testing.assert_array_equal(loaded.reference["coords"]["umap"], stored)
+    np.testing.assert_array_equal(atlasmtl.predict(loaded, query, show_progress=False, show_summary=False).coords["umap"],
+                                  atlasmtl.predict(model, query, show_progress=False, show_summary=False).coords["umap"])
+
+
 def _edit_reference(directory, edit):
     path = directory / "model_reference.pkl"
     plain = pickle.loads(path.read_bytes())  # trusted: the test wrote it

@@ -115,7 +115,8 @@ def test_knn_space_keeps_label_neighbourhoods(pbmc_model):
 # ---------------------------------------------------------------- coordinates
 def test_coordinate_heads_place_query_on_reference_umap(pbmc_model, pbmc_split):
     _, query = pbmc_split
-    result = _predict(pbmc_model, query)
+    result = _predict(pbmc_model, query, coordinates="heads")
+    assert result.metadata["settings"]["coordinates"] == "heads"
     pred, true = result.coords["umap"], np.asarray(query.obsm["X_umap"])
     assert pred.shape == true.shape
     rmse = np.sqrt(np.mean((pred - true) ** 2))
@@ -124,6 +125,62 @@ def test_coordinate_heads_place_query_on_reference_umap(pbmc_model, pbmc_split):
     for d in range(2):
         assert np.corrcoef(pred[:, d], true[:, d])[0, 1] > 0.8
     assert result.coords["latent"].shape == (query.n_obs, query.obsm["X_ref_latent"].shape[1])
+
+
+def test_neighbour_coordinates_place_query_closer_than_heads(pbmc_model, pbmc_split):
+    """The default places a cell at the mean coordinates of its nearest reference cells: nearer its own UMAP
+    position than the heads put it, not drawn toward the middle, and with the same calls."""
+    ref, query = pbmc_split
+    heads = _predict(pbmc_model, query, coordinates="heads")
+    placed = _predict(pbmc_model, query)
+    assert placed.metadata["settings"]["coordinates"] == "neighbours"
+    true = np.asarray(query.obsm["X_umap"])
+
+    def rmse(xy):
+        return np.sqrt(np.mean(np.sum((xy - true) ** 2, axis=1)))
+
+    def spread(xy):
+        return np.sqrt(np.mean(np.sum((xy - xy.mean(0)) ** 2, axis=1)))
+
+    assert rmse(placed.coords["umap"]) < 0.75 * rmse(heads.coords["umap"])
+    assert abs(spread(placed.coords["umap"]) / spread(true) - 1) < abs(spread(heads.coords["umap"]) / spread(true) - 1)
+    assert placed.coords["latent"].shape == heads.coords["latent"].shape
+    for lv in LEVELS:
+        np.testing.assert_array_equal(placed.levels[lv].pred, heads.levels[lv].pred)
+    # with one neighbour, every cell sits exactly on a reference cell
+    one = _predict(pbmc_model, query, knn_k=1, knn_correction="off")
+    ref_xy = np.asarray(ref.obsm["X_umap"], dtype=np.float32)
+    gaps = np.abs(one.coords["umap"][:, None, :] - ref_xy[None]).sum(axis=2).min(axis=1)
+    assert gaps.max() < 1e-5
+
+
+def test_neighbour_coordinates_leave_cells_without_signal_unplaced(pbmc_model, pbmc_split):
+    _, query = pbmc_split
+    q = query[:20].copy()
+    q.X = np.asarray(q.X.toarray() if hasattr(q.X, "toarray") else q.X).copy()
+    q.X[:3] = 0.0
+    with pytest.warns(UserWarning, match="detect none"):
+        result = _predict(pbmc_model, q)
+    assert np.isnan(result.coords["umap"][:3]).all() and np.isfinite(result.coords["umap"][3:]).all()
+    assert np.isfinite(_predict(pbmc_model, q[3:].copy()).coords["umap"]).all()
+
+
+def test_coordinate_source_choice(pbmc_model, pbmc_split):
+    import copy
+
+    from atlasmtl.exceptions import ParameterError
+
+    _, query = pbmc_split
+    with pytest.raises(ParameterError, match="coordinates"):
+        _predict(pbmc_model, query[:10].copy(), coordinates="umap")
+    older = copy.copy(pbmc_model)  # a model saved before the reference's coordinates were stored
+    older.reference = {k: v for k, v in pbmc_model.reference.items() if k != "coords"}
+    older._search = None
+    with pytest.raises(ParameterError, match="coordinates='heads'"):
+        _predict(older, query[:10].copy(), coordinates="neighbours")
+    auto = _predict(older, query[:10].copy())
+    assert auto.metadata["settings"]["coordinates"] == "heads"
+    np.testing.assert_array_equal(auto.coords["umap"], _predict(pbmc_model, query[:10].copy(), coordinates="heads").coords["umap"])
 
 
 # ---------------------------------------------------------------- gene alignment
