@@ -398,8 +398,14 @@ class CallTable:
                 f"Unknown {c.is_unknown.mean():.1%} (novel {c.is_novel.mean():.1%})"
             )
         unrecorded = "not recorded (predictions read back from a table)"
+        query = {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)}
+        if self.coords:
+            settings = self.metadata.get("settings") or {}
+            how = {"neighbours": f"the mean of each cell's {settings.get('knn_k')} nearest reference cells",
+                   "heads": "the coordinate heads"}.get(settings.get("coordinates"), "source not recorded")
+            query["coordinates"] = f"{', '.join(self.coords)} from {how}"
         return {
-            "query": {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)},
+            "query": query,
             "genes": {
                 "matched": f"{genes.get('n_matched')} / {genes.get('n_model_genes')} ({genes.get('overlap_fraction', 0):.1%})",
                 "mapped by": genes.get("mapped_by"),

@@ -420,6 +420,8 @@ def embedding(
 ) -> Figure | None:
     """Query cells at their predicted coordinates, over the reference drawn in grey.
 
+    Cells ``predict`` left unplaced (coordinates NaN: no signal) are not drawn.
+
     Parameters
     ----------
     result
@@ -468,7 +470,8 @@ def embedding(
     query = np.asarray(result.coords[basis], dtype=float)[:, :2]
     ref = _reference_coords(reference, result, basis)
     rng = np.random.default_rng(random_state)
-    q_idx = np.arange(len(query)) if len(query) <= max_points else np.sort(rng.choice(len(query), max_points, replace=False))
+    placed = np.flatnonzero(np.isfinite(query).all(axis=1))  # predict leaves cells without signal unplaced (NaN)
+    q_idx = placed if len(placed) <= max_points else np.sort(rng.choice(placed, max_points, replace=False))
     if ref is not None and len(ref) > max_points:
         ref = ref[np.sort(rng.choice(len(ref), max_points, replace=False))]
     size = point_size or float(np.clip(12000 / max(len(q_idx), 1), 0.5, 18))

@@ -96,6 +96,22 @@ def test_umap_draws_query_over_reference(gated):
     assert f"{result.levels['bulk_labels']['is_unknown'].mean():.1%}" in axes[2].get_title()
 
 
+def test_umap_leaves_unplaced_cells_out(gated):
+    """Cells predict could not place (NaN coordinates: no signal) are not drawn and not counted in the legend."""
+    import copy
+
+    result, ref, _ = gated
+    unplaced = copy.copy(result)
+    unplaced.coords = {name: values.copy() for name, values in result.coords.items()}
+    unplaced.coords["umap"][:3] = np.nan
+    fig = pl.umap(unplaced, ref, color=["label"])
+    ax = _visible_axes(fig)[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections[1:]])
+    assert len(points) == result.n_obs - 3 and np.isfinite(points).all()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(int(t.rsplit("(", 1)[1].rstrip(")")) for t in legend if t != "reference") == result.n_obs - 3
+
+
 def test_umap_colours_cells_by_their_novelty_scores(gated):
     result, ref, _ = gated
     fig = pl.umap(result, ref, color=["novelty", "neighbourhood_novelty"])

@@ -134,6 +134,8 @@ def test_neighbour_coordinates_place_query_closer_than_heads(pbmc_model, pbmc_sp
     heads = _predict(pbmc_model, query, coordinates="heads")
     placed = _predict(pbmc_model, query)
     assert placed.metadata["settings"]["coordinates"] == "neighbours"
+    assert placed.summary()["query"]["coordinates"] == "latent, umap from the mean of each cell's 15 nearest reference cells"
+    assert heads.summary()["query"]["coordinates"] == "latent, umap from the coordinate heads"
     true = np.asarray(query.obsm["X_umap"])
 
     def rmse(xy):
