@@ -352,7 +352,9 @@ def _coordinate_source(model: TrainedModel, asked: str) -> str | None:
         raise ParameterError(
             "coordinates='neighbours' needs the reference cells' coordinates, which this model does not store (it "
             "was saved before atlasmtl kept them); use coordinates='heads', or rebuild the model with build_model.")
-    return "neighbours" if asked == "auto" and stored else ("heads" if asked == "auto" else asked)
+    if asked == "auto":
+        return "neighbours" if stored else "heads"
+    return asked
 
 
 class _Buffers:
