@@ -387,6 +387,13 @@ class CallTable:
             hierarchy=hierarchy,
         )
 
+    def placement(self) -> str | None:
+        """Where the query cells' coordinates came from, in words (``predict(coordinates=)``); ``None`` when the
+        settings do not say (no coordinate heads, or a result read back from a table)."""
+        settings = self.metadata.get("settings") or {}
+        return {"neighbours": f"the mean of each cell's {settings.get('knn_k')} nearest reference cells",
+                "heads": "the coordinate heads"}.get(settings.get("coordinates"))
+
     def summary(self) -> dict[str, dict[str, Any]]:
         """Sections of the compact prediction summary (see ``show_resource_usage``)."""
         rt = self.metadata.get("prediction_runtime", {})
@@ -400,10 +407,7 @@ class CallTable:
         unrecorded = "not recorded (predictions read back from a table)"
         query = {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)}
         if self.coords:
-            settings = self.metadata.get("settings") or {}
-            how = {"neighbours": f"the mean of each cell's {settings.get('knn_k')} nearest reference cells",
-                   "heads": "the coordinate heads"}.get(settings.get("coordinates"), "source not recorded")
-            query["coordinates"] = f"{', '.join(self.coords)} from {how}"
+            query["coordinates"] = f"{', '.join(self.coords)} from {self.placement() or 'a source not recorded'}"
         return {
             "query": query,
             "genes": {

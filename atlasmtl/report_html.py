@@ -426,10 +426,7 @@ def _coordinates(page: _Page) -> str:
         return '<p class="muted">The model has no coordinate heads (train with coord_targets=..., or --coords on the command line).</p>'
     ref_note = ("over the reference cells (grey)" if page.reference is not None
                 else "(no reference given, so the reference cells are not drawn)")
-    settings = result.metadata.get("settings") or {}
-    how = {"neighbours": f", each at the mean coordinates of its {_e(settings.get('knn_k'))} nearest reference cells "
-                         "in the model's embedding",
-           "heads": ", as the model's coordinate heads regress them"}.get(settings.get("coordinates"), "")
+    how = f", placed from {_e(result.placement())}" if result.placement() else ""
     unplaced = int((~np.isfinite(np.asarray(result.coords[basis], dtype=float)).all(axis=1)).sum())
     missing = f" {unplaced} cells without signal are not placed." if unplaced else ""
     return page.fig(pl.embedding(result, page.reference, basis=basis, color=("label", "confidence", "unknown")),

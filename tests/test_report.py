@@ -54,7 +54,7 @@ def test_report_is_self_contained_and_complete(full_report, mapped, pbmc_model):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100, alt
         assert pixels[..., :3].std() > 0.05, f"{alt} is blank"
     # the coordinates' caption says how the cells were placed
-    assert f"each at the mean coordinates of its {result.metadata['settings']['knn_k']} nearest reference cells" in text
+    assert f"placed from the mean of each cell's {result.metadata['settings']['knn_k']} nearest reference cells" in text
     # nothing is fetched from anywhere: no external scripts, styles, images or fonts
     assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", text)
     assert "@import" not in text and "url(" not in text
