@@ -177,6 +177,8 @@ def test_help_lists_every_api_option(command, func, skip, capsys):
             assert docs.get(name), f"{func.__name__}'s docstring does not describe {name}"
     assert "exit status: 0 ok" in out
     assert ("(default: 0.7)" if command == "predict" else "(default: 40)") in out
+    if command == "predict":  # a choice lists its words
+        assert "--coordinates {auto,neighbours,heads}" in out
 
 
 # ---------------------------------------------------------------- in-process: same main(), no process start-up
