@@ -183,7 +183,8 @@ def predict(
         level a cell is novel only where the input view, where it scores the
         call, also puts it above the threshold
         (:data:`~atlasmtl.novelty.COARSE_FLAG_VIEW_OFFSET`): a known type in
-        another state keeps its coarse call. ``None`` disables novelty detection.
+        another state keeps its coarse call. ``None`` disables novelty detection (a value below 0
+        is refused: it would call most known cells novel).
     neighbourhood_k
         Query cells (the cell included) whose novelty z-scores are averaged into each cell's
         ``neighbourhood_novelty`` (nearest in the input view's PCA of the query; above
@@ -260,6 +261,10 @@ def _predict_part(
     use_raw = as_bool("use_raw", use_raw)
     if novelty_threshold is not None:
         novelty_threshold = as_float("novelty_threshold", novelty_threshold)
+        if novelty_threshold < 0:  # "-1 to disable" would call most known cells novel
+            raise ParameterError(f"novelty_threshold={novelty_threshold!r} is below 0: it is a robust z-score (default "
+                                 f"{NOVELTY_THRESHOLD}), and below 0 most known cells would be called novel. Use "
+                                 "novelty_threshold=None to switch novelty detection off.")
     neighbourhood_k = 0 if neighbourhood_k is None else as_int("neighbourhood_k", neighbourhood_k, minimum=0)
     if not isinstance(model, TrainedModel):
         raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")

@@ -317,6 +317,14 @@ def test_an_unbounded_threshold_that_is_not_finite_is_refused_plainly(tiny_model
         _predictions(tiny_model, tiny[1], novelty_threshold=value)
 
 
+@pytest.mark.parametrize("value", [-1, np.float32(-0.5)])
+def test_a_negative_novelty_threshold_is_refused_with_the_way_to_switch_it_off(tiny_model, tiny, value):
+    """"-1 to disable" would have called most known cells novel; None is the switch."""
+    with pytest.raises(ParameterError, match=r"below 0: it is a robust z-score.*novelty_threshold=None"):
+        _predictions(tiny_model, tiny[1], novelty_threshold=value)
+    assert _predictions(tiny_model, tiny[1], novelty_threshold=0).metadata["settings"]["novelty_threshold"] == 0
+
+
 @pytest.mark.parametrize("lr", [np.inf, np.nan, -np.inf, 0.0])
 def test_nonfinite_learning_rate_is_refused(tiny, lr):
     with pytest.raises(ParameterError, match="learning_rate"):
