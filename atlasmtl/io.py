@@ -32,6 +32,13 @@ _ARRAY_TAG = "__atlasmtl_ndarray__"
 
 
 # ---------------------------------------------------------------- checking paths
+def _home_shorthand(text: str) -> bool:
+    """True for a path whose first part is ``~`` or ``~user`` and names no folder here: a shell shorthand, which
+    atlasmtl (like anndata and h5py) does not expand."""
+    first = Path(text).parts[0] if Path(text).parts else ""
+    return first.startswith("~") and not Path(first).exists()
+
+
 def check_input_file(path: str | os.PathLike, what: str = "file", error: type[Exception] = InputError) -> Path:
     """``path`` as a :class:`Path` if it names an existing regular file; else ``error`` saying why.
 
@@ -44,7 +51,8 @@ def check_input_file(path: str | os.PathLike, what: str = "file", error: type[Ex
     try:
         info = os.stat(text)
     except FileNotFoundError:
-        raise error(f"No such {what}: {text!r}.") from None
+        hint = f" ('~' is not expanded: pass os.path.expanduser({text!r}))" if _home_shorthand(text) else ""
+        raise error(f"No such {what}: {text!r}{hint}.") from None
     except NotADirectoryError:
         raise error(f"No such {what}: {text!r} (a part of the path is a file, not a folder).") from None
     except OSError as exc:
@@ -62,12 +70,16 @@ def prepare_output(path: str | os.PathLike, what: str = "output") -> Path:
     """Check that ``path`` can be written as a file and create its missing parent folders.
 
     Raises :class:`~atlasmtl.exceptions.OutputError` for an empty path, a path
-    that is a folder, a path under a regular file, or a folder that is not
+    that starts with an unexpanded ``~`` (it would create a folder named ``~``),
+    a path that is a folder, a path under a regular file, or a folder that is not
     writable; nothing is created in those cases.
     """
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise OutputError(f"The {what} path is empty; give a file name.")
+    if _home_shorthand(text):
+        raise OutputError(f"The {what} path {text!r} starts with '~', which is not expanded here (it would create a "
+                          f"folder named {Path(text).parts[0]!r}); pass os.path.expanduser({text!r}).")
     target = Path(text)
     if target.is_dir():
         raise OutputError(f"The {what} path {text!r} is a folder; give a file name inside it.")

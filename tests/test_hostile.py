@@ -1311,3 +1311,20 @@ def test_a_damaged_chunk_met_while_streaming_names_the_file(tiny, tmp_path):
         raw.write(b"\xff" * min(64, chunk.size // 2))
     with pytest.raises(InputError, match="Could not read rows of X from the file .*damaged"):
         atlasmtl.build_model(ad.read_h5ad(tmp_path / "ref.h5ad", backed="r"), LEVELS, **FAST)
+
+
+def test_a_path_under_an_unexpanded_home_shorthand_is_refused_not_created(tiny_model, tiny, tmp_path, monkeypatch):
+    """"~/m" reached the disk as a folder named "~" in the working directory; now writers refuse it, naming
+    os.path.expanduser, and a missing input under it says so (as with anndata and h5py, "~" is not expanded)."""
+    monkeypatch.chdir(tmp_path)
+    result = _predictions(tiny_model, tiny[1])
+    with pytest.raises(OutputError, match=r"starts with '~'.*os\.path\.expanduser\('~/m\.pth'\)"):
+        tiny_model.save("~/m.pth")
+    with pytest.raises(OutputError, match="expanduser"):
+        result.to_csv("~/predictions.csv")
+    with pytest.raises(InputError, match=r"No such .*'~/query\.h5ad' \('~' is not expanded"):
+        atlasmtl.predict(tiny_model, "~/query.h5ad", show_progress=False, show_summary=False)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "~").mkdir()  # a folder really named "~" is a folder like any other
+    tiny_model.save("~/m.pth")
+    assert (tmp_path / "~" / "m.pth").is_file()
