@@ -389,8 +389,11 @@ class _Buffers:
         #: What the query-only check found (:func:`_query_only_candidates`, :func:`_query_only_flags`; empty when
         #: it is off).
         self.query_only: dict[str, Any] = {}
+        #: Per coordinate head, cells × dims; NaN until placed (cells without signal stay unplaced when placed
+        #: from reference neighbours).
         self.coords = {
-            name: np.empty((n, d), dtype=np.float32) for name, d in model.metadata["architecture"]["coord_dims"].items()
+            name: np.full((n, d), np.nan, dtype=np.float32)
+            for name, d in model.metadata["architecture"]["coord_dims"].items()
         }
         self.n_searched = 0
 
@@ -405,8 +408,9 @@ def _infer(
     rows: slice,
 ) -> np.ndarray:
     """Network calls of one batch: calibrated probabilities, the jointly decoded path, confidence,
-    margin and the low-confidence mask per level, and de-standardised coordinates. Returns the
-    batch's any-level low-confidence mask (cells without signal excluded)."""
+    margin and the low-confidence mask per level, and the heads' de-standardised coordinates (unless the
+    cells are placed from their reference neighbours). Returns the batch's any-level low-confidence mask
+    (cells without signal excluded)."""
     levels = model.label_columns
     probs = [softmax(lg.detach().cpu().numpy().astype(np.float64), t) for lg, t in zip(output.logits, decoder.temperatures)]
     codes = decode_paths(probs, decoder.runs)
@@ -421,9 +425,10 @@ def _infer(
         o = buffers.levels[lv]
         o["raw"][rows], o["conf"][rows], o["margin"][rows], o["is_low_conf"][rows] = code, conf, margin, low
         any_low |= low
-    for name, values in output.coords.items():
-        stats = model.metadata["coord_stats"][name]
-        buffers.coords[name][rows] = values.cpu().numpy() * stats["std"] + stats["mean"]
+    if decoder.place is None:  # else the cells are placed from their reference neighbours (_search_block)
+        for name, values in output.coords.items():
+            stats = model.metadata["coord_stats"][name]
+            buffers.coords[name][rows] = values.cpu().numpy() * stats["std"] + stats["mean"]
     return any_low
 
 
@@ -450,9 +455,6 @@ def _search_block(
     voters = np.zeros(len(usable), dtype=bool)
     if gate.knn_correction != "off":
         voters = any_low & usable if gate.knn_correction == "low_conf_only" else usable.copy()
-    if decoder.place is not None:
-        for name in decoder.place:
-            buffers.coords[name][start:stop][~usable] = np.nan
     search_rows = np.flatnonzero(usable if decoder.place is not None else voters)
     search_rows = search_rows if len(search_rows) else None
     class_codes = {}
