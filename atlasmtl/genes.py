@@ -734,6 +734,16 @@ def build_aligner(
             f"they were {report['duplicates_handling']}.",
             stacklevel=user_stacklevel(),
         )
+    if how == "gene_map" and n_matched < n_model:
+        query_keys = set(normalise_names(query_names, model_namespace))
+        same_name = [str(g) for i, g in enumerate(model_keys) if i not in seen and g in query_keys]
+        if same_name:
+            warnings.warn(
+                f"{len(same_name)} model gene(s) that gene_map leaves unmatched are in the query under the same name "
+                f"(e.g. {', '.join(same_name[:3])}) and were not used: gene_map is the whole mapping. To use them, "
+                "add them to it (name → itself), or leave gene_map out when the query's names are the model's.",
+                stacklevel=user_stacklevel(),
+            )
     if how != "gene_map" and n_matched and n_case_insensitive >= OTHER_SPECIES_SHARE * n_matched:
         missing = (
             f" Orthologues with other names are not matched this way ({n_model - n_matched} model genes missing): "

@@ -259,6 +259,19 @@ def test_mostly_case_insensitive_matches_warn_of_another_species(symphony_split)
         _align(genes, mouse, min_gene_overlap=0.0, gene_map={g.capitalize(): g for g in genes})
 
 
+def test_partial_gene_map_warns_of_same_name_genes_it_leaves_out(symphony_split):
+    """A gene_map is the whole mapping: genes it leaves out are not matched by name, and a warning names those
+    that the query holds under the model's own name, with the fix."""
+    _, query = symphony_split
+    genes = [str(g) for g in query.var_names]
+    renamed = {genes[0]: genes[0], genes[1]: genes[1]}  # a user maps a few aliases and expects the rest to match
+    with pytest.warns(UserWarning, match=rf"{len(genes) - 2} model gene\(s\) that gene_map leaves unmatched .*"
+                                         r"add them to it \(name → itself\)") as caught:
+        report = _align(genes, query, min_gene_overlap=0.0, gene_map=renamed).report
+    assert report["n_matched"] == 2 and report["n_missing"] == len(genes) - 2
+    assert genes[2] in next(str(w.message) for w in caught if "gene_map leaves" in str(w.message))
+
+
 # ---------------------------------------------------------------- genes the query never measured
 def _predict_noting(model, query):
     with warnings.catch_warnings(record=True) as caught:
