@@ -95,6 +95,15 @@ class MatrixSource:
             yield start, stop, self.rows(slice(start, stop))
 
 
+def _stored_as_csc(what: str) -> InputError:
+    """The error for a matrix on disk stored by column: reading a block of rows reads all of it, every block."""
+    return InputError(
+        f"{what} is stored on disk as CSC (by gene), so each block of cells read from it reads the whole matrix. "
+        "Store it as CSR: a = anndata.read_h5ad(path); a.X = a.X.tocsr() (the same for the layer or raw.X you "
+        "use); a.write_h5ad(new_path); or pass the AnnData read into memory (not backed)."
+    )
+
+
 def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False) -> MatrixSource:
     """Pick ``X``, a layer, or ``raw.X`` from ``adata`` and check it is not empty."""
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -123,6 +132,8 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
                              "use_raw=True to point at the expression values.") from exc
     if matrix is None:
         raise InputError(f"adata.{where} is None; pass layer= or use_raw=True to point at the expression values.")
+    if backed and getattr(matrix, "format", None) == "csc":
+        raise _stored_as_csc(f"{where} of {getattr(adata, 'filename', None) or 'the backed AnnData'!s}")
     notes: list[str] = []
     if sp.issparse(matrix) and not isinstance(matrix, (sp.csr_matrix, sp.csr_array)):
         notes.append(f"{where} was {type(matrix).__name__}; converted to CSR for row access (store CSR to save memory).")
@@ -312,7 +323,7 @@ def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int
             "pass a file with at least one cell and one gene."
         )
     if node.attrs.get("encoding-type", "") == "csc_matrix":
-        raise InputError(f"{where} in {path!r} is stored as CSC; rows cannot be streamed. Store it as CSR.")
+        raise _stored_as_csc(f"{where} in {path!r}")
     return MatrixSource(matrix=matrix, var=var, where=where, backed=True)
 
 

@@ -1298,6 +1298,32 @@ def test_a_backed_file_without_x_names_the_fix(tiny, tmp_path):
         atlasmtl.build_model(backed, LEVELS, **FAST)
 
 
+def test_a_matrix_stored_by_gene_on_disk_is_refused_by_path_and_backed_alike(tiny, tiny_model, tmp_path):
+    """A CSC matrix on disk: the path form refused it, while a backed AnnData of the same file was streamed,
+    each block of cells reading the whole matrix. Both now refuse it with the same fix; in memory it is
+    converted (with a warning) and predicts as the CSR file does."""
+    ref, query = tiny[0].copy(), tiny[1].copy()
+    query.X = sp.csc_matrix(query.X)
+    query.write_h5ad(tmp_path / "q.h5ad")
+    ref.X = sp.csc_matrix(ref.X)
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    fix = r"stored on disk as CSC .* Store it as CSR: a = anndata.read_h5ad\(path\); a.X = a.X.tocsr\(\)"
+    for source in (tmp_path / "q.h5ad", ad.read_h5ad(tmp_path / "q.h5ad", backed="r")):
+        with pytest.raises(InputError, match=fix):
+            atlasmtl.predict(tiny_model, source, show_progress=False, show_summary=False)
+    for source in (tmp_path / "r.h5ad", ad.read_h5ad(tmp_path / "r.h5ad", backed="r")):
+        with pytest.raises(InputError, match=fix):
+            atlasmtl.build_model(source, LEVELS, **FAST)
+    with pytest.warns(UserWarning, match="converted to CSR"):
+        in_memory = _predictions(tiny_model, ad.read_h5ad(tmp_path / "q.h5ad"))
+    as_csr = query.copy()
+    as_csr.X = sp.csr_matrix(query.X)
+    as_csr.write_h5ad(tmp_path / "q_csr.h5ad")
+    from_disk = atlasmtl.predict(tiny_model, tmp_path / "q_csr.h5ad", show_progress=False, show_summary=False)
+    for level in LEVELS:
+        np.testing.assert_array_equal(in_memory.levels[level].raw, from_disk.levels[level].raw)
+
+
 def test_a_damaged_chunk_met_while_streaming_names_the_file(tiny, tmp_path):
     """A damaged gzip chunk of X met while training from disk was h5py's bare OSError."""
     import h5py
