@@ -547,7 +547,9 @@ def _novelty(page: _Page) -> str | None:
                     f"{check} Across platforms or species nothing mixes and a type the reference lacks that the "
                     "network calls as one of these classes is rarely Unknown: "
                     "look twice at such a class when its share vs reference is high.</p>")
-    content += _frame_table(table.head(NOVELTY_TABLE_ROWS).round(3))
+    shown = table.head(NOVELTY_TABLE_ROWS).round(3)
+    shown["called novel"] = [f"{v:.1%}" for v in shown["called novel"]]  # a share, shown like the report's others
+    content += _frame_table(shown)
     if len(table) > NOVELTY_TABLE_ROWS:
         content += f'<p class="muted">{len(table) - NOVELTY_TABLE_ROWS} more classes, less novel, not shown.</p>'
     basis = page.coordinate_basis

@@ -244,6 +244,8 @@ def test_novelty_table_ranks_called_classes(mapped, full_report):
     text = html.unescape(full_report[1])
     assert "median neighbourhood novelty" in text and f"<th>{name}</th>" in text
     assert "their 30 nearest query cells" in text  # the result's neighbourhood_k
+    share = f"{table.loc[name, 'called novel']:.1%}"
+    assert re.search(rf"<th>{re.escape(name)}</th>(<td[^>]*>[^<]*</td>)*<td[^>]*>{re.escape(share)}</td>", text)
     silent = dataclasses.replace(result.levels[level], novelty=np.full(result.n_obs, np.nan, dtype=np.float32))
     result.levels[level], kept = silent, result.levels[level]
     try:
