@@ -589,6 +589,10 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
     if args.distributed:
         from . import distributed
 
+        if not distributed.launched_by_torchrun() and not distributed.is_distributed():
+            warnings.warn("--distributed without torchrun: the query is predicted in this one process (the same "
+                          "result). To share it between N processes, launch `torchrun --nproc_per_node=N -m atlasmtl "
+                          "predict --distributed ...`.", stacklevel=2)
         try:
             result = distributed.predict_distributed(model, query, show_summary=False,
                                                      **_api_kwargs(args, predict, _PREDICT_SKIP))

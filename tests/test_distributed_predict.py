@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def symphony_model_dir(tmp_path_factory):
     return out
 
 
-def test_without_torchrun_it_is_plain_predict(symphony_model_dir, monkeypatch):
+def test_without_torchrun_it_is_plain_predict(symphony_model_dir, monkeypatch, capsys):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     model = atlasmtl.TrainedModel.load(symphony_model_dir)
@@ -38,6 +39,12 @@ def test_without_torchrun_it_is_plain_predict(symphony_model_dir, monkeypatch):
     a = distributed.predict_distributed(model, FIXTURE, **kwargs)
     b = atlasmtl.predict(model, FIXTURE, **kwargs)
     pd.testing.assert_frame_equal(a.to_dataframe("full"), b.to_dataframe("full"))
+    out = Path(symphony_model_dir) / "predictions.csv"
+    assert cli.main(["predict", "--model", str(symphony_model_dir), "--query", str(FIXTURE), "--distributed",
+                     "--num-threads", "1", "--out", str(out)]) == 0
+    assert re.search(r"warning: --distributed without torchrun: .* this one process .*`torchrun --nproc_per_node=N",
+                     capsys.readouterr().err)
+    assert len(pd.read_csv(out, index_col=0)) == 1200  # the whole query, from one process
     with pytest.raises(atlasmtl.exceptions.ParameterError, match="unknown options"):
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "1")
