@@ -31,10 +31,11 @@ _LAZY = {
     "evaluation_table": ("metrics", "evaluation_table"),
     "metrics": ("metrics", None),
     "pl": ("pl", None),
+    "report": ("report", None),
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import metrics, pl
+    from . import metrics, pl, report
     from .metrics import evaluate, evaluation_table
     from .model import TrainedModel
     from .prediction import predict
@@ -69,4 +70,5 @@ __all__ = [
     "metrics",
     "pl",
     "predict",
+    "report",
 ]

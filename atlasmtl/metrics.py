@@ -73,13 +73,20 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(_correct(y_true, y_pred).mean())
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-averaged F1 over the classes present in ``y_true``."""
+def class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[Any]) -> np.ndarray:
+    """F1 of each class in ``labels``; an ``Unknown`` call is a miss, also where the truth itself reads
+    ``Unknown`` (as :func:`accuracy` counts it)."""
     from sklearn.metrics import f1_score
 
     y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
-    labels = np.unique(y_true)
-    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    never = "\x00" + UNKNOWN  # matches no true label
+    y_pred = np.where(y_pred == UNKNOWN, never, y_pred)
+    return f1_score(y_true, y_pred, labels=list(labels), average=None, zero_division=0)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged F1 over the classes present in ``y_true`` (an ``Unknown`` call is a miss)."""
+    return float(np.mean(class_f1(y_true, y_pred, np.unique(np.asarray(y_true, dtype=object)))))
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

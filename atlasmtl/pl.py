@@ -39,7 +39,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .exceptions import CoordinateError, OutputError, ParameterError
+from .exceptions import CoordinateError, LabelError, OutputError, ParameterError
 from .calls import UNKNOWN, CallTable, decode_labels
 from .calibration import calibration_bins, ece_if_calibrated
 from .calibration import ece_of_bins as expected_calibration_error
@@ -89,11 +89,23 @@ _DOCS = {"doc_result": doc_result, "doc_truth": doc_truth, "doc_figure": doc_fig
 
 
 def _doc_params(func: Any) -> Any:
-    """Fill the shared parameter descriptions (``{doc_result}``, ``{doc_truth}``, ``{doc_figure}``) into a docstring."""
+    """A public plot: the shared parameter descriptions (``{doc_result}``, ``{doc_truth}``, ``{doc_figure}``)
+    filled into its docstring, and its text drawn as written (class names such as ``"T$_{reg}$"`` or
+    ``"cost $5"`` are names, not matplotlib math)."""
+    import functools
+
+    import matplotlib
+
     if func.__doc__:
         for key, text in _DOCS.items():
             func.__doc__ = func.__doc__.replace("{" + key + "}", text)
-    return func
+
+    @functools.wraps(func)
+    def plot(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return func(*args, **kwargs)
+
+    return plot
 
 
 # ---------------------------------------------------------------- helpers
@@ -115,6 +127,16 @@ def _levels(result: CallTable, levels: str | Sequence[str] | None) -> list[str]:
     if not levels:
         raise ParameterError(f"levels=[] names no level; give some of {result.label_columns}, or None for all.")
     return levels
+
+
+def _levels_with_truth(result: CallTable, levels: str | Sequence[str] | None, truth: Mapping[str, Any]) -> list[str]:
+    """The levels to draw that have true labels (:class:`~atlasmtl.exceptions.LabelError` when none has)."""
+    chosen = _levels(result, levels)
+    kept = [lv for lv in chosen if lv in truth]
+    if not kept:
+        raise LabelError(f"No true labels for level(s) {chosen}; the truth covers {list(truth)}: draw those, or pass "
+                         "truth for these levels (columns=...).")
+    return kept
 
 
 def _new_figure(figsize: tuple[float, float], show: bool) -> Figure:
@@ -165,12 +187,22 @@ def _finish(fig: Figure, show: bool, save: str | os.PathLike | None) -> Figure |
     return fig
 
 
+#: Resolutions a figure may be drawn at (dots per inch): below 10 matplotlib's font renderer fails on the text.
+DPI_RANGE = (10.0, 1200.0)
+
+
+def check_dpi(dpi: Any) -> float:
+    """``dpi`` as a float in :data:`DPI_RANGE` (:class:`~atlasmtl.exceptions.ParameterError` otherwise)."""
+    return as_float("dpi", dpi, *DPI_RANGE)
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: float = 150) -> None:
     """Write ``fig`` to ``path`` atomically, in the format its suffix names (``.png``, ``.pdf``, ``.svg`` ...);
     a name without a format matplotlib writes, or a path that cannot be written, is an
-    :class:`~atlasmtl.exceptions.OutputError` (missing folders are created)."""
+    :class:`~atlasmtl.exceptions.OutputError` (missing folders are created); ``dpi`` lies in :data:`DPI_RANGE`."""
     from .io import atomic_path
 
+    dpi = check_dpi(dpi)
     if not isinstance(path, (str, os.PathLike)):
         raise ParameterError(f"save={path!r} must be a file name such as 'figure.png'.")
     formats = fig.canvas.get_supported_filetypes()
@@ -610,9 +642,11 @@ def confusion(
     -------
     The figure (``None`` when ``show=True``).
     """
+    from .metrics import accuracy
+
     result = _check_result(result)
     t = truth_by_level(result, truth, columns)
-    levels = [lv for lv in _levels(result, levels) if lv in t]
+    levels = _levels_with_truth(result, levels, t)
     sizes = [len(result.classes[lv]) + 1 for lv in levels]
     fig, axes = _panels(ax, len(levels), figsize or (sum(max(4.0, 0.42 * s + 2.4) for s in sizes),
                                                      max(3.8, 0.42 * max(sizes) + 2.2)), show, "one per level",
@@ -636,7 +670,7 @@ def confusion(
                     if counts[i, j]:
                         ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
                                 color="white" if norm[i, j] > 0.6 else "black")
-        acc = float(np.mean(y_pred == y_true)) if len(y_true) else float("nan")
+        acc = accuracy(y_true, y_pred) if len(y_true) else float("nan")  # Unknown is a miss, as in evaluate
         ax.set_title(f"{level}: accuracy {acc:.1%} ({len(y_true)} cells)", fontsize=10)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true (cells)")
@@ -673,11 +707,11 @@ def f1_scores(
     -------
     The figure (``None`` when ``show=True``).
     """
-    from sklearn.metrics import f1_score
+    from .metrics import class_f1
 
     result = _check_result(result)
     t = truth_by_level(result, truth, columns)
-    levels = [lv for lv in _levels(result, levels) if lv in t]
+    levels = _levels_with_truth(result, levels, t)
     n_rows, n_cols = _grid(len(levels))
     height = max(2.5, 0.28 * max(len(result.classes[lv]) for lv in levels) + 1.2)
     fig, axes = _panels(ax, len(levels), figsize or (4.6 * n_cols, height * n_rows), show, "one per level",
@@ -687,7 +721,7 @@ def f1_scores(
         y_true = t[level][has].astype(str)
         y_pred = _pred_strings(result, level)[has].astype(str)
         names = [c for c in result.classes[level] if c in set(y_true)] + sorted(set(y_true) - set(result.classes[level]))
-        scores = f1_score(y_true, y_pred, labels=names, average=None, zero_division=0)
+        scores = class_f1(y_true, y_pred, names)
         support = pd.Series(y_true).value_counts().reindex(names).to_numpy()
         colours = label_colours(result, level)
         y = np.arange(len(names))[::-1]
@@ -742,7 +776,7 @@ def reliability(
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 2:
         raise ParameterError(f"n_bins={n_bins!r} must be an integer ≥ 2.")
     t = truth_by_level(result, truth, columns)
-    levels = [lv for lv in _levels(result, levels) if lv in t]
+    levels = _levels_with_truth(result, levels, t)
     own_figure = ax is None
     fig, axes = _panels(ax, len(levels), figsize or (3.6 * len(levels) + 0.4, 4.2), show, "one per level",
                         sharey=True)

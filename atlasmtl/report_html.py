@@ -43,11 +43,10 @@ import numpy as np
 import pandas as pd
 
 from ._version import __version__
-from .exceptions import InputError, OutputError, ParameterError
+from .exceptions import CoordinateError, InputError, OutputError, ParameterError
 from .calls import CallTable, decode_labels
 from .novelty import INPUT_VIEW_MIN_MEMBERS, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE
 from .truth import truth_by_level, truth_frame as read_truth
-from .validation import as_float
 
 __all__ = ["write_report", "render_report", "findings"]
 
@@ -305,7 +304,12 @@ def _render(
                 f"The AnnData ({adata.n_obs} cells) is not the query these predictions were made for "
                 f"({result.n_obs} cells; same names and order required)."
             )
-    dpi = as_float("dpi", dpi, 0.0, 1200.0, low_open=True)
+    from .pl import check_dpi
+
+    dpi = check_dpi(dpi)
+    if basis is not None and basis not in result.coords:
+        raise CoordinateError(f"basis={basis!r} is not among the predicted coordinates "
+                              f"({', '.join(map(repr, result.coords)) or 'none'}); pass one of them, or None.")
     truth_frame, truth_used = (None, {})
     if truth is not None:
         truth_frame, truth_used = read_truth(result, truth, truth_columns, adata)

@@ -63,6 +63,7 @@ class PredictionResult(CallTable):
         include_coords
             Also write the predicted coordinates, one column per dimension (``<target>_1``, ``<target>_2`` ...).
         """
+        include_coords = as_bool("include_coords", include_coords)
         sep, compression = table_format(path)
         frame = self.to_dataframe(mode)
         if include_coords:
@@ -170,6 +171,8 @@ class PredictionResult(CallTable):
         import h5py
 
         _, write_elem, _ = elem_io()
+        mode_fields(mode)  # the options fail before anything is created
+        include_coords = as_bool("include_coords", include_coords)
         text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
         if isinstance(text, str) and text.strip() and Path(text).suffix.lower() != ".h5ad":
             raise OutputError(f"{text!r}: write_h5ad writes an .h5ad file; name it so (e.g. 'annotated.h5ad'). "
@@ -236,7 +239,7 @@ class PredictionResult(CallTable):
             where = os.fspath(predictions)
             if not os.path.exists(where):
                 raise InputError(f"No such predictions file: {where!r}.")
-            if where.endswith(".h5ad"):
+            if Path(where).suffix.lower() == ".h5ad":  # as write_h5ad accepts it ("P.H5AD")
                 predictions = read_h5ad(where)
             else:
                 sep = table_format(where, strict=False)[0]
@@ -255,10 +258,27 @@ class PredictionResult(CallTable):
         else:
             raise InputError(f"predictions must be a path, DataFrame or AnnData, not {type(predictions).__name__}.")
         if not metadata.get("settings"):
-            metadata["settings"] = dict(settings or {})
+            metadata["settings"] = _checked_settings(settings or {})
             metadata.setdefault("note", "rebuilt from a prediction table without metadata")
         classes = {lv: list(model.classes[lv]) for lv in model.label_columns}
         return cls.from_frame(frame, classes, coords=coords, metadata=metadata, hierarchy=model.hierarchy, where=where)
 
     def __repr__(self) -> str:
         return f"PredictionResult({self.n_obs} cells; levels {self.label_columns}; coords {list(self.coords) or 'none'})"
+
+
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A user's prediction settings for a rebuilt result, with the gate's thresholds checked as
+    :func:`atlasmtl.predict` checks them (plots and the report read them as numbers)."""
+    import dataclasses
+
+    from .gating import GatingConfig
+    from .validation import as_float
+
+    settings = dict(settings)
+    gate = {f.name: settings[f.name] for f in dataclasses.fields(GatingConfig) if f.name in settings}
+    checked = dataclasses.asdict(GatingConfig(**gate).validate())
+    settings.update({name: checked[name] for name in gate})
+    if settings.get("novelty_threshold") is not None:
+        settings["novelty_threshold"] = as_float("novelty_threshold", settings["novelty_threshold"], 0.0)
+    return settings

@@ -76,6 +76,7 @@ def truth_by_level(
             raise LabelError(
                 f"Truth column(s) {sorted(bad.values())} are not in the table; available: {list(truth.columns)[:20]}."
             )
+        _check_unique_cells(truth.index)
         if not truth.index.equals(result.obs_names):
             missing = result.obs_names.difference(truth.index)
             if len(missing):
@@ -185,9 +186,14 @@ def truth_table(truth: Any, levels: Sequence[str]) -> pd.DataFrame:
             f"The truth must be an AnnData (labels in .obs), a DataFrame, a Series or a dict of Series, "
             f"not {type(truth).__name__}."
         )
-    if not frame.index.is_unique:
-        raise InputError("The truth's cell names (index / obs_names) have duplicates; make them unique.")
+    _check_unique_cells(frame.index)
     return frame
+
+
+def _check_unique_cells(index: pd.Index) -> None:
+    """An :class:`~atlasmtl.exceptions.InputError` when the truth names a cell twice (its labels cannot be matched)."""
+    if not index.is_unique:
+        raise InputError("The truth's cell names (index / obs_names) have duplicates; make them unique.")
 
 
 def cell_positions(cells: pd.Index, truth_index: pd.Index) -> np.ndarray:

@@ -271,3 +271,50 @@ def test_fraction_and_score_axes_stop_at_one(pbmc_model, pbmc_split):
     assert ax.get_ylim()[1] == pytest.approx(1.0)  # 100% of cells, and not a tick more
     for ax in _visible_axes(pl.f1_scores(everything_low, query)):
         assert ax.get_xlim() == (0.0, 1.0)
+
+
+def test_truth_the_plots_cannot_use_is_refused_and_unknown_truth_is_a_miss(gated):
+    """Found by an audit (2026-12-07): a `levels=` with no truth crashed inside matplotlib or with a
+    ZeroDivisionError; a truth table naming a cell twice misaligned the cells (IndexError); and a truth label
+    "Unknown" (atlases use it for unannotated cells) made a predicted Unknown count as right in the confusion
+    title and the F1 bars, while evaluate counts every Unknown call as wrong."""
+    result, _, query = gated
+    coarse_only = {"lineage": query.obs["lineage"].to_numpy()}
+    for plot in (pl.confusion, pl.f1_scores, pl.reliability):
+        with pytest.raises(LabelError, match=r"No true labels for level\(s\) \['bulk_labels'\]; the truth covers "
+                                             r"\['lineage'\]"):
+            plot(result, coarse_only, levels="bulk_labels")
+    twice = pd.concat([query.obs, query.obs.iloc[:1]])
+    with pytest.raises(atlasmtl.exceptions.InputError, match="duplicates"):
+        pl.confusion(result, twice)
+    unknown = np.asarray(result.labels("bulk_labels")).astype(str) == "Unknown"
+    assert unknown.any()
+    truth = query.obs[["bulk_labels"]].astype(str)
+    truth.loc[unknown, "bulk_labels"] = "Unknown"  # the truth reads Unknown exactly where the call is Unknown
+    m = atlasmtl.evaluate(result, truth, ["bulk_labels"])["levels"]["bulk_labels"]
+    ax = _visible_axes(pl.confusion(result, truth, levels="bulk_labels"))[0]
+    assert f"accuracy {m['accuracy']:.1%}" in ax.get_title()
+    ax = _visible_axes(pl.f1_scores(result, truth, levels="bulk_labels"))[0]
+    assert ax.get_title() == f"bulk_labels: macro-F1 {m['macro_f1']:.3f}"
+    names = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+    scores = dict(zip(names[::-1] if ax.get_yticks()[0] < ax.get_yticks()[-1] else names,
+                      [p.get_width() for p in ax.patches]))
+    assert scores["Unknown"] == 0.0  # a class no call can hit
+
+
+def test_class_names_are_drawn_as_written_not_as_math(pbmc_split):
+    """'$' in a class name was read as matplotlib math: 'T$_{reg}$' was drawn as a subscript and 'a $x^$'
+    raised matplotlib's ParseSyntaxException."""
+    ref, query = pbmc_split
+    ref = ref.copy()
+    names = {"CD4+/CD25 T Reg": "T$_{reg}$", "CD14+ Monocyte": "a $x^$ cost"}
+    ref.obs["bulk_labels"] = ref.obs["bulk_labels"].astype(str).replace(names)
+    model = atlasmtl.build_model(ref, LEVELS, num_epochs=2, ensemble_size=1, show_progress=False, show_summary=False)
+    result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+    query = query.copy()
+    query.obs["bulk_labels"] = query.obs["bulk_labels"].astype(str).replace(names)
+    for fig in (pl.composition(result), pl.confusion(result, query), pl.f1_scores(result, query)):
+        fig.canvas.draw()  # the invalid name raised here
+        texts = [t for ax in fig.axes for t in ax.texts + ax.get_yticklabels() + ax.get_xticklabels()]
+        named = [t for t in texts if "a $x^$ cost" in t.get_text() or "T$_{reg}$" in t.get_text()]
+        assert named and not any(t._parse_math for t in named)

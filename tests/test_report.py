@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import matplotlib
 
@@ -267,3 +268,37 @@ def test_novelty_section_without_neighbourhood_scores(mapped, pbmc_model, tmp_pa
     text = html.unescape(atlasmtl.report.write_report(tmp_path / "r.html", result).read_text())
     assert "not computed for these predictions, neighbourhood_k=None" in text
     assert len(IMG.findall(text)) == 4  # composition, rates, confidence, umap: no novelty figure
+
+
+def test_report_and_writers_check_their_options_first(mapped, pbmc_model, tmp_path):
+    """Found by an audit (2026-12-07): a basis the result lacks was a bare KeyError; dpi 1-5 failed inside
+    matplotlib's font renderer; gate settings given as text failed in a format string; include_coords='no'
+    wrote the coordinates to a CSV or a copied file; a bad mode created the output folder before failing; a
+    predictions file named '.H5AD' was read as text; and atlasmtl.report needed its own import."""
+    result, _, query = mapped
+    with pytest.raises(atlasmtl.exceptions.CoordinateError, match=r"basis='tsne' is not among .*'umap'"):
+        result.report(tmp_path / "b.html", basis="tsne")
+    with pytest.raises(ParameterError, match="dpi"):
+        result.report(tmp_path / "d.html", dpi=5)
+    with pytest.raises(ParameterError, match="dpi"):
+        atlasmtl.pl.save_figure(atlasmtl.pl.composition(result), tmp_path / "f.png", dpi=2)
+    assert not list(tmp_path.iterdir())
+    result.to_csv(tmp_path / "full.csv", mode="full")
+    with pytest.raises(ParameterError, match="confidence_high"):
+        result_from_predictions(tmp_path / "full.csv", pbmc_model, settings={"confidence_high": "0.7"})
+    rebuilt = result_from_predictions(tmp_path / "full.csv", pbmc_model, settings={"confidence_high": 0.8})
+    assert rebuilt.metadata["settings"]["confidence_high"] == 0.8
+    with pytest.raises(ParameterError, match="include_coords"):
+        result.to_csv(tmp_path / "c.csv", include_coords="no")
+    query.write_h5ad(tmp_path / "q.h5ad")
+    with pytest.raises(ParameterError, match="include_coords"):
+        result.write_h5ad(tmp_path / "o.h5ad", tmp_path / "q.h5ad", include_coords="no")
+    with pytest.raises(ParameterError, match="mode"):
+        result.write_h5ad(tmp_path / "new" / "o.h5ad", tmp_path / "q.h5ad", mode="fulll")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "c.csv").exists() and not (tmp_path / "o.h5ad").exists()
+    result.write_h5ad(tmp_path / "P.H5AD", query, mode="full")
+    again = result_from_predictions(tmp_path / "P.H5AD", pbmc_model)
+    np.testing.assert_array_equal(again.labels("bulk_labels"), result.labels("bulk_labels"))
+    fresh = subprocess.run([sys.executable, "-c", "import atlasmtl; print(atlasmtl.report.write_report.__name__)"],
+                           capture_output=True, text=True, timeout=120)  # this process imported atlasmtl.report
+    assert fresh.stdout.strip() == "write_report", fresh.stderr[-500:]
