@@ -422,3 +422,13 @@ class CallTable:
 def field_names() -> list[str]:
     """The :class:`LevelCalls` fields, in column order."""
     return [f.name for f in dataclasses.fields(LevelCalls)]
+
+
+def whole_number_text(values: np.ndarray) -> np.ndarray | None:
+    """Float labels that are all whole numbers as integer text (``1.0`` → ``"1"``: integer codes read back as
+    floats because the column also holds NaN), else ``None``. ``values`` holds no missing value."""
+    values = np.asarray(values)
+    if values.dtype.kind != "f" or not values.size or not np.all(np.isfinite(values)) \
+            or not np.all(values == np.round(values)) or np.abs(values).max() >= 2**53:
+        return None
+    return values.astype(np.int64).astype(str).astype(object)

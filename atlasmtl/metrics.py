@@ -651,6 +651,12 @@ def evaluate(
         y_true, has = true_labels(truth_frame[lv].iloc[pos])
         preds[lv], confs[lv], truths[lv] = pred, conf, (y_true, has)
         target = label_strings(table[column_names(lv)["raw"]]) if target_kind == "raw" else pred
+        called = set(pred[pred != UNKNOWN].tolist())
+        if has.any() and called and not called & set(y_true[has].tolist()):
+            warnings.warn(f"No true label at {lv!r} is a label the predictions use (truth e.g. {y_true[has][0]!r}, "
+                          f"predictions e.g. {sorted(called)[0]!r}): every cell scores as wrong. Check that the truth "
+                          "column names the same classes as the reference (another column, other spellings or type).",
+                          UserWarning, stacklevel=user_stacklevel())
         if has.any():
             metrics = _level_metrics(y_true[has], pred[has], None if conf is None else conf[has], target[has], n_bins)
         else:

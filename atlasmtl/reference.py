@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .calls import UNKNOWN, check_writeback_names
+from .calls import UNKNOWN, check_writeback_names, whole_number_text
 from .exceptions import CoordinateError, EmptyDataError, InputError, LabelError, ParameterError, user_stacklevel
+from .hierarchy import infer_hierarchy
 from .genes import GeneAligner, reference_gene_statistics, selection_aligner
 from .inputs import MatrixSource, ReferenceTable, check_block, checked_semantics, get_matrix_source
 from .knn import row_number_dtype
@@ -57,8 +58,33 @@ def encode_labels(adata: ad.AnnData | ReferenceTable, label_columns: Sequence[st
         if isinstance(values.dtype, pd.CategoricalDtype):  # from its codes: no string per cell
             level_codes, names = _categorical_codes(values.cat.codes.to_numpy(), values.cat.categories)
         else:
-            cat = pd.Categorical(values.astype(str).where(~missing))
+            whole = whole_number_text(values.to_numpy()[~missing]) if values.dtype.kind == "f" else None
+            if whole is not None:  # integer codes read as floats because of the NaN: "1", not "1.0"
+                text = np.full(len(values), np.nan, dtype=object)
+                text[~missing] = whole
+                cat = pd.Categorical(text)
+            else:
+                cat = pd.Categorical(values.astype(str).where(~missing))
             level_codes, names = cat.codes, [str(c) for c in cat.categories]
+            if values.dtype == object:
+                n_values = len(pd.unique(values[~missing]))
+                if n_values > len(names):
+                    warnings.warn(
+                        f"Label column {col!r} holds {n_values} distinct values that read as {len(names)} labels: values "
+                        "of different types with the same text (e.g. the number 1 and the text '1') are one class. "
+                        "Give the column one type if they are different classes.",
+                        UserWarning, stacklevel=user_stacklevel())
+        padded: dict[str, list[str]] = {}
+        for n in names:
+            padded.setdefault(n.strip(), []).append(n)
+        padded = {k: v for k, v in padded.items() if len(v) > 1}
+        if padded:
+            example = next(iter(padded.values()))
+            warnings.warn(
+                f"Label column {col!r} has classes that differ only by surrounding spaces ({len(padded)} such group(s), "
+                f"e.g. {example}); they are trained as different classes, and the levels may then not nest. Strip the "
+                f"labels (adata.obs[{col!r}] = adata.obs[{col!r}].str.strip()) if they are the same.",
+                UserWarning, stacklevel=user_stacklevel())
         if UNKNOWN in names:
             raise LabelError(
                 f"Label column {col!r} has a class named {UNKNOWN!r}, which atlasmtl reserves for the cells it "
@@ -94,7 +120,9 @@ def _categorical_codes(codes: np.ndarray, categories: pd.Index) -> tuple[np.ndar
     """Codes and class names of a categorical label column, as ``pd.Categorical(values.astype(str))`` gives them
     (the categories in use, as strings, sorted; -1 = missing), computed from its codes."""
     used = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(categories)))
-    names, inverse = np.unique(np.array([str(c) for c in categories[used]], dtype=object), return_inverse=True)
+    whole = whole_number_text(np.asarray(categories[used]))
+    text = whole if whole is not None else np.array([str(c) for c in categories[used]], dtype=object)
+    names, inverse = np.unique(text, return_inverse=True)
     lookup = np.full(len(categories), -1, dtype=np.int32)
     lookup[used] = inverse.ravel()
     return np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1), [str(c) for c in names]
@@ -170,6 +198,8 @@ class Reference:
         Coordinate targets (cells × dims) and their mean / std over the used cells.
     cells, dropped
         Cells with a label at some level (the ones used), and how many were dropped.
+    hierarchy
+        Child → parent label for each level that nests in the one before (:func:`~atlasmtl.hierarchy.infer_hierarchy`).
     genes
         Columns of ``source`` the network reads (sorted; every column unless ``n_top_genes`` selected
         fewer): the model's genes. :attr:`aligner` takes them from each row after normalising it over
@@ -188,6 +218,7 @@ class Reference:
     cells: np.ndarray
     dropped: int
     genes: np.ndarray
+    hierarchy: dict[str, dict[str, str]]
 
     @property
     def n_genes(self) -> int:
@@ -233,10 +264,12 @@ def prepare_reference(
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
     if not all(isinstance(c, str) for c in label_columns):
         raise LabelError(f"label_columns={label_columns!r} must be obs column names (strings).")
+    label_columns = [str(c) for c in label_columns]  # NumPy strings (np.array([...])) would not load back from a file
     if coord_targets is not None and not isinstance(coord_targets, Mapping):
         raise ParameterError("coord_targets must be a dict of name → obsm key, e.g. {'umap': 'X_umap'}.")
     check_writeback_names(label_columns, [str(n) for n in (coord_targets or {})])
     classes, codes, unlabelled = encode_labels(adata, label_columns)
+    hierarchy = infer_hierarchy(label_columns, classes, codes, warn=True)  # says now why levels meant to nest do not
     coords = _coordinate_targets(adata, coord_targets)
     semantics = checked_semantics(source, input_transform)
     if input_transform != "binary" and semantics["semantics"] == "counts":
@@ -295,7 +328,7 @@ def prepare_reference(
     aligner = selection_aligner(source.n_vars, genes, input_transform, semantics["semantics"])
     aligner.gene_mean, aligner.gene_std = gene_mean, gene_std
     return Reference(source, semantics, aligner, label_columns, classes, codes, unlabelled, coords, coord_stats,
-                     cells, dropped, genes)
+                     cells, dropped, genes, hierarchy)
 
 
 #: Classes with fewer labelled reference cells than this get a warning at training (they are rarely called).

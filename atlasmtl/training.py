@@ -36,7 +36,7 @@ from .io import open_anndata
 from .inputs import h5ad_reference_source
 from . import calibration as _calibration  # its SHIFTED_* settings are read when a model is built
 from .calibration import calibration_split, expected_calibration_error, fit_temperature, softmax
-from .hierarchy import decode_paths, infer_hierarchy, level_paths
+from .hierarchy import decode_paths, level_paths
 from .knn import (
     EmbeddingFile,
     ReferenceSearch,
@@ -753,7 +753,7 @@ def calibrate(
               "temperatures": {k: round(v, 4) for k, v in temperatures.items()}, "ece_held_out": ece}
     novelty: dict[str, Any] = {"k": NOVELTY_K, "null": None, "input_view": None}
     if len(pos):
-        decoded = decode_paths(probs, level_paths(levels, ref.classes, infer_hierarchy(levels, ref.classes, ref.codes)))
+        decoded = decode_paths(probs, level_paths(levels, ref.classes, ref.hierarchy))
         _, dist = search.search(embedding[pos], None, 0, dict(zip(levels, decoded)), NOVELTY_K)
         novelty["null"] = {lv: null_summary(log_distance(dist[lv])) for lv in levels}
         train_sorted = np.sort(train_cells)
@@ -798,7 +798,7 @@ def describe(
         "train_semantics": ref.semantics,
         "label_columns": ref.label_columns,
         "classes": ref.classes,
-        "hierarchy": infer_hierarchy(ref.label_columns, ref.classes, ref.codes),
+        "hierarchy": ref.hierarchy,
         "coord_targets": {k: (v if isinstance(v, str) else k) for k, v in (coord_targets or {}).items()},
         "coord_stats": ref.coord_stats,
         "architecture": {

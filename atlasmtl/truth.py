@@ -19,7 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .calls import UNKNOWN, CallTable
+from .calls import UNKNOWN, CallTable, whole_number_text
 from .exceptions import InputError, LabelError, ParameterError, user_stacklevel
 
 
@@ -219,4 +219,8 @@ def true_labels(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(string labels, has-label mask) of a truth column."""
     values = series.astype(object)
     has = values.notna().to_numpy()
-    return values.where(has, "").astype(str).to_numpy(dtype=object), has
+    text = values.where(has, "").astype(str).to_numpy(dtype=object)
+    whole = whole_number_text(series.to_numpy()[has]) if series.dtype.kind == "f" else None
+    if whole is not None:  # integer codes read as floats because of a NaN, as the model's classes read them
+        text[has] = whole
+    return text, has

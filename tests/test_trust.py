@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import anndata as ad
@@ -198,6 +199,86 @@ def test_predicted_paths_exist_in_the_reference(symphony_model, symphony_split):
         labelled = f != "Unknown"
         assert np.all(np.array([mapping[x] for x in f[labelled]]) == c[labelled]), knn
         assert np.all(f[c == "Unknown"] == "Unknown")  # Unknown at the coarse level implies Unknown below
+
+
+def _prepared(ref, levels):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = prepare_reference(ref, levels, None, layer=None, use_raw=False, input_transform="zscore")
+    return prepared.hierarchy, [str(w.message) for w in caught]
+
+
+def test_levels_that_nearly_nest_say_why_they_are_decoded_on_their_own(pbmc_split):
+    """Found by an audit (2026-12-07): one mislabelled cell silently turned joint decoding off (46 of 210
+    query cells then got paths absent from the reference); a fine class without any coarse label crashed
+    after the whole fit (KeyError in level_paths); a coarse class without fine labels was nested and could
+    never be called; levels given fine → coarse were taken silently. Each is now said, naming the classes."""
+    ref, _ = pbmc_split
+    levels = ["lineage", "bulk_labels"]
+    hierarchy, said = _prepared(ref, levels)
+    assert hierarchy["bulk_labels"]["CD19+ B"] == "B" and not any("nest" in m for m in said)
+    fine = ref.obs["bulk_labels"].astype(str).to_numpy()
+    cases = {
+        "one cell": ("lineage", fine == "CD19+ B", "T", r"nest except for 1 cell\(s\) .*'CD19\+ B': 'B' \(\d+\), 'T' \(1\)"),
+        "orphan": ("lineage", fine == "CD34+", np.nan, r"bulk_labels class\(es\) \['CD34\+'\] have no lineage label"),
+        "childless": ("bulk_labels", ref.obs["lineage"].astype(str).to_numpy() == "Progenitor", np.nan,
+                      r"lineage class\(es\) \['Progenitor'\] have no bulk_labels label .*give those cells"),
+    }
+    for name, (column, rows, value, message) in cases.items():
+        bad = ref.copy()
+        values = bad.obs[column].astype(object).to_numpy()
+        values[np.flatnonzero(rows)[:1] if name == "one cell" else rows] = value
+        bad.obs[column] = values
+        hierarchy, said = _prepared(bad, levels)
+        assert hierarchy == {} and any(re.search(message, m) for m in said), (name, said)
+    hierarchy, said = _prepared(ref, levels[::-1])
+    assert hierarchy == {} and any("label_columns look ordered fine → coarse" in m for m in said)
+    unrelated = ref.copy()
+    unrelated.obs["batch"] = np.random.default_rng(0).choice(["x", "y", "z"], unrelated.n_obs)
+    hierarchy, said = _prepared(unrelated, ["lineage", "batch"])
+    assert hierarchy == {} and not any("nest" in m or "coarse" in m for m in said)  # independent levels: no word
+    orphan = ref.copy()
+    lineage = orphan.obs["lineage"].astype(object).to_numpy()
+    lineage[fine == "CD34+"] = np.nan
+    orphan.obs["lineage"] = lineage
+    model = atlasmtl.build_model(orphan, levels, num_epochs=2, ensemble_size=1, hidden_sizes=(32, 16),
+                                 show_progress=False, show_summary=False)  # crashed after the fit
+    assert model.hierarchy == {}
+
+
+def test_label_forms_that_read_alike_are_said_and_codes_read_as_written(pbmc_split, tmp_path):
+    """Integer codes with a NaN became classes '1.0', which a truth of integers never matched (accuracy 0,
+    no word); the number 1 and the text '1' became one class silently; 'B' and 'B ' two; and label_columns
+    as a NumPy array gave a model that saved but could not be loaded."""
+    ref, query = pbmc_split
+    ref = ref.copy()
+    names = sorted(ref.obs["lineage"].astype(str).unique())
+    codes = ref.obs["lineage"].astype(str).map({n: i + 1 for i, n in enumerate(names)}).astype(float).to_numpy()
+    codes[:3] = np.nan
+    ref.obs["lineage_code"] = codes
+    mixed = ref.obs["lineage"].astype(str).map({n: i + 1 for i, n in enumerate(names)}).astype(object).to_numpy()
+    mixed[::2] = [str(v) for v in mixed[::2]]  # the number 1 and the text '1'
+    ref.obs["mixed"] = mixed
+    ref.obs["padded"] = [n + (" " if i % 7 == 0 else "") for i, n in enumerate(ref.obs["lineage"].astype(str))]
+    with pytest.warns(UserWarning) as caught:
+        prepared = prepare_reference(ref, ["lineage_code", "mixed", "padded"], None, layer=None, use_raw=False,
+                                     input_transform="zscore")
+    said = [str(w.message) for w in caught]
+    assert prepared.classes["lineage_code"] == ["1", "2", "3", "4", "5"]
+    assert prepared.classes["mixed"] == ["1", "2", "3", "4", "5"]
+    assert any("holds 10 distinct values that read as 5 labels" in m for m in said)
+    assert any("differ only by surrounding spaces" in m and ".str.strip()" in m for m in said)
+    model = atlasmtl.build_model(ref, np.array(["lineage_code"]), num_epochs=10, ensemble_size=1,
+                                 hidden_sizes=(32, 16), show_progress=False, show_summary=False)
+    result = atlasmtl.predict(model, query, confidence_low=0.0, novelty_threshold=None, show_progress=False,
+                              show_summary=False)  # a call for every cell, so that the matching shows
+    truth = query.obs["lineage"].astype(str).map({n: i + 1 for i, n in enumerate(names)}).astype(int).to_frame("lineage_code")
+    accuracy = atlasmtl.evaluate(result, truth)["levels"]["lineage_code"]["accuracy"]  # '1' == 1, not '1.0'
+    assert accuracy == atlasmtl.evaluate(result, truth.astype(str))["levels"]["lineage_code"]["accuracy"] > 0.0
+    with pytest.warns(UserWarning, match="No true label at 'lineage_code' is a label the predictions use"):
+        atlasmtl.evaluate(result, (truth + 10).astype(str))
+    model.save(tmp_path / "model.pth")
+    assert atlasmtl.TrainedModel.load(tmp_path).label_columns == ["lineage_code"]  # UnsafeArtifactError before
 
 
 # ---------------------------------------------------------------- novelty on a real removed-type case
