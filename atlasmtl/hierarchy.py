@@ -8,9 +8,12 @@ Levels that do not nest in their parent are decoded on their own.
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from .exceptions import user_stacklevel
 
 
 def level_paths(levels: Sequence[str], classes: Mapping[str, Sequence[str]], hierarchy: Mapping[str, Mapping[str, str]]) -> list[tuple[int, int, np.ndarray]]:
@@ -123,10 +126,6 @@ def _why_not_nested(coarse: str, fine: str, parent_names: Sequence[str], child_n
                     child: np.ndarray, parent: np.ndarray, n_cells: np.ndarray, orphans: list[int],
                     childless: list[int], one_parent: bool) -> None:
     """Warn, for a pair of levels that does not nest, when it looks meant to (see :func:`infer_hierarchy`)."""
-    import warnings
-
-    from .exceptions import user_stacklevel
-
     fix = (f"as given, {fine!r} is predicted on its own, not on the reference's {coarse!r} → {fine!r} paths (a "
            "call's levels may then contradict each other).")
     if one_parent:

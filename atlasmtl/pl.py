@@ -88,7 +88,7 @@ doc_figure = """ax
 _DOCS = {"doc_result": doc_result, "doc_truth": doc_truth, "doc_figure": doc_figure}
 
 
-def _doc_params(func: Any) -> Any:
+def _public_plot(func: Any) -> Any:
     """A public plot: the shared parameter descriptions (``{doc_result}``, ``{doc_truth}``, ``{doc_figure}``)
     filled into its docstring, and its text drawn as written (class names such as ``"T$_{reg}$"`` or
     ``"cost $5"`` are names, not matplotlib math)."""
@@ -255,7 +255,7 @@ def _pred_strings(result: CallTable, level: str, raw: bool = False) -> np.ndarra
 
 
 # ---------------------------------------------------------------- plots without truth
-@_doc_params
+@_public_plot
 def composition(
     result: CallTable,
     levels: str | Sequence[str] | None = None,
@@ -302,7 +302,7 @@ def composition(
     return _finish(fig, show, save)
 
 
-@_doc_params
+@_public_plot
 def confidence(
     result: CallTable,
     levels: str | Sequence[str] | None = None,
@@ -364,7 +364,7 @@ def confidence(
     return _finish(fig, show, save)
 
 
-@_doc_params
+@_public_plot
 def rates(
     result: CallTable,
     *,
@@ -434,7 +434,7 @@ def _reference_coords(reference: Any, result: CallTable, basis: str) -> np.ndarr
     return values[:, :2]
 
 
-@_doc_params
+@_public_plot
 def embedding(
     result: CallTable,
     reference: ad.AnnData | np.ndarray | None = None,
@@ -569,7 +569,7 @@ def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **
     return embedding(result, reference, basis="umap", **kwargs)
 
 
-@_doc_params
+@_public_plot
 def training_history(
     model: Any,
     *,
@@ -611,7 +611,7 @@ def training_history(
 
 
 # ---------------------------------------------------------------- plots with truth
-@_doc_params
+@_public_plot
 def confusion(
     result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
@@ -678,7 +678,7 @@ def confusion(
     return _finish(fig, show, save)
 
 
-@_doc_params
+@_public_plot
 def f1_scores(
     result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],
@@ -736,7 +736,7 @@ def f1_scores(
     return _finish(fig, show, save)
 
 
-@_doc_params
+@_public_plot
 def reliability(
     result: CallTable,
     truth: ad.AnnData | pd.DataFrame | Mapping[str, Any],

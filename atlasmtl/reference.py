@@ -198,12 +198,12 @@ class Reference:
         Coordinate targets (cells × dims) and their mean / std over the used cells.
     cells, dropped
         Cells with a label at some level (the ones used), and how many were dropped.
-    hierarchy
-        Child → parent label for each level that nests in the one before (:func:`~atlasmtl.hierarchy.infer_hierarchy`).
     genes
         Columns of ``source`` the network reads (sorted; every column unless ``n_top_genes`` selected
         fewer): the model's genes. :attr:`aligner` takes them from each row after normalising it over
         all its genes.
+    hierarchy
+        Child → parent label for each level that nests in the one before (:func:`~atlasmtl.hierarchy.infer_hierarchy`).
     """
 
     source: MatrixSource

@@ -9,6 +9,7 @@ vocabulary live in :class:`~atlasmtl.calls.CallTable` / :class:`~atlasmtl.calls.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -22,10 +23,11 @@ import pandas as pd
 
 from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, mode_fields
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
+from .gating import GatingConfig
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
                  read_h5ad_obs, table_format)
 from .runtime import format_sections
-from .validation import as_bool
+from .validation import as_bool, as_float
 
 __all__ = ["PredictionResult", "LevelCalls", "UNKNOWN", "MODES", "column_names"]
 
@@ -270,11 +272,6 @@ class PredictionResult(CallTable):
 def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """A user's prediction settings for a rebuilt result, with the gate's thresholds checked as
     :func:`atlasmtl.predict` checks them (plots and the report read them as numbers)."""
-    import dataclasses
-
-    from .gating import GatingConfig
-    from .validation import as_float
-
     settings = dict(settings)
     gate = {f.name: settings[f.name] for f in dataclasses.fields(GatingConfig) if f.name in settings}
     checked = dataclasses.asdict(GatingConfig(**gate).validate())
