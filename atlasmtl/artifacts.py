@@ -323,9 +323,20 @@ def save_model(
     reference_storage: str | None = None,
 ) -> dict[str, str]:
     """Write weights, metadata, reference and manifest crash-safely; see the module docstring."""
+    if reference_storage is not None and reference_storage not in REFERENCE_STORAGE:
+        raise ParameterError(f"reference_storage={reference_storage!r} must be 'external', 'full' or None.")
     storage = reference_storage or parts.metadata["train_config"].get("reference_storage", "external")
     if storage not in REFERENCE_STORAGE:
         raise ParameterError(f"reference_storage={storage!r} must be 'external' or 'full'.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ParameterError(f"The model path must be a file or folder name, not {type(path).__name__}.")
+    text = os.fspath(path)
+    suffix = Path(text).suffix
+    if suffix and suffix != ".pth" and not Path(text).is_dir() and not text.endswith(("/", os.sep)):
+        # "run_v1.2" became run_v1.pth and replaced another model; "m/model_manifest.json" added a second model
+        raise OutputError(f"The model path {text!r} ends in {suffix!r}; give a folder (e.g. {text}/ or "
+                          f"{str(Path(text).with_suffix(''))}/) or a weights name ending in .pth "
+                          f"(e.g. {str(Path(text).with_suffix('.pth'))}), as the command line's --out.")
     paths = artifact_paths(path)
     prepare_output(paths["weights"], "model")
     refuse_foreign_files(paths)
@@ -489,6 +500,8 @@ def _roll_back(paths: dict[str, Path], old_manifest: bytes | None, installed: li
 
 # ---------------------------------------------------------------- load
 def _resolve_manifest(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ParameterError(f"The model path must be a file or folder name, not {type(path).__name__}.")
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError("The model path is empty; give a model manifest (*_manifest.json), weights (*.pth) "

@@ -414,7 +414,13 @@ def parse_truth_columns(text: str | None) -> list[str] | dict[str, str] | None:
     if any("=" in i for i in items):
         if not all("=" in i for i in items):
             raise UsageError("--truth-columns: use either plain column names or level=column pairs, not both")
-        return {k.strip(): v.strip() for k, v in (i.split("=", 1) for i in items)}
+        pairs = [(k.strip(), v.strip()) for k, v in (i.split("=", 1) for i in items)]
+        for what, names in (("level", [k for k, _ in pairs]), ("column", [v for _, v in pairs])):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise UsageError(f"--truth-columns names the {what} {twice[0]!r} twice; give each level=column pair "
+                                 "once, e.g. --truth-columns lineage=lineage,bulk_labels=bulk_labels")
+        return dict(pairs)
     return items
 
 

@@ -333,6 +333,10 @@ def _hierarchy_section(
     if hierarchy is not None:
         if not isinstance(hierarchy, Mapping) or not all(isinstance(m, Mapping) for m in hierarchy.values()):
             raise ParameterError("hierarchy must be a dict {child_level: {child_label: parent_label}}.")
+        unknown = sorted(set(hierarchy) - set(levels))
+        if unknown:
+            raise ParameterError(f"hierarchy names level(s) {unknown} that are not evaluated ({levels}); key it by the "
+                                 "child level, e.g. {'fine': {'fine label': 'coarse label'}}.")
         source, mappings = "argument", _pair_mappings(levels, levels, hierarchy)
     elif result_hierarchy is not None:
         source, mappings = "result", _pair_mappings(levels, result_levels, result_hierarchy)
@@ -390,7 +394,7 @@ def _novel_mask(
         if level not in truth.columns:
             raise LabelError(f"novel_labels names level {level!r}, which is not a truth column; available: {list(truth.columns)[:20]}.")
         values, has = true_labels(truth[level].iloc[pos])
-        listed = {str(x) for x in labels}
+        listed = {labels} if isinstance(labels, str) else {str(x) for x in labels}  # "B", not the letters B
         absent = listed - set(values[has])
         if absent:
             warnings.warn(f"novel_labels[{level!r}] lists labels no evaluated cell has: {sorted(absent)}.", stacklevel=user_stacklevel())
@@ -632,6 +636,8 @@ def evaluate(
     levels = list(result_levels) if label_columns is None else ([label_columns] if isinstance(label_columns, str) else list(label_columns))
     if not levels:
         raise LabelError("No levels to evaluate: the predictions have no pred_<level> column and label_columns is empty.")
+    if len(set(levels)) != len(levels):
+        raise ParameterError(f"label_columns={levels} names a level twice; name each level once, coarse to fine.")
     for lv in levels:
         if column_names(lv)["pred"] not in table.columns:
             raise LabelError(
@@ -703,6 +709,9 @@ def evaluation_table(evaluation: Mapping[str, Any], section: str = "levels") -> 
     """
     if section not in ("levels", "novel", "coords"):
         raise ParameterError(f"section={section!r} must be 'levels', 'novel' or 'coords'.")
+    if not isinstance(evaluation, Mapping) or "levels" not in evaluation:
+        raise ParameterError(f"evaluation_table takes the dict atlasmtl.evaluate returns, not {type(evaluation).__name__}"
+                             + (" without its 'levels'" if isinstance(evaluation, Mapping) else "") + ".")
     rows = evaluation.get(section) or {}
     if section == "novel":
         rows = rows.get("levels", {}) if rows else {}

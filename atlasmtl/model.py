@@ -53,8 +53,8 @@ class TrainedModel:
 
     @property
     def classes(self) -> dict[str, list[str]]:
-        """Class names per level (the label encoders)."""
-        return self.metadata["classes"]
+        """Class names per level (the label encoders; a copy: the model's own lists stay as trained)."""
+        return {lv: list(names) for lv, names in self.metadata["classes"].items()}
 
     @property
     def genes(self) -> list[str]:
@@ -73,8 +73,8 @@ class TrainedModel:
 
     @property
     def hierarchy(self) -> dict[str, dict[str, str]]:
-        """For each level that nests in the previous one: child label → parent label."""
-        return self.metadata.get("hierarchy", {})
+        """For each level that nests in the previous one: child label → parent label (a copy)."""
+        return {lv: dict(pairs) for lv, pairs in self.metadata.get("hierarchy", {}).items()}
 
     # ------------------------------------------------------------------ artifacts
     def save(self, path: str | os.PathLike, reference_storage: str | None = None) -> dict[str, str]:

@@ -21,7 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, mode_fields
+from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, levels_in_table, mode_fields
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .gating import GatingConfig
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
@@ -262,6 +262,10 @@ class PredictionResult(CallTable):
         if not metadata.get("settings"):
             metadata["settings"] = _checked_settings(settings or {})
             metadata.setdefault("note", "rebuilt from a prediction table without metadata")
+        foreign = [lv for lv in levels_in_table(frame.columns) if lv not in model.label_columns]
+        if foreign:
+            raise InputError(f"{where} hold level(s) {foreign} that the model lacks (its levels: {model.label_columns}); "
+                             "pass the model that made these predictions.")
         classes = {lv: list(model.classes[lv]) for lv in model.label_columns}
         return cls.from_frame(frame, classes, coords=coords, metadata=metadata, hierarchy=model.hierarchy, where=where)
 

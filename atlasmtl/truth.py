@@ -149,8 +149,12 @@ def truth_frame(result: CallTable, truth: Any, columns: Any, adata: ad.AnnData |
                     f"{result.label_columns}; give one per level, or map them as {{level: column}}."
                 )
             columns = {c: c for c in columns}
-    elif isinstance(truth, Mapping) and adata is not None and all(isinstance(v, str) for v in truth.values()) \
-            and all(k in result.levels for k in truth):
+    elif isinstance(truth, Mapping) and adata is not None and all(isinstance(v, str) for v in truth.values()):
+        unknown = [k for k in truth if k not in result.levels]
+        if unknown:  # {level: column} naming a level the result lacks (was read as {level: labels}, one "label")
+            raise LabelError(f"truth maps level(s) {unknown} that the predictions do not have (their levels: "
+                             f"{result.label_columns}); map each predicted level to a column, e.g. "
+                             f"{{{result.label_columns[-1]!r}: 'cell_type'}}.")
         columns, source = dict(truth), adata
     by_level = truth_by_level(result, source, columns)
     frame = pd.DataFrame({lv: pd.Series(v, dtype=object) for lv, v in by_level.items()})

@@ -1354,3 +1354,51 @@ def test_a_path_under_an_unexpanded_home_shorthand_is_refused_not_created(tiny_m
     (tmp_path / "~").mkdir()  # a folder really named "~" is a folder like any other
     tiny_model.save("~/m.pth")
     assert (tmp_path / "~" / "m.pth").is_file()
+
+
+def test_model_api_and_evaluate_mistakes_found_by_an_audit(tiny_model, tiny, tmp_path):
+    """Found by an audit (2026-12-07): sorting model.classes in place relabelled every prediction (and saved so);
+    model.save("run_v1.2") wrote run_v1.pth over another model, and a manifest path added a second model to its
+    folder; evaluate crashed on a level named twice, read novel_labels={"lineage": "B"} letter by letter and took
+    a hierarchy of unknown levels as "nothing to check"; evaluation_table took anything; a report's predictions
+    with a level the model lacks were silently cut; --truth-columns took a level twice (the last pair won)."""
+    query = tiny[1]
+    before = _predictions(tiny_model, query)
+    tiny_model.classes["cell_type"].sort(reverse=True)
+    tiny_model.hierarchy.clear()
+    assert _same_calls(before, _predictions(tiny_model, query))  # the model's own lists are not handed out
+    tiny_model.save(tmp_path / "run_v1.pth")
+    for bad in ("run_v1.2", "x.pt", "run_v1_manifest.json"):
+        with pytest.raises(OutputError, match=r"ends in '\.[a-z0-9]+'; give a folder .* or a weights name ending in \.pth"):
+            tiny_model.save(tmp_path / bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"run_v1{s}" for s in (".pth", "_metadata.pkl", "_reference.pkl", "_embedding.npy", "_manifest.json"))
+    for bad in (None, 3):
+        with pytest.raises(ParameterError, match="must be a file or folder name"):
+            atlasmtl.TrainedModel.load(bad)
+        with pytest.raises(ParameterError, match="must be a file or folder name"):
+            tiny_model.save(bad)
+    with pytest.raises(ParameterError, match="reference_storage=''"):
+        tiny_model.save(tmp_path / "m2.pth", reference_storage="")
+    with pytest.raises(ParameterError, match="names a level twice"):
+        atlasmtl.evaluate(before, query, label_columns=["lineage", "lineage"])
+    first = str(query.obs["lineage"].iloc[0])
+    as_text = atlasmtl.evaluate(before, query, novel_labels={"lineage": first})["novel"]["n_novel"]
+    assert as_text == atlasmtl.evaluate(before, query, novel_labels={"lineage": [first]})["novel"]["n_novel"] > 0
+    with pytest.raises(ParameterError, match=r"hierarchy names level\(s\) \['foo'\]"):
+        atlasmtl.evaluate(before, query, hierarchy={"foo": {"a": "b"}})
+    for bad in (before.to_dataframe("full"), {}):
+        with pytest.raises(ParameterError, match="evaluation_table takes the dict atlasmtl.evaluate returns"):
+            atlasmtl.evaluation_table(bad)
+    other = atlasmtl.build_model(tiny[0], ["lineage"], random_state=0, **FAST)
+    from atlasmtl.report import result_from_predictions
+
+    with pytest.raises(InputError, match=r"hold level\(s\) \['cell_type'\] that the model lacks"):
+        result_from_predictions(before.to_dataframe("full"), other)
+    rebuilt = result_from_predictions(before.to_dataframe("full"), tiny_model)  # a table keeps no coordinates
+    page = rebuilt.report(tmp_path / "rebuilt.html", model=tiny_model).read_text()
+    assert "These predictions hold no coordinates" in page and "The model has no coordinate heads" not in page
+    with pytest.raises(cli.UsageError, match="names the level 'lineage' twice"):
+        cli.parse_truth_columns("lineage=lineage,lineage=cell_type")
+    with pytest.raises(LabelError, match=r"truth maps level\(s\) \['foo'\] that the predictions do not have"):
+        before.report(tmp_path / "r.html", adata=query, truth={"lineage": "lineage", "foo": "cell_type"})
