@@ -765,8 +765,8 @@ def test_output_path_under_a_regular_file_or_empty(tiny_model, predicted, tmp_pa
     result, query, query_file = predicted
     write = _writers(tiny_model, result, query, query_file)[writer]
     (tmp_path / "plain.txt").write_text("keep me")
-    # to_csv and write_h5ad refuse a name of another format first
-    name = {"to_csv": "out.csv", "write_h5ad(AnnData)": "out.h5ad", "write_h5ad(file)": "out.h5ad"}.get(writer, "out.file")
+    # every writer refuses a name of another format first (save since 2026-12-07)
+    name = {"to_csv": "out.csv", "write_h5ad(AnnData)": "out.h5ad", "write_h5ad(file)": "out.h5ad"}.get(writer, "out.pth")
     for bad, match in [(tmp_path / "plain.txt" / name, "not a folder"), ("", "empty")]:
         with pytest.raises(AtlasMTLError, match=match):
             write(bad)
