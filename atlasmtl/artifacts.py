@@ -174,16 +174,24 @@ def _load_weights(data: bytes, name: str) -> Any:
 def artifact_paths(path: str | os.PathLike) -> dict[str, Path]:
     """File names that go with a weights path: ``foo.pth`` → ``foo_metadata.pkl`` etc.
 
-    An existing folder, or a path ending in ``/``, stands for ``<folder>/model.pth``.
+    An existing folder, or a path ending in ``/``, stands for ``<folder>/model.pth``; a name without a
+    suffix for ``<name>.pth``. Another suffix is an :class:`~atlasmtl.exceptions.OutputError`: replacing it
+    made ``"run_v1.2"`` write ``run_v1.pth``, over another model.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ParameterError(f"The model path must be a file or folder name, not {type(path).__name__}.")
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise OutputError("The model path is empty; give a file name such as 'model_dir/model.pth'.")
     p = Path(text)
     if p.is_dir() or text.endswith(("/", os.sep)):
         p = p / "model.pth"
-    if p.suffix != ".pth":
-        p = p.with_suffix(".pth") if p.suffix else p.with_name(p.name + ".pth")
+    elif not p.suffix:
+        p = p.with_name(p.name + ".pth")
+    elif p.suffix != ".pth":
+        raise OutputError(f"The model path {text!r} ends in {p.suffix!r}; give a folder (e.g. {text}/ or "
+                          f"{str(p.with_suffix(''))}/) or a weights name ending in .pth "
+                          f"(e.g. {str(p.with_suffix('.pth'))}), as the command line's --out.")
     stem = p.stem
     return {
         "weights": p,
@@ -328,15 +336,6 @@ def save_model(
     storage = reference_storage or parts.metadata["train_config"].get("reference_storage", "external")
     if storage not in REFERENCE_STORAGE:
         raise ParameterError(f"reference_storage={storage!r} must be 'external' or 'full'.")
-    if not isinstance(path, (str, os.PathLike)):
-        raise ParameterError(f"The model path must be a file or folder name, not {type(path).__name__}.")
-    text = os.fspath(path)
-    suffix = Path(text).suffix
-    if suffix and suffix != ".pth" and not Path(text).is_dir() and not text.endswith(("/", os.sep)):
-        # "run_v1.2" became run_v1.pth and replaced another model; "m/model_manifest.json" added a second model
-        raise OutputError(f"The model path {text!r} ends in {suffix!r}; give a folder (e.g. {text}/ or "
-                          f"{str(Path(text).with_suffix(''))}/) or a weights name ending in .pth "
-                          f"(e.g. {str(Path(text).with_suffix('.pth'))}), as the command line's --out.")
     paths = artifact_paths(path)
     prepare_output(paths["weights"], "model")
     refuse_foreign_files(paths)
