@@ -35,9 +35,11 @@ def result_from_predictions(
     ----------
     predictions
         A ``.csv`` written by ``result.to_csv(path, mode="full")`` (or ``atlasmtl
-        predict --mode full``), an ``.h5ad`` written back with ``mode="full"``
-        (its ``uns["atlasmtl"]`` metadata and ``obsm["X_pred_*"]`` coordinates are
-        used too), or the equivalent DataFrame / AnnData.
+        predict --mode full``; with ``include_coords=True`` its ``<name>_1`` ...
+        ``<name>_d`` columns of each of the model's coordinate heads are read back
+        as coordinates), an ``.h5ad`` written back with ``mode="full"`` (its
+        ``uns["atlasmtl"]`` metadata and ``obsm["X_pred_*"]`` coordinates are used
+        too), or the equivalent DataFrame / AnnData.
     model
         The :class:`~atlasmtl.model.TrainedModel` that made them (for the class names).
     settings
@@ -46,7 +48,13 @@ def result_from_predictions(
     Raises
     ------
     InputError
-        Missing columns (written in a mode other than ``"full"``) or labels the
-        model does not know.
+        Missing columns (written in a mode other than ``"full"``), labels the
+        model does not know, or text in a number column (confidences, coordinates).
+
+    Warns
+    -----
+    UserWarning
+        A table holds only some of a coordinate head's columns, or more (those
+        columns are not read as coordinates).
     """
     return PredictionResult.from_predictions(predictions, model, settings=settings)

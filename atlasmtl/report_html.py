@@ -429,7 +429,8 @@ def _coordinates(page: _Page) -> str:
     if basis is None:
         if page.model is not None and page.model.coord_targets:  # rebuilt from a table that kept no coordinates
             return ('<p class="muted">These predictions hold no coordinates (the model predicts them: write the '
-                    'predictions as .h5ad with include_coords=True, or --include-coords, to draw them).</p>')
+                    'predictions with include_coords=True, or --include-coords, as .h5ad or as a table, to draw '
+                    'them).</p>')
         return '<p class="muted">The model has no coordinate heads (train with coord_targets=..., or --coords on the command line).</p>'
     ref_note = ("over the reference cells (grey)" if page.reference is not None
                 else "(no reference given, so the reference cells are not drawn)")

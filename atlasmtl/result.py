@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, levels_in_table, mode_fields
+from .calls import MODES, UNKNOWN, CallTable, LevelCalls, _numbers, column_names, levels_in_table, mode_fields
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .gating import GatingConfig
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
@@ -63,7 +64,8 @@ class PredictionResult(CallTable):
         mode
             ``"minimal"``, ``"standard"`` or ``"full"``: which columns (see :meth:`to_dataframe`).
         include_coords
-            Also write the predicted coordinates, one column per dimension (``<target>_1``, ``<target>_2`` ...).
+            Also write the predicted coordinates, one column per dimension (``<target>_1``, ``<target>_2`` ...),
+            which :meth:`from_predictions` reads back.
         """
         include_coords = as_bool("include_coords", include_coords)
         sep, compression = table_format(path)
@@ -266,11 +268,51 @@ class PredictionResult(CallTable):
         if foreign:
             raise InputError(f"{where} hold level(s) {foreign} that the model lacks (its levels: {model.label_columns}); "
                              "pass the model that made these predictions.")
+        if isinstance(predictions, pd.DataFrame):  # a table: coordinates are columns, as to_csv writes them
+            coords = _table_coords(frame, model, where)
         classes = {lv: list(model.classes[lv]) for lv in model.label_columns}
         return cls.from_frame(frame, classes, coords=coords, metadata=metadata, hierarchy=model.hierarchy, where=where)
 
     def __repr__(self) -> str:
         return f"PredictionResult({self.n_obs} cells; levels {self.label_columns}; coords {list(self.coords) or 'none'})"
+
+
+#: The number a coordinate column's name ends in (``umap_1``): 1, 2, ... as :meth:`PredictionResult.to_csv` writes it.
+_DIMENSION = re.compile(r"[1-9][0-9]*")
+
+
+def _table_coords(frame: pd.DataFrame, model: Any, where: str) -> dict[str, np.ndarray]:
+    """The coordinates a prediction table holds, as :meth:`PredictionResult.to_csv` writes them with
+    ``include_coords=True``: for each of the model's coordinate heads ``<name>`` of ``d`` dimensions, the columns
+    ``<name>_1`` ... ``<name>_d``, read as float32 (an empty value, a cell left unplaced, is NaN).
+
+    Only a head's full run is read, so a column that merely ends in ``_1`` (``batch_1``) is never taken for
+    coordinates. A table with some of a head's columns only, or more of them (``umap_3`` beside a 2-d head),
+    was not written for this model: those columns are left out, with a warning naming them.
+    """
+    architecture = (getattr(model, "metadata", None) or {}).get("architecture") or {}
+    dims = dict(architecture.get("coord_dims") or {})
+    by_name = {str(c): c for c in frame.columns}
+    coords: dict[str, np.ndarray] = {}
+    for name in getattr(model, "coord_targets", None) or {}:
+        prefix = f"{name}_"
+        written = sorted(int(c[len(prefix):]) for c in by_name
+                         if c.startswith(prefix) and _DIMENSION.fullmatch(c[len(prefix):]))
+        if not written:
+            continue
+        n_dims = int(dims.get(name, len(written)))
+        if written != list(range(1, n_dims + 1)):
+            warnings.warn(
+                f"{where}: the columns {[f'{prefix}{j}' for j in written]} are not read as the {name!r} coordinates: "
+                f"the model's {name!r} head has {n_dims} dimension(s), which to_csv(include_coords=True) writes as "
+                f"{prefix}1 ... {prefix}{n_dims}. Write the predictions again with include_coords=True "
+                "(--include-coords) to read them.", UserWarning, stacklevel=user_stacklevel())
+            continue
+        columns = [f"{prefix}{j}" for j in written]
+        coords[name] = np.column_stack(
+            [_numbers(frame[by_name[c]], f"{where}: column {c!r}", unit_interval=False) for c in columns]
+        ).astype(np.float32)
+    return coords
 
 
 def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:

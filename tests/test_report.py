@@ -151,6 +151,36 @@ def test_tables_are_written_in_the_format_their_name_says(mapped, pbmc_model, tm
         np.testing.assert_array_equal(rebuilt.levels[level]["code"], result.levels[level]["code"])
 
 
+def test_a_table_with_coordinates_gives_them_back(mapped, pbmc_model, tmp_path):
+    """The <name>_1 ... <name>_d columns to_csv(include_coords=True) writes were ignored when a result was rebuilt
+    from the table, so a report of CSV predictions said they held no coordinates (an .h5ad kept them)."""
+    import pandas as pd
+
+    result, _, _ = mapped
+    assert set(result.coords) == {"latent", "umap"}
+    result.to_csv(tmp_path / "p.csv", mode="full", include_coords=True)
+    rebuilt = result_from_predictions(tmp_path / "p.csv", pbmc_model)
+    assert set(rebuilt.coords) == {"latent", "umap"}
+    for name, values in result.coords.items():
+        assert rebuilt.coords[name].shape == values.shape and rebuilt.coords[name].dtype == np.float32
+        np.testing.assert_allclose(rebuilt.coords[name], values, rtol=1e-6)
+    page = html.unescape(rebuilt.report(tmp_path / "r.html", model=pbmc_model).read_text())
+    assert "hold no coordinates" not in page and 'alt="query cells on the reference umap"' in page
+    # only a head's full run of columns is read: not another name ending in _1, not a part of a run, not text
+    table = result.to_dataframe("full")
+    table["batch_1"] = 1.0
+    table["umap_1"] = result.coords["umap"][:, 0]
+    with pytest.warns(UserWarning, match=r"\['umap_1'\] are not read as the 'umap' coordinates: .* 2 dimension"):
+        assert result_from_predictions(table, pbmc_model).coords == {}
+    table["umap_2"] = result.coords["umap"][:, 1].astype(str)
+    table.loc[table.index[4], "umap_2"] = "left"
+    with pytest.raises(InputError, match=r"column 'umap_2' holds .*not numbers: \['left'\]"):
+        result_from_predictions(table, pbmc_model)
+    table["umap_2"] = pd.Series(result.coords["umap"][:, 1], index=table.index).where(lambda v: v > 0)  # NaN: unplaced
+    np.testing.assert_array_equal(np.isnan(result_from_predictions(table, pbmc_model).coords["umap"]).any(axis=1),
+                                  ~(result.coords["umap"][:, 1] > 0))
+
+
 @pytest.mark.parametrize("name", ["pred.parquet", "pred.h5ad", "pred", "pred.gz"])
 def test_a_table_is_never_written_under_another_formats_name(mapped, tmp_path, name):
     from atlasmtl.exceptions import OutputError
