@@ -167,7 +167,9 @@ def _numbers(values: pd.Series, what: str, unit_interval: bool) -> np.ndarray:
         numbers = pd.to_numeric(values.where(~blank), errors="coerce")
         bad = values[numbers.isna() & ~blank]
         if len(bad):
-            raise InputError(f"{what} holds values that are not numbers: {sorted(set(map(str, bad)))[:5]}.")
+            raise InputError(f"{what} holds text, not numbers: {sorted(set(map(str, bad)))[:5]}. atlasmtl writes "
+                             "numbers there: write the predictions again (result.to_csv(path, mode='full'), or "
+                             "atlasmtl predict --mode full) or put the numbers back in that column.")
         out = numbers.to_numpy(dtype=np.float32)
     outside = (out < -1e-6) | (out > 1 + 1e-6)  # float32 rounding of a probability of 0 or 1 aside
     if unit_interval and outside.any():

@@ -262,7 +262,18 @@ def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndar
     conf_col, raw_col = names["conf"], names["raw"]
     if conf_col not in table.columns:
         return pred, None, None
-    conf = pd.to_numeric(table[conf_col], errors="coerce").to_numpy(dtype=np.float64)
+    values = table[conf_col]
+    numbers = pd.to_numeric(values, errors="coerce")
+    missing = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
+    text = values[numbers.isna() & ~missing]
+    if len(text):  # "high", "0,93": a label or another locale's numbers, which coercion would make NaN
+        raise InputError(
+            f"Column {conf_col!r} holds text, not numbers (e.g. {sorted(set(map(str, text)))[:5]}); it must hold "
+            "each cell's confidence, a number in [0, 1], as atlasmtl writes it (result.to_csv(path, "
+            "mode='standard') or 'full'). Put the numbers back in that column, or drop it to evaluate "
+            "without the confidence metrics."
+        )
+    conf = numbers.to_numpy(dtype=np.float64)
     if not np.isfinite(conf).all() or (conf < 0).any() or (conf > 1).any():
         raise InputError(f"Column {conf_col!r} must hold a confidence in [0, 1] for every cell (found NaN or out-of-range values).")
     return pred, conf, ("raw" if raw_col in table.columns else "final")
@@ -622,8 +633,8 @@ def evaluate(
     Raises
     ------
     InputError
-        Predicted cells missing from the truth, duplicated cell names, bad confidence
-        values. :class:`~atlasmtl.exceptions.LabelError` for a level missing from the
+        Predicted cells missing from the truth, duplicated cell names, confidence
+        values that are text, NaN or outside [0, 1]. :class:`~atlasmtl.exceptions.LabelError` for a level missing from the
         predictions or the truth; :class:`~atlasmtl.exceptions.CoordinateError` for
         unusable coordinates.
     """

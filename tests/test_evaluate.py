@@ -370,6 +370,25 @@ def test_errors_name_the_problem():
         evaluate(["not", "a", "table"], _truth())
 
 
+def test_a_confidence_column_of_text_is_named_as_text(tmp_path):
+    """A predictions CSV whose conf_<level> column holds words ("high") was reported as holding "NaN or
+    out-of-range" confidences; it is text, and the error says so and how to mend it."""
+    _hand_result().to_csv(tmp_path / "pred.csv", mode="full")
+    table = pd.read_csv(tmp_path / "pred.csv", index_col=0)
+    expected = evaluate(table, _truth())["levels"]["fine"]
+    table["conf_fine"] = ["high", "high", "low", "0.62", "low", "0.55"]
+    table.to_csv(tmp_path / "edited.csv")
+    with pytest.raises(InputError, match=r"Column 'conf_fine' holds text, not numbers \(e.g. \['high', 'low'\]\); "
+                                         r".*a number in \[0, 1\].*drop it to evaluate without"):
+        evaluate(pd.read_csv(tmp_path / "edited.csv", index_col=0), _truth())
+    # read as text, numbers still count as numbers and an empty value as a missing confidence (not as text)
+    as_text = pd.read_csv(tmp_path / "pred.csv", index_col=0, dtype=str, keep_default_na=False)
+    assert evaluate(as_text, _truth())["levels"]["fine"] == pytest.approx(expected)
+    as_text.loc["c1", "conf_fine"] = ""
+    with pytest.raises(InputError, match="found NaN or out-of-range"):
+        evaluate(as_text, _truth())
+
+
 # ---------------------------------------------------------------------------- real data
 def test_pbmc68k_integration():
     from atlasmtl.datasets import pbmc68k_reference_query

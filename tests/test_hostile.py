@@ -1191,6 +1191,8 @@ def test_a_damaged_prediction_table_is_refused_by_name(tiny_model, predicted):
                        (edited("knn_vote_frac", 5.0), "outside \\[0, 1\\]"),
                        (edited("is_unknown", "maybe"), "not True / False: \\['maybe'\\]"),
                        (edited("novelty", "x"), "not numbers: \\['x'\\]"),
+                       (edited("conf", "high"), r"'conf_cell_type' holds text, not numbers: \['high'\]\. .*"
+                                                r"write the predictions again \(result.to_csv\(path, mode='full'\)"),
                        (pd.concat([table, table.iloc[:3]]), "names some cells twice"),
                        (table.iloc[:0], "holds no cells")]:
         with pytest.raises(InputError, match=match):
