@@ -707,6 +707,13 @@ def read_h5ad(path: str, backed: bool = False) -> Any:
     return read(path, backed=backed)
 
 
+def _subcommand(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs, known before parsing: its first word that is not an option (``atlasmtl``'s own
+    options, ``--help`` and ``--version``, take no value), when that names a command; else ``None``."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in _COMMANDS else None
+
+
 def _exit_code(exc: BaseException) -> int:
     from .exceptions import ArtifactError, AtlasMTLError
 
@@ -756,7 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"atlasmtl: warning: {text}{where}", file=sys.stderr)
 
     try:
-        sub = next((a for a in argv if a in _COMMANDS), None)
+        sub = _subcommand(argv)
+        report.update(command=sub)  # before parsing: an argument error's --json output names the command too
         parser = build_parser([sub] if sub else [])
         prog = f"atlasmtl {sub}" if sub else "atlasmtl"
         args = parser.parse_args(argv)

@@ -259,6 +259,26 @@ def test_errors_in_process(files, trained, monkeypatch, capsys, argv, code, patt
     assert not (files / "m").exists()  # a failed training leaves no model folder behind
 
 
+@pytest.mark.parametrize("argv,command", [
+    (["train", "--reference", "ref.h5ad", "--json"], "train"),  # --labels and --out missing
+    (["report", "--model", "m", "--query", "q.h5ad", "--out", "r.html", "--knn-k", "ten", "--json"], "report"),
+    (["frobnicate", "--json"], None),
+    (["--json"], None),
+])
+def test_json_of_an_argument_error_names_the_command(tmp_path, monkeypatch, capsys, argv, command):
+    """An error found while parsing the arguments gave --json output without the `command` key that every other
+    outcome carries; it names the command now, or null when the command line names none."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["predict", "--model", "m", "--query", "missing.h5ad", "--out", "p.csv", "--json"]) == 2
+    after_parsing = json.loads(capsys.readouterr().out)  # an error found by the command itself
+    assert after_parsing["command"] == "predict"
+    assert cli.main(argv) == 2
+    outcome = json.loads(capsys.readouterr().out)
+    assert list(outcome) == list(after_parsing)
+    assert outcome["command"] == command
+    assert outcome["ok"] is False and outcome["error_type"] == "UsageError" and outcome["exit_code"] == 2
+
+
 def test_train_never_replaces_a_file_of_the_users_own(files, monkeypatch, capsys):
     """`train --out theirs.pth` overwrote an existing checkpoint that was not an atlasmtl model."""
     monkeypatch.chdir(files)
