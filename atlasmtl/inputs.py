@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import EmptyDataError, InputError, InvalidValuesError, MatrixSemanticsError, ParameterError, user_stacklevel
-from .io import check_input_file, elem_io
+from .io import check_h5ad_groups, check_input_file, elem_io, unreadable_h5ad
 
 #: What an expression matrix may hold, as detected by :func:`detect_semantics`.
 SEMANTICS = ("counts", "lognorm", "scaled", "other")
@@ -106,6 +106,9 @@ def _stored_as_csc(what: str) -> InputError:
 
 def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False) -> MatrixSource:
     """Pick ``X``, a layer, or ``raw.X`` from ``adata`` and check it is not empty."""
+    backed = bool(getattr(adata, "isbacked", False))
+    if backed and adata.file.is_open:  # a file without its gene table reads as 0 genes: say what is wrong with it
+        check_h5ad_groups(adata.file, os.fspath(adata.filename))
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise EmptyDataError(
             f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
@@ -113,7 +116,6 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
         )
     if use_raw and layer is not None:
         raise ParameterError("Pass either layer= or use_raw=True, not both.")
-    backed = bool(getattr(adata, "isbacked", False))
     if use_raw:
         if adata.raw is None:
             raise InputError("use_raw=True but the AnnData has no .raw; pass use_raw=False or set adata.raw.")
@@ -149,11 +151,6 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes)
 
 
-def _unreadable(path: str, exc: Exception) -> InputError:
-    """The error for an ``.h5ad`` file that h5py or anndata cannot read."""
-    return InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).")
-
-
 @contextlib.contextmanager
 def _h5ad_file(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
     """``(h5py file, path string)`` of a checked ``.h5ad`` path, open for reading; closed on exit."""
@@ -163,8 +160,9 @@ def _h5ad_file(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
     try:
         f = h5py.File(path, "r")
     except Exception as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable_h5ad(path, exc) from exc
     try:
+        check_h5ad_groups(f, path)
         yield f, path
     finally:
         f.close()
@@ -186,7 +184,7 @@ def h5ad_query_source(
             obs_group = f["obs"]
             obs_names = pd.Index(read_elem(obs_group[obs_group.attrs["_index"]]), dtype=str)
         except Exception as exc:
-            raise _unreadable(path, exc) from exc
+            raise unreadable_h5ad(path, exc) from exc
         yield obs_names, _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
 
 
@@ -283,7 +281,7 @@ def h5ad_reference_source(
             obsm = {k: read_elem(f["obsm"][k]) for k in obsm_keys if "obsm" in f and k in f["obsm"]}
             unique = _names_unique(group[index_key])
         except Exception as exc:
-            raise _unreadable(path, exc) from exc
+            raise unreadable_h5ad(path, exc) from exc
         if not unique:
             raise InputError(f"Reference obs_names are not unique in {path!r}; call adata.obs_names_make_unique() "
                              "and write the file again.")
@@ -316,7 +314,7 @@ def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+        raise unreadable_h5ad(path, exc) from exc
     if n_obs == 0 or matrix.shape[1] == 0:
         raise EmptyDataError(
             f"{path!r} is empty ({matrix.shape[0]} cells × {matrix.shape[1]} genes); "

@@ -1,6 +1,7 @@
 """File and plain-data helpers shared by every stage that reads or writes.
 
-* opening ``.h5ad`` files (:func:`open_anndata`, :func:`read_h5ad`, :func:`read_h5ad_obs`);
+* opening ``.h5ad`` files (:func:`open_anndata`, :func:`read_h5ad`, :func:`read_h5ad_obs`), refusing
+  damaged or incomplete ones by name (:func:`unreadable_h5ad`, :func:`check_h5ad_groups`);
 * checking paths before use (:func:`check_input_file`, :func:`prepare_output`): ordinary
   operating-system conditions (empty path, a folder, a FIFO, no permission, a path under a
   regular file) become one clear atlasmtl error, and nothing blocks;
@@ -120,13 +121,48 @@ def file_mode() -> int:
 
 
 # ---------------------------------------------------------------- reading .h5ad
+#: The groups every AnnData ``.h5ad`` file holds (anndata writes them even for an empty table), and what they are.
+H5AD_GROUPS = {"obs": "the cell table", "var": "the gene table"}
+
+
+def unreadable_h5ad(path: str, exc: Exception) -> InputError:
+    """The error for an ``.h5ad`` file that h5py or anndata cannot read (h5py raises many types for damaged files)."""
+    return InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}). The file may be cut short "
+                      "(an interrupted copy or write) or not an .h5ad; write it again with adata.write_h5ad(path).")
+
+
+def check_h5ad_groups(f: Any, path: str) -> None:
+    """Refuse an open ``.h5ad`` file (an ``h5py.File``, or a backed AnnData's ``adata.file``) that lacks a group of
+    :data:`H5AD_GROUPS`, with an :class:`~atlasmtl.exceptions.InputError` naming it.
+
+    anndata reads a file without its ``var`` group as one of 0 genes (backed) or of genes named ``0``, ``1`` ...
+    (in memory), so the problem would surface later as an empty or unmatched dataset.
+    """
+    missing = [name for name in H5AD_GROUPS if name not in f]
+    if missing:
+        parts = " and ".join(f"{name!r} ({H5AD_GROUPS[name]})" for name in missing)
+        raise InputError(f"{path!r} is incomplete or not an AnnData .h5ad file: it has no {parts} group. Write it "
+                         "again with adata.write_h5ad(path) from the AnnData it was made from (an interrupted copy "
+                         "or write leaves a file incomplete).")
+
+
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
-    """Read an ``.h5ad`` file (``backed=True``: read-only, matrix left on disk) with a clear error."""
+    """Read an ``.h5ad`` file (``backed=True``: read-only, matrix left on disk) with a clear error.
+
+    A file that is not HDF5, is cut short, or lacks a group every ``.h5ad`` holds (:data:`H5AD_GROUPS`) is an
+    :class:`~atlasmtl.exceptions.InputError` saying so.
+    """
+    import h5py
+
     path = os.fspath(check_input_file(path))
     try:
+        with h5py.File(path, "r") as f:
+            check_h5ad_groups(f, path)
         return ad.read_h5ad(path, backed="r" if backed else None)
-    except Exception as exc:  # h5py raises many types for damaged files
-        raise InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}).") from exc
+    except InputError:
+        raise
+    except Exception as exc:
+        raise unreadable_h5ad(path, exc) from exc
 
 
 def open_anndata(adata: ad.AnnData | str | os.PathLike) -> ad.AnnData:
@@ -152,7 +188,13 @@ def read_h5ad_obs(path: str | os.PathLike) -> pd.DataFrame:
     import h5py
 
     read_elem, _, _ = elem_io()
-    with h5py.File(path, "r") as f:
+    path = os.fspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise unreadable_h5ad(path, exc) from exc
+    with f:
+        check_h5ad_groups(f, path)
         return read_elem(f["obs"])
 
 

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -1298,6 +1300,49 @@ def test_a_backed_file_without_x_names_the_fix(tiny, tmp_path):
     backed = ad.read_h5ad(tmp_path / "no_x.h5ad", backed="r")
     with pytest.raises(InputError, match="has no X; pass layer= or use_raw=True"):
         atlasmtl.build_model(backed, LEVELS, **FAST)
+
+
+def test_an_h5ad_without_its_gene_table_or_cut_short_is_named_incomplete(tiny, tiny_model, predicted, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A file with obs and X but no var group was read as a dataset of 0 genes (backed: "The AnnData is empty
+    (150 cells × 0 genes)"; in memory, `atlasmtl train`: genes named 0, 1, ...) or gave h5py's KeyError; a file
+    cut short said only h5py's "truncated file". Both now say what is wrong with the file and how to mend it."""
+    import h5py
+
+    monkeypatch.chdir(tmp_path)
+    for name, adata in (("ref", tiny[0]), ("query", tiny[1])):
+        adata.write_h5ad(f"{name}.h5ad")
+        shutil.copyfile(f"{name}.h5ad", f"{name}_novar.h5ad")
+        with h5py.File(f"{name}_novar.h5ad", "r+") as handle:
+            del handle["var"]
+        data = Path(f"{name}.h5ad").read_bytes()
+        Path(f"{name}_cut.h5ad").write_bytes(data[: len(data) // 2])
+    incomplete = (r"'ref_novar\.h5ad' is incomplete or not an AnnData \.h5ad file: it has no 'var' \(the gene "
+                  r"table\) group\. Write it again with adata\.write_h5ad\(path\)")
+    cut = r"Could not read 'ref_cut\.h5ad' as \.h5ad .*truncated.*cut short.* write it again with adata\.write_h5ad"
+    for path, match in (("ref_novar.h5ad", incomplete), ("ref_cut.h5ad", cut)):
+        with pytest.raises(InputError, match=match):
+            atlasmtl.build_model(path, LEVELS, **FAST)
+        query_path, query_match = path.replace("ref", "query"), match.replace("ref", "query")
+        for source in (query_path, Path(query_path)):
+            with pytest.raises(InputError, match=query_match):
+                _predictions(tiny_model, source)
+    with pytest.raises(InputError, match=incomplete.replace("ref", "query")):  # a backed AnnData of the file
+        _predictions(tiny_model, ad.read_h5ad("query_novar.h5ad", backed="r"))
+    with pytest.raises(InputError, match=incomplete.replace("ref", "query")):  # an annotated copy of the file
+        predicted[0].write_h5ad("annotated.h5ad", "query_novar.h5ad")
+    # the command line: train reads the reference into memory, predict streams the query, report reads it backed
+    tiny_model.save(tmp_path / "model" / "model.pth")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, name in ((["train", "--reference", "ref_novar.h5ad", "--labels", ",".join(LEVELS), "--out", "m",
+                         "--num-epochs", "1", "--num-threads", "1"], "ref"),
+                       (["predict", "--model", "model", "--query", "query_novar.h5ad", "--out", "p.csv"], "query"),
+                       (["report", "--model", "model", "--query", "query_novar.h5ad", "--out", "r.html"], "query")):
+        assert cli.main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "warning" not in line]
+        assert len(err) == 1 and err[0].startswith(f"atlasmtl {argv[0]}: error: InputError: "), err
+        assert re.search(incomplete.replace("ref", name), err[0]), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_matrix_stored_by_gene_on_disk_is_refused_by_path_and_backed_alike(tiny, tiny_model, tmp_path):
