@@ -157,7 +157,7 @@ def _flags(values: pd.Series, what: str) -> np.ndarray:
     return text.map(_FLAG_TEXT).to_numpy(dtype=bool)
 
 
-def _numbers(values: pd.Series, what: str, unit_interval: bool) -> np.ndarray:
+def numeric_column(values: pd.Series, what: str, unit_interval: bool) -> np.ndarray:
     """A float column read back (empty text and NaN → NaN); an InputError for text that is not a number
     and, with ``unit_interval``, for numbers outside [0, 1]."""
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
@@ -280,7 +280,7 @@ class LevelCalls:
             if col.kind == "label":
                 values[name] = encode_labels(series, classes, what)
             elif col.kind == "float":
-                values[name] = _numbers(series, what, name in _UNIT_INTERVAL)
+                values[name] = numeric_column(series, what, name in _UNIT_INTERVAL)
             else:
                 values[name] = _flags(series, what)
         return cls(**values)

@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .calls import MODES, UNKNOWN, CallTable, LevelCalls, _numbers, column_names, levels_in_table, mode_fields
+from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, levels_in_table, mode_fields, numeric_column
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .gating import GatingConfig
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
@@ -310,7 +310,7 @@ def _table_coords(frame: pd.DataFrame, model: Any, where: str) -> dict[str, np.n
             continue
         columns = [f"{prefix}{j}" for j in written]
         coords[name] = np.column_stack(
-            [_numbers(frame[by_name[c]], f"{where}: column {c!r}", unit_interval=False) for c in columns]
+            [numeric_column(frame[by_name[c]], f"{where}: column {c!r}", unit_interval=False) for c in columns]
         ).astype(np.float32)
     return coords
 
