@@ -255,6 +255,23 @@ def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarr
     )
 
 
+def _numbers_in(table: pd.DataFrame, col: str, holds: str, without: str) -> np.ndarray:
+    """Column ``col`` of a prediction table as float64 (empty and ``"nan"`` → NaN); an :class:`InputError`
+    naming the column when it holds text, such as a label or another locale's numbers (``"high"``, ``"0,93"``),
+    which coercion would silently make NaN."""
+    values = table[col]
+    numbers = pd.to_numeric(values, errors="coerce")
+    missing = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
+    text = values[numbers.isna() & ~missing]
+    if len(text):
+        raise InputError(
+            f"Column {col!r} holds text, not numbers (e.g. {sorted(set(map(str, text)))[:5]}); it must hold "
+            f"{holds}, as atlasmtl writes it (result.to_csv(path, mode='standard') or 'full'). Put the numbers "
+            f"back in that column, or drop it to evaluate without {without}."
+        )
+    return numbers.to_numpy(dtype=np.float64)
+
+
 def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     """(final labels, confidence or None, which label the confidence is judged against)."""
     names = column_names(level)
@@ -262,20 +279,12 @@ def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndar
     conf_col, raw_col = names["conf"], names["raw"]
     if conf_col not in table.columns:
         return pred, None, None
-    values = table[conf_col]
-    numbers = pd.to_numeric(values, errors="coerce")
-    missing = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
-    text = values[numbers.isna() & ~missing]
-    if len(text):  # "high", "0,93": a label or another locale's numbers, which coercion would make NaN
-        raise InputError(
-            f"Column {conf_col!r} holds text, not numbers (e.g. {sorted(set(map(str, text)))[:5]}); it must hold "
-            "each cell's confidence, a number in [0, 1], as atlasmtl writes it (result.to_csv(path, "
-            "mode='standard') or 'full'). Put the numbers back in that column, or drop it to evaluate "
-            "without the confidence metrics."
-        )
-    conf = numbers.to_numpy(dtype=np.float64)
-    if not np.isfinite(conf).all() or (conf < 0).any() or (conf > 1).any():
-        raise InputError(f"Column {conf_col!r} must hold a confidence in [0, 1] for every cell (found NaN or out-of-range values).")
+    conf = _numbers_in(table, conf_col, "each cell's confidence, a number in [0, 1]", "the confidence metrics")
+    empty, outside = int((~np.isfinite(conf)).sum()), int(((conf < 0) | (conf > 1)).sum())
+    if empty or outside:
+        raise InputError(f"Column {conf_col!r} must hold a confidence in [0, 1] for every cell (found {empty} empty, "
+                         f"NaN or infinite and {outside} out-of-range values); put each cell's confidence back, or "
+                         "drop the column to evaluate without the confidence metrics.")
     return pred, conf, ("raw" if raw_col in table.columns else "final")
 
 
@@ -420,7 +429,8 @@ def _novelty_scores(table: pd.DataFrame, level: str, field: str = "novelty") -> 
     col = column_names(level)[field]
     if col not in table.columns:
         return None
-    score = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
+    score = _numbers_in(table, col, "each cell's novelty score, a number (empty where the cell has none)",
+                        "the novelty AUROC from atlasmtl's own score")
     return score if np.isfinite(score).any() else None
 
 

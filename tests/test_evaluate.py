@@ -385,8 +385,25 @@ def test_a_confidence_column_of_text_is_named_as_text(tmp_path):
     as_text = pd.read_csv(tmp_path / "pred.csv", index_col=0, dtype=str, keep_default_na=False)
     assert evaluate(as_text, _truth())["levels"]["fine"] == pytest.approx(expected)
     as_text.loc["c1", "conf_fine"] = ""
-    with pytest.raises(InputError, match="found NaN or out-of-range"):
+    with pytest.raises(InputError, match="found 1 empty, NaN or infinite and 0 out-of-range values"):
         evaluate(as_text, _truth())
+
+
+def test_a_novelty_column_of_text_is_named_as_text(tmp_path):
+    """A novelty_<level> column of words was coerced to NaN, and the novelty AUROC silently fell back to
+    1 - confidence; it is text, and the error names the column. Empty values stay missing scores."""
+    table = _table()
+    table["novelty_fine"] = [0.1, 0.2, 2.5, 0.3, 0.4, 3.0]
+    novel = {"novel_labels": {"fine": ["C"]}}
+    expected = evaluate(table, _truth(), **novel)["novel"]["levels"]["fine"]
+    assert expected["auroc_score"] == "novelty"
+    table.to_csv(tmp_path / "pred.csv")
+    as_text = pd.read_csv(tmp_path / "pred.csv", index_col=0, dtype=str, keep_default_na=False)
+    as_text.loc["c2", "novelty_fine"] = ""  # an empty score is a missing one, not text
+    assert evaluate(as_text, _truth(), **novel)["novel"]["levels"]["fine"]["auroc_score"] == "novelty"
+    as_text.loc["c1", "novelty_fine"] = "far"
+    with pytest.raises(InputError, match=r"Column 'novelty_fine' holds text, not numbers \(e.g. \['far'\]\)"):
+        evaluate(as_text, _truth(), **novel)
 
 
 # ---------------------------------------------------------------------------- real data
