@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
 from .inputs import MatrixSource, check_block, pseudo_counts
+from .io import check_input_file
 
 #: Network input: ``zscore`` (log1p of values per 10,000, each gene standardised with the
 #: reference's mean and standard deviation, clipped to ±:data:`ZSCORE_CLIP`), ``float``
@@ -133,20 +134,41 @@ def read_gene_map(
     if isinstance(gene_map, pd.Series):
         return {str(k): str(v) for k, v in gene_map.items()}
     if isinstance(gene_map, (str, os.PathLike)):
-        path = os.fspath(gene_map)
-        if not os.path.exists(path):
-            raise InputError(f"gene_map file {path!r} does not exist.")
-        sep = "\t" if path.endswith((".tsv", ".txt", ".tsv.gz")) else ","
-        gene_map = pd.read_csv(path, sep=sep, dtype=str)
+        gene_map = _read_gene_table(gene_map)
     if isinstance(gene_map, pd.DataFrame):
         if gene_map.shape[1] < 2:
-            raise InputError("gene_map needs two columns: query gene names, then model gene names.")
+            raise InputError(f"gene_map needs two columns: query gene names, then model gene names; it has "
+                             f"{gene_map.shape[1]} ({', '.join(map(str, gene_map.columns)) or 'none'}).")
         q_col, m_col = 0, 1
         if gene_map.shape[1] > 2 and query_names is not None and model_names is not None:
             q_col, m_col = _orient_gene_table(gene_map, query_names, model_names)
         frame = gene_map.iloc[:, [q_col, m_col]].dropna()
         return dict(zip(frame.iloc[:, 0].astype(str), frame.iloc[:, 1].astype(str)))
     raise ParameterError(f"gene_map must be a dict, DataFrame, Series or CSV/TSV path, not {type(gene_map).__name__}.")
+
+
+def _read_gene_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A gene map file as a table of strings.
+
+    Tab-separated for ``.tsv`` / ``.txt`` (also compressed), else comma-separated; a file that reads as one
+    column under its extension's separator is read with the other (a tab-separated ``.csv``). A path that is
+    not a readable file, an empty file, or one that is not text is an :class:`InputError` naming the file.
+    """
+    path = os.fspath(check_input_file(path, "gene_map file"))
+    tab = path.endswith((".tsv", ".txt", ".tsv.gz", ".txt.gz"))
+    table = pd.DataFrame()
+    try:
+        for sep in ("\t", ",") if tab else (",", "\t"):
+            table = pd.read_csv(path, sep=sep, dtype=str)
+            if table.shape[1] >= 2:
+                break
+    except pd.errors.EmptyDataError:
+        raise InputError(f"The gene_map file {path!r} is empty; it needs two columns: query gene names, then "
+                         "model gene names.") from None
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
+        raise InputError(f"Could not read the gene_map file {path!r} as a CSV/TSV table ({exc}); write it as "
+                         "text, one row per gene: query gene name, then model gene name.") from None
+    return table
 
 
 def _orient_gene_table(table: pd.DataFrame, query_names: Any, model_names: Any) -> tuple[int, int]:

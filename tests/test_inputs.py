@@ -12,8 +12,8 @@ import scanpy as sc
 import scipy.sparse as sp
 
 import atlasmtl
-from atlasmtl.exceptions import GeneAlignmentError, MatrixSemanticsError
-from atlasmtl.genes import detect_namespace
+from atlasmtl.exceptions import GeneAlignmentError, InputError, MatrixSemanticsError
+from atlasmtl.genes import build_aligner, detect_namespace, read_gene_map
 from atlasmtl.inputs import detect_semantics, get_matrix_source
 
 from .conftest import SYMPHONY_LEVELS, data_file
@@ -147,6 +147,39 @@ def test_poor_overlap_warns_and_override_allows_mapping(cellbench, cellbench_mod
     with pytest.warns(UserWarning, match="model genes"):
         res = _predict(cellbench_model, part, min_gene_overlap=0.0)
     assert res.metadata["genes"]["overlap_fraction"] < 0.5
+
+
+# ---------------------------------------------------------------- gene_map tables
+HUMAN = ["CD3E", "CD3G", "MS4A1", "LYZ", "GFAP", "NKG7"]
+MOUSE = ["Cd3e", "Cd3g", "Ms4a1", "Lyz2", "Gfap", "Nkg7"]
+
+
+def _counts_query(names):
+    rng = np.random.default_rng(0)
+    query = ad.AnnData(sp.csr_matrix(rng.poisson(2.0, (40, len(names))).astype(np.float32)))
+    query.var_names = list(names)
+    return query
+
+
+def _align(model_genes, query, **kw):
+    return build_aligner(list(model_genes), "symbol", {}, get_matrix_source(query), "float", "counts", **kw)
+
+
+def test_gene_map_files_that_cannot_be_read_are_input_errors(tmp_path):
+    """A folder, an empty file or one that is not text is an InputError naming the file (they were a raw
+    IsADirectoryError, pandas' EmptyDataError or a UnicodeDecodeError), and a tab-separated file named .csv is
+    read (it was refused as having one column)."""
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "binary.csv").write_bytes(b"\x00\xff\xfe\x01")
+    for path, match in [(tmp_path, "is a folder"), (tmp_path / "empty.csv", "is empty"),
+                        (tmp_path / "binary.csv", "Could not read the gene_map file"),
+                        (tmp_path / "none.csv", "No such gene_map file")]:
+        with pytest.raises(InputError, match=match):
+            read_gene_map(path)
+    (tmp_path / "tabs.csv").write_text("mouse\thuman\nCd3e\tCD3E\nGfap\tGFAP\n")
+    assert read_gene_map(tmp_path / "tabs.csv") == {"Cd3e": "CD3E", "Gfap": "GFAP"}
+    with pytest.raises(InputError, match=r"it has 1 \(mouse\)"):
+        read_gene_map(pd.DataFrame({"mouse": MOUSE}))
 
 
 # ---------------------------------------------------------------- matrix semantics
