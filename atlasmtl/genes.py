@@ -124,7 +124,8 @@ def read_gene_map(
     """Read a user gene map (query name → model name) from a dict, Series, DataFrame or CSV/TSV path.
 
     A table with two columns maps the first (query names) to the second (model
-    names). A wider table, such as an orthologue table with one column per
+    names). A file's first row is its header unless it holds a query or model
+    gene name (then the file has no header and that row is a pair too). A wider table, such as an orthologue table with one column per
     species, is oriented by content when ``query_names`` and ``model_names`` are
     given: the column holding most query genes maps to the column holding most
     model genes (names compared case-insensitively).
@@ -134,7 +135,7 @@ def read_gene_map(
     if isinstance(gene_map, pd.Series):
         return {str(k): str(v) for k, v in gene_map.items()}
     if isinstance(gene_map, (str, os.PathLike)):
-        gene_map = _read_gene_table(gene_map)
+        gene_map = _read_gene_table(gene_map, query_names, model_names)
     if isinstance(gene_map, pd.DataFrame):
         if gene_map.shape[1] < 2:
             raise InputError(f"gene_map needs two columns: query gene names, then model gene names; it has "
@@ -147,12 +148,14 @@ def read_gene_map(
     raise ParameterError(f"gene_map must be a dict, DataFrame, Series or CSV/TSV path, not {type(gene_map).__name__}.")
 
 
-def _read_gene_table(path: str | os.PathLike) -> pd.DataFrame:
+def _read_gene_table(path: str | os.PathLike, query_names: Any = None, model_names: Any = None) -> pd.DataFrame:
     """A gene map file as a table of strings.
 
     Tab-separated for ``.tsv`` / ``.txt`` (also compressed), else comma-separated; a file that reads as one
-    column under its extension's separator is read with the other (a tab-separated ``.csv``). A path that is
-    not a readable file, an empty file, or one that is not text is an :class:`InputError` naming the file.
+    column under its extension's separator is read with the other (a tab-separated ``.csv``). The first row
+    is a header unless one of its cells is a query or model gene name (a file without a header: its first
+    pair is kept). A path that is not a readable file, an empty file, or one that is not text is an
+    :class:`InputError` naming the file.
     """
     path = os.fspath(check_input_file(path, "gene_map file"))
     tab = path.endswith((".tsv", ".txt", ".tsv.gz", ".txt.gz"))
@@ -162,6 +165,11 @@ def _read_gene_table(path: str | os.PathLike) -> pd.DataFrame:
             table = pd.read_csv(path, sep=sep, dtype=str)
             if table.shape[1] >= 2:
                 break
+        if query_names is not None and model_names is not None:
+            genes = set(normalise_names(list(pd.Index(query_names).astype(str)) + list(pd.Index(model_names).astype(str)),
+                                        "ensembl"))
+            if any(name in genes for name in normalise_names(table.columns, "ensembl")):
+                table = pd.read_csv(path, sep=sep, dtype=str, header=None)
     except pd.errors.EmptyDataError:
         raise InputError(f"The gene_map file {path!r} is empty; it needs two columns: query gene names, then "
                          "model gene names.") from None

@@ -181,6 +181,16 @@ def test_gene_map_files_that_cannot_be_read_are_input_errors(tmp_path):
     with pytest.raises(InputError, match=r"it has 1 \(mouse\)"):
         read_gene_map(pd.DataFrame({"mouse": MOUSE}))
 
+def test_gene_map_file_without_a_header_keeps_its_first_pair(tmp_path):
+    """A map file without a header row: its first row names genes, so it is a pair too (it was read as the
+    header, and that gene went missing without a word); a file with a header reads as before."""
+    rows = "\n".join(f"{m}\t{h}" for m, h in zip(MOUSE, HUMAN)) + "\n"
+    (tmp_path / "bare.tsv").write_text(rows)
+    (tmp_path / "named.tsv").write_text("mouse\thuman\n" + rows)
+    for name in ("bare.tsv", "named.tsv"):
+        report = _align(HUMAN, _counts_query(MOUSE), gene_map=tmp_path / name).report
+        assert report["n_matched"] == len(HUMAN) and report["n_missing"] == 0
+
 
 # ---------------------------------------------------------------- matrix semantics
 @pytest.mark.shared_data(CELLBENCH)
