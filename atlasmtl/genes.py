@@ -125,7 +125,8 @@ def read_gene_map(
 
     A table with two columns maps the first (query names) to the second (model
     names). A file's first row is its header unless it holds a query or model
-    gene name (then the file has no header and that row is a pair too). A wider table, such as an orthologue table with one column per
+    gene name (then the file has no header and that row is a pair too). A query
+    name listed with several model names maps to the first, with a warning. A wider table, such as an orthologue table with one column per
     species, is oriented by content when ``query_names`` and ``model_names`` are
     given: the column holding most query genes maps to the column holding most
     model genes (names compared case-insensitively).
@@ -133,7 +134,7 @@ def read_gene_map(
     if isinstance(gene_map, Mapping):
         return {str(k): str(v) for k, v in gene_map.items()}
     if isinstance(gene_map, pd.Series):
-        return {str(k): str(v) for k, v in gene_map.items()}
+        return _first_per_name(gene_map.index, gene_map.to_numpy(), query_names)
     if isinstance(gene_map, (str, os.PathLike)):
         gene_map = _read_gene_table(gene_map, query_names, model_names)
     if isinstance(gene_map, pd.DataFrame):
@@ -144,8 +145,33 @@ def read_gene_map(
         if gene_map.shape[1] > 2 and query_names is not None and model_names is not None:
             q_col, m_col = _orient_gene_table(gene_map, query_names, model_names)
         frame = gene_map.iloc[:, [q_col, m_col]].dropna()
-        return dict(zip(frame.iloc[:, 0].astype(str), frame.iloc[:, 1].astype(str)))
+        return _first_per_name(frame.iloc[:, 0].to_numpy(), frame.iloc[:, 1].to_numpy(), query_names)
     raise ParameterError(f"gene_map must be a dict, DataFrame, Series or CSV/TSV path, not {type(gene_map).__name__}.")
+
+
+def _first_per_name(query: Any, model: Any, query_names: Any = None) -> dict[str, str]:
+    """Pairs as a map, each query name to the first model name listed for it; a warning counts the query names
+    given several model names (a one-to-many table), with examples: among the query's genes when
+    ``query_names`` is given (Ensembl versions ignored)."""
+    mapping: dict[str, str] = {}
+    several: dict[str, list[str]] = {}
+    for q, m in zip(map(str, query), map(str, model)):
+        first = mapping.setdefault(q, m)
+        if m != first and m not in several.setdefault(q, [first]):
+            several[q].append(m)
+    several = {q: ms for q, ms in several.items() if len(ms) > 1}
+    if several and query_names is not None:
+        held = set(normalise_names(query_names, "ensembl"))
+        several = {q: ms for q, ms in several.items() if normalise_names([q], "ensembl")[0] in held}
+    if several:
+        examples = "; ".join(f"{q} → {', '.join(ms[:3])}" for q, ms in list(several.items())[:3])
+        warnings.warn(
+            f"gene_map gives {len(several)} query gene(s) more than one model gene (e.g. {examples}); each was "
+            "mapped to the first one listed only. For one-to-one matching pass a 1:1 table (one row per query "
+            "gene, e.g. 1:1 orthologues), or order the rows so the one to use comes first.",
+            stacklevel=user_stacklevel(),
+        )
+    return mapping
 
 
 def _read_gene_table(path: str | os.PathLike, query_names: Any = None, model_names: Any = None) -> pd.DataFrame:

@@ -192,6 +192,21 @@ def test_gene_map_file_without_a_header_keeps_its_first_pair(tmp_path):
         assert report["n_matched"] == len(HUMAN) and report["n_missing"] == 0
 
 
+def test_one_query_gene_with_several_model_genes_maps_to_the_first_with_a_warning():
+    """A one-to-many map (Cd3e → CD3E and Cd3e → CD3G): Cd3e maps to CD3E, the first listed, and a warning
+    names it (the last row won without a word, CD3E went missing and Cd3e was summed into CD3G); repeated
+    identical rows, or several names for a gene the query lacks, do not warn."""
+    table = pd.DataFrame({"mouse": ["Cd3e", "Cd3e"] + MOUSE[1:] + ["Lyz2", "Xist", "Xist"],
+                          "human": ["CD3E", "CD3G"] + HUMAN[1:] + ["LYZ", "XIST", "TSIX"]})
+    with pytest.warns(UserWarning, match=r"1 query gene\(s\) more than one model gene \(e\.g\. Cd3e → CD3E, "
+                                         r"CD3G\); each was mapped to the first") as caught:
+        report = _align(HUMAN, _counts_query(MOUSE), gene_map=table).report
+    assert not any("Xist" in str(w.message) for w in caught)
+    assert report["n_matched"] == len(HUMAN) and report["n_duplicated"] == 0
+    with pytest.warns(UserWarning, match="Cd3e → CD3E, CD3G"):
+        assert read_gene_map(pd.Series(["CD3E", "CD3G"], index=["Cd3e", "Cd3e"])) == {"Cd3e": "CD3E"}
+
+
 # ---------------------------------------------------------------- matrix semantics
 @pytest.mark.shared_data(CELLBENCH)
 def test_detect_semantics_on_real_files(symphony, cellbench):
