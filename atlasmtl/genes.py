@@ -763,7 +763,9 @@ def build_aligner(
     }
     if overlap < min_gene_overlap:
         hint = ""
-        if _family(query_ns) != model_fam:
+        if how == "gene_map":
+            hint = _gene_map_hint(mapping, query_names, model_keys, model_namespace)
+        elif _family(query_ns) != model_fam:
             hint = (
                 f" The query's genes look like {query_ns} names while the model was trained on "
                 f"{model_namespace} names: add a var column with {model_fam} IDs (e.g. 'gene_ids'), "
@@ -823,6 +825,30 @@ def build_aligner(
             shape=(len(query_names), n_model),
         )
     return GeneAligner(n_model, input_transform, semantics, aggregation, report, gene_mean, gene_std)
+
+
+def _gene_map_hint(mapping: Mapping[str, str], query_names: pd.Index, model_keys: np.ndarray,
+                   model_namespace: str) -> str:
+    """What a gene map that matches too few model genes holds: how many query genes its keys name and model
+    genes its values name, or that it maps the other way (model names → query names), with the fix."""
+    query_held = set(normalise_names(query_names, "ensembl"))
+    model_held = set(model_keys)
+    keys, values = list(mapping), list(mapping.values())
+    q_keys = len(query_held.intersection(normalise_names(keys, "ensembl")))
+    m_values = len(model_held.intersection(normalise_names(values, model_namespace)))
+    q_values = len(query_held.intersection(normalise_names(values, "ensembl")))
+    m_keys = len(model_held.intersection(normalise_names(keys, model_namespace)))
+    if q_values + m_keys > q_keys + m_values:
+        return (
+            f" gene_map seems to map the other way (model name → query name): {m_keys} of its keys (first column) "
+            f"are model genes and {q_values} of its values (second column) are query genes. Give the query's names "
+            "first: swap the table's two columns, or reverse a dict ({v: k for k, v in gene_map.items()})."
+        )
+    return (
+        f" gene_map ({len(mapping)} entries) names {q_keys} of the query's genes among its keys (first column) and "
+        f"{m_values} of the model's among its values (second column): check that it maps the query's gene names "
+        "to the model's, in the namespaces each uses."
+    )
 
 
 def _case_insensitive_keys(keys: np.ndarray, model_keys: np.ndarray, position: dict) -> tuple[np.ndarray, int]:

@@ -207,6 +207,20 @@ def test_one_query_gene_with_several_model_genes_maps_to_the_first_with_a_warnin
         assert read_gene_map(pd.Series(["CD3E", "CD3G"], index=["Cd3e", "Cd3e"])) == {"Cd3e": "CD3E"}
 
 
+def test_too_few_genes_through_gene_map_says_what_the_map_holds():
+    """A map given the wrong way round (model names first) or naming other genes: the error says so, with the fix
+    (it said to check the gene annotation, or to pass the gene_map= that had been passed)."""
+    query = _counts_query(MOUSE)
+    for reversed_map in (pd.DataFrame({"human": HUMAN, "mouse": MOUSE}), dict(zip(HUMAN, MOUSE))):
+        with pytest.raises(GeneAlignmentError, match=r"seems to map the other way .* 6 of its keys \(first column\) "
+                                                     r"are model genes .* swap the table's two columns"):
+            _align(HUMAN, query, gene_map=reversed_map)
+    ensembl = [f"ENSG{i:011d}" for i in range(1, 7)]
+    with pytest.raises(GeneAlignmentError, match=r"names 0 of the query's genes among its keys .* 6 of the model's"):
+        build_aligner(ensembl, "ensembl", {}, get_matrix_source(query), "float", "counts",
+                      gene_map=dict(zip(HUMAN, ensembl)))
+
+
 # ---------------------------------------------------------------- matrix semantics
 @pytest.mark.shared_data(CELLBENCH)
 def test_detect_semantics_on_real_files(symphony, cellbench):
