@@ -37,6 +37,7 @@ _HVG_MEAN_BINS = 20
 NAMESPACES = ("symbol", "ensembl", "ensembl_versioned")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}$")
 _ENSEMBL_VERSIONED = re.compile(r"^ENS[A-Z]*G\d{6,}\.\d+$")
+_ENSEMBL_PREFIX = re.compile(r"^(ENS[A-Z]*G)\d{6,}")
 
 #: ``var`` columns that real files use to carry other gene identifiers.
 ID_COLUMNS = (
@@ -765,14 +766,14 @@ def build_aligner(
         hint = ""
         if how == "gene_map":
             hint = _gene_map_hint(mapping, query_names, model_keys, model_namespace)
-        elif _family(query_ns) != model_fam:
+        elif how.startswith("var_names (namespaces differ"):
             hint = (
                 f" The query's genes look like {query_ns} names while the model was trained on "
                 f"{model_namespace} names: add a var column with {model_fam} IDs (e.g. 'gene_ids'), "
                 "or pass gene_map= (query name → model name)."
             )
         else:
-            hint = " Check that reference and query use the same gene annotation (organism, release)."
+            hint = _annotation_hint(keys, model_keys)
         raise GeneAlignmentError(
             f"Only {n_matched} of the model's {n_model} genes ({np.floor(overlap * 1000) / 10:.1f}%) were "
             "found in the query "
@@ -825,6 +826,30 @@ def build_aligner(
             shape=(len(query_names), n_model),
         )
     return GeneAligner(n_model, input_transform, semantics, aggregation, report, gene_mean, gene_std)
+
+
+def _ensembl_prefix(names: Any) -> str | None:
+    """The species prefix (``ENSG``, ``ENSMUSG``, ...) most of ``names`` carry, or ``None`` when most are no
+    Ensembl gene IDs."""
+    prefixes = pd.Series([m.group(1) if m else None for m in map(_ENSEMBL_PREFIX.match, map(str, names))],
+                         dtype=object)
+    top = prefixes.value_counts()
+    return str(top.index[0]) if len(top) and top.iloc[0] > 0.5 * len(prefixes) else None
+
+
+def _annotation_hint(keys: np.ndarray, model_keys: np.ndarray) -> str:
+    """Why query names of the model's namespace match too few model genes: Ensembl IDs of two species
+    (``ENSMUSG…`` against ``ENSG…``), else another annotation."""
+    query_prefix, model_prefix = _ensembl_prefix(keys), _ensembl_prefix(model_keys)
+    if query_prefix and model_prefix and query_prefix != model_prefix:
+        return (
+            f" The query's Ensembl IDs are {query_prefix}… and the model's {model_prefix}…: genes of two species, "
+            "which share no ID. Pass gene_map= a table of orthologues (query gene → model gene)."
+        )
+    return (
+        " Check that reference and query use the same gene annotation (organism, release), or pass gene_map= "
+        "(query name → model name)."
+    )
 
 
 def _gene_map_hint(mapping: Mapping[str, str], query_names: pd.Index, model_keys: np.ndarray,

@@ -221,6 +221,25 @@ def test_too_few_genes_through_gene_map_says_what_the_map_holds():
                       gene_map=dict(zip(HUMAN, ensembl)))
 
 
+def test_too_few_genes_through_a_var_column_or_ensembl_ids_of_two_species_names_the_cause():
+    """Mouse Ensembl IDs (ENSMUSG…) against a human Ensembl model (ENSG…), in var_names or in the var['gene_ids']
+    column atlasmtl mapped through: the error names the two species' prefixes and an orthologue gene_map (it said
+    to check the annotation, or, for the column, to add the gene_ids column the query has)."""
+    human = [f"ENSG{i:011d}" for i in range(1, 7)]
+    mouse = [f"ENSMUSG{i:011d}" for i in range(1, 7)]
+    by_column = _counts_query(MOUSE)
+    by_column.var["gene_ids"] = mouse
+    for query in (_counts_query(mouse), by_column):
+        with pytest.raises(GeneAlignmentError, match=r"Ensembl IDs are ENSMUSG… and the model's ENSG…: genes of two "
+                                                     r"species.* gene_map= a table of orthologues") as caught:
+            build_aligner(human, "ensembl", {}, get_matrix_source(query), "float", "counts")
+        assert "add a var column" not in str(caught.value)
+    by_column.var["gene_ids"] = [f"ENSG{i:011d}" for i in range(100, 106)]  # another annotation
+    with pytest.raises(GeneAlignmentError, match=r"mapped by query var\['gene_ids'\]\).* same gene annotation") as caught:
+        build_aligner(human, "ensembl", {}, get_matrix_source(by_column), "float", "counts")
+    assert "add a var column" not in str(caught.value)
+
+
 # ---------------------------------------------------------------- matrix semantics
 @pytest.mark.shared_data(CELLBENCH)
 def test_detect_semantics_on_real_files(symphony, cellbench):
