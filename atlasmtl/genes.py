@@ -794,13 +794,25 @@ def build_aligner(
             stacklevel=user_stacklevel(),
         )
     if how == "gene_map" and n_matched < n_model:
-        query_keys = set(normalise_names(query_names, model_namespace))
-        same_name = [str(g) for i, g in enumerate(model_keys) if i not in seen and g in query_keys]
-        if same_name:
+        query_keys = normalise_names(query_names, model_namespace)
+        used = set(rows)
+        spelled: dict[str, str] = {}  # upper-cased name → the query's spelling, of query genes the map left unused
+        for qi, key in enumerate(query_keys):
+            if qi not in used:
+                spelled.setdefault(str(key).upper(), str(key))
+        held = set(query_keys)
+        unmatched = [str(g) for i, g in enumerate(model_keys) if i not in seen and g not in ("", "nan")]
+        same_name = [g for g in unmatched if g in held]
+        case_only = [f"{spelled[g.upper()]} → {g}" for g in unmatched if g not in held and g.upper() in spelled]
+        if same_name or case_only:
+            ignoring = (f", {len(case_only)} of them only when case is ignored (e.g. {', '.join(case_only[:3])})"
+                        if case_only else "")
+            examples = f" (e.g. {', '.join(same_name[:3])})" if same_name else ""
             warnings.warn(
-                f"{len(same_name)} model gene(s) that gene_map leaves unmatched are in the query under the same name "
-                f"(e.g. {', '.join(same_name[:3])}) and were not used: gene_map is the whole mapping. To use them, "
-                "add them to it (name → itself), or leave gene_map out when the query's names are the model's.",
+                f"{len(same_name) + len(case_only)} model gene(s) that gene_map leaves unmatched are in the query "
+                f"under the same name{examples}{ignoring} and were not used: gene_map is the whole mapping. To use "
+                "them, add them to it (query name → model name), or leave gene_map out when the query's names are "
+                "the model's.",
                 stacklevel=user_stacklevel(),
             )
     if how != "gene_map" and n_matched and n_case_insensitive >= OTHER_SPECIES_SHARE * n_matched:

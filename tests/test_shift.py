@@ -266,10 +266,26 @@ def test_partial_gene_map_warns_of_same_name_genes_it_leaves_out(symphony_split)
     genes = [str(g) for g in query.var_names]
     renamed = {genes[0]: genes[0], genes[1]: genes[1]}  # a user maps a few aliases and expects the rest to match
     with pytest.warns(UserWarning, match=rf"{len(genes) - 2} model gene\(s\) that gene_map leaves unmatched .*"
-                                         r"add them to it \(name → itself\)") as caught:
+                                         r"add them to it \(query name → model name\)") as caught:
         report = _align(genes, query, min_gene_overlap=0.0, gene_map=renamed).report
     assert report["n_matched"] == 2 and report["n_missing"] == len(genes) - 2
     assert genes[2] in next(str(w.message) for w in caught if "gene_map leaves" in str(w.message))
+
+
+def test_gene_map_warns_of_genes_it_leaves_out_that_match_when_case_is_ignored(symphony_split):
+    """A 1:1 orthologue table lacks genes a mouse query holds under the human name's other case (mouse Zilionis
+    on the human Symphony model: 146 such, Fth1, Ccl5, Gzmb, ...; the table matched 1,070 model genes where case-
+    insensitive matching alone matched 1,171). The warning counts and names them with the fix; it counted only
+    exact names, so these went missing without a word."""
+    _, query = symphony_split
+    genes = [str(g) for i, g in enumerate(query.var_names)]
+    mouse = query.copy()
+    mouse.var_names = [g.capitalize() for g in genes]
+    table = pd.DataFrame({"mouse": [g.capitalize() for g in genes[:-3]], "human": genes[:-3]})
+    with pytest.warns(UserWarning, match=rf"3 model gene\(s\) that gene_map leaves unmatched .* 3 of them only when "
+                                         rf"case is ignored \(e\.g\. {genes[-3].capitalize()} → {genes[-3]}, "):
+        report = _align(genes, mouse, min_gene_overlap=0.0, gene_map=table).report
+    assert report["n_missing"] == 3
 
 
 # ---------------------------------------------------------------- genes the query never measured
