@@ -88,6 +88,10 @@ class PredictionResult(CallTable):
         if not self.has_cells(obs_names):
             raise InputError(what)
 
+    def _coord_keys(self) -> list[str]:
+        """The ``obsm`` keys a writeback of this result's coordinates uses (``X_pred_<name>``)."""
+        return [f"X_pred_{name}" for name in self.coords]
+
     def _obs_with_calls(self, obs: pd.DataFrame, mode: str, earlier_writeback: bool) -> pd.DataFrame:
         """``obs`` plus this result's columns. With ``earlier_writeback`` (the AnnData holds ``uns["atlasmtl"]``)
         every column atlasmtl writes for these levels goes first, so no column of another ``mode`` lingers; without
@@ -115,8 +119,9 @@ class PredictionResult(CallTable):
         """Write predictions into ``adata.obs`` (and ``obsm``/``uns``) and return it.
 
         Earlier atlasmtl columns for the same levels are replaced (all of them, whatever ``mode`` wrote them, when
-        ``adata.uns`` holds an earlier writeback's ``"atlasmtl"`` entry); other columns are kept, and a column of
-        the user's named like one written now is replaced with a warning.
+        ``adata.uns`` holds an earlier writeback's ``"atlasmtl"`` entry, and so are its ``obsm["X_pred_<name>"]``
+        for this result's coordinates, written again only with ``include_coords``); other columns are kept, and a
+        column of the user's named like one written now is replaced with a warning.
 
         Parameters
         ----------
@@ -140,7 +145,11 @@ class PredictionResult(CallTable):
             f"({self.n_obs} cells, same names and order required).",
         )
         target = adata.copy() if copy else adata
-        target.obs = self._obs_with_calls(target.obs, mode, "atlasmtl" in target.uns)
+        earlier = "atlasmtl" in target.uns
+        target.obs = self._obs_with_calls(target.obs, mode, earlier)
+        if earlier:  # an earlier writeback's coordinates are not this result's: none linger beside its labels
+            for key in self._coord_keys():
+                target.obsm.pop(key, None)
         if include_coords:
             for name, values in self.coords.items():
                 target.obsm[f"X_pred_{name}"] = values
@@ -200,6 +209,10 @@ class PredictionResult(CallTable):
             with h5py.File(tmp, "r+") as f:
                 del f["obs"]
                 write_elem(f, "obs", new_obs)
+                if earlier and "obsm" in f:  # as to_adata: an earlier writeback's coordinates do not linger
+                    for key in self._coord_keys():
+                        if key in f["obsm"]:
+                            del f["obsm"][key]
                 if include_coords:
                     for name, values in self.coords.items():
                         key = f"X_pred_{name}"

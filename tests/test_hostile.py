@@ -1113,6 +1113,29 @@ def test_writeback_keeps_the_users_own_columns_that_only_share_a_name(tiny_model
     assert (out.obs["conf_cell_type"] == 0.25).all() and "pred_cell_type" in out.obs
 
 
+def test_a_writeback_without_coordinates_drops_an_earlier_writebacks_coordinates(tiny_model, tiny, tmp_path):
+    """A second writeback without include_coords kept the first one's obsm['X_pred_umap'] beside its own labels and
+    settings (coordinates='heads' recorded over the neighbours' coordinates), and a report rebuilt from the file drew
+    them as its own, until 2026-12-07."""
+    query = tiny[1].copy()
+    first = atlasmtl.predict(tiny_model, query, **QUIET)
+    second = atlasmtl.predict(tiny_model, query, coordinates="heads", **QUIET)
+    assert not np.allclose(first.coords["umap"], second.coords["umap"])
+    first.to_adata(query, include_coords=True)
+    second.to_adata(query, mode="full")
+    assert "X_pred_umap" not in query.obsm and query.uns["atlasmtl"]["settings"]["coordinates"] == "heads"
+    # the same for a copy of a file that holds an earlier writeback; the user's own obsm stays
+    source = first.to_adata(tiny[1].copy(), include_coords=True)
+    source.obsm["X_mine"] = np.ones((source.n_obs, 2))
+    source.write_h5ad(tmp_path / "annotated.h5ad")
+    out = ad.read_h5ad(second.write_h5ad(tmp_path / "again.h5ad", tmp_path / "annotated.h5ad", mode="full"))
+    assert "X_pred_umap" not in out.obsm and "X_mine" in out.obsm
+    rebuilt = atlasmtl.report.result_from_predictions(tmp_path / "again.h5ad", tiny_model)
+    assert rebuilt.coords == {}
+    out = ad.read_h5ad(second.write_h5ad(tmp_path / "coords.h5ad", tmp_path / "annotated.h5ad", include_coords=True))
+    np.testing.assert_allclose(out.obsm["X_pred_umap"], second.coords["umap"])
+
+
 @pytest.mark.parametrize("kind", ["csr", "csc", "dense", "backed csr", "backed dense"])
 def test_an_all_zero_reference_is_refused_and_empty_cells_are_counted(tiny, kind, tmp_path):
     """An all-zero reference trained a model that called every query cell Unknown, with a foreign warning;
