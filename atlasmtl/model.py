@@ -138,7 +138,8 @@ class TrainedModel:
             "model": {
                 "levels": ", ".join(f"{c} ({len(self.classes[c])})" for c in self.label_columns),
                 "coordinate heads": ", ".join(self.coord_targets) or "none",
-                "genes": _genes_line(len(self.metadata["genes"]), stored.get("reference genes")),
+                "genes": _genes_line(len(self.metadata["genes"]), stored.get("reference genes"),
+                                     cfg.get("gene_selection", "variable")),
                 "hidden sizes": arch["hidden_sizes"],
                 "ensemble members": arch.get("ensemble_size", 1),
                 "input transform": self.metadata["input_transform"],
@@ -193,8 +194,10 @@ class TrainedModel:
             return self.network(t)
 
 
-def _genes_line(n_model: int, n_reference: int | None) -> str | int:
-    """The model's genes, and of how many reference genes they were selected (``n_top_genes``)."""
+def _genes_line(n_model: int, n_reference: int | None, gene_selection: str = "variable") -> str | int:
+    """The model's genes, and of how many reference genes they were selected (``n_top_genes``), and how
+    (``gene_selection``; models saved before it existed chose the most variable)."""
     if n_reference is None or n_reference == n_model:
         return n_model
-    return f"{n_model} most variable of {n_reference}"
+    chosen = "most variable and label-informative" if gene_selection == "variable+labels" else "most variable"
+    return f"{n_model} {chosen} of {n_reference}"

@@ -91,6 +91,7 @@ def test_model_reads_only_the_selected_genes(symphony_split):
     assert model.metadata["train_config"]["n_top_genes"] == 300
     assert model.metadata["train_config"]["gene_selection"] == "variable"
     assert model.metadata["train_config"]["resource_summary"]["reference genes"] == ref.n_vars
+    assert model.resource_summary()["model"]["genes"] == f"300 most variable of {ref.n_vars}"
     assert len(model.metadata["gene_stats"]["mean"]) == 300
     result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
     assert result.metadata["genes"]["n_matched"] == 300
@@ -210,6 +211,8 @@ def test_default_model_keeps_variable_and_label_genes(symphony_split):
     variable = set(ref.var_names[_scanpy_hvg(ref, 300)])
     most_variable = set(ref.var_names[_scanpy_hvg(ref, 300 - int(LABEL_GENE_SHARE * 300))])
     assert len(kept) == 300 and most_variable <= kept and kept != variable
+    # the summary said "300 most variable of ..." of a selection of which a quarter are not (until 2026-12-07)
+    assert model.resource_summary()["model"]["genes"] == f"300 most variable and label-informative of {ref.n_vars}"
 
 
 @pytest.mark.parametrize("bad", ["labels", "", None, 1])
