@@ -20,6 +20,7 @@ metric definitions are in :func:`evaluate`'s docstring and in
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -249,9 +250,18 @@ def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarr
         if not prediction.index.is_unique:
             raise InputError("The prediction table's index (cell names) has duplicates; make the cell names unique.")
         return prediction, {}, levels_in_table(prediction.columns), None
+    if isinstance(prediction, ad.AnnData):
+        fix = ("; for an AnnData annotated by to_adata, write_h5ad or atlasmtl predict --out x.h5ad, pass its obs "
+               "(evaluate(annotated.obs, truth), and coord_pred={'umap': annotated.obsm['X_pred_umap']} for its "
+               "coordinates)")
+    elif isinstance(prediction, (str, os.PathLike)):
+        fix = (f"; read the file {os.fspath(prediction)!r} first: pandas.read_csv(path, index_col='cell', dtype=str) "
+               "for a table written by to_csv or atlasmtl predict, anndata.read_h5ad(path).obs for an .h5ad")
+    else:
+        fix = ""
     raise ParameterError(
         f"The first argument must be a PredictionResult or a DataFrame of pred_<level> columns, "
-        f"not {type(prediction).__name__}."
+        f"not {type(prediction).__name__}{fix}."
     )
 
 

@@ -333,6 +333,21 @@ def test_prediction_result_matches_its_table_and_aligns_by_name(tmp_path):
     assert coords["umap"]["rmse"] == pytest.approx(np.sqrt(85.1 / 12), rel=1e-6)
 
 
+def test_a_file_or_an_annotated_anndata_is_refused_with_how_to_read_it(tmp_path):
+    """A path or the AnnData that to_adata / atlasmtl predict --out x.h5ad annotated was refused without the fix."""
+    result = _hand_result()
+    result.to_csv(tmp_path / "pred.csv", mode="full")
+    with pytest.raises(ParameterError, match=r"not PosixPath; read the file .*pred.csv.* first: pandas.read_csv"):
+        evaluate(tmp_path / "pred.csv", _truth())
+    # the fix it names gives the result's own scores
+    table = pd.read_csv(tmp_path / "pred.csv", index_col="cell", dtype=str)
+    assert evaluate(table, _truth())["levels"]["fine"] == pytest.approx(evaluate(result, _truth())["levels"]["fine"])
+    annotated = result.to_adata(ad.AnnData(obs=_truth()), mode="full")
+    with pytest.raises(ParameterError, match=r"not AnnData; .*pass its obs \(evaluate\(annotated.obs, truth\)"):
+        evaluate(annotated, _truth())
+    assert evaluate(annotated.obs, _truth())["levels"]["fine"] == pytest.approx(evaluate(result, _truth())["levels"]["fine"])
+
+
 def test_output_is_json_and_tables():
     ev = evaluate(_hand_result(), _truth(), novel_labels={"fine": ["C"]},
                   coord_truth={"umap": TRUE_XY}, reference_coords={"umap": REF})
