@@ -100,8 +100,8 @@ def run_demo(
         say(f"{level:<13}{s['accuracy']:>9.3f}{s['macro_f1']:>10.3f}{s['low_confidence']:>16.1%}"
             f"{s['knn_confirmed']:>15.1%}{1 - s['coverage']:>9.1%}")
     gate = result.metadata["settings"]
-    say(f"\nLow-confidence: the network's top probability is below {gate['confidence_high']} or its lead over the "
-        f"runner-up below {gate['margin_threshold']}.\nKNN-confirmed: such a cell's call was confirmed by its "
+    say(f"\nLow-confidence: the call's calibrated probability is below {gate['confidence_high']} or its lead over the "
+        f"best other class below {gate['margin_threshold']}.\nKNN-confirmed: such a cell's call was confirmed by its "
         f"{gate['knn_k']} nearest reference cells (at least {gate['knn_conf_low']:.0%} of their vote), which keeps "
         "it labelled even below the Unknown threshold; the vote never replaces the network's call.\n")
 

@@ -313,7 +313,11 @@ def confidence(
     show: bool = False,
     save: str | os.PathLike | None = None,
 ) -> Figure | None:
-    """Distributions of confidence (top probability) and margin (top1 − top2) per level.
+    """Distributions of confidence (calibrated probability of the call) and margin per level.
+
+    The margin is the call's probability minus the best other class's. Where levels are decoded jointly the
+    call is the best reference path's class, not always the level's top class, so a margin can be negative;
+    its axis then starts below 0.
 
     The gate's thresholds are drawn as vertical lines: ``confidence_high`` and
     ``margin_threshold`` (below either: low-confidence, sent to KNN) and
@@ -325,7 +329,7 @@ def confidence(
     levels
         Levels to draw (default: all); one row per level.
     bins
-        Histogram bins over [0, 1].
+        Histogram bins over [0, 1] (the margin's from its lowest value when that is negative).
     {doc_figure}
 
     Returns
@@ -339,13 +343,14 @@ def confidence(
     fig, axes = _panels(ax, 2 * len(levels), figsize or (9.0, 2.4 * len(levels) + 0.4), show,
                         "confidence and margin per level", nrows=len(levels), ncols=2)
     axes = axes.reshape(len(levels), 2)
-    edges = np.linspace(0, 1, bins + 1)
     for row, level in zip(axes, levels):
         r = result.levels[level]
         for ax, field, colour in ((row[0], "conf", "#3b75af"), (row[1], "margin", "#519e3e")):
             values = np.asarray(r[field], dtype=float)
-            ax.hist(values, bins=edges, color=colour, alpha=0.85)
-            ax.set_xlim(0, 1)
+            finite = values[np.isfinite(values)]
+            low = min(0.0, float(finite.min())) if field == "margin" and finite.size else 0.0
+            ax.hist(values, bins=np.linspace(low, 1, bins + 1), color=colour, alpha=0.85)
+            ax.set_xlim(low, 1)
             ax.set_title(f"{level}: {'confidence' if field == 'conf' else 'margin'} (median {np.median(values):.2f})",
                          fontsize=10)
             ax.spines[["top", "right"]].set_visible(False)
@@ -359,8 +364,8 @@ def confidence(
                            label=f"margin_threshold {s['margin_threshold']:g} (low-confidence below)")
             ax.legend(fontsize=7, loc="upper left", frameon=False)
             ax.set_ylabel("cells")
-    axes[-1][0].set_xlabel("confidence (top class probability)")
-    axes[-1][1].set_xlabel("margin (top1 − top2 probability)")
+    axes[-1][0].set_xlabel("confidence (probability of the call)")
+    axes[-1][1].set_xlabel("margin (call − best other class)")
     return _finish(fig, show, save)
 
 

@@ -166,11 +166,12 @@ def predict(
         Vote fraction needed to accept the vote. An accepted vote confirms the network's call (it
         never replaces it): a confirmed call stands even below ``confidence_low``.
     confidence_high
-        Calls with confidence (top probability) below this are low-confidence.
+        Calls with confidence (the calibrated probability of the call) below this are low-confidence.
     confidence_low
         Calls with confidence below this are Unknown (unless a KNN vote confirms them).
     margin_threshold
-        Calls with margin (top1 − top2 probability) below this are low-confidence.
+        Calls with margin (the call's probability minus the best other class's; negative where joint decoding
+        of nested levels chose another class than the level's top one) below this are low-confidence.
     novelty_threshold
         A cell whose novelty score (robust z-score of its distance to the
         reference cells of its called class, against held-out reference cells)

@@ -464,7 +464,8 @@ def _confidence(page: _Page) -> str:
     settings = page.settings
     return page.fig(
         pl.confidence(page.result), "confidence and margin distributions with the gating thresholds",
-        f"Confidence is the network's top class probability, margin the gap to the runner-up. Gate: "
+        "Confidence is the calibrated probability of the call, margin its lead over the best other class (negative "
+        "where the levels' joint decoding chose another class than the level's top one). Gate: "
         f"low-confidence below confidence_high = {_e(_fmt(settings.get('confidence_high')))} or margin_threshold = "
         f"{_e(_fmt(settings.get('margin_threshold')))}; Unknown below confidence_low = "
         f"{_e(_fmt(settings.get('confidence_low')))} unless the KNN vote (≥ knn_conf_low = "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -65,6 +67,19 @@ def test_confidence_draws_the_result_thresholds(gated):
         assert f"{np.median(result.levels[level]['conf']):.2f}" in ax.get_title()
     for ax in margin_axes:
         assert [line.get_xdata()[0] for line in ax.lines] == pytest.approx([GATE["margin_threshold"]])
+
+
+def test_confidence_counts_the_negative_margins_of_jointly_decoded_calls(gated):
+    """A jointly decoded call need not be its level's top class, so its margin is negative (4 of 513 coarse calls on
+    Zilionis healthy -> tumour); the margin histogram spanned [0, 1] and left them out, until 2026-12-07."""
+    result = copy.deepcopy(gated[0])
+    level = LEVELS[0]
+    result.levels[level]["margin"][:5] = -0.3
+    fig = pl.confidence(result, level)
+    conf_ax, margin_ax = _visible_axes(fig)
+    assert sum(p.get_height() for p in margin_ax.patches) == result.n_obs
+    assert margin_ax.get_xlim()[0] == pytest.approx(-0.3) and conf_ax.get_xlim() == (0, 1)
+    assert "call" in margin_ax.get_xlabel() and "top" not in conf_ax.get_xlabel()
 
 
 def test_rates_are_the_flag_means(gated):
