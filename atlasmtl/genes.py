@@ -782,9 +782,13 @@ def build_aligner(
             + " To map anyway, lower min_gene_overlap (--min-gene-overlap on the command line)."
         )
     if overlap < WARN_OVERLAP:
+        absent = [str(g) for i, g in enumerate(model_keys) if i not in seen][:3]
         warnings.warn(
-            f"Only {n_matched} of {n_model} model genes ({overlap:.1%}) were found in the query; "
-            "missing genes are treated as zero and predictions may be less accurate.",
+            f"Only {n_matched} of {n_model} model genes ({overlap:.1%}) were found in the query (mapped by {how}); "
+            "missing genes are treated as zero and predictions may be less accurate. If the query names more of "
+            "them another way (other IDs, another species or annotation release), match them: a var column with "
+            f"the model's IDs, or gene_map= (--gene-map on the command line), query name → model name. Missing, "
+            f"e.g.: {', '.join(absent)}.",
             stacklevel=user_stacklevel(),
         )
     if n_duplicated:
@@ -818,7 +822,8 @@ def build_aligner(
     if how != "gene_map" and n_matched and n_case_insensitive >= OTHER_SPECIES_SHARE * n_matched:
         missing = (
             f" Orthologues with other names are not matched this way ({n_model - n_matched} model genes missing): "
-            "pass gene_map= a 1:1 orthologue table (query name → model name) to match them."
+            "pass gene_map= (--gene-map on the command line) a 1:1 orthologue table (query name → model name) to "
+            "match them."
             if n_matched < n_model else ""
         )
         warnings.warn(

@@ -149,6 +149,17 @@ def test_poor_overlap_warns_and_override_allows_mapping(cellbench, cellbench_mod
     assert res.metadata["genes"]["overlap_fraction"] < 0.5
 
 
+def test_partial_overlap_warning_names_missing_genes_and_the_fix():
+    """Between min_gene_overlap and 80% the warning only said predictions may be less accurate; it now says how
+    the genes were matched, names some that are missing and how to match them (API and CLI spelling)."""
+    model_genes = [f"G{i}" for i in range(10)]
+    with pytest.warns(UserWarning) as caught:
+        _align(model_genes, _counts_query(model_genes[:7] + ["X1", "X2"]))
+    message = next(str(w.message) for w in caught if "model genes" in str(w.message))
+    assert "Only 7 of 10 model genes (70.0%) were found in the query (mapped by var_names" in message
+    assert "Missing, e.g.: G7, G8, G9." in message and "gene_map= (--gene-map on the command line)" in message
+
+
 # ---------------------------------------------------------------- gene_map tables
 HUMAN = ["CD3E", "CD3G", "MS4A1", "LYZ", "GFAP", "NKG7"]
 MOUSE = ["Cd3e", "Cd3g", "Ms4a1", "Lyz2", "Gfap", "Nkg7"]
