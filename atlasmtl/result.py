@@ -92,6 +92,16 @@ class PredictionResult(CallTable):
         """The ``obsm`` keys a writeback of this result's coordinates uses (``X_pred_<name>``)."""
         return [f"X_pred_{name}" for name in self.coords]
 
+    def _warn_replacing_coords(self, obsm_keys: Any, earlier_writeback: bool, include_coords: bool) -> None:
+        """Warn (as for ``obs`` columns) when writing coordinates replaces ``obsm`` entries of the user's:
+        ``X_pred_<name>`` keys present where no earlier atlasmtl writeback made them."""
+        replaced = [k for k in self._coord_keys() if k in obsm_keys] if include_coords and not earlier_writeback else []
+        if replaced:
+            warnings.warn(
+                f"The AnnData's obsm already holds {replaced}, not from an earlier atlasmtl writeback (no "
+                "uns['atlasmtl']); replaced by the predicted coordinates. Rename them first to keep them.",
+                UserWarning, stacklevel=user_stacklevel())
+
     def _obs_with_calls(self, obs: pd.DataFrame, mode: str, earlier_writeback: bool) -> pd.DataFrame:
         """``obs`` plus this result's columns. With ``earlier_writeback`` (the AnnData holds ``uns["atlasmtl"]``)
         every column atlasmtl writes for these levels goes first, so no column of another ``mode`` lingers; without
@@ -121,7 +131,7 @@ class PredictionResult(CallTable):
         Earlier atlasmtl columns for the same levels are replaced (all of them, whatever ``mode`` wrote them, when
         ``adata.uns`` holds an earlier writeback's ``"atlasmtl"`` entry, and so are its ``obsm["X_pred_<name>"]``
         for this result's coordinates, written again only with ``include_coords``); other columns are kept, and a
-        column of the user's named like one written now is replaced with a warning.
+        column (or ``obsm`` entry) of the user's named like one written now is replaced with a warning.
 
         Parameters
         ----------
@@ -150,6 +160,7 @@ class PredictionResult(CallTable):
         if earlier:  # an earlier writeback's coordinates are not this result's: none linger beside its labels
             for key in self._coord_keys():
                 target.obsm.pop(key, None)
+        self._warn_replacing_coords(target.obsm.keys(), earlier, include_coords)
         if include_coords:
             for name, values in self.coords.items():
                 target.obsm[f"X_pred_{name}"] = values
@@ -203,6 +214,7 @@ class PredictionResult(CallTable):
         self._check_cells(obs.index, f"{str(src_path)!r} does not hold the cells these predictions were made for.")
         with h5py.File(src_path, "r") as f:
             earlier = "uns" in f and "atlasmtl" in f["uns"]
+            self._warn_replacing_coords(list(f["obsm"].keys()) if "obsm" in f else [], earlier, include_coords)
         new_obs = self._obs_with_calls(obs, mode, earlier)
         with atomic_path(dest, "annotated .h5ad file") as tmp:
             shutil.copyfile(src_path, tmp)

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -1134,6 +1135,25 @@ def test_a_writeback_without_coordinates_drops_an_earlier_writebacks_coordinates
     assert rebuilt.coords == {}
     out = ad.read_h5ad(second.write_h5ad(tmp_path / "coords.h5ad", tmp_path / "annotated.h5ad", include_coords=True))
     np.testing.assert_allclose(out.obsm["X_pred_umap"], second.coords["umap"])
+
+
+def test_coordinates_replacing_the_users_own_obsm_entry_are_named(tiny_model, tiny, tmp_path):
+    """A user's own obsm['X_pred_umap'] (no earlier atlasmtl writeback) was replaced by include_coords without a word,
+    where a user's obs column of an atlasmtl name gets a warning; both writers now warn, and an earlier atlasmtl
+    writeback's coordinates are replaced silently as before."""
+    result = atlasmtl.predict(tiny_model, tiny[1].copy(), **QUIET)
+    query = tiny[1].copy()
+    query.obsm["X_pred_umap"] = np.zeros((query.n_obs, 2))
+    query.write_h5ad(tmp_path / "mine.h5ad")
+    with pytest.warns(UserWarning, match=r"obsm already holds \['X_pred_umap'\].*Rename them first"):
+        result.to_adata(query, include_coords=True)
+    np.testing.assert_allclose(query.obsm["X_pred_umap"], result.coords["umap"])
+    with pytest.warns(UserWarning, match=r"obsm already holds \['X_pred_umap'\]"):
+        result.write_h5ad(tmp_path / "out.h5ad", tmp_path / "mine.h5ad", include_coords=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result.to_adata(query, include_coords=True)  # the earlier writeback's own: no warning
+        result.to_adata(tiny[1].copy(), include_coords=False)
 
 
 @pytest.mark.parametrize("kind", ["csr", "csc", "dense", "backed csr", "backed dense"])
