@@ -11,6 +11,8 @@ code runs with and without ``torchrun``.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import zlib
 from datetime import timedelta
@@ -102,7 +104,8 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "auto
     Notes
     -----
     Calling it again in a process whose group is already initialised returns the
-    device without re-initialising. Multi-node runs need nothing more than
+    device without re-initialising. A group it started is left at interpreter exit
+    if the script has not called :func:`destroy` itself. Multi-node runs need nothing more than
     ``torchrun --nnodes N --node_rank i --master_addr HOST --master_port PORT``.
     """
     if backend is not None and backend not in ("gloo", "nccl"):
@@ -134,7 +137,23 @@ def init_from_env(backend: str | None = None, device: str | torch.device = "auto
         )
     dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"),
                             timeout=timedelta(minutes=timeout_minutes))
+    atexit.register(_leave_at_exit)
     return dev
+
+
+def _leave_at_exit() -> None:
+    """Leave the process group before the interpreter tears down (registered by :func:`init_from_env`).
+
+    A gloo worker thread frees each collective's tensors a moment after the collective returns. A script that
+    ends right after one (``build_model`` refusing mismatched options, ``predict_distributed`` on a rank other
+    than 0) could reach interpreter teardown first; the thread then found no Python to return the tensors to
+    and aborted the process ("terminate called without an active exception"), so ``torchrun`` reported a
+    finished run as failed. Destroying the group joins those threads first. A finished
+    ``DistributedDataParallel`` lingers in reference cycles that hold the group, hence the collection.
+    """
+    if is_distributed():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
