@@ -710,6 +710,10 @@ def write_report(
     ParameterError, InputError, LabelError
         Bad arguments, an AnnData that does not match the result, or truth
         columns that are missing.
+    CoordinateError
+        ``basis`` is not one of the predicted coordinates.
+    OutputError
+        ``path`` does not end in ``.html`` / ``.htm``, or cannot be written (nothing is written then).
     """
     return write_report_and_metrics(path, result, model=model, adata=adata, truth=truth, truth_columns=truth_columns,
                                     reference=reference, title=title, basis=basis, dpi=dpi)[0]
@@ -724,8 +728,5 @@ def write_report_and_metrics(path: str | os.PathLike, result: CallTable, **optio
         raise OutputError(f"The report is an HTML page: name it with .html (e.g. 'report.html'), not {path!r}.")
     text, evaluation, truth_used = _render(result, **options)
     path = Path(path)
-    try:
-        atomic_write(path, text.encode("utf-8"))
-    except OSError as exc:
-        raise InputError(f"Could not write the report to {str(path)!r} ({exc.strerror or exc}).") from exc
+    atomic_write(path, text.encode("utf-8"), "report")  # an OutputError naming the path, as every writer's
     return path, evaluation, truth_used

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 from matplotlib import image as mpimg  # noqa: E402
 
 import atlasmtl  # noqa: E402
-from atlasmtl.exceptions import InputError, ParameterError  # noqa: E402
+from atlasmtl.exceptions import InputError, OutputError, ParameterError  # noqa: E402
 from atlasmtl.report import result_from_predictions  # noqa: E402
 
 from .conftest import LEVELS  # noqa: E402
@@ -117,7 +117,7 @@ def test_minimal_report_and_bad_arguments(mapped, tmp_path):
         result.report(tmp_path / "x.html", adata=query[:10].copy())
     with pytest.raises(ParameterError, match="one per level"):
         result.report(tmp_path / "x.html", adata=query, truth=["cell_type"])
-    with pytest.raises(InputError, match="Could not write"):
+    with pytest.raises(OutputError, match="Cannot write the report"):  # as the error table says (was InputError)
         result.report(tmp_path / "plain.html" / "x.html")
 
 
