@@ -597,7 +597,7 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
 
         if not distributed.launched_by_torchrun() and not distributed.is_distributed():
             warnings.warn("--distributed without torchrun: the query is predicted in this one process (the same "
-                          "result). To share it between N processes, launch `torchrun --nproc_per_node=N -m atlasmtl "
+                          "result). To share it between N processes, launch `torchrun --nproc_per_node=N -m atlasmtl.cli "
                           "predict --distributed ...`.", stacklevel=2)
         try:
             result = distributed.predict_distributed(model, query, show_summary=False,

@@ -255,7 +255,7 @@ def predict_distributed(model, adata, **kwargs):  # noqa: ANN001, ANN201 - types
     ``torchrun`` describes in the environment; in a single process without
     ``torchrun`` it is :func:`atlasmtl.predict`. Launch, for example::
 
-        torchrun --nproc_per_node=4 -m atlasmtl predict --distributed --model m/ --query q.h5ad --out p.csv
+        torchrun --nproc_per_node=4 -m atlasmtl.cli predict --distributed --model m/ --query q.h5ad --out p.csv
     """
     from .prediction import _predict_part, predict
 
