@@ -675,7 +675,8 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
         result = predict(model, query, show_summary=False, **kwargs)
     _, evaluation, used = write_report_and_metrics(dest, result, model=model, adata=query, truth=truth,
                                                    reference=reference, title=args.title)
-    out.update(out=str(dest), n_cells=result.n_obs, levels=_level_stats(result), bytes=dest.stat().st_size)
+    out.update(out=str(dest), n_cells=result.n_obs, query_filter=args.query_filter,
+               reference_filter=args.reference_filter, levels=_level_stats(result), bytes=dest.stat().st_size)
     if evaluation is not None:  # what the report's accuracy section shows
         out["truth_columns"] = used
         out["metrics"] = evaluation["levels"]

@@ -141,6 +141,13 @@ def test_filters_split_one_file_into_reference_and_query(files, trained, monkeyp
     summary = json.loads(capsys.readouterr().out)
     assert summary["reference_cells"] == ref.n_obs and summary["reference_filter"] == "side!=query"
     assert (files / "split_model" / "model_manifest.json").is_file()
+    # the report's --json records its selections too, as train's and predict's do (it did not)
+    assert cli.main(["report", "--model", "model", "--query", "both.h5ad", "--query-filter", "side=query",
+                     "--reference", "both.h5ad", "--reference-filter", "side!=query", "--out", "filtered.html",
+                     "--no-show-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_cells"] == query.n_obs
+    assert summary["query_filter"] == "side=query" and summary["reference_filter"] == "side!=query"
 
 
 def test_train_out_folder_or_pth_path(files, trained):
