@@ -8,8 +8,8 @@ JSON-serialisable nested dict::
      "levels":    {level: {accuracy, macro_f1, balanced_accuracy, coverage,
                            accuracy_covered, ece, ece_if_calibrated, brier, aurc, ...}},
      "hierarchy": {path_consistency, full_path_accuracy, pairs, ...},
-     "novel":     {n_novel, n_known, levels: {level: {auroc, auroc_score, novel_unknown_rate,
-                                                      known_unknown_rate}}} or None,
+     "novel":     {source, n_novel, n_known, levels: {level: {auroc, auroc_score, auroc_neighbourhood,
+                                                              novel_unknown_rate, known_unknown_rate}}} or None,
      "coords":    {name: {rmse, trustworthiness, neighbour_overlap, ...}}}
 
 Undefined values (no confidence column, a single class, too few cells) are
@@ -600,9 +600,9 @@ def evaluate(
     - balanced_accuracy: mean recall over the classes present in the truth.
     - coverage: ``1 -`` fraction of Unknown calls; accuracy_covered: accuracy among
       the cells that are not Unknown.
-    - Confidence metrics use ``conf_<level>`` (the network's top softmax probability)
-      as the probability that the **network's own top call** is right, so they judge
-      it against the correctness of the raw network label ``pred_<level>_raw``; when
+    - Confidence metrics use ``conf_<level>`` (the calibrated probability of the network's
+      call, its jointly decoded class) as the probability that the **network's own call**
+      is right, so they judge it against the correctness of the raw network label ``pred_<level>_raw``; when
       the table has no raw column, the final label ``pred_<level>`` is used. Each level
       reports which in ``confidence_target`` (``"raw"`` / ``"final"``).
 
@@ -657,6 +657,10 @@ def evaluate(
         values that are text, NaN or outside [0, 1]. :class:`~atlasmtl.exceptions.LabelError` for a level missing from the
         predictions or the truth; :class:`~atlasmtl.exceptions.CoordinateError` for
         unusable coordinates.
+    ParameterError
+        Bad arguments: a ``prediction`` that is neither a result nor a DataFrame (a file path or an
+        annotated AnnData: the message says how to read it), both ``novel_labels`` and ``novel_mask``,
+        a non-positive ``n_bins`` ...
     """
     if novel_labels is not None and novel_mask is not None:
         raise ParameterError("Give novel_labels or novel_mask, not both.")
