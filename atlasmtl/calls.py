@@ -347,7 +347,8 @@ class CallTable:
         mode
             ``"minimal"`` (``pred_<level>``), ``"standard"`` (also ``conf_``,
             ``margin_``, ``is_unknown_``) or ``"full"`` (also the network's raw
-            label, the KNN label and vote fraction, and low-confidence / KNN-used flags).
+            label, the KNN label and vote fraction, the low-confidence / KNN-used flags, the novelty
+            z-score, the novel flag and the neighbourhood novelty).
         """
         fields = mode_fields(mode)
         columns: dict[str, Any] = {}

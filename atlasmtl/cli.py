@@ -322,7 +322,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                    "(the query with prediction columns in obs)")
     g.add_argument("--mode", choices=["minimal", "standard", "full"], default="minimal",
                    help="columns to write: minimal (pred_<level>), standard (+ conf_, margin_, is_unknown_), "
-                   "full (+ raw and KNN labels, vote fraction, flags) (default: minimal)")
+                   "full (+ raw and KNN labels, vote fraction, flags, novelty scores) (default: minimal)")
     g.add_argument("--include-coords", action="store_true",
                    help="also write the predicted coordinates (obsm X_pred_<name> in .h5ad; "
                    "<name>_1, <name>_2, ... columns in tables)")

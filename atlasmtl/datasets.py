@@ -28,6 +28,25 @@ def pbmc68k_reference_query(test_size: float = 0.3, random_state: int = 0) -> tu
     ``lineage`` (coarse, 5 classes) and ``bulk_labels`` (fine, 10 classes);
     coordinates: ``obsm["X_umap"]`` and ``obsm["X_pca"]`` (as ``X_ref_latent``).
     The split is stratified by ``bulk_labels``.
+
+    Parameters
+    ----------
+    test_size
+        Share of the cells in the query, in (0, 1); the default 0.3 gives 490 reference and 210 query cells.
+    random_state
+        Seed of the split.
+
+    Returns
+    -------
+    tuple of AnnData
+        ``(reference, query)``, each with ``obs["lineage"]``, ``obs["bulk_labels"]``, ``obsm["X_umap"]`` and
+        ``obsm["X_ref_latent"]``.
+
+    Raises
+    ------
+    ParameterError
+        ``test_size`` outside (0, 1), or so small or large that a side lacks some cell type; ``random_state``
+        not an integer in [0, 2**32 - 1].
     """
     import scanpy as sc
     from sklearn.model_selection import train_test_split

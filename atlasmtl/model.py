@@ -93,7 +93,8 @@ class TrainedModel:
 
         Returns
         -------
-        Paths of the written files by role (``weights``, ``metadata``, ``reference``, ``manifest``).
+        Paths of the written files by role (``weights``, ``metadata``, ``reference``, ``embedding``,
+        ``manifest``; with ``reference_storage="full"`` only those written).
         """
         parts = ModelParts(self.network.state_dict(), self.metadata, self.reference)
         return save_model(path, parts, reference_storage=reference_storage)
@@ -105,6 +106,30 @@ class TrainedModel:
         ``path`` may also be the folder holding one model. Checksums, the files'
         identity (model id and role) and the metadata schema are verified, and
         nothing in the files is executed.
+
+        Parameters
+        ----------
+        path
+            The ``*_manifest.json`` (the stable entry point), the ``.pth`` beside it, or a folder
+            holding exactly one ``*_manifest.json``.
+
+        Returns
+        -------
+        TrainedModel
+            The model, predicting exactly what the saved one did.
+
+        Raises
+        ------
+        ChecksumMismatchError
+            A file's size or SHA-256 differs from the manifest's.
+        UnsafeArtifactError
+            A pickle referencing a class or function, shared references, a compressed weights
+            archive, or a manifest entry that is not a plain file name in the manifest's folder.
+        SchemaVersionError
+            An unknown schema version.
+        ArtifactError
+            Missing, truncated, corrupted, mixed or schema-violating files; an empty path, a folder
+            without a model, or a path that is not a regular file.
         """
         return cls.from_parts(read_model(path))
 
@@ -181,6 +206,14 @@ class TrainedModel:
 
     def encode(self, x: np.ndarray | torch.Tensor, device: torch.device | None = None) -> NetworkOutput:
         """Run the network on a dense batch of network inputs.
+
+        Parameters
+        ----------
+        x
+            Cells × model genes, already aligned to ``model.genes`` and transformed as the model's
+            ``input_transform`` reads them (this is the network's input, not an expression matrix).
+        device
+            Where to run (default: the tensor's own device, CPU for an array).
 
         Returns
         -------

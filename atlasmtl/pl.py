@@ -473,7 +473,7 @@ def embedding(
     color
         One panel per entry: ``"label"`` (predicted label), ``"confidence"``,
         ``"margin"``, ``"unknown"`` (abstained cells highlighted), ``"knn"``
-        (cells whose label the KNN vote set), ``"novelty"`` or
+        (cells whose call a KNN vote confirmed, ``used_knn``: the vote never replaces a call), ``"novelty"`` or
         ``"neighbourhood_novelty"`` (the z-scores, from 0 to the result's
         novelty threshold, highest drawn on top; cells without a score in grey).
     level

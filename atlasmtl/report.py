@@ -50,6 +50,8 @@ def result_from_predictions(
     InputError
         Missing columns (written in a mode other than ``"full"``), labels the
         model does not know, or text in a number column (confidences, coordinates).
+    ParameterError
+        ``model`` is not a :class:`~atlasmtl.model.TrainedModel`, or ``settings`` not a dict of valid gate settings.
 
     Warns
     -----

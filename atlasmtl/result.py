@@ -184,7 +184,7 @@ class PredictionResult(CallTable):
             The query the result was computed from: its ``.h5ad`` path, a backed
             AnnData, or an in-memory AnnData (left unchanged).
         mode, include_coords
-            As in :meth:`to_adata`.
+            As in :meth:`to_adata`; ``mode`` defaults to ``"standard"`` here (``to_adata``'s to ``"minimal"``).
 
         Notes
         -----
@@ -256,7 +256,18 @@ class PredictionResult(CallTable):
         model: Any,
         settings: dict[str, Any] | None = None,
     ) -> "PredictionResult":
-        """Rebuild a result from predictions written with ``mode="full"``; see :func:`atlasmtl.report.result_from_predictions`."""
+        """Rebuild a result from predictions written with ``mode="full"``; see :func:`atlasmtl.report.result_from_predictions`.
+
+        Parameters
+        ----------
+        predictions
+            A ``.csv`` / ``.tsv`` (optionally compressed) or ``.h5ad`` path written with ``mode="full"``, or the
+            equivalent DataFrame / AnnData.
+        model
+            The :class:`~atlasmtl.model.TrainedModel` that made them.
+        settings
+            Gate settings to record when the predictions hold none (a table keeps no metadata).
+        """
         if not (hasattr(model, "classes") and hasattr(model, "label_columns")):
             raise ParameterError(f"model must be the TrainedModel that made the predictions, not {type(model).__name__}.")
         if settings is not None and not isinstance(settings, Mapping):
