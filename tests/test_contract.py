@@ -1,0 +1,150 @@
+"""The API contract (documents/design/api_contract.md) states the code's signatures, defaults and columns.
+
+These checks read the contract's reference sections and compare them with the code, so that a parameter
+added, renamed or given another default, or a writeback column added, fails here until the contract says
+so too. No model is trained.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import atlasmtl
+import atlasmtl.datasets
+import atlasmtl.distributed
+import atlasmtl.pl
+import atlasmtl.report
+from atlasmtl.calls import COLUMNS, mode_fields
+from atlasmtl.model import TrainedModel
+from atlasmtl.result import PredictionResult
+
+CONTRACT = Path(__file__).resolve().parents[1] / "documents" / "design" / "api_contract.md"
+TEXT = CONTRACT.read_text(encoding="utf-8")
+
+
+def _signature_in_contract(call: str) -> dict[str, object]:
+    """Parameter → default (``inspect.Parameter.empty`` for none) of the fullest ``call(...)`` the contract writes
+    in backticks (the one with most parameters: the signature, not an example call), parsed as Python
+    (``*`` and ``**kwargs`` are skipped)."""
+    best = None
+    for match in re.finditer(r"`(?:[\w.]+\.)?" + re.escape(call) + r"\(([^`]*?)\)(?: ->[^`]*)?`", TEXT):
+        try:
+            tree = ast.parse(f"def f({' '.join(match.group(1).split())}): pass").body[0].args
+        except SyntaxError:  # an example call such as to_csv("x.parquet")
+            continue
+        if best is None or len(tree.args) + len(tree.kwonlyargs) > len(best.args) + len(best.kwonlyargs):
+            best = tree
+    assert best is not None, f"the contract writes no `{call}(...)` signature"
+    names = [a.arg for a in best.posonlyargs + best.args]
+    defaults = [inspect.Parameter.empty] * (len(names) - len(best.defaults)) + [
+        ast.literal_eval(d) for d in best.defaults]
+    out = dict(zip(names, defaults))
+    for arg, default in zip(best.kwonlyargs, best.kw_defaults):
+        out[arg.arg] = inspect.Parameter.empty if default is None else ast.literal_eval(default)
+    return out
+
+
+def _signature_in_code(func) -> dict[str, object]:
+    return {name: p.default for name, p in inspect.signature(func).parameters.items()
+            if name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+#: Figure options every plot takes after its own arguments; the Plots section states them once.
+PLOT_OPTIONS = {"ax", "figsize", "show", "save"}
+
+SIGNATURES = [
+    ("build_model", atlasmtl.build_model),
+    ("predict", atlasmtl.predict),
+    ("model.save", TrainedModel.save),
+    ("to_adata", PredictionResult.to_adata),
+    ("to_dataframe", PredictionResult.to_dataframe),
+    ("to_csv", PredictionResult.to_csv),
+    ("write_h5ad", PredictionResult.write_h5ad),
+    ("write_report", atlasmtl.report.write_report),
+    ("result_from_predictions", atlasmtl.report.result_from_predictions),
+    ("PredictionResult.from_predictions", PredictionResult.from_predictions),
+    ("pbmc68k_reference_query", atlasmtl.datasets.pbmc68k_reference_query),
+    ("init_from_env", atlasmtl.distributed.init_from_env),
+    ("shard_slice", atlasmtl.distributed.shard_slice),
+    ("save_figure", atlasmtl.pl.save_figure),
+    ("truth_by_level", atlasmtl.pl.truth_by_level),
+    ("calibration_bins", atlasmtl.pl.calibration_bins),
+] + [(name, getattr(atlasmtl.pl, name)) for name in
+     ("composition", "confidence", "rates", "embedding", "training_history", "confusion", "f1_scores", "reliability")]
+
+
+@pytest.mark.parametrize("call, func", SIGNATURES, ids=[s[0] for s in SIGNATURES])
+def test_contract_signatures_name_the_codes_parameters_and_defaults(call, func):
+    documented = _signature_in_contract(call)
+    code = _signature_in_code(func)
+    if call in {"composition", "confidence", "rates", "embedding", "training_history", "confusion", "f1_scores",
+                "reliability"}:
+        code = {k: v for k, v in code.items() if k not in PLOT_OPTIONS}
+    assert list(documented) == list(code), f"{call}: contract {list(documented)} vs code {list(code)}"
+    for name, default in code.items():
+        assert documented[name] == default, f"{call}({name}=...): contract {documented[name]!r}, code {default!r}"
+
+
+def _table(heading: str) -> dict[str, str]:
+    """First column → second column of the first table after ``heading``."""
+    section = TEXT[TEXT.index(heading):]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 2 and not set(cells[0]) <= set("-: "):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_build_model_table_lists_every_parameter_with_its_default():
+    table = _table("## Training: `build_model`")
+    documented = {}
+    for key, default in table.items():
+        for name, value in zip(re.findall(r"`(\w+)`", key), default.split(" / ")):
+            documented[name] = value.strip()
+    code = _signature_in_code(atlasmtl.build_model)
+    assert set(documented) == set(code), f"only in the table: {set(documented) - set(code)}; " \
+                                         f"only in the code: {set(code) - set(documented)}"
+    for name, default in code.items():
+        text = documented[name].strip("`")
+        if default is inspect.Parameter.empty:
+            assert text == "—", name
+        else:
+            assert ast.literal_eval(text) == default, f"{name}: table {text}, code {default!r}"
+
+
+def test_evaluate_block_lists_every_parameter_with_its_default():
+    block = TEXT[TEXT.index("ev = atlasmtl.evaluate("):]
+    block = block[:block.index("\n)\n")]
+    code = _signature_in_code(atlasmtl.evaluate)
+    names = re.findall(r"^\s+(\w+)(?:=|,)", block, flags=re.M)
+    names += [n for n in re.findall(r"(\w+)=", block.splitlines()[-1]) if n not in names]
+    assert [n for n in names if n in code] == list(code) and set(names) >= set(code)
+    for name, value in re.findall(r"(\w+)=([^,\s]+)", block):
+        if name in code and code[name] is not inspect.Parameter.empty:
+            assert ast.literal_eval(value) == code[name], f"evaluate({name}=...)"
+
+
+def test_writeback_table_lists_every_column_by_mode():
+    table = _table("Writeback columns per level")
+    for mode in ("minimal", "standard", "full"):
+        new = [COLUMNS[f].template.format(level="<level>") for f in mode_fields(mode)]
+        earlier = {"standard": "minimal", "full": "standard"}.get(mode)
+        if earlier:
+            new = [c for c in new if c not in {COLUMNS[f].template.format(level="<level>")
+                                               for f in mode_fields(earlier)}]
+        documented = [c for c in re.findall(r"`([\w<>]+)`", table[f"`{mode}`"]) if "<level>" in c]
+        assert documented == new, f"{mode}: contract {documented}, code {new}"
+
+
+def test_distributed_helpers_are_all_named():
+    section = TEXT[TEXT.index("### Distributed training"):TEXT.index("### Input transform and shift training")]
+    for name in atlasmtl.distributed.__all__:
+        assert f"`{name}" in section, f"atlasmtl.distributed.{name} is not in the contract's Distributed training"
