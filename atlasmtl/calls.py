@@ -157,17 +157,26 @@ def _flags(values: pd.Series, what: str) -> np.ndarray:
     return text.map(_FLAG_TEXT).to_numpy(dtype=bool)
 
 
+def numbers_and_text(values: pd.Series) -> tuple[pd.Series, list[str]]:
+    """A column of a prediction table as numbers (float64; empty text, ``"nan"`` and NaN → NaN), and up to five of
+    its distinct values that are text, not numbers (``"high"``, another locale's ``"0,93"``), which coercion alone
+    would silently make NaN."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values.astype(np.float64), []  # numbers already: no text to look for
+    blank = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
+    numbers = pd.to_numeric(values.where(~blank), errors="coerce")
+    return numbers, sorted(set(map(str, values[numbers.isna() & ~blank])))[:5]
+
+
 def numeric_column(values: pd.Series, what: str, unit_interval: bool) -> np.ndarray:
     """A float column read back (empty text and NaN → NaN); an InputError for text that is not a number
     and, with ``unit_interval``, for numbers outside [0, 1]."""
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         out = values.to_numpy(dtype=np.float32)  # an AnnData's or a DataFrame's column: numbers already
     else:  # a table read as text
-        blank = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
-        numbers = pd.to_numeric(values.where(~blank), errors="coerce")
-        bad = values[numbers.isna() & ~blank]
-        if len(bad):
-            raise InputError(f"{what} holds text, not numbers: {sorted(set(map(str, bad)))[:5]}. atlasmtl writes "
+        numbers, bad = numbers_and_text(values)
+        if bad:
+            raise InputError(f"{what} holds text, not numbers: {bad}. atlasmtl writes "
                              "numbers there: write the predictions again (result.to_csv(path, mode='full'), or "
                              "atlasmtl predict --mode full) or put the numbers back in that column.")
         out = numbers.to_numpy(dtype=np.float32)

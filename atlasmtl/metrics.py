@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
-from .calls import UNKNOWN, CallTable, column_names, levels_in_table
+from .calls import UNKNOWN, CallTable, column_names, levels_in_table, numbers_and_text
 from .calibration import ECE_BINS, ece_if_calibrated, expected_calibration_error
 from .truth import cell_positions, label_strings, true_labels, truth_table
 
@@ -269,13 +269,10 @@ def _numbers_in(table: pd.DataFrame, col: str, holds: str, without: str) -> np.n
     """Column ``col`` of a prediction table as float64 (empty and ``"nan"`` → NaN); an :class:`InputError`
     naming the column when it holds text, such as a label or another locale's numbers (``"high"``, ``"0,93"``),
     which coercion would silently make NaN."""
-    values = table[col]
-    numbers = pd.to_numeric(values, errors="coerce")
-    missing = values.isna() | values.astype(str).str.strip().isin(["", "nan", "NaN"])
-    text = values[numbers.isna() & ~missing]
-    if len(text):
+    numbers, text = numbers_and_text(table[col])
+    if text:
         raise InputError(
-            f"Column {col!r} holds text, not numbers (e.g. {sorted(set(map(str, text)))[:5]}); it must hold "
+            f"Column {col!r} holds text, not numbers (e.g. {text}); it must hold "
             f"{holds}, as atlasmtl writes it (result.to_csv(path, mode='standard') or 'full'). Put the numbers "
             f"back in that column, or drop it to evaluate without {without}."
         )

@@ -72,8 +72,8 @@ class PredictionResult(CallTable):
         frame = self.to_dataframe(mode)
         if include_coords:
             for name, values in self.coords.items():
-                for j in range(values.shape[1]):
-                    frame[f"{name}_{j + 1}"] = values[:, j]
+                for j, column in enumerate(coord_columns(name, values.shape[1])):
+                    frame[column] = values[:, j]
         buffer = io.BytesIO()
         options = {"method": compression, "mtime": 0} if compression == "gzip" else {"method": compression}
         if compression == "zip":
@@ -317,6 +317,12 @@ class PredictionResult(CallTable):
 _DIMENSION = re.compile(r"[1-9][0-9]*")
 
 
+def coord_columns(name: str, n_dims: int) -> list[str]:
+    """The table columns of coordinate target ``name`` with ``n_dims`` dimensions: ``<name>_1`` ... ``<name>_d``
+    (what :meth:`PredictionResult.to_csv` writes and :meth:`PredictionResult.from_predictions` reads back)."""
+    return [f"{name}_{j}" for j in range(1, n_dims + 1)]
+
+
 def _table_coords(frame: pd.DataFrame, model: Any, where: str) -> dict[str, np.ndarray]:
     """The coordinates a prediction table holds, as :meth:`PredictionResult.to_csv` writes them with
     ``include_coords=True``: for each of the model's coordinate heads ``<name>`` of ``d`` dimensions, the columns
@@ -344,7 +350,7 @@ def _table_coords(frame: pd.DataFrame, model: Any, where: str) -> dict[str, np.n
                 f"{prefix}1 ... {prefix}{n_dims}. Write the predictions again with include_coords=True "
                 "(--include-coords) to read them.", UserWarning, stacklevel=user_stacklevel())
             continue
-        columns = [f"{prefix}{j}" for j in written]
+        columns = coord_columns(name, n_dims)
         coords[name] = np.column_stack(
             [numeric_column(frame[by_name[c]], f"{where}: column {c!r}", unit_interval=False) for c in columns]
         ).astype(np.float32)
