@@ -32,10 +32,12 @@ _LAZY = {
     "metrics": ("metrics", None),
     "pl": ("pl", None),
     "report": ("report", None),
+    "datasets": ("datasets", None),
+    "distributed": ("distributed", None),
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import metrics, pl, report
+    from . import datasets, distributed, metrics, pl, report
     from .metrics import evaluate, evaluation_table
     from .model import TrainedModel
     from .prediction import predict
@@ -64,6 +66,8 @@ __all__ = [
     "PredictionResult",
     "TrainedModel",
     "build_model",
+    "datasets",
+    "distributed",
     "evaluate",
     "evaluation_table",
     "exceptions",

@@ -111,3 +111,19 @@ def test_an_ensemble_trains_under_one_progress_bar(synthetic_split, capsys):
     totals = set(re.findall(r"atlasmtl training[^|\n]*\|[^|]*\| *\d+/(\d+)", err))
     assert totals == {"9"}, totals  # 3 networks × 3 epochs, one bar
     assert "(network 3/3)" in err and " 9/9 " in err
+
+
+def test_every_public_module_is_reached_from_import_atlasmtl():
+    """atlasmtl.datasets and atlasmtl.distributed needed their own import (AttributeError after `import atlasmtl`,
+    where scanpy users write sc.datasets...); they load on first use now, as pl and report do, and `import atlasmtl`
+    itself still loads none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, atlasmtl\n"
+            "assert not {'atlasmtl.datasets', 'atlasmtl.distributed', 'torch'} & set(sys.modules)\n"
+            "print(callable(atlasmtl.datasets.pbmc68k_reference_query), atlasmtl.distributed.world_size(),\n"
+            "      sorted({'datasets', 'distributed'} & set(dir(atlasmtl))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True 1 ['datasets', 'distributed']"
