@@ -179,7 +179,8 @@ def _read_gene_table(path: str | os.PathLike, query_names: Any = None, model_nam
     """A gene map file as a table of strings.
 
     Tab-separated for ``.tsv`` / ``.txt`` (also compressed), else comma-separated; a file that reads as one
-    column under its extension's separator is read with the other (a tab-separated ``.csv``). The first row
+    column under its extension's separator is read with the other (a tab-separated ``.csv``), and then as
+    columns separated by spaces (a ``.txt`` written with spaces). The first row
     is a header unless one of its cells is a query or model gene name (a file without a header: its first
     pair is kept). A path that is not a readable file, an empty file, or one that is not text is an
     :class:`InputError` naming the file.
@@ -188,7 +189,7 @@ def _read_gene_table(path: str | os.PathLike, query_names: Any = None, model_nam
     tab = path.endswith((".tsv", ".txt", ".tsv.gz", ".txt.gz"))
     table = pd.DataFrame()
     try:
-        for sep in ("\t", ",") if tab else (",", "\t"):
+        for sep in ("\t", ",", r"\s+") if tab else (",", "\t", r"\s+"):
             table = pd.read_csv(path, sep=sep, dtype=str)
             if table.shape[1] >= 2:
                 break

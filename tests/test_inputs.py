@@ -203,6 +203,19 @@ def test_gene_map_file_without_a_header_keeps_its_first_pair(tmp_path):
         assert report["n_matched"] == len(HUMAN) and report["n_missing"] == 0
 
 
+def test_gene_map_separated_by_spaces_is_read(tmp_path):
+    """A ``.txt`` map written with spaces (as ``awk`` or ``paste -d ' '`` write it), with or without a header, or
+    with runs of spaces aligning its columns: each row is a pair (it was refused as a one-column table)."""
+    rows = "\n".join(f"{m}  {h}" for m, h in zip(MOUSE, HUMAN)) + "\n"
+    (tmp_path / "bare.txt").write_text(rows)
+    (tmp_path / "named.txt").write_text("mouse human\n" + rows)
+    (tmp_path / "named.csv").write_text("mouse human\n" + rows)
+    for name in ("bare.txt", "named.txt", "named.csv"):
+        report = _align(HUMAN, _counts_query(MOUSE), gene_map=tmp_path / name).report
+        assert report["n_matched"] == len(HUMAN) and report["n_missing"] == 0, name
+    assert read_gene_map(tmp_path / "named.txt") == dict(zip(MOUSE, HUMAN))
+
+
 def test_one_query_gene_with_several_model_genes_maps_to_the_first_with_a_warning():
     """A one-to-many map (Cd3e → CD3E and Cd3e → CD3G): Cd3e maps to CD3E, the first listed, and a warning
     names it (the last row won without a word, CD3E went missing and Cd3e was summed into CD3G); repeated
