@@ -33,6 +33,11 @@ FIXTURE_DATA = REPO / "tests" / "data"
 SHARED_DATA = Path(os.environ.get("ATLASMTL_SHARED_DATA", REPO.parent / "shared" / "data"))
 REQUIRE_SHARED_DATA = os.environ.get("ATLASMTL_REQUIRE_SHARED_DATA", "").strip() not in ("", "0")
 
+# Processes the tests start (the command line, the demo, torchrun) import this checkout's atlasmtl, as the tests
+# themselves do, not whichever one is installed (an editable install of another checkout or worktree).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                          if p and Path(p).resolve() != REPO])
+
 #: Label levels of the two real datasets the tests use most.
 LEVELS = ["lineage", "bulk_labels"]  # pbmc68k_reduced split (atlasmtl.datasets.pbmc68k_reference_query)
 SYMPHONY_LEVELS = ["cell_type_broad", "cell_type"]
