@@ -174,7 +174,28 @@ def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BI
 
     Bins are equal-width and right-closed, ``(lower, upper]`` (confidence 0 goes to
     the first); the expected calibration error is
-    ``sum(cells * |accuracy - confidence|) / total``.
+    ``sum(cells * |accuracy - confidence|) / total`` (:func:`ece_of_bins`).
+
+    Parameters
+    ----------
+    conf
+        Confidence per cell, in [0, 1]. Values are not checked: one below 0 falls in the
+        first bin, one above 1 or NaN in the last (a NaN makes that bin's mean confidence NaN).
+    correct
+        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``.
+    n_bins
+        Number of equal-width bins over [0, 1].
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per bin, in order: ``lower``, ``upper`` (its edges), ``cells`` (how many cells
+        fall in it), ``confidence`` (their mean confidence) and ``accuracy`` (the fraction
+        correct); both means are NaN for an empty bin. Every bin has a row, also with no cells.
+
+    See Also
+    --------
+    atlasmtl.pl.reliability : draws this table.
     """
     conf = np.asarray(conf, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
@@ -194,7 +215,20 @@ def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BI
 
 
 def ece_of_bins(table: pd.DataFrame) -> float:
-    """ECE from a :func:`calibration_bins` table: ``sum(cells * |accuracy - confidence|) / total``."""
+    """Expected calibration error (ECE) of a :func:`calibration_bins` table.
+
+    ``sum(cells * |accuracy - confidence|) / total`` over the bins that hold cells.
+
+    Parameters
+    ----------
+    table
+        A :func:`calibration_bins` table (columns ``cells``, ``accuracy`` and ``confidence``).
+
+    Returns
+    -------
+    float
+        The ECE, in [0, 1]; NaN when no bin holds a cell.
+    """
     total, cells = 0.0, 0
     for n, acc, conf in zip(table["cells"], table["accuracy"], table["confidence"]):
         if n:
@@ -204,7 +238,27 @@ def ece_of_bins(table: pd.DataFrame) -> float:
 
 
 def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence."""
+    """Expected calibration error (ECE) over ``n_bins`` equal-width bins ``(lo, hi]`` of confidence.
+
+    ``sum_b n_b / n * |accuracy_b - mean confidence_b|``: :func:`ece_of_bins` of
+    :func:`calibration_bins`. A finite sample's ECE is biased upward; compare it with
+    :func:`ece_if_calibrated` on the same confidences.
+
+    Parameters
+    ----------
+    conf
+        Confidence per cell, in [0, 1] (binned as in :func:`calibration_bins`; NaN is not
+        handled and makes the result NaN).
+    correct
+        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``.
+    n_bins
+        Number of equal-width bins over [0, 1] (15, as :func:`atlasmtl.evaluate` uses).
+
+    Returns
+    -------
+    float
+        The ECE, in [0, 1]; NaN for no cells.
+    """
     return ece_of_bins(calibration_bins(conf, correct, n_bins))
 
 

@@ -70,7 +70,27 @@ def _correct(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Fraction of cells whose prediction equals the truth (Unknown is wrong)."""
+    """Fraction of cells whose prediction equals the truth (Unknown is wrong).
+
+    Parameters
+    ----------
+    y_true
+        True label per cell (strings), without missing values: :func:`evaluate` leaves the
+        cells without a true label out before scoring (here ``None`` or NaN would be compared
+        as labels).
+    y_pred
+        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
+
+    Returns
+    -------
+    float
+        The fraction correct, in [0, 1]; NaN for no cells. A cell whose true label
+        itself reads ``"Unknown"`` is wrong too.
+
+    See Also
+    --------
+    accuracy_covered : the same among the cells not called Unknown.
+    """
     return float(_correct(y_true, y_pred).mean())
 
 
@@ -86,37 +106,135 @@ def class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[Any]) -> n
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-averaged F1 over the classes present in ``y_true`` (an ``Unknown`` call is a miss)."""
+    """Macro-averaged F1 over the classes present in ``y_true`` (an ``Unknown`` call is a miss).
+
+    The unweighted mean of ``sklearn.metrics.f1_score`` per class, over the classes that occur in
+    ``y_true``: a class found only in ``y_pred`` is not averaged (its calls are misses of the
+    cells' true classes), and an Unknown call counts as a miss of the cell's true class.
+
+    Parameters
+    ----------
+    y_true
+        True label per cell (strings), without missing values: :func:`evaluate` leaves the
+        cells without a true label out before scoring (here ``None`` or NaN would be compared
+        as labels).
+    y_pred
+        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
+
+    Returns
+    -------
+    float
+        Macro-F1, in [0, 1]. Needs at least one cell (scikit-learn raises ``ValueError``
+        on none).
+    """
     return float(np.mean(class_f1(y_true, y_pred, np.unique(np.asarray(y_true, dtype=object)))))
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y_true`` (Unknown is a miss)."""
+    """Mean recall over the classes present in ``y_true`` (Unknown is a miss).
+
+    Parameters
+    ----------
+    y_true
+        True label per cell (strings), without missing values: :func:`evaluate` leaves the
+        cells without a true label out before scoring (here ``None`` or NaN would be compared
+        as labels).
+    y_pred
+        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
+
+    Returns
+    -------
+    float
+        The unweighted mean over the true classes of the fraction of each class's cells
+        called right, in [0, 1]; NaN for no cells.
+    """
     y_true = np.asarray(y_true, dtype=object)
     correct = _correct(y_true, y_pred)
     return float(np.mean([correct[y_true == c].mean() for c in np.unique(y_true)]))
 
 
 def coverage(y_pred: np.ndarray) -> float:
-    """Fraction of cells not called Unknown."""
+    """Fraction of cells not called Unknown.
+
+    Parameters
+    ----------
+    y_pred
+        Predicted label per cell; ``"Unknown"`` marks an abstained call.
+
+    Returns
+    -------
+    float
+        The fraction of cells with a label other than ``"Unknown"``, in [0, 1]; NaN for no cells.
+    """
     return float(np.mean(np.asarray(y_pred, dtype=object) != UNKNOWN))
 
 
 def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
-    """Accuracy among the cells not called Unknown (``None`` when all are Unknown)."""
+    """Accuracy among the cells not called Unknown (``None`` when all are Unknown).
+
+    Parameters
+    ----------
+    y_true
+        True label per cell (strings), without missing values: :func:`evaluate` leaves the
+        cells without a true label out before scoring (here ``None`` or NaN would be compared
+        as labels).
+    y_pred
+        Predicted label per cell, in the order of ``y_true``; cells called ``"Unknown"`` are left out.
+
+    Returns
+    -------
+    float or None
+        The fraction correct among the cells with a label, in [0, 1]; ``None`` when every
+        cell is Unknown or there are no cells.
+    """
     covered = np.asarray(y_pred, dtype=object) != UNKNOWN
     return float(_correct(y_true, y_pred)[covered].mean()) if covered.any() else None
 
 
 # ---------------------------------------------------------------------------- confidence metrics
 def brier_score(conf: np.ndarray, correct: np.ndarray) -> float:
-    """Binary Brier score ``mean((conf - correct)**2)`` of confidence vs correctness."""
+    """Binary Brier score ``mean((conf - correct)**2)`` of confidence vs correctness.
+
+    Parameters
+    ----------
+    conf
+        Confidence per cell: the probability, in [0, 1], that the cell's call is right.
+    correct
+        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``.
+
+    Returns
+    -------
+    float
+        The score, in [0, 1] (lower is better); NaN for no cells or where a confidence is NaN.
+
+    Notes
+    -----
+    The multi-class Brier score would need every class's probability, which results do not keep.
+    """
     conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     return float(np.mean((conf - correct) ** 2))
 
 
 def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
-    """Area under the risk–coverage curve (mean error rate of the top-``n`` most confident cells)."""
+    """Area under the risk–coverage curve (mean error rate of the top-``n`` most confident cells).
+
+    Cells are sorted by confidence, highest first (ties keep their order); the risk at ``n``
+    is the error rate among the first ``n`` cells, and the AURC the mean risk over
+    ``n = 1 .. N``. Lower is better: a confidence that ranks every wrong call below every
+    right one scores the least its error rate allows.
+
+    Parameters
+    ----------
+    conf
+        Confidence per cell: the probability, in [0, 1], that the cell's call is right.
+    correct
+        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``.
+
+    Returns
+    -------
+    float
+        The AURC, in [0, 1]; NaN for no cells. A NaN confidence is sorted last, as the least confident.
+    """
     order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
     errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
     return float(np.mean(errors / np.arange(1, len(order) + 1)))
@@ -126,9 +244,23 @@ def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
 def pair_consistency(parent_pred: np.ndarray, child_pred: np.ndarray, mapping: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell consistency of one parent → child level pair.
 
-    Returns ``(consistent, checkable)``: a cell is checkable unless its child
-    prediction is a label ``mapping`` does not know; it is consistent when the
-    child is Unknown or the parent prediction is the child's mapped parent.
+    Parameters
+    ----------
+    parent_pred
+        Predicted label per cell at the coarser (parent) level.
+    child_pred
+        Predicted label per cell at the finer (child) level, in the same cell order.
+    mapping
+        ``{child label: parent label}``, the reference hierarchy between the two levels.
+
+    Returns
+    -------
+    consistent : numpy.ndarray
+        Boolean per cell: checkable, and either the child is Unknown (abstaining at the
+        finer level is allowed) or the parent prediction is the child's mapped parent. A
+        known child under an Unknown parent is inconsistent.
+    checkable : numpy.ndarray
+        Boolean per cell: false where the child prediction is a label ``mapping`` does not know.
     """
     parent_pred, child_pred = np.asarray(parent_pred, dtype=object), np.asarray(child_pred, dtype=object)
     child_unknown = child_pred == UNKNOWN
@@ -143,10 +275,26 @@ def path_consistency(
 ) -> tuple[float | None, int, list[dict[str, Any]]]:
     """Fraction of cells consistent at every mapped pair of consecutive levels.
 
-    ``preds`` are the predictions per level, coarse to fine; ``mappings[j]`` maps
-    level ``j`` labels to level ``j - 1`` labels (``None`` for ``j = 0`` and for
-    pairs without a mapping). Returns the fraction (``None`` when nothing can be
-    checked), the number of cells checked, and per-pair details.
+    Parameters
+    ----------
+    preds
+        Predicted labels per level, coarse to fine, each one per cell in the same order.
+    mappings
+        One entry per level: ``mappings[j]`` maps level ``j`` labels to level ``j - 1`` labels
+        (``None`` for ``j = 0`` and for pairs without a mapping, which are not checked).
+
+    Returns
+    -------
+    consistency : float or None
+        The fraction of cells consistent (:func:`pair_consistency`) at every mapped pair,
+        among the cells checkable at all of them; ``None`` when no pair is mapped or no cell
+        is checkable.
+    n_checked : int
+        The number of cells that fraction is taken over (0 when no pair is mapped).
+    pairs : list of dict
+        Per pair ``j = 1 ..``: ``{"consistency", "n", "n_unmapped"}`` (the pair's fraction
+        consistent or ``None``, its checkable cells, its cells whose child label the mapping
+        lacks; ``None`` / 0 / ``None`` for an unmapped pair).
     """
     n = len(preds[0]) if preds else 0
     all_ok, all_checkable = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
@@ -170,7 +318,21 @@ def path_consistency(
 
 
 def full_path_accuracy(truths: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> float:
-    """Fraction of cells correct at every level (pass only cells with a true label at every level)."""
+    """Fraction of cells correct at every level (pass only cells with a true label at every level).
+
+    Parameters
+    ----------
+    truths
+        True labels per level, each one per cell, without missing values.
+    preds
+        Predicted labels per level, in the order of ``truths`` and of its cells; ``"Unknown"``
+        is never correct. At least one level (an empty list raises ``IndexError``).
+
+    Returns
+    -------
+    float
+        The fraction of cells whose prediction is right at every level, in [0, 1]; NaN for no cells.
+    """
     correct = np.ones(len(preds[0]), dtype=bool)
     for y_true, y_pred in zip(truths, preds):
         correct &= _correct(y_true, y_pred)
@@ -181,8 +343,22 @@ def full_path_accuracy(truths: Sequence[np.ndarray], preds: Sequence[np.ndarray]
 def novel_auroc(conf: np.ndarray, is_novel: np.ndarray, score: np.ndarray | None = None) -> float | None:
     """AUROC of a novelty score, novel (positive) vs known cells; ``None`` if a group is empty.
 
-    The score is ``score`` when given (higher = more novel; NaN, a cell without
-    signal, ranks as most novel), else ``1 - conf``.
+    Parameters
+    ----------
+    conf
+        Confidence per cell; ``1 - conf`` is the score when ``score`` is not given (then it
+        must hold no NaN: scikit-learn raises ``ValueError``).
+    is_novel
+        Whether each cell is of a type the reference lacks (the positives).
+    score
+        Novelty score per cell, higher = more novel (e.g. ``result.levels[lv].novelty``);
+        NaN, a cell without signal, ranks as most novel.
+
+    Returns
+    -------
+    float or None
+        ``sklearn.metrics.roc_auc_score`` of the score for novel vs known cells, in [0, 1]
+        (0.5 = chance); ``None`` when every cell, or no cell, is novel.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -197,7 +373,21 @@ def novel_auroc(conf: np.ndarray, is_novel: np.ndarray, score: np.ndarray | None
 
 # ---------------------------------------------------------------------------- coordinate metrics
 def rmse(pred: np.ndarray, true: np.ndarray) -> float:
-    """Root mean squared error over cells and dimensions."""
+    """Root mean squared error over cells and dimensions.
+
+    Parameters
+    ----------
+    pred
+        Predicted coordinates, cells × dims.
+    true
+        True coordinates, the same shape and cell order.
+
+    Returns
+    -------
+    float
+        ``sqrt(mean((pred - true)**2))``; NaN for no cells or where a coordinate is NaN
+        (:func:`evaluate` leaves unplaced cells out first).
+    """
     diff = np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)
     return float(np.sqrt(np.mean(diff**2)))
 
@@ -207,9 +397,28 @@ def trustworthiness_score(
 ) -> tuple[float | None, int, int]:
     """``sklearn.manifold.trustworthiness(true, pred, n_neighbors=min(15, n // 2 - 1))``.
 
-    At most ``max_cells`` randomly chosen cells are used (the score needs all
-    pairwise distances). Returns ``(score, n_cells, n_neighbors)``; the score is
-    ``None`` with fewer than 4 cells.
+    How well the predicted coordinates keep the true ones' neighbourhoods: 1 when every
+    cell's nearest neighbours in ``pred`` are also near it in ``true``.
+
+    Parameters
+    ----------
+    true
+        True coordinates, cells × dims (finite).
+    pred
+        Predicted coordinates, the same cells in the same order (finite).
+    max_cells
+        Score at most this many randomly chosen cells (the score needs all pairwise distances).
+    random_state
+        Seed of that choice.
+
+    Returns
+    -------
+    score : float or None
+        The trustworthiness, in [0, 1]; ``None`` with fewer than 4 cells.
+    n_cells : int
+        The cells scored.
+    n_neighbors : int
+        The neighbours compared, ``min(15, n_cells // 2 - 1)`` (0 when not scored).
     """
     from sklearn.manifold import trustworthiness
 
@@ -226,7 +435,26 @@ def trustworthiness_score(
 def neighbour_overlap(pred: np.ndarray, true: np.ndarray, reference: np.ndarray, k: int = NEIGHBOURS) -> tuple[float, int]:
     """Mean fraction of a query cell's ``k`` nearest reference cells shared by its predicted and true positions.
 
-    Returns ``(overlap, k)``, ``k`` capped at the number of reference cells.
+    For each query cell, ``|P ∩ T| / k`` with ``P`` and ``T`` its ``k`` nearest reference
+    cells around its predicted and its true position; the mean over cells.
+
+    Parameters
+    ----------
+    pred
+        Predicted query coordinates, cells × dims (finite).
+    true
+        True query coordinates, the same shape and cell order (finite).
+    reference
+        Reference coordinates in the same space, reference cells × dims.
+    k
+        Neighbours compared per cell; capped at the number of reference cells.
+
+    Returns
+    -------
+    overlap : float
+        The mean shared fraction, in [0, 1]. Needs at least one query cell (none divides by zero).
+    k : int
+        The ``k`` used.
     """
     from .knn import NeighbourIndex
 
@@ -738,6 +966,18 @@ def evaluation_table(evaluation: Mapping[str, Any], section: str = "levels") -> 
     section
         ``"levels"`` (one row per level), ``"novel"`` (one row per level) or
         ``"coords"`` (one row per coordinate set). ``None`` becomes NaN.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per level (index ``level``) or coordinate set (index ``coords``), one column per
+        metric; columns whose values are all numbers (or ``None``) are numeric. Empty when the
+        section is (no ``"novel"`` or ``"coords"`` section was asked of :func:`evaluate`).
+
+    Raises
+    ------
+    ParameterError
+        ``section`` is not one of the three, or ``evaluation`` is not a dict :func:`evaluate` returned.
     """
     if section not in ("levels", "novel", "coords"):
         raise ParameterError(f"section={section!r} must be 'levels', 'novel' or 'coords'.")
