@@ -72,6 +72,10 @@ _EMBEDDING_COLOURS = ("label", "confidence", "margin", "unknown", "knn", "novelt
 # ---------------------------------------------------------------- shared parameter docs (as scanpy/plotting/_docs.py)
 doc_result = """result
         The predictions: a :class:`~atlasmtl.result.PredictionResult` from :func:`atlasmtl.predict`."""
+doc_reference = """reference
+        The reference AnnData (its ``obsm`` entry for ``basis``: the key the model
+        was trained on, else ``X_<basis>``) or a cells × 2 array; ``None`` draws the
+        query alone."""
 doc_truth = """truth, columns
         True labels: an AnnData (its ``obs``), a DataFrame indexed by cell name, or a
         mapping ``level → array`` in the result's cell order; ``columns`` names the
@@ -85,20 +89,27 @@ doc_figure = """ax
         Show the figure with pyplot (and return ``None``) instead of returning it.
     save
         Also write the figure to this file."""
-_DOCS = {"doc_result": doc_result, "doc_truth": doc_truth, "doc_figure": doc_figure}
+_DOCS = {"doc_result": doc_result, "doc_reference": doc_reference, "doc_truth": doc_truth, "doc_figure": doc_figure}
+
+
+def _shared_docs(func: Any) -> Any:
+    """``func`` with the shared parameter descriptions (``{doc_result}``, ``{doc_reference}``, ``{doc_truth}``,
+    ``{doc_figure}``) filled into its docstring."""
+    if func.__doc__:
+        for key, text in _DOCS.items():
+            func.__doc__ = func.__doc__.replace("{" + key + "}", text)
+    return func
 
 
 def _public_plot(func: Any) -> Any:
-    """A public plot: the shared parameter descriptions (``{doc_result}``, ``{doc_truth}``, ``{doc_figure}``)
-    filled into its docstring, and its text drawn as written (class names such as ``"T$_{reg}$"`` or
-    ``"cost $5"`` are names, not matplotlib math)."""
+    """A public plot: the shared parameter descriptions filled into its docstring (:func:`_shared_docs`), and
+    its text drawn as written (class names such as ``"T$_{reg}$"`` or ``"cost $5"`` are names, not matplotlib
+    math)."""
     import functools
 
     import matplotlib
 
-    if func.__doc__:
-        for key, text in _DOCS.items():
-            func.__doc__ = func.__doc__.replace("{" + key + "}", text)
+    _shared_docs(func)
 
     @functools.wraps(func)
     def plot(*args: Any, **kwargs: Any) -> Any:
@@ -236,8 +247,32 @@ def _palette(n: int) -> list:
     return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
 
 
+@_shared_docs
 def label_colours(result: CallTable, level: str) -> dict[str, Any]:
-    """A fixed colour per class of ``level`` (Unknown in grey), shared by all plots."""
+    """A fixed colour per class of ``level`` (Unknown in grey), shared by all plots.
+
+    The classes take the colours of ``tab10`` (up to 9 classes), ``tab20`` (up to 18) or
+    evenly spaced ``turbo`` colours, in the order of ``result.classes[level]``, without
+    the palettes' greys: grey means Unknown (:data:`UNKNOWN_COLOUR`) and reference cells.
+
+    Parameters
+    ----------
+    {doc_result}
+    level
+        The level whose classes are coloured.
+
+    Returns
+    -------
+    ``class name → matplotlib colour``: an RGBA tuple per class, and ``"Unknown"`` → :data:`UNKNOWN_COLOUR` (a hex string).
+
+    Raises
+    ------
+    ParameterError
+        ``result`` is not a result, or ``level`` not one of its levels.
+    """
+    result = _check_result(result)
+    if not isinstance(level, str) or level not in result.levels:
+        raise ParameterError(f"level={level!r} is not a level of the result; its levels are {result.label_columns}.")
     classes = [c for c in result.classes[level] if c != UNKNOWN]
     colours = dict(zip(classes, _palette(len(classes))))
     colours[UNKNOWN] = UNKNOWN_COLOUR
@@ -464,10 +499,7 @@ def embedding(
     result
         The predictions; ``result.coords[basis]`` must exist (train with
         ``coord_targets={basis: ...}``).
-    reference
-        The reference AnnData (its ``obsm`` entry for ``basis``: the key the model
-        was trained on, else ``X_<basis>``) or a cells × 2 array; ``None`` draws the
-        query alone.
+    {doc_reference}
     basis
         Coordinate head to draw (first two dimensions).
     color
@@ -567,8 +599,31 @@ def embedding(
     return _finish(fig, show, save)
 
 
+@_shared_docs
 def umap(result: CallTable, reference: ad.AnnData | np.ndarray | None = None, **kwargs: Any) -> Figure | None:
-    """:func:`embedding` with ``basis="umap"``: query cells on the reference UMAP."""
+    """:func:`embedding` with ``basis="umap"``: query cells on the reference UMAP.
+
+    Parameters
+    ----------
+    result
+        The predictions; ``result.coords["umap"]`` must exist (train with
+        ``coord_targets={"umap": "X_umap"}``).
+    {doc_reference}
+    **kwargs
+        :func:`embedding`'s other keyword arguments (``color``, ``level``, ``point_size``,
+        ``max_points``, ``random_state``, ``ax``, ``figsize``, ``show``, ``save``); not ``basis``.
+
+    Returns
+    -------
+    The figure (``None`` when ``show=True``).
+
+    Raises
+    ------
+    ParameterError
+        ``basis`` is given (call :func:`embedding` for another basis), or an option :func:`embedding` refuses.
+    CoordinateError
+        The result has no ``"umap"`` coordinates, or ``reference`` has none for it.
+    """
     if "basis" in kwargs:
         raise ParameterError("pl.umap draws basis='umap'; for another basis call pl.embedding(result, basis=...).")
     return embedding(result, reference, basis="umap", **kwargs)
