@@ -45,6 +45,12 @@ def result_from_predictions(
     settings
         Gate settings to record when the file holds none (a CSV keeps no metadata).
 
+    Returns
+    -------
+    PredictionResult
+        The result, as :func:`atlasmtl.predict` returned it up to what the file keeps: the calls of
+        every level and, where written, the coordinates and metadata.
+
     Raises
     ------
     InputError

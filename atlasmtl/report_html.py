@@ -167,7 +167,30 @@ def _figure_html(fig: Any, alt: str, caption: str, dpi: int = 100) -> str:
 
 # ---------------------------------------------------------------- content
 def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
-    """Things in a mapping worth a look, as ``(severity, message)`` with severity ``ok``/``warn``/``bad``."""
+    """Things in a mapping worth a look, as ``(severity, message)`` with severity ``ok``/``warn``/``bad``.
+
+    The report's overview lists them. From the result: the gene overlap (``ok`` at 90% or more,
+    ``warn`` at 70% or more, else ``bad``), the gene-matching warnings, a query whose input
+    semantics differ from the model's, and per level 30% or more Unknown (``bad`` from 50%),
+    30% or more low-confidence (``bad`` from 60%), 30% or more calls that stand because the
+    KNN vote confirmed them (with ``knn_correction="low_conf_only"``) and 2% or more novel
+    cells. From the model: no calibration temperatures, and (unless the KNN correction was off)
+    a KNN space whose neighbour label agreement is below 80%.
+
+    Parameters
+    ----------
+    result
+        The predictions: a :class:`~atlasmtl.result.PredictionResult` from :func:`atlasmtl.predict`.
+    model
+        The :class:`~atlasmtl.model.TrainedModel` that made them, for the model's findings
+        (``None``: the result's only).
+
+    Returns
+    -------
+    list of (str, str)
+        ``(severity, message)`` pairs, in the order above; empty when nothing is worth a look
+        (the gene overlap, when recorded, is always listed).
+    """
     out: list[tuple[str, str]] = []
     genes = result.metadata.get("genes", {}) or {}
     overlap = genes.get("overlap_fraction")
@@ -265,8 +288,26 @@ def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluatio
 
 
 def render_report(result: CallTable, **options: Any) -> str:
-    """The report as an HTML string; ``options`` are :func:`write_report`'s keyword arguments (``model``,
-    ``adata``, ``truth``, ``truth_columns``, ``reference``, ``title``, ``basis``, ``dpi``), documented there."""
+    """The report as an HTML string, without writing a file.
+
+    Parameters
+    ----------
+    result
+        The predictions (:func:`atlasmtl.predict`).
+    **options
+        :func:`write_report`'s keyword arguments (``model``, ``adata``, ``truth``, ``truth_columns``,
+        ``reference``, ``title``, ``basis``, ``dpi``), documented there.
+
+    Returns
+    -------
+    str
+        The whole self-contained HTML page, as :func:`write_report` writes it.
+
+    Raises
+    ------
+    ParameterError, InputError, LabelError, CoordinateError
+        As :func:`write_report` (all but its ``OutputError``, since nothing is written).
+    """
     return _render(result, **options)[0]
 
 
@@ -703,7 +744,8 @@ def write_report(
 
     Returns
     -------
-    The path written.
+    pathlib.Path
+        The path written.
 
     Raises
     ------
