@@ -16,13 +16,19 @@ import gc
 import os
 import zlib
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .exceptions import DeviceError, ParameterError
+
+if TYPE_CHECKING:  # annotations only: the model, results and anndata load when predict_distributed runs
+    import anndata as ad
+
+    from .model import TrainedModel
+    from .result import PredictionResult
 
 __all__ = [
     "launched_by_torchrun",
@@ -43,27 +49,57 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_by_torchrun() -> bool:
-    """True when the environment holds the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ...)."""
+    """Whether the environment holds the variables ``torchrun`` sets.
+
+    Returns
+    -------
+    bool
+        True when ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` are all set.
+    """
     return all(v in os.environ for v in _TORCHRUN_VARS)
 
 
 def is_distributed() -> bool:
-    """True when a ``torch.distributed`` process group is initialised in this process."""
+    """Whether a ``torch.distributed`` process group is initialised in this process.
+
+    Returns
+    -------
+    bool
+        True inside a group (:func:`init_from_env` or the caller's own ``init_process_group``).
+    """
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    """This process's rank in the group (0 without a group)."""
+    """This process's rank in the group.
+
+    Returns
+    -------
+    int
+        The rank, from 0 to :func:`world_size` - 1; 0 without a group.
+    """
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
-    """Number of processes in the group (1 without a group)."""
+    """Number of processes in the group.
+
+    Returns
+    -------
+    int
+        The group's size; 1 without a group.
+    """
     return dist.get_world_size() if is_distributed() else 1
 
 
 def local_rank() -> int:
-    """This process's rank on its machine (``LOCAL_RANK``; 0 without ``torchrun``): the GPU it should use."""
+    """This process's rank on its machine: the GPU it should use.
+
+    Returns
+    -------
+    int
+        ``LOCAL_RANK`` from the environment; 0 when it is unset (no ``torchrun``) or not an integer.
+    """
     try:
         return int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
@@ -71,7 +107,13 @@ def local_rank() -> int:
 
 
 def is_main_process() -> bool:
-    """True on rank 0 (and in a plain single process): the process that writes files and prints."""
+    """Whether this is the process that writes files and prints.
+
+    Returns
+    -------
+    bool
+        True on rank 0, and in a plain single process.
+    """
     return rank() == 0
 
 
@@ -174,6 +216,16 @@ def shard_slice(n: int, rank_: int | None = None, world_size_: int | None = None
         Number of items (cells, rows of a file).
     rank_, world_size_
         Override the process group's rank and size (for planning or tests).
+
+    Returns
+    -------
+    slice
+        ``slice(start, stop)`` of this rank's items (empty when ``n`` is smaller than the rank).
+
+    Raises
+    ------
+    ParameterError
+        ``n`` is negative, ``world_size`` below 1, or ``rank`` outside ``[0, world_size)``.
     """
     r = rank() if rank_ is None else int(rank_)
     w = world_size() if world_size_ is None else int(world_size_)
@@ -202,7 +254,19 @@ def check_same_inputs(inputs: Mapping[str, Any]) -> None:
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """Element-wise sum of a NumPy array over all ranks (the array itself without a group).
 
-    Sums in float64 (on the rank's GPU under NCCL); every rank gets the same result.
+    Sums in float64 (on the rank's GPU under NCCL); every rank gets the same result. A
+    collective: every rank of the group must call it, with an array of the same shape.
+
+    Parameters
+    ----------
+    values
+        This rank's values (any shape; converted to float64).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, the shape of ``values``: the sum over the ranks; without a group, ``values``
+        as float64 (the same array when it already was).
     """
     values = np.asarray(values, dtype=np.float64)
     if not is_distributed():
@@ -222,7 +286,8 @@ def destroy() -> None:
 
 
 # ---------------------------------------------------------------- distributed prediction
-def predict_distributed(model, adata, **kwargs):  # noqa: ANN001, ANN201 - types in the docstring (lazy imports)
+def predict_distributed(model: TrainedModel, adata: ad.AnnData | str | os.PathLike,
+                        **kwargs: Any) -> PredictionResult | None:
     """:func:`atlasmtl.predict` with every ``torchrun`` process mapping its own slice of the query.
 
     Each rank streams the contiguous share of the cells :func:`shard_slice`
@@ -248,6 +313,12 @@ def predict_distributed(model, adata, **kwargs):  # noqa: ANN001, ANN201 - types
     -------
     PredictionResult or None
         The whole query's result on rank 0; ``None`` on the other ranks.
+
+    Raises
+    ------
+    ParameterError
+        An option :func:`atlasmtl.predict` does not take. Any error :func:`atlasmtl.predict` or
+        :func:`init_from_env` raises passes through.
 
     Notes
     -----
