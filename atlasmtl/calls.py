@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Self
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,20 @@ _ALIASES = {"code": "pred", "raw_code": "raw", "knn_code": "knn"}
 
 
 def column_names(level: str) -> dict[str, str]:
-    """Writeback column names for one level, by field."""
+    """Writeback column names for one level, by field.
+
+    Parameters
+    ----------
+    level
+        The level's name (a label column of the reference).
+
+    Returns
+    -------
+    dict of str to str
+        :class:`LevelCalls` field → column, in column order: ``{"pred": "pred_<level>", "conf":
+        "conf_<level>", ..., "neighbourhood_novelty": "neighbourhood_novelty_<level>"}``, every
+        field whatever the writeback mode (see :data:`COLUMNS` for the mode that writes each).
+    """
     return {name: col.template.format(level=level) for name, col in COLUMNS.items()}
 
 
@@ -260,19 +273,76 @@ class LevelCalls:
 
     @classmethod
     def coerce(cls, calls: "LevelCalls | Mapping[str, np.ndarray]") -> "LevelCalls":
-        """A :class:`LevelCalls` from itself or from a mapping of field names (older names accepted)."""
+        """A :class:`LevelCalls` from itself or from a mapping of field names (older names accepted).
+
+    Parameters
+    ----------
+    calls
+        A :class:`LevelCalls` (returned as is) or a mapping field name → array per cell; the
+        older names ``code``, ``raw_code`` and ``knn_code`` are read as ``pred``, ``raw`` and ``knn``.
+
+    Returns
+    -------
+    LevelCalls
+        The calls; fields the mapping lacks among ``novelty``, ``is_novel`` and
+        ``neighbourhood_novelty`` are filled (NaN, False, NaN).
+
+    Raises
+    ------
+    TypeError
+        The mapping lacks a required field or names an unknown one.
+    """
         if isinstance(calls, LevelCalls):
             return calls
         return cls(**{_ALIASES.get(k, k): v for k, v in calls.items()})
 
     def column(self, name: str, classes: list[str]) -> Any:
-        """The written values of one field: labels for label fields, the array otherwise."""
+        """The written values of one field: labels for label fields, the array otherwise.
+
+    Parameters
+    ----------
+    name
+        A field name (a key of :data:`COLUMNS`, e.g. ``"pred"`` or ``"conf"``).
+    classes
+        The level's class names, which the codes of label fields index.
+
+    Returns
+    -------
+    pandas.Categorical or numpy.ndarray
+        For ``pred``, ``raw`` and ``knn``: the class names, code -1 as ``Unknown``
+        (:func:`decode_labels`); for the other fields, the field's array itself.
+    """
         values = getattr(self, name)
         return decode_labels(values, classes) if COLUMNS[name].kind == "label" else values
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, level: str, classes: list[str], where: str) -> "LevelCalls":
-        """Read one level's calls back from columns written with ``mode="full"``."""
+        """Read one level's calls back from columns written with ``mode="full"``.
+
+    Parameters
+    ----------
+    frame
+        The prediction table, one row per cell.
+    level
+        The level to read (its columns are :func:`column_names`).
+    classes
+        The level's class names: label columns must hold these, ``Unknown`` or nothing (both read as -1).
+    where
+        The table's name in error messages (e.g. its file name).
+
+    Returns
+    -------
+    LevelCalls
+        The level's calls; the columns added after the first release (``novelty_``, ``is_novel_``,
+        ``neighbourhood_novelty_``) read as NaN / False / NaN when the table lacks them.
+
+    Raises
+    ------
+    InputError
+        A column ``mode="full"`` writes is missing, a label column holds a name not in ``classes``,
+        a number column holds text (or a confidence or share outside [0, 1]), or a flag column
+        holds something other than true / false.
+    """
         names = column_names(level)
         missing = [names[f] for f in COLUMNS if names[f] not in frame.columns and f not in _OPTIONAL]
         if missing:
@@ -332,18 +402,47 @@ class CallTable:
 
     @property
     def label_columns(self) -> list[str]:
+        """The levels, coarse to fine (a new list each time)."""
         return list(self.levels)
 
     @property
     def n_obs(self) -> int:
+        """Number of query cells."""
         return len(self.obs_names)
 
     def has_cells(self, obs_names: Any) -> bool:
-        """Whether ``obs_names`` are this result's cells, in order (compared as text, as AnnData stores them)."""
+        """Whether ``obs_names`` are this result's cells, in order (compared as text, as AnnData stores them).
+
+        Parameters
+        ----------
+        obs_names
+            Cell names: an ``obs_names`` Index, a list or an array.
+
+        Returns
+        -------
+        bool
+            True when they are as many as the result's cells and equal them one by one, as text.
+        """
         return len(obs_names) == self.n_obs and pd.Index(obs_names).astype(str).equals(self.obs_names)
 
     def labels(self, level: str) -> pd.Categorical:
-        """Final labels of one level (``Unknown`` where abstained)."""
+        """Final labels of one level (``Unknown`` where abstained).
+
+        Parameters
+        ----------
+        level
+            One of :attr:`label_columns`.
+
+        Returns
+        -------
+        pandas.Categorical
+            One label per cell, in cell order; its categories are the level's classes plus ``Unknown``.
+
+        Raises
+        ------
+        ParameterError
+            ``level`` is not a level of these predictions.
+        """
         if not isinstance(level, str) or level not in self.levels:
             raise ParameterError(f"level={level!r} is not a level of these predictions; they have {self.label_columns}.")
         return decode_labels(self.levels[level].pred, self.classes[level])
@@ -358,6 +457,17 @@ class CallTable:
             ``margin_``, ``is_unknown_``) or ``"full"`` (also the network's raw
             label, the KNN label and vote fraction, the low-confidence / KNN-used flags, the novelty
             z-score, the novel flag and the neighbourhood novelty).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by cell name; per level, in level order, the mode's columns
+            (:func:`column_names`), labels as categoricals (``Unknown`` a category).
+
+        Raises
+        ------
+        ParameterError
+            ``mode`` is not ``"minimal"``, ``"standard"`` or ``"full"``.
         """
         fields = mode_fields(mode)
         columns: dict[str, Any] = {}
@@ -368,7 +478,13 @@ class CallTable:
         return pd.DataFrame(columns, index=self.obs_names.copy())
 
     def own_columns(self) -> set[str]:
-        """Every column atlasmtl writes for these levels (replaced on writeback)."""
+        """Every column atlasmtl writes for these levels (replaced on writeback).
+
+        Returns
+        -------
+        set of str
+            The columns of every mode for every level (:func:`column_names`).
+        """
         return {c for level in self.levels for c in column_names(level).values()}
 
     @classmethod
@@ -381,8 +497,35 @@ class CallTable:
         metadata: dict[str, Any] | None = None,
         hierarchy: dict[str, dict[str, str]] | None = None,
         where: str = "the predictions",
-    ) -> "CallTable":
-        """Rebuild the calls from a table written with ``mode="full"`` (index = cell names)."""
+    ) -> Self:
+        """Rebuild the calls from a table written with ``mode="full"`` (index = cell names).
+
+        Parameters
+        ----------
+        frame
+            The prediction table, indexed by cell name, with every level's ``mode="full"`` columns.
+        classes
+            Class names per level; its keys are the levels read, coarse to fine.
+        coords
+            Predicted coordinates per coordinate target (cells × dims), in the table's cell order.
+        metadata
+            The prediction's metadata (settings, genes, ...), when known.
+        hierarchy
+            For each level that nests in the previous one: child label → parent label.
+        where
+            The table's name in error messages (e.g. its file name).
+
+        Returns
+        -------
+        CallTable
+            An instance of the class it is called on (a :class:`~atlasmtl.result.PredictionResult` from it).
+
+        Raises
+        ------
+        InputError
+            The table holds no cells, names a cell twice, or a level's columns are missing or
+            unreadable (see :meth:`LevelCalls.from_frame`).
+        """
         if len(frame) == 0:
             raise InputError(f"{where} holds no cells.")
         cells = pd.Index(frame.index.astype(str))
@@ -400,14 +543,29 @@ class CallTable:
         )
 
     def placement(self) -> str | None:
-        """Where the query cells' coordinates came from, in words (``predict(coordinates=)``); ``None`` when the
-        settings do not say (no coordinate heads, or a result read back from a table)."""
+        """Where the query cells' coordinates came from, in words (``predict(coordinates=)``).
+
+        Returns
+        -------
+        str or None
+            ``"the mean of each cell's k nearest reference cells"`` or ``"the coordinate heads"``;
+            ``None`` when the settings do not say (no coordinate heads, or a result read back
+            from a table).
+        """
         settings = self.metadata.get("settings") or {}
         return {"neighbours": f"the mean of each cell's {settings.get('knn_k')} nearest reference cells",
                 "heads": "the coordinate heads"}.get(settings.get("coordinates"))
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Sections of the compact prediction summary (see ``show_resource_usage``)."""
+        """Sections of the compact prediction summary (see ``show_resource_usage``).
+
+        Returns
+        -------
+        dict
+            Section → ``{line name: value}``, in print order: ``query`` (cells, input semantics,
+            coordinates), ``genes`` (matched, mapped by), ``levels`` (per level its low-confidence,
+            KNN-confirmed, Unknown and novel rates) and ``runtime``.
+        """
         rt = self.metadata.get("prediction_runtime", {})
         genes = self.metadata.get("genes", {})
         per_level = {}
