@@ -36,19 +36,26 @@ __all__ = ["PredictionResult", "LevelCalls", "UNKNOWN", "MODES", "column_names"]
 class PredictionResult(CallTable):
     """Predictions for every query cell at every level, plus coordinates and metadata.
 
+    Made by :func:`atlasmtl.predict`, or read back by :meth:`from_predictions`.
+
     Attributes
     ----------
     obs_names
-        Query cell names, in order.
+        Query cell names, in order (a text Index).
+    classes
+        Class names per level (the model's); codes in ``levels`` index them.
     levels
         Per level: a :class:`~atlasmtl.calls.LevelCalls` with arrays ``pred``
         (final class code, -1 = Unknown; also readable as ``["code"]``),
         ``conf``, ``margin``, ``is_unknown``, ``raw`` (``["raw_code"]``),
-        ``knn`` (``["knn_code"]``), ``knn_vote_frac``, ``is_low_conf``, ``used_knn``.
+        ``knn`` (``["knn_code"]``), ``knn_vote_frac``, ``is_low_conf``, ``used_knn``,
+        ``novelty``, ``is_novel`` and ``neighbourhood_novelty``.
     coords
         Predicted coordinates per coordinate target (cells × dims).
     metadata
         Settings, gene overlap, input checks, versions and ``prediction_runtime``.
+    hierarchy
+        For each level that nests in the previous one: child label → parent label (empty when none does).
     """
 
     def to_csv(self, path: str | os.PathLike, mode: str = "minimal", include_coords: bool = False) -> None:
@@ -82,6 +89,13 @@ class PredictionResult(CallTable):
         atomic_write(path, buffer.getvalue(), "predictions")
 
     def uns_entry(self) -> dict[str, Any]:
+        """The ``uns["atlasmtl"]`` entry a writeback stores: :attr:`metadata` in a form ``.h5ad`` files hold.
+
+        Returns
+        -------
+        dict
+            The metadata with ``None`` values left out and lists made arrays (nested alike).
+        """
         return h5ad_safe(self.metadata)
 
     def _check_cells(self, obs_names: Any, what: str) -> None:
@@ -143,6 +157,19 @@ class PredictionResult(CallTable):
             Also write ``obsm["X_pred_<name>"]`` for each coordinate head.
         copy
             Write into a copy and return it instead of modifying ``adata``.
+
+        Returns
+        -------
+        anndata.AnnData
+            ``adata`` itself, written into, or its annotated copy with ``copy=True``.
+
+        Raises
+        ------
+        ParameterError
+            ``adata`` is not an AnnData in memory (a path: use :meth:`write_h5ad`), ``mode`` is
+            unknown, or ``copy`` / ``include_coords`` is not a boolean.
+        InputError
+            ``adata``'s cells are not the result's (same names, same order).
         """
         mode_fields(mode)  # a bad mode fails before anything is checked or copied
         if not isinstance(adata, ad.AnnData):
@@ -185,6 +212,20 @@ class PredictionResult(CallTable):
             AnnData, or an in-memory AnnData (left unchanged).
         mode, include_coords
             As in :meth:`to_adata`; ``mode`` defaults to ``"standard"`` here (``to_adata``'s to ``"minimal"``).
+
+        Returns
+        -------
+        pathlib.Path
+            The file written.
+
+        Raises
+        ------
+        OutputError
+            ``path`` does not end in ``.h5ad`` or cannot be written.
+        InputError
+            The source file is missing or unreadable, is ``path`` itself, or does not hold the result's cells.
+        ParameterError
+            ``mode`` is unknown or ``include_coords`` not a boolean.
 
         Notes
         -----
@@ -240,10 +281,27 @@ class PredictionResult(CallTable):
         """Print a compact, sectioned summary of the prediction run."""
         print(format_sections("atlasmtl prediction", self.summary()))
 
-    def report(self, path: str | os.PathLike, **kwargs: Any) -> "os.PathLike":
+    def report(self, path: str | os.PathLike, **kwargs: Any) -> Path:
         """Write a self-contained HTML mapping report; see :func:`atlasmtl.report.write_report`.
 
-        Keyword arguments (``model=``, ``adata=``, ``truth=``, ``reference=``, ...) are passed on.
+        Parameters
+        ----------
+        path
+            The ``.html`` file to write (its folder is created).
+        **kwargs
+            :func:`~atlasmtl.report.write_report`'s keyword arguments (``model=``, ``adata=``, ``truth=``,
+            ``truth_columns=``, ``reference=``, ``title=``, ``basis=``, ``dpi=``), passed on.
+
+        Returns
+        -------
+        pathlib.Path
+            The path written.
+
+        Raises
+        ------
+        OutputError
+            ``path`` does not end in ``.html`` / ``.htm``, or cannot be written; and the errors
+            :func:`~atlasmtl.report.write_report` names for its other arguments.
         """
         from .report_html import write_report
 
@@ -267,6 +325,19 @@ class PredictionResult(CallTable):
             The :class:`~atlasmtl.model.TrainedModel` that made them.
         settings
             Gate settings to record when the predictions hold none (a table keeps no metadata).
+
+        Returns
+        -------
+        PredictionResult
+            The calls of every level, and the coordinates and metadata the predictions hold.
+
+        Raises
+        ------
+        InputError
+            No such file, a table that cannot be read, levels the model lacks, or columns missing
+            or unreadable (written in a mode other than ``"full"``).
+        ParameterError
+            ``model`` is not a model, or ``settings`` not a dict of valid gate settings.
         """
         if not (hasattr(model, "classes") and hasattr(model, "label_columns")):
             raise ParameterError(f"model must be the TrainedModel that made the predictions, not {type(model).__name__}.")
