@@ -135,7 +135,25 @@ class TrainedModel:
 
     @classmethod
     def from_parts(cls, parts: ModelParts) -> "TrainedModel":
-        """Build the model from the plain parts a model file holds (weights, metadata, KNN reference)."""
+        """Build the model from the plain parts a model file holds (weights, metadata, KNN reference).
+
+        Parameters
+        ----------
+        parts
+            A :class:`~atlasmtl.artifacts.ModelParts`: the network's ``state_dict``, the
+            ``metadata`` (its ``"architecture"`` builds the network) and the KNN ``reference``,
+            as :func:`~atlasmtl.artifacts.read_model` returns them.
+
+        Returns
+        -------
+        TrainedModel
+            The model, its network on the CPU in eval mode.
+
+        Raises
+        ------
+        ArtifactError
+            The weights do not fit the architecture the metadata describes.
+        """
         network = build_network(parts.metadata["architecture"])
         try:
             network.load_state_dict(parts.state_dict)
@@ -145,7 +163,15 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ reporting
     def resource_summary(self) -> dict[str, dict[str, Any]]:
-        """Sections of the printed model summary (plain-word keys; see ``train_config`` for the raw figures)."""
+        """Sections of the printed model summary (plain-word keys; see ``train_config`` for the raw figures).
+
+        Returns
+        -------
+        dict
+            Section → ``{line name: value}``, in print order: ``model`` (levels, coordinate heads,
+            genes, architecture, input transform), ``training`` (cells, epochs, device, time and
+            memory) and ``knn reference`` (cells, space, neighbour label agreement).
+        """
         cfg = self.train_config
         arch = self.metadata["architecture"]
         stored = cfg.get("resource_summary", {})
@@ -197,6 +223,11 @@ class TrainedModel:
         A model saved before neighbour indexes existed (artifact schema 1–2) with
         more reference cells than exact search handles gets its index here, on
         first use; saving the model again stores it.
+
+        Returns
+        -------
+        ReferenceSearch
+            The model's :class:`~atlasmtl.knn.ReferenceSearch` (the same object on every call).
         """
         if self._search is None:
             if needs_index(self.reference):
