@@ -21,8 +21,6 @@ import re
 import types
 from typing import Any, Callable, Iterator
 
-import pytest
-
 import atlasmtl
 import atlasmtl.datasets
 import atlasmtl.distributed
