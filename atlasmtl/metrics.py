@@ -63,10 +63,29 @@ LEVEL_METRICS = (
 
 
 # ---------------------------------------------------------------------------- label metrics
+def _label_pair(y_true: Any, y_pred: Any, what: str = "y_true and y_pred") -> tuple[np.ndarray, np.ndarray]:
+    """``y_true`` and ``y_pred`` as 1-D object arrays of one length; a true label that is missing (``None``,
+    NaN) is a :class:`ParameterError`: it would be compared as a label (``None == None`` scored right)."""
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    if y_true.ndim != 1 or y_pred.ndim != 1 or len(y_true) != len(y_pred):
+        raise ParameterError(f"{what} must be one label per cell, of the same length; got shapes {y_true.shape} "
+                             f"and {y_pred.shape}.")
+    missing = pd.isna(y_true)
+    if missing.any():
+        raise ParameterError(f"y_true holds {int(missing.sum())} missing label(s) (None or NaN); leave those cells "
+                             "out (y_pred[mask], y_true[mask] with mask = pandas.notna(y_true)), as evaluate does.")
+    return y_true, y_pred
+
+
 def _correct(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Per-cell correctness; ``Unknown`` is never correct."""
-    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    y_true, y_pred = _label_pair(y_true, y_pred)
     return (y_pred == y_true) & (y_pred != UNKNOWN)
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean, NaN (without numpy's warning) for no values."""
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -76,8 +95,8 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     ----------
     y_true
         True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN would be compared
-        as labels).
+        cells without a true label out before scoring (here ``None`` or NaN is a
+        :class:`ParameterError`).
     y_pred
         Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
 
@@ -91,7 +110,7 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     --------
     accuracy_covered : the same among the cells not called Unknown.
     """
-    return float(_correct(y_true, y_pred).mean())
+    return _mean(_correct(y_true, y_pred))
 
 
 def class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[Any]) -> np.ndarray:
@@ -99,7 +118,7 @@ def class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[Any]) -> n
     ``Unknown`` (as :func:`accuracy` counts it)."""
     from sklearn.metrics import f1_score
 
-    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    y_true, y_pred = _label_pair(y_true, y_pred)
     never = "\x00" + UNKNOWN  # matches no true label
     y_pred = np.where(y_pred == UNKNOWN, never, y_pred)
     return f1_score(y_true, y_pred, labels=list(labels), average=None, zero_division=0)
@@ -116,18 +135,18 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     ----------
     y_true
         True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN would be compared
-        as labels).
+        cells without a true label out before scoring (here ``None`` or NaN is a
+        :class:`ParameterError`).
     y_pred
         Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
 
     Returns
     -------
     float
-        Macro-F1, in [0, 1]. Needs at least one cell (scikit-learn raises ``ValueError``
-        on none).
+        Macro-F1, in [0, 1]; NaN for no cells.
     """
-    return float(np.mean(class_f1(y_true, y_pred, np.unique(np.asarray(y_true, dtype=object)))))
+    y_true, y_pred = _label_pair(y_true, y_pred)
+    return _mean(class_f1(y_true, y_pred, np.unique(y_true))) if len(y_true) else float("nan")
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -137,8 +156,8 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     ----------
     y_true
         True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN would be compared
-        as labels).
+        cells without a true label out before scoring (here ``None`` or NaN is a
+        :class:`ParameterError`).
     y_pred
         Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
 
@@ -148,9 +167,9 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         The unweighted mean over the true classes of the fraction of each class's cells
         called right, in [0, 1]; NaN for no cells.
     """
-    y_true = np.asarray(y_true, dtype=object)
+    y_true, y_pred = _label_pair(y_true, y_pred)
     correct = _correct(y_true, y_pred)
-    return float(np.mean([correct[y_true == c].mean() for c in np.unique(y_true)]))
+    return _mean(np.array([correct[y_true == c].mean() for c in np.unique(y_true)]))
 
 
 def coverage(y_pred: np.ndarray) -> float:
@@ -166,7 +185,7 @@ def coverage(y_pred: np.ndarray) -> float:
     float
         The fraction of cells with a label other than ``"Unknown"``, in [0, 1]; NaN for no cells.
     """
-    return float(np.mean(np.asarray(y_pred, dtype=object) != UNKNOWN))
+    return _mean(np.asarray(y_pred, dtype=object) != UNKNOWN)
 
 
 def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
@@ -176,8 +195,8 @@ def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
     ----------
     y_true
         True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN would be compared
-        as labels).
+        cells without a true label out before scoring (here ``None`` or NaN is a
+        :class:`ParameterError`).
     y_pred
         Predicted label per cell, in the order of ``y_true``; cells called ``"Unknown"`` are left out.
 
@@ -187,8 +206,9 @@ def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
         The fraction correct among the cells with a label, in [0, 1]; ``None`` when every
         cell is Unknown or there are no cells.
     """
+    correct = _correct(y_true, y_pred)
     covered = np.asarray(y_pred, dtype=object) != UNKNOWN
-    return float(_correct(y_true, y_pred)[covered].mean()) if covered.any() else None
+    return float(correct[covered].mean()) if covered.any() else None
 
 
 # ---------------------------------------------------------------------------- confidence metrics
@@ -326,17 +346,23 @@ def full_path_accuracy(truths: Sequence[np.ndarray], preds: Sequence[np.ndarray]
         True labels per level, each one per cell, without missing values.
     preds
         Predicted labels per level, in the order of ``truths`` and of its cells; ``"Unknown"``
-        is never correct. At least one level (an empty list raises ``IndexError``).
+        is never correct. At least one level, each with the cells of ``truths`` (else a
+        :class:`ParameterError`).
 
     Returns
     -------
     float
         The fraction of cells whose prediction is right at every level, in [0, 1]; NaN for no cells.
     """
+    if len(truths) == 0 or len(truths) != len(preds):
+        raise ParameterError(f"truths and preds must hold the same levels, at least one; got {len(truths)} and "
+                             f"{len(preds)}.")
     correct = np.ones(len(preds[0]), dtype=bool)
     for y_true, y_pred in zip(truths, preds):
+        if len(y_pred) != len(correct):
+            raise ParameterError(f"Every level must hold the same cells; got {len(correct)} and {len(y_pred)} labels.")
         correct &= _correct(y_true, y_pred)
-    return float(correct.mean())
+    return _mean(correct)
 
 
 # ---------------------------------------------------------------------------- novel-type metric
@@ -346,8 +372,8 @@ def novel_auroc(conf: np.ndarray, is_novel: np.ndarray, score: np.ndarray | None
     Parameters
     ----------
     conf
-        Confidence per cell; ``1 - conf`` is the score when ``score`` is not given (then it
-        must hold no NaN: scikit-learn raises ``ValueError``).
+        Confidence per cell; ``1 - conf`` is the score when ``score`` is not given (a NaN
+        confidence then ranks as most novel, as a NaN score does).
     is_novel
         Whether each cell is of a type the reference lacks (the positives).
     score
@@ -365,9 +391,10 @@ def novel_auroc(conf: np.ndarray, is_novel: np.ndarray, score: np.ndarray | None
     is_novel = np.asarray(is_novel, dtype=bool)
     if is_novel.all() or not is_novel.any():
         return None
-    if score is None:
-        return float(roc_auc_score(is_novel, 1.0 - np.asarray(conf, dtype=np.float64)))
-    score = np.asarray(score, dtype=np.float64)
+    score = 1.0 - np.asarray(conf, dtype=np.float64) if score is None else np.asarray(score, dtype=np.float64)
+    if score.shape != is_novel.shape:
+        raise ParameterError(f"The score and is_novel must hold one value per cell; got shapes {score.shape} and "
+                             f"{is_novel.shape}.")
     return float(roc_auc_score(is_novel, np.where(np.isnan(score), np.inf, score).clip(-1e300, 1e300)))
 
 
@@ -452,12 +479,14 @@ def neighbour_overlap(pred: np.ndarray, true: np.ndarray, reference: np.ndarray,
     Returns
     -------
     overlap : float
-        The mean shared fraction, in [0, 1]. Needs at least one query cell (none divides by zero).
+        The mean shared fraction, in [0, 1]; NaN for no query cells.
     k : int
         The ``k`` used.
     """
     from .knn import NeighbourIndex
 
+    if len(pred) == 0:
+        return float("nan"), min(k, len(reference))
     index = NeighbourIndex(np.asarray(reference), random_state=0)
     k = min(k, index.n_cells)
     near_pred, _ = index.query(pred, k)

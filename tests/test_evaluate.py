@@ -469,3 +469,34 @@ def test_pbmc68k_integration():
     print(evaluation_table(ev).round(3).to_string())
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in umap.items()}, h["path_consistency"],
           h["full_path_accuracy"], novel["n_novel"], novel["levels"]["bulk_labels"])
+
+
+def test_metric_functions_called_directly_check_their_inputs():
+    """The public metric functions, called without evaluate: labels of two lengths, a missing true label, no
+    levels, and no cells give a ParameterError or NaN (they broadcast a length-1 array, scored None == None
+    as right, raised IndexError / ZeroDivisionError, or scikit-learn's ValueError)."""
+    from atlasmtl import metrics
+
+    for f in (metrics.accuracy, metrics.macro_f1, metrics.balanced_accuracy, metrics.accuracy_covered):
+        with pytest.raises(ParameterError, match="same length"):
+            f(np.array(["B", "T", "T"]), np.array(["B"]))
+        with pytest.raises(ParameterError, match="1 missing label"):
+            f(np.array(["B", None], dtype=object), np.array(["B", "T"]))
+        with pytest.raises(ParameterError, match="1 missing label"):
+            f(np.array(["B", np.nan], dtype=object), np.array(["B", "T"]))
+    empty = np.array([], dtype=object)
+    for f in (metrics.accuracy, metrics.macro_f1, metrics.balanced_accuracy):
+        assert np.isnan(f(empty, empty))
+    assert np.isnan(metrics.coverage(empty)) and metrics.accuracy_covered(empty, empty) is None
+    assert metrics.macro_f1(np.array(["B", "T", "T"]), np.array(["B", "T", "Unknown"])) == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ParameterError, match="at least one"):
+        metrics.full_path_accuracy([], [])
+    with pytest.raises(ParameterError, match="same cells"):
+        metrics.full_path_accuracy([np.array(["B", "T"]), np.array(["B", "T"])], [np.array(["B", "T"]), np.array(["B"])])
+    assert metrics.full_path_accuracy([np.array(["B", "T"])], [np.array(["B", "B"])]) == 0.5
+    # a NaN confidence ranks as most novel, as a NaN score does (scikit-learn refused it)
+    assert metrics.novel_auroc(np.array([0.9, np.nan, 0.8, 0.2]), np.array([False, True, False, True])) == 1.0
+    with pytest.raises(ParameterError, match="one value per cell"):
+        metrics.novel_auroc(np.array([0.9, 0.1]), np.array([False, True, True]))
+    overlap, k = metrics.neighbour_overlap(np.zeros((0, 2)), np.zeros((0, 2)), np.random.default_rng(0).normal(size=(30, 2)))
+    assert np.isnan(overlap) and k == 15
