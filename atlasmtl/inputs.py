@@ -44,6 +44,10 @@ class MatrixSource:
     where: str
     backed: bool = False
     notes: list[str] = field(default_factory=list)
+    #: Gene names of ``adata.raw`` when ``matrix`` is ``X`` or a layer and the AnnData has a ``raw``: where a
+    #: query's ``X`` lost genes that ``raw`` kept (``sc.pp.highly_variable_genes(subset=True)``), :func:`raw_hint`
+    #: tells the user to pass ``use_raw=True``.
+    raw_var_names: pd.Index | None = None
 
     @property
     def n_obs(self) -> int:
@@ -148,7 +152,25 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
         # (a new matrix object sharing data and indices: the user's AnnData is not modified)
         matrix = sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr.astype(matrix.indices.dtype)),
                                shape=matrix.shape, copy=False)
-    return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes)
+    raw_names = adata.raw.var_names if not use_raw and adata.raw is not None else None
+    return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes, raw_var_names=raw_names)
+
+
+def raw_hint(source: MatrixSource, genes: Any, n_matched: int | None = None) -> str:
+    """A sentence telling the user to pass ``use_raw=True`` when ``adata.raw`` holds clearly more of ``genes``
+    (by exact name) than the chosen matrix (by exact name, or ``n_matched`` when larger), e.g. after ``sc.pp.highly_variable_genes(
+    subset=True)`` or ``sc.pp.filter_genes`` with ``raw`` set before; ``""`` otherwise."""
+    if source.raw_var_names is None:
+        return ""
+    genes = pd.Index(genes)
+    in_raw = int(pd.Index(source.raw_var_names).isin(genes).sum())
+    n_matched = max(int(source.var_names.isin(genes).sum()), n_matched or 0)
+    if in_raw < n_matched + max(10, 0.01 * len(genes)):
+        return ""
+    return (f" adata.raw holds {in_raw} of the model's {len(genes)} genes, adata.{source.where} only {n_matched}: "
+            f"{source.where} looks cut to a subset of genes (e.g. sc.pp.highly_variable_genes(subset=True) or "
+            "sc.pp.filter_genes after setting adata.raw). Pass use_raw=True (--use-raw on the command line) to read "
+            "adata.raw.X, or the AnnData before the genes were cut.")
 
 
 @contextlib.contextmanager
@@ -322,7 +344,14 @@ def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int
         )
     if node.attrs.get("encoding-type", "") == "csc_matrix":
         raise _stored_as_csc(f"{where} in {path!r}")
-    return MatrixSource(matrix=matrix, var=var, where=where, backed=True)
+    raw_names = None
+    if not use_raw and "raw" in f and "var" in f["raw"]:
+        try:
+            raw_var = f["raw/var"]
+            raw_names = pd.Index(read_elem(raw_var[raw_var.attrs["_index"]]), dtype=str)
+        except Exception:  # only for a hint: an unreadable raw is reported when use_raw=True reads it
+            raw_names = None
+    return MatrixSource(matrix=matrix, var=var, where=where, backed=True, raw_var_names=raw_names)
 
 
 def _values_of(block: Any) -> np.ndarray:

@@ -23,14 +23,14 @@ import scipy.sparse as sp
 import torch
 
 from ._version import __version__
-from .exceptions import InputError, ParameterError, user_stacklevel
+from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
 from .calibration import softmax
 from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
 from .hierarchy import decode_paths, level_paths, parent_codes
 from .genes import UNMEASURED_MIN_EXPECTED, GeneAligner, build_aligner, unmeasured_genes
 from .io import open_anndata
 from .calls import LevelCalls
-from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source,
+from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source, raw_hint,
                      sample_rows)
 from .knn import COORDINATE_SOURCES, SEARCH_BLOCK, ReferenceSearch, neighbour_coordinates, normalise_rows, vote
 from .novelty import (COARSE_FLAG_VIEW_OFFSET, INPUT_VIEW_CONFIDENCE_GUARD, KNN_VOTE_MAX_CONFIDENCE_DROP,
@@ -304,17 +304,17 @@ def prepare_query(
         semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        aligner = build_aligner(
-            model.genes,
-            model.metadata["gene_namespace"],
-            model.metadata.get("gene_alt_ids", {}),
-            source,
-            input_transform,
-            semantics["semantics"],
-            gene_map=gene_map,
-            min_gene_overlap=min_gene_overlap,
-            **_gene_stats(model),
-        )
+        try:
+            aligner = _build_query_aligner(model, source, input_transform, semantics, gene_map, min_gene_overlap)
+        except GeneAlignmentError as exc:
+            hint = raw_hint(source, model.genes)
+            if not hint:
+                raise
+            raise GeneAlignmentError(str(exc) + hint) from exc
+        hint = raw_hint(source, model.genes, aligner.report.get("n_matched"))
+        if hint:
+            warnings.warn(f"{aligner.report.get('n_missing', 0)} of the model's genes are missing from the query and "
+                          "are read as not expressed." + hint, UserWarning, stacklevel=2)
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=user_stacklevel())
     gene_report = dict(aligner.report)
@@ -334,6 +334,13 @@ def prepare_query(
             warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
             gene_report["warnings"].append(message)
     return aligner, semantics, gene_report
+
+
+def _build_query_aligner(model: TrainedModel, source: MatrixSource, input_transform: str, semantics: dict[str, Any],
+                         gene_map: Any, min_gene_overlap: float) -> GeneAligner:
+    return build_aligner(model.genes, model.metadata["gene_namespace"], model.metadata.get("gene_alt_ids", {}), source,
+                         input_transform, semantics["semantics"], gene_map=gene_map,
+                         min_gene_overlap=min_gene_overlap, **_gene_stats(model))
 
 
 def _unmeasured_check(model: TrainedModel, sample: Any, aligner: GeneAligner,
