@@ -48,6 +48,9 @@ class MatrixSource:
     #: query's ``X`` lost genes that ``raw`` kept (``sc.pp.highly_variable_genes(subset=True)``), :func:`raw_hint`
     #: tells the user to pass ``use_raw=True``.
     raw_var_names: pd.Index | None = None
+    #: ``(log base, factor)`` when the matrix holds log values of another base or of another per-cell total than
+    #: log1p(CP10k) (:func:`lognorm_scale`): :meth:`rows` then returns ``log1p(factor · (base**x − 1))``.
+    lognorm_fix: tuple[float, float] | None = None
 
     @property
     def n_obs(self) -> int:
@@ -89,8 +92,21 @@ class MatrixSource:
                 # Unsorted rows are left as they are: finding duplicates there costs a sort of every block
                 block = block.copy()
                 block.sum_duplicates()
+            return self.natural_log1p_cp10k(block)
+        return self.natural_log1p_cp10k(np.asarray(block, dtype=np.float32))
+
+    def natural_log1p_cp10k(self, block: Any) -> Any:
+        """``block`` as log1p(CP10k) when :attr:`lognorm_fix` is set (a new array; the matrix is never changed)."""
+        if self.lognorm_fix is None:
             return block
-        return np.asarray(block, dtype=np.float32)
+        base, factor = self.lognorm_fix
+        out = block.copy() if sp.issparse(block) else np.array(block, dtype=np.float32)
+        values = out.data if sp.issparse(out) else out
+        values *= np.float32(np.log(base))
+        np.expm1(values, out=values)
+        values *= np.float32(factor)
+        np.log1p(values, out=values)
+        return out
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, int, Any]]:
         """Yield ``(start, stop, rows)`` over contiguous row chunks."""
@@ -500,6 +516,57 @@ def detect_semantics(source: MatrixSource, sample: Any = None,
     }
 
 
+#: Log bases tried on log-normalised values: natural (``sc.pp.log1p``), 2 and 10 (``sc.pp.log1p(base=...)``).
+LOG_BASES = (float(np.e), 2.0, 10.0)
+#: The per-cell total atlasmtl's log-normalised input is on (``log1p`` of counts per 10k).
+TARGET_SUM = 1e4
+
+
+def _whole_count_share(values: np.ndarray, indptr: np.ndarray, base: float) -> float:
+    """Share of cells whose ``base**v − 1`` values, divided by the cell's smallest, are whole numbers (counts)."""
+    linear = np.expm1(values.astype(np.float64) * np.log(base))
+    lengths = np.diff(indptr)
+    keep = lengths > 0
+    if not keep.any():
+        return 0.0
+    smallest = np.minimum.reduceat(linear, indptr[:-1][keep])
+    ratio = linear / np.repeat(smallest, lengths[keep])
+    whole = np.abs(ratio - np.round(ratio)) < 0.01
+    per_cell = np.add.reduceat(whole.astype(float), indptr[:-1][keep]) / lengths[keep]
+    return float(np.mean(per_cell > 0.9))
+
+
+def lognorm_scale(sample: Any) -> dict[str, Any]:
+    """What a log-normalised matrix's sampled rows are the log of: the log base and, when every row sums to one
+    total (``sc.pp.normalize_total`` over all genes: its default target, the median library size, or
+    ``target_sum=1e6``), that total.
+
+    The base is the one of :data:`LOG_BASES` under which most cells' values are whole multiples of their smallest
+    (counts scaled per cell; natural unless another fits and the natural one does not). Returns
+    ``{"log_base", "target_sum", "fix"}``: ``fix`` = ``(base, TARGET_SUM / total)`` when the values are not
+    log1p(CP10k) and can be brought to it, else ``None``; ``target_sum`` is ``None`` when the rows' totals differ
+    (a matrix cut to some genes), then only the base is changed.
+    """
+    block = sp.csr_matrix(sample, dtype=np.float32)
+    block.eliminate_zeros()
+    base = LOG_BASES[0]
+    if block.nnz:
+        shares = [_whole_count_share(block.data, block.indptr, b) for b in LOG_BASES]
+        if shares[0] < 0.5 and max(shares) >= 0.9:
+            base = LOG_BASES[int(np.argmax(shares))]
+    linear = block.copy()
+    linear.data = np.expm1(linear.data.astype(np.float64) * np.log(base))
+    totals = np.asarray(linear.sum(axis=1)).ravel()
+    totals = totals[totals > 0]
+    target = None
+    if totals.size >= 2 and (totals.max() - totals.min()) <= 0.01 * np.median(totals):
+        target = float(np.median(totals))
+    factor = TARGET_SUM / target if target is not None and abs(target / TARGET_SUM - 1) > 0.01 else 1.0
+    fix = (base, factor) if base != LOG_BASES[0] or factor != 1.0 else None
+    return {"log_base": "e" if base == LOG_BASES[0] else int(base), "target_sum": target and round(target, 2),
+            "fix": fix, "median_total": float(np.median(totals)) if totals.size else 0.0}
+
+
 def check_semantics_usable(semantics: str, input_transform: str, where: str) -> None:
     """Refuse matrices the network cannot use (scaled/centred values)."""
     if semantics == "scaled":
@@ -522,4 +589,22 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
             "without log) and log-normalises them per cell. If the matrix holds log-normalised values with a few "
             "outliers, or log values and counts mixed, fix it or choose another (layer='counts', use_raw=True).",
             UserWarning, stacklevel=user_stacklevel())
+    if semantics["semantics"] == "lognorm" and input_transform != "binary":
+        scale = lognorm_scale(sample if sample is not None else sample_rows(source))
+        semantics["log_base"], semantics["target_sum"] = scale["log_base"], scale["target_sum"]
+        if scale["fix"] is not None:
+            source.lognorm_fix = scale["fix"]
+            semantics["normalisation"] = (
+                f"log{'1p' if scale['log_base'] == 'e' else str(scale['log_base'])} values"
+                + (f" of {scale['target_sum']:g} per cell" if scale["target_sum"] else "")
+                + " brought to natural log1p of counts per 1e4")
+        elif scale["target_sum"] is None and scale["median_total"] > 1.5 * TARGET_SUM:
+            warnings.warn(
+                f"adata.{source.where} holds log-normalised values whose cells sum to about "
+                f"{scale['median_total']:.3g} (median, after undoing the log), more than the {TARGET_SUM:g} per cell "
+                "atlasmtl's log1p(CP10k) input holds (e.g. log1p of counts per million, over a subset of genes, so "
+                "the total cannot be recovered; or not log values at all, e.g. a square root): the values are read as they are and calls will be off. Pass counts "
+                "(layer='counts') or the whole matrix (use_raw=True), or normalise with "
+                "sc.pp.normalize_total(adata, target_sum=1e4) before sc.pp.log1p.",
+                UserWarning, stacklevel=user_stacklevel())
     return semantics

@@ -300,6 +300,7 @@ def prepare_query(
     input_transform = model.metadata["input_transform"]
     sample = sample_rows(source)  # read once: semantics detection and the unmeasured-gene check
     semantics = checked_semantics(source, input_transform, sample)
+    sample = source.natural_log1p_cp10k(sample)  # log values of another base or total, as every later read
     if input_transform != "binary" and semantics["semantics"] != "lognorm":
         semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
     with warnings.catch_warnings(record=True) as caught:

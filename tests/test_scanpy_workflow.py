@@ -61,3 +61,48 @@ def test_a_path_query_cut_to_few_genes_with_raw_is_told_to_use_raw(small_model, 
     _cut_to(symphony_split[1], 400).write_h5ad(path)
     with pytest.raises(GeneAlignmentError, match=r"adata.raw holds 1767.*--use-raw"):
         _predict(small_model, path)
+
+
+def _counts(adata):
+    counts = adata.X.copy()
+    counts.data = np.round(np.expm1(counts.data) * np.repeat(adata.obs["nUMI"].to_numpy() / 1e4, np.diff(counts.indptr)))
+    return type(adata)(counts, obs=adata.obs.copy(), var=adata.var.copy())
+
+
+@pytest.mark.parametrize("normalise", [
+    dict(target_sum=None, base=None),  # scanpy's default: each cell to the median library size
+    dict(target_sum=1e6, base=None),   # log1p CPM
+    dict(target_sum=1e4, base=2),      # sc.pp.log1p(base=2)
+    dict(target_sum=1e4, base=10),
+])
+def test_log_values_of_another_total_or_base_give_the_counts_calls(small_model, symphony_split, normalise):
+    counts = _counts(symphony_split[1])
+    query = counts.copy()
+    sc.pp.normalize_total(query, target_sum=normalise["target_sum"])
+    sc.pp.log1p(query, base=normalise["base"])
+    before = query.X.copy()
+    on_log, on_counts = _predict(small_model, query), _predict(small_model, counts)
+    assert (query.X != before).nnz == 0
+    for level in SYMPHONY_LEVELS:
+        np.testing.assert_array_equal(on_log.levels[level]["raw_code"], on_counts.levels[level]["raw_code"])
+    assert "brought to natural log1p" in on_log.metadata["input"]["normalisation"]
+
+
+def test_a_reference_in_log_cpm_trains_the_log_cp10k_model(symphony_split):
+    ref = _counts(symphony_split[0])
+    cpm = ref.copy()
+    sc.pp.normalize_total(cpm, target_sum=1e6)
+    sc.pp.log1p(cpm)
+    kw = dict(ensemble_size=1, num_epochs=1, show_progress=False, show_summary=False)
+    a, b = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw), atlasmtl.build_model(cpm, SYMPHONY_LEVELS, **kw)
+    assert b.metadata["train_semantics"]["target_sum"] == pytest.approx(1e6, rel=1e-3)
+    np.testing.assert_allclose(a.metadata["gene_stats"]["mean"], b.metadata["gene_stats"]["mean"], atol=1e-3)
+
+
+def test_log_cpm_cut_to_some_genes_warns_with_the_fix(small_model, symphony_split):
+    query = _counts(symphony_split[1])
+    sc.pp.normalize_total(query, target_sum=1e6)
+    sc.pp.log1p(query)
+    query = query[:, query.var_names[:1500]].copy()
+    with pytest.warns(UserWarning, match=r"more than the 10000 per cell.*layer='counts'"):
+        _predict(small_model, query)
