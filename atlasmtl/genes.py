@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
-from .inputs import MatrixSource, check_block, pseudo_counts
+from .inputs import MatrixSource, check_block, pseudo_counts, raw_hint
 from .io import check_input_file
 
 #: Network input: ``zscore`` (log1p of values per 10,000, each gene standardised with the
@@ -763,9 +763,12 @@ def build_aligner(
         ),
         "overlap_fraction": round(overlap, 4),
     }
+    in_raw = raw_hint(source, model_genes, n_matched) if overlap < WARN_OVERLAP else ""
     if overlap < min_gene_overlap:
         hint = ""
-        if how == "gene_map":
+        if in_raw:  # X cut to some genes that adata.raw keeps: the fix is use_raw=True, not the annotation
+            hint = in_raw
+        elif how == "gene_map":
             hint = _gene_map_hint(mapping, query_names, model_keys, model_namespace)
         elif how.startswith("var_names (namespaces differ"):
             hint = (
@@ -784,11 +787,13 @@ def build_aligner(
         )
     if overlap < WARN_OVERLAP:
         absent = [str(g) for i, g in enumerate(model_keys) if i not in seen][:3]
+        advice = in_raw or (
+            " If the query names more of them another way (other IDs, another species or annotation release), "
+            "match them: a var column with the model's IDs, or gene_map= (--gene-map on the command line), query "
+            "name → model name.")
         warnings.warn(
             f"Only {n_matched} of {n_model} model genes ({overlap:.1%}) were found in the query (mapped by {how}); "
-            "missing genes are treated as zero and predictions may be less accurate. If the query names more of "
-            "them another way (other IDs, another species or annotation release), match them: a var column with "
-            f"the model's IDs, or gene_map= (--gene-map on the command line), query name → model name. Missing, "
+            f"missing genes are treated as zero and predictions may be less accurate.{advice} Missing, "
             f"e.g.: {', '.join(absent)}.",
             stacklevel=user_stacklevel(),
         )

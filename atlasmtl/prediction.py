@@ -23,11 +23,11 @@ import scipy.sparse as sp
 import torch
 
 from ._version import __version__
-from .exceptions import GeneAlignmentError, InputError, ParameterError, user_stacklevel
+from .exceptions import InputError, ParameterError, user_stacklevel
 from .calibration import softmax
 from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
 from .hierarchy import decode_paths, level_paths, parent_codes
-from .genes import UNMEASURED_MIN_EXPECTED, GeneAligner, build_aligner, unmeasured_genes
+from .genes import UNMEASURED_MIN_EXPECTED, WARN_OVERLAP, GeneAligner, build_aligner, unmeasured_genes
 from .io import open_anndata
 from .calls import LevelCalls
 from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source, raw_hint,
@@ -305,15 +305,10 @@ def prepare_query(
         semantics["normalisation"] = "query normalised to 1e4 total per cell, then log1p, to match the model"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            aligner = _build_query_aligner(model, source, input_transform, semantics, gene_map, min_gene_overlap)
-        except GeneAlignmentError as exc:
-            hint = raw_hint(source, model.genes)
-            if not hint:
-                raise
-            raise GeneAlignmentError(str(exc) + hint) from exc
+        aligner = _build_query_aligner(model, source, input_transform, semantics, gene_map, min_gene_overlap)
+        # under WARN_OVERLAP the aligner's own warning or error names adata.raw; above it, only this warning
         hint = raw_hint(source, model.genes, aligner.report.get("n_matched"))
-        if hint:
+        if hint and aligner.report.get("overlap_fraction", 1.0) >= WARN_OVERLAP:
             warnings.warn(f"{aligner.report.get('n_missing', 0)} of the model's genes are missing from the query and "
                           "are read as not expressed." + hint, UserWarning, stacklevel=2)
     for w in caught:
