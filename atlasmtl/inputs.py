@@ -410,7 +410,8 @@ LOGNORM_MAX = 30.0
 
 
 def _scaled_message(where: str, input_transform: str = "zscore") -> str:
-    return (f"adata.{where} holds negative values: it looks scaled or centred (e.g. sc.pp.scale), which "
+    return (f"adata.{where} holds negative values: it looks scaled or centred (e.g. sc.pp.scale, "
+            "sc.pp.regress_out or Pearson residuals), which "
             f"cannot be {'binarised' if input_transform == 'binary' else 'normalised'} meaningfully. "
             "Pass raw counts or log-normalised values instead: use_raw=True if adata.raw holds them, "
             "or layer='counts'.")
