@@ -275,23 +275,23 @@ class LevelCalls:
     def coerce(cls, calls: "LevelCalls | Mapping[str, np.ndarray]") -> "LevelCalls":
         """A :class:`LevelCalls` from itself or from a mapping of field names (older names accepted).
 
-    Parameters
-    ----------
-    calls
-        A :class:`LevelCalls` (returned as is) or a mapping field name → array per cell; the
-        older names ``code``, ``raw_code`` and ``knn_code`` are read as ``pred``, ``raw`` and ``knn``.
+        Parameters
+        ----------
+        calls
+            A :class:`LevelCalls` (returned as is) or a mapping field name → array per cell; the
+            older names ``code``, ``raw_code`` and ``knn_code`` are read as ``pred``, ``raw`` and ``knn``.
 
-    Returns
-    -------
-    LevelCalls
-        The calls; fields the mapping lacks among ``novelty``, ``is_novel`` and
-        ``neighbourhood_novelty`` are filled (NaN, False, NaN).
+        Returns
+        -------
+        LevelCalls
+            The calls; fields the mapping lacks among ``novelty``, ``is_novel`` and
+            ``neighbourhood_novelty`` are filled (NaN, False, NaN).
 
-    Raises
-    ------
-    TypeError
-        The mapping lacks a required field or names an unknown one.
-    """
+        Raises
+        ------
+        TypeError
+            The mapping lacks a required field or names an unknown one.
+        """
         if isinstance(calls, LevelCalls):
             return calls
         return cls(**{_ALIASES.get(k, k): v for k, v in calls.items()})
@@ -299,19 +299,19 @@ class LevelCalls:
     def column(self, name: str, classes: list[str]) -> Any:
         """The written values of one field: labels for label fields, the array otherwise.
 
-    Parameters
-    ----------
-    name
-        A field name (a key of :data:`COLUMNS`, e.g. ``"pred"`` or ``"conf"``).
-    classes
-        The level's class names, which the codes of label fields index.
+        Parameters
+        ----------
+        name
+            A field name (a key of :data:`COLUMNS`, e.g. ``"pred"`` or ``"conf"``).
+        classes
+            The level's class names, which the codes of label fields index.
 
-    Returns
-    -------
-    pandas.Categorical or numpy.ndarray
-        For ``pred``, ``raw`` and ``knn``: the class names, code -1 as ``Unknown``
-        (:func:`decode_labels`); for the other fields, the field's array itself.
-    """
+        Returns
+        -------
+        pandas.Categorical or numpy.ndarray
+            For ``pred``, ``raw`` and ``knn``: the class names, code -1 as ``Unknown``
+            (:func:`decode_labels`); for the other fields, the field's array itself.
+        """
         values = getattr(self, name)
         return decode_labels(values, classes) if COLUMNS[name].kind == "label" else values
 
@@ -319,30 +319,30 @@ class LevelCalls:
     def from_frame(cls, frame: pd.DataFrame, level: str, classes: list[str], where: str) -> "LevelCalls":
         """Read one level's calls back from columns written with ``mode="full"``.
 
-    Parameters
-    ----------
-    frame
-        The prediction table, one row per cell.
-    level
-        The level to read (its columns are :func:`column_names`).
-    classes
-        The level's class names: label columns must hold these, ``Unknown`` or nothing (both read as -1).
-    where
-        The table's name in error messages (e.g. its file name).
+        Parameters
+        ----------
+        frame
+            The prediction table, one row per cell.
+        level
+            The level to read (its columns are :func:`column_names`).
+        classes
+            The level's class names: label columns must hold these, ``Unknown`` or nothing (both read as -1).
+        where
+            The table's name in error messages (e.g. its file name).
 
-    Returns
-    -------
-    LevelCalls
-        The level's calls; the columns added after the first release (``novelty_``, ``is_novel_``,
-        ``neighbourhood_novelty_``) read as NaN / False / NaN when the table lacks them.
+        Returns
+        -------
+        LevelCalls
+            The level's calls; the columns added after the first release (``novelty_``, ``is_novel_``,
+            ``neighbourhood_novelty_``) read as NaN / False / NaN when the table lacks them.
 
-    Raises
-    ------
-    InputError
-        A column ``mode="full"`` writes is missing, a label column holds a name not in ``classes``,
-        a number column holds text (or a confidence or share outside [0, 1]), or a flag column
-        holds something other than true / false.
-    """
+        Raises
+        ------
+        InputError
+            A column ``mode="full"`` writes is missing, a label column holds a name not in ``classes``,
+            a number column holds text (or a confidence or share outside [0, 1]), or a flag column
+            holds something other than true / false.
+        """
         names = column_names(level)
         missing = [names[f] for f in COLUMNS if names[f] not in frame.columns and f not in _OPTIONAL]
         if missing:
