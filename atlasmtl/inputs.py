@@ -551,10 +551,10 @@ def lognorm_scale(sample: Any) -> dict[str, Any]:
     block = sp.csr_matrix(sample, dtype=np.float32)
     block.eliminate_zeros()
     base = LOG_BASES[0]
-    if block.nnz:
-        shares = [_whole_count_share(block.data, block.indptr, b) for b in LOG_BASES]
-        if shares[0] < 0.5 and max(shares) >= 0.9:
-            base = LOG_BASES[int(np.argmax(shares))]
+    if block.nnz and _whole_count_share(block.data, block.indptr, base) < 0.5:  # other bases only where e fails
+        shares = [_whole_count_share(block.data, block.indptr, b) for b in LOG_BASES[1:]]
+        if max(shares) >= 0.9:
+            base = LOG_BASES[1 + int(np.argmax(shares))]
     linear = block.copy()
     linear.data = np.expm1(linear.data.astype(np.float64) * np.log(base))
     totals = np.asarray(linear.sum(axis=1)).ravel()
