@@ -51,6 +51,14 @@ class MatrixSource:
     #: ``(log base, factor)`` when the matrix holds log values of another base or of another per-cell total than
     #: log1p(CP10k) (:func:`lognorm_scale`): :meth:`rows` then returns ``log1p(factor · (base**x − 1))``.
     lognorm_fix: tuple[float, float] | None = None
+    #: Column numbers of ``matrix`` that are read (``var`` holds only theirs), or ``None`` for all: the
+    #: ``'Gene Expression'`` features of a 10x file whose ``var['feature_types']`` also marks antibody, peak or
+    #: other features (:func:`gene_expression_only`).
+    columns: np.ndarray | None = None
+    #: The features :attr:`columns` leaves out, counted by ``feature_types`` (recorded with the semantics).
+    left_out: dict[str, int] | None = None
+    #: The AnnData's cell names, for the hint that a matrix holds genes as rows (:func:`atlasmtl.genes.build_aligner`).
+    obs_names: pd.Index | None = None
 
     @property
     def n_obs(self) -> int:
@@ -58,7 +66,7 @@ class MatrixSource:
 
     @property
     def n_vars(self) -> int:
-        return int(self.matrix.shape[1])
+        return int(self.matrix.shape[1]) if self.columns is None else len(self.columns)
 
     @property
     def var_names(self) -> pd.Index:
@@ -85,6 +93,8 @@ class MatrixSource:
                              "check it (e.g. h5py, or anndata.read_h5ad without backed) or write it again.") from exc
         if sp.issparse(block):
             block = sp.csr_matrix(block)
+            if self.columns is not None:
+                block = block[:, self.columns]
             if block.dtype != np.float32:
                 block = block.astype(np.float32)
             if block.has_sorted_indices and not block.has_canonical_format:
@@ -93,7 +103,8 @@ class MatrixSource:
                 block = block.copy()
                 block.sum_duplicates()
             return self.natural_log1p_cp10k(block)
-        return self.natural_log1p_cp10k(np.asarray(block, dtype=np.float32))
+        block = np.asarray(block, dtype=np.float32)
+        return self.natural_log1p_cp10k(block if self.columns is None else block[:, self.columns])
 
     def natural_log1p_cp10k(self, block: Any) -> Any:
         """``block`` as log1p(CP10k) when :attr:`lognorm_fix` is set (a new array; the matrix is never changed)."""
@@ -122,6 +133,42 @@ def _stored_as_csc(what: str) -> InputError:
         "Store it as CSR: a = anndata.read_h5ad(path); a.X = a.X.tocsr() (the same for the layer or raw.X you "
         "use); a.write_h5ad(new_path); or pass the AnnData read into memory (not backed)."
     )
+
+
+#: The ``var['feature_types']`` value of genes in 10x files (Cell Ranger, ``sc.read_10x_h5(gex_only=False)``,
+#: muon); the other values (``'Antibody Capture'``, ``'Peaks'``, ``'CRISPR Guide Capture'``, ...) are no genes.
+GENE_EXPRESSION = "Gene Expression"
+
+
+def gene_expression_only(source: MatrixSource) -> MatrixSource:
+    """Keep only the ``'Gene Expression'`` features of a matrix whose ``var['feature_types']`` (10x Cell Ranger's
+    column) also marks other features, e.g. antibody counts of CITE-seq or peaks of multiome, with a warning.
+
+    Such features are no genes: read with the genes, their counts (often thousands per cell) would enter each
+    cell's normalisation to counts per 10k and lower every gene's value. ``source`` is changed in place (the
+    columns read and its ``var``; the matrix itself is never changed) and returned."""
+    if "feature_types" not in source.var.columns:
+        return source
+    types = source.var["feature_types"].astype(str).to_numpy()
+    genes = types == GENE_EXPRESSION
+    if genes.all() or not genes.any():
+        return source
+    other = pd.Series(types[~genes]).value_counts()
+    left_out = {str(k): int(v) for k, v in other.items()}
+    examples = ", ".join(map(str, source.var.index[~genes][:3]))
+    message = (
+        f"adata.{source.where}: var['feature_types'] marks {int((~genes).sum())} of its {len(types)} features as no "
+        f"genes ({', '.join(f'{k}: {v}' for k, v in left_out.items())}; e.g. {examples}). atlasmtl reads only the "
+        f"{int(genes.sum())} '{GENE_EXPRESSION}' features, so that their counts do not enter each cell's "
+        "normalisation. To read the genes alone without this warning, subset first: "
+        f"adata = adata[:, adata.var['feature_types'] == '{GENE_EXPRESSION}'].copy() (sc.read_10x_h5 and "
+        "sc.read_10x_mtx do so with their default gex_only=True).")
+    source.notes.append(message)
+    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+    source.columns = np.flatnonzero(genes)
+    source.var = source.var.iloc[source.columns]
+    source.left_out = left_out
+    return source
 
 
 def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False) -> MatrixSource:
@@ -169,7 +216,8 @@ def get_matrix_source(adata: ad.AnnData, layer: str | None = None, use_raw: bool
         matrix = sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr.astype(matrix.indices.dtype)),
                                shape=matrix.shape, copy=False)
     raw_names = adata.raw.var_names if not use_raw and adata.raw is not None else None
-    return MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes, raw_var_names=raw_names)
+    return gene_expression_only(MatrixSource(matrix=matrix, var=var, where=where, backed=backed, notes=notes,
+                                             raw_var_names=raw_names, obs_names=adata.obs_names))
 
 
 def raw_hint(source: MatrixSource, genes: Any, n_matched: int | None = None) -> str:
@@ -223,7 +271,9 @@ def h5ad_query_source(
             obs_names = pd.Index(read_elem(obs_group[obs_group.attrs["_index"]]), dtype=str)
         except Exception as exc:
             raise unreadable_h5ad(path, exc) from exc
-        yield obs_names, _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
+        source = _h5ad_matrix(f, path, layer, use_raw, len(obs_names))
+        source.obs_names = obs_names
+        yield obs_names, source
 
 
 @dataclass
@@ -367,7 +417,8 @@ def _h5ad_matrix(f: Any, path: str, layer: str | None, use_raw: bool, n_obs: int
             raw_names = pd.Index(read_elem(raw_var[raw_var.attrs["_index"]]), dtype=str)
         except Exception:  # only for a hint: an unreadable raw is reported when use_raw=True reads it
             raw_names = None
-    return MatrixSource(matrix=matrix, var=var, where=where, backed=True, raw_var_names=raw_names)
+    return gene_expression_only(MatrixSource(matrix=matrix, var=var, where=where, backed=True,
+                                             raw_var_names=raw_names))
 
 
 def _values_of(block: Any) -> np.ndarray:
@@ -391,14 +442,16 @@ def validate_values(source: MatrixSource, chunk_size: int = 4096) -> tuple[float
     if source.backed:
         return None
     m = source.matrix
-    if sp.issparse(m):
+    if sp.issparse(m) and source.columns is None:
         check_finite(m, source.where)
         data = m.data
         return (float(min(data.min(), 0.0)), float(data.max())) if data.size else (0.0, 0.0)
     low, high = np.inf, -np.inf
     for _, _, block in source.iter_chunks(chunk_size):
         check_finite(block, source.where)
-        values = np.asarray(block)
+        values = _values_of(block)
+        if sp.issparse(block) and block.nnz < block.shape[0] * block.shape[1]:
+            low = min(low, 0.0)  # the zeros a sparse block leaves out
         if values.size:
             low, high = min(low, float(values.min())), max(high, float(values.max()))
     return (low, high) if np.isfinite(low) else (0.0, 0.0)
@@ -489,7 +542,7 @@ def detect_semantics(source: MatrixSource, sample: Any = None,
     check_finite(sample, source.where)
     if extent is not None:
         vmin, vmax = extent
-    elif sp.issparse(source.matrix) and not source.backed:
+    elif sp.issparse(source.matrix) and not source.backed and source.columns is None:
         data = source.matrix.data
         vmin = float(min(data.min(), 0.0)) if data.size else 0.0
         vmax = float(data.max()) if data.size else 0.0
@@ -582,6 +635,8 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
     """
     extent = validate_values(source)
     semantics = detect_semantics(source, sample, extent)
+    if source.left_out:
+        semantics["features_left_out"] = dict(source.left_out)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
     if semantics["semantics"] == "other" and input_transform != "binary":
         warnings.warn(

@@ -365,6 +365,8 @@ def empty_cells(source: MatrixSource, cells: np.ndarray, chunk_size: int = 4096)
     matrix is judged by its stored values (from ``indptr``, no pass over the values)."""
     if source.backed:
         return None
+    if source.columns is not None:  # some features are not read (gene_expression_only): count the rows read
+        return sum(empty_rows(source.rows(cells[i : i + chunk_size])) for i in range(0, len(cells), chunk_size))
     matrix = source.matrix
     if sp.issparse(matrix):
         if matrix.format == "csr":

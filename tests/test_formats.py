@@ -1,0 +1,84 @@
+"""AnnData as other tools leave it (10x Cell Ranger with antibody or peak features, Seurat conversions,
+scvi-tools, loom and CSV round trips): atlasmtl reads it right or names the fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+import atlasmtl
+
+from .conftest import SYMPHONY_LEVELS
+
+
+def _predict(model, query, **kw):
+    return atlasmtl.predict(model, query, show_progress=False, show_summary=False, **kw)
+
+
+def _counts(adata):
+    counts = sp.csr_matrix(adata.X, copy=True)
+    counts.data = np.round(np.expm1(counts.data) * np.repeat(adata.obs["nUMI"].to_numpy() / 1e4, np.diff(counts.indptr)))
+    counts.eliminate_zeros()
+    return ad.AnnData(counts.astype(np.float32), obs=adata.obs.copy(), var=adata.var.copy())
+
+
+@pytest.fixture(scope="module")
+def counts_split(symphony_split):
+    return _counts(symphony_split[0]), _counts(symphony_split[1])
+
+
+@pytest.fixture(scope="module")
+def counts_model(counts_split):
+    return atlasmtl.build_model(counts_split[0], SYMPHONY_LEVELS, ensemble_size=1, num_epochs=3, show_progress=False,
+                                show_summary=False)
+
+
+def _same_calls(a, b):
+    for level in SYMPHONY_LEVELS:
+        np.testing.assert_array_equal(a.levels[level]["raw_code"], b.levels[level]["raw_code"])
+
+
+def _with_features(adata, kind, names, values):
+    """``adata`` as Cell Ranger's file read with gex_only=False: genes, then ``names`` of ``feature_types`` ``kind``."""
+    var = adata.var.assign(gene_ids=[f"ENSG{i:011d}" for i in range(adata.n_vars)], feature_types="Gene Expression")
+    extra = pd.DataFrame({"gene_ids": names, "feature_types": kind}, index=names)
+    return ad.AnnData(sp.hstack([adata.X, sp.csr_matrix(values)], format="csr").astype(np.float32),
+                      obs=adata.obs.copy(), var=pd.concat([var, extra]))
+
+
+@pytest.mark.parametrize("kind,n_features,per_cell", [("Antibody Capture", 50, 3000.0), ("Peaks", 2000, 5000.0)])
+def test_antibody_or_peak_features_stay_out_of_the_normalisation(counts_model, counts_split, kind, n_features,
+                                                                 per_cell):
+    query = counts_split[1]
+    rng = np.random.default_rng(0)
+    names = ([f"CD{i}_TotalSeqB" for i in range(n_features)] if kind == "Antibody Capture"
+             else [f"chr1:{1000 * i}-{1000 * i + 500}" for i in range(n_features)])
+    values = rng.poisson(np.outer(rng.lognormal(np.log(per_cell), 0.5, query.n_obs),
+                                  rng.dirichlet(np.full(n_features, 0.5)))).astype(np.float32)
+    full = _with_features(query, kind, names, values)
+    before = full.copy()
+    with pytest.warns(UserWarning, match=rf"feature_types'\] marks {n_features} .*{kind}: {n_features}.*"
+                                         r"adata\[:, adata.var\['feature_types'\] == 'Gene Expression'\]"):
+        result = _predict(counts_model, full)
+    _same_calls(result, _predict(counts_model, query))
+    assert result.metadata["input"]["features_left_out"] == {kind: n_features}
+    assert (full.X != before.X).nnz == 0 and full.var.equals(before.var)
+
+
+def test_a_reference_with_antibody_features_trains_on_its_genes(counts_split):
+    ref = counts_split[0]
+    rng = np.random.default_rng(1)
+    names = [f"CD{i}_TotalSeqB" for i in range(30)]
+    values = rng.poisson(np.outer(rng.lognormal(np.log(2000), 0.5, ref.n_obs), rng.dirichlet(np.ones(30)))).astype(np.float32)
+    kw = dict(ensemble_size=1, num_epochs=1, show_progress=False, show_summary=False)
+    with pytest.warns(UserWarning, match="feature_types"):
+        model = atlasmtl.build_model(_with_features(ref, "Antibody Capture", names, values), SYMPHONY_LEVELS, **kw)
+    plain = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
+    assert model.genes == plain.genes
+    np.testing.assert_allclose(model.metadata["gene_stats"]["mean"], plain.metadata["gene_stats"]["mean"], atol=1e-5)
