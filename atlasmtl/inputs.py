@@ -50,7 +50,7 @@ class MatrixSource:
     raw_var_names: pd.Index | None = None
     #: ``(log base, factor)`` when the matrix holds log values of another base or of another per-cell total than
     #: log1p(CP10k) (:func:`lognorm_scale`): :meth:`rows` then returns ``log1p(factor · (base**x − 1))``.
-    lognorm_fix: tuple[float, float] | None = None
+    lognorm_fix: tuple[float, float | None] | None = None
     #: Column numbers of ``matrix`` that are read (``var`` holds only theirs), or ``None`` for all: the
     #: ``'Gene Expression'`` features of a 10x file whose ``var['feature_types']`` also marks antibody, peak or
     #: other features (:func:`gene_expression_only`).
@@ -107,7 +107,11 @@ class MatrixSource:
         return self.natural_log1p_cp10k(block if self.columns is None else block[:, self.columns])
 
     def natural_log1p_cp10k(self, block: Any) -> Any:
-        """``block`` as log1p(CP10k) when :attr:`lognorm_fix` is set (a new array; the matrix is never changed)."""
+        """``block`` as log1p(CP10k) when :attr:`lognorm_fix` is set (a new array; the matrix is never changed).
+
+        ``lognorm_fix = (base, factor)``: each value ``x`` becomes ``log1p(factor · (base**x − 1))``; with
+        ``factor=None`` (log values of counts not normalised per cell) each row is scaled to ``TARGET_SUM``
+        (row-local, so any chunking gives the same answer)."""
         if self.lognorm_fix is None:
             return block
         base, factor = self.lognorm_fix
@@ -115,7 +119,15 @@ class MatrixSource:
         values = out.data if sp.issparse(out) else out
         values *= np.float32(np.log(base))
         np.expm1(values, out=values)
-        values *= np.float32(factor)
+        if factor is None:
+            totals = np.asarray(out.sum(axis=1), dtype=np.float64).ravel()
+            scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
+            if sp.issparse(out):
+                values *= np.repeat(scale, np.diff(out.indptr))
+            else:
+                values *= scale[:, None]
+        else:
+            values *= np.float32(factor)
         np.log1p(values, out=values)
         return out
 
@@ -616,9 +628,33 @@ def lognorm_scale(sample: Any) -> dict[str, Any]:
     if totals.size >= 2 and (totals.max() - totals.min()) <= 0.01 * np.median(totals):
         target = float(np.median(totals))
     factor = TARGET_SUM / target if target is not None and abs(target / TARGET_SUM - 1) > 0.01 else 1.0
-    fix = (base, factor) if base != LOG_BASES[0] or factor != 1.0 else None
+    fix: tuple[float, float | None] | None = (base, factor) if base != LOG_BASES[0] or factor != 1.0 else None
+    counts = target is None and _log_of_counts(linear)
+    if counts:  # log1p of counts that were never normalised per cell: normalise each row as counts are
+        fix = (base, None)
     return {"log_base": "e" if base == LOG_BASES[0] else int(base), "target_sum": target and round(target, 2),
-            "fix": fix, "median_total": float(np.median(totals)) if totals.size else 0.0}
+            "fix": fix, "median_total": float(np.median(totals)) if totals.size else 0.0, "of_counts": counts}
+
+
+#: Share of sampled cells whose undone log values must all be whole numbers for a matrix to be read as log values
+#: of counts that were never normalised per cell (:func:`_log_of_counts`).
+LOG_OF_COUNTS_SHARE = 0.9
+
+
+def _log_of_counts(linear: sp.csr_matrix) -> bool:
+    """Whether rows of undone log values (``base**x − 1``, no stored zeros) are counts: in at least
+    :data:`LOG_OF_COUNTS_SHARE` of the cells every value is a whole number (``sc.pp.log1p`` without
+    ``sc.pp.normalize_total``; Seurat's SCTransform ``data`` slot, log1p of corrected counts). Counts normalised per
+    cell are multiples of ``target / library size``, whole numbers only in the rare cell whose library divides the
+    target (the tolerance is relative above 1,000: float32 log values keep about seven digits)."""
+    lengths = np.diff(linear.indptr)
+    keep = lengths > 0
+    if keep.sum() < 2:
+        return False
+    starts = linear.indptr[:-1][keep]
+    whole = np.abs(linear.data - np.round(linear.data)) < np.maximum(0.01, 1e-5 * linear.data)
+    all_whole = np.add.reduceat(whole.astype(np.int64), starts) == lengths[keep]
+    return float(np.mean(all_whole)) >= LOG_OF_COUNTS_SHARE
 
 
 def check_semantics_usable(semantics: str, input_transform: str, where: str) -> None:
@@ -653,6 +689,7 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
             semantics["normalisation"] = (
                 f"log{'1p' if scale['log_base'] == 'e' else str(scale['log_base'])} values"
                 + (f" of {scale['target_sum']:g} per cell" if scale["target_sum"] else "")
+                + (" of counts not normalised per cell" if scale["of_counts"] else "")
                 + " brought to natural log1p of counts per 1e4")
         elif scale["target_sum"] is None and scale["median_total"] > 1.5 * TARGET_SUM:
             warnings.warn(

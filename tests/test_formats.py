@@ -82,3 +82,28 @@ def test_a_reference_with_antibody_features_trains_on_its_genes(counts_split):
     plain = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw)
     assert model.genes == plain.genes
     np.testing.assert_allclose(model.metadata["gene_stats"]["mean"], plain.metadata["gene_stats"]["mean"], atol=1e-5)
+
+
+@pytest.mark.parametrize("seurat_sct", [False, True])
+def test_log1p_of_counts_not_normalised_per_cell_reads_as_the_counts(counts_model, counts_split, seurat_sct):
+    """``sc.pp.log1p`` without ``normalize_total``, or Seurat's SCTransform ``data`` slot (log1p of counts
+    corrected to the median depth) converted to X: each cell is normalised as its counts would be."""
+    counts = counts_split[1]
+    query = counts.copy()
+    if seurat_sct:  # counts brought to the median library size, rounded (as SCTransform's corrected counts)
+        totals = np.asarray(query.X.sum(axis=1)).ravel()
+        query.X.data = np.round(query.X.data * np.repeat(np.median(totals) / totals, np.diff(query.X.indptr)))
+        query.X.eliminate_zeros()
+        counts = query.copy()
+    sc.pp.log1p(query)
+    before = query.X.copy()
+    on_log = _predict(counts_model, query)
+    _same_calls(on_log, _predict(counts_model, counts))
+    assert "of counts not normalised per cell" in on_log.metadata["input"]["normalisation"]
+    assert (query.X != before).nnz == 0
+
+
+def test_log_cp10k_cut_to_some_genes_is_not_read_as_log_counts(counts_model, symphony_split):
+    # the committed fixture is log1p CP10k cut to 1,767 genes: the rows' totals differ, and it is read as it is
+    result = _predict(counts_model, symphony_split[1])
+    assert "normalisation" not in result.metadata["input"]
