@@ -778,6 +778,7 @@ def build_aligner(
             )
         else:
             hint = _annotation_hint(keys, model_keys)
+        hint = _names_elsewhere_hint(source, model_keys, model_namespace, n_matched) or hint
         raise GeneAlignmentError(
             f"Only {n_matched} of the model's {n_model} genes ({np.floor(overlap * 1000) / 10:.1f}%) were "
             "found in the query "
@@ -849,6 +850,36 @@ def build_aligner(
             shape=(len(query_names), n_model),
         )
     return GeneAligner(n_model, input_transform, semantics, aggregation, report, gene_mean, gene_std)
+
+
+def _names_elsewhere_hint(source: MatrixSource, model_keys: np.ndarray, model_namespace: str, n_matched: int) -> str:
+    """A sentence naming where the model's genes are when ``var_names`` hold few of them: a ``var`` column (e.g.
+    ``anndata.read_loom``'s default ``var_names='Gene'`` on a file written by anndata leaves the names ``0, 1, ...``
+    and the genes in ``var['var_names']``), or the cell names (a genes × cells table read without ``.T``);
+    ``""`` when neither holds clearly more of them (at least ``max(10, 10%)`` of the model's genes more)."""
+    wanted = set(map(str, model_keys))
+    enough = n_matched + max(10, 0.1 * len(wanted))
+    def held(values: Any) -> int:
+        return len(wanted.intersection(normalise_names(pd.Index(values).astype(str), model_namespace)))
+    if source.obs_names is not None:
+        in_obs = held(source.obs_names)
+        if in_obs >= enough:
+            return (f" The cell names (obs_names) hold {in_obs} of the model's genes: the matrix looks transposed, genes "
+                    "as rows and cells as columns (e.g. sc.read_csv of a genes × cells table); pass adata.T "
+                    "(sc.read_csv(path).T).")
+    best, column = 0, None
+    for col in source.var.columns:
+        values = source.var[col]
+        if values.dtype == object or isinstance(values.dtype, (pd.CategoricalDtype, pd.StringDtype)):
+            n = held(values)
+            if n > best:
+                best, column = n, col
+    if column is not None and best >= enough:
+        return (f" var[{str(column)!r}] holds {best} of the model's genes, var_names only {n_matched} (e.g. "
+                "anndata.read_loom's default var_names='Gene' on a file whose names are in another attribute): set "
+                f"adata.var_names = adata.var[{str(column)!r}].astype(str) (then adata.var_names_make_unique()), or read "
+                "the file with those names (anndata.read_loom(path, var_names=..., obs_names=...)).")
+    return ""
 
 
 def _ensembl_prefix(names: Any) -> str | None:

@@ -107,3 +107,24 @@ def test_log_cp10k_cut_to_some_genes_is_not_read_as_log_counts(counts_model, sym
     # the committed fixture is log1p CP10k cut to 1,767 genes: the rows' totals differ, and it is read as it is
     result = _predict(counts_model, symphony_split[1])
     assert "normalisation" not in result.metadata["input"]
+
+
+def test_a_loom_read_with_default_names_is_told_where_the_genes_are(counts_model, counts_split, tmp_path):
+    pytest.importorskip("loompy")
+    path = tmp_path / "query.loom"
+    counts_split[1].write_loom(path)  # anndata writes var_names / obs_names attributes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query = ad.read_loom(path)  # default var_names="Gene": genes named 0, 1, ...
+    with pytest.raises(atlasmtl.exceptions.GeneAlignmentError,
+                       match=r"var\['var_names'\] holds 1767 of the model's genes.*adata.var_names = adata.var\['var_names'\]"):
+        _predict(counts_model, query)
+
+
+def test_a_genes_by_cells_table_is_told_to_transpose(counts_model, counts_split, tmp_path):
+    path = tmp_path / "genes_by_cells.csv"
+    counts_split[1].to_df().T.to_csv(path)
+    query = sc.read_csv(path)
+    with pytest.raises(atlasmtl.exceptions.GeneAlignmentError, match=r"obs_names\) hold 1767 .*transposed.*adata\.T"):
+        _predict(counts_model, query)
+    _same_calls(_predict(counts_model, query.T), _predict(counts_model, counts_split[1]))
