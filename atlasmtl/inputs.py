@@ -663,6 +663,30 @@ def check_semantics_usable(semantics: str, input_transform: str, where: str) -> 
         raise MatrixSemanticsError(_scaled_message(where, input_transform))
 
 
+#: Below this share of zeros among the sampled values (and with at least :data:`DENOISED_MIN_GENES` genes), a
+#: matrix of non-integer values is taken for denoised or imputed expression, with a warning
+#: (:func:`_warn_if_denoised`). Measured single-cell counts and their log values are mostly zeros.
+DENOISED_MAX_ZERO_SHARE = 0.05
+DENOISED_MIN_GENES = 200
+
+
+def _warn_if_denoised(source: MatrixSource, sample: Any) -> None:
+    """Warn when non-integer values hold almost no zeros: denoised or imputed expression (scvi-tools'
+    ``get_normalized_expression``, MAGIC, ...), which the model, trained on measured values, reads as another kind
+    of data."""
+    n_values = sample.shape[0] * sample.shape[1]
+    if sample.shape[1] < DENOISED_MIN_GENES or not n_values:
+        return
+    nonzero = sample.count_nonzero() if sp.issparse(sample) else int(np.count_nonzero(sample))
+    zero_share = 1.0 - nonzero / n_values
+    if zero_share < DENOISED_MAX_ZERO_SHARE:
+        warnings.warn(
+            f"adata.{source.where} holds almost no zeros ({zero_share:.2%} of the sampled values): it looks denoised or "
+            "imputed (e.g. scvi-tools' get_normalized_expression, MAGIC), not measured counts or their log values, and "
+            "calls on it are less reliable. Pass the counts instead: layer='counts' (where scvi-tools keeps them) or "
+            "use_raw=True.", UserWarning, stacklevel=user_stacklevel())
+
+
 def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = None) -> dict[str, Any]:
     """Check the values (NaN/inf), detect what they hold, and refuse what the network cannot use.
 
@@ -674,6 +698,8 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
     if source.left_out:
         semantics["features_left_out"] = dict(source.left_out)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
+    if semantics["semantics"] in ("lognorm", "other"):
+        _warn_if_denoised(source, sample if sample is not None else sample_rows(source))
     if semantics["semantics"] == "other" and input_transform != "binary":
         warnings.warn(
             f"adata.{source.where} holds non-integer values up to {semantics['max']:g}, above what log-normalised data "

@@ -128,3 +128,20 @@ def test_a_genes_by_cells_table_is_told_to_transpose(counts_model, counts_split,
     with pytest.raises(atlasmtl.exceptions.GeneAlignmentError, match=r"obs_names\) hold 1767 .*transposed.*adata\.T"):
         _predict(counts_model, query)
     _same_calls(_predict(counts_model, query.T), _predict(counts_model, counts_split[1]))
+
+
+@pytest.mark.parametrize("library_size", [1.0, 1e4])
+def test_denoised_expression_warns_to_pass_the_counts(counts_model, counts_split, library_size):
+    """X as scvi-tools' get_normalized_expression leaves it (smooth frequencies, no zeros; counts in a layer)."""
+    counts = counts_split[1]
+    freq = np.asarray(counts.X.toarray()) / np.asarray(counts.X.sum(axis=1))
+    smooth = 0.5 * freq + 0.5 * (freq.mean(axis=0) + 1e-6)  # a softmax: no value is 0
+    query = ad.AnnData((library_size * smooth / smooth.sum(axis=1, keepdims=True)).astype(np.float32),
+                       obs=counts.obs.copy(), var=counts.var.copy(), layers={"counts": counts.X.copy()})
+    with pytest.warns(UserWarning, match=r"almost no zeros.*denoised.*layer='counts'"):
+        _predict(counts_model, query)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _predict(counts_model, query, layer="counts")
+        _predict(counts_model, sc.pp.log1p(counts, copy=True))
+    assert not [w for w in caught if "almost no zeros" in str(w.message)]
