@@ -62,6 +62,23 @@ LEVEL_METRICS = (
 )
 
 
+#: Shared parameter descriptions of the label metrics, filled into their docstrings (as ``pl``'s plots share theirs).
+doc_y_true = """y_true
+        True label per cell (strings), without missing values: :func:`evaluate` leaves the
+        cells without a true label out before scoring (here ``None`` or NaN is a
+        :class:`ParameterError`)."""
+doc_labels = doc_y_true + """
+    y_pred
+        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct."""
+
+
+def _label_docs(func: Any) -> Any:
+    """``func`` with ``{doc_labels}`` / ``{doc_y_true}`` filled into its docstring."""
+    if func.__doc__:  # None under python -OO
+        func.__doc__ = func.__doc__.replace("{doc_labels}", doc_labels).replace("{doc_y_true}", doc_y_true)
+    return func
+
+
 # ---------------------------------------------------------------------------- label metrics
 def _label_pair(y_true: Any, y_pred: Any, what: str = "y_true and y_pred") -> tuple[np.ndarray, np.ndarray]:
     """``y_true`` and ``y_pred`` as 1-D object arrays of one length; a true label that is missing (``None``,
@@ -88,17 +105,13 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
+@_label_docs
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of cells whose prediction equals the truth (Unknown is wrong).
 
     Parameters
     ----------
-    y_true
-        True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN is a
-        :class:`ParameterError`).
-    y_pred
-        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
+    {doc_labels}
 
     Returns
     -------
@@ -124,6 +137,7 @@ def class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[Any]) -> n
     return f1_score(y_true, y_pred, labels=list(labels), average=None, zero_division=0)
 
 
+@_label_docs
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro-averaged F1 over the classes present in ``y_true`` (an ``Unknown`` call is a miss).
 
@@ -133,12 +147,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
     Parameters
     ----------
-    y_true
-        True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN is a
-        :class:`ParameterError`).
-    y_pred
-        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
+    {doc_labels}
 
     Returns
     -------
@@ -149,17 +158,13 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return _mean(class_f1(y_true, y_pred, np.unique(y_true))) if len(y_true) else float("nan")
 
 
+@_label_docs
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean recall over the classes present in ``y_true`` (Unknown is a miss).
 
     Parameters
     ----------
-    y_true
-        True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN is a
-        :class:`ParameterError`).
-    y_pred
-        Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct.
+    {doc_labels}
 
     Returns
     -------
@@ -188,15 +193,13 @@ def coverage(y_pred: np.ndarray) -> float:
     return _mean(np.asarray(y_pred, dtype=object) != UNKNOWN)
 
 
+@_label_docs
 def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
     """Accuracy among the cells not called Unknown (``None`` when all are Unknown).
 
     Parameters
     ----------
-    y_true
-        True label per cell (strings), without missing values: :func:`evaluate` leaves the
-        cells without a true label out before scoring (here ``None`` or NaN is a
-        :class:`ParameterError`).
+    {doc_y_true}
     y_pred
         Predicted label per cell, in the order of ``y_true``; cells called ``"Unknown"`` are left out.
 
