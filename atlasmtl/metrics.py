@@ -28,6 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ._docs import fill_docs
 from .exceptions import CoordinateError, InputError, LabelError, ParameterError, user_stacklevel
 from .calls import UNKNOWN, CallTable, column_names, levels_in_table, numbers_and_text
 from .calibration import ECE_BINS, ece_if_calibrated, expected_calibration_error
@@ -62,7 +63,7 @@ LEVEL_METRICS = (
 )
 
 
-#: Shared parameter descriptions of the label metrics, filled into their docstrings (as ``pl``'s plots share theirs).
+#: Shared parameter descriptions of the metrics, filled into their docstrings (as ``pl``'s plots share theirs).
 doc_y_true = """y_true
         True label per cell (strings), without missing values: :func:`evaluate` leaves the
         cells without a true label out before scoring (here ``None`` or NaN is a
@@ -70,13 +71,17 @@ doc_y_true = """y_true
 doc_labels = doc_y_true + """
     y_pred
         Predicted label per cell, in the order of ``y_true``; ``"Unknown"`` (abstained) is never correct."""
+doc_conf_correct = """conf
+        Confidence per cell: the probability, in [0, 1], that the cell's call is right.
+    correct
+        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``."""
+_DOCS = {"doc_y_true": doc_y_true, "doc_labels": doc_labels, "doc_conf_correct": doc_conf_correct}
 
 
-def _label_docs(func: Any) -> Any:
-    """``func`` with ``{doc_labels}`` / ``{doc_y_true}`` filled into its docstring."""
-    if func.__doc__:  # None under python -OO
-        func.__doc__ = func.__doc__.replace("{doc_labels}", doc_labels).replace("{doc_y_true}", doc_y_true)
-    return func
+def _shared_docs(func: Any) -> Any:
+    """``func`` with the shared parameter descriptions (``{doc_labels}``, ``{doc_y_true}``,
+    ``{doc_conf_correct}``) filled into its docstring."""
+    return fill_docs(func, _DOCS)
 
 
 # ---------------------------------------------------------------------------- label metrics
@@ -105,7 +110,7 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
-@_label_docs
+@_shared_docs
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of cells whose prediction equals the truth (Unknown is wrong).
 
@@ -137,7 +142,7 @@ def class_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[Any]) -> n
     return f1_score(y_true, y_pred, labels=list(labels), average=None, zero_division=0)
 
 
-@_label_docs
+@_shared_docs
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro-averaged F1 over the classes present in ``y_true`` (an ``Unknown`` call is a miss).
 
@@ -158,7 +163,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return _mean(class_f1(y_true, y_pred, np.unique(y_true))) if len(y_true) else float("nan")
 
 
-@_label_docs
+@_shared_docs
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean recall over the classes present in ``y_true`` (Unknown is a miss).
 
@@ -193,7 +198,7 @@ def coverage(y_pred: np.ndarray) -> float:
     return _mean(np.asarray(y_pred, dtype=object) != UNKNOWN)
 
 
-@_label_docs
+@_shared_docs
 def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
     """Accuracy among the cells not called Unknown (``None`` when all are Unknown).
 
@@ -215,15 +220,13 @@ def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
 
 
 # ---------------------------------------------------------------------------- confidence metrics
+@_shared_docs
 def brier_score(conf: np.ndarray, correct: np.ndarray) -> float:
     """Binary Brier score ``mean((conf - correct)**2)`` of confidence vs correctness.
 
     Parameters
     ----------
-    conf
-        Confidence per cell: the probability, in [0, 1], that the cell's call is right.
-    correct
-        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``.
+    {doc_conf_correct}
 
     Returns
     -------
@@ -238,6 +241,7 @@ def brier_score(conf: np.ndarray, correct: np.ndarray) -> float:
     return float(np.mean((conf - correct) ** 2))
 
 
+@_shared_docs
 def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
     """Area under the risk–coverage curve (mean error rate of the top-``n`` most confident cells).
 
@@ -248,10 +252,7 @@ def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
 
     Parameters
     ----------
-    conf
-        Confidence per cell: the probability, in [0, 1], that the cell's call is right.
-    correct
-        Whether each cell's call is right (booleans or 0/1), in the order of ``conf``.
+    {doc_conf_correct}
 
     Returns
     -------

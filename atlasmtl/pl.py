@@ -39,6 +39,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ._docs import fill_docs
 from .exceptions import CoordinateError, LabelError, OutputError, ParameterError
 from .calls import UNKNOWN, CallTable, decode_labels
 from .calibration import calibration_bins, ece_if_calibrated
@@ -95,10 +96,7 @@ _DOCS = {"doc_result": doc_result, "doc_reference": doc_reference, "doc_truth": 
 def _shared_docs(func: Any) -> Any:
     """``func`` with the shared parameter descriptions (``{doc_result}``, ``{doc_reference}``, ``{doc_truth}``,
     ``{doc_figure}``) filled into its docstring."""
-    if func.__doc__:
-        for key, text in _DOCS.items():
-            func.__doc__ = func.__doc__.replace("{" + key + "}", text)
-    return func
+    return fill_docs(func, _DOCS)
 
 
 def _public_plot(func: Any) -> Any:
