@@ -694,12 +694,14 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
     (``sample``: :func:`sample_rows`'s rows, when already read).
     """
     extent = validate_values(source)
+    if sample is None:  # read once: detection, the denoised check and the log scale all use it
+        sample = sample_rows(source)
     semantics = detect_semantics(source, sample, extent)
     if source.left_out:
         semantics["features_left_out"] = dict(source.left_out)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
     if semantics["semantics"] in ("lognorm", "other"):
-        _warn_if_denoised(source, sample if sample is not None else sample_rows(source))
+        _warn_if_denoised(source, sample)
     if semantics["semantics"] == "other" and input_transform != "binary":
         warnings.warn(
             f"adata.{source.where} holds non-integer values up to {semantics['max']:g}, above what log-normalised data "
@@ -708,7 +710,7 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
             "outliers, or log values and counts mixed, fix it or choose another (layer='counts', use_raw=True).",
             UserWarning, stacklevel=user_stacklevel())
     if semantics["semantics"] == "lognorm" and input_transform != "binary":
-        scale = lognorm_scale(sample if sample is not None else sample_rows(source))
+        scale = lognorm_scale(sample)
         semantics["log_base"], semantics["target_sum"] = scale["log_base"], scale["target_sum"]
         if scale["fix"] is not None:
             source.lognorm_fix = scale["fix"]
