@@ -730,6 +730,7 @@ def build_aligner(
     for i, key in enumerate(model_keys):
         position.setdefault(key, i)
     keys, n_case_insensitive = _case_insensitive_keys(np.asarray(keys, dtype=object), model_keys, position)
+    keys, n_dash = _loose_keys(keys, model_keys, position, _seurat_dash)
     rows, cols, seen = [], [], {}
     n_duplicated = 0
     for qi, key in enumerate(keys):
@@ -753,6 +754,7 @@ def build_aligner(
         "n_query_genes": int(len(query_names)),
         "n_matched": int(n_matched),
         "n_matched_case_insensitive": int(n_case_insensitive),
+        "n_matched_underscore_dash": int(n_dash),
         "n_missing": int(n_model - n_matched),
         "n_query_genes_unused": int(len(query_names) - len(set(rows))),
         "n_duplicated": int(n_duplicated),
@@ -930,28 +932,41 @@ def _gene_map_hint(mapping: Mapping[str, str], query_names: pd.Index, model_keys
     )
 
 
-def _case_insensitive_keys(keys: np.ndarray, model_keys: np.ndarray, position: dict) -> tuple[np.ndarray, int]:
-    """Query keys with unmatched names replaced by the model name they equal case-insensitively.
+def _loose_keys(keys: np.ndarray, model_keys: np.ndarray, position: dict,
+                fold: Callable[[str], str]) -> tuple[np.ndarray, int]:
+    """Query keys with unmatched names replaced by the unmatched model name they equal after ``fold``.
 
-    Only unambiguous pairs: the upper-cased name is unique among the model's
+    Only unambiguous pairs: the folded name is unique among the model's
     unmatched genes and among the query's unmatched names.
     """
     matched = {position[k] for k in keys if k in position}
-    model_up: dict[str, list[int]] = {}
+    model_folded: dict[str, list[int]] = {}
     for i, key in enumerate(model_keys):
         if i not in matched and position.get(key) == i:
-            model_up.setdefault(str(key).upper(), []).append(i)
+            model_folded.setdefault(fold(str(key)), []).append(i)
     unmatched = [qi for qi, k in enumerate(keys) if k not in position and k not in ("", "nan")]
-    query_up: dict[str, list[int]] = {}
+    query_folded: dict[str, list[int]] = {}
     for qi in unmatched:
-        query_up.setdefault(str(keys[qi]).upper(), []).append(qi)
+        query_folded.setdefault(fold(str(keys[qi])), []).append(qi)
     out, n = keys.copy(), 0
-    for up, qis in query_up.items():
-        mis = model_up.get(up)
+    for folded, qis in query_folded.items():
+        mis = model_folded.get(folded)
         if mis and len(mis) == 1 and len(qis) == 1:
             out[qis[0]] = model_keys[mis[0]]
             n += 1
     return out, n
+
+
+def _case_insensitive_keys(keys: np.ndarray, model_keys: np.ndarray, position: dict) -> tuple[np.ndarray, int]:
+    """Query keys with unmatched names replaced by the model name they equal case-insensitively
+    (:func:`_loose_keys` with upper-casing)."""
+    return _loose_keys(keys, model_keys, position, str.upper)
+
+
+def _seurat_dash(name: str) -> str:
+    """A name as Seurat stores it: upper-cased, ``_`` replaced by ``-`` (Seurat refuses underscores in feature
+    names and replaces them, so a query converted from Seurat holds ``RP11-34P13-7`` for ``RP11-34P13_7``)."""
+    return name.upper().replace("_", "-")
 
 
 # ---------------------------------------------------------------- genes the query lacks

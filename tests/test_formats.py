@@ -145,3 +145,42 @@ def test_denoised_expression_warns_to_pass_the_counts(counts_model, counts_split
         _predict(counts_model, query, layer="counts")
         _predict(counts_model, sc.pp.log1p(counts, copy=True))
     assert not [w for w in caught if "almost no zeros" in str(w.message)]
+
+
+def test_seurat_dashes_match_the_reference_underscores(counts_model, counts_split):
+    """Seurat replaces ``_`` by ``-`` in feature names: a query converted from Seurat matches a model whose gene
+    names hold underscores (and the other way round), counted apart from case-insensitive matches (no species
+    warning), with the same calls as under the model's own names."""
+    from atlasmtl.genes import build_aligner
+    from atlasmtl.inputs import get_matrix_source
+
+    _, query = counts_split
+    genes = [str(g) for g in query.var_names]
+    model_genes = [g[:2] + "_" + g[2:] if i < 30 else g for i, g in enumerate(genes)]  # 30 names with "_"
+    seurat = query.copy()
+    seurat.var_names = [g.replace("_", "-") for g in model_genes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = build_aligner(model_genes, "symbol", {}, get_matrix_source(seurat), "float", "counts",
+                               min_gene_overlap=0.0).report
+    assert report["n_matched"] == len(genes)
+    assert report["n_matched_underscore_dash"] == sum("_" in g for g in model_genes) >= 30
+    assert report["n_matched_case_insensitive"] == 0
+    # a Seurat-built model ("-") against a query with the original underscores
+    back = build_aligner(list(seurat.var_names), "symbol", {}, get_matrix_source(query.copy()), "float", "counts",
+                         min_gene_overlap=0.0).report
+    assert back["n_matched"] == len(genes) - 30  # the query's names lack the inserted "_": nothing to fold
+    underscored = query.copy()
+    underscored.var_names = model_genes
+    back = build_aligner(list(seurat.var_names), "symbol", {}, get_matrix_source(underscored), "float", "counts",
+                         min_gene_overlap=0.0).report
+    assert back["n_matched"] == len(genes) and back["n_matched_underscore_dash"] == report["n_matched_underscore_dash"]
+    # end to end: the model's "HLA-DRA", "MT-CO1", ... read from a query that spells them "HLA_DRA", "MT_CO1"
+    dashed = {str(g) for g in counts_model.genes if "-" in str(g)}
+    assert len(dashed) > 10
+    spelt = query.copy()
+    spelt.var_names = [g.replace("-", "_") if g in dashed else g for g in genes]
+    a, b = _predict(counts_model, query), _predict(counts_model, spelt)
+    assert b.metadata["genes"]["n_matched_underscore_dash"] == len(dashed)
+    assert b.metadata["genes"]["n_matched"] == a.metadata["genes"]["n_matched"]
+    _same_calls(a, b)
