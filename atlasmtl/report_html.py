@@ -42,6 +42,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ._docs import fill_docs
 from ._version import __version__
 from .exceptions import CoordinateError, InputError, OutputError, ParameterError
 from .calls import CallTable, decode_labels
@@ -287,16 +288,58 @@ def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluatio
     return out
 
 
-def render_report(result: CallTable, **options: Any) -> str:
+#: The report's options, described once for :func:`write_report` and :func:`render_report`.
+doc_report_options = '''model
+        The :class:`~atlasmtl.model.TrainedModel` used: adds its training settings,
+        loss curve and resource summary.
+    adata
+        The query AnnData the result was computed from (checked to hold the same
+        cells); needed when ``truth`` names columns of its ``obs``.
+    truth
+        Known labels of the query cells, to add the accuracy section: column
+        name(s) of ``adata.obs`` (one per level, coarse to fine, or names equal to
+        the levels), a mapping ``level → column``, an AnnData, a DataFrame
+        indexed by cell name, or a mapping ``level → array``.
+    truth_columns
+        With an AnnData/DataFrame ``truth``: which column holds each level's labels
+        (see :func:`atlasmtl.pl.truth_by_level`).
+    reference
+        The reference AnnData (or a cells × 2 array) whose coordinates are drawn
+        in grey behind the query cells.
+    title
+        Page title (default: "atlasmtl mapping report: N query cells").
+    basis
+        Coordinate head to draw (default: ``"umap"`` when present, else the first).
+    dpi
+        Resolution of the embedded figures.'''
+_DOCS = {"doc_report_options": doc_report_options}
+
+
+def _shared_docs(func: Any) -> Any:
+    """``func`` with ``{doc_report_options}`` filled into its docstring."""
+    return fill_docs(func, _DOCS)
+
+
+@_shared_docs
+def render_report(
+    result: CallTable,
+    *,
+    model: Any = None,
+    adata: ad.AnnData | None = None,
+    truth: Any = None,
+    truth_columns: Mapping[str, str] | Sequence[str] | None = None,
+    reference: ad.AnnData | np.ndarray | None = None,
+    title: str | None = None,
+    basis: str | None = None,
+    dpi: int = 100,
+) -> str:
     """The report as an HTML string, without writing a file.
 
     Parameters
     ----------
     result
         The predictions (:func:`atlasmtl.predict`).
-    **options
-        :func:`write_report`'s keyword arguments (``model``, ``adata``, ``truth``, ``truth_columns``,
-        ``reference``, ``title``, ``basis``, ``dpi``), documented there.
+    {doc_report_options}
 
     Returns
     -------
@@ -308,7 +351,8 @@ def render_report(result: CallTable, **options: Any) -> str:
     ParameterError, InputError, LabelError, CoordinateError
         As :func:`write_report` (all but its ``OutputError``, since nothing is written).
     """
-    return _render(result, **options)[0]
+    return _render(result, model=model, adata=adata, truth=truth, truth_columns=truth_columns, reference=reference,
+                   title=title, basis=basis, dpi=dpi)[0]
 
 
 def _render(
@@ -697,6 +741,7 @@ _SECTIONS = (
 )
 
 
+@_shared_docs
 def write_report(
     path: str | os.PathLike,
     result: CallTable,
@@ -718,29 +763,7 @@ def write_report(
         The ``.html`` file to write (its folder is created).
     result
         The predictions (:func:`atlasmtl.predict`).
-    model
-        The :class:`~atlasmtl.model.TrainedModel` used: adds its training settings,
-        loss curve and resource summary.
-    adata
-        The query AnnData the result was computed from (checked to hold the same
-        cells); needed when ``truth`` names columns of its ``obs``.
-    truth
-        Known labels of the query cells, to add the accuracy section: column
-        name(s) of ``adata.obs`` (one per level, coarse to fine, or names equal to
-        the levels), a mapping ``level → column``, an AnnData, a DataFrame
-        indexed by cell name, or a mapping ``level → array``.
-    truth_columns
-        With an AnnData/DataFrame ``truth``: which column holds each level's labels
-        (see :func:`atlasmtl.pl.truth_by_level`).
-    reference
-        The reference AnnData (or a cells × 2 array) whose coordinates are drawn
-        in grey behind the query cells.
-    title
-        Page title (default: "atlasmtl mapping report: N query cells").
-    basis
-        Coordinate head to draw (default: ``"umap"`` when present, else the first).
-    dpi
-        Resolution of the embedded figures.
+    {doc_report_options}
 
     Returns
     -------
