@@ -964,9 +964,9 @@ def _case_insensitive_keys(keys: np.ndarray, model_keys: np.ndarray, position: d
 
 
 def _seurat_dash(name: str) -> str:
-    """A name as Seurat stores it: upper-cased, ``_`` replaced by ``-`` (Seurat refuses underscores in feature
-    names and replaces them, so a query converted from Seurat holds ``RP11-34P13-7`` for ``RP11-34P13_7``)."""
-    return name.upper().replace("_", "-")
+    """A name as Seurat stores it: upper-cased, ``_`` and ``|`` replaced by ``-`` (SeuratObject refuses both in
+    feature names and replaces them, so a query converted from Seurat holds ``RP11-34P13-7`` for ``RP11-34P13_7``)."""
+    return name.upper().replace("_", "-").replace("|", "-")
 
 
 # ---------------------------------------------------------------- genes the query lacks

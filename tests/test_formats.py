@@ -175,6 +175,10 @@ def test_seurat_dashes_match_the_reference_underscores(counts_model, counts_spli
     back = build_aligner(list(seurat.var_names), "symbol", {}, get_matrix_source(underscored), "float", "counts",
                          min_gene_overlap=0.0).report
     assert back["n_matched"] == len(genes) and back["n_matched_underscore_dash"] == report["n_matched_underscore_dash"]
+    piped = underscored.copy()
+    piped.var_names = [g.replace("_", "|") for g in model_genes]  # SeuratObject replaces "|" by "-" too
+    assert build_aligner(list(seurat.var_names), "symbol", {}, get_matrix_source(piped), "float", "counts",
+                         min_gene_overlap=0.0).report["n_matched"] == len(genes)
     # end to end: the model's "HLA-DRA", "MT-CO1", ... read from a query that spells them "HLA_DRA", "MT_CO1"
     dashed = {str(g) for g in counts_model.genes if "-" in str(g)}
     assert len(dashed) > 10
