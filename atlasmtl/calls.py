@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import InputError, ParameterError
-from .runtime import runtime_section
 
 #: Label of abstained calls.
 UNKNOWN = "Unknown"
@@ -574,6 +573,8 @@ class CallTable:
                 f"low-confidence {c.is_low_conf.mean():.1%}, KNN-confirmed {c.used_knn.mean():.1%}, "
                 f"Unknown {c.is_unknown.mean():.1%} (novel {c.is_novel.mean():.1%})"
             )
+        from .runtime import runtime_section  # imports torch: reading and scoring calls need it not
+
         unrecorded = "not recorded (predictions read back from a table)"
         query = {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)}
         if self.coords:

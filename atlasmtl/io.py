@@ -285,6 +285,23 @@ def table_format(path: str | os.PathLike, strict: bool = True) -> tuple[str, str
     return ",", compression
 
 
+def read_text_table(path: str | os.PathLike, what: str = "table", missing_as_nan: bool = False) -> pd.DataFrame:
+    """A CSV/TSV file (separator and compression from its name, :func:`table_format`) as text, indexed by
+    its first column.
+
+    Every value is read as written, so cell and class names such as ``"0001"`` or ``"NA"`` stay
+    themselves; with ``missing_as_nan`` an empty field is NaN (a missing label), else ``""``. A file
+    that cannot be read as a table is an :class:`~atlasmtl.exceptions.InputError` naming ``what``.
+    """
+    where = os.fspath(path)
+    sep = table_format(where, strict=False)[0]
+    try:
+        table = pd.read_csv(where, sep=sep, dtype=str, keep_default_na=False, na_values=[""] if missing_as_nan else None)
+        return table.set_index(table.columns[0])  # index_col would parse it
+    except Exception as exc:
+        raise InputError(f"Could not read {where!r} as a {what} ({' '.join(str(exc).split()) or type(exc).__name__}).") from exc
+
+
 # ---------------------------------------------------------------- plain data
 def to_plain(obj: Any) -> Any:
     """Replace numpy arrays/scalars by plain values so a pickle needs no globals."""

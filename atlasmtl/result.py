@@ -26,7 +26,7 @@ from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, levels_i
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .gating import GatingConfig
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
-                 read_h5ad_obs, table_format)
+                 read_h5ad_obs, read_text_table, table_format)
 from .runtime import format_sections
 from .validation import as_bool, as_float
 
@@ -353,12 +353,7 @@ class PredictionResult(CallTable):
             if Path(where).suffix.lower() == ".h5ad":  # as write_h5ad accepts it ("P.H5AD")
                 predictions = read_h5ad(where)
             else:
-                sep = table_format(where, strict=False)[0]
-                try:  # as text, as written: cell and class names such as "0001" or "NA" stay themselves
-                    predictions = pd.read_csv(where, sep=sep, dtype=str, keep_default_na=False)
-                    predictions = predictions.set_index(predictions.columns[0])  # index_col would parse it
-                except Exception as exc:
-                    raise InputError(f"Could not read {where!r} as a prediction table ({exc}).") from exc
+                predictions = read_text_table(where, "prediction table")  # as text, as written
         if isinstance(predictions, ad.AnnData):
             frame = predictions.obs
             metadata = from_h5ad(dict(predictions.uns.get("atlasmtl", {}) or {}))
