@@ -277,7 +277,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"atlasmtl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,report,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,report,evaluate,demo}", parser_class=_Parser)
     sub.required = True
 
     # train
@@ -362,6 +362,32 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                               _PREDICT_SKIP, _PREDICT_HELP)
     _common(p)
 
+    # evaluate
+    p = sub.add_parser("evaluate", help="score saved predictions against the true labels of the query cells",
+                       formatter_class=_Formatter,
+                       description="Score predictions written by 'atlasmtl predict' against known labels, matched by "
+                       "cell name (atlasmtl.evaluate): per level accuracy, macro-F1, balanced accuracy, coverage and "
+                       "calibration (ECE; needs --mode standard or full), and with --novel-labels how novel cell "
+                       "types were flagged. Neither the model nor the query matrix is read.", epilog=exit_help)
+    g = p.add_argument_group("data")
+    g.add_argument("--predictions", required=True, metavar="FILE",
+                   help="predictions written by 'atlasmtl predict': a .csv / .tsv table (compressed too: .csv.gz) "
+                   "or an annotated .h5ad (only its obs is read); the levels are its pred_<level> columns")
+    g.add_argument("--truth", required=True, metavar="FILE",
+                   help="the true labels: an .h5ad (labels in obs; only obs is read) or a .csv / .tsv table whose "
+                   "first column is the cell name; every predicted cell must be in it")
+    g.add_argument("--truth-columns", metavar="COL,... | LEVEL=COL,...",
+                   help="truth columns with the true labels: one per level (coarse to fine), names equal to the "
+                   "levels, or level=column pairs (default: the columns named as the levels)")
+    g.add_argument("--novel-labels", action="append", metavar="LEVEL=LABEL,...",
+                   help="true labels of LEVEL absent from the reference (novel cell types), e.g. "
+                   "--novel-labels bulk_labels=Dendritic,Megakaryocyte; repeat the option for another level, or "
+                   "separate levels with ';' (quoted). Adds the novelty AUROC and the novel and known cells called "
+                   "Unknown")
+    g.add_argument("--out", metavar="FILE",
+                   help="also write the metrics: .json (atlasmtl.evaluate's answer) or .csv / .tsv (one row per level)")
+    _common(p)
+
     # demo
     p = sub.add_parser("demo", help="run the README's reference mapping on pbmc68k_reduced", formatter_class=_Formatter,
                        description="Split pbmc68k_reduced (ships with scanpy) into reference and query, train, "
@@ -422,6 +448,47 @@ def parse_truth_columns(text: str | None) -> list[str] | dict[str, str] | None:
                                  "once, e.g. --truth-columns lineage=lineage,bulk_labels=bulk_labels")
         return dict(pairs)
     return items
+
+
+def parse_novel_labels(values: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """``--novel-labels`` values → ``{level: [label, ...]}`` (``None`` when not given).
+
+    Parameters
+    ----------
+    values
+        The option's values, each ``LEVEL=LABEL,LABEL`` or several such separated by ``;``
+        (``"lineage=B;bulk_labels=CD19+ B"``); the option may be repeated.
+
+    Returns
+    -------
+    dict of str to list of str, or None
+        The novel true labels of each level, as :func:`atlasmtl.evaluate` takes them (``novel_labels=``).
+
+    Raises
+    ------
+    UsageError
+        An item that is not ``LEVEL=LABEL,...``, or a level named twice.
+    """
+    if values is None:
+        return None
+    out: dict[str, list[str]] = {}
+    for value in values:
+        for item in (value or "").split(";"):
+            if not item.strip():
+                continue
+            level, eq, labels = item.partition("=")
+            names = _split(labels)
+            if not eq or not level.strip() or not names:
+                raise UsageError(f"--novel-labels {item.strip()!r}: use LEVEL=LABEL[,LABEL...], e.g. "
+                                 "--novel-labels bulk_labels=Dendritic,Megakaryocyte (repeat it for another level)")
+            level = level.strip()
+            if level in out:
+                raise UsageError(f"--novel-labels names the level {level!r} twice; list all its novel labels once, "
+                                 f"e.g. --novel-labels {level}=A,B")
+            out[level] = names
+    if not out:
+        raise UsageError("--novel-labels names no level; give LEVEL=LABEL[,LABEL...]")
+    return out
 
 
 def parse_cell_filter(text: str, option: str) -> tuple[str, bool, list[str]]:
@@ -683,6 +750,169 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     return f"wrote the report to {dest}"
 
 
+#: ``evaluate --out``: suffix → separator (``None``: JSON).
+_METRICS_FORMATS = {".json": None, ".csv": ",", ".tsv": "\t"}
+
+
+def _shown(names: Sequence[Any], limit: int = 20) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(map(repr, names[:limit])) + (" ..." if len(names) > limit else "") if names else "none"
+
+
+def _read_predictions(path: str) -> tuple[Any, list[str]]:
+    """``evaluate --predictions``: the table (a CSV/TSV as text, or an ``.h5ad``'s obs) and its levels."""
+    from .calls import levels_in_table
+    from .exceptions import InputError
+    from .io import check_input_file, read_h5ad_obs, read_text_table
+
+    check_input_file(path, "predictions file")
+    if Path(path).suffix.lower() == ".h5ad":
+        table = read_h5ad_obs(path)  # only obs: the matrix is never read
+    else:
+        table = read_text_table(path, "prediction table")
+    levels = levels_in_table(table.columns)
+    if not levels:
+        raise InputError(f"{path!r} has no pred_<level> column (its columns: {_shown(table.columns)}); give the file "
+                         "'atlasmtl predict --out predictions.csv' or '--out annotated.h5ad' wrote.")
+    return table, levels
+
+
+def _read_truth(path: str) -> Any:
+    """``evaluate --truth``: an ``.h5ad``'s obs, or a CSV/TSV indexed by its first column (empty = no label)."""
+    from .io import check_input_file, read_h5ad_obs, read_text_table
+
+    check_input_file(path, "truth file")
+    if Path(path).suffix.lower() == ".h5ad":
+        return read_h5ad_obs(path)
+    return read_text_table(path, "truth table", missing_as_nan=True)
+
+
+def _truth_columns(spec: list[str] | dict[str, str] | None, levels: list[str], columns: Sequence[Any],
+                   path: str) -> dict[str, str]:
+    """The truth column of each evaluated level, as ``report`` reads ``--truth-columns``: one column per level
+    (coarse to fine), names equal to the levels, ``level=column`` pairs, or by default the columns named as the
+    levels."""
+    from .exceptions import LabelError
+
+    present = [str(c) for c in columns]
+    if spec is None:
+        used = {lv: lv for lv in levels if lv in present}
+        if not used:
+            raise LabelError(f"{path!r} has no column named as a predicted level ({_shown(levels)}); its columns are "
+                             f"{_shown(present)}. Name the truth columns with --truth-columns COL,... (one per "
+                             "level, coarse to fine) or LEVEL=COL,...")
+        return used
+    if isinstance(spec, dict):
+        unknown = [lv for lv in spec if lv not in levels]
+        if unknown:
+            raise UsageError(f"--truth-columns maps level(s) {_shown(unknown)} that the predictions do not have "
+                             f"(their levels: {_shown(levels)})")
+        used = dict(spec)
+    else:
+        twice = sorted({c for c in spec if spec.count(c) > 1})
+        if twice:
+            raise UsageError(f"--truth-columns names the column {twice[0]!r} twice; name each level's column once")
+        if len(spec) == len(levels):
+            used = dict(zip(levels, spec))
+        elif all(c in levels for c in spec):
+            used = {c: c for c in spec}
+        else:
+            raise UsageError(f"--truth-columns names {len(spec)} column(s) for {len(levels)} predicted level(s) "
+                             f"({_shown(levels)}); give one per level (coarse to fine), names equal to the levels, "
+                             "or LEVEL=COL pairs")
+    missing = [c for c in used.values() if c not in present]
+    if missing:
+        raise LabelError(f"{path!r} has no column {_shown(missing)}; its columns are {_shown(present)}. Name the "
+                         "truth columns with --truth-columns.")
+    return {lv: used[lv] for lv in levels if lv in used}  # coarse to fine, as predicted
+
+
+def _metrics_frame(evaluation: dict[str, Any]) -> Any:
+    """One row per level: the level metrics, then the novelty figures when evaluated."""
+    from .metrics import evaluation_table
+
+    frame = evaluation_table(evaluation, "levels")
+    if evaluation.get("novel"):
+        frame = frame.join(evaluation_table(evaluation, "novel"))
+    return frame
+
+
+def _metrics_text(evaluation: dict[str, Any], used: dict[str, str], predictions: str, truth: str) -> str:
+    """The human-readable table of ``evaluate``: one row per level."""
+    columns = [("n", "n"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced acc."),
+               ("coverage", "coverage"), ("ece", "ECE")]
+    novel = evaluation.get("novel")
+    if novel:
+        columns += [("auroc", "novel AUROC"), ("novel_unknown_rate", "novel->Unknown"),
+                    ("known_unknown_rate", "known->Unknown")]
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return "-"
+        return f"{value:,}" if isinstance(value, int) else f"{value:.3f}"
+
+    rows = [["level"] + [title for _, title in columns]]
+    for level, metrics in evaluation["levels"].items():
+        values = {**metrics, **((novel or {}).get("levels", {}).get(level) or {})}
+        rows.append([level] + [cell(values.get(key)) for key, _ in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    pairs = ", ".join(lv if lv == col else f"{lv}={col}" for lv, col in used.items())
+    head = f"{evaluation['n_cells']:,} cells of {predictions} scored against {truth} ({pairs})"
+    if novel:
+        head += f"; {novel['n_novel']:,} novel and {novel['n_known']:,} known cells"
+    return "\n".join([head, ""] + lines)
+
+
+def cmd_evaluate(args: argparse.Namespace, out: dict[str, Any]) -> str:
+    from .exceptions import InputError
+
+    dest = Path(args.out) if args.out else None
+    if dest is not None:
+        if dest.suffix.lower() not in _METRICS_FORMATS:
+            raise UsageError(f"--out {args.out!r}: the metrics file must end in .json, .csv or .tsv")
+        for option, path in (("--predictions", args.predictions), ("--truth", args.truth)):
+            if _same_file(dest, path):
+                raise InputError(f"--out {args.out!r} is the {option} file itself; write the metrics to a new file.")
+        _check_writable(dest, "metrics")
+    spec = parse_truth_columns(args.truth_columns)
+    novel = parse_novel_labels(args.novel_labels)
+    table, levels = _read_predictions(args.predictions)
+    if novel:
+        unknown = [lv for lv in novel if lv not in levels]
+        if unknown:
+            raise UsageError(f"--novel-labels names level(s) {_shown(unknown)} that the predictions do not have "
+                             f"(their levels: {_shown(levels)})")
+    truth = _read_truth(args.truth)
+    used = _truth_columns(spec, levels, truth.columns, args.truth)
+    if novel:
+        unscored = [lv for lv in novel if lv not in used]
+        if unscored:
+            raise UsageError(f"--novel-labels names level(s) {_shown(unscored)} without a truth column; name their "
+                             "column with --truth-columns")
+    labels = truth.loc[:, list(used.values())]
+    labels.columns = list(used)
+
+    from .metrics import evaluate
+
+    evaluation = evaluate(table, labels, list(used), novel_labels=novel)
+    out.update(predictions=args.predictions, truth=args.truth, truth_columns=used, n_cells=evaluation["n_cells"],
+               metrics=evaluation["levels"])
+    if novel:
+        out["novel"] = evaluation["novel"]
+    text = _metrics_text(evaluation, used, args.predictions, args.truth)
+    if dest is not None:
+        from .io import atomic_write, to_json
+
+        sep = _METRICS_FORMATS[dest.suffix.lower()]
+        data = to_json(evaluation) + "\n" if sep is None else _metrics_frame(evaluation).to_csv(sep=sep)
+        atomic_write(dest, data.encode("utf-8"), "metrics")
+        out["out"] = str(dest)
+        text += f"\n\nwrote the metrics to {dest}"
+    return text
+
+
 def cmd_demo(args: argparse.Namespace, out: dict[str, Any]) -> str:
     from .demo import run_demo
 
@@ -692,7 +922,8 @@ def cmd_demo(args: argparse.Namespace, out: dict[str, Any]) -> str:
     return ""
 
 
-_COMMANDS = {"train": cmd_train, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
+_COMMANDS = {"train": cmd_train, "predict": cmd_predict, "report": cmd_report, "evaluate": cmd_evaluate,
+             "demo": cmd_demo}
 
 
 def _to_json(report: dict[str, Any]) -> str:

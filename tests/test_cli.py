@@ -379,3 +379,160 @@ def test_the_demo_module_names_bad_options_before_training(capsys, tmp_path):
         err = capsys.readouterr().err
         assert pattern in err and "Traceback" not in err, err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+# ---------------------------------------------------------------- evaluate: saved predictions against known labels
+def assert_same_metrics(got: dict, expected: dict) -> None:
+    """Per level, each metric equal to the API's (numbers to 1e-6: a CSV keeps float32 confidences as text)."""
+    assert list(got) == list(expected)
+    for level, metrics in expected.items():
+        assert set(got[level]) == set(metrics), level
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                assert got[level][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (level, key)
+            else:
+                assert got[level][key] == value, (level, key)
+
+
+@pytest.fixture(scope="module")
+def saved(pbmc_result, pbmc_split, tmp_path_factory):
+    """The session's prediction written as predict writes it: a full CSV, a minimal TSV and an annotated .h5ad;
+    the query (the truth) as .h5ad and as a CSV of its labels."""
+    _, query = pbmc_split
+    d = tmp_path_factory.mktemp("evaluate")
+    pbmc_result.to_csv(d / "pred.csv", mode="full")
+    pbmc_result.to_csv(d / "pred_min.tsv.gz")
+    pbmc_result.write_h5ad(d / "annotated.h5ad", query, mode="full")
+    query.write_h5ad(d / "query.h5ad")
+    query.obs[LEVELS].rename(columns={"lineage": "coarse", "bulk_labels": "fine"}).to_csv(d / "truth.csv")
+    return d
+
+
+def test_evaluate_gives_the_python_apis_metrics(saved, pbmc_result, pbmc_split, monkeypatch, capsys):
+    monkeypatch.chdir(saved)
+    expected = atlasmtl.evaluate(pbmc_result, pbmc_split[1])
+    assert set(expected["levels"]) == set(LEVELS)
+    for predictions, truth, extra in (("pred.csv", "query.h5ad", []), ("annotated.h5ad", "query.h5ad", []),
+                                      ("pred.csv", "truth.csv", ["--truth-columns", "coarse,fine"]),
+                                      ("annotated.h5ad", "truth.csv", ["--truth-columns", "bulk_labels=fine,lineage=coarse"])):
+        assert cli.main(["evaluate", "--predictions", predictions, "--truth", truth, *extra, "--json"]) == 0, predictions
+        out = json.loads(capsys.readouterr().out)
+        assert out["command"] == "evaluate" and out["ok"] is True and out["warnings"] == []
+        assert out["predictions"] == predictions and out["truth"] == truth and out["n_cells"] == 210
+        assert out["truth_columns"] == ({"lineage": "lineage", "bulk_labels": "bulk_labels"} if not extra
+                                        else {"lineage": "coarse", "bulk_labels": "fine"})
+        assert "novel" not in out
+        assert_same_metrics(out["metrics"], expected["levels"])
+    # a minimal table (pred_ columns only): the label metrics, no confidence ones; one level by its name
+    assert cli.main(["evaluate", "--predictions", "pred_min.tsv.gz", "--truth", "query.h5ad",
+                     "--truth-columns", "bulk_labels", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["metrics"]) == ["bulk_labels"] and out["metrics"]["bulk_labels"]["ece"] is None
+    assert out["metrics"]["bulk_labels"]["accuracy"] == pytest.approx(expected["levels"]["bulk_labels"]["accuracy"])
+    # the human-readable table: one row per level
+    assert cli.main(["evaluate", "--predictions", "pred.csv", "--truth", "query.h5ad"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("210 cells of pred.csv scored against query.h5ad (lineage, bulk_labels)")
+    for level in LEVELS:
+        row = next(line.split() for line in text.splitlines() if line.startswith(level + " "))
+        metrics = expected["levels"][level]
+        assert row[1:] == ["210"] + [f"{metrics[k]:.3f}" for k in ("accuracy", "macro_f1", "balanced_accuracy",
+                                                                    "coverage", "ece")]
+    assert cli.main(["evaluate", "--predictions", "pred.csv", "--truth", "query.h5ad", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_evaluate_writes_json_and_csv_with_novel_labels(saved, pbmc_result, pbmc_split, monkeypatch, capsys):
+    monkeypatch.chdir(saved)
+    expected = atlasmtl.evaluate(pbmc_result, pbmc_split[1], novel_labels={"bulk_labels": ["Dendritic", "CD34+"]})
+    for name in ("metrics/m.json", "metrics/m.csv", "m.tsv"):
+        assert cli.main(["evaluate", "--predictions", "annotated.h5ad", "--truth", "query.h5ad",
+                         "--novel-labels", "bulk_labels=Dendritic,CD34+", "--out", name, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["out"] == name and out["novel"]["n_novel"] == 76 and out["novel"]["n_known"] == 134
+        assert out["novel"]["levels"]["bulk_labels"]["auroc"] == pytest.approx(
+            expected["novel"]["levels"]["bulk_labels"]["auroc"])
+    written = json.loads((saved / "metrics" / "m.json").read_text())
+    assert set(written) == set(expected) and written["n_cells"] == 210
+    assert_same_metrics(written["levels"], expected["levels"])
+    assert_same_metrics(written["novel"]["levels"], expected["novel"]["levels"])
+    for table in (pd.read_csv(saved / "metrics" / "m.csv", index_col="level"),
+                  pd.read_csv(saved / "m.tsv", sep="\t", index_col="level")):
+        assert list(table.index) == LEVELS
+        for level in LEVELS:  # one row per level: the level metrics and the novelty figures, as in the JSON
+            for key, value in {**written["levels"][level], **written["novel"]["levels"][level]}.items():
+                cell = table.loc[level, key]
+                assert (pd.isna(cell) if value is None else cell == pytest.approx(value) if isinstance(value, float)
+                        else cell == value), (level, key)
+    # the table's novelty columns on stdout
+    assert cli.main(["evaluate", "--predictions", "pred.csv", "--truth", "query.h5ad",
+                     "--novel-labels", "bulk_labels=Dendritic,CD34+"]) == 0
+    text = capsys.readouterr().out
+    assert "76 novel and 134 known cells" in text and "novel->Unknown" in text
+
+
+def test_novel_labels_syntax():
+    assert cli.parse_novel_labels(None) is None
+    assert cli.parse_novel_labels(["bulk_labels=Dendritic, CD34+", "lineage=Progenitor"]) == \
+        {"bulk_labels": ["Dendritic", "CD34+"], "lineage": ["Progenitor"]}
+    assert cli.parse_novel_labels(["bulk_labels=Dendritic;lineage=Progenitor"]) == \
+        {"bulk_labels": ["Dendritic"], "lineage": ["Progenitor"]}
+    for bad, pattern in ((["Dendritic"], "use LEVEL=LABEL"), (["lineage="], "use LEVEL=LABEL"),
+                         (["lineage=B", "lineage=T"], "names the level 'lineage' twice"), ([";"], "names no level")):
+        with pytest.raises(cli.UsageError, match=pattern):
+            cli.parse_novel_labels(bad)
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--predictions", "missing.csv", "--truth", "query.h5ad"], "InputError: No such predictions file: 'missing.csv'"),
+    (["--predictions", "pred.csv", "--truth", "missing.h5ad"], "InputError: No such truth file: 'missing.h5ad'"),
+    (["--predictions", "truth.csv", "--truth", "query.h5ad"],
+     "InputError: 'truth.csv' has no pred_<level> column (its columns: 'coarse', 'fine')"),
+    (["--predictions", "pred.csv", "--truth", "truth.csv"],
+     "LabelError: 'truth.csv' has no column named as a predicted level ('lineage', 'bulk_labels'); its columns are "
+     "'coarse', 'fine'. Name the truth columns with --truth-columns"),
+    (["--predictions", "pred.csv", "--truth", "query.h5ad", "--truth-columns", "lineage,cell_type"],
+     "LabelError: 'query.h5ad' has no column 'cell_type'; its columns are 'lineage', 'bulk_labels'"),
+    (["--predictions", "pred.csv", "--truth", "query.h5ad", "--truth-columns", "a,b,c"],
+     "--truth-columns names 3 column(s) for 2 predicted level(s)"),
+    (["--predictions", "pred.csv", "--truth", "first50.csv", "--truth-columns", "coarse,fine"],
+     "InputError: 160 of 210 predicted cells are not in the truth"),
+    (["--predictions", "pred.csv", "--truth", "query.h5ad", "--novel-labels", "cell_type=Dendritic"],
+     "--novel-labels names level(s) 'cell_type' that the predictions do not have (their levels: 'lineage', "
+     "'bulk_labels')"),
+    (["--predictions", "pred.csv", "--truth", "query.h5ad", "--novel-labels", "Dendritic"], "use LEVEL=LABEL"),
+    (["--predictions", "pred.csv", "--truth", "query.h5ad", "--out", "m.txt"],
+     "--out 'm.txt': the metrics file must end in .json, .csv or .tsv"),
+    (["--predictions", "pred.csv", "--truth", "truth.csv", "--out", "./pred.csv"],
+     "InputError: --out './pred.csv' is the --predictions file itself"),
+    (["--predictions", "pred.csv", "--truth", "truth.csv", "--out", "truth.csv"],
+     "InputError: --out 'truth.csv' is the --truth file itself"),
+    (["--predictions", "pred.csv"], "the following arguments are required: --truth"),
+])
+def test_evaluate_errors_are_one_line_exit_2(saved, monkeypatch, capsys, argv, pattern):
+    monkeypatch.chdir(saved)
+    pd.read_csv(saved / "truth.csv", index_col=0).iloc[:50].to_csv(saved / "first50.csv")
+    before = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
+    assert cli.main(["evaluate", *argv, "--json"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("atlasmtl evaluate: error: ") and pattern in lines[0], lines[0]
+    outcome = json.loads(captured.out)
+    assert outcome["command"] == "evaluate" and outcome["ok"] is False and outcome["exit_code"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == before  # nothing written or replaced
+
+
+def test_evaluate_imports_no_torch(saved):
+    """``evaluate --help`` imports nothing heavy; scoring saved predictions reads no model, so no PyTorch."""
+    heavy = ("torch", "anndata", "pandas", "sklearn")
+    code = ("import sys\nfrom atlasmtl import cli\n"
+            "assert cli.main(['evaluate', '--help']) == 0\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+            "assert cli.main(['evaluate', '--predictions', 'annotated.h5ad', '--truth', 'query.h5ad', '--quiet']) == 0\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=saved)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "--novel-labels" in proc.stdout
+    assert lines[-2:] == ["[]", "['anndata', 'pandas', 'sklearn']"]
