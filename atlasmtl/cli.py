@@ -1,4 +1,4 @@
-"""The ``atlasmtl`` command: train, predict, report and demo from a shell or a pipeline.
+"""The ``atlasmtl`` command: train, predict, report, evaluate and demo from a shell or a pipeline.
 
 ::
 
@@ -10,7 +10,13 @@
     atlasmtl report  --model model_dir/ --query query.h5ad [--query-filter ...] \\
                      [--predictions predictions.csv] [--truth-columns lv1,lv2] \\
                      [--reference ref.h5ad [--reference-filter ...]] --out report.html [prediction options]
+    atlasmtl evaluate --predictions predictions.csv|predictions.tsv|annotated.h5ad \\
+                     --truth truth.h5ad|truth.csv|truth.tsv [--truth-columns COL,...|LEVEL=COL,...] \\
+                     [--novel-labels LEVEL=LABEL,... ...] [--out metrics.json|metrics.csv|metrics.tsv]
     atlasmtl demo    [--num-epochs 40] [--out-dir atlasmtl_demo]
+
+``evaluate`` scores predictions that ``predict`` wrote against known labels matched by
+cell name (:func:`atlasmtl.evaluate`), reading neither the model nor the query matrix.
 
 ``--reference-filter`` / ``--query-filter`` select cells by an ``obs`` column, so one
 file can hold both sides of a mapping: ``--reference-filter 'dataset!=3pv1'`` for
