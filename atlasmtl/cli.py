@@ -793,46 +793,6 @@ def _read_truth(path: str) -> Any:
     return read_text_table(path, "truth table", missing_as_nan=True)
 
 
-def _truth_columns(spec: list[str] | dict[str, str] | None, levels: list[str], columns: Sequence[Any],
-                   path: str) -> dict[str, str]:
-    """The truth column of each evaluated level, as ``report`` reads ``--truth-columns``: one column per level
-    (coarse to fine), names equal to the levels, ``level=column`` pairs, or by default the columns named as the
-    levels."""
-    from .exceptions import LabelError
-
-    present = [str(c) for c in columns]
-    if spec is None:
-        used = {lv: lv for lv in levels if lv in present}
-        if not used:
-            raise LabelError(f"{path!r} has no column named as a predicted level ({_shown(levels)}); its columns are "
-                             f"{_shown(present)}. Name the truth columns with --truth-columns COL,... (one per "
-                             "level, coarse to fine) or LEVEL=COL,...")
-        return used
-    if isinstance(spec, dict):
-        unknown = [lv for lv in spec if lv not in levels]
-        if unknown:
-            raise UsageError(f"--truth-columns maps level(s) {_shown(unknown)} that the predictions do not have "
-                             f"(their levels: {_shown(levels)})")
-        used = dict(spec)
-    else:
-        twice = sorted({c for c in spec if spec.count(c) > 1})
-        if twice:
-            raise UsageError(f"--truth-columns names the column {twice[0]!r} twice; name each level's column once")
-        if len(spec) == len(levels):
-            used = dict(zip(levels, spec))
-        elif all(c in levels for c in spec):
-            used = {c: c for c in spec}
-        else:
-            raise UsageError(f"--truth-columns names {len(spec)} column(s) for {len(levels)} predicted level(s) "
-                             f"({_shown(levels)}); give one per level (coarse to fine), names equal to the levels, "
-                             "or LEVEL=COL pairs")
-    missing = [c for c in used.values() if c not in present]
-    if missing:
-        raise LabelError(f"{path!r} has no column {_shown(missing)}; its columns are {_shown(present)}. Name the "
-                         "truth columns with --truth-columns.")
-    return {lv: used[lv] for lv in levels if lv in used}  # coarse to fine, as predicted
-
-
 def _metrics_frame(evaluation: dict[str, Any]) -> Any:
     """One row per level: the level metrics, then the novelty figures when evaluated."""
     from .metrics import evaluation_table
@@ -891,7 +851,9 @@ def cmd_evaluate(args: argparse.Namespace, out: dict[str, Any]) -> str:
             raise UsageError(f"--novel-labels names level(s) {_shown(unknown)} that the predictions do not have "
                              f"(their levels: {_shown(levels)})")
     truth = _read_truth(args.truth)
-    used = _truth_columns(spec, levels, truth.columns, args.truth)
+    from .truth import level_columns
+
+    used = level_columns(levels, spec, truth.columns, repr(args.truth), "--truth-columns")
     if novel:
         unscored = [lv for lv in novel if lv not in used]
         if unscored:

@@ -127,10 +127,79 @@ def truth_by_level(
     return out
 
 
+def level_columns(levels: Sequence[str], columns: Sequence[str] | Mapping[str, str] | None,
+                  available: Sequence[Any], where: str = "the truth", option: str = "truth") -> dict[str, str]:
+    """The truth column of each level, from how a user named them.
+
+    Parameters
+    ----------
+    levels
+        The predicted levels, coarse to fine.
+    columns
+        ``None`` (the columns named as the levels), a list (one column per level, coarse to fine, or names
+        equal to some of the levels) or a mapping ``level → column``.
+    available
+        The columns the truth holds.
+    where
+        The truth, as named in messages (a file name, "the query's obs").
+    option
+        The argument the columns came from, as named in messages (``truth``, ``--truth-columns``).
+
+    Returns
+    -------
+    dict of str to str
+        ``level → column``, coarse to fine, only the levels given a column.
+
+    Raises
+    ------
+    ParameterError
+        A column named twice, a list that neither gives one column per level nor names levels, or a mapping
+        naming a level the predictions lack.
+    LabelError
+        A named column the truth lacks, or (by default) no column named as a level.
+    """
+    levels, present = list(levels), [str(c) for c in available]
+
+    def listed(names: Sequence[Any]) -> str:
+        return ", ".join(map(repr, names[:20])) + (" ..." if len(names) > 20 else "")
+
+    if columns is None:
+        used = {lv: lv for lv in levels if lv in present}
+        if not used:
+            raise LabelError(f"{where} has no column named as a predicted level ({listed(levels)}); its columns are "
+                             f"{listed(present)}. Name the truth columns with {option} (one per level, coarse to "
+                             "fine, or level=column).")
+    elif isinstance(columns, Mapping):
+        unknown = [lv for lv in columns if lv not in levels]
+        if unknown:
+            raise ParameterError(f"{option} maps level(s) {listed(unknown)} that the predictions do not have (their "
+                                 f"levels: {listed(levels)}); map each predicted level to a column.")
+        used = {str(k): str(v) for k, v in columns.items()}
+    else:
+        columns = [str(c) for c in columns]
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise ParameterError(f"{option} names the column {twice[0]!r} twice; name each level's column once.")
+        if len(columns) == len(levels):
+            used = dict(zip(levels, columns))
+        elif all(c in levels for c in columns):
+            used = {c: c for c in columns}
+        else:
+            raise ParameterError(f"{option} names {len(columns)} column(s) ({listed(columns)}) for {len(levels)} "
+                                 f"predicted level(s) ({listed(levels)}); give one per level (coarse to fine), names "
+                                 "equal to the levels, or map them as level=column.")
+    missing = [c for c in used.values() if c not in present]
+    if missing:
+        raise LabelError(f"{where} has no column {listed(missing)}; its columns are {listed(present)}. Name the truth "
+                         f"columns with {option}.")
+    return {lv: used[lv] for lv in levels if lv in used}
+
+
 def truth_frame(result: CallTable, truth: Any, columns: Any, adata: ad.AnnData | None) -> tuple[pd.DataFrame, dict]:
     """True labels as a DataFrame (index = the result's cells, one column per level) and which column fed each level.
 
-    ``truth`` may also name columns of ``adata`` (a list, a comma-separated string or ``{level: column}``).
+    ``truth`` may also name columns of ``adata`` (a list, a comma-separated string or ``{level: column}``;
+    :func:`level_columns`).
     """
     source = truth
     if isinstance(truth, str):
@@ -138,17 +207,8 @@ def truth_frame(result: CallTable, truth: Any, columns: Any, adata: ad.AnnData |
     if isinstance(truth, (list, tuple)) and all(isinstance(c, str) for c in truth):
         if adata is None:
             raise ParameterError("truth names columns, so pass the query AnnData as adata= as well.")
-        columns, source = list(truth), adata
-        if len(set(columns)) != len(columns):
-            raise ParameterError(f"truth={columns} names a column twice.")
-        if len(columns) != len(result.label_columns):
-            named = [c for c in columns if c in result.label_columns]
-            if len(named) != len(columns):
-                raise ParameterError(
-                    f"truth={columns} names {len(columns)} column(s) for {len(result.label_columns)} level(s) "
-                    f"{result.label_columns}; give one per level, or map them as {{level: column}}."
-                )
-            columns = {c: c for c in columns}
+        columns = level_columns(result.label_columns, list(truth), adata.obs.columns, "The query's obs")
+        source = adata
     elif isinstance(truth, Mapping) and adata is not None and all(isinstance(v, str) for v in truth.values()):
         unknown = [k for k in truth if k not in result.levels]
         if unknown:  # {level: column} naming a level the result lacks (was read as {level: labels}, one "label")

@@ -494,7 +494,7 @@ def test_novel_labels_syntax():
     (["--predictions", "pred.csv", "--truth", "query.h5ad", "--truth-columns", "lineage,cell_type"],
      "LabelError: 'query.h5ad' has no column 'cell_type'; its columns are 'lineage', 'bulk_labels'"),
     (["--predictions", "pred.csv", "--truth", "query.h5ad", "--truth-columns", "a,b,c"],
-     "--truth-columns names 3 column(s) for 2 predicted level(s)"),
+     "--truth-columns names 3 column(s) ('a', 'b', 'c') for 2 predicted level(s)"),
     (["--predictions", "pred.csv", "--truth", "first50.csv", "--truth-columns", "coarse,fine"],
      "InputError: 160 of 210 predicted cells are not in the truth"),
     (["--predictions", "pred.csv", "--truth", "query.h5ad", "--novel-labels", "cell_type=Dendritic"],
