@@ -49,8 +49,9 @@ class MatrixSource:
     #: tells the user to pass ``use_raw=True``.
     raw_var_names: pd.Index | None = None
     #: ``(log base, factor)`` when the matrix holds log values of another base or of another per-cell total than
-    #: log1p(CP10k) (:func:`lognorm_scale`): :meth:`rows` then returns ``log1p(factor · (base**x − 1))``.
-    lognorm_fix: tuple[float, float | None] | None = None
+    #: log1p(CP10k) (:func:`lognorm_scale`): :meth:`rows` then returns ``log1p(factor · (base**x − 1))``;
+    #: ``(SQRT_OF_COUNTS, None)`` when it holds square roots of counts (:func:`_sqrt_of_counts`).
+    lognorm_fix: tuple[float | str, float | None] | None = None
     #: Column numbers of ``matrix`` that are read (``var`` holds only theirs), or ``None`` for all: the
     #: ``'Gene Expression'`` features of a 10x file whose ``var['feature_types']`` also marks antibody, peak or
     #: other features (:func:`gene_expression_only`).
@@ -111,14 +112,18 @@ class MatrixSource:
 
         ``lognorm_fix = (base, factor)``: each value ``x`` becomes ``log1p(factor · (base**x − 1))``; with
         ``factor=None`` (log values of counts not normalised per cell) each row is scaled to ``TARGET_SUM``
-        (row-local, so any chunking gives the same answer)."""
+        (row-local, so any chunking gives the same answer). With ``base`` :data:`SQRT_OF_COUNTS` the values are
+        square roots of counts: ``x²``, each row scaled to ``TARGET_SUM``."""
         if self.lognorm_fix is None:
             return block
         base, factor = self.lognorm_fix
         out = block.copy() if sp.issparse(block) else np.array(block, dtype=np.float32)
         values = out.data if sp.issparse(out) else out
-        values *= np.float32(np.log(base))
-        np.expm1(values, out=values)
+        if base == SQRT_OF_COUNTS:
+            np.square(values, out=values)
+        else:
+            values *= np.float32(np.log(base))
+            np.expm1(values, out=values)
         if factor is None:
             totals = np.asarray(out.sum(axis=1), dtype=np.float64).ravel()
             scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
@@ -582,6 +587,29 @@ def detect_semantics(source: MatrixSource, sample: Any = None,
     }
 
 
+#: ``MatrixSource.lognorm_fix``'s base for square roots of counts (``sc.pp.sqrt``; :func:`_sqrt_of_counts`).
+SQRT_OF_COUNTS = "sqrt"
+#: Share of sampled cells whose squared values must all be whole numbers for a matrix of non-integer values to be
+#: read as square roots of counts (:func:`_sqrt_of_counts`).
+SQRT_OF_COUNTS_SHARE = 0.9
+
+
+def _sqrt_of_counts(sample: Any) -> bool:
+    """Whether non-integer sampled rows are square roots of counts (``sc.pp.sqrt`` of a counts matrix): in at least
+    :data:`SQRT_OF_COUNTS_SHARE` of the cells every squared value is a whole number. Log values of counts, or
+    square roots of counts normalised per cell, square to whole numbers only by chance."""
+    block = sp.csr_matrix(sample, dtype=np.float64)
+    block.eliminate_zeros()
+    lengths = np.diff(block.indptr)
+    keep = lengths > 0
+    if keep.sum() < 2:
+        return False
+    squared = block.data ** 2
+    whole = np.abs(squared - np.round(squared)) < np.maximum(0.01, 1e-5 * squared)
+    all_whole = np.add.reduceat(whole.astype(np.int64), block.indptr[:-1][keep]) == lengths[keep]
+    return float(np.mean(all_whole)) >= SQRT_OF_COUNTS_SHARE
+
+
 #: Log bases tried on log-normalised values: natural (``sc.pp.log1p``), 2 and 10 (``sc.pp.log1p(base=...)``).
 LOG_BASES = (float(np.e), 2.0, 10.0)
 #: The per-cell total atlasmtl's log-normalised input is on (``log1p`` of counts per 10k).
@@ -700,6 +728,11 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
     if source.left_out:
         semantics["features_left_out"] = dict(source.left_out)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
+    if semantics["semantics"] in ("lognorm", "other") and input_transform != "binary" and _sqrt_of_counts(sample):
+        source.lognorm_fix = (SQRT_OF_COUNTS, None)  # read as the counts they are the square roots of
+        semantics.update(semantics="lognorm", normalisation="square roots of counts (sc.pp.sqrt) brought to natural "
+                         "log1p of counts per 1e4")
+        return semantics
     if semantics["semantics"] in ("lognorm", "other"):
         _warn_if_denoised(source, sample)
     if semantics["semantics"] == "other" and input_transform != "binary":

@@ -106,3 +106,32 @@ def test_log_cpm_cut_to_some_genes_warns_with_the_fix(small_model, symphony_spli
     query = query[:, query.var_names[:1500]].copy()
     with pytest.warns(UserWarning, match=r"more than the 10000 per cell.*layer='counts'"):
         _predict(small_model, query)
+
+
+def test_square_roots_of_counts_give_the_counts_calls(small_model, symphony_split):
+    """``sc.pp.sqrt`` of a counts matrix (values such as 1.414, up to ~30 or beyond): read as the counts they are the
+    square roots of, so the calls are those on the counts (they were read as log values, or above 30 as linear
+    normalised values, and the calls changed without a word); a reference so given trains the counts' model."""
+    counts = _counts(symphony_split[1])
+    query = counts.copy()
+    sc.pp.sqrt(query)
+    assert query.X.max() > 30  # the values log-normalised data cannot reach: read as "other" before
+    before = query.X.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_sqrt = _predict(small_model, query)
+    on_counts = _predict(small_model, counts)
+    assert (query.X != before).nnz == 0
+    for level in SYMPHONY_LEVELS:
+        np.testing.assert_array_equal(on_sqrt.levels[level]["raw_code"], on_counts.levels[level]["raw_code"])
+    assert "square roots of counts" in on_sqrt.metadata["input"]["normalisation"]
+    low = query.copy()  # values under 30 (counts up to 900): read as log values before
+    low.X = low.X.minimum(29.0)
+    low.X.data[low.X.data >= 29.0] = 1.0
+    assert "square roots of counts" in _predict(small_model, low).metadata["input"]["normalisation"]
+    ref = _counts(symphony_split[0])
+    rooted = ref.copy()
+    sc.pp.sqrt(rooted)
+    kw = dict(ensemble_size=1, num_epochs=1, show_progress=False, show_summary=False)
+    a, b = atlasmtl.build_model(ref, SYMPHONY_LEVELS, **kw), atlasmtl.build_model(rooted, SYMPHONY_LEVELS, **kw)
+    np.testing.assert_allclose(a.metadata["gene_stats"]["mean"], b.metadata["gene_stats"]["mean"], atol=1e-3)
