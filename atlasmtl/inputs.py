@@ -589,25 +589,17 @@ def detect_semantics(source: MatrixSource, sample: Any = None,
 
 #: ``MatrixSource.lognorm_fix``'s base for square roots of counts (``sc.pp.sqrt``; :func:`_sqrt_of_counts`).
 SQRT_OF_COUNTS = "sqrt"
-#: Share of sampled cells whose squared values must all be whole numbers for a matrix of non-integer values to be
-#: read as square roots of counts (:func:`_sqrt_of_counts`).
-SQRT_OF_COUNTS_SHARE = 0.9
 
 
 def _sqrt_of_counts(sample: Any) -> bool:
-    """Whether non-integer sampled rows are square roots of counts (``sc.pp.sqrt`` of a counts matrix): in at least
-    :data:`SQRT_OF_COUNTS_SHARE` of the cells every squared value is a whole number. Log values of counts, or
-    square roots of counts normalised per cell, square to whole numbers only by chance."""
-    block = sp.csr_matrix(sample, dtype=np.float64)
-    block.eliminate_zeros()
-    lengths = np.diff(block.indptr)
-    keep = lengths > 0
-    if keep.sum() < 2:
-        return False
-    squared = block.data ** 2
-    whole = np.abs(squared - np.round(squared)) < np.maximum(0.01, 1e-5 * squared)
-    all_whole = np.add.reduceat(whole.astype(np.int64), block.indptr[:-1][keep]) == lengths[keep]
-    return float(np.mean(all_whole)) >= SQRT_OF_COUNTS_SHARE
+    """Whether non-integer sampled rows are square roots of counts (``sc.pp.sqrt`` of a counts matrix): their
+    squares are whole numbers as :func:`_log_of_counts` judges undone log values (every value of the row, in at
+    least :data:`LOG_OF_COUNTS_SHARE` of the cells). Log values of counts, or square roots of counts normalised per
+    cell, square to whole numbers only by chance."""
+    squared = sp.csr_matrix(sample, dtype=np.float64)
+    squared.eliminate_zeros()
+    squared.data **= 2
+    return _log_of_counts(squared)
 
 
 #: Log bases tried on log-normalised values: natural (``sc.pp.log1p``), 2 and 10 (``sc.pp.log1p(base=...)``).
@@ -670,7 +662,8 @@ LOG_OF_COUNTS_SHARE = 0.9
 
 
 def _log_of_counts(linear: sp.csr_matrix) -> bool:
-    """Whether rows of undone log values (``base**x − 1``, no stored zeros) are counts: in at least
+    """Whether rows of undone log values (``base**x − 1``, no stored zeros; or squared square roots,
+    :func:`_sqrt_of_counts`) are counts: in at least
     :data:`LOG_OF_COUNTS_SHARE` of the cells every value is a whole number (``sc.pp.log1p`` without
     ``sc.pp.normalize_total``; Seurat's SCTransform ``data`` slot, log1p of corrected counts). Counts normalised per
     cell are multiples of ``target / library size``, whole numbers only in the rare cell whose library divides the
