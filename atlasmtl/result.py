@@ -10,21 +10,24 @@ vocabulary live in :class:`~atlasmtl.calls.CallTable` / :class:`~atlasmtl.calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ._docs import fill_docs
 from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, levels_in_table, mode_fields, numeric_column
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .gating import GatingConfig
+from .report_html import doc_report_options
 from .io import (atomic_path, atomic_write, check_input_file, elem_io, prepare_output, from_h5ad, h5ad_safe, read_h5ad,
                  read_h5ad_obs, read_text_table, table_format)
 from .runtime import format_sections
@@ -281,16 +284,27 @@ class PredictionResult(CallTable):
         """Print a compact, sectioned summary of the prediction run."""
         print(format_sections("atlasmtl prediction", self.summary()))
 
-    def report(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+    @functools.partial(fill_docs, docs={"doc_report_options": doc_report_options.replace("\n", "\n    ")})
+    def report(
+        self,
+        path: str | os.PathLike,
+        *,
+        model: Any = None,
+        adata: ad.AnnData | None = None,
+        truth: Any = None,
+        truth_columns: Mapping[str, str] | Sequence[str] | None = None,
+        reference: ad.AnnData | np.ndarray | None = None,
+        title: str | None = None,
+        basis: str | None = None,
+        dpi: int = 100,
+    ) -> Path:
         """Write a self-contained HTML mapping report; see :func:`atlasmtl.report.write_report`.
 
         Parameters
         ----------
         path
             The ``.html`` file to write (its folder is created).
-        **kwargs
-            :func:`~atlasmtl.report.write_report`'s keyword arguments (``model=``, ``adata=``, ``truth=``,
-            ``truth_columns=``, ``reference=``, ``title=``, ``basis=``, ``dpi=``), passed on.
+        {doc_report_options}
 
         Returns
         -------
@@ -305,7 +319,8 @@ class PredictionResult(CallTable):
         """
         from .report_html import write_report
 
-        return write_report(path, self, **kwargs)
+        return write_report(path, self, model=model, adata=adata, truth=truth, truth_columns=truth_columns,
+                            reference=reference, title=title, basis=basis, dpi=dpi)
 
     @classmethod
     def from_predictions(
