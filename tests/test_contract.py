@@ -30,7 +30,7 @@ TEXT = CONTRACT.read_text(encoding="utf-8")
 def _signature_in_contract(call: str) -> dict[str, object]:
     """Parameter → default (``inspect.Parameter.empty`` for none) of the fullest ``call(...)`` the contract writes
     in backticks (the one with most parameters: the signature, not an example call), parsed as Python
-    (``*`` and ``**kwargs`` are skipped)."""
+    (``**kwargs`` is skipped; the names after ``*`` are in :data:`KEYWORD_ONLY` ``[call]``)."""
     best = None
     for match in re.finditer(r"`(?:[\w.]+\.)?" + re.escape(call) + r"\(([^`]*?)\)(?: ->[^`]*)?`", TEXT):
         try:
@@ -46,7 +46,12 @@ def _signature_in_contract(call: str) -> dict[str, object]:
     out = dict(zip(names, defaults))
     for arg, default in zip(best.kwonlyargs, best.kw_defaults):
         out[arg.arg] = inspect.Parameter.empty if default is None else ast.literal_eval(default)
+    KEYWORD_ONLY[call] = {arg.arg for arg in best.kwonlyargs}
     return out
+
+
+#: call → the parameters the contract's signature writes after ``*`` (filled by :func:`_signature_in_contract`).
+KEYWORD_ONLY: dict[str, set[str]] = {}
 
 
 def _signature_in_code(func) -> dict[str, object]:
@@ -88,6 +93,11 @@ def test_contract_signatures_name_the_codes_parameters_and_defaults(call, func):
     assert list(documented) == list(code), f"{call}: contract {list(documented)} vs code {list(code)}"
     for name, default in code.items():
         assert documented[name] == default, f"{call}({name}=...): contract {documented[name]!r}, code {default!r}"
+    # a keyword-only parameter written as positional (or the reverse) is a call that fails as documented
+    keyword_only = {name for name, p in inspect.signature(func).parameters.items()
+                    if p.kind == p.KEYWORD_ONLY and name in code}
+    assert KEYWORD_ONLY[call] == keyword_only, \
+        f"{call}: keyword-only (after *) in the contract {sorted(KEYWORD_ONLY[call])}, in the code {sorted(keyword_only)}"
 
 
 def _table(heading: str) -> dict[str, str]:
