@@ -158,3 +158,89 @@ def test_distributed_helpers_are_all_named():
     section = TEXT[TEXT.index("### Distributed training"):TEXT.index("### Input transform and shift training")]
     for name in atlasmtl.distributed.__all__:
         assert f"`{name}" in section, f"atlasmtl.distributed.{name} is not in the contract's Distributed training"
+
+
+def _reference_sections() -> str:
+    """The reference text: ``build_model``'s signature, table and notes up to its first dated evidence section, and
+    every section from *Artifacts* on (the evidence sections are a historical record, quoting earlier values)."""
+    start = TEXT.index("## Training: `build_model`")
+    return TEXT[start:TEXT.index("\n### ", start)] + TEXT[TEXT.index("\n## Artifacts"):]
+
+
+_NUMBER = r"(−?\d[\d,]*(?:\.\d+)?%?)"
+_CONSTANT = r"`(?:atlasmtl\.)?((?:[a-z_]+\.)?[A-Z][A-Z0-9_]+)"
+#: How the reference sections quote a constant's value: `mod.NAME = 0.25`, `mod.NAME` = 5, `mod.NAME` (20,000),
+#: (`NAME`, 8), "fewer than 3 labelled cells (`mod.NAME`)" and "[10, 1200] (`mod.NAME`)".
+_QUOTES = [
+    (_CONSTANT + r" = " + _NUMBER + "`", False),
+    (_CONSTANT + r"`\s+=\s+" + _NUMBER, False),
+    (_CONSTANT + r"`,?\s+\(" + _NUMBER + r"\)", False),
+    (r"\(" + _CONSTANT + r"`,\s+" + _NUMBER + r"\)", False),
+    (r"(?<![\w.,–-])" + _NUMBER + r"(?:\s+[A-Za-z-]+){0,4}\s+\(" + _CONSTANT + "`[,)]", True),
+    (r"\[" + _NUMBER + r",\s+" + _NUMBER + r"\]\s+\(" + _CONSTANT + "`[,)]", True),
+]
+
+
+def _number(text: str) -> float:
+    value = float(text.replace(",", "").replace("−", "-").rstrip("%"))
+    return value / 100 if text.endswith("%") else value
+
+
+def _constant(name: str) -> object:
+    """The value of ``mod.NAME`` (``atlasmtl.mod``), or of a bare ``NAME`` in whichever modules define it (all equal)."""
+    import importlib
+    import pkgutil
+
+    if "." in name:
+        module, attr = name.rsplit(".", 1)
+        return getattr(importlib.import_module(f"atlasmtl.{module}"), attr)
+    values = []
+    for info in pkgutil.iter_modules(atlasmtl.__path__):
+        module = importlib.import_module(f"atlasmtl.{info.name}")
+        if name in vars(module):
+            values.append(vars(module)[name])
+    assert values, f"no atlasmtl module defines {name}"
+    assert all(v == values[0] for v in values), f"{name} differs between modules: {values}"
+    return values[0]
+
+
+def test_constants_quoted_with_a_value_have_that_value():
+    text = _reference_sections()
+    quoted = []
+    for pattern, value_first in _QUOTES:
+        for match in re.finditer(pattern, text):
+            *numbers, name = match.groups() if value_first else match.groups()[::-1]
+            quoted.append((name, [_number(n) for n in numbers], match.group(0)))
+    assert len(quoted) >= 30, f"the patterns found only {len(quoted)} quoted constants; has the contract's style changed?"
+    for name, numbers, where in quoted:
+        value = _constant(name)
+        if len(numbers) == 2:  # a range: the constant is the pair
+            assert tuple(value) == pytest.approx(tuple(numbers)), f"{where!r}: code {name} = {value!r}"
+        elif isinstance(value, (tuple, list, frozenset, set)):  # "natural, 2 and 10 (`inputs.LOG_BASES`)"
+            assert any(v == pytest.approx(numbers[0]) for v in value), f"{where!r}: code {name} = {value!r}"
+        else:
+            assert value == pytest.approx(numbers[0]), f"{where!r}: code {name} = {value!r}"
+
+
+def test_module_names_the_reference_sections_give_exist():
+    """Every ``mod.name`` the reference sections write in backticks, for an atlasmtl module ``mod``, is there
+    (``model``, ``result`` and ``report`` also name variables, so only with ``atlasmtl.`` before them)."""
+    import importlib
+    import pkgutil
+
+    modules = {info.name for info in pkgutil.iter_modules(atlasmtl.__path__)}
+    named = set()
+    for span in re.findall(r"`([^`\n]+)`", _reference_sections()):
+        for prefix, module, attrs in re.findall(r"(?<![\w.])(atlasmtl\.)?([a-z_]+)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)", span):
+            if module in modules and (prefix or module not in {"model", "result", "report"}):
+                named.add(f"{module}.{attrs}")
+    assert len(named) >= 40, f"found only {len(named)} names; has the contract's style changed?"
+    for name in sorted(named):
+        module, *attrs = name.split(".")
+        obj = importlib.import_module(f"atlasmtl.{module}")
+        for i, attr in enumerate(attrs):
+            if inspect.ismodule(obj) and not hasattr(obj, attr):  # a submodule, e.g. atlasmtl.pl
+                obj = importlib.import_module(f"{obj.__name__}.{attr}")
+            else:
+                assert hasattr(obj, attr), f"the contract names atlasmtl.{name}, which does not exist"
+                obj = getattr(obj, attr)
