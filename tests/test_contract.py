@@ -239,7 +239,7 @@ def test_module_names_the_reference_sections_give_exist():
         module, *attrs = name.split(".")
         obj = importlib.import_module(f"atlasmtl.{module}")
         for i, attr in enumerate(attrs):
-            if inspect.ismodule(obj) and not hasattr(obj, attr):  # a submodule, e.g. atlasmtl.pl
+            if hasattr(obj, "__path__") and not hasattr(obj, attr):  # a package's submodule not imported yet
                 obj = importlib.import_module(f"{obj.__name__}.{attr}")
             else:
                 assert hasattr(obj, attr), f"the contract names atlasmtl.{name}, which does not exist"
