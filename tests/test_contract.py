@@ -244,3 +244,28 @@ def test_module_names_the_reference_sections_give_exist():
             else:
                 assert hasattr(obj, attr), f"the contract names atlasmtl.{name}, which does not exist"
                 obj = getattr(obj, attr)
+
+
+def test_error_table_names_every_exception_with_its_parent():
+    """Each exception of :mod:`atlasmtl.exceptions` has a row, and "`EmptyDataError` (`InputError`)" is its base
+    ("(also an `OSError`)": a further base)."""
+    import builtins
+
+    import atlasmtl.exceptions as exceptions
+
+    named = {}
+    for key in _table("| error | raised for |"):
+        parent = re.search(r"\((also an? )?`(\w+)`\)", key)
+        for name in re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", key)):
+            named[name] = parent
+    classes = [n for n in exceptions.__all__ if n != "AtlasMTLError"]
+    assert set(named) == set(classes), f"only in the table: {set(named) - set(classes)}; " \
+                                       f"only in the code: {set(classes) - set(named)}"
+    for name, parent in named.items():
+        cls = getattr(exceptions, name)
+        assert issubclass(cls, exceptions.AtlasMTLError), name
+        if parent is not None and parent.group(1):
+            assert issubclass(cls, getattr(builtins, parent.group(2))), f"{name} is not an {parent.group(2)}"
+        elif parent is not None:
+            assert cls.__bases__[0] is getattr(exceptions, parent.group(2)), \
+                f"{name}: the contract says ({parent.group(2)}), the code's bases are {cls.__bases__}"
