@@ -2,7 +2,9 @@
 
 These checks read the contract's reference sections and compare them with the code, so that a parameter
 added, renamed or given another default, or a writeback column added, fails here until the contract says
-so too. No model is trained.
+so too. The same holds for the constants it quotes with their values, the module names it gives, the error
+table, and the keys it lists of the model's records, the saved files, ``result.metadata`` and ``evaluate``'s output
+(read from one two-epoch, one-network model of synthetic cells).
 """
 
 from __future__ import annotations
@@ -269,3 +271,116 @@ def test_error_table_names_every_exception_with_its_parent():
         elif parent is not None:
             assert cls.__bases__[0] is getattr(exceptions, parent.group(2)), \
                 f"{name}: the contract says ({parent.group(2)}), the code's bases are {cls.__bases__}"
+
+
+# ------------------------------------------------------------------ the keys the reference sections list
+def _flat(text: str) -> str:
+    """``text`` without its parenthesised asides (nested ones too), so only a list's own items are left."""
+    while True:
+        shorter = re.sub(r"\([^()]*\)", "", text)
+        if shorter == text:
+            return text
+        text = shorter
+
+
+def _backticked(text: str) -> set[str]:
+    """The names written as `name` (or `name[...]`, as `pairs["<parent> -> <child>"]`) in ``text``."""
+    return set(re.findall(r"`(\w+)(?:\[[^`]*\])?`", text)) - {"None"}
+
+
+def _between(start: str, end: str) -> str:
+    section = _reference_sections()
+    assert start in section, f"the contract no longer writes {start!r}"
+    fragment = section[section.index(start) + len(start):]
+    return fragment[:fragment.index(end)]
+
+
+def _braced(text: str) -> set[str]:
+    """The keys of a ``{a, b: {...}, c}`` the contract writes."""
+    inner = re.search(r"\{(.*)\}", text, flags=re.S).group(1)
+    while re.search(r"\{[^{}]*\}", inner):
+        inner = re.sub(r"\{[^{}]*\}", "", inner)
+    return {item.split(":")[0].strip() for item in inner.split(",")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A one-network model of the synthetic cells (two epochs), saved, and its prediction of other cells."""
+    from .synthetic import SYNTHETIC_LEVELS, synthetic_adata
+
+    cells = synthetic_adata(n_obs=360, random_state=0)
+    model = atlasmtl.build_model(cells[:240].copy(), SYNTHETIC_LEVELS, coord_targets={"umap": "X_umap"},
+                                 ensemble_size=1, num_epochs=2, hidden_sizes=(16,), num_threads=1,
+                                 show_progress=False, show_summary=False)
+    query = cells[240:].copy()
+    result = atlasmtl.predict(model, query, num_threads=1, show_progress=False, show_summary=False)
+    folder = tmp_path_factory.mktemp("model")
+    model.save(folder / "model.pth")
+    return model, result, query, folder
+
+
+def test_training_records_hold_the_keys_the_contract_lists(tiny):
+    model, _, _, _ = tiny
+    config = model.train_config
+    text = _between("`model.train_config` holds every parameter", "\n\n")
+    left_out = _backticked(text[:text.index("plus")])
+    listed = _backticked(_flat(text[text.index("plus"):]))
+    parameters = set(_signature_in_code(atlasmtl.build_model))
+    assert set(config) == (parameters - left_out) | listed, \
+        f"only in the contract: {(parameters - left_out) | listed - set(config)}; " \
+        f"only in the code: {set(config) - (parameters - left_out) - listed}"
+    phases = _backticked(_flat(_between("`phase_seconds`\n(", "), `history`")))
+    assert set(config["phase_seconds"]) == phases
+    assert set(config["knn_space"]) == _backticked(_between("`knn_space` (", "), `versions`"))
+    calibration = config["calibration"]
+    assert set(calibration) == _braced(_between('`train_config["calibration"]` = `', "`"))
+    levels = _between('`train_config["calibration"]` = `', "`")
+    inner = re.search(r"ece_held_out: \{level: \{([^}]*)\}", levels).group(1)
+    for record in calibration["ece_held_out"].values():
+        assert set(record) == {k.strip() for k in inner.split(",")}
+    assert calibration["crossfit"] is not None  # the synthetic reference is small enough to be cross-fitted
+    assert set(calibration["crossfit"]) == _braced(_between("`crossfit`: `", "`"))
+    detection = _between('`metadata["gene_detection"]`', "from the pseudo-counts")
+    assert set(model.metadata["gene_detection"]) == _backticked(detection) - {"genes", "detection_profile"}
+
+
+def test_saved_files_hold_the_keys_the_contract_lists(tiny):
+    import json
+
+    from atlasmtl.artifacts import safe_loads
+
+    _, _, _, folder = tiny
+    row = _between("| `foo_manifest.json` | ", "|\n")
+    manifest = json.loads((folder / "model_manifest.json").read_text())
+    assert set(manifest) == _backticked(_flat(row[:row.index("per file")]))
+    roles = _backticked(re.search(r"\(by role: ([^)]*)\)", row).group(1))
+    assert set(manifest["files"]) == roles
+    for entry in manifest["files"].values():
+        assert set(entry) == _backticked(_flat(row[row.index("):"):]))
+    reference = safe_loads((folder / "model_reference.pkl").read_bytes(), "reference")
+    documented = set(re.findall(r"`(\w+)[`:]", _flat(_between("| `foo_reference.pkl` | ", "|\n"))))
+    assert set(reference) <= documented and documented - set(reference) <= {"index"}  # index: above 20,000 cells
+
+
+def test_prediction_metadata_holds_the_keys_the_contract_lists(tiny):
+    _, result, _, _ = tiny
+    assert set(result.metadata) == _backticked(_flat(_between("- `result.metadata`:", "\n\n")))
+    genes = result.metadata["genes"]
+    assert set(genes) == _backticked(_flat(_between('`uns["atlasmtl"]["genes"]` report', "\n\n")))
+    assert set(genes["unmeasured"]) == _braced(_between('`metadata["genes"]["unmeasured"]` =', "`;"))
+    assert set(result.metadata["query_only"]) == _braced(_between('`result.metadata["query_only"]` = `', "`"))
+
+
+def test_evaluate_output_holds_the_keys_the_contract_lists(tiny):
+    _, result, query, _ = tiny
+    levels = result.label_columns
+    ev = atlasmtl.evaluate(result, query, novel_labels={levels[-1]: [query.obs[levels[-1]].iloc[0]]},
+                           coord_truth={"umap": "X_umap"}, reference_coords={"umap": query.obsm["X_umap"]})
+    table = _table("**Output** (JSON-serialisable")
+    assert set(ev) == {re.sub(r"\[.*", "", key.strip("`")) for key in table if key.startswith("`")}
+    assert set(ev["levels"][levels[-1]]) == _backticked(table["`levels[level]`"])
+    assert set(ev["hierarchy"]) == _backticked(_flat(table["`hierarchy`"]))
+    assert set(next(iter(ev["hierarchy"]["pairs"].values()))) == _braced(table["`hierarchy`"])
+    assert set(ev["novel"]) == _backticked(_flat(table["`novel`"]))
+    assert set(ev["novel"]["levels"][levels[-1]]) == _braced(table["`novel`"])
+    assert set(ev["coords"]["umap"]) == _backticked(_flat(table["`coords[name]`"]))
