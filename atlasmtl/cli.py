@@ -722,6 +722,10 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
     query = read_h5ad(args.query, backed=True)
     if args.query_filter:
         query = select_cells(query, args.query_filter, "--query-filter", args.query)
+    if truth is not None:  # a misspelt column fails here, named as the option, not after the whole prediction
+        from .truth import level_columns
+
+        level_columns(model.label_columns, truth, query.obs.columns, repr(args.query), "--truth-columns")
     reference = read_h5ad(args.reference, backed=True) if args.reference else None
     if args.reference_filter:
         if reference is None:

@@ -266,6 +266,25 @@ def test_errors_in_process(files, trained, monkeypatch, capsys, argv, code, patt
     assert not (files / "m").exists()  # a failed training leaves no model folder behind
 
 
+def test_report_names_a_misspelt_truth_column_as_the_option_before_predicting(files, trained, monkeypatch, capsys):
+    """report --truth-columns with a column the query lacks: the error names --truth-columns (it said "Name the
+    truth columns with truth.", the Python argument) and comes before the query is predicted, not after."""
+    monkeypatch.chdir(files)
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted before the truth columns were checked")
+
+    monkeypatch.setattr(atlasmtl, "predict", no_prediction)
+    argv = ["report", "--model", "model", "--query", "query.h5ad", "--out", "typo.html", "--no-show-progress"]
+    assert cli.main([*argv, "--truth-columns", "lineage,cell_type"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("atlasmtl report: error: LabelError: 'query.h5ad' has no column 'cell_type'; its columns "
+                           "are 'lineage', 'bulk_labels'. Name the truth columns with --truth-columns.")
+    assert cli.main([*argv, "--truth-columns", "lineage=lineage,fine=bulk_labels"]) == 2
+    assert "--truth-columns maps level(s) 'fine'" in capsys.readouterr().err
+    assert not (files / "typo.html").exists()
+
+
 @pytest.mark.parametrize("argv,command", [
     (["train", "--reference", "ref.h5ad", "--json"], "train"),  # --labels and --out missing
     (["report", "--model", "m", "--query", "q.h5ad", "--out", "r.html", "--knn-k", "ten", "--json"], "report"),
