@@ -483,8 +483,8 @@ def _scaled_message(where: str, input_transform: str = "zscore") -> str:
     return (f"adata.{where} holds negative values: it looks scaled or centred (e.g. sc.pp.scale, "
             "sc.pp.regress_out or Pearson residuals), which "
             f"cannot be {'binarised' if input_transform == 'binary' else 'normalised'} meaningfully. "
-            "Pass raw counts or log-normalised values instead: use_raw=True if adata.raw holds them, "
-            "or layer='counts'.")
+            "Pass raw counts or log-normalised values instead: use_raw=True (--use-raw on the command line) if "
+            "adata.raw holds them, or layer='counts' (--layer counts).")
 
 
 def check_block(block: Any, where: str, semantics: str) -> None:

@@ -278,7 +278,8 @@ def test_scaled_data_is_refused_with_use_raw_hint():
     pbmc = sc.datasets.pbmc68k_reduced()
     pbmc.obs["coarse"] = pbmc.obs["bulk_labels"].astype(str).str[:3]
     before = pbmc.obs.copy()
-    with pytest.raises(MatrixSemanticsError, match="use_raw=True"):
+    with pytest.raises(MatrixSemanticsError, match=r"use_raw=True \(--use-raw on the command line\).*"
+                                                   r"layer='counts' \(--layer counts\)"):
         atlasmtl.build_model(pbmc, ["coarse", "bulk_labels"], num_epochs=1, show_progress=False)
     pd.testing.assert_frame_equal(pbmc.obs, before)
     model = atlasmtl.build_model(pbmc, ["coarse", "bulk_labels"], use_raw=True, num_epochs=3, show_progress=False)
