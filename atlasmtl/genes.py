@@ -775,8 +775,9 @@ def build_aligner(
         elif how.startswith("var_names (namespaces differ"):
             hint = (
                 f" The query's genes look like {query_ns} names while the model was trained on "
-                f"{model_namespace} names: add a var column with {model_fam} IDs (e.g. 'gene_ids'), "
-                "or pass gene_map= (query name → model name)."
+                f"{model_namespace} names: add a var column holding the model's {model_fam} names (e.g. "
+                f"{'gene_ids' if model_fam == 'ensembl' else 'gene_symbols'!r}), or pass gene_map= (--gene-map on "
+                "the command line; query name → model name)."
             )
         else:
             hint = _annotation_hint(keys, model_keys)

@@ -264,6 +264,17 @@ def test_too_few_genes_through_a_var_column_or_ensembl_ids_of_two_species_names_
     assert "add a var column" not in str(caught.value)
 
 
+
+def test_ensembl_query_against_a_symbol_model_is_told_which_column_and_the_cli_option():
+    """Ensembl var_names, no column mapping them, against a symbol model: the error suggests a column of symbols
+    ('gene_symbols'; it said 'gene_ids', the column that holds Ensembl IDs in 10x files) and names --gene-map."""
+    query = _counts_query([f"ENSG{i:011d}" for i in range(1, 7)])
+    with pytest.raises(GeneAlignmentError, match=r"a var column holding the model's symbol names \(e.g. "
+                                                 r"'gene_symbols'\), or pass gene_map= \(--gene-map on the command"):
+        _align(HUMAN, query)
+    query.var["gene_symbols"] = HUMAN  # the fix the message gives
+    assert _align(HUMAN, query).report["n_matched"] == len(HUMAN)
+
 # ---------------------------------------------------------------- matrix semantics
 @pytest.mark.shared_data(CELLBENCH)
 def test_detect_semantics_on_real_files(symphony, cellbench):
