@@ -940,7 +940,9 @@ def evaluate(
     truth_frame = truth_table(truth, levels)
     for lv in levels:
         if lv not in truth_frame.columns:
-            raise LabelError(f"Level {lv!r} is not a column of the truth; available: {list(truth_frame.columns)[:20]}.")
+            raise LabelError(f"Level {lv!r} is not a column of the truth; available: {list(truth_frame.columns)[:20]}. "
+                             f"Pass labels kept under another name by level, e.g. truth={{{lv!r}: "
+                             "adata.obs['cell_type'], ...}, or score fewer levels with label_columns=.")
     cells = pd.Index(table.index)
     pos = cell_positions(cells, truth_frame.index)
 

@@ -365,8 +365,13 @@ def test_output_is_json_and_tables():
 def test_errors_name_the_problem():
     with pytest.raises(InputError, match="not in the truth"):
         evaluate(_table(), _truth().iloc[:5])
-    with pytest.raises(LabelError, match="'fine' is not a column of the truth"):
+    with pytest.raises(LabelError, match=r"'fine' is not a column of the truth; available: \['lin'\]\. Pass labels "
+                                         r"kept under another name by level, e.g. truth=\{'fine': adata.obs\['cell_type'\]"):
         evaluate(_table(), _truth()[["lin"]])
+    renamed = _truth().rename(columns={"fine": "cell_type"})  # the fixes the message gives both work
+    by_level = evaluate(_table(), {"lin": renamed["lin"], "fine": renamed["cell_type"]})["levels"]
+    assert by_level["fine"]["accuracy"] == evaluate(_table(), _truth())["levels"]["fine"]["accuracy"]
+    assert list(evaluate(_table(), renamed, label_columns=["lin"])["levels"]) == ["lin"]
     with pytest.raises(LabelError, match="no predictions"):
         evaluate(_table(), _truth(), label_columns=["lin", "other"])
     with pytest.raises(InputError, match="Series indexed by cell name"):
