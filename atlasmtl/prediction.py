@@ -268,7 +268,13 @@ def _predict_part(
                                  "novelty_threshold=None to switch novelty detection off.")
     neighbourhood_k = 0 if neighbourhood_k is None else as_int("neighbourhood_k", neighbourhood_k, minimum=0)
     if not isinstance(model, TrainedModel):
-        raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not {type(model).__name__}.")
+        hint = ""
+        if isinstance(model, (str, os.PathLike)):  # the model folder, as the command line takes it
+            hint = f": load it first, model = atlasmtl.TrainedModel.load({str(model)!r})"
+        elif isinstance(adata, TrainedModel):
+            hint = ": the arguments are swapped, predict(model, adata)"
+        raise ParameterError(f"model must be a TrainedModel (from build_model or TrainedModel.load), not "
+                             f"{type(model).__name__}{hint}.")
     coordinates = _coordinate_source(model, as_choice("coordinates", coordinates, COORDINATE_SOURCES))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     n_threads = resolve_num_threads(num_threads)

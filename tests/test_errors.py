@@ -217,9 +217,12 @@ def test_query_sharing_no_genes(pbmc_model, query):
     _predict_fails(pbmc_model, q, GeneAlignmentError, "Only 0 of the model's 765 genes")
 
 
-def test_not_a_model(query):
-    with pytest.raises(ParameterError, match="TrainedModel"):
-        atlasmtl.predict("model.pth", query)
+def test_not_a_model(query, pbmc_model):
+    """A model path (what the command line's --model takes) is told to load it first; swapped arguments are named."""
+    with pytest.raises(ParameterError, match=r"not str: load it first, model = atlasmtl.TrainedModel.load\('model/'\)"):
+        atlasmtl.predict("model/", query)
+    with pytest.raises(ParameterError, match=r"not AnnData: the arguments are swapped, predict\(model, adata\)"):
+        atlasmtl.predict(query, pbmc_model)
 
 
 def test_missing_file_and_layer(pbmc_model, query, tmp_path):
