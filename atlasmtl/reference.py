@@ -147,8 +147,11 @@ def _coordinate_targets(adata: ad.AnnData | ReferenceTable, coord_targets: Mappi
     for name, key in coord_targets.items():
         if isinstance(key, str):
             if key not in adata.obsm:
+                # scanpy names obsm keys X_<basis>: 'umap' or 'X_UMAP' for 'X_umap' is the likely slip
+                near = [k for k in adata.obsm.keys() if str(k).lower() in (key.lower(), f"x_{key.lower()}")]
                 raise CoordinateError(
                     f"coord_targets[{name!r}] = {key!r} is not in adata.obsm; available keys: {list(adata.obsm.keys())}."
+                    + (f" Did you mean {near[0]!r}?" if near else "")
                 )
             values = _numeric_coordinates(adata.obsm[key], f"coord_targets[{name!r}] = adata.obsm[{key!r}]")
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -156,6 +158,9 @@ def test_non_unique_names(ref, query, pbmc_model):
 # ---------------------------------------------------------------- coordinates
 def test_coordinate_target_problems(ref):
     _train_fails(ref, CoordinateError, "'X_missing' is not in adata.obsm", coord_targets={"umap": "X_missing"})
+    for slip in ("umap", "X_UMAP"):  # scanpy's key is X_umap: the message names it
+        _train_fails(ref, CoordinateError, re.escape(f"= '{slip}' is not in adata.obsm; available keys: ['X_umap', "
+                                                     "'X_ref_latent']. Did you mean 'X_umap'?"), coord_targets={"umap": slip})
     _train_fails(ref, CoordinateError, "one row per cell", coord_targets={"umap": np.zeros((5, 2))})
     ref.obsm["X_bad"] = np.asarray(ref.obsm["X_umap"]).copy()
     ref.obsm["X_bad"][3, 1] = np.nan
