@@ -78,6 +78,11 @@ STIMULATION_CASES = ["symphony_5p_interferon", "ding2020_dropseq_indrops_interfe
                      # ... and three removed-type cases' queries, for the novelty score under the stimulation
                      "symphony_5p_novel_NK_interferon", "ding2020_novel_B_interferon",
                      "zilionis_tumour_healthy_novel_NK_interferon"]
+#: Run on their own (``--cases``; not in ``--all``), results in ``benchmark/results/ambient_queries/``: added
+#: 2026-12-07 (fifty-second session), after the defaults were chosen, ambient RNA added to the same six queries
+#: (``cases._add_ambient``).
+AMBIENT_CASES = ["symphony_5p_ambient", "ding2020_dropseq_indrops_ambient", "zilionis_healthy_tumour_ambient",
+                 "symphony_5p_novel_NK_ambient", "ding2020_novel_B_ambient", "zilionis_tumour_healthy_novel_NK_ambient"]
 SCALE_CASES = ["synthetic_20k", "synthetic_100k", "synthetic_1m"]
 CT_SGD = {"use_SGD": True, "mini_batch": True, "batch_size": 1000, "batch_number": 100, "epochs": 10}
 
@@ -87,7 +92,7 @@ def plan(smoke: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
     if smoke:
         return {"smoke_symphony_5p": {m: {"settings": {}, "timeout": 120} for m in MAIN_METHODS}}
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for c in (*REAL_CASES, *STIMULATION_CASES):
+    for c in (*REAL_CASES, *STIMULATION_CASES, *AMBIENT_CASES):
         out[c] = {m: {"settings": {}, "timeout": 1200} for m in (*MAIN_METHODS, *PEER_METHODS)}
     out["pbmc68k_70_30"]["scanvi"] = {"skip": (
         "no raw counts: pbmc68k_reduced ships log-normalised values only, and scANVI's likelihoods model counts "

@@ -128,6 +128,23 @@ def test_shifted_query_case(tmp_path, monkeypatch):
     assert 0.3 <= gone.mean() <= 0.5  # U(0.3, 0.5) of the 40 genes
     np.testing.assert_array_equal(genes[:, ~gone], query.layers["counts"].toarray()[:, ~gone])
 
+    # ambient RNA: every cell keeps its counts and gains counts of the query's pooled profile, 10-30% of its new depth
+    cases.make_shifted(tmp_path / "ambient", "base", "ambient")
+    soupy = ad.read_h5ad(tmp_path / "ambient" / "query.h5ad").layers["counts"].toarray()
+    own = query.layers["counts"].toarray()
+    added = soupy - own
+    assert (added >= 0).all() and added.sum() > 0
+    share = added.sum(axis=1) / soupy.sum(axis=1)
+    assert 0.07 < share.min() and share.max() < 0.33 and share.std() > 0.03  # U(0.1, 0.3) per cell, Poisson noise
+    # ... in the pool's proportions: a marker of one type (gene 0, 200 counts in a fifth of the cells) reaches the others
+    skewed = rng.poisson(np.r_[5.0, np.full(39, 20.0)], size=(100, 40)).astype(np.float32)
+    skewed[:20, 0] += 200
+    gained, _ = cases._add_ambient(sp.csr_matrix(skewed), np.random.default_rng(1))
+    extra = gained.toarray() - skewed
+    pooled = skewed.sum(axis=0) / skewed.sum()
+    np.testing.assert_allclose(extra.sum(axis=0) / extra.sum(), pooled, atol=0.01)
+    assert (extra[20:, 0] > 0).mean() > 0.9  # the marker is in nearly every other cell
+
     spec_no_counts = dict(spec, has_counts=False, x_is_cp10k=False)
     cases._write_split(tmp_path / "nocounts", spec_no_counts, adata[:30].copy(), adata[30:].copy(), None, None)
     with pytest.raises(ValueError, match="needs counts"):
