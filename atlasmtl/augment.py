@@ -11,7 +11,11 @@ into pseudo-counts, and
   to zero for the whole batch, as a panel that lacks them would;
 - optionally (``gene_scale_sd > 0``), every gene of the batch is multiplied by
   its own log-normal factor (log-sd uniform in ``[0, gene_scale_sd]``), as a
-  protocol or species that captures each gene with its own efficiency would.
+  protocol or species that captures each gene with its own efficiency would;
+- optionally (``ambient_fraction > 0``), a share of the cells gains ambient RNA
+  before thinning: counts drawn from the batch's pooled profile, a uniform
+  ``[0, max_ambient]`` share of the cell's new depth, as the free-floating
+  transcripts of a droplet protocol add them.
 
 The network then sees the same cell types at many depths and panels and learns
 features that survive both. Only training batches are augmented; the
@@ -54,12 +58,20 @@ class ShiftAugmentation:
     gene_scale_sd
         Each batch's genes are scaled by ``exp(N(0, s))`` with ``s`` uniform in
         ``[0, gene_scale_sd]`` (0 = off).
+    ambient_fraction
+        Share of the cells in a batch that gain ambient RNA (0 = off): Poisson(``a``)
+        counts, each of a gene drawn from the batch's pooled counts, with ``a`` the
+        cell's depth × ``ρ / (1 − ρ)``, so that ``ρ`` of its new depth is ambient.
+    max_ambient
+        ``ρ`` is uniform in ``[0, max_ambient]`` (< 1).
     """
 
     thin_fraction: float = 0.5
     min_depth: float = 0.1
     max_gene_dropout: float = 0.3
     gene_scale_sd: float = 0.0
+    ambient_fraction: float = 0.0
+    max_ambient: float = 0.3
 
 
 def mixup_pairs(n_cells: int, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +121,8 @@ def simulate_shift(block: Any, semantics: str, rng: np.random.Generator,
     """
     counts = pseudo_counts(block, semantics)
     n_cells, n_genes = counts.shape
+    if config.ambient_fraction > 0 and counts.nnz:
+        counts = add_ambient(counts, rng, config.ambient_fraction, config.max_ambient)
     if config.thin_fraction > 0 and counts.nnz:
         thinned = rng.random(n_cells) < config.thin_fraction
         depth = np.exp(rng.uniform(np.log(config.min_depth), 0.0, size=int(thinned.sum())))
@@ -123,3 +137,35 @@ def simulate_shift(block: Any, semantics: str, rng: np.random.Generator,
         counts.data *= np.exp(rng.normal(0.0, sd, size=n_genes)).astype(np.float32)[counts.indices]
     counts.eliminate_zeros()
     return counts
+
+
+def add_ambient(counts: sp.csr_matrix, rng: np.random.Generator, fraction: float, max_share: float) -> sp.csr_matrix:
+    """Counts with ambient RNA added to a random ``fraction`` of the cells, from the rows' own pool.
+
+    Parameters
+    ----------
+    counts
+        Cells × genes counts (CSR; not modified).
+    rng
+        Random generator.
+    fraction
+        Share of the cells that are contaminated.
+    max_share
+        A contaminated cell's ambient share ``ρ`` of its new depth is uniform in ``[0, max_share]``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``counts`` plus, for each contaminated cell, Poisson(depth × ρ / (1 − ρ)) counts whose genes are drawn
+        in proportion to the rows' pooled counts (the "soup" of SoupX and CellBender).
+    """
+    n_cells, n_genes = counts.shape
+    pool = np.cumsum(np.asarray(counts.sum(axis=0), dtype=np.float64).ravel())
+    cells = np.flatnonzero(rng.random(n_cells) < fraction)
+    rho = rng.uniform(0.0, max_share, size=len(cells))
+    depth = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()[cells]
+    n_added = rng.poisson(depth * rho / (1.0 - rho))
+    genes = np.searchsorted(pool, rng.random(int(n_added.sum())) * pool[-1], side="right")
+    added = sp.csr_matrix((np.ones(len(genes), dtype=np.float32), (np.repeat(cells, n_added), genes)),
+                          shape=(n_cells, n_genes))  # a gene drawn twice for a cell is summed
+    return sp.csr_matrix(counts + added, dtype=np.float32)

@@ -102,6 +102,28 @@ def test_gene_scale_noise_scales_each_gene_by_one_factor(symphony):
     assert spread.std() > 0.05  # and they differ between genes
 
 
+def test_ambient_rna_adds_the_batchs_pool_to_a_share_of_the_cells(symphony):
+    """``ambient_fraction`` adds counts drawn from the batch's pooled profile to that share of the cells, at most
+    ``max_ambient`` of a cell's new depth; the cells' own counts stay, and off (the default) draws nothing."""
+    from atlasmtl.augment import add_ambient
+
+    counts = sp.csr_matrix(_counts(symphony[:256]), dtype=np.float32)
+    soupy = add_ambient(counts, np.random.default_rng(2), 0.5, 0.3)
+    added = (soupy - counts).toarray()
+    assert added.min() >= 0
+    gained = added.sum(axis=1) > 0
+    assert 0.35 < gained.mean() < 0.65
+    share = added.sum(axis=1)[gained] / np.asarray(soupy.sum(axis=1)).ravel()[gained]
+    assert share.max() < 0.35 and np.median(share) > 0.05
+    pool = np.asarray(counts.sum(axis=0)).ravel()
+    assert np.corrcoef(added.sum(axis=0), pool)[0, 1] > 0.95  # the genes gained follow the pool
+    config = ShiftAugmentation(0.0, 1.0, 0.0, ambient_fraction=0.5)
+    a = simulate_shift(counts, "counts", np.random.default_rng(3), config)
+    assert (a != simulate_shift(counts, "counts", np.random.default_rng(3), config)).nnz == 0
+    assert (a - counts).min() >= 0 and (a != counts).nnz > 0
+    assert ShiftAugmentation().ambient_fraction == 0.0
+
+
 # ---------------------------------------------------------------- mixup
 def test_mixup_pairs_are_a_permutation_with_the_cell_as_the_larger_part():
     partner, weight = mixup_pairs(300, 0.4, np.random.default_rng(0))
