@@ -428,6 +428,40 @@ def test_the_report_names_the_classes_the_input_view_cannot_judge(symphony_no_b,
         assert [bool(v) for v in stored["input_view"]] == result.metadata["reference_classes"][lv]["input_view"]
     assert list(novelty_table(back)["input view"]) == list(table["input view"])
 
+def test_a_query_called_mostly_as_one_class_is_a_finding_that_says_unknown_cannot_tell(symphony_no_b):
+    """Mapped on their own, the B cells the reference lacks form a query the network calls mostly as one class.
+    There novelty is judged against those cells themselves, so the B cells seldom end Unknown; the report's
+    findings say so and name the class, and the whole query (no class above half of it) makes no such finding."""
+    from atlasmtl.calls import DOMINANT_CALL_SHARE, dominant_call
+    from atlasmtl.report_html import findings
+
+    model, query = symphony_no_b
+    whole = _predict(model, query)
+    assert dominant_call(whole) is None
+    assert not any("mostly of one population" in msg for _, msg in findings(whole, model))
+    is_b = (query.obs["cell_type"] == "B").to_numpy()
+    alone = _predict(model, query[is_b].copy())
+    level, label, share, reference_share = dominant_call(alone)
+    raw = alone.levels[level].raw
+    counts = np.bincount(raw[raw >= 0], minlength=len(model.classes[level]))
+    assert label == model.classes[level][int(np.argmax(counts))] and label != "B"
+    assert share == pytest.approx(counts.max() / (raw >= 0).sum()) and share >= DOMINANT_CALL_SHARE
+    known = whole.metadata["reference_classes"][level]["cells"]
+    assert reference_share == pytest.approx(known[model.classes[level].index(label)] / sum(known))
+    # the coarsest level where it holds is the one named
+    for lv in SYMPHONY_LEVELS[: SYMPHONY_LEVELS.index(level)]:
+        r = alone.levels[lv].raw
+        assert np.bincount(r[r >= 0]).max() / (r >= 0).sum() < DOMINANT_CALL_SHARE
+    said = [msg for sev, msg in findings(alone, model) if "mostly of one population" in msg]
+    assert len(said) == 1 and f"{label!r}" in said[0] and f"{share:.0%}" in said[0]
+    # ... and the printed summary
+    assert "mostly one call" not in whole.summary()["query"]
+    assert alone.summary()["query"]["mostly one call"].startswith(f"{share:.0%} called {label!r} at {level}")
+    # the limit it warns of: the same B cells end Unknown less often on their own than within the whole query
+    fine = SYMPHONY_LEVELS[-1]
+    assert alone.levels[fine].is_unknown.mean() < whole.levels[fine].is_unknown[is_b].mean()
+
+
 def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphony_no_b, monkeypatch, tmp_path):
     """B cells left out of the reference are called DC / HSC, classes the input view cannot judge, and the
     embedding places them inside those classes. But no held-out reference cell lies among them in the view's
