@@ -28,7 +28,7 @@ from .calibration import softmax
 from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
 from .hierarchy import decode_paths, level_paths, parent_codes
 from .genes import UNMEASURED_MIN_EXPECTED, WARN_OVERLAP, GeneAligner, build_aligner, unmeasured_genes
-from .io import open_anndata
+from .io import open_anndata, read_h5ad_obs
 from .calls import LevelCalls
 from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source, raw_hint,
                      sample_rows)
@@ -135,6 +135,7 @@ def predict(
     margin_threshold: float = 0.2,
     novelty_threshold: float | None = NOVELTY_THRESHOLD,
     neighbourhood_k: int | None = NEIGHBOURHOOD_K,
+    batch_key: str | None = None,
     coordinates: str = "auto",
     batch_size: int = 4096,
     num_threads: int | str = 10,
@@ -196,6 +197,15 @@ def predict(
         the reference. ``None`` or 0 skips it (the column is NaN, and no cell is flagged by it; nor
         by the query-only check, whose share counts :data:`~atlasmtl.novelty.NEIGHBOURHOOD_K` cells
         whatever this is and is averaged over this many).
+    batch_key
+        An ``obs`` column naming each query cell's sample or batch (``None``, the default: the query is one
+        batch). The novelty scores are located at the query, so that a whole query from another platform is
+        not called novel; with ``batch_key`` each batch is located, and its neighbourhoods and query-only
+        groups are found, among its own cells, as if it were mapped alone, so that a batch shallower or
+        noisier than the others is not called novel beside them. Calls, confidences, the KNN vote and the
+        coordinates do not depend on it. A batch made mostly of a type the reference lacks hides it, as a
+        whole query does (the README's Known limits). ``result.metadata["batches"]`` counts each batch's
+        cells and holds its query-only record.
     coordinates
         Where a query cell's coordinates (one per ``coord_targets`` name of the model) come from:
         ``"neighbours"``, the mean of the coordinates of its ``knn_k`` nearest reference cells in the
@@ -223,8 +233,8 @@ def predict(
                          knn_correction=knn_correction, knn_k=knn_k, knn_conf_low=knn_conf_low,
                          confidence_high=confidence_high, confidence_low=confidence_low,
                          margin_threshold=margin_threshold, novelty_threshold=novelty_threshold,
-                         neighbourhood_k=neighbourhood_k, coordinates=coordinates, batch_size=batch_size,
-                         num_threads=num_threads, device=device, show_progress=show_progress,
+                         neighbourhood_k=neighbourhood_k, batch_key=batch_key, coordinates=coordinates,
+                         batch_size=batch_size, num_threads=num_threads, device=device, show_progress=show_progress,
                          show_summary=show_summary)
 
 
@@ -251,6 +261,7 @@ def _predict_part(
     show_progress: bool | None,
     show_summary: bool | None,
     neighbourhood_k: int | None = NEIGHBOURHOOD_K,
+    batch_key: str | None = None,
     coordinates: str = "auto",
 ) -> PredictionResult | None:
     """:func:`predict`, optionally on a part of the cells: ``rows(n_cells)`` picks the rows this
@@ -280,17 +291,23 @@ def _predict_part(
     n_threads = resolve_num_threads(num_threads)
     show_progress, show_summary = resolve_flag(show_progress, "show_progress"), resolve_flag(show_summary, "show_summary")
 
+    if batch_key is not None and not isinstance(batch_key, str):
+        raise ParameterError(f"batch_key must be the name of an obs column (a str) or None, not "
+                             f"{type(batch_key).__name__}.")
     if isinstance(adata, (str, os.PathLike)):
         opened = h5ad_query_source(adata, layer=layer, use_raw=use_raw)
+        batches = None if batch_key is None else query_batches(read_h5ad_obs(adata), batch_key)
     else:
         adata = open_anndata(adata)
         opened = contextlib.nullcontext((adata.obs_names, get_matrix_source(adata, layer=layer, use_raw=use_raw)))
+        batches = None if batch_key is None else query_batches(adata.obs, batch_key)
     with opened as (obs_names, source):
         return _predict_source(model, obs_names, source, gate, dev, n_threads, show_progress, show_summary,
                                layer=layer, use_raw=use_raw, gene_map=gene_map,
                                min_gene_overlap=min_gene_overlap, batch_size=batch_size,
                                novelty_threshold=novelty_threshold, neighbourhood_k=neighbourhood_k,
-                               coordinates=coordinates, rows=rows, gather=gather)
+                               coordinates=coordinates, rows=rows, gather=gather, batches=batches,
+                               batch_key=batch_key)
 
 
 def prepare_query(
@@ -406,6 +423,32 @@ class _Buffers:
             for name, d in model.metadata["architecture"]["coord_dims"].items()
         }
         self.n_searched = 0
+
+    def subset(self, rows: np.ndarray) -> "_Buffers":
+        """The per-cell outputs of the cells at ``rows`` (copies), with an empty query-only record."""
+        part = object.__new__(_Buffers)
+        part.levels = {lv: {k: v[rows] for k, v in fields.items()} for lv, fields in self.levels.items()}
+        part.no_signal, part.view_points = self.no_signal[rows], self.view_points[rows]
+        part.coords = {name: v[rows] for name, v in self.coords.items()}
+        part.query_only, part.n_searched = {}, 0
+        return part
+
+
+def query_batches(obs: pd.DataFrame, batch_key: str) -> tuple[np.ndarray, list[str]]:
+    """Each query cell's batch code (0, 1, ... in order of first appearance) and the batch names, from the
+    ``obs`` column ``batch_key`` (see :func:`predict`)."""
+    if batch_key not in obs.columns:
+        shown = ", ".join(map(repr, list(obs.columns)[:10])) or "none"
+        raise InputError(f"batch_key={batch_key!r} is not a column of the query's obs (it has {shown}"
+                         f"{', ...' if len(obs.columns) > 10 else ''}): name the column that holds each cell's sample "
+                         "or batch, or leave batch_key out to treat the query as one batch.")
+    values = obs[batch_key]
+    missing = int(values.isna().sum())
+    if missing:
+        raise InputError(f"batch_key={batch_key!r}: {missing} query cell(s) have no value in that column; give them "
+                         "one (e.g. their sample's name) or leave batch_key out.")
+    codes, names = pd.factorize(values.astype(str), sort=False)
+    return codes.astype(np.int64), [str(n) for n in names]
 
 
 def _infer(
@@ -622,6 +665,39 @@ def _assemble(model: TrainedModel, buffers: _Buffers, gate: GatingConfig, decode
     return calls
 
 
+def _assemble_by_batch(model: TrainedModel, buffers: _Buffers, batches: tuple[np.ndarray, list[str]],
+                       gate: GatingConfig, decoder: _Decoder, novelty_threshold: float | None, neighbourhood_k: int,
+                       metadata: dict[str, Any]) -> dict[str, LevelCalls]:
+    """:func:`_assemble` on each batch's cells on their own (``predict(..., batch_key=...)``), joined in the query's
+    order. ``metadata`` gets ``batches`` (per batch its cells and query-only record) and ``query_only`` (the
+    records' counts summed; no location, which is each batch's own); ``buffers.query_only`` stays empty."""
+    codes, names = batches
+    if len(codes) != len(buffers.no_signal):
+        raise InputError(f"batch_key gives {len(codes)} values for {len(buffers.no_signal)} query cells.")
+    parts, record = [], {}
+    for code, name in enumerate(names):
+        rows = np.flatnonzero(codes == code)
+        part = buffers.subset(rows)
+        parts.append((rows, _assemble(model, part, gate, decoder, novelty_threshold, neighbourhood_k)))
+        record[name] = {"cells": int(len(rows)), **({"query_only": part.query_only} if part.query_only else {})}
+    calls: dict[str, LevelCalls] = {}
+    for lv in model.label_columns:
+        fields = {}
+        for f in dataclasses.fields(LevelCalls):
+            first = np.asarray(getattr(parts[0][1][lv], f.name))
+            whole = np.empty((len(codes),) + first.shape[1:], dtype=first.dtype)
+            for rows, part_calls in parts:
+                whole[rows] = getattr(part_calls[lv], f.name)
+            fields[f.name] = whole
+        calls[lv] = LevelCalls(**fields)
+    metadata["batches"] = record
+    runs = [r["query_only"] for r in record.values() if "query_only" in r]
+    if runs:
+        metadata["query_only"] = {**runs[0], "location": None, "candidates": sum(r["candidates"] for r in runs),
+                                  "flagged": sum(r["flagged"] for r in runs)}
+    return calls
+
+
 #: ``predict`` warns when at least this share of the query's cells detect none of the model's genes (they end
 #: Unknown; ``result.metadata["cells_without_signal"]`` counts them always).
 NO_SIGNAL_WARN_SHARE = 0.05
@@ -703,8 +779,11 @@ def _predict_source(
     coordinates: str | None = None,
     rows: Callable[[int], slice] | None = None,
     gather: Callable[[_Buffers, dict[str, Any]], tuple[_Buffers, dict[str, Any]] | None] | None = None,
+    batches: tuple[np.ndarray, list[str]] | None = None,
+    batch_key: str | None = None,
 ) -> PredictionResult | None:
-    """The prediction pipeline on an opened matrix; see :func:`predict` and :func:`_predict_part`."""
+    """The prediction pipeline on an opened matrix; see :func:`predict` and :func:`_predict_part`
+    (``batches``: :func:`query_batches` of the whole query, or ``None``)."""
     if not obs_names.is_unique:
         raise InputError("Query obs_names are not unique; call adata.obs_names_make_unique() first.")
     aligner, semantics, gene_report = prepare_query(model, source, gene_map, min_gene_overlap)
@@ -775,6 +854,7 @@ def _predict_source(
             "use_raw": use_raw,
             "min_gene_overlap": min_gene_overlap,
             "batch_size": batch_size,
+            "batch_key": batch_key,
         },
         "genes": gene_report,
         "input": semantics,
@@ -794,7 +874,11 @@ def _predict_source(
             "that the matrix (X, a layer, raw) and the gene names are the ones the model expects, and remove empty "
             "cells (e.g. sc.pp.filter_cells(query, min_genes=1)).", UserWarning, stacklevel=user_stacklevel())
     with torch_threads(n_threads):  # the neighbourhood search runs on torch
-        calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
+        if batches is None:
+            calls = _assemble(model, buffers, gate, decoder, novelty_threshold, neighbourhood_k)
+        else:
+            calls = _assemble_by_batch(model, buffers, batches, gate, decoder, novelty_threshold, neighbourhood_k,
+                                       metadata)
     if buffers.query_only:
         metadata["query_only"] = buffers.query_only
     result = PredictionResult(

@@ -636,6 +636,12 @@ def _novelty(page: _Page) -> str | None:
             check = (f"No group of at least {_e(_fmt(min_cells))} query cells was called as such a class"
                      + (f" with at least {_e(_fmt(min_held))} held-out reference cells called so" if min_held else "")
                      + ", so the check had nothing to judge (0 calls withdrawn).")
+        elif query_only and result.metadata.get("batches"):  # predict(..., batch_key=...): each batch located alone
+            located = [f"{_e(name)} {_e(_fmt(rec['query_only'].get('location')))}"
+                       for name, rec in result.metadata["batches"].items() if rec.get("query_only")]
+            check = (f"Each batch was located on that share on its own (batch_key; {', '.join(located)}, the check "
+                     f"running below {_e(_fmt(query_only.get('max_location')))}; "
+                     f"{int(query_only['flagged'])} calls withdrawn).")
         elif query_only:
             location = query_only.get("location")
             check = (f"This query's location on that share is {_e(_fmt(location))}"

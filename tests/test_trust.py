@@ -15,6 +15,7 @@ import atlasmtl
 import atlasmtl.calibration
 from atlasmtl.calibration import (SHIFTED_COPIES, SHIFTED_MAX_ROWS, calibration_split, crossfit_groups,
                                   expected_calibration_error, fit_temperature)
+from atlasmtl.exceptions import InputError, ParameterError
 from atlasmtl.gating import GatingConfig, apply_gate
 from atlasmtl.hierarchy import decode_paths, level_paths
 from atlasmtl.network import member_networks
@@ -460,6 +461,51 @@ def test_a_query_called_mostly_as_one_class_is_a_finding_that_says_unknown_canno
     # the limit it warns of: the same B cells end Unknown less often on their own than within the whole query
     fine = SYMPHONY_LEVELS[-1]
     assert alone.levels[fine].is_unknown.mean() < whole.levels[fine].is_unknown[is_b].mean()
+
+
+def test_with_a_batch_key_each_batch_is_judged_as_if_mapped_alone(symphony_no_b, tmp_path):
+    """predict(..., batch_key=...) locates the novelty scores, finds neighbourhoods and query-only groups within
+    each batch: every field of every level equals that batch mapped on its own, the coordinates too, and the
+    result records the batches; a missing or incomplete column is refused with the fix."""
+    model, query = symphony_no_b
+    query = query.copy()
+    query.obs["sample"] = np.where(np.random.default_rng(0).random(query.n_obs) < 0.4, "s2", "s1")
+    joined = _predict(model, query, batch_key="sample")
+    assert joined.metadata["settings"]["batch_key"] == "sample"
+    assert list(joined.metadata["batches"]) == list(dict.fromkeys(query.obs["sample"]))
+    for name in ("s1", "s2"):
+        cells = (query.obs["sample"] == name).to_numpy()
+        alone = _predict(model, query[cells].copy())
+        assert joined.metadata["batches"][name]["cells"] == int(cells.sum())
+        for lv in SYMPHONY_LEVELS:
+            for field in atlasmtl.calls.field_names():
+                a, b = np.asarray(getattr(alone.levels[lv], field)), np.asarray(getattr(joined.levels[lv], field))[cells]
+                if a.dtype.kind == "f":  # the network's blocks hold other cells: float32 sums in another order
+                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name} {lv} {field}")
+                else:
+                    assert np.array_equal(a, b), (name, lv, field)
+        for key, coords in alone.coords.items():
+            np.testing.assert_allclose(coords, joined.coords[key][cells], rtol=1e-4, atol=1e-5)
+        if alone.metadata.get("query_only"):
+            assert joined.metadata["batches"][name]["query_only"] == alone.metadata["query_only"]
+    # without the key the query is one batch, as before
+    whole = _predict(model, query)
+    assert whole.metadata["settings"]["batch_key"] is None and "batches" not in whole.metadata
+    # the report reads the per-batch record
+    assert "batch" in result_text(joined.report(tmp_path / "r.html", model=model))
+    with pytest.raises(InputError, match=r"batch_key='donor' is not a column .*'sample'"):
+        _predict(model, query, batch_key="donor")
+    query.obs.loc[query.obs_names[:3], "sample"] = np.nan
+    with pytest.raises(InputError, match=r"3 query cell\(s\) have no value"):
+        _predict(model, query, batch_key="sample")
+    with pytest.raises(ParameterError, match="batch_key must be the name of an obs column"):
+        _predict(model, query, batch_key=["sample"])
+
+
+def result_text(path):
+    from html import unescape
+
+    return unescape(path.read_text())
 
 
 def test_a_group_of_query_cells_alone_called_as_a_small_class_is_unknown(symphony_no_b, monkeypatch, tmp_path):
