@@ -102,6 +102,31 @@ def test_predict_table_and_h5ad_match_the_python_api(files, trained, monkeypatch
     assert summary["genes"]["n_matched"] == 765 and summary["warnings"] == []
 
 
+def test_predict_with_a_batch_key_matches_the_python_api(files, trained, monkeypatch, capsys):
+    """--batch-key reads the column from the file's obs (the matrix stays on disk) and judges each batch alone,
+    as predict(..., batch_key=...) does; a column the query lacks is a one-line error naming the fix."""
+    query = ad.read_h5ad(files / "query.h5ad")
+    query.obs["sample"] = np.where(np.arange(query.n_obs) % 3 == 0, "b", "a")
+    query.write_h5ad(files / "query_batches.h5ad")
+    monkeypatch.chdir(files)
+    assert cli.main(["predict", "--model", trained["model"], "--query", "query_batches.h5ad", "--out", "keyed.csv",
+                     "--batch-key", "sample", "--mode", "full"]) == 0
+    table = pd.read_csv(files / "keyed.csv", index_col=0)
+    model = atlasmtl.TrainedModel.load(files / trained["model"])
+    expected = atlasmtl.predict(model, query, batch_key="sample", show_progress=False)
+    assert {name: rec["cells"] for name, rec in expected.metadata["batches"].items()} == {"a": 140, "b": 70}
+    frame = expected.to_dataframe("full")
+    for level in LEVELS:
+        np.testing.assert_array_equal(table[f"pred_{level}"].to_numpy(), frame[f"pred_{level}"].astype(str).to_numpy())
+        np.testing.assert_allclose(table[f"novelty_{level}"], frame[f"novelty_{level}"], rtol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", trained["model"], "--query", "query_batches.h5ad", "--out", "bad.csv",
+                     "--batch-key", "donor"]) != 0
+    err = capsys.readouterr().err
+    assert "batch_key='donor' is not a column of the query's obs" in err and "'sample'" in err and "Traceback" not in err
+    assert not (files / "bad.csv").exists()
+
+
 def test_report_from_saved_predictions_with_the_installed_script(files, trained):
     assert (files / "out" / "annotated.h5ad").exists(), "runs after the predict test"
     exe = shutil.which("atlasmtl")
