@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Self
+from typing import Any, Mapping, NamedTuple, Self, Sequence
 
 import numpy as np
 import pandas as pd
@@ -580,13 +580,12 @@ class CallTable:
         query = {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)}
         if self.coords:
             query["coordinates"] = f"{', '.join(self.coords)} from {self.placement() or 'a source not recorded'}"
-        dominant = dominant_call(self)
-        if dominant is not None:
+        for batch, dominant in dominant_calls(self):
             level, label, share, of_reference = dominant
-            query["mostly one call"] = (f"{share:.0%} called {label!r} at {level}"
-                                        + ("" if of_reference is None else f" ({of_reference:.0%} of the reference)")
-                                        + ": a type the reference lacks is seldom Unknown in such a query "
-                                        "(the report's findings)")
+            query["mostly one call" + ("" if batch is None else f" (batch {batch})")] = (
+                f"{share:.0%} called {label!r} at {level}"
+                + ("" if of_reference is None else f" ({of_reference:.0%} of the reference)")
+                + ": a type the reference lacks is seldom Unknown in such a query (the report's findings)")
         return {
             "query": query,
             "genes": {
@@ -612,21 +611,45 @@ def dominant_call(result: CallTable) -> tuple[str, str, float, float | None] | N
     """The coarsest level whose largest network call (before any Unknown) takes at least
     :data:`DOMINANT_CALL_SHARE` of the called cells, as ``(level, label, share, share of the reference's cells)``
     (the last ``None`` where the result does not record the reference's classes); ``None`` when no level does
-    or fewer than :data:`DOMINANT_CALL_MIN_CELLS` cells are called."""
-    for level, calls in result.levels.items():
-        raw = np.asarray(calls.raw)
-        raw = raw[raw >= 0]
-        if len(raw) < DOMINANT_CALL_MIN_CELLS:
+    or fewer than :data:`DOMINANT_CALL_MIN_CELLS` cells are called. With ``predict(..., batch_key=...)`` each
+    batch's own is in ``result.metadata["batches"][batch]["mostly_one_call"]`` (:func:`dominant_of`)."""
+    return dominant_of({lv: c.raw for lv, c in result.levels.items()}, result.classes,
+                       result.metadata.get("reference_classes"))
+
+
+def dominant_of(raw: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]],
+                reference_classes: Mapping[str, Any] | None) -> tuple[str, str, float, float | None] | None:
+    """:func:`dominant_call` of the network calls ``raw`` (level → class code per cell, -1: none), the classes'
+    names and the result's ``metadata["reference_classes"]`` (or ``None``)."""
+    for level, codes in raw.items():
+        codes = np.asarray(codes)
+        codes = codes[codes >= 0]
+        if len(codes) < DOMINANT_CALL_MIN_CELLS:
             continue
-        counts = np.bincount(raw, minlength=len(result.classes[level]))
+        counts = np.bincount(codes, minlength=len(classes[level]))
         top = int(np.argmax(counts))
-        share = float(counts[top] / len(raw))
+        share = float(counts[top] / len(codes))
         if share >= DOMINANT_CALL_SHARE:
-            known = (result.metadata.get("reference_classes") or {}).get(level)
+            known = (reference_classes or {}).get(level)
             reference = None if known is None else np.asarray(known["cells"], dtype=np.float64)
             reference_share = None if reference is None or reference.sum() <= 0 else float(reference[top] / reference.sum())
-            return level, str(result.classes[level][top]), share, reference_share
+            return level, str(classes[level][top]), share, reference_share
     return None
+
+
+def dominant_calls(result: CallTable) -> list[tuple[str | None, tuple[str, str, float, float | None]]]:
+    """``[(None, dominant_call(result))]`` where the whole query is called mostly as one class, else each batch's
+    ``(batch, its dominant call)`` recorded by ``predict(..., batch_key=...)``; empty when there is none."""
+    whole = dominant_call(result)
+    if whole is not None:
+        return [(None, whole)]
+    found = []
+    for batch, record in (result.metadata.get("batches") or {}).items():
+        one = record.get("mostly_one_call")
+        if one:
+            found.append((str(batch), (str(one["level"]), str(one["label"]), float(one["share"]),
+                                       None if one.get("reference_share") is None else float(one["reference_share"]))))
+    return found
 
 
 def field_names() -> list[str]:

@@ -29,7 +29,7 @@ from .gating import GatingConfig, apply_gate, call_confidence, low_confidence
 from .hierarchy import decode_paths, level_paths, parent_codes
 from .genes import UNMEASURED_MIN_EXPECTED, WARN_OVERLAP, GeneAligner, build_aligner, unmeasured_genes
 from .io import open_anndata, read_h5ad_obs
-from .calls import LevelCalls
+from .calls import LevelCalls, dominant_of
 from .inputs import (MatrixSource, check_block, checked_semantics, get_matrix_source, h5ad_query_source, raw_hint,
                      sample_rows)
 from .knn import COORDINATE_SOURCES, SEARCH_BLOCK, ReferenceSearch, neighbour_coordinates, normalise_rows, vote
@@ -669,7 +669,8 @@ def _assemble_by_batch(model: TrainedModel, buffers: _Buffers, batches: tuple[np
                        gate: GatingConfig, decoder: _Decoder, novelty_threshold: float | None, neighbourhood_k: int,
                        metadata: dict[str, Any]) -> dict[str, LevelCalls]:
     """:func:`_assemble` on each batch's cells on their own (``predict(..., batch_key=...)``), joined in the query's
-    order. ``metadata`` gets ``batches`` (per batch its cells and query-only record) and ``query_only`` (the
+    order. ``metadata`` gets ``batches`` (per batch its cells, query-only record and, where it is called mostly as
+    one class, :func:`~atlasmtl.calls.dominant_of` as ``mostly_one_call``) and ``query_only`` (the
     records' counts summed; no location, which is each batch's own); ``buffers.query_only`` stays empty."""
     codes, names = batches
     if len(codes) != len(buffers.no_signal):
@@ -680,6 +681,9 @@ def _assemble_by_batch(model: TrainedModel, buffers: _Buffers, batches: tuple[np
         part = buffers.subset(rows)
         parts.append((rows, _assemble(model, part, gate, decoder, novelty_threshold, neighbourhood_k)))
         record[name] = {"cells": int(len(rows)), **({"query_only": part.query_only} if part.query_only else {})}
+        one = dominant_of({lv: c.raw for lv, c in parts[-1][1].items()}, model.classes, metadata.get("reference_classes"))
+        if one is not None:
+            record[name]["mostly_one_call"] = dict(zip(("level", "label", "share", "reference_share"), one))
     calls: dict[str, LevelCalls] = {}
     for lv in model.label_columns:
         fields = {}

@@ -45,7 +45,7 @@ import pandas as pd
 from ._docs import fill_docs
 from ._version import __version__
 from .exceptions import CoordinateError, InputError, OutputError, ParameterError
-from .calls import CallTable, decode_labels, dominant_call
+from .calls import CallTable, decode_labels, dominant_calls
 from .novelty import INPUT_VIEW_MIN_MEMBERS, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE
 from .truth import truth_by_level, truth_frame as read_truth
 
@@ -175,8 +175,8 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     semantics differ from the model's, and per level 30% or more Unknown (``bad`` from 50%),
     30% or more low-confidence (``bad`` from 60%), 30% or more calls that stand because the
     KNN vote confirmed them (with ``knn_correction="low_conf_only"``) and 2% or more novel
-    cells; a query the network calls mostly as one class (:func:`dominant_call`), where a type the reference
-    lacks goes unflagged. From the model: no calibration temperatures, and (unless the KNN correction was off)
+    cells; a query, or a batch of it, the network calls mostly as one class (:func:`~atlasmtl.calls.dominant_calls`),
+    where a type the reference lacks goes unflagged. From the model: no calibration temperatures, and (unless the KNN correction was off)
     a KNN space whose neighbour label agreement is below 80%.
 
     Parameters
@@ -232,11 +232,10 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
                                 "known type in an unusual state: on queries holding only the reference's types up to "
                                 "~4% of the cells are (the README's Known limits). The novelty table below shows "
                                 "whether they gather in one called class."))
-    dominant = dominant_call(result)
-    if dominant is not None:
-        level, label, share, reference_share = dominant
+    for batch, (level, label, share, reference_share) in dominant_calls(result):
         of_reference = "" if reference_share is None else f" ({reference_share:.0%} of the reference's cells)"
-        out.append(("warn", f"{level}: the network called {share:.0%} of the query {label!r}{of_reference}. In a query "
+        of_query = "the query" if batch is None else f"batch {batch!r} (batch_key)"
+        out.append(("warn", f"{level}: the network called {share:.0%} of {of_query} {label!r}{of_reference}. In a query "
                             "made mostly of one population (sorted cells, a sample dominated by one type) a type the "
                             "reference lacks is seldom called Unknown: novelty is judged against the query's own "
                             "cells, so that a whole query from another platform is not called novel (a missing type "

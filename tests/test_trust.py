@@ -488,6 +488,20 @@ def test_with_a_batch_key_each_batch_is_judged_as_if_mapped_alone(symphony_no_b,
             np.testing.assert_allclose(coords, joined.coords[key][cells], rtol=1e-4, atol=1e-5)
         if alone.metadata.get("query_only"):
             assert joined.metadata["batches"][name]["query_only"] == alone.metadata["query_only"]
+    # a batch made of the B cells the reference lacks is called mostly as one class: the finding names the batch
+    from atlasmtl.calls import dominant_call
+    from atlasmtl.report_html import findings
+
+    sorted_b = query.copy()
+    is_b = (sorted_b.obs["cell_type"] == "B").to_numpy()
+    sorted_b.obs["sample"] = np.where(is_b, "sorted", "rest")
+    keyed = _predict(model, sorted_b, batch_key="sample")
+    assert dominant_call(keyed) is None and "mostly_one_call" not in keyed.metadata["batches"]["rest"]
+    one = keyed.metadata["batches"]["sorted"]["mostly_one_call"]
+    assert (one["level"], one["label"], one["share"]) == dominant_call(_predict(model, sorted_b[is_b].copy()))[:3]
+    said = [msg for _, msg in findings(keyed, model) if "mostly of one population" in msg]
+    assert len(said) == 1 and "batch 'sorted' (batch_key)" in said[0] and repr(one["label"]) in said[0]
+    assert "mostly one call (batch sorted)" in keyed.summary()["query"]
     # without the key the query is one batch, as before
     whole = _predict(model, query)
     assert whole.metadata["settings"]["batch_key"] is None and "batches" not in whole.metadata
