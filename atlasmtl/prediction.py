@@ -204,8 +204,9 @@ def predict(
         groups are found, among its own cells, as if it were mapped alone, so that a batch shallower or
         noisier than the others is not called novel beside them. Calls, confidences, the KNN vote and the
         coordinates do not depend on it. A batch made mostly of a type the reference lacks hides it, as a
-        whole query does (the README's Known limits). ``result.metadata["batches"]`` counts each batch's
-        cells and holds its query-only record.
+        whole query does (the README's Known limits), and a batch of a few cells locates its cells at
+        themselves (fewer than :data:`BATCH_MIN_CELLS` warn). ``result.metadata["batches"]`` counts each
+        batch's cells and holds its query-only record.
     coordinates
         Where a query cell's coordinates (one per ``coord_targets`` name of the model) come from:
         ``"neighbours"``, the mean of the coordinates of its ``knn_k`` nearest reference cells in the
@@ -434,6 +435,10 @@ class _Buffers:
         return part
 
 
+#: ``predict(..., batch_key=...)`` warns of batches with fewer cells than this (their novelty location is their own).
+BATCH_MIN_CELLS = 20
+
+
 def query_batches(obs: pd.DataFrame, batch_key: str) -> tuple[np.ndarray, list[str]]:
     """Each query cell's batch code (0, 1, ... in order of first appearance) and the batch names, from the
     ``obs`` column ``batch_key`` (see :func:`predict`)."""
@@ -448,6 +453,15 @@ def query_batches(obs: pd.DataFrame, batch_key: str) -> tuple[np.ndarray, list[s
         raise InputError(f"batch_key={batch_key!r}: {missing} query cell(s) have no value in that column; give them "
                          "one (e.g. their sample's name) or leave batch_key out.")
     codes, names = pd.factorize(values.astype(str), sort=False)
+    sizes = np.bincount(codes, minlength=len(names))
+    small = np.flatnonzero(sizes < BATCH_MIN_CELLS)
+    if len(small):
+        shown = ", ".join(f"{names[i]!r} ({sizes[i]})" for i in small[:3])
+        warnings.warn(f"batch_key={batch_key!r}: {len(small)} of the {len(names)} batches hold fewer than "
+                      f"{BATCH_MIN_CELLS} cells (e.g. {shown}). Each batch is judged among its own cells, so in so "
+                      "few the novelty scores are located at the cells themselves and seldom call one novel: give "
+                      "batch_key a column of samples, not of cells or small groups.", UserWarning,
+                      stacklevel=user_stacklevel())
     return codes.astype(np.int64), [str(n) for n in names]
 
 

@@ -514,6 +514,9 @@ def test_with_a_batch_key_each_batch_is_judged_as_if_mapped_alone(symphony_no_b,
         _predict(model, query, batch_key="sample")
     with pytest.raises(ParameterError, match="batch_key must be the name of an obs column"):
         _predict(model, query, batch_key=["sample"])
+    query.obs["sample"] = query.obs_names  # a column of cells, not samples: each cell would locate itself
+    with pytest.warns(UserWarning, match=r"430 of the 430 batches hold fewer than 20 cells"):
+        _predict(model, query, batch_key="sample", knn_correction="off")
 
 
 def result_text(path):
