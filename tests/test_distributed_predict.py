@@ -55,10 +55,13 @@ def test_without_torchrun_it_is_plain_predict(symphony_model_dir, monkeypatch, c
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_match_single_process(symphony_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--batch-key", "dataset"]], ids=["one batch", "batch key"])
+def test_torchrun_two_gloo_processes_match_single_process(symphony_model_dir, tmp_path, extra):
+    """Rank 0 joins the ranks' outputs before the gate, so the calls equal a single process's; with a batch key
+    too (every rank reads the whole obs column; rank 0 judges each batch alone)."""
     single, split = tmp_path / "single.csv", tmp_path / "distributed.csv"
     common = ["--model", str(symphony_model_dir), "--query", str(FIXTURE), "--mode", "full", "--include-coords",
-              "--num-threads", "1"]
+              "--num-threads", "1", *extra]
     assert cli.main(["predict", *common, "--out", str(single), "--quiet"]) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(atlasmtl.__file__).parent.parent), env.get("PYTHONPATH", "")])
