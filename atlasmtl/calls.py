@@ -562,7 +562,8 @@ class CallTable:
         -------
         dict
             Section → ``{line name: value}``, in print order: ``query`` (cells, input semantics,
-            coordinates, and ``mostly one call`` where :func:`dominant_call` finds one), ``genes``
+            coordinates, ``batches`` with ``batch_key`` (the batches with the most finest-level Unknown), and
+            ``mostly one call`` where :func:`dominant_calls` finds one), ``genes``
             (matched, mapped by), ``levels`` (per level its low-confidence,
             KNN-confirmed, Unknown and novel rates) and ``runtime``.
         """
@@ -580,6 +581,14 @@ class CallTable:
         query = {"cells": self.n_obs, "input": (self.metadata.get("input") or {}).get("semantics", unrecorded)}
         if self.coords:
             query["coordinates"] = f"{', '.join(self.coords)} from {self.placement() or 'a source not recorded'}"
+        batches = self.metadata.get("batches") or {}
+        if batches:
+            finest = self.label_columns[-1]
+            shares = {name: (rec.get("unknown") or {}).get(finest) for name, rec in batches.items()}
+            shown = sorted(shares.items(), key=lambda kv: -1.0 if kv[1] is None else -kv[1])[:BATCHES_SHOWN]
+            query["batches"] = (f"{len(batches)} (batch_key); Unknown at {finest}: "
+                                + ", ".join(f"{name} {'?' if v is None else format(v, '.1%')}" for name, v in shown)
+                                + (", ..." if len(batches) > BATCHES_SHOWN else ""))
         for batch, dominant in dominant_calls(self):
             level, label, share, of_reference = dominant
             query["mostly one call" + ("" if batch is None else f" (batch {batch})")] = (
@@ -596,6 +605,10 @@ class CallTable:
             "runtime": runtime_section(rt, unit="cells"),
         }
 
+
+#: The prediction summary lists the batches (``predict(..., batch_key=...)``) with the most finest-level Unknown,
+#: at most this many.
+BATCHES_SHOWN = 5
 
 #: A query whose largest network call at a level takes this share of its called cells or more is read as one
 #: population (sorted cells, a sample made of one type), where the novelty scores, located at the query, cannot

@@ -502,6 +502,13 @@ def test_with_a_batch_key_each_batch_is_judged_as_if_mapped_alone(symphony_no_b,
     said = [msg for _, msg in findings(keyed, model) if "mostly of one population" in msg]
     assert len(said) == 1 and "batch 'sorted' (batch_key)" in said[0] and repr(one["label"]) in said[0]
     assert "mostly one call (batch sorted)" in keyed.summary()["query"]
+    fine = SYMPHONY_LEVELS[-1]
+    for name in ("sorted", "rest"):  # each batch's Unknown share, recorded and listed most first
+        cells = (sorted_b.obs["sample"] == name).to_numpy()
+        assert keyed.metadata["batches"][name]["unknown"][fine] == round(float(keyed.levels[fine].is_unknown[cells].mean()), 4)
+    listed = keyed.summary()["query"]["batches"]
+    shares = {n: r["unknown"][fine] for n, r in keyed.metadata["batches"].items()}
+    assert listed.startswith(f"2 (batch_key); Unknown at {fine}: {max(shares, key=shares.get)} ")
     # without the key the query is one batch, as before
     whole = _predict(model, query)
     assert whole.metadata["settings"]["batch_key"] is None and "batches" not in whole.metadata
