@@ -645,7 +645,8 @@ def dominant_of(raw: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[st
         if share >= DOMINANT_CALL_SHARE:
             known = (reference_classes or {}).get(level)
             reference = None if known is None else np.asarray(known["cells"], dtype=np.float64)
-            reference_share = None if reference is None or reference.sum() <= 0 else float(reference[top] / reference.sum())
+            reference_share = (None if reference is None or reference.sum() <= 0
+                               else float(reference[top] / reference.sum()))
             return level, str(classes[level][top]), share, reference_share
     return None
 

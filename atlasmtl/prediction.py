@@ -684,8 +684,9 @@ def _assemble_by_batch(model: TrainedModel, buffers: _Buffers, batches: tuple[np
                        metadata: dict[str, Any]) -> dict[str, LevelCalls]:
     """:func:`_assemble` on each batch's cells on their own (``predict(..., batch_key=...)``), joined in the query's
     order. ``metadata`` gets ``batches`` (per batch its cells, each level's share of them ``Unknown``, its query-only
-    record and, where it is called mostly as one class, :func:`~atlasmtl.calls.dominant_of` as ``mostly_one_call``) and ``query_only`` (the
-    records' counts summed; no location, which is each batch's own); ``buffers.query_only`` stays empty."""
+    record and, where it is called mostly as one class, :func:`~atlasmtl.calls.dominant_of` as
+    ``mostly_one_call``) and ``query_only`` (the records' counts summed; no location, which is each batch's own);
+    ``buffers.query_only`` stays empty."""
     codes, names = batches
     if len(codes) != len(buffers.no_signal):
         raise InputError(f"batch_key gives {len(codes)} values for {len(buffers.no_signal)} query cells.")
@@ -697,7 +698,8 @@ def _assemble_by_batch(model: TrainedModel, buffers: _Buffers, batches: tuple[np
         record[name] = {"cells": int(len(rows)),
                         "unknown": {lv: round(float(np.mean(c.is_unknown)), 4) for lv, c in parts[-1][1].items()},
                         **({"query_only": part.query_only} if part.query_only else {})}
-        one = dominant_of({lv: c.raw for lv, c in parts[-1][1].items()}, model.classes, metadata.get("reference_classes"))
+        one = dominant_of({lv: c.raw for lv, c in parts[-1][1].items()}, model.classes,
+                          metadata.get("reference_classes"))
         if one is not None:
             record[name]["mostly_one_call"] = dict(zip(("level", "label", "share", "reference_share"), one))
     calls: dict[str, LevelCalls] = {}

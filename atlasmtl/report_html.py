@@ -175,9 +175,10 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
     semantics differ from the model's, and per level 30% or more Unknown (``bad`` from 50%),
     30% or more low-confidence (``bad`` from 60%), 30% or more calls that stand because the
     KNN vote confirmed them (with ``knn_correction="low_conf_only"``) and 2% or more novel
-    cells; a query, or a batch of it, the network calls mostly as one class (:func:`~atlasmtl.calls.dominant_calls`),
-    where a type the reference lacks goes unflagged. From the model: no calibration temperatures, and (unless the KNN correction was off)
-    a KNN space whose neighbour label agreement is below 80%.
+    cells; a query, or a batch of it, the network calls mostly as one class
+    (:func:`~atlasmtl.calls.dominant_calls`), where a type the reference lacks goes unflagged. From the model: no
+    calibration temperatures, and (unless the KNN correction was off) a KNN space whose neighbour label agreement
+    is below 80%.
 
     Parameters
     ----------
