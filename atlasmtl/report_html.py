@@ -240,7 +240,7 @@ def findings(result: CallTable, model: Any = None) -> list[tuple[str, str]]:
                             "made mostly of one population (sorted cells, a sample dominated by one type) a type the "
                             "reference lacks is seldom called Unknown: novelty is judged against the query's own "
                             "cells, so that a whole query from another platform is not called novel (a missing type "
-                            "mapped on its own ended 0-4% Unknown on eight cases; the README's Known limits). If these "
+                            "mapped on its own ended 0-4% Unknown on nine cases; the README's Known limits). If these "
                             "cells may be of a type the reference lacks, check their marker genes."))
     if model is not None and not (model.metadata.get("calibration") or {}).get("temperatures"):
         out.append(("warn", "The model was trained without held-out calibration cells (calibration_fraction=0 and "

@@ -10,19 +10,21 @@ A row per case, seed and setting: per level macro-F1, accuracy and coverage, and
 """
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
-import pandas as pd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: The query's own batch column, per case family.
 BATCH_COLUMNS = ("protocol", "animal", "dataset", "platform", "species")
 
 
 def main() -> None:
-    import anndata as ad
     import torch
     import atlasmtl
+    from study_scores import default_models
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases")
@@ -34,29 +36,27 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     rows = []
-    for case in args.cases.split(","):
-        meta = json.loads((args.cases_dir / case / "case.json").read_text())
-        levels, novel = meta["levels"], meta.get("novel") or {}
-        query = ad.read_h5ad(args.cases_dir / case / "query.h5ad")
-        truth = pd.read_csv(args.cases_dir / case / "truth.csv.gz", index_col=0).reindex(query.obs_names)
+    for case, seed, spec, _, query, truth, model in default_models(
+            args.cases.split(","), [int(s) for s in args.seeds.split(",")], work=args.cases_dir.parent,
+            models=args.models, train=False, reference=False):
+        levels, novel = spec["levels"], spec.get("novel") or {}
+        truth = truth.reindex(query.obs_names)
         key = next(c for c in BATCH_COLUMNS if c in query.obs and query.obs[c].nunique() > 1)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            model = atlasmtl.TrainedModel.load(args.models / f"{case}_{seed}_manifest.json")
-            for setting, batch_key in (("default", None), ("batch_key", key)):
-                result = atlasmtl.predict(model, query, batch_key=batch_key, show_progress=False, show_summary=False)
-                ev = atlasmtl.evaluate(result, truth, label_columns=levels, novel_labels=novel or None)
-                row = {"case": case, "seed": seed, "setting": setting, "batch_column": key,
-                       "batches": query.obs[key].value_counts().to_dict()}
-                for lv in levels:
-                    m = ev["levels"][lv]
-                    row.update({f"{lv}|macro_f1": m["macro_f1"], f"{lv}|accuracy": m["accuracy"],
-                                f"{lv}|coverage": m["coverage"]})
-                    nv = ((ev.get("novel") or {}).get("levels") or {}).get(lv)
-                    if nv:
-                        row.update({f"{lv}|novel_{k}": nv.get(k) for k in ("auroc", "novel_unknown_rate",
-                                                                            "known_unknown_rate")})
-                rows.append(row)
-                print(json.dumps(row, default=str), flush=True)
+        for setting, batch_key in (("default", None), ("batch_key", key)):
+            result = atlasmtl.predict(model, query, batch_key=batch_key, show_progress=False, show_summary=False)
+            ev = atlasmtl.evaluate(result, truth, label_columns=levels, novel_labels=novel or None)
+            row = {"case": case, "seed": seed, "setting": setting, "batch_column": key,
+                   "batches": query.obs[key].value_counts().to_dict()}
+            for lv in levels:
+                m = ev["levels"][lv]
+                row.update({f"{lv}|macro_f1": m["macro_f1"], f"{lv}|accuracy": m["accuracy"],
+                            f"{lv}|coverage": m["coverage"]})
+                nv = ((ev.get("novel") or {}).get("levels") or {}).get(lv)
+                if nv:
+                    row.update({f"{lv}|novel_{k}": nv.get(k) for k in ("auroc", "novel_unknown_rate",
+                                                                        "known_unknown_rate")})
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1, default=str))
 
 

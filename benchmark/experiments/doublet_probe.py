@@ -15,12 +15,16 @@ pairs of query cells of different finest true types, drawn with ``numpy`` from `
 """
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import load_case, read_truth  # noqa: E402
 
 
 def with_doublets(query, truth: pd.DataFrame, fine: str, share: float, seed: int):
@@ -69,14 +73,14 @@ def main() -> None:
 
     rows = []
     for case in args.cases.split(","):
-        meta = json.loads((args.cases_dir / case / "case.json").read_text())
+        meta = load_case(args.cases_dir / case)
         if not meta.get("has_counts"):
             continue
         levels = meta["levels"]
         query = ad.read_h5ad(args.cases_dir / case / "query.h5ad")
-        truth = pd.read_csv(args.cases_dir / case / "truth.csv.gz", index_col=0).reindex(query.obs_names)
+        truth = read_truth(args.cases_dir / case).reindex(query.obs_names)
         for seed in (int(s) for s in args.seeds.split(",")):
-            model = atlasmtl.TrainedModel.load(args.models / f"{case}_{seed}_manifest.json")
+            model = atlasmtl.TrainedModel.load(args.models / f"{case}_{seed}.pth")
             alone = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
             both, pairs = with_doublets(query, truth, levels[-1], args.share, seed)
             mixed = atlasmtl.predict(model, both, show_progress=False, show_summary=False)

@@ -15,11 +15,15 @@ A row per pair, seed and batch: every level's accuracy and ``Unknown`` share alo
 """
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import read_study_case  # noqa: E402
 
 
 def main() -> None:
@@ -39,14 +43,14 @@ def main() -> None:
     rows = []
     for pair in args.pairs.split(","):
         base, other = pair.split(":")
-        levels = json.loads((args.cases_dir / base / "case.json").read_text())["levels"]
         queries, truths = {}, {}
         for name in (base, other):
-            q = ad.read_h5ad(args.cases_dir / name / "query.h5ad")
+            spec, _, q, t = read_study_case(args.cases_dir / name, reference=False)
             q.obs_names = [f"{name}:{c}" for c in q.obs_names]
-            t = pd.read_csv(args.cases_dir / name / "truth.csv.gz", index_col=0)
             t.index = [f"{name}:{c}" for c in t.index]
             queries[name], truths[name] = q, t.reindex(q.obs_names)
+            if name == base:
+                levels = spec["levels"]
         shared = queries[base].obs_names.str.split(":", n=1).str[1].intersection(
             queries[other].obs_names.str.split(":", n=1).str[1])
         if len(shared) >= 0.5 * queries[base].n_obs:  # the other query holds the base's cells, changed: halve them
@@ -60,7 +64,7 @@ def main() -> None:
         mixed = ad.concat([queries[base], other_q[:, keep]], join="outer", merge="first")[:, genes].copy()
         mixed.obs["batch"] = [c.split(":", 1)[0] for c in mixed.obs_names]
         for seed in (int(s) for s in args.seeds.split(",")):
-            model = atlasmtl.TrainedModel.load(args.models / f"{base}_{seed}_manifest.json")
+            model = atlasmtl.TrainedModel.load(args.models / f"{base}_{seed}.pth")
             together = atlasmtl.predict(model, mixed, show_progress=False, show_summary=False).to_dataframe()
             keyed = atlasmtl.predict(model, mixed, batch_key="batch", show_progress=False,
                                      show_summary=False).to_dataframe()

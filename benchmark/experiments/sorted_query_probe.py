@@ -11,7 +11,8 @@ probe takes the limit. Per case and seed, the default model (loaded from ``--mod
 - for every true finest-level type with at least ``--min-cells`` query cells, the query made of that
   type's cells alone,
 
-and each row compares the same cells in the two: accuracy and Unknown share per level, and how many calls
+and each row compares the same cells in the two (``novel``: a type the case's ``novel`` labels list at the finest
+level): accuracy and Unknown share per level, and how many calls
 changed. ``--locate reference`` repeats it with the query's location switched off (both views scored against
 the reference's held-out null as they are; ``query_location_z`` returns 0), to see how much of the
 difference that location makes.
@@ -35,12 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-#: The type each removed-type case's reference lacks (its query's truth name).
-NOVEL = {"cellbench_novel_H1975": "H1975", "ding2020_novel_B": "B cell", "symphony_5p_novel_B": "B",
-         "symphony_5p_novel_NK": "NK", "zilionis_novel_tumour_subsets": "N4",
-         "zilionis_tumour_healthy_novel_NK": "NK cells", "immune_human_pbmc_mouse_lung": "Neutrophil",
-         "immune_mouse_lung_human_pbmc": "Mono"}
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def levels_of(cases_dir: Path, case: str) -> list[str]:
     return json.loads((cases_dir / case / "case.json").read_text())["levels"]
@@ -59,43 +56,42 @@ def top_share(result) -> float:
 
 
 def run(args: argparse.Namespace) -> None:
-    import anndata as ad
     import torch
     import atlasmtl
     import atlasmtl.novelty as novelty
+    from study_scores import default_models
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     if args.locate == "reference":
         novelty.query_location_z = lambda z, calls=None: 0.0
     rows = []
-    for case in args.cases.split(","):
-        levels = levels_of(args.cases_dir, case)
+    for case, seed, spec, _, query, truth, model in default_models(
+            args.cases.split(","), [int(s) for s in args.seeds.split(",")], work=args.cases_dir.parent,
+            models=args.models, train=False, reference=False):
+        levels = spec["levels"]
         fine = levels[-1]
-        query = ad.read_h5ad(args.cases_dir / case / "query.h5ad")
-        truth = pd.read_csv(args.cases_dir / case / "truth.csv.gz", index_col=0).reindex(query.obs_names)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            model = atlasmtl.TrainedModel.load(args.models / f"{case}_{seed}_manifest.json")
-            whole_result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
-            whole = whole_result.to_dataframe()
-            for label, n in truth[fine].value_counts().items():
-                if n < args.min_cells:
-                    continue
-                cells = truth.index[truth[fine] == label]
-                alone_result = atlasmtl.predict(model, query[cells].copy(), show_progress=False, show_summary=False)
-                alone = alone_result.to_dataframe()
-                row = {"case": case, "seed": seed, "type": label, "n": int(n), "novel": NOVEL.get(case) == label,
-                       "whole|top_share": top_share(whole_result), "sorted|top_share": top_share(alone_result)}
-                for lv in levels:
-                    t = truth.loc[cells, lv].astype(str).to_numpy()
-                    a = whole.loc[cells, f"pred_{lv}"].astype(str).to_numpy()
-                    b = alone.loc[cells, f"pred_{lv}"].astype(str).to_numpy()
-                    row.update({f"{lv}|whole_acc": float((a == t).mean()), f"{lv}|sorted_acc": float((b == t).mean()),
-                                f"{lv}|whole_unknown": float((a == "Unknown").mean()),
-                                f"{lv}|sorted_unknown": float((b == "Unknown").mean()),
-                                f"{lv}|changed": int((a != b).sum())})
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        truth = truth.reindex(query.obs_names)
+        whole_result = atlasmtl.predict(model, query, show_progress=False, show_summary=False)
+        whole = whole_result.to_dataframe()
+        for label, n in truth[fine].value_counts().items():
+            if n < args.min_cells:
+                continue
+            cells = truth.index[truth[fine] == label]
+            alone_result = atlasmtl.predict(model, query[cells].copy(), show_progress=False, show_summary=False)
+            alone = alone_result.to_dataframe()
+            row = {"case": case, "seed": seed, "type": label, "n": int(n), "novel": label in (spec.get("novel") or {}).get(fine, []),
+                   "whole|top_share": top_share(whole_result), "sorted|top_share": top_share(alone_result)}
+            for lv in levels:
+                t = truth.loc[cells, lv].astype(str).to_numpy()
+                a = whole.loc[cells, f"pred_{lv}"].astype(str).to_numpy()
+                b = alone.loc[cells, f"pred_{lv}"].astype(str).to_numpy()
+                row.update({f"{lv}|whole_acc": float((a == t).mean()), f"{lv}|sorted_acc": float((b == t).mean()),
+                            f"{lv}|whole_unknown": float((a == "Unknown").mean()),
+                            f"{lv}|sorted_unknown": float((b == "Unknown").mean()),
+                            f"{lv}|changed": int((a != b).sum())})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     pd.DataFrame(rows).to_csv(args.out, index=False)
 
 
