@@ -19,6 +19,8 @@ Case layout (``benchmark/work/cases/<case>/``):
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import resource
@@ -133,6 +135,19 @@ def open_set_truth(spec: dict[str, Any], truth: pd.DataFrame) -> tuple[np.ndarra
     finest = truth[spec["levels"][-1]].astype(str).to_numpy().copy()
     finest[novel] = "Unknown"
     return novel, finest, sorted(set(finest))
+
+
+def probe_parser(doc: str, first: str = "cases") -> argparse.ArgumentParser:
+    """The command line of the probes that read prepared cases and saved default models:
+    ``<first> <seeds> OUT --cases-dir DIR --models DIR`` (``first``: comma-separated cases, or what the probe
+    takes in their place); the caller adds its own options and parses."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument(first)
+    ap.add_argument("seeds")
+    ap.add_argument("out")
+    ap.add_argument("--cases-dir", type=Path, required=True)
+    ap.add_argument("--models", type=Path, required=True)
+    return ap
 
 
 def probe_arguments(argv: list[str]) -> tuple[list[str], list[int], Path, Path, Path]:

@@ -8,7 +8,6 @@ A row per case, seed and setting: per level macro-F1, accuracy and coverage, and
 
     PYTHONPATH=$PWD python benchmark/experiments/batch_key_study.py <cases> 0,1,2 out.json --cases-dir W/cases --models DIR
 """
-import argparse
 import json
 import sys
 import warnings
@@ -24,15 +23,10 @@ BATCH_COLUMNS = ("protocol", "animal", "dataset", "platform", "species")
 def main() -> None:
     import torch
     import atlasmtl
+    from common import probe_parser
     from study_scores import default_models
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases")
-    ap.add_argument("seeds")
-    ap.add_argument("out")
-    ap.add_argument("--cases-dir", type=Path, required=True)
-    ap.add_argument("--models", type=Path, required=True)
-    args = ap.parse_args()
+    args = probe_parser(__doc__).parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     rows = []

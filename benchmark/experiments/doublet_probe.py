@@ -13,7 +13,6 @@ pairs of query cells of different finest true types, drawn with ``numpy`` from `
 
     PYTHONPATH=$PWD python benchmark/experiments/doublet_probe.py <cases> 0,1,2 out.csv.gz --cases-dir W/cases --models DIR
 """
-import argparse
 import json
 import sys
 import warnings
@@ -24,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import load_case, read_truth  # noqa: E402
+from common import load_case, probe_parser, read_truth  # noqa: E402
 
 
 def with_doublets(query, truth: pd.DataFrame, fine: str, share: float, seed: int):
@@ -59,12 +58,7 @@ def main() -> None:
     import torch
     import atlasmtl
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases")
-    ap.add_argument("seeds")
-    ap.add_argument("out")
-    ap.add_argument("--cases-dir", type=Path, required=True)
-    ap.add_argument("--models", type=Path, required=True)
+    ap = probe_parser(__doc__)
     ap.add_argument("--share", type=float, default=0.1)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -13,7 +13,6 @@ A row per pair, seed and batch: every level's accuracy and ``Unknown`` share alo
 
     PYTHONPATH=$PWD python benchmark/experiments/mixed_batch_probe.py base:other[,base:other...] 0,1,2 out.csv.gz --cases-dir W/cases --models DIR
 """
-import argparse
 import json
 import sys
 import warnings
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import read_study_case  # noqa: E402
+from common import probe_parser, read_study_case  # noqa: E402
 
 
 def main() -> None:
@@ -31,13 +30,7 @@ def main() -> None:
     import torch
     import atlasmtl
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("pairs")
-    ap.add_argument("seeds")
-    ap.add_argument("out")
-    ap.add_argument("--cases-dir", type=Path, required=True)
-    ap.add_argument("--models", type=Path, required=True)
-    args = ap.parse_args()
+    args = probe_parser(__doc__, "pairs").parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     rows = []
