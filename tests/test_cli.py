@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -245,18 +246,34 @@ def test_option_values_are_parsed_to_api_types():
     assert cli.parse_truth_columns("a=x,b=y") == {"a": "x", "b": "y"}
 
 
+def test_parameter_errors_name_the_command_line_options():
+    """The API's checks spell a parameter as Python does; the command line's errors spell its option."""
+    parser = cli.build_parser(["train", "predict"])
+    spell = functools.partial(cli.option_spelling, parser=parser)
+    assert spell("num_epochs=0 must be an integer ≥ 1.") == "--num-epochs 0 must be an integer ≥ 1."
+    assert spell("hidden_sizes[1]=0 must be an integer ≥ 1.") == "--hidden-sizes (item 2) 0 must be an integer ≥ 1."
+    assert spell("Pass either layer= or use_raw=True, not both.") == "Pass either --layer or --use-raw, not both."
+    assert spell("use_raw=False") == "--no-use-raw"
+    assert (spell("confidence_low=0.9 is above confidence_high=0.7;")
+            == "--confidence-low 0.9 is above --confidence-high 0.7;")
+    # names the parser does not take, comparisons and attribute paths stay as they are
+    for text in ["test_size=0.9 leaves a side empty", "a==b", "adata.obs_names= x", "shard_slice needs n >= 0"]:
+        assert spell(text) == text
+    assert cli.option_spelling("num_epochs=0", None) == "num_epochs=0"
+
+
 @pytest.mark.parametrize("argv,code,pattern", [
     (["train", "--reference", "ref.h5ad", "--out", "m"], 2, "required: --labels"),
     (["train", "--reference", "ref.h5ad", "--labels", "nope", "--out", "m"], 2, "LabelError: Label column 'nope'"),
     (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--num-epochs", "0"], 2,
-     "ParameterError: num_epochs=0"),
+     "ParameterError: --num-epochs 0"),
     (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--input-transform", "log"], 2,
      "invalid choice: 'log'"),
     (["predict", "--model", "model", "--query", "missing.h5ad", "--out", "p.csv"], 2, "No such file: 'missing.h5ad'"),
     (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.txt"], 2, "must end in .csv"),
     (["predict", "--model", "model", "--query", "query.h5ad", "--out", "query.h5ad"], 2, "the query file itself"),
     (["predict", "--model", "model", "--query", "query.h5ad", "--out", "p.csv", "--confidence-low", "0.9"], 2,
-     "confidence_low=0.9 is above confidence_high"),
+     "--confidence-low 0.9 is above --confidence-high 0.7"),
     (["predict", "--model", "nowhere/model_manifest.json", "--query", "query.h5ad", "--out", "p.csv"], 3,
      "No such model file"),
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--truth-columns", "nope"], 2,
@@ -416,8 +433,8 @@ def test_the_demo_module_names_bad_options_before_training(capsys, tmp_path):
     import atlasmtl.demo
 
     (tmp_path / "afile").write_text("keep")
-    for argv, pattern in [(["--num-epochs", "0"], "num_epochs=0 must be an integer"),
-                          (["--random-state", "-1"], "random_state=-1 must be an integer in [0, 4294967295]"),
+    for argv, pattern in [(["--num-epochs", "0"], "--num-epochs 0 must be an integer"),
+                          (["--random-state", "-1"], "--random-state -1 must be an integer in [0, 4294967295]"),
                           (["--out-dir", str(tmp_path / "afile")], "is a file, not a folder")]:
         assert atlasmtl.demo.main(argv) == 2
         err = capsys.readouterr().err
