@@ -12,12 +12,16 @@ with the ambient augmentation on (``AMB_FRACTION``, default 0.5; ``AMB_MAX``, de
 ``calibration`` for the temperatures' shifted copies only; one thread) predict
 the case's query (row ``case``) and, where ``<case>_ambient`` is prepared under ``--work``'s ``cases``, that
 query too (row ``<case>_ambient``). Columns ``default`` and ``amb``; rows in ``threshold_table.py``'s format.
+``SHIFT_FIELDS`` (JSON, e.g. ``'{"gene_scale_sd": 0.5}'``) replaces the ambient fields with other
+:class:`~atlasmtl.augment.ShiftAugmentation` fields, so other shifts can be put into the training or the calibration
+copies the same way. Cases that share a reference (and seed) share the variant's model within one run.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmark/experiments/ambient_augment_study.py <case,case,...> 0,1,2 out.json --work W --models DIR
     python benchmark/experiments/threshold_table.py out.json
 """
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,11 +41,13 @@ AMB_MAX = float(os.environ.get("AMB_MAX", "0.3"))
 #: ``both``: training batches and calibration copies; ``calibration``: only the shifted copies the temperatures are
 #: fitted on (the network is the default's, so its calls are too; the confidences, gate and Unknown may move).
 AMB_WHERE = os.environ.get("AMB_WHERE", "both")
+SHIFT_FIELDS = json.loads(os.environ.get("SHIFT_FIELDS", "null")) or {"ambient_fraction": AMB_FRACTION,
+                                                                      "max_ambient": AMB_MAX}
 
 
 def _ambient_model(ref, levels, seed):
-    """The default recipe with the ambient augmentation on where ``AMB_WHERE`` says."""
-    ambient = functools.partial(ShiftAugmentation, ambient_fraction=AMB_FRACTION, max_ambient=AMB_MAX)
+    """The default recipe with ``SHIFT_FIELDS`` (the ambient augmentation) on where ``AMB_WHERE`` says."""
+    ambient = functools.partial(ShiftAugmentation, **SHIFT_FIELDS)
     original, original_shifted = training.ShiftAugmentation, training.shifted_logits
 
     def shifted_logits(*args, **kwargs):  # the calibration copies: ShiftAugmentation() inside is the ambient one
@@ -69,9 +75,15 @@ def _scores(models, query, truth, spec):
 
 
 def study(models, work):
+    built, built_for = {}, None  # seed -> the variant's model of the last reference: cases sharing it share them
     for case, seed, spec, ref, query, truth, model in models:
         levels = spec["levels"]
-        pair = {"default": model, "amb": _ambient_model(ref, levels, seed)}
+        key = (tuple(ref.obs_names), tuple(ref.var_names), tuple(levels))
+        if key != built_for:
+            built, built_for = {}, key
+        if seed not in built:
+            built[seed] = _ambient_model(ref, levels, seed)
+        pair = {"default": model, "amb": built[seed]}
         row = {"case": case, "seed": seed, "K": "auto", **_scores(pair, query, truth, spec)}
         print_progress(case, seed, row, levels[-1])
         yield row
