@@ -43,6 +43,7 @@ import argparse
 import inspect
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -631,7 +632,9 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
         train_seconds=model.train_config.get("train_seconds"),
         resources=model.resource_summary(),
     )
-    return f"wrote the model to {files['manifest']}\n\n" + format_sections("atlasmtl model", model.resource_summary())
+    shown = shlex.quote(str(args.out))  # as the user named it: the folder, or the weights file with companions beside it
+    return (f"wrote the model to {shown} ({len(files)} files; use it with --model {shown})\n\n"
+            + format_sections("atlasmtl model", model.resource_summary()))
 
 
 def _launch_rank() -> int:

@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,18 @@ def test_train_out_folder_or_pth_path(files, trained):
     assert cli._weights_path("runs/v1.2/") == Path("runs/v1.2") / "model.pth"  # a trailing slash: a folder
     with pytest.raises(cli.UsageError, match="does not end in .pth"):
         cli._weights_path("m/model.pt")
+
+
+def test_train_says_where_the_model_is_as_the_user_named_it(files, monkeypatch, capsys):
+    """The first line names --out as typed (quoted for the shell) and the --model that loads it."""
+    monkeypatch.chdir(files)
+    argv = ["train", "--reference", "ref.h5ad", "--labels", "lineage", "--num-epochs", "1", "--ensemble-size", "1",
+            "--hidden-sizes", "32", "--no-show-progress", "--out", "my model"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "wrote the model to 'my model' (5 files; use it with --model 'my model')", first
+    model_arg = shlex.split(first.split("--model ", 1)[1].rstrip(")"))[0]
+    assert atlasmtl.TrainedModel.load(files / model_arg).label_columns == ["lineage"]
 
 
 def test_bad_model_is_one_line_with_a_stable_exit_code(files, trained):
