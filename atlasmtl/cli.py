@@ -835,7 +835,22 @@ def _metrics_text(evaluation: dict[str, Any], used: dict[str, str], predictions:
     head = f"{evaluation['n_cells']:,} cells of {predictions} scored against {truth} ({pairs})"
     if novel:
         head += f"; {novel['n_novel']:,} novel and {novel['n_known']:,} known cells"
-    return "\n".join([head, ""] + lines)
+    return "\n".join([head, ""] + lines + _hierarchy_lines(evaluation.get("hierarchy")))
+
+
+def _hierarchy_lines(hierarchy: dict[str, Any] | None) -> list[str]:
+    """``evaluate``'s hierarchy section in words: path consistency and full-path accuracy (none for one level)."""
+    if not hierarchy or not hierarchy.get("pairs"):
+        return []
+    where = {"truth": "the truth's", "result": "the model's", "argument": "the given"}.get(hierarchy["source"],
+                                                                                           hierarchy["source"])
+    consistency = hierarchy.get("path_consistency")
+    text = (f"paths: {consistency:.1%} of {hierarchy['n_checked']:,} checkable cells follow {where} hierarchy"
+            if consistency is not None else f"paths: no cell could be checked against {where} hierarchy")
+    if hierarchy.get("full_path_accuracy") is not None:
+        text += (f"; full-path accuracy {hierarchy['full_path_accuracy']:.3f} "
+                 f"({hierarchy['n_full_path']:,} cells labelled at every level)")
+    return ["", text]
 
 
 def cmd_evaluate(args: argparse.Namespace, out: dict[str, Any]) -> str:
@@ -873,7 +888,7 @@ def cmd_evaluate(args: argparse.Namespace, out: dict[str, Any]) -> str:
 
     evaluation = evaluate(table, labels, list(used), novel_labels=novel)
     out.update(predictions=args.predictions, truth=args.truth, truth_columns=used, n_cells=evaluation["n_cells"],
-               metrics=evaluation["levels"])
+               metrics=evaluation["levels"], hierarchy=evaluation.get("hierarchy"))
     if novel:
         out["novel"] = evaluation["novel"]
     text = _metrics_text(evaluation, used, args.predictions, args.truth)

@@ -497,6 +497,10 @@ def test_evaluate_gives_the_python_apis_metrics(saved, pbmc_result, pbmc_split, 
                                         else {"lineage": "coarse", "bulk_labels": "fine"})
         assert "novel" not in out
         assert_same_metrics(out["metrics"], expected["levels"])
+        # the hierarchy section: inferred from the truth here (a table keeps no model), the same figures
+        assert out["hierarchy"]["source"] == "truth" and out["hierarchy"]["n_full_path"] == 210
+        for key in ("path_consistency", "full_path_accuracy"):
+            assert out["hierarchy"][key] == pytest.approx(expected["hierarchy"][key]), key
     # a minimal table (pred_ columns only): the label metrics, no confidence ones; one level by its name
     assert cli.main(["evaluate", "--predictions", "pred_min.tsv.gz", "--truth", "query.h5ad",
                      "--truth-columns", "bulk_labels", "--json"]) == 0
@@ -512,6 +516,10 @@ def test_evaluate_gives_the_python_apis_metrics(saved, pbmc_result, pbmc_split, 
         metrics = expected["levels"][level]
         assert row[1:] == ["210"] + [f"{metrics[k]:.3f}" for k in ("accuracy", "macro_f1", "balanced_accuracy",
                                                                     "coverage", "ece")]
+    hierarchy = expected["hierarchy"]
+    assert text.rstrip().splitlines()[-1] == (
+        f"paths: {hierarchy['path_consistency']:.1%} of {hierarchy['n_checked']:,} checkable cells follow the "
+        f"truth's hierarchy; full-path accuracy {hierarchy['full_path_accuracy']:.3f} (210 cells labelled at every level)")
     assert cli.main(["evaluate", "--predictions", "pred.csv", "--truth", "query.h5ad", "--quiet"]) == 0
     assert capsys.readouterr().out == ""
 
