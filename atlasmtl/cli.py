@@ -813,7 +813,8 @@ def _metrics_frame(evaluation: dict[str, Any]) -> Any:
 def _metrics_text(evaluation: dict[str, Any], used: dict[str, str], predictions: str, truth: str) -> str:
     """The human-readable table of ``evaluate``: one row per level."""
     columns = [("n", "n"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced acc."),
-               ("coverage", "coverage"), ("ece", "ECE")]
+               ("coverage", "coverage"), ("network_error", "network error"),
+               ("unknown_withheld_error", "Unknown: withheld wrong"), ("ece", "ECE")]
     novel = evaluation.get("novel")
     if novel:
         columns += [("auroc", "novel AUROC"), ("novel_unknown_rate", "novel->Unknown"),

@@ -5,8 +5,8 @@
 JSON-serialisable nested dict::
 
     {"n_cells": ...,
-     "levels":    {level: {accuracy, macro_f1, balanced_accuracy, coverage,
-                           accuracy_covered, ece, ece_if_calibrated, brier, aurc, ...}},
+     "levels":    {level: {accuracy, macro_f1, balanced_accuracy, coverage, accuracy_covered,
+                           network_error, unknown_withheld_error, ece, ece_if_calibrated, brier, aurc, ...}},
      "hierarchy": {path_consistency, full_path_accuracy, pairs, ...},
      "novel":     {source, n_novel, n_known, levels: {level: {auroc, auroc_score, auroc_neighbourhood,
                                                               novel_unknown_rate, known_unknown_rate}}} or None,
@@ -42,6 +42,8 @@ __all__ = [
     "balanced_accuracy",
     "coverage",
     "accuracy_covered",
+    "network_error",
+    "unknown_withheld_error",
     "expected_calibration_error",
     "ece_if_calibrated",
     "brier_score",
@@ -59,7 +61,8 @@ __all__ = [
 NEIGHBOURS = 15
 #: Keys of each level's entry in ``evaluate(...)["levels"]`` (besides ``n``, ``n_excluded``, ...).
 LEVEL_METRICS = (
-    "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered", "ece", "ece_if_calibrated", "brier", "aurc",
+    "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered", "network_error",
+    "unknown_withheld_error", "ece", "ece_if_calibrated", "brier", "aurc",
 )
 
 
@@ -217,6 +220,55 @@ def accuracy_covered(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
     correct = _correct(y_true, y_pred)
     covered = np.asarray(y_pred, dtype=object) != UNKNOWN
     return float(correct[covered].mean()) if covered.any() else None
+
+
+@_shared_docs
+def network_error(y_true: np.ndarray, y_raw: np.ndarray) -> float | None:
+    """Share of the network's own calls that are wrong (before any KNN vote or ``Unknown``).
+
+    The base rate :func:`unknown_withheld_error` is read against: an abstention that withholds errors no more
+    often than this picks them at random.
+
+    Parameters
+    ----------
+    {doc_y_true}
+    y_raw
+        The network's call per cell (the ``pred_<level>_raw`` column), in the order of ``y_true``; cells
+        whose raw label is ``"Unknown"`` (no call: no usable signal) are left out.
+
+    Returns
+    -------
+    float or None
+        In [0, 1]; ``None`` when no cell has a network call.
+    """
+    y_true, y_raw = _label_pair(y_true, y_raw, "y_true and y_raw")
+    called = y_raw != UNKNOWN
+    return float((y_raw[called] != y_true[called]).mean()) if called.any() else None
+
+
+@_shared_docs
+def unknown_withheld_error(y_true: np.ndarray, y_pred: np.ndarray, y_raw: np.ndarray) -> float | None:
+    """Among the cells called ``Unknown``, the share whose withheld network call was wrong.
+
+    An abstention costs a label only where the call it withholds is right. This says how often it withheld an
+    error instead; above :func:`network_error`, the abstentions pick errors better than chance.
+
+    Parameters
+    ----------
+    {doc_labels}
+    y_raw
+        The network's call per cell (the ``pred_<level>_raw`` column), in the order of ``y_true``; cells
+        whose raw label is ``"Unknown"`` (no call to withhold) are left out.
+
+    Returns
+    -------
+    float or None
+        In [0, 1]; ``None`` when no cell with a network call is ``Unknown``.
+    """
+    y_true, y_pred = _label_pair(y_true, y_pred)
+    _, y_raw = _label_pair(y_true, y_raw, "y_true and y_raw")
+    withheld = (y_pred == UNKNOWN) & (y_raw != UNKNOWN)
+    return float((y_raw[withheld] != y_true[withheld]).mean()) if withheld.any() else None
 
 
 # ---------------------------------------------------------------------------- confidence metrics
@@ -557,8 +609,9 @@ def _level_columns(table: pd.DataFrame, level: str) -> tuple[np.ndarray, np.ndar
 
 
 # ---------------------------------------------------------------------------- sections
-def _level_metrics(y_true: np.ndarray, pred: np.ndarray, conf: np.ndarray | None, target: np.ndarray, n_bins: int) -> dict[str, Any]:
-    """All per-level metrics on the cells with a true label."""
+def _level_metrics(y_true: np.ndarray, pred: np.ndarray, conf: np.ndarray | None, target: np.ndarray,
+                   raw: np.ndarray | None, n_bins: int) -> dict[str, Any]:
+    """All per-level metrics on the cells with a true label (``raw``: the network's calls, or ``None``)."""
     out: dict[str, Any] = {
         "n": int(len(y_true)),
         "n_classes_true": int(len(np.unique(y_true))),
@@ -567,6 +620,8 @@ def _level_metrics(y_true: np.ndarray, pred: np.ndarray, conf: np.ndarray | None
         "balanced_accuracy": balanced_accuracy(y_true, pred),
         "coverage": coverage(pred),
         "accuracy_covered": accuracy_covered(y_true, pred),
+        "network_error": None if raw is None else network_error(y_true, raw),
+        "unknown_withheld_error": None if raw is None else unknown_withheld_error(y_true, pred, raw),
         "ece": None,
         "ece_if_calibrated": None,
         "brier": None,
@@ -858,6 +913,11 @@ def evaluate(
     - balanced_accuracy: mean recall over the classes present in the truth.
     - coverage: ``1 -`` fraction of Unknown calls; accuracy_covered: accuracy among
       the cells that are not Unknown.
+    - network_error: the share of the network's own calls (``pred_<level>_raw``, cells with
+      a call) that are wrong; unknown_withheld_error: among the cells called Unknown that
+      had a network call, the share whose call was wrong (how often an abstention withheld
+      an error; above network_error it picks errors better than chance). Both ``None``
+      without a raw column (predictions written in ``mode="full"``, or a result).
     - Confidence metrics use ``conf_<level>`` (the calibrated probability of the network's
       call, its jointly decoded class) as the probability that the **network's own call**
       is right, so they judge it against the correctness of the raw network label ``pred_<level>_raw``; when
@@ -951,7 +1011,9 @@ def evaluate(
         pred, conf, target_kind = _level_columns(table, lv)
         y_true, has = true_labels(truth_frame[lv].iloc[pos])
         preds[lv], confs[lv], truths[lv] = pred, conf, (y_true, has)
-        target = label_strings(table[column_names(lv)["raw"]]) if target_kind == "raw" else pred
+        raw_col = column_names(lv)["raw"]
+        raw = label_strings(table[raw_col]) if raw_col in table.columns else None
+        target = raw if target_kind == "raw" else pred
         called = set(pred[pred != UNKNOWN].tolist())
         if has.any() and called and not called & set(y_true[has].tolist()):
             warnings.warn(f"No true label at {lv!r} is a label the predictions use (truth e.g. {y_true[has][0]!r}, "
@@ -959,7 +1021,8 @@ def evaluate(
                           "column names the same classes as the reference (another column, other spellings or type).",
                           UserWarning, stacklevel=user_stacklevel())
         if has.any():
-            metrics = _level_metrics(y_true[has], pred[has], None if conf is None else conf[has], target[has], n_bins)
+            metrics = _level_metrics(y_true[has], pred[has], None if conf is None else conf[has], target[has],
+                                     None if raw is None else raw[has], n_bins)
         else:
             metrics = dict.fromkeys(LEVEL_METRICS, None) | {"n": 0, "n_classes_true": 0}
         level_out[lv] = {**metrics, "n_excluded": int((~has).sum()), "confidence_target": target_kind}

@@ -684,7 +684,8 @@ def _accuracy(page: _Page) -> str | None:
     content = f'<p>True labels: {_e(used)} ({result.n_obs:,} cells).</p>'
     table = evaluation_table(evaluation, "levels")
     keep = [c for c in ("n", "accuracy", "macro_f1", "balanced_accuracy", "coverage", "accuracy_covered",
-                        "ece", "ece_if_calibrated", "brier", "aurc", "n_excluded") if c in table.columns]
+                        "network_error", "unknown_withheld_error", "ece", "ece_if_calibrated", "brier", "aurc",
+                        "n_excluded") if c in table.columns]
     content += "<h3>Metrics (atlasmtl.evaluate)</h3>" + _frame_table(table[keep])
     hier = evaluation.get("hierarchy") or {}
     flat = {k: v for k, v in hier.items() if not isinstance(v, (Mapping, list, tuple, np.ndarray))}

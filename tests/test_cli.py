@@ -514,8 +514,10 @@ def test_evaluate_gives_the_python_apis_metrics(saved, pbmc_result, pbmc_split, 
     for level in LEVELS:
         row = next(line.split() for line in text.splitlines() if line.startswith(level + " "))
         metrics = expected["levels"][level]
-        assert row[1:] == ["210"] + [f"{metrics[k]:.3f}" for k in ("accuracy", "macro_f1", "balanced_accuracy",
-                                                                    "coverage", "ece")]
+        shown = [f"{metrics[k]:.3f}" if metrics[k] is not None else "-"
+                 for k in ("accuracy", "macro_f1", "balanced_accuracy", "coverage", "network_error",
+                           "unknown_withheld_error", "ece")]
+        assert row[1:] == ["210"] + shown
     hierarchy = expected["hierarchy"]
     assert text.rstrip().splitlines()[-1] == (
         f"paths: {hierarchy['path_consistency']:.1%} of {hierarchy['n_checked']:,} checkable cells follow the "

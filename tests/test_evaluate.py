@@ -21,8 +21,10 @@ from atlasmtl.metrics import (
     evaluation_table,
     expected_calibration_error,
     neighbour_overlap,
+    network_error,
     rmse,
     trustworthiness_score,
+    unknown_withheld_error,
 )
 from atlasmtl.exceptions import CoordinateError, InputError, LabelError, ParameterError
 from atlasmtl.result import PredictionResult
@@ -104,6 +106,24 @@ def test_confidence_metrics_by_hand_use_raw_call():
     b14 = 0.003 * 1.89 + 0.104 * 0.89 + 0.893 * 0.11
     b9 = 0.133 * 1.27 + 0.464 * 0.27 + 0.403 * 0.73
     assert fine["ece_if_calibrated"] == pytest.approx((b14 + b9 + 2 * 0.55 * 0.45 + 2 * 0.3 * 0.7) / 6)
+
+
+def test_withheld_calls_are_scored_against_the_networks_error_rate():
+    """unknown_withheld_error: of the Unknown cells, how many withheld a wrong call; network_error the base rate."""
+    ev = evaluate(_table(), _truth())["levels"]
+    # fine: one Unknown (c5), whose raw call B was right -> 0 of 1 withheld an error; raw wrong on c3, c6 -> 2/6
+    assert ev["fine"]["unknown_withheld_error"] == 0.0
+    assert ev["fine"]["network_error"] == pytest.approx(2 / 6)
+    # lin has no raw column (c4's Unknown withheld nothing the table records): both undefined
+    assert ev["lin"]["unknown_withheld_error"] is None and ev["lin"]["network_error"] is None
+    assert evaluate(_table(raw=False), _truth())["levels"]["fine"]["unknown_withheld_error"] is None
+    # the functions: a raw Unknown (no signal, no call) is left out of both
+    y_true, pred = ["A", "A", "B", "B"], ["Unknown", "Unknown", "Unknown", "B"]
+    raw = ["B", "A", "Unknown", "B"]
+    assert unknown_withheld_error(y_true, pred, raw) == pytest.approx(1 / 2)   # c1 wrong, c2 right
+    assert network_error(y_true, raw) == pytest.approx(1 / 3)
+    assert unknown_withheld_error(["A"], ["A"], ["A"]) is None                  # nothing withheld
+    assert network_error(["A"], ["Unknown"]) is None                            # no call at all
 
 
 def test_confidence_metrics_fall_back_to_final_label():
@@ -451,6 +471,11 @@ def test_pbmc68k_integration():
         # informative confidence puts errors last: AURC below the raw error rate (what a random ranking scores)
         raw_err = 1 - np.mean(result.to_dataframe("full")[f"pred_{lv}_raw"].astype(str) == query.obs[lv].astype(str))
         assert m["aurc"] <= raw_err + 1e-9
+        assert m["network_error"] == pytest.approx(raw_err)  # every cell has signal here: every raw label is a call
+    # the abstentions withhold errors far more often than a call picked at random is one (the novel cells' calls
+    # are all wrong)
+    fine = ev["levels"]["bulk_labels"]
+    assert fine["unknown_withheld_error"] > fine["network_error"] + 0.2, fine
     assert ev["levels"]["lineage"]["accuracy"] > 0.7
     assert ev["levels"]["bulk_labels"]["accuracy"] > 0.4
     h = ev["hierarchy"]
