@@ -33,8 +33,8 @@ Exit codes (see :data:`EXIT_CODES`): 0 success; 2 bad usage or bad input
 a missing or unreadable file); 3 the model files are missing, corrupted or
 unsafe; 1 an unexpected internal error; 130 interrupted. Errors are one line
 on stderr (``atlasmtl <command>: error: ...``), a parameter named by its option
-(:func:`option_spelling`); ``--verbose`` adds the traceback. Warnings are one line each (``atlasmtl: warning: ...``). Progress
-bars go to stderr; results go to stdout, as one JSON object with ``--json``.
+(:func:`~atlasmtl.validation.option_spelling`); ``--verbose`` adds the traceback.
+Warnings are one line each (``atlasmtl: warning: ...``). Progress bars go to stderr; results go to stdout, as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -947,53 +947,6 @@ def _exit_code(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-def option_spelling(text: str, parser: argparse.ArgumentParser | None) -> str:
-    """``text`` with each ``name=`` of a Python parameter that ``parser`` takes as ``--name`` written as the option.
-
-    The API's checks name a parameter as Python spells it (``num_epochs=0 must be an integer ≥ 1.``); on the
-    command line the same check reads ``--num-epochs 0 must be an integer ≥ 1.``, and an item of a list option
-    ``--hidden-sizes (item 1) 0 must be ...``. Names the parser does not take stay as they are.
-
-    Parameters
-    ----------
-    text
-        An error message.
-    parser
-        The command's own parser (a subcommand's, or a top-level parser whose subcommands are searched);
-        ``None`` leaves ``text`` unchanged.
-
-    Returns
-    -------
-    str
-        The message in the command line's spelling.
-    """
-    if parser is None:
-        return text
-    options: dict[str, str] = {}
-    stack = [parser]
-    while stack:
-        current = stack.pop()
-        for action in current._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                stack.extend(action.choices.values())
-            long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
-            if long and action.dest not in options:
-                options[action.dest] = long[0]
-
-    def spell(match: re.Match) -> str:
-        name, index, flag = match.group(1), match.group(2), match.group(3)
-        if name not in options:
-            return match.group(0)
-        option = options[name]
-        if flag is not None:  # use_raw=True -> --use-raw; use_raw=False -> --no-use-raw
-            return option if flag == "True" else "--no-" + option[2:]
-        item = f" (item {int(index) + 1})" if index is not None else ""
-        return option + item + ("" if match.end() == len(text) or text[match.end()].isspace() else " ")
-
-    pattern = r"(?<![\w.-])([a-z][a-z0-9_]*)(?:\[(\d+)\])?=(?!=)(?:(True|False)\b)?"
-    return re.sub(pattern, spell, text)
-
-
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, UsageError):
@@ -1063,6 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
         hint = "" if verbose or code != EXIT_ERROR else " (unexpected; rerun with --verbose for the traceback)"
         from .exceptions import ParameterError
+        from .validation import option_spelling
 
         line = option_spelling(_one_line(exc), parser) if isinstance(exc, ParameterError) else _one_line(exc)
         print(f"{prog}: error: {line}{hint}", file=sys.stderr)

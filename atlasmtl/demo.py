@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_demo(args.out_dir, args.num_epochs, args.random_state, show_resources=args.show_resources)
     except AtlasMTLError as exc:
-        from .cli import option_spelling
+        from .validation import option_spelling
 
         print(f"{parser.prog}: error: {type(exc).__name__}: {option_spelling(str(exc), parser)}", file=sys.stderr)
         return 2

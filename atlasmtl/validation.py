@@ -5,12 +5,15 @@ parameters here first, before any data is read, so a bad value is one clear
 :class:`~atlasmtl.exceptions.ParameterError` naming the parameter and the fix.
 Python and NumPy numbers are both accepted (``np.int64(2)``, ``np.float32(0.7)``)
 and returned as plain Python values, so configurations stay plain data.
+:func:`option_spelling` writes those parameter names as a command line's options.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -98,3 +101,50 @@ def as_random_state(value: Any) -> tuple[int | None, int]:
         return None, int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
     seed = as_int("random_state", value, minimum=0, maximum=MAX_SEED)
     return seed, seed
+
+
+def option_spelling(text: str, parser: argparse.ArgumentParser | None) -> str:
+    """``text`` with each ``name=`` of a Python parameter that ``parser`` takes as ``--name`` written as the option.
+
+    The API's checks name a parameter as Python spells it (``num_epochs=0 must be an integer ≥ 1.``); on the
+    command line the same check reads ``--num-epochs 0 must be an integer ≥ 1.``, and an item of a list option
+    ``--hidden-sizes (item 1) 0 must be ...``. Names the parser does not take stay as they are.
+
+    Parameters
+    ----------
+    text
+        An error message.
+    parser
+        The command's own parser (a subcommand's, or a top-level parser whose subcommands are searched);
+        ``None`` leaves ``text`` unchanged.
+
+    Returns
+    -------
+    str
+        The message in the command line's spelling.
+    """
+    if parser is None:
+        return text
+    options: dict[str, str] = {}
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+            if long and action.dest not in options:
+                options[action.dest] = long[0]
+
+    def spell(match: re.Match) -> str:
+        name, index, flag = match.group(1), match.group(2), match.group(3)
+        if name not in options:
+            return match.group(0)
+        option = options[name]
+        if flag is not None:  # use_raw=True -> --use-raw; use_raw=False -> --no-use-raw
+            return option if flag == "True" else "--no-" + option[2:]
+        item = f" (item {int(index) + 1})" if index is not None else ""
+        return option + item + ("" if match.end() == len(text) or text[match.end()].isspace() else " ")
+
+    pattern = r"(?<![\w.-])([a-z][a-z0-9_]*)(?:\[(\d+)\])?=(?!=)(?:(True|False)\b)?"
+    return re.sub(pattern, spell, text)

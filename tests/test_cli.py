@@ -19,6 +19,7 @@ import pytest
 
 import atlasmtl
 from atlasmtl import cli
+from atlasmtl.validation import option_spelling
 
 from .conftest import LEVELS
 
@@ -262,7 +263,7 @@ def test_option_values_are_parsed_to_api_types():
 def test_parameter_errors_name_the_command_line_options():
     """The API's checks spell a parameter as Python does; the command line's errors spell its option."""
     parser = cli.build_parser(["train", "predict"])
-    spell = functools.partial(cli.option_spelling, parser=parser)
+    spell = functools.partial(option_spelling, parser=parser)
     assert spell("num_epochs=0 must be an integer ≥ 1.") == "--num-epochs 0 must be an integer ≥ 1."
     assert spell("hidden_sizes[1]=0 must be an integer ≥ 1.") == "--hidden-sizes (item 2) 0 must be an integer ≥ 1."
     assert spell("Pass either layer= or use_raw=True, not both.") == "Pass either --layer or --use-raw, not both."
@@ -272,7 +273,7 @@ def test_parameter_errors_name_the_command_line_options():
     # names the parser does not take, comparisons and attribute paths stay as they are
     for text in ["test_size=0.9 leaves a side empty", "a==b", "adata.obs_names= x", "shard_slice needs n >= 0"]:
         assert spell(text) == text
-    assert cli.option_spelling("num_epochs=0", None) == "num_epochs=0"
+    assert option_spelling("num_epochs=0", None) == "num_epochs=0"
 
 
 @pytest.mark.parametrize("argv,code,pattern", [
