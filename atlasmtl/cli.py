@@ -34,7 +34,8 @@ a missing or unreadable file); 3 the model files are missing, corrupted or
 unsafe; 1 an unexpected internal error; 130 interrupted. Errors are one line
 on stderr (``atlasmtl <command>: error: ...``), a parameter named by its option
 (:func:`~atlasmtl.validation.option_spelling`); ``--verbose`` adds the traceback.
-Warnings are one line each (``atlasmtl: warning: ...``). Progress bars go to stderr; results go to stdout, as one JSON object with ``--json``.
+Warnings are one line each (``atlasmtl: warning: ...``). Progress bars go to
+stderr; results go to stdout, as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -632,7 +633,7 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
         train_seconds=model.train_config.get("train_seconds"),
         resources=model.resource_summary(),
     )
-    shown = shlex.quote(str(args.out))  # as the user named it: the folder, or the weights file with companions beside it
+    shown = shlex.quote(str(args.out))  # as the user named it: the folder, or the weights file with its companions
     return (f"wrote the model to {shown} ({len(files)} files; use it with --model {shown})\n\n"
             + format_sections("atlasmtl model", model.resource_summary()))
 
