@@ -721,6 +721,13 @@ def checked_semantics(source: MatrixSource, input_transform: str, sample: Any = 
     if source.left_out:
         semantics["features_left_out"] = dict(source.left_out)
     check_semantics_usable(semantics["semantics"], input_transform, source.where)
+    if input_transform != "binary" and np.dtype(getattr(source.matrix, "dtype", np.float32)) == np.bool_:
+        warnings.warn(
+            f"adata.{source.where} holds True/False values (e.g. adata.X > 0), not expression levels: atlasmtl reads "
+            "each detected gene as one count, so every cell looks like a very shallow one. Pass the counts or "
+            "log-normalised values (layer='counts', use_raw=True), or train and predict on such matrices with "
+            "input_transform='binary'.",
+            UserWarning, stacklevel=user_stacklevel())
     if semantics["semantics"] in ("lognorm", "other") and input_transform != "binary" and _sqrt_of_counts(sample):
         source.lognorm_fix = (SQRT_OF_COUNTS, None)  # read as the counts they are the square roots of
         semantics.update(semantics="lognorm", normalisation="square roots of counts (sc.pp.sqrt) brought to natural "

@@ -272,6 +272,23 @@ def test_log_values_with_an_outlier_beyond_the_sampled_rows(tiny_model, tmp_path
         _predictions(tiny_model, str(tmp_path / "q.h5ad"))
 
 
+def test_a_true_false_matrix_is_mapped_with_a_warning_that_names_the_fix(tiny, tiny_model, tmp_path):
+    """adata.X > 0 stored as X: read as one count per detected gene (every cell a shallow one), said in a warning,
+    in memory and from disk alike; a binary model takes it as it is."""
+    query = tiny[1].copy()
+    query.X = sp.csr_matrix(query.X > 0, dtype=bool)
+    with pytest.warns(UserWarning, match=r"holds True/False values .* input_transform='binary'"):
+        result = _predictions(tiny_model, query)
+    assert result.metadata["input"]["semantics"] == "counts"
+    query.write_h5ad(tmp_path / "q.h5ad")
+    with pytest.warns(UserWarning, match="holds True/False values"):
+        _predictions(tiny_model, str(tmp_path / "q.h5ad"))
+    binary = atlasmtl.build_model(tiny[0], LEVELS, input_transform="binary", **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _predictions(binary, query)
+
+
 def test_a_report_refuses_a_model_that_did_not_make_the_predictions(tiny, tiny_model, tmp_path):
     """A report draws the model's settings, classes and findings beside the predictions; another model's would
     describe something else (found by an audit: a pbmc68k model's levels shown under Symphony predictions)."""
