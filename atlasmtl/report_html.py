@@ -45,7 +45,7 @@ import pandas as pd
 from ._docs import fill_docs
 from ._version import __version__
 from .exceptions import CoordinateError, InputError, OutputError, ParameterError
-from .calls import CallTable, decode_labels, dominant_calls
+from .calls import UNKNOWN, CallTable, decode_labels, dominant_calls
 from .novelty import INPUT_VIEW_MIN_MEMBERS, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE
 from .truth import truth_by_level, truth_frame as read_truth
 
@@ -299,6 +299,44 @@ def calibration_findings(result: CallTable, truth_frame: pd.DataFrame, evaluatio
     return out
 
 
+#: A level with at least this many ``Unknown`` cells that had a network call is judged by :func:`abstention_findings`.
+ABSTENTION_MIN_CELLS = 20
+
+
+def abstention_findings(result: CallTable, truth_frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """Levels whose ``Unknown`` calls withheld mostly right labels on the labelled query cells, as ``("warn", ...)``.
+
+    An abstention costs a label where the network's call it withheld was right. A level is reported when at
+    least :data:`ABSTENTION_MIN_CELLS` of its cells with a true label are ``Unknown`` with a network call, and
+    more than half of those calls were right (``evaluate``'s ``unknown_withheld_error`` under 0.5); the
+    message splits them by cause (a novelty flag, or low confidence and the other checks) and names the
+    settings that keep such cells labelled.
+    """
+    out: list[tuple[str, str]] = []
+    truth = truth_by_level(result, truth_frame)
+    for level, calls in result.levels.items():
+        if level not in truth:
+            continue
+        raw = np.asarray(decode_labels(calls.raw, result.classes[level]), dtype=object)
+        has = np.array([v is not None for v in truth[level]])
+        withheld = has & np.asarray(calls.is_unknown, dtype=bool) & (raw != UNKNOWN)
+        if withheld.sum() < ABSTENTION_MIN_CELLS:
+            continue
+        right = withheld & (raw == truth[level])
+        if right.sum() * 2 <= withheld.sum():
+            continue
+        novel = right & np.asarray(calls.is_novel, dtype=bool)
+        called = has & (raw != UNKNOWN)
+        error = float(np.mean(raw[called] != truth[level][called]))
+        out.append(("warn", f"{level}: {int(right.sum()):,} of the {int(withheld.sum()):,} labelled cells called "
+                            f"Unknown had a right network call ({int(novel.sum()):,} of them flagged novel, "
+                            f"{int((right & ~novel).sum()):,} for low confidence or another check), while {error:.1%} of all its calls are "
+                            "wrong: here the abstentions cost more right labels than they hold back errors. If the "
+                            "query holds no type the reference lacks, a higher novelty_threshold (for the flagged "
+                            "cells) or a lower confidence_low keeps more of them labelled."))
+    return out
+
+
 #: The report's options, described once for :func:`write_report` and :func:`render_report`.
 doc_report_options = '''model
         The :class:`~atlasmtl.model.TrainedModel` used: adds its training settings,
@@ -512,6 +550,7 @@ def _overview(page: _Page) -> str:
     found = findings(result, page.model)
     if page.evaluation is not None and page.truth_frame is not None:
         found += calibration_findings(result, page.truth_frame, page.evaluation)
+        found += abstention_findings(result, page.truth_frame)
     found_html = "".join(f'<div class="finding {sev}">{_e(msg)}</div>' for sev, msg in found) or \
         '<p class="muted">Nothing unusual found.</p>'
     return f'<div class="cards">{cards_html}</div>{_frame_table(level_frame)}' + "<h3>Findings</h3>" + found_html

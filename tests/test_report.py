@@ -255,6 +255,28 @@ def test_cells_of_types_the_model_lacks_do_not_make_a_calibration_finding(mapped
     assert all("cells of types the model lacks are left out" in msg for msg in found)
 
 
+def test_abstentions_that_withhold_mostly_right_calls_are_a_finding(mapped, pbmc_model, tmp_path):
+    """With the novelty threshold far too low, known cells are flagged novel although the network called them
+    right: the finding counts them as evaluate does and names the setting; at the defaults, no finding."""
+    from atlasmtl.report_html import ABSTENTION_MIN_CELLS, abstention_findings
+
+    result, _, query = mapped
+    assert abstention_findings(result, query.obs[LEVELS]) == []
+    strict = atlasmtl.predict(pbmc_model, query, novelty_threshold=1.0, show_progress=False, show_summary=False)
+    found = dict((msg.split(":")[0], msg) for _, msg in abstention_findings(strict, query.obs[LEVELS]))
+    fine = LEVELS[-1]
+    m = atlasmtl.evaluate(strict, query, LEVELS)["levels"][fine]
+    assert m["unknown_withheld_error"] < 0.5
+    withheld = int(round((1 - m["coverage"]) * m["n"]))
+    right = int(round((1 - m["unknown_withheld_error"]) * withheld))
+    assert withheld >= ABSTENTION_MIN_CELLS
+    assert f"{right:,} of the {withheld:,} labelled cells called Unknown had a right network call" in found[fine]
+    assert f"{m['network_error']:.1%} of all its calls are wrong" in found[fine]
+    assert "novelty_threshold" in found[fine]
+    text = html.unescape(strict.report(tmp_path / "r.html", model=pbmc_model, adata=query, truth=LEVELS).read_text())
+    assert found[fine] in text
+
+
 def test_novelty_table_ranks_called_classes(mapped, full_report):
     """The report's novelty table: per network call, the cells' median scores, most novel neighbourhoods first."""
     from atlasmtl.report_html import novelty_table
