@@ -312,28 +312,30 @@ def abstention_findings(result: CallTable, truth_frame: pd.DataFrame) -> list[tu
     message splits them by cause (a novelty flag, or low confidence and the other checks) and names the
     settings that keep such cells labelled.
     """
+    from .metrics import network_error, unknown_withheld_error
+
     out: list[tuple[str, str]] = []
     truth = truth_by_level(result, truth_frame)
     for level, calls in result.levels.items():
         if level not in truth:
             continue
-        raw = np.asarray(decode_labels(calls.raw, result.classes[level]), dtype=object)
         has = np.array([v is not None for v in truth[level]])
-        withheld = has & np.asarray(calls.is_unknown, dtype=bool) & (raw != UNKNOWN)
-        if withheld.sum() < ABSTENTION_MIN_CELLS:
+        y_true = truth[level][has]
+        raw = np.asarray(decode_labels(calls.raw, result.classes[level]), dtype=object)[has]
+        pred = np.asarray(result.labels(level), dtype=object)[has]
+        withheld = (pred == UNKNOWN) & (raw != UNKNOWN)
+        share_wrong = unknown_withheld_error(y_true, pred, raw)
+        if withheld.sum() < ABSTENTION_MIN_CELLS or share_wrong is None or share_wrong >= 0.5:
             continue
-        right = withheld & (raw == truth[level])
-        if right.sum() * 2 <= withheld.sum():
-            continue
-        novel = right & np.asarray(calls.is_novel, dtype=bool)
-        called = has & (raw != UNKNOWN)
-        error = float(np.mean(raw[called] != truth[level][called]))
+        right = withheld & (raw == y_true)
+        novel = right & np.asarray(calls.is_novel, dtype=bool)[has]
         out.append(("warn", f"{level}: {int(right.sum()):,} of the {int(withheld.sum()):,} labelled cells called "
                             f"Unknown had a right network call ({int(novel.sum()):,} of them flagged novel, "
-                            f"{int((right & ~novel).sum()):,} for low confidence or another check), while {error:.1%} of all its calls are "
-                            "wrong: here the abstentions cost more right labels than they hold back errors. If the "
-                            "query holds no type the reference lacks, a higher novelty_threshold (for the flagged "
-                            "cells) or a lower confidence_low keeps more of them labelled."))
+                            f"{int((right & ~novel).sum()):,} for low confidence or another check), while "
+                            f"{network_error(y_true, raw):.1%} of all its calls are wrong: here the abstentions cost "
+                            "more right labels than they hold back errors. If the query holds no type the reference "
+                            "lacks, a higher novelty_threshold (for the flagged cells) or a lower confidence_low "
+                            "keeps more of them labelled."))
     return out
 
 
