@@ -811,8 +811,9 @@ def _metrics_frame(evaluation: dict[str, Any]) -> Any:
     return frame
 
 
-def _metrics_text(evaluation: dict[str, Any], used: dict[str, str], predictions: str, truth: str) -> str:
-    """The human-readable table of ``evaluate``: one row per level."""
+def _metrics_text(evaluation: dict[str, Any], used: dict[str, str], predictions: str, truth: str,
+                  table: Any) -> str:
+    """The human-readable table of ``evaluate``: one row per level, then why whole columns read ``-``."""
     columns = [("n", "n"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced acc."),
                ("coverage", "coverage"), ("network_error", "network error"),
                ("unknown_withheld_error", "Unknown: withheld wrong"), ("ece", "ECE")]
@@ -837,7 +838,31 @@ def _metrics_text(evaluation: dict[str, Any], used: dict[str, str], predictions:
     head = f"{evaluation['n_cells']:,} cells of {predictions} scored against {truth} ({pairs})"
     if novel:
         head += f"; {novel['n_novel']:,} novel and {novel['n_known']:,} known cells"
-    return "\n".join([head, ""] + lines + _hierarchy_lines(evaluation.get("hierarchy")))
+    return "\n".join([head, ""] + lines + _mode_lines(table, list(evaluation["levels"]), bool(novel))
+                     + _hierarchy_lines(evaluation.get("hierarchy")))
+
+
+def _mode_lines(table: Any, levels: list[str], novel: bool) -> list[str]:
+    """What ``evaluate``'s table could not score because the predictions lack the columns it needs
+    (``predict --mode minimal`` writes the labels only, ``standard`` adds the confidences, ``full`` the
+    network's own calls and the novelty scores), with the mode that writes them. Nothing when every level has
+    them."""
+    from .calls import column_names
+
+    def lacking(field: str) -> bool:
+        return all(column_names(level)[field] not in table.columns for level in levels)
+
+    notes = []
+    if lacking("conf"):
+        notes.append(f"{'ECE and novel AUROC' if novel else 'ECE'}: no conf_<level> column in the predictions "
+                     "(written by 'atlasmtl predict --mode standard' or 'full')")
+    elif novel and lacking("novelty"):
+        notes.append("novel AUROC is of 1 - confidence: no novelty_<level> column in the predictions "
+                     "(atlasmtl's novelty score, written by 'atlasmtl predict --mode full')")
+    if lacking("raw"):
+        notes.append("network error and Unknown: withheld wrong: no pred_<level>_raw column in the predictions "
+                     "(the network's own call, written by 'atlasmtl predict --mode full')")
+    return ["", "not scored:"] + [f"  {note}" for note in notes] if notes else []
 
 
 def _hierarchy_lines(hierarchy: dict[str, Any] | None) -> list[str]:
@@ -893,7 +918,7 @@ def cmd_evaluate(args: argparse.Namespace, out: dict[str, Any]) -> str:
                metrics=evaluation["levels"], hierarchy=evaluation.get("hierarchy"))
     if novel:
         out["novel"] = evaluation["novel"]
-    text = _metrics_text(evaluation, used, args.predictions, args.truth)
+    text = _metrics_text(evaluation, used, args.predictions, args.truth, table)
     if dest is not None:
         from .io import atomic_write, to_json
 

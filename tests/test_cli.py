@@ -523,8 +523,19 @@ def test_evaluate_gives_the_python_apis_metrics(saved, pbmc_result, pbmc_split, 
     assert text.rstrip().splitlines()[-1] == (
         f"paths: {hierarchy['path_consistency']:.1%} of {hierarchy['n_checked']:,} checkable cells follow the "
         f"truth's hierarchy; full-path accuracy {hierarchy['full_path_accuracy']:.3f} (210 cells labelled at every level)")
+    assert "not scored" not in text  # full predictions: every column could be scored
     assert cli.main(["evaluate", "--predictions", "pred.csv", "--truth", "query.h5ad", "--quiet"]) == 0
     assert capsys.readouterr().out == ""
+    # minimal predictions: the columns that read "-" are named, with the mode that writes what they need
+    assert cli.main(["evaluate", "--predictions", "pred_min.tsv.gz", "--truth", "query.h5ad",
+                     "--novel-labels", "bulk_labels=Dendritic,CD34+"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line.split() for line in lines if line.startswith("bulk_labels "))
+    assert row[6:9] == ["-", "-", "-"] and row[9] == "-"  # network error, withheld wrong, ECE; novel AUROC
+    notes = lines[lines.index("not scored:") + 1:lines.index("not scored:") + 3]
+    assert notes[0].startswith("  ECE and novel AUROC: no conf_<level> column") and "--mode standard" in notes[0]
+    assert notes[1].startswith("  network error and Unknown: withheld wrong: no pred_<level>_raw") and \
+        "--mode full" in notes[1]
 
 
 def test_evaluate_writes_json_and_csv_with_novel_labels(saved, pbmc_result, pbmc_split, monkeypatch, capsys):
