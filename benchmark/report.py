@@ -77,7 +77,7 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
     levels = info["levels"]
     fine, coarse = levels[-1], (levels[0] if len(levels) > 1 else None)
     header = ["method", f"{fine} macro-F1", "accuracy", "balanced acc.", "coverage", "acc. on covered", "ECE", "Brier", "AURC",
-              "routed to KNN", "Unknown"]
+              "routed to KNN", "Unknown", "network error", "Unknown: withheld wrong"]
     if coarse:
         header += [f"{coarse} macro-F1", f"{coarse} accuracy", "path consistency", "full-path acc."]
     if info.get("novel"):
@@ -95,7 +95,8 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
         row = [LABEL.get(r["method"], r["method"])] + [_f(_level(r, fine, k)) for k in
                                                         ("macro_f1", "accuracy", "balanced_accuracy", "coverage",
                                                          "accuracy_covered", "ece", "brier", "aurc")]
-        row += [_f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine))]
+        row += [_f(_extra(r, "knn_routed_rate", fine)), _f(_unknown_share(r, fine)),
+                _f(_level(r, fine, "network_error")), _f(_level(r, fine, "unknown_withheld_error"))]
         if coarse:
             row += [_f(_level(r, coarse, "macro_f1")), _f(_level(r, coarse, "accuracy")),
                     _f(h.get("path_consistency")), _f(h.get("full_path_accuracy"))]
@@ -121,7 +122,10 @@ def case_table(case: str, info: dict, runs: list[dict]) -> str:
         "training (its time and memory are that one process's); Unknown counts as wrong; peers never abstain. "
         "ECE/Brier/AURC judge each method's confidence (peers: top probability; atlasmtl: the network's calibrated "
         "probability of its own call). \"routed to KNN\": share of cells whose call went to atlasmtl's KNN vote "
-        "(– for methods without one); \"Unknown\": share of cells the method abstained on.",
+        "(– for methods without one); \"Unknown\": share of cells the method abstained on. \"network error\": "
+        "share of wrong calls among the network's own calls before any abstention; \"Unknown: withheld wrong\": "
+        "share of the Unknown cells whose withheld network call was wrong (atlasmtl only: both need its "
+        "pred_<level>_raw column; – where nothing was withheld).",
     ]
     settings = {}
     for r in _sorted(runs):
