@@ -701,7 +701,18 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         input=result.metadata.get("input"),
         runtime=result.metadata.get("prediction_runtime"),
     )
-    return f"wrote {result.n_obs:,} predictions to {dest}\n\n" + format_sections("atlasmtl prediction", result.summary())
+    return (f"wrote {result.n_obs:,} predictions to {dest} ({_MODE_COLUMNS[args.mode]})\n\n"
+            + format_sections("atlasmtl prediction", result.summary()))
+
+
+#: ``predict --mode``: what the written predictions hold, in words (the next mode adds to it).
+_MODE_COLUMNS = {
+    "minimal": "--mode minimal: the labels, pred_<level>; --mode standard adds confidences, which evaluate's ECE "
+               "needs, and --mode full the network's own calls and novelty scores",
+    "standard": "--mode standard: labels, confidences, margins and Unknown flags; --mode full adds the network's own "
+                "calls and novelty scores",
+    "full": "--mode full: every column, as report --predictions reads them",
+}
 
 
 def _write_predictions(result: Any, query: Any, dest: Path, args: argparse.Namespace) -> None:

@@ -78,7 +78,8 @@ def test_predict_table_and_h5ad_match_the_python_api(files, trained, monkeypatch
     monkeypatch.chdir(files)  # the CSV run in-process (same main()), the .h5ad run as a real process below
     assert cli.main(["predict", "--model", trained["model"], "--query", "query.h5ad", "--out", "pred.tsv.gz",
                      "--mode", "standard", "--confidence-high", "0.8", "--knn-k", "10"]) == 0
-    assert "wrote 210 predictions to pred.tsv.gz" in capsys.readouterr().out
+    assert "wrote 210 predictions to pred.tsv.gz (--mode standard: labels, confidences, margins and Unknown flags; " \
+        "--mode full adds" in capsys.readouterr().out
     table = pd.read_csv(files / "pred.tsv.gz", sep="\t", index_col=0)  # a compressed table of tabs, as named
     model = atlasmtl.TrainedModel.load(files / trained["model"])
     expected = atlasmtl.predict(model, str(files / "query.h5ad"), confidence_high=0.8, knn_k=10,
