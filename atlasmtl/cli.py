@@ -21,7 +21,8 @@ cell name (:func:`atlasmtl.evaluate`), reading neither the model nor the query m
 ``--reference-filter`` / ``--query-filter`` select cells by an ``obs`` column, so one
 file can hold both sides of a mapping: ``--reference-filter 'dataset!=3pv1'`` for
 training and ``--query-filter dataset=3pv1`` for prediction (like
-``adata[adata.obs["dataset"] != "3pv1"]`` in scanpy).
+``adata[adata.obs["dataset"] != "3pv1"]`` in scanpy). Repeated, they combine: a cell
+must pass every one.
 
 The training and prediction options are generated from the signatures of
 :func:`atlasmtl.build_model` and :func:`atlasmtl.predict` (same names with
@@ -234,10 +235,10 @@ def add_signature_options(
 
 
 def _filter_option(group: argparse._ArgumentGroup, flag: str, what: str, example: str) -> None:
-    group.add_argument(flag, metavar="COL=V,...|COL!=V,...",
+    group.add_argument(flag, metavar="COL=V,...|COL!=V,...", action="append",
                        help=f"use only the {what} cells whose obs column COL is one of the values (COL=V,...) "
-                       f"or none of them (COL!=V,...), e.g. {flag} {example}; the selected cells are loaded "
-                       "into memory")
+                       f"or none of them (COL!=V,...), e.g. {flag} {example}; repeat it to combine "
+                       "selections (a cell must pass every one); the selected cells are loaded into memory")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -509,28 +510,42 @@ def parse_cell_filter(text: str, option: str) -> tuple[str, bool, list[str]]:
     return match.group(1), match.group(2) == "=", values
 
 
-def select_cells(adata: Any, text: str, option: str, path: str) -> Any:
-    """The cells of ``adata`` (in memory or backed) that ``text`` selects, as an in-memory AnnData."""
+def select_cells(adata: Any, texts: str | Sequence[str], option: str, path: str) -> Any:
+    """The cells of ``adata`` (in memory or backed) that every filter in ``texts`` selects, as an in-memory
+    AnnData. Each filter is checked (column, values) before any cells are read."""
+    import numpy as np
+
     from .exceptions import InputError
 
-    column, keep, values = parse_cell_filter(text, option)
-    if column not in adata.obs.columns:
-        raise InputError(f"{option}: {path!r} has no obs column {column!r}; its columns are "
-                         f"{', '.join(map(repr, adata.obs.columns[:20]))}.")
-    col = adata.obs[column].astype(str)
-    present = sorted(set(col))
-    absent = [v for v in values if v not in present]
-    if absent:
-        shown = ", ".join(map(repr, present[:20])) + (" ..." if len(present) > 20 else "")
-        raise InputError(f"{option}: obs column {column!r} of {path!r} has no value {', '.join(map(repr, absent))}; "
-                         f"its values are {shown}.")
-    mask = col.isin(values).to_numpy()
-    if not keep:
-        mask = ~mask
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    mask = np.ones(adata.n_obs, dtype=bool)
+    for text in texts:
+        column, keep, values = parse_cell_filter(text, option)
+        if column not in adata.obs.columns:
+            raise InputError(f"{option}: {path!r} has no obs column {column!r}; its columns are "
+                             f"{', '.join(map(repr, adata.obs.columns[:20]))}.")
+        col = adata.obs[column].astype(str)
+        present = sorted(set(col))
+        absent = [v for v in values if v not in present]
+        if absent:
+            shown = ", ".join(map(repr, present[:20])) + (" ..." if len(present) > 20 else "")
+            raise InputError(f"{option}: obs column {column!r} of {path!r} has no value "
+                             f"{', '.join(map(repr, absent))}; its values are {shown}.")
+        chosen = col.isin(values).to_numpy()
+        mask &= chosen if keep else ~chosen
     if not mask.any():
-        raise InputError(f"{option} {text!r} leaves no cells of {path!r}.")
+        given = " ".join(f"{option} {t!r}" for t in texts)
+        raise InputError(f"{given} leaves no cells of {path!r}"
+                         + (" (a cell must pass every selection)." if len(texts) > 1 else "."))
     subset = adata[mask]
     return subset.to_memory() if adata.isbacked else subset.copy()
+
+
+def _filters_record(texts: Sequence[str] | None) -> str | list[str] | None:
+    """The ``--json`` record of repeated ``--*-filter`` options: one filter as its string, several as a list."""
+    if not texts:
+        return None
+    return texts[0] if len(texts) == 1 else list(texts)
 
 
 def _weights_path(out: str) -> Path:
@@ -629,7 +644,7 @@ def cmd_train(args: argparse.Namespace, out: dict[str, Any]) -> str:
         coord_targets=model.coord_targets,
         n_genes=len(model.genes),
         reference_cells=int(model.reference["embedding"].shape[0]),
-        reference_filter=args.reference_filter,
+        reference_filter=_filters_record(args.reference_filter),
         train_seconds=model.train_config.get("train_seconds"),
         resources=model.resource_summary(),
     )
@@ -695,7 +710,7 @@ def cmd_predict(args: argparse.Namespace, out: dict[str, Any]) -> str:
         format=out_format,
         mode=args.mode,
         n_cells=result.n_obs,
-        query_filter=args.query_filter,
+        query_filter=_filters_record(args.query_filter),
         levels=_level_stats(result),
         genes={k: v for k, v in (result.metadata.get("genes") or {}).items()},
         input=result.metadata.get("input"),
@@ -767,8 +782,9 @@ def cmd_report(args: argparse.Namespace, out: dict[str, Any]) -> str:
         result = predict(model, query, show_summary=False, **kwargs)
     _, evaluation, used = write_report_and_metrics(dest, result, model=model, adata=query, truth=truth,
                                                    reference=reference, title=args.title)
-    out.update(out=str(dest), n_cells=result.n_obs, query_filter=args.query_filter,
-               reference_filter=args.reference_filter, levels=_level_stats(result), bytes=dest.stat().st_size)
+    out.update(out=str(dest), n_cells=result.n_obs, query_filter=_filters_record(args.query_filter),
+               reference_filter=_filters_record(args.reference_filter), levels=_level_stats(result),
+               bytes=dest.stat().st_size)
     if evaluation is not None:  # what the report's accuracy section shows
         out["truth_columns"] = used
         out["metrics"] = evaluation["levels"]

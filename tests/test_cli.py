@@ -179,6 +179,28 @@ def test_filters_split_one_file_into_reference_and_query(files, trained, monkeyp
     assert summary["query_filter"] == "side=query" and summary["reference_filter"] == "side!=query"
 
 
+def test_repeated_filters_select_the_cells_that_pass_every_one(files, trained, monkeypatch, capsys):
+    """Two --query-filter options combine (a cell must pass both); the second one used to replace the first
+    silently, so a user splitting one file by two columns predicted or trained on the wrong cells."""
+    ref, query = ad.read_h5ad(files / "ref.h5ad"), ad.read_h5ad(files / "query.h5ad")
+    ref.obs["side"], query.obs["side"] = "reference", "query"
+    ad.concat([ref, query], merge="same").write_h5ad(files / "both2.h5ad")
+    lineage = str(query.obs["lineage"].value_counts().index[0])
+    want = query.obs_names[(query.obs["lineage"].astype(str) == lineage).to_numpy()]
+    monkeypatch.chdir(files)
+    assert cli.main(["predict", "--model", "model", "--query", "both2.h5ad", "--query-filter", "side=query",
+                     "--query-filter", f"lineage={lineage}", "--out", "two.csv", "--no-show-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_cells"] == len(want) < query.n_obs
+    assert summary["query_filter"] == ["side=query", f"lineage={lineage}"]
+    assert list(pd.read_csv(files / "two.csv", index_col=0).index) == list(want)
+    # selections that no cell passes together: an input error (exit 2) that says so, no file written
+    assert cli.main(["predict", "--model", "model", "--query", "both2.h5ad", "--query-filter", "side=reference",
+                     "--query-filter", "side=query", "--out", "none.csv", "--no-show-progress"]) == 2
+    assert "must pass every selection" in capsys.readouterr().err
+    assert not (files / "none.csv").exists()
+
+
 def test_train_out_folder_or_pth_path(files, trained):
     """--out DIR writes DIR/model.pth ...; --out DIR/name.pth writes name.pth, name_manifest.json ... in DIR."""
     assert Path(trained["model"]) == Path("model") / "model_manifest.json"
