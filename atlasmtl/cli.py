@@ -360,7 +360,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                    "checks, settings), a table does not: the report then states the options given here")
     g.add_argument("--truth-columns", metavar="COL,... | LEVEL=COL,...",
                    help="query obs columns with the true labels: one per level (coarse to fine), "
-                   "names equal to the levels, or level=column pairs")
+                   "names equal to the levels (paired by name, in any order), or level=column pairs")
     g.add_argument("--reference", metavar="H5AD",
                    help="reference .h5ad whose coordinates are drawn in grey behind the query cells")
     _filter_option(g, "--reference-filter", "reference", "'dataset!=3pv1'")
@@ -387,7 +387,8 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
                    "first column is the cell name; every predicted cell must be in it")
     g.add_argument("--truth-columns", metavar="COL,... | LEVEL=COL,...",
                    help="truth columns with the true labels: one per level (coarse to fine), names equal to the "
-                   "levels, or level=column pairs (default: the columns named as the levels)")
+                   "levels (paired by name, in any order), or level=column pairs (default: the columns named as "
+                   "the levels)")
     g.add_argument("--novel-labels", action="append", metavar="LEVEL=LABEL,...",
                    help="true labels of LEVEL absent from the reference (novel cell types), e.g. "
                    "--novel-labels bulk_labels=Dendritic,Megakaryocyte; repeat the option for another level, or "

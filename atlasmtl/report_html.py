@@ -349,7 +349,7 @@ doc_report_options = '''model
     truth
         Known labels of the query cells, to add the accuracy section: column
         name(s) of ``adata.obs`` (one per level, coarse to fine, or names equal to
-        the levels), a mapping ``level → column``, an AnnData, a DataFrame
+        the levels, paired by name), a mapping ``level → column``, an AnnData, a DataFrame
         indexed by cell name, or a mapping ``level → array``.
     truth_columns
         With an AnnData/DataFrame ``truth``: which column holds each level's labels

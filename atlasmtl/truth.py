@@ -136,8 +136,8 @@ def level_columns(levels: Sequence[str], columns: Sequence[str] | Mapping[str, s
     levels
         The predicted levels, coarse to fine.
     columns
-        ``None`` (the columns named as the levels), a list (one column per level, coarse to fine, or names
-        equal to some of the levels) or a mapping ``level → column``.
+        ``None`` (the columns named as the levels), a list (names equal to levels, paired by name in any
+        order; otherwise one column per level, coarse to fine) or a mapping ``level → column``.
     available
         The columns the truth holds.
     where
@@ -180,10 +180,10 @@ def level_columns(levels: Sequence[str], columns: Sequence[str] | Mapping[str, s
         twice = sorted({c for c in columns if columns.count(c) > 1})
         if twice:
             raise ParameterError(f"{option} names the column {twice[0]!r} twice; name each level's column once.")
-        if len(columns) == len(levels):
+        if all(c in levels for c in columns):  # level names pair by name in any order (by position they would
+            used = {c: c for c in columns}      # pair fine with coarse when given fine first)
+        elif len(columns) == len(levels):
             used = dict(zip(levels, columns))
-        elif all(c in levels for c in columns):
-            used = {c: c for c in columns}
         else:
             raise ParameterError(f"{option} names {len(columns)} column(s) ({listed(columns)}) for {len(levels)} "
                                  f"predicted level(s) ({listed(levels)}); give one per level (coarse to fine), names "

@@ -512,13 +512,16 @@ def test_evaluate_gives_the_python_apis_metrics(saved, pbmc_result, pbmc_split, 
     assert set(expected["levels"]) == set(LEVELS)
     for predictions, truth, extra in (("pred.csv", "query.h5ad", []), ("annotated.h5ad", "query.h5ad", []),
                                       ("pred.csv", "truth.csv", ["--truth-columns", "coarse,fine"]),
-                                      ("annotated.h5ad", "truth.csv", ["--truth-columns", "bulk_labels=fine,lineage=coarse"])):
+                                      ("annotated.h5ad", "truth.csv", ["--truth-columns", "bulk_labels=fine,lineage=coarse"]),
+                                      # the level names fine first: paired by name (by position they paired
+                                      # fine with coarse and scored every cell wrong without a word)
+                                      ("pred.csv", "query.h5ad", ["--truth-columns", "bulk_labels,lineage"])):
         assert cli.main(["evaluate", "--predictions", predictions, "--truth", truth, *extra, "--json"]) == 0, predictions
         out = json.loads(capsys.readouterr().out)
         assert out["command"] == "evaluate" and out["ok"] is True and out["warnings"] == []
         assert out["predictions"] == predictions and out["truth"] == truth and out["n_cells"] == 210
-        assert out["truth_columns"] == ({"lineage": "lineage", "bulk_labels": "bulk_labels"} if not extra
-                                        else {"lineage": "coarse", "bulk_labels": "fine"})
+        assert out["truth_columns"] == ({"lineage": "lineage", "bulk_labels": "bulk_labels"}
+                                        if truth == "query.h5ad" else {"lineage": "coarse", "bulk_labels": "fine"})
         assert "novel" not in out
         assert_same_metrics(out["metrics"], expected["levels"])
         # the hierarchy section: inferred from the truth here (a table keeps no model), the same figures
