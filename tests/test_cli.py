@@ -423,6 +423,15 @@ def test_demo_options_reach_run_demo_and_json(monkeypatch, capsys):
     assert calls == [{"out_dir": "d", "quiet": True, "num_epochs": 3, "random_state": 0, "show_resources": True}]
 
 
+def test_python_dash_m_atlasmtl_is_the_command_line():
+    """``python -m atlasmtl`` runs the CLI (it said "No module named atlasmtl.__main__"), for a machine whose
+    ``atlasmtl`` script belongs to another installation."""
+    proc = subprocess.run([sys.executable, "-m", "atlasmtl", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"atlasmtl {atlasmtl.__version__}"
+
+
 def test_version_and_help_import_neither_torch_nor_anndata():
     """``atlasmtl --version`` / ``--help`` answer at once; a command's --help imports only its API module."""
     heavy = ("torch", "anndata", "scanpy", "pandas", "matplotlib")
