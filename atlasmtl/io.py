@@ -125,8 +125,36 @@ def file_mode() -> int:
 H5AD_GROUPS = {"obs": "the cell table", "var": "the gene table"}
 
 
+#: File endings of other single-cell formats → how to read them into an AnnData (atlasmtl reads ``.h5ad`` files).
+OTHER_FORMATS = {
+    (".csv", ".csv.gz"): "a text table: read it with sc.read_csv(path) (add .T when genes are the rows)",
+    (".tsv", ".tsv.gz", ".txt", ".txt.gz", ".tab"): "a text table: read it with sc.read_text(path) (add .T when "
+                                                    "genes are the rows)",
+    (".loom",): "a loom file: read it with sc.read_loom(path)",
+    (".mtx", ".mtx.gz"): "a Matrix Market file: read it with sc.read_10x_mtx(folder) or sc.read_mtx(path)",
+    (".h5",): "perhaps a 10x Genomics HDF5 file: read it with sc.read_10x_h5(path)",
+    (".zarr",): "an AnnData zarr store: read it with anndata.read_zarr(path)",
+    (".rds", ".rda", ".rdata", ".qs"): "an R object: convert it to .h5ad in R (zellkonverter for a "
+                                        "SingleCellExperiment, SeuratDisk or sceasy for a Seurat object)",
+}
+
+
+def other_format_hint(path: str) -> str:
+    """A sentence naming the format a file's ending suggests and how to read it (empty for ``.h5ad`` and others)."""
+    name = os.fspath(path).lower().rstrip("/")
+    for endings, how in OTHER_FORMATS.items():
+        if name.endswith(endings):
+            return (f" Its name suggests {how}, then pass the AnnData (or save it with adata.write_h5ad and pass "
+                    "that file).")
+    return ""
+
+
 def unreadable_h5ad(path: str, exc: Exception) -> InputError:
     """The error for an ``.h5ad`` file that h5py or anndata cannot read (h5py raises many types for damaged files)."""
+    hint = other_format_hint(path)
+    if hint:
+        return InputError(f"Could not read {path!r}: atlasmtl reads AnnData .h5ad files ({type(exc).__name__}: "
+                          f"{exc}).{hint}")
     return InputError(f"Could not read {path!r} as .h5ad ({type(exc).__name__}: {exc}). The file may be cut short "
                       "(an interrupted copy or write) or not an .h5ad; write it again with adata.write_h5ad(path).")
 
@@ -141,6 +169,9 @@ def check_h5ad_groups(f: Any, path: str) -> None:
     missing = [name for name in H5AD_GROUPS if name not in f]
     if missing:
         parts = " and ".join(f"{name!r} ({H5AD_GROUPS[name]})" for name in missing)
+        hint = other_format_hint(path)
+        if hint:
+            raise InputError(f"{path!r} is not an AnnData .h5ad file: it has no {parts} group.{hint}")
         raise InputError(f"{path!r} is incomplete or not an AnnData .h5ad file: it has no {parts} group. Write it "
                          "again with adata.write_h5ad(path) from the AnnData it was made from (an interrupted copy "
                          "or write leaves a file incomplete).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -236,5 +237,13 @@ def test_missing_file_and_layer(pbmc_model, query, tmp_path):
     (tmp_path / "broken.h5ad").write_bytes(b"not an h5ad")
     with pytest.raises(InputError, match="Could not read"):
         atlasmtl.predict(pbmc_model, tmp_path / "broken.h5ad")
+    # another format, named by its ending: how to read it (a CSV was told it might be a cut-short .h5ad)
+    pd.DataFrame({"CD3E": [1, 0]}, index=["c1", "c2"]).to_csv(tmp_path / "cells.csv")
+    with pytest.raises(InputError, match=r"atlasmtl reads AnnData \.h5ad files .*sc\.read_csv\(path\)"):
+        atlasmtl.predict(pbmc_model, tmp_path / "cells.csv")
+    with h5py.File(tmp_path / "filtered_feature_bc_matrix.h5", "w") as f:  # HDF5, but not an AnnData
+        f.create_group("matrix")
+    with pytest.raises(InputError, match=r"not an AnnData \.h5ad file: it has no 'obs'.*sc\.read_10x_h5\(path\)"):
+        atlasmtl.predict(pbmc_model, tmp_path / "filtered_feature_bc_matrix.h5")
     _predict_fails(pbmc_model, query, InputError, "layer='counts' is not in the AnnData", layer="counts")
     _predict_fails(pbmc_model, query, InputError, "has no .raw", use_raw=True)
