@@ -515,7 +515,10 @@ def _resolve_manifest(path: str | os.PathLike) -> Path:
             )
         p = manifests[0]
     elif not p.exists():
-        raise ArtifactError(f"No such model file: {text!r}.")
+        if not p.suffix and not text.endswith(("/", os.sep)) and artifact_paths(p)["manifest"].exists():
+            p = artifact_paths(p)["manifest"]  # the name save() was given: save("m") wrote m.pth, m_manifest.json
+        else:
+            raise ArtifactError(f"No such model file: {text!r}.")
     if p.suffix == ".pth":
         manifest = artifact_paths(p)["manifest"]
         if not manifest.exists():

@@ -85,6 +85,8 @@ class TrainedModel:
         path
             The weights file, e.g. ``"model_dir/model.pth"``, or a folder: an existing one or a
             path ending in ``/`` (the files are then ``<folder>/model.pth``, ``<folder>/model_metadata.pkl`` ...).
+            A new name without a suffix, ``"m"``, stands for ``"m.pth"`` (files beside it, loaded again by
+            ``load("m")``); the command line's ``--out m`` makes a folder instead, as ``save("m/")`` does.
             An existing model of that name is replaced crash-safely: at every moment
             either the old or the new model is whole on disk.
         reference_storage
@@ -103,7 +105,8 @@ class TrainedModel:
     def load(cls, path: str | os.PathLike) -> "TrainedModel":
         """Load a model from its folder, its manifest (``*_manifest.json``) or its weights file (``*.pth``).
 
-        ``path`` may also be the folder holding one model. Checksums, the files'
+        ``path`` may also be the folder holding one model, or the name without a suffix that :meth:`save` was
+        given (``save("m")`` writes ``m.pth``, ``m_manifest.json`` ...). Checksums, the files'
         identity (model id and role) and the metadata schema are verified, and
         nothing in the files is executed.
 

@@ -71,6 +71,17 @@ def test_stem_follows_the_given_name(pbmc_model, tmp_path):
     }
 
 
+def test_a_name_without_a_suffix_loads_as_it_was_saved(pbmc_model, tmp_path):
+    """``save("m")`` writes ``m.pth`` and its companions beside the name; ``load("m")`` said "No such model file"."""
+    pbmc_model.save(tmp_path / "intlab_m")
+    assert not (tmp_path / "intlab_m").exists() and (tmp_path / "intlab_m_manifest.json").is_file()
+    loaded = atlasmtl.TrainedModel.load(str(tmp_path / "intlab_m"))
+    assert loaded.metadata["model_id"] == json.loads((tmp_path / "intlab_m_manifest.json").read_text())["model_id"]
+    assert loaded.classes == pbmc_model.classes
+    with pytest.raises(ArtifactError, match="No such model file"):  # a folder name that is not there
+        atlasmtl.TrainedModel.load(str(tmp_path / "intlab_m") + "/")
+
+
 @pytest.mark.parametrize("entry", ["model_manifest.json", "model.pth"])
 def test_roundtrip_predicts_identically(saved, query_copy, entry):
     model, directory, _ = saved
