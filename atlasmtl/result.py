@@ -234,7 +234,8 @@ class PredictionResult(CallTable):
         -----
         For a file or backed AnnData the source file is copied byte for byte and
         only ``obs``, ``obsm`` and ``uns`` are rewritten, so memory does not
-        grow with the size of the expression matrix.
+        grow with the size of the expression matrix. A view of a backed AnnData
+        (``adata[mask]``) reads only its cells' rows into memory and writes those.
         """
         import h5py
 
@@ -246,6 +247,10 @@ class PredictionResult(CallTable):
             raise OutputError(f"{text!r}: write_h5ad writes an .h5ad file; name it so (e.g. 'annotated.h5ad'). "
                               "For a table use to_csv.")
         dest = prepare_output(path, "annotated .h5ad file")
+        if isinstance(source, ad.AnnData) and getattr(source, "isbacked", False) and source.is_view:
+            # a subset of a file's cells: copying the file would pair the subset's obs with every cell's matrix
+            # (an unreadable file); only the subset's rows are read, as the command line's --query-filter does
+            source = source.to_memory()
         if isinstance(source, ad.AnnData) and not getattr(source, "isbacked", False):
             annotated = self.to_adata(source, mode=mode, include_coords=include_coords, copy=True)
             with atomic_path(dest, "annotated .h5ad file") as tmp:

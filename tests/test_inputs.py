@@ -388,6 +388,25 @@ def test_in_memory_write_h5ad_leaves_the_anndata_alone(symphony_model, symphony_
     assert "pred_cell_type" in ad.read_h5ad(tmp_path / "out.h5ad").obs
 
 
+def test_write_h5ad_from_a_view_of_a_backed_query_writes_the_views_cells(symphony_model, symphony_split, tmp_path):
+    """A view of a backed query (``backed[:50]``): write_h5ad copied the whole file and wrote the view's 50-row
+    obs into it, an .h5ad anndata cannot read, and reported success."""
+    _, query = symphony_split
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    view = backed[:50]
+    res = _predict(symphony_model, view)
+    res.write_h5ad(tmp_path / "subset.h5ad", view)
+    back = ad.read_h5ad(tmp_path / "subset.h5ad")
+    assert list(back.obs_names) == list(query.obs_names[:50])
+    np.testing.assert_array_equal(back.X.toarray() if hasattr(back.X, "toarray") else back.X,
+                                  query.X[:50].toarray() if hasattr(query.X, "toarray") else query.X[:50])
+    assert (back.obs["pred_cell_type"].astype(str).to_numpy() == res.to_dataframe()["pred_cell_type"].astype(str)
+            .to_numpy()).all()
+    backed.file.close()
+
+
 def test_path_query_reads_only_the_chosen_matrix(symphony_model, symphony_split, tmp_path):
     _, query = symphony_split
     query = _with_counts_layer(query.copy())
