@@ -1021,6 +1021,21 @@ def _emit(text: str | None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+#: Options that name a file or folder: an empty value is refused, not read as the current folder.
+_PATH_OPTIONS = ("reference", "model", "query", "predictions", "truth", "gene_map", "out", "out_dir")
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    """A :class:`UsageError` for a path option given as an empty string (``--out "$OUTDIR"`` with the variable
+    unset): ``Path("")`` is the current folder, so ``train --out ""`` wrote ``./model.pth`` over any model there."""
+    for dest in _PATH_OPTIONS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            flag = "--" + dest.replace("_", "-")
+            raise UsageError(f"{flag} is empty; give a file or folder name (an unset shell variable gives an "
+                             f"empty {flag})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``atlasmtl`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1047,6 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"atlasmtl {sub}" if sub else "atlasmtl"
         args = parser.parse_args(argv)
         report.update(command=args.command)
+        _refuse_empty_paths(args)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("default")

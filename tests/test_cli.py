@@ -319,6 +319,10 @@ def test_parameter_errors_name_the_command_line_options():
     (["report", "--model", "model", "--query", "query.h5ad", "--out", "r.html", "--truth-columns", ""], 2,
      "names no column"),
     (["frobnicate"], 2, "invalid choice"),
+    # an empty path (an unset shell variable): refused; train --out "" wrote ./model.pth over any model there
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", ""], 2,
+     "--out is empty; give a file or folder name"),
+    (["predict", "--model", " ", "--query", "query.h5ad", "--out", "p.csv"], 2, "--model is empty"),
     # an output under a regular file: OutputError, as the API says it, before any work
     (["predict", "--model", "model", "--query", "query.h5ad", "--out", "query.h5ad/p.csv"], 2,
      "OutputError: Cannot write the predictions to 'query.h5ad/p.csv': "),
