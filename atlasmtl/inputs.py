@@ -442,14 +442,31 @@ def _values_of(block: Any) -> np.ndarray:
     return block.data if sp.issparse(block) else np.asarray(block).ravel()
 
 
+#: No expression measure reaches this in one cell and gene (a count of a trillion molecules); a larger value is
+#: a corrupted or mis-scaled matrix (and above about 9.2e18 it overflows the integer counts the shift training draws).
+MAX_EXPRESSION = 1e12
+
+
 def check_finite(block: Any, where: str) -> None:
-    """Raise :class:`InvalidValuesError` when ``block`` holds NaN or infinite values."""
+    """Raise :class:`InvalidValuesError` when ``block`` holds NaN or infinite values, or a value beyond
+    ± :data:`MAX_EXPRESSION`."""
     values = _values_of(block)
-    if values.size and not np.isfinite(values).all():
+    if not values.size:
+        return
+    high, low = values.max(), values.min()  # NaN propagates; no copy of the values
+    if not (np.isfinite(high) and np.isfinite(low)):
         n_bad = int((~np.isfinite(values)).sum())
         raise InvalidValuesError(
             f"adata.{where} holds {n_bad} NaN or infinite value(s); remove or impute them "
             "(e.g. np.nan_to_num) before mapping."
+        )
+    if max(float(high), -float(low)) > MAX_EXPRESSION:
+        n_bad = int((np.abs(values) > MAX_EXPRESSION).sum())
+        extreme = float(high) if float(high) >= -float(low) else float(low)
+        raise InvalidValuesError(
+            f"adata.{where} holds {n_bad} value(s) beyond ±{MAX_EXPRESSION:.0e} (the most extreme {extreme:.3g}), "
+            "larger than any expression measure: the matrix looks corrupted or mis-scaled. Check how it was made, "
+            "or pass the raw counts (layer='counts', or use_raw=True where adata.raw holds them)."
         )
 
 

@@ -101,6 +101,19 @@ def test_nan_or_inf_values(ref, query, pbmc_model, bad):
     _predict_fails(pbmc_model, query, InvalidValuesError, "NaN or infinite")
 
 
+def test_values_no_expression_measure_reaches(ref, query, pbmc_model):
+    """A value of 1e30 (a corrupted matrix): training stopped with numpy's "n < 0" from the shift training's
+    integer counts and prediction ran on; both now name the value."""
+    X = ref.X.tolil()
+    X[3, 5] = 1e30
+    ref.X = X.tocsr()
+    _train_fails(ref, InvalidValuesError, r"1 value\(s\) beyond ±1e\+12 \(the most extreme 1e\+30\)")
+    X = query.X.toarray()
+    X[0, 0] = -1e30
+    query.X = X
+    _predict_fails(pbmc_model, query, InvalidValuesError, r"the most extreme -1e\+30")
+
+
 def test_negative_values(ref, query, pbmc_model):
     X = ref.X.toarray()
     X[0, :5] = -1.0
