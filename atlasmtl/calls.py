@@ -679,3 +679,17 @@ def whole_number_text(values: np.ndarray) -> np.ndarray | None:
             or not np.all(values == np.round(values)) or np.abs(values).max() >= 2**53:
         return None
     return values.astype(np.int64).astype(str).astype(object)
+
+
+def check_same_model(metadata: Mapping[str, Any], model: Any, where: str, error: type[Exception] = InputError) -> None:
+    """Raise ``error`` when predictions' ``metadata`` records the ``model_id`` of another model than ``model``.
+
+    Predictions made since 2026-12-07 record it (``result.metadata["model_id"]``, kept in ``uns["atlasmtl"]`` by a
+    writeback); a CSV/TSV table keeps no metadata, so it cannot be checked.
+    """
+    made_by = metadata.get("model_id")
+    given = ((getattr(model, "metadata", None) or {}).get("model_id"))
+    if made_by and given and str(made_by) != str(given):
+        what = where if where.startswith(("the ", "these ")) else f"the predictions in {where!r}"
+        raise error(f"{what[0].upper()}{what[1:]} were made by the model {made_by}, not by this one ({given}: another training "
+                         "run, even on the same reference and labels). Pass the model that made them.")

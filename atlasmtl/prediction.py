@@ -865,6 +865,7 @@ def _predict_source(
     levels = model.label_columns
     metadata = {
         "atlasmtl_version": __version__,
+        "model_id": model.metadata.get("model_id"),  # which model made the calls (the report checks it)
         "settings": {
             **dataclasses.asdict(gate),
             "novelty_threshold": novelty_threshold if decoder.null is not None else None,

@@ -45,7 +45,7 @@ import pandas as pd
 from ._docs import fill_docs
 from ._version import __version__
 from .exceptions import CoordinateError, InputError, OutputError, ParameterError
-from .calls import UNKNOWN, CallTable, decode_labels, dominant_calls
+from .calls import UNKNOWN, CallTable, check_same_model, decode_labels, dominant_calls
 from .novelty import INPUT_VIEW_MIN_MEMBERS, QUERY_ONLY_MIN_CELLS, QUERY_ONLY_SHARE
 from .truth import truth_by_level, truth_frame as read_truth
 
@@ -432,6 +432,8 @@ def _render(
             f"model is not the one these predictions were made with: its levels are {list(model.label_columns)}, the "
             f"predictions' {list(result.label_columns)} (or their classes differ). Pass the model given to predict, "
             "or no model.")
+    if model is not None:
+        check_same_model(result.metadata, model, "these predictions", ParameterError)
     if adata is not None:
         if not isinstance(adata, ad.AnnData):
             raise ParameterError(f"adata must be the query AnnData, not {type(adata).__name__}.")

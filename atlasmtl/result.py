@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from ._docs import fill_docs
-from .calls import MODES, UNKNOWN, CallTable, LevelCalls, column_names, levels_in_table, mode_fields, numeric_column
+from .calls import (MODES, UNKNOWN, CallTable, LevelCalls, check_same_model, column_names, levels_in_table, mode_fields,
+                    numeric_column)
 from .exceptions import InputError, OutputError, ParameterError, user_stacklevel
 from .gating import GatingConfig
 from .report_html import doc_report_options
@@ -383,6 +384,7 @@ class PredictionResult(CallTable):
             frame = predictions
         else:
             raise InputError(f"predictions must be a path, DataFrame or AnnData, not {type(predictions).__name__}.")
+        check_same_model(metadata, model, where)
         if not metadata.get("settings"):
             metadata["settings"] = _checked_settings(settings or {})
             metadata.setdefault("note", "rebuilt from a prediction table without metadata")

@@ -298,6 +298,18 @@ def test_a_report_refuses_a_model_that_did_not_make_the_predictions(tiny, tiny_m
         result.report(tmp_path / "r.html", model=fine_only)
     assert not (tmp_path / "r.html").exists()
     assert (result.report(tmp_path / "r.html", model=tiny_model)).exists()
+    # another training run with the same levels and classes: told apart by the model id the predictions record
+    # (it passed: a report mixed one run's training and calibration figures with another's calls)
+    rerun = atlasmtl.build_model(tiny[0], LEVELS, **FAST)
+    assert result.metadata["model_id"] == tiny_model.metadata["model_id"] != rerun.metadata["model_id"]
+    with pytest.raises(ParameterError, match=r"These predictions were made by the model [0-9a-f]+, not by this one"):
+        result.report(tmp_path / "r2.html", model=rerun)
+    assert not (tmp_path / "r2.html").exists()
+    # ... and so are predictions written to an .h5ad and read back (the command line's report --predictions)
+    result.write_h5ad(tmp_path / "p.h5ad", tiny[1], mode="full")
+    with pytest.raises(InputError, match=r"The predictions in '.*p\.h5ad' were made by the model"):
+        atlasmtl.PredictionResult.from_predictions(tmp_path / "p.h5ad", rerun)
+    assert atlasmtl.PredictionResult.from_predictions(tmp_path / "p.h5ad", tiny_model).n_obs == tiny[1].n_obs
 
 
 def test_the_gene_overlap_refusal_never_shows_the_required_share():
