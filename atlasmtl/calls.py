@@ -123,6 +123,14 @@ def check_writeback_names(levels: list[str], coord_names: list[str] = ()) -> Non
                     "label columns, e.g. with adata.obs.rename(columns=...)."
                 )
             owner[column] = level
+    for name in coord_names:  # a table holds each head's dimensions as <name>_1, <name>_2 ... (to_csv)
+        taken = [c for c in owner if c.startswith(f"{name}_") and c[len(name) + 1:].isdigit()]
+        if taken:
+            raise CoordinateError(
+                f"The coordinate name {name!r} would write the table column {taken[0]!r} (a head's dimensions are "
+                f"written as {name}_1, {name}_2, ...), which level {owner[taken[0]]!r} writes too. Rename the "
+                "coordinate head in coord_targets."
+            )
 
 
 def mode_fields(mode: str) -> list[str]:

@@ -394,6 +394,18 @@ def test_levels_whose_writeback_columns_collide(tiny):
         atlasmtl.build_model(ref, ["lineage", "lineage_raw"], **FAST)
 
 
+def test_a_coordinate_name_whose_table_columns_are_a_levels(tiny):
+    """Coordinate 'pred_ct' writes pred_ct_1, pred_ct_2 in a table, and level 'ct_1' writes pred_ct_1: to_csv
+    overwrote the labels with coordinates, and the table could not be read back."""
+    ref = tiny[0].copy()
+    ref.obs["ct_1"] = ref.obs["cell_type"]
+    ref.obsm["U"] = np.random.default_rng(0).random((ref.n_obs, 2))
+    with pytest.raises(CoordinateError, match=r"'pred_ct' would write the table column 'pred_ct_1'.*level 'ct_1'"):
+        atlasmtl.build_model(ref, ["lineage", "ct_1"], coord_targets={"pred_ct": "U"}, **FAST)
+    assert set(atlasmtl.build_model(ref, ["lineage", "ct_1"], coord_targets={"pred_u": "U"}, **FAST).coord_targets) \
+        == {"pred_u"}
+
+
 def test_reference_class_named_unknown(tiny):
     ref = tiny[0].copy()
     ref.obs["cell_type"] = ref.obs["cell_type"].cat.rename_categories({"T0": "Unknown"})
