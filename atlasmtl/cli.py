@@ -148,8 +148,12 @@ def _int_or_str(text: str) -> int | str:
 
 
 def _int_list(text: str) -> list[int]:
+    items = text.replace(" ", "").split(",")
+    if "" in items[:-1]:  # "16,,8": a number left out, not (16, 8); one trailing comma is harmless
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item between commas; give comma-separated integers "
+                                         "such as 256,128")
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+        values = [int(v) for v in items if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 256,128, got {text!r}") from None
     if not values:
@@ -419,7 +423,12 @@ def _api_kwargs(args: argparse.Namespace, func: Callable, skip: set[str]) -> dic
 
 
 def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+    """``"a, b"`` → ``["a", "b"]``; an empty item between commas (``"a,,b"``: a name left out) is a usage error,
+    a trailing comma is ignored."""
+    items = [t.strip() for t in (text or "").split(",")]
+    if "" in items[:-1] and any(items):
+        raise UsageError(f"{text!r} has an empty item between commas; give comma-separated names such as a,b")
+    return [t for t in items if t]
 
 
 def parse_coords(text: str | None) -> dict[str, str] | None:

@@ -301,7 +301,9 @@ def build_model(
     show_summary
         Print a compact summary at the end; ``None`` = on in a notebook or an interactive terminal.
     random_state
-        Seed for initialisation, shuffling and dropout.
+        Seed for initialisation, shuffling and dropout: CPU training is bit-for-bit reproducible, except for
+        calls running at once in threads of one process, which share PyTorch's global generator (run them one
+        after another or in separate processes).
     distributed
         Train data-parallel across the processes ``torchrun`` started
         (:class:`torch.nn.parallel.DistributedDataParallel`; gloo on CPUs, NCCL on

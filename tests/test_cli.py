@@ -323,6 +323,11 @@ def test_parameter_errors_name_the_command_line_options():
     (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", ""], 2,
      "--out is empty; give a file or folder name"),
     (["predict", "--model", " ", "--query", "query.h5ad", "--out", "p.csv"], 2, "--model is empty"),
+    # an item left out of a list: refused, not dropped ("16,,8" trained (16, 8))
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage,,bulk_labels", "--out", "m"], 2,
+     "'lineage,,bulk_labels' has an empty item between commas"),
+    (["train", "--reference", "ref.h5ad", "--labels", "lineage", "--out", "m", "--hidden-sizes", "16,,8"], 2,
+     "'16,,8' has an empty item between commas"),
     # an output under a regular file: OutputError, as the API says it, before any work
     (["predict", "--model", "model", "--query", "query.h5ad", "--out", "query.h5ad/p.csv"], 2,
      "OutputError: Cannot write the predictions to 'query.h5ad/p.csv': "),
