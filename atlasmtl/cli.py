@@ -1094,10 +1094,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             traceback.print_exc(file=sys.stderr)
         hint = "" if verbose or code != EXIT_ERROR else " (unexpected; rerun with --verbose for the traceback)"
-        from .exceptions import ParameterError
+        from .exceptions import AtlasMTLError
         from .validation import option_spelling
 
-        line = option_spelling(_one_line(exc), parser) if isinstance(exc, ParameterError) else _one_line(exc)
+        # the API names its parameters (use_raw=True); here they read as options (--use-raw)
+        line = option_spelling(_one_line(exc), parser) if isinstance(exc, AtlasMTLError) else _one_line(exc)
         print(f"{prog}: error: {line}{hint}", file=sys.stderr)
         if json_out:
             report.update(ok=False, error=line, error_type=type(exc).__name__, exit_code=code,

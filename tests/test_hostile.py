@@ -1063,7 +1063,7 @@ def test_cli_clear_errors(tiny, tiny_model, other_model, tmp_path, monkeypatch, 
         Path("plain.txt").write_text("x")
         out = "plain.txt/p.csv" if case == "output-under-a-file" else ""
         argv, code, message = ["predict", "--model", "m", "--query", "query.h5ad", "--out", out], 2, \
-            "not a folder" if out else "must end in"
+            "not a folder" if out else "--out is empty"
     ref.write_h5ad("ref.h5ad")
     before = sorted(p.name for p in tmp_path.iterdir())
     assert cli.main(argv) == code
