@@ -814,13 +814,9 @@ def _read_predictions(path: str) -> tuple[Any, list[str]]:
     """``evaluate --predictions``: the table (a CSV/TSV as text, or an ``.h5ad``'s obs) and its levels."""
     from .calls import levels_in_table
     from .exceptions import InputError
-    from .io import check_input_file, read_h5ad_obs, read_text_table
+    from .io import read_prediction_table
 
-    check_input_file(path, "predictions file")
-    if Path(path).suffix.lower() == ".h5ad":
-        table = read_h5ad_obs(path)  # only obs: the matrix is never read
-    else:
-        table = read_text_table(path, "prediction table")
+    table = read_prediction_table(path)
     levels = levels_in_table(table.columns)
     if not levels:
         raise InputError(f"{path!r} has no pred_<level> column (its columns: {_shown(table.columns)}); give the file "

@@ -316,6 +316,15 @@ def table_format(path: str | os.PathLike, strict: bool = True) -> tuple[str, str
     return ",", compression
 
 
+def read_prediction_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Predictions written by ``to_csv`` / ``atlasmtl predict --out x.csv`` (a CSV/TSV read as text) or by
+    ``write_h5ad`` / ``--out x.h5ad`` (only its ``obs``: the matrix is never read), indexed by cell name."""
+    check_input_file(path, "predictions file")
+    if Path(os.fspath(path)).suffix.lower() == ".h5ad":
+        return read_h5ad_obs(path)
+    return read_text_table(path, "prediction table")
+
+
 def read_text_table(path: str | os.PathLike, what: str = "table", missing_as_nan: bool = False) -> pd.DataFrame:
     """A CSV/TSV file (separator and compression from its name, :func:`table_format`) as text, indexed by
     its first column.

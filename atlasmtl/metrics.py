@@ -33,6 +33,7 @@ from .exceptions import CoordinateError, InputError, LabelError, ParameterError,
 from .calls import UNKNOWN, CallTable, column_names, levels_in_table, numbers_and_text
 from .calibration import ECE_BINS, ece_if_calibrated, expected_calibration_error
 from .truth import cell_positions, label_strings, true_labels, truth_table
+from .io import read_prediction_table
 
 __all__ = [
     "evaluate",
@@ -559,6 +560,8 @@ def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarr
     """(table with pred_/conf_/pred_*_raw columns, predicted coords, levels, hierarchy) of the first argument."""
     if isinstance(prediction, CallTable):
         return prediction.to_dataframe("full"), dict(prediction.coords), prediction.label_columns, prediction.hierarchy
+    if isinstance(prediction, (str, os.PathLike)):  # a file predict or to_csv / write_h5ad wrote
+        prediction = read_prediction_table(prediction)
     if isinstance(prediction, pd.DataFrame):
         if not prediction.index.is_unique:
             raise InputError("The prediction table's index (cell names) has duplicates; make the cell names unique.")
@@ -567,9 +570,6 @@ def _prediction_table(prediction: Any) -> tuple[pd.DataFrame, dict[str, np.ndarr
         fix = ("; for an AnnData annotated by to_adata, write_h5ad or atlasmtl predict --out x.h5ad, pass its obs "
                "(evaluate(annotated.obs, truth), and coord_pred={'umap': annotated.obsm['X_pred_umap']} for its "
                "coordinates)")
-    elif isinstance(prediction, (str, os.PathLike)):
-        fix = (f"; read the file {os.fspath(prediction)!r} first: pandas.read_csv(path, index_col='cell', dtype=str) "
-               "for a table written by to_csv or atlasmtl predict, anndata.read_h5ad(path).obs for an .h5ad")
     else:
         fix = ""
     raise ParameterError(
@@ -840,7 +840,7 @@ def _coords_section(
 
 # ---------------------------------------------------------------------------- public API
 def evaluate(
-    prediction: CallTable | pd.DataFrame,
+    prediction: CallTable | pd.DataFrame | str | os.PathLike,
     truth: ad.AnnData | pd.DataFrame | pd.Series | Mapping[str, pd.Series],
     label_columns: str | Sequence[str] | None = None,
     *,
@@ -863,7 +863,8 @@ def evaluate(
         A :class:`PredictionResult`, or a DataFrame indexed by cell name with
         ``pred_<level>`` columns and optional ``conf_<level>`` and
         ``pred_<level>_raw`` columns (e.g. ``result.to_dataframe("full")`` or a
-        CSV written by ``result.to_csv``). Missing predictions count as Unknown.
+        CSV written by ``result.to_csv``), or the path of a file ``predict`` / ``to_csv`` / ``write_h5ad``
+        wrote (a CSV/TSV is read as text, an ``.h5ad`` only its ``obs``). Missing predictions count as Unknown.
     truth
         An AnnData (labels in ``.obs[level]``), a DataFrame, a Series (one level)
         or a dict ``{level: Series}``, indexed by cell name. Every predicted cell
@@ -976,8 +977,8 @@ def evaluate(
         predictions or the truth; :class:`~atlasmtl.exceptions.CoordinateError` for
         unusable coordinates.
     ParameterError
-        Bad arguments: a ``prediction`` that is neither a result nor a DataFrame (a file path or an
-        annotated AnnData: the message says how to read it), both ``novel_labels`` and ``novel_mask``,
+        Bad arguments: a ``prediction`` that is neither a result, a DataFrame nor a file path (an
+        annotated AnnData: the message says to pass its ``obs``), both ``novel_labels`` and ``novel_mask``,
         a non-positive ``n_bins`` ...
     """
     if novel_labels is not None and novel_mask is not None:

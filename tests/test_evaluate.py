@@ -353,19 +353,29 @@ def test_prediction_result_matches_its_table_and_aligns_by_name(tmp_path):
     assert coords["umap"]["rmse"] == pytest.approx(np.sqrt(85.1 / 12), rel=1e-6)
 
 
-def test_a_file_or_an_annotated_anndata_is_refused_with_how_to_read_it(tmp_path):
-    """A path or the AnnData that to_adata / atlasmtl predict --out x.h5ad annotated was refused without the fix."""
+def test_a_file_is_read_and_an_annotated_anndata_is_refused_with_how_to_read_it(tmp_path):
+    """A prediction file (CSV or .h5ad, as predict and to_csv / write_h5ad write them) is read, as the command line's
+    evaluate reads it (it was refused: "read the file first"); the AnnData that to_adata annotated is refused with
+    the fix."""
     result = _hand_result()
+    own = evaluate(result, _truth())["levels"]
     result.to_csv(tmp_path / "pred.csv", mode="full")
-    with pytest.raises(ParameterError, match=r"not PosixPath; read the file .*pred.csv.* first: pandas.read_csv"):
-        evaluate(tmp_path / "pred.csv", _truth())
-    # the fix it names gives the result's own scores
+    for path in (tmp_path / "pred.csv", str(tmp_path / "pred.csv")):
+        levels = evaluate(path, _truth())["levels"]
+        for lv in own:
+            assert levels[lv] == pytest.approx(own[lv])
     table = pd.read_csv(tmp_path / "pred.csv", index_col="cell", dtype=str)
-    assert evaluate(table, _truth())["levels"]["fine"] == pytest.approx(evaluate(result, _truth())["levels"]["fine"])
+    assert evaluate(table, _truth())["levels"]["fine"] == pytest.approx(own["fine"])
+    with pytest.raises(InputError, match="No such"):
+        evaluate(tmp_path / "missing.csv", _truth())
     annotated = result.to_adata(ad.AnnData(obs=_truth()), mode="full")
     with pytest.raises(ParameterError, match=r"not AnnData; .*pass its obs \(evaluate\(annotated.obs, truth\)"):
         evaluate(annotated, _truth())
     assert evaluate(annotated.obs, _truth())["levels"]["fine"] == pytest.approx(evaluate(result, _truth())["levels"]["fine"])
+    annotated.write_h5ad(tmp_path / "annotated.h5ad")
+    levels = evaluate(tmp_path / "annotated.h5ad", _truth())["levels"]
+    for lv in own:
+        assert levels[lv] == pytest.approx(own[lv])
 
 
 def test_output_is_json_and_tables():
