@@ -699,5 +699,5 @@ def check_same_model(metadata: Mapping[str, Any], model: Any, where: str, error:
     given = ((getattr(model, "metadata", None) or {}).get("model_id"))
     if made_by and given and str(made_by) != str(given):
         what = where if where.startswith(("the ", "these ")) else f"the predictions in {where!r}"
-        raise error(f"{what[0].upper()}{what[1:]} were made by the model {made_by}, not by this one ({given}: another training "
-                         "run, even on the same reference and labels). Pass the model that made them.")
+        raise error(f"{what[0].upper()}{what[1:]} were made by the model {made_by}, not by this one ({given}: "
+                    "another training run, even on the same reference and labels). Pass the model that made them.")
